@@ -1,0 +1,402 @@
+"""The broker process: a pcaspy CA server whose PVs mirror the shards.
+
+One thread does everything: it alternates short ``cas.process`` slices with
+polls of the shard sockets, so every pcaspy call stays on the thread that
+runs process() (pcaspy is not thread safe).  Plain puts are forwarded
+without waiting; a put with callback completes when its shard answers.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterable
+
+import zmq
+
+from carelay.broker.link import LinkState, ShardLink
+from carelay.common.config import (
+    PUT_TIMEOUT,
+    READ_SYNC_TIMEOUT,
+    STATUS_INTERVAL,
+    Config,
+)
+from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
+from carelay.common.naming import InvalidPvName, parse_pv_name
+from carelay.common.protocol import Message, Op
+from carelay.common.sharding import shard_for
+
+log = logging.getLogger("carelay.broker")
+
+#: process() slice while nothing waits on a shard (seconds).
+_IDLE_SLICE = 0.005
+#: How long to poll the shards for answers while requests are in flight (ms).
+_BUSY_POLL_MS = 1
+#: Refused names remembered so that each is logged once.
+_REFUSED_MEMORY = 10_000
+#: How long the broker waits for every shard before it serves anyway (seconds).
+_STARTUP_SYNC_TIMEOUT = 15.0
+
+
+class Pending:
+    """A request sent to a shard and waiting for its answer."""
+
+    __slots__ = ("pv", "name", "shard", "deadline", "notify")
+
+    def __init__(self, pv, name, shard, deadline, notify) -> None:
+        self.pv = pv
+        self.name = name
+        self.shard = shard
+        self.deadline = deadline
+        self.notify = notify
+
+
+class Broker:
+    """The PV table, the shard links and the loop that joins them to CA."""
+
+    def __init__(self, config: Config, cas_module, ctx: zmq.Context | None = None) -> None:
+        from carelay.broker.pvs import DelPvPV, PvListPV
+
+        self.config = config
+        self.cas = cas_module
+        self.ctx = ctx or zmq.Context.instance()
+        self.links = [
+            ShardLink(self.ctx, k, config.shard_endpoint(k)) for k in range(config.shards)
+        ]
+        self.pvs: dict = {}
+        self.n_real = 0
+        self._req = itertools.count(1)
+        self._pending: dict[int, Pending] = {}
+        self._snapshots: dict[int, dict] = {}
+        self._refused: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._graveyard: list = []
+        self.pvlist = PvListPV(self, config.pvlist_name, config.pvlist_count)
+        self.delpv = DelPvPV(self, config.delpv_name, config.max_name_length)
+        self.controls = {self.pvlist.name: self.pvlist, self.delpv.name: self.delpv}
+        self.ready = False
+        self.status_path = config.run_dir / "broker.json"
+
+    # -- the PV table -----------------------------------------------------------
+
+    def real_names(self) -> Iterable[str]:
+        return (name for name, pv in self.pvs.items() if pv.real)
+
+    def shard_live(self, index: int) -> bool:
+        return self.links[index].usable
+
+    def _refuse(self, name: str, why: str) -> None:
+        if name in self._refused:
+            return
+        self._refused[name] = None
+        if len(self._refused) > _REFUSED_MEMORY:
+            self._refused.popitem(last=False)
+        log.warning("refused PV name %s: %s", name, why)
+
+    def claims(self, name: str) -> bool:
+        """Whether this relay serves ``name`` (pvExistTest)."""
+        if name in self.pvs or name in self.controls:
+            return True
+        if not name.startswith(self.config.prefix):
+            return False
+        c = self.config
+        try:
+            parse_pv_name(name, c.prefix, c.max_elements, c.max_name_length)
+        except InvalidPvName as e:
+            self._refuse(name, str(e))
+            return False
+        if self.n_real >= c.max_pvs:
+            self._refuse(name, f"max_pvs ({c.max_pvs}) reached")
+            return False
+        return True
+
+    def attach(self, name: str):
+        """The PV for ``name``, made provisional if new (pvAttach); None if not served."""
+        pv = self.controls.get(name) or self.pvs.get(name)
+        if pv is None:
+            if not self.claims(name):
+                return None
+            pv = self._new_pv(name)
+        pv.attached = True
+        return pv
+
+    def _new_pv(self, name: str):
+        from carelay.broker.pvs import RelayPV
+
+        c = self.config
+        spec = parse_pv_name(name, c.prefix, c.max_elements, c.max_name_length)
+        pv = RelayPV(self, spec, shard_for(name, c.shards))
+        self.pvs[name] = pv
+        return pv
+
+    def detached(self, pv) -> None:
+        """The last channel to ``pv`` went away: a provisional PV is forgotten."""
+        if getattr(pv, "real", True) or self.pvs.get(pv.name) is not pv:
+            return
+        del self.pvs[pv.name]
+        # Keep the object alive until the server is done with this callback.
+        self._graveyard.append(pv)
+
+    def _set_real(self, pv, real: bool) -> None:
+        if pv.real != real:
+            self.n_real += 1 if real else -1
+            self.pvlist.dirty = True
+
+    # -- requests to shards -------------------------------------------------------
+
+    def forward_put(self, pv, data, notify) -> bool:
+        """Send a put of ``data`` to ``pv``'s shard; False if it cannot go now."""
+        link = self.links[pv.shard]
+        if not link.usable:
+            log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
+            return False
+        if not pv.real and self.n_real >= self.config.max_pvs:
+            self._refuse(pv.name, f"max_pvs ({self.config.max_pvs}) reached")
+            return False
+        req = next(self._req)
+        if not link.send(Message(Op.PUT, pv.name, req=req, data=data)):
+            log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
+            return False
+        pv.pending += 1
+        self._pending[req] = Pending(pv, pv.name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
+        return True
+
+    def forward_delete(self, name: str, notify) -> bool:
+        pv = self.pvs.get(name)
+        if pv is None or not pv.real:
+            log.warning("delpv %s failed: no such PV", name)
+            return False
+        link = self.links[pv.shard]
+        req = next(self._req)
+        if not link.usable or not link.send(Message(Op.DELETE, name, req=req)):
+            log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
+            return False
+        self._pending[req] = Pending(None, name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
+        return True
+
+    def _finish(self, req: int, ok: bool) -> None:
+        p = self._pending.pop(req, None)
+        if p is None:
+            return
+        if p.pv is not None:
+            p.pv.pending = max(0, p.pv.pending - 1)
+        if p.notify is not None:
+            p.notify.complete(ok)
+
+    def wait_for_pending(self, pv) -> None:
+        """Serve ``pv``'s shard until its puts in flight are answered (bounded)."""
+        link = self.links[pv.shard]
+        deadline = time.monotonic() + READ_SYNC_TIMEOUT
+        while pv.pending and link.sock is not None and link.usable:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("read of %s answered before the shard confirmed a put", pv.name)
+                return
+            if link.sock.poll(timeout=min(left * 1000, 50)):
+                self._drain(link)
+
+    # -- answers from shards -----------------------------------------------------
+
+    def _drain(self, link: ShardLink, limit: int = 2000) -> int:
+        n = 0
+        while n < limit:
+            msg = link.recv()
+            if msg is None:
+                break
+            n += 1
+            self._handle(link, msg)
+        return n
+
+    def _handle(self, link: ShardLink, msg: Message) -> None:
+        op = msg.op
+        if op is Op.UPDATE:
+            pv = self.pvs.get(msg.name)
+            if pv is None:
+                pv = self._new_pv(msg.name)
+            self._set_real(pv, True)
+            pv.apply(msg.data, msg.stamp, append=pv.ring is not None)
+            link.seq = msg.seq
+            if msg.info.get("created"):
+                log.debug("created PV %s (shard %d)", msg.name, link.index)
+            self._finish(msg.req, True)
+        elif op is Op.REJECT:
+            log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
+            self._finish(msg.req, False)
+        elif op is Op.DELETED:
+            self._forget(msg.name)
+            link.seq = msg.seq
+            log.debug("deleted PV %s (shard %d)", msg.name, link.index)
+            self._finish(msg.req, True)
+        elif op is Op.PONG:
+            if link.epoch and msg.epoch != link.epoch:
+                log.warning("shard %d restarted; resyncing", link.index)
+                link.epoch = 0
+                self._hello(link)
+            link.pvs = msg.info.get("pvs", link.pvs)
+        elif op is Op.SNAPSHOT_BEGIN:
+            self._snapshots[link.index] = {}
+        elif op is Op.SNAPSHOT:
+            snap = self._snapshots.get(link.index)
+            if snap is not None:
+                snap[msg.name] = (msg.data.copy(), msg.stamp)
+        elif op is Op.SNAPSHOT_END:
+            self._resync(link, msg)
+        else:
+            log.warning("shard %d: unexpected %s dropped", link.index, op.name)
+
+    def _forget(self, name: str) -> None:
+        pv = self.pvs.get(name)
+        if pv is None or not pv.real:
+            return
+        self._set_real(pv, False)
+        pv.forget()
+        if not pv.attached:
+            del self.pvs[name]
+            self._graveyard.append(pv)
+
+    def _resync(self, link: ShardLink, end: Message) -> None:
+        snap = self._snapshots.pop(link.index, None)
+        if snap is None:
+            return
+        c = self.config
+        for name, pv in list(self.pvs.items()):
+            if pv.shard == link.index and pv.real and name not in snap:
+                self._forget(name)
+        for name, (data, stamp) in snap.items():
+            pv = self.pvs.get(name)
+            if pv is None:
+                try:
+                    pv = self._new_pv(name)
+                except InvalidPvName as e:
+                    log.warning(
+                        "shard %d holds %s, which this relay cannot serve: %s", link.index, name, e
+                    )
+                    continue
+            if pv.shard != link.index:
+                log.warning(
+                    "shard %d holds %s, which belongs to shard %d under %d shards",
+                    link.index,
+                    name,
+                    pv.shard,
+                    c.shards,
+                )
+            self._set_real(pv, True)
+            pv.apply(data, stamp, append=False)
+        link.synced(end.epoch, end.seq, len(snap))
+        log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)
+
+    def _hello(self, link: ShardLink) -> None:
+        if link.send(Message(Op.HELLO)):
+            link.hello_sent()
+
+    def _link_down(self, link: ShardLink) -> None:
+        for req, p in list(self._pending.items()):
+            if p.shard == link.index:
+                self._finish(req, False)
+        self._snapshots.pop(link.index, None)
+        for pv in self.pvs.values():
+            if pv.shard == link.index and pv.real:
+                pv.pending = 0
+                pv.post(0)  # alarm change only: COMM/INVALID
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _timers(self, now: float) -> None:
+        for link in self.links:
+            was_live = link.usable
+            action = link.tick(now)
+            if action == "hello":
+                self._hello(link)
+            elif action == "down" and was_live:
+                self._link_down(link)
+        if self._pending:
+            expired = [req for req, p in self._pending.items() if p.deadline < now]
+            for req in expired:
+                p = self._pending[req]
+                log.warning("no answer from shard %d for %s; failing the request", p.shard, p.name)
+                self._finish(req, False)
+
+    def _poll_shards(self, timeout_ms: float) -> int:
+        socks = [link for link in self.links if link.sock is not None]
+        n = 0
+        if timeout_ms > 0 and socks:
+            poller = zmq.Poller()
+            for link in socks:
+                poller.register(link.sock, zmq.POLLIN)
+            if not poller.poll(timeout_ms):
+                return 0
+        for link in socks:
+            n += self._drain(link)
+        return n
+
+    def _write_status(self) -> None:
+        write_status(
+            self.status_path,
+            {
+                "role": "broker",
+                "pvs": self.n_real,
+                "ready": self.ready,
+                "shards": [
+                    {"index": link.index, "state": link.state.value, "pvs": link.pvs}
+                    for link in self.links
+                ],
+            },
+        )
+
+    def run(self, stop: StopFlag) -> None:
+        started = time.monotonic()
+        next_status = 0.0
+        while not stop.stopping:
+            busy = bool(self._pending) or any(
+                link.state in (LinkState.SYNCING, LinkState.CONNECTING) for link in self.links
+            )
+            self.cas.process(0 if busy else _IDLE_SLICE)
+            self._poll_shards(_BUSY_POLL_MS if self._pending else 0)
+            now = time.monotonic()
+            self._timers(now)
+            self.pvlist.post_if_changed()
+            self._graveyard.clear()
+            if not self.ready and (
+                all(link.live for link in self.links) or now - started > _STARTUP_SYNC_TIMEOUT
+            ):
+                self.ready = True
+                port = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
+                    "EPICS_CA_SERVER_PORT", "5064"
+                )
+                log.info(
+                    "ready: %d PVs, %d shards, prefix %s, CA port %s",
+                    self.n_real,
+                    len(self.links),
+                    self.config.prefix,
+                    port,
+                )
+            if now >= next_status:
+                self._write_status()
+                next_status = now + STATUS_INTERVAL
+
+
+def run_broker(config: Config) -> int:
+    """Entry point of ``carelay broker``."""
+    die_with_parent()
+    stop = StopFlag()
+    # libca/PCAS read this when the server is made: large arrays need it.
+    os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)
+    from pcaspy import cas
+
+    from carelay.broker.server import RelayServer
+
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    broker = Broker(config, cas)
+    server = RelayServer(broker)
+    log.info("broker started (pid %d), prefix %s", os.getpid(), config.prefix)
+    try:
+        broker.run(stop)
+    finally:
+        for link in broker.links:
+            link.close()
+        broker.status_path.unlink(missing_ok=True)
+        del server
+    log.info("broker stopped")
+    return 0

@@ -1,0 +1,157 @@
+"""ShardLink: the broker's connection to one shard.
+
+A DEALER socket with ZMQ_IMMEDIATE, so nothing queues for a shard that is
+not connected and a put to it fails at once.  Heartbeats both ways (PING
+answered by PONG), capped exponential back-off on reconnect, and resync by
+snapshot (HELLO, then SNAPSHOT_BEGIN / SNAPSHOT... / SNAPSHOT_END, then the
+updates that follow in sequence order).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+
+import zmq
+
+from carelay.common.config import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+    RECONNECT_INITIAL,
+    RECONNECT_MAX,
+)
+from carelay.common.protocol import Message, Op, ProtocolError, decode, encode
+
+log = logging.getLogger("carelay.broker")
+
+
+class LinkState(enum.Enum):
+    DOWN = "down"  # no socket; waiting for the back-off to pass
+    CONNECTING = "connecting"  # socket made, HELLO not yet accepted by ZeroMQ
+    SYNCING = "syncing"  # HELLO sent, snapshot not complete
+    LIVE = "live"
+
+
+class ShardLink:
+    """One shard's socket, liveness and back-off; knows nothing about CA."""
+
+    def __init__(self, ctx: zmq.Context, index: int, endpoint: str) -> None:
+        self.ctx = ctx
+        self.index = index
+        self.endpoint = endpoint
+        self.sock: zmq.Socket | None = None
+        self.state = LinkState.DOWN
+        self.epoch = 0
+        self.seq = 0
+        self.pvs = 0
+        self._backoff = RECONNECT_INITIAL
+        self._retry_at = 0.0
+        self._last_heard = 0.0
+        self._last_ping = 0.0
+        self._connect_deadline = 0.0
+        self.ever_synced = False
+
+    @property
+    def live(self) -> bool:
+        return self.state is LinkState.LIVE
+
+    @property
+    def usable(self) -> bool:
+        """Requests can be sent: the shard answers, even if a resync is under way."""
+        return self.state in (LinkState.LIVE, LinkState.SYNCING)
+
+    def open(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.connect(self.endpoint)
+        self.sock = sock
+        self.state = LinkState.CONNECTING
+        self._connect_deadline = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    def send(self, msg: Message) -> bool:
+        """Send without blocking; False when the shard cannot take it now."""
+        if self.sock is None:
+            return False
+        try:
+            self.sock.send_multipart(encode(msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as e:
+            log.warning("shard %d: send failed: %s", self.index, e)
+            return False
+        return True
+
+    def recv(self) -> Message | None:
+        """One decoded message, or None when nothing is waiting.  Malformed ones are dropped."""
+        while self.sock is not None:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return None
+            try:
+                msg = decode(frames)
+            except ProtocolError as e:
+                log.warning("shard %d: dropped a malformed message: %s", self.index, e)
+                continue
+            self._last_heard = time.monotonic()
+            return msg
+        return None
+
+    def went_down(self, why: str) -> None:
+        """Drop the socket and schedule a reconnect with back-off."""
+        was = self.state
+        self.close()
+        self.state = LinkState.DOWN
+        self._retry_at = time.monotonic() + self._backoff
+        level = (
+            logging.WARNING
+            if self.ever_synced or was is not LinkState.CONNECTING
+            else logging.DEBUG
+        )
+        log.log(
+            level, "shard %d unreachable (%s); retrying in %.2f s", self.index, why, self._backoff
+        )
+        self._backoff = min(self._backoff * 2, RECONNECT_MAX)
+
+    def synced(self, epoch: int, seq: int, pvs: int) -> None:
+        self.state = LinkState.LIVE
+        self.epoch = epoch
+        self.seq = seq
+        self.pvs = pvs
+        self._backoff = RECONNECT_INITIAL
+        self.ever_synced = True
+
+    def tick(self, now: float) -> str | None:
+        """Advance timers.  Returns "hello" when a HELLO should be sent, "down" when the link
+        just went down, else None."""
+        if self.state is LinkState.DOWN:
+            if now >= self._retry_at:
+                self.open()
+                self._last_heard = now
+                return "hello"
+            return None
+        if self.state is LinkState.CONNECTING:
+            if now >= self._connect_deadline:
+                self.went_down("no connection")
+                return "down"
+            return "hello"
+        if now - self._last_heard > HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS:
+            self.went_down("no heartbeat")
+            return "down"
+        if now - self._last_ping >= HEARTBEAT_INTERVAL:
+            self._last_ping = now
+            self.send(Message(Op.PING))
+        return None
+
+    def hello_sent(self) -> None:
+        self.state = LinkState.SYNCING
+        self._last_heard = time.monotonic()

@@ -1,0 +1,293 @@
+"""The casPV subclasses the broker attaches: relay PVs and the control PVs.
+
+Every callback from the C++ server catches everything: an exception that
+escaped through SWIG would abort the broker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pcaspy import cas
+from pcaspy.alarm import Alarm, Severity
+
+from carelay.broker.values import AIT_TYPES, ConversionError, fill_gdd, gdd_to_array, value_gdd
+from carelay.common.naming import PvSpec
+from carelay.common.ring import RingBuffer
+
+if TYPE_CHECKING:
+    from carelay.broker.app import Broker
+
+log = logging.getLogger("carelay.broker")
+
+#: CA status for a put the relay could not apply (clients see ECA_PUTFAIL).
+PUT_FAILED = cas.S_casApp_noSupport
+VALUE_MASK = cas.DBE_VALUE | cas.DBE_LOG
+
+
+def guarded(status_on_error):
+    """Wrap a casPV callback so nothing escapes into the C++ server."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def inner(self, *args):
+            try:
+                return method(self, *args)
+            except Exception:
+                log.exception("%s: %s failed", getattr(self, "name", "?"), method.__name__)
+                return status_on_error
+
+        return inner
+
+    return wrap
+
+
+class BasePV(cas.casPV):
+    """What relay and control PVs share: name, type and interest bookkeeping."""
+
+    def __init__(self, broker: Broker, name: str, kind: str, count: int, array: bool) -> None:
+        super().__init__()
+        self.broker = broker
+        self.name = name
+        self._ait = AIT_TYPES[kind]
+        self._count = count
+        self._array = array
+        self.interest = False
+        self.attached = False
+
+    def getName(self):
+        return self.name
+
+    def bestExternalType(self):
+        return self._ait
+
+    def maxDimension(self):
+        return 1 if self._array else 0
+
+    def maxBound(self, dim):
+        return self._count if dim == 0 else 0
+
+    @guarded(cas.S_casApp_noMemory)
+    def interestRegister(self):
+        self.interest = True
+        return cas.S_casApp_success
+
+    @guarded(None)
+    def interestDelete(self):
+        self.interest = False
+
+    @guarded(None)
+    def destroy(self):
+        # Called when the last channel to this PV is gone.
+        self.attached = False
+        self.broker.detached(self)
+
+
+class RelayPV(BasePV):
+    """A relay PV: the broker's mirror of one shard-held value.
+
+    Provisional (``real`` False) until its first put is applied by the shard:
+    undefined value with a UDF alarm.
+    """
+
+    def __init__(self, broker: Broker, spec: PvSpec, shard: int) -> None:
+        array = spec.count > 1 or spec.kind == "c"
+        super().__init__(broker, spec.name, spec.kind, spec.count, array)
+        self.spec = spec
+        self.shard = shard
+        self.real = False
+        self.stamp = 0.0
+        self.ring = RingBuffer(spec.count, spec.dtype) if spec.is_buffer else None
+        self.value = np.zeros(1, dtype=spec.dtype)
+        self.pending = 0  # puts sent to the shard and not yet answered
+        self.alarm = Alarm.UDF_ALARM
+        self.severity = Severity.INVALID_ALARM
+
+    # -- mirror ---------------------------------------------------------------
+
+    def contents(self) -> np.ndarray:
+        if not self.real:
+            return np.zeros(1, dtype=self.spec.dtype)
+        return self.ring.view() if self.ring is not None else self.value
+
+    def _status(self) -> tuple[int, int]:
+        if not self.real:
+            return Alarm.UDF_ALARM, Severity.INVALID_ALARM
+        if not self.broker.shard_live(self.shard):
+            return Alarm.COMM_ALARM, Severity.INVALID_ALARM
+        return Alarm.NO_ALARM, Severity.NO_ALARM
+
+    def apply(self, data: np.ndarray, stamp: float, append: bool) -> None:
+        """Mirror a change the shard applied and post it to monitors."""
+        if self.ring is not None:
+            if append:
+                self.ring.append(data)
+            else:
+                self.ring.replace(data)
+        else:
+            self.value = np.array(data, copy=True)
+        self.real = True
+        self.stamp = stamp
+        self.post(VALUE_MASK)
+
+    def forget(self) -> None:
+        """The PV was deleted: back to provisional, and tell monitors."""
+        self.real = False
+        self.value = np.zeros(1, dtype=self.spec.dtype)
+        if self.ring is not None:
+            self.ring.clear()
+        self.stamp = 0.0
+        self.post(VALUE_MASK)
+
+    def post(self, mask: int) -> None:
+        alarm, severity = self._status()
+        if (alarm, severity) != (self.alarm, self.severity):
+            mask |= cas.DBE_ALARM
+            self.alarm, self.severity = alarm, severity
+        if not self.interest:
+            return
+        gdd = value_gdd(self.spec, self.contents())
+        gdd.setTimeStamp(self._timestamp())
+        gdd.setStatSevr(alarm, severity)
+        self.postEvent(mask, gdd)
+
+    def _timestamp(self) -> cas.epicsTimeStamp:
+        if self.stamp:
+            return cas.epicsTimeStamp.fromPosixTimeStamp(self.stamp)
+        return cas.epicsTimeStamp()
+
+    # -- CA callbacks -----------------------------------------------------------
+
+    @guarded(cas.S_casApp_undefined)
+    def getValue(self, value):
+        if self.pending:
+            # A put of ours is on its way to the shard: answer after it, so that
+            # a client reads what it has just written.
+            self.broker.wait_for_pending(self)
+        fill_gdd(self.spec, value, self.contents())
+        alarm, severity = self._status()
+        value.setStatSevr(alarm, severity)
+        value.setTimeStamp(self._timestamp())
+        return cas.S_casApp_success
+
+    @guarded(PUT_FAILED)
+    def write(self, context, value):
+        data = self._convert(value)
+        if data is None:
+            return cas.S_cas_noConvert
+        if not self.broker.forward_put(self, data, notify=None):
+            return PUT_FAILED
+        return cas.S_casApp_success
+
+    @guarded(PUT_FAILED)
+    def writeNotify(self, context, value):
+        if self.hasAsyncWrite():
+            # One completion at a time per PV; the server retries this one later.
+            return cas.S_casApp_postponeAsyncIO
+        data = self._convert(value)
+        if data is None:
+            return cas.S_cas_noConvert
+        self.startAsyncWrite(context.ctx)
+        if not self.broker.forward_put(self, data, notify=self):
+            self.endAsyncWrite(PUT_FAILED)
+        return cas.S_casApp_asyncCompletion
+
+    def _convert(self, value) -> np.ndarray | None:
+        try:
+            return gdd_to_array(self.spec, value)
+        except ConversionError as e:
+            log.warning("refused put to %s: %s", self.name, e)
+            return None
+
+    def complete(self, ok: bool) -> None:
+        """Finish the put with callback in progress, if any."""
+        if self.hasAsyncWrite():
+            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
+
+
+class PvListPV(BasePV):
+    """``<prefix>pvlist``: every PV name, comma-separated, as a char array."""
+
+    def __init__(self, broker: Broker, name: str, count: int) -> None:
+        super().__init__(broker, name, "c", count, True)
+        self.spec = PvSpec(name, "c", count)
+        self._text = b""
+        self.dirty = True
+
+    def _contents(self) -> np.ndarray:
+        if self.dirty:
+            self._text = ",".join(sorted(self.broker.real_names())).encode()[: self._count]
+            self.dirty = False
+        return np.frombuffer(self._text or b"\0", dtype=np.uint8)
+
+    @guarded(cas.S_casApp_undefined)
+    def getValue(self, value):
+        fill_gdd(self.spec, value, self._contents())
+        value.setStatSevr(Alarm.NO_ALARM, Severity.NO_ALARM)
+        value.setTimeStamp(cas.epicsTimeStamp())
+        return cas.S_casApp_success
+
+    def post_if_changed(self) -> None:
+        if self.dirty and self.interest:
+            gdd = value_gdd(self.spec, self._contents())
+            gdd.setTimeStamp(cas.epicsTimeStamp())
+            gdd.setStatSevr(Alarm.NO_ALARM, Severity.NO_ALARM)
+            self.postEvent(VALUE_MASK, gdd)
+
+    @guarded(cas.S_cas_noWrite)
+    def write(self, context, value):
+        return cas.S_cas_noWrite
+
+    writeNotify = write
+
+
+class DelPvPV(BasePV):
+    """``<prefix>delpv``: put a full PV name to delete that PV."""
+
+    def __init__(self, broker: Broker, name: str, count: int) -> None:
+        super().__init__(broker, name, "c", count, True)
+        self.spec = PvSpec(name, "c", count)
+        self.last = b""
+
+    @guarded(cas.S_casApp_undefined)
+    def getValue(self, value):
+        fill_gdd(self.spec, value, np.frombuffer(self.last or b"\0", dtype=np.uint8))
+        value.setStatSevr(Alarm.NO_ALARM, Severity.NO_ALARM)
+        value.setTimeStamp(cas.epicsTimeStamp())
+        return cas.S_casApp_success
+
+    def _target(self, value) -> str | None:
+        try:
+            raw = gdd_to_array(self.spec, value).tobytes()
+        except ConversionError:
+            return None
+        return raw.split(b"\0", 1)[0].decode("ascii", "replace").strip()
+
+    @guarded(PUT_FAILED)
+    def write(self, context, value):
+        name = self._target(value)
+        if name is None or not self.broker.forward_delete(name, notify=None):
+            return PUT_FAILED
+        self.last = name.encode()
+        return cas.S_casApp_success
+
+    @guarded(PUT_FAILED)
+    def writeNotify(self, context, value):
+        if self.hasAsyncWrite():
+            return cas.S_casApp_postponeAsyncIO
+        name = self._target(value)
+        if name is None:
+            return PUT_FAILED
+        self.startAsyncWrite(context.ctx)
+        if not self.broker.forward_delete(name, notify=self):
+            self.endAsyncWrite(PUT_FAILED)
+        else:
+            self.last = name.encode()
+        return cas.S_casApp_asyncCompletion
+
+    def complete(self, ok: bool) -> None:
+        if self.hasAsyncWrite():
+            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)

@@ -1,0 +1,124 @@
+"""Converting between pcaspy's gdd containers and the numpy arrays that travel to shards."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pcaspy import cas
+
+from carelay.common.naming import MAX_STRING_CHARS, PvSpec
+
+#: pcaspy/PCAS primitive type for each type letter.
+AIT_TYPES = {
+    "f": cas.aitEnumFloat64,
+    "i": cas.aitEnumInt32,
+    "c": cas.aitEnumUint8,
+    "s": cas.aitEnumString,
+}
+_INT32 = np.iinfo(np.int32)
+_TEXT_TYPES = (cas.aitEnumString, cas.aitEnumFixedString)
+_CHAR_TYPES = (cas.aitEnumUint8, cas.aitEnumInt8)
+
+
+class ConversionError(ValueError):
+    """A CA value that does not fit the PV (text to a number, out of range, ...)."""
+
+
+def _text(value: cas.gdd) -> str:
+    if value.isScalar():
+        return value.getConvertString()
+    strings = value.getStringArray(value.getDataSizeElements())
+    return strings[0] if strings else ""
+
+
+def _numbers(value: cas.gdd, n: int) -> list[float]:
+    prim = value.primitiveType()
+    if prim in _TEXT_TYPES:
+        texts = [_text(value)] if value.isScalar() else value.getStringArray(n)
+        out = []
+        for t in texts:
+            try:
+                out.append(float(t.strip()))
+            except ValueError:
+                raise ConversionError(f"cannot convert text {t[:40]!r} to a number") from None
+        return out
+    if value.isScalar():
+        return [value.getConvertNumeric()]
+    if prim in _CHAR_TYPES:
+        return [float(x) for x in value.getCharArray(n)]
+    return value.getNumericArray(n)
+
+
+def _chars(value: cas.gdd, n: int) -> bytes:
+    prim = value.primitiveType()
+    if prim in _TEXT_TYPES:
+        return _text(value).encode("utf-8", "replace")
+    if prim in _CHAR_TYPES:
+        if value.isScalar():
+            return bytes([int(value.getConvertNumeric()) & 0xFF])
+        return bytes(x & 0xFF for x in value.getCharArray(n))
+    nums = _numbers(value, n)
+    if any(not (0 <= x <= 255) or x != int(x) for x in nums):
+        raise ConversionError("char elements must be whole numbers from 0 to 255")
+    return bytes(int(x) for x in nums)
+
+
+def gdd_to_array(spec: PvSpec, value: cas.gdd) -> np.ndarray:
+    """The elements of a CA put, as an array of the PV's dtype.  Raises ConversionError."""
+    n = 1 if value.isScalar() else value.getDataSizeElements()
+    kind = spec.kind
+    if kind == "s":
+        if value.primitiveType() in _TEXT_TYPES:
+            text = _text(value)
+        elif value.primitiveType() in _CHAR_TYPES and not value.isScalar():
+            text = _chars(value, n).split(b"\0", 1)[0].decode("utf-8", "replace")
+        else:
+            text = repr(_numbers(value, n)[0])
+        raw = text.encode("utf-8", "replace")
+        if len(raw) > MAX_STRING_CHARS:
+            raise ConversionError(f"a string PV holds at most {MAX_STRING_CHARS} characters")
+        return np.array([raw], dtype=spec.dtype)
+    if kind == "c":
+        raw = _chars(value, n)
+        if spec.is_buffer:
+            # Text appended to a C buffer goes in without its terminator.
+            raw = raw.rstrip(b"\0")
+            if not raw:
+                raise ConversionError("nothing to append")
+        elif len(raw) > spec.count:
+            raw = raw[: spec.count]
+        return np.frombuffer(raw, dtype=np.uint8).copy()
+    numbers = _numbers(value, n)
+    if kind == "i":
+        for x in numbers:
+            if math.isnan(x) or not (_INT32.min <= x <= _INT32.max):
+                raise ConversionError(f"{x} does not fit a 32-bit integer")
+        return np.array(numbers, dtype=np.float64).astype(np.int32)
+    return np.array(numbers, dtype=np.float64)
+
+
+def fill_gdd(spec: PvSpec, gdd: cas.gdd, contents: np.ndarray) -> None:
+    """Put ``contents`` into ``gdd`` as the value (never zero elements: CA cannot send them)."""
+    if gdd.primitiveType() == cas.aitEnumInvalid:
+        gdd.setPrimType(AIT_TYPES[spec.kind])
+    if spec.kind == "s":
+        text = bytes(contents[0]).decode("utf-8", "replace") if len(contents) else ""
+        gdd.put(text)
+        return
+    if len(contents) == 0:
+        contents = np.zeros(1, dtype=spec.dtype)
+    if spec.count == 1 and spec.kind != "c":
+        gdd.put(contents[0].item())
+        return
+    contents = np.ascontiguousarray(contents)
+    gdd.setDimension(1)
+    gdd.setBound(0, 0, len(contents))
+    gdd.put(contents)
+
+
+def value_gdd(spec: PvSpec, contents: np.ndarray) -> cas.gdd:
+    """A new value gdd (application type "value") holding ``contents``."""
+    gdd = cas.gdd(16, AIT_TYPES[spec.kind])  # 16: gddAppType_value
+    fill_gdd(spec, gdd, contents)
+    return gdd

@@ -1,0 +1,1 @@
+"""What broker and shard share and what has no I/O: naming, config, wire protocol."""

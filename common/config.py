@@ -1,0 +1,192 @@
+"""Configuration: embedded defaults, one TOML file, command-line overrides.
+
+Every default lives here as a named constant.  ``load_config`` is the one
+way to build a Config; it raises ConfigError with a message that names the
+key and the problem, which the command line turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PREFIX = "RELAY:"
+DEFAULT_SHARDS = 2
+DEFAULT_DATA_DIR = "./carelay-data"
+DEFAULT_MAX_ELEMENTS = 1_000_000
+DEFAULT_MAX_PVS = 10_000
+DEFAULT_MAX_NAME_LENGTH = 128
+DEFAULT_LOG_LEVEL = "INFO"
+MAX_SHARDS = 64
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+#: Seconds between heartbeats on every broker-shard link, both ways.
+HEARTBEAT_INTERVAL = 0.5
+#: Missed heartbeats after which a peer counts as gone.
+HEARTBEAT_LIVENESS = 4
+#: Reconnect back-off of the broker's shard links (seconds).
+RECONNECT_INITIAL = 0.1
+RECONNECT_MAX = 5.0
+#: How long a put with callback waits for its shard before it fails.
+PUT_TIMEOUT = 5.0
+#: How long a CA read waits for puts in flight to that PV before it answers.
+READ_SYNC_TIMEOUT = 1.0
+#: Restart back-off of the supervisor (seconds), doubling up to the cap.
+RESTART_BACKOFF_INITIAL = 0.25
+RESTART_BACKOFF_MAX = 10.0
+#: A child that ran this long is healthy again: its back-off resets.
+RESTART_RESET_AFTER = 30.0
+#: Grace period for children on shutdown before SIGKILL.
+STOP_GRACE = 3.0
+#: How often processes write their status file.
+STATUS_INTERVAL = 1.0
+#: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.
+CA_ARRAY_OVERHEAD = 16384
+#: Longest unix socket path (sun_path less a margin).
+_MAX_IPC_PATH = 100
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The relay's effective configuration."""
+
+    prefix: str = DEFAULT_PREFIX
+    shards: int = DEFAULT_SHARDS
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    max_elements: int = DEFAULT_MAX_ELEMENTS
+    max_pvs: int = DEFAULT_MAX_PVS
+    max_name_length: int = DEFAULT_MAX_NAME_LENGTH
+    log_level: str = DEFAULT_LOG_LEVEL
+    #: One ZeroMQ endpoint per shard; empty means ipc sockets in run_dir.
+    endpoints: tuple[str, ...] = field(default=())
+
+    @property
+    def run_dir(self) -> Path:
+        """Where sockets and status files of a running relay live."""
+        return self.data_dir / "run"
+
+    @property
+    def pvlist_name(self) -> str:
+        return f"{self.prefix}pvlist"
+
+    @property
+    def delpv_name(self) -> str:
+        return f"{self.prefix}delpv"
+
+    @property
+    def pvlist_count(self) -> int:
+        """Elements of the pvlist char array: room for max_pvs names and commas."""
+        return self.max_pvs * (self.max_name_length + 1)
+
+    @property
+    def ca_max_array_bytes(self) -> int:
+        largest = max(self.max_elements * 8, self.pvlist_count)
+        return largest + CA_ARRAY_OVERHEAD
+
+    def shard_endpoint(self, index: int) -> str:
+        if self.endpoints:
+            return self.endpoints[index]
+        path = (self.run_dir / f"shard-{index}.sock").resolve()
+        if len(str(path)) > _MAX_IPC_PATH:
+            digest = hashlib.blake2b(str(path).encode(), digest_size=6).hexdigest()
+            path = Path(tempfile.gettempdir()) / f"carelay-{digest}" / f"shard-{index}.sock"
+        return f"ipc://{path}"
+
+
+_TYPES: dict[str, type] = {
+    "prefix": str,
+    "shards": int,
+    "data_dir": str,
+    "max_elements": int,
+    "max_pvs": int,
+    "max_name_length": int,
+    "log_level": str,
+    "endpoints": list,
+}
+
+
+def _check(key: str, value: Any) -> Any:
+    expected = _TYPES[key]
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
+    if key == "prefix":
+        if not value or not value.isascii() or any(c.isspace() or c == "." for c in value):
+            raise ConfigError(
+                f"prefix: must be non-empty ASCII without spaces or '.', got {value!r}"
+            )
+    elif key == "shards" and not 1 <= value <= MAX_SHARDS:
+        raise ConfigError(f"shards: must be from 1 to {MAX_SHARDS}, got {value}")
+    elif key in ("max_elements", "max_pvs") and value < 1:
+        raise ConfigError(f"{key}: must be at least 1, got {value}")
+    elif key == "max_elements" and value > 100_000_000:
+        raise ConfigError(f"max_elements: must be at most 100000000, got {value}")
+    elif key == "max_name_length" and not 8 <= value <= 1024:
+        raise ConfigError(f"max_name_length: must be from 8 to 1024, got {value}")
+    elif key == "log_level":
+        value = value.upper()
+        if value not in LOG_LEVELS:
+            raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    elif key == "data_dir":
+        if not value:
+            raise ConfigError("data_dir: must not be empty")
+        value = Path(value)
+    elif key == "endpoints":
+        for ep in value:
+            if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ConfigError(f"endpoints: each must be a tcp://, ipc:// string, got {ep!r}")
+        value = tuple(value)
+    return value
+
+
+def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Config:
+    """Defaults, overlaid by the TOML file at ``path``, overlaid by ``overrides``.
+
+    Overrides whose value is None are ignored, so parsed flags can be passed as they are.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for key, value in raw.items():
+            if key not in _TYPES:
+                raise ConfigError(f"{key}: unknown configuration key (in {path})")
+            values[key] = _check(key, value)
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = _check(key, value)
+    config = Config(**values)
+    if config.endpoints and len(config.endpoints) != config.shards:
+        raise ConfigError(
+            f"endpoints: {len(config.endpoints)} given for {config.shards} shards; give one each"
+        )
+    if len(config.pvlist_name) > config.max_name_length:
+        raise ConfigError("prefix: too long for max_name_length")
+    return config
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """A plain dict of ``config``, for status files and logs."""
+    out = {}
+    for f in fields(config):
+        v = getattr(config, f.name)
+        out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+    return out
+
+
+__all__ = ["Config", "ConfigError", "load_config", "config_to_dict", "replace"]

@@ -1,0 +1,60 @@
+"""Process plumbing shared by every carelay process: logging, signals, parent death."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def setup_logging(level: str, role: str) -> logging.Logger:
+    """One line per event on stderr, each naming the process role."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s %(levelname)s {role}: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    return logging.getLogger(f"carelay.{role.split()[0]}")
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` when the parent process dies (Linux only)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the main loop polls it.  Handlers only set the flag."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self.signal: int | None = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.stopping = True
+        self.signal = signum
+
+
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    """Replace ``path`` atomically with ``status`` as JSON."""
+    status = {**status, "pid": os.getpid(), "written": time.time()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, path)
+    except OSError as e:
+        logging.getLogger("carelay").warning("cannot write status file %s: %s", path, e)

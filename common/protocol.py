@@ -1,0 +1,194 @@
+"""The broker-shard wire protocol: one codec for every message.
+
+A message travels as a ZeroMQ multipart message::
+
+    frame 0   PROTOCOL_TAG                     b"CRL1"
+    frame 1   header, msgpack list             [op, name, req, seq, epoch, stamp,
+                                                length, reason, info, dtype, count]
+    frame 2   data (only when dtype != "")     raw little-endian array buffer
+
+(a ROUTER socket adds the peer identity in front; the caller strips it).
+
+Header fields:
+
+- ``op``: an Op.
+- ``name``: full PV name ("" where none).
+- ``req``: the broker's request number, echoed in the answer (0: none wanted).
+- ``seq``: the shard's change sequence number (UPDATE, DELETED, SNAPSHOT_END, PONG).
+- ``epoch``: the shard's start id; a new epoch means the shard restarted.
+- ``stamp``: POSIX seconds when the shard applied the change.
+- ``length``: elements the PV holds after the change.
+- ``reason``: text, for REJECT.
+- ``info``: a small dict of str to int/float/str (PONG counters, PUT flags).
+- ``dtype``, ``count``: numpy dtype string and element count of frame 2.
+
+Operations, broker to shard: HELLO (send me a snapshot), PUT (apply a value;
+creates the PV on its first put), DELETE, PING.  Shard to broker: UPDATE
+(an applied put: for a buffer the appended elements, else the whole value),
+DELETED, REJECT (a refused request), SNAPSHOT_BEGIN, SNAPSHOT (one PV),
+SNAPSHOT_END (with the sequence number the snapshot is consistent with), PONG.
+
+Arrays are never msgpacked: the data frame is the array's own buffer, sent
+without a copy and rebuilt with ``numpy.frombuffer``.  ``decode`` validates
+everything and raises ProtocolError, never anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+import numpy as np
+
+PROTOCOL_TAG = b"CRL1"
+
+#: The dtypes a data frame may carry.
+ALLOWED_DTYPES = frozenset({"<f8", "<i4", "|u1", "|S40"})
+#: Upper bound on any element count on the wire (a header is checked against it
+#: before anything is allocated).
+MAX_WIRE_ELEMENTS = 100_000_000
+_MAX_HEADER_BYTES = 64 * 1024
+_HEADER_FIELDS = 11
+
+
+class Op(IntEnum):
+    HELLO = 1
+    PUT = 2
+    DELETE = 3
+    PING = 4
+    UPDATE = 10
+    DELETED = 11
+    REJECT = 12
+    SNAPSHOT_BEGIN = 13
+    SNAPSHOT = 14
+    SNAPSHOT_END = 15
+    PONG = 16
+
+
+class ProtocolError(ValueError):
+    """A message that does not fit the protocol."""
+
+
+@dataclass(slots=True)
+class Message:
+    """One protocol message; see the module docstring for the fields."""
+
+    op: Op
+    name: str = ""
+    req: int = 0
+    seq: int = 0
+    epoch: int = 0
+    stamp: float = 0.0
+    length: int = 0
+    reason: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+    data: np.ndarray | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        if (self.data is None) != (other.data is None):
+            return False
+        if self.data is not None and (
+            self.data.dtype != other.data.dtype or not np.array_equal(self.data, other.data)
+        ):
+            return False
+        return self._header()[:-2] == other._header()[:-2]
+
+    def _header(self) -> list:
+        if self.data is None:
+            dtype, count = "", 0
+        else:
+            dtype, count = self.data.dtype.str, int(self.data.size)
+        return [
+            int(self.op),
+            self.name,
+            self.req,
+            self.seq,
+            self.epoch,
+            float(self.stamp),
+            self.length,
+            self.reason,
+            self.info,
+            dtype,
+            count,
+        ]
+
+
+def encode(msg: Message) -> list:
+    """Frames for ``msg``: tag, header and, for an array, its raw buffer."""
+    frames: list = [PROTOCOL_TAG, msgpack.packb(msg._header(), use_bin_type=True)]
+    if msg.data is not None:
+        data = msg.data
+        if data.dtype.str not in ALLOWED_DTYPES:
+            raise ProtocolError(f"dtype {data.dtype.str} is not allowed on the wire")
+        frames.append(memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B"))
+    return frames
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def decode(frames: list) -> Message:
+    """Rebuild a Message from its frames (bytes or zmq.Frame); ProtocolError if it does not fit."""
+    try:
+        return _decode(frames)
+    except ProtocolError:
+        raise
+    except Exception as e:  # anything odd in untrusted input is a protocol error
+        raise ProtocolError(f"malformed message: {type(e).__name__}: {e}") from None
+
+
+def _buffer(frame: Any) -> memoryview:
+    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+
+
+def _decode(frames: list) -> Message:
+    if len(frames) not in (2, 3):
+        raise ProtocolError(f"expected 2 or 3 frames, got {len(frames)}")
+    tag = bytes(_buffer(frames[0]))
+    if tag != PROTOCOL_TAG:
+        raise ProtocolError(f"unknown protocol tag {tag[:16]!r}")
+    raw = _buffer(frames[1])
+    if raw.nbytes > _MAX_HEADER_BYTES:
+        raise ProtocolError("header too large")
+    header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=64, max_map_len=64)
+    if not isinstance(header, list) or len(header) != _HEADER_FIELDS:
+        raise ProtocolError("header is not a list of the expected fields")
+    op, name, req, seq, epoch, stamp, length, reason, info, dtype, count = header
+    try:
+        op = Op(op)
+    except ValueError:
+        raise ProtocolError(f"unknown operation {op!r}") from None
+    if not isinstance(name, str) or not isinstance(reason, str):
+        raise ProtocolError("name and reason must be text")
+    for label, v in (("req", req), ("seq", seq), ("epoch", epoch), ("length", length)):
+        if not _is_int(v) or v < 0:
+            raise ProtocolError(f"{label} must be a non-negative integer")
+    if not isinstance(stamp, float):
+        raise ProtocolError("stamp must be a float")
+    if not isinstance(info, dict) or not all(isinstance(k, str) for k in info):
+        raise ProtocolError("info must be a map with text keys")
+    if not isinstance(dtype, str) or not _is_int(count):
+        raise ProtocolError("dtype must be text and count an integer")
+    data = None
+    if dtype:
+        if dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"dtype {dtype!r} is not allowed")
+        if not 0 <= count <= MAX_WIRE_ELEMENTS:
+            raise ProtocolError(f"count {count} out of range")
+        if len(frames) != 3:
+            raise ProtocolError("header declares data but no data frame came")
+        buf = _buffer(frames[2])
+        dt = np.dtype(dtype)
+        if buf.nbytes != count * dt.itemsize:
+            raise ProtocolError(
+                f"data frame holds {buf.nbytes} bytes, header declares {count} x {dt.itemsize}"
+            )
+        data = np.frombuffer(buf, dtype=dt, count=count)
+    elif len(frames) == 3:
+        raise ProtocolError("data frame without a dtype in the header")
+    return Message(op, name, req, seq, epoch, stamp, length, reason, info, data)

@@ -1,0 +1,1 @@
+"""A shard: the source of truth for the PVs it owns.  Never imports pcaspy."""

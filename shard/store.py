@@ -1,0 +1,121 @@
+"""The shard's PV store: a plain object, no sockets, driven by the shard loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from carelay.common.naming import InvalidPvName, PvSpec, parse_pv_name
+from carelay.common.ring import RingBuffer
+
+
+class Rejected(Exception):
+    """An operation the store refuses; the message says why."""
+
+
+@dataclass(slots=True)
+class Change:
+    """What one applied put did, as the broker needs to mirror it."""
+
+    name: str
+    seq: int
+    stamp: float
+    #: For a buffer the appended elements, else the whole new value.
+    data: np.ndarray
+    length: int
+    created: bool
+
+
+@dataclass(slots=True)
+class StoredPv:
+    spec: PvSpec
+    stamp: float
+    value: np.ndarray | None = None  # arrays and scalars
+    ring: RingBuffer | None = None  # buffers
+
+    def contents(self) -> np.ndarray:
+        return self.ring.view() if self.ring is not None else self.value
+
+
+class ShardStore:
+    """The PVs one shard owns, with a sequence number counting their changes."""
+
+    def __init__(
+        self,
+        prefix: str,
+        max_elements: int,
+        max_name_length: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._prefix = prefix
+        self._max_elements = max_elements
+        self._max_name_length = max_name_length
+        self._clock = clock
+        self._pvs: dict[str, StoredPv] = {}
+        self.seq = 0
+
+    def __len__(self) -> int:
+        return len(self._pvs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._pvs
+
+    def names(self) -> list[str]:
+        return list(self._pvs)
+
+    def get(self, name: str) -> np.ndarray:
+        pv = self._pvs.get(name)
+        if pv is None:
+            raise KeyError(name)
+        return pv.contents()
+
+    def _spec(self, name: str) -> PvSpec:
+        try:
+            return parse_pv_name(name, self._prefix, self._max_elements, self._max_name_length)
+        except InvalidPvName as e:
+            raise Rejected(f"invalid PV name: {e}") from None
+
+    def put(self, name: str, data: np.ndarray) -> Change:
+        """Apply a put: replace the value, or append to a buffer.  Creates the PV if new."""
+        pv = self._pvs.get(name)
+        spec = pv.spec if pv is not None else self._spec(name)
+        if data.dtype != spec.dtype:
+            raise Rejected(f"value of dtype {data.dtype} for a PV of dtype {spec.dtype}")
+        data = data.reshape(-1)
+        n = data.shape[0]
+        if n == 0:
+            raise Rejected("a put needs at least one element")
+        if not spec.is_buffer and n > spec.count:
+            raise Rejected(f"{n} elements for a PV of {spec.count}")
+        created = pv is None
+        stamp = self._clock()
+        if created:
+            pv = StoredPv(spec, stamp)
+            if spec.is_buffer:
+                pv.ring = RingBuffer(spec.count, spec.dtype)
+        if spec.is_buffer:
+            pv.ring.append(data)
+            applied = data[-spec.count :] if n > spec.count else data
+            length = len(pv.ring)
+        else:
+            applied = pv.value = data.copy()
+            length = n
+        pv.stamp = stamp
+        self._pvs[name] = pv
+        self.seq += 1
+        return Change(name, self.seq, stamp, applied, length, created)
+
+    def delete(self, name: str) -> int:
+        """Delete a PV; returns the sequence number of the change."""
+        if self._pvs.pop(name, None) is None:
+            raise Rejected(f"no PV named {name}")
+        self.seq += 1
+        return self.seq
+
+    def snapshot(self) -> Iterator[tuple[str, float, np.ndarray]]:
+        """Every PV as (name, stamp, contents oldest first)."""
+        for name, pv in self._pvs.items():
+            yield name, pv.stamp, pv.contents()

@@ -1,0 +1,1 @@
+"""The ``carelay`` command line: starts, watches and stops the broker and shards."""

@@ -1,0 +1,91 @@
+"""Supervisor: starts the shards and the broker, watches them, stops them cleanly.
+
+Signal handlers only set a flag; one loop notices exits, restarts children
+with back-off, writes the status file and, on SIGINT/SIGTERM, stops every
+child within the grace period (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+from carelay.common.config import STATUS_INTERVAL, STOP_GRACE, Config, config_to_dict
+from carelay.common.lifecycle import StopFlag, write_status
+from carelay.supervisor.watcher import Watcher, self_argv
+
+log = logging.getLogger("carelay.supervisor")
+
+_LOOP_INTERVAL = 0.1
+
+
+class Supervisor:
+    """One Watcher per shard and one for the broker."""
+
+    def __init__(self, config: Config, flags: list[str]) -> None:
+        self.config = config
+        base = self_argv()
+        self.watchers = [
+            Watcher(f"shard {k}", [*base, "shard", str(k), *flags]) for k in range(config.shards)
+        ]
+        self.watchers.append(Watcher("broker", [*base, "broker", *flags]))
+        self.status_path = config.run_dir / "supervisor.json"
+        self.started = time.monotonic()
+
+    def _write_status(self, now: float) -> None:
+        write_status(
+            self.status_path,
+            {
+                "role": "supervisor",
+                "config": config_to_dict(self.config),
+                "uptime": round(now - self.started, 1),
+                "processes": [w.info(now) for w in self.watchers],
+            },
+        )
+
+    def run(self) -> int:
+        stop = StopFlag()
+        try:
+            self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.error("cannot create data directory %s: %s", self.config.run_dir, e)
+            return 2
+        log.info(
+            "carelay up (pid %d): %d shards, prefix %s, data in %s",
+            os.getpid(),
+            self.config.shards,
+            self.config.prefix,
+            self.config.data_dir,
+        )
+        for w in self.watchers:
+            w.start()
+        next_status = 0.0
+        try:
+            while not stop.stopping:
+                now = time.monotonic()
+                for w in self.watchers:
+                    w.check(now)
+                if now >= next_status:
+                    self._write_status(now)
+                    next_status = now + STATUS_INTERVAL
+                time.sleep(_LOOP_INTERVAL)
+        finally:
+            self.stop(stop.signal)
+        return 0
+
+    def stop(self, signum: int | None) -> None:
+        name = signal.Signals(signum).name if signum else "exit"
+        log.info("stopping on %s", name)
+        # Broker first, so that clients see the relay go away before the data does.
+        ordered = self.watchers[-1:] + self.watchers[:-1]
+        for w in ordered:
+            w.signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE
+        for w in ordered:
+            if not w.wait(deadline):
+                log.warning("%s did not stop in %.1f s; killing it", w.name, STOP_GRACE)
+                w.kill()
+        self.status_path.unlink(missing_ok=True)
+        log.info("stopped")

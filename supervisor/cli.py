@@ -1,0 +1,109 @@
+"""``carelay`` command line: up, status, and the child roles broker and shard."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from carelay.common.config import LOG_LEVELS, Config, ConfigError, load_config
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits with status 2 and one line naming the problem."""
+
+    def error(self, message: str):
+        self.exit(2, f"carelay: error: {message}\n")
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    p.add_argument("--prefix", help="PV name prefix, separator included (default RELAY:)")
+    p.add_argument("--shards", type=int, metavar="N", help="number of shard processes (default 2)")
+    p.add_argument("--data-dir", metavar="DIR", help="data directory (default ./carelay-data)")
+    p.add_argument("--max-elements", type=int, metavar="N", help="largest element count")
+    p.add_argument("--max-pvs", type=int, metavar="N", help="most PVs the relay holds")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="log level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="carelay", description="EPICS Channel Access relay")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    up = sub.add_parser("up", help="start the relay: one broker and N shards, watched")
+    _config_flags(up)
+    st = sub.add_parser("status", help="show the processes of a running relay")
+    _config_flags(st)
+    br = sub.add_parser("broker", help="run the CA broker (started by `carelay up`)")
+    _config_flags(br)
+    sh = sub.add_parser("shard", help="run one shard (started by `carelay up`)")
+    sh.add_argument("index", type=int, help="shard index, from 0")
+    _config_flags(sh)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(
+        args.config,
+        prefix=args.prefix,
+        shards=args.shards,
+        data_dir=args.data_dir,
+        max_elements=args.max_elements,
+        max_pvs=args.max_pvs,
+        log_level=args.log_level,
+    )
+
+
+def child_args(args: argparse.Namespace) -> list[str]:
+    """The configuration flags of ``args``, to pass on to a child process."""
+    out: list[str] = []
+    for flag, value in (
+        ("--config", args.config),
+        ("--prefix", args.prefix),
+        ("--shards", args.shards),
+        ("--data-dir", args.data_dir),
+        ("--max-elements", args.max_elements),
+        ("--max-pvs", args.max_pvs),
+        ("--log-level", args.log_level),
+    ):
+        if value is not None:
+            out += [flag, str(value)]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"carelay: invalid configuration: {e}", file=sys.stderr)
+        return 2
+    from carelay.common.lifecycle import setup_logging
+
+    if args.command == "status":
+        from carelay.supervisor.status import print_status
+
+        return print_status(config)
+    if args.command == "broker":
+        setup_logging(config.log_level, "broker")
+        from carelay.broker.app import run_broker
+
+        return run_broker(config)
+    if args.command == "shard":
+        if not 0 <= args.index < config.shards:
+            print(
+                f"carelay: error: shard index {args.index} not in 0..{config.shards - 1}",
+                file=sys.stderr,
+            )
+            return 2
+        setup_logging(config.log_level, f"shard {args.index}")
+        from carelay.shard.server import run_shard
+
+        return run_shard(config, args.index)
+    setup_logging(config.log_level, "supervisor")
+    from carelay.supervisor.arbiter import Supervisor
+
+    return Supervisor(config, child_args(args)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

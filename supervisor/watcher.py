@@ -1,0 +1,117 @@
+"""Watcher: one child process slot, restarted with back-off when it exits."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from carelay.common.config import (
+    RESTART_BACKOFF_INITIAL,
+    RESTART_BACKOFF_MAX,
+    RESTART_RESET_AFTER,
+)
+
+log = logging.getLogger("carelay.supervisor")
+
+
+class Watcher:
+    """Keeps one child (the broker or one shard) running."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.argv = argv
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self._backoff = RESTART_BACKOFF_INITIAL
+        self._restart_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        if self.proc is not None and self.proc.poll() is None:
+            return "running"
+        if self._restart_at is not None:
+            return "restarting" if self.restarts < 3 else "failing"
+        return "stopped"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=False)
+        self.started_at = time.monotonic()
+        self._restart_at = None
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def check(self, now: float) -> None:
+        """Notice an exit and restart after the back-off."""
+        if self.proc is not None:
+            code = self.proc.poll()
+            if code is None:
+                if now - self.started_at > RESTART_RESET_AFTER:
+                    self._backoff = RESTART_BACKOFF_INITIAL
+                return
+            self.last_exit = code
+            self.proc = None
+            if now - self.started_at > RESTART_RESET_AFTER:
+                self._backoff = RESTART_BACKOFF_INITIAL
+            self._restart_at = now + self._backoff
+            log.warning(
+                "%s died (%s); restarting in %.2f s", self.name, describe_exit(code), self._backoff
+            )
+            self._backoff = min(self._backoff * 2, RESTART_BACKOFF_MAX)
+        elif self._restart_at is not None and now >= self._restart_at:
+            self.restarts += 1
+            self.start()
+            log.info("restarted %s (restart %d)", self.name, self.restarts)
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def wait(self, deadline: float) -> bool:
+        """Wait until the child exited or ``deadline``; True if it exited."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def info(self, now: float) -> dict:
+        running = self.proc is not None and self.proc.poll() is None
+        return {
+            "name": self.name,
+            "pid": self.proc.pid if running else None,
+            "state": self.state,
+            "uptime": round(now - self.started_at, 1) if running else 0.0,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+        }
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def self_argv() -> list[str]:
+    """How to run carelay again, so that ``ps`` shows ``carelay broker``, ``carelay shard 0``."""
+    script = sys.argv[0]
+    if os.path.basename(script) == "carelay" and os.access(script, os.X_OK):
+        return [sys.executable, os.path.abspath(script)]
+    return [sys.executable, "-m", "carelay.supervisor.cli"]
