@@ -1,0 +1,228 @@
+"""System-test harness: the real ``carelay up`` in a subprocess, real CA clients.
+
+The whole session uses one random free CA port, chosen before any CA client
+library starts (libca reads its environment once); every relay gets its own
+random prefix and data directory, and at most one relay runs at a time, so
+no two servers ever share a port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    """A port free for both TCP and UDP on loopback."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+            t.bind(("127.0.0.1", 0))
+            port = t.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        if port != 5064:
+            return port
+    raise RuntimeError("no free port")
+
+
+CA_PORT = _free_port()
+CA_ENV = {
+    "EPICS_CA_SERVER_PORT": str(CA_PORT),
+    "EPICS_CAS_SERVER_PORT": str(CA_PORT),
+    "EPICS_CA_ADDR_LIST": "127.0.0.1",
+    "EPICS_CA_AUTO_ADDR_LIST": "NO",
+    "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+    "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1",
+    "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+    "EPICS_CA_MAX_ARRAY_BYTES": str(20_000_000),
+}
+os.environ.update(CA_ENV)
+
+CARELAY = [sys.executable, "-m", "carelay.supervisor.cli"]
+READY_TIMEOUT = 30.0
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll ``condition`` until it returns a truthy value; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def unique(stem: str = "pv") -> str:
+    return f"{stem}{uuid.uuid4().hex[:8]}"
+
+
+class Relay:
+    """One ``carelay up`` process tree on the session's CA port."""
+
+    def __init__(self, tmp: Path, shards: int = 2, extra: list[str] | None = None) -> None:
+        self.prefix = f"T{uuid.uuid4().hex[:8]}:"
+        self.data_dir = tmp / "data"
+        self.log_path = tmp / "relay.log"
+        self.shards = shards
+        self.extra = extra or []
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self, command: str = "up") -> list[str]:
+        return [
+            *CARELAY,
+            command,
+            "--prefix",
+            self.prefix,
+            "--shards",
+            str(self.shards),
+            "--data-dir",
+            str(self.data_dir),
+            *self.extra,
+        ]
+
+    def start(self) -> Relay:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # The relay must set EPICS_CA_MAX_ARRAY_BYTES for itself: it gets none from us.
+        env = {k: v for k, v in os.environ.items() if k != "EPICS_CA_MAX_ARRAY_BYTES"}
+        self.proc = subprocess.Popen(
+            self.argv(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        self.wait_ready()
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_log(self, text: str, timeout: float = READY_TIMEOUT, start: int = 0) -> None:
+        def seen():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"relay exited with {self.proc.returncode} waiting for {text}")
+            return text in self.log()[start:]
+
+        wait_for(seen, timeout, 0.05, f"{text!r} in the relay log")
+
+    def wait_ready(self, start: int = 0) -> None:
+        self.wait_log("ready:", start=start)
+
+    def name(self, stem: str, type_count: str) -> str:
+        """A fresh PV name under this relay's prefix, e.g. name("temp", "f1")."""
+        return f"{self.prefix}{unique(stem)}_{type_count}"
+
+    def status(self) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            self.argv("status"), capture_output=True, text=True, timeout=30, check=False
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def children(self) -> list[int]:
+        """PIDs of the running processes whose command line names this relay's prefix."""
+        out = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if self.prefix.encode() in cmd and int(entry.name) != os.getpid():
+                try:
+                    state = (entry / "stat").read_text().split(")")[-1].split()[0]
+                except OSError:
+                    continue
+                if state != "Z":
+                    out.append(int(entry.name))
+        return out
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+def _report_log(request, relay: Relay) -> None:
+    failed = any(
+        getattr(request.node, f"rep_{when}", None) is not None
+        and getattr(request.node, f"rep_{when}").failed
+        for when in ("setup", "call")
+    )
+    if failed:
+        sys.stderr.write(f"\n----- relay log ({relay.log_path}) -----\n{relay.log()}\n")
+
+
+@pytest.fixture
+def make_relay(tmp_path, request):
+    """Start relays of one's own (stopped at the end of the test)."""
+    relays: list[Relay] = []
+
+    def make(shards: int = 2, extra: list[str] | None = None, start: bool = True) -> Relay:
+        d = tmp_path / f"relay{len(relays)}"
+        d.mkdir()
+        relay = Relay(d, shards, extra)
+        relays.append(relay)
+        return relay.start() if start else relay
+
+    yield make
+    for relay in relays:
+        relay.stop()
+        _report_log(request, relay)
+
+
+@pytest.fixture(scope="module")
+def shared_relay(tmp_path_factory):
+    """One relay for a whole module of tests that each use their own PV names."""
+    relay = Relay(tmp_path_factory.mktemp("shared"), shards=2)
+    relay.start()
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture
+def relay(shared_relay, request):
+    yield shared_relay
+    _report_log(request, shared_relay)
+    assert shared_relay.proc.poll() is None, "the shared relay died during the test"
+
+
+def caproto_cli(tool: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run caproto-get/put/monitor as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", f"caproto.commandline.{tool}", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
