@@ -214,7 +214,14 @@ class Broker:
         if op is Op.UPDATE:
             pv = self.pvs.get(msg.name)
             if pv is None:
-                pv = self._new_pv(msg.name)
+                try:
+                    pv = self._new_pv(msg.name)
+                except InvalidPvName as e:
+                    log.warning(
+                        "shard %d updated %s, which is not served: %s", link.index, msg.name, e
+                    )
+                    self._finish(msg.req, False)
+                    return
             self._set_real(pv, True)
             pv.apply(msg.data, msg.stamp, append=pv.ring is not None)
             link.seq = msg.seq
@@ -312,7 +319,13 @@ class Broker:
             elif action == "down" and was_live:
                 self._link_down(link)
         if self._pending:
-            expired = [req for req, p in self._pending.items() if p.deadline < now]
+            # Requests are kept in sending order with one timeout, so the
+            # expired ones are at the front.
+            expired = []
+            for req, p in self._pending.items():
+                if p.deadline >= now:
+                    break
+                expired.append(req)
             for req in expired:
                 p = self._pending[req]
                 log.warning("no answer from shard %d for %s; failing the request", p.shard, p.name)
@@ -349,11 +362,13 @@ class Broker:
         started = time.monotonic()
         next_status = 0.0
         while not stop.stopping:
-            busy = bool(self._pending) or any(
-                link.state in (LinkState.SYNCING, LinkState.CONNECTING) for link in self.links
+            # While answers are due, do not sleep in CA's select(): poll the
+            # shards briefly instead, so replies are handled as they come.
+            waiting = bool(self._pending) or any(
+                link.state is LinkState.SYNCING for link in self.links
             )
-            self.cas.process(0 if busy else _IDLE_SLICE)
-            self._poll_shards(_BUSY_POLL_MS if self._pending else 0)
+            self.cas.process(0 if waiting else _IDLE_SLICE)
+            self._poll_shards(_BUSY_POLL_MS if waiting else 0)
             now = time.monotonic()
             self._timers(now)
             self.pvlist.post_if_changed()

@@ -102,10 +102,10 @@ class Config:
         return f"ipc://{path}"
 
 
-_TYPES: dict[str, type] = {
+_TYPES: dict[str, type | tuple[type, ...]] = {
     "prefix": str,
     "shards": int,
-    "data_dir": str,
+    "data_dir": (str, Path),
     "max_elements": int,
     "max_pvs": int,
     "max_name_length": int,
@@ -119,7 +119,8 @@ def _check(key: str, value: Any) -> Any:
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if not isinstance(value, expected):
-        raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
+        label = "text" if key == "data_dir" else expected.__name__
+        raise ConfigError(f"{key}: expected {label}, got {value!r}")
     if key == "prefix":
         if not value or not value.isascii() or any(c.isspace() or c == "." for c in value):
             raise ConfigError(
@@ -138,7 +139,7 @@ def _check(key: str, value: Any) -> Any:
         if value not in LOG_LEVELS:
             raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
     elif key == "data_dir":
-        if not value:
+        if not str(value):
             raise ConfigError("data_dir: must not be empty")
         value = Path(value)
     elif key == "endpoints":
@@ -161,13 +162,15 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
                 raw = tomllib.load(f)
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         for key, value in raw.items():
             if key not in _TYPES:
                 raise ConfigError(f"{key}: unknown configuration key (in {path})")
             values[key] = _check(key, value)
     for key, value in overrides.items():
+        if key not in _TYPES:
+            raise ConfigError(f"{key}: unknown configuration key")
         if value is not None:
             values[key] = _check(key, value)
     config = Config(**values)

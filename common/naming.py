@@ -24,8 +24,8 @@ DTYPES: dict[str, np.dtype] = {
     "s": np.dtype(f"S{MAX_STRING_CHARS}"),
 }
 
-_NAME_RE = re.compile(r"^(?P<name>[A-Za-z0-9_\-:;]+)_(?P<type>[fics])(?P<count>[0-9]+)$", re.I)
-_COUNT_RE = re.compile(r"^[1-9][0-9]{0,9}$")
+_NAME_RE = re.compile(r"(?P<name>[A-Za-z0-9_\-:;]+)_(?P<type>[fics])(?P<count>[0-9]+)", re.I)
+_COUNT_RE = re.compile(r"[1-9][0-9]{0,9}")
 
 
 class InvalidPvName(ValueError):
@@ -67,13 +67,13 @@ def parse_pv_name(fullname: str, prefix: str, max_elements: int, max_name_length
     rest = fullname[len(prefix) :]
     if not rest.isascii():
         raise InvalidPvName("not ASCII")
-    m = _NAME_RE.match(rest)
+    m = _NAME_RE.fullmatch(rest)
     if m is None:
         raise InvalidPvName("does not follow <name>_<type><count> with type one of f i c s F I C")
     type_code = m["type"]
     if type_code == "S":
         raise InvalidPvName("string buffers (S) do not exist; use C for a text buffer")
-    if not _COUNT_RE.match(m["count"]):
+    if not _COUNT_RE.fullmatch(m["count"]):
         raise InvalidPvName("count must be a whole number from 1, without leading zeros")
     count = int(m["count"])
     if type_code == "s" and count != 1:

@@ -37,7 +37,9 @@ class StoredPv:
     ring: RingBuffer | None = None  # buffers
 
     def contents(self) -> np.ndarray:
-        return self.ring.view() if self.ring is not None else self.value
+        """The value, oldest first.  A copy for buffers: the ring's storage changes
+        under later puts, and what we hand out may still be queued for sending."""
+        return self.ring.view().copy() if self.ring is not None else self.value
 
 
 class ShardStore:

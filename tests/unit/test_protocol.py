@@ -1,0 +1,432 @@
+"""Unit tests for the broker-shard wire codec (carelay.common.protocol)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from carelay.common.protocol import PROTOCOL_TAG, Message, Op, ProtocolError, decode, encode
+
+DTYPES = ["<f8", "<i4", "|u1", "|S40"]
+
+
+def wire(msg: Message) -> list[bytes]:
+    """Encode ``msg`` and turn every frame into plain bytes, as a socket would deliver them."""
+    return [bytes(f) for f in encode(msg)]
+
+
+def roundtrip(msg: Message) -> Message:
+    return decode(wire(msg))
+
+
+def header(
+    op=int(Op.PUT),
+    name="RELAY:x_f1",
+    req=1,
+    seq=2,
+    epoch=3,
+    stamp=4.5,
+    length=1,
+    reason="",
+    info=None,
+    dtype="",
+    count=0,
+) -> list:
+    return [
+        op,
+        name,
+        req,
+        seq,
+        epoch,
+        stamp,
+        length,
+        reason,
+        {} if info is None else info,
+        dtype,
+        count,
+    ]
+
+
+def packed(h) -> bytes:
+    return msgpack.packb(h, use_bin_type=True)
+
+
+def sample(dtype: str, n: int = 5) -> np.ndarray:
+    if dtype == "|S40":
+        return np.array([f"text {k}".encode() for k in range(n)], dtype="S40")
+    return (np.arange(n) * 3 - 4).astype(dtype)
+
+
+# -- round trips -----------------------------------------------------------------
+
+
+def test_tag():
+    assert PROTOCOL_TAG == b"CRL1"
+
+
+@pytest.mark.parametrize("op", list(Op))
+def test_roundtrip_without_data(op):
+    msg = Message(
+        op,
+        "RELAY:temp_f1",
+        req=7,
+        seq=123456789,
+        epoch=2**40,
+        stamp=1700000000.25,
+        length=3,
+        reason="because",
+        info={"pvs": 3, "rate": 1.5, "who": "shard-0"},
+    )
+    frames = wire(msg)
+    assert len(frames) == 2
+    assert frames[0] == PROTOCOL_TAG
+    out = decode(frames)
+    assert out == msg
+    assert out.op is op
+    assert out.data is None
+    assert (out.name, out.req, out.seq, out.epoch, out.stamp, out.length) == (
+        "RELAY:temp_f1",
+        7,
+        123456789,
+        2**40,
+        1700000000.25,
+        3,
+    )
+    assert out.reason == "because"
+    assert out.info == {"pvs": 3, "rate": 1.5, "who": "shard-0"}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", list(Op))
+def test_roundtrip_with_data(op, dtype):
+    data = sample(dtype)
+    msg = Message(op, "RELAY:x_F5", req=1, seq=2, epoch=3, stamp=4.0, length=5, data=data)
+    frames = wire(msg)
+    assert len(frames) == 3
+    assert len(frames[2]) == data.nbytes
+    out = decode(frames)
+    assert out == msg
+    assert out.data.dtype == np.dtype(dtype)
+    assert out.data.tolist() == data.tolist()
+
+
+def test_defaults_roundtrip():
+    assert roundtrip(Message(Op.PING)) == Message(Op.PING)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roundtrip_single_element_and_empty(dtype):
+    one = sample(dtype, 1)
+    assert roundtrip(Message(Op.PUT, "a", data=one)) == Message(Op.PUT, "a", data=one)
+    empty = np.zeros(0, dtype=dtype)
+    out = roundtrip(Message(Op.PUT, "a", data=empty))
+    assert out.data is not None
+    assert out.data.dtype == np.dtype(dtype)
+    assert out.data.size == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_roundtrip_one_million_elements(dtype):
+    if dtype == "|S40":
+        data = np.full(1_000_000, b"x" * 40, dtype="S40")
+        data[123_456] = b"needle"
+    else:
+        data = (np.arange(1_000_000) % 251).astype(dtype)
+    msg = Message(Op.SNAPSHOT, "RELAY:big_F1000000", length=1_000_000, data=data)
+    out = roundtrip(msg)
+    assert out.data.shape == (1_000_000,)
+    assert out.data.dtype == np.dtype(dtype)
+    assert np.array_equal(out.data, data)
+    assert out == msg
+
+
+def test_roundtrip_non_contiguous_array():
+    base = np.arange(20, dtype="<f8")
+    out = roundtrip(Message(Op.PUT, "a", data=base[::3]))
+    assert out.data.tolist() == base[::3].tolist()
+
+
+def test_two_dimensional_array_is_flattened():
+    data = np.arange(6, dtype="<i4").reshape(2, 3)
+    out = roundtrip(Message(Op.PUT, "a", data=data))
+    assert out.data.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_float_special_values_roundtrip():
+    data = np.array([math.inf, -math.inf, -0.0, 5e-324, 1.7976931348623157e308], dtype="<f8")
+    out = roundtrip(Message(Op.PUT, "a", stamp=math.inf, data=data))
+    assert out.data.tobytes() == data.tobytes()
+    nan = roundtrip(Message(Op.PUT, "a", data=np.array([math.nan])))
+    assert math.isnan(nan.data[0])
+
+
+def test_decode_accepts_memoryview_and_bytearray_frames():
+    msg = Message(Op.UPDATE, "a", seq=9, data=sample("<i4"))
+    frames = encode(msg)
+    assert decode(list(frames)) == msg
+    assert decode([bytearray(bytes(f)) for f in frames]) == msg
+
+
+def test_decode_accepts_zmq_frames():
+    zmq = pytest.importorskip("zmq")
+    msg = Message(Op.UPDATE, "a", seq=9, data=sample("<f8"))
+    assert decode([zmq.Frame(bytes(f)) for f in encode(msg)]) == msg
+
+
+@pytest.mark.parametrize("dtype", [">f8", "<f4", "<i8", "|b1", "<U10", "|S10", ">i4"])
+def test_encode_refuses_disallowed_dtype(dtype):
+    with pytest.raises(ProtocolError, match="dtype"):
+        encode(Message(Op.PUT, "a", data=np.zeros(2, dtype=dtype)))
+
+
+def test_message_equality():
+    a = Message(Op.PUT, "a", data=np.array([1.0]))
+    assert a == Message(Op.PUT, "a", data=np.array([1.0]))
+    assert a != Message(Op.PUT, "a", data=np.array([2.0]))
+    assert a != Message(Op.PUT, "a", data=np.array([1], dtype="<i4"))
+    assert a != Message(Op.PUT, "a")
+    assert a != Message(Op.PUT, "b", data=np.array([1.0]))
+    assert Message(Op.PUT, seq=1) != Message(Op.PUT, seq=2)
+    assert Message(Op.PUT, info={"a": 1}) != Message(Op.PUT, info={"a": 2})
+
+
+# -- decode refusals ---------------------------------------------------------------
+
+
+def refused(frames, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match) as info:
+        decode(frames)
+    assert type(info.value) is ProtocolError
+
+
+@pytest.mark.parametrize("tag", [b"CRL2", b"", b"crl1", b"CRL1\x00", b"XXXX"])
+def test_wrong_tag(tag):
+    refused([tag, packed(header())], "tag")
+
+
+@pytest.mark.parametrize("n", [0, 1, 4, 5])
+def test_wrong_number_of_frames(n):
+    frames = [PROTOCOL_TAG, packed(header()), b"", b"", b""][:n]
+    refused(frames, "frames")
+
+
+def test_header_declares_data_but_no_data_frame():
+    refused([PROTOCOL_TAG, packed(header(dtype="<f8", count=1))], "no data frame")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"\xc1", b"", b"\x9b", b"\x9b\x02", packed(header()) + b"\x00", b"\xdd\xff\xff\xff\xff"],
+)
+def test_header_not_msgpack(raw):
+    refused([PROTOCOL_TAG, raw], "malformed|header")
+
+
+def test_header_too_large():
+    refused([PROTOCOL_TAG, packed(header(name="x" * 70_000))], "too large")
+
+
+@pytest.mark.parametrize(
+    "h",
+    [
+        header()[:10],
+        header() + [0],
+        [],
+        {"op": 2},
+        2,
+        "header",
+        None,
+    ],
+)
+def test_header_wrong_shape(h):
+    refused([PROTOCOL_TAG, packed(h)], "header")
+
+
+@pytest.mark.parametrize("op", [0, 5, 9, 17, 99, -1, 2**40, "PUT", None, 2.5, [2]])
+def test_unknown_op(op):
+    refused([PROTOCOL_TAG, packed(header(op=op))], "operation|malformed")
+
+
+@pytest.mark.parametrize("field", ["req", "seq", "epoch", "length"])
+@pytest.mark.parametrize("value", [-1, -(2**63), 1.0, "1", True, None])
+def test_bad_integer_fields(field, value):
+    refused([PROTOCOL_TAG, packed(header(**{field: value}))], field)
+
+
+def test_negative_seq():
+    refused([PROTOCOL_TAG, packed(header(seq=-5))], "seq")
+
+
+@pytest.mark.parametrize("stamp", [1, "now", None, True])
+def test_bad_stamp(stamp):
+    refused([PROTOCOL_TAG, packed(header(stamp=stamp))], "stamp")
+
+
+@pytest.mark.parametrize(("field", "value"), [("name", 1), ("name", b"x"), ("reason", None)])
+def test_bad_text_fields(field, value):
+    refused([PROTOCOL_TAG, packed(header(**{field: value}))], "text")
+
+
+@pytest.mark.parametrize("info", [[1, 2], "x", 3, {1: 2}])
+def test_bad_info(info):
+    refused([PROTOCOL_TAG, packed(header(info=info))], "info|malformed")
+
+
+@pytest.mark.parametrize(("dtype", "count"), [(1, 0), (None, 0), ("<f8", "1"), ("<f8", 1.0)])
+def test_bad_dtype_or_count_types(dtype, count):
+    refused([PROTOCOL_TAG, packed(header(dtype=dtype, count=count)), b"\x00" * 8], "dtype")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_data_frame_size_not_matching_count(dtype, delta):
+    itemsize = np.dtype(dtype).itemsize
+    frame = b"\x00" * (3 * itemsize + delta)
+    refused([PROTOCOL_TAG, packed(header(dtype=dtype, count=3)), frame], "data frame holds")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_data_frame_whole_elements_but_wrong_count(dtype):
+    itemsize = np.dtype(dtype).itemsize
+    frame = b"\x00" * (4 * itemsize)
+    refused([PROTOCOL_TAG, packed(header(dtype=dtype, count=3)), frame], "data frame holds")
+    refused([PROTOCOL_TAG, packed(header(dtype=dtype, count=5)), frame], "data frame holds")
+
+
+@pytest.mark.parametrize("count", [100_000_000, 10**12, 2**63 - 1, 2**64 - 1])
+def test_huge_declared_count_with_tiny_frame(count):
+    refused([PROTOCOL_TAG, packed(header(dtype="<f8", count=count)), b"\x00" * 8], "count|data")
+
+
+@pytest.mark.parametrize("count", [-1, -(2**63)])
+def test_negative_count(count):
+    refused([PROTOCOL_TAG, packed(header(dtype="<f8", count=count)), b""], "count")
+
+
+@pytest.mark.parametrize("dtype", [">f8", "<f4", "f8", "float64", "O", "|O", "<U10", "|S39", "V8"])
+def test_disallowed_dtype(dtype):
+    refused([PROTOCOL_TAG, packed(header(dtype=dtype, count=1)), b"\x00" * 8], "dtype")
+
+
+@pytest.mark.parametrize("frame", [b"", b"\x00" * 8])
+def test_data_frame_without_dtype(frame):
+    refused([PROTOCOL_TAG, packed(header(dtype="", count=0)), frame], "without a dtype")
+
+
+def test_non_list_frames():
+    refused(None, "malformed")
+    refused([1, 2], "malformed|tag")
+    refused([PROTOCOL_TAG, 5], "malformed")
+
+
+# -- property tests ------------------------------------------------------------------
+
+_uint = st.integers(min_value=0, max_value=2**64 - 1)
+_finite = st.floats(allow_nan=False)
+_info_value = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**64 - 1), _finite, st.text(max_size=20)
+)
+_data = st.one_of(
+    st.none(),
+    st.sampled_from(DTYPES).flatmap(
+        lambda dt: hnp.arrays(
+            np.dtype(dt),
+            st.integers(min_value=0, max_value=50),
+            elements={"allow_nan": False} if dt == "<f8" else None,
+        )
+    ),
+)
+_messages = st.builds(
+    Message,
+    op=st.sampled_from(list(Op)),
+    name=st.text(max_size=60),
+    req=_uint,
+    seq=_uint,
+    epoch=_uint,
+    stamp=_finite,
+    length=_uint,
+    reason=st.text(max_size=60),
+    info=st.dictionaries(st.text(max_size=10), _info_value, max_size=6),
+    data=_data,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_messages)
+def test_property_roundtrip(msg):
+    out = roundtrip(msg)
+    assert out == msg
+    if msg.data is not None:
+        assert out.data.dtype == msg.data.dtype
+        assert out.data.tobytes() == msg.data.tobytes()
+
+
+def _decode_only_protocol_error(frames) -> None:
+    # Anything but ProtocolError propagates and fails the test.
+    with contextlib.suppress(ProtocolError):
+        decode(frames)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=5))
+def test_property_random_frames_only_protocol_error(frames):
+    _decode_only_protocol_error(frames)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    header_bytes=st.binary(max_size=128),
+    data=st.lists(st.binary(max_size=64), max_size=2),
+)
+def test_property_random_header_after_valid_tag_only_protocol_error(header_bytes, data):
+    _decode_only_protocol_error([PROTOCOL_TAG, header_bytes, *data])
+
+
+_msgpack_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.floats(),
+        st.text(max_size=10),
+        st.binary(max_size=10),
+        st.sampled_from(DTYPES + ["", ">f8", "O"]),
+    ),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    replaced=st.dictionaries(st.integers(0, 10), _msgpack_values, min_size=1, max_size=3),
+    frame=st.one_of(st.none(), st.binary(max_size=100)),
+)
+def test_property_random_header_fields_only_protocol_error(replaced, frame):
+    fields = header(dtype="<f8", count=2)
+    for index, value in replaced.items():
+        fields[index] = value
+    frames = [PROTOCOL_TAG, packed(fields)]
+    if frame is not None:
+        frames.append(frame)
+    _decode_only_protocol_error(frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg=_messages, flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255))))
+def test_property_corrupted_valid_messages_only_protocol_error(msg, flips):
+    frames = [bytearray(f) for f in wire(msg)]
+    for pos, value in flips:
+        frame = frames[1 + pos % (len(frames) - 1)]
+        if frame:
+            frame[pos % len(frame)] = value
+    _decode_only_protocol_error([bytes(f) for f in frames])
