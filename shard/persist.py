@@ -1,0 +1,254 @@
+"""A shard's autosave: one SQLite database in WAL mode per shard.
+
+Why SQLite in WAL mode: every commit is atomic and, with ``synchronous=FULL``,
+on disk before it returns; a torn write (a crash in the middle of a commit)
+leaves a WAL whose last frames fail their checksums, and SQLite ignores them
+on the next open, so the database is exactly the last committed state.  It is
+in the standard library, needs no server, and ``PRAGMA quick_check`` tells a
+damaged file from a good one, so a damaged store is never taken for an
+empty one.
+
+Layout: ``pvs(name, stamp, dtype, length, value, fields)`` with the value as
+the raw little-endian array (a buffer oldest first), and ``meta(key, value)``.
+After each successful open, a copy of the database is kept beside it
+(``<name>.good``): when the database itself is damaged, the shard restores
+that copy and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("carelay.shard")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pvs (
+    name   TEXT PRIMARY KEY,
+    stamp  REAL NOT NULL,
+    dtype  TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    value  BLOB NOT NULL,
+    fields TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+class StoreDamaged(Exception):
+    """The database file cannot be trusted; the message names the file and the problem."""
+
+
+@dataclass(slots=True)
+class SavedPv:
+    name: str
+    stamp: float
+    value: np.ndarray
+    fields: dict
+
+
+def good_copy_path(path: Path) -> Path:
+    return path.with_name(path.name + ".good")
+
+
+class ShardDatabase:
+    """The autosave file of one shard."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self.last_flush = 0.0
+        self.restored_from_copy = False
+
+    # -- opening ----------------------------------------------------------------
+
+    def open(self) -> list[SavedPv]:
+        """Open (creating if new), check, and load every saved PV.
+
+        A damaged file is replaced by the last good copy if that copy is sound,
+        else StoreDamaged is raised; an empty store is never made up.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            rows = self._open_checked(self.path)
+        except StoreDamaged as damage:
+            rows = self._restore(damage)
+        self._keep_good_copy()
+        return rows
+
+    def _connect(self, path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def _open_checked(self, path: Path) -> list[SavedPv]:
+        existed = path.exists() and path.stat().st_size > 0
+        wal = Path(f"{path}-wal")
+        if (
+            path.exists()
+            and not existed
+            and not (wal.exists() and wal.stat().st_size > 0)
+            and good_copy_path(path).exists()
+        ):
+            # A new store is checkpointed at once, so an empty file where a good
+            # copy exists is a truncated store, not a new one.
+            raise StoreDamaged(f"{path}: the file is empty (truncated?)")
+        conn = None
+        try:
+            conn = self._connect(path)
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise StoreDamaged(f"{path}: integrity check failed: {check}")
+            if existed:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+                if not {"meta", "pvs"} <= tables:
+                    raise StoreDamaged(f"{path}: not a carelay store (tables missing)")
+            conn.executescript(_SCHEMA)
+            version = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if version is None:
+                if existed and conn.execute("SELECT count(*) FROM pvs").fetchone()[0]:
+                    raise StoreDamaged(f"{path}: schema version missing")
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            elif version[0] != str(SCHEMA_VERSION):
+                raise StoreDamaged(
+                    f"{path}: schema version {version[0]}, expected {SCHEMA_VERSION}"
+                )
+            rows = [self._row(path, *r) for r in conn.execute("SELECT * FROM pvs")]
+        except sqlite3.DatabaseError as e:
+            if conn is not None:
+                conn.close()
+            raise StoreDamaged(f"{path}: {e}") from None
+        except StoreDamaged:
+            if conn is not None:
+                conn.close()
+            raise
+        self._conn = conn
+        return rows
+
+    @staticmethod
+    def _row(path, name, stamp, dtype, length, value, fields) -> SavedPv:
+        try:
+            dt = np.dtype(dtype)
+            if not isinstance(value, bytes) or len(value) != length * dt.itemsize:
+                raise ValueError(f"value of {len(value)} bytes for {length} x {dt}")
+            data = np.frombuffer(value, dtype=dt).copy()
+            extra = json.loads(fields)
+            if not isinstance(extra, dict):
+                raise ValueError("fields are not a map")
+        except (TypeError, ValueError) as e:
+            raise StoreDamaged(f"{path}: damaged record {name!r}: {e}") from None
+        return SavedPv(name, float(stamp), data, extra)
+
+    def _restore(self, damage: StoreDamaged) -> list[SavedPv]:
+        good = good_copy_path(self.path)
+        if not good.exists():
+            raise StoreDamaged(f"{damage}; no good copy ({good.name}) to restore") from None
+        damaged = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(damaged) + suffix))
+        scratch = self.path.with_name(self.path.name + ".restoring")
+        scratch.unlink(missing_ok=True)
+        src_conn = sqlite3.connect(f"file:{good}?mode=ro", uri=True)
+        try:
+            dst_conn = sqlite3.connect(scratch)
+            try:
+                src_conn.backup(dst_conn)
+            finally:
+                dst_conn.close()
+        except sqlite3.DatabaseError as e:
+            raise StoreDamaged(f"{damage}; the good copy {good} is damaged too: {e}") from None
+        finally:
+            src_conn.close()
+        os.replace(scratch, self.path)
+        try:
+            rows = self._open_checked(self.path)
+        except StoreDamaged as e:
+            raise StoreDamaged(f"{damage}; restoring {good.name} failed: {e}") from None
+        self.restored_from_copy = True
+        log.error(
+            "%s; restored the last good copy %s (saved %s); the damaged file is kept as %s",
+            damage,
+            good.name,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(good.stat().st_mtime)),
+            damaged.name,
+        )
+        return rows
+
+    def _keep_good_copy(self) -> None:
+        good = good_copy_path(self.path)
+        scratch = good.with_name(good.name + ".tmp")
+        scratch.unlink(missing_ok=True)
+        dst = sqlite3.connect(scratch)
+        try:
+            self._conn.backup(dst)
+        finally:
+            dst.close()
+        fd = os.open(scratch, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(scratch, good)
+
+    # -- writing ----------------------------------------------------------------
+
+    def save(
+        self,
+        upserts: Iterable[tuple[str, float, np.ndarray, dict]],
+        deletes: Iterable[str] = (),
+    ) -> int:
+        """Write PVs and delete others in one transaction, durable on return."""
+        conn = self._conn
+        n = 0
+        conn.execute("BEGIN")
+        try:
+            for name, stamp, value, fields in upserts:
+                value = np.ascontiguousarray(value)
+                conn.execute(
+                    "INSERT OR REPLACE INTO pvs VALUES (?, ?, ?, ?, ?, ?)",
+                    (name, stamp, value.dtype.str, value.size, value.tobytes(), json.dumps(fields)),
+                )
+                n += 1
+            for name in deletes:
+                conn.execute("DELETE FROM pvs WHERE name = ?", (name,))
+                n += 1
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self.last_flush = time.time()
+        return n
+
+    def size(self) -> int:
+        """Bytes on disk: the database and its WAL."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.stat(str(self.path) + suffix).st_size
+        return total
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.DatabaseError as e:
+                log.warning("%s: checkpoint on close failed: %s", self.path, e)
+            self._conn.close()
+            self._conn = None
