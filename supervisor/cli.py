@@ -75,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as e:
-        print(f"carelay: invalid configuration: {e}", file=sys.stderr)
+        # One line, whatever the file held (a quoted TOML key may contain a newline).
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"carelay: invalid configuration: {message}", file=sys.stderr)
         return 2
     from carelay.common.lifecycle import setup_logging
 

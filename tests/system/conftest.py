@@ -36,7 +36,10 @@ def _free_port() -> int:
     raise RuntimeError("no free port")
 
 
-CA_PORT = _free_port()
+# Client processes spawned by a test import this module again: they must keep
+# the session's port, which they find in the environment they inherit.
+CA_PORT = int(os.environ.get("CARELAY_TEST_CA_PORT") or _free_port())
+os.environ["CARELAY_TEST_CA_PORT"] = str(CA_PORT)
 CA_ENV = {
     "EPICS_CA_SERVER_PORT": str(CA_PORT),
     "EPICS_CAS_SERVER_PORT": str(CA_PORT),
@@ -70,7 +73,17 @@ def unique(stem: str = "pv") -> str:
 
 
 class Relay:
-    """One ``carelay up`` process tree on the session's CA port."""
+    """One ``carelay up`` process tree on the session's CA port.
+
+    At most one runs at a time: two servers on one port split the searches
+    between them, so starting a second one is an error, not a flaky test.
+    """
+
+    running: Relay | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def __init__(self, tmp: Path, shards: int = 2, extra: list[str] | None = None) -> None:
         self.prefix = f"T{uuid.uuid4().hex[:8]}:"
@@ -79,6 +92,7 @@ class Relay:
         self.shards = shards
         self.extra = extra or []
         self.proc: subprocess.Popen | None = None
+        self.shared = False
 
     def argv(self, command: str = "up") -> list[str]:
         return [
@@ -94,6 +108,13 @@ class Relay:
         ]
 
     def start(self) -> Relay:
+        other = Relay.running
+        if other is not None and other.alive:
+            raise RuntimeError(
+                f"relay {other.prefix} still runs on port {CA_PORT}; stop it before another starts"
+            )
+        Relay.running = self
+        offset = len(self.log())
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         # The relay must set EPICS_CA_MAX_ARRAY_BYTES for itself: it gets none from us.
         env = {k: v for k, v in os.environ.items() if k != "EPICS_CA_MAX_ARRAY_BYTES"}
@@ -104,7 +125,7 @@ class Relay:
             stdin=subprocess.DEVNULL,
             env=env,
         )
-        self.wait_ready()
+        self.wait_ready(start=offset)
         return self
 
     def log(self) -> str:
@@ -189,6 +210,9 @@ def make_relay(tmp_path, request):
     relays: list[Relay] = []
 
     def make(shards: int = 2, extra: list[str] | None = None, start: bool = True) -> Relay:
+        # A module's shared relay gives way (the `relay` fixture starts it again).
+        if Relay.running is not None and Relay.running.shared and Relay.running.alive:
+            Relay.running.stop()
         d = tmp_path / f"relay{len(relays)}"
         d.mkdir()
         relay = Relay(d, shards, extra)
@@ -205,13 +229,15 @@ def make_relay(tmp_path, request):
 def shared_relay(tmp_path_factory):
     """One relay for a whole module of tests that each use their own PV names."""
     relay = Relay(tmp_path_factory.mktemp("shared"), shards=2)
-    relay.start()
+    relay.shared = True
     yield relay
     relay.stop()
 
 
 @pytest.fixture
 def relay(shared_relay, request):
+    if not shared_relay.alive:
+        shared_relay.start()
     yield shared_relay
     _report_log(request, shared_relay)
     assert shared_relay.proc.poll() is None, "the shared relay died during the test"
