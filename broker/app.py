@@ -69,7 +69,6 @@ class Broker:
         self.pvs: dict = {}
         self.n_real = 0
         self._req = itertools.count(1)
-        self._pending: dict[int, Pending] = {}
         self._snapshots: dict[int, dict] = {}
         self._refused: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._graveyard: list = []
@@ -160,7 +159,7 @@ class Broker:
             log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
             return False
         pv.pending += 1
-        self._pending[req] = Pending(pv, pv.name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
+        link.pending[req] = Pending(pv, pv.name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
         return True
 
     def forward_delete(self, name: str, notify) -> bool:
@@ -173,17 +172,36 @@ class Broker:
         if not link.usable or not link.send(Message(Op.DELETE, name, req=req)):
             log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
             return False
-        self._pending[req] = Pending(None, name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
+        link.pending[req] = Pending(None, name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
         return True
 
-    def _finish(self, req: int, ok: bool) -> None:
-        p = self._pending.pop(req, None)
+    def _send_request(self, link: ShardLink, op: Op) -> bool:
+        """A HELLO or PING, numbered like the puts so that its answer orders them."""
+        req = next(self._req)
+        return link.send(Message(op, req=req))
+
+    def _finish(self, link: ShardLink, req: int, ok: bool) -> None:
+        p = link.pending.pop(req, None)
         if p is None:
             return
         if p.pv is not None:
             p.pv.pending = max(0, p.pv.pending - 1)
         if p.notify is not None:
             p.notify.complete(ok)
+
+    def _answered(self, link: ShardLink, req: int) -> None:
+        """The shard answered request ``req``.  It answers in order, so every request to it
+        numbered below ``req`` and still unanswered was lost (a shard that restarted):
+        those fail now rather than at their timeout, and never succeed falsely."""
+        if not req:
+            return
+        while link.pending:
+            first = next(iter(link.pending))
+            if first >= req:
+                break
+            p = link.pending[first]
+            log.warning("shard %d lost the request for %s; failing it", link.index, p.name)
+            self._finish(link, first, False)
 
     def wait_for_pending(self, pv) -> None:
         """Serve ``pv``'s shard until its puts in flight are answered (bounded)."""
@@ -211,6 +229,10 @@ class Broker:
 
     def _handle(self, link: ShardLink, msg: Message) -> None:
         op = msg.op
+        self._answered(link, msg.req)
+        if link.live and msg.epoch != link.epoch:
+            log.warning("shard %d restarted; resyncing", link.index)
+            self._hello(link)
         if op is Op.UPDATE:
             pv = self.pvs.get(msg.name)
             if pv is None:
@@ -220,27 +242,23 @@ class Broker:
                     log.warning(
                         "shard %d updated %s, which is not served: %s", link.index, msg.name, e
                     )
-                    self._finish(msg.req, False)
+                    self._finish(link, msg.req, False)
                     return
             self._set_real(pv, True)
             pv.apply(msg.data, msg.stamp, append=pv.ring is not None)
             link.seq = msg.seq
             if msg.info.get("created"):
                 log.debug("created PV %s (shard %d)", msg.name, link.index)
-            self._finish(msg.req, True)
+            self._finish(link, msg.req, True)
         elif op is Op.REJECT:
             log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
-            self._finish(msg.req, False)
+            self._finish(link, msg.req, False)
         elif op is Op.DELETED:
             self._forget(msg.name)
             link.seq = msg.seq
             log.debug("deleted PV %s (shard %d)", msg.name, link.index)
-            self._finish(msg.req, True)
+            self._finish(link, msg.req, True)
         elif op is Op.PONG:
-            if link.epoch and msg.epoch != link.epoch:
-                log.warning("shard %d restarted; resyncing", link.index)
-                link.epoch = 0
-                self._hello(link)
             link.pvs = msg.info.get("pvs", link.pvs)
         elif op is Op.SNAPSHOT_BEGIN:
             self._snapshots[link.index] = {}
@@ -295,13 +313,12 @@ class Broker:
         log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)
 
     def _hello(self, link: ShardLink) -> None:
-        if link.send(Message(Op.HELLO)):
+        if self._send_request(link, Op.HELLO):
             link.hello_sent()
 
     def _link_down(self, link: ShardLink) -> None:
-        for req, p in list(self._pending.items()):
-            if p.shard == link.index:
-                self._finish(req, False)
+        for req in list(link.pending):
+            self._finish(link, req, False)
         self._snapshots.pop(link.index, None)
         for pv in self.pvs.values():
             if pv.shard == link.index and pv.real:
@@ -312,24 +329,26 @@ class Broker:
 
     def _timers(self, now: float) -> None:
         for link in self.links:
-            was_live = link.usable
-            action = link.tick(now)
+            was_usable = link.usable
+            if link.disconnected():
+                link.went_down("disconnected")
+                action = "down"
+            else:
+                action = link.tick(now)
             if action == "hello":
                 self._hello(link)
-            elif action == "down" and was_live:
+            elif action == "ping":
+                self._send_request(link, Op.PING)
+            elif action == "down" and was_usable:
                 self._link_down(link)
-        if self._pending:
             # Requests are kept in sending order with one timeout, so the
             # expired ones are at the front.
-            expired = []
-            for req, p in self._pending.items():
+            while link.pending:
+                req, p = next(iter(link.pending.items()))
                 if p.deadline >= now:
                     break
-                expired.append(req)
-            for req in expired:
-                p = self._pending[req]
                 log.warning("no answer from shard %d for %s; failing the request", p.shard, p.name)
-                self._finish(req, False)
+                self._finish(link, req, False)
 
     def _poll_shards(self, timeout_ms: float) -> int:
         socks = [link for link in self.links if link.sock is not None]
@@ -364,9 +383,7 @@ class Broker:
         while not stop.stopping:
             # While answers are due, do not sleep in CA's select(): poll the
             # shards briefly instead, so replies are handled as they come.
-            waiting = bool(self._pending) or any(
-                link.state is LinkState.SYNCING for link in self.links
-            )
+            waiting = any(link.pending or link.state is LinkState.SYNCING for link in self.links)
             self.cas.process(0 if waiting else _IDLE_SLICE)
             self._poll_shards(_BUSY_POLL_MS if waiting else 0)
             now = time.monotonic()

@@ -14,6 +14,7 @@ import logging
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from carelay.common.config import (
     HEARTBEAT_INTERVAL,
@@ -21,7 +22,7 @@ from carelay.common.config import (
     RECONNECT_INITIAL,
     RECONNECT_MAX,
 )
-from carelay.common.protocol import Message, Op, ProtocolError, decode, encode
+from carelay.common.protocol import Message, ProtocolError, decode, encode
 
 log = logging.getLogger("carelay.broker")
 
@@ -41,6 +42,9 @@ class ShardLink:
         self.index = index
         self.endpoint = endpoint
         self.sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        #: Requests sent and not yet answered, in sending (= request number) order.
+        self.pending: dict = {}
         self.state = LinkState.DOWN
         self.epoch = 0
         self.seq = 0
@@ -67,6 +71,8 @@ class ShardLink:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        # Told at once when the shard goes away, instead of at the heartbeat timeout.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self.sock = sock
         self.state = LinkState.CONNECTING
@@ -74,8 +80,24 @@ class ShardLink:
 
     def close(self) -> None:
         if self.sock is not None:
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
             self.sock.close(linger=0)
             self.sock = None
+
+    def disconnected(self) -> bool:
+        """Whether the connection to the shard broke since the last look."""
+        if self._monitor is None:
+            return False
+        broke = False
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return broke
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                broke = True
 
     def send(self, msg: Message) -> bool:
         """Send without blocking; False when the shard cannot take it now."""
@@ -131,8 +153,8 @@ class ShardLink:
         self.ever_synced = True
 
     def tick(self, now: float) -> str | None:
-        """Advance timers.  Returns "hello" when a HELLO should be sent, "down" when the link
-        just went down, else None."""
+        """Advance timers.  Returns "hello" or "ping" when one should be sent, "down" when
+        the link just went down, else None."""
         if self.state is LinkState.DOWN:
             if now >= self._retry_at:
                 self.open()
@@ -149,7 +171,7 @@ class ShardLink:
             return "down"
         if now - self._last_ping >= HEARTBEAT_INTERVAL:
             self._last_ping = now
-            self.send(Message(Op.PING))
+            return "ping"
         return None
 
     def hello_sent(self) -> None:

@@ -22,6 +22,8 @@ DEFAULT_MAX_ELEMENTS = 1_000_000
 DEFAULT_MAX_PVS = 10_000
 DEFAULT_MAX_NAME_LENGTH = 128
 DEFAULT_LOG_LEVEL = "INFO"
+#: Seconds between value flushes of each shard's autosave.
+DEFAULT_AUTOSAVE_PERIOD = 1.0
 MAX_SHARDS = 64
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -66,6 +68,7 @@ class Config:
     max_pvs: int = DEFAULT_MAX_PVS
     max_name_length: int = DEFAULT_MAX_NAME_LENGTH
     log_level: str = DEFAULT_LOG_LEVEL
+    autosave_period: float = DEFAULT_AUTOSAVE_PERIOD
     #: One ZeroMQ endpoint per shard; empty means ipc sockets in run_dir.
     endpoints: tuple[str, ...] = field(default=())
 
@@ -73,6 +76,10 @@ class Config:
     def run_dir(self) -> Path:
         """Where sockets and status files of a running relay live."""
         return self.data_dir / "run"
+
+    def store_path(self, index: int) -> Path:
+        """Shard ``index``'s autosave database."""
+        return self.data_dir / f"shard-{index}.sqlite"
 
     @property
     def pvlist_name(self) -> str:
@@ -110,6 +117,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "max_pvs": int,
     "max_name_length": int,
     "log_level": str,
+    "autosave_period": (int, float),
     "endpoints": list,
 }
 
@@ -119,7 +127,8 @@ def _check(key: str, value: Any) -> Any:
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if not isinstance(value, expected):
-        label = "text" if key == "data_dir" else expected.__name__
+        label = {"data_dir": "text", "autosave_period": "a number"}.get(key)
+        label = label or expected.__name__
         raise ConfigError(f"{key}: expected {label}, got {value!r}")
     if key == "prefix":
         if not value or not value.isascii() or any(c.isspace() or c == "." for c in value):
@@ -134,6 +143,10 @@ def _check(key: str, value: Any) -> Any:
         raise ConfigError(f"max_elements: must be at most 100000000, got {value}")
     elif key == "max_name_length" and not 8 <= value <= 1024:
         raise ConfigError(f"max_name_length: must be from 8 to 1024, got {value}")
+    elif key == "autosave_period":
+        if isinstance(value, bool) or not 0.01 <= value <= 3600:
+            raise ConfigError(f"autosave_period: must be from 0.01 to 3600 seconds, got {value!r}")
+        value = float(value)
     elif key == "log_level":
         value = value.upper()
         if value not in LOG_LEVELS:

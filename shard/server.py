@@ -1,10 +1,19 @@
-"""The shard process: a ZeroMQ ROUTER loop around a ShardStore."""
+"""The shard process: a ZeroMQ ROUTER loop around a ShardStore and its autosave.
+
+The loop takes a batch of messages, applies them in order and collects the
+replies; if the batch created or deleted PVs, it commits those to the
+autosave first (one transaction for the batch) and only then sends the
+replies, so a creation or deletion is durable before it is acknowledged.
+Changed values are flushed every ``autosave_period`` and on a clean stop.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import random
+import sqlite3
 import time
 from pathlib import Path
 
@@ -13,22 +22,32 @@ import zmq
 from carelay.common.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_INTERVAL, Config
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.protocol import Message, Op, ProtocolError, decode, encode
+from carelay.shard.persist import ShardDatabase, StoreDamaged
 from carelay.shard.store import Rejected, ShardStore
 
 log = logging.getLogger("carelay.shard")
 
-#: Most messages handled before the loop looks at signals and timers again.
+#: Most messages handled before one commit and the replies.
 _BATCH = 1000
+#: Exit status of a shard that cannot open its store (the supervisor shows it failing).
+EXIT_STORE_FAILED = 3
 
 
 class ShardServer:
     """Serves one shard's store to the broker over a ROUTER socket."""
 
-    def __init__(self, config: Config, index: int, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        index: int,
+        ctx: zmq.Context | None = None,
+        db: ShardDatabase | None = None,
+    ) -> None:
         self.config = config
         self.index = index
         self.endpoint = config.shard_endpoint(index)
         self.store = ShardStore(config.prefix, config.max_elements, config.max_name_length)
+        self.db = db
         # A start id that differs from any earlier run's: a broker that sees it
         # change knows this shard restarted and resyncs.
         self.epoch = random.getrandbits(62) | 1
@@ -36,7 +55,23 @@ class ShardServer:
         self._sock: zmq.Socket | None = None
         self._broker_seen = 0.0
         self._broker_alive = False
+        self._out: list[tuple[bytes, Message]] = []
         self.status_path = config.run_dir / f"shard-{index}.json"
+
+    def load(self) -> None:
+        """Take the PVs saved in the autosave."""
+        if self.db is None:
+            return
+        rows = self.db.open()
+        skipped = self.store.load(rows)
+        for name in skipped:
+            log.warning(
+                "shard %d: %s in %s is not served under this configuration; kept as is",
+                self.index,
+                name,
+                self.db.path,
+            )
+        log.info("shard %d: loaded %d PVs from %s", self.index, len(self.store), self.db.path)
 
     def bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
@@ -59,12 +94,17 @@ class ShardServer:
 
     # -- message handling ---------------------------------------------------
 
-    def _send(self, peer: bytes, msg: Message) -> None:
+    def _reply(self, peer: bytes, msg: Message) -> None:
         msg.epoch = self.epoch
-        try:
-            self._sock.send_multipart([peer, *encode(msg)], copy=False)
-        except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
-            log.warning("shard %d: cannot send %s to broker: %s", self.index, msg.op.name, e)
+        self._out.append((peer, msg))
+
+    def _send_replies(self) -> None:
+        out, self._out = self._out, []
+        for peer, msg in out:
+            try:
+                self._sock.send_multipart([peer, *encode(msg)], copy=False)
+            except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
+                log.warning("shard %d: cannot send %s to broker: %s", self.index, msg.op.name, e)
 
     def handle(self, peer: bytes, frames: list) -> None:
         """Handle one message from ``peer``; bad input is logged and dropped."""
@@ -81,33 +121,36 @@ class ShardServer:
         if op is Op.PUT:
             self._put(peer, msg)
         elif op is Op.PING:
-            self._send(peer, Message(Op.PONG, seq=self.store.seq, info={"pvs": len(self.store)}))
+            self._reply(
+                peer,
+                Message(Op.PONG, req=msg.req, seq=self.store.seq, info={"pvs": len(self.store)}),
+            )
         elif op is Op.DELETE:
             try:
                 seq = self.store.delete(msg.name)
             except Rejected as e:
-                self._send(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=str(e)))
+                self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=str(e)))
                 return
             log.info("deleted PV %s (shard %d)", msg.name, self.index)
-            self._send(peer, Message(Op.DELETED, msg.name, req=msg.req, seq=seq))
+            self._reply(peer, Message(Op.DELETED, msg.name, req=msg.req, seq=seq))
         elif op is Op.HELLO:
-            self._snapshot(peer)
+            self._snapshot(peer, msg.req)
         else:
             log.warning("shard %d: unexpected operation %s dropped", self.index, op.name)
 
     def _put(self, peer: bytes, msg: Message) -> None:
         if msg.data is None:
-            self._send(peer, Message(Op.REJECT, msg.name, req=msg.req, reason="put without data"))
+            self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason="put without data"))
             return
         try:
             change = self.store.put(msg.name, msg.data)
         except Rejected as e:
             log.warning("refused put to %s (shard %d): %s", msg.name, self.index, e)
-            self._send(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=str(e)))
+            self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=str(e)))
             return
         if change.created:
             log.info("created PV %s (shard %d)", msg.name, self.index)
-        self._send(
+        self._reply(
             peer,
             Message(
                 Op.UPDATE,
@@ -121,16 +164,71 @@ class ShardServer:
             ),
         )
 
-    def _snapshot(self, peer: bytes) -> None:
-        self._send(peer, Message(Op.SNAPSHOT_BEGIN, seq=self.store.seq))
+    def _snapshot(self, peer: bytes, req: int) -> None:
+        # A snapshot must not show a creation that is not yet durable.
+        self._commit()
+        self._reply(peer, Message(Op.SNAPSHOT_BEGIN, req=req, seq=self.store.seq))
         n = 0
         for name, stamp, contents in self.store.snapshot():
-            self._send(
+            self._reply(
                 peer, Message(Op.SNAPSHOT, name, stamp=stamp, length=len(contents), data=contents)
             )
             n += 1
-        self._send(peer, Message(Op.SNAPSHOT_END, seq=self.store.seq, info={"pvs": n}))
+        self._reply(peer, Message(Op.SNAPSHOT_END, req=req, seq=self.store.seq, info={"pvs": n}))
         log.info("shard %d: sent a snapshot of %d PVs at seq %d", self.index, n, self.store.seq)
+
+    # -- durability -------------------------------------------------------------
+
+    def _commit(self) -> None:
+        """Make the batch's creations and deletions durable; refuse them if that fails."""
+        if self.db is None or not self.store.needs_commit:
+            self.store.committed()
+            return
+        upserts, deletes = self.store.unsaved_changes()
+        try:
+            self.db.save(upserts, deletes)
+        except (sqlite3.Error, OSError) as e:
+            names = set(self.store.rollback_unsaved())
+            log.error(
+                "shard %d: cannot save %d creations/deletions to %s (%s); refusing them",
+                self.index,
+                len(names),
+                self.db.path,
+                e,
+            )
+            self._out = [
+                (peer, msg)
+                if msg.name not in names or msg.op in (Op.REJECT, Op.PONG)
+                else (
+                    peer,
+                    Message(
+                        Op.REJECT,
+                        msg.name,
+                        req=msg.req,
+                        epoch=self.epoch,
+                        reason=f"autosave failed: {e}",
+                    ),
+                )
+                for peer, msg in self._out
+            ]
+            return
+        self.store.committed()
+
+    def flush(self) -> int:
+        """Write every changed value to the autosave; returns how many PVs."""
+        if self.db is None:
+            self.store.dirty.clear()
+            return 0
+        rows = self.store.dirty_rows()
+        if not rows:
+            return 0
+        try:
+            self.db.save(rows)
+        except (sqlite3.Error, OSError) as e:
+            log.error("shard %d: autosave of %d values failed: %s", self.index, len(rows), e)
+            return 0
+        self.store.dirty.clear()
+        return len(rows)
 
     # -- loop -----------------------------------------------------------------
 
@@ -142,31 +240,60 @@ class ShardServer:
                 "pvs": len(self.store),
                 "seq": self.store.seq,
                 "endpoint": self.endpoint,
+                "last_flush": self.db.last_flush if self.db else None,
+                "store_bytes": self.db.size() if self.db else None,
+                "store": str(self.db.path) if self.db else None,
             },
         )
 
+    def serve_once(self, timeout_ms: int = 100) -> int:
+        """Handle one batch of messages: apply, commit, reply.  Returns how many."""
+        if not self._sock.poll(timeout=timeout_ms):
+            return 0
+        n = 0
+        while n < _BATCH:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            n += 1
+            if len(frames) >= 2:
+                self.handle(bytes(frames[0].buffer), frames[1:])
+        self._commit()
+        self._send_replies()
+        return n
+
     def serve(self, stop: StopFlag) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
         next_status = 0.0
+        next_flush = time.monotonic() + self.config.autosave_period
         quiet_after = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
         while not stop.stopping:
-            if poller.poll(timeout=100):
-                for _ in range(_BATCH):
-                    try:
-                        frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    if len(frames) < 2:
-                        continue
-                    self.handle(bytes(frames[0].buffer), frames[1:])
+            self.serve_once()
             now = time.monotonic()
+            if now >= next_flush:
+                self.flush()
+                next_flush = now + self.config.autosave_period
             if self._broker_alive and now - self._broker_seen > quiet_after:
                 self._broker_alive = False
                 log.warning("shard %d: broker went quiet", self.index)
             if now >= next_status:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
+        n = self.flush()
+        log.info("shard %d: flushed %d values on stop", self.index, n)
+
+
+def _lock(path: Path) -> int | None:
+    """Hold an exclusive lock on ``path`` for the life of the process; None if taken."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def run_shard(config: Config, index: int) -> int:
@@ -174,7 +301,18 @@ def run_shard(config: Config, index: int) -> int:
     die_with_parent()
     stop = StopFlag()
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    server = ShardServer(config, index)
+    store_path = config.store_path(index)
+    lock_path = store_path.with_name(store_path.name + ".lock")
+    if _lock(lock_path) is None:
+        log.error("shard %d: another process holds %s; not starting", index, lock_path)
+        return EXIT_STORE_FAILED
+    db = ShardDatabase(store_path)
+    server = ShardServer(config, index, db=db)
+    try:
+        server.load()
+    except StoreDamaged as e:
+        log.error("shard %d: cannot start: %s", index, e)
+        return EXIT_STORE_FAILED
     try:
         server.bind()
     except zmq.ZMQError as e:
@@ -185,6 +323,7 @@ def run_shard(config: Config, index: int) -> int:
         server.serve(stop)
     finally:
         server.close()
+        db.close()
         server.status_path.unlink(missing_ok=True)
     log.info("shard %d stopped", index)
     return 0

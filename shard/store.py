@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,7 @@ class StoredPv:
     stamp: float
     value: np.ndarray | None = None  # arrays and scalars
     ring: RingBuffer | None = None  # buffers
+    fields: dict = field(default_factory=dict)
 
     def contents(self) -> np.ndarray:
         """The value, oldest first.  A copy for buffers: the ring's storage changes
@@ -58,6 +59,11 @@ class ShardStore:
         self._clock = clock
         self._pvs: dict[str, StoredPv] = {}
         self.seq = 0
+        #: Names whose value changed since the last autosave.
+        self.dirty: set[str] = set()
+        #: Creations and deletions not yet durable: name -> the PV as it was
+        #: before (None for a creation), so a failed commit can be undone.
+        self._unsaved: dict[str, StoredPv | None] = {}
 
     def __len__(self) -> int:
         return len(self._pvs)
@@ -107,13 +113,20 @@ class ShardStore:
             length = n
         pv.stamp = stamp
         self._pvs[name] = pv
+        if created:
+            self._unsaved.setdefault(name, None)
+        else:
+            self.dirty.add(name)
         self.seq += 1
         return Change(name, self.seq, stamp, applied, length, created)
 
     def delete(self, name: str) -> int:
         """Delete a PV; returns the sequence number of the change."""
-        if self._pvs.pop(name, None) is None:
+        pv = self._pvs.pop(name, None)
+        if pv is None:
             raise Rejected(f"no PV named {name}")
+        self._unsaved.setdefault(name, pv)
+        self.dirty.discard(name)
         self.seq += 1
         return self.seq
 
@@ -121,3 +134,75 @@ class ShardStore:
         """Every PV as (name, stamp, contents oldest first)."""
         for name, pv in self._pvs.items():
             yield name, pv.stamp, pv.contents()
+
+    # -- persistence ----------------------------------------------------------------
+
+    def load(self, saved) -> list[str]:
+        """Take PVs from the autosave (objects with name, stamp, value, fields).
+
+        Returns the names that cannot be served under this configuration (they
+        stay in the autosave untouched).
+        """
+        skipped = []
+        for row in saved:
+            try:
+                spec = parse_pv_name(
+                    row.name, self._prefix, self._max_elements, self._max_name_length
+                )
+            except InvalidPvName:
+                skipped.append(row.name)
+                continue
+            if row.value.dtype != spec.dtype:
+                skipped.append(row.name)
+                continue
+            pv = StoredPv(spec, row.stamp, fields=dict(row.fields))
+            if spec.is_buffer:
+                pv.ring = RingBuffer(spec.count, spec.dtype)
+                pv.ring.append(row.value)
+            else:
+                pv.value = row.value[: spec.count].copy()
+            self._pvs[row.name] = pv
+        return skipped
+
+    def _row(self, name: str) -> tuple[str, float, np.ndarray, dict]:
+        pv = self._pvs[name]
+        value = pv.ring.view() if pv.ring is not None else pv.value
+        return name, pv.stamp, value, pv.fields
+
+    @property
+    def needs_commit(self) -> bool:
+        """Creations or deletions wait to be made durable before they are acknowledged."""
+        return bool(self._unsaved)
+
+    def unsaved_changes(self) -> tuple[list[tuple], list[str]]:
+        """Rows to write and names to delete that make the creations and deletions durable."""
+        upserts, deletes = [], []
+        for name in self._unsaved:
+            if name in self._pvs:
+                upserts.append(self._row(name))
+            else:
+                deletes.append(name)
+        return upserts, deletes
+
+    def committed(self) -> None:
+        """The unsaved creations and deletions are on disk."""
+        for name in self._unsaved:
+            self.dirty.discard(name)
+        self._unsaved.clear()
+
+    def rollback_unsaved(self) -> list[str]:
+        """Undo creations and deletions that could not be made durable; returns their names."""
+        names = list(self._unsaved)
+        for name, before in self._unsaved.items():
+            if before is None:
+                self._pvs.pop(name, None)
+                self.dirty.discard(name)
+            else:
+                self._pvs[name] = before
+        self._unsaved.clear()
+        self.seq += 1
+        return names
+
+    def dirty_rows(self) -> list[tuple[str, float, np.ndarray, dict]]:
+        """Rows of the PVs whose value changed since the last autosave (not cleared)."""
+        return [self._row(name) for name in self.dirty if name in self._pvs]

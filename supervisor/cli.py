@@ -23,6 +23,9 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", metavar="DIR", help="data directory (default ./carelay-data)")
     p.add_argument("--max-elements", type=int, metavar="N", help="largest element count")
     p.add_argument("--max-pvs", type=int, metavar="N", help="most PVs the relay holds")
+    p.add_argument(
+        "--autosave-period", type=float, metavar="S", help="seconds between value flushes (1.0)"
+    )
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="log level")
 
 
@@ -50,6 +53,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_elements=args.max_elements,
         max_pvs=args.max_pvs,
         log_level=args.log_level,
+        autosave_period=args.autosave_period,
     )
 
 
@@ -64,6 +68,7 @@ def child_args(args: argparse.Namespace) -> list[str]:
         ("--max-elements", args.max_elements),
         ("--max-pvs", args.max_pvs),
         ("--log-level", args.log_level),
+        ("--autosave-period", args.autosave_period),
     ):
         if value is not None:
             out += [flag, str(value)]
