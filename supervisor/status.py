@@ -41,10 +41,11 @@ def collect(config: Config) -> dict | None:
     for proc in sup.get("processes", []):
         role = proc["name"].replace(" ", "-")
         own = _read(config.run_dir / f"{role}.json")
-        if own and own.get("pid") == proc.get("pid") and own.get("written", 0) > fresh_after:
-            proc["pvs"] = own.get("pvs")
-        else:
-            proc["pvs"] = None
+        fresh = own and own.get("pid") == proc.get("pid") and own.get("written", 0) > fresh_after
+        proc["pvs"] = own.get("pvs") if fresh else None
+        # The store outlives the process: show its last flush and size even while it is down.
+        proc["last_flush"] = own.get("last_flush") if own else None
+        proc["store_bytes"] = own.get("store_bytes") if own else None
     return sup
 
 
@@ -60,17 +61,39 @@ def print_status(config: Config, out=sys.stdout) -> int:
         file=out,
     )
     print(
-        f"{'PROCESS':<10} {'PID':>8} {'STATE':<11} {'UPTIME':>9} {'RESTARTS':>8} {'PVS':>7}",
+        f"{'PROCESS':<10} {'PID':>8} {'STATE':<11} {'UPTIME':>9} {'RESTARTS':>8} {'PVS':>7} "
+        f"{'LAST FLUSH':>19} {'STORE':>10}",
         file=out,
     )
     ok = True
     for p in status["processes"]:
         pvs = "-" if p.get("pvs") is None else str(p["pvs"])
         pid = "-" if p.get("pid") is None else str(p["pid"])
+        shard = p["name"].startswith("shard")
+        flush = _when(p.get("last_flush")) if shard else ""
+        store = _size(p.get("store_bytes")) if shard else ""
         print(
             f"{p['name']:<10} {pid:>8} {p['state']:<11} {p['uptime']:>8.0f}s "
-            f"{p['restarts']:>8} {pvs:>7}",
+            f"{p['restarts']:>8} {pvs:>7} {flush:>19} {store:>10}",
             file=out,
         )
         ok = ok and p["state"] == "running"
     return 0 if ok else 3
+
+
+def _when(stamp: float | None) -> str:
+    if not stamp:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def _size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    if n < 1024:
+        return f"{n:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
+    return "-"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -18,6 +19,10 @@ from carelay.common.config import (
 
 log = logging.getLogger("carelay.supervisor")
 
+#: A child that died this often within FLAPPING_WINDOW seconds is failing.
+FLAPPING_DEATHS = 3
+FLAPPING_WINDOW = 60.0
+
 
 class Watcher:
     """Keeps one child (the broker or one shard) running."""
@@ -31,13 +36,22 @@ class Watcher:
         self.last_exit: int | None = None
         self._backoff = RESTART_BACKOFF_INITIAL
         self._restart_at: float | None = None
+        self._deaths: collections.deque[float] = collections.deque(maxlen=FLAPPING_DEATHS)
+
+    @property
+    def failing(self) -> bool:
+        """Died FLAPPING_DEATHS times within FLAPPING_WINDOW seconds."""
+        return (
+            len(self._deaths) == FLAPPING_DEATHS
+            and time.monotonic() - self._deaths[0] < FLAPPING_WINDOW
+        )
 
     @property
     def state(self) -> str:
         if self.proc is not None and self.proc.poll() is None:
             return "running"
         if self._restart_at is not None:
-            return "restarting" if self.restarts < 3 else "failing"
+            return "failing" if self.failing else "restarting"
         return "stopped"
 
     def start(self) -> None:
@@ -59,9 +73,23 @@ class Watcher:
             if now - self.started_at > RESTART_RESET_AFTER:
                 self._backoff = RESTART_BACKOFF_INITIAL
             self._restart_at = now + self._backoff
-            log.warning(
-                "%s died (%s); restarting in %.2f s", self.name, describe_exit(code), self._backoff
-            )
+            self._deaths.append(now)
+            if self.failing:
+                log.error(
+                    "%s is failing: died %d times within %.0f s (%s); restarting in %.2f s",
+                    self.name,
+                    FLAPPING_DEATHS,
+                    FLAPPING_WINDOW,
+                    describe_exit(code),
+                    self._backoff,
+                )
+            else:
+                log.warning(
+                    "%s died (%s); restarting in %.2f s",
+                    self.name,
+                    describe_exit(code),
+                    self._backoff,
+                )
             self._backoff = min(self._backoff * 2, RESTART_BACKOFF_MAX)
         elif self._restart_at is not None and now >= self._restart_at:
             self.restarts += 1
