@@ -28,11 +28,22 @@ def setup_logging(level: str, role: str) -> logging.Logger:
     return logging.getLogger(f"carelay.{role.split()[0]}")
 
 
+#: Set by the supervisor in its children's environment: its own pid.
+PARENT_PID_ENV = "CARELAY_SUPERVISOR_PID"
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask the kernel to send ``sig`` when the parent process dies (Linux only)."""
+    """Ask the kernel to send ``sig`` when the parent process dies (Linux only).
+
+    A supervisor that died before this call cannot signal us any more: if the
+    parent is no longer the supervisor that started us, we go at once.
+    """
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    expected = os.environ.get(PARENT_PID_ENV)
+    if expected and expected.isdigit() and os.getppid() != int(expected):
+        os.kill(os.getpid(), sig)
 
 
 class StopFlag:

@@ -16,6 +16,7 @@ from carelay.common.config import (
     RESTART_BACKOFF_MAX,
     RESTART_RESET_AFTER,
 )
+from carelay.common.lifecycle import PARENT_PID_ENV
 
 log = logging.getLogger("carelay.supervisor")
 
@@ -55,7 +56,8 @@ class Watcher:
         return "stopped"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, start_new_session=False)
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=env)
         self.started_at = time.monotonic()
         self._restart_at = None
         log.info("started %s (pid %d)", self.name, self.proc.pid)
