@@ -18,12 +18,14 @@ from collections.abc import Iterable
 import zmq
 
 from carelay.broker.link import LinkState, ShardLink
+from carelay.common import fields
 from carelay.common.config import (
     PUT_TIMEOUT,
     READ_SYNC_TIMEOUT,
     STATUS_INTERVAL,
     Config,
 )
+from carelay.common.fields import FieldResolver, split_field
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.naming import InvalidPvName, parse_pv_name
 from carelay.common.protocol import Message, Op
@@ -66,7 +68,9 @@ class Broker:
         self.links = [
             ShardLink(self.ctx, k, config.shard_endpoint(k)) for k in range(config.shards)
         ]
+        self.resolver = FieldResolver(config.prefix, config.fields)
         self.pvs: dict = {}
+        self.field_pvs: dict = {}
         self.n_real = 0
         self._req = itertools.count(1)
         self._snapshots: dict[int, dict] = {}
@@ -95,29 +99,43 @@ class Broker:
         log.warning("refused PV name %s: %s", name, why)
 
     def claims(self, name: str) -> bool:
-        """Whether this relay serves ``name`` (pvExistTest)."""
-        if name in self.pvs or name in self.controls:
+        """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest)."""
+        if name in self.pvs or name in self.controls or name in self.field_pvs:
             return True
         if not name.startswith(self.config.prefix):
             return False
+        base, field = split_field(name)
         c = self.config
         try:
-            parse_pv_name(name, c.prefix, c.max_elements, c.max_name_length)
+            spec = parse_pv_name(base, c.prefix, c.max_elements, c.max_name_length)
         except InvalidPvName as e:
             self._refuse(name, str(e))
             return False
-        if self.n_real >= c.max_pvs:
+        if field is not None and not fields.applies(field, spec):
+            why = "unknown field" if field not in fields.FIELDS else "no such field for its type"
+            self._refuse(name, f"{why} {field}")
+            return False
+        base_pv = self.pvs.get(base)
+        if (base_pv is None or not base_pv.real) and self.n_real >= c.max_pvs:
             self._refuse(name, f"max_pvs ({c.max_pvs}) reached")
             return False
         return True
 
     def attach(self, name: str):
         """The PV for ``name``, made provisional if new (pvAttach); None if not served."""
-        pv = self.controls.get(name) or self.pvs.get(name)
+        pv = self.controls.get(name) or self.pvs.get(name) or self.field_pvs.get(name)
         if pv is None:
             if not self.claims(name):
                 return None
-            pv = self._new_pv(name)
+            base, field = split_field(name)
+            if field is None or field == "VAL":
+                pv = self.pvs.get(base) or self._new_pv(base)
+            else:
+                from carelay.broker.pvs import FieldPV
+
+                c = self.config
+                spec = parse_pv_name(base, c.prefix, c.max_elements, c.max_name_length)
+                pv = self.field_pvs[name] = FieldPV(self, spec, field)
         pv.attached = True
         return pv
 
@@ -131,12 +149,62 @@ class Broker:
         return pv
 
     def detached(self, pv) -> None:
-        """The last channel to ``pv`` went away: a provisional PV is forgotten."""
-        if getattr(pv, "real", True) or self.pvs.get(pv.name) is not pv:
+        """The last channel to ``pv`` went away: a provisional or field PV is forgotten."""
+        if self.field_pvs.get(pv.name) is pv:
+            del self.field_pvs[pv.name]
+        elif getattr(pv, "real", True) or self.pvs.get(pv.name) is not pv:
             return
-        del self.pvs[pv.name]
+        else:
+            del self.pvs[pv.name]
         # Keep the object alive until the server is done with this callback.
         self._graveyard.append(pv)
+
+    # -- fields -------------------------------------------------------------------
+
+    def field_value(self, spec, field: str):
+        """The current value of ``spec.name``'s ``field`` (stored, configured or built-in)."""
+        pv = self.pvs.get(spec.name)
+        if field == "NELM":
+            return spec.count
+        if field == "NORD":
+            return pv.length() if pv is not None else 0
+        if field == "RES":
+            return 0
+        eff = pv.eff if pv is not None else self.resolver.effective(spec, {})
+        return fields.get(eff, field)
+
+    def post_field(self, name: str, field: str) -> None:
+        if self.field_pvs:
+            fpv = self.field_pvs.get(f"{name}.{field}")
+            if fpv is not None:
+                fpv.post()
+
+    def forward_field(self, name: str, field: str, raw, notify) -> bool:
+        """Send a field change of PV ``name`` to its shard; False if it cannot be made."""
+        pv = self.pvs.get(name)
+        if pv is None or not pv.real:
+            log.warning("put to %s.%s failed: %s does not exist yet", name, field, name)
+            return False
+        if field == "RES":
+            if not raw:
+                if notify is not None:
+                    notify.complete(True)
+                return True
+            value = 1
+        else:
+            try:
+                value = fields.validate(field, raw)
+            except fields.FieldError as e:
+                log.warning("refused put to %s.%s: %s", name, field, e)
+                return False
+        link = self.links[pv.shard]
+        req = next(self._req)
+        msg = Message(Op.SET_FIELD, name, req=req, info={"field": field, "value": value})
+        if not link.usable or not link.send(msg):
+            log.warning("put to %s.%s failed: shard %d unreachable", name, field, pv.shard)
+            return False
+        link.pending[req] = Pending(None, name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
+        return True
 
     def _set_real(self, pv, real: bool) -> None:
         if pv.real != real:
@@ -245,10 +313,19 @@ class Broker:
                     self._finish(link, msg.req, False)
                     return
             self._set_real(pv, True)
-            pv.apply(msg.data, msg.stamp, append=pv.ring is not None)
+            pv.apply(
+                msg.data, msg.stamp, append=pv.ring is not None, reset=bool(msg.info.get("reset"))
+            )
             link.seq = msg.seq
             if msg.info.get("created"):
                 log.debug("created PV %s (shard %d)", msg.name, link.index)
+            self._finish(link, msg.req, True)
+        elif op is Op.FIELD:
+            pv = self.pvs.get(msg.name)
+            field = msg.info.get("field")
+            if pv is not None and isinstance(field, str) and field in fields.STORED:
+                pv.field_changed(field, msg.info.get("value"))
+            link.seq = msg.seq
             self._finish(link, msg.req, True)
         elif op is Op.REJECT:
             log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
@@ -265,7 +342,12 @@ class Broker:
         elif op is Op.SNAPSHOT:
             snap = self._snapshots.get(link.index)
             if snap is not None:
-                snap[msg.name] = (msg.data.copy(), msg.stamp)
+                stored = msg.info.get("fields")
+                snap[msg.name] = (
+                    msg.data.copy(),
+                    msg.stamp,
+                    stored if isinstance(stored, dict) else {},
+                )
         elif op is Op.SNAPSHOT_END:
             self._resync(link, msg)
         else:
@@ -289,7 +371,7 @@ class Broker:
         for name, pv in list(self.pvs.items()):
             if pv.shard == link.index and pv.real and name not in snap:
                 self._forget(name)
-        for name, (data, stamp) in snap.items():
+        for name, (data, stamp, stored) in snap.items():
             pv = self.pvs.get(name)
             if pv is None:
                 try:
@@ -308,6 +390,7 @@ class Broker:
                     c.shards,
                 )
             self._set_real(pv, True)
+            pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
             pv.apply(data, stamp, append=False)
         link.synced(end.epoch, end.seq, len(snap))
         log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)

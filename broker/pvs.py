@@ -15,6 +15,7 @@ from pcaspy import cas
 from pcaspy.alarm import Alarm, Severity
 
 from carelay.broker.values import AIT_TYPES, ConversionError, fill_gdd, gdd_to_array, value_gdd
+from carelay.common import fields
 from carelay.common.naming import PvSpec
 from carelay.common.ring import RingBuffer
 
@@ -87,7 +88,7 @@ class BasePV(cas.casPV):
 
 
 class RelayPV(BasePV):
-    """A relay PV: the broker's mirror of one shard-held value.
+    """A relay PV: the broker's mirror of one shard-held value and its fields.
 
     Provisional (``real`` False) until its first put is applied by the shard:
     undefined value with a UDF alarm.
@@ -105,6 +106,14 @@ class RelayPV(BasePV):
         self.pending = 0  # puts sent to the shard and not yet answered
         self.alarm = Alarm.UDF_ALARM
         self.severity = Severity.INVALID_ALARM
+        self.numeric = spec.kind in "fi"
+        #: Fields clients put (mirrored from the shard), and with defaults filled in.
+        self.fields: dict = {}
+        self.eff: dict = broker.resolver.effective(spec, {})
+        #: (status, severity) that the alarm limits give the value.
+        self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
+        self._mlst: float | None = None  # value last posted with DBE_VALUE
+        self._alst: float | None = None  # value last posted with DBE_LOG
 
     # -- mirror ---------------------------------------------------------------
 
@@ -113,16 +122,48 @@ class RelayPV(BasePV):
             return np.zeros(1, dtype=self.spec.dtype)
         return self.ring.view() if self.ring is not None else self.value
 
+    def length(self) -> int:
+        if not self.real:
+            return 0
+        return len(self.ring) if self.ring is not None else len(self.value)
+
     def _status(self) -> tuple[int, int]:
         if not self.real:
             return Alarm.UDF_ALARM, Severity.INVALID_ALARM
         if not self.broker.shard_live(self.shard):
             return Alarm.COMM_ALARM, Severity.INVALID_ALARM
-        return Alarm.NO_ALARM, Severity.NO_ALARM
+        return self.limit_alarm
 
-    def apply(self, data: np.ndarray, stamp: float, append: bool) -> None:
+    def set_fields(self, stored: dict) -> None:
+        self.fields = dict(stored)
+        self.eff = self.broker.resolver.effective(self.spec, self.fields)
+
+    def _check_limits(self, data: np.ndarray) -> None:
+        if self.numeric and len(data):
+            self.limit_alarm = fields.check_alarm(
+                self.eff, (data.max(), data.min()), self.limit_alarm[0]
+            )
+
+    def _value_mask(self) -> int:
+        """DBE_VALUE and DBE_LOG, less what the MDEL/ADEL deadbands hold back (scalars)."""
+        if not self.numeric or self.spec.count != 1 or self.ring is not None:
+            return VALUE_MASK
+        v = float(self.value[0])
+        mask = 0
+        mdel, adel = self.eff.get("MDEL", 0.0), self.eff.get("ADEL", 0.0)
+        if mdel <= 0 or self._mlst is None or abs(v - self._mlst) > mdel:
+            mask |= cas.DBE_VALUE
+            self._mlst = v
+        if adel <= 0 or self._alst is None or abs(v - self._alst) > adel:
+            mask |= cas.DBE_LOG
+            self._alst = v
+        return mask
+
+    def apply(self, data: np.ndarray, stamp: float, append: bool, reset: bool = False) -> None:
         """Mirror a change the shard applied and post it to monitors."""
         if self.ring is not None:
+            if reset:
+                self.ring.clear()
             if append:
                 self.ring.append(data)
             else:
@@ -131,28 +172,59 @@ class RelayPV(BasePV):
             self.value = np.array(data, copy=True)
         self.real = True
         self.stamp = stamp
-        self.post(VALUE_MASK)
+        self._check_limits(data)
+        self.post(self._value_mask())
+        self.broker.post_field(self.name, "NORD")
+
+    def field_changed(self, name: str, value) -> None:
+        """Mirror a field change the shard applied: property event, alarms re-checked."""
+        self.fields[name] = value
+        self.set_fields(self.fields)
+        if self.real:
+            self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
+            self._check_limits(self.contents())
+        self.post(cas.DBE_PROPERTY)
+        self.broker.post_field(self.name, name)
 
     def forget(self) -> None:
-        """The PV was deleted: back to provisional, and tell monitors."""
+        """The PV was deleted: back to provisional with no fields, and tell monitors."""
         self.real = False
         self.value = np.zeros(1, dtype=self.spec.dtype)
         if self.ring is not None:
             self.ring.clear()
         self.stamp = 0.0
-        self.post(VALUE_MASK)
+        self.set_fields({})
+        self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
+        self._mlst = self._alst = None
+        self.post(VALUE_MASK | cas.DBE_PROPERTY)
 
     def post(self, mask: int) -> None:
         alarm, severity = self._status()
         if (alarm, severity) != (self.alarm, self.severity):
             mask |= cas.DBE_ALARM
             self.alarm, self.severity = alarm, severity
-        if not self.interest:
+        if not self.interest or not mask:
             return
         gdd = value_gdd(self.spec, self.contents())
         gdd.setTimeStamp(self._timestamp())
         gdd.setStatSevr(alarm, severity)
+        if self.numeric and (mask & cas.DBE_PROPERTY or self.eff.keys() & _DISPLAY_FIELDS):
+            # Monitors asking for DBR_CTRL/DBR_GR take units and limits from the event.
+            gdd = self._ctrl_gdd(gdd)
         self.postEvent(mask, gdd)
+
+    def _ctrl_gdd(self, value: cas.gdd) -> cas.gdd:
+        f = self.eff
+        ctrl = cas.gdd.createDD(_CTRL_APP[self.spec.kind])
+        ctrl[1].put(str(f.get("EGU", "")))
+        for i, key in enumerate(("LOW", "HIGH", "LOLO", "HIHI", "LOPR", "HOPR", "DRVL", "DRVH")):
+            ctrl[2 + i].put(float(f.get(key, 0.0)))
+        if self.spec.kind == "f":
+            ctrl[10].put(int(f.get("PREC", 0)))
+            ctrl[11].put(value)
+        else:
+            ctrl[10].put(value)
+        return ctrl
 
     def _timestamp(self) -> cas.epicsTimeStamp:
         if self.stamp:
@@ -172,6 +244,43 @@ class RelayPV(BasePV):
         value.setStatSevr(alarm, severity)
         value.setTimeStamp(self._timestamp())
         return cas.S_casApp_success
+
+    def _put_field(self, gdd, name: str, convert=float):
+        gdd.put(convert(self.eff.get(name, 0)))
+        return cas.S_casApp_success
+
+    @guarded(cas.S_casApp_undefined)
+    def getUnits(self, units):
+        units.put(str(self.eff.get("EGU", "")))
+        return cas.S_casApp_success
+
+    @guarded(cas.S_casApp_undefined)
+    def getPrecision(self, prec):
+        return self._put_field(prec, "PREC", int)
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighLimit(self, limit):
+        return self._put_field(limit, "HOPR")
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowLimit(self, limit):
+        return self._put_field(limit, "LOPR")
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighAlarmLimit(self, limit):
+        return self._put_field(limit, "HIHI")
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowAlarmLimit(self, limit):
+        return self._put_field(limit, "LOLO")
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighWarnLimit(self, limit):
+        return self._put_field(limit, "HIGH")
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowWarnLimit(self, limit):
+        return self._put_field(limit, "LOW")
 
     @guarded(PUT_FAILED)
     def write(self, context, value):
@@ -204,6 +313,91 @@ class RelayPV(BasePV):
 
     def complete(self, ok: bool) -> None:
         """Finish the put with callback in progress, if any."""
+        if self.hasAsyncWrite():
+            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
+
+
+_DISPLAY_FIELDS = frozenset(
+    {"EGU", "PREC", "HOPR", "LOPR", "DRVH", "DRVL", "HIHI", "HIGH", "LOW", "LOLO"}
+)
+#: gddAppType_dbr_ctrl_* for each numeric type letter.
+_CTRL_APP = {"f": 34, "i": 33}
+_FIELD_AIT = {
+    "string": cas.aitEnumString,
+    "double": cas.aitEnumFloat64,
+    "short": cas.aitEnumInt16,
+    "long": cas.aitEnumInt32,
+    "enum": cas.aitEnumEnum16,
+}
+
+
+class FieldPV(BasePV):
+    """``NAME.FIELD``: one field of a relay PV, read and written through CA."""
+
+    def __init__(self, broker: Broker, spec: PvSpec, field: str) -> None:
+        super().__init__(broker, f"{spec.name}.{field}", "f", 1, False)
+        self.base = spec
+        self.field = field
+        self.fdef = fields.FIELDS[field]
+        self._ait = _FIELD_AIT[self.fdef.kind]
+
+    def current(self):
+        return self.broker.field_value(self.base, self.field)
+
+    def _fill(self, gdd) -> None:
+        if gdd.primitiveType() == cas.aitEnumInvalid:
+            gdd.setPrimType(self._ait)
+        v = self.current()
+        gdd.put(str(v) if self.fdef.kind == "string" else v)
+        gdd.setStatSevr(Alarm.NO_ALARM, Severity.NO_ALARM)
+        gdd.setTimeStamp(cas.epicsTimeStamp())
+
+    @guarded(cas.S_casApp_undefined)
+    def getValue(self, value):
+        self._fill(value)
+        return cas.S_casApp_success
+
+    @guarded(cas.S_casApp_undefined)
+    def getEnums(self, enums):
+        if self.fdef.kind == "enum":
+            enums.put(list(fields.SEVERITIES))
+        return cas.S_casApp_success
+
+    def post(self) -> None:
+        if self.interest:
+            gdd = cas.gdd(16, self._ait)
+            self._fill(gdd)
+            self.postEvent(VALUE_MASK, gdd)
+
+    def _raw(self, value):
+        if value.primitiveType() in (cas.aitEnumString, cas.aitEnumFixedString):
+            return value.getConvertString() if value.isScalar() else value.get()[0]
+        if not value.isScalar():
+            return value.get()[0]
+        number = value.getConvertNumeric()
+        return int(number) if self.fdef.kind in ("short", "long", "enum") else number
+
+    @guarded(PUT_FAILED)
+    def write(self, context, value):
+        if not self.fdef.writable:
+            return cas.S_cas_noWrite
+        if not self.broker.forward_field(self.base.name, self.field, self._raw(value), None):
+            return PUT_FAILED
+        return cas.S_casApp_success
+
+    @guarded(PUT_FAILED)
+    def writeNotify(self, context, value):
+        if not self.fdef.writable:
+            return cas.S_cas_noWrite
+        if self.hasAsyncWrite():
+            return cas.S_casApp_postponeAsyncIO
+        raw = self._raw(value)
+        self.startAsyncWrite(context.ctx)
+        if not self.broker.forward_field(self.base.name, self.field, raw, self):
+            self.endAsyncWrite(PUT_FAILED)
+        return cas.S_casApp_asyncCompletion
+
+    def complete(self, ok: bool) -> None:
         if self.hasAsyncWrite():
             self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
 

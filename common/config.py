@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from carelay.common.fields import FieldError, validate_defaults
+
 DEFAULT_PREFIX = "RELAY:"
 DEFAULT_SHARDS = 2
 DEFAULT_DATA_DIR = "./carelay-data"
@@ -69,6 +71,8 @@ class Config:
     max_name_length: int = DEFAULT_MAX_NAME_LENGTH
     log_level: str = DEFAULT_LOG_LEVEL
     autosave_period: float = DEFAULT_AUTOSAVE_PERIOD
+    #: Field defaults by glob on the name after the prefix: {"temperature_*": {"EGU": "degC"}}.
+    fields: dict = field(default_factory=dict, hash=False)
     #: One ZeroMQ endpoint per shard; empty means ipc sockets in run_dir.
     endpoints: tuple[str, ...] = field(default=())
 
@@ -118,6 +122,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "max_name_length": int,
     "log_level": str,
     "autosave_period": (int, float),
+    "fields": dict,
     "endpoints": list,
 }
 
@@ -143,6 +148,11 @@ def _check(key: str, value: Any) -> Any:
         raise ConfigError(f"max_elements: must be at most 100000000, got {value}")
     elif key == "max_name_length" and not 8 <= value <= 1024:
         raise ConfigError(f"max_name_length: must be from 8 to 1024, got {value}")
+    elif key == "fields":
+        try:
+            value = validate_defaults(value)
+        except FieldError as e:
+            raise ConfigError(f"fields: {e}") from None
     elif key == "autosave_period":
         if isinstance(value, bool) or not 0.01 <= value <= 3600:
             raise ConfigError(f"autosave_period: must be from 0.01 to 3600 seconds, got {value!r}")

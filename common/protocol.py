@@ -23,10 +23,13 @@ Header fields:
 - ``dtype``, ``count``: numpy dtype string and element count of frame 2.
 
 Operations, broker to shard: HELLO (send me a snapshot), PUT (apply a value;
-creates the PV on its first put), DELETE, PING.  Shard to broker: UPDATE
-(an applied put: for a buffer the appended elements, else the whole value),
-DELETED, REJECT (a refused request), SNAPSHOT_BEGIN, SNAPSHOT (one PV),
-SNAPSHOT_END (with the sequence number the snapshot is consistent with), PONG.
+creates the PV on its first put), DELETE, SET_FIELD (info: field, value; the
+field RES empties a buffer), PING.  Shard to broker: UPDATE (an applied put:
+for a buffer the appended elements, else the whole value; info "reset" when
+a buffer was emptied first), FIELD (an applied field change, info: field,
+value), DELETED, REJECT (a refused request), SNAPSHOT_BEGIN, SNAPSHOT (one
+PV; info: fields), SNAPSHOT_END (with the sequence number the snapshot is
+consistent with), PONG.
 
 Arrays are never msgpacked: the data frame is the array's own buffer, sent
 without a copy and rebuilt with ``numpy.frombuffer``.  ``decode`` validates
@@ -58,6 +61,7 @@ class Op(IntEnum):
     PUT = 2
     DELETE = 3
     PING = 4
+    SET_FIELD = 5
     UPDATE = 10
     DELETED = 11
     REJECT = 12
@@ -65,6 +69,7 @@ class Op(IntEnum):
     SNAPSHOT = 14
     SNAPSHOT_END = 15
     PONG = 16
+    FIELD = 17
 
 
 class ProtocolError(ValueError):

@@ -46,7 +46,12 @@ class ShardServer:
         self.config = config
         self.index = index
         self.endpoint = config.shard_endpoint(index)
-        self.store = ShardStore(config.prefix, config.max_elements, config.max_name_length)
+        self.store = ShardStore(
+            config.prefix,
+            config.max_elements,
+            config.max_name_length,
+            field_defaults=config.fields,
+        )
         self.db = db
         # A start id that differs from any earlier run's: a broker that sees it
         # change knows this shard restarted and resyncs.
@@ -133,6 +138,8 @@ class ShardServer:
                 return
             log.info("deleted PV %s (shard %d)", msg.name, self.index)
             self._reply(peer, Message(Op.DELETED, msg.name, req=msg.req, seq=seq))
+        elif op is Op.SET_FIELD:
+            self._set_field(peer, msg)
         elif op is Op.HELLO:
             self._snapshot(peer, msg.req)
         else:
@@ -164,14 +171,57 @@ class ShardServer:
             ),
         )
 
+    def _set_field(self, peer: bytes, msg: Message) -> None:
+        field, value = msg.info.get("field"), msg.info.get("value")
+        try:
+            if field == "RES":
+                change = self.store.reset(msg.name)
+            else:
+                seq, value = self.store.set_field(msg.name, str(field), value)
+        except Rejected as e:
+            log.warning("refused %s.%s (shard %d): %s", msg.name, field, self.index, e)
+            self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=str(e)))
+            return
+        if field == "RES":
+            log.info("emptied buffer %s (shard %d)", msg.name, self.index)
+            self._reply(
+                peer,
+                Message(
+                    Op.UPDATE,
+                    msg.name,
+                    req=msg.req,
+                    seq=change.seq,
+                    stamp=change.stamp,
+                    length=0,
+                    info={"reset": 1},
+                    data=change.data,
+                ),
+            )
+            return
+        log.info("set %s.%s = %r (shard %d)", msg.name, field, value, self.index)
+        self._reply(
+            peer,
+            Message(
+                Op.FIELD, msg.name, req=msg.req, seq=seq, info={"field": field, "value": value}
+            ),
+        )
+
     def _snapshot(self, peer: bytes, req: int) -> None:
         # A snapshot must not show a creation that is not yet durable.
         self._commit()
         self._reply(peer, Message(Op.SNAPSHOT_BEGIN, req=req, seq=self.store.seq))
         n = 0
-        for name, stamp, contents in self.store.snapshot():
+        for name, stamp, contents, fields in self.store.snapshot():
             self._reply(
-                peer, Message(Op.SNAPSHOT, name, stamp=stamp, length=len(contents), data=contents)
+                peer,
+                Message(
+                    Op.SNAPSHOT,
+                    name,
+                    stamp=stamp,
+                    length=len(contents),
+                    info={"fields": fields},
+                    data=contents,
+                ),
             )
             n += 1
         self._reply(peer, Message(Op.SNAPSHOT_END, req=req, seq=self.store.seq, info={"pvs": n}))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
+from carelay.common.fields import FieldError, FieldResolver, applies, clip_to_drive_limits, validate
 from carelay.common.naming import InvalidPvName, PvSpec, parse_pv_name
 from carelay.common.ring import RingBuffer
 
@@ -52,8 +54,10 @@ class ShardStore:
         max_elements: int,
         max_name_length: int,
         clock: Callable[[], float] = time.time,
+        field_defaults: dict | None = None,
     ) -> None:
         self._prefix = prefix
+        self._resolver = FieldResolver(prefix, field_defaults or {})
         self._max_elements = max_elements
         self._max_name_length = max_name_length
         self._clock = clock
@@ -98,6 +102,10 @@ class ShardStore:
             raise Rejected("a put needs at least one element")
         if not spec.is_buffer and n > spec.count:
             raise Rejected(f"{n} elements for a PV of {spec.count}")
+        if spec.kind in "fi":
+            data = clip_to_drive_limits(
+                self._resolver.effective(spec, pv.fields if pv else {}), data
+            )
         created = pv is None
         stamp = self._clock()
         if created:
@@ -120,6 +128,37 @@ class ShardStore:
         self.seq += 1
         return Change(name, self.seq, stamp, applied, length, created)
 
+    def fields(self, name: str) -> dict[str, Any]:
+        """The fields clients put on ``name`` (configured defaults not included)."""
+        return dict(self._pvs[name].fields)
+
+    def set_field(self, name: str, field_name: str, value: Any) -> tuple[int, Any]:
+        """Set a field of an existing PV; returns (seq, the stored value)."""
+        pv = self._pvs.get(name)
+        if pv is None:
+            raise Rejected(f"no PV named {name}")
+        if not applies(field_name, pv.spec):
+            raise Rejected(f"{name} has no field {field_name}")
+        try:
+            value = validate(field_name, value)
+        except FieldError as e:
+            raise Rejected(str(e)) from None
+        self._unsaved.setdefault(name, replace(pv, fields=dict(pv.fields)))
+        pv.fields[field_name] = value
+        self.seq += 1
+        return self.seq, value
+
+    def reset(self, name: str) -> Change:
+        """Empty a buffer (``NAME.RES``)."""
+        pv = self._pvs.get(name)
+        if pv is None or pv.ring is None:
+            raise Rejected(f"no buffer named {name}")
+        pv.ring.clear()
+        pv.stamp = self._clock()
+        self.dirty.add(name)
+        self.seq += 1
+        return Change(name, self.seq, pv.stamp, pv.ring.view().copy(), 0, False)
+
     def delete(self, name: str) -> int:
         """Delete a PV; returns the sequence number of the change."""
         pv = self._pvs.pop(name, None)
@@ -130,10 +169,10 @@ class ShardStore:
         self.seq += 1
         return self.seq
 
-    def snapshot(self) -> Iterator[tuple[str, float, np.ndarray]]:
-        """Every PV as (name, stamp, contents oldest first)."""
+    def snapshot(self) -> Iterator[tuple[str, float, np.ndarray, dict]]:
+        """Every PV as (name, stamp, contents oldest first, fields)."""
         for name, pv in self._pvs.items():
-            yield name, pv.stamp, pv.contents()
+            yield name, pv.stamp, pv.contents(), dict(pv.fields)
 
     # -- persistence ----------------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import epics
 import numpy as np
 
 from tests.system.conftest import CA_ENV, wait_for
+from tests.system.test_processes import status_rows
 
 MILLION = 1_000_000
 
@@ -24,19 +24,12 @@ def get(name, **kw):
 
 def status_pvs(relay) -> dict[str, int | None]:
     """PV count per shard from ``carelay status``: {"shard 0": 150, ...}."""
-    r = relay.status()
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = {}
-    for line in r.stdout.splitlines():
-        m = re.match(r"^(shard \d+)\s+\d+\s+\S+\s+\d+s\s+\d+\s+(\S+)\s*$", line)
-        if m:
-            out[m[1]] = None if m[2] == "-" else int(m[2])
-    return out
+    rows = status_rows(relay)
+    return {name: row["pvs"] for name, row in rows.items() if name.startswith("shard")}
 
 
 def test_300_pvs_over_both_shards(make_relay):
-    # Its own relay, for an exact count.  It must come first in this module: the
-    # shared relay, once started, stays on the session's CA port until the module ends.
+    # Its own relay, for an exact count.
     relay = make_relay(shards=2)
     names = [relay.name(f"many{k}", "f1") for k in range(300)]
     values = {name: 1000.0 + k + k / 1000 for k, name in enumerate(names)}

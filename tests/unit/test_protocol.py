@@ -249,7 +249,7 @@ def test_header_wrong_shape(h):
     refused([PROTOCOL_TAG, packed(h)], "header")
 
 
-@pytest.mark.parametrize("op", [0, 5, 9, 17, 99, -1, 2**40, "PUT", None, 2.5, [2]])
+@pytest.mark.parametrize("op", [0, 6, 9, 18, 99, -1, 2**40, "PUT", None, 2.5, [2]])
 def test_unknown_op(op):
     refused([PROTOCOL_TAG, packed(header(op=op))], "operation|malformed")
 

@@ -54,7 +54,7 @@ def s40(*values: bytes) -> np.ndarray:
 
 def state(store: ShardStore) -> tuple:
     """Everything observable, for checking that a rejection changed nothing."""
-    return store.seq, [(n, s, c.tolist(), c.dtype.str) for n, s, c in store.snapshot()]
+    return store.seq, [(n, s, c.tolist(), c.dtype.str) for n, s, c, _ in store.snapshot()]
 
 
 # -- creation ----------------------------------------------------------------------
@@ -327,7 +327,7 @@ def test_snapshot_lists_every_pv_oldest_first(store, clock):
     store.put(P + "txt_c8", u1(b"hi"))
     store.put(P + "s_s1", s40(b"str"))
     store.put(P + "a_f1", f8(5))
-    snap = {name: (stamp, contents.tolist()) for name, stamp, contents in store.snapshot()}
+    snap = {name: (stamp, contents.tolist()) for name, stamp, contents, _ in store.snapshot()}
     assert snap == {
         P + "a_f1": (1005.0, [5.0]),
         P + "log_I3": (1002.0, [2, 3, 4]),
@@ -342,7 +342,7 @@ def test_snapshot_omits_deleted(store):
     store.put(P + "a_f1", f8(1))
     store.put(P + "b_f1", f8(2))
     store.delete(P + "a_f1")
-    assert [n for n, _, _ in store.snapshot()] == [P + "b_f1"]
+    assert [n for n, _, _, _ in store.snapshot()] == [P + "b_f1"]
 
 
 def test_stamp_comes_from_injected_clock(store, clock):
@@ -350,7 +350,7 @@ def test_stamp_comes_from_injected_clock(store, clock):
     c2 = store.put(P + "b_F4", f8(1))
     c3 = store.put(P + "b_F4", f8(2))
     assert (c1.stamp, c2.stamp, c3.stamp) == (1000.0, 1001.0, 1002.0)
-    stamps = {n: s for n, s, _ in store.snapshot()}
+    stamps = {n: s for n, s, _, _ in store.snapshot()}
     assert stamps == {P + "a_f1": 1000.0, P + "b_F4": 1002.0}
 
 
@@ -360,7 +360,7 @@ def test_rejections_do_not_move_the_stamp(store, clock):
         store.put(P + "a_f2", f8(1, 2, 3))
     with pytest.raises(Rejected):
         store.put(P + "a_f2", i4(1))
-    assert [s for _, s, _ in store.snapshot()] == [1000.0]
+    assert [s for _, s, _, _ in store.snapshot()] == [1000.0]
 
 
 def test_default_clock_is_wall_time():
@@ -371,6 +371,6 @@ def test_default_clock_is_wall_time():
 
 def test_snapshot_contents_not_changed_by_later_puts(store):
     store.put(P + "log_F4", f8(1, 2))
-    ((_, _, contents),) = store.snapshot()
+    ((_, _, contents, _),) = store.snapshot()
     store.put(P + "log_F4", f8(3, 4, 5))
     assert contents.tolist() == [1.0, 2.0]

@@ -1,0 +1,242 @@
+"""PV fields (``NAME.FIELD``): which exist, their types, validation, and alarms.
+
+The one place that knows the field table.  Stored fields are the ones a
+client put; configured defaults (``[fields."glob"]`` in the configuration)
+fill in the rest; built-in defaults below that.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from carelay.common.naming import PvSpec
+
+#: EPICS alarm status codes (alarm.h) that the relay raises.
+NO_ALARM = 0
+HIHI_ALARM = 3
+HIGH_ALARM = 4
+LOLO_ALARM = 5
+LOW_ALARM = 6
+#: Severities (menuAlarmSevr).
+SEVERITIES = ("NO_ALARM", "MINOR", "MAJOR", "INVALID")
+NO_SEVERITY, MINOR, MAJOR, INVALID = range(4)
+
+MAX_DESC = 40
+MAX_EGU = 16
+MAX_PREC = 17
+
+
+class FieldError(ValueError):
+    """A field name or value that is not accepted; the message says why."""
+
+
+@dataclass(frozen=True)
+class FieldDef:
+    """One field: its CA type ('string', 'double', 'short', 'enum', 'long'), where it applies
+    ('numeric', 'any', 'buffer') and whether clients may write it."""
+
+    name: str
+    kind: str
+    applies: str
+    writable: bool = True
+
+
+FIELDS: dict[str, FieldDef] = {
+    f.name: f
+    for f in (
+        FieldDef("DESC", "string", "any"),
+        FieldDef("EGU", "string", "numeric"),
+        FieldDef("PREC", "short", "numeric"),
+        FieldDef("HOPR", "double", "numeric"),
+        FieldDef("LOPR", "double", "numeric"),
+        FieldDef("DRVH", "double", "numeric"),
+        FieldDef("DRVL", "double", "numeric"),
+        FieldDef("HIHI", "double", "numeric"),
+        FieldDef("HIGH", "double", "numeric"),
+        FieldDef("LOW", "double", "numeric"),
+        FieldDef("LOLO", "double", "numeric"),
+        FieldDef("HHSV", "enum", "numeric"),
+        FieldDef("HSV", "enum", "numeric"),
+        FieldDef("LSV", "enum", "numeric"),
+        FieldDef("LLSV", "enum", "numeric"),
+        FieldDef("HYST", "double", "numeric"),
+        FieldDef("MDEL", "double", "numeric"),
+        FieldDef("ADEL", "double", "numeric"),
+        FieldDef("NELM", "long", "any", writable=False),
+        FieldDef("NORD", "long", "any", writable=False),
+        FieldDef("RES", "short", "buffer"),
+    )
+}
+
+#: Fields held as state (RES is an action, NELM/NORD are derived, VAL is the value).
+STORED = frozenset(n for n, f in FIELDS.items() if f.writable and n != "RES")
+
+#: Each alarm limit, its severity field, the severity once the limit is set, and its status.
+_LIMITS = (
+    ("HIHI", "HHSV", MAJOR, HIHI_ALARM),
+    ("LOLO", "LLSV", MAJOR, LOLO_ALARM),
+    ("HIGH", "HSV", MINOR, HIGH_ALARM),
+    ("LOW", "LSV", MINOR, LOW_ALARM),
+)
+
+
+def applies(field: str, spec: PvSpec) -> bool:
+    """Whether ``NAME.field`` exists for a PV of ``spec`` (VAL always does)."""
+    if field == "VAL":
+        return True
+    f = FIELDS.get(field)
+    if f is None:
+        return False
+    if f.applies == "numeric":
+        return spec.kind in "fi"
+    if f.applies == "buffer":
+        return spec.is_buffer
+    return True
+
+
+def split_field(fullname: str) -> tuple[str, str | None]:
+    """``("NAME", "EGU")`` for ``NAME.EGU``; ``(fullname, None)`` without a dot."""
+    base, dot, field = fullname.partition(".")
+    return (base, field) if dot else (fullname, None)
+
+
+def validate(field: str, value: Any) -> Any:
+    """The stored form of ``value`` for ``field``, or FieldError."""
+    f = FIELDS.get(field)
+    if f is None or field not in STORED:
+        raise FieldError(f"{field} is not a writable field")
+    if f.kind == "string":
+        if isinstance(value, bytes):
+            value = value.split(b"\0", 1)[0].decode("utf-8", "replace")
+        if not isinstance(value, str):
+            raise FieldError(f"{field} takes text")
+        limit = MAX_DESC if field == "DESC" else MAX_EGU
+        if len(value.encode()) > limit:
+            raise FieldError(f"{field} holds at most {limit} characters")
+        return value
+    if f.kind == "enum":
+        if isinstance(value, str):
+            text = value.strip().upper()
+            if text in SEVERITIES:
+                return SEVERITIES.index(text)
+            if text == "MAJOR_ALARM" or text == "MINOR_ALARM" or text == "INVALID_ALARM":
+                return SEVERITIES.index(text[: -len("_ALARM")])
+            raise FieldError(f"{field} takes one of {', '.join(SEVERITIES)}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise FieldError(f"{field} takes one of {', '.join(SEVERITIES)}")
+        if not 0 <= int(value) < len(SEVERITIES):
+            raise FieldError(f"{field} takes a severity from 0 to {len(SEVERITIES) - 1}")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise FieldError(f"{field} takes a number")
+    if f.kind == "short":
+        if value != int(value) or not 0 <= value <= MAX_PREC:
+            raise FieldError(f"{field} takes a whole number from 0 to {MAX_PREC}")
+        return int(value)
+    value = float(value)
+    if math.isnan(value):
+        raise FieldError(f"{field} takes a number, not NaN")
+    return value
+
+
+def validate_defaults(raw: Any) -> dict[str, dict[str, Any]]:
+    """Check the ``[fields."glob"]`` tables of a configuration; FieldError names the problem."""
+    if not isinstance(raw, dict):
+        raise FieldError("must be a table of glob patterns")
+    out: dict[str, dict[str, Any]] = {}
+    for glob, table in raw.items():
+        if not isinstance(table, dict):
+            raise FieldError(f'"{glob}" must be a table of FIELD = value')
+        out[glob] = {}
+        for field, value in table.items():
+            try:
+                out[glob][field] = validate(field, value)
+            except FieldError as e:
+                raise FieldError(f'"{glob}".{field}: {e}') from None
+    return out
+
+
+class FieldResolver:
+    """Effective fields of a PV: stored ones, then configured defaults, then built-ins."""
+
+    def __init__(self, prefix: str, defaults: Mapping[str, Mapping[str, Any]]) -> None:
+        self._prefix = prefix
+        self._defaults = defaults
+        self._cache: dict[str, dict[str, Any]] = {}
+
+    def configured(self, name: str) -> dict[str, Any]:
+        """Configured defaults for ``name`` (globs match the part after the prefix; later
+        tables win)."""
+        hit = self._cache.get(name)
+        if hit is None:
+            rest = name[len(self._prefix) :] if name.startswith(self._prefix) else name
+            hit = {}
+            for glob, table in self._defaults.items():
+                if fnmatch.fnmatchcase(rest, glob):
+                    hit.update(table)
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[name] = hit
+        return hit
+
+    def effective(self, spec: PvSpec, stored: Mapping[str, Any]) -> dict[str, Any]:
+        fields = {k: v for k, v in self.configured(spec.name).items() if applies(k, spec)}
+        fields.update(stored)
+        return fields
+
+
+def get(fields: Mapping[str, Any], field: str) -> Any:
+    """A field's value with its built-in default."""
+    if field in fields:
+        return fields[field]
+    for limit, sev, default, _ in _LIMITS:
+        if field == sev:
+            return default if limit in fields else NO_SEVERITY
+    f = FIELDS[field]
+    return "" if f.kind == "string" else 0
+
+
+def check_alarm(fields: Mapping[str, Any], values, last_status: int) -> tuple[int, int]:
+    """(status, severity) that the alarm limits give ``values``, as an ai/ao record does,
+    with hysteresis: an alarm raised at a limit holds until the value is HYST past it."""
+    if not fields.keys() & {"HIHI", "HIGH", "LOW", "LOLO"}:
+        return NO_ALARM, NO_SEVERITY
+    hyst = float(fields.get("HYST", 0.0))
+    best = (NO_ALARM, NO_SEVERITY)
+    for v in values:
+        v = float(v)
+        if math.isnan(v):
+            continue
+        for limit, sev_field, _, status in _LIMITS:
+            if limit not in fields:
+                continue
+            severity = get(fields, sev_field)
+            if severity == NO_SEVERITY:
+                continue
+            bound = float(fields[limit])
+            held = last_status == status
+            if status in (HIHI_ALARM, HIGH_ALARM):
+                hit = v >= bound or (held and v > bound - hyst)
+            else:
+                hit = v <= bound or (held and v < bound + hyst)
+            if hit:
+                if severity > best[1]:
+                    best = (status, severity)
+                break
+    return best
+
+
+def clip_to_drive_limits(fields: Mapping[str, Any], values):
+    """Values clipped to DRVL..DRVH when DRVH > DRVL (as an ao record does), else as given."""
+    if "DRVH" not in fields and "DRVL" not in fields:
+        return values
+    high, low = float(fields.get("DRVH", 0.0)), float(fields.get("DRVL", 0.0))
+    if high <= low:
+        return values
+    import numpy as np
+
+    return np.clip(values, low, high).astype(values.dtype)
