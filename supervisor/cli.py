@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("broker", help="run the CA broker (started by `carelay up`)")
     _config_flags(br)
     sh = sub.add_parser("shard", help="run one shard (started by `carelay up`)")
-    sh.add_argument("index", type=int, help="shard index, from 0")
+    sh.add_argument("index", type=int, nargs="?", help="shard index, from 0")
+    sh.add_argument("--index", type=int, dest="index_flag", metavar="K", help="same as INDEX")
     _config_flags(sh)
     return parser
 
@@ -96,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_broker(config)
     if args.command == "shard":
+        if args.index is None:
+            args.index = args.index_flag
+        if args.index is None:
+            print("carelay: error: shard needs its index (carelay shard K)", file=sys.stderr)
+            return 2
         if not 0 <= args.index < config.shards:
             print(
                 f"carelay: error: shard index {args.index} not in 0..{config.shards - 1}",
