@@ -62,6 +62,12 @@ def good_copy_path(path: Path) -> Path:
     return path.with_name(path.name + ".good")
 
 
+def _remove_database(path: Path) -> None:
+    """Remove a scratch database and its WAL and shared-memory files."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+
+
 class ShardDatabase:
     """The autosave file of one shard."""
 
@@ -158,13 +164,11 @@ class ShardDatabase:
         good = good_copy_path(self.path)
         if not good.exists():
             raise StoreDamaged(f"{damage}; no good copy ({good.name}) to restore") from None
-        damaged = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(str(self.path) + suffix)
-            if src.exists():
-                os.replace(src, Path(str(damaged) + suffix))
+        # Copy and check the good copy before the damaged file is moved: a restore that
+        # fails must leave the damage in place, so that the next start refuses again
+        # instead of finding no file and making a new, empty store.
         scratch = self.path.with_name(self.path.name + ".restoring")
-        scratch.unlink(missing_ok=True)
+        _remove_database(scratch)
         src_conn = sqlite3.connect(f"file:{good}?mode=ro", uri=True)
         try:
             dst_conn = sqlite3.connect(scratch)
@@ -173,9 +177,22 @@ class ShardDatabase:
             finally:
                 dst_conn.close()
         except sqlite3.DatabaseError as e:
+            _remove_database(scratch)
             raise StoreDamaged(f"{damage}; the good copy {good} is damaged too: {e}") from None
         finally:
             src_conn.close()
+        try:
+            self._open_checked(scratch)
+        except StoreDamaged as e:
+            _remove_database(scratch)
+            raise StoreDamaged(f"{damage}; restoring {good.name} failed: {e}") from None
+        self._conn.close()
+        self._conn = None
+        damaged = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(damaged) + suffix))
         os.replace(scratch, self.path)
         try:
             rows = self._open_checked(self.path)
@@ -235,6 +252,10 @@ class ShardDatabase:
             raise
         self.last_flush = time.time()
         return n
+
+    def count(self) -> int:
+        """PVs in the store."""
+        return self._conn.execute("SELECT count(*) FROM pvs").fetchone()[0]
 
     def size(self) -> int:
         """Bytes on disk: the database and its WAL."""

@@ -14,6 +14,7 @@ import time
 
 from carelay.common.config import STATUS_INTERVAL, STOP_GRACE, Config, config_to_dict
 from carelay.common.lifecycle import StopFlag, write_status
+from carelay.shard.reshard import ReshardError, reshard
 from carelay.supervisor.watcher import Watcher, self_argv
 
 log = logging.getLogger("carelay.supervisor")
@@ -59,6 +60,18 @@ class Supervisor:
             self.config.prefix,
             self.config.data_dir,
         )
+        try:
+            report = reshard(self.config.data_dir, self.config.shards, self.config.store_path)
+        except ReshardError as e:
+            log.error("cannot start: %s", e)
+            return 1
+        if report.moved or report.removed_stores:
+            log.info(
+                "resharding to %d shards moved %d of %d PVs",
+                self.config.shards,
+                report.moved,
+                report.total,
+            )
         for w in self.watchers:
             w.start()
         next_status = 0.0

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_flags(up)
     st = sub.add_parser("status", help="show the processes of a running relay")
     _config_flags(st)
+    st.add_argument("--pv", metavar="NAME", help="show which shard owns the PV NAME")
     br = sub.add_parser("broker", help="run the CA broker (started by `carelay up`)")
     _config_flags(br)
     sh = sub.add_parser("shard", help="run one shard (started by `carelay up`)")
@@ -88,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from carelay.common.lifecycle import setup_logging
 
     if args.command == "status":
-        from carelay.supervisor.status import print_status
+        from carelay.supervisor.status import print_owner, print_status
 
+        if args.pv:
+            return print_owner(config, args.pv)
         return print_status(config)
     if args.command == "broker":
         setup_logging(config.log_level, "broker")

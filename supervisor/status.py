@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 import time
 
 from carelay.common.config import STATUS_INTERVAL, Config
+from carelay.common.fields import split_field
+from carelay.common.naming import InvalidPvName, parse_pv_name
+from carelay.common.sharding import shard_for
 
 #: A status file older than this many intervals belongs to a process that is gone.
 _STALE_INTERVALS = 5
@@ -97,3 +101,31 @@ def _size(n: float | None) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}"
     return "-"
+
+
+def print_owner(config: Config, name: str, out=sys.stdout) -> int:
+    """Which shard owns ``name``, and whether its store holds it (0), or not (1)."""
+    base, _ = split_field(name)
+    try:
+        parse_pv_name(base, config.prefix, config.max_elements, config.max_name_length)
+    except InvalidPvName as e:
+        print(f"{name}: not a relay PV name: {e}", file=out)
+        return 2
+    shard = shard_for(base, config.shards)
+    held = _store_holds(config.store_path(shard), base)
+    where = {True: "stored", False: "not stored", None: "store not readable"}[held]
+    print(f"{base}: shard {shard} of {config.shards} ({where})", file=out)
+    return 0 if held else 1
+
+
+def _store_holds(path, name: str) -> bool | None:
+    if not path.exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT 1 FROM pvs WHERE name = ?", (name,)).fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None

@@ -1,0 +1,130 @@
+"""Resharding by configuration: move each PV to the shard that owns it now.
+
+Run by ``carelay up`` before any shard starts, on the stores in the data
+directory.  A move writes the PV (value and fields) into its new store and
+commits, then deletes it from the old one and commits: a move interrupted
+between the two leaves the PV in both, and the next run moves it again
+(the write replaces), so nothing is lost or kept twice.  Rendezvous hashing
+keeps the moves few: going from N to N+1 shards moves about 1/(N+1) of them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from carelay.common.sharding import shard_for
+from carelay.shard.persist import ShardDatabase, good_copy_path
+
+log = logging.getLogger("carelay.reshard")
+
+_STORE_RE = re.compile(r"shard-(\d+)\.sqlite")
+
+
+class ReshardError(Exception):
+    """A store could not be opened or is in use; the message names it."""
+
+
+@dataclass
+class ReshardReport:
+    moved: int = 0
+    total: int = 0
+    removed_stores: int = 0
+
+
+def store_indices(data_dir: Path) -> list[int]:
+    """Indices of the shard stores present in ``data_dir``."""
+    out = []
+    for p in data_dir.glob("shard-*.sqlite"):
+        m = _STORE_RE.fullmatch(p.name)
+        if m:
+            out.append(int(m[1]))
+    return sorted(out)
+
+
+def _locked(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ReshardError(f"{path} is held by a running shard; stop it first") from None
+    return fd
+
+
+def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
+    """Move every PV in ``data_dir`` to its owner among ``n_shards``.
+
+    ``store_path(k)`` is where shard k keeps its store (Config.store_path).
+    """
+    report = ReshardReport()
+    present = store_indices(data_dir)
+    if not any(_misplaced(store_path(k), k, n_shards) for k in present):
+        return report
+    indices = sorted(set(present) | set(range(n_shards)))
+    locks, dbs = [], {}
+    try:
+        for k in indices:
+            path = store_path(k)
+            locks.append(_locked(path.with_name(path.name + ".lock")))
+        rows = {}
+        for k in indices:
+            db = ShardDatabase(store_path(k))
+            try:
+                rows[k] = db.open()
+            except Exception as e:
+                raise ReshardError(f"cannot open {db.path} to reshard: {e}") from None
+            dbs[k] = db
+        for k, saved in rows.items():
+            report.total += len(saved)
+            by_target: dict[int, list] = {}
+            for row in saved:
+                owner = shard_for(row.name, n_shards)
+                if owner != k:
+                    by_target.setdefault(owner, []).append(row)
+            for owner, moving in by_target.items():
+                dbs[owner].save((r.name, r.stamp, r.value, r.fields) for r in moving)
+                dbs[k].save((), deletes=[r.name for r in moving])
+                report.moved += len(moving)
+                log.info("moved %d PVs from shard %d to shard %d", len(moving), k, owner)
+        for k in indices:
+            if k >= n_shards and not dbs[k].count():
+                dbs[k].close()
+                del dbs[k]
+                _remove_store(store_path(k))
+                report.removed_stores += 1
+    finally:
+        for db in dbs.values():
+            db.close()
+        for fd in locks:
+            os.close(fd)
+    if report.moved:
+        log.info("resharded to %d shards: moved %d of %d PVs", n_shards, report.moved, report.total)
+    return report
+
+
+def _misplaced(path: Path, index: int, n_shards: int) -> bool:
+    """Whether the store at ``path`` holds a PV that shard ``index`` does not own (a cheap,
+    read-only look; a store that cannot be read is left to its shard to report)."""
+    if index >= n_shards:
+        return True
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            names = [r[0] for r in conn.execute("SELECT name FROM pvs")]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+    return any(shard_for(name, n_shards) != index for name in names)
+
+
+def _remove_store(path: Path) -> None:
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), good_copy_path(path)):
+        p.unlink(missing_ok=True)
+    log.info("removed the emptied store %s", path)

@@ -1,0 +1,121 @@
+"""Resharding by configuration: every PV ends in its owner's store, once."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from carelay.common.sharding import shard_for
+from carelay.shard.persist import ShardDatabase
+from carelay.shard.reshard import ReshardError, reshard, store_indices
+
+N = 10_000
+
+
+def store_path(tmp):
+    return lambda k: tmp / f"shard-{k}.sqlite"
+
+
+def fill(tmp, names, n_shards):
+    dbs = {k: ShardDatabase(store_path(tmp)(k)) for k in range(n_shards)}
+    for db in dbs.values():
+        db.open()
+    for k, db in dbs.items():
+        db.save(
+            (name, float(i), np.array([float(i)]), {"EGU": f"u{i}"})
+            for i, name in enumerate(names)
+            if shard_for(name, n_shards) == k
+        )
+        db.close()
+
+
+def contents(tmp) -> dict[int, dict]:
+    out = {}
+    for k in store_indices(tmp):
+        db = ShardDatabase(store_path(tmp)(k))
+        out[k] = {r.name: (r.value.tolist(), r.fields) for r in db.open()}
+        db.close()
+    return out
+
+
+@pytest.fixture
+def names():
+    return [f"P:pv{i}_f1" for i in range(N)]
+
+
+def check_placed(tmp, names, n_shards):
+    stores = contents(tmp)
+    assert sorted(stores) == list(range(n_shards))
+    seen = {}
+    for k, rows in stores.items():
+        for name, row in rows.items():
+            assert shard_for(name, n_shards) == k, name
+            assert name not in seen, f"{name} kept twice"
+            seen[name] = row
+    assert len(seen) == len(names)
+    for i, name in enumerate(names):
+        assert seen[name] == ([float(i)], {"EGU": f"u{i}"})
+
+
+def test_two_to_three_moves_about_a_third(tmp_path, names, caplog):
+    fill(tmp_path, names, 2)
+    with caplog.at_level(logging.INFO):
+        report = reshard(tmp_path, 3, store_path(tmp_path))
+    assert report.total == N
+    expected = sum(1 for n in names if shard_for(n, 3) != shard_for(n, 2))
+    assert report.moved == expected
+    assert 0.28 * N < report.moved < 0.39 * N  # about 1/3, and only to the new shard
+    check_placed(tmp_path, names, 3)
+    assert f"moved {report.moved} of {N} PVs" in caplog.text
+
+
+def test_three_to_two_drains_and_removes_the_third_store(tmp_path, names):
+    fill(tmp_path, names, 3)
+    report = reshard(tmp_path, 2, store_path(tmp_path))
+    assert report.removed_stores == 1
+    assert not (tmp_path / "shard-2.sqlite").exists()
+    assert not (tmp_path / "shard-2.sqlite.good").exists()
+    check_placed(tmp_path, names, 2)
+
+
+def test_nothing_to_do_when_the_count_is_unchanged(tmp_path, names):
+    fill(tmp_path, names[:100], 2)
+    assert reshard(tmp_path, 2, store_path(tmp_path)).moved == 0
+    check_placed(tmp_path, names[:100], 2)
+
+
+def test_interrupted_move_resumes(tmp_path, names):
+    """A crash between writing the new store and deleting from the old leaves a PV in
+    both: the next run finishes the move and keeps it once."""
+    names = names[:500]
+    fill(tmp_path, names, 2)
+    movers = [n for n in names if shard_for(n, 3) == 2]
+    new = ShardDatabase(store_path(tmp_path)(2))
+    new.open()
+    i_of = {n: i for i, n in enumerate(names)}
+    new.save((n, 0.0, np.array([float(i_of[n])]), {"EGU": f"u{i_of[n]}"}) for n in movers[:50])
+    new.close()
+    report = reshard(tmp_path, 3, store_path(tmp_path))
+    assert report.moved == len(movers)
+    check_placed(tmp_path, names, 3)
+
+
+def test_a_store_in_use_is_not_touched(tmp_path, names):
+    import fcntl
+    import os
+
+    fill(tmp_path, names[:100], 2)
+    fd = os.open(tmp_path / "shard-0.sqlite.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ReshardError, match="shard-0.sqlite.lock"):
+            reshard(tmp_path, 3, store_path(tmp_path))
+    finally:
+        os.close(fd)
+    check_placed(tmp_path, names[:100], 2)
+
+
+def test_empty_data_dir(tmp_path):
+    assert reshard(tmp_path, 3, store_path(tmp_path)).total == 0
