@@ -26,6 +26,7 @@ from carelay.common.config import (
     Config,
 )
 from carelay.common.fields import FieldResolver, split_field
+from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.naming import InvalidPvName, parse_pv_name
 from carelay.common.protocol import Message, Op
@@ -65,8 +66,14 @@ class Broker:
         self.config = config
         self.cas = cas_module
         self.ctx = ctx or zmq.Context.instance()
+        curve = None
+        if config.keys_dir is not None:
+            public, secret = load_keys(config.keys_dir, BROKER_CERT)
+            if secret is None:
+                raise KeysError(f"{config.keys_dir / (BROKER_CERT + '.key_secret')} is missing")
+            curve = (public, secret, load_keys(config.keys_dir, SHARD_CERT)[0])
         self.links = [
-            ShardLink(self.ctx, k, config.shard_endpoint(k)) for k in range(config.shards)
+            ShardLink(self.ctx, k, config.shard_endpoint(k), curve) for k in range(config.shards)
         ]
         self.resolver = FieldResolver(config.prefix, config.fields)
         self.pvs: dict = {}
@@ -503,7 +510,11 @@ def run_broker(config: Config) -> int:
     from carelay.broker.server import RelayServer
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    broker = Broker(config, cas)
+    try:
+        broker = Broker(config, cas)
+    except KeysError as e:
+        log.error("broker cannot start: %s", e)
+        return 3
     server = RelayServer(broker)
     log.info("broker started (pid %d), prefix %s", os.getpid(), config.prefix)
     try:

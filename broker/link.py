@@ -37,8 +37,12 @@ class LinkState(enum.Enum):
 class ShardLink:
     """One shard's socket, liveness and back-off; knows nothing about CA."""
 
-    def __init__(self, ctx: zmq.Context, index: int, endpoint: str) -> None:
+    def __init__(
+        self, ctx: zmq.Context, index: int, endpoint: str, curve: tuple | None = None
+    ) -> None:
         self.ctx = ctx
+        #: (our public, our secret, the shards' public) CurveZMQ keys, or None.
+        self.curve = curve
         self.index = index
         self.endpoint = endpoint
         self.sock: zmq.Socket | None = None
@@ -67,6 +71,8 @@ class ShardLink:
 
     def open(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
+        if self.curve is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self.curve
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, 100_000)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from carelay.common.fields import FieldError, validate_defaults
+from carelay.common.keys import is_loopback_endpoint
 
 DEFAULT_PREFIX = "RELAY:"
 DEFAULT_SHARDS = 2
@@ -75,6 +76,8 @@ class Config:
     fields: dict = field(default_factory=dict, hash=False)
     #: One ZeroMQ endpoint per shard; empty means ipc sockets in run_dir.
     endpoints: tuple[str, ...] = field(default=())
+    #: Directory of the CurveZMQ certificates (``carelay keys DIR``); None: no encryption.
+    keys_dir: Path | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -124,6 +127,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "autosave_period": (int, float),
     "fields": dict,
     "endpoints": list,
+    "keys_dir": (str, Path),
 }
 
 
@@ -132,7 +136,7 @@ def _check(key: str, value: Any) -> Any:
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if not isinstance(value, expected):
-        label = {"data_dir": "text", "autosave_period": "a number"}.get(key)
+        label = {"data_dir": "text", "keys_dir": "text", "autosave_period": "a number"}.get(key)
         label = label or expected.__name__
         raise ConfigError(f"{key}: expected {label}, got {value!r}")
     if key == "prefix":
@@ -161,9 +165,9 @@ def _check(key: str, value: Any) -> Any:
         value = value.upper()
         if value not in LOG_LEVELS:
             raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-    elif key == "data_dir":
+    elif key in ("data_dir", "keys_dir"):
         if not str(value):
-            raise ConfigError("data_dir: must not be empty")
+            raise ConfigError(f"{key}: must not be empty")
         value = Path(value)
     elif key == "endpoints":
         for ep in value:
@@ -201,6 +205,16 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
         raise ConfigError(
             f"endpoints: {len(config.endpoints)} given for {config.shards} shards; give one each"
         )
+    open_endpoints = [ep for ep in config.endpoints if not is_loopback_endpoint(ep)]
+    if open_endpoints and config.keys_dir is None:
+        raise ConfigError(
+            f"endpoints: {open_endpoints[0]} listens beyond loopback, where anyone could write "
+            "to the shards; set keys_dir to CurveZMQ keys made by `carelay keys DIR`"
+        )
+    if config.keys_dir is not None:
+        for cert in ("shard.key", "broker.key"):
+            if not (config.keys_dir / cert).exists():
+                raise ConfigError(f"keys_dir: {config.keys_dir / cert} is missing")
     if len(config.pvlist_name) > config.max_name_length:
         raise ConfigError("prefix: too long for max_name_length")
     return config

@@ -20,6 +20,7 @@ from pathlib import Path
 import zmq
 
 from carelay.common.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_INTERVAL, Config
+from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.protocol import Message, Op, ProtocolError, decode, encode
 from carelay.shard.persist import ShardDatabase, StoreDamaged
@@ -84,6 +85,8 @@ class ShardServer:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
         sock = self._ctx.socket(zmq.ROUTER)
+        if self.config.keys_dir is not None:
+            self._secure(sock)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -92,10 +95,29 @@ class ShardServer:
         self._sock = sock
         log.info("shard %d listening on %s (epoch %x)", self.index, self.endpoint, self.epoch)
 
+    def _secure(self, sock: zmq.Socket) -> None:
+        """CurveZMQ server: encrypted, and only peers holding a key from keys_dir get in."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        keys_dir = self.config.keys_dir
+        public, secret = load_keys(keys_dir, SHARD_CERT)
+        if secret is None:
+            raise KeysError(f"{keys_dir / (SHARD_CERT + '.key_secret')} is missing")
+        self._auth = ThreadAuthenticator(self._ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(keys_dir))
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+        log.info("shard %d: CurveZMQ keys from %s", self.index, keys_dir)
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if getattr(self, "_auth", None) is not None:
+            self._auth.stop()
+            self._auth = None
 
     # -- message handling ---------------------------------------------------
 
@@ -365,6 +387,9 @@ def run_shard(config: Config, index: int) -> int:
         return EXIT_STORE_FAILED
     try:
         server.bind()
+    except KeysError as e:
+        log.error("shard %d: cannot start: %s", index, e)
+        return EXIT_STORE_FAILED
     except zmq.ZMQError as e:
         log.error("shard %d: cannot listen on %s: %s", index, server.endpoint, e)
         return 1

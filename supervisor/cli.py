@@ -26,6 +26,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--autosave-period", type=float, metavar="S", help="seconds between value flushes (1.0)"
     )
+    p.add_argument("--keys-dir", metavar="DIR", help="CurveZMQ keys (carelay keys DIR)")
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="log level")
 
 
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show the processes of a running relay")
     _config_flags(st)
     st.add_argument("--pv", metavar="NAME", help="show which shard owns the PV NAME")
+    keys = sub.add_parser("keys", help="make CurveZMQ keys for shards on other hosts")
+    keys.add_argument("directory", help="where to write shard.key[_secret], broker.key[_secret]")
     br = sub.add_parser("broker", help="run the CA broker (started by `carelay up`)")
     _config_flags(br)
     sh = sub.add_parser("shard", help="run one shard (started by `carelay up`)")
@@ -56,6 +59,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_pvs=args.max_pvs,
         log_level=args.log_level,
         autosave_period=args.autosave_period,
+        keys_dir=args.keys_dir,
     )
 
 
@@ -71,6 +75,7 @@ def child_args(args: argparse.Namespace) -> list[str]:
         ("--max-pvs", args.max_pvs),
         ("--log-level", args.log_level),
         ("--autosave-period", args.autosave_period),
+        ("--keys-dir", args.keys_dir),
     ):
         if value is not None:
             out += [flag, str(value)]
@@ -79,6 +84,20 @@ def child_args(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keys":
+        from pathlib import Path
+
+        from carelay.common.keys import make_keys
+
+        try:
+            made = make_keys(Path(args.directory))
+        except OSError as e:
+            print(f"carelay: cannot write keys: {e}", file=sys.stderr)
+            return 2
+        for path in made:
+            print(path)
+        print("copy the directory to every relay host and set keys_dir in the configuration")
+        return 0
     try:
         config = config_from_args(args)
     except ConfigError as e:
