@@ -76,9 +76,12 @@ class Broker:
             ShardLink(self.ctx, k, config.shard_endpoint(k), curve) for k in range(config.shards)
         ]
         self.resolver = FieldResolver(config.prefix, config.fields)
+        self.access_group = config.access_group if config.access_security else None
         self.pvs: dict = {}
         self.field_pvs: dict = {}
         self.n_real = 0
+        self.n_bytes = 0  # what the real PVs' values may take, at full capacity
+        self.byte_limit = config.byte_limit
         self._req = itertools.count(1)
         self._snapshots: dict[int, dict] = {}
         self._refused: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -123,9 +126,11 @@ class Broker:
             self._refuse(name, f"{why} {field}")
             return False
         base_pv = self.pvs.get(base)
-        if (base_pv is None or not base_pv.real) and self.n_real >= c.max_pvs:
-            self._refuse(name, f"max_pvs ({c.max_pvs}) reached")
-            return False
+        if base_pv is None or not base_pv.real:
+            why = self._over_limits(spec)
+            if why is not None:
+                self._refuse(name, why)
+                return False
         return True
 
     def attach(self, name: str):
@@ -216,7 +221,17 @@ class Broker:
     def _set_real(self, pv, real: bool) -> None:
         if pv.real != real:
             self.n_real += 1 if real else -1
+            self.n_bytes += _capacity(pv.spec) if real else -_capacity(pv.spec)
             self.pvlist.dirty = True
+
+    def _over_limits(self, spec) -> str | None:
+        """Why a new PV of ``spec`` may not be created, or None."""
+        c = self.config
+        if self.n_real >= c.max_pvs:
+            return f"max_pvs ({c.max_pvs}) reached"
+        if self.n_bytes + _capacity(spec) > self.byte_limit:
+            return f"max_bytes ({self.byte_limit}) would be exceeded"
+        return None
 
     # -- requests to shards -------------------------------------------------------
 
@@ -226,9 +241,11 @@ class Broker:
         if not link.usable:
             log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
             return False
-        if not pv.real and self.n_real >= self.config.max_pvs:
-            self._refuse(pv.name, f"max_pvs ({self.config.max_pvs}) reached")
-            return False
+        if not pv.real:
+            why = self._over_limits(pv.spec)
+            if why is not None:
+                self._refuse(pv.name, why)
+                return False
         req = next(self._req)
         if not link.send(Message(Op.PUT, pv.name, req=req, data=data)):
             log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
@@ -510,6 +527,16 @@ def run_broker(config: Config) -> int:
     from carelay.broker.server import RelayServer
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
+    if config.access_security is not None:
+        # Every relay PV joins access_group; pcaspy's channels then check each
+        # read and write (and so each creation, which is a write) against the file.
+        if cas.asInitFile(str(config.access_security), "") != 0:
+            log.error(
+                "broker cannot start: access security file %s is invalid", config.access_security
+            )
+            return 2
+        cas.asCaStart()
+        log.info("access security from %s, group %s", config.access_security, config.access_group)
     try:
         broker = Broker(config, cas)
     except KeysError as e:
@@ -526,3 +553,7 @@ def run_broker(config: Config) -> int:
         del server
     log.info("broker stopped")
     return 0
+
+
+def _capacity(spec) -> int:
+    return spec.count * spec.dtype.itemsize

@@ -58,6 +58,8 @@ class BasePV(cas.casPV):
         self._array = array
         self.interest = False
         self.attached = False
+        if broker.access_group:
+            self.setAccessSecurityGroup(broker.access_group)
 
     def getName(self):
         return self.name
@@ -197,6 +199,9 @@ class RelayPV(BasePV):
         self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
         self._mlst = self._alst = None
         self.post(VALUE_MASK | cas.DBE_PROPERTY)
+        # Monitors of NAME.FIELD see the fields go back to their defaults.
+        for field in fields.FIELDS:
+            self.broker.post_field(self.name, field)
 
     def post(self, mask: int) -> None:
         alarm, severity = self._status()
@@ -320,6 +325,8 @@ class RelayPV(BasePV):
 _DISPLAY_FIELDS = frozenset(
     {"EGU", "PREC", "HOPR", "LOPR", "DRVH", "DRVL", "HIHI", "HIGH", "LOW", "LOLO"}
 )
+#: Bytes of a DBR_STRING on the wire (EPICS MAX_STRING_SIZE), terminator included.
+_DBR_STRING_BYTES = 40
 #: gddAppType_dbr_ctrl_* for each numeric type letter.
 _CTRL_APP = {"f": 34, "i": 33}
 _FIELD_AIT = {
@@ -371,17 +378,33 @@ class FieldPV(BasePV):
 
     def _raw(self, value):
         if value.primitiveType() in (cas.aitEnumString, cas.aitEnumFixedString):
-            return value.getConvertString() if value.isScalar() else value.get()[0]
+            text = value.getConvertString() if value.isScalar() else value.get()[0]
+            if len(text.encode("utf-8", "surrogateescape")) >= _DBR_STRING_BYTES:
+                # A DBR_STRING is 40 bytes with its terminator; one that fills them has
+                # none (the client cut longer text), and PCAS's conversion read past it.
+                raise fields.FieldError(
+                    f"text of {_DBR_STRING_BYTES} bytes or more: CA carries at most "
+                    f"{_DBR_STRING_BYTES - 1} characters"
+                )
+            return text
         if not value.isScalar():
             return value.get()[0]
         number = value.getConvertNumeric()
         return int(number) if self.fdef.kind in ("short", "long", "enum") else number
 
+    def _raw_or_none(self, value):
+        try:
+            return self._raw(value)
+        except fields.FieldError as e:
+            log.warning("refused put to %s: %s", self.name, e)
+            return None
+
     @guarded(PUT_FAILED)
     def write(self, context, value):
         if not self.fdef.writable:
             return cas.S_cas_noWrite
-        if not self.broker.forward_field(self.base.name, self.field, self._raw(value), None):
+        raw = self._raw_or_none(value)
+        if raw is None or not self.broker.forward_field(self.base.name, self.field, raw, None):
             return PUT_FAILED
         return cas.S_casApp_success
 
@@ -391,7 +414,9 @@ class FieldPV(BasePV):
             return cas.S_cas_noWrite
         if self.hasAsyncWrite():
             return cas.S_casApp_postponeAsyncIO
-        raw = self._raw(value)
+        raw = self._raw_or_none(value)
+        if raw is None:
+            return PUT_FAILED
         self.startAsyncWrite(context.ctx)
         if not self.broker.forward_field(self.base.name, self.field, raw, self):
             self.endAsyncWrite(PUT_FAILED)

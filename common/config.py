@@ -70,12 +70,18 @@ class Config:
     max_elements: int = DEFAULT_MAX_ELEMENTS
     max_pvs: int = DEFAULT_MAX_PVS
     max_name_length: int = DEFAULT_MAX_NAME_LENGTH
+    #: Bytes all PV values may take together; None: a quarter of the machine's memory.
+    max_bytes: int | None = None
     log_level: str = DEFAULT_LOG_LEVEL
     autosave_period: float = DEFAULT_AUTOSAVE_PERIOD
     #: Field defaults by glob on the name after the prefix: {"temperature_*": {"EGU": "degC"}}.
     fields: dict = field(default_factory=dict, hash=False)
     #: One ZeroMQ endpoint per shard; empty means ipc sockets in run_dir.
     endpoints: tuple[str, ...] = field(default=())
+    #: EPICS access security file (UAG, HAG, ASG, RULE) governing read, write and create.
+    access_security: Path | None = None
+    #: The access security group of every relay PV.
+    access_group: str = "DEFAULT"
     #: Directory of the CurveZMQ certificates (``carelay keys DIR``); None: no encryption.
     keys_dir: Path | None = None
 
@@ -102,6 +108,12 @@ class Config:
         return self.max_pvs * (self.max_name_length + 1)
 
     @property
+    def byte_limit(self) -> int:
+        if self.max_bytes is not None:
+            return self.max_bytes
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+    @property
     def ca_max_array_bytes(self) -> int:
         largest = max(self.max_elements * 8, self.pvlist_count)
         return largest + CA_ARRAY_OVERHEAD
@@ -123,11 +135,14 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "max_elements": int,
     "max_pvs": int,
     "max_name_length": int,
+    "max_bytes": int,
     "log_level": str,
     "autosave_period": (int, float),
     "fields": dict,
     "endpoints": list,
     "keys_dir": (str, Path),
+    "access_security": (str, Path),
+    "access_group": str,
 }
 
 
@@ -136,7 +151,12 @@ def _check(key: str, value: Any) -> Any:
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if not isinstance(value, expected):
-        label = {"data_dir": "text", "keys_dir": "text", "autosave_period": "a number"}.get(key)
+        label = {
+            "data_dir": "text",
+            "keys_dir": "text",
+            "access_security": "text",
+            "autosave_period": "a number",
+        }.get(key)
         label = label or expected.__name__
         raise ConfigError(f"{key}: expected {label}, got {value!r}")
     if key == "prefix":
@@ -146,7 +166,7 @@ def _check(key: str, value: Any) -> Any:
             )
     elif key == "shards" and not 1 <= value <= MAX_SHARDS:
         raise ConfigError(f"shards: must be from 1 to {MAX_SHARDS}, got {value}")
-    elif key in ("max_elements", "max_pvs") and value < 1:
+    elif key in ("max_elements", "max_pvs", "max_bytes") and value < 1:
         raise ConfigError(f"{key}: must be at least 1, got {value}")
     elif key == "max_elements" and value > 100_000_000:
         raise ConfigError(f"max_elements: must be at most 100000000, got {value}")
@@ -165,10 +185,14 @@ def _check(key: str, value: Any) -> Any:
         value = value.upper()
         if value not in LOG_LEVELS:
             raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-    elif key in ("data_dir", "keys_dir"):
+    elif key in ("data_dir", "keys_dir", "access_security"):
         if not str(value):
             raise ConfigError(f"{key}: must not be empty")
         value = Path(value)
+        if key == "access_security" and not value.is_file():
+            raise ConfigError(f"access_security: {value} is not a readable file")
+    elif key == "access_group" and not (value and value.isascii() and value.isprintable()):
+        raise ConfigError(f"access_group: must be a group name, got {value!r}")
     elif key == "endpoints":
         for ep in value:
             if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://")):

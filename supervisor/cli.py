@@ -24,8 +24,12 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-elements", type=int, metavar="N", help="largest element count")
     p.add_argument("--max-pvs", type=int, metavar="N", help="most PVs the relay holds")
     p.add_argument(
+        "--max-bytes", type=int, metavar="N", help="bytes all PV values may take together"
+    )
+    p.add_argument(
         "--autosave-period", type=float, metavar="S", help="seconds between value flushes (1.0)"
     )
+    p.add_argument("--access-security", metavar="FILE", help="EPICS access security file (.acf)")
     p.add_argument("--keys-dir", metavar="DIR", help="CurveZMQ keys (carelay keys DIR)")
     p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="log level")
 
@@ -57,9 +61,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         data_dir=args.data_dir,
         max_elements=args.max_elements,
         max_pvs=args.max_pvs,
+        max_bytes=args.max_bytes,
         log_level=args.log_level,
         autosave_period=args.autosave_period,
         keys_dir=args.keys_dir,
+        access_security=args.access_security,
     )
 
 
@@ -73,9 +79,11 @@ def child_args(args: argparse.Namespace) -> list[str]:
         ("--data-dir", args.data_dir),
         ("--max-elements", args.max_elements),
         ("--max-pvs", args.max_pvs),
+        ("--max-bytes", args.max_bytes),
         ("--log-level", args.log_level),
         ("--autosave-period", args.autosave_period),
         ("--keys-dir", args.keys_dir),
+        ("--access-security", args.access_security),
     ):
         if value is not None:
             out += [flag, str(value)]
