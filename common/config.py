@@ -56,6 +56,19 @@ CA_ARRAY_OVERHEAD = 16384
 _MAX_IPC_PATH = 100
 
 
+def available_memory() -> int:
+    """The machine's memory, or the container's limit (cgroup v2 or v1) if smaller."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
 class ConfigError(ValueError):
     """An invalid configuration: the message names the key and the problem."""
 
@@ -109,9 +122,10 @@ class Config:
 
     @property
     def byte_limit(self) -> int:
+        """max_bytes, or a quarter of the memory this process may use."""
         if self.max_bytes is not None:
             return self.max_bytes
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        return available_memory() // 4
 
     @property
     def ca_max_array_bytes(self) -> int:
