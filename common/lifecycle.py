@@ -20,7 +20,9 @@ def setup_logging(level: str, role: str) -> logging.Logger:
     """One line per event on stderr, each naming the process role."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {role}: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        logging.Formatter(
+            f"%(asctime)s.%(msecs)03d %(levelname)s {role}: %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -102,6 +102,10 @@ class ShardDatabase:
     def _open_checked(self, path: Path) -> list[SavedPv]:
         existed = path.exists() and path.stat().st_size > 0
         wal = Path(f"{path}-wal")
+        if not path.exists() and good_copy_path(path).exists():
+            # A store is never deleted while its copy stays: this one went missing.
+            # (To start afresh on purpose, remove both.)
+            raise StoreDamaged(f"{path}: the file is missing")
         if (
             path.exists()
             and not existed
@@ -207,6 +211,19 @@ class ShardDatabase:
             damaged.name,
         )
         return rows
+
+    def refresh_good_copy(self) -> bool:
+        """Replace the good copy with the store as it is now, if the store passes its
+        integrity check; returns whether it did.  Bounds what a restore can lose."""
+        try:
+            check = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            check = str(e)
+        if check != "ok":
+            log.error("%s failed its integrity check (%s); the good copy is kept", self.path, check)
+            return False
+        self._keep_good_copy()
+        return True
 
     def _keep_good_copy(self) -> None:
         good = good_copy_path(self.path)

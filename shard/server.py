@@ -22,7 +22,7 @@ import zmq
 from carelay.common.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_INTERVAL, Config
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
-from carelay.common.protocol import Message, Op, ProtocolError, decode, encode
+from carelay.common.protocol import Message, Op, ProtocolError, decode, encode, send_copy
 from carelay.shard.persist import ShardDatabase, StoreDamaged
 from carelay.shard.store import Rejected, ShardStore
 
@@ -30,6 +30,8 @@ log = logging.getLogger("carelay.shard")
 
 #: Most messages handled before one commit and the replies.
 _BATCH = 1000
+#: Seconds between refreshes of the store's good copy (each after an integrity check).
+GOOD_COPY_INTERVAL = 300.0
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
 EXIT_STORE_FAILED = 3
 
@@ -129,7 +131,8 @@ class ShardServer:
         out, self._out = self._out, []
         for peer, msg in out:
             try:
-                self._sock.send_multipart([peer, *encode(msg)], copy=False)
+                frames = encode(msg)
+                self._sock.send_multipart([peer, *frames], copy=send_copy(frames))
             except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
                 log.warning("shard %d: cannot send %s to broker: %s", self.index, msg.op.name, e)
 
@@ -338,6 +341,7 @@ class ShardServer:
     def serve(self, stop: StopFlag) -> None:
         next_status = 0.0
         next_flush = time.monotonic() + self.config.autosave_period
+        next_copy = time.monotonic() + GOOD_COPY_INTERVAL
         quiet_after = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
         while not stop.stopping:
             self.serve_once()
@@ -345,6 +349,12 @@ class ShardServer:
             if now >= next_flush:
                 self.flush()
                 next_flush = now + self.config.autosave_period
+            if self.db is not None and now >= next_copy:
+                try:
+                    self.db.refresh_good_copy()
+                except (sqlite3.Error, OSError) as e:
+                    log.error("shard %d: cannot refresh the good copy: %s", self.index, e)
+                next_copy = now + GOOD_COPY_INTERVAL
             if self._broker_alive and now - self._broker_seen > quiet_after:
                 self._broker_alive = False
                 log.warning("shard %d: broker went quiet", self.index)

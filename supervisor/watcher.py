@@ -124,7 +124,8 @@ class Watcher:
             "name": self.name,
             "pid": self.proc.pid if running else None,
             "state": self.state,
-            "uptime": round(now - self.started_at, 1) if running else 0.0,
+            # ``now`` may predate a restart made in the same pass of the loop.
+            "uptime": round(max(0.0, now - self.started_at), 1) if running else 0.0,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
         }

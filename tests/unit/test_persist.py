@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,6 +141,30 @@ def test_truncated_store_and_no_copy_refuses(path):
         ShardDatabase(path).open()
 
 
+@pytest.mark.parametrize("good", ["garbage", "header-overwritten", "truncated"])
+def test_failed_restore_keeps_refusing_and_keeps_the_damaged_file(path, good):
+    db = ShardDatabase(path)
+    db.open()
+    db.save([("P:a_f1", 1.0, np.array([1.0]), {})])
+    db.close()
+    ShardDatabase(path).open()  # a good copy holding the PV
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * 100)
+    damaged = path.read_bytes()
+    copy = good_copy_path(path)
+    if good == "garbage":
+        copy.write_bytes(b"not a database either" * 10)
+    elif good == "header-overwritten":
+        with open(copy, "r+b") as f:
+            f.write(b"\xff" * 100)
+    else:
+        os.truncate(copy, 1000)
+    for _ in range(3):  # a supervisor starts the shard again and again
+        with pytest.raises(StoreDamaged, match="good copy"):
+            ShardDatabase(path).open()
+        assert path.read_bytes() == damaged  # never replaced by an empty store
+
+
 def test_record_that_does_not_fit_is_damage(path):
     db = ShardDatabase(path)
     db.open()
@@ -162,3 +187,28 @@ def test_other_database_is_not_a_store(path):
     conn.close()
     with pytest.raises(StoreDamaged, match="not a carelay store"):
         ShardDatabase(path).open()
+
+
+def test_missing_store_beside_its_good_copy_is_restored_not_started_empty(path):
+    db = ShardDatabase(path)
+    db.open()
+    db.save([("P:a_f1", 1.0, np.array([1.0]), {})])
+    db.close()
+    ShardDatabase(path).open()  # a good copy holding the PV
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    again = ShardDatabase(path)
+    assert [r.name for r in again.open()] == ["P:a_f1"]
+    assert again.restored_from_copy
+
+
+def test_refreshed_good_copy_holds_later_changes(path):
+    db = ShardDatabase(path)
+    db.open()
+    db.save([("P:a_f1", 1.0, np.array([1.0]), {})])
+    assert db.refresh_good_copy()
+    db.save([("P:b_f1", 2.0, np.array([2.0]), {})])  # after the refresh: not in the copy
+    db.close()
+    with open(path, "r+b") as f:
+        f.write(b"\xff" * 100)
+    assert {r.name for r in ShardDatabase(path).open()} == {"P:a_f1"}
