@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +28,9 @@ log = logging.getLogger("carelay.broker")
 #: CA status for a put the relay could not apply (clients see ECA_PUTFAIL).
 PUT_FAILED = cas.S_casApp_noSupport
 VALUE_MASK = cas.DBE_VALUE | cas.DBE_LOG
+#: A buffer holding more than this many bytes posts at most once per BUFFER_POST_INTERVAL.
+COALESCE_BYTES = 64 * 1024
+BUFFER_POST_INTERVAL = 0.05
 
 
 def guarded(status_on_error):
@@ -106,6 +110,7 @@ class RelayPV(BasePV):
         self.ring = RingBuffer(spec.count, spec.dtype) if spec.is_buffer else None
         self.value = np.zeros(1, dtype=spec.dtype)
         self.pending = 0  # puts sent to the shard and not yet answered
+        self.creating = False  # a first put is on its way: counted against the limits
         self.alarm = Alarm.UDF_ALARM
         self.severity = Severity.INVALID_ALARM
         self.numeric = spec.kind in "fi"
@@ -114,6 +119,10 @@ class RelayPV(BasePV):
         self.eff: dict = broker.resolver.effective(spec, {})
         #: (status, severity) that the alarm limits give the value.
         self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
+        #: The last put's elements: what the alarm limits judge.
+        self._last: np.ndarray | None = None
+        self._due_mask = 0  # events of a large buffer waiting for BUFFER_POST_INTERVAL
+        self._last_post = 0.0
         self._mlst: float | None = None  # value last posted with DBE_VALUE
         self._alst: float | None = None  # value last posted with DBE_LOG
 
@@ -140,11 +149,17 @@ class RelayPV(BasePV):
         self.fields = dict(stored)
         self.eff = self.broker.resolver.effective(self.spec, self.fields)
 
-    def _check_limits(self, data: np.ndarray) -> None:
-        if self.numeric and len(data):
-            self.limit_alarm = fields.check_alarm(
-                self.eff, (data.max(), data.min()), self.limit_alarm[0]
-            )
+    def _check_limits(self, data: np.ndarray, held: int | None = None) -> None:
+        self._last = data
+        if not (self.numeric and len(data)):
+            return
+        if self.eff.keys() & _ALARM_LIMITS:
+            extremes = (data[0], data[0]) if len(data) == 1 else (data.max(), data.min())
+            if held is None:
+                held = self.limit_alarm[0]
+            self.limit_alarm = fields.check_alarm(self.eff, extremes, held)
+        else:
+            self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
 
     def _value_mask(self) -> int:
         """DBE_VALUE and DBE_LOG, less what the MDEL/ADEL deadbands hold back (scalars)."""
@@ -174,6 +189,10 @@ class RelayPV(BasePV):
             self.value = np.array(data, copy=True)
         self.real = True
         self.stamp = stamp
+        if reset and not len(data):
+            # An emptied buffer has no value to be in alarm.
+            self._last = None
+            self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
         self._check_limits(data)
         self.post(self._value_mask())
         self.broker.post_field(self.name, "NORD")
@@ -182,9 +201,11 @@ class RelayPV(BasePV):
         """Mirror a field change the shard applied: property event, alarms re-checked."""
         self.fields[name] = value
         self.set_fields(self.fields)
-        if self.real:
-            self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
-            self._check_limits(self.contents())
+        if self.real and self._last is not None:
+            # The last put's elements again (not a whole buffer); an alarm held by HYST
+            # stays held unless a limit moved.
+            held = fields.NO_ALARM if name in _ALARM_LIMITS else self.limit_alarm[0]
+            self._check_limits(self._last, held)
         self.post(cas.DBE_PROPERTY)
         self.broker.post_field(self.name, name)
 
@@ -197,6 +218,7 @@ class RelayPV(BasePV):
         self.stamp = 0.0
         self.set_fields({})
         self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
+        self._last = None
         self._mlst = self._alst = None
         self.post(VALUE_MASK | cas.DBE_PROPERTY)
         # Monitors of NAME.FIELD see the fields go back to their defaults.
@@ -210,6 +232,31 @@ class RelayPV(BasePV):
             self.alarm, self.severity = alarm, severity
         if not self.interest or not mask:
             return
+        if self.ring is not None and len(self.ring) * self.spec.dtype.itemsize > COALESCE_BYTES:
+            # A large buffer: each event carries all of it, so events may be fewer than
+            # puts without losing a value.  At most one per BUFFER_POST_INTERVAL.
+            now = time.monotonic()
+            self._due_mask |= mask
+            if now - self._last_post < BUFFER_POST_INTERVAL:
+                self.broker.post_later(self)
+                return
+            mask, self._due_mask = self._due_mask, 0
+            self._last_post = now
+        self._post_now(mask, alarm, severity)
+
+    def post_due(self, now: float) -> bool:
+        """Send a coalesced buffer event if its interval has passed; True when sent."""
+        if not self._due_mask:
+            return True
+        if now - self._last_post < BUFFER_POST_INTERVAL:
+            return False
+        mask, self._due_mask = self._due_mask, 0
+        self._last_post = now
+        if self.interest:
+            self._post_now(mask, *self._status())
+        return True
+
+    def _post_now(self, mask: int, alarm: int, severity: int) -> None:
         gdd = value_gdd(self.spec, self.contents())
         gdd.setTimeStamp(self._timestamp())
         gdd.setStatSevr(alarm, severity)
@@ -322,6 +369,7 @@ class RelayPV(BasePV):
             self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
 
 
+_ALARM_LIMITS = frozenset({"HIHI", "HIGH", "LOW", "LOLO"})
 _DISPLAY_FIELDS = frozenset(
     {"EGU", "PREC", "HOPR", "LOPR", "DRVH", "DRVL", "HIHI", "HIGH", "LOW", "LOLO"}
 )
