@@ -12,6 +12,8 @@ import collections
 import itertools
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterable
 
@@ -79,8 +81,13 @@ class Broker:
         self.access_group = config.access_group if config.access_security else None
         self.pvs: dict = {}
         self.field_pvs: dict = {}
+        self._due_posts: set = set()
         self.n_real = 0
         self.n_bytes = 0  # what the real PVs' values may take, at full capacity
+        # Creations sent to a shard and not yet answered count against the limits
+        # too: a burst of first puts must not take the relay past them.
+        self.n_creating = 0
+        self.bytes_creating = 0
         self.byte_limit = config.byte_limit
         self._req = itertools.count(1)
         self._snapshots: dict[int, dict] = {}
@@ -126,7 +133,7 @@ class Broker:
             self._refuse(name, f"{why} {field}")
             return False
         base_pv = self.pvs.get(base)
-        if base_pv is None or not base_pv.real:
+        if base_pv is None or not (base_pv.real or base_pv.creating):
             why = self._over_limits(spec)
             if why is not None:
                 self._refuse(name, why)
@@ -185,6 +192,15 @@ class Broker:
         eff = pv.eff if pv is not None else self.resolver.effective(spec, {})
         return fields.get(eff, field)
 
+    def post_later(self, pv) -> None:
+        """``pv`` has a coalesced event waiting (see RelayPV.post)."""
+        self._due_posts.add(pv)
+
+    def _post_due(self, now: float) -> None:
+        for pv in list(self._due_posts):
+            if pv.post_due(now):
+                self._due_posts.discard(pv)
+
     def post_field(self, name: str, field: str) -> None:
         if self.field_pvs:
             fpv = self.field_pvs.get(f"{name}.{field}")
@@ -219,17 +235,26 @@ class Broker:
         return True
 
     def _set_real(self, pv, real: bool) -> None:
+        if real:
+            self._reserve(pv, False)
         if pv.real != real:
             self.n_real += 1 if real else -1
             self.n_bytes += _capacity(pv.spec) if real else -_capacity(pv.spec)
             self.pvlist.dirty = True
 
+    def _reserve(self, pv, creating: bool) -> None:
+        """Count (or stop counting) ``pv`` as a creation in flight."""
+        if pv.creating != creating:
+            pv.creating = creating
+            self.n_creating += 1 if creating else -1
+            self.bytes_creating += _capacity(pv.spec) if creating else -_capacity(pv.spec)
+
     def _over_limits(self, spec) -> str | None:
         """Why a new PV of ``spec`` may not be created, or None."""
         c = self.config
-        if self.n_real >= c.max_pvs:
+        if self.n_real + self.n_creating >= c.max_pvs:
             return f"max_pvs ({c.max_pvs}) reached"
-        if self.n_bytes + _capacity(spec) > self.byte_limit:
+        if self.n_bytes + self.bytes_creating + _capacity(spec) > self.byte_limit:
             return f"max_bytes ({self.byte_limit}) would be exceeded"
         return None
 
@@ -241,7 +266,7 @@ class Broker:
         if not link.usable:
             log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
             return False
-        if not pv.real:
+        if not (pv.real or pv.creating):
             why = self._over_limits(pv.spec)
             if why is not None:
                 self._refuse(pv.name, why)
@@ -251,6 +276,8 @@ class Broker:
             log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
             return False
         pv.pending += 1
+        if not pv.real:
+            self._reserve(pv, True)
         link.pending[req] = Pending(pv, pv.name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
         return True
 
@@ -278,6 +305,8 @@ class Broker:
             return
         if p.pv is not None:
             p.pv.pending = max(0, p.pv.pending - 1)
+            if not p.pv.pending:
+                self._reserve(p.pv, False)
         if p.notify is not None:
             p.notify.complete(ok)
 
@@ -496,6 +525,8 @@ class Broker:
             now = time.monotonic()
             self._timers(now)
             self.pvlist.post_if_changed()
+            if self._due_posts:
+                self._post_due(time.monotonic())
             self._graveyard.clear()
             if not self.ready and (
                 all(link.live for link in self.links) or now - started > _STARTUP_SYNC_TIMEOUT
@@ -514,6 +545,27 @@ class Broker:
             if now >= next_status:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
+
+
+def check_access_security(path) -> str | None:
+    """Why the access security file at ``path`` does not load, or None if it does.
+
+    Loaded in a child process, so that ``carelay up`` can refuse a bad file before
+    it starts anything: EPICS prints its complaints on the C streams, where the
+    child's output catches them.
+    """
+    code = "import sys; from pcaspy import cas; sys.exit(cas.asInitFile(sys.argv[1], '') != 0)"
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=60,
+        check=False,
+    )
+    if r.returncode == 0:
+        return None
+    return " ".join((r.stderr + r.stdout).split()) or f"exit status {r.returncode}"
 
 
 def run_broker(config: Config) -> int:

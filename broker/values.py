@@ -57,7 +57,11 @@ def _chars(value: cas.gdd, n: int) -> bytes:
     if prim in _CHAR_TYPES:
         if value.isScalar():
             return bytes([int(value.getConvertNumeric()) & 0xFF])
-        return bytes(x & 0xFF for x in value.getCharArray(n))
+        chars = value.getCharArray(n)
+        try:
+            return bytes(chars)  # one C loop; 0..255 is the usual case
+        except ValueError:  # signed chars
+            return bytes(x & 0xFF for x in chars)
     nums = _numbers(value, n)
     if any(not (0 <= x <= 255) or x != int(x) for x in nums):
         raise ConversionError("char elements must be whole numbers from 0 to 255")
@@ -71,6 +75,12 @@ def gdd_to_array(spec: PvSpec, value: cas.gdd) -> np.ndarray:
     if kind == "s":
         if value.primitiveType() in _TEXT_TYPES:
             text = _text(value)
+            if len(text.encode("utf-8", "replace")) >= MAX_STRING_CHARS:
+                # A DBR_STRING is 40 bytes with its terminator: one that fills them has
+                # none, and what PCAS read past its end depends on the bytes that follow.
+                raise ConversionError(
+                    f"a DBR_STRING carries at most {MAX_STRING_CHARS - 1} characters"
+                )
         elif value.primitiveType() in _CHAR_TYPES and not value.isScalar():
             text = _chars(value, n).split(b"\0", 1)[0].decode("utf-8", "replace")
         else:

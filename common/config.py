@@ -54,6 +54,8 @@ STATUS_INTERVAL = 1.0
 CA_ARRAY_OVERHEAD = 16384
 #: Longest unix socket path (sun_path less a margin).
 _MAX_IPC_PATH = 100
+#: Largest EPICS_CA_MAX_ARRAY_BYTES that PCAS starts with (a signed 32-bit size).
+_MAX_CA_ARRAY_BYTES = 2**31 - 1
 
 
 def available_memory() -> int:
@@ -255,6 +257,12 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
                 raise ConfigError(f"keys_dir: {config.keys_dir / cert} is missing")
     if len(config.pvlist_name) > config.max_name_length:
         raise ConfigError("prefix: too long for max_name_length")
+    if config.ca_max_array_bytes > _MAX_CA_ARRAY_BYTES:
+        raise ConfigError(
+            f"max_pvs: {config.max_pvs} names of up to {config.max_name_length} characters "
+            f"make a pvlist larger than CA carries ({_MAX_CA_ARRAY_BYTES} bytes); "
+            "lower max_pvs or max_name_length"
+        )
     return config
 
 

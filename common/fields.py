@@ -126,7 +126,12 @@ def validate(field: str, value: Any) -> Any:
             if text == "MAJOR_ALARM" or text == "MINOR_ALARM" or text == "INVALID_ALARM":
                 return SEVERITIES.index(text[: -len("_ALARM")])
             raise FieldError(f"{field} takes one of {', '.join(SEVERITIES)}")
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (isinstance(value, float) and not math.isfinite(value))
+            or value != int(value)
+        ):
             raise FieldError(f"{field} takes one of {', '.join(SEVERITIES)}")
         if not 0 <= int(value) < len(SEVERITIES):
             raise FieldError(f"{field} takes a severity from 0 to {len(SEVERITIES) - 1}")
@@ -134,10 +139,14 @@ def validate(field: str, value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise FieldError(f"{field} takes a number")
     if f.kind == "short":
-        if value != int(value) or not 0 <= value <= MAX_PREC:
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if not finite or value != int(value) or not 0 <= value <= MAX_PREC:
             raise FieldError(f"{field} takes a whole number from 0 to {MAX_PREC}")
         return int(value)
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise FieldError(f"{field} takes a number a double holds") from None
     if math.isnan(value):
         raise FieldError(f"{field} takes a number, not NaN")
     return value

@@ -113,6 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(e).replace("\r", "\\r").replace("\n", "\\n")
         print(f"carelay: invalid configuration: {message}", file=sys.stderr)
         return 2
+    if args.command == "up" and config.access_security is not None:
+        # The broker would only find out after the relay started, and fail at every restart.
+        from carelay.broker.app import check_access_security
+
+        problem = check_access_security(config.access_security)
+        if problem is not None:
+            print(
+                f"carelay: invalid configuration: access_security: {config.access_security} "
+                f"is not a valid access security file: {problem}",
+                file=sys.stderr,
+            )
+            return 2
     from carelay.common.lifecycle import setup_logging
 
     if args.command == "status":
