@@ -22,7 +22,7 @@ from carelay.common.config import (
     RECONNECT_INITIAL,
     RECONNECT_MAX,
 )
-from carelay.common.protocol import Message, ProtocolError, decode, encode
+from carelay.common.protocol import Message, ProtocolError, decode, encode, send_copy
 
 log = logging.getLogger("carelay.broker")
 
@@ -110,7 +110,8 @@ class ShardLink:
         if self.sock is None:
             return False
         try:
-            self.sock.send_multipart(encode(msg), zmq.NOBLOCK, copy=False)
+            frames = encode(msg)
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=send_copy(frames))
         except zmq.Again:
             return False
         except zmq.ZMQError as e:

@@ -122,6 +122,15 @@ class Message:
         ]
 
 
+#: Data frames at least this large are sent without a copy; smaller ones are cheaper copied.
+ZERO_COPY_MIN = 65536
+
+
+def send_copy(frames: list) -> bool:
+    """``copy`` for sending ``frames``: False only when a large buffer is among them."""
+    return len(frames) < 3 or len(frames[-1]) < ZERO_COPY_MIN
+
+
 def encode(msg: Message) -> list:
     """Frames for ``msg``: tag, header and, for an array, its raw buffer."""
     frames: list = [PROTOCOL_TAG, msgpack.packb(msg._header(), use_bin_type=True)]

@@ -38,6 +38,8 @@ class StoredPv:
     value: np.ndarray | None = None  # arrays and scalars
     ring: RingBuffer | None = None  # buffers
     fields: dict = field(default_factory=dict)
+    #: fields with the configured defaults filled in; None until needed, reset on a change.
+    effective: dict | None = None
 
     def contents(self) -> np.ndarray:
         """The value, oldest first.  A copy for buffers: the ring's storage changes
@@ -103,9 +105,12 @@ class ShardStore:
         if not spec.is_buffer and n > spec.count:
             raise Rejected(f"{n} elements for a PV of {spec.count}")
         if spec.kind in "fi":
-            data = clip_to_drive_limits(
-                self._resolver.effective(spec, pv.fields if pv else {}), data
-            )
+            eff = pv.effective if pv is not None and pv.effective is not None else None
+            if eff is None:
+                eff = self._resolver.effective(spec, pv.fields if pv else {})
+                if pv is not None:
+                    pv.effective = eff
+            data = clip_to_drive_limits(eff, data)
         created = pv is None
         stamp = self._clock()
         if created:
@@ -145,6 +150,7 @@ class ShardStore:
             raise Rejected(str(e)) from None
         self._unsaved.setdefault(name, replace(pv, fields=dict(pv.fields)))
         pv.fields[field_name] = value
+        pv.effective = None
         self.seq += 1
         return self.seq, value
 

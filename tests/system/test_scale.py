@@ -149,3 +149,46 @@ def test_concurrent_writers_to_one_pv(relay):
         mine = [x for x in got.tolist() if w * 10_000 <= x < (w + 1) * 10_000]
         assert mine == vs, f"writer {w}'s values out of order"
     assert get(scalar) in {vs[-1] for vs in values}
+
+
+def test_large_buffer_monitor_events_each_carry_a_whole_state(relay):
+    """A large buffer's events may be fewer than its puts (coalesced), but each is the
+    buffer as it stood after some put, in order, and the last is the final buffer."""
+    from caproto.threading.client import Context
+
+    name = relay.name("coalesced", "F100000")
+    chunk, puts = 1000, 150
+    assert epics.caput(name, np.zeros(chunk), wait=True, timeout=10) == 1
+    states = [np.zeros(chunk)]
+    for k in range(1, puts + 1):
+        states.append(np.concatenate([states[-1], np.full(chunk, float(k))])[-100_000:])
+    lengths = {len(s): i for i, s in enumerate(states)}
+    ctx = Context()
+    seen = []
+    try:
+        (pv,) = ctx.get_pvs(name, timeout=5)
+        pv.wait_for_connection(timeout=10)
+        sub = pv.subscribe(data_count=0)
+
+        def on_event(sub, response):  # caproto keeps only a weak reference: keep a name
+            seen.append(np.array(response.data))
+
+        sub.add_callback(on_event)
+        wait_for(lambda: seen, what="the first event")
+        for k in range(1, puts + 1):
+            assert epics.caput(name, np.full(chunk, float(k)), wait=True, timeout=10) == 1
+        wait_for(
+            lambda: len(seen[-1]) == 100_000 and seen[-1][-1] == float(puts),
+            timeout=20,
+            what="an event with the final buffer",
+        )
+        order = []
+        for event in seen:
+            # Which put's state is this?  The last element names the put once full.
+            k = int(event[-1]) if len(event) == 100_000 else lengths[len(event)]
+            np.testing.assert_array_equal(event, states[k])
+            order.append(k)
+        assert order == sorted(order)
+        sub.clear()
+    finally:
+        ctx.disconnect()
