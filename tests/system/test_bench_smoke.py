@@ -1,0 +1,62 @@
+"""Smoke test of the benchmark suite: ``python -m bench --quick`` runs and reports numbers.
+
+No timed assertions: the figures depend on the machine.  The suite chooses its
+own free ports and sets its own EPICS environment for its servers and clients,
+so it runs beside this session's relay without sharing its port.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.system
+
+
+def test_quick_bench_runs_and_reports_every_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "results"
+    # The inherited EPICS_CA_* variables (the harness's port) must not matter.
+    env = {**os.environ, "EPICS_CA_SERVER_PORT": "5064", "EPICS_CAS_SERVER_PORT": "5064"}
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["workloads"] == ["W1", "W3"]
+    assert doc["servers"] == ["carelay", "control"]
+    assert not doc["errors"]
+    for w in doc["workloads"]:
+        for s in doc["servers"]:
+            figures = doc["results"][w][s]
+            assert figures and "error" not in figures, (w, s, figures)
+            for key, value in figures.items():
+                assert isinstance(value, int | float) and math.isfinite(value), (w, s, key, value)
+                assert value >= 0, (w, s, key, value)
+    assert doc["table"], "no table rows"
+    assert (out / "w1.png").stat().st_size > 0
+    assert (out / "w3.png").stat().st_size > 0
+    # No server process of the bench outlives it.
+    procs = doc["server_processes"]
+    assert procs, "no server process recorded"
+    for p in procs:
+        try:
+            alive = psutil.Process(p["pid"]).create_time() == p["create_time"]
+        except psutil.NoSuchProcess:
+            alive = False
+        assert not alive, f"server process {p['pid']} outlived the bench"
