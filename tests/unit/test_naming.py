@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from carelay.common.naming import InvalidPvName, PvSpec, parse_pv_name
 
@@ -218,3 +220,33 @@ def test_invalid_pv_name_is_a_value_error():
 @pytest.mark.parametrize("rest", ["x_f1\n", "x_F4\n"])
 def test_trailing_newline_refused(rest):
     refused(PREFIX + rest, r"<name>_<type><count>")
+
+
+# -- properties -------------------------------------------------------------------------
+
+_NAME_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-:;"
+
+
+@given(
+    stem=st.text(alphabet=_NAME_CHARS, min_size=1, max_size=40),
+    type_code=st.sampled_from("ficFIC"),
+    count=st.integers(min_value=1, max_value=1000),
+)
+def test_every_name_built_by_the_rule_parses_back(stem, type_code, count):
+    name = f"P:{stem}_{type_code}{count}"
+    spec = parse_pv_name(name, "P:", 1000, 128)
+    assert (spec.name, spec.type_code, spec.count) == (name, type_code, count)
+    assert spec.is_buffer == type_code.isupper()
+
+
+@given(st.text(max_size=80))
+def test_any_text_parses_or_is_refused_with_the_rules_own_error(rest):
+    try:
+        spec = parse_pv_name("P:" + rest, "P:", 1000, 128)
+    except InvalidPvName:
+        return
+    # Whatever is accepted follows the rule exactly.
+    assert rest.isascii() and "." not in rest and not any(c.isspace() for c in rest)
+    assert 1 <= spec.count <= 1000
+    assert spec.type_code in "ficsFIC"
+    assert spec.type_code != "s" or spec.count == 1
