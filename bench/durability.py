@@ -10,19 +10,16 @@ Recovery is measured against a real ``carelay up`` on a free port.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.servers import CarelayServer, client_env
 from carelay.common.sharding import shard_for
 from carelay.shard.persist import ShardDatabase
 from carelay.shard.store import ShardStore
@@ -78,52 +75,16 @@ def flush_costs(n_pvs: int, repeats: int = 5) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def recovery_times(kills: int, n_pvs: int = 1000) -> list[float]:
     """Seconds from SIGKILL of shard 0 until a put with callback to one of its PVs succeeds
     and reads back."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "EPICS_CA_SERVER_PORT": str(port),
-        "EPICS_CAS_SERVER_PORT": str(port),
-        "EPICS_CA_ADDR_LIST": "127.0.0.1",
-        "EPICS_CA_AUTO_ADDR_LIST": "NO",
-        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
-    }
-    os.environ.update(env)
-    from caproto.threading.client import Context
+    with CarelayServer(set(), shards=2) as relay:
+        os.environ.update(client_env(relay.port))
+        from caproto.threading.client import Context
 
-    with tempfile.TemporaryDirectory() as tmp:
-        log = open(Path(tmp) / "relay.log", "wb")  # noqa: SIM115
-        relay = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "carelay.supervisor.cli",
-                "up",
-                "--prefix",
-                PREFIX,
-                "--data-dir",
-                tmp,
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        ctx = Context()
         try:
-            deadline = time.monotonic() + 30
-            while b"ready:" not in (Path(tmp) / "relay.log").read_bytes():
-                if time.monotonic() > deadline:
-                    raise RuntimeError("relay did not become ready")
-                time.sleep(0.05)
-            ctx = Context()
-            names = [f"{PREFIX}r{i}_f1" for i in range(n_pvs)]
+            names = [f"{relay.prefix}r{i}_f1" for i in range(n_pvs)]
             pvs = ctx.get_pvs(*names, timeout=10)
             for pv in pvs:
                 pv.wait_for_connection(timeout=10)
@@ -132,8 +93,7 @@ def recovery_times(kills: int, n_pvs: int = 1000) -> list[float]:
             probe = next(pv for pv in pvs if shard_for(pv.name, 2) == 0)
             times = []
             for k in range(kills):
-                status = json.loads((Path(tmp) / "run" / "supervisor.json").read_text())
-                pid = next(p["pid"] for p in status["processes"] if p["name"] == "shard 0")
+                pid = relay.pids()["shard0"]
                 t0 = time.monotonic()
                 os.kill(pid, signal.SIGKILL)
                 while True:
@@ -143,12 +103,9 @@ def recovery_times(kills: int, n_pvs: int = 1000) -> list[float]:
                     time.sleep(0.01)
                 times.append(time.monotonic() - t0)
                 time.sleep(1.0)  # let the supervisor's back-off settle
-            ctx.disconnect()
             return times
         finally:
-            relay.send_signal(signal.SIGTERM)
-            relay.wait(10)
-            log.close()
+            ctx.disconnect()
 
 
 def main() -> None:
