@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,26 +18,11 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    """A port free for both TCP and UDP on loopback."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
-            t.bind(("127.0.0.1", 0))
-            port = t.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-        if port != 5064:
-            return port
-    raise RuntimeError("no free port")
-
+from bench.servers import free_port
 
 # Client processes spawned by a test import this module again: they must keep
 # the session's port, which they find in the environment they inherit.
-CA_PORT = int(os.environ.get("CARELAY_TEST_CA_PORT") or _free_port())
+CA_PORT = int(os.environ.get("CARELAY_TEST_CA_PORT") or free_port())
 os.environ["CARELAY_TEST_CA_PORT"] = str(CA_PORT)
 CA_ENV = {
     "EPICS_CA_SERVER_PORT": str(CA_PORT),
@@ -84,6 +68,13 @@ class Relay:
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @staticmethod
+    def give_way() -> None:
+        """Stop a module's shared relay, so that another can use the port; the fixture that
+        shares it starts it again (see using_shared)."""
+        if Relay.running is not None and Relay.running.shared and Relay.running.alive:
+            Relay.running.stop()
 
     def __init__(self, tmp: Path, shards: int = 2, extra: list[str] | None = None) -> None:
         self.prefix = f"T{uuid.uuid4().hex[:8]}:"
@@ -210,9 +201,7 @@ def make_relay(tmp_path, request):
     relays: list[Relay] = []
 
     def make(shards: int = 2, extra: list[str] | None = None, start: bool = True) -> Relay:
-        # A module's shared relay gives way (the `relay` fixture starts it again).
-        if Relay.running is not None and Relay.running.shared and Relay.running.alive:
-            Relay.running.stop()
+        Relay.give_way()
         d = tmp_path / f"relay{len(relays)}"
         d.mkdir()
         relay = Relay(d, shards, extra)
@@ -234,13 +223,29 @@ def shared_relay(tmp_path_factory):
     relay.stop()
 
 
+@pytest.fixture(scope="module")
+def ca():
+    """One caproto client context for the module."""
+    from caproto.threading.client import Context
+
+    ctx = Context()
+    yield ctx
+    ctx.disconnect()
+
+
 @pytest.fixture
 def relay(shared_relay, request):
-    if not shared_relay.alive:
-        shared_relay.start()
-    yield shared_relay
-    _report_log(request, shared_relay)
-    assert shared_relay.proc.poll() is None, "the shared relay died during the test"
+    yield from using_shared(shared_relay, request)
+
+
+def using_shared(shared: Relay, request):
+    """Body of a fixture that hands a module's shared relay to one test: started again if
+    it gave way, its log printed if the test failed, and it must not die meanwhile."""
+    if not shared.alive:
+        shared.start()
+    yield shared
+    _report_log(request, shared)
+    assert shared.proc.poll() is None, "the shared relay died during the test"
 
 
 def caproto_cli(tool: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:

@@ -12,27 +12,8 @@ import pytest
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
 from caproto.threading.client import Context
 
+from tests.system.clients import connect, get, get_array, put, pvlist, write_status
 from tests.system.conftest import caproto_cli, wait_for
-from tests.system.test_semantics import get, get_array, put, write_status
-
-
-@pytest.fixture(scope="module")
-def ca():
-    """One caproto client context for the module."""
-    ctx = Context()
-    yield ctx
-    ctx.disconnect()
-
-
-def connect(ca, name):
-    (pv,) = ca.get_pvs(name, timeout=5)
-    pv.wait_for_connection(timeout=5)
-    return pv
-
-
-def pvlist(relay) -> list[str]:
-    text = get_array(relay.prefix + "pvlist", as_string=True)
-    return text.split(",") if text else []
 
 
 def delete(ca, relay, name):

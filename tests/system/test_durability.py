@@ -39,6 +39,7 @@ from caproto.threading.client import Context
 
 from carelay.common.config import Config
 from carelay.common.sharding import shard_for
+from tests.system.clients import close, name_on_shard
 from tests.system.conftest import wait_for
 
 #: Autosave period of the relays here (seconds), and the margin the tests allow on top.
@@ -105,14 +106,6 @@ def role_pid(relay, role: str) -> int | None:
         if i is not None and argv[i : i + len(want)] == want:
             return pid
     return None
-
-
-def name_on_shard(relay, shard: int, stem: str, type_count: str = "f1") -> str:
-    """A fresh PV name that the rendezvous hash gives to ``shard``."""
-    while True:
-        name = relay.name(stem, type_count)
-        if shard_for(name, relay.shards) == shard:
-            return name
 
 
 def status_rows(relay) -> tuple[int, dict[str, dict]]:
@@ -343,21 +336,6 @@ def crash(relay) -> float:
     wait_for(lambda: not relay.children(), timeout=5, what="every relay process gone")
     relay.stop()  # closes the log; the relay can start again on the same data
     return t
-
-
-def close(ctx: Context) -> None:
-    """Disconnect a caproto context without waiting seconds for its threads.
-
-    Context.disconnect joins the search thread of its broadcaster, which sleeps
-    up to 5 s between search retries: wake it and let it end first (it would
-    also raise if its socket were closed under it).
-    """
-    broadcaster = ctx.broadcaster
-    broadcaster._close_event.set()
-    broadcaster._search_now.set()
-    if broadcaster._retry_unanswered_searches_thread is not None:
-        broadcaster._retry_unanswered_searches_thread.join(timeout=5)
-    ctx.disconnect(wait=False)
 
 
 @pytest.fixture

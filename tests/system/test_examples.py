@@ -6,6 +6,7 @@ import epics
 import numpy as np
 import pytest
 
+from tests.system.clients import get
 from tests.system.conftest import caproto_cli, wait_for
 
 
@@ -13,12 +14,6 @@ from tests.system.conftest import caproto_cli, wait_for
 def ex(relay):
     """Example names made unique under the shared relay's prefix."""
     return lambda base: relay.name(*base.rsplit("_", 1))
-
-
-def get(name, **kw):
-    value = epics.caget(name, use_monitor=False, timeout=5, **kw)
-    assert value is not None, f"caget {name} failed"
-    return value
 
 
 def test_int_scalar(relay, ex):

@@ -36,7 +36,8 @@ from caproto import AlarmSeverity, AlarmStatus, ChannelType, SubscriptionType
 from caproto.threading.client import Context
 
 from carelay.common.sharding import shard_for
-from tests.system.conftest import CARELAY, Relay, _report_log, unique, wait_for
+from tests.system.clients import connect, get, put, write_status
+from tests.system.conftest import CARELAY, Relay, unique, using_shared, wait_for
 
 OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
 HIHI = (AlarmStatus.HIHI, AlarmSeverity.MAJOR_ALARM)
@@ -54,37 +55,7 @@ DESC = "a temperature"
 """
 
 
-@pytest.fixture(scope="module")
-def ca():
-    """One caproto client context for the module."""
-    ctx = Context()
-    yield ctx
-    ctx.disconnect()
-
-
 # -- helpers ----------------------------------------------------------------------------
-
-
-def connect(ca, name):
-    (pv,) = ca.get_pvs(name, timeout=5)
-    pv.wait_for_connection(timeout=5)
-    return pv
-
-
-def write_status(pv, data, **kw):
-    """Put with callback through caproto; the CA status the server answered."""
-    return pv.write(data, wait=True, timeout=5, **kw).status
-
-
-def put(name, value):
-    assert epics.caput(name, value, wait=True, timeout=5) == 1, f"caput {name} {value!r}"
-
-
-def get(name, **kw):
-    """A fresh read through pyepics (never the monitor cache)."""
-    value = epics.caget(name, use_monitor=False, timeout=5, **kw)
-    assert value is not None, f"caget {name} failed"
-    return value
 
 
 def read(ca, name, **kw):
@@ -838,8 +809,7 @@ def _shard_pid(relay: Relay, k: int) -> int:
 @pytest.fixture(scope="module")
 def config_relay(tmp_path_factory):
     """A relay with CONFIG's field defaults, for the rest of the module."""
-    if Relay.running is not None and Relay.running.shared and Relay.running.alive:
-        Relay.running.stop()
+    Relay.give_way()
     tmp = tmp_path_factory.mktemp("fields-config")
     path = tmp / "carelay.toml"
     path.write_text(CONFIG)
@@ -851,10 +821,7 @@ def config_relay(tmp_path_factory):
 
 @pytest.fixture
 def crelay(config_relay, request):
-    if not config_relay.alive:
-        config_relay.start()
-    yield config_relay
-    _report_log(request, config_relay)
+    yield from using_shared(config_relay, request)
 
 
 def temperature(relay: Relay, type_count: str = "f1") -> str:

@@ -47,9 +47,9 @@ from caproto.threading.client import Context
 from carelay.common.config import load_config
 from carelay.common.protocol import PROTOCOL_TAG, Message, Op, encode
 from carelay.common.sharding import shard_for
+from tests.system.clients import close, get, get_array, put, pvlist, write_status
 from tests.system.conftest import CA_PORT, CARELAY, caproto_cli, wait_for
 from tests.system.test_processes import config_error, status_rows
-from tests.system.test_semantics import get, get_array, put, write_status
 
 #: The user name a CA client of this module's own writer context sends.
 WRITER = "carelay_writer"
@@ -71,26 +71,11 @@ def writer():
     close(ctx)
 
 
-def close(ctx: Context) -> None:
-    """Disconnect a caproto context without waiting for its search thread to wake."""
-    broadcaster = ctx.broadcaster
-    broadcaster._close_event.set()
-    broadcaster._search_now.set()
-    if broadcaster._retry_unanswered_searches_thread is not None:
-        broadcaster._retry_unanswered_searches_thread.join(timeout=5)
-    ctx.disconnect(wait=False)
-
-
 def connect(ctx: Context, *names: str):
     pvs = ctx.get_pvs(*names, timeout=5)
     for pv in pvs:
         pv.wait_for_connection(timeout=5)
     return pvs if len(pvs) > 1 else pvs[0]
-
-
-def pvlist(relay) -> list[str]:
-    text = get_array(relay.prefix + "pvlist", as_string=True)
-    return text.split(",") if text else []
 
 
 def stored(relay, name: str) -> tuple[int, str]:

@@ -120,8 +120,7 @@ def hosts():
 def site(hosts, tmp_path, request):
     """Keys, a configuration naming tcp endpoints on the shard host, and the processes."""
     # No other relay may hold the session's CA port.
-    if Relay.running is not None and Relay.running.alive:
-        Relay.running.stop()
+    Relay.give_way()
     keys = tmp_path / "keys"
     r = subprocess.run([*CARELAY, "keys", str(keys)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from carelay.common.sharding import shard_for
+from tests.system.clients import get, name_on_shard
 from tests.system.conftest import CARELAY, wait_for
 
 STOP_BOUND = 5.0  # seconds the issue allows for a clean stop, children included
@@ -28,12 +29,6 @@ ROW = re.compile(
     r"\s+(?P<store>-|[\d.]+ (?:B|KiB|MiB|GiB)))?"
     r"\s*$"
 )
-
-
-def get(name, **kw):
-    value = epics.caget(name, use_monitor=False, timeout=5, **kw)
-    assert value is not None, f"caget {name} failed"
-    return value
 
 
 def argv_of(pid: int) -> list[str]:
@@ -59,14 +54,6 @@ def status_rows(relay, codes=(0,)) -> dict[str, dict]:
                 row[key] = None if row[key] == "-" else int(row[key])
             rows[row.pop("name")] = row
     return rows
-
-
-def name_on_shard(relay, shard: int, stem: str, type_count: str = "f1") -> str:
-    """A fresh PV name that the rendezvous hash gives to ``shard``."""
-    while True:
-        name = relay.name(stem, type_count)
-        if shard_for(name, relay.shards) == shard:
-            return name
 
 
 def put_and_read(name: str, value: float) -> bool:

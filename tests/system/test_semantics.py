@@ -22,63 +22,12 @@ import epics
 import numpy as np
 import pytest
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.threading.client import Context
 
+from tests.system.clients import connect, get, get_array, put, pvlist, write_status
 from tests.system.conftest import caproto_cli, wait_for
 
 #: How long a test waits for a monitor event that must NOT come.
 NO_EXTRA_EVENT_WAIT = 0.4
-
-
-@pytest.fixture(scope="module")
-def ca():
-    """One caproto client context for the module."""
-    ctx = Context()
-    yield ctx
-    ctx.disconnect()
-
-
-def get(name, **kw):
-    """A fresh read of a scalar through pyepics (never the monitor cache)."""
-    value = epics.caget(name, use_monitor=False, timeout=5, **kw)
-    assert value is not None, f"caget {name} failed"
-    return value
-
-
-def get_array(name, **kw):
-    """A fresh read of an array at its current length, through pyepics.
-
-    Not ``caget``: ``PV.get`` asks for as many elements as its last monitor
-    event had, which lags behind a put made by another client, and
-    ``caget(count=0)`` returns an empty array.  ``ca.get`` asks for count 0,
-    the current length, as a waveform client does.
-    """
-    chid = epics.ca.create_channel(name, connect=True, auto_cb=False)
-    value = epics.ca.get(chid, timeout=5, **kw)
-    assert value is not None, f"ca.get {name} failed"
-    # pyepics unpacks a one-element answer as a scalar.
-    return value if kw.get("as_string") else np.atleast_1d(value)
-
-
-def put(name, value):
-    assert epics.caput(name, value, wait=True, timeout=5) == 1, f"caput {name} {value!r}"
-
-
-def connect(ca, name):
-    (pv,) = ca.get_pvs(name, timeout=5)
-    pv.wait_for_connection(timeout=5)
-    return pv
-
-
-def write_status(pv, data, **kw):
-    """Put with callback through caproto; the CA status the server answered."""
-    response = pv.write(data, wait=True, timeout=5, **kw)
-    return response.status
-
-
-def pvlist(relay) -> list[str]:
-    text = get_array(relay.prefix + "pvlist", as_string=True)
-    return text.split(",") if text else []
 
 
 def time_read(ca, name):

@@ -1,0 +1,77 @@
+"""CA client helpers the system tests share: fresh reads, puts with callback, statuses."""
+
+from __future__ import annotations
+
+import epics
+import numpy as np
+
+from carelay.common.sharding import shard_for
+
+
+def get(name, timeout: float = 5, **kw):
+    """A fresh read through pyepics (never the monitor cache)."""
+    value = epics.caget(name, use_monitor=False, timeout=timeout, **kw)
+    assert value is not None, f"caget {name} failed"
+    return value
+
+
+def put(name, value):
+    """A put with callback through pyepics, which must report completion."""
+    assert epics.caput(name, value, wait=True, timeout=5) == 1, f"caput {name} {value!r}"
+
+
+def get_array(name, **kw):
+    """A fresh read of an array at its current length, through pyepics.
+
+    Not ``caget``: ``PV.get`` asks for as many elements as its last monitor
+    event had, which lags behind a put made by another client, and
+    ``caget(count=0)`` returns an empty array.  ``ca.get`` asks for count 0,
+    the current length, as a waveform client does.
+    """
+    chid = epics.ca.create_channel(name, connect=True, auto_cb=False)
+    value = epics.ca.get(chid, timeout=5, **kw)
+    assert value is not None, f"ca.get {name} failed"
+    # pyepics unpacks a one-element answer as a scalar.
+    return value if kw.get("as_string") else np.atleast_1d(value)
+
+
+def pvlist(relay) -> list[str]:
+    """The names in ``<prefix>pvlist``."""
+    text = get_array(relay.prefix + "pvlist", as_string=True)
+    return text.split(",") if text else []
+
+
+def connect(ca, name):
+    """A connected caproto PV of context ``ca``."""
+    (pv,) = ca.get_pvs(name, timeout=5)
+    pv.wait_for_connection(timeout=5)
+    return pv
+
+
+def write_status(pv, data, **kw):
+    """Put with callback through caproto; the CA status the server answered (pyepics does
+    not report a failed put callback)."""
+    return pv.write(data, wait=True, timeout=5, **kw).status
+
+
+def close(ctx) -> None:
+    """Disconnect a caproto context without waiting seconds for its threads.
+
+    Context.disconnect joins the search thread of its broadcaster, which sleeps
+    up to 5 s between search retries: wake it and let it end first (it would
+    also raise if its socket were closed under it).
+    """
+    broadcaster = ctx.broadcaster
+    broadcaster._close_event.set()
+    broadcaster._search_now.set()
+    if broadcaster._retry_unanswered_searches_thread is not None:
+        broadcaster._retry_unanswered_searches_thread.join(timeout=5)
+    ctx.disconnect(wait=False)
+
+
+def name_on_shard(relay, shard: int, stem: str, type_count: str = "f1") -> str:
+    """A fresh PV name that the rendezvous hash gives to ``shard``."""
+    while True:
+        name = relay.name(stem, type_count)
+        if shard_for(name, relay.shards) == shard:
+            return name
