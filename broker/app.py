@@ -30,7 +30,7 @@ from carelay.common.config import (
 from carelay.common.fields import FieldResolver, split_field
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
-from carelay.common.naming import InvalidPvName, parse_pv_name
+from carelay.common.naming import InvalidPvName
 from carelay.common.protocol import Message, Op
 from carelay.common.sharding import shard_for
 
@@ -124,7 +124,7 @@ class Broker:
         base, field = split_field(name)
         c = self.config
         try:
-            spec = parse_pv_name(base, c.prefix, c.max_elements, c.max_name_length)
+            spec = c.pv_spec(base)
         except InvalidPvName as e:
             self._refuse(name, str(e))
             return False
@@ -152,18 +152,14 @@ class Broker:
             else:
                 from carelay.broker.pvs import FieldPV
 
-                c = self.config
-                spec = parse_pv_name(base, c.prefix, c.max_elements, c.max_name_length)
-                pv = self.field_pvs[name] = FieldPV(self, spec, field)
+                pv = self.field_pvs[name] = FieldPV(self, self.config.pv_spec(base), field)
         pv.attached = True
         return pv
 
     def _new_pv(self, name: str):
         from carelay.broker.pvs import RelayPV
 
-        c = self.config
-        spec = parse_pv_name(name, c.prefix, c.max_elements, c.max_name_length)
-        pv = RelayPV(self, spec, shard_for(name, c.shards))
+        pv = RelayPV(self, self.config.pv_spec(name), shard_for(name, self.config.shards))
         self.pvs[name] = pv
         return pv
 
@@ -225,13 +221,10 @@ class Broker:
             except fields.FieldError as e:
                 log.warning("refused put to %s.%s: %s", name, field, e)
                 return False
-        link = self.links[pv.shard]
-        req = next(self._req)
-        msg = Message(Op.SET_FIELD, name, req=req, info={"field": field, "value": value})
-        if not link.usable or not link.send(msg):
+        msg = Message(Op.SET_FIELD, name, info={"field": field, "value": value})
+        if not self._request(pv.shard, msg, notify=notify):
             log.warning("put to %s.%s failed: shard %d unreachable", name, field, pv.shard)
             return False
-        link.pending[req] = Pending(None, name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
         return True
 
     def _set_real(self, pv, real: bool) -> None:
@@ -271,14 +264,12 @@ class Broker:
             if why is not None:
                 self._refuse(pv.name, why)
                 return False
-        req = next(self._req)
-        if not link.send(Message(Op.PUT, pv.name, req=req, data=data)):
+        if not self._request(pv.shard, Message(Op.PUT, pv.name, data=data), pv, notify):
             log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
             return False
         pv.pending += 1
         if not pv.real:
             self._reserve(pv, True)
-        link.pending[req] = Pending(pv, pv.name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
         return True
 
     def forward_delete(self, name: str, notify) -> bool:
@@ -286,12 +277,20 @@ class Broker:
         if pv is None or not pv.real:
             log.warning("delpv %s failed: no such PV", name)
             return False
-        link = self.links[pv.shard]
-        req = next(self._req)
-        if not link.usable or not link.send(Message(Op.DELETE, name, req=req)):
+        if not self._request(pv.shard, Message(Op.DELETE, name), notify=notify):
             log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
             return False
-        link.pending[req] = Pending(None, name, pv.shard, time.monotonic() + PUT_TIMEOUT, notify)
+        return True
+
+    def _request(self, shard: int, msg: Message, pv=None, notify=None) -> bool:
+        """Number ``msg``, send it to ``shard`` and wait for its answer (put, delete or field
+        change); False when the shard cannot take it now."""
+        link = self.links[shard]
+        msg.req = next(self._req)
+        if not link.usable or not link.send(msg):
+            return False
+        deadline = time.monotonic() + PUT_TIMEOUT
+        link.pending[msg.req] = Pending(pv, msg.name, shard, deadline, notify)
         return True
 
     def _send_request(self, link: ShardLink, op: Op) -> bool:

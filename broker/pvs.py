@@ -15,7 +15,14 @@ import numpy as np
 from pcaspy import cas
 from pcaspy.alarm import Alarm, Severity
 
-from carelay.broker.values import AIT_TYPES, ConversionError, fill_gdd, gdd_to_array, value_gdd
+from carelay.broker.values import (
+    AIT_TYPES,
+    ConversionError,
+    dbr_string,
+    fill_gdd,
+    gdd_to_array,
+    value_gdd,
+)
 from carelay.common import fields
 from carelay.common.naming import PvSpec
 from carelay.common.ring import RingBuffer
@@ -91,6 +98,49 @@ class BasePV(cas.casPV):
         # Called when the last channel to this PV is gone.
         self.attached = False
         self.broker.detached(self)
+
+    # -- puts: subclasses say how a put is read (_accept) and where it goes (_forward) --
+
+    def _accept(self, value) -> tuple[object | None, int]:
+        """(payload, status) of a CA put; a payload of None refuses it with that status."""
+        raise NotImplementedError
+
+    def _forward(self, payload, notify) -> bool:
+        """Send ``payload`` on; ``notify.complete(ok)`` is called when it is applied."""
+        raise NotImplementedError
+
+    def _forwarded(self, payload) -> None:
+        """Called once ``payload`` went on."""
+
+    @guarded(PUT_FAILED)
+    def write(self, context, value):
+        payload, status = self._accept(value)
+        if payload is None:
+            return status
+        if not self._forward(payload, None):
+            return PUT_FAILED
+        self._forwarded(payload)
+        return cas.S_casApp_success
+
+    @guarded(PUT_FAILED)
+    def writeNotify(self, context, value):
+        if self.hasAsyncWrite():
+            # One completion at a time per PV; the server retries this one later.
+            return cas.S_casApp_postponeAsyncIO
+        payload, status = self._accept(value)
+        if payload is None:
+            return status
+        self.startAsyncWrite(context.ctx)
+        if self._forward(payload, self):
+            self._forwarded(payload)
+        else:
+            self.endAsyncWrite(PUT_FAILED)
+        return cas.S_casApp_asyncCompletion
+
+    def complete(self, ok: bool) -> None:
+        """Finish the put with callback in progress, if any."""
+        if self.hasAsyncWrite():
+            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
 
 
 class RelayPV(BasePV):
@@ -334,47 +384,21 @@ class RelayPV(BasePV):
     def getLowWarnLimit(self, limit):
         return self._put_field(limit, "LOW")
 
-    @guarded(PUT_FAILED)
-    def write(self, context, value):
-        data = self._convert(value)
-        if data is None:
-            return cas.S_cas_noConvert
-        if not self.broker.forward_put(self, data, notify=None):
-            return PUT_FAILED
-        return cas.S_casApp_success
-
-    @guarded(PUT_FAILED)
-    def writeNotify(self, context, value):
-        if self.hasAsyncWrite():
-            # One completion at a time per PV; the server retries this one later.
-            return cas.S_casApp_postponeAsyncIO
-        data = self._convert(value)
-        if data is None:
-            return cas.S_cas_noConvert
-        self.startAsyncWrite(context.ctx)
-        if not self.broker.forward_put(self, data, notify=self):
-            self.endAsyncWrite(PUT_FAILED)
-        return cas.S_casApp_asyncCompletion
-
-    def _convert(self, value) -> np.ndarray | None:
+    def _accept(self, value):
         try:
-            return gdd_to_array(self.spec, value)
+            return gdd_to_array(self.spec, value), cas.S_casApp_success
         except ConversionError as e:
             log.warning("refused put to %s: %s", self.name, e)
-            return None
+            return None, cas.S_cas_noConvert
 
-    def complete(self, ok: bool) -> None:
-        """Finish the put with callback in progress, if any."""
-        if self.hasAsyncWrite():
-            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
+    def _forward(self, data, notify) -> bool:
+        return self.broker.forward_put(self, data, notify)
 
 
 _ALARM_LIMITS = frozenset({"HIHI", "HIGH", "LOW", "LOLO"})
 _DISPLAY_FIELDS = frozenset(
     {"EGU", "PREC", "HOPR", "LOPR", "DRVH", "DRVL", "HIHI", "HIGH", "LOW", "LOLO"}
 )
-#: Bytes of a DBR_STRING on the wire (EPICS MAX_STRING_SIZE), terminator included.
-_DBR_STRING_BYTES = 40
 #: gddAppType_dbr_ctrl_* for each numeric type letter.
 _CTRL_APP = {"f": 34, "i": 33}
 _FIELD_AIT = {
@@ -426,53 +450,23 @@ class FieldPV(BasePV):
 
     def _raw(self, value):
         if value.primitiveType() in (cas.aitEnumString, cas.aitEnumFixedString):
-            text = value.getConvertString() if value.isScalar() else value.get()[0]
-            if len(text.encode("utf-8", "surrogateescape")) >= _DBR_STRING_BYTES:
-                # A DBR_STRING is 40 bytes with its terminator; one that fills them has
-                # none (the client cut longer text), and PCAS's conversion read past it.
-                raise fields.FieldError(
-                    f"text of {_DBR_STRING_BYTES} bytes or more: CA carries at most "
-                    f"{_DBR_STRING_BYTES - 1} characters"
-                )
-            return text
+            return dbr_string(value)
         if not value.isScalar():
             return value.get()[0]
         number = value.getConvertNumeric()
         return int(number) if self.fdef.kind in ("short", "long", "enum") else number
 
-    def _raw_or_none(self, value):
+    def _accept(self, value):
+        if not self.fdef.writable:
+            return None, cas.S_cas_noWrite
         try:
-            return self._raw(value)
-        except fields.FieldError as e:
+            return self._raw(value), cas.S_casApp_success
+        except ConversionError as e:
             log.warning("refused put to %s: %s", self.name, e)
-            return None
+            return None, PUT_FAILED
 
-    @guarded(PUT_FAILED)
-    def write(self, context, value):
-        if not self.fdef.writable:
-            return cas.S_cas_noWrite
-        raw = self._raw_or_none(value)
-        if raw is None or not self.broker.forward_field(self.base.name, self.field, raw, None):
-            return PUT_FAILED
-        return cas.S_casApp_success
-
-    @guarded(PUT_FAILED)
-    def writeNotify(self, context, value):
-        if not self.fdef.writable:
-            return cas.S_cas_noWrite
-        if self.hasAsyncWrite():
-            return cas.S_casApp_postponeAsyncIO
-        raw = self._raw_or_none(value)
-        if raw is None:
-            return PUT_FAILED
-        self.startAsyncWrite(context.ctx)
-        if not self.broker.forward_field(self.base.name, self.field, raw, self):
-            self.endAsyncWrite(PUT_FAILED)
-        return cas.S_casApp_asyncCompletion
-
-    def complete(self, ok: bool) -> None:
-        if self.hasAsyncWrite():
-            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
+    def _forward(self, raw, notify) -> bool:
+        return self.broker.forward_field(self.base.name, self.field, raw, notify)
 
 
 class PvListPV(BasePV):
@@ -533,28 +527,12 @@ class DelPvPV(BasePV):
             return None
         return raw.split(b"\0", 1)[0].decode("ascii", "replace").strip()
 
-    @guarded(PUT_FAILED)
-    def write(self, context, value):
+    def _accept(self, value):
         name = self._target(value)
-        if name is None or not self.broker.forward_delete(name, notify=None):
-            return PUT_FAILED
+        return name, PUT_FAILED
+
+    def _forward(self, name, notify) -> bool:
+        return self.broker.forward_delete(name, notify)
+
+    def _forwarded(self, name) -> None:
         self.last = name.encode()
-        return cas.S_casApp_success
-
-    @guarded(PUT_FAILED)
-    def writeNotify(self, context, value):
-        if self.hasAsyncWrite():
-            return cas.S_casApp_postponeAsyncIO
-        name = self._target(value)
-        if name is None:
-            return PUT_FAILED
-        self.startAsyncWrite(context.ctx)
-        if not self.broker.forward_delete(name, notify=self):
-            self.endAsyncWrite(PUT_FAILED)
-        else:
-            self.last = name.encode()
-        return cas.S_casApp_asyncCompletion
-
-    def complete(self, ok: bool) -> None:
-        if self.hasAsyncWrite():
-            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)

@@ -32,6 +32,19 @@ def _text(value: cas.gdd) -> str:
     return strings[0] if strings else ""
 
 
+def dbr_string(value: cas.gdd) -> str:
+    """The text of a DBR_STRING put.  A DBR_STRING is 40 bytes with its terminator: one that
+    fills them has none (the client cut longer text), and what PCAS read past its end
+    depends on the bytes that follow, so it is refused (ConversionError)."""
+    text = _text(value)
+    if len(text.encode("utf-8", "surrogateescape")) >= MAX_STRING_CHARS:
+        raise ConversionError(
+            f"text of {MAX_STRING_CHARS} bytes or more: CA carries at most "
+            f"{MAX_STRING_CHARS - 1} characters"
+        )
+    return text
+
+
 def _numbers(value: cas.gdd, n: int) -> list[float]:
     prim = value.primitiveType()
     if prim in _TEXT_TYPES:
@@ -74,13 +87,7 @@ def gdd_to_array(spec: PvSpec, value: cas.gdd) -> np.ndarray:
     kind = spec.kind
     if kind == "s":
         if value.primitiveType() in _TEXT_TYPES:
-            text = _text(value)
-            if len(text.encode("utf-8", "replace")) >= MAX_STRING_CHARS:
-                # A DBR_STRING is 40 bytes with its terminator: one that fills them has
-                # none, and what PCAS read past its end depends on the bytes that follow.
-                raise ConversionError(
-                    f"a DBR_STRING carries at most {MAX_STRING_CHARS - 1} characters"
-                )
+            text = dbr_string(value)
         elif value.primitiveType() in _CHAR_TYPES and not value.isScalar():
             text = _chars(value, n).split(b"\0", 1)[0].decode("utf-8", "replace")
         else:

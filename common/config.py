@@ -17,6 +17,7 @@ from typing import Any
 
 from carelay.common.fields import FieldError, validate_defaults
 from carelay.common.keys import is_loopback_endpoint
+from carelay.common.naming import PvSpec, parse_pv_name
 
 DEFAULT_PREFIX = "RELAY:"
 DEFAULT_SHARDS = 2
@@ -99,6 +100,10 @@ class Config:
     access_group: str = "DEFAULT"
     #: Directory of the CurveZMQ certificates (``carelay keys DIR``); None: no encryption.
     keys_dir: Path | None = None
+
+    def pv_spec(self, name: str) -> PvSpec:
+        """What ``name`` says under this prefix and these limits; InvalidPvName if nothing."""
+        return parse_pv_name(name, self.prefix, self.max_elements, self.max_name_length)
 
     @property
     def run_dir(self) -> Path:

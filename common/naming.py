@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Longest text a DBF_STRING holds (EPICS MAX_STRING_SIZE less the terminator).
+#: Bytes of a DBF_STRING (EPICS MAX_STRING_SIZE), terminator included: CA carries 39 characters.
 MAX_STRING_CHARS = 40
 
 #: dtype for each type letter (lower case).

@@ -10,7 +10,7 @@ import time
 
 from carelay.common.config import STATUS_INTERVAL, Config
 from carelay.common.fields import split_field
-from carelay.common.naming import InvalidPvName, parse_pv_name
+from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
 
 #: A status file older than this many intervals belongs to a process that is gone.
@@ -107,7 +107,7 @@ def print_owner(config: Config, name: str, out=sys.stdout) -> int:
     """Which shard owns ``name``, and whether its store holds it (0), or not (1)."""
     base, _ = split_field(name)
     try:
-        parse_pv_name(base, config.prefix, config.max_elements, config.max_name_length)
+        config.pv_spec(base)
     except InvalidPvName as e:
         print(f"{name}: not a relay PV name: {e}", file=out)
         return 2
