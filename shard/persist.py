@@ -18,6 +18,7 @@ that copy and says so.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -60,6 +61,24 @@ class SavedPv:
 
 def good_copy_path(path: Path) -> Path:
     return path.with_name(path.name + ".good")
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def lock_store(path: Path) -> int | None:
+    """Take the exclusive lock of the store at ``path`` (held until the returned file
+    descriptor is closed, or the process ends); None if another process holds it."""
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def _remove_database(path: Path) -> None:

@@ -10,7 +10,6 @@ keeps the moves few: going from N to N+1 shards moves about 1/(N+1) of them.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import re
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from carelay.common.sharding import shard_for
-from carelay.shard.persist import ShardDatabase, good_copy_path
+from carelay.shard.persist import ShardDatabase, good_copy_path, lock_path, lock_store
 
 log = logging.getLogger("carelay.reshard")
 
@@ -47,16 +46,6 @@ def store_indices(data_dir: Path) -> list[int]:
     return sorted(out)
 
 
-def _locked(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ReshardError(f"{path} is held by a running shard; stop it first") from None
-    return fd
-
-
 def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
     """Move every PV in ``data_dir`` to its owner among ``n_shards``.
 
@@ -71,7 +60,10 @@ def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
     try:
         for k in indices:
             path = store_path(k)
-            locks.append(_locked(path.with_name(path.name + ".lock")))
+            fd = lock_store(path)
+            if fd is None:
+                raise ReshardError(f"{lock_path(path)} is held by a running shard; stop it first")
+            locks.append(fd)
         rows = {}
         for k in indices:
             db = ShardDatabase(store_path(k))

@@ -9,7 +9,6 @@ Changed values are flushed every ``autosave_period`` and on a clean stop.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import random
@@ -23,7 +22,7 @@ from carelay.common.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.protocol import Message, Op, ProtocolError, decode, encode, send_copy
-from carelay.shard.persist import ShardDatabase, StoreDamaged
+from carelay.shard.persist import ShardDatabase, StoreDamaged, lock_path, lock_store
 from carelay.shard.store import Rejected, ShardStore
 
 log = logging.getLogger("carelay.shard")
@@ -159,7 +158,7 @@ class ShardServer:
             try:
                 seq = self.store.delete(msg.name)
             except Rejected as e:
-                self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=str(e)))
+                self._reject(peer, msg, str(e))
                 return
             log.info("deleted PV %s (shard %d)", msg.name, self.index)
             self._reply(peer, Message(Op.DELETED, msg.name, req=msg.req, seq=seq))
@@ -172,26 +171,33 @@ class ShardServer:
 
     def _put(self, peer: bytes, msg: Message) -> None:
         if msg.data is None:
-            self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason="put without data"))
+            self._reject(peer, msg, "put without data")
             return
         try:
             change = self.store.put(msg.name, msg.data)
         except Rejected as e:
             log.warning("refused put to %s (shard %d): %s", msg.name, self.index, e)
-            self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=str(e)))
+            self._reject(peer, msg, str(e))
             return
         if change.created:
             log.info("created PV %s (shard %d)", msg.name, self.index)
+        self._reply_change(peer, msg.req, change, {"created": 1} if change.created else {})
+
+    def _reject(self, peer: bytes, msg: Message, reason: str) -> None:
+        self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=reason))
+
+    def _reply_change(self, peer: bytes, req: int, change, info: dict) -> None:
+        """An UPDATE carrying what ``change`` did, as the broker mirrors it."""
         self._reply(
             peer,
             Message(
                 Op.UPDATE,
                 change.name,
-                req=msg.req,
+                req=req,
                 seq=change.seq,
                 stamp=change.stamp,
                 length=change.length,
-                info={"created": 1} if change.created else {},
+                info=info,
                 data=change.data,
             ),
         )
@@ -205,23 +211,11 @@ class ShardServer:
                 seq, value = self.store.set_field(msg.name, str(field), value)
         except Rejected as e:
             log.warning("refused %s.%s (shard %d): %s", msg.name, field, self.index, e)
-            self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=str(e)))
+            self._reject(peer, msg, str(e))
             return
         if field == "RES":
             log.info("emptied buffer %s (shard %d)", msg.name, self.index)
-            self._reply(
-                peer,
-                Message(
-                    Op.UPDATE,
-                    msg.name,
-                    req=msg.req,
-                    seq=change.seq,
-                    stamp=change.stamp,
-                    length=0,
-                    info={"reset": 1},
-                    data=change.data,
-                ),
-            )
+            self._reply_change(peer, msg.req, change, {"reset": 1})
             return
         log.info("set %s.%s = %r (shard %d)", msg.name, field, value, self.index)
         self._reply(
@@ -365,28 +359,14 @@ class ShardServer:
         log.info("shard %d: flushed %d values on stop", self.index, n)
 
 
-def _lock(path: Path) -> int | None:
-    """Hold an exclusive lock on ``path`` for the life of the process; None if taken."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-
 def run_shard(config: Config, index: int) -> int:
     """Entry point of ``carelay shard K``."""
     die_with_parent()
     stop = StopFlag()
     config.run_dir.mkdir(parents=True, exist_ok=True)
     store_path = config.store_path(index)
-    lock_path = store_path.with_name(store_path.name + ".lock")
-    if _lock(lock_path) is None:
-        log.error("shard %d: another process holds %s; not starting", index, lock_path)
+    if lock_store(store_path) is None:
+        log.error("shard %d: another process holds %s; not starting", index, lock_path(store_path))
         return EXIT_STORE_FAILED
     db = ShardDatabase(store_path)
     server = ShardServer(config, index, db=db)

@@ -191,10 +191,8 @@ class ShardStore:
         skipped = []
         for row in saved:
             try:
-                spec = parse_pv_name(
-                    row.name, self._prefix, self._max_elements, self._max_name_length
-                )
-            except InvalidPvName:
+                spec = self._spec(row.name)
+            except Rejected:
                 skipped.append(row.name)
                 continue
             if row.value.dtype != spec.dtype:

@@ -16,22 +16,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"carelay: error: {message}\n")
 
 
+#: Configuration keys that have a flag (``--max-pvs`` for ``max_pvs``), with argparse options.
+_CONFIG_FLAGS: dict[str, dict] = {
+    "prefix": {"help": "PV name prefix, separator included (default RELAY:)"},
+    "shards": {"type": int, "metavar": "N", "help": "number of shard processes (default 2)"},
+    "data_dir": {"metavar": "DIR", "help": "data directory (default ./carelay-data)"},
+    "max_elements": {"type": int, "metavar": "N", "help": "largest element count"},
+    "max_pvs": {"type": int, "metavar": "N", "help": "most PVs the relay holds"},
+    "max_bytes": {"type": int, "metavar": "N", "help": "bytes all PV values may take together"},
+    "autosave_period": {
+        "type": float,
+        "metavar": "S",
+        "help": "seconds between value flushes (1.0)",
+    },
+    "access_security": {"metavar": "FILE", "help": "EPICS access security file (.acf)"},
+    "keys_dir": {"metavar": "DIR", "help": "CurveZMQ keys (carelay keys DIR)"},
+    "log_level": {"type": str.upper, "choices": LOG_LEVELS, "help": "log level"},
+}
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
 def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--prefix", help="PV name prefix, separator included (default RELAY:)")
-    p.add_argument("--shards", type=int, metavar="N", help="number of shard processes (default 2)")
-    p.add_argument("--data-dir", metavar="DIR", help="data directory (default ./carelay-data)")
-    p.add_argument("--max-elements", type=int, metavar="N", help="largest element count")
-    p.add_argument("--max-pvs", type=int, metavar="N", help="most PVs the relay holds")
-    p.add_argument(
-        "--max-bytes", type=int, metavar="N", help="bytes all PV values may take together"
-    )
-    p.add_argument(
-        "--autosave-period", type=float, metavar="S", help="seconds between value flushes (1.0)"
-    )
-    p.add_argument("--access-security", metavar="FILE", help="EPICS access security file (.acf)")
-    p.add_argument("--keys-dir", metavar="DIR", help="CurveZMQ keys (carelay keys DIR)")
-    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="log level")
+    for key, options in _CONFIG_FLAGS.items():
+        p.add_argument(_flag(key), **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,39 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(
-        args.config,
-        prefix=args.prefix,
-        shards=args.shards,
-        data_dir=args.data_dir,
-        max_elements=args.max_elements,
-        max_pvs=args.max_pvs,
-        max_bytes=args.max_bytes,
-        log_level=args.log_level,
-        autosave_period=args.autosave_period,
-        keys_dir=args.keys_dir,
-        access_security=args.access_security,
-    )
+    return load_config(args.config, **{key: getattr(args, key) for key in _CONFIG_FLAGS})
 
 
 def child_args(args: argparse.Namespace) -> list[str]:
     """The configuration flags of ``args``, to pass on to a child process."""
     out: list[str] = []
-    for flag, value in (
-        ("--config", args.config),
-        ("--prefix", args.prefix),
-        ("--shards", args.shards),
-        ("--data-dir", args.data_dir),
-        ("--max-elements", args.max_elements),
-        ("--max-pvs", args.max_pvs),
-        ("--max-bytes", args.max_bytes),
-        ("--log-level", args.log_level),
-        ("--autosave-period", args.autosave_period),
-        ("--keys-dir", args.keys_dir),
-        ("--access-security", args.access_security),
-    ):
+    for key in ("config", *_CONFIG_FLAGS):
+        value = getattr(args, key)
         if value is not None:
-            out += [flag, str(value)]
+            out += [_flag(key), str(value)]
     return out
 
 
