@@ -249,9 +249,14 @@ def using_shared(shared: Relay, request):
 
 
 def caproto_cli(tool: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run caproto-get/put/monitor as a user would."""
+    """Run caproto-get/put/monitor as a user would.
+
+    ``--no-repeater``: otherwise the first call on a machine without a CA
+    repeater spawns one, which inherits our stdout/stderr pipes and keeps
+    them open, so ``subprocess.run`` waits for it until the timeout.
+    """
     return subprocess.run(
-        [sys.executable, "-m", f"caproto.commandline.{tool}", *args],
+        [sys.executable, "-m", f"caproto.commandline.{tool}", "--no-repeater", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -162,7 +162,7 @@ def test_names_outside_the_rule_are_not_served_and_logged_once(make_relay):
     # alongside the searches of this process's own context.
     clis = [
         subprocess.Popen(
-            [sys.executable, "-m", "caproto.commandline.get", "-w", "1", name],
+            [sys.executable, "-m", "caproto.commandline.get", "--no-repeater", "-w", "1", name],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
