@@ -286,15 +286,32 @@ class Broker:
         """Number ``msg``, send it to ``shard`` and wait for its answer (put, delete or field
         change); False when the shard cannot take it now."""
         link = self.links[shard]
-        msg.req = next(self._req)
-        if not link.usable or not link.send(msg):
+        if not link.usable or link.sock is None:
             return False
+        msg.req = next(self._req)
         deadline = time.monotonic() + PUT_TIMEOUT
         link.pending[msg.req] = Pending(pv, msg.name, shard, deadline, notify)
+        # Queued, and sent with the others of this process() slice in batches (run).
+        # Never flushed here: a failure must not complete a put inside its own write().
+        link.queue(msg)
         return True
+
+    def _flush(self, link: ShardLink) -> None:
+        """Send ``link``'s queued requests; the ones that cannot go fail now."""
+        failed = link.flush()
+        if failed:
+            log.warning(
+                "shard %d not accepting; failing %d requests (%s, ...)",
+                link.index,
+                len(failed),
+                failed[0].name,
+            )
+            for msg in failed:
+                self._finish(link, msg.req, False)
 
     def _send_request(self, link: ShardLink, op: Op) -> bool:
         """A HELLO or PING, numbered like the puts so that its answer orders them."""
+        self._flush(link)
         req = next(self._req)
         return link.send(Message(op, req=req))
 
@@ -326,6 +343,7 @@ class Broker:
     def wait_for_pending(self, pv) -> None:
         """Serve ``pv``'s shard until its puts in flight are answered (bounded)."""
         link = self.links[pv.shard]
+        self._flush(link)
         deadline = time.monotonic() + READ_SYNC_TIMEOUT
         while pv.pending and link.sock is not None and link.usable:
             left = deadline - time.monotonic()
@@ -340,11 +358,12 @@ class Broker:
     def _drain(self, link: ShardLink, limit: int = 2000) -> int:
         n = 0
         while n < limit:
-            msg = link.recv()
-            if msg is None:
+            msgs = link.recv()
+            if msgs is None:
                 break
-            n += 1
-            self._handle(link, msg)
+            n += len(msgs)
+            for msg in msgs:
+                self._handle(link, msg)
         return n
 
     def _handle(self, link: ShardLink, msg: Message) -> None:
@@ -520,6 +539,9 @@ class Broker:
             # shards briefly instead, so replies are handled as they come.
             waiting = any(link.pending or link.state is LinkState.SYNCING for link in self.links)
             self.cas.process(0 if waiting else _IDLE_SLICE)
+            for link in self.links:
+                if link.outbox:
+                    self._flush(link)
             self._poll_shards(_BUSY_POLL_MS if waiting else 0)
             now = time.monotonic()
             self._timers(now)

@@ -22,7 +22,15 @@ from carelay.common.config import (
     RECONNECT_INITIAL,
     RECONNECT_MAX,
 )
-from carelay.common.protocol import Message, ProtocolError, decode, encode, send_copy
+from carelay.common.protocol import (
+    Message,
+    ProtocolError,
+    batches,
+    decode_batch,
+    encode,
+    encode_batch,
+    send_frames,
+)
 
 log = logging.getLogger("carelay.broker")
 
@@ -49,6 +57,8 @@ class ShardLink:
         self._monitor: zmq.Socket | None = None
         #: Requests sent and not yet answered, in sending (= request number) order.
         self.pending: dict = {}
+        #: Messages waiting for the next flush.
+        self.outbox: list[Message] = []
         self.state = LinkState.DOWN
         self.epoch = 0
         self.seq = 0
@@ -85,6 +95,7 @@ class ShardLink:
         self._connect_deadline = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
 
     def close(self) -> None:
+        self.outbox.clear()
         if self.sock is not None:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
@@ -105,34 +116,50 @@ class ShardLink:
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 broke = True
 
-    def send(self, msg: Message) -> bool:
-        """Send without blocking; False when the shard cannot take it now."""
+    def queue(self, msg: Message) -> None:
+        """Queue ``msg`` for the next ``flush``, which sends the queue as batches."""
+        self.outbox.append(msg)
+
+    def flush(self) -> list[Message]:
+        """Send everything queued, in order and without blocking; returns the messages
+        that could not go (the shard is not connected, or its queue is full)."""
+        out, self.outbox = self.outbox, []
+        if not out:
+            return []
         if self.sock is None:
-            return False
+            return out
+        sent = 0
         try:
-            frames = encode(msg)
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=send_copy(frames))
+            for batch in batches(out):
+                frames = encode(batch[0]) if len(batch) == 1 else encode_batch(batch)
+                send_frames(self.sock, frames, zmq.NOBLOCK)
+                sent += len(batch)
         except zmq.Again:
-            return False
+            pass
         except zmq.ZMQError as e:
             log.warning("shard %d: send failed: %s", self.index, e)
-            return False
-        return True
+        return out[sent:]
 
-    def recv(self) -> Message | None:
-        """One decoded message, or None when nothing is waiting.  Malformed ones are dropped."""
+    def send(self, msg: Message) -> bool:
+        """Send ``msg`` now, after anything queued; False when it cannot go now."""
+        self.queue(msg)
+        return not self.flush()
+
+    def recv(self) -> list[Message] | None:
+        """The messages of one batch, or None when nothing is waiting.  Malformed batches
+        are dropped whole."""
         while self.sock is not None:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return None
             try:
-                msg = decode(frames)
+                msgs = decode_batch(frames)
             except ProtocolError as e:
                 log.warning("shard %d: dropped a malformed message: %s", self.index, e)
                 continue
             self._last_heard = time.monotonic()
-            return msg
+            return msgs
         return None
 
     def went_down(self, why: str) -> None:

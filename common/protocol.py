@@ -9,6 +9,18 @@ A message travels as a ZeroMQ multipart message::
 
 (a ROUTER socket adds the peer identity in front; the caller strips it).
 
+Many messages travel together as one batch, so that a burst of puts costs
+one ZeroMQ message and one msgpack call per hop rather than one per put::
+
+    frame 0   BATCH_TAG                        b"CRB1"
+    frame 1   msgpack list of headers          each the fields above plus ``inline``
+    frame 2.. data of the large arrays, in header order
+
+``inline`` is the raw array buffer itself when it is at most INLINE_MAX
+bytes (a scalar put carries its 8 bytes there), else nil and the array is
+the next data frame.  ``decode_batch`` reads both forms and validates the
+whole batch before returning any of it: a batch is applied whole or dropped.
+
 Header fields:
 
 - ``op``: an Op.
@@ -46,6 +58,12 @@ import msgpack
 import numpy as np
 
 PROTOCOL_TAG = b"CRL1"
+BATCH_TAG = b"CRB1"
+#: Arrays up to this many bytes travel inside a batch's header.
+INLINE_MAX = 4096
+#: Most messages, and most header bytes, a sender puts in one batch.
+BATCH_MAX = 1000
+BATCH_MAX_BYTES = 1 << 20
 
 #: The dtypes a data frame may carry.
 ALLOWED_DTYPES = frozenset({"<f8", "<i4", "|u1", "|S40"})
@@ -53,6 +71,7 @@ ALLOWED_DTYPES = frozenset({"<f8", "<i4", "|u1", "|S40"})
 #: before anything is allocated).
 MAX_WIRE_ELEMENTS = 100_000_000
 _MAX_HEADER_BYTES = 64 * 1024
+_MAX_BATCH_HEADER_BYTES = 16 << 20
 _HEADER_FIELDS = 11
 
 
@@ -124,11 +143,20 @@ class Message:
 
 #: Data frames at least this large are sent without a copy; smaller ones are cheaper copied.
 ZERO_COPY_MIN = 65536
+_SNDMORE = 2  # zmq.SNDMORE; this module does not need zmq itself
 
 
-def send_copy(frames: list) -> bool:
-    """``copy`` for sending ``frames``: False only when a large buffer is among them."""
-    return len(frames) < 3 or len(frames[-1]) < ZERO_COPY_MIN
+def send_frames(sock, frames: list, flags: int = 0) -> None:
+    """Send ``frames`` as one multipart message on the ZeroMQ socket ``sock``: large
+    buffers without a copy, the rest copied.  ``flags`` (e.g. NOBLOCK) apply to each
+    frame; a ROUTER's peer identity is simply the first frame."""
+    last = len(frames) - 1
+    for k, frame in enumerate(frames):
+        sock.send(
+            frame,
+            flags | _SNDMORE if k < last else flags,
+            copy=len(frame) < ZERO_COPY_MIN,
+        )
 
 
 def encode(msg: Message) -> list:
@@ -140,6 +168,45 @@ def encode(msg: Message) -> list:
             raise ProtocolError(f"dtype {data.dtype.str} is not allowed on the wire")
         frames.append(memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B"))
     return frames
+
+
+def encode_batch(msgs: list[Message]) -> list:
+    """Frames for a batch of ``msgs`` (see the module docstring); small arrays go inline."""
+    headers = []
+    frames: list = [BATCH_TAG, b""]
+    for msg in msgs:
+        h = msg._header()
+        data = msg.data
+        if data is None:
+            h.append(None)
+        else:
+            if data.dtype.str not in ALLOWED_DTYPES:
+                raise ProtocolError(f"dtype {data.dtype.str} is not allowed on the wire")
+            if data.nbytes <= INLINE_MAX:
+                h.append(data.tobytes())
+            else:
+                h.append(None)
+                frames.append(memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B"))
+        headers.append(h)
+    frames[1] = msgpack.packb(headers, use_bin_type=True)
+    return frames
+
+
+def batches(msgs: list[Message]) -> list[list[Message]]:
+    """``msgs`` cut into batches of at most BATCH_MAX messages and about BATCH_MAX_BYTES."""
+    out: list[list[Message]] = []
+    cur: list[Message] = []
+    size = 0
+    for msg in msgs:
+        n = 64 + (msg.data.nbytes if msg.data is not None else 0)
+        if cur and (len(cur) >= BATCH_MAX or size + n > BATCH_MAX_BYTES):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(msg)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
 
 
 def _is_int(v: Any) -> bool:
@@ -160,6 +227,53 @@ def _buffer(frame: Any) -> memoryview:
     return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
 
 
+def decode_batch(frames: list) -> list[Message]:
+    """The messages of a batch, or of a single message, in order; ProtocolError if any
+    part does not fit (then none of them is returned)."""
+    try:
+        if bytes(_buffer(frames[0])) != BATCH_TAG:
+            return [_decode(frames)]
+        return _decode_batch(frames)
+    except ProtocolError:
+        raise
+    except Exception as e:  # anything odd in untrusted input is a protocol error
+        raise ProtocolError(f"malformed message: {type(e).__name__}: {e}") from None
+
+
+def _decode_batch(frames: list) -> list[Message]:
+    if len(frames) < 2:
+        raise ProtocolError("a batch needs a header frame")
+    raw = _buffer(frames[1])
+    if raw.nbytes > _MAX_BATCH_HEADER_BYTES:
+        raise ProtocolError("batch header too large")
+    headers = msgpack.unpackb(
+        raw, raw=False, strict_map_key=True, max_array_len=BATCH_MAX * 2, max_map_len=64
+    )
+    if not isinstance(headers, list) or not headers:
+        raise ProtocolError("a batch header must be a non-empty list")
+    out = []
+    next_frame = 2
+    for h in headers:
+        if not isinstance(h, list) or len(h) != _HEADER_FIELDS + 1:
+            raise ProtocolError("batch entry is not a list of the expected fields")
+        inline = h[-1]
+        if inline is None:
+            buf = None
+            if h[9]:  # dtype: the array is the next frame
+                if next_frame >= len(frames):
+                    raise ProtocolError("batch declares more data frames than came")
+                buf = _buffer(frames[next_frame])
+                next_frame += 1
+        elif isinstance(inline, bytes):
+            buf = memoryview(inline)
+        else:
+            raise ProtocolError("inline data must be bytes")
+        out.append(_message(h[:_HEADER_FIELDS], buf))
+    if next_frame != len(frames):
+        raise ProtocolError(f"batch carries {len(frames) - next_frame} data frames too many")
+    return out
+
+
 def _decode(frames: list) -> Message:
     if len(frames) not in (2, 3):
         raise ProtocolError(f"expected 2 or 3 frames, got {len(frames)}")
@@ -172,6 +286,11 @@ def _decode(frames: list) -> Message:
     header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=64, max_map_len=64)
     if not isinstance(header, list) or len(header) != _HEADER_FIELDS:
         raise ProtocolError("header is not a list of the expected fields")
+    return _message(header, _buffer(frames[2]) if len(frames) == 3 else None)
+
+
+def _message(header: list, buf: memoryview | None) -> Message:
+    """A validated Message from its header fields and its data buffer (None: no data)."""
     op, name, req, seq, epoch, stamp, length, reason, info, dtype, count = header
     try:
         op = Op(op)
@@ -194,15 +313,14 @@ def _decode(frames: list) -> Message:
             raise ProtocolError(f"dtype {dtype!r} is not allowed")
         if not 0 <= count <= MAX_WIRE_ELEMENTS:
             raise ProtocolError(f"count {count} out of range")
-        if len(frames) != 3:
+        if buf is None:
             raise ProtocolError("header declares data but no data frame came")
-        buf = _buffer(frames[2])
         dt = np.dtype(dtype)
         if buf.nbytes != count * dt.itemsize:
             raise ProtocolError(
                 f"data frame holds {buf.nbytes} bytes, header declares {count} x {dt.itemsize}"
             )
         data = np.frombuffer(buf, dtype=dt, count=count)
-    elif len(frames) == 3:
+    elif buf is not None:
         raise ProtocolError("data frame without a dtype in the header")
     return Message(op, name, req, seq, epoch, stamp, length, reason, info, data)

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -93,6 +94,9 @@ class ShardDatabase:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: sqlite3.Connection | None = None
+        # The shard's loop commits creations while its autosave thread flushes values:
+        # one connection, used by one of them at a time.
+        self._lock = threading.Lock()
         self.last_flush = 0.0
         self.restored_from_copy = False
 
@@ -234,6 +238,10 @@ class ShardDatabase:
     def refresh_good_copy(self) -> bool:
         """Replace the good copy with the store as it is now, if the store passes its
         integrity check; returns whether it did.  Bounds what a restore can lose."""
+        with self._lock:
+            return self._refresh_good_copy()
+
+    def _refresh_good_copy(self) -> bool:
         try:
             check = self._conn.execute("PRAGMA quick_check").fetchone()[0]
         except sqlite3.DatabaseError as e:
@@ -268,6 +276,10 @@ class ShardDatabase:
         deletes: Iterable[str] = (),
     ) -> int:
         """Write PVs and delete others in one transaction, durable on return."""
+        with self._lock:
+            return self._save(upserts, deletes)
+
+    def _save(self, upserts, deletes) -> int:
         conn = self._conn
         n = 0
         conn.execute("BEGIN")
@@ -302,6 +314,10 @@ class ShardDatabase:
         return total
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._conn is not None:
             try:
                 self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

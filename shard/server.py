@@ -14,6 +14,7 @@ import os
 import random
 import sqlite3
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import zmq
@@ -21,13 +22,22 @@ import zmq
 from carelay.common.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_INTERVAL, Config
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
-from carelay.common.protocol import Message, Op, ProtocolError, decode, encode, send_copy
+from carelay.common.protocol import (
+    Message,
+    Op,
+    ProtocolError,
+    batches,
+    decode_batch,
+    encode,
+    encode_batch,
+    send_frames,
+)
 from carelay.shard.persist import ShardDatabase, StoreDamaged, lock_path, lock_store
 from carelay.shard.store import Rejected, ShardStore
 
 log = logging.getLogger("carelay.shard")
 
-#: Most messages handled before one commit and the replies.
+#: About the most messages handled before one commit and the replies.
 _BATCH = 1000
 #: Seconds between refreshes of the store's good copy (each after an integrity check).
 GOOD_COPY_INTERVAL = 300.0
@@ -63,6 +73,11 @@ class ShardServer:
         self._broker_seen = 0.0
         self._broker_alive = False
         self._out: list[tuple[bytes, Message]] = []
+        # Values are written by a thread of their own, so that the loop goes on serving
+        # during the write and its fsync; creations and deletions stay on the loop.
+        self._saver: ThreadPoolExecutor | None = None
+        self._saving: Future | None = None
+        self._saving_names: list[str] = []
         self.status_path = config.run_dir / f"shard-{index}.json"
 
     def load(self) -> None:
@@ -127,25 +142,44 @@ class ShardServer:
         self._out.append((peer, msg))
 
     def _send_replies(self) -> None:
+        """Send the collected replies in order, batched per peer."""
         out, self._out = self._out, []
+        runs: list[tuple[bytes, list[Message]]] = []
         for peer, msg in out:
-            try:
-                frames = encode(msg)
-                self._sock.send_multipart([peer, *frames], copy=send_copy(frames))
-            except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
-                log.warning("shard %d: cannot send %s to broker: %s", self.index, msg.op.name, e)
+            if runs and runs[-1][0] == peer:
+                runs[-1][1].append(msg)
+            else:
+                runs.append((peer, [msg]))
+        for peer, msgs in runs:
+            for batch in batches(msgs):
+                frames = encode(batch[0]) if len(batch) == 1 else encode_batch(batch)
+                try:
+                    send_frames(self._sock, [peer, *frames])
+                except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
+                    log.warning(
+                        "shard %d: cannot send %d replies to the broker: %s",
+                        self.index,
+                        len(batch),
+                        e,
+                    )
 
-    def handle(self, peer: bytes, frames: list) -> None:
-        """Handle one message from ``peer``; bad input is logged and dropped."""
+    def handle(self, peer: bytes, frames: list) -> int:
+        """Handle one message or batch from ``peer``; returns how many messages.  Bad input
+        is logged and dropped whole."""
         try:
-            msg = decode(frames)
+            msgs = decode_batch(frames)
         except ProtocolError as e:
             log.warning("shard %d: dropped a malformed message: %s", self.index, e)
-            return
+            return 0
         self._broker_seen = time.monotonic()
         if not self._broker_alive:
             self._broker_alive = True
             log.info("shard %d: broker connected", self.index)
+        for msg in msgs:
+            self._dispatch(peer, msg)
+        return len(msgs)
+
+    def _dispatch(self, peer: bytes, msg: Message) -> None:
         op = msg.op
         if op is Op.PUT:
             self._put(peer, msg)
@@ -253,6 +287,9 @@ class ShardServer:
         if self.db is None or not self.store.needs_commit:
             self.store.committed()
             return
+        # A value write in flight holds older rows: it lands first, so that it can
+        # never bring back a PV deleted here.
+        self._collect(wait=True)
         upserts, deletes = self.store.unsaved_changes()
         try:
             self.db.save(upserts, deletes)
@@ -284,10 +321,11 @@ class ShardServer:
         self.store.committed()
 
     def flush(self) -> int:
-        """Write every changed value to the autosave; returns how many PVs."""
+        """Write every changed value to the autosave now; returns how many PVs."""
         if self.db is None:
             self.store.dirty.clear()
             return 0
+        self._collect(wait=True)
         rows = self.store.dirty_rows()
         if not rows:
             return 0
@@ -298,6 +336,59 @@ class ShardServer:
             return 0
         self.store.dirty.clear()
         return len(rows)
+
+    def flush_soon(self) -> int:
+        """Start writing every changed value in the autosave thread; returns how many PVs
+        (0 also while the previous write is still going: the next tick takes them)."""
+        if self.db is None:
+            self.store.dirty.clear()
+            return 0
+        if not self._collect(wait=False):
+            return 0
+        rows = self.store.dirty_rows(copy=True)
+        if not rows:
+            return 0
+        self.store.dirty.clear()
+        self._saving_names = [row[0] for row in rows]
+        self._saving = self._autosave_thread().submit(self.db.save, rows)
+        return len(rows)
+
+    def _autosave_thread(self) -> ThreadPoolExecutor:
+        if self._saver is None:
+            self._saver = ThreadPoolExecutor(1, thread_name_prefix=f"shard{self.index}-autosave")
+        return self._saver
+
+    def _refresh_good_copy(self) -> None:
+        """In the autosave thread: a new good copy, after the integrity check."""
+        try:
+            self.db.refresh_good_copy()
+        except (sqlite3.Error, OSError) as e:
+            log.error("shard %d: cannot refresh the good copy: %s", self.index, e)
+
+    def _collect(self, wait: bool) -> bool:
+        """Whether no value write is in flight, after taking the result of a finished one
+        (``wait``: after waiting for it).  A failed write is made again at the next tick."""
+        future = self._saving
+        if future is None:
+            return True
+        if not wait and not future.done():
+            return False
+        self._saving = None
+        try:
+            future.result()
+        except (sqlite3.Error, OSError) as e:
+            names = self._saving_names
+            log.error("shard %d: autosave of %d values failed: %s", self.index, len(names), e)
+            self.store.dirty.update(names)
+        self._saving_names = []
+        return True
+
+    def close_autosave(self) -> None:
+        """Wait for a value write in flight and stop the autosave thread."""
+        self._collect(wait=True)
+        if self._saver is not None:
+            self._saver.shutdown(wait=True)
+            self._saver = None
 
     # -- loop -----------------------------------------------------------------
 
@@ -327,7 +418,7 @@ class ShardServer:
                 break
             n += 1
             if len(frames) >= 2:
-                self.handle(bytes(frames[0].buffer), frames[1:])
+                n += self.handle(bytes(frames[0].buffer), frames[1:])
         self._commit()
         self._send_replies()
         return n
@@ -341,13 +432,10 @@ class ShardServer:
             self.serve_once()
             now = time.monotonic()
             if now >= next_flush:
-                self.flush()
+                self.flush_soon()
                 next_flush = now + self.config.autosave_period
             if self.db is not None and now >= next_copy:
-                try:
-                    self.db.refresh_good_copy()
-                except (sqlite3.Error, OSError) as e:
-                    log.error("shard %d: cannot refresh the good copy: %s", self.index, e)
+                self._autosave_thread().submit(self._refresh_good_copy)
                 next_copy = now + GOOD_COPY_INTERVAL
             if self._broker_alive and now - self._broker_seen > quiet_after:
                 self._broker_alive = False
@@ -356,6 +444,7 @@ class ShardServer:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
         n = self.flush()
+        self.close_autosave()
         log.info("shard %d: flushed %d values on stop", self.index, n)
 
 

@@ -207,10 +207,17 @@ class ShardStore:
             self._pvs[row.name] = pv
         return skipped
 
-    def _row(self, name: str) -> tuple[str, float, np.ndarray, dict]:
+    def _row(self, name: str, copy: bool = False) -> tuple[str, float, np.ndarray, dict]:
+        """``name``'s row for the autosave; ``copy``: one that later changes do not touch
+        (a value array is replaced by each put, never changed, so only buffers are copied)."""
         pv = self._pvs[name]
-        value = pv.ring.view() if pv.ring is not None else pv.value
-        return name, pv.stamp, value, pv.fields
+        if pv.ring is not None:
+            value = pv.ring.view()
+            if copy and value.base is not None:
+                value = value.copy()
+        else:
+            value = pv.value
+        return name, pv.stamp, value, dict(pv.fields) if copy else pv.fields
 
     @property
     def needs_commit(self) -> bool:
@@ -246,6 +253,7 @@ class ShardStore:
         self.seq += 1
         return names
 
-    def dirty_rows(self) -> list[tuple[str, float, np.ndarray, dict]]:
-        """Rows of the PVs whose value changed since the last autosave (not cleared)."""
-        return [self._row(name) for name in self.dirty if name in self._pvs]
+    def dirty_rows(self, copy: bool = False) -> list[tuple[str, float, np.ndarray, dict]]:
+        """Rows of the PVs whose value changed since the last autosave (not cleared);
+        ``copy``: rows that stay as they are while the store goes on changing."""
+        return [self._row(name, copy) for name in self.dirty if name in self._pvs]

@@ -12,7 +12,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from carelay.common.protocol import PROTOCOL_TAG, Message, Op, ProtocolError, decode, encode
+from carelay.common.protocol import (
+    BATCH_TAG,
+    PROTOCOL_TAG,
+    Message,
+    Op,
+    ProtocolError,
+    batches,
+    decode,
+    decode_batch,
+    encode,
+    encode_batch,
+)
 
 DTYPES = ["<f8", "<i4", "|u1", "|S40"]
 
@@ -430,3 +441,118 @@ def test_property_corrupted_valid_messages_only_protocol_error(msg, flips):
         if frame:
             frame[pos % len(frame)] = value
     _decode_only_protocol_error([bytes(f) for f in frames])
+
+
+# -- batches -------------------------------------------------------------------------
+
+
+def batch_wire(msgs) -> list[bytes]:
+    return [bytes(f) for f in encode_batch(msgs)]
+
+
+def test_batch_roundtrip_mixed_sizes():
+    msgs = [
+        Message(Op.PUT, "R:a_f1", req=1, data=np.array([1.5])),
+        Message(Op.PING, req=2),
+        Message(Op.PUT, "R:b_F100000", req=3, data=np.arange(100_000, dtype="<f8")),
+        Message(Op.SET_FIELD, "R:a_f1", req=4, info={"field": "EGU", "value": "degC"}),
+        Message(Op.PUT, "R:c_c10", req=5, data=np.frombuffer(b"hello", dtype="|u1")),
+        Message(Op.PUT, "R:d_F9000", req=6, data=np.ones(9000)),
+    ]
+    frames = batch_wire(msgs)
+    assert frames[0] == BATCH_TAG
+    # The two arrays over INLINE_MAX travel as frames of their own; the rest inline.
+    assert len(frames) == 4
+    out = decode_batch(frames)
+    assert out == msgs
+    assert [m.data.dtype if m.data is not None else None for m in out] == [
+        m.data.dtype if m.data is not None else None for m in msgs
+    ]
+
+
+def test_decode_batch_reads_a_single_message_too():
+    msg = Message(Op.PUT, "R:a_f1", req=7, data=np.array([2.0]))
+    assert decode_batch(wire(msg)) == [msg]
+
+
+def test_batches_cut_by_count_and_bytes():
+    small = [Message(Op.PUT, f"R:{k}_f1", req=k, data=np.zeros(1)) for k in range(2500)]
+    assert [len(b) for b in batches(small)] == [1000, 1000, 500]
+    big = [Message(Op.PUT, "R:a_F400000", req=k, data=np.zeros(100_000)) for k in range(3)]
+    assert [len(b) for b in batches(big)] == [1, 1, 1]
+    assert batches([]) == []
+
+
+def _good_batch() -> list[bytes]:
+    return batch_wire(
+        [
+            Message(Op.PUT, "R:a_f1", req=1, data=np.array([1.0])),
+            Message(Op.PUT, "R:b_F10000", req=2, data=np.zeros(10_000)),
+        ]
+    )
+
+
+def batch_refused(frames, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_batch(frames)
+
+
+def test_batch_missing_data_frame():
+    batch_refused(_good_batch()[:2], "more data frames")
+
+
+def test_batch_extra_data_frame():
+    batch_refused([*_good_batch(), b"\0" * 8], "too many")
+
+
+def test_batch_without_header_frame():
+    batch_refused([BATCH_TAG], "header frame")
+
+
+@pytest.mark.parametrize("headers", [[], {}, 5, [[1, 2, 3]], [header() + [None]] * 3000])
+def test_batch_header_wrong_shape(headers):
+    batch_refused([BATCH_TAG, packed(headers)], "batch|malformed")
+
+
+def test_batch_inline_not_bytes():
+    batch_refused([BATCH_TAG, packed([header(dtype="<f8", count=1) + ["12345678"]])], "inline")
+
+
+def test_batch_with_one_bad_entry_is_refused_whole():
+    good = header(dtype="<f8", count=1) + [b"\0" * 8]
+    bad = header(dtype="<f8", count=2) + [b"\0" * 8]  # declares 16 bytes, carries 8
+    batch_refused([BATCH_TAG, packed([good, good, bad, good])], "declares")
+
+
+def _decode_batch_only_protocol_error(frames) -> None:
+    with contextlib.suppress(ProtocolError):
+        decode_batch(frames)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_messages, min_size=1, max_size=8))
+def test_property_batch_roundtrip(msgs):
+    assert decode_batch(batch_wire(msgs)) == msgs
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    header_bytes=st.binary(max_size=128),
+    data=st.lists(st.binary(max_size=64), max_size=3),
+)
+def test_property_random_batch_header_only_protocol_error(header_bytes, data):
+    _decode_batch_only_protocol_error([BATCH_TAG, header_bytes, *data])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    msgs=st.lists(_messages, min_size=1, max_size=4),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255))),
+)
+def test_property_corrupted_batches_only_protocol_error(msgs, flips):
+    frames = [bytearray(f) for f in batch_wire(msgs)]
+    for pos, value in flips:
+        frame = frames[1 + pos % (len(frames) - 1)]
+        if frame:
+            frame[pos % len(frame)] = value
+    _decode_batch_only_protocol_error([bytes(f) for f in frames])

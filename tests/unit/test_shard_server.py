@@ -1,0 +1,177 @@
+"""The shard's loop: batched messages on a real socket, and the autosave thread."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from carelay.common.config import load_config
+from carelay.common.protocol import (
+    BATCH_TAG,
+    Message,
+    Op,
+    decode_batch,
+    encode,
+    encode_batch,
+)
+from carelay.shard.persist import ShardDatabase
+from carelay.shard.server import ShardServer
+
+PREFIX = "U:"
+
+
+def _server(data_dir: Path, with_db: bool = True) -> ShardServer:
+    config = load_config(prefix=PREFIX, shards=1, data_dir=str(data_dir))
+    db = ShardDatabase(config.store_path(0)) if with_db else None
+    server = ShardServer(config, 0, db=db)
+    server.load()
+    return server
+
+
+def _put(server: ShardServer, name: str, value, req: int = 1) -> None:
+    server.handle(b"b", encode(Message(Op.PUT, name, req=req, data=np.asarray(value))))
+    server._commit()
+    server._out.clear()
+
+
+def _saved(server: ShardServer) -> dict:
+    again = ShardDatabase(server.db.path)
+    try:
+        return {row.name: row.value.tolist() for row in again.open()}
+    finally:
+        again.close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = _server(tmp_path)
+    yield s
+    s.close_autosave()
+    s.db.close()
+
+
+# -- batches ---------------------------------------------------------------------
+
+
+def test_a_batch_is_applied_in_order_and_answered_in_one_batch(tmp_path):
+    server = _server(tmp_path, with_db=False)
+    server.bind()
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(server.endpoint)
+    try:
+        puts = [
+            Message(Op.PUT, f"{PREFIX}a_F5", req=k, data=np.array([float(k)])) for k in range(1, 8)
+        ]
+        puts.append(Message(Op.PUT, f"{PREFIX}b_f1", req=8, data=np.zeros(3)))  # too many
+        dealer.send_multipart(encode_batch(puts))
+        assert server.serve_once(timeout_ms=5000) >= len(puts)
+        assert dealer.poll(5000)
+        frames = dealer.recv_multipart()
+        assert frames[0] == BATCH_TAG
+        replies = decode_batch(frames)
+        assert [m.req for m in replies] == list(range(1, 9))
+        assert [m.op for m in replies] == [Op.UPDATE] * 7 + [Op.REJECT]
+        assert [m.seq for m in replies[:7]] == sorted(m.seq for m in replies[:7])
+        # A buffer of 5 keeps the newest five appends, in order.
+        assert server.store.get(f"{PREFIX}a_F5").tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
+    finally:
+        dealer.close()
+        server.close()
+
+
+def test_a_malformed_batch_changes_nothing(tmp_path, caplog):
+    server = _server(tmp_path, with_db=False)
+    _put(server, f"{PREFIX}a_f1", [1.0])
+    good = Message(Op.PUT, f"{PREFIX}a_f1", req=2, data=np.array([2.0]))
+    frames = [bytes(f) for f in encode_batch([good, good])]
+    frames[1] = frames[1][:-3]  # a torn header
+    assert server.handle(b"b", frames) == 0
+    assert server.handle(b"b", [*encode_batch([good]), b"extra frame"]) == 0
+    assert server._out == []
+    assert server.store.get(f"{PREFIX}a_f1").tolist() == [1.0]
+    assert "malformed" in caplog.text
+
+
+# -- the autosave thread -----------------------------------------------------------
+
+
+def test_flush_soon_writes_in_the_background(server):
+    _put(server, f"{PREFIX}a_f1", [1.0])
+    _put(server, f"{PREFIX}a_f1", [2.0])
+    assert server.flush_soon() == 1
+    assert not server.store.dirty
+    _put(server, f"{PREFIX}a_f1", [3.0])  # the loop goes on meanwhile
+    assert server._collect(wait=True)
+    assert _saved(server) == {f"{PREFIX}a_f1": [2.0]}
+    assert server.flush() == 1
+    assert _saved(server) == {f"{PREFIX}a_f1": [3.0]}
+
+
+def _held(server, monkeypatch) -> threading.Event:
+    """Make the autosave thread (only) wait for the returned event before it writes."""
+    go = threading.Event()
+    real = server.db.save
+
+    def save(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            assert go.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server.db, "save", save)
+    return go
+
+
+def test_a_buffer_row_is_the_buffer_as_it_was_when_the_flush_began(server, monkeypatch):
+    name = f"{PREFIX}log_F4"
+    _put(server, name, [1.0, 2.0])
+    server.flush()
+    _put(server, name, [3.0])
+    go = _held(server, monkeypatch)
+    assert server.flush_soon() == 1
+    _put(server, name, [4.0, 5.0])  # wraps the ring while the write waits
+    go.set()
+    server._collect(wait=True)
+    assert _saved(server) == {name: [1.0, 2.0, 3.0]}
+    server.flush()
+    assert _saved(server) == {name: [2.0, 3.0, 4.0, 5.0]}
+
+
+def test_a_deletion_after_a_flush_in_flight_stays_deleted(server, monkeypatch):
+    name = f"{PREFIX}gone_f1"
+    _put(server, name, [1.0])
+    _put(server, name, [2.0])
+    go = _held(server, monkeypatch)
+    assert server.flush_soon() == 1
+    server.handle(b"b", encode(Message(Op.DELETE, name, req=5)))
+    threading.Timer(0.2, go.set).start()
+    server._commit()  # waits for the older write, then deletes
+    assert [m.op for _, m in server._out] == [Op.DELETED]
+    server._collect(wait=True)
+    assert _saved(server) == {}
+
+
+def test_a_failed_background_write_is_made_again(server, monkeypatch, caplog):
+    name = f"{PREFIX}a_f1"
+    _put(server, name, [1.0])
+    _put(server, name, [7.0])
+    real = server.db.save
+
+    def broken(*args, **kwargs):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(server.db, "save", broken)
+    assert server.flush_soon() == 1
+    server._collect(wait=True)
+    assert "autosave of 1 values failed" in caplog.text
+    assert name in server.store.dirty
+    monkeypatch.setattr(server.db, "save", real)
+    assert server.flush_soon() == 1
+    server._collect(wait=True)
+    assert _saved(server) == {name: [7.0]}
