@@ -534,15 +534,18 @@ class Broker:
     def run(self, stop: StopFlag) -> None:
         started = time.monotonic()
         next_status = 0.0
+        handled = 0
         while not stop.stopping:
             # While answers are due, do not sleep in CA's select(): poll the
             # shards briefly instead, so replies are handled as they come.
             waiting = any(link.pending or link.state is LinkState.SYNCING for link in self.links)
-            self.cas.process(0 if waiting else _IDLE_SLICE)
+            # After answers were handled, CA has completions and events to send:
+            # no sleep in select() before they go.
+            self.cas.process(0 if waiting or handled else _IDLE_SLICE)
             for link in self.links:
                 if link.outbox:
                     self._flush(link)
-            self._poll_shards(_BUSY_POLL_MS if waiting else 0)
+            handled = self._poll_shards(_BUSY_POLL_MS if waiting else 0)
             now = time.monotonic()
             self._timers(now)
             self.pvlist.post_if_changed()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -55,6 +56,14 @@ def guarded(status_on_error):
         return inner
 
     return wrap
+
+
+@functools.cache
+def _zero(dtype: np.dtype) -> np.ndarray:
+    """The value of a PV that has none yet: one read-only zero per type, shared."""
+    zero = np.zeros(1, dtype=dtype)
+    zero.flags.writeable = False
+    return zero
 
 
 class BasePV(cas.casPV):
@@ -158,15 +167,15 @@ class RelayPV(BasePV):
         self.real = False
         self.stamp = 0.0
         self.ring = RingBuffer(spec.count, spec.dtype) if spec.is_buffer else None
-        self.value = np.zeros(1, dtype=spec.dtype)
+        self.value = _zero(spec.dtype)
         self.pending = 0  # puts sent to the shard and not yet answered
         self.creating = False  # a first put is on its way: counted against the limits
         self.alarm = Alarm.UDF_ALARM
         self.severity = Severity.INVALID_ALARM
         self.numeric = spec.kind in "fi"
         #: Fields clients put (mirrored from the shard), and with defaults filled in.
-        self.fields: dict = {}
-        self.eff: dict = broker.resolver.effective(spec, {})
+        self.fields: Mapping = fields.NO_FIELDS
+        self.eff: Mapping = broker.resolver.effective(spec, fields.NO_FIELDS)
         #: (status, severity) that the alarm limits give the value.
         self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
         #: The last put's elements: what the alarm limits judge.
@@ -180,7 +189,7 @@ class RelayPV(BasePV):
 
     def contents(self) -> np.ndarray:
         if not self.real:
-            return np.zeros(1, dtype=self.spec.dtype)
+            return _zero(self.spec.dtype)
         return self.ring.view() if self.ring is not None else self.value
 
     def length(self) -> int:
@@ -195,8 +204,8 @@ class RelayPV(BasePV):
             return Alarm.COMM_ALARM, Severity.INVALID_ALARM
         return self.limit_alarm
 
-    def set_fields(self, stored: dict) -> None:
-        self.fields = dict(stored)
+    def set_fields(self, stored: Mapping) -> None:
+        self.fields = dict(stored) if stored else fields.NO_FIELDS
         self.eff = self.broker.resolver.effective(self.spec, self.fields)
 
     def _check_limits(self, data: np.ndarray, held: int | None = None) -> None:
@@ -237,6 +246,7 @@ class RelayPV(BasePV):
                 self.ring.replace(data)
         else:
             self.value = np.array(data, copy=True)
+            data = self.value  # the same elements: one array per PV, not two
         self.real = True
         self.stamp = stamp
         if reset and not len(data):
@@ -249,8 +259,7 @@ class RelayPV(BasePV):
 
     def field_changed(self, name: str, value) -> None:
         """Mirror a field change the shard applied: property event, alarms re-checked."""
-        self.fields[name] = value
-        self.set_fields(self.fields)
+        self.set_fields({**self.fields, name: value})
         if self.real and self._last is not None:
             # The last put's elements again (not a whole buffer); an alarm held by HYST
             # stays held unless a limit moved.
@@ -262,11 +271,11 @@ class RelayPV(BasePV):
     def forget(self) -> None:
         """The PV was deleted: back to provisional with no fields, and tell monitors."""
         self.real = False
-        self.value = np.zeros(1, dtype=self.spec.dtype)
+        self.value = _zero(self.spec.dtype)
         if self.ring is not None:
             self.ring.clear()
         self.stamp = 0.0
-        self.set_fields({})
+        self.set_fields(fields.NO_FIELDS)
         self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
         self._last = None
         self._mlst = self._alst = None

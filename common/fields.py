@@ -11,6 +11,7 @@ import fnmatch
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from carelay.common.naming import PvSpec
@@ -169,6 +170,10 @@ def validate_defaults(raw: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
+#: The fields of a PV that has none, shared by all of them (a PV costs no dict for it).
+NO_FIELDS: Mapping[str, Any] = MappingProxyType({})
+
+
 class FieldResolver:
     """Effective fields of a PV: stored ones, then configured defaults, then built-ins."""
 
@@ -177,23 +182,30 @@ class FieldResolver:
         self._defaults = defaults
         self._cache: dict[str, dict[str, Any]] = {}
 
-    def configured(self, name: str) -> dict[str, Any]:
+    def configured(self, name: str) -> Mapping[str, Any]:
         """Configured defaults for ``name`` (globs match the part after the prefix; later
-        tables win)."""
+        tables win).  Read-only."""
+        if not self._defaults:
+            return NO_FIELDS
         hit = self._cache.get(name)
         if hit is None:
             rest = name[len(self._prefix) :] if name.startswith(self._prefix) else name
-            hit = {}
+            found: dict[str, Any] = {}
             for glob, table in self._defaults.items():
                 if fnmatch.fnmatchcase(rest, glob):
-                    hit.update(table)
+                    found.update(table)
+            hit = found or NO_FIELDS
             if len(self._cache) > 100_000:
                 self._cache.clear()
             self._cache[name] = hit
         return hit
 
-    def effective(self, spec: PvSpec, stored: Mapping[str, Any]) -> dict[str, Any]:
-        fields = {k: v for k, v in self.configured(spec.name).items() if applies(k, spec)}
+    def effective(self, spec: PvSpec, stored: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Read-only.  Most PVs have no fields at all: they share one empty mapping."""
+        configured = self.configured(spec.name)
+        if not configured and not stored:
+            return NO_FIELDS
+        fields = {k: v for k, v in configured.items() if applies(k, spec)}
         fields.update(stored)
         return fields
 

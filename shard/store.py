@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from carelay.common.fields import FieldError, FieldResolver, applies, clip_to_drive_limits, validate
+from carelay.common.fields import (
+    NO_FIELDS,
+    FieldError,
+    FieldResolver,
+    applies,
+    clip_to_drive_limits,
+    validate,
+)
 from carelay.common.naming import InvalidPvName, PvSpec, parse_pv_name
 from carelay.common.ring import RingBuffer
 
@@ -37,7 +44,8 @@ class StoredPv:
     stamp: float
     value: np.ndarray | None = None  # arrays and scalars
     ring: RingBuffer | None = None  # buffers
-    fields: dict = field(default_factory=dict)
+    #: Read-only: a change makes a new dict.  Most PVs have none and share NO_FIELDS.
+    fields: Mapping[str, Any] = field(default_factory=lambda: NO_FIELDS)
     #: fields with the configured defaults filled in; None until needed, reset on a change.
     effective: dict | None = None
 
@@ -149,7 +157,7 @@ class ShardStore:
         except FieldError as e:
             raise Rejected(str(e)) from None
         self._unsaved.setdefault(name, replace(pv, fields=dict(pv.fields)))
-        pv.fields[field_name] = value
+        pv.fields = {**pv.fields, field_name: value}
         pv.effective = None
         self.seq += 1
         return self.seq, value
@@ -198,7 +206,7 @@ class ShardStore:
             if row.value.dtype != spec.dtype:
                 skipped.append(row.name)
                 continue
-            pv = StoredPv(spec, row.stamp, fields=dict(row.fields))
+            pv = StoredPv(spec, row.stamp, fields=dict(row.fields) if row.fields else NO_FIELDS)
             if spec.is_buffer:
                 pv.ring = RingBuffer(spec.count, spec.dtype)
                 pv.ring.append(row.value)
@@ -217,7 +225,7 @@ class ShardStore:
                 value = value.copy()
         else:
             value = pv.value
-        return name, pv.stamp, value, dict(pv.fields) if copy else pv.fields
+        return name, pv.stamp, value, dict(pv.fields)
 
     @property
     def needs_commit(self) -> bool:
