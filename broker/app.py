@@ -40,6 +40,8 @@ log = logging.getLogger("carelay.broker")
 _IDLE_SLICE = 0.005
 #: How long to poll the shards for answers while requests are in flight (ms).
 _BUSY_POLL_MS = 1
+#: How often heartbeats, timeouts, link changes and coalesced posts are looked at (s).
+_TICK = 0.01
 #: Refused names remembered so that each is logged once.
 _REFUSED_MEMORY = 10_000
 #: How long the broker waits for every shard before it serves anyway (seconds).
@@ -93,6 +95,8 @@ class Broker:
         self._snapshots: dict[int, dict] = {}
         self._refused: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._graveyard: list = []
+        self._poller = zmq.Poller()
+        self._polled: tuple = ()
         self.pvlist = PvListPV(self, config.pvlist_name, config.pvlist_count)
         self.delpv = DelPvPV(self, config.delpv_name, config.max_name_length)
         self.controls = {self.pvlist.name: self.pvlist, self.delpv.name: self.delpv}
@@ -505,16 +509,19 @@ class Broker:
                 self._finish(link, req, False)
 
     def _poll_shards(self, timeout_ms: float) -> int:
-        socks = [link for link in self.links if link.sock is not None]
+        """Wait up to ``timeout_ms`` for answers and handle what came; returns how many."""
+        socks = {link.sock: link for link in self.links if link.sock is not None}
+        if not socks:
+            return 0
+        key = tuple(socks)
+        if key != self._polled:
+            self._poller = zmq.Poller()
+            for sock in socks:
+                self._poller.register(sock, zmq.POLLIN)
+            self._polled = key
         n = 0
-        if timeout_ms > 0 and socks:
-            poller = zmq.Poller()
-            for link in socks:
-                poller.register(link.sock, zmq.POLLIN)
-            if not poller.poll(timeout_ms):
-                return 0
-        for link in socks:
-            n += self._drain(link)
+        for sock, _ in self._poller.poll(timeout_ms):
+            n += self._drain(socks[sock])
         return n
 
     def _write_status(self) -> None:
@@ -533,7 +540,7 @@ class Broker:
 
     def run(self, stop: StopFlag) -> None:
         started = time.monotonic()
-        next_status = 0.0
+        next_status = next_tick = 0.0
         handled = 0
         while not stop.stopping:
             # While answers are due, do not sleep in CA's select(): poll the
@@ -546,12 +553,16 @@ class Broker:
                 if link.outbox:
                     self._flush(link)
             handled = self._poll_shards(_BUSY_POLL_MS if waiting else 0)
+            self._graveyard.clear()
             now = time.monotonic()
+            if now < next_tick:
+                continue
+            # Every _TICK, not every turn: a turn may carry only a few puts.
+            next_tick = now + _TICK
             self._timers(now)
             self.pvlist.post_if_changed()
             if self._due_posts:
-                self._post_due(time.monotonic())
-            self._graveyard.clear()
+                self._post_due(now)
             if not self.ready and (
                 all(link.live for link in self.links) or now - started > _STARTUP_SYNC_TIMEOUT
             ):

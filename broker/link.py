@@ -27,7 +27,6 @@ from carelay.common.protocol import (
     ProtocolError,
     batches,
     decode_batch,
-    encode,
     encode_batch,
     send_frames,
 )
@@ -71,13 +70,17 @@ class ShardLink:
         self.ever_synced = False
 
     @property
-    def live(self) -> bool:
-        return self.state is LinkState.LIVE
+    def state(self) -> LinkState:
+        return self._state
 
-    @property
-    def usable(self) -> bool:
-        """Requests can be sent: the shard answers, even if a resync is under way."""
-        return self.state in (LinkState.LIVE, LinkState.SYNCING)
+    @state.setter
+    def state(self, state: LinkState) -> None:
+        # Read for every put and every event: kept as plain attributes.
+        self._state = state
+        #: The shard is in sync.
+        self.live = state is LinkState.LIVE
+        #: Requests can be sent: the shard answers, even if a resync is under way.
+        self.usable = state in (LinkState.LIVE, LinkState.SYNCING)
 
     def open(self) -> None:
         sock = self.ctx.socket(zmq.DEALER)
@@ -131,7 +134,7 @@ class ShardLink:
         sent = 0
         try:
             for batch in batches(out):
-                frames = encode(batch[0]) if len(batch) == 1 else encode_batch(batch)
+                frames = encode_batch(batch)
                 send_frames(self.sock, frames, zmq.NOBLOCK)
                 sent += len(batch)
         except zmq.Again:
@@ -149,6 +152,9 @@ class ShardLink:
         """The messages of one batch, or None when nothing is waiting.  Malformed batches
         are dropped whole."""
         while self.sock is not None:
+            # Cheaper than the zmq.Again that a receive on an empty socket raises.
+            if not self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return None
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

@@ -12,9 +12,11 @@ A message travels as a ZeroMQ multipart message::
 Many messages travel together as one batch, so that a burst of puts costs
 one ZeroMQ message and one msgpack call per hop rather than one per put::
 
-    frame 0   BATCH_TAG                        b"CRB1"
-    frame 1   msgpack list of headers          each the fields above plus ``inline``
-    frame 2.. data of the large arrays, in header order
+    frame 0   BATCH_TAG + msgpack list of headers, each the fields above plus ``inline``
+    frame 1.. data of the large arrays, in header order
+
+(the tag shares the header's frame: every ZeroMQ frame costs a send call, and a
+batch of scalar puts is then a single frame).
 
 ``inline`` is the raw array buffer itself when it is at most INLINE_MAX
 bytes (a scalar put carries its 8 bytes there), else nil and the array is
@@ -173,7 +175,7 @@ def encode(msg: Message) -> list:
 def encode_batch(msgs: list[Message]) -> list:
     """Frames for a batch of ``msgs`` (see the module docstring); small arrays go inline."""
     headers = []
-    frames: list = [BATCH_TAG, b""]
+    frames: list = [b""]
     for msg in msgs:
         h = msg._header()
         data = msg.data
@@ -188,7 +190,7 @@ def encode_batch(msgs: list[Message]) -> list:
                 h.append(None)
                 frames.append(memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B"))
         headers.append(h)
-    frames[1] = msgpack.packb(headers, use_bin_type=True)
+    frames[0] = BATCH_TAG + msgpack.packb(headers, use_bin_type=True)
     return frames
 
 
@@ -231,7 +233,7 @@ def decode_batch(frames: list) -> list[Message]:
     """The messages of a batch, or of a single message, in order; ProtocolError if any
     part does not fit (then none of them is returned)."""
     try:
-        if bytes(_buffer(frames[0])) != BATCH_TAG:
+        if bytes(_buffer(frames[0])[: len(BATCH_TAG)]) != BATCH_TAG:
             return [_decode(frames)]
         return _decode_batch(frames)
     except ProtocolError:
@@ -241,9 +243,9 @@ def decode_batch(frames: list) -> list[Message]:
 
 
 def _decode_batch(frames: list) -> list[Message]:
-    if len(frames) < 2:
-        raise ProtocolError("a batch needs a header frame")
-    raw = _buffer(frames[1])
+    raw = _buffer(frames[0])[len(BATCH_TAG) :]
+    if not raw.nbytes:
+        raise ProtocolError("a batch needs a header")
     if raw.nbytes > _MAX_BATCH_HEADER_BYTES:
         raise ProtocolError("batch header too large")
     headers = msgpack.unpackb(
@@ -252,7 +254,7 @@ def _decode_batch(frames: list) -> list[Message]:
     if not isinstance(headers, list) or not headers:
         raise ProtocolError("a batch header must be a non-empty list")
     out = []
-    next_frame = 2
+    next_frame = 1
     for h in headers:
         if not isinstance(h, list) or len(h) != _HEADER_FIELDS + 1:
             raise ProtocolError("batch entry is not a list of the expected fields")
@@ -289,33 +291,49 @@ def _decode(frames: list) -> Message:
     return _message(header, _buffer(frames[2]) if len(frames) == 3 else None)
 
 
+_OPS = {int(op): op for op in Op}
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
+
+
 def _message(header: list, buf: memoryview | None) -> Message:
-    """A validated Message from its header fields and its data buffer (None: no data)."""
+    """A validated Message from its header fields and its data buffer (None: no data).
+
+    Runs once per message on both sides of the hot path, so the checks are exact
+    type tests (msgpack yields exactly int, float, str and dict; a bool is refused)."""
     op, name, req, seq, epoch, stamp, length, reason, info, dtype, count = header
-    try:
-        op = Op(op)
-    except ValueError:
-        raise ProtocolError(f"unknown operation {op!r}") from None
-    if not isinstance(name, str) or not isinstance(reason, str):
+    op = _OPS.get(op) if type(op) is int else None
+    if op is None:
+        raise ProtocolError(f"unknown operation {header[0]!r}")
+    if type(name) is not str or type(reason) is not str:
         raise ProtocolError("name and reason must be text")
-    for label, v in (("req", req), ("seq", seq), ("epoch", epoch), ("length", length)):
-        if not _is_int(v) or v < 0:
-            raise ProtocolError(f"{label} must be a non-negative integer")
-    if not isinstance(stamp, float):
+    if not (
+        type(req) is int
+        and type(seq) is int
+        and type(epoch) is int
+        and type(length) is int
+        and req >= 0
+        and seq >= 0
+        and epoch >= 0
+        and length >= 0
+    ):
+        for label, v in (("req", req), ("seq", seq), ("epoch", epoch), ("length", length)):
+            if not _is_int(v) or v < 0:
+                raise ProtocolError(f"{label} must be a non-negative integer")
+    if type(stamp) is not float:
         raise ProtocolError("stamp must be a float")
-    if not isinstance(info, dict) or not all(isinstance(k, str) for k in info):
+    if type(info) is not dict or (info and not all(type(k) is str for k in info)):
         raise ProtocolError("info must be a map with text keys")
-    if not isinstance(dtype, str) or not _is_int(count):
+    if type(dtype) is not str or type(count) is not int:
         raise ProtocolError("dtype must be text and count an integer")
     data = None
     if dtype:
-        if dtype not in ALLOWED_DTYPES:
+        dt = _DTYPES.get(dtype)
+        if dt is None:
             raise ProtocolError(f"dtype {dtype!r} is not allowed")
         if not 0 <= count <= MAX_WIRE_ELEMENTS:
             raise ProtocolError(f"count {count} out of range")
         if buf is None:
             raise ProtocolError("header declares data but no data frame came")
-        dt = np.dtype(dtype)
         if buf.nbytes != count * dt.itemsize:
             raise ProtocolError(
                 f"data frame holds {buf.nbytes} bytes, header declares {count} x {dt.itemsize}"

@@ -28,7 +28,6 @@ from carelay.common.protocol import (
     ProtocolError,
     batches,
     decode_batch,
-    encode,
     encode_batch,
     send_frames,
 )
@@ -152,7 +151,7 @@ class ShardServer:
                 runs.append((peer, [msg]))
         for peer, msgs in runs:
             for batch in batches(msgs):
-                frames = encode(batch[0]) if len(batch) == 1 else encode_batch(batch)
+                frames = encode_batch(batch)
                 try:
                     send_frames(self._sock, [peer, *frames])
                 except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
@@ -412,6 +411,8 @@ class ShardServer:
             return 0
         n = 0
         while n < _BATCH:
+            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:
+                break
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

@@ -460,9 +460,9 @@ def test_batch_roundtrip_mixed_sizes():
         Message(Op.PUT, "R:d_F9000", req=6, data=np.ones(9000)),
     ]
     frames = batch_wire(msgs)
-    assert frames[0] == BATCH_TAG
+    assert frames[0].startswith(BATCH_TAG)
     # The two arrays over INLINE_MAX travel as frames of their own; the rest inline.
-    assert len(frames) == 4
+    assert len(frames) == 3
     out = decode_batch(frames)
     assert out == msgs
     assert [m.data.dtype if m.data is not None else None for m in out] == [
@@ -498,7 +498,7 @@ def batch_refused(frames, match: str) -> None:
 
 
 def test_batch_missing_data_frame():
-    batch_refused(_good_batch()[:2], "more data frames")
+    batch_refused(_good_batch()[:1], "more data frames")
 
 
 def test_batch_extra_data_frame():
@@ -506,22 +506,22 @@ def test_batch_extra_data_frame():
 
 
 def test_batch_without_header_frame():
-    batch_refused([BATCH_TAG], "header frame")
+    batch_refused([BATCH_TAG], "needs a header")
 
 
 @pytest.mark.parametrize("headers", [[], {}, 5, [[1, 2, 3]], [header() + [None]] * 3000])
 def test_batch_header_wrong_shape(headers):
-    batch_refused([BATCH_TAG, packed(headers)], "batch|malformed")
+    batch_refused([BATCH_TAG + packed(headers)], "batch|malformed")
 
 
 def test_batch_inline_not_bytes():
-    batch_refused([BATCH_TAG, packed([header(dtype="<f8", count=1) + ["12345678"]])], "inline")
+    batch_refused([BATCH_TAG + packed([header(dtype="<f8", count=1) + ["12345678"]])], "inline")
 
 
 def test_batch_with_one_bad_entry_is_refused_whole():
     good = header(dtype="<f8", count=1) + [b"\0" * 8]
     bad = header(dtype="<f8", count=2) + [b"\0" * 8]  # declares 16 bytes, carries 8
-    batch_refused([BATCH_TAG, packed([good, good, bad, good])], "declares")
+    batch_refused([BATCH_TAG + packed([good, good, bad, good])], "declares")
 
 
 def _decode_batch_only_protocol_error(frames) -> None:
@@ -541,7 +541,7 @@ def test_property_batch_roundtrip(msgs):
     data=st.lists(st.binary(max_size=64), max_size=3),
 )
 def test_property_random_batch_header_only_protocol_error(header_bytes, data):
-    _decode_batch_only_protocol_error([BATCH_TAG, header_bytes, *data])
+    _decode_batch_only_protocol_error([BATCH_TAG + header_bytes, *data])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -552,7 +552,7 @@ def test_property_random_batch_header_only_protocol_error(header_bytes, data):
 def test_property_corrupted_batches_only_protocol_error(msgs, flips):
     frames = [bytearray(f) for f in batch_wire(msgs)]
     for pos, value in flips:
-        frame = frames[1 + pos % (len(frames) - 1)]
+        frame = frames[pos % len(frames)]
         if frame:
             frame[pos % len(frame)] = value
     _decode_batch_only_protocol_error([bytes(f) for f in frames])

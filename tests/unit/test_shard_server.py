@@ -74,7 +74,7 @@ def test_a_batch_is_applied_in_order_and_answered_in_one_batch(tmp_path):
         assert server.serve_once(timeout_ms=5000) >= len(puts)
         assert dealer.poll(5000)
         frames = dealer.recv_multipart()
-        assert frames[0] == BATCH_TAG
+        assert len(frames) == 1 and frames[0].startswith(BATCH_TAG)
         replies = decode_batch(frames)
         assert [m.req for m in replies] == list(range(1, 9))
         assert [m.op for m in replies] == [Op.UPDATE] * 7 + [Op.REJECT]
@@ -91,7 +91,7 @@ def test_a_malformed_batch_changes_nothing(tmp_path, caplog):
     _put(server, f"{PREFIX}a_f1", [1.0])
     good = Message(Op.PUT, f"{PREFIX}a_f1", req=2, data=np.array([2.0]))
     frames = [bytes(f) for f in encode_batch([good, good])]
-    frames[1] = frames[1][:-3]  # a torn header
+    frames[0] = frames[0][:-3]  # a torn header
     assert server.handle(b"b", frames) == 0
     assert server.handle(b"b", [*encode_batch([good]), b"extra frame"]) == 0
     assert server._out == []
