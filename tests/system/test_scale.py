@@ -10,6 +10,7 @@ from pathlib import Path
 import epics
 import numpy as np
 
+from tests.system.clients import get_array
 from tests.system.conftest import CA_ENV, wait_for
 from tests.system.test_processes import status_rows
 
@@ -107,10 +108,10 @@ def test_million_element_buffer_keeps_the_newest(relay):
         assert pv.put(values, wait=True, timeout=5) == 1, k
         if k == appends // 2:
             # Half full: everything so far, oldest first.
-            got = get(name)
+            got = get_array(name)
             np.testing.assert_array_equal(got, np.arange((k + 1) * chunk, dtype=np.float64) * 0.5)
     expected = np.arange((appends * chunk - MILLION), appends * chunk, dtype=np.float64) * 0.5
-    got = get(name)
+    got = get_array(name)
     assert len(got) == MILLION
     np.testing.assert_array_equal(got, expected)
 
@@ -142,7 +143,7 @@ def test_concurrent_writers_to_one_pv(relay):
     for w, codes in enumerate(results):
         assert codes == [1] * (2 * puts), f"writer {w}: {Counter(codes)}"
 
-    got = get(buffer)
+    got = get_array(buffer)
     assert len(got) == writers * puts
     assert Counter(got.tolist()) == Counter(v for vs in values for v in vs)
     for w, vs in enumerate(values):
