@@ -212,7 +212,7 @@ class RelayPV(BasePV):
         self._last = data
         if not (self.numeric and len(data)):
             return
-        if self.eff.keys() & _ALARM_LIMITS:
+        if self.eff and self.eff.keys() & _ALARM_LIMITS:
             extremes = (data[0], data[0]) if len(data) == 1 else (data.max(), data.min())
             if held is None:
                 held = self.limit_alarm[0]

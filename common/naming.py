@@ -9,7 +9,7 @@ place that parses names.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -39,23 +39,19 @@ class PvSpec:
     name: str
     type_code: str
     count: int
+    # Derived once: every put reads them.
+    #: Lower-case type letter: ``f``, ``i``, ``c`` or ``s``.
+    kind: str = field(init=False, repr=False, compare=False)
+    is_buffer: bool = field(init=False, repr=False, compare=False)
+    dtype: np.dtype = field(init=False, repr=False, compare=False)
+    is_text: bool = field(init=False, repr=False, compare=False)
 
-    @property
-    def kind(self) -> str:
-        """Lower-case type letter: ``f``, ``i``, ``c`` or ``s``."""
-        return self.type_code.lower()
-
-    @property
-    def is_buffer(self) -> bool:
-        return self.type_code.isupper()
-
-    @property
-    def dtype(self) -> np.dtype:
-        return DTYPES[self.kind]
-
-    @property
-    def is_text(self) -> bool:
-        return self.kind in "cs"
+    def __post_init__(self) -> None:
+        kind = self.type_code.lower()
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "is_buffer", self.type_code.isupper())
+        object.__setattr__(self, "dtype", DTYPES[kind])
+        object.__setattr__(self, "is_text", kind in "cs")
 
 
 def parse_pv_name(fullname: str, prefix: str, max_elements: int, max_name_length: int) -> PvSpec:
