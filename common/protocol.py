@@ -165,11 +165,19 @@ def encode(msg: Message) -> list:
     """Frames for ``msg``: tag, header and, for an array, its raw buffer."""
     frames: list = [PROTOCOL_TAG, msgpack.packb(msg._header(), use_bin_type=True)]
     if msg.data is not None:
-        data = msg.data
-        if data.dtype.str not in ALLOWED_DTYPES:
-            raise ProtocolError(f"dtype {data.dtype.str} is not allowed on the wire")
-        frames.append(memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B"))
+        _check_wire_dtype(msg.data)
+        frames.append(_data_frame(msg.data))
     return frames
+
+
+def _check_wire_dtype(data: np.ndarray) -> None:
+    if data.dtype.str not in ALLOWED_DTYPES:
+        raise ProtocolError(f"dtype {data.dtype.str} is not allowed on the wire")
+
+
+def _data_frame(data: np.ndarray) -> memoryview:
+    """The raw bytes of ``data`` as a frame of its own, without a copy where it can."""
+    return memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B")
 
 
 def encode_batch(msgs: list[Message]) -> list:
@@ -182,13 +190,12 @@ def encode_batch(msgs: list[Message]) -> list:
         if data is None:
             h.append(None)
         else:
-            if data.dtype.str not in ALLOWED_DTYPES:
-                raise ProtocolError(f"dtype {data.dtype.str} is not allowed on the wire")
+            _check_wire_dtype(data)
             if data.nbytes <= INLINE_MAX:
                 h.append(data.tobytes())
             else:
                 h.append(None)
-                frames.append(memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B"))
+                frames.append(_data_frame(data))
         headers.append(h)
     frames[0] = BATCH_TAG + msgpack.packb(headers, use_bin_type=True)
     return frames
