@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,8 +25,12 @@ from bench.servers import free_port
 # the session's port, which they find in the environment they inherit.
 CA_PORT = int(os.environ.get("CARELAY_TEST_CA_PORT") or free_port())
 os.environ["CARELAY_TEST_CA_PORT"] = str(CA_PORT)
+# The session's own CA repeater port too (see ca_repeater): never the machine's 5065.
+REPEATER_PORT = int(os.environ.get("CARELAY_TEST_REPEATER_PORT") or free_port({CA_PORT}))
+os.environ["CARELAY_TEST_REPEATER_PORT"] = str(REPEATER_PORT)
 CA_ENV = {
     "EPICS_CA_SERVER_PORT": str(CA_PORT),
+    "EPICS_CA_REPEATER_PORT": str(REPEATER_PORT),
     "EPICS_CAS_SERVER_PORT": str(CA_PORT),
     "EPICS_CA_ADDR_LIST": "127.0.0.1",
     "EPICS_CA_AUTO_ADDR_LIST": "NO",
@@ -50,6 +55,46 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def _udp_port_taken(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        try:
+            u.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ca_repeater():
+    """A CA repeater for the session, as every CA host runs one.
+
+    Servers send their beacons to it and libca clients learn from it that a
+    restarted server is back; without one, a client finds the server again only
+    through its searches, whose back-off can outlast a test's patience.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "caproto.commandline.repeater", "--quiet"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or _udp_port_taken(REPEATER_PORT),
+            what=f"the CA repeater on port {REPEATER_PORT}",
+        )
+        assert proc.poll() is None, f"the CA repeater exited with status {proc.returncode}"
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def unique(stem: str = "pv") -> str:
