@@ -51,7 +51,7 @@ def test_char_text(relay, ex):
     name = ex("cmdline_output_c10000")
     text = "The sun is shining, go outside!"
     assert epics.caput(name, text, wait=True, timeout=5) == 1
-    assert get(name, as_string=True) == text
+    assert get_array(name, as_string=True) == text
 
 
 def test_caproto_put_appends_one_value_and_get_reads(relay, ex):

@@ -36,7 +36,7 @@ from caproto import AlarmSeverity, AlarmStatus, ChannelType, SubscriptionType
 from caproto.threading.client import Context
 
 from carelay.common.sharding import shard_for
-from tests.system.clients import connect, get, put, write_status
+from tests.system.clients import connect, get, get_array, put, write_status
 from tests.system.conftest import CARELAY, Relay, unique, using_shared, wait_for
 
 OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)
@@ -586,7 +586,7 @@ def test_buffer_nord_nelm_and_res(relay, ca):
     put(text, "abcdef")
     set_field(ca, text, "RES", 1)
     put(text, "xy")
-    assert get(text, as_string=True) == "xy"
+    assert get_array(text, as_string=True) == "xy"
     assert field_number(ca, text, "NELM") == 8
 
 
