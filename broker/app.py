@@ -31,7 +31,7 @@ from carelay.common.fields import FieldResolver, split_field
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.naming import InvalidPvName
-from carelay.common.protocol import Message, Op
+from carelay.common.protocol import BATCH_MAX, Message, Op, WriteRun
 from carelay.common.sharding import shard_for
 
 log = logging.getLogger("carelay.broker")
@@ -44,6 +44,8 @@ _BUSY_POLL_MS = 1
 _TICK = 0.01
 #: Refused names remembered so that each is logged once.
 _REFUSED_MEMORY = 10_000
+#: How long a stopping broker lets ZeroMQ send its last puts to the shards (ms).
+_STOP_LINGER = 1000
 #: How long the broker waits for every shard before it serves anyway (seconds).
 _STARTUP_SYNC_TIMEOUT = 15.0
 
@@ -226,9 +228,12 @@ class Broker:
                 log.warning("refused put to %s.%s: %s", name, field, e)
                 return False
         msg = Message(Op.SET_FIELD, name, info={"field": field, "value": value})
-        if not self._request(pv.shard, msg, notify=notify):
+        # Pending on the PV until answered: value puts meanwhile take the round trip, so
+        # that the shard, not the mirror, applies the new field (DRVH, DRVL) to them.
+        if not self._request(pv.shard, msg, pv, notify):
             log.warning("put to %s.%s failed: shard %d unreachable", name, field, pv.shard)
             return False
+        pv.pending += 1
         return True
 
     def _set_real(self, pv, real: bool) -> None:
@@ -263,12 +268,18 @@ class Broker:
         if not link.usable:
             log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
             return False
+        stamp = time.time()
+        if link.live and pv.real and not pv.pending:
+            data = pv.settled_put(data)
+            if data is not None:
+                return self._write_through(link, pv, data, stamp, notify)
         if not (pv.real or pv.creating):
             why = self._over_limits(pv.spec)
             if why is not None:
                 self._refuse(pv.name, why)
                 return False
-        if not self._request(pv.shard, Message(Op.PUT, pv.name, data=data), pv, notify):
+        msg = Message(Op.PUT, pv.name, stamp=stamp, data=data)
+        if not self._request(pv.shard, msg, pv, notify):
             log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
             return False
         pv.pending += 1
@@ -276,14 +287,30 @@ class Broker:
             self._reserve(pv, True)
         return True
 
+    def _write_through(self, link: ShardLink, pv, data, stamp: float, notify) -> bool:
+        """A put to a PV in sync with its live shard: applied to the mirror and posted now,
+        and sent on as a WRITE that the shard answers only for a put with callback (or to
+        refuse it, with the PV as it holds it).  No round trip before the monitors."""
+        req = 0
+        if notify is not None:
+            req = next(self._req)
+            deadline = time.monotonic() + PUT_TIMEOUT
+            link.pending[req] = Pending(None, pv.name, pv.shard, deadline, notify)
+        link.write(pv.name, req, stamp, data)
+        pv.apply(data, stamp, append=pv.ring is not None, owned=True)
+        return True
+
     def forward_delete(self, name: str, notify) -> bool:
         pv = self.pvs.get(name)
         if pv is None or not pv.real:
             log.warning("delpv %s failed: no such PV", name)
             return False
-        if not self._request(pv.shard, Message(Op.DELETE, name), notify=notify):
+        # Counted as pending on the PV: puts wait for the answer (round trip), not the
+        # mirror, until the deletion is settled.
+        if not self._request(pv.shard, Message(Op.DELETE, name), pv, notify):
             log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
             return False
+        pv.pending += 1
         return True
 
     def _request(self, shard: int, msg: Message, pv=None, notify=None) -> bool:
@@ -303,15 +330,21 @@ class Broker:
     def _flush(self, link: ShardLink) -> None:
         """Send ``link``'s queued requests; the ones that cannot go fail now."""
         failed = link.flush()
-        if failed:
-            log.warning(
-                "shard %d not accepting; failing %d requests (%s, ...)",
-                link.index,
-                len(failed),
-                failed[0].name,
-            )
-            for msg in failed:
-                self._finish(link, msg.req, False)
+        if not failed:
+            return
+        msgs = [m for msg in failed for m in (msg.messages() if type(msg) is WriteRun else [msg])]
+        log.warning(
+            "shard %d not accepting; failing %d requests (%s, ...)",
+            link.index,
+            len(msgs),
+            msgs[0].name,
+        )
+        for msg in msgs:
+            if msg.op is Op.WRITE:
+                # The mirror shows puts the shard will never see: the link goes down
+                # (COMM alarm) at the next tick and the reconnect resyncs the mirror.
+                link.lost_writes = True
+            self._finish(link, msg.req, False)
 
     def _send_request(self, link: ShardLink, op: Op) -> bool:
         """A HELLO or PING, numbered like the puts so that its answer orders them."""
@@ -394,6 +427,9 @@ class Broker:
             link.seq = msg.seq
             if msg.info.get("created"):
                 log.debug("created PV %s (shard %d)", msg.name, link.index)
+            self._finish(link, msg.req, True)
+        elif op is Op.ACK:
+            link.seq = msg.seq
             self._finish(link, msg.req, True)
         elif op is Op.FIELD:
             pv = self.pvs.get(msg.name)
@@ -488,7 +524,10 @@ class Broker:
     def _timers(self, now: float) -> None:
         for link in self.links:
             was_usable = link.usable
-            if link.disconnected():
+            if link.lost_writes:
+                link.went_down("puts could not be sent")
+                action = "down"
+            elif link.disconnected():
                 link.went_down("disconnected")
                 action = "down"
             else:
@@ -550,7 +589,9 @@ class Broker:
             # no sleep in select() before they go.
             self.cas.process(0 if waiting or handled else _IDLE_SLICE)
             for link in self.links:
-                if link.outbox:
+                # What waits for an answer goes at once; plain puts, which the mirror
+                # already shows, go in batches of BATCH_MAX or at the next tick.
+                if link.urgent or link.queued >= BATCH_MAX:
                     self._flush(link)
             handled = self._poll_shards(_BUSY_POLL_MS if waiting else 0)
             self._graveyard.clear()
@@ -559,6 +600,9 @@ class Broker:
                 continue
             # Every _TICK, not every turn: a turn may carry only a few puts.
             next_tick = now + _TICK
+            for link in self.links:
+                if link.outbox:
+                    self._flush(link)
             self._timers(now)
             self.pvlist.post_if_changed()
             if self._due_posts:
@@ -580,6 +624,10 @@ class Broker:
             if now >= next_status:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
+        # A clean stop: the puts still queued go to the shards, which stop after us.
+        for link in self.links:
+            if link.outbox:
+                self._flush(link)
 
 
 def check_access_security(path) -> str | None:
@@ -635,7 +683,7 @@ def run_broker(config: Config) -> int:
         broker.run(stop)
     finally:
         for link in broker.links:
-            link.close()
+            link.close(linger=_STOP_LINGER)
         broker.status_path.unlink(missing_ok=True)
         del server
     log.info("broker stopped")

@@ -23,8 +23,11 @@ from carelay.common.config import (
     RECONNECT_MAX,
 )
 from carelay.common.protocol import (
+    BATCH_MAX,
     Message,
+    Op,
     ProtocolError,
+    WriteRun,
     batches,
     decode_batch,
     encode_batch,
@@ -56,8 +59,11 @@ class ShardLink:
         self._monitor: zmq.Socket | None = None
         #: Requests sent and not yet answered, in sending (= request number) order.
         self.pending: dict = {}
-        #: Messages waiting for the next flush.
-        self.outbox: list[Message] = []
+        #: Messages (and WriteRuns) waiting for the next flush; how many puts they hold,
+        #: and whether one waits for an answer.
+        self.outbox: list = []
+        self.queued = 0
+        self.urgent = False
         self.state = LinkState.DOWN
         self.epoch = 0
         self.seq = 0
@@ -68,6 +74,8 @@ class ShardLink:
         self._last_ping = 0.0
         self._connect_deadline = 0.0
         self.ever_synced = False
+        #: WRITEs the mirror shows could not be sent: the link must resync.
+        self.lost_writes = False
 
     @property
     def state(self) -> LinkState:
@@ -97,13 +105,16 @@ class ShardLink:
         self.state = LinkState.CONNECTING
         self._connect_deadline = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
 
-    def close(self) -> None:
+    def close(self, linger: int = 0) -> None:
+        """Close the socket; ``linger``: ms that ZeroMQ may take to send what was flushed."""
         self.outbox.clear()
+        self.queued = 0
+        self.urgent = False
         if self.sock is not None:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
-            self.sock.close(linger=0)
+            self.sock.close(linger=linger)
             self.sock = None
 
     def disconnected(self) -> bool:
@@ -120,13 +131,33 @@ class ShardLink:
                 broke = True
 
     def queue(self, msg: Message) -> None:
-        """Queue ``msg`` for the next ``flush``, which sends the queue as batches."""
+        """Queue ``msg`` for the next ``flush``, which sends the queue as batches.  A message
+        that waits for an answer (``req``) makes the queue urgent."""
         self.outbox.append(msg)
+        self.queued += 1
+        if msg.req:
+            self.urgent = True
 
-    def flush(self) -> list[Message]:
+    def write(self, name: str, req: int, stamp: float, data) -> None:
+        """Queue a WRITE; one-element ones join the run at the end of the queue."""
+        if data.shape[0] != 1:
+            self.queue(Message(Op.WRITE, name, req=req, stamp=stamp, data=data))
+            return
+        run = self.outbox[-1] if self.outbox else None
+        if type(run) is not WriteRun or run.dtype != data.dtype or len(run) >= BATCH_MAX:
+            run = WriteRun(data.dtype)
+            self.outbox.append(run)
+        run.add(name, req, stamp, data)
+        self.queued += 1
+        if req:
+            self.urgent = True
+
+    def flush(self) -> list:
         """Send everything queued, in order and without blocking; returns the messages
         that could not go (the shard is not connected, or its queue is full)."""
         out, self.outbox = self.outbox, []
+        self.queued = 0
+        self.urgent = False
         if not out:
             return []
         if self.sock is None:
@@ -171,6 +202,7 @@ class ShardLink:
     def went_down(self, why: str) -> None:
         """Drop the socket and schedule a reconnect with back-off."""
         was = self.state
+        self.lost_writes = False
         self.close()
         self.state = LinkState.DOWN
         self._retry_at = time.monotonic() + self._backoff

@@ -235,17 +235,37 @@ class RelayPV(BasePV):
             self._alst = v
         return mask
 
-    def apply(self, data: np.ndarray, stamp: float, append: bool, reset: bool = False) -> None:
-        """Mirror a change the shard applied and post it to monitors."""
+    def settled_put(self, data: np.ndarray) -> np.ndarray | None:
+        """``data`` as the shard will apply it to this PV (clipped to DRVL..DRVH), or None
+        for a put the shard is to judge (and refuse) itself."""
+        n = len(data)
+        if not n or (self.ring is None and n > self.spec.count) or data.dtype != self.spec.dtype:
+            return None
+        if self.numeric and self.eff:
+            data = fields.clip_to_drive_limits(self.eff, data)
+        return data
+
+    def apply(
+        self,
+        data: np.ndarray,
+        stamp: float,
+        append: bool,
+        reset: bool = False,
+        owned: bool = False,
+    ) -> None:
+        """Mirror a change and post it to monitors.  ``owned``: ``data`` is this PV's to
+        keep (it is never changed in place), so a value needs no copy."""
         if self.ring is not None:
             if reset:
                 self.ring.clear()
             if append:
                 self.ring.append(data)
+                if len(data) > self.spec.count:
+                    data = data[-self.spec.count :]  # what the buffer took
             else:
                 self.ring.replace(data)
         else:
-            self.value = np.array(data, copy=True)
+            self.value = data if owned else np.array(data, copy=True)
             data = self.value  # the same elements: one array per PV, not two
         self.real = True
         self.stamp = stamp

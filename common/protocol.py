@@ -23,6 +23,16 @@ bytes (a scalar put carries its 8 bytes there), else nil and the array is
 the next data frame.  ``decode_batch`` reads both forms and validates the
 whole batch before returning any of it: a batch is applied whole or dropped.
 
+A run of one-element WRITEs of one dtype (the commonest traffic by far: a
+stream of scalar puts) is one entry of its own, column by column::
+
+    [WRITE, dtype, [name, ...], [req, ...], stamps, values]
+
+``stamps`` is the raw buffer of one little-endian float64 per put and
+``values`` that of one element of ``dtype`` per put: a thousand puts cost a
+few list and buffer operations instead of a thousand headers.  It decodes
+to one WriteRun (only where the receiver takes runs: the shard).
+
 Header fields:
 
 - ``op``: an Op.
@@ -30,20 +40,31 @@ Header fields:
 - ``req``: the broker's request number, echoed in the answer (0: none wanted).
 - ``seq``: the shard's change sequence number (UPDATE, DELETED, SNAPSHOT_END, PONG).
 - ``epoch``: the shard's start id; a new epoch means the shard restarted.
-- ``stamp``: POSIX seconds when the shard applied the change.
+- ``stamp``: POSIX seconds of the put (PUT, WRITE: when the broker took it; 0 in a
+  PUT leaves it to the shard's clock) or of the change (UPDATE, SNAPSHOT).
 - ``length``: elements the PV holds after the change.
 - ``reason``: text, for REJECT.
 - ``info``: a small dict of str to int/float/str (PONG counters, PUT flags).
 - ``dtype``, ``count``: numpy dtype string and element count of frame 2.
 
 Operations, broker to shard: HELLO (send me a snapshot), PUT (apply a value;
-creates the PV on its first put), DELETE, SET_FIELD (info: field, value; the
-field RES empties a buffer), PING.  Shard to broker: UPDATE (an applied put:
-for a buffer the appended elements, else the whole value; info "reset" when
-a buffer was emptied first), FIELD (an applied field change, info: field,
-value), DELETED, REJECT (a refused request), SNAPSHOT_BEGIN, SNAPSHOT (one
-PV; info: fields), SNAPSHOT_END (with the sequence number the snapshot is
-consistent with), PONG.
+creates the PV on its first put), WRITE (apply a put to an existing PV that
+the broker has already applied to its mirror: the shard answers only when
+``req`` is set, with ACK, or when it refuses the put, with REJECT followed by
+the PV as the shard holds it: an UPDATE with info "reset" and "restate", or a
+DELETED with info "restate"; a restatement is no change and carries the
+current ``seq``),
+DELETE, SET_FIELD (info: field, value; the field RES empties a buffer), PING.
+Shard to broker: UPDATE (an applied put: for a buffer the appended elements,
+else the whole value; info "reset" when a buffer was emptied first), ACK (a
+WRITE applied), FIELD (an applied field change, info: field, value),
+DELETED, REJECT (a refused request), SNAPSHOT_BEGIN, SNAPSHOT (one PV; info:
+fields), SNAPSHOT_END (with the sequence number the snapshot is consistent
+with), PONG.
+
+The broker stamps a PUT or WRITE with the time it took the put (``stamp``);
+the shard keeps that stamp, so a value's time is the same in the broker's
+mirror, in the shard and in the autosave.
 
 Arrays are never msgpacked: the data frame is the array's own buffer, sent
 without a copy and rebuilt with ``numpy.frombuffer``.  ``decode`` validates
@@ -83,6 +104,7 @@ class Op(IntEnum):
     DELETE = 3
     PING = 4
     SET_FIELD = 5
+    WRITE = 6
     UPDATE = 10
     DELETED = 11
     REJECT = 12
@@ -91,6 +113,7 @@ class Op(IntEnum):
     SNAPSHOT_END = 15
     PONG = 16
     FIELD = 17
+    ACK = 18
 
 
 class ProtocolError(ValueError):
@@ -143,6 +166,64 @@ class Message:
         ]
 
 
+class WriteRun:
+    """One-element WRITEs of one dtype, in order, sent as one batch entry (see above).
+
+    The sender fills ``stamps`` with floats and ``values`` with one-element arrays; a
+    decoded run holds ``stamps`` as floats and ``values`` as one array of ``dtype``."""
+
+    __slots__ = ("dtype", "names", "reqs", "stamps", "values")
+    op = None  # not a Message: a receiver that takes no runs never sees one
+
+    def __init__(self, dtype: np.dtype, names=None, reqs=None, stamps=None, values=None) -> None:
+        self.dtype = dtype
+        self.names: list[str] = [] if names is None else names
+        self.reqs: list[int] = [] if reqs is None else reqs
+        self.stamps: list[float] = [] if stamps is None else stamps
+        self.values = [] if values is None else values
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def add(self, name: str, req: int, stamp: float, value: np.ndarray) -> None:
+        self.names.append(name)
+        self.reqs.append(req)
+        self.stamps.append(stamp)
+        self.values.append(value)
+
+    def messages(self) -> list[Message]:
+        """The run as single WRITE messages."""
+        values = self.values
+        return [
+            Message(Op.WRITE, name, req=req, stamp=stamp, data=values[k : k + 1].reshape(-1))
+            if isinstance(values, np.ndarray)
+            else Message(Op.WRITE, name, req=req, stamp=stamp, data=values[k])
+            for k, (name, req, stamp) in enumerate(
+                zip(self.names, self.reqs, self.stamps, strict=True)
+            )
+        ]
+
+    def _entry(self) -> list:
+        values = self.values
+        raw = (
+            values.astype(self.dtype, copy=False)
+            if isinstance(values, np.ndarray)
+            else np.concatenate(values)
+        )
+        if raw.dtype != self.dtype or raw.shape != (len(self.names),):
+            raise ProtocolError("a WRITE run needs one element of its dtype per name")
+        return [
+            int(Op.WRITE),
+            self.dtype.str,
+            self.names,
+            self.reqs,
+            np.asarray(self.stamps, dtype="<f8").tobytes(),
+            raw.tobytes(),
+        ]
+
+
+_RUN_FIELDS = 6
+
 #: Data frames at least this large are sent without a copy; smaller ones are cheaper copied.
 ZERO_COPY_MIN = 65536
 _SNDMORE = 2  # zmq.SNDMORE; this module does not need zmq itself
@@ -170,9 +251,11 @@ def encode(msg: Message) -> list:
     return frames
 
 
-def _check_wire_dtype(data: np.ndarray) -> None:
-    if data.dtype.str not in ALLOWED_DTYPES:
-        raise ProtocolError(f"dtype {data.dtype.str} is not allowed on the wire")
+def _check_wire_dtype(data) -> None:
+    """``data``: an array or a dtype."""
+    dtype = data if isinstance(data, np.dtype) else data.dtype
+    if dtype.str not in ALLOWED_DTYPES:
+        raise ProtocolError(f"dtype {dtype.str} is not allowed on the wire")
 
 
 def _data_frame(data: np.ndarray) -> memoryview:
@@ -180,11 +263,16 @@ def _data_frame(data: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B")
 
 
-def encode_batch(msgs: list[Message]) -> list:
-    """Frames for a batch of ``msgs`` (see the module docstring); small arrays go inline."""
+def encode_batch(msgs: list) -> list:
+    """Frames for a batch of ``msgs`` (Messages and WriteRuns; see the module docstring);
+    small arrays go inline."""
     headers = []
     frames: list = [b""]
     for msg in msgs:
+        if type(msg) is WriteRun:
+            _check_wire_dtype(msg.dtype)
+            headers.append(msg._entry())
+            continue
         h = msg._header()
         data = msg.data
         if data is None:
@@ -201,18 +289,25 @@ def encode_batch(msgs: list[Message]) -> list:
     return frames
 
 
-def batches(msgs: list[Message]) -> list[list[Message]]:
-    """``msgs`` cut into batches of at most BATCH_MAX messages and about BATCH_MAX_BYTES."""
-    out: list[list[Message]] = []
-    cur: list[Message] = []
-    size = 0
+def batches(msgs: list) -> list[list]:
+    """``msgs`` cut into batches of at most about BATCH_MAX messages (a WriteRun counts
+    its puts; keep runs to BATCH_MAX) and about BATCH_MAX_BYTES."""
+    out: list[list] = []
+    cur: list = []
+    size = count = 0
     for msg in msgs:
-        n = 64 + (msg.data.nbytes if msg.data is not None else 0)
-        if cur and (len(cur) >= BATCH_MAX or size + n > BATCH_MAX_BYTES):
+        if type(msg) is WriteRun:
+            k = len(msg)
+            n = k * (32 + msg.dtype.itemsize)
+        else:
+            k = 1
+            n = 64 + (msg.data.nbytes if msg.data is not None else 0)
+        if cur and (count + k > BATCH_MAX or size + n > BATCH_MAX_BYTES):
             out.append(cur)
-            cur, size = [], 0
+            cur, size, count = [], 0, 0
         cur.append(msg)
         size += n
+        count += k
     if cur:
         out.append(cur)
     return out
@@ -236,20 +331,21 @@ def _buffer(frame: Any) -> memoryview:
     return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
 
 
-def decode_batch(frames: list) -> list[Message]:
+def decode_batch(frames: list, runs: bool = False) -> list:
     """The messages of a batch, or of a single message, in order; ProtocolError if any
-    part does not fit (then none of them is returned)."""
+    part does not fit (then none of them is returned).  ``runs``: WRITE runs are taken
+    (as WriteRun objects), else refused."""
     try:
         if bytes(_buffer(frames[0])[: len(BATCH_TAG)]) != BATCH_TAG:
             return [_decode(frames)]
-        return _decode_batch(frames)
+        return _decode_batch(frames, runs)
     except ProtocolError:
         raise
     except Exception as e:  # anything odd in untrusted input is a protocol error
         raise ProtocolError(f"malformed message: {type(e).__name__}: {e}") from None
 
 
-def _decode_batch(frames: list) -> list[Message]:
+def _decode_batch(frames: list, runs: bool) -> list:
     raw = _buffer(frames[0])[len(BATCH_TAG) :]
     if not raw.nbytes:
         raise ProtocolError("a batch needs a header")
@@ -263,6 +359,9 @@ def _decode_batch(frames: list) -> list[Message]:
     out = []
     next_frame = 1
     for h in headers:
+        if type(h) is list and len(h) == _RUN_FIELDS and runs:
+            out.append(_write_run(h))
+            continue
         if not isinstance(h, list) or len(h) != _HEADER_FIELDS + 1:
             raise ProtocolError("batch entry is not a list of the expected fields")
         inline = h[-1]
@@ -281,6 +380,36 @@ def _decode_batch(frames: list) -> list[Message]:
     if next_frame != len(frames):
         raise ProtocolError(f"batch carries {len(frames) - next_frame} data frames too many")
     return out
+
+
+def _write_run(entry: list) -> WriteRun:
+    """A validated WriteRun from its batch entry."""
+    op, dtype, names, reqs, stamps, values = entry
+    if op != Op.WRITE or type(op) is not int:
+        raise ProtocolError(f"a run of operation {op!r}")
+    dt = _DTYPES.get(dtype) if type(dtype) is str else None
+    if dt is None:
+        raise ProtocolError(f"dtype {dtype!r} is not allowed")
+    if type(names) is not list or type(reqs) is not list:
+        raise ProtocolError("a run's names and request numbers must be lists")
+    n = len(names)
+    if not n or len(reqs) != n:
+        raise ProtocolError("a run needs as many request numbers as names, and some")
+    if not all(type(name) is str for name in names):
+        raise ProtocolError("name and reason must be text")
+    if not all(type(req) is int and req >= 0 for req in reqs):
+        raise ProtocolError("req must be a non-negative integer")
+    if type(stamps) is not bytes or len(stamps) != 8 * n:
+        raise ProtocolError("a run needs one float64 stamp per name")
+    if type(values) is not bytes or len(values) != n * dt.itemsize:
+        raise ProtocolError(f"a run needs one {dtype} value per name")
+    return WriteRun(
+        dt,
+        names,
+        reqs,
+        np.frombuffer(stamps, dtype="<f8").tolist(),
+        np.frombuffer(values, dtype=dt),
+    )
 
 
 def _decode(frames: list) -> Message:

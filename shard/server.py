@@ -26,13 +26,14 @@ from carelay.common.protocol import (
     Message,
     Op,
     ProtocolError,
+    WriteRun,
     batches,
     decode_batch,
     encode_batch,
     send_frames,
 )
 from carelay.shard.persist import ShardDatabase, StoreDamaged, lock_path, lock_store
-from carelay.shard.store import Rejected, ShardStore
+from carelay.shard.store import Change, Rejected, ShardStore
 
 log = logging.getLogger("carelay.shard")
 
@@ -40,6 +41,8 @@ log = logging.getLogger("carelay.shard")
 _BATCH = 1000
 #: Seconds between refreshes of the store's good copy (each after an integrity check).
 GOOD_COPY_INTERVAL = 300.0
+#: On a clean stop, how long the shard waits for more messages before its last flush (ms).
+_STOP_DRAIN_MS = 50
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
 EXIT_STORE_FAILED = 3
 
@@ -166,7 +169,7 @@ class ShardServer:
         """Handle one message or batch from ``peer``; returns how many messages.  Bad input
         is logged and dropped whole."""
         try:
-            msgs = decode_batch(frames)
+            msgs = decode_batch(frames, runs=True)
         except ProtocolError as e:
             log.warning("shard %d: dropped a malformed message: %s", self.index, e)
             return 0
@@ -174,13 +177,21 @@ class ShardServer:
         if not self._broker_alive:
             self._broker_alive = True
             log.info("shard %d: broker connected", self.index)
+        n = 0
         for msg in msgs:
-            self._dispatch(peer, msg)
-        return len(msgs)
+            if type(msg) is WriteRun:
+                self._write_run(peer, msg)
+                n += len(msg)
+            else:
+                self._dispatch(peer, msg)
+                n += 1
+        return n
 
     def _dispatch(self, peer: bytes, msg: Message) -> None:
         op = msg.op
-        if op is Op.PUT:
+        if op is Op.WRITE:
+            self._write(peer, msg)
+        elif op is Op.PUT:
             self._put(peer, msg)
         elif op is Op.PING:
             self._reply(
@@ -207,7 +218,7 @@ class ShardServer:
             self._reject(peer, msg, "put without data")
             return
         try:
-            change = self.store.put(msg.name, msg.data)
+            change = self.store.put(msg.name, msg.data, msg.stamp)
         except Rejected as e:
             log.warning("refused put to %s (shard %d): %s", msg.name, self.index, e)
             self._reject(peer, msg, str(e))
@@ -215,6 +226,47 @@ class ShardServer:
         if change.created:
             log.info("created PV %s (shard %d)", msg.name, self.index)
         self._reply_change(peer, msg.req, change, {"created": 1} if change.created else {})
+
+    def _write(self, peer: bytes, msg: Message) -> None:
+        """A put the broker has already applied to its mirror: silent unless it asked for an
+        answer (a put with callback) or the put is refused."""
+        try:
+            if msg.data is None:
+                raise Rejected("put without data")
+            change = self.store.put(msg.name, msg.data, msg.stamp, create=False)
+        except Rejected as e:
+            log.warning("refused put to %s (shard %d): %s", msg.name, self.index, e)
+            self._reject(peer, msg, str(e))
+            self._correct(peer, msg.name)
+            return
+        if msg.req:
+            self._reply(peer, Message(Op.ACK, msg.name, req=msg.req, seq=change.seq))
+
+    def _write_run(self, peer: bytes, run: WriteRun) -> None:
+        """A run of one-element WRITEs: each as ``_write`` takes it, column by column."""
+        write = self.store.write_one
+        values, stamps, reqs = run.values, run.stamps, run.reqs
+        for k, name in enumerate(run.names):
+            try:
+                seq = write(name, values[k : k + 1], stamps[k])
+            except Rejected as e:
+                log.warning("refused put to %s (shard %d): %s", name, self.index, e)
+                self._reply(peer, Message(Op.REJECT, name, req=reqs[k], reason=str(e)))
+                self._correct(peer, name)
+                continue
+            if reqs[k]:
+                self._reply(peer, Message(Op.ACK, name, req=reqs[k], seq=seq))
+
+    def _correct(self, peer: bytes, name: str) -> None:
+        """Tell the broker how ``name`` stands here, after a refused WRITE that its mirror
+        already shows: not a change, so info "restate" and the current sequence number."""
+        store = self.store
+        if name not in store:
+            self._reply(peer, Message(Op.DELETED, name, seq=store.seq, info={"restate": 1}))
+            return
+        contents = store.get(name)
+        change = Change(name, store.seq, store.stamp(name), contents, len(contents), False)
+        self._reply_change(peer, 0, change, {"reset": 1, "restate": 1})
 
     def _reject(self, peer: bytes, msg: Message, reason: str) -> None:
         self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=reason))
@@ -444,6 +496,9 @@ class ShardServer:
             if now >= next_status:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
+        # What the broker sent before it stopped (it stops first) is applied and saved.
+        while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
+            pass
         n = self.flush()
         self.close_autosave()
         log.info("shard %d: flushed %d values on stop", self.index, n)

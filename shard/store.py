@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -94,15 +95,21 @@ class ShardStore:
             raise KeyError(name)
         return pv.contents()
 
+    def stamp(self, name: str) -> float:
+        return self._pvs[name].stamp
+
     def _spec(self, name: str) -> PvSpec:
         try:
             return parse_pv_name(name, self._prefix, self._max_elements, self._max_name_length)
         except InvalidPvName as e:
             raise Rejected(f"invalid PV name: {e}") from None
 
-    def put(self, name: str, data: np.ndarray) -> Change:
-        """Apply a put: replace the value, or append to a buffer.  Creates the PV if new."""
+    def put(self, name: str, data: np.ndarray, stamp: float = 0.0, create: bool = True) -> Change:
+        """Apply a put: replace the value, or append to a buffer.  Creates the PV if new
+        (``create`` False: refuses instead).  ``stamp``: the put's time (0: now)."""
         pv = self._pvs.get(name)
+        if pv is None and not create:
+            raise Rejected(f"no PV named {name}")
         spec = pv.spec if pv is not None else self._spec(name)
         if data.dtype != spec.dtype:
             raise Rejected(f"value of dtype {data.dtype} for a PV of dtype {spec.dtype}")
@@ -113,14 +120,11 @@ class ShardStore:
         if not spec.is_buffer and n > spec.count:
             raise Rejected(f"{n} elements for a PV of {spec.count}")
         if spec.kind in "fi":
-            eff = pv.effective if pv is not None and pv.effective is not None else None
-            if eff is None:
-                eff = self._resolver.effective(spec, pv.fields if pv else {})
-                if pv is not None:
-                    pv.effective = eff
+            eff = self._effective(pv) if pv is not None else self._resolver.effective(spec, {})
             data = clip_to_drive_limits(eff, data)
         created = pv is None
-        stamp = self._clock()
+        if not (stamp > 0.0 and math.isfinite(stamp)):
+            stamp = self._clock()
         if created:
             pv = StoredPv(spec, stamp)
             if spec.is_buffer:
@@ -140,6 +144,35 @@ class ShardStore:
             self.dirty.add(name)
         self.seq += 1
         return Change(name, self.seq, stamp, applied, length, created)
+
+    def write_one(self, name: str, value: np.ndarray, stamp: float) -> int:
+        """``put(name, value, stamp, create=False)`` of one element (a WRITE of a run),
+        without the Change that a run does not need.  Returns the change's seq."""
+        pv = self._pvs.get(name)
+        if pv is None:
+            raise Rejected(f"no PV named {name}")
+        spec = pv.spec
+        if value.dtype != spec.dtype:
+            raise Rejected(f"value of dtype {value.dtype} for a PV of dtype {spec.dtype}")
+        if spec.kind in "fi":
+            value = clip_to_drive_limits(self._effective(pv), value)
+        if not (stamp > 0.0 and math.isfinite(stamp)):
+            stamp = self._clock()
+        if pv.ring is not None:
+            pv.ring.append(value)
+        else:
+            pv.value = value.copy()
+        pv.stamp = stamp
+        self.dirty.add(name)
+        self.seq += 1
+        return self.seq
+
+    def _effective(self, pv: StoredPv) -> Mapping[str, Any]:
+        """``pv``'s fields with the configured defaults filled in (cached)."""
+        eff = pv.effective
+        if eff is None:
+            eff = pv.effective = self._resolver.effective(pv.spec, pv.fields)
+        return eff
 
     def fields(self, name: str) -> dict[str, Any]:
         """The fields clients put on ``name`` (configured defaults not included)."""

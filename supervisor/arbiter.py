@@ -91,14 +91,17 @@ class Supervisor:
     def stop(self, signum: int | None) -> None:
         name = signal.Signals(signum).name if signum else "exit"
         log.info("stopping on %s", name)
-        # Broker first, so that clients see the relay go away before the data does.
-        ordered = self.watchers[-1:] + self.watchers[:-1]
-        for w in ordered:
-            w.signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for w in ordered:
-            if not w.wait(deadline):
-                log.warning("%s did not stop in %.1f s; killing it", w.name, STOP_GRACE)
-                w.kill()
+        # The broker first, and the shards once it is gone: clients see the relay go away
+        # before the data does, and the broker's last puts reach shards still serving.
+        # A broker that hangs gets half the grace period, so the shards keep time to save.
+        broker, shards = self.watchers[-1], self.watchers[:-1]
+        start = time.monotonic()
+        for group, grace in (([broker], STOP_GRACE / 2), (shards, STOP_GRACE)):
+            for w in group:
+                w.signal(signal.SIGTERM)
+            for w in group:
+                if not w.wait(start + grace):
+                    log.warning("%s did not stop in %.1f s; killing it", w.name, grace)
+                    w.kill()
         self.status_path.unlink(missing_ok=True)
         log.info("stopped")

@@ -580,6 +580,45 @@ def test_clean_stop_and_start_bring_back_every_pv_and_value(make_relay, ca, cont
     wait_for(lambda: monitor.saw(6.5, after=n), timeout=30, what="the monitor to resume")
 
 
+def test_a_clean_stop_keeps_the_plain_puts_the_broker_took(make_relay, ca, contexts):
+    """Plain puts are applied to the broker's mirror at once and go to the shards in
+    batches: a stop in the middle of a stream of them keeps every put that a read through
+    the broker already showed (the queued batch is sent, and the shards take it)."""
+    relay = make_relay(shards=2)
+    names = [name_on_shard(relay, k, "plain") for k in (0, 1)]
+    pvs = connect(ca, *names)
+    for pv in pvs:
+        assert put_ok(pv, [0.0])
+    halt = threading.Event()
+
+    def stream(pv) -> None:
+        k = 0.0
+        while not halt.is_set():
+            k += 1
+            try:
+                pv.write([k], wait=False)
+            except CLIENT_ERRORS:
+                halt.wait(0.01)
+            if k % 50 == 0:
+                time.sleep(0.001)  # a steady stream, not a flood of the client's queue
+
+    writers = [threading.Thread(target=stream, args=(pv,), daemon=True) for pv in pvs]
+    for w in writers:
+        w.start()
+    try:
+        wait_for(lambda: all(read_time(pv)[0][0] > 200 for pv in pvs), what="the stream")
+        seen = [read_time(pv)[0][0] for pv in pvs]
+        assert relay.stop() == 0
+    finally:
+        halt.set()
+        for w in writers:
+            w.join(timeout=10)
+    relay.start()
+    fresh = contexts()
+    kept = [read_time(pv)[0][0] for pv in connect(fresh, *names)]
+    assert all(k >= s for k, s in zip(kept, seen, strict=True)), (kept, seen)
+
+
 def test_crash_of_the_whole_tree_keeps_creations_and_autosaved_values(make_relay, ca, contexts):
     relay = make_relay(shards=2, extra=FAST)
     table = typed_values(relay, 0) | typed_values(relay, 1)

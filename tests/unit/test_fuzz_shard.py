@@ -8,9 +8,12 @@ well-formed messages with random names, dtypes, sizes and field values —
 - ``handle`` and ``_commit`` never raise;
 - every reply encodes, and decodes again (the broker must be able to read it);
 - the store changes only as the replies say: replaying the UPDATE, DELETED
-  and FIELD replies over the PVs stored before gives exactly the store after.
-  A PV that got no such reply keeps its value and fields, and no PV appears
-  without an UPDATE that says it was created;
+  and FIELD replies, and the WRITEs the shard did not refuse (a WRITE is
+  answered only when refused or when it asks for an ACK), over the PVs stored
+  before gives exactly the store after.  A PV that got no such reply keeps its
+  value and fields, and no PV appears without an UPDATE that says it was
+  created; a refused WRITE is followed by a restatement of the PV that agrees
+  with the model;
 - with an autosave, what a reopened store loads is what the live store holds.
 """
 
@@ -27,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from carelay.common.config import load_config
-from carelay.common.fields import FIELDS
+from carelay.common.fields import FIELDS, FieldResolver, clip_to_drive_limits
 from carelay.common.naming import parse_pv_name
 from carelay.common.protocol import PROTOCOL_TAG, Message, Op, decode, encode
 from carelay.shard.persist import ShardDatabase
@@ -115,7 +118,8 @@ _arrays = st.one_of(
     ),
 )
 _ops = st.one_of(
-    st.sampled_from([Op.PUT, Op.PUT, Op.SET_FIELD, Op.DELETE]), st.sampled_from(list(Op))
+    st.sampled_from([Op.PUT, Op.PUT, Op.WRITE, Op.SET_FIELD, Op.DELETE]),
+    st.sampled_from(list(Op)),
 )
 _valid_messages = st.builds(
     Message,
@@ -173,7 +177,7 @@ def _header_frames(draw) -> list[bytes]:
 #: Well-formed requests aimed at the stored PVs: the ones most likely to change them.
 _aimed_messages = st.builds(
     Message,
-    op=st.sampled_from([Op.PUT, Op.SET_FIELD, Op.SET_FIELD, Op.DELETE]),
+    op=st.sampled_from([Op.PUT, Op.WRITE, Op.WRITE, Op.SET_FIELD, Op.SET_FIELD, Op.DELETE]),
     name=st.sampled_from(list(SEED)),
     req=_uint,
     info=st.fixed_dictionaries(
@@ -229,8 +233,35 @@ def _spec(name: str):
     return parse_pv_name(name, PREFIX, MAX_ELEMENTS, MAX_NAME_LENGTH)
 
 
+def _apply_put(model: dict, name: str, spec, data: np.ndarray, reset: bool = False) -> None:
+    before = model.get(name)
+    if spec.is_buffer:
+        old = np.zeros(0, spec.dtype) if before is None or reset else before
+        model[name] = np.concatenate([old, data])[-spec.count :]
+    else:
+        model[name] = data.copy()
+
+
+def _replay_write(model: dict, fields: dict, msg: Message) -> None:
+    """Apply a WRITE the shard took without a word (it answers only a refusal or an ACK)."""
+    assert msg.name in model, f"WRITE to {msg.name}, which does not exist, taken"
+    spec = _spec(msg.name)
+    data = clip_to_drive_limits(
+        FieldResolver(PREFIX, {}).effective(spec, fields[msg.name]), msg.data.reshape(-1)
+    )
+    _apply_put(model, msg.name, spec, data)
+
+
 def _replay(model: dict, fields: dict, msg: Message) -> None:
     """Apply one acknowledgement of the shard to the model of its store."""
+    if msg.info.get("restate"):
+        # After a refused WRITE: how the PV stands, which the model must agree with.
+        if msg.op is Op.DELETED:
+            assert msg.name not in model, f"{msg.name} restated as gone, but it exists"
+        else:
+            assert msg.op is Op.UPDATE and msg.name in model, msg
+            assert model[msg.name].tobytes() == msg.data.tobytes(), (msg, model[msg.name])
+        return
     if msg.op is Op.UPDATE:
         spec = _spec(msg.name)
         before = model.get(msg.name)
@@ -239,11 +270,7 @@ def _replay(model: dict, fields: dict, msg: Message) -> None:
             fields[msg.name] = {}
         else:
             assert before is not None, f"UPDATE of {msg.name}, which does not exist"
-        if spec.is_buffer:
-            old = np.zeros(0, spec.dtype) if before is None or msg.info.get("reset") else before
-            model[msg.name] = np.concatenate([old, msg.data])[-spec.count :]
-        else:
-            model[msg.name] = msg.data.copy()
+        _apply_put(model, msg.name, spec, msg.data, bool(msg.info.get("reset")))
     elif msg.op is Op.DELETED:
         assert msg.name in model, f"DELETED {msg.name}, which does not exist"
         del model[msg.name]
@@ -260,16 +287,31 @@ def _feed(server: ShardServer, batches: list) -> None:
     fields = {name: server.store.fields(name) for name in model}
     last_seq = server.store.seq
     for batch in batches:
+        # WRITEs taken silently, by the number of replies that came before them.
+        writes: dict[int, list[Message]] = {}
         for frames in batch:
+            start = len(server._out)
             server.handle(b"fuzzer", frames)
+            with contextlib.suppress(Exception):
+                msg = decode(frames)
+                replies = [m.op for _, m in server._out[start:]]
+                if msg.op is Op.WRITE and Op.REJECT not in replies:
+                    writes.setdefault(start, []).append(msg)
         server._commit()
-        for _, msg in server._out:
+        for k, (_, msg) in enumerate([*server._out, (None, None)]):
+            for write in writes.get(k, ()):
+                _replay_write(model, fields, write)
+            if msg is None:
+                break
             # What the serve loop would send must be a message the broker can read.
             again = decode([bytes(f) for f in encode(msg)])
             assert again.op is msg.op and again.name == msg.name
             if msg.op in (Op.UPDATE, Op.DELETED, Op.FIELD):
-                assert msg.seq > last_seq, (msg, last_seq)
-                last_seq = msg.seq
+                if msg.info.get("restate"):
+                    assert msg.seq >= last_seq, (msg, last_seq)
+                else:
+                    assert msg.seq > last_seq, (msg, last_seq)
+                    last_seq = msg.seq
                 _replay(model, fields, msg)
         server._out.clear()
     store = server.store

@@ -18,6 +18,7 @@ from carelay.common.protocol import (
     Message,
     Op,
     ProtocolError,
+    WriteRun,
     batches,
     decode,
     decode_batch,
@@ -260,7 +261,7 @@ def test_header_wrong_shape(h):
     refused([PROTOCOL_TAG, packed(h)], "header")
 
 
-@pytest.mark.parametrize("op", [0, 6, 9, 18, 99, -1, 2**40, "PUT", None, 2.5, [2]])
+@pytest.mark.parametrize("op", [0, 7, 9, 19, 99, -1, 2**40, "PUT", None, 2.5, [2]])
 def test_unknown_op(op):
     refused([PROTOCOL_TAG, packed(header(op=op))], "operation|malformed")
 
@@ -556,3 +557,149 @@ def test_property_corrupted_batches_only_protocol_error(msgs, flips):
         if frame:
             frame[pos % len(frame)] = value
     _decode_batch_only_protocol_error([bytes(f) for f in frames])
+
+
+# -- runs of one-element WRITEs -------------------------------------------------------
+
+
+def _run(dtype: str, items) -> WriteRun:
+    run = WriteRun(np.dtype(dtype))
+    for name, req, stamp, value in items:
+        run.add(name, req, stamp, np.array([value], dtype=dtype))
+    return run
+
+
+def test_a_write_run_is_one_entry_and_decodes_column_by_column():
+    run = _run("<f8", [("R:a_f1", 0, 1.5, 1.0), ("R:b_f1", 7, 2.5, -2.0), ("R:a_f1", 0, 3.5, 3.0)])
+    texts = _run("|S40", [("R:t_s1", 0, 4.0, b"hello")])
+    msgs = [Message(Op.PING, req=1), run, texts, Message(Op.PUT, "R:c_f2", data=np.ones(2))]
+    frames = batch_wire(msgs)
+    assert len(frames) == 1
+    headers = msgpack.unpackb(frames[0][len(BATCH_TAG) :])
+    assert len(headers) == 4 and headers[1][:4] == [int(Op.WRITE), "<f8", run.names, [0, 7, 0]]
+    out = decode_batch(frames, runs=True)
+    assert out[0] == msgs[0] and out[3] == msgs[3]
+    got = out[1]
+    assert isinstance(got, WriteRun) and len(got) == 3
+    assert got.names == ["R:a_f1", "R:b_f1", "R:a_f1"] and got.reqs == [0, 7, 0]
+    assert got.stamps == [1.5, 2.5, 3.5] and got.values.tolist() == [1.0, -2.0, 3.0]
+    assert got.values.dtype == np.dtype("<f8")
+    assert out[2].values.tolist() == [b"hello"]
+    # As single messages, the run is the WRITEs it stands for.
+    assert (
+        got.messages()
+        == run.messages()
+        == [
+            Message(Op.WRITE, "R:a_f1", stamp=1.5, data=np.array([1.0])),
+            Message(Op.WRITE, "R:b_f1", req=7, stamp=2.5, data=np.array([-2.0])),
+            Message(Op.WRITE, "R:a_f1", stamp=3.5, data=np.array([3.0])),
+        ]
+    )
+
+
+def test_a_receiver_that_takes_no_runs_refuses_them():
+    frames = batch_wire([_run("<f8", [("R:a_f1", 0, 1.0, 1.0)])])
+    batch_refused(frames, "expected fields")
+
+
+def test_batches_count_the_puts_of_a_run():
+    run = _run("<f8", [(f"R:{k}_f1", 0, 1.0, k) for k in range(600)])
+    single = [Message(Op.PUT, "R:a_f1", data=np.zeros(1))] * 500
+    assert [len(b) for b in batches([run, *single])] == [401, 100]
+
+
+def test_a_run_of_a_dtype_not_allowed_is_not_sent():
+    with pytest.raises(ProtocolError, match="not allowed"):
+        encode_batch([_run("<f4", [("R:a_f1", 0, 1.0, 1.0)])])
+
+
+def _run_entry(**changes) -> list:
+    entry = {
+        "op": int(Op.WRITE),
+        "dtype": "<f8",
+        "names": ["R:a_f1", "R:b_f1"],
+        "reqs": [0, 3],
+        "stamps": np.array([1.0, 2.0]).tobytes(),
+        "values": np.array([5.0, 6.0]).tobytes(),
+    }
+    entry.update(changes)
+    return list(entry.values())
+
+
+def run_refused(entry, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_batch([BATCH_TAG + packed([entry])], runs=True)
+
+
+def test_a_well_formed_run_entry_decodes():
+    (run,) = decode_batch([BATCH_TAG + packed([_run_entry()])], runs=True)
+    assert run.names == ["R:a_f1", "R:b_f1"] and run.values.tolist() == [5.0, 6.0]
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"op": int(Op.PUT)}, "a run of operation"),
+        ({"op": True}, "a run of operation"),
+        ({"dtype": "<f4"}, "not allowed"),
+        ({"dtype": 8}, "not allowed"),
+        ({"names": "R:a_f1"}, "must be lists"),
+        ({"reqs": {"a": 1}}, "must be lists"),
+        ({"names": [], "reqs": []}, "as many"),
+        ({"reqs": [0]}, "as many"),
+        ({"names": ["R:a_f1", b"R:b_f1"]}, "text"),
+        ({"reqs": [0, -1]}, "non-negative"),
+        ({"reqs": [0, True]}, "non-negative"),
+        ({"reqs": [0, 1.0]}, "non-negative"),
+        ({"stamps": np.array([1.0]).tobytes()}, "stamp"),
+        ({"stamps": [1.0, 2.0]}, "stamp"),
+        ({"values": np.array([5.0]).tobytes()}, "value per name"),
+        ({"values": np.array([5, 6], dtype="<i4").tobytes()}, "value per name"),
+        ({"values": None}, "value per name"),
+    ],
+)
+def test_a_malformed_run_entry_is_refused(changes, match):
+    run_refused(_run_entry(**changes), match)
+
+
+_runs = st.builds(
+    _run,
+    st.sampled_from(["<f8", "<i4", "|u1"]),
+    st.lists(
+        st.tuples(
+            st.text(max_size=12),
+            st.integers(0, 2**64 - 1),
+            st.floats(allow_nan=False),
+            st.integers(0, 100),
+        ),
+        min_size=1,
+        max_size=20,
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_messages, _runs), min_size=1, max_size=6))
+def test_property_batches_with_runs_roundtrip(items):
+    out = decode_batch(batch_wire(items), runs=True)
+    assert len(out) == len(items)
+    for got, sent in zip(out, items, strict=True):
+        if isinstance(sent, WriteRun):
+            assert got.messages() == sent.messages()
+        else:
+            assert got == sent
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    items=st.lists(st.one_of(_messages, _runs), min_size=1, max_size=4),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255))),
+)
+def test_property_corrupted_batches_with_runs_only_protocol_error(items, flips):
+    frames = [bytearray(f) for f in batch_wire(items)]
+    for pos, value in flips:
+        frame = frames[pos % len(frames)]
+        if frame:
+            frame[pos % len(frame)] = value
+    with contextlib.suppress(ProtocolError):
+        decode_batch([bytes(f) for f in frames], runs=True)

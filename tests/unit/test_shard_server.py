@@ -175,3 +175,78 @@ def test_a_failed_background_write_is_made_again(server, monkeypatch, caplog):
     assert server.flush_soon() == 1
     server._collect(wait=True)
     assert _saved(server) == {name: [7.0]}
+
+
+# -- WRITE: puts the broker has already mirrored --------------------------------------
+
+
+def _handle(server: ShardServer, *msgs: Message) -> list[Message]:
+    server.handle(b"b", encode_batch(list(msgs)))
+    server._commit()
+    out = [msg for _, msg in server._out]
+    server._out.clear()
+    return out
+
+
+def test_a_write_is_applied_silently_with_the_brokers_stamp(server):
+    name = f"{PREFIX}a_f1"
+    _put(server, name, [1.0])
+    seq = server.store.seq
+    assert _handle(server, Message(Op.WRITE, name, stamp=1234.5, data=np.array([2.5]))) == []
+    assert server.store.get(name).tolist() == [2.5]
+    assert server.store.stamp(name) == 1234.5
+    assert server.store.seq == seq + 1
+    assert name in server.store.dirty  # the autosave takes it like any put
+
+
+def test_a_write_with_a_request_number_is_acknowledged(server):
+    name = f"{PREFIX}a_F3"
+    _put(server, name, [1.0])
+    out = _handle(server, Message(Op.WRITE, name, req=7, stamp=1.0, data=np.array([2.0, 3.0])))
+    assert [(m.op, m.name, m.req, m.seq) for m in out] == [(Op.ACK, name, 7, server.store.seq)]
+    assert server.store.get(name).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_a_write_is_clipped_as_a_put_is(server):
+    name = f"{PREFIX}a_f1"
+    _put(server, name, [1.0])
+    _handle(server, Message(Op.SET_FIELD, name, req=2, info={"field": "DRVH", "value": 5.0}))
+    _handle(server, Message(Op.WRITE, name, stamp=1.0, data=np.array([9.0])))
+    assert server.store.get(name).tolist() == [5.0]
+
+
+def test_a_write_never_creates_a_pv(server, caplog):
+    name = f"{PREFIX}gone_f1"
+    out = _handle(server, Message(Op.WRITE, name, req=3, stamp=1.0, data=np.array([1.0])))
+    assert [m.op for m in out] == [Op.REJECT, Op.DELETED]
+    assert out[0].req == 3 and "no PV named" in out[0].reason
+    # The DELETED restates that the PV does not exist, for the broker's mirror: no change.
+    assert out[1].name == name and out[1].info == {"restate": 1}
+    assert out[1].seq == server.store.seq
+    assert name not in server.store
+    assert "refused put" in caplog.text
+
+
+def test_a_refused_write_restates_the_pv_as_it_is(server):
+    name = f"{PREFIX}a_f2"
+    _put(server, name, [1.0, 2.0])
+    seq = server.store.seq
+    stamp = server.store.stamp(name)
+    # Three elements for a PV of two: refused, and the value the shard holds goes back.
+    out = _handle(server, Message(Op.WRITE, name, stamp=99.0, data=np.zeros(3)))
+    assert [m.op for m in out] == [Op.REJECT, Op.UPDATE]
+    update = out[1]
+    assert update.req == 0 and update.seq == seq
+    assert update.info == {"reset": 1, "restate": 1}
+    assert update.data.tolist() == [1.0, 2.0] and update.stamp == stamp
+    assert server.store.get(name).tolist() == [1.0, 2.0]
+
+
+def test_a_put_keeps_the_stamp_the_broker_gave_it(server):
+    name = f"{PREFIX}a_f1"
+    out = _handle(server, Message(Op.PUT, name, req=1, stamp=4321.0, data=np.array([1.0])))
+    assert out[0].op is Op.UPDATE and out[0].stamp == 4321.0
+    assert server.store.stamp(name) == 4321.0
+    # A stamp of 0 (or one that is not a time) leaves it to the shard's clock.
+    out = _handle(server, Message(Op.PUT, name, req=2, stamp=float("inf"), data=np.array([2.0])))
+    assert 0 < out[0].stamp < float("inf") and out[0].stamp != 4321.0

@@ -1,0 +1,227 @@
+"""The broker's side of the hop to a shard, without CA: a Broker whose ``cas.process``
+is a script, against a real ShardServer on its socket in a thread.
+
+What is checked here is hard to see from a CA client: a plain put to a PV in
+sync with its shard is mirrored and posted at once, with no request waiting
+for an answer, and reaches the shard as a WRITE with the same value and stamp;
+a put with callback completes only on the shard's ACK; a WRITE the shard
+refuses puts the mirror back to what the shard holds; a stopping broker sends
+the WRITEs it still had queued.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from carelay.broker.app import Broker
+from carelay.common.config import load_config
+from carelay.shard.server import ShardServer
+
+PREFIX = "H:"
+DEADLINE = 20.0
+
+
+class Stop:
+    stopping = False
+
+
+class Script:
+    """Stands in for pcaspy's ``cas`` module: each ``process`` call runs the first step
+    still to do (a step returns True when done); when none is left, the broker stops."""
+
+    def __init__(self) -> None:
+        self.steps: list = []
+        self.stop = Stop()
+        self.deadline = time.monotonic() + DEADLINE
+
+    def process(self, delay: float) -> None:
+        time.sleep(min(delay, 0.001))
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"step {self.steps[0].__name__} not done in {DEADLINE} s")
+        if self.steps and self.steps[0]():
+            self.steps.pop(0)
+        if not self.steps:
+            self.stop.stopping = True
+
+
+class Notify:
+    """What writeNotify hands the broker: told once whether the put was applied."""
+
+    def __init__(self) -> None:
+        self.result: bool | None = None
+
+    def complete(self, ok: bool) -> None:
+        assert self.result is None, "completed twice"
+        self.result = ok
+
+
+@pytest.fixture
+def hop(tmp_path):
+    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
+    shard = ShardServer(config, 0, db=None)
+    shard.bind()
+    halt = threading.Event()
+
+    def serve() -> None:
+        while not halt.is_set():
+            shard.serve_once(timeout_ms=10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    script = Script()
+    broker = Broker(config, script)
+    yield broker, shard, script
+    for link in broker.links:
+        link.close(linger=1000)
+    # The shard takes what is still on its socket before it is looked at.
+    time.sleep(0.2)
+    halt.set()
+    thread.join(timeout=10)
+    shard.close()
+
+
+def run(broker: Broker, script: Script, *steps) -> None:
+    script.steps = [lambda: broker.links[0].live, *steps]
+    broker.run(script.stop)
+
+
+def created(broker: Broker, name: str, value: float):
+    """A step pair: the first put (a round trip that creates the PV), then its answer."""
+    box = {}
+
+    def put() -> bool:
+        pv = box["pv"] = broker.attach(name)
+        assert broker.forward_put(pv, np.array([value]), None)
+        return True
+
+    def answered() -> bool:
+        return box["pv"].real and not box["pv"].pending
+
+    return box, put, answered
+
+
+def test_a_plain_put_is_mirrored_at_once_and_reaches_the_shard_as_sent(hop):
+    broker, shard, script = hop
+    name = f"{PREFIX}a_f1"
+    box, put, answered = created(broker, name, 1.0)
+    seen = {}
+
+    def write() -> bool:
+        pv = box["pv"]
+        before = time.time()
+        assert broker.forward_put(pv, np.array([2.5]), None)
+        # Mirrored and stamped now, with nothing waiting for the shard.
+        assert pv.value.tolist() == [2.5] and pv.stamp >= before
+        assert not pv.pending and not broker.links[0].pending
+        seen["stamp"] = pv.stamp
+        return True
+
+    def settled() -> bool:
+        return name in shard.store and shard.store.get(name).tolist() == [2.5]
+
+    run(broker, script, put, answered, write, settled)
+    assert shard.store.stamp(name) == seen["stamp"]
+
+
+def test_a_put_with_callback_completes_on_the_shards_ack(hop):
+    broker, shard, script = hop
+    box, put, answered = created(broker, f"{PREFIX}b_F3", 1.0)
+    notify = Notify()
+
+    def write() -> bool:
+        pv = box["pv"]
+        assert broker.forward_put(pv, np.array([2.0, 3.0]), notify)
+        assert pv.contents().tolist() == [1.0, 2.0, 3.0]
+        assert notify.result is None  # not before the shard has it
+        return True
+
+    run(broker, script, put, answered, write, lambda: notify.result is not None)
+    assert notify.result is True
+    assert shard.store.get(f"{PREFIX}b_F3").tolist() == [1.0, 2.0, 3.0]
+
+
+def test_a_plain_put_is_clipped_as_the_shard_clips_it(tmp_path):
+    config = load_config(
+        prefix=PREFIX, shards=1, data_dir=str(tmp_path), fields={"c_*": {"DRVH": 5.0}}
+    )
+    shard = ShardServer(config, 0, db=None)
+    shard.bind()
+    script = Script()
+    broker = Broker(config, script)
+    box, put, answered = created(broker, f"{PREFIX}c_f1", 1.0)
+
+    def write() -> bool:
+        assert broker.forward_put(box["pv"], np.array([9.0]), None)
+        assert box["pv"].value.tolist() == [5.0]
+        return True
+
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=lambda: [shard.serve_once(10) for _ in iter(stop.is_set, True)], daemon=True
+    )
+    thread.start()
+    try:
+        run(
+            broker,
+            script,
+            put,
+            answered,
+            write,
+            lambda: shard.store.get(f"{PREFIX}c_f1").tolist() == [5.0],
+        )
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        for link in broker.links:
+            link.close()
+        shard.close()
+
+
+def test_a_refused_write_puts_the_mirror_back_as_the_shard_holds_it(hop):
+    broker, shard, script = hop
+    name = f"{PREFIX}ghost_f1"
+    notify = Notify()
+    box = {}
+
+    def mirror_only() -> bool:
+        # A PV that the broker takes as real but the shard does not hold.
+        pv = box["pv"] = broker.attach(name)
+        broker._set_real(pv, True)
+        pv.apply(np.array([1.0]), time.time(), append=False)
+        assert broker.forward_put(pv, np.array([2.0]), notify)
+        assert pv.value.tolist() == [2.0]
+        return True
+
+    def restated() -> bool:
+        return notify.result is not None and not box["pv"].real
+
+    run(broker, script, mirror_only, restated)
+    assert notify.result is False
+    assert name not in shard.store
+    assert name not in set(broker.real_names())
+
+
+def test_a_stopping_broker_sends_the_writes_it_queued(hop):
+    broker, shard, script = hop
+    box, put, answered = created(broker, f"{PREFIX}d_f1", 1.0)
+
+    def writes_then_stop() -> bool:
+        for k in range(2, 201):
+            assert broker.forward_put(box["pv"], np.array([float(k)]), None)
+        # Queued for the next batch (or tick); the stop must not drop them.
+        assert broker.links[0].queued
+        return True
+
+    run(broker, script, put, answered, writes_then_stop)
+    # The fixture closes the link with a linger and lets the shard drain.
+    broker.links[0].close(linger=1000)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if shard.store.get(f"{PREFIX}d_f1").tolist() == [200.0]:
+            break
+        time.sleep(0.02)
+    assert shard.store.get(f"{PREFIX}d_f1").tolist() == [200.0]
