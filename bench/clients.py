@@ -157,15 +157,15 @@ def connect_many(epics, names: list[str], timeout: float = 60.0) -> list:
 
 
 def scalar_writer(epics, sync, name: str, n: int, every: int, base: float) -> dict:
-    """n puts to one f1 PV, a put with callback every ``every``; the last one with callback,
-    then a read that must show the last value."""
+    """n puts to one f1 PV, a put with callback every ``every`` (0: none) and the last one
+    with callback, then a read that must show the last value."""
     ch = Channel(epics, name)
     ch.put(base, wait=True)  # creates the PV on a relay: not timed
     t0 = sync.ready()
     last = base
     for i in range(1, n + 1):
         last = base + i
-        ch.put(last, wait=(i % every == 0 or i == n))
+        ch.put(last, wait=(i == n or (every > 0 and i % every == 0)))
     got = float(ch.get(1)[0])
     if got != last:
         raise AssertionError(f"{name}: read {got} after the last put of {last}")

@@ -12,6 +12,7 @@ plots in DIR.  See docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -70,6 +71,12 @@ def parse_args(argv):
         "--servers",
         type=lambda s: _list(s, SERVERS, "server"),
         help="comma-separated servers (default carelay,control,softioc; --quick: carelay,control)",
+    )
+    p.add_argument(
+        "--w1-every",
+        type=int,
+        metavar="N",
+        help="W1: a put with callback every N-th put (default 100; 0: only the last one)",
     )
     p.add_argument(
         "--replot",
@@ -221,6 +228,11 @@ def main(argv=None) -> int:
     if args.replot:
         return replot(args.out)
     params = QUICK if args.quick else FULL
+    if args.w1_every is not None:
+        if args.w1_every < 0:
+            print("--w1-every must be 0 or more", file=sys.stderr)
+            return 2
+        params = dataclasses.replace(params, w1_every=args.w1_every)
     workloads = args.only or list(QUICK_WORKLOADS if args.quick else WORKLOADS)
     servers = args.servers or list(QUICK_SERVERS if args.quick else SERVERS)
     skipped = {}
