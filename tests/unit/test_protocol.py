@@ -545,18 +545,22 @@ def test_property_random_batch_header_only_protocol_error(header_bytes, data):
     _decode_batch_only_protocol_error([BATCH_TAG + header_bytes, *data])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    msgs=st.lists(_messages, min_size=1, max_size=4),
+    items=st.lists(st.one_of(_messages, st.deferred(lambda: _runs)), min_size=1, max_size=4),
     flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255))),
+    runs=st.booleans(),
 )
-def test_property_corrupted_batches_only_protocol_error(msgs, flips):
-    frames = [bytearray(f) for f in batch_wire(msgs)]
+def test_property_corrupted_batches_only_protocol_error(items, flips, runs):
+    """Batches of messages and WRITE runs, with bytes flipped, read by a receiver that
+    takes runs (the shard) or not (the broker)."""
+    frames = [bytearray(f) for f in batch_wire(items)]
     for pos, value in flips:
         frame = frames[pos % len(frames)]
         if frame:
             frame[pos % len(frame)] = value
-    _decode_batch_only_protocol_error([bytes(f) for f in frames])
+    with contextlib.suppress(ProtocolError):
+        decode_batch([bytes(f) for f in frames], runs=runs)
 
 
 # -- runs of one-element WRITEs -------------------------------------------------------
@@ -688,18 +692,3 @@ def test_property_batches_with_runs_roundtrip(items):
             assert got.messages() == sent.messages()
         else:
             assert got == sent
-
-
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    items=st.lists(st.one_of(_messages, _runs), min_size=1, max_size=4),
-    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255))),
-)
-def test_property_corrupted_batches_with_runs_only_protocol_error(items, flips):
-    frames = [bytearray(f) for f in batch_wire(items)]
-    for pos, value in flips:
-        frame = frames[pos % len(frames)]
-        if frame:
-            frame[pos % len(frame)] = value
-    with contextlib.suppress(ProtocolError):
-        decode_batch([bytes(f) for f in frames], runs=True)
