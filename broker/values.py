@@ -81,14 +81,36 @@ def _chars(value: cas.gdd, n: int) -> bytes:
     return bytes(int(x) for x in nums)
 
 
+def scalar_number(value: cas.gdd) -> float | None:
+    """The number a put of one number carries, or None for any other put (an array, text).
+    The commonest put of all, read with as few gdd calls as can be."""
+    if value.isScalar() and value.primitiveType() not in _TEXT_TYPES:
+        return value.getConvertNumeric()
+    return None
+
+
+def number_array(spec: PvSpec, x: float) -> np.ndarray:
+    """One number as a one-element array of the numeric PV's dtype.  Raises ConversionError."""
+    if spec.kind == "i":
+        _check_int32(x)
+        return np.array([x], dtype=np.float64).astype(np.int32)
+    return np.array([x], dtype=np.float64)
+
+
+def _check_int32(x: float) -> None:
+    if math.isnan(x) or not (_INT32.min <= x <= _INT32.max):
+        raise ConversionError(f"{x} does not fit a 32-bit integer")
+
+
 def gdd_to_array(spec: PvSpec, value: cas.gdd) -> np.ndarray:
     """The elements of a CA put, as an array of the PV's dtype.  Raises ConversionError."""
-    scalar = value.isScalar()
-    if scalar and spec.kind == "f" and value.primitiveType() not in _TEXT_TYPES:
-        # The most common put of all, a number to an f PV: as few gdd calls as can be.
-        return np.array([value.getConvertNumeric()], dtype=np.float64)
-    n = 1 if scalar else value.getDataSizeElements()
     kind = spec.kind
+    if kind in "fi":
+        x = scalar_number(value)
+        if x is not None:
+            return number_array(spec, x)
+    scalar = value.isScalar()
+    n = 1 if scalar else value.getDataSizeElements()
     if kind == "s":
         if value.primitiveType() in _TEXT_TYPES:
             text = dbr_string(value)
@@ -113,8 +135,7 @@ def gdd_to_array(spec: PvSpec, value: cas.gdd) -> np.ndarray:
     numbers = _numbers(value, n)
     if kind == "i":
         for x in numbers:
-            if math.isnan(x) or not (_INT32.min <= x <= _INT32.max):
-                raise ConversionError(f"{x} does not fit a 32-bit integer")
+            _check_int32(x)
         return np.array(numbers, dtype=np.float64).astype(np.int32)
     return np.array(numbers, dtype=np.float64)
 

@@ -6,7 +6,8 @@ sync with its shard is mirrored and posted at once, with no request waiting
 for an answer, and reaches the shard as a WRITE with the same value and stamp;
 a put with callback completes only on the shard's ACK; a WRITE the shard
 refuses puts the mirror back to what the shard holds; a stopping broker sends
-the WRITEs it still had queued.
+the WRITEs it still had queued; the short way a number takes to a plain PV
+ends where the long way ends.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import time
 
 import numpy as np
 import pytest
+from pcaspy import cas
 
 from carelay.broker.app import Broker
+from carelay.broker.pvs import BasePV
 from carelay.common.config import load_config
 from carelay.shard.server import ShardServer
 
@@ -95,7 +98,7 @@ def created(broker: Broker, name: str, value: float):
 
     def put() -> bool:
         pv = box["pv"] = broker.attach(name)
-        assert broker.forward_put(pv, np.array([value]), None)
+        assert broker.forward_put(pv, np.array([value], dtype=pv.spec.dtype), None)
         return True
 
     def answered() -> bool:
@@ -225,3 +228,85 @@ def test_a_stopping_broker_sends_the_writes_it_queued(hop):
             break
         time.sleep(0.02)
     assert shard.store.get(f"{PREFIX}d_f1").tolist() == [200.0]
+
+
+def gdd(ait, value):
+    g = cas.gdd(16, ait)  # 16: gddAppType_value, as PCAS hands a put to write()
+    g.put(value)
+    return g
+
+
+def queued_writes(broker: Broker) -> list:
+    """(name, value) of the WRITEs queued for the shard, taken off the queue."""
+    link = broker.links[0]
+    out = [
+        (m.name, m.data.tolist())
+        for entry in link.outbox
+        for m in (entry.messages() if hasattr(entry, "messages") else [entry])
+    ]
+    link.outbox.clear()
+    link.queued = 0
+    return out
+
+
+#: Puts to plain PVs, and what each must come to: (status, mirrored value).  The short way
+#: takes the numbers; text and what does not convert go the long way.
+REFUSED = (cas.S_cas_noConvert, [1])
+PUTS = [
+    ("e_f1", cas.aitEnumFloat64, 2.5, (cas.S_casApp_success, [2.5])),
+    ("e_f1", cas.aitEnumInt32, 7, (cas.S_casApp_success, [7.0])),
+    ("e_f1", cas.aitEnumString, "abc", REFUSED),
+    ("e_i1", cas.aitEnumFloat64, 7.9, (cas.S_casApp_success, [7])),
+    ("e_i1", cas.aitEnumFloat64, -7.9, (cas.S_casApp_success, [-7])),
+    ("e_i1", cas.aitEnumFloat64, 1e12, REFUSED),
+    ("e_i1", cas.aitEnumFloat64, float("nan"), REFUSED),
+    ("e_i1", cas.aitEnumString, "12", (cas.S_casApp_success, [12])),
+]
+
+
+def test_a_number_put_to_a_plain_pv_ends_where_the_long_way_ends(hop):
+    broker, shard, script = hop
+    f1, put_f, answered_f = created(broker, f"{PREFIX}e_f1", 1.0)
+    i1, put_i, answered_i = created(broker, f"{PREFIX}e_i1", 1.0)
+
+    def compare() -> bool:
+        pvs = {"e_f1": f1["pv"], "e_i1": i1["pv"]}
+        assert all(pv.plain for pv in pvs.values())
+        for stem, ait, value, expected in PUTS:
+            pv = pvs[stem]
+            seen = []
+            for way in (pv.write, lambda ctx, g, pv=pv: BasePV.write(pv, ctx, g)):
+                pv.apply(np.array([1], dtype=pv.spec.dtype), 1.0, append=False)
+                status = way(None, gdd(ait, value))
+                seen.append((status, pv.value.tolist(), pv.value.dtype, queued_writes(broker)))
+            assert seen[0] == seen[1], (stem, value)
+            assert seen[0][:2] == expected, (stem, value)
+            # A put that is taken goes on to the shard as it was mirrored; a refused one not.
+            sent = [] if expected == REFUSED else [(pv.name, expected[1])]
+            assert seen[0][3] == sent, (stem, value)
+        return True
+
+    run(broker, script, put_f, answered_f, put_i, answered_i, compare)
+
+
+def test_deadbands_set_after_short_puts_count_from_the_last_value(hop):
+    broker, shard, script = hop
+    box, put, answered = created(broker, f"{PREFIX}g_f1", 0.0)
+    masks = []
+
+    def puts() -> bool:
+        pv = box["pv"]
+        pv.interest = True
+        pv._post_now = lambda mask, alarm, severity: masks.append(mask)
+        pv.write(None, gdd(cas.aitEnumFloat64, 5.0))
+        pv.field_changed("MDEL", 1.0)
+        assert not pv.plain
+        masks.clear()
+        for v in (5.5, 6.5, 6.0):
+            pv.write(None, gdd(cas.aitEnumFloat64, v))
+        return True
+
+    run(broker, script, put, answered, puts)
+    value = [m & cas.DBE_VALUE for m in masks]
+    # 5.5 is within 1.0 of 5.0, the last value posted; 6.5 is not; 6.0 is within 1.0 of it.
+    assert value == [0, cas.DBE_VALUE, 0]
