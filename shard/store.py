@@ -119,53 +119,48 @@ class ShardStore:
             raise Rejected("a put needs at least one element")
         if not spec.is_buffer and n > spec.count:
             raise Rejected(f"{n} elements for a PV of {spec.count}")
-        if spec.kind in "fi":
-            eff = self._effective(pv) if pv is not None else self._resolver.effective(spec, {})
-            data = clip_to_drive_limits(eff, data)
         created = pv is None
-        if not (stamp > 0.0 and math.isfinite(stamp)):
-            stamp = self._clock()
         if created:
-            pv = StoredPv(spec, stamp)
+            pv = StoredPv(spec, 0.0)
             if spec.is_buffer:
                 pv.ring = RingBuffer(spec.count, spec.dtype)
-        if spec.is_buffer:
-            pv.ring.append(data)
-            applied = data[-spec.count :] if n > spec.count else data
-            length = len(pv.ring)
-        else:
-            applied = pv.value = data.copy()
-            length = n
-        pv.stamp = stamp
+        applied, length = self._apply(pv, data, stamp)
         self._pvs[name] = pv
         if created:
             self._unsaved.setdefault(name, None)
         else:
             self.dirty.add(name)
         self.seq += 1
-        return Change(name, self.seq, stamp, applied, length, created)
+        return Change(name, self.seq, pv.stamp, applied, length, created)
 
     def write_one(self, name: str, value: np.ndarray, stamp: float) -> int:
         """``put(name, value, stamp, create=False)`` of one element (a WRITE of a run),
-        without the Change that a run does not need.  Returns the change's seq."""
+        without the checks one element cannot fail and the Change that a run does not
+        need.  Returns the change's seq."""
         pv = self._pvs.get(name)
         if pv is None:
             raise Rejected(f"no PV named {name}")
-        spec = pv.spec
-        if value.dtype != spec.dtype:
-            raise Rejected(f"value of dtype {value.dtype} for a PV of dtype {spec.dtype}")
-        if spec.kind in "fi":
-            value = clip_to_drive_limits(self._effective(pv), value)
-        if not (stamp > 0.0 and math.isfinite(stamp)):
-            stamp = self._clock()
-        if pv.ring is not None:
-            pv.ring.append(value)
-        else:
-            pv.value = value.copy()
-        pv.stamp = stamp
+        if value.dtype != pv.spec.dtype:
+            raise Rejected(f"value of dtype {value.dtype} for a PV of dtype {pv.spec.dtype}")
+        self._apply(pv, value, stamp)
         self.dirty.add(name)
         self.seq += 1
         return self.seq
+
+    def _apply(self, pv: StoredPv, data: np.ndarray, stamp: float) -> tuple[np.ndarray, int]:
+        """Put ``data``, checked against ``pv``, into it: clipped to the drive limits, then
+        appended to a buffer or replacing the value, at ``stamp`` (the put's time; now if it
+        came with none, 0, or a bad one).  Returns (the elements applied, the length after)."""
+        spec = pv.spec
+        if spec.kind in "fi":
+            data = clip_to_drive_limits(self._effective(pv), data)
+        pv.stamp = stamp if stamp > 0.0 and math.isfinite(stamp) else self._clock()
+        if pv.ring is not None:
+            pv.ring.append(data)
+            n = data.shape[0]
+            return (data[-spec.count :] if n > spec.count else data), len(pv.ring)
+        pv.value = data.copy()
+        return pv.value, data.shape[0]
 
     def _effective(self, pv: StoredPv) -> Mapping[str, Any]:
         """``pv``'s fields with the configured defaults filled in (cached)."""
