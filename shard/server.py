@@ -228,19 +228,14 @@ class ShardServer:
         self._reply_change(peer, msg.req, change, {"created": 1} if change.created else {})
 
     def _write(self, peer: bytes, msg: Message) -> None:
-        """A put the broker has already applied to its mirror: silent unless it asked for an
-        answer (a put with callback) or the put is refused."""
+        """A put the broker has already applied to its mirror (see ``_written``)."""
         try:
             if msg.data is None:
                 raise Rejected("put without data")
-            change = self.store.put(msg.name, msg.data, msg.stamp, create=False)
+            outcome = self.store.put(msg.name, msg.data, msg.stamp, create=False).seq
         except Rejected as e:
-            log.warning("refused put to %s (shard %d): %s", msg.name, self.index, e)
-            self._reject(peer, msg, str(e))
-            self._correct(peer, msg.name)
-            return
-        if msg.req:
-            self._reply(peer, Message(Op.ACK, msg.name, req=msg.req, seq=change.seq))
+            outcome = e
+        self._written(peer, msg.name, msg.req, outcome)
 
     def _write_run(self, peer: bytes, run: WriteRun) -> None:
         """A run of one-element WRITEs: each as ``_write`` takes it, column by column."""
@@ -248,14 +243,24 @@ class ShardServer:
         values, stamps, reqs = run.values, run.stamps, run.reqs
         for k, name in enumerate(run.names):
             try:
-                seq = write(name, values[k : k + 1], stamps[k])
+                outcome = write(name, values[k : k + 1], stamps[k])
             except Rejected as e:
-                log.warning("refused put to %s (shard %d): %s", name, self.index, e)
-                self._reply(peer, Message(Op.REJECT, name, req=reqs[k], reason=str(e)))
-                self._correct(peer, name)
-                continue
-            if reqs[k]:
-                self._reply(peer, Message(Op.ACK, name, req=reqs[k], seq=seq))
+                outcome = e
+            else:
+                if not reqs[k]:
+                    continue  # the commonest WRITE of all: applied, and nothing to say
+            self._written(peer, name, reqs[k], outcome)
+
+    def _written(self, peer: bytes, name: str, req: int, outcome: int | Rejected) -> None:
+        """Answer a WRITE that came to ``outcome`` (its seq, or why it was refused).  A
+        WRITE is silent unless it asked for an answer (``req``, a put with callback: an ACK)
+        or was refused: a REJECT, then the PV as it stands here for the broker's mirror."""
+        if isinstance(outcome, Rejected):
+            log.warning("refused put to %s (shard %d): %s", name, self.index, outcome)
+            self._reply(peer, Message(Op.REJECT, name, req=req, reason=str(outcome)))
+            self._correct(peer, name)
+        elif req:
+            self._reply(peer, Message(Op.ACK, name, req=req, seq=outcome))
 
     def _correct(self, peer: bytes, name: str) -> None:
         """Tell the broker how ``name`` stands here, after a refused WRITE that its mirror
