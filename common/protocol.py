@@ -169,8 +169,8 @@ class Message:
 class WriteRun:
     """One-element WRITEs of one dtype, in order, sent as one batch entry (see above).
 
-    The sender fills ``stamps`` with floats and ``values`` with one-element arrays; a
-    decoded run holds ``stamps`` as floats and ``values`` as one array of ``dtype``."""
+    ``values`` holds the elements in order: a list of scalars while a sender fills the
+    run, one array of ``dtype`` once it is decoded; both are read alike."""
 
     __slots__ = ("dtype", "names", "reqs", "stamps", "values")
     op = None  # not a Message: a receiver that takes no runs never sees one
@@ -186,31 +186,24 @@ class WriteRun:
         return len(self.names)
 
     def add(self, name: str, req: int, stamp: float, value: np.ndarray) -> None:
+        """Append a WRITE of the one-element array ``value``, of the run's dtype."""
         self.names.append(name)
         self.reqs.append(req)
         self.stamps.append(stamp)
-        self.values.append(value)
+        self.values.append(value[0])
 
     def messages(self) -> list[Message]:
         """The run as single WRITE messages."""
-        values = self.values
         return [
-            Message(Op.WRITE, name, req=req, stamp=stamp, data=values[k : k + 1].reshape(-1))
-            if isinstance(values, np.ndarray)
-            else Message(Op.WRITE, name, req=req, stamp=stamp, data=values[k])
-            for k, (name, req, stamp) in enumerate(
-                zip(self.names, self.reqs, self.stamps, strict=True)
+            Message(Op.WRITE, name, req=req, stamp=stamp, data=np.array([value], self.dtype))
+            for name, req, stamp, value in zip(
+                self.names, self.reqs, self.stamps, self.values, strict=True
             )
         ]
 
     def _entry(self) -> list:
-        values = self.values
-        raw = (
-            values.astype(self.dtype, copy=False)
-            if isinstance(values, np.ndarray)
-            else np.concatenate(values)
-        )
-        if raw.dtype != self.dtype or raw.shape != (len(self.names),):
+        raw = np.asarray(self.values, dtype=self.dtype)
+        if raw.shape != (len(self.names),):
             raise ProtocolError("a WRITE run needs one element of its dtype per name")
         return [
             int(Op.WRITE),
