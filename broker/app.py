@@ -36,8 +36,11 @@ from carelay.common.sharding import shard_for
 
 log = logging.getLogger("carelay.broker")
 
-#: process() slice while nothing waits on a shard (seconds).
+#: process() slice while nothing waits on a shard but puts are queued for one (seconds).
 _IDLE_SLICE = 0.005
+#: process() slice while nothing is queued or due either: an idle relay wakes up about
+#: ten times a second (CA traffic still ends a slice at once).
+_QUIET_SLICE = 0.1
 #: How long to poll the shards for answers while requests are in flight (ms).
 _BUSY_POLL_MS = 1
 #: How often heartbeats, timeouts, link changes and coalesced posts are looked at (s).
@@ -587,7 +590,13 @@ class Broker:
             waiting = any(link.pending or link.state is LinkState.SYNCING for link in self.links)
             # After answers were handled, CA has completions and events to send:
             # no sleep in select() before they go.
-            self.cas.process(0 if waiting or handled else _IDLE_SLICE)
+            if waiting or handled:
+                delay = 0.0
+            elif self._due_posts or any(link.outbox for link in self.links):
+                delay = _IDLE_SLICE
+            else:
+                delay = _QUIET_SLICE
+            self.cas.process(delay)
             for link in self.links:
                 # What waits for an answer goes at once; plain puts, which the mirror
                 # already shows, go in batches of BATCH_MAX or at the next tick.
