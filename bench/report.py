@@ -61,6 +61,7 @@ def rows_for(params) -> list[Row]:
         Row("W4", "relay CPU-ms per put", "cpu_ms_per_put"),
         Row("W5", "creations/s", "creations_per_s"),
         Row("W5", "relay RSS MiB per 1000 PVs", "rss_mib_per_1000_pvs", ("<=", 1.5, "ratio")),
+        Row("W5", "relay CPU % of a core, idle, PVs connected", "idle_cpu_pct"),
     ]
     for s in params.w6_shards:
         rows.append(

@@ -43,6 +43,8 @@ class Params:
     w5_pvs: int = 20_000
     w5_clients: int = 2
     w5_batch: int = 1000
+    #: Seconds of quiet after W5's creations, clients connected, for the idle CPU.
+    w5_idle: float = 5.0
     w6_buffers: int = 4
     w6_shards: tuple[int, ...] = (1, 2, 4)
     w6_duration: float = 8.0
@@ -64,6 +66,7 @@ QUICK = Params(
     w4_readers=2,
     w5_pvs=400,
     w5_batch=200,
+    w5_idle=0.5,
     w6_shards=(1, 2),
     w6_duration=1.0,
 )
@@ -283,6 +286,7 @@ class Bench:
                 time.sleep(1.0)
                 before = base.rss_by_role()
         after: dict[str, int] = {}
+        idle: list[float] = []
         with srv:
             time.sleep(1.0)
             before = before or srv.rss_by_role()
@@ -291,6 +295,10 @@ class Bench:
             def measure():
                 time.sleep(0.5)
                 after.update(srv.rss_by_role())
+                # What the relay costs while its PVs sit connected and nobody writes.
+                cpu0, t0 = srv.cpu_seconds(), time.monotonic()
+                time.sleep(p.w5_idle)
+                idle.append((srv.cpu_seconds() - cpu0) / (time.monotonic() - t0))
 
             r = self.phase(srv, clients, list(range(len(clients))), "W5", on_done=measure)
         self.extra.setdefault("w5_rss_mib_by_process", {})[kind] = {
@@ -304,6 +312,7 @@ class Bench:
             "rss_mib_per_1000_pvs": (rss1 - rss0) / MIB / (created / 1000),
             "rss_before_mib": rss0 / MIB,
             "rss_after_mib": rss1 / MIB,
+            "idle_cpu_pct": idle[0] * 100,
         }
 
 
