@@ -36,6 +36,9 @@ from carelay.common.protocol import (
 
 log = logging.getLogger("carelay.broker")
 
+#: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
+_POLLIN = int(zmq.POLLIN)
+
 
 class LinkState(enum.Enum):
     DOWN = "down"  # no socket; waiting for the back-off to pass
@@ -184,7 +187,7 @@ class ShardLink:
         are dropped whole."""
         while self.sock is not None:
             # Cheaper than the zmq.Again that a receive on an empty socket raises.
-            if not self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not self.sock.get(zmq.EVENTS) & _POLLIN:
                 return None
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)

@@ -43,6 +43,8 @@ _BATCH = 1000
 GOOD_COPY_INTERVAL = 300.0
 #: On a clean stop, how long the shard waits for more messages before its last flush (ms).
 _STOP_DRAIN_MS = 50
+#: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
+_POLLIN = int(zmq.POLLIN)
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
 EXIT_STORE_FAILED = 3
 
@@ -72,6 +74,7 @@ class ShardServer:
         self.epoch = random.getrandbits(62) | 1
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._poller: zmq.Poller | None = None
         self._broker_seen = 0.0
         self._broker_alive = False
         self._out: list[tuple[bytes, Message]] = []
@@ -111,6 +114,8 @@ class ShardServer:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.bind(self.endpoint)
         self._sock = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
         log.info("shard %d listening on %s (epoch %x)", self.index, self.endpoint, self.epoch)
 
     def _secure(self, sock: zmq.Socket) -> None:
@@ -133,6 +138,7 @@ class ShardServer:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+            self._poller = None
         if getattr(self, "_auth", None) is not None:
             self._auth.stop()
             self._auth = None
@@ -464,11 +470,11 @@ class ShardServer:
 
     def serve_once(self, timeout_ms: int = 100) -> int:
         """Handle one batch of messages: apply, commit, reply.  Returns how many."""
-        if not self._sock.poll(timeout=timeout_ms):
+        if not self._poller.poll(timeout_ms):
             return 0
         n = 0
         while n < _BATCH:
-            if not self._sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not self._sock.get(zmq.EVENTS) & _POLLIN:
                 break
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
