@@ -38,9 +38,12 @@ log = logging.getLogger("carelay.broker")
 #: CA status for a put the relay could not apply (clients see ECA_PUTFAIL).
 PUT_FAILED = cas.S_casApp_noSupport
 VALUE_MASK = cas.DBE_VALUE | cas.DBE_LOG
-#: A buffer holding more than this many bytes posts at most once per BUFFER_POST_INTERVAL.
+#: A buffer holding more than this many bytes has its events coalesced (``post_interval``):
+#: at most one per BUFFER_POST_INTERVAL, and at most BUFFER_EVENT_RATE bytes a second per
+#: monitor, so an 8 MB buffer posts at most every 0.2 s, however fast it is appended to.
 COALESCE_BYTES = 64 * 1024
 BUFFER_POST_INTERVAL = 0.05
+BUFFER_EVENT_RATE = 40e6
 
 
 def guarded(status_on_error):
@@ -182,7 +185,7 @@ class RelayPV(BasePV):
         self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
         #: The last put's elements: what the alarm limits judge.
         self._last: np.ndarray | None = None
-        self._due_mask = 0  # events of a large buffer waiting for BUFFER_POST_INTERVAL
+        self._due_mask = 0  # events of a large buffer waiting for its post_interval
         self._last_post = 0.0
         self._mlst: float | None = None  # value last posted with DBE_VALUE
         self._alst: float | None = None  # value last posted with DBE_LOG
@@ -333,23 +336,36 @@ class RelayPV(BasePV):
             self.alarm, self.severity = alarm, severity
         if not self.interest or not mask:
             return
-        if self.ring is not None and len(self.ring) * self.spec.dtype.itemsize > COALESCE_BYTES:
+        if self.ring is not None and (interval := self.post_interval()):
             # A large buffer: each event carries all of it, so events may be fewer than
-            # puts without losing a value.  At most one per BUFFER_POST_INTERVAL.
+            # puts without losing a value.
             now = time.monotonic()
             self._due_mask |= mask
-            if now - self._last_post < BUFFER_POST_INTERVAL:
+            if now - self._last_post < interval:
                 self.broker.post_later(self)
                 return
             mask, self._due_mask = self._due_mask, 0
             self._last_post = now
         self._post_now(mask, alarm, severity)
 
+    def post_interval(self) -> float:
+        """The least time between two events of this PV: 0 (every put posts) but for a
+        buffer of over COALESCE_BYTES.  Its events, each the whole buffer, are spaced so
+        that they carry at most BUFFER_EVENT_RATE bytes a second: the broker's work for a
+        monitor stays bounded, and a monitor still gets every value unless values are
+        appended faster than that."""
+        if self.ring is None:
+            return 0.0
+        nbytes = len(self.ring) * self.spec.dtype.itemsize
+        if nbytes <= COALESCE_BYTES:
+            return 0.0
+        return max(BUFFER_POST_INTERVAL, nbytes / BUFFER_EVENT_RATE)
+
     def post_due(self, now: float) -> bool:
         """Send a coalesced buffer event if its interval has passed; True when sent."""
         if not self._due_mask:
             return True
-        if now - self._last_post < BUFFER_POST_INTERVAL:
+        if now - self._last_post < self.post_interval():
             return False
         mask, self._due_mask = self._due_mask, 0
         self._last_post = now

@@ -310,3 +310,37 @@ def test_deadbands_set_after_short_puts_count_from_the_last_value(hop):
     value = [m & cas.DBE_VALUE for m in masks]
     # 5.5 is within 1.0 of 5.0, the last value posted; 6.5 is not; 6.0 is within 1.0 of it.
     assert value == [0, cas.DBE_VALUE, 0]
+
+
+def test_a_large_buffer_posts_at_its_event_rate_and_ends_on_its_last_state(hop):
+    broker, shard, script = hop
+    box, put, answered = created(broker, f"{PREFIX}big_F1000000", 0.0)
+    posts: list = []
+    appended: list = []
+
+    def fill() -> bool:
+        pv = box["pv"]
+        assert broker.forward_put(pv, np.zeros(999_999), None)
+        pv.interest = True
+        pv._post_now = lambda mask, alarm, severity: posts.append(
+            (time.monotonic(), len(pv.contents()), pv.contents()[-1])
+        )
+        return True
+
+    def appends() -> bool:
+        # 1000 elements per turn for 0.7 s: far more puts than events.
+        k = len(appended) + 1
+        assert broker.forward_put(box["pv"], np.full(1000, float(k)), None)
+        appended.append(time.monotonic())
+        return appended[-1] - appended[0] > 0.7
+
+    def last_state_posted() -> bool:
+        return bool(posts) and posts[-1][2] == float(len(appended))
+
+    run(broker, script, put, answered, fill, appends, last_state_posted)
+    # 8 MB at BUFFER_EVENT_RATE (40 MB/s): one event per 0.2 s at most.
+    assert box["pv"].post_interval() == pytest.approx(0.2)
+    times = [t for t, _, _ in posts]
+    assert all(b - a >= 0.2 for a, b in zip(times, times[1:], strict=False)), times
+    assert 3 <= len(posts) < len(appended) / 10
+    assert all(n == 1_000_000 for _, n, _ in posts)
