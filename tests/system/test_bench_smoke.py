@@ -60,3 +60,30 @@ def test_quick_bench_runs_and_reports_every_figure(tmp_path):
         except psutil.NoSuchProcess:
             alive = False
         assert not alive, f"server process {p['pid']} outlived the bench"
+
+
+def test_callback_cost_runs_and_reports_every_thread_kind():
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.callback_cost", "--n", "30"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows: dict = {}
+    server = None
+    for line in r.stdout.splitlines():
+        if not line.startswith(" "):
+            server = line.split(":")[0]
+            rows[server] = {}
+        elif server is not None and line.split()[0] != "thread":
+            kind, cpu, switches = line.rsplit(maxsplit=2)
+            rows[server][kind.strip()] = (float(cpu), float(switches))
+    assert set(rows) == {"carelay", "control"}, r.stdout
+    # carelay's round trip goes through ZeroMQ's I/O threads; each server has a main thread.
+    assert "ZeroMQ I/O" in rows["carelay"] and "main" in rows["control"], r.stdout
+    for server, kinds in rows.items():
+        for kind, (cpu, switches) in kinds.items():
+            assert math.isfinite(cpu) and cpu >= 0 and switches >= 0, (server, kind)

@@ -1,0 +1,135 @@
+"""``python -m bench.callback_cost``: what one put with callback costs each server.
+
+One client puts with callback to one ``f1`` PV, ``--n`` times, each after the
+last completed, to a server with nothing else to do: carelay with one shard,
+and the control.  Every thread of the server is read from /proc before and
+after: CPU time (utime + stime, 10 ms ticks) and context switches (voluntary
+and not).  The figures are printed per put, by kind of thread: each
+process's main thread, ZeroMQ's I/O threads, and any other.
+
+This is where W1's puts with callback go: carelay's round trip wakes the
+broker, its ZeroMQ I/O thread, the shard's I/O thread, the shard, and back;
+the control answers in the thread that read the put.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+
+from bench.servers import CarelayServer, ControlServer, client_env
+
+SERVERS = {
+    "carelay": lambda ports: CarelayServer(ports, shards=1, label="carelay (1 shard)"),
+    "control": lambda ports: ControlServer(ports),
+}
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _client(env: dict, name: str, n: int, ready, go, out) -> None:
+    os.environ.update(env)
+    import epics
+
+    from bench.clients import Channel
+
+    ch = Channel(epics, name)
+    ch.put(0.0, wait=True)  # creates the PV on a relay: not counted
+    ready.set()
+    go.wait()
+    t0 = time.perf_counter()
+    for k in range(1, n + 1):
+        ch.put(float(k), wait=True)
+    out.put(time.perf_counter() - t0)
+
+
+def thread_kind(pid: int, tid: int, comm: str) -> str:
+    if comm.startswith("ZMQbg/IO"):
+        return "ZeroMQ I/O"
+    if tid == pid:
+        return "main"
+    return "other"
+
+
+def sample(pids) -> dict[tuple[int, int], tuple[str, float, int]]:
+    """(pid, tid) -> (kind, CPU seconds, context switches) of every thread of ``pids``."""
+    out = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            continue
+        for t in tids:
+            base = f"/proc/{pid}/task/{t}"
+            try:
+                with open(f"{base}/comm") as f:
+                    comm = f.read().strip()
+                with open(f"{base}/stat") as f:
+                    # Fields after the parenthesised name; utime and stime are 14 and 15.
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"{base}/status") as f:
+                    switches = sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            cpu = (int(fields[11]) + int(fields[12])) / _TICK
+            out[(pid, int(t))] = (thread_kind(pid, int(t), comm), cpu, switches)
+    return out
+
+
+def measure(kind: str, n: int, mp) -> dict:
+    server = SERVERS[kind](set())
+    with server:
+        ready, go, result = mp.Event(), mp.Event(), mp.Queue()
+        name = f"{server.prefix}cb_f1"
+        client = mp.Process(
+            target=_client, args=(client_env(server.port), name, n, ready, go, result)
+        )
+        client.start()
+        try:
+            if not ready.wait(60):
+                raise RuntimeError(f"{kind}: the client did not connect")
+            pids = list(server.pids().values())
+            before = sample(pids)
+            go.set()
+            elapsed = result.get(timeout=60 + n * 0.05)
+            after = sample(pids)
+        finally:
+            client.join(timeout=10)
+            if client.is_alive():
+                client.kill()
+    cpu: Counter = Counter()
+    switches: Counter = Counter()
+    for key, (k, c1, s1) in after.items():
+        _, c0, s0 = before.get(key, (k, 0.0, 0))
+        cpu[k] += c1 - c0
+        switches[k] += s1 - s0
+    return {
+        "round_trip_us": elapsed / n * 1e6,
+        "cpu_us": {k: v / n * 1e6 for k, v in cpu.items()},
+        "switches": {k: v / n for k, v in switches.items()},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.callback_cost", description=__doc__)
+    ap.add_argument("--n", type=int, default=3000, help="puts with callback (default 3000)")
+    ap.add_argument("--servers", default="carelay,control")
+    args = ap.parse_args(argv)
+    mp = multiprocessing.get_context("spawn")
+    for kind in args.servers.split(","):
+        r = measure(kind, args.n, mp)
+        total_cpu = sum(r["cpu_us"].values())
+        total_sw = sum(r["switches"].values())
+        print(f"{kind}: {r['round_trip_us']:.0f} us per put with callback, one after the other")
+        print(f"  {'thread':12s} {'CPU us/put':>10s} {'switches/put':>13s}")
+        for k in sorted(r["cpu_us"]):
+            print(f"  {k:12s} {r['cpu_us'][k]:10.1f} {r['switches'][k]:13.2f}")
+        print(f"  {'all':12s} {total_cpu:10.1f} {total_sw:13.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
