@@ -12,10 +12,12 @@ import collections
 import itertools
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import zmq
 
@@ -660,6 +662,34 @@ def check_access_security(path) -> str | None:
     return " ".join((r.stderr + r.stdout).split()) or f"exit status {r.returncode}"
 
 
+#: ``ASG(name)`` or ``ASG("name")`` in an access security file.
+_ASG = re.compile(r'\bASG\s*\(\s*(?:"([^"]*)"|([^\s")]+))\s*\)')
+
+
+def access_groups(text: str) -> set[str]:
+    """The groups (ASG) that the access security file ``text`` defines; comments, from
+    ``#`` to the end of a line, do not count."""
+    text = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    return {quoted or bare for quoted, bare in _ASG.findall(text)}
+
+
+def undefined_access_group(path, group: str) -> str | None:
+    """Why the valid access security file at ``path`` cannot govern the relay's PVs,
+    which all join ``group``; None if it defines the group.
+
+    EPICS puts a member of an undefined group into DEFAULT, and an undefined DEFAULT
+    allows nothing: a relay would quietly run on other rules than the site wrote."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    if group in access_groups(text):
+        return None
+    if group == "DEFAULT":
+        return f"{path} defines no ASG(DEFAULT): every client would be denied everything"
+    return f"{path} defines no ASG({group}): the relay's PVs would get the rules of ASG(DEFAULT)"
+
+
 def run_broker(config: Config) -> int:
     """Entry point of ``carelay broker``."""
     die_with_parent()
@@ -678,6 +708,10 @@ def run_broker(config: Config) -> int:
             log.error(
                 "broker cannot start: access security file %s is invalid", config.access_security
             )
+            return 2
+        problem = undefined_access_group(config.access_security, config.access_group)
+        if problem is not None:
+            log.error("broker cannot start: access_group: %s", problem)
             return 2
         cas.asCaStart()
         log.info("access security from %s, group %s", config.access_security, config.access_group)

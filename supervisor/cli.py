@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "up" and config.access_security is not None:
         # The broker would only find out after the relay started, and fail at every restart.
-        from carelay.broker.app import check_access_security
+        from carelay.broker.app import check_access_security, undefined_access_group
 
         problem = check_access_security(config.access_security)
         if problem is not None:
@@ -112,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"is not a valid access security file: {problem}",
                 file=sys.stderr,
             )
+            return 2
+        problem = undefined_access_group(config.access_security, config.access_group)
+        if problem is not None:
+            print(f"carelay: invalid configuration: access_group: {problem}", file=sys.stderr)
             return 2
     from carelay.common.lifecycle import setup_logging
 

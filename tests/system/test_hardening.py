@@ -221,6 +221,27 @@ def test_invalid_access_security_file_stops_the_relay_before_it_starts(tmp_path)
     assert f"access security file {bad} is invalid" in r.stderr, r.stderr
 
 
+def test_an_access_group_the_file_does_not_define_stops_the_relay(tmp_path):
+    # EPICS would put the relay's PVs in DEFAULT, whose rules here let anyone write.
+    path = tmp_path / "relay.acf"
+    path.write_text("# ASG(RELAY) only in a comment\nASG(DEFAULT) {\n    RULE(1, WRITE)\n}\n")
+    toml = 'access_group = "RELAY"\n'
+    line = config_error(tmp_path, "--access-security", str(path), toml=toml)
+    assert "access_group" in line and "ASG(RELAY)" in line and str(path) in line, line
+    # The broker, run by itself on the same configuration, refuses as well.
+    config = tmp_path / "broker.toml"
+    config.write_text(toml)
+    r = subprocess.run(
+        [*CARELAY, "broker", "--data-dir", str(tmp_path / "d"), "--config", str(config)]
+        + ["--access-security", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "broker cannot start: access_group" in r.stderr and "ASG(RELAY)" in r.stderr, r.stderr
+
+
 # -- 2. limits ----------------------------------------------------------------------------------
 
 
