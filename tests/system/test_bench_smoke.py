@@ -21,22 +21,28 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.system
 
 
-def test_quick_bench_runs_and_reports_every_figure(tmp_path):
-    pytest.importorskip("matplotlib")
-    psutil = pytest.importorskip("psutil")
-    out = tmp_path / "results"
+def run_bench(module: str, *args: str, timeout: float) -> str:
+    """``python -m module args``, which must exit 0; its standard output."""
     # The inherited EPICS_CA_* variables (the harness's port) must not matter.
     env = {**os.environ, "EPICS_CA_SERVER_PORT": "5064", "EPICS_CAS_SERVER_PORT": "5064"}
     r = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         check=False,
     )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def test_quick_bench_runs_and_reports_every_figure(tmp_path):
+    pytest.importorskip("matplotlib")
+    psutil = pytest.importorskip("psutil")
+    out = tmp_path / "results"
+    run_bench("bench", "--quick", "--out", str(out), timeout=240)
     doc = json.loads((out / "results.json").read_text())
     assert doc["workloads"] == ["W1", "W3"]
     assert doc["servers"] == ["carelay", "control"]
@@ -63,27 +69,19 @@ def test_quick_bench_runs_and_reports_every_figure(tmp_path):
 
 
 def test_callback_cost_runs_and_reports_every_thread_kind():
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.callback_cost", "--n", "30"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    stdout = run_bench("bench.callback_cost", "--n", "30", timeout=180)
     rows: dict = {}
     server = None
-    for line in r.stdout.splitlines():
+    for line in stdout.splitlines():
         if not line.startswith(" "):
             server = line.split(":")[0]
             rows[server] = {}
         elif server is not None and line.split()[0] != "thread":
             kind, cpu, switches = line.rsplit(maxsplit=2)
             rows[server][kind.strip()] = (float(cpu), float(switches))
-    assert set(rows) == {"carelay", "control"}, r.stdout
+    assert set(rows) == {"carelay", "control"}, stdout
     # carelay's round trip goes through ZeroMQ's I/O threads; each server has a main thread.
-    assert "ZeroMQ I/O" in rows["carelay"] and "main" in rows["control"], r.stdout
+    assert "ZeroMQ I/O" in rows["carelay"] and "main" in rows["control"], stdout
     for server, kinds in rows.items():
         for kind, (cpu, switches) in kinds.items():
             assert math.isfinite(cpu) and cpu >= 0 and switches >= 0, (server, kind)
