@@ -296,11 +296,7 @@ class Broker:
         """A put to a PV in sync with its live shard: applied to the mirror and posted now,
         and sent on as a WRITE that the shard answers only for a put with callback (or to
         refuse it, with the PV as it holds it).  No round trip before the monitors."""
-        req = 0
-        if notify is not None:
-            req = next(self._req)
-            deadline = time.monotonic() + PUT_TIMEOUT
-            link.pending[req] = Pending(None, pv.name, pv.shard, deadline, notify)
+        req = 0 if notify is None else self._expect(link, None, pv.name, notify)
         link.write(pv.name, req, stamp, data)
         pv.apply(data, stamp, append=pv.ring is not None, owned=True)
         return True
@@ -324,13 +320,18 @@ class Broker:
         link = self.links[shard]
         if not link.usable or link.sock is None:
             return False
-        msg.req = next(self._req)
-        deadline = time.monotonic() + PUT_TIMEOUT
-        link.pending[msg.req] = Pending(pv, msg.name, shard, deadline, notify)
+        msg.req = self._expect(link, pv, msg.name, notify)
         # Queued, and sent with the others of this process() slice in batches (run).
         # Never flushed here: a failure must not complete a put inside its own write().
         link.queue(msg)
         return True
+
+    def _expect(self, link: ShardLink, pv, name: str, notify) -> int:
+        """A new request number, whose answer ``link`` now waits for (PUT_TIMEOUT)."""
+        req = next(self._req)
+        deadline = time.monotonic() + PUT_TIMEOUT
+        link.pending[req] = Pending(pv, name, link.index, deadline, notify)
+        return req
 
     def _flush(self, link: ShardLink) -> None:
         """Send ``link``'s queued requests; the ones that cannot go fail now."""
