@@ -612,9 +612,7 @@ class Broker:
                 continue
             # Every _TICK, not every turn: a turn may carry only a few puts.
             next_tick = now + _TICK
-            for link in self.links:
-                if link.outbox:
-                    self._flush(link)
+            self._flush_queued()
             self._timers(now)
             self.pvlist.post_if_changed()
             if self._due_posts:
@@ -637,6 +635,10 @@ class Broker:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
         # A clean stop: the puts still queued go to the shards, which stop after us.
+        self._flush_queued()
+
+    def _flush_queued(self) -> None:
+        """Send whatever is queued for each shard."""
         for link in self.links:
             if link.outbox:
                 self._flush(link)
