@@ -277,7 +277,7 @@ class Broker:
         if link.live and pv.real and not pv.pending:
             data = pv.settled_put(data)
             if data is not None:
-                return self._write_through(link, pv, data, stamp, notify)
+                return self.write_through(link, pv, data, stamp, notify)
         if not (pv.real or pv.creating):
             why = self._over_limits(pv.spec)
             if why is not None:
@@ -292,7 +292,7 @@ class Broker:
             self._reserve(pv, True)
         return True
 
-    def _write_through(self, link: ShardLink, pv, data, stamp: float, notify) -> bool:
+    def write_through(self, link: ShardLink, pv, data, stamp: float, notify) -> bool:
         """A put to a PV in sync with its live shard: applied to the mirror and posted now,
         and sent on as a WRITE that the shard answers only for a put with callback (or to
         refuse it, with the PV as it holds it).  No round trip before the monitors."""

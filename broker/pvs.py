@@ -451,26 +451,23 @@ class RelayPV(BasePV):
     def getLowWarnLimit(self, limit):
         return self._put_field(limit, "LOW")
 
+    @guarded(PUT_FAILED)
     def write(self, context, value):
         """A put without callback.  A number put to a plain PV in sync with its live shard
         (the commonest put of all) takes the short way to the same outcome as the long one,
         ``BasePV.write``, which every other put takes."""
-        try:
-            if self.plain and not self.pending and self.real:
-                link = self.broker.links[self.shard]
-                if link.live:
-                    x = scalar_number(value)
-                    if x is not None:
+        if self.plain and not self.pending and self.real:
+            link = self.broker.links[self.shard]
+            if link.live:
+                x = scalar_number(value)
+                if x is not None:
+                    try:
                         data = number_array(self.spec, x)
-                        stamp = time.time()
-                        link.write(self.name, 0, stamp, data)
-                        self.apply(data, stamp, append=False, owned=True)
+                    except ConversionError:
+                        pass  # the long way refuses it, and says why
+                    else:
+                        self.broker.write_through(link, self, data, time.time(), None)
                         return cas.S_casApp_success
-        except ConversionError:
-            pass  # the long way refuses it, and says why
-        except Exception:
-            log.exception("%s: write failed", self.name)
-            return PUT_FAILED
         return BasePV.write(self, context, value)
 
     def _accept(self, value):
