@@ -1,10 +1,11 @@
 """``python -m bench.callback_cost``: what one put with callback costs each server.
 
-One client puts with callback to one ``f1`` PV, ``--n`` times, each after the
-last completed, to a server with nothing else to do: carelay with one shard,
-and the control.  Every thread of the server is read from /proc before and
-after: CPU time (utime + stime, 10 ms ticks) and context switches (voluntary
-and not).  The figures are printed per put, by kind of thread: each
+One client (W1's writer, every put with callback) puts to one ``f1`` PV,
+``--n`` times, each after the last completed, then reads it back once, to a
+server with nothing else to do: carelay with one shard, and the control.
+Every thread of the server is read from /proc when the puts start and when
+the client is done: CPU time (utime + stime, 10 ms ticks) and context
+switches (voluntary and not).  The figures are printed per put, by kind of thread: each
 process's main thread, ZeroMQ's I/O threads, and any other.
 
 This is where W1's puts with callback go: carelay's round trip wakes the
@@ -18,32 +19,16 @@ import argparse
 import multiprocessing
 import os
 import sys
-import time
 from collections import Counter
 
-from bench.servers import CarelayServer, ControlServer, client_env
+from bench.phase import run_phase
+from bench.servers import CarelayServer, ControlServer
 
 SERVERS = {
     "carelay": lambda ports: CarelayServer(ports, shards=1, label="carelay (1 shard)"),
     "control": lambda ports: ControlServer(ports),
 }
 _TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _client(env: dict, name: str, n: int, ready, go, out) -> None:
-    os.environ.update(env)
-    import epics
-
-    from bench.clients import Channel
-
-    ch = Channel(epics, name)
-    ch.put(0.0, wait=True)  # creates the PV on a relay: not counted
-    ready.set()
-    go.wait()
-    t0 = time.perf_counter()
-    for k in range(1, n + 1):
-        ch.put(float(k), wait=True)
-    out.put(time.perf_counter() - t0)
 
 
 def thread_kind(pid: int, tid: int, comm: str) -> str:
@@ -79,35 +64,39 @@ def sample(pids) -> dict[tuple[int, int], tuple[str, float, int]]:
     return out
 
 
+class ThreadSampler:
+    """Reads every server thread when a phase starts and when its driver is done: the
+    hooks ``run_phase`` offers a profiler."""
+
+    def __init__(self) -> None:
+        self.server = None
+        self.before: dict = {}
+        self.after: dict | None = None
+
+    def start(self, server, tag: str) -> None:
+        self.server = server
+        self.before = sample(server.pids().values())
+
+    def stop(self) -> None:
+        # run_phase stops its profiler again on the way out: the first reading counts.
+        if self.server is not None and self.after is None:
+            self.after = sample(self.server.pids().values())
+
+
 def measure(kind: str, n: int, mp) -> dict:
     server = SERVERS[kind](set())
+    sampler = ThreadSampler()
+    writer = {"name": f"{server.prefix}cb_f1", "n": n, "every": 1, "base": 0.0}
     with server:
-        ready, go, result = mp.Event(), mp.Event(), mp.Queue()
-        name = f"{server.prefix}cb_f1"
-        client = mp.Process(
-            target=_client, args=(client_env(server.port), name, n, ready, go, result)
-        )
-        client.start()
-        try:
-            if not ready.wait(60):
-                raise RuntimeError(f"{kind}: the client did not connect")
-            pids = list(server.pids().values())
-            before = sample(pids)
-            go.set()
-            elapsed = result.get(timeout=60 + n * 0.05)
-            after = sample(pids)
-        finally:
-            client.join(timeout=10)
-            if client.is_alive():
-                client.kill()
+        r = run_phase(mp, server, [("scalar_writer", writer)], [0], profiler=sampler)
     cpu: Counter = Counter()
     switches: Counter = Counter()
-    for key, (k, c1, s1) in after.items():
-        _, c0, s0 = before.get(key, (k, 0.0, 0))
+    for key, (k, c1, s1) in sampler.after.items():
+        _, c0, s0 = sampler.before.get(key, (k, 0.0, 0))
         cpu[k] += c1 - c0
         switches[k] += s1 - s0
     return {
-        "round_trip_us": elapsed / n * 1e6,
+        "round_trip_us": r.driver_span([0]) / n * 1e6,
         "cpu_us": {k: v / n * 1e6 for k, v in cpu.items()},
         "switches": {k: v / n for k, v in switches.items()},
     }
