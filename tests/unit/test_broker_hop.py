@@ -63,28 +63,42 @@ class Notify:
 
 
 @pytest.fixture
-def hop(tmp_path):
-    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
-    shard = ShardServer(config, 0, db=None)
-    shard.bind()
-    halt = threading.Event()
+def make_hop(tmp_path):
+    """A Broker on a script and a real shard serving in a thread, with the configuration
+    ``overrides`` (e.g. field defaults); both are taken down after the test."""
+    made = []
 
-    def serve() -> None:
-        while not halt.is_set():
-            shard.serve_once(timeout_ms=10)
+    def make(**overrides):
+        config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path), **overrides)
+        shard = ShardServer(config, 0, db=None)
+        shard.bind()
+        halt = threading.Event()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    script = Script()
-    broker = Broker(config, script)
-    yield broker, shard, script
-    for link in broker.links:
-        link.close(linger=1000)
-    # The shard takes what is still on its socket before it is looked at.
-    time.sleep(0.2)
-    halt.set()
-    thread.join(timeout=10)
-    shard.close()
+        def serve() -> None:
+            while not halt.is_set():
+                shard.serve_once(timeout_ms=10)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        script = Script()
+        broker = Broker(config, script)
+        made.append((broker, shard, halt, thread))
+        return broker, shard, script
+
+    yield make
+    for broker, shard, halt, thread in made:
+        for link in broker.links:
+            link.close(linger=1000)
+        # The shard takes what is still on its socket before it is looked at.
+        time.sleep(0.2)
+        halt.set()
+        thread.join(timeout=10)
+        shard.close()
+
+
+@pytest.fixture
+def hop(make_hop):
+    return make_hop()
 
 
 def run(broker: Broker, script: Script, *steps) -> None:
@@ -147,14 +161,8 @@ def test_a_put_with_callback_completes_on_the_shards_ack(hop):
     assert shard.store.get(f"{PREFIX}b_F3").tolist() == [1.0, 2.0, 3.0]
 
 
-def test_a_plain_put_is_clipped_as_the_shard_clips_it(tmp_path):
-    config = load_config(
-        prefix=PREFIX, shards=1, data_dir=str(tmp_path), fields={"c_*": {"DRVH": 5.0}}
-    )
-    shard = ShardServer(config, 0, db=None)
-    shard.bind()
-    script = Script()
-    broker = Broker(config, script)
+def test_a_plain_put_is_clipped_as_the_shard_clips_it(make_hop):
+    broker, shard, script = make_hop(fields={"c_*": {"DRVH": 5.0}})
     box, put, answered = created(broker, f"{PREFIX}c_f1", 1.0)
 
     def write() -> bool:
@@ -162,26 +170,14 @@ def test_a_plain_put_is_clipped_as_the_shard_clips_it(tmp_path):
         assert box["pv"].value.tolist() == [5.0]
         return True
 
-    stop = threading.Event()
-    thread = threading.Thread(
-        target=lambda: [shard.serve_once(10) for _ in iter(stop.is_set, True)], daemon=True
+    run(
+        broker,
+        script,
+        put,
+        answered,
+        write,
+        lambda: shard.store.get(f"{PREFIX}c_f1").tolist() == [5.0],
     )
-    thread.start()
-    try:
-        run(
-            broker,
-            script,
-            put,
-            answered,
-            write,
-            lambda: shard.store.get(f"{PREFIX}c_f1").tolist() == [5.0],
-        )
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        for link in broker.links:
-            link.close()
-        shard.close()
 
 
 def test_a_refused_write_puts_the_mirror_back_as_the_shard_holds_it(hop):
