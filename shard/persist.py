@@ -34,6 +34,8 @@ import numpy as np
 log = logging.getLogger("carelay.shard")
 
 SCHEMA_VERSION = 1
+#: Bytes the write that finds the errno of a failed store write makes (one page).
+_PROBE_BYTES = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,6 +52,19 @@ CREATE TABLE IF NOT EXISTS pvs (
 
 class StoreDamaged(Exception):
     """The database file cannot be trusted; the message names the file and the problem."""
+
+
+class StoreWriteError(OSError):
+    """A write to the store failed: ``errno`` (None when the system gave none that could
+    be found), ``filename`` the file written, ``detail`` what SQLite said."""
+
+    def __init__(self, errno: int | None, filename: Path, detail: str) -> None:
+        super().__init__(errno, os.strerror(errno) if errno else "error unknown", str(filename))
+        self.detail = detail
+
+    def __str__(self) -> str:
+        cause = f"[Errno {self.errno}] {self.strerror}" if self.errno else "errno unknown"
+        return f"cannot write {self.filename}: {cause} (SQLite: {self.detail})"
 
 
 @dataclass(slots=True)
@@ -295,11 +310,69 @@ class ShardDatabase:
                 conn.execute("DELETE FROM pvs WHERE name = ?", (name,))
                 n += 1
             conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
+        except BaseException as e:
+            # SQLite rolls back by itself after most failed writes; a ROLLBACK then fails
+            # too, and its error must not stand in for the real one.
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as again:
+                    log.warning("%s: rollback after a failed write failed: %s", self.path, again)
+            if isinstance(e, sqlite3.DatabaseError):
+                raise self._write_error(e) from e
             raise
         self.last_flush = time.time()
         return n
+
+    def check_writable(self) -> None:
+        """Commit a one-row write (the time of the check), or raise StoreWriteError: tells
+        when a store that could not be written can be again, when no value waits."""
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN")
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('checked', ?)", (repr(time.time()),)
+                )
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as e:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise self._write_error(e) from e
+
+    def _write_error(self, e: sqlite3.DatabaseError) -> StoreWriteError:
+        """``e`` with the errno and the file.  SQLite keeps the errno to itself (``disk I/O
+        error`` for EFBIG, ``database or disk is full`` for ENOSPC), so the write it was
+        making is made again in a scratch file beside the store: a page past the end of
+        the larger of the database and its write-ahead log, where SQLite writes next.
+        What the system answers there is the errno."""
+        wal = Path(f"{self.path}-wal")
+        target = wal if wal.exists() else self.path
+        offset = 0
+        for path in (self.path, wal):
+            with contextlib.suppress(OSError):
+                offset = max(offset, path.stat().st_size)
+        probe = self.path.with_name(self.path.name + ".probe")
+        errno = None
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as failed:
+            errno = failed.errno
+        else:
+            try:
+                page = bytes(_PROBE_BYTES)
+                done = 0
+                while done < len(page):  # a write that reaches a size limit is cut short
+                    done += os.pwrite(fd, page[done:], offset + done) or len(page)
+                os.fsync(fd)
+            except OSError as failed:
+                errno = failed.errno
+            finally:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    probe.unlink()
+        return StoreWriteError(errno, target, str(e))
 
     def count(self) -> int:
         """PVs in the store."""
