@@ -5,6 +5,14 @@ replies; if the batch created or deleted PVs, it commits those to the
 autosave first (one transaction for the batch) and only then sends the
 replies, so a creation or deletion is durable before it is acknowledged.
 Changed values are flushed every ``autosave_period`` and on a clean stop.
+
+A store that cannot be written (a full disk, a file size limit) is a fault of
+its own: the values stay held in memory and the write is tried again every
+``autosave_period``.  Once it has failed for longer than that, the shard
+refuses puts with callback (it could not keep the promise of their
+acknowledgement) and tells the broker, in every PONG, so that its PVs carry an
+alarm; it all clears with the first write that succeeds.  Creations,
+deletions and field changes are refused while they cannot be made durable.
 """
 
 from __future__ import annotations
@@ -47,6 +55,12 @@ _STOP_DRAIN_MS = 50
 _POLLIN = int(zmq.POLLIN)
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
 EXIT_STORE_FAILED = 3
+#: Exit status of a shard that stopped with values it could not save.
+EXIT_UNSAVED = 4
+#: While the store cannot be written, how often the ERROR is said again (seconds).
+STORE_ERROR_REPEAT = 60.0
+#: Most PV names one log line lists.
+_NAMES_LOGGED = 20
 
 
 class ShardServer:
@@ -77,6 +91,7 @@ class ShardServer:
         self._poller: zmq.Poller | None = None
         self._broker_seen = 0.0
         self._broker_alive = False
+        self._broker_peer: bytes | None = None
         self._out: list[tuple[bytes, Message]] = []
         # Values are written by a thread of their own, so that the loop goes on serving
         # during the write and its fsync; creations and deletions stay on the loop.
@@ -84,6 +99,16 @@ class ShardServer:
         self._saving: Future | None = None
         self._saving_names: list[str] = []
         self.status_path = config.run_dir / f"shard-{index}.json"
+        # The store's write state: the last write's error (None: it worked), since when
+        # (POSIX and monotonic time), and, once that is longer than autosave_period, why
+        # puts with callback are refused ("" while they are not).
+        self.store_error: Exception | None = None
+        self.store_failed_since: float | None = None
+        self._failed_at = 0.0
+        self._failures = 0
+        self._error_logged = 0.0
+        self.refusing = ""
+        self._status_due = False
 
     def load(self) -> None:
         """Take the PVs saved in the autosave."""
@@ -180,6 +205,7 @@ class ShardServer:
             log.warning("shard %d: dropped a malformed message: %s", self.index, e)
             return 0
         self._broker_seen = time.monotonic()
+        self._broker_peer = peer
         if not self._broker_alive:
             self._broker_alive = True
             log.info("shard %d: broker connected", self.index)
@@ -200,10 +226,7 @@ class ShardServer:
         elif op is Op.PUT:
             self._put(peer, msg)
         elif op is Op.PING:
-            self._reply(
-                peer,
-                Message(Op.PONG, req=msg.req, seq=self.store.seq, info={"pvs": len(self.store)}),
-            )
+            self._pong(peer, msg.req)
         elif op is Op.DELETE:
             try:
                 seq = self.store.delete(msg.name)
@@ -219,9 +242,17 @@ class ShardServer:
         else:
             log.warning("shard %d: unexpected operation %s dropped", self.index, op.name)
 
+    def _pong(self, peer: bytes, req: int) -> None:
+        info = {"pvs": len(self.store), "store_error": self.refusing}
+        self._reply(peer, Message(Op.PONG, req=req, seq=self.store.seq, info=info))
+
     def _put(self, peer: bytes, msg: Message) -> None:
         if msg.data is None:
             self._reject(peer, msg, "put without data")
+            return
+        if self.refusing and msg.info.get("callback"):
+            log.warning("refused put to %s (shard %d): %s", msg.name, self.index, self.refusing)
+            self._reject(peer, msg, self.refusing)
             return
         try:
             change = self.store.put(msg.name, msg.data, msg.stamp)
@@ -238,6 +269,8 @@ class ShardServer:
         try:
             if msg.data is None:
                 raise Rejected("put without data")
+            if self.refusing and msg.req:
+                raise Rejected(self.refusing)
             outcome = self.store.put(msg.name, msg.data, msg.stamp, create=False).seq
         except Rejected as e:
             outcome = e
@@ -247,7 +280,11 @@ class ShardServer:
         """A run of one-element WRITEs: each as ``_write`` takes it, column by column."""
         write = self.store.write_one
         values, stamps, reqs = run.values, run.stamps, run.reqs
+        refusing = self.refusing
         for k, name in enumerate(run.names):
+            if refusing and reqs[k]:
+                self._written(peer, name, reqs[k], Rejected(refusing))
+                continue
             try:
                 outcome = write(name, values[k : k + 1], stamps[k])
             except Rejected as e:
@@ -339,7 +376,8 @@ class ShardServer:
                 ),
             )
             n += 1
-        self._reply(peer, Message(Op.SNAPSHOT_END, req=req, seq=self.store.seq, info={"pvs": n}))
+        info = {"pvs": n, "store_error": self.refusing}
+        self._reply(peer, Message(Op.SNAPSHOT_END, req=req, seq=self.store.seq, info=info))
         log.info("shard %d: sent a snapshot of %d PVs at seq %d", self.index, n, self.store.seq)
 
     # -- durability -------------------------------------------------------------
@@ -356,6 +394,7 @@ class ShardServer:
         try:
             self.db.save(upserts, deletes)
         except (sqlite3.Error, OSError) as e:
+            self._store_failed(e, quiet=True)  # the line below says it
             names = set(self.store.rollback_unsaved())
             log.error(
                 "shard %d: cannot save %d creations/deletions to %s (%s); refusing them",
@@ -380,6 +419,7 @@ class ShardServer:
                 for peer, msg in self._out
             ]
             return
+        self._store_written()
         self.store.committed()
 
     def flush(self) -> int:
@@ -394,8 +434,9 @@ class ShardServer:
         try:
             self.db.save(rows)
         except (sqlite3.Error, OSError) as e:
-            log.error("shard %d: autosave of %d values failed: %s", self.index, len(rows), e)
+            self._store_failed(e, f"autosave of {len(rows)} values failed")
             return 0
+        self._store_written()
         self.store.dirty.clear()
         return len(rows)
 
@@ -409,6 +450,10 @@ class ShardServer:
             return 0
         rows = self.store.dirty_rows(copy=True)
         if not rows:
+            if self.store_error is not None:
+                # Nothing waits, but the store failed: a small write tells when it heals.
+                self._saving_names = []
+                self._saving = self._autosave_thread().submit(self.db.check_writable)
             return 0
         self.store.dirty.clear()
         self._saving_names = [row[0] for row in rows]
@@ -439,11 +484,83 @@ class ShardServer:
         try:
             future.result()
         except (sqlite3.Error, OSError) as e:
-            names = self._saving_names
-            log.error("shard %d: autosave of %d values failed: %s", self.index, len(names), e)
-            self.store.dirty.update(names)
+            self.store.dirty.update(self._saving_names)
+            n = len(self._saving_names)
+            self._store_failed(e, f"autosave of {n} values failed" if n else "write check failed")
+        else:
+            self._store_written()
         self._saving_names = []
         return True
+
+    def _store_failed(self, error: Exception, what: str = "", quiet: bool = False) -> None:
+        """A write to the store failed: said at once (ERROR, with the errno and the file),
+        then again when the error changes or every STORE_ERROR_REPEAT seconds."""
+        now = time.monotonic()
+        self._failures += 1
+        first = self.store_error is None
+        changed = first or str(error) != str(self.store_error)
+        self.store_error = error
+        if first:
+            self.store_failed_since = time.time()
+            self._failed_at = now
+        else:
+            what = (
+                f"{what}; the store still cannot be written ({self._failures} failed writes "
+                f"in {now - self._failed_at:.0f} s)"
+            )
+        if self.refusing and changed:
+            self.refusing = self._refusal()
+            self._status_due = True
+        if quiet:
+            self._error_logged = now
+        elif changed or now - self._error_logged >= STORE_ERROR_REPEAT:
+            log.error(
+                "shard %d: %s: %s; %d values held, tried again every %g s",
+                self.index,
+                what,
+                error,
+                len(self.store.dirty),
+                self.config.autosave_period,
+            )
+            self._error_logged = now
+
+    def _refusal(self) -> str:
+        return f"the store of shard {self.index} cannot be written: {self.store_error}"
+
+    def _store_written(self) -> None:
+        """A write to the store succeeded: a fault it was in is over."""
+        if self.store_error is None:
+            return
+        log.warning(
+            "shard %d: the store %s can be written again, after %.1f s; puts with callback "
+            "are accepted again",
+            self.index,
+            self.db.path,
+            time.monotonic() - self._failed_at,
+        )
+        self.store_error = None
+        self.store_failed_since = None
+        self._failures = 0
+        self._error_logged = 0.0
+        if self.refusing:
+            self.refusing = ""
+            self._status_due = True
+
+    def _check_store(self, now: float) -> None:
+        """Refuse puts with callback once the store has failed for longer than the
+        autosave period (the promise behind their acknowledgement cannot be kept)."""
+        if self.refusing or self.store_error is None:
+            return
+        if now - self._failed_at <= self.config.autosave_period:
+            return
+        self.refusing = self._refusal()
+        self._status_due = True
+        log.error(
+            "shard %d: the store has not been written for %.1f s: puts with callback to its "
+            "PVs fail, and the PVs carry a WRITE alarm, until it can be",
+            self.index,
+            now - self._failed_at,
+        )
 
     def close_autosave(self) -> None:
         """Wait for a value write in flight and stop the autosave thread."""
@@ -465,11 +582,14 @@ class ShardServer:
                 "last_flush": self.db.last_flush if self.db else None,
                 "store_bytes": self.db.size() if self.db else None,
                 "store": str(self.db.path) if self.db else None,
+                "store_error": str(self.store_error) if self.refusing else None,
+                "store_failed_since": self.store_failed_since if self.refusing else None,
             },
         )
 
     def serve_once(self, timeout_ms: int = 100) -> int:
         """Handle one batch of messages: apply, commit, reply.  Returns how many."""
+        self._check_store(time.monotonic())
         if not self._poller.poll(timeout_ms):
             return 0
         n = 0
@@ -487,7 +607,8 @@ class ShardServer:
         self._send_replies()
         return n
 
-    def serve(self, stop: StopFlag) -> None:
+    def serve(self, stop: StopFlag) -> bool:
+        """Serve until ``stop``; False when the last flush left values unsaved."""
         next_status = 0.0
         next_flush = time.monotonic() + self.config.autosave_period
         next_copy = time.monotonic() + GOOD_COPY_INTERVAL
@@ -504,7 +625,12 @@ class ShardServer:
             if self._broker_alive and now - self._broker_seen > quiet_after:
                 self._broker_alive = False
                 log.warning("shard %d: broker went quiet", self.index)
-            if now >= next_status:
+            if self._status_due and self._broker_peer is not None:
+                # The store's state changed: the broker hears it now, not at the next PING.
+                self._pong(self._broker_peer, 0)
+                self._send_replies()
+            if now >= next_status or self._status_due:
+                self._status_due = False
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
         # What the broker sent before it stopped (it stops first) is applied and saved.
@@ -512,7 +638,22 @@ class ShardServer:
             pass
         n = self.flush()
         self.close_autosave()
+        if self.store.dirty:
+            names = sorted(self.store.dirty)
+            more = len(names) - _NAMES_LOGGED
+            log.error(
+                "shard %d: stopped with %d value%s not saved to %s (%s): %s%s",
+                self.index,
+                len(names),
+                "" if len(names) == 1 else "s",
+                self.db.path,
+                self.store_error,
+                ", ".join(names[:_NAMES_LOGGED]),
+                f" and {more} more" if more > 0 else "",
+            )
+            return False
         log.info("shard %d: flushed %d values on stop", self.index, n)
+        return True
 
 
 def run_shard(config: Config, index: int) -> int:
@@ -541,10 +682,10 @@ def run_shard(config: Config, index: int) -> int:
         return 1
     log.info("shard %d started (pid %d)", index, os.getpid())
     try:
-        server.serve(stop)
+        saved = server.serve(stop)
     finally:
         server.close()
         db.close()
         server.status_path.unlink(missing_ok=True)
     log.info("shard %d stopped", index)
-    return 0
+    return 0 if saved else EXIT_UNSAVED
