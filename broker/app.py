@@ -86,6 +86,9 @@ class Broker:
         self.links = [
             ShardLink(self.ctx, k, config.shard_endpoint(k), curve) for k in range(config.shards)
         ]
+        #: Per shard, why its store cannot be written ("" while it can), as its PONGs say:
+        #: puts with callback to its PVs fail, and the PVs carry a WRITE alarm.
+        self.store_errors = [""] * config.shards
         self.resolver = FieldResolver(config.prefix, config.fields)
         self.access_group = config.access_group if config.access_security else None
         self.pvs: dict = {}
@@ -273,6 +276,9 @@ class Broker:
         if not link.usable:
             log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
             return False
+        if notify is not None and self.store_errors[pv.shard]:
+            log.warning("put to %s failed: %s", pv.name, self.store_errors[pv.shard])
+            return False
         stamp = time.time()
         if link.live and pv.real and not pv.pending:
             data = pv.settled_put(data)
@@ -284,6 +290,8 @@ class Broker:
                 self._refuse(pv.name, why)
                 return False
         msg = Message(Op.PUT, pv.name, stamp=stamp, data=data)
+        if notify is not None:
+            msg.info = {"callback": 1}  # refused by a shard whose store cannot be written
         if not self._request(pv.shard, msg, pv, notify):
             log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
             return False
@@ -454,6 +462,7 @@ class Broker:
             self._finish(link, msg.req, True)
         elif op is Op.PONG:
             link.pvs = msg.info.get("pvs", link.pvs)
+            self._store_state(link, msg.info.get("store_error", ""))
         elif op is Op.SNAPSHOT_BEGIN:
             self._snapshots[link.index] = {}
         elif op is Op.SNAPSHOT:
@@ -510,13 +519,29 @@ class Broker:
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
             pv.apply(data, stamp, append=False)
         link.synced(end.epoch, end.seq, len(snap))
+        self._store_state(link, end.info.get("store_error", ""))
         log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)
 
     def _hello(self, link: ShardLink) -> None:
         if self._send_request(link, Op.HELLO):
             link.hello_sent()
 
+    def _store_state(self, link: ShardLink, error) -> None:
+        """Take what shard ``link`` says of its store; its PVs' alarms follow a change."""
+        error = error if isinstance(error, str) else "store error"
+        if error == self.store_errors[link.index]:
+            return
+        self.store_errors[link.index] = error
+        if error:
+            log.error("shard %d: %s; puts with callback to its PVs fail", link.index, error)
+        else:
+            log.warning("shard %d can write its store again", link.index)
+        for pv in self.pvs.values():
+            if pv.shard == link.index and pv.real:
+                pv.post(0)  # alarm change only: WRITE/MAJOR, or back
+
     def _link_down(self, link: ShardLink) -> None:
+        self.store_errors[link.index] = ""  # unknown until it answers again: COMM alarm
         for req in list(link.pending):
             self._finish(link, req, False)
         self._snapshots.pop(link.index, None)

@@ -211,6 +211,9 @@ class RelayPV(BasePV):
             return Alarm.UDF_ALARM, Severity.INVALID_ALARM
         if not self.broker.shard_live(self.shard):
             return Alarm.COMM_ALARM, Severity.INVALID_ALARM
+        if self.broker.store_errors[self.shard]:
+            # Its shard cannot write the value to its store (a full disk, say).
+            return Alarm.WRITE_ALARM, Severity.MAJOR_ALARM
         return self.limit_alarm
 
     def set_fields(self, stored: Mapping) -> None:
