@@ -15,11 +15,13 @@ import time
 from carelay.common.config import STATUS_INTERVAL, STOP_GRACE, Config, config_to_dict
 from carelay.common.lifecycle import StopFlag, write_status
 from carelay.shard.reshard import ReshardError, reshard
-from carelay.supervisor.watcher import Watcher, self_argv
+from carelay.supervisor.watcher import Watcher, describe_exit, self_argv
 
 log = logging.getLogger("carelay.supervisor")
 
 _LOOP_INTERVAL = 0.1
+#: Exit status of ``carelay up`` when a shard did not stop cleanly (values not saved).
+EXIT_UNCLEAN_STOP = 1
 
 
 class Supervisor:
@@ -85,10 +87,11 @@ class Supervisor:
                     next_status = now + STATUS_INTERVAL
                 time.sleep(_LOOP_INTERVAL)
         finally:
-            self.stop(stop.signal)
-        return 0
+            clean = self.stop(stop.signal)
+        return 0 if clean else EXIT_UNCLEAN_STOP
 
-    def stop(self, signum: int | None) -> None:
+    def stop(self, signum: int | None) -> bool:
+        """Stop every child; False when a shard's stop failed (it could not save values)."""
         name = signal.Signals(signum).name if signum else "exit"
         log.info("stopping on %s", name)
         # The broker first, and the shards once it is gone: clients see the relay go away
@@ -103,5 +106,9 @@ class Supervisor:
                 if not w.wait(start + grace):
                     log.warning("%s did not stop in %.1f s; killing it", w.name, grace)
                     w.kill()
+        failed = [w for w in shards if w.proc is not None and w.proc.returncode]
+        for w in failed:
+            log.error("%s stopped with %s", w.name, describe_exit(w.proc.returncode))
         self.status_path.unlink(missing_ok=True)
         log.info("stopped")
+        return not failed

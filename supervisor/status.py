@@ -50,6 +50,8 @@ def collect(config: Config) -> dict | None:
         # The store outlives the process: show its last flush and size even while it is down.
         proc["last_flush"] = own.get("last_flush") if own else None
         proc["store_bytes"] = own.get("store_bytes") if own else None
+        proc["store_error"] = own.get("store_error") if fresh else None
+        proc["store_failed_since"] = own.get("store_failed_since") if fresh else None
     return sup
 
 
@@ -82,6 +84,12 @@ def print_status(config: Config, out=sys.stdout) -> int:
             file=out,
         )
         ok = ok and p["state"] == "running"
+    for p in status["processes"]:
+        if p.get("store_error"):
+            since = _when(p.get("store_failed_since"))
+            error = p["store_error"]
+            print(f"{p['name']}: store cannot be written since {since}: {error}", file=out)
+            ok = False
     return 0 if ok else 3
 
 
