@@ -1,0 +1,289 @@
+"""A store that cannot be written: the error it gives, and what the shard does about it."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import resource
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from carelay.common.config import load_config
+from carelay.common.protocol import Message, Op, WriteRun, encode_batch
+from carelay.shard.persist import ShardDatabase, StoreWriteError
+from carelay.shard.server import ShardServer
+
+PREFIX = "U:"
+PERIOD = 0.5
+
+
+def _rows(*pairs) -> list:
+    return [(f"{PREFIX}{name}_f1", 1.0, np.array([value]), {}) for name, value in pairs]
+
+
+def _saved(path: Path) -> dict:
+    again = ShardDatabase(path)
+    try:
+        return {row.name: row.value.tolist() for row in again.open()}
+    finally:
+        again.close()
+
+
+class _FileSizeLimit:
+    """RLIMIT_FSIZE (soft) on this process at ``size`` bytes, for the ``with`` block."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __enter__(self):
+        self.old = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.size, self.old[1]))
+
+    def __exit__(self, *exc):
+        resource.setrlimit(resource.RLIMIT_FSIZE, self.old)
+
+
+def _wal_size(db: ShardDatabase) -> int:
+    return Path(f"{db.path}-wal").stat().st_size
+
+
+# -- the store: the real error, not "cannot rollback" ------------------------------------
+
+
+def test_a_write_past_the_file_size_limit_names_efbig_and_the_file(tmp_path):
+    db = ShardDatabase(tmp_path / "s.sqlite")
+    db.open()
+    try:
+        db.save(_rows(("a", 1.0)))
+        with _FileSizeLimit(_wal_size(db)), pytest.raises(StoreWriteError) as caught:
+            db.save(_rows(("a", 2.0), ("b", 3.0)))
+        e = caught.value
+        assert e.errno == errno.EFBIG
+        assert e.filename == f"{db.path}-wal"
+        assert "[Errno 27]" in str(e) and str(db.path) in str(e)
+        assert "rollback" not in str(e)
+        assert not list(tmp_path.glob("*.probe"))
+        # Nothing half-written, and the next write, with room again, goes through.
+        assert _saved(db.path) == {f"{PREFIX}a_f1": [1.0]}
+        db.save(_rows(("a", 2.0), ("b", 3.0)))
+        with _FileSizeLimit(_wal_size(db)), pytest.raises(StoreWriteError):
+            db.check_writable()
+        db.check_writable()
+    finally:
+        db.close()
+    assert _saved(db.path) == {f"{PREFIX}a_f1": [2.0], f"{PREFIX}b_f1": [3.0]}
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A small tmpfs (skipped where mount is not permitted)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(directory: Path) -> None:
+    with open(directory / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_a_write_to_a_full_disk_names_enospc(full_disk):
+    db = ShardDatabase(full_disk / "s.sqlite")
+    db.open()
+    try:
+        db.save(_rows(("a", 1.0)))
+        _fill(full_disk)
+        with pytest.raises(StoreWriteError) as caught:
+            db.save(_rows(*((f"n{k}", float(k)) for k in range(50))))
+        assert caught.value.errno == errno.ENOSPC
+        assert "No space left on device" in str(caught.value)
+        (full_disk / "filler").unlink()
+        db.save(_rows(("a", 2.0)))
+    finally:
+        db.close()
+    assert _saved(db.path) == {f"{PREFIX}a_f1": [2.0]}
+
+
+# -- the shard: held values, refusals, and the state it tells ---------------------------------
+
+
+def _server(tmp_path) -> ShardServer:
+    config = load_config(
+        prefix=PREFIX, shards=1, data_dir=str(tmp_path / "data"), autosave_period=PERIOD
+    )
+    config.run_dir.mkdir(parents=True)
+    server = ShardServer(config, 0, db=ShardDatabase(config.store_path(0)))
+    server.load()
+    return server
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = _server(tmp_path)
+    yield s
+    s.close_autosave()
+    s.db.close()
+
+
+def _handle(server: ShardServer, *msgs) -> list[Message]:
+    server.handle(b"b", encode_batch(list(msgs)))
+    server._commit()
+    out = [msg for _, msg in server._out]
+    server._out.clear()
+    return out
+
+
+def _write(name: str, value: float, req: int = 0) -> Message:
+    return Message(Op.WRITE, name, req=req, stamp=1.0, data=np.array([value]))
+
+
+def _broken(server, monkeypatch) -> StoreWriteError:
+    """Make every write to the store fail as a file size limit does."""
+    error = StoreWriteError(errno.EFBIG, Path(f"{server.db.path}-wal"), "disk I/O error")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(server.db, "save", fail)
+    monkeypatch.setattr(server.db, "check_writable", fail)
+    return error
+
+
+def _past_the_period(server) -> None:
+    """What the loop does at its next turn, once the autosave period has passed."""
+    server._check_store(time.monotonic() + PERIOD + 0.1)
+
+
+def test_a_failed_flush_holds_the_values_and_says_why_once(server, monkeypatch, caplog):
+    name = f"{PREFIX}a_f1"
+    assert _handle(server, Message(Op.PUT, name, req=1, data=np.array([1.0])))[0].op is Op.UPDATE
+    _broken(server, monkeypatch)
+    _handle(server, _write(name, 2.0))
+    with caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            server.flush_soon()
+            server._collect(wait=True)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, errors
+    assert "[Errno 27] File too large" in errors[0] and f"{server.db.path}-wal" in errors[0]
+    assert name in server.store.dirty
+    # Within the autosave period nothing is refused yet.
+    assert server.refusing == ""
+    assert _handle(server, _write(name, 3.0, req=5))[0].op is Op.ACK
+
+
+def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server, monkeypatch):
+    name, buffer = f"{PREFIX}a_f1", f"{PREFIX}b_F3"
+    _handle(
+        server,
+        Message(Op.PUT, name, req=1, data=np.array([1.0])),
+        Message(Op.PUT, buffer, req=2, data=np.array([1.0])),
+    )
+    _broken(server, monkeypatch)
+    _handle(server, _write(name, 2.0))
+    server.flush()
+    _past_the_period(server)
+    assert "cannot write" in server.refusing and "[Errno 27]" in server.refusing
+
+    # A WRITE with callback, alone or in a run, is refused and not applied: the broker
+    # gets the PV as it stands.  Plain ones are applied and held.
+    run = WriteRun(np.dtype("<f8"))
+    run.add(name, 7, 1.0, np.array([5.0]))
+    run.add(name, 0, 1.0, np.array([6.0]))
+    out = _handle(server, _write(name, 4.0, req=6), run)
+    assert [m.op for m in out] == [Op.REJECT, Op.UPDATE, Op.REJECT, Op.UPDATE]
+    assert out[0].reason == server.refusing and out[1].info.get("restate")
+    assert server.store.get(name).tolist() == [6.0]
+    # A PUT with callback is refused; a plain one (the broker's long way) is applied.
+    callback = Message(Op.PUT, buffer, req=8, info={"callback": 1}, data=np.array([2.0]))
+    plain = Message(Op.PUT, buffer, req=9, data=np.array([3.0]))
+    assert [m.op for m in _handle(server, callback, plain)] == [Op.REJECT, Op.UPDATE]
+    assert server.store.get(buffer).tolist() == [1.0, 3.0]
+    # A creation is refused with the real reason.
+    out = _handle(server, Message(Op.PUT, f"{PREFIX}new_f1", req=10, data=np.array([1.0])))
+    assert out[0].op is Op.REJECT and "[Errno 27]" in out[0].reason
+    # The broker hears it in every PONG, and carelay status in the status file.
+    (pong,) = _handle(server, Message(Op.PING, req=11))
+    assert pong.info["store_error"] == server.refusing
+    server._write_status()
+    status = json.loads(server.status_path.read_text())
+    assert "[Errno 27]" in status["store_error"]
+    assert status["store_failed_since"] <= time.time()
+    assert {name, buffer} <= server.store.dirty
+
+
+def test_when_the_store_heals_everything_clears_and_the_held_values_are_saved(server, monkeypatch):
+    name = f"{PREFIX}a_f1"
+    _handle(server, Message(Op.PUT, name, req=1, data=np.array([1.0])))
+    server.flush()
+    _broken(server, monkeypatch)
+    _handle(server, _write(name, 2.0))
+    server.flush()
+    _past_the_period(server)
+    assert server.refusing
+    monkeypatch.undo()
+    assert server.flush_soon() == 1
+    server._collect(wait=True)
+    assert server.store_error is None and server.refusing == ""
+    assert _saved(server.db.path) == {name: [2.0]}
+    (pong,) = _handle(server, Message(Op.PING, req=2))
+    assert pong.info["store_error"] == ""
+    server._write_status()
+    status = json.loads(server.status_path.read_text())
+    assert status["store_error"] is None and status["store_failed_since"] is None
+    assert _handle(server, _write(name, 3.0, req=3))[0].op is Op.ACK
+
+
+def test_with_nothing_held_a_small_write_tells_when_the_store_heals(server, monkeypatch):
+    _broken(server, monkeypatch)
+    out = _handle(server, Message(Op.PUT, f"{PREFIX}new_f1", req=1, data=np.array([1.0])))
+    assert out[0].op is Op.REJECT
+    assert server.store_error is not None and not server.store.dirty
+    server.flush_soon()  # tries the small write: it fails too
+    server._collect(wait=True)
+    assert server.store_error is not None
+    monkeypatch.undo()
+    server.flush_soon()
+    server._collect(wait=True)
+    assert server.store_error is None
+
+
+def test_a_stop_during_the_fault_names_the_values_it_could_not_save(server, monkeypatch, caplog):
+    names = [f"{PREFIX}v{k}_f1" for k in range(3)]
+    _handle(server, *(Message(Op.PUT, n, req=1, data=np.array([1.0])) for n in names))
+    server.flush()
+    _broken(server, monkeypatch)
+    _handle(server, *(_write(n, 2.0) for n in names))
+    server.bind()
+    try:
+        with caplog.at_level(logging.INFO):
+            assert server.serve(SimpleNamespace(stopping=True)) is False
+    finally:
+        server.close()
+    (line,) = [r.getMessage() for r in caplog.records if "not saved" in r.getMessage()]
+    assert "3 values not saved" in line and "[Errno 27]" in line
+    assert all(n in line for n in names)
+    assert "flushed" not in caplog.text
+    assert _saved(server.db.path) == {n: [1.0] for n in names}
