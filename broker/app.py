@@ -87,7 +87,8 @@ class Broker:
             ShardLink(self.ctx, k, config.shard_endpoint(k), curve) for k in range(config.shards)
         ]
         #: Per shard, why its store cannot be written ("" while it can), as its PONGs say:
-        #: puts with callback to its PVs fail, and the PVs carry a WRITE alarm.
+        #: its PVs carry a WRITE alarm, and puts with callback to them (which it refuses)
+        #: take the round trip.
         self.store_errors = [""] * config.shards
         self.resolver = FieldResolver(config.prefix, config.fields)
         self.access_group = config.access_group if config.access_security else None
@@ -276,11 +277,12 @@ class Broker:
         if not link.usable:
             log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
             return False
-        if notify is not None and self.store_errors[pv.shard]:
-            log.warning("put to %s failed: %s", pv.name, self.store_errors[pv.shard])
-            return False
         stamp = time.time()
-        if link.live and pv.real and not pv.pending:
+        # While the shard's store cannot be written, a put with callback takes the round
+        # trip: the shard refuses it (or applies it, if its store has just healed), and
+        # the mirror never shows a refused value.
+        faulted = notify is not None and self.store_errors[pv.shard]
+        if link.live and pv.real and not pv.pending and not faulted:
             data = pv.settled_put(data)
             if data is not None:
                 return self.write_through(link, pv, data, stamp, notify)
