@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
+#: Bytes of padding past which a status file rewritten in place is cut to its text.
+_STATUS_SLACK = 4096
 
 
 def setup_logging(level: str, role: str) -> logging.Logger:
@@ -65,9 +68,31 @@ class StopFlag:
 def write_status(path: Path, status: dict[str, Any]) -> None:
     """Replace ``path`` atomically with ``status`` as JSON."""
     status = {**status, "pid": os.getpid(), "written": time.time()}
+    text = json.dumps(status)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(status))
+        tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        # On a full disk the status must still tell (a store that cannot be written).
+        if e.errno in (errno.ENOSPC, errno.EDQUOT) and _rewrite_in_place(path, text):
+            return
         logging.getLogger("carelay").warning("cannot write status file %s: %s", path, e)
+
+
+def _rewrite_in_place(path: Path, text: str) -> bool:
+    """Overwrite ``path`` with ``text``, padded with spaces to its old length: the space
+    the file already has holds it, where a new file gets none.  Not atomic: a reader may
+    meet a torn file, and then reads again at the next write."""
+    data = text.encode()
+    try:
+        with open(path, "r+b") as f:
+            old = os.fstat(f.fileno()).st_size
+            f.write(data + b" " * (old - len(data)))
+            if old > len(data) + _STATUS_SLACK:
+                f.truncate(len(data))
+    except OSError:
+        return False
+    return True

@@ -16,15 +16,18 @@ non-zero, and loses nothing that was stored.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
 import signal
 import sqlite3
+import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 from caproto import AlarmSeverity, AlarmStatus, CaprotoError
 from caproto.threading.client import Context
 
@@ -239,3 +242,55 @@ def test_a_stop_during_the_fault_names_what_it_could_not_save_and_loses_nothing_
         assert read_time(pv_held)[:2] == (1.0, AlarmSeverity.NO_ALARM)
     finally:
         fresh.disconnect()
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+
+
+def _fill(directory: Path) -> Path:
+    """Take every free byte of the file system of ``directory``; returns the filler."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler
+
+
+def test_a_full_disk_is_reported_by_carelay_status_and_heals_when_space_comes_back(make_relay, ca):
+    relay = make_relay(shards=1, extra=FAST, start=False)
+    _mount_tmpfs(relay.data_dir, "4m")
+    try:
+        relay.start()
+        name = name_on_shard(relay, 0, "full")
+        (pv,) = connect(ca, name)
+        assert put_ok(pv, [1.0])
+        wait_stored(relay, name, 1.0)
+        filler = _fill(relay.data_dir)
+        pv.write([2.0], wait=False)
+        r = wait_for(
+            lambda: (lambda r: r if r.returncode == 3 else None)(relay.status()),
+            what="carelay status to exit 3",
+        )
+        assert "shard 0" in r.stdout and "No space left on device" in r.stdout, r.stdout
+        assert not put_ok(pv, [3.0])
+        filler.unlink()
+        wait_for(lambda: relay.status().returncode == 0, what="carelay status to exit 0")
+        wait_stored(relay, name, 2.0)
+        assert put_ok(pv, [4.0])
+        assert relay.stop() == 0
+    finally:
+        relay.stop()
+        subprocess.run(["umount", "-l", str(relay.data_dir)], check=False)
