@@ -48,19 +48,23 @@ Header fields:
 - ``dtype``, ``count``: numpy dtype string and element count of frame 2.
 
 Operations, broker to shard: HELLO (send me a snapshot), PUT (apply a value;
-creates the PV on its first put), WRITE (apply a put to an existing PV that
-the broker has already applied to its mirror: the shard answers only when
-``req`` is set, with ACK, or when it refuses the put, with REJECT followed by
-the PV as the shard holds it: an UPDATE with info "reset" and "restate", or a
-DELETED with info "restate"; a restatement is no change and carries the
-current ``seq``),
+creates the PV on its first put; info "callback" when a client waits for it,
+which a shard whose store cannot be written refuses), WRITE (apply a put to
+an existing PV that the broker has already applied to its mirror: the shard
+answers only when ``req`` is set, with ACK, or when it refuses the put, with
+REJECT followed by the PV as the shard holds it: an UPDATE with info "reset"
+and "restate", or a DELETED with info "restate"; a restatement is no change
+and carries the current ``seq``; a WRITE with ``req`` is refused while the
+shard's store cannot be written),
 DELETE, SET_FIELD (info: field, value; the field RES empties a buffer), PING.
 Shard to broker: UPDATE (an applied put: for a buffer the appended elements,
 else the whole value; info "reset" when a buffer was emptied first), ACK (a
 WRITE applied), FIELD (an applied field change, info: field, value),
 DELETED, REJECT (a refused request), SNAPSHOT_BEGIN, SNAPSHOT (one PV; info:
 fields), SNAPSHOT_END (with the sequence number the snapshot is consistent
-with), PONG.
+with), PONG.  SNAPSHOT_END and PONG carry info "store_error": why the shard's
+store cannot be written, "" while it can; a shard also sends a PONG of its own
+(``req`` 0) when that changes.
 
 The broker stamps a PUT or WRITE with the time it took the put (``stamp``);
 the shard keeps that stamp, so a value's time is the same in the broker's
