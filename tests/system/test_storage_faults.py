@@ -187,6 +187,7 @@ def test_an_unwritable_store_fails_puts_with_callback_and_raises_an_alarm_until_
     assert read_time(pv_before) == (1.5, AlarmSeverity.NO_ALARM, AlarmStatus.NO_ALARM)
     assert put_ok(new, [3.0])
     assert stored(relay, before) == 1.5
+    monitor.sub.clear()
 
     # A crash now (no last flush anywhere) keeps both: what was stored before the fault,
     # and the plain put held through it.
@@ -259,11 +260,10 @@ def _mount_tmpfs(path: Path, size: str) -> None:
 def _fill(directory: Path) -> Path:
     """Take every free byte of the file system of ``directory``; returns the filler."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError as e:
             assert e.errno == errno.ENOSPC, e
     return filler

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from carelay.common.config import load_config
+from carelay.common.lifecycle import write_status
 from carelay.common.protocol import Message, Op, WriteRun, encode_batch
 from carelay.shard.persist import ShardDatabase, StoreWriteError
 from carelay.shard.server import ShardServer
@@ -100,11 +101,10 @@ def full_disk(tmp_path):
 
 
 def _fill(directory: Path) -> None:
-    with open(directory / "filler", "wb") as f:
+    with open(directory / "filler", "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError as e:
             assert e.errno == errno.ENOSPC
 
@@ -287,3 +287,13 @@ def test_a_stop_during_the_fault_names_the_values_it_could_not_save(server, monk
     assert all(n in line for n in names)
     assert "flushed" not in caplog.text
     assert _saved(server.db.path) == {n: [1.0] for n in names}
+
+
+def test_a_status_file_on_a_full_disk_still_tells(full_disk):
+    path = full_disk / "shard-0.json"
+    write_status(path, {"store_error": None, "note": "x" * 100})
+    _fill(full_disk)
+    write_status(path, {"store_error": "cannot write: [Errno 28] No space left on device"})
+    status = json.loads(path.read_text())
+    assert status["store_error"].endswith("No space left on device")
+    assert not [p for p in full_disk.iterdir() if p.name.endswith(".tmp")]
