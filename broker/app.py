@@ -535,7 +535,7 @@ class Broker:
             return
         self.store_errors[link.index] = error
         if error:
-            log.error("shard %d: %s; puts with callback to its PVs fail", link.index, error)
+            log.warning("shard %d: %s; puts with callback to its PVs fail", link.index, error)
         else:
             log.warning("shard %d can write its store again", link.index)
         for pv in self.pvs.values():
