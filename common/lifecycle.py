@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
-#: Bytes of padding past which a status file rewritten in place is cut to its text.
-_STATUS_SLACK = 4096
 
 
 def setup_logging(level: str, role: str) -> logging.Logger:
@@ -89,10 +87,7 @@ def _rewrite_in_place(path: Path, text: str) -> bool:
     data = text.encode()
     try:
         with open(path, "r+b") as f:
-            old = os.fstat(f.fileno()).st_size
-            f.write(data + b" " * (old - len(data)))
-            if old > len(data) + _STATUS_SLACK:
-                f.truncate(len(data))
+            f.write(data.ljust(os.fstat(f.fileno()).st_size))
     except OSError:
         return False
     return True
