@@ -172,9 +172,12 @@ def test_an_unwritable_store_fails_puts_with_callback_and_raises_an_alarm_until_
     assert read_time(pv_before) == (1.5, AlarmSeverity.MAJOR_ALARM, AlarmStatus.WRITE)
     assert read_time(pv_during) == (2.5, AlarmSeverity.MAJOR_ALARM, AlarmStatus.WRITE)
     wait_for(lambda: monitor.saw(AlarmSeverity.MAJOR_ALARM), what="the alarm on the monitor")
-    # A creation is refused with the real reason; the other shard goes on as before.
-    (new,) = connect(ca, name_on_shard(relay, 0, "new"))
+    # A creation and a field change are refused, with the real reason; the other shard
+    # goes on as before.
+    (new, egu) = connect(ca, name_on_shard(relay, 0, "new"), f"{before}.EGU")
     assert not put_ok(new, [1.0])
+    assert not put_ok(egu, ["V"])
+    assert log_lines(relay, "refused", f"{before}:", "autosave failed", "[Errno 27]")
     assert put_ok(pv_other, [2.0])
     assert read_time(pv_other) == (2.0, AlarmSeverity.NO_ALARM, AlarmStatus.NO_ALARM)
 
