@@ -743,7 +743,7 @@ def test_damaged_store_without_a_sound_copy_refuses_and_shard_1_serves(
     damaged = store(relay).read_bytes()
     harm_copy(store(relay).with_name("shard-0.sqlite.good"))
 
-    # Not "ready:": the broker says it only after its startup timeout while a shard is down.
+    # Not "ready:": the broker says it only once every shard is in sync.
     mark = len(relay.log())
     relay.wait_ready = lambda start=0: relay.wait_log("shard 1 in sync", start=start)
     relay.start()
