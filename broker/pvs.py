@@ -83,6 +83,8 @@ class BasePV(cas.casPV):
         self._array = array
         self.interest = False
         self.attached = False
+        #: A put of this PV waits for its shard (Broker.park): later puts go after it.
+        self.waiting_put = False
         if broker.access_group:
             self.setAccessSecurityGroup(broker.access_group)
 
@@ -134,14 +136,16 @@ class BasePV(cas.casPV):
         """Whether the put was kept to wait for its shard, which is being restarted
         (Broker.put_waits); it then completes asynchronously, through ``resume``."""
         shard = self._shard_of(payload)
-        if shard is None or not self.broker.put_waits(shard):
+        if shard is None or self.hasAsyncWrite() or not self.broker.put_waits(shard):
             return False
         self.startAsyncWrite(context.ctx)
+        self.waiting_put = True
         self.broker.park(self, payload, notify, shard)
         return True
 
     def resume(self, payload, notify, go: bool) -> None:
         """Send on (``go``) or fail a put kept by ``_parked``."""
+        self.waiting_put = False
         try:
             ok = go and self._forward(payload, notify)
             if ok:
@@ -155,7 +159,7 @@ class BasePV(cas.casPV):
 
     @guarded(PUT_FAILED)
     def write(self, context, value):
-        if self.hasAsyncWrite():
+        if self.waiting_put:
             # A put waits for its shard: this one goes after it (the server retries it).
             return cas.S_casApp_postponeAsyncIO
         payload, status = self._accept(value)
@@ -492,7 +496,7 @@ class RelayPV(BasePV):
         """A put without callback.  A number put to a plain PV in sync with its live shard
         (the commonest put of all) takes the short way to the same outcome as the long one,
         ``BasePV.write``, which every other put takes."""
-        if self.plain and not self.pending and self.real and not self.hasAsyncWrite():
+        if self.plain and not self.pending and self.real and not self.waiting_put:
             link = self.broker.links[self.shard]
             if link.live:
                 x = scalar_number(value)

@@ -130,9 +130,13 @@ def test_a_put_during_a_short_shard_restart_waits_for_it(make_relay, ca):
     os.kill(role_pid(relay, "shard 0"), signal.SIGKILL)
     # The broker saw the shard go (COMM alarm): the put below arrives during the restart.
     wait_for(lambda: read_time(pv)[2] == AlarmStatus.COMM, interval=0.01, what="the COMM alarm")
+    # Puts without callback wait too, and go in the order they came.
+    pv.write([2.0], wait=False)
+    pv.write([2.25], wait=False)
     assert pv.write([2.5], wait=True, timeout=10).status.success
     relay.wait_log("shard 0 in sync", start=mark)
     assert read_time(pv) == ([2.5], AlarmSeverity.NO_ALARM, AlarmStatus.NO_ALARM)
+    assert "put to " not in relay.log()[mark:], "a put failed"
 
 
 def test_the_ready_line_names_the_real_tcp_port(make_relay, monkeypatch):
