@@ -122,6 +122,8 @@ class Broker:
         self.controls = {self.pvlist.name: self.pvlist, self.delpv.name: self.delpv}
         self.ready = False
         self.ca_port: int | None = None
+        #: The TCP ports the CA server listens on (see run_broker).
+        self.ca_ports: list[int] = []
         self.status_path = config.run_dir / "broker.json"
         #: Puts waiting for their shard to be back, in arrival order.
         self._parked: list[Parked] = []
@@ -691,7 +693,7 @@ class Broker:
         (PCAS takes another one when the configured port is taken)."""
         self.ready = True
         self._unserved.discard(None)
-        ports = listening_tcp_ports()
+        ports = self.ca_ports
         configured = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
             "EPICS_CA_SERVER_PORT", "5064"
         )
@@ -842,6 +844,8 @@ def run_broker(config: Config) -> int:
         log.error("broker cannot start: %s", e)
         return 3
     server = RelayServer(broker)
+    # Read now, while the CA server's are the only listening sockets of this process.
+    broker.ca_ports = listening_tcp_ports()
     log.info("broker started (pid %d), prefix %s", os.getpid(), config.prefix)
     try:
         broker.run(stop)
