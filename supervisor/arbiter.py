@@ -126,6 +126,8 @@ class Supervisor:
     def stop(self, signum: int | None) -> None:
         name = signal.Signals(signum).name if signum else "exit"
         log.info("stopping on %s", name)
+        if self.notify_socket:
+            sd_notify(self.notify_socket, "STOPPING=1")
         # The broker first, and the shards once it is gone: clients see the relay go away
         # before the data does, and the broker's last puts reach shards still serving.
         # A broker that hangs gets half the grace period, so the shards keep time to save.
