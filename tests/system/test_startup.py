@@ -153,6 +153,24 @@ def test_a_put_during_a_short_shard_restart_waits_for_it(make_relay, ca):
     assert "put to " not in relay.log()[mark:], "a put failed"
 
 
+@pytest.mark.slow
+def test_a_put_fails_once_the_grace_is_over_and_is_never_applied(make_relay, ca):
+    relay = make_relay(shards=2)
+    pv = connected(ca, name_on_shard(relay, 0, "late"))
+    assert pv.write([1.5], wait=True, timeout=5).status.success
+    shard0 = role_pid(relay, "shard 0")
+    mark = len(relay.log())
+    os.kill(shard0, signal.SIGSTOP)  # alive but silent: the link goes down, nothing restarts
+    try:
+        wait_for(lambda: read_time(pv)[2] == AlarmStatus.COMM, what="the COMM alarm")
+        assert not pv.write([2.5], wait=True, timeout=10).status.success
+        relay.wait_log(f"put to {pv.name} failed: shard 0 unreachable", start=mark)
+    finally:
+        os.kill(shard0, signal.SIGCONT)
+    relay.wait_log("shard 0 in sync", start=mark)
+    assert read_time(pv) == ([1.5], AlarmSeverity.NO_ALARM, AlarmStatus.NO_ALARM)
+
+
 def test_the_ready_line_names_the_real_tcp_port(make_relay, monkeypatch):
     port = free_port({CA_PORT})
     relay = make_relay(shards=1, start=False)
