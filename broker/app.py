@@ -22,8 +22,10 @@ from pathlib import Path
 import zmq
 
 from carelay.broker.link import LinkState, ShardLink
+from carelay.broker.listening import listening_tcp_ports
 from carelay.common import fields
 from carelay.common.config import (
+    PUT_RECONNECT_GRACE,
     PUT_TIMEOUT,
     READ_SYNC_TIMEOUT,
     STATUS_INTERVAL,
@@ -51,8 +53,6 @@ _TICK = 0.01
 _REFUSED_MEMORY = 10_000
 #: How long a stopping broker lets ZeroMQ send its last puts to the shards (ms).
 _STOP_LINGER = 1000
-#: How long the broker waits for every shard before it serves anyway (seconds).
-_STARTUP_SYNC_TIMEOUT = 15.0
 
 
 class Pending:
@@ -66,6 +66,19 @@ class Pending:
         self.shard = shard
         self.deadline = deadline
         self.notify = notify
+
+
+class Parked:
+    """A put that waits for its shard to be back (PUT_RECONNECT_GRACE)."""
+
+    __slots__ = ("pv", "payload", "notify", "shard", "deadline")
+
+    def __init__(self, pv, payload, notify, shard, deadline) -> None:
+        self.pv = pv
+        self.payload = payload
+        self.notify = notify
+        self.shard = shard
+        self.deadline = deadline
 
 
 class Broker:
@@ -112,7 +125,14 @@ class Broker:
         self.delpv = DelPvPV(self, config.delpv_name, config.max_name_length)
         self.controls = {self.pvlist.name: self.pvlist, self.delpv.name: self.delpv}
         self.ready = False
+        self.ca_port: int | None = None
+        #: The TCP ports the CA server listens on (see run_broker).
+        self.ca_ports: list[int] = []
         self.status_path = config.run_dir / "broker.json"
+        #: Puts waiting for their shard to be back, in arrival order.
+        self._parked: list[Parked] = []
+        #: Shards not in sync whose unanswered searches were logged (once each).
+        self._unserved: set[int] = set()
 
     # -- the PV table -----------------------------------------------------------
 
@@ -131,9 +151,17 @@ class Broker:
         log.warning("refused PV name %s: %s", name, why)
 
     def claims(self, name: str) -> bool:
-        """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest)."""
-        if name in self.pvs or name in self.controls or name in self.field_pvs:
+        """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest).
+
+        A name of a shard not in sync gets no answer: a stored PV must not be served as
+        a new, undefined one.  CA clients search again and find it once the shard is in
+        sync.  The control PVs, which span every shard, wait for them all at start."""
+        if name in self.pvs or name in self.field_pvs:
             return True
+        if name in self.controls:
+            if not self.ready:
+                self._not_in_sync(name, None)
+            return self.ready
         if not name.startswith(self.config.prefix):
             return False
         base, field = split_field(name)
@@ -148,6 +176,11 @@ class Broker:
             self._refuse(name, f"{why} {field}")
             return False
         base_pv = self.pvs.get(base)
+        if base_pv is None:
+            shard = shard_for(base, c.shards)
+            if not self.links[shard].live:
+                self._not_in_sync(name, shard)
+                return False
         if base_pv is None or not (base_pv.real or base_pv.creating):
             why = self._over_limits(spec)
             if why is not None:
@@ -155,12 +188,22 @@ class Broker:
                 return False
         return True
 
+    def _not_in_sync(self, name: str, shard: int | None) -> None:
+        """Log, once per shard until it is in sync, that a search went unanswered."""
+        if shard in self._unserved:
+            return
+        self._unserved.add(shard)
+        which = "every shard" if shard is None else f"shard {shard}"
+        log.info("search for %s not answered: %s not in sync yet", name, which)
+
     def attach(self, name: str):
         """The PV for ``name``, made provisional if new (pvAttach); None if not served."""
-        pv = self.controls.get(name) or self.pvs.get(name) or self.field_pvs.get(name)
+        pv = self.pvs.get(name) or self.field_pvs.get(name)
         if pv is None:
             if not self.claims(name):
                 return None
+            pv = self.controls.get(name)
+        if pv is None:
             base, field = split_field(name)
             if field is None or field == "VAL":
                 pv = self.pvs.get(base) or self._new_pv(base)
@@ -322,6 +365,7 @@ class Broker:
             log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
             return False
         pv.pending += 1
+        pv.deleting = True
         return True
 
     def _request(self, shard: int, msg: Message, pv=None, notify=None) -> bool:
@@ -405,6 +449,64 @@ class Broker:
                 return
             if link.sock.poll(timeout=min(left * 1000, 50)):
                 self._drain(link)
+
+    def wait_for_list_changes(self) -> None:
+        """Serve the shards until the creations and deletions in flight are answered
+        (bounded), so that a read of pvlist shows them."""
+        deadline = time.monotonic() + READ_SYNC_TIMEOUT
+        while True:
+            shards = {
+                pv.shard
+                for pv in self.pvs.values()
+                if pv.pending and (pv.creating or pv.deleting) and self.links[pv.shard].usable
+            }
+            if not shards:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("read of pvlist answered before shards %s confirmed it", shards)
+                return
+            for k in shards:
+                self._flush(self.links[k])
+            self._poll_shards(min(left * 1000, 50))
+
+    # -- puts that wait for their shard ----------------------------------------------
+
+    def put_waits(self, shard: int) -> bool:
+        """Whether a put for ``shard`` is to wait for it: its link is down, and went down
+        less than PUT_RECONNECT_GRACE ago (a shard being restarted)."""
+        link = self.links[shard]
+        return (
+            not link.usable
+            and link.ever_synced
+            and time.monotonic() < link.down_since + PUT_RECONNECT_GRACE
+        )
+
+    def park(self, pv, payload, notify, shard: int) -> None:
+        """Keep a put for ``shard`` until the shard is back or the grace is over; the PV
+        has started an asynchronous write, which ``pv.resume`` ends."""
+        link = self.links[shard]
+        self._parked.append(
+            Parked(pv, payload, notify, shard, link.down_since + PUT_RECONNECT_GRACE)
+        )
+
+    def _unpark(self, now: float) -> None:
+        """Send on the parked puts whose shard is back; fail those whose grace is over."""
+        waiting = []
+        for p in self._parked:
+            if self.links[p.shard].usable:
+                p.pv.resume(p.payload, p.notify, True)
+            elif now >= p.deadline:
+                log.warning(
+                    "put to %s failed: shard %d unreachable for %.1f s",
+                    p.pv.name,
+                    p.shard,
+                    PUT_RECONNECT_GRACE,
+                )
+                p.pv.resume(p.payload, p.notify, False)
+            else:
+                waiting.append(p)
+        self._parked = waiting
 
     # -- answers from shards -----------------------------------------------------
 
@@ -522,6 +624,7 @@ class Broker:
             pv.apply(data, stamp, append=False)
         link.synced(end.epoch, end.seq, len(snap))
         self._store_state(link, end.info.get("store_error", ""))
+        self._unserved.discard(link.index)
         log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)
 
     def _hello(self, link: ShardLink) -> None:
@@ -544,6 +647,7 @@ class Broker:
 
     def _link_down(self, link: ShardLink) -> None:
         self.store_errors[link.index] = ""  # unknown until it answers again: COMM alarm
+        link.down_since = time.monotonic()
         for req in list(link.pending):
             self._finish(link, req, False)
         self._snapshots.pop(link.index, None)
@@ -603,6 +707,7 @@ class Broker:
                 "role": "broker",
                 "pvs": self.n_real,
                 "ready": self.ready,
+                "ca_port": self.ca_port,
                 "shards": [
                     {"index": link.index, "state": link.state.value, "pvs": link.pvs}
                     for link in self.links
@@ -610,8 +715,29 @@ class Broker:
             },
         )
 
+    def _became_ready(self) -> None:
+        """Every shard is in sync: say so, with the CA port the server really listens on
+        (PCAS takes another one when the configured port is taken)."""
+        self.ready = True
+        self._unserved.discard(None)
+        ports = self.ca_ports
+        configured = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
+            "EPICS_CA_SERVER_PORT", "5064"
+        )
+        if not ports:
+            ports = [int(configured)] if configured.isdigit() else []
+        self.ca_port = ports[0] if ports else None
+        if ports and str(self.ca_port) != configured:
+            log.warning("CA port %s is taken; serving on %s", configured, self.ca_port)
+        log.info(
+            "ready: %d PVs, %d shards, prefix %s, CA port %s",
+            self.n_real,
+            len(self.links),
+            self.config.prefix,
+            ", ".join(map(str, ports)) or "unknown",
+        )
+
     def run(self, stop: StopFlag) -> None:
-        started = time.monotonic()
         next_status = next_tick = 0.0
         handled = 0
         while not stop.stopping:
@@ -633,8 +759,10 @@ class Broker:
                 if link.urgent or link.queued >= BATCH_MAX:
                     self._flush(link)
             handled = self._poll_shards(_BUSY_POLL_MS if waiting else 0)
-            self._graveyard.clear()
             now = time.monotonic()
+            if self._parked:
+                self._unpark(now)
+            self._graveyard.clear()
             if now < next_tick:
                 continue
             # Every _TICK, not every turn: a turn may carry only a few puts.
@@ -644,25 +772,17 @@ class Broker:
             self.pvlist.post_if_changed()
             if self._due_posts:
                 self._post_due(now)
-            if not self.ready and (
-                all(link.live for link in self.links) or now - started > _STARTUP_SYNC_TIMEOUT
-            ):
-                self.ready = True
-                port = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
-                    "EPICS_CA_SERVER_PORT", "5064"
-                )
-                log.info(
-                    "ready: %d PVs, %d shards, prefix %s, CA port %s",
-                    self.n_real,
-                    len(self.links),
-                    self.config.prefix,
-                    port,
-                )
+            if not self.ready and all(link.live for link in self.links):
+                self._became_ready()
+                next_status = now
             if now >= next_status:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
         # A clean stop: the puts still queued go to the shards, which stop after us.
         self._flush_queued()
+        for p in self._parked:
+            p.pv.resume(p.payload, p.notify, False)
+        self._parked.clear()
 
     def _flush_queued(self) -> None:
         """Send whatever is queued for each shard."""
@@ -751,6 +871,8 @@ def run_broker(config: Config) -> int:
         log.error("broker cannot start: %s", e)
         return 3
     server = RelayServer(broker)
+    # Read now, while the CA server's are the only listening sockets of this process.
+    broker.ca_ports = listening_tcp_ports()
     log.info("broker started (pid %d), prefix %s", os.getpid(), config.prefix)
     try:
         broker.run(stop)

@@ -77,6 +77,8 @@ class ShardLink:
         self._last_ping = 0.0
         self._connect_deadline = 0.0
         self.ever_synced = False
+        #: When the link last stopped being usable (monotonic): puts wait a grace from then.
+        self.down_since = 0.0
         #: WRITEs the mirror shows could not be sent: the link must resync.
         self.lost_writes = False
 

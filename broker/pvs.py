@@ -83,6 +83,8 @@ class BasePV(cas.casPV):
         self._array = array
         self.interest = False
         self.attached = False
+        #: A put of this PV waits for its shard (Broker.park): later puts go after it.
+        self.waiting_put = False
         if broker.access_group:
             self.setAccessSecurityGroup(broker.access_group)
 
@@ -126,11 +128,45 @@ class BasePV(cas.casPV):
     def _forwarded(self, payload) -> None:
         """Called once ``payload`` went on."""
 
+    def _shard_of(self, payload) -> int | None:
+        """The shard that ``payload`` goes to, if one."""
+        return None
+
+    def _parked(self, context, payload, notify) -> bool:
+        """Whether the put was kept to wait for its shard, which is being restarted
+        (Broker.put_waits); it then completes asynchronously, through ``resume``."""
+        shard = self._shard_of(payload)
+        if shard is None or self.hasAsyncWrite() or not self.broker.put_waits(shard):
+            return False
+        self.startAsyncWrite(context.ctx)
+        self.waiting_put = True
+        self.broker.park(self, payload, notify, shard)
+        return True
+
+    def resume(self, payload, notify, go: bool) -> None:
+        """Send on (``go``) or fail a put kept by ``_parked``."""
+        self.waiting_put = False
+        try:
+            ok = go and self._forward(payload, notify)
+            if ok:
+                self._forwarded(payload)
+        except Exception:
+            log.exception("%s: a waiting put failed", self.name)
+            ok = False
+        # A put with callback completes when its shard answers (notify); any other now.
+        if (notify is None or not ok) and self.hasAsyncWrite():
+            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
+
     @guarded(PUT_FAILED)
     def write(self, context, value):
+        if self.waiting_put:
+            # A put waits for its shard: this one goes after it (the server retries it).
+            return cas.S_casApp_postponeAsyncIO
         payload, status = self._accept(value)
         if payload is None:
             return status
+        if self._parked(context, payload, None):
+            return cas.S_casApp_asyncCompletion
         if not self._forward(payload, None):
             return PUT_FAILED
         self._forwarded(payload)
@@ -144,6 +180,8 @@ class BasePV(cas.casPV):
         payload, status = self._accept(value)
         if payload is None:
             return status
+        if self._parked(context, payload, self):
+            return cas.S_casApp_asyncCompletion
         self.startAsyncWrite(context.ctx)
         if self._forward(payload, self):
             self._forwarded(payload)
@@ -175,6 +213,7 @@ class RelayPV(BasePV):
         self.value = _zero(spec.dtype)
         self.pending = 0  # puts sent to the shard and not yet answered
         self.creating = False  # a first put is on its way: counted against the limits
+        self.deleting = False  # a delpv of it is on its way
         self.alarm = Alarm.UDF_ALARM
         self.severity = Severity.INVALID_ALARM
         self.numeric = spec.kind in "fi"
@@ -319,6 +358,7 @@ class RelayPV(BasePV):
     def forget(self) -> None:
         """The PV was deleted: back to provisional with no fields, and tell monitors."""
         self.real = False
+        self.deleting = False
         self.value = _zero(self.spec.dtype)
         if self.ring is not None:
             self.ring.clear()
@@ -459,7 +499,7 @@ class RelayPV(BasePV):
         """A put without callback.  A number put to a plain PV in sync with its live shard
         (the commonest put of all) takes the short way to the same outcome as the long one,
         ``BasePV.write``, which every other put takes."""
-        if self.plain and not self.pending and self.real:
+        if self.plain and not self.pending and self.real and not self.waiting_put:
             link = self.broker.links[self.shard]
             if link.live:
                 x = scalar_number(value)
@@ -482,6 +522,9 @@ class RelayPV(BasePV):
 
     def _forward(self, data, notify) -> bool:
         return self.broker.forward_put(self, data, notify)
+
+    def _shard_of(self, data) -> int:
+        return self.shard
 
 
 _ALARM_LIMITS = frozenset({"HIHI", "HIGH", "LOW", "LOLO"})
@@ -522,6 +565,11 @@ class FieldPV(BasePV):
 
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
+        pv = self.broker.pvs.get(self.base.name)
+        if pv is not None and pv.pending:
+            # A field change (or put) is on its way to the shard: answer after it, so that
+            # a client reads what it has just written (EPICS caput reads right after).
+            self.broker.wait_for_pending(pv)
         self._fill(value)
         return cas.S_casApp_success
 
@@ -557,6 +605,10 @@ class FieldPV(BasePV):
     def _forward(self, raw, notify) -> bool:
         return self.broker.forward_field(self.base.name, self.field, raw, notify)
 
+    def _shard_of(self, raw) -> int | None:
+        pv = self.broker.pvs.get(self.base.name)
+        return pv.shard if pv is not None and pv.real else None
+
 
 class PvListPV(BasePV):
     """``<prefix>pvlist``: every PV name, comma-separated, as a char array."""
@@ -575,6 +627,8 @@ class PvListPV(BasePV):
 
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
+        # Creations and deletions on their way are shown: a read right after them sees them.
+        self.broker.wait_for_list_changes()
         fill_gdd(self.spec, value, self._contents())
         value.setStatSevr(Alarm.NO_ALARM, Severity.NO_ALARM)
         value.setTimeStamp(cas.epicsTimeStamp())
@@ -622,6 +676,10 @@ class DelPvPV(BasePV):
 
     def _forward(self, name, notify) -> bool:
         return self.broker.forward_delete(name, notify)
+
+    def _shard_of(self, name) -> int | None:
+        pv = self.broker.pvs.get(name) if name else None
+        return pv.shard if pv is not None and pv.real else None
 
     def _forwarded(self, name) -> None:
         self.last = name.encode()

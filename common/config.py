@@ -42,6 +42,9 @@ RECONNECT_MAX = 5.0
 PUT_TIMEOUT = 5.0
 #: How long a CA read waits for puts in flight to that PV before it answers.
 READ_SYNC_TIMEOUT = 1.0
+#: How long after its shard's link went down a put still waits for the shard to be back
+#: (a restart) before it fails (seconds).
+PUT_RECONNECT_GRACE = 2.0
 #: Restart back-off of the supervisor (seconds), doubling up to the cap.
 RESTART_BACKOFF_INITIAL = 0.25
 RESTART_BACKOFF_MAX = 10.0

@@ -7,9 +7,11 @@ child within the grace period (SIGTERM, then SIGKILL).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import socket
 import time
 
 from carelay.common.config import STATUS_INTERVAL, STOP_GRACE, Config, config_to_dict
@@ -36,6 +38,10 @@ class Supervisor:
         self.watchers.append(Watcher("broker", [*base, "broker", *flags]))
         self.status_path = config.run_dir / "supervisor.json"
         self.started = time.monotonic()
+        # systemd's readiness socket (Type=notify): the supervisor alone speaks for the
+        # unit, so its children do not inherit it.
+        self.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
+        self._told_ready = False
 
     def _write_status(self, now: float) -> None:
         write_status(
@@ -47,6 +53,33 @@ class Supervisor:
                 "processes": [w.info(now) for w in self.watchers],
             },
         )
+
+    def _broker_ready(self) -> dict | None:
+        """The running broker's status once it says every shard is in sync, else None."""
+        broker = self.watchers[-1]
+        if broker.proc is None:
+            return None
+        try:
+            status = json.loads((self.config.run_dir / "broker.json").read_text())
+        except (OSError, ValueError):
+            return None
+        # A file left by an earlier broker does not count.
+        if not isinstance(status, dict) or status.get("pid") != broker.proc.pid:
+            return None
+        return status if status.get("ready") is True else None
+
+    def _tell_systemd_when_ready(self) -> None:
+        """Send READY=1 to $NOTIFY_SOCKET once the broker is ready (sd_notify)."""
+        status = self._broker_ready()
+        if status is None:
+            return
+        self._told_ready = True
+        text = (
+            f"READY=1\nSTATUS=serving {status.get('pvs', 0)} PVs on CA port {status.get('ca_port')}"
+        )
+        if not sd_notify(self.notify_socket, text):
+            return
+        log.info("told systemd the relay is ready")
 
     def run(self) -> int:
         stop = StopFlag()
@@ -82,6 +115,8 @@ class Supervisor:
                 now = time.monotonic()
                 for w in self.watchers:
                     w.check(now)
+                if self.notify_socket and not self._told_ready:
+                    self._tell_systemd_when_ready()
                 if now >= next_status:
                     self._write_status(now)
                     next_status = now + STATUS_INTERVAL
@@ -94,6 +129,8 @@ class Supervisor:
         """Stop every child; False when a shard's stop failed (it could not save values)."""
         name = signal.Signals(signum).name if signum else "exit"
         log.info("stopping on %s", name)
+        if self.notify_socket:
+            sd_notify(self.notify_socket, "STOPPING=1")
         # The broker first, and the shards once it is gone: clients see the relay go away
         # before the data does, and the broker's last puts reach shards still serving.
         # A broker that hangs gets half the grace period, so the shards keep time to save.
@@ -112,3 +149,17 @@ class Supervisor:
         self.status_path.unlink(missing_ok=True)
         log.info("stopped")
         return not failed
+
+
+def sd_notify(address: str, text: str) -> bool:
+    """Send ``text`` to systemd's notification socket ``address`` (a path, or an abstract
+    name starting with '@'); False, and one log line, if it cannot go."""
+    target = "\0" + address[1:] if address.startswith("@") else address
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(target)
+            sock.sendall(text.encode())
+    except OSError as e:
+        log.warning("cannot notify systemd at %s: %s", address, e)
+        return False
+    return True
