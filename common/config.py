@@ -54,6 +54,15 @@ RESTART_RESET_AFTER = 30.0
 STOP_GRACE = 3.0
 #: How often processes write their status file.
 STATUS_INTERVAL = 1.0
+#: A process whose status file is this many intervals old does not answer.
+STATUS_STALE_INTERVALS = 5
+#: Seconds a (re)started process may take before ``carelay status`` expects it to answer:
+#: its first status file, and the broker's link, which retries after up to RECONNECT_MAX.
+STARTUP_GRACE = (
+    RECONNECT_MAX
+    + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+    + STATUS_INTERVAL * STATUS_STALE_INTERVALS
+)
 #: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.
 CA_ARRAY_OVERHEAD = 16384
 #: Longest unix socket path (sun_path less a margin).
