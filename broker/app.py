@@ -621,6 +621,8 @@ class Broker:
                 all(link.live for link in self.links) or now - started > _STARTUP_SYNC_TIMEOUT
             ):
                 self.ready = True
+                # Status says so before the log does: who reads "ready:" may ask it at once.
+                self._write_status()
                 port = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
                     "EPICS_CA_SERVER_PORT", "5064"
                 )
