@@ -168,6 +168,17 @@ class Config:
         return f"ipc://{path}"
 
 
+def _numeric_host_ok(host: str) -> bool:
+    """A name whose last label is a number is an IPv4 address, and must be a valid one."""
+    if not host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+        return True
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def endpoint_problem(endpoint: str) -> str | None:
     """Why ``endpoint`` cannot link the broker to a shard, or None if it can.
 
@@ -196,7 +207,7 @@ def endpoint_problem(endpoint: str) -> str | None:
                 return "needs a port: tcp://HOST:PORT"
             if host == "*":
                 return "the broker connects to it too: name the shard's host, not '*'"
-            if not _HOSTNAME.fullmatch(host):
+            if not _HOSTNAME.fullmatch(host) or not _numeric_host_ok(host):
                 return f"{host!r} is not a host name or address"
         if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             return f"port {port!r} is not a number from 1 to 65535"
