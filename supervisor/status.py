@@ -90,6 +90,9 @@ def collect(config: Config) -> dict | None:
     sup["answering"] = since <= STALE_AFTER
     sup["uptime"] = sup.get("uptime", 0.0) + since
     procs = sup.get("processes", [])
+    for p in procs:
+        if p.get("state") == RUNNING:
+            p["uptime"] = p.get("uptime", 0.0) + since
     owns = {p["name"]: _read(status_path(run_dir, p["name"])) for p in procs}
     broker = next((p for p in procs if p["name"] == "broker"), None)
     broker_own = owns.get("broker")
@@ -104,8 +107,6 @@ def collect(config: Config) -> dict | None:
     for p in procs:
         own = owns[p["name"]]
         running = p.get("state") == RUNNING
-        if running:
-            p["uptime"] = p.get("uptime", 0.0) + since
         fresh = running and _fresh(own, p.get("pid"), now)
         p["pvs"] = own.get("pvs") if fresh else None
         # The store outlives the process: show its last flush and size even while it is down.
@@ -152,7 +153,7 @@ def collect(config: Config) -> dict | None:
         else:
             # Both must have had time to find each other (the broker's link retries
             # after at most RECONNECT_MAX).
-            young = young or broker["uptime"] + since < STARTUP_GRACE
+            young = young or broker["uptime"] < STARTUP_GRACE
             p["state"] = "starting" if young else "not answering"
             p["detail"] = f"the broker's link to it is {link or 'missing'}"
     return sup
