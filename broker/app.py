@@ -729,6 +729,8 @@ class Broker:
         self.ca_port = ports[0] if ports else None
         if ports and str(self.ca_port) != configured:
             log.warning("CA port %s is taken; serving on %s", configured, self.ca_port)
+        # Status says so before the log does: who reads "ready:" may ask it at once.
+        self._write_status()
         log.info(
             "ready: %d PVs, %d shards, prefix %s, CA port %s",
             self.n_real,
@@ -774,7 +776,6 @@ class Broker:
                 self._post_due(now)
             if not self.ready and all(link.live for link in self.links):
                 self._became_ready()
-                next_status = now
             if now >= next_status:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL

@@ -8,7 +8,10 @@ key and the problem, which the command line turns into exit status 2.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import math
 import os
+import re
 import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -54,10 +57,26 @@ RESTART_RESET_AFTER = 30.0
 STOP_GRACE = 3.0
 #: How often processes write their status file.
 STATUS_INTERVAL = 1.0
+#: A process whose status file is this many intervals old does not answer.
+STATUS_STALE_INTERVALS = 5
+#: Seconds a (re)started process may take before ``carelay status`` expects it to answer:
+#: its first status file, and the broker's link, which retries after up to RECONNECT_MAX.
+STARTUP_GRACE = (
+    RECONNECT_MAX
+    + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+    + STATUS_INTERVAL * STATUS_STALE_INTERVALS
+)
 #: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.
 CA_ARRAY_OVERHEAD = 16384
 #: Longest unix socket path (sun_path less a margin).
 _MAX_IPC_PATH = 100
+#: Longest unix socket path the kernel takes (sun_path is 108 bytes with its final NUL).
+_MAX_SUN_PATH = 107
+#: A DNS host name: dot-separated labels of letters, digits and inner hyphens.
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
+)
 #: Largest EPICS_CA_MAX_ARRAY_BYTES that PCAS starts with (a signed 32-bit size).
 _MAX_CA_ARRAY_BYTES = 2**31 - 1
 
@@ -152,6 +171,64 @@ class Config:
         return f"ipc://{path}"
 
 
+def _numeric_host_ok(host: str) -> bool:
+    """A name whose last label is a number is an IPv4 address, and must be a valid one."""
+    if not host.rstrip(".").rsplit(".", 1)[-1].isdigit():
+        return True
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """Why ``endpoint`` cannot link the broker to a shard, or None if it can.
+
+    The shard binds the endpoint and the broker connects to the very same
+    string, so it must name one place both can reach: ``tcp://HOST:PORT`` with
+    a host name or address (not ``*``) and a port from 1 to 65535, or
+    ``ipc://PATH``.  ``inproc://`` joins threads of one process, and the
+    broker and the shards are separate processes.
+    """
+    if endpoint.startswith("tcp://"):
+        rest = endpoint[len("tcp://") :]
+        if ";" in rest:
+            return "a tcp source address (HOST;HOST:PORT) is not supported"
+        if rest.startswith("["):
+            host, bracket, port = rest[1:].partition("]")
+            if not bracket or not port.startswith(":"):
+                return "an IPv6 address goes in brackets: tcp://[ADDRESS]:PORT"
+            port = port[1:]
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                return f"{host!r} is not an IPv6 address"
+        else:
+            host, colon, port = rest.rpartition(":")
+            if not colon:
+                return "needs a port: tcp://HOST:PORT"
+            if host == "*":
+                return "the broker connects to it too: name the shard's host, not '*'"
+            if not _HOSTNAME.fullmatch(host) or not _numeric_host_ok(host):
+                return f"{host!r} is not a host name or address"
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            return f"port {port!r} is not a number from 1 to 65535"
+        return None
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if not path or path == "*":
+            return "needs a socket path: ipc:///PATH"
+        if "\0" in path:
+            return "the path holds a NUL character"
+        if len(path.encode()) > _MAX_SUN_PATH:
+            return f"the path is longer than {_MAX_SUN_PATH} bytes, which unix sockets allow"
+        return None
+    if endpoint.startswith("inproc://"):
+        return "inproc:// joins threads of one process; shards are separate processes"
+    return "must be tcp://HOST:PORT or ipc://PATH"
+
+
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "prefix": str,
     "shards": int,
@@ -184,9 +261,13 @@ def _check(key: str, value: Any) -> Any:
         label = label or expected.__name__
         raise ConfigError(f"{key}: expected {label}, got {value!r}")
     if key == "prefix":
-        if not value or not value.isascii() or any(c.isspace() or c == "." for c in value):
+        if (
+            not value
+            or not value.isascii()
+            or any(c.isspace() or not c.isprintable() or c == "." for c in value)
+        ):
             raise ConfigError(
-                f"prefix: must be non-empty ASCII without spaces or '.', got {value!r}"
+                f"prefix: must be non-empty printable ASCII without spaces or '.', got {value!r}"
             )
     elif key == "shards" and not 1 <= value <= MAX_SHARDS:
         raise ConfigError(f"shards: must be from 1 to {MAX_SHARDS}, got {value}")
@@ -202,7 +283,7 @@ def _check(key: str, value: Any) -> Any:
         except FieldError as e:
             raise ConfigError(f"fields: {e}") from None
     elif key == "autosave_period":
-        if isinstance(value, bool) or not 0.01 <= value <= 3600:
+        if isinstance(value, bool) or math.isnan(value) or not 0.01 <= value <= 3600:
             raise ConfigError(f"autosave_period: must be from 0.01 to 3600 seconds, got {value!r}")
         value = float(value)
     elif key == "log_level":
@@ -212,15 +293,25 @@ def _check(key: str, value: Any) -> Any:
     elif key in ("data_dir", "keys_dir", "access_security"):
         if not str(value):
             raise ConfigError(f"{key}: must not be empty")
+        if "\0" in str(value):
+            raise ConfigError(f"{key}: the path holds a NUL character, got {str(value)!r}")
         value = Path(value)
         if key == "access_security" and not value.is_file():
             raise ConfigError(f"access_security: {value} is not a readable file")
     elif key == "access_group" and not (value and value.isascii() and value.isprintable()):
         raise ConfigError(f"access_group: must be a group name, got {value!r}")
     elif key == "endpoints":
-        for ep in value:
-            if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://")):
-                raise ConfigError(f"endpoints: each must be a tcp://, ipc:// string, got {ep!r}")
+        for k, ep in enumerate(value):
+            if not isinstance(ep, str):
+                raise ConfigError(f"endpoints: each must be a tcp:// or ipc:// string, got {ep!r}")
+            problem = endpoint_problem(ep)
+            if problem is not None:
+                raise ConfigError(f"endpoints: {ep!r} (shard {k}): {problem}")
+            if ep in value[:k]:
+                raise ConfigError(
+                    f"endpoints: {ep!r} is given for shards {value.index(ep)} and {k}; "
+                    "each shard needs its own"
+                )
         value = tuple(value)
     return value
 

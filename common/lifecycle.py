@@ -15,10 +15,41 @@ from pathlib import Path
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
+#: Longest last error line kept for the status file.
+_LAST_ERROR_CHARS = 500
+
+
+class LastError(logging.Handler):
+    """Keeps the process's last ERROR (or worse) log line, for its status file.
+
+    ``carelay status`` shows it, so that a failing process says why without
+    anyone searching the logs.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last: dict[str, Any] | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not hide the event
+            message = str(record.msg)
+        line = " ".join(message.split())[:_LAST_ERROR_CHARS]
+        self.last = {"time": record.created, "level": record.levelname, "message": line}
+
+
+#: The one LastError of this process (installed by setup_logging).
+last_error = LastError()
 
 
 def setup_logging(level: str, role: str) -> logging.Logger:
-    """One line per event on stderr, each naming the process role."""
+    """One line per event on stderr, each naming the process role.
+
+    Also keeps the last error line (``last_error``), which every status file
+    carries, and logs an uncaught exception as one such error before the
+    process dies of it.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         logging.Formatter(
@@ -26,9 +57,18 @@ def setup_logging(level: str, role: str) -> logging.Logger:
         )
     )
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler, last_error]
     root.setLevel(level)
-    return logging.getLogger(f"carelay.{role.split()[0]}")
+    log = logging.getLogger(f"carelay.{role.split()[0]}")
+
+    def crashed(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, exc, tb)
+            return
+        log.critical("%s crashed: %s: %s", role, kind.__name__, exc, exc_info=(kind, exc, tb))
+
+    sys.excepthook = crashed
+    return log
 
 
 #: Set by the supervisor in its children's environment: its own pid.
@@ -63,9 +103,20 @@ class StopFlag:
         self.signal = signum
 
 
+def status_path(run_dir: Path, role: str) -> Path:
+    """The status file of ``role`` ("supervisor", "broker", "shard 0", ...) in ``run_dir``."""
+    return run_dir / f"{role.replace(' ', '-')}.json"
+
+
 def write_status(path: Path, status: dict[str, Any]) -> None:
-    """Replace ``path`` atomically with ``status`` as JSON."""
-    status = {**status, "pid": os.getpid(), "written": time.time()}
+    """Replace ``path`` atomically with ``status`` as JSON, with this process's pid, the
+    time, and its last error line."""
+    status = {
+        **status,
+        "pid": os.getpid(),
+        "written": time.time(),
+        "last_error": last_error.last,
+    }
     text = json.dumps(status)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -91,3 +142,9 @@ def _rewrite_in_place(path: Path, text: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def write_last_words(path: Path, role: str, code: int) -> None:
+    """A process that exits with status ``code`` (not 0) leaves its last error in its
+    status file: it may never have written one, and ``carelay status`` shows it."""
+    write_status(path, {"role": role, "exit": code})

@@ -26,6 +26,13 @@ _LOOP_INTERVAL = 0.1
 EXIT_UNCLEAN_STOP = 1
 
 
+def configured_ca_port() -> str:
+    """The CA server port the broker is given (EPICS_CAS_SERVER_PORT, then the client's)."""
+    return (
+        os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get("EPICS_CA_SERVER_PORT") or "5064"
+    )
+
+
 class Supervisor:
     """One Watcher per shard and one for the broker."""
 
@@ -49,6 +56,9 @@ class Supervisor:
             {
                 "role": "supervisor",
                 "config": config_to_dict(self.config),
+                "data_dir": str(self.config.data_dir.resolve()),
+                # As the broker reads it; the broker's own status has the port it got.
+                "ca_port": configured_ca_port(),
                 "uptime": round(now - self.started, 1),
                 "processes": [w.info(now) for w in self.watchers],
             },

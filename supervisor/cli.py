@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from carelay.common.config import LOG_LEVELS, Config, ConfigError, load_config
 
@@ -45,8 +46,19 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(_flag(key), **options)
 
 
+def package_version() -> str:
+    """The installed carelay's version, from its package metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("carelay")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="carelay", description="EPICS Channel Access relay")
+    parser.add_argument("--version", action="version", version=f"carelay {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     up = sub.add_parser("up", help="start the relay: one broker and N shards, watched")
     _config_flags(up)
@@ -76,6 +88,22 @@ def child_args(args: argparse.Namespace) -> list[str]:
         if value is not None:
             out += [_flag(key), str(value)]
     return out
+
+
+def _run_role(config: Config, role: str, run: Callable[[], int]) -> int:
+    """Run a child role; when it fails, leave its last error where `carelay status` looks."""
+    from carelay.common.lifecycle import status_path, write_last_words
+
+    try:
+        code = run()
+    except Exception as e:
+        logging.getLogger(f"carelay.{role.split()[0]}").critical(
+            "%s crashed: %s: %s", role, type(e).__name__, e, exc_info=True
+        )
+        code = 1
+    if code:
+        write_last_words(status_path(config.run_dir, role), role, code)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.log_level, "broker")
         from carelay.broker.app import run_broker
 
-        return run_broker(config)
+        return _run_role(config, "broker", lambda: run_broker(config))
     if args.command == "shard":
         if args.index is None:
             args.index = args.index_flag
@@ -145,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(config.log_level, f"shard {args.index}")
         from carelay.shard.server import run_shard
 
-        return run_shard(config, args.index)
+        return _run_role(config, f"shard {args.index}", lambda: run_shard(config, args.index))
     setup_logging(config.log_level, "supervisor")
     from carelay.supervisor.arbiter import Supervisor
 

@@ -1,4 +1,12 @@
-"""``carelay status``: the processes of a running relay, from its status files."""
+"""``carelay status``: the processes of a running relay, from its status files.
+
+Every process rewrites its status file in ``data_dir/run`` each STATUS_INTERVAL;
+the supervisor's lists its children and the configuration the relay runs with.
+A child is "running" only while it answers: its own file is fresh and, for a
+shard, the broker's link to it is live.  A child that is alive but silent is
+"not answering".  Prefix, shard count and endpoints come from the running
+relay, not from the flags given to ``carelay status``.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +15,48 @@ import os
 import sqlite3
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
-from carelay.common.config import STATUS_INTERVAL, Config
+from carelay.common.config import (
+    STARTUP_GRACE,
+    STATUS_INTERVAL,
+    STATUS_STALE_INTERVALS,
+    Config,
+)
 from carelay.common.fields import split_field
+from carelay.common.lifecycle import status_path
 from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
+from carelay.supervisor.watcher import describe_exit
 
-#: A status file older than this many intervals belongs to a process that is gone.
-_STALE_INTERVALS = 5
+#: Exit statuses of ``carelay status``.
+EXIT_RUNNING = 0
+EXIT_NOT_RUNNING = 1
+EXIT_PROBLEM = 3
+#: Exit statuses of ``carelay status --pv NAME``.
+EXIT_PV_STORED = 0
+EXIT_PV_NOT_STORED = 1
+EXIT_PV_NOT_A_NAME = 2
+
+#: A status file older than this belongs to a process that does not answer.
+STALE_AFTER = STATUS_INTERVAL * STATUS_STALE_INTERVALS
+#: The one state that is all well.
+RUNNING = "running"
 
 
-def _read(path) -> dict | None:
+def _read(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
+def _alive(pid: Any) -> bool:
+    """Whether ``pid`` is a live carelay process (a pid reused by another program is not)."""
+    if not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
@@ -33,64 +64,181 @@ def _alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return b"carelay" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+
+
+def _fresh(own: dict | None, pid: Any, now: float) -> bool:
+    """``own`` was written by process ``pid`` within STALE_AFTER."""
+    return bool(own) and own.get("pid") == pid and now - own.get("written", 0) <= STALE_AFTER
 
 
 def collect(config: Config) -> dict | None:
-    """The supervisor's view merged with each child's own; None when no relay runs."""
-    sup = _read(config.run_dir / "supervisor.json")
+    """The supervisor's view merged with each child's own; None when no relay runs.
+
+    Each process gets ``state`` (its truth, see the module docstring), ``detail``
+    (why it is not running, or None) and ``last_error`` (its last error line).
+    """
+    run_dir = config.run_dir
+    sup = _read(run_dir / "supervisor.json")
     if sup is None or not _alive(sup.get("pid")):
         return None
-    fresh_after = time.time() - STATUS_INTERVAL * _STALE_INTERVALS
-    for proc in sup.get("processes", []):
-        role = proc["name"].replace(" ", "-")
-        own = _read(config.run_dir / f"{role}.json")
-        fresh = own and own.get("pid") == proc.get("pid") and own.get("written", 0) > fresh_after
-        proc["pvs"] = own.get("pvs") if fresh else None
+    now = time.time()
+    since = max(0.0, now - sup.get("written", now))
+    sup["answering"] = since <= STALE_AFTER
+    sup["uptime"] = sup.get("uptime", 0.0) + since
+    procs = sup.get("processes", [])
+    for p in procs:
+        if p.get("state") == RUNNING:
+            p["uptime"] = p.get("uptime", 0.0) + since
+    owns = {p["name"]: _read(status_path(run_dir, p["name"])) for p in procs}
+    broker = next((p for p in procs if p["name"] == "broker"), None)
+    broker_own = owns.get("broker")
+    broker_fresh = broker is not None and _fresh(broker_own, broker.get("pid"), now)
+    links = {}
+    if broker_fresh:
+        sup["ready"] = broker_own.get("ready")
+        links = {s.get("index"): s.get("state") for s in broker_own.get("shards", [])}
+        for key in ("ca_port",):
+            if broker_own.get(key) is not None:
+                sup[key] = broker_own[key]
+    for p in procs:
+        own = owns[p["name"]]
+        running = p.get("state") == RUNNING
+        fresh = running and _fresh(own, p.get("pid"), now)
+        p["pvs"] = own.get("pvs") if fresh else None
         # The store outlives the process: show its last flush and size even while it is down.
-        proc["last_flush"] = own.get("last_flush") if own else None
-        proc["store_bytes"] = own.get("store_bytes") if own else None
-        proc["store_error"] = own.get("store_error") if fresh else None
-        proc["store_failed_since"] = own.get("store_failed_since") if fresh else None
+        p["last_flush"] = own.get("last_flush") if own else None
+        p["store_bytes"] = own.get("store_bytes") if own else None
+        # The last words of a process that died, or the last error of one that runs.
+        p["last_error"] = own.get("last_error") if own else None
+        p["detail"] = None
+        if not running:
+            if p.get("last_exit") is not None:
+                p["detail"] = f"last exit: {describe_exit(p['last_exit'])}"
+            continue
+        if not _alive(p.get("pid")) or (own and own.get("pid") == p.get("pid") and "exit" in own):
+            # Gone since the supervisor last looked: it restarts it.
+            p["state"] = "restarting"
+            p["pid"] = p["pvs"] = None
+            if own and "exit" in own:
+                p["detail"] = f"last exit: {describe_exit(own['exit'])}"
+            continue
+        young = p["uptime"] < STARTUP_GRACE
+        if not fresh:
+            age = now - own["written"] if own and own.get("pid") == p.get("pid") else None
+            p["state"] = "starting" if young else "not answering"
+            p["detail"] = f"pid {p['pid']} is alive but has not written its status " + (
+                "yet" if age is None else f"for {_duration(age)}"
+            )
+            continue
+        if own.get("store_error"):
+            p["state"] = "store failing"
+            p["detail"] = f"store error: {own['store_error']}"
+            since_failed = own.get("store_failed_since")
+            if since_failed:
+                p["detail"] += f" (since {_when(since_failed)})"
+            continue
+        index = _shard_index(p["name"])
+        if index is None or not broker_fresh:
+            continue
+        link = links.get(index)
+        if link == "live":
+            continue
+        if link == "syncing":
+            p["state"] = "syncing"
+            p["detail"] = "the broker is taking its snapshot; its PVs are not served yet"
+        else:
+            # Both must have had time to find each other (the broker's link retries
+            # after at most RECONNECT_MAX).
+            young = young or broker["uptime"] < STARTUP_GRACE
+            p["state"] = "starting" if young else "not answering"
+            p["detail"] = f"the broker's link to it is {link or 'missing'}"
     return sup
 
 
+def _shard_index(name: str) -> int | None:
+    role, _, index = name.partition(" ")
+    return int(index) if role == "shard" and index.isdigit() else None
+
+
 def print_status(config: Config, out=sys.stdout) -> int:
-    """Print the process table; 0 while the relay runs, 1 when it does not."""
+    """Print the process table; EXIT_RUNNING while all answer, EXIT_NOT_RUNNING when no
+    relay runs, EXIT_PROBLEM when a process is down, failing or not answering."""
+    data_dir = config.data_dir.resolve()
     status = collect(config)
     if status is None:
-        print(f"carelay is not running (data directory {config.data_dir})", file=out)
-        return 1
+        print(f"carelay is not running: no relay runs on data directory {data_dir}", file=out)
+        return EXIT_NOT_RUNNING
+    procs = status.get("processes", [])
+    ok = status["answering"] and all(p["state"] == RUNNING for p in procs)
+    ready = {True: "broker ready", False: "broker starting"}.get(status.get("ready"))
     print(
-        f"carelay running: supervisor pid {status['pid']}, up {status['uptime']:.0f} s, "
-        f"prefix {status['config']['prefix']}",
+        ", ".join(
+            part
+            for part in (
+                f"carelay {'running' if ok else 'degraded'}: supervisor pid {status['pid']}",
+                f"up {_duration(status['uptime'])}",
+                f"prefix {status['config']['prefix']}",
+                f"CA port {status.get('ca_port', '?')}",
+                ready,
+                f"data directory {data_dir}",
+            )
+            if part
+        ),
         file=out,
     )
     print(
-        f"{'PROCESS':<10} {'PID':>8} {'STATE':<11} {'UPTIME':>9} {'RESTARTS':>8} {'PVS':>7} "
+        f"{'PROCESS':<10} {'PID':>8} {'STATE':<13} {'UPTIME':>12} {'RESTARTS':>8} {'PVS':>7} "
         f"{'LAST FLUSH':>19} {'STORE':>10}",
         file=out,
     )
-    ok = True
-    for p in status["processes"]:
+    for p in procs:
         pvs = "-" if p.get("pvs") is None else str(p["pvs"])
         pid = "-" if p.get("pid") is None else str(p["pid"])
+        up = _duration(p["uptime"]) if p.get("pid") is not None else "-"
         shard = p["name"].startswith("shard")
         flush = _when(p.get("last_flush")) if shard else ""
         store = _size(p.get("store_bytes")) if shard else ""
         print(
-            f"{p['name']:<10} {pid:>8} {p['state']:<11} {p['uptime']:>8.0f}s "
+            f"{p['name']:<10} {pid:>8} {p['state']:<13} {up:>12} "
             f"{p['restarts']:>8} {pvs:>7} {flush:>19} {store:>10}",
             file=out,
         )
-        ok = ok and p["state"] == "running"
-    for p in status["processes"]:
-        if p.get("store_error"):
-            since = _when(p.get("store_failed_since"))
-            error = p["store_error"]
-            print(f"{p['name']}: store cannot be written since {since}: {error}", file=out)
-            ok = False
-    return 0 if ok else 3
+    notes = []
+    if not status["answering"]:
+        notes.append("supervisor: not answering: its status file is stale")
+    for p in procs:
+        if p["state"] == RUNNING:
+            continue
+        if p.get("detail"):
+            notes.append(f"{p['name']}: {p['state']}: {p['detail']}")
+        error = p.get("last_error")
+        if error:
+            when = _when(error.get("time"))
+            notes.append(f"{p['name']}: last error at {when}: {error.get('message')}")
+    if notes:
+        print(file=out)
+        for line in notes:
+            print(line, file=out)
+    return EXIT_RUNNING if ok else EXIT_PROBLEM
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``5 min 3 s``, ``2 h 5 min``, ``3 d 4 h``."""
+    s = int(max(0.0, seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {s} s"
+    return f"{s} s"
 
 
 def _when(stamp: float | None) -> str:
@@ -111,22 +259,63 @@ def _size(n: float | None) -> str:
     return "-"
 
 
+def running_config(config: Config, status: dict) -> Config | None:
+    """``config`` with the prefix, limits, shard count and endpoints of the running relay;
+    None if its status file does not hold them."""
+    raw = status.get("config") or {}
+    try:
+        return replace(
+            config,
+            prefix=str(raw["prefix"]),
+            shards=int(raw["shards"]),
+            max_elements=int(raw["max_elements"]),
+            max_name_length=int(raw["max_name_length"]),
+            endpoints=tuple(raw.get("endpoints") or ()),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def print_owner(config: Config, name: str, out=sys.stdout) -> int:
-    """Which shard owns ``name``, and whether its store holds it (0), or not (1)."""
+    """Which shard owns ``name`` in the running relay (or, when none runs, under ``config``),
+    and whether its store holds it."""
+    status = collect(config)
+    running = running_config(config, status) if status is not None else None
+    note = ""
+    if running is not None:
+        config = running
+    elif status is None:
+        note = (
+            f" [no relay runs on data directory {config.data_dir.resolve()}: "
+            "prefix and shard count from the configuration given]"
+        )
+    else:
+        note = " [the running relay's status file lacks its configuration: from the one given]"
     base, _ = split_field(name)
     try:
         config.pv_spec(base)
     except InvalidPvName as e:
-        print(f"{name}: not a relay PV name: {e}", file=out)
-        return 2
+        print(f"{name}: not a relay PV name (prefix {config.prefix}): {e}{note}", file=out)
+        return EXIT_PV_NOT_A_NAME
     shard = shard_for(base, config.shards)
     held = _store_holds(config.store_path(shard), base)
     where = {True: "stored", False: "not stored", None: "store not readable"}[held]
-    print(f"{base}: shard {shard} of {config.shards} ({where})", file=out)
-    return 0 if held else 1
+    endpoint = _endpoint(config, status, shard)
+    print(
+        f"{base}: shard {shard} of {config.shards} ({where}), endpoint {endpoint}{note}", file=out
+    )
+    return EXIT_PV_STORED if held else EXIT_PV_NOT_STORED
 
 
-def _store_holds(path, name: str) -> bool | None:
+def _endpoint(config: Config, status: dict | None, shard: int) -> str:
+    """Where shard ``shard`` listens: as it says itself, else as configured."""
+    own = _read(status_path(config.run_dir, f"shard {shard}")) if status else None
+    if own and isinstance(own.get("endpoint"), str):
+        return own["endpoint"]
+    return config.shard_endpoint(shard)
+
+
+def _store_holds(path: Path, name: str) -> bool | None:
     if not path.exists():
         return False
     try:

@@ -53,7 +53,8 @@ PUT_TIMEOUT = 2.0
 SERVE_AGAIN_BOUND = 15.0
 
 STATUS_ROW = re.compile(
-    r"^(?P<name>shard \d+|broker)\s+(?P<pid>\d+|-)\s+(?P<state>\S+)\s+(?P<uptime>\d+)s"
+    r"^(?P<name>shard \d+|broker)\s+(?P<pid>\d+|-)\s+(?P<state>not answering|store failing|\S+)"
+    r"\s+(?P<uptime>-|\d+ s|\d+ min \d+ s|\d+ h \d+ min|\d+ d \d+ h)"
     r"\s+(?P<restarts>\d+)\s+(?P<pvs>\d+|-)"
     r"(?:\s+(?P<flush>never|-|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)"
     r"\s+(?P<store>-|[\d.]+ (?:B|KiB|MiB|GiB)))?"
@@ -118,7 +119,7 @@ def status_rows(relay) -> tuple[int, dict[str, dict]]:
         m = STATUS_ROW.match(line)
         if m:
             row = m.groupdict()
-            for key in ("pid", "uptime", "restarts", "pvs"):
+            for key in ("pid", "restarts", "pvs"):
                 row[key] = None if row[key] == "-" else int(row[key])
             rows[row.pop("name")] = row
     expected = {f"shard {k}" for k in range(relay.shards)} | {"broker"}

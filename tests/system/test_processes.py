@@ -22,8 +22,11 @@ from tests.system.clients import get, name_on_shard
 from tests.system.conftest import CARELAY, wait_for
 
 STOP_BOUND = 5.0  # seconds the issue allows for a clean stop, children included
+#: An uptime as status shows it: "42 s", "5 min 3 s", "2 h 5 min", "3 d 4 h", or "-".
+UPTIME = r"-|\d+ s|\d+ min \d+ s|\d+ h \d+ min|\d+ d \d+ h"
 ROW = re.compile(
-    r"^(?P<name>shard \d+|broker)\s+(?P<pid>\d+|-)\s+(?P<state>\S+)\s+(?P<uptime>\d+)s"
+    r"^(?P<name>shard \d+|broker)\s+(?P<pid>\d+|-)\s+(?P<state>not answering|store failing|\S+)"
+    rf"\s+(?P<uptime>{UPTIME})"
     r"\s+(?P<restarts>\d+)\s+(?P<pvs>\d+|-)"
     r"(?:\s+(?P<flush>never|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)"
     r"\s+(?P<store>-|[\d.]+ (?:B|KiB|MiB|GiB)))?"
@@ -39,19 +42,30 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+def uptime_seconds(text: str) -> int | None:
+    """Seconds of an uptime as status shows it, to the unit shown; None for "-"."""
+    if text == "-":
+        return None
+    unit = {"d": 86400, "h": 3600, "min": 60, "s": 1}
+    words = text.split()
+    return sum(int(n) * unit[u] for n, u in zip(words[::2], words[1::2], strict=True))
+
+
 def status_rows(relay, codes=(0,)) -> dict[str, dict]:
     """``carelay status`` as {"shard 0": {"pid": ..., "state": ..., ...}}; asserts its exit
     status is one of ``codes`` (0: all running, 3: one is down)."""
     r = relay.status()
     assert r.returncode in codes, f"status exited {r.returncode}: {r.stdout}{r.stderr}"
     rows = {}
-    for line in r.stdout.splitlines()[2:]:
+    # The table ends at the first blank line; notes on processes that are not running follow.
+    for line in r.stdout.split("\n\n")[0].splitlines()[2:]:
         m = ROW.match(line)
         assert m, f"unexpected status line {line!r} in:\n{r.stdout}"
         if m:
             row = m.groupdict()
-            for key in ("pid", "uptime", "restarts", "pvs"):
+            for key in ("pid", "restarts", "pvs"):
                 row[key] = None if row[key] == "-" else int(row[key])
+            row["uptime"] = uptime_seconds(row["uptime"])
             rows[row.pop("name")] = row
     return rows
 

@@ -1,0 +1,70 @@
+"""The last error line every process keeps for its status file (carelay.common.lifecycle)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from carelay.common import lifecycle
+
+
+@pytest.fixture
+def logged():
+    """setup_logging as a child process does it; the root logger and hook put back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    hook = __import__("sys").excepthook
+    lifecycle.last_error.last = None
+    log = lifecycle.setup_logging("INFO", "shard 3")
+    yield log
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    __import__("sys").excepthook = hook
+    lifecycle.last_error.last = None
+
+
+def test_status_file_carries_the_last_error_line(logged, tmp_path):
+    path = lifecycle.status_path(tmp_path, "shard 3")
+    assert path.name == "shard-3.json"
+    lifecycle.write_status(path, {"role": "shard 3"})
+    assert json.loads(path.read_text())["last_error"] is None
+
+    logged.warning("a warning is not an error")
+    logged.error("shard %d: first\nproblem", 3)
+    logged.error("shard %d: cannot start: %s", 3, "store damaged")
+    logged.info("an info line after it")
+    lifecycle.write_status(path, {"role": "shard 3", "pvs": 1})
+    status = json.loads(path.read_text())
+    assert status["pid"] == os.getpid() and status["pvs"] == 1
+    assert status["last_error"]["message"] == "shard 3: cannot start: store damaged"
+    assert status["last_error"]["level"] == "ERROR"
+
+
+def test_error_lines_are_one_line_and_bounded(logged):
+    logged.error("a\nb\r\nc %s", "x" * 10_000)
+    message = lifecycle.last_error.last["message"]
+    assert "\n" not in message and message.startswith("a b c x")
+    assert len(message) <= 500
+
+
+def test_last_words_of_a_failed_process(logged, tmp_path):
+    logged.error("shard 3: cannot listen on tcp://127.0.0.1:1: address in use")
+    path = lifecycle.status_path(tmp_path, "shard 3")
+    lifecycle.write_last_words(path, "shard 3", 1)
+    status = json.loads(path.read_text())
+    assert status["exit"] == 1
+    assert "cannot listen" in status["last_error"]["message"]
+
+
+def test_an_uncaught_exception_is_logged_as_the_last_error(logged):
+    import sys
+
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        sys.excepthook(*sys.exc_info())
+    assert lifecycle.last_error.last["message"] == "shard 3 crashed: RuntimeError: boom"
+    assert lifecycle.last_error.last["level"] == "CRITICAL"

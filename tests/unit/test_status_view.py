@@ -1,0 +1,171 @@
+"""``carelay status`` from made-up status files: which state each process gets, and why.
+
+The processes are stand-ins (a sleeping Python whose command line names carelay), so
+the rules run without a relay.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from carelay.common.config import STARTUP_GRACE, load_config
+from carelay.supervisor.status import (
+    EXIT_NOT_RUNNING,
+    EXIT_PROBLEM,
+    EXIT_RUNNING,
+    STALE_AFTER,
+    _duration,
+    collect,
+    print_status,
+)
+
+OLD = STARTUP_GRACE + 60.0
+
+
+@pytest.fixture
+def pids():
+    """Three live processes whose command line names carelay: supervisor, shard 0, broker."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "carelay", role])
+        for role in ("up", "shard", "broker")
+    ]
+    for p in procs:  # until each has exec'd: before, /proc shows our own command line
+        deadline = time.monotonic() + 10
+        while b"carelay" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in process did not start"
+            time.sleep(0.01)
+    yield [p.pid for p in procs]
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def write(path: Path, **status) -> None:
+    path.write_text(json.dumps(status))
+
+
+def relay_files(run: Path, pids, *, link="live", shard_age=0.0, uptime=OLD, shard=None, **sup):
+    sup_pid, shard_pid, broker_pid = pids
+    now = time.time()
+    procs = [
+        {"name": "shard 0", "pid": shard_pid, "state": "running", "uptime": uptime, "restarts": 0},
+        {"name": "broker", "pid": broker_pid, "state": "running", "uptime": uptime, "restarts": 0},
+    ]
+    write(
+        run / "supervisor.json",
+        pid=sup_pid,
+        written=now,
+        uptime=OLD,
+        config={"prefix": "X:", "shards": 1, "max_elements": 10, "max_name_length": 64},
+        processes=procs,
+        **sup,
+    )
+    write(
+        run / "broker.json",
+        pid=broker_pid,
+        written=now,
+        ready=True,
+        ca_port=5999,
+        shards=[{"index": 0, "state": link}],
+    )
+    write(run / "shard-0.json", pid=shard_pid, written=now - shard_age, pvs=3, **(shard or {}))
+
+
+@pytest.fixture
+def config(tmp_path):
+    config = load_config(data_dir=str(tmp_path / "data"), shards=1)
+    config.run_dir.mkdir(parents=True)
+    return config
+
+
+def states(config) -> dict[str, str]:
+    return {p["name"]: p["state"] for p in collect(config)["processes"]}
+
+
+def shown(config) -> tuple[int, str]:
+    out = io.StringIO()
+    return print_status(config, out), out.getvalue()
+
+
+def test_all_answering_is_running(config, pids):
+    relay_files(config.run_dir, pids)
+    assert states(config) == {"shard 0": "running", "broker": "running"}
+    code, text = shown(config)
+    assert code == EXIT_RUNNING
+    assert text.startswith("carelay running:") and "CA port 5999" in text, text
+    assert f"data directory {config.data_dir.resolve()}" in text
+
+
+def test_a_stale_status_file_is_not_answering(config, pids):
+    relay_files(config.run_dir, pids, shard_age=STALE_AFTER + 2)
+    assert states(config)["shard 0"] == "not answering"
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM
+    assert "shard 0: not answering: pid" in text, text
+
+
+@pytest.mark.parametrize("link", ["down", "connecting"])
+def test_a_shard_the_broker_cannot_reach_is_not_answering(config, pids, link):
+    relay_files(config.run_dir, pids, link=link)
+    assert states(config)["shard 0"] == "not answering"
+    assert shown(config)[0] == EXIT_PROBLEM
+
+
+def test_a_young_process_is_starting_not_failing(config, pids):
+    relay_files(config.run_dir, pids, link="connecting", uptime=1.0)
+    assert states(config)["shard 0"] == "starting"
+    assert shown(config)[0] == EXIT_PROBLEM
+
+
+def test_a_syncing_shard_is_not_yet_up(config, pids):
+    relay_files(config.run_dir, pids, link="syncing")
+    assert states(config)["shard 0"] == "syncing"
+    assert shown(config)[0] == EXIT_PROBLEM
+
+
+def test_a_store_error_is_shown(config, pids):
+    relay_files(config.run_dir, pids, shard={"store_error": "disk I/O error"})
+    assert states(config)["shard 0"] == "store failing"
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM and "store error: disk I/O error" in text, text
+
+
+def test_a_failing_process_shows_its_exit_and_last_error(config, pids):
+    relay_files(config.run_dir, pids)
+    sup = json.loads((config.run_dir / "supervisor.json").read_text())
+    sup["processes"][0].update(state="failing", pid=None, last_exit=3)
+    (config.run_dir / "supervisor.json").write_text(json.dumps(sup))
+    error = {"time": time.time(), "level": "ERROR", "message": "shard 0: cannot start: damaged"}
+    write(config.run_dir / "shard-0.json", pid=12345678, written=0, exit=3, last_error=error)
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM
+    assert "shard 0: failing: last exit: exit status 3" in text, text
+    assert "shard 0: last error at " in text and text.rstrip().endswith("cannot start: damaged")
+
+
+def test_no_supervisor_is_not_running(config, pids):
+    code, text = shown(config)
+    assert code == EXIT_NOT_RUNNING
+    assert f"no relay runs on data directory {config.data_dir.resolve()}" in text
+    # A status file left by a supervisor that is gone, or whose pid another program has.
+    relay_files(config.run_dir, pids)
+    sup = json.loads((config.run_dir / "supervisor.json").read_text())
+    for pid in (2**22 + 1, 1):
+        sup["pid"] = pid
+        (config.run_dir / "supervisor.json").write_text(json.dumps(sup))
+        assert shown(config)[0] == EXIT_NOT_RUNNING
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0 s"), (59.9, "59 s"), (61, "1 min 1 s"), (7500, "2 h 5 min"), (273605, "3 d 4 h")],
+)
+def test_uptime_reads_as_people_write_it(seconds, text):
+    assert _duration(seconds) == text
