@@ -129,6 +129,8 @@ class Broker:
         #: The TCP ports the CA server listens on (see run_broker).
         self.ca_ports: list[int] = []
         self.status_path = config.run_dir / "broker.json"
+        #: A link changed state: the status file is written at the next tick.
+        self.status_due = False
         #: Puts waiting for their shard to be back, in arrival order.
         self._parked: list[Parked] = []
         #: Shards not in sync whose unanswered searches were logged (once each).
@@ -623,6 +625,7 @@ class Broker:
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
             pv.apply(data, stamp, append=False)
         link.synced(end.epoch, end.seq, len(snap))
+        self.status_due = True  # `carelay status` learns of the link at once, not in 1 s
         self._store_state(link, end.info.get("store_error", ""))
         self._unserved.discard(link.index)
         log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)
@@ -646,6 +649,7 @@ class Broker:
                 pv.post(0)  # alarm change only: WRITE/MAJOR, or back
 
     def _link_down(self, link: ShardLink) -> None:
+        self.status_due = True
         self.store_errors[link.index] = ""  # unknown until it answers again: COMM alarm
         link.down_since = time.monotonic()
         for req in list(link.pending):
@@ -701,6 +705,7 @@ class Broker:
         return n
 
     def _write_status(self) -> None:
+        self.status_due = False
         write_status(
             self.status_path,
             {
@@ -776,7 +781,7 @@ class Broker:
                 self._post_due(now)
             if not self.ready and all(link.live for link in self.links):
                 self._became_ready()
-            if now >= next_status:
+            if now >= next_status or self.status_due:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
         # A clean stop: the puts still queued go to the shards, which stop after us.
