@@ -24,6 +24,7 @@ import zmq
 from carelay.broker.link import LinkState, ShardLink
 from carelay.common import fields
 from carelay.common.config import (
+    EXPIRY_MARGIN,
     PUT_TIMEOUT,
     READ_SYNC_TIMEOUT,
     STATUS_INTERVAL,
@@ -34,6 +35,7 @@ from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.naming import InvalidPvName
 from carelay.common.protocol import BATCH_MAX, Message, Op, WriteRun
+from carelay.common.runlock import run_token
 from carelay.common.sharding import shard_for
 
 log = logging.getLogger("carelay.broker")
@@ -71,10 +73,14 @@ class Pending:
 class Broker:
     """The PV table, the shard links and the loop that joins them to CA."""
 
-    def __init__(self, config: Config, cas_module, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self, config: Config, cas_module, ctx: zmq.Context | None = None, token: str | None = None
+    ) -> None:
         from carelay.broker.pvs import DelPvPV, PvListPV
 
         self.config = config
+        #: Presented in every HELLO: a shard serves only the brokers of its own relay.
+        self.token = token
         self.cas = cas_module
         self.ctx = ctx or zmq.Context.instance()
         curve = None
@@ -296,8 +302,11 @@ class Broker:
         """A put to a PV in sync with its live shard: applied to the mirror and posted now,
         and sent on as a WRITE that the shard answers only for a put with callback (or to
         refuse it, with the PV as it holds it).  No round trip before the monitors."""
-        req = 0 if notify is None else self._expect(link, None, pv.name, notify)
-        link.write(pv.name, req, stamp, data)
+        if notify is None:
+            link.write(pv.name, 0, stamp, data)
+        else:
+            req, expires = self._expect(link, None, pv.name, notify)
+            link.write(pv.name, req, stamp, data, expires)
         pv.apply(data, stamp, append=pv.ring is not None, owned=True)
         return True
 
@@ -320,18 +329,22 @@ class Broker:
         link = self.links[shard]
         if not link.usable or link.sock is None:
             return False
-        msg.req = self._expect(link, pv, msg.name, notify)
+        msg.req, expires = self._expect(link, pv, msg.name, notify)
+        msg.info["expires"] = expires
         # Queued, and sent with the others of this process() slice in batches (run).
         # Never flushed here: a failure must not complete a put inside its own write().
         link.queue(msg)
         return True
 
-    def _expect(self, link: ShardLink, pv, name: str, notify) -> int:
-        """A new request number, whose answer ``link`` now waits for (PUT_TIMEOUT)."""
+    def _expect(self, link: ShardLink, pv, name: str, notify) -> tuple[int, float]:
+        """A new request number, whose answer ``link`` now waits for, and the request's
+        expiry.  The broker fails the request at its deadline (PUT_TIMEOUT); the expiry, in
+        wall-clock time, comes EXPIRY_MARGIN earlier, and a shard that the request reaches
+        later drops it: a put reported failed is never applied later."""
         req = next(self._req)
         deadline = time.monotonic() + PUT_TIMEOUT
         link.pending[req] = Pending(pv, name, link.index, deadline, notify)
-        return req
+        return req, time.time() + (PUT_TIMEOUT - EXPIRY_MARGIN)
 
     def _flush(self, link: ShardLink) -> None:
         """Send ``link``'s queued requests; the ones that cannot go fail now."""
@@ -352,16 +365,18 @@ class Broker:
                 link.lost_writes = True
             self._finish(link, msg.req, False)
 
-    def _send_request(self, link: ShardLink, op: Op) -> bool:
+    def _send_request(self, link: ShardLink, op: Op, info: dict | None = None) -> bool:
         """A HELLO or PING, numbered like the puts so that its answer orders them."""
         self._flush(link)
         req = next(self._req)
-        return link.send(Message(op, req=req))
+        return link.send(Message(op, req=req, info=info or {}))
 
     def _finish(self, link: ShardLink, req: int, ok: bool) -> None:
         p = link.pending.pop(req, None)
         if p is None:
-            return
+            p = link.orphans.pop(req, None)
+            if p is None:
+                return
         if p.pv is not None:
             p.pv.pending = max(0, p.pv.pending - 1)
             if not p.pv.pending:
@@ -509,16 +524,31 @@ class Broker:
             self._set_real(pv, True)
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
             pv.apply(data, stamp, append=False)
+        if link.orphans and link.ever_synced and end.epoch != link.epoch:
+            # A new shard process: what the old one had not applied died with it.
+            log.warning(
+                "shard %d restarted; failing %d requests sent before", link.index, len(link.orphans)
+            )
+            for req in list(link.orphans):
+                self._finish(link, req, False)
         link.synced(end.epoch, end.seq, len(snap))
         log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)
 
     def _hello(self, link: ShardLink) -> None:
-        if self._send_request(link, Op.HELLO):
+        info = {"token": self.token} if self.token is not None else None
+        if self._send_request(link, Op.HELLO, info):
             link.hello_sent()
 
     def _link_down(self, link: ShardLink) -> None:
-        for req in list(link.pending):
-            self._finish(link, req, False)
+        # The requests in flight may still reach the shard (a shard that was stopped, a
+        # connection that delivers late): they fail at their deadline, when the shard drops
+        # them if they come, not now.  Their PVs are free for new requests at once.
+        for p in link.pending.values():
+            if p.pv is not None:
+                self._reserve(p.pv, False)
+                p.pv = None
+        link.orphans.update(link.pending)
+        link.pending.clear()
         self._snapshots.pop(link.index, None)
         for pv in self.pvs.values():
             if pv.shard == link.index and pv.real:
@@ -546,12 +576,15 @@ class Broker:
                 self._link_down(link)
             # Requests are kept in sending order with one timeout, so the
             # expired ones are at the front.
-            while link.pending:
-                req, p = next(iter(link.pending.items()))
-                if p.deadline >= now:
-                    break
-                log.warning("no answer from shard %d for %s; failing the request", p.shard, p.name)
-                self._finish(link, req, False)
+            for waiting in (link.orphans, link.pending):
+                while waiting:
+                    req, p = next(iter(waiting.items()))
+                    if p.deadline >= now:
+                        break
+                    log.warning(
+                        "no answer from shard %d for %s; failing the request", p.shard, p.name
+                    )
+                    self._finish(link, req, False)
 
     def _poll_shards(self, timeout_ms: float) -> int:
         """Wait up to ``timeout_ms`` for answers and handle what came; returns how many."""
@@ -719,7 +752,7 @@ def run_broker(config: Config) -> int:
         cas.asCaStart()
         log.info("access security from %s, group %s", config.access_security, config.access_group)
     try:
-        broker = Broker(config, cas)
+        broker = Broker(config, cas, token=run_token(config))
     except KeysError as e:
         log.error("broker cannot start: %s", e)
         return 3

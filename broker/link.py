@@ -62,6 +62,9 @@ class ShardLink:
         self._monitor: zmq.Socket | None = None
         #: Requests sent and not yet answered, in sending (= request number) order.
         self.pending: dict = {}
+        #: Requests that were in flight when the link went down: they wait for their
+        #: deadline (see Broker._link_down), in request number order.
+        self.orphans: dict = {}
         #: Messages (and WriteRuns) waiting for the next flush; how many puts they hold,
         #: and whether one waits for an answer.
         self.outbox: list = []
@@ -141,10 +144,13 @@ class ShardLink:
         if msg.req:
             self.urgent = True
 
-    def write(self, name: str, req: int, stamp: float, data) -> None:
-        """Queue a WRITE; one-element ones join the run at the end of the queue."""
+    def write(self, name: str, req: int, stamp: float, data, expires: float = 0.0) -> None:
+        """Queue a WRITE; one-element ones join the run at the end of the queue.  A WRITE
+        that waits for an answer (``req``) carries its ``expires``; a run carries the
+        earliest of its WRITEs'."""
         if data.shape[0] != 1:
-            self.queue(Message(Op.WRITE, name, req=req, stamp=stamp, data=data))
+            info = {"expires": expires} if req else {}
+            self.queue(Message(Op.WRITE, name, req=req, stamp=stamp, info=info, data=data))
             return
         run = self.outbox[-1] if self.outbox else None
         if type(run) is not WriteRun or run.dtype != data.dtype or len(run) >= BATCH_MAX:
@@ -154,6 +160,8 @@ class ShardLink:
         self.queued += 1
         if req:
             self.urgent = True
+            if not run.expires:
+                run.expires = expires
 
     def flush(self) -> list:
         """Send everything queued, in order and without blocking; returns the messages

@@ -9,6 +9,8 @@ Changed values are flushed every ``autosave_period`` and on a clean stop.
 
 from __future__ import annotations
 
+import collections
+import hmac
 import logging
 import os
 import random
@@ -19,7 +21,13 @@ from pathlib import Path
 
 import zmq
 
-from carelay.common.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_INTERVAL, Config
+from carelay.common.config import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+    REFUSED_PEER_LOG_INTERVAL,
+    STATUS_INTERVAL,
+    Config,
+)
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.protocol import (
@@ -32,6 +40,7 @@ from carelay.common.protocol import (
     encode_batch,
     send_frames,
 )
+from carelay.common.runlock import holders, run_token
 from carelay.shard.persist import ShardDatabase, StoreDamaged, lock_path, lock_store
 from carelay.shard.store import Change, Rejected, ShardStore
 
@@ -47,6 +56,14 @@ _STOP_DRAIN_MS = 50
 _POLLIN = int(zmq.POLLIN)
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
 EXIT_STORE_FAILED = 3
+#: Peers (ROUTER identities) remembered as admitted; a broker that reconnects is a new one.
+_ADMITTED_MAX = 16
+_NOT_OURS = "not a broker of this relay: no token, or the wrong one"
+#: Requests that a shard drops once they expired (HELLO and PING never expire).
+_EXPIRING = frozenset({Op.PUT, Op.WRITE, Op.SET_FIELD, Op.DELETE})
+_EXPIRED = "expired: the broker has failed it already"
+#: Exit status of a shard whose store another process holds.
+EXIT_IN_USE = 2
 
 
 class ShardServer:
@@ -58,8 +75,15 @@ class ShardServer:
         index: int,
         ctx: zmq.Context | None = None,
         db: ShardDatabase | None = None,
+        token: str | None = None,
     ) -> None:
         self.config = config
+        #: What a peer presents in its HELLO before it is served (None: every peer is).
+        self.token = token
+        #: The peers (ROUTER identities) that presented the token, newest last.
+        self._admitted: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._refused = 0
+        self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
         self.index = index
         self.endpoint = config.shard_endpoint(index)
         self.store = ShardStore(
@@ -179,6 +203,8 @@ class ShardServer:
         except ProtocolError as e:
             log.warning("shard %d: dropped a malformed message: %s", self.index, e)
             return 0
+        if self.token is not None and peer not in self._admitted and not self._admit(peer, msgs):
+            return 0
         self._broker_seen = time.monotonic()
         if not self._broker_alive:
             self._broker_alive = True
@@ -193,8 +219,38 @@ class ShardServer:
                 n += 1
         return n
 
+    def _admit(self, peer: bytes, msgs: list) -> bool:
+        """Whether ``peer``, not yet admitted, opens with a HELLO that presents this relay's
+        token; it is then served from now on.  Else its messages are dropped unanswered
+        (a HELLO gets a REJECT, so that a misconfigured broker can say why)."""
+        first = msgs[0]
+        if type(first) is Message and first.op is Op.HELLO:
+            token = first.info.get("token")
+            if type(token) is str and hmac.compare_digest(token.encode(), self.token.encode()):
+                self._admitted[peer] = None
+                if len(self._admitted) > _ADMITTED_MAX:
+                    self._admitted.popitem(last=False)
+                return True
+            self._reply(peer, Message(Op.REJECT, req=first.req, reason=_NOT_OURS))
+        self._refused += len(msgs)
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_PEER_LOG_INTERVAL:
+            log.warning(
+                "shard %d: refused %d messages from a peer without this relay's token",
+                self.index,
+                self._refused,
+            )
+            self._refused = 0
+            self._refused_logged = now
+        return False
+
     def _dispatch(self, peer: bytes, msg: Message) -> None:
         op = msg.op
+        if msg.req and op in _EXPIRING:
+            expires = msg.info.get("expires")
+            if type(expires) is float and time.time() > expires:
+                self._expired(peer, msg)
+                return
         if op is Op.WRITE:
             self._write(peer, msg)
         elif op is Op.PUT:
@@ -243,10 +299,30 @@ class ShardServer:
             outcome = e
         self._written(peer, msg.name, msg.req, outcome)
 
+    def _expired(self, peer: bytes, msg: Message) -> None:
+        """Drop a request that the broker has failed already (see ``_EXPIRED``)."""
+        if msg.op is Op.WRITE:
+            self._written(peer, msg.name, msg.req, Rejected(_EXPIRED))
+            return
+        log.warning("dropped %s of %s (shard %d): %s", msg.op.name, msg.name, self.index, _EXPIRED)
+        self._reject(peer, msg, _EXPIRED)
+
     def _write_run(self, peer: bytes, run: WriteRun) -> None:
-        """A run of one-element WRITEs: each as ``_write`` takes it, column by column."""
+        """A run of one-element WRITEs: each as ``_write`` takes it, column by column.  Past
+        the run's expiry, the WRITEs that wait for an answer are dropped, the others (which
+        no client waits for) applied."""
         write = self.store.write_one
         values, stamps, reqs = run.values, run.stamps, run.reqs
+        if run.expires and time.time() > run.expires:
+            for k, name in enumerate(run.names):
+                if reqs[k]:
+                    self._written(peer, name, reqs[k], Rejected(_EXPIRED))
+                    continue
+                try:
+                    write(name, values[k : k + 1], stamps[k])
+                except Rejected as e:
+                    self._written(peer, name, 0, e)
+            return
         for k, name in enumerate(run.names):
             try:
                 outcome = write(name, values[k : k + 1], stamps[k])
@@ -522,10 +598,12 @@ def run_shard(config: Config, index: int) -> int:
     config.run_dir.mkdir(parents=True, exist_ok=True)
     store_path = config.store_path(index)
     if lock_store(store_path) is None:
-        log.error("shard %d: another process holds %s; not starting", index, lock_path(store_path))
-        return EXIT_STORE_FAILED
+        held = lock_path(store_path)
+        pids = ", ".join(map(str, holders(held))) or "unknown"
+        log.error("shard %d: %s is in use by carelay pid %s; not starting", index, held, pids)
+        return EXIT_IN_USE
     db = ShardDatabase(store_path)
-    server = ShardServer(config, index, db=db)
+    server = ShardServer(config, index, db=db, token=run_token(config))
     try:
         server.load()
     except StoreDamaged as e:
