@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -34,7 +35,14 @@ from carelay.common.fields import FieldResolver, split_field
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.naming import InvalidPvName
-from carelay.common.protocol import BATCH_MAX, Message, Op, WriteRun
+from carelay.common.protocol import (
+    BATCH_MAX,
+    Message,
+    Op,
+    ProtocolError,
+    WriteRun,
+    decode_batch,
+)
 from carelay.common.runlock import run_token
 from carelay.common.sharding import shard_for
 
@@ -53,6 +61,8 @@ _TICK = 0.01
 _REFUSED_MEMORY = 10_000
 #: How long a stopping broker lets ZeroMQ send its last puts to the shards (ms).
 _STOP_LINGER = 1000
+#: Answers that say a request was applied.
+_APPLIED = frozenset({Op.ACK, Op.UPDATE, Op.FIELD, Op.DELETED})
 #: How long the broker waits for every shard before it serves anyway (seconds).
 _STARTUP_SYNC_TIMEOUT = 15.0
 
@@ -81,6 +91,8 @@ class Broker:
         self.config = config
         #: Presented in every HELLO: a shard serves only the brokers of its own relay.
         self.token = token
+        #: This broker process, in every HELLO: a shard fences its earlier connections.
+        self.instance = secrets.token_hex(8)
         self.cas = cas_module
         self.ctx = ctx or zmq.Context.instance()
         curve = None
@@ -535,14 +547,19 @@ class Broker:
         log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)
 
     def _hello(self, link: ShardLink) -> None:
-        info = {"token": self.token} if self.token is not None else None
+        info = {"broker": self.instance}
+        if self.token is not None:
+            info["token"] = self.token
         if self._send_request(link, Op.HELLO, info):
             link.hello_sent()
 
     def _link_down(self, link: ShardLink) -> None:
         # The requests in flight may still reach the shard (a shard that was stopped, a
-        # connection that delivers late): they fail at their deadline, when the shard drops
-        # them if they come, not now.  Their PVs are free for new requests at once.
+        # connection that delivers late).  They become orphans: answered on their old
+        # socket, which the link keeps (parked) for them, or failed at their deadline, when
+        # the shard drops them if they come; never failed before the shard is sure to drop
+        # them.  Their PVs are free for new requests at once: the reconnect's snapshot
+        # shows whatever the orphans did.
         for p in link.pending.values():
             if p.pv is not None:
                 self._reserve(p.pv, False)
@@ -585,10 +602,15 @@ class Broker:
                         "no answer from shard %d for %s; failing the request", p.shard, p.name
                     )
                     self._finish(link, req, False)
+            if link.parked and not link.orphans:
+                link.close_parked()
 
     def _poll_shards(self, timeout_ms: float) -> int:
         """Wait up to ``timeout_ms`` for answers and handle what came; returns how many."""
         socks = {link.sock: link for link in self.links if link.sock is not None}
+        for link in self.links:
+            for sock in link.parked:
+                socks[sock] = link
         if not socks:
             return 0
         key = tuple(socks)
@@ -599,8 +621,31 @@ class Broker:
             self._polled = key
         n = 0
         for sock, _ in self._poller.poll(timeout_ms):
-            n += self._drain(socks[sock])
+            link = socks[sock]
+            n += self._drain(link) if sock is link.sock else self._drain_parked(link, sock)
         return n
+
+    def _drain_parked(self, link: ShardLink, sock) -> int:
+        """Answers to orphans, on a socket of an earlier connection: each completes its
+        request.  Nothing else there counts: the reconnect's snapshot shows the shard."""
+        n = 0
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return n
+            try:
+                msgs = decode_batch(frames)
+            except ProtocolError as e:
+                log.warning("shard %d: dropped a malformed message: %s", link.index, e)
+                continue
+            n += len(msgs)
+            for msg in msgs:
+                if msg.req in link.orphans:
+                    ok = msg.op in _APPLIED
+                    if not ok:
+                        log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
+                    self._finish(link, msg.req, ok)
 
     def _write_status(self) -> None:
         write_status(
@@ -763,6 +808,7 @@ def run_broker(config: Config) -> int:
     finally:
         for link in broker.links:
             link.close(linger=_STOP_LINGER)
+            link.close_parked()
         broker.status_path.unlink(missing_ok=True)
         del server
     log.info("broker stopped")

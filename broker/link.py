@@ -60,6 +60,9 @@ class ShardLink:
         self.endpoint = endpoint
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        #: Sockets of earlier connections whose requests were in flight when the link went
+        #: down: kept open so that the shard's answers to them still come (see orphans).
+        self.parked: list[zmq.Socket] = []
         #: Requests sent and not yet answered, in sending (= request number) order.
         self.pending: dict = {}
         #: Requests that were in flight when the link went down: they wait for their
@@ -111,8 +114,9 @@ class ShardLink:
         self.state = LinkState.CONNECTING
         self._connect_deadline = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
 
-    def close(self, linger: int = 0) -> None:
-        """Close the socket; ``linger``: ms that ZeroMQ may take to send what was flushed."""
+    def close(self, linger: int = 0, park: bool = False) -> None:
+        """Close the socket; ``linger``: ms that ZeroMQ may take to send what was flushed.
+        ``park``: keep it open among ``parked``, only to receive."""
         self.outbox.clear()
         self.queued = 0
         self.urgent = False
@@ -120,8 +124,16 @@ class ShardLink:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
-            self.sock.close(linger=linger)
+            if park:
+                self.parked.append(self.sock)
+            else:
+                self.sock.close(linger=linger)
             self.sock = None
+
+    def close_parked(self) -> None:
+        for sock in self.parked:
+            sock.close(linger=0)
+        self.parked.clear()
 
     def disconnected(self) -> bool:
         """Whether the connection to the shard broke since the last look."""
@@ -214,7 +226,7 @@ class ShardLink:
         """Drop the socket and schedule a reconnect with back-off."""
         was = self.state
         self.lost_writes = False
-        self.close()
+        self.close(park=bool(self.pending))
         self.state = LinkState.DOWN
         self._retry_at = time.monotonic() + self._backoff
         level = (

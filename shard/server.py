@@ -59,6 +59,9 @@ EXIT_STORE_FAILED = 3
 #: Peers (ROUTER identities) remembered as admitted; a broker that reconnects is a new one.
 _ADMITTED_MAX = 16
 _NOT_OURS = "not a broker of this relay: no token, or the wrong one"
+_FENCED = "sent before the broker reconnected"
+#: Fenced connections remembered (see ShardServer._admit).
+_FENCED_MAX = 64
 #: Requests that a shard drops once they expired (HELLO and PING never expire).
 _EXPIRING = frozenset({Op.PUT, Op.WRITE, Op.SET_FIELD, Op.DELETE})
 _EXPIRED = "expired: the broker has failed it already"
@@ -80,8 +83,11 @@ class ShardServer:
         self.config = config
         #: What a peer presents in its HELLO before it is served (None: every peer is).
         self.token = token
-        #: The peers (ROUTER identities) that presented the token, newest last.
-        self._admitted: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        #: The peers (ROUTER identities) served, newest last, each with the broker it is
+        #: (the id in its HELLO; "" where none came).
+        self._admitted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        #: Earlier connections of a broker that has said HELLO again (see ``_admit``).
+        self._fenced: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._refused = 0
         self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
         self.index = index
@@ -203,7 +209,7 @@ class ShardServer:
         except ProtocolError as e:
             log.warning("shard %d: dropped a malformed message: %s", self.index, e)
             return 0
-        if self.token is not None and peer not in self._admitted and not self._admit(peer, msgs):
+        if peer not in self._admitted and not self._admit(peer, msgs):
             return 0
         self._broker_seen = time.monotonic()
         if not self._broker_alive:
@@ -220,29 +226,62 @@ class ShardServer:
         return n
 
     def _admit(self, peer: bytes, msgs: list) -> bool:
-        """Whether ``peer``, not yet admitted, opens with a HELLO that presents this relay's
-        token; it is then served from now on.  Else its messages are dropped unanswered
-        (a HELLO gets a REJECT, so that a misconfigured broker can say why)."""
+        """Whether to serve ``peer``, not yet admitted: a peer that opens with a HELLO that
+        presents this relay's token (any peer, where the shard asks for none).
+
+        Else its messages are dropped unanswered (a HELLO gets a REJECT, so that a
+        misconfigured broker can say why).  A HELLO with a broker's id fences that
+        broker's earlier connections: what still comes through them is refused, so
+        that a request the broker sent before it reconnected either came before the
+        snapshot it asks for now, or is never applied (a REJECT answers it, on the old
+        connection, where the broker may still listen)."""
+        if peer in self._fenced:
+            self._refuse_fenced(peer, msgs)
+            return False
         first = msgs[0]
-        if type(first) is Message and first.op is Op.HELLO:
-            token = first.info.get("token")
-            if type(token) is str and hmac.compare_digest(token.encode(), self.token.encode()):
-                self._admitted[peer] = None
-                if len(self._admitted) > _ADMITTED_MAX:
-                    self._admitted.popitem(last=False)
-                return True
-            self._reply(peer, Message(Op.REJECT, req=first.req, reason=_NOT_OURS))
-        self._refused += len(msgs)
+        hello = type(first) is Message and first.op is Op.HELLO
+        if self.token is not None:
+            token = first.info.get("token") if hello else None
+            if type(token) is not str or not hmac.compare_digest(
+                token.encode(), self.token.encode()
+            ):
+                if hello:
+                    self._reply(peer, Message(Op.REJECT, req=first.req, reason=_NOT_OURS))
+                self._refused_peer(len(msgs), "a peer without this relay's token")
+                return False
+        broker = first.info.get("broker", "") if hello else ""
+        if type(broker) is str and broker:
+            for old in [p for p, b in self._admitted.items() if b == broker]:
+                del self._admitted[old]
+                self._fenced[old] = None
+                if len(self._fenced) > _FENCED_MAX:
+                    self._fenced.popitem(last=False)
+        self._admitted[peer] = broker if type(broker) is str else ""
+        if len(self._admitted) > _ADMITTED_MAX:
+            self._admitted.popitem(last=False)
+        return True
+
+    def _refuse_fenced(self, peer: bytes, msgs: list) -> None:
+        """Refuse what an earlier connection of a broker still brings: a REJECT for each
+        request that waits for an answer; plain WRITEs go (the broker has taken the
+        snapshot that shows they did not happen)."""
+        for msg in msgs:
+            if type(msg) is WriteRun:
+                for name, req in zip(msg.names, msg.reqs, strict=True):
+                    if req:
+                        self._reply(peer, Message(Op.REJECT, name, req=req, reason=_FENCED))
+            elif msg.req and msg.op in _EXPIRING:
+                self._reject(peer, msg, _FENCED)
+        self._refused_peer(len(msgs), "an earlier connection of a broker that reconnected")
+
+    def _refused_peer(self, n: int, who: str) -> None:
+        """Count ``n`` refused messages; one log line per REFUSED_PEER_LOG_INTERVAL."""
+        self._refused += n
         now = time.monotonic()
         if now - self._refused_logged >= REFUSED_PEER_LOG_INTERVAL:
-            log.warning(
-                "shard %d: refused %d messages from a peer without this relay's token",
-                self.index,
-                self._refused,
-            )
+            log.warning("shard %d: refused %d messages from %s", self.index, self._refused, who)
             self._refused = 0
             self._refused_logged = now
-        return False
 
     def _dispatch(self, peer: bytes, msg: Message) -> None:
         op = msg.op

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -65,6 +66,34 @@ def test_a_put_failed_while_its_shard_was_stopped_is_never_applied(make_relay, c
     (pv,) = ca.get_pvs(name, timeout=5)
     pv.wait_for_connection(timeout=10)
     assert _values(pv) == [1.0, 2.0]
+
+
+def test_a_put_in_flight_when_the_link_went_down_is_reported_as_it_went(make_relay, ca):
+    relay = make_relay(shards=1)
+    name = relay.name("log", "F10")
+    (pv,) = ca.get_pvs(name, timeout=5)
+    assert _write_ok(pv, [1.0])
+    shard = _shard_pid(relay, 0)
+    mark = len(relay.log())
+    done = threading.Event()
+    outcome = []
+
+    def completed(response):
+        outcome.append(response.status.success)
+        done.set()
+
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        pv.write([2.0], wait=False, callback=completed, timeout=15)
+        # Stopped past the heartbeats, not past the put's deadline: the link goes down
+        # with the put in flight, and the shard goes on in time to apply it.
+        relay.wait_log("shard 0 unreachable", start=mark)
+    finally:
+        os.kill(shard, signal.SIGCONT)
+    assert done.wait(15), "the put never completed"
+    relay.wait_log("shard 0 in sync", start=mark)
+    # Whatever the client was told is what happened.
+    assert _values(pv) == ([1.0, 2.0] if outcome[0] else [1.0])
 
 
 def _name_on(prefix: str, shard: int) -> str:

@@ -196,3 +196,21 @@ def test_processes_started_alone_share_one_token_file(tmp_path):
     token = run_token(config)
     assert token and run_token(config) == token
     assert (tmp_path / "carelay.token").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_broker_that_says_hello_again_fences_its_earlier_connection(tmp_path):
+    server = _server(tmp_path, token="s3cret")
+    hello = {"token": "s3cret", "broker": "b1"}
+    _send(server, [Message(Op.HELLO, req=1, info=hello)], peer=b"old")
+    _send(server, [Message(Op.PUT, NAME, req=2, data=np.array([1.0]))], peer=b"old")
+    _send(server, [Message(Op.HELLO, req=3, info=hello)], peer=b"new")
+    # What the old connection still brings: requests refused, plain WRITEs dropped.
+    late = [_run([0, 4], [2.0, 3.0], 0.0), Message(Op.DELETE, NAME, req=5)]
+    out = _send(server, late, peer=b"old")
+    assert [(m.op, m.req) for m in out] == [(Op.REJECT, 4), (Op.REJECT, 5)]
+    assert server.store.get(NAME).tolist() == [1.0]
+    # Another broker's connection is not fenced by it.
+    _send(server, [Message(Op.HELLO, req=6, info={**hello, "broker": "b2"})], peer=b"other")
+    out = _send(server, [_run([7], [4.0], 0.0)], peer=b"new")
+    assert [(m.op, m.req) for m in out] == [(Op.ACK, 7)]
+    assert [m.op for m in _send(server, [Message(Op.PING, req=8)], peer=b"other")] == [Op.PONG]
