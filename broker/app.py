@@ -553,7 +553,13 @@ class Broker:
         if self._send_request(link, Op.HELLO, info):
             link.hello_sent()
 
-    def _link_down(self, link: ShardLink) -> None:
+    def _link_down(self, link: ShardLink, gone: bool = False) -> None:
+        """``gone``: the shard process closed the connection (see ShardLink.local), so
+        what it has not answered it never applies: those requests fail now."""
+        if gone:
+            for waiting in (link.pending, link.orphans):
+                for req in list(waiting):
+                    self._finish(link, req, False)
         # The requests in flight may still reach the shard (a shard that was stopped, a
         # connection that delivers late).  They become orphans: answered on their old
         # socket, which the link keeps (parked) for them, or failed at their deadline, when
@@ -577,11 +583,15 @@ class Broker:
     def _timers(self, now: float) -> None:
         for link in self.links:
             was_usable = link.usable
+            gone = False
             if link.lost_writes:
                 link.went_down("puts could not be sent")
                 action = "down"
             elif link.disconnected():
-                link.went_down("disconnected")
+                if link.local:
+                    self._drain(link)  # what the shard answered before it closed
+                    gone = True
+                link.went_down("disconnected", park=not gone)
                 action = "down"
             else:
                 action = link.tick(now)
@@ -590,7 +600,7 @@ class Broker:
             elif action == "ping":
                 self._send_request(link, Op.PING)
             elif action == "down" and was_usable:
-                self._link_down(link)
+                self._link_down(link, gone)
             # Requests are kept in sending order with one timeout, so the
             # expired ones are at the front.
             for waiting in (link.orphans, link.pending):

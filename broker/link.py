@@ -135,6 +135,12 @@ class ShardLink:
             sock.close(linger=0)
         self.parked.clear()
 
+    @property
+    def local(self) -> bool:
+        """An ipc endpoint: a connection that closes means the shard process closed it (it
+        stopped or died), and it takes nothing more from that connection."""
+        return self.endpoint.startswith("ipc://")
+
     def disconnected(self) -> bool:
         """Whether the connection to the shard broke since the last look."""
         if self._monitor is None:
@@ -222,11 +228,12 @@ class ShardLink:
             return msgs
         return None
 
-    def went_down(self, why: str) -> None:
-        """Drop the socket and schedule a reconnect with back-off."""
+    def went_down(self, why: str, park: bool = True) -> None:
+        """Drop the socket (``park``: keep it for the answers to requests in flight) and
+        schedule a reconnect with back-off."""
         was = self.state
         self.lost_writes = False
-        self.close(park=bool(self.pending))
+        self.close(park=park and bool(self.pending))
         self.state = LinkState.DOWN
         self._retry_at = time.monotonic() + self._backoff
         level = (
