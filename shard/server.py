@@ -263,8 +263,8 @@ class ShardServer:
 
     def _refuse_fenced(self, peer: bytes, msgs: list) -> None:
         """Refuse what an earlier connection of a broker still brings: a REJECT for each
-        request that waits for an answer; plain WRITEs go (the broker has taken the
-        snapshot that shows they did not happen)."""
+        request that waits for an answer; plain WRITEs are dropped (the broker has asked
+        for the snapshot that shows they did not happen)."""
         for msg in msgs:
             if type(msg) is WriteRun:
                 for name, req in zip(msg.names, msg.reqs, strict=True):
