@@ -352,7 +352,12 @@ class Broker:
         """A new request number, whose answer ``link`` now waits for, and the request's
         expiry.  The broker fails the request at its deadline (PUT_TIMEOUT); the expiry, in
         wall-clock time, comes EXPIRY_MARGIN earlier, and a shard that the request reaches
-        later drops it: a put reported failed is never applied later."""
+        later drops it: a put reported failed is never applied later.
+
+        What the margin cannot cover: a shard that applied the request in time but
+        answers only past the deadline (stopped between applying and answering, or a
+        commit slower than the margin) has it reported failed though applied; and a
+        shard whose clock runs behind the broker's by more than the margin."""
         req = next(self._req)
         deadline = time.monotonic() + PUT_TIMEOUT
         link.pending[req] = Pending(pv, name, link.index, deadline, notify)
