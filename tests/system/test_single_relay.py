@@ -11,7 +11,7 @@ import zmq
 from bench.servers import free_port
 from carelay.common.config import load_config
 from carelay.common.protocol import Message, Op, decode_batch, encode
-from tests.system.conftest import CA_PORT, caproto_cli, wait_for
+from tests.system.conftest import CA_PORT, CARELAY, caproto_cli, wait_for
 
 #: A second relay gets a CA port of its own: if it started, it must not split the
 #: searches of the first one (which would be a second failure, not this test's).
@@ -110,3 +110,21 @@ def test_a_peer_without_the_token_gets_no_snapshot_and_cannot_put(make_relay, ca
     relay.start()
     assert _get(name) == "2.5"
     assert intruder not in _get(relay.prefix + "pvlist", "-S")
+
+
+def test_a_broker_of_another_relay_gets_no_snapshot(make_relay, tmp_path):
+    relay = make_relay(shards=1)
+    endpoint = load_config(prefix=relay.prefix, shards=1, data_dir=relay.data_dir).shard_endpoint(0)
+    config = tmp_path / "foreign.toml"
+    config.write_text(f'prefix = "{relay.prefix}"\nshards = 1\nendpoints = ["{endpoint}"]\n')
+    log = tmp_path / "foreign.log"
+    env = {**os.environ, "EPICS_CAS_SERVER_PORT": str(SECOND_PORT)}
+    argv = [*CARELAY, "broker", "--config", str(config), "--data-dir", str(tmp_path / "other")]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: "shard 0 refused" in log.read_text(), what="the shard to refuse it")
+        assert "in sync" not in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
