@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 import re
+import secrets
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ from carelay.broker.link import LinkState, ShardLink
 from carelay.broker.listening import listening_tcp_ports
 from carelay.common import fields
 from carelay.common.config import (
+    EXPIRY_MARGIN,
     PUT_RECONNECT_GRACE,
     PUT_TIMEOUT,
     READ_SYNC_TIMEOUT,
@@ -35,7 +37,15 @@ from carelay.common.fields import FieldResolver, split_field
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.naming import InvalidPvName
-from carelay.common.protocol import BATCH_MAX, Message, Op, WriteRun
+from carelay.common.protocol import (
+    BATCH_MAX,
+    Message,
+    Op,
+    ProtocolError,
+    WriteRun,
+    decode_batch,
+)
+from carelay.common.runlock import run_token
 from carelay.common.sharding import shard_for
 
 log = logging.getLogger("carelay.broker")
@@ -53,6 +63,8 @@ _TICK = 0.01
 _REFUSED_MEMORY = 10_000
 #: How long a stopping broker lets ZeroMQ send its last puts to the shards (ms).
 _STOP_LINGER = 1000
+#: Answers that say a request was applied.
+_APPLIED = frozenset({Op.ACK, Op.UPDATE, Op.FIELD, Op.DELETED})
 
 
 class Pending:
@@ -84,10 +96,16 @@ class Parked:
 class Broker:
     """The PV table, the shard links and the loop that joins them to CA."""
 
-    def __init__(self, config: Config, cas_module, ctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self, config: Config, cas_module, ctx: zmq.Context | None = None, token: str | None = None
+    ) -> None:
         from carelay.broker.pvs import DelPvPV, PvListPV
 
         self.config = config
+        #: Presented in every HELLO: a shard serves only the brokers of its own relay.
+        self.token = token
+        #: This broker process, in every HELLO: a shard fences its earlier connections.
+        self.instance = secrets.token_hex(8)
         self.cas = cas_module
         self.ctx = ctx or zmq.Context.instance()
         curve = None
@@ -351,8 +369,11 @@ class Broker:
         """A put to a PV in sync with its live shard: applied to the mirror and posted now,
         and sent on as a WRITE that the shard answers only for a put with callback (or to
         refuse it, with the PV as it holds it).  No round trip before the monitors."""
-        req = 0 if notify is None else self._expect(link, None, pv.name, notify)
-        link.write(pv.name, req, stamp, data)
+        if notify is None:
+            link.write(pv.name, 0, stamp, data)
+        else:
+            req, expires = self._expect(link, None, pv.name, notify)
+            link.write(pv.name, req, stamp, data, expires)
         pv.apply(data, stamp, append=pv.ring is not None, owned=True)
         return True
 
@@ -376,18 +397,27 @@ class Broker:
         link = self.links[shard]
         if not link.usable or link.sock is None:
             return False
-        msg.req = self._expect(link, pv, msg.name, notify)
+        msg.req, expires = self._expect(link, pv, msg.name, notify)
+        msg.info["expires"] = expires
         # Queued, and sent with the others of this process() slice in batches (run).
         # Never flushed here: a failure must not complete a put inside its own write().
         link.queue(msg)
         return True
 
-    def _expect(self, link: ShardLink, pv, name: str, notify) -> int:
-        """A new request number, whose answer ``link`` now waits for (PUT_TIMEOUT)."""
+    def _expect(self, link: ShardLink, pv, name: str, notify) -> tuple[int, float]:
+        """A new request number, whose answer ``link`` now waits for, and the request's
+        expiry.  The broker fails the request at its deadline (PUT_TIMEOUT); the expiry, in
+        wall-clock time, comes EXPIRY_MARGIN earlier, and a shard that the request reaches
+        later drops it: a put reported failed is never applied later.
+
+        What the margin cannot cover: a shard that applied the request in time but
+        answers only past the deadline (stopped between applying and answering, or a
+        commit slower than the margin) has it reported failed though applied; and a
+        shard whose clock runs behind the broker's by more than the margin."""
         req = next(self._req)
         deadline = time.monotonic() + PUT_TIMEOUT
         link.pending[req] = Pending(pv, name, link.index, deadline, notify)
-        return req
+        return req, time.time() + (PUT_TIMEOUT - EXPIRY_MARGIN)
 
     def _flush(self, link: ShardLink) -> None:
         """Send ``link``'s queued requests; the ones that cannot go fail now."""
@@ -408,16 +438,18 @@ class Broker:
                 link.lost_writes = True
             self._finish(link, msg.req, False)
 
-    def _send_request(self, link: ShardLink, op: Op) -> bool:
+    def _send_request(self, link: ShardLink, op: Op, info: dict | None = None) -> bool:
         """A HELLO or PING, numbered like the puts so that its answer orders them."""
         self._flush(link)
         req = next(self._req)
-        return link.send(Message(op, req=req))
+        return link.send(Message(op, req=req, info=info or {}))
 
     def _finish(self, link: ShardLink, req: int, ok: bool) -> None:
         p = link.pending.pop(req, None)
         if p is None:
-            return
+            p = link.orphans.pop(req, None)
+            if p is None:
+                return
         if p.pv is not None:
             p.pv.pending = max(0, p.pv.pending - 1)
             if not p.pv.pending:
@@ -624,6 +656,13 @@ class Broker:
             self._set_real(pv, True)
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
             pv.apply(data, stamp, append=False)
+        if link.orphans and link.ever_synced and end.epoch != link.epoch:
+            # A new shard process: what the old one had not applied died with it.
+            log.warning(
+                "shard %d restarted; failing %d requests sent before", link.index, len(link.orphans)
+            )
+            for req in list(link.orphans):
+                self._finish(link, req, False)
         link.synced(end.epoch, end.seq, len(snap))
         self.status_due = True  # `carelay status` learns of the link at once, not in 1 s
         self._store_state(link, end.info.get("store_error", ""))
@@ -631,7 +670,10 @@ class Broker:
         log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)
 
     def _hello(self, link: ShardLink) -> None:
-        if self._send_request(link, Op.HELLO):
+        info = {"broker": self.instance}
+        if self.token is not None:
+            info["token"] = self.token
+        if self._send_request(link, Op.HELLO, info):
             link.hello_sent()
 
     def _store_state(self, link: ShardLink, error) -> None:
@@ -648,12 +690,28 @@ class Broker:
             if pv.shard == link.index and pv.real:
                 pv.post(0)  # alarm change only: WRITE/MAJOR, or back
 
-    def _link_down(self, link: ShardLink) -> None:
+    def _link_down(self, link: ShardLink, gone: bool = False) -> None:
+        """``gone``: the shard process closed the connection (see ShardLink.local), so
+        what it has not answered it never applies: those requests fail now."""
         self.status_due = True
         self.store_errors[link.index] = ""  # unknown until it answers again: COMM alarm
         link.down_since = time.monotonic()
-        for req in list(link.pending):
-            self._finish(link, req, False)
+        if gone:
+            for waiting in (link.pending, link.orphans):
+                for req in list(waiting):
+                    self._finish(link, req, False)
+        # The requests in flight may still reach the shard (a shard that was stopped, a
+        # connection that delivers late).  They become orphans: answered on their old
+        # socket, which the link keeps (parked) for them, or failed at their deadline, when
+        # the shard drops them if they come; never failed before the shard is sure to drop
+        # them.  Their PVs are free for new requests at once: the reconnect's snapshot
+        # shows whatever the orphans did.
+        for p in link.pending.values():
+            if p.pv is not None:
+                self._reserve(p.pv, False)
+                p.pv = None
+        link.orphans.update(link.pending)
+        link.pending.clear()
         self._snapshots.pop(link.index, None)
         for pv in self.pvs.values():
             if pv.shard == link.index and pv.real:
@@ -665,11 +723,15 @@ class Broker:
     def _timers(self, now: float) -> None:
         for link in self.links:
             was_usable = link.usable
+            gone = False
             if link.lost_writes:
                 link.went_down("puts could not be sent")
                 action = "down"
             elif link.disconnected():
-                link.went_down("disconnected")
+                if link.local:
+                    self._drain(link)  # what the shard answered before it closed
+                    gone = True
+                link.went_down("disconnected", park=not gone)
                 action = "down"
             else:
                 action = link.tick(now)
@@ -678,19 +740,27 @@ class Broker:
             elif action == "ping":
                 self._send_request(link, Op.PING)
             elif action == "down" and was_usable:
-                self._link_down(link)
+                self._link_down(link, gone)
             # Requests are kept in sending order with one timeout, so the
             # expired ones are at the front.
-            while link.pending:
-                req, p = next(iter(link.pending.items()))
-                if p.deadline >= now:
-                    break
-                log.warning("no answer from shard %d for %s; failing the request", p.shard, p.name)
-                self._finish(link, req, False)
+            for waiting in (link.orphans, link.pending):
+                while waiting:
+                    req, p = next(iter(waiting.items()))
+                    if p.deadline >= now:
+                        break
+                    log.warning(
+                        "no answer from shard %d for %s; failing the request", p.shard, p.name
+                    )
+                    self._finish(link, req, False)
+            if link.parked and not link.orphans:
+                link.close_parked()
 
     def _poll_shards(self, timeout_ms: float) -> int:
         """Wait up to ``timeout_ms`` for answers and handle what came; returns how many."""
         socks = {link.sock: link for link in self.links if link.sock is not None}
+        for link in self.links:
+            for sock in link.parked:
+                socks[sock] = link
         if not socks:
             return 0
         key = tuple(socks)
@@ -701,8 +771,31 @@ class Broker:
             self._polled = key
         n = 0
         for sock, _ in self._poller.poll(timeout_ms):
-            n += self._drain(socks[sock])
+            link = socks[sock]
+            n += self._drain(link) if sock is link.sock else self._drain_parked(link, sock)
         return n
+
+    def _drain_parked(self, link: ShardLink, sock) -> int:
+        """Answers to orphans, on a socket of an earlier connection: each completes its
+        request.  Nothing else there counts: the reconnect's snapshot shows the shard."""
+        n = 0
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return n
+            try:
+                msgs = decode_batch(frames)
+            except ProtocolError as e:
+                log.warning("shard %d: dropped a malformed message: %s", link.index, e)
+                continue
+            n += len(msgs)
+            for msg in msgs:
+                if msg.req in link.orphans:
+                    ok = msg.op in _APPLIED
+                    if not ok:
+                        log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
+                    self._finish(link, msg.req, ok)
 
     def _write_status(self) -> None:
         self.status_due = False
@@ -872,7 +965,7 @@ def run_broker(config: Config) -> int:
         cas.asCaStart()
         log.info("access security from %s, group %s", config.access_security, config.access_group)
     try:
-        broker = Broker(config, cas)
+        broker = Broker(config, cas, token=run_token(config))
     except KeysError as e:
         log.error("broker cannot start: %s", e)
         return 3
@@ -885,6 +978,7 @@ def run_broker(config: Config) -> int:
     finally:
         for link in broker.links:
             link.close(linger=_STOP_LINGER)
+            link.close_parked()
         broker.status_path.unlink(missing_ok=True)
         del server
     log.info("broker stopped")

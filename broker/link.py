@@ -60,8 +60,14 @@ class ShardLink:
         self.endpoint = endpoint
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        #: Sockets of earlier connections whose requests were in flight when the link went
+        #: down: kept open so that the shard's answers to them still come (see orphans).
+        self.parked: list[zmq.Socket] = []
         #: Requests sent and not yet answered, in sending (= request number) order.
         self.pending: dict = {}
+        #: Requests that were in flight when the link went down: they wait for their
+        #: deadline (see Broker._link_down), in request number order.
+        self.orphans: dict = {}
         #: Messages (and WriteRuns) waiting for the next flush; how many puts they hold,
         #: and whether one waits for an answer.
         self.outbox: list = []
@@ -110,8 +116,9 @@ class ShardLink:
         self.state = LinkState.CONNECTING
         self._connect_deadline = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
 
-    def close(self, linger: int = 0) -> None:
-        """Close the socket; ``linger``: ms that ZeroMQ may take to send what was flushed."""
+    def close(self, linger: int = 0, park: bool = False) -> None:
+        """Close the socket; ``linger``: ms that ZeroMQ may take to send what was flushed.
+        ``park``: keep it open among ``parked``, only to receive."""
         self.outbox.clear()
         self.queued = 0
         self.urgent = False
@@ -119,8 +126,22 @@ class ShardLink:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
-            self.sock.close(linger=linger)
+            if park:
+                self.parked.append(self.sock)
+            else:
+                self.sock.close(linger=linger)
             self.sock = None
+
+    def close_parked(self) -> None:
+        for sock in self.parked:
+            sock.close(linger=0)
+        self.parked.clear()
+
+    @property
+    def local(self) -> bool:
+        """An ipc endpoint: a connection that closes means the shard process closed it (it
+        stopped or died), and it takes nothing more from that connection."""
+        return self.endpoint.startswith("ipc://")
 
     def disconnected(self) -> bool:
         """Whether the connection to the shard broke since the last look."""
@@ -143,10 +164,13 @@ class ShardLink:
         if msg.req:
             self.urgent = True
 
-    def write(self, name: str, req: int, stamp: float, data) -> None:
-        """Queue a WRITE; one-element ones join the run at the end of the queue."""
+    def write(self, name: str, req: int, stamp: float, data, expires: float = 0.0) -> None:
+        """Queue a WRITE; one-element ones join the run at the end of the queue.  A WRITE
+        that waits for an answer (``req``) carries its ``expires``; a run carries the
+        earliest of its WRITEs'."""
         if data.shape[0] != 1:
-            self.queue(Message(Op.WRITE, name, req=req, stamp=stamp, data=data))
+            info = {"expires": expires} if req else {}
+            self.queue(Message(Op.WRITE, name, req=req, stamp=stamp, info=info, data=data))
             return
         run = self.outbox[-1] if self.outbox else None
         if type(run) is not WriteRun or run.dtype != data.dtype or len(run) >= BATCH_MAX:
@@ -156,6 +180,8 @@ class ShardLink:
         self.queued += 1
         if req:
             self.urgent = True
+            if not run.expires:
+                run.expires = expires
 
     def flush(self) -> list:
         """Send everything queued, in order and without blocking; returns the messages
@@ -204,11 +230,12 @@ class ShardLink:
             return msgs
         return None
 
-    def went_down(self, why: str) -> None:
-        """Drop the socket and schedule a reconnect with back-off."""
+    def went_down(self, why: str, park: bool = True) -> None:
+        """Drop the socket (``park``: keep it for the answers to requests in flight) and
+        schedule a reconnect with back-off."""
         was = self.state
         self.lost_writes = False
-        self.close()
+        self.close(park=park and bool(self.pending))
         self.state = LinkState.DOWN
         self._retry_at = time.monotonic() + self._backoff
         level = (

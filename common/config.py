@@ -43,6 +43,11 @@ RECONNECT_INITIAL = 0.1
 RECONNECT_MAX = 5.0
 #: How long a put with callback waits for its shard before it fails.
 PUT_TIMEOUT = 5.0
+#: A request that waits for an answer carries a wall-clock expiry this many seconds before
+#: the broker's own deadline (PUT_TIMEOUT); a shard drops what reaches it later, so that a
+#: put the broker has failed is never applied.  It covers the time from the shard's apply
+#: to the broker's reading of the answer, and the clock difference of two hosts.
+EXPIRY_MARGIN = 1.0
 #: How long a CA read waits for puts in flight to that PV before it answers.
 READ_SYNC_TIMEOUT = 1.0
 #: How long after its shard's link went down a put still waits for the shard to be back
@@ -66,6 +71,13 @@ STARTUP_GRACE = (
     + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
     + STATUS_INTERVAL * STATUS_STALE_INTERVALS
 )
+#: In a data directory: the lock that one relay holds while it runs (its pid inside),
+#: the lock of a broker started alone, and the token of processes started alone.
+RUN_LOCK_FILE = "carelay.lock"
+BROKER_LOCK_FILE = "broker.lock"
+TOKEN_FILE = "carelay.token"
+#: Seconds between two log lines about peers refused for want of the relay's token.
+REFUSED_PEER_LOG_INTERVAL = 10.0
 #: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.
 CA_ARRAY_OVERHEAD = 16384
 #: Longest unix socket path (sun_path less a margin).

@@ -26,12 +26,14 @@ whole batch before returning any of it: a batch is applied whole or dropped.
 A run of one-element WRITEs of one dtype (the commonest traffic by far: a
 stream of scalar puts) is one entry of its own, column by column::
 
-    [WRITE, dtype, [name, ...], [req, ...], stamps, values]
+    [WRITE, dtype, [name, ...], [req, ...], stamps, values(, expires)]
 
 ``stamps`` is the raw buffer of one little-endian float64 per put and
 ``values`` that of one element of ``dtype`` per put: a thousand puts cost a
-few list and buffer operations instead of a thousand headers.  It decodes
-to one WriteRun (only where the receiver takes runs: the shard).
+few list and buffer operations instead of a thousand headers.  ``expires``
+is the earliest expiry of the run's WRITEs that wait for an answer; a run in
+which none waits leaves it out.  It decodes to one WriteRun (only where the receiver takes runs: the
+shard).
 
 Header fields:
 
@@ -45,6 +47,11 @@ Header fields:
 - ``length``: elements the PV holds after the change.
 - ``reason``: text, for REJECT.
 - ``info``: a small dict of str to int/float/str (PONG counters, PUT flags).
+  A request that waits for an answer (PUT, WRITE with ``req``, SET_FIELD,
+  DELETE) carries ``expires``: POSIX seconds after which the broker has
+  failed it, so the shard drops it with a REJECT "expired" instead of
+  applying it.  A HELLO carries ``token``, the relay's token, where the shard
+  asks for one; a shard serves no peer before that HELLO.
 - ``dtype``, ``count``: numpy dtype string and element count of frame 2.
 
 Operations, broker to shard: HELLO (send me a snapshot), PUT (apply a value;
@@ -176,15 +183,19 @@ class WriteRun:
     ``values`` holds the elements in order: a list of scalars while a sender fills the
     run, one array of ``dtype`` once it is decoded; both are read alike."""
 
-    __slots__ = ("dtype", "names", "reqs", "stamps", "values")
+    __slots__ = ("dtype", "names", "reqs", "stamps", "values", "expires")
     op = None  # not a Message: a receiver that takes no runs never sees one
 
-    def __init__(self, dtype: np.dtype, names=None, reqs=None, stamps=None, values=None) -> None:
+    def __init__(
+        self, dtype: np.dtype, names=None, reqs=None, stamps=None, values=None, expires=0.0
+    ) -> None:
         self.dtype = dtype
         self.names: list[str] = [] if names is None else names
         self.reqs: list[int] = [] if reqs is None else reqs
         self.stamps: list[float] = [] if stamps is None else stamps
         self.values = [] if values is None else values
+        #: The earliest expiry of the WRITEs with ``req`` (0.0: none of them waits).
+        self.expires: float = expires
 
     def __len__(self) -> int:
         return len(self.names)
@@ -197,9 +208,16 @@ class WriteRun:
         self.values.append(value[0])
 
     def messages(self) -> list[Message]:
-        """The run as single WRITE messages."""
+        """The run as single WRITE messages (each that waits carrying the run's expiry)."""
         return [
-            Message(Op.WRITE, name, req=req, stamp=stamp, data=np.array([value], self.dtype))
+            Message(
+                Op.WRITE,
+                name,
+                req=req,
+                stamp=stamp,
+                info={"expires": self.expires} if req and self.expires else {},
+                data=np.array([value], self.dtype),
+            )
             for name, req, stamp, value in zip(
                 self.names, self.reqs, self.stamps, self.values, strict=True
             )
@@ -209,7 +227,7 @@ class WriteRun:
         raw = np.asarray(self.values, dtype=self.dtype)
         if raw.shape != (len(self.names),):
             raise ProtocolError("a WRITE run needs one element of its dtype per name")
-        return [
+        entry = [
             int(Op.WRITE),
             self.dtype.str,
             self.names,
@@ -217,9 +235,13 @@ class WriteRun:
             np.asarray(self.stamps, dtype="<f8").tobytes(),
             raw.tobytes(),
         ]
+        if self.expires:
+            entry.append(float(self.expires))
+        return entry
 
 
-_RUN_FIELDS = 6
+#: Fields of a run entry: without, and with, its expiry.
+_RUN_FIELDS = (6, 7)
 
 #: Data frames at least this large are sent without a copy; smaller ones are cheaper copied.
 ZERO_COPY_MIN = 65536
@@ -356,7 +378,7 @@ def _decode_batch(frames: list, runs: bool) -> list:
     out = []
     next_frame = 1
     for h in headers:
-        if type(h) is list and len(h) == _RUN_FIELDS and runs:
+        if type(h) is list and len(h) in _RUN_FIELDS and runs:
             out.append(_write_run(h))
             continue
         if not isinstance(h, list) or len(h) != _HEADER_FIELDS + 1:
@@ -381,7 +403,8 @@ def _decode_batch(frames: list, runs: bool) -> list:
 
 def _write_run(entry: list) -> WriteRun:
     """A validated WriteRun from its batch entry."""
-    op, dtype, names, reqs, stamps, values = entry
+    op, dtype, names, reqs, stamps, values = entry[:6]
+    expires = entry[6] if len(entry) == 7 else 0.0
     if op != Op.WRITE or type(op) is not int:
         raise ProtocolError(f"a run of operation {op!r}")
     dt = _DTYPES.get(dtype) if type(dtype) is str else None
@@ -400,12 +423,15 @@ def _write_run(entry: list) -> WriteRun:
         raise ProtocolError("a run needs one float64 stamp per name")
     if type(values) is not bytes or len(values) != n * dt.itemsize:
         raise ProtocolError(f"a run needs one {dtype} value per name")
+    if type(expires) is not float or not expires >= 0.0:
+        raise ProtocolError("a run's expiry must be a non-negative float")
     return WriteRun(
         dt,
         names,
         reqs,
         np.frombuffer(stamps, dtype="<f8").tolist(),
         np.frombuffer(values, dtype=dt),
+        expires,
     )
 
 

@@ -17,6 +17,8 @@ deletions and field changes are refused while they cannot be made durable.
 
 from __future__ import annotations
 
+import collections
+import hmac
 import logging
 import os
 import random
@@ -27,7 +29,13 @@ from pathlib import Path
 
 import zmq
 
-from carelay.common.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_INTERVAL, Config
+from carelay.common.config import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+    REFUSED_PEER_LOG_INTERVAL,
+    STATUS_INTERVAL,
+    Config,
+)
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
 from carelay.common.protocol import (
@@ -40,6 +48,7 @@ from carelay.common.protocol import (
     encode_batch,
     send_frames,
 )
+from carelay.common.runlock import holders, run_token
 from carelay.shard.persist import ShardDatabase, StoreDamaged, lock_path, lock_store
 from carelay.shard.store import Change, Rejected, ShardStore
 
@@ -61,6 +70,17 @@ EXIT_UNSAVED = 4
 STORE_ERROR_REPEAT = 60.0
 #: Most PV names one log line lists.
 _NAMES_LOGGED = 20
+#: Peers (ROUTER identities) remembered as admitted; a broker that reconnects is a new one.
+_ADMITTED_MAX = 16
+_NOT_OURS = "not a broker of this relay: no token, or the wrong one"
+_FENCED = "sent before the broker reconnected"
+#: Fenced connections remembered (see ShardServer._admit).
+_FENCED_MAX = 64
+#: Requests that a shard drops once they expired (HELLO and PING never expire).
+_EXPIRING = frozenset({Op.PUT, Op.WRITE, Op.SET_FIELD, Op.DELETE})
+_EXPIRED = "expired: the broker has failed it already"
+#: Exit status of a shard whose store another process holds.
+EXIT_IN_USE = 2
 
 
 class ShardServer:
@@ -72,8 +92,18 @@ class ShardServer:
         index: int,
         ctx: zmq.Context | None = None,
         db: ShardDatabase | None = None,
+        token: str | None = None,
     ) -> None:
         self.config = config
+        #: What a peer presents in its HELLO before it is served (None: every peer is).
+        self.token = token
+        #: The peers (ROUTER identities) served, newest last, each with the broker it is
+        #: (the id in its HELLO; "" where none came).
+        self._admitted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        #: Earlier connections of a broker that has said HELLO again (see ``_admit``).
+        self._fenced: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._refused = 0
+        self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
         self.index = index
         self.endpoint = config.shard_endpoint(index)
         self.store = ShardStore(
@@ -204,6 +234,8 @@ class ShardServer:
         except ProtocolError as e:
             log.warning("shard %d: dropped a malformed message: %s", self.index, e)
             return 0
+        if peer not in self._admitted and not self._admit(peer, msgs):
+            return 0
         self._broker_seen = time.monotonic()
         self._broker_peer = peer
         if not self._broker_alive:
@@ -219,8 +251,71 @@ class ShardServer:
                 n += 1
         return n
 
+    def _admit(self, peer: bytes, msgs: list) -> bool:
+        """Whether to serve ``peer``, not yet admitted: a peer that opens with a HELLO that
+        presents this relay's token (any peer, where the shard asks for none).
+
+        Else its messages are dropped unanswered (a HELLO gets a REJECT, so that a
+        misconfigured broker can say why).  A HELLO with a broker's id fences that
+        broker's earlier connections: what still comes through them is refused, so
+        that a request the broker sent before it reconnected either came before the
+        snapshot it asks for now, or is never applied (a REJECT answers it, on the old
+        connection, where the broker may still listen)."""
+        if peer in self._fenced:
+            self._refuse_fenced(peer, msgs)
+            return False
+        first = msgs[0]
+        hello = type(first) is Message and first.op is Op.HELLO
+        if self.token is not None:
+            token = first.info.get("token") if hello else None
+            if type(token) is not str or not hmac.compare_digest(
+                token.encode(), self.token.encode()
+            ):
+                if hello:
+                    self._reply(peer, Message(Op.REJECT, req=first.req, reason=_NOT_OURS))
+                self._refused_peer(len(msgs), "a peer without this relay's token")
+                return False
+        broker = first.info.get("broker", "") if hello else ""
+        if type(broker) is str and broker:
+            for old in [p for p, b in self._admitted.items() if b == broker]:
+                del self._admitted[old]
+                self._fenced[old] = None
+                if len(self._fenced) > _FENCED_MAX:
+                    self._fenced.popitem(last=False)
+        self._admitted[peer] = broker if type(broker) is str else ""
+        if len(self._admitted) > _ADMITTED_MAX:
+            self._admitted.popitem(last=False)
+        return True
+
+    def _refuse_fenced(self, peer: bytes, msgs: list) -> None:
+        """Refuse what an earlier connection of a broker still brings: a REJECT for each
+        request that waits for an answer; plain WRITEs are dropped (the broker has asked
+        for the snapshot that shows they did not happen)."""
+        for msg in msgs:
+            if type(msg) is WriteRun:
+                for name, req in zip(msg.names, msg.reqs, strict=True):
+                    if req:
+                        self._reply(peer, Message(Op.REJECT, name, req=req, reason=_FENCED))
+            elif msg.req and msg.op in _EXPIRING:
+                self._reject(peer, msg, _FENCED)
+        self._refused_peer(len(msgs), "an earlier connection of a broker that reconnected")
+
+    def _refused_peer(self, n: int, who: str) -> None:
+        """Count ``n`` refused messages; one log line per REFUSED_PEER_LOG_INTERVAL."""
+        self._refused += n
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_PEER_LOG_INTERVAL:
+            log.warning("shard %d: refused %d messages from %s", self.index, self._refused, who)
+            self._refused = 0
+            self._refused_logged = now
+
     def _dispatch(self, peer: bytes, msg: Message) -> None:
         op = msg.op
+        if msg.req and op in _EXPIRING:
+            expires = msg.info.get("expires")
+            if type(expires) is float and time.time() > expires:
+                self._expired(peer, msg)
+                return
         if op is Op.WRITE:
             self._write(peer, msg)
         elif op is Op.PUT:
@@ -276,11 +371,31 @@ class ShardServer:
             outcome = e
         self._written(peer, msg.name, msg.req, outcome)
 
+    def _expired(self, peer: bytes, msg: Message) -> None:
+        """Drop a request that the broker has failed already (see ``_EXPIRED``)."""
+        if msg.op is Op.WRITE:
+            self._written(peer, msg.name, msg.req, Rejected(_EXPIRED))
+            return
+        log.warning("dropped %s of %s (shard %d): %s", msg.op.name, msg.name, self.index, _EXPIRED)
+        self._reject(peer, msg, _EXPIRED)
+
     def _write_run(self, peer: bytes, run: WriteRun) -> None:
-        """A run of one-element WRITEs: each as ``_write`` takes it, column by column."""
+        """A run of one-element WRITEs: each as ``_write`` takes it, column by column.  Past
+        the run's expiry, the WRITEs that wait for an answer are dropped, the others (which
+        no client waits for) applied."""
         write = self.store.write_one
         values, stamps, reqs = run.values, run.stamps, run.reqs
         refusing = self.refusing
+        if run.expires and time.time() > run.expires:
+            for k, name in enumerate(run.names):
+                if reqs[k]:
+                    self._written(peer, name, reqs[k], Rejected(_EXPIRED))
+                    continue
+                try:
+                    write(name, values[k : k + 1], stamps[k])
+                except Rejected as e:
+                    self._written(peer, name, 0, e)
+            return
         for k, name in enumerate(run.names):
             if refusing and reqs[k]:
                 self._written(peer, name, reqs[k], Rejected(refusing))
@@ -663,10 +778,12 @@ def run_shard(config: Config, index: int) -> int:
     config.run_dir.mkdir(parents=True, exist_ok=True)
     store_path = config.store_path(index)
     if lock_store(store_path) is None:
-        log.error("shard %d: another process holds %s; not starting", index, lock_path(store_path))
-        return EXIT_STORE_FAILED
+        held = lock_path(store_path)
+        pids = ", ".join(map(str, holders(held))) or "unknown"
+        log.error("shard %d: %s is in use by carelay pid %s; not starting", index, held, pids)
+        return EXIT_IN_USE
     db = ShardDatabase(store_path)
-    server = ShardServer(config, index, db=db)
+    server = ShardServer(config, index, db=db, token=run_token(config))
     try:
         server.load()
     except StoreDamaged as e:

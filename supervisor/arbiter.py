@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
 
 from carelay.common.config import STATUS_INTERVAL, STOP_GRACE, Config, config_to_dict
 from carelay.common.lifecycle import StopFlag, write_status
+from carelay.common.runlock import RUN_TOKEN_ENV, DataDirInUse, lock_run
 from carelay.shard.reshard import ReshardError, reshard
 from carelay.supervisor.watcher import Watcher, describe_exit, self_argv
 
@@ -39,10 +41,13 @@ class Supervisor:
     def __init__(self, config: Config, flags: list[str]) -> None:
         self.config = config
         base = self_argv()
+        # Made per run: a shard serves only a broker that presents it (see common/runlock.py).
+        env = {RUN_TOKEN_ENV: secrets.token_hex(16)}
         self.watchers = [
-            Watcher(f"shard {k}", [*base, "shard", str(k), *flags]) for k in range(config.shards)
+            Watcher(f"shard {k}", [*base, "shard", str(k), *flags], env)
+            for k in range(config.shards)
         ]
-        self.watchers.append(Watcher("broker", [*base, "broker", *flags]))
+        self.watchers.append(Watcher("broker", [*base, "broker", *flags], env))
         self.status_path = config.run_dir / "supervisor.json"
         self.started = time.monotonic()
         # systemd's readiness socket (Type=notify): the supervisor alone speaks for the
@@ -93,6 +98,23 @@ class Supervisor:
 
     def run(self) -> int:
         stop = StopFlag()
+        # The run lock comes first: a second relay on this data directory leaves before it
+        # touches anything (stores, sockets, status files) of the one that runs.
+        try:
+            self.config.data_dir.mkdir(parents=True, exist_ok=True)
+            lock = lock_run(self.config.data_dir)
+        except DataDirInUse as e:
+            log.error("%s", e)
+            return 2
+        except OSError as e:
+            log.error("cannot lock data directory %s: %s", self.config.data_dir, e)
+            return 2
+        try:
+            return self._run(stop)
+        finally:
+            os.close(lock)
+
+    def _run(self, stop: StopFlag) -> int:
         try:
             self.config.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:

@@ -101,9 +101,34 @@ def _run_role(config: Config, role: str, run: Callable[[], int]) -> int:
             "%s crashed: %s: %s", role, type(e).__name__, e, exc_info=True
         )
         code = 1
-    if code:
+    # Exit 2 is a process that refused to start (its data directory or store is another
+    # process's): the status file it would write is that process's.
+    if code and code != 2:
         write_last_words(status_path(config.run_dir, role), role, code)
     return code
+
+
+#: The locks of a broker or shard started alone, held until the process exits.
+_held_locks: list[int] = []
+
+
+def _standalone_locks(args: argparse.Namespace, config: Config) -> str | None:
+    """Why this broker or shard may not run on its data directory, or None.  A child of
+    ``carelay up`` runs under its parent's lock; one started alone takes its own."""
+    from carelay.common.config import BROKER_LOCK_FILE
+    from carelay.common.runlock import DataDirInUse, join_run, supervised
+
+    if supervised(config.data_dir):
+        return None
+    try:
+        _held_locks.extend(
+            join_run(config.data_dir, BROKER_LOCK_FILE if args.command == "broker" else None)
+        )
+    except DataDirInUse as e:
+        return str(e)
+    except OSError as e:
+        return f"cannot lock data directory {config.data_dir}: {e}"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     from carelay.common.lifecycle import setup_logging
 
+    if args.command in ("broker", "shard") and (problem := _standalone_locks(args, config)):
+        print(f"carelay: {problem}", file=sys.stderr)
+        return 2
     if args.command == "status":
         from carelay.supervisor.status import print_owner, print_status
 

@@ -28,9 +28,10 @@ FLAPPING_WINDOW = 60.0
 class Watcher:
     """Keeps one child (the broker or one shard) running."""
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.name = name
         self.argv = argv
+        self.env = env or {}
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.restarts = 0
@@ -56,7 +57,7 @@ class Watcher:
         return "stopped"
 
     def start(self) -> None:
-        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        env = {**os.environ, **self.env, PARENT_PID_ENV: str(os.getpid())}
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=env)
         self.started_at = time.monotonic()
         self._restart_at = None
