@@ -41,9 +41,7 @@ from carelay.common.protocol import (
     BATCH_MAX,
     Message,
     Op,
-    ProtocolError,
     WriteRun,
-    decode_batch,
 )
 from carelay.common.runlock import run_token
 from carelay.common.sharding import shard_for
@@ -779,16 +777,7 @@ class Broker:
         """Answers to orphans, on a socket of an earlier connection: each completes its
         request.  Nothing else there counts: the reconnect's snapshot shows the shard."""
         n = 0
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return n
-            try:
-                msgs = decode_batch(frames)
-            except ProtocolError as e:
-                log.warning("shard %d: dropped a malformed message: %s", link.index, e)
-                continue
+        while (msgs := link.recv_from(sock)) is not None:
             n += len(msgs)
             for msg in msgs:
                 if msg.req in link.orphans:
@@ -796,6 +785,7 @@ class Broker:
                     if not ok:
                         log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
                     self._finish(link, msg.req, ok)
+        return n
 
     def _write_status(self) -> None:
         self.status_due = False

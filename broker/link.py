@@ -213,22 +213,29 @@ class ShardLink:
     def recv(self) -> list[Message] | None:
         """The messages of one batch, or None when nothing is waiting.  Malformed batches
         are dropped whole."""
-        while self.sock is not None:
+        if self.sock is None:
+            return None
+        msgs = self.recv_from(self.sock)
+        if msgs is not None:
+            self._last_heard = time.monotonic()
+        return msgs
+
+    def recv_from(self, sock: zmq.Socket) -> list[Message] | None:
+        """The messages of one batch waiting on ``sock`` (the link's socket, or one it keeps
+        from an earlier connection), or None when nothing is waiting; a malformed batch is
+        dropped whole, with a log line."""
+        while True:
             # Cheaper than the zmq.Again that a receive on an empty socket raises.
-            if not self.sock.get(zmq.EVENTS) & _POLLIN:
+            if not sock.get(zmq.EVENTS) & _POLLIN:
                 return None
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return None
             try:
-                msgs = decode_batch(frames)
+                return decode_batch(frames)
             except ProtocolError as e:
                 log.warning("shard %d: dropped a malformed message: %s", self.index, e)
-                continue
-            self._last_heard = time.monotonic()
-            return msgs
-        return None
 
     def went_down(self, why: str, park: bool = True) -> None:
         """Drop the socket (``park``: keep it for the answers to requests in flight) and
