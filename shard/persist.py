@@ -103,6 +103,25 @@ def _remove_database(path: Path) -> None:
         Path(str(path) + suffix).unlink(missing_ok=True)
 
 
+def read_store(path: Path) -> list[SavedPv]:
+    """Every PV in the store at ``path``, read without writing anything: beside a running
+    shard (WAL lets readers in while it writes) or with none.  What the shard holds in
+    memory and has not flushed yet is not there.  StoreDamaged when it cannot be read."""
+    if not path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise StoreDamaged(f"{path}: {e}") from None
+    try:
+        rows = conn.execute("SELECT * FROM pvs ORDER BY name").fetchall()
+    except sqlite3.Error as e:
+        raise StoreDamaged(f"{path}: {e}") from None
+    finally:
+        conn.close()
+    return [ShardDatabase._row(path, *r) for r in rows]
+
+
 class ShardDatabase:
     """The autosave file of one shard."""
 
