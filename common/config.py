@@ -76,6 +76,9 @@ STARTUP_GRACE = (
 RUN_LOCK_FILE = "carelay.lock"
 BROKER_LOCK_FILE = "broker.lock"
 TOKEN_FILE = "carelay.token"
+#: Seconds a starting broker keeps quiet about each shard getting in sync before it says
+#: which shards it still waits for (when all are in sync sooner, its ready line says it).
+STARTUP_QUIET = 2.0
 #: Seconds between two progress lines of a long resharding or import.
 PROGRESS_INTERVAL = 5.0
 #: PVs that a resharding or an import into stopped stores commits at a time.

@@ -261,10 +261,12 @@ class ShardDatabase:
             raise StoreDamaged(f"{damage}; restoring {good.name} failed: {e}") from None
         self.restored_from_copy = True
         log.error(
-            "%s; restored the last good copy %s (saved %s); the damaged file is kept as %s",
+            "%s; restored the last good copy %s (saved %s) with %d PVs; the damaged file is "
+            "kept as %s",
             damage,
             good.name,
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(good.stat().st_mtime)),
+            len(rows),
             damaged.name,
         )
         return rows

@@ -332,6 +332,9 @@ def _import_running(
     _ca_environment(source.ca_port)
     from caproto.threading.client import Context
 
+    # Its own INFO lines (each channel's connection) are not this command's news.
+    logging.getLogger("caproto").setLevel(logging.WARNING)
+
     ctx = Context()
     done = failed = 0
     progress = Progress(log, "import", len(records))
