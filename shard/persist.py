@@ -103,6 +103,21 @@ def _remove_database(path: Path) -> None:
         Path(str(path) + suffix).unlink(missing_ok=True)
 
 
+def stored_names(path: Path) -> list[str] | None:
+    """The names in the store at ``path``, read without writing anything; [] when there
+    is no store, None when it cannot be read."""
+    if not path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return [r[0] for r in conn.execute("SELECT name FROM pvs")]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+
+
 def read_store(path: Path) -> list[SavedPv]:
     """Every PV in the store at ``path``, read without writing anything: beside a running
     shard (WAL lets readers in while it writes) or with none.  What the shard holds in

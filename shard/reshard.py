@@ -13,14 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from carelay.common.config import TRANSFER_CHUNK
 from carelay.common.progress import Progress
 from carelay.common.sharding import shard_for
-from carelay.shard.persist import ShardDatabase, good_copy_path, lock_path, lock_store
+from carelay.shard.persist import (
+    ShardDatabase,
+    good_copy_path,
+    lock_path,
+    lock_store,
+    stored_names,
+)
 
 log = logging.getLogger("carelay.reshard")
 
@@ -113,13 +118,8 @@ def _misplaced(path: Path, index: int, n_shards: int) -> bool:
     read-only look; a store that cannot be read is left to its shard to report)."""
     if index >= n_shards:
         return True
-    try:
-        conn = sqlite3.connect(path)
-        try:
-            names = [r[0] for r in conn.execute("SELECT name FROM pvs")]
-        finally:
-            conn.close()
-    except sqlite3.Error:
+    names = stored_names(path)
+    if names is None:
         return False
     return any(shard_for(name, n_shards) != index for name in names)
 
