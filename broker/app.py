@@ -837,16 +837,16 @@ class Broker:
         # Status says so before the log does: who reads "ready:" may ask it at once.
         self._write_status()
         log.info(
-            "ready: %d PVs, %d shards, prefix %s, CA port %s on %s, data directory %s, "
-            "control PVs %s %s",
+            "ready: %d PVs, %d shards, prefix %s, control PVs %s %s, data directory %s, "
+            "interfaces %s, CA port %s",
             self.n_real,
             len(self.links),
             self.config.prefix,
-            ", ".join(map(str, ports)) or "unknown",
-            os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").strip() or "all interfaces",
-            self.config.data_dir.resolve(),
             self.config.pvlist_name,
             self.config.delpv_name,
+            self.config.data_dir.resolve(),
+            os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").strip() or "all",
+            ", ".join(map(str, ports)) or "unknown",
         )
 
     def _not_ready_yet(self) -> None:
