@@ -144,6 +144,8 @@ class ShardServer:
         self._error_logged = 0.0
         self.refusing = ""
         self._status_due = False
+        #: Values written by the clean stop (changed since the last flush).
+        self.saved_on_stop = 0
 
     def load(self) -> None:
         """Take the PVs saved in the autosave."""
@@ -765,7 +767,7 @@ class ShardServer:
                 f" and {more} more" if more > 0 else "",
             )
             return False
-        log.debug("saved %d changed value%s on stop", n, "" if n == 1 else "s")
+        self.saved_on_stop = n
         return True
 
 
@@ -809,5 +811,9 @@ def run_shard(config: Config, index: int) -> int:
         server.close()
         db.close()
         server.status_path.unlink(missing_ok=True)
-    log.info("stopped")
+    if saved:
+        n = server.saved_on_stop
+        log.info("stopped, every value saved (%d changed since the last flush)", n)
+    else:
+        log.info("stopped")
     return 0 if saved else EXIT_UNSAVED

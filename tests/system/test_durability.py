@@ -641,7 +641,7 @@ def test_crash_of_the_whole_tree_keeps_creations_and_autosaved_values(make_relay
     finally:
         for loader in loaders:
             loader.finish()
-    assert "values on stop" not in relay.log()[mark:], "a process had a clean stop"
+    assert "every value saved" not in relay.log()[mark:], "a process had a clean stop"
 
     relay.start()
     fresh = contexts()
@@ -668,7 +668,7 @@ def test_supervisor_sigkill_leaves_no_child_and_the_relay_starts_again(make_rela
     wait_for(lambda: not relay.children(), timeout=5, what="every child to exit")
     assert relay.stop() == -signal.SIGKILL
     # The children stopped on their parent-death signal (SIGTERM), with a final flush.
-    assert relay.log().count("values on stop") == 2
+    assert relay.log().count("stopped, every value saved") == 2
 
     relay.start()
     fresh = contexts()
