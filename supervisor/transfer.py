@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +69,11 @@ def find_relay(config: Config) -> Source:
     if status is None:
         return Source(config, False)
     port = status.get("ca_port")
-    return Source(
-        running_config(config, status) or config,
-        True,
-        int(port) if str(port).isdigit() else None,
-    )
+    running = running_config(config, status) or config
+    period = (status.get("config") or {}).get("autosave_period")
+    if isinstance(period, int | float) and period > 0:
+        running = replace(running, autosave_period=float(period))
+    return Source(running, True, int(port) if str(port).isdigit() else None)
 
 
 def read_pvs(config: Config) -> list[tuple[int, SavedPv]]:
