@@ -30,6 +30,7 @@ from carelay.common.config import (
     PUT_RECONNECT_GRACE,
     PUT_TIMEOUT,
     READ_SYNC_TIMEOUT,
+    STARTUP_QUIET,
     STATUS_INTERVAL,
     Config,
 )
@@ -141,6 +142,9 @@ class Broker:
         self.delpv = DelPvPV(self, config.delpv_name, config.max_name_length)
         self.controls = {self.pvlist.name: self.pvlist, self.delpv.name: self.delpv}
         self.ready = False
+        #: Until ready, or STARTUP_QUIET after the start, shards in sync are DEBUG news:
+        #: the ready line says it for all of them.
+        self._quiet_until: float | None = time.monotonic() + STARTUP_QUIET
         self.ca_port: int | None = None
         #: The TCP ports the CA server listens on (see run_broker).
         self.ca_ports: list[int] = []
@@ -665,7 +669,9 @@ class Broker:
         self.status_due = True  # `carelay status` learns of the link at once, not in 1 s
         self._store_state(link, end.info.get("store_error", ""))
         self._unserved.discard(link.index)
-        log.info("shard %d in sync: %d PVs at seq %d", link.index, len(snap), end.seq)
+        log.debug("shard %d in sync at seq %d", link.index, end.seq)
+        level = logging.DEBUG if self._quiet_until is not None else logging.INFO
+        log.log(level, "shard %d in sync: %d PVs", link.index, len(snap))
 
     def _hello(self, link: ShardLink) -> None:
         info = {"broker": self.instance}
@@ -807,6 +813,7 @@ class Broker:
         """Every shard is in sync: say so, with the CA port the server really listens on
         (PCAS takes another one when the configured port is taken)."""
         self.ready = True
+        self._quiet_until = None
         self._unserved.discard(None)
         ports = self.ca_ports
         configured = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
@@ -820,11 +827,29 @@ class Broker:
         # Status says so before the log does: who reads "ready:" may ask it at once.
         self._write_status()
         log.info(
-            "ready: %d PVs, %d shards, prefix %s, CA port %s",
+            "ready: %d PVs, %d shards, prefix %s, control PVs %s %s, data directory %s, "
+            "interfaces %s, CA port %s",
             self.n_real,
             len(self.links),
             self.config.prefix,
+            self.config.pvlist_name,
+            self.config.delpv_name,
+            self.config.data_dir.resolve(),
+            os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").strip() or "all",
             ", ".join(map(str, ports)) or "unknown",
+        )
+
+    def _not_ready_yet(self) -> None:
+        """Start-up takes long: say which shards it waits for, and from now on each one
+        that gets in sync."""
+        self._quiet_until = None
+        synced = [f"shard {link.index} in sync" for link in self.links if link.live]
+        waiting = [f"shard {link.index}" for link in self.links if not link.live]
+        log.info(
+            "not ready after %g s: %s; waiting for %s",
+            STARTUP_QUIET,
+            ", ".join(synced) or "no shard in sync",
+            ", ".join(waiting),
         )
 
     def run(self, stop: StopFlag) -> None:
@@ -864,6 +889,8 @@ class Broker:
                 self._post_due(now)
             if not self.ready and all(link.live for link in self.links):
                 self._became_ready()
+            elif self._quiet_until is not None and now >= self._quiet_until:
+                self._not_ready_yet()
             if now >= next_status or self.status_due:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
@@ -962,7 +989,7 @@ def run_broker(config: Config) -> int:
     server = RelayServer(broker)
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()
-    log.info("broker started (pid %d), prefix %s", os.getpid(), config.prefix)
+    log.debug("started (pid %d)", os.getpid())
     try:
         broker.run(stop)
     finally:
@@ -971,7 +998,7 @@ def run_broker(config: Config) -> int:
             link.close_parked()
         broker.status_path.unlink(missing_ok=True)
         del server
-    log.info("broker stopped")
+    log.info("stopped")
     return 0
 
 

@@ -76,6 +76,16 @@ STARTUP_GRACE = (
 RUN_LOCK_FILE = "carelay.lock"
 BROKER_LOCK_FILE = "broker.lock"
 TOKEN_FILE = "carelay.token"
+#: Seconds a starting broker keeps quiet about each shard getting in sync before it says
+#: which shards it still waits for (when all are in sync sooner, its ready line says it).
+STARTUP_QUIET = 2.0
+#: Seconds between two progress lines of a long resharding or import.
+PROGRESS_INTERVAL = 5.0
+#: PVs that a resharding or an import into stopped stores commits at a time.
+TRANSFER_CHUNK = 500
+#: Seconds ``carelay import`` waits for a PV of the running relay to connect or a put
+#: with callback to complete.
+IMPORT_CA_TIMEOUT = 10.0
 #: Seconds between two log lines about peers refused for want of the relay's token.
 REFUSED_PEER_LOG_INTERVAL = 10.0
 #: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.

@@ -73,6 +73,14 @@ def setup_logging(level: str, role: str) -> logging.Logger:
 
 #: Set by the supervisor in its children's environment: its own pid.
 PARENT_PID_ENV = "CARELAY_SUPERVISOR_PID"
+#: Set by the supervisor in its children's environment: how often it restarted this one.
+RESTARTS_ENV = "CARELAY_RESTARTS"
+
+
+def first_start_under_supervisor() -> bool:
+    """Whether this process is a child of ``carelay up`` started with the relay (not a
+    restart): its start-up is then news for DEBUG, as the relay's ready line says it."""
+    return bool(os.environ.get(PARENT_PID_ENV)) and os.environ.get(RESTARTS_ENV) == "0"
 
 
 def die_with_parent(sig: int = signal.SIGTERM) -> None:

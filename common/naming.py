@@ -77,3 +77,15 @@ def parse_pv_name(fullname: str, prefix: str, max_elements: int, max_name_length
     if count > max_elements:
         raise InvalidPvName(f"count {count} is above max_elements {max_elements}")
     return PvSpec(fullname, type_code, count)
+
+
+_TAIL_RE = re.compile(r"_(?P<type>[fics])(?P<count>[1-9][0-9]{0,9})\Z", re.I)
+
+
+def split_type(fullname: str) -> tuple[str, str, int] | None:
+    """``(base, type_code, count)`` of a name ending in ``_<type><count>``, whatever its
+    prefix (``("P:temp", "f", 1)`` for ``P:temp_f1``); None for a name that does not."""
+    m = _TAIL_RE.search(fullname)
+    if m is None or m["type"] == "S":
+        return None
+    return fullname[: m.start()], m["type"], int(m["count"])

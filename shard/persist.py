@@ -103,6 +103,40 @@ def _remove_database(path: Path) -> None:
         Path(str(path) + suffix).unlink(missing_ok=True)
 
 
+def stored_names(path: Path) -> list[str] | None:
+    """The names in the store at ``path``, read without writing anything; [] when there
+    is no store, None when it cannot be read."""
+    if not path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return [r[0] for r in conn.execute("SELECT name FROM pvs")]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return None
+
+
+def read_store(path: Path) -> list[SavedPv]:
+    """Every PV in the store at ``path``, read without writing anything: beside a running
+    shard (WAL lets readers in while it writes) or with none.  What the shard holds in
+    memory and has not flushed yet is not there.  StoreDamaged when it cannot be read."""
+    if not path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise StoreDamaged(f"{path}: {e}") from None
+    try:
+        rows = conn.execute("SELECT * FROM pvs ORDER BY name").fetchall()
+    except sqlite3.Error as e:
+        raise StoreDamaged(f"{path}: {e}") from None
+    finally:
+        conn.close()
+    return [ShardDatabase._row(path, *r) for r in rows]
+
+
 class ShardDatabase:
     """The autosave file of one shard."""
 
@@ -242,10 +276,12 @@ class ShardDatabase:
             raise StoreDamaged(f"{damage}; restoring {good.name} failed: {e}") from None
         self.restored_from_copy = True
         log.error(
-            "%s; restored the last good copy %s (saved %s); the damaged file is kept as %s",
+            "%s; restored the last good copy %s (saved %s) with %d PVs; the damaged file is "
+            "kept as %s",
             damage,
             good.name,
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(good.stat().st_mtime)),
+            len(rows),
             damaged.name,
         )
         return rows

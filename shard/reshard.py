@@ -13,12 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from carelay.common.config import TRANSFER_CHUNK
+from carelay.common.progress import Progress
 from carelay.common.sharding import shard_for
-from carelay.shard.persist import ShardDatabase, good_copy_path, lock_path, lock_store
+from carelay.shard.persist import (
+    ShardDatabase,
+    good_copy_path,
+    lock_path,
+    lock_store,
+    stored_names,
+)
 
 log = logging.getLogger("carelay.reshard")
 
@@ -72,6 +79,7 @@ def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
             except Exception as e:
                 raise ReshardError(f"cannot open {db.path} to reshard: {e}") from None
             dbs[k] = db
+        moves: list[tuple[int, int, list]] = []
         for k, saved in rows.items():
             report.total += len(saved)
             by_target: dict[int, list] = {}
@@ -79,11 +87,16 @@ def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
                 owner = shard_for(row.name, n_shards)
                 if owner != k:
                     by_target.setdefault(owner, []).append(row)
-            for owner, moving in by_target.items():
-                dbs[owner].save((r.name, r.stamp, r.value, r.fields) for r in moving)
-                dbs[k].save((), deletes=[r.name for r in moving])
-                report.moved += len(moving)
-                log.info("moved %d PVs from shard %d to shard %d", len(moving), k, owner)
+            moves += [(k, owner, moving) for owner, moving in by_target.items()]
+        progress = Progress(log, "resharding", sum(len(m) for _, _, m in moves), "PVs moved")
+        for k, owner, moving in moves:
+            for i in range(0, len(moving), TRANSFER_CHUNK):
+                chunk = moving[i : i + TRANSFER_CHUNK]
+                dbs[owner].save((r.name, r.stamp, r.value, r.fields) for r in chunk)
+                dbs[k].save((), deletes=[r.name for r in chunk])
+                report.moved += len(chunk)
+                progress.step(len(chunk))
+            log.debug("moved %d PVs from shard %d to shard %d", len(moving), k, owner)
         for k in indices:
             if k >= n_shards and not dbs[k].count():
                 dbs[k].close()
@@ -96,7 +109,7 @@ def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
         for fd in locks:
             os.close(fd)
     if report.moved:
-        log.info("resharded to %d shards: moved %d of %d PVs", n_shards, report.moved, report.total)
+        log.info("resharding to %d shards moved %d of %d PVs", n_shards, report.moved, report.total)
     return report
 
 
@@ -105,13 +118,8 @@ def _misplaced(path: Path, index: int, n_shards: int) -> bool:
     read-only look; a store that cannot be read is left to its shard to report)."""
     if index >= n_shards:
         return True
-    try:
-        conn = sqlite3.connect(path)
-        try:
-            names = [r[0] for r in conn.execute("SELECT name FROM pvs")]
-        finally:
-            conn.close()
-    except sqlite3.Error:
+    names = stored_names(path)
+    if names is None:
         return False
     return any(shard_for(name, n_shards) != index for name in names)
 

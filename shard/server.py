@@ -37,7 +37,12 @@ from carelay.common.config import (
     Config,
 )
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
-from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
+from carelay.common.lifecycle import (
+    StopFlag,
+    die_with_parent,
+    first_start_under_supervisor,
+    write_status,
+)
 from carelay.common.protocol import (
     Message,
     Op,
@@ -139,6 +144,8 @@ class ShardServer:
         self._error_logged = 0.0
         self.refusing = ""
         self._status_due = False
+        #: Values written by the clean stop (changed since the last flush).
+        self.saved_on_stop = 0
 
     def load(self) -> None:
         """Take the PVs saved in the autosave."""
@@ -148,12 +155,11 @@ class ShardServer:
         skipped = self.store.load(rows)
         for name in skipped:
             log.warning(
-                "shard %d: %s in %s is not served under this configuration; kept as is",
-                self.index,
+                "%s in %s is not served under this configuration; kept as is",
                 name,
                 self.db.path,
             )
-        log.info("shard %d: loaded %d PVs from %s", self.index, len(self.store), self.db.path)
+        log.debug("loaded %d PVs from %s", len(self.store), self.db.path)
 
     def bind(self) -> None:
         if self.endpoint.startswith("ipc://"):
@@ -171,7 +177,7 @@ class ShardServer:
         self._sock = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
-        log.info("shard %d listening on %s (epoch %x)", self.index, self.endpoint, self.epoch)
+        log.debug("listening on %s (epoch %x)", self.endpoint, self.epoch)
 
     def _secure(self, sock: zmq.Socket) -> None:
         """CurveZMQ server: encrypted, and only peers holding a key from keys_dir get in."""
@@ -187,7 +193,7 @@ class ShardServer:
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
-        log.info("shard %d: CurveZMQ keys from %s", self.index, keys_dir)
+        log.info("CurveZMQ keys from %s", keys_dir)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -220,8 +226,7 @@ class ShardServer:
                     send_frames(self._sock, [peer, *frames])
                 except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
                     log.warning(
-                        "shard %d: cannot send %d replies to the broker: %s",
-                        self.index,
+                        "cannot send %d replies to the broker: %s",
                         len(batch),
                         e,
                     )
@@ -232,7 +237,7 @@ class ShardServer:
         try:
             msgs = decode_batch(frames, runs=True)
         except ProtocolError as e:
-            log.warning("shard %d: dropped a malformed message: %s", self.index, e)
+            log.warning("dropped a malformed message: %s", e)
             return 0
         if peer not in self._admitted and not self._admit(peer, msgs):
             return 0
@@ -240,7 +245,7 @@ class ShardServer:
         self._broker_peer = peer
         if not self._broker_alive:
             self._broker_alive = True
-            log.info("shard %d: broker connected", self.index)
+            log.debug("broker connected")
         n = 0
         for msg in msgs:
             if type(msg) is WriteRun:
@@ -305,7 +310,7 @@ class ShardServer:
         self._refused += n
         now = time.monotonic()
         if now - self._refused_logged >= REFUSED_PEER_LOG_INTERVAL:
-            log.warning("shard %d: refused %d messages from %s", self.index, self._refused, who)
+            log.warning("refused %d messages from %s", self._refused, who)
             self._refused = 0
             self._refused_logged = now
 
@@ -328,14 +333,14 @@ class ShardServer:
             except Rejected as e:
                 self._reject(peer, msg, str(e))
                 return
-            log.info("deleted PV %s (shard %d)", msg.name, self.index)
+            log.info("deleted PV %s", msg.name)
             self._reply(peer, Message(Op.DELETED, msg.name, req=msg.req, seq=seq))
         elif op is Op.SET_FIELD:
             self._set_field(peer, msg)
         elif op is Op.HELLO:
             self._snapshot(peer, msg.req)
         else:
-            log.warning("shard %d: unexpected operation %s dropped", self.index, op.name)
+            log.warning("unexpected operation %s dropped", op.name)
 
     def _pong(self, peer: bytes, req: int) -> None:
         info = {"pvs": len(self.store), "store_error": self.refusing}
@@ -346,17 +351,17 @@ class ShardServer:
             self._reject(peer, msg, "put without data")
             return
         if self.refusing and msg.info.get("callback"):
-            log.warning("refused put to %s (shard %d): %s", msg.name, self.index, self.refusing)
+            log.warning("refused put to %s: %s", msg.name, self.refusing)
             self._reject(peer, msg, self.refusing)
             return
         try:
             change = self.store.put(msg.name, msg.data, msg.stamp)
         except Rejected as e:
-            log.warning("refused put to %s (shard %d): %s", msg.name, self.index, e)
+            log.warning("refused put to %s: %s", msg.name, e)
             self._reject(peer, msg, str(e))
             return
         if change.created:
-            log.info("created PV %s (shard %d)", msg.name, self.index)
+            log.info("created PV %s", msg.name)
         self._reply_change(peer, msg.req, change, {"created": 1} if change.created else {})
 
     def _write(self, peer: bytes, msg: Message) -> None:
@@ -376,7 +381,7 @@ class ShardServer:
         if msg.op is Op.WRITE:
             self._written(peer, msg.name, msg.req, Rejected(_EXPIRED))
             return
-        log.warning("dropped %s of %s (shard %d): %s", msg.op.name, msg.name, self.index, _EXPIRED)
+        log.warning("dropped %s of %s: %s", msg.op.name, msg.name, _EXPIRED)
         self._reject(peer, msg, _EXPIRED)
 
     def _write_run(self, peer: bytes, run: WriteRun) -> None:
@@ -414,7 +419,7 @@ class ShardServer:
         WRITE is silent unless it asked for an answer (``req``, a put with callback: an ACK)
         or was refused: a REJECT, then the PV as it stands here for the broker's mirror."""
         if isinstance(outcome, Rejected):
-            log.warning("refused put to %s (shard %d): %s", name, self.index, outcome)
+            log.warning("refused put to %s: %s", name, outcome)
             self._reply(peer, Message(Op.REJECT, name, req=req, reason=str(outcome)))
             self._correct(peer, name)
         elif req:
@@ -458,14 +463,14 @@ class ShardServer:
             else:
                 seq, value = self.store.set_field(msg.name, str(field), value)
         except Rejected as e:
-            log.warning("refused %s.%s (shard %d): %s", msg.name, field, self.index, e)
+            log.warning("refused %s.%s: %s", msg.name, field, e)
             self._reject(peer, msg, str(e))
             return
         if field == "RES":
-            log.info("emptied buffer %s (shard %d)", msg.name, self.index)
+            log.info("emptied buffer %s", msg.name)
             self._reply_change(peer, msg.req, change, {"reset": 1})
             return
-        log.info("set %s.%s = %r (shard %d)", msg.name, field, value, self.index)
+        log.info("set %s.%s = %r", msg.name, field, value)
         self._reply(
             peer,
             Message(
@@ -493,7 +498,7 @@ class ShardServer:
             n += 1
         info = {"pvs": n, "store_error": self.refusing}
         self._reply(peer, Message(Op.SNAPSHOT_END, req=req, seq=self.store.seq, info=info))
-        log.info("shard %d: sent a snapshot of %d PVs at seq %d", self.index, n, self.store.seq)
+        log.debug("sent a snapshot of %d PVs at seq %d", n, self.store.seq)
 
     # -- durability -------------------------------------------------------------
 
@@ -512,8 +517,7 @@ class ShardServer:
             self._store_failed(e, quiet=True)  # the line below says it
             names = set(self.store.rollback_unsaved())
             log.error(
-                "shard %d: cannot save %d creations/deletions to %s (%s); refusing them",
-                self.index,
+                "cannot save %d creations/deletions to %s (%s); refusing them",
                 len(names),
                 self.db.path,
                 e,
@@ -585,7 +589,7 @@ class ShardServer:
         try:
             self.db.refresh_good_copy()
         except (sqlite3.Error, OSError) as e:
-            log.error("shard %d: cannot refresh the good copy: %s", self.index, e)
+            log.error("cannot refresh the good copy: %s", e)
 
     def _collect(self, wait: bool) -> bool:
         """Whether no value write is in flight, after taking the result of a finished one
@@ -630,8 +634,7 @@ class ShardServer:
             self._error_logged = now
         elif changed or now - self._error_logged >= STORE_ERROR_REPEAT:
             log.error(
-                "shard %d: %s: %s; %d values held, tried again every %g s",
-                self.index,
+                "%s: %s; %d values held, tried again every %g s",
                 what,
                 error,
                 len(self.store.dirty),
@@ -647,9 +650,8 @@ class ShardServer:
         if self.store_error is None:
             return
         log.warning(
-            "shard %d: the store %s can be written again, after %.1f s; puts with callback "
+            "the store %s can be written again, after %.1f s; puts with callback "
             "are accepted again",
-            self.index,
             self.db.path,
             time.monotonic() - self._failed_at,
         )
@@ -671,9 +673,8 @@ class ShardServer:
         self.refusing = self._refusal()
         self._status_due = True
         log.error(
-            "shard %d: the store has not been written for %.1f s: puts with callback to its "
+            "the store has not been written for %.1f s: puts with callback to its "
             "PVs fail, and the PVs carry a WRITE alarm, until it can be",
-            self.index,
             now - self._failed_at,
         )
 
@@ -739,7 +740,7 @@ class ShardServer:
                 next_copy = now + GOOD_COPY_INTERVAL
             if self._broker_alive and now - self._broker_seen > quiet_after:
                 self._broker_alive = False
-                log.warning("shard %d: broker went quiet", self.index)
+                log.warning("broker went quiet")
             if self._status_due and self._broker_peer is not None:
                 # The store's state changed: the broker hears it now, not at the next PING.
                 self._pong(self._broker_peer, 0)
@@ -757,8 +758,7 @@ class ShardServer:
             names = sorted(self.store.dirty)
             more = len(names) - _NAMES_LOGGED
             log.error(
-                "shard %d: stopped with %d value%s not saved to %s (%s): %s%s",
-                self.index,
+                "stopped with %d value%s not saved to %s (%s): %s%s",
                 len(names),
                 "" if len(names) == 1 else "s",
                 self.db.path,
@@ -767,7 +767,7 @@ class ShardServer:
                 f" and {more} more" if more > 0 else "",
             )
             return False
-        log.info("shard %d: flushed %d values on stop", self.index, n)
+        self.saved_on_stop = n
         return True
 
 
@@ -780,29 +780,40 @@ def run_shard(config: Config, index: int) -> int:
     if lock_store(store_path) is None:
         held = lock_path(store_path)
         pids = ", ".join(map(str, holders(held))) or "unknown"
-        log.error("shard %d: %s is in use by carelay pid %s; not starting", index, held, pids)
+        log.error("%s is in use by carelay pid %s; not starting", held, pids)
         return EXIT_IN_USE
     db = ShardDatabase(store_path)
     server = ShardServer(config, index, db=db, token=run_token(config))
     try:
         server.load()
     except StoreDamaged as e:
-        log.error("shard %d: cannot start: %s", index, e)
+        log.error("cannot start: %s", e)
         return EXIT_STORE_FAILED
     try:
         server.bind()
     except KeysError as e:
-        log.error("shard %d: cannot start: %s", index, e)
+        log.error("cannot start: %s", e)
         return EXIT_STORE_FAILED
     except zmq.ZMQError as e:
-        log.error("shard %d: cannot listen on %s: %s", index, server.endpoint, e)
+        log.error("cannot listen on %s: %s", server.endpoint, e)
         return 1
-    log.info("shard %d started (pid %d)", index, os.getpid())
+    log.log(
+        logging.DEBUG if first_start_under_supervisor() else logging.INFO,
+        "started (pid %d): %d PVs from %s, listening on %s",
+        os.getpid(),
+        len(server.store),
+        db.path,
+        server.endpoint,
+    )
     try:
         saved = server.serve(stop)
     finally:
         server.close()
         db.close()
         server.status_path.unlink(missing_ok=True)
-    log.info("shard %d stopped", index)
+    if saved:
+        n = server.saved_on_stop
+        log.info("stopped, every value saved (%d changed since the last flush)", n)
+    else:
+        log.info("stopped")
     return 0 if saved else EXIT_UNSAVED

@@ -121,24 +121,18 @@ class Supervisor:
             log.error("cannot create data directory %s: %s", self.config.run_dir, e)
             return 2
         log.info(
-            "carelay up (pid %d): %d shards, prefix %s, data in %s",
+            "carelay up (pid %d): %d shards, prefix %s, data directory %s",
             os.getpid(),
             self.config.shards,
             self.config.prefix,
-            self.config.data_dir,
+            self.config.data_dir.resolve(),
         )
         try:
-            report = reshard(self.config.data_dir, self.config.shards, self.config.store_path)
+            # It logs what it moved, once.
+            reshard(self.config.data_dir, self.config.shards, self.config.store_path)
         except ReshardError as e:
             log.error("cannot start: %s", e)
             return 1
-        if report.moved or report.removed_stores:
-            log.info(
-                "resharding to %d shards moved %d of %d PVs",
-                self.config.shards,
-                report.moved,
-                report.total,
-            )
         for w in self.watchers:
             w.start()
         next_status = 0.0

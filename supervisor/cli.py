@@ -65,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show the processes of a running relay")
     _config_flags(st)
     st.add_argument("--pv", metavar="NAME", help="show which shard owns the PV NAME")
+    ls = sub.add_parser("list", help="list the PVs: type, count, NORD, shard, update, bytes")
+    _config_flags(ls)
+    ls.add_argument("glob", nargs="?", help="only names matching GLOB (with or without prefix)")
+    ls.add_argument("--shard", type=int, metavar="K", help="only the PVs of shard K")
+    ls.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    ex = sub.add_parser("export", help="write PVs with fields and values to stdout (JSON Lines)")
+    _config_flags(ex)
+    ex.add_argument("glob", nargs="?", help="only names matching GLOB (with or without prefix)")
+    im = sub.add_parser("import", help="create or set the PVs of an export file")
+    _config_flags(im)
+    im.add_argument("file", help="a file written by carelay export")
     keys = sub.add_parser("keys", help="make CurveZMQ keys for shards on other hosts")
     keys.add_argument("directory", help="where to write shard.key[_secret], broker.key[_secret]")
     br = sub.add_parser("broker", help="run the CA broker (started by `carelay up`)")
@@ -181,6 +192,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pv:
             return print_owner(config, args.pv)
         return print_status(config)
+    if args.command in ("list", "export"):
+        from carelay.supervisor.transfer import export_pvs, list_pvs
+
+        if args.command == "list":
+            return list_pvs(config, args.glob, args.shard, args.json)
+        return export_pvs(config, args.glob)
+    if args.command == "import":
+        from pathlib import Path
+
+        from carelay.supervisor.transfer import import_pvs
+
+        setup_logging(config.log_level, "import")
+        return import_pvs(config, Path(args.file))
     if args.command == "broker":
         setup_logging(config.log_level, "broker")
         from carelay.broker.app import run_broker

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import sys
 import time
 from dataclasses import replace
@@ -29,6 +28,7 @@ from carelay.common.fields import split_field
 from carelay.common.lifecycle import status_path
 from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
+from carelay.shard.persist import stored_names
 from carelay.supervisor.watcher import describe_exit
 
 #: Exit statuses of ``carelay status``.
@@ -316,13 +316,5 @@ def _endpoint(config: Config, status: dict | None, shard: int) -> str:
 
 
 def _store_holds(path: Path, name: str) -> bool | None:
-    if not path.exists():
-        return False
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return conn.execute("SELECT 1 FROM pvs WHERE name = ?", (name,)).fetchone() is not None
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return None
+    names = stored_names(path)
+    return None if names is None else name in names

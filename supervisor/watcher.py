@@ -16,7 +16,7 @@ from carelay.common.config import (
     RESTART_BACKOFF_MAX,
     RESTART_RESET_AFTER,
 )
-from carelay.common.lifecycle import PARENT_PID_ENV
+from carelay.common.lifecycle import PARENT_PID_ENV, RESTARTS_ENV
 
 log = logging.getLogger("carelay.supervisor")
 
@@ -57,11 +57,17 @@ class Watcher:
         return "stopped"
 
     def start(self) -> None:
-        env = {**os.environ, **self.env, PARENT_PID_ENV: str(os.getpid())}
+        env = {
+            **os.environ,
+            **self.env,
+            PARENT_PID_ENV: str(os.getpid()),
+            RESTARTS_ENV: str(self.restarts),
+        }
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=env)
         self.started_at = time.monotonic()
         self._restart_at = None
-        log.info("started %s (pid %d)", self.name, self.proc.pid)
+        # A restart has its own line (check); the first start is in the ready line.
+        log.debug("started %s (pid %d)", self.name, self.proc.pid)
 
     def check(self, now: float) -> None:
         """Notice an exit and restart after the back-off."""

@@ -433,7 +433,7 @@ def test_shard_sigkill_under_load_loses_no_acknowledged_put(make_relay, ca):
         probe_answered = now()
 
         wait_for(lambda: put_then_read(probe, 2.5), timeout=SERVE_AGAIN_BOUND, what="shard 0 back")
-        relay.wait_log("shard 0 started", start=mark)
+        relay.wait_log("shard 0: started", start=mark)
         new_pid = role_pid(relay, "shard 0")
         assert new_pid not in (None, old_pid)
         restarted = process_started(new_pid)
@@ -641,7 +641,7 @@ def test_crash_of_the_whole_tree_keeps_creations_and_autosaved_values(make_relay
     finally:
         for loader in loaders:
             loader.finish()
-    assert "values on stop" not in relay.log()[mark:], "a process had a clean stop"
+    assert "every value saved" not in relay.log()[mark:], "a process had a clean stop"
 
     relay.start()
     fresh = contexts()
@@ -668,7 +668,7 @@ def test_supervisor_sigkill_leaves_no_child_and_the_relay_starts_again(make_rela
     wait_for(lambda: not relay.children(), timeout=5, what="every child to exit")
     assert relay.stop() == -signal.SIGKILL
     # The children stopped on their parent-death signal (SIGTERM), with a final flush.
-    assert relay.log().count("values on stop") == 2
+    assert relay.log().count("stopped, every value saved") == 2
 
     relay.start()
     fresh = contexts()
@@ -727,7 +727,7 @@ def test_damaged_store_is_restored_from_the_good_copy(make_relay, ca, contexts, 
     log = relay.log()[mark:]
     lines = [line for line in log.splitlines() if "restored the last good copy" in line]
     assert len(lines) == 1 and "shard 0" in lines[0] and str(store(relay)) in lines[0], lines
-    assert "shard 0: loaded 4 PVs" in log  # not an empty store
+    assert "with 4 PVs" in lines[0], lines  # not an empty store
     assert any(p.name.startswith("shard-0.sqlite.damaged-") for p in relay.data_dir.iterdir())
     fresh = contexts()
     check_values(fresh, names)
@@ -773,7 +773,7 @@ def test_damaged_store_without_a_sound_copy_refuses_and_shard_1_serves(
     code, rows = status_rows(relay)
     assert code == 3 or rows["shard 0"]["state"] == "running", (code, rows)
     log = relay.log()[mark:]
-    assert "shard 0 started" not in log, "shard 0 came up without its PVs"
+    assert "shard 0: started" not in log, "shard 0 came up without its PVs"
     assert log.count("shard 0: cannot start") >= 3
     # The damaged store is kept, byte for byte, for a person to look at.
     kept = [

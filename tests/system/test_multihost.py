@@ -137,7 +137,7 @@ def site(hosts, tmp_path, request):
         argv = ["ip", "netns", "exec", hosts.ns, *CARELAY, "shard", "--config", str(config),
                 "--index", str(k), "--data-dir", str(tmp_path / "shardhost")]  # fmt: skip
         procs[f"shard {k}"] = p = Proc(argv, tmp_path / f"shard{k}.log")
-        p.wait_log(f"shard {k} started")
+        p.wait_log(f"shard {k}: started")
         return p
 
     for k in range(2):

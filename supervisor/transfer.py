@@ -1,0 +1,400 @@
+"""``carelay list``, ``export`` and ``import``: the PVs of a relay, read and written.
+
+Reading (list, export) goes to the shards' stores, read-only, whether the relay runs
+or not: SQLite's WAL lets a reader in beside the writing shard, no request has to pass
+the shards' admission (they serve only their own broker), and creations and deletions
+are durable before they are acknowledged, so the names are exact.  Values and fields
+are as of each shard's last flush: at most ``autosave_period`` seconds older than what
+the relay serves.
+
+Writing (import) into a running relay goes through its CA port, as any client's puts
+do: the shards create the PVs, the broker mirrors them, monitors fire and access
+security applies.  The client is caproto (pure Python: no C library to find, nothing
+to go wrong when a process forks).  Into a stopped relay, import writes the stores
+directly, under the relay's lock, so that no relay starts meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from carelay.common.config import IMPORT_CA_TIMEOUT, TRANSFER_CHUNK, Config
+from carelay.common.naming import InvalidPvName, split_type
+from carelay.common.progress import Progress
+from carelay.common.runlock import DataDirInUse, lock_run
+from carelay.common.sharding import shard_for
+from carelay.shard.persist import (
+    SavedPv,
+    ShardDatabase,
+    StoreDamaged,
+    lock_store,
+    read_store,
+)
+from carelay.shard.reshard import store_indices
+from carelay.supervisor import pvfile
+from carelay.supervisor.status import collect, running_config
+
+log = logging.getLogger("carelay.import")
+
+#: Exit statuses of list, export and import.
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_FAILED = 2
+
+
+@dataclass
+class Source:
+    """Where PVs are read from: the configuration in force and whether a relay runs."""
+
+    config: Config
+    running: bool
+    ca_port: int | None = None
+
+
+def find_relay(config: Config) -> Source:
+    """The running relay on ``config``'s data directory (its own prefix and shard count),
+    or the stores alone under ``config``."""
+    status = collect(config)
+    if status is None:
+        return Source(config, False)
+    port = status.get("ca_port")
+    running = running_config(config, status) or config
+    period = (status.get("config") or {}).get("autosave_period")
+    if isinstance(period, int | float) and period > 0:
+        running = replace(running, autosave_period=float(period))
+    return Source(running, True, int(port) if str(port).isdigit() else None)
+
+
+def read_pvs(config: Config) -> list[tuple[int, SavedPv]]:
+    """Every PV in the stores of ``config``'s data directory, with its store's index,
+    sorted by name.  StoreDamaged when a store cannot be read."""
+    indices = sorted(set(store_indices(config.data_dir)) | set(range(config.shards)))
+    rows = [(k, row) for k in indices for row in read_store(config.store_path(k))]
+    return sorted(rows, key=lambda kr: kr[1].name)
+
+
+def _matches(name: str, prefix: str, pattern: str | None) -> bool:
+    """``pattern`` matches the full name or the part after the prefix."""
+    if pattern is None:
+        return True
+    short = name[len(prefix) :] if name.startswith(prefix) else name
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(short, pattern)
+
+
+def _source_note(source: Source) -> str:
+    where = source.config.data_dir.resolve()
+    if source.running:
+        return (
+            f"from the stores of the relay running on {where}: values as of each shard's "
+            f"last flush (every {source.config.autosave_period:g} s)"
+        )
+    return f"no relay runs on {where}: from its stores"
+
+
+def _selected(source: Source, pattern: str | None, shard: int | None, out_err):
+    try:
+        rows = read_pvs(source.config)
+    except StoreDamaged as e:
+        print(f"carelay: cannot read a store: {e}", file=out_err)
+        return None
+    return [
+        (k, row)
+        for k, row in rows
+        if (shard is None or k == shard) and _matches(row.name, source.config.prefix, pattern)
+    ]
+
+
+def list_pvs(
+    config: Config,
+    pattern: str | None = None,
+    shard: int | None = None,
+    as_json: bool = False,
+    out=sys.stdout,
+    out_err=sys.stderr,
+) -> int:
+    """``carelay list``: one row per PV, sorted by name."""
+    source = find_relay(config)
+    rows = _selected(source, pattern, shard, out_err)
+    if rows is None:
+        return EXIT_FAILED
+    entries = []
+    for k, row in rows:
+        parsed = split_type(row.name)
+        entries.append(
+            {
+                "name": row.name,
+                "type": parsed[1] if parsed else "?",
+                "count": parsed[2] if parsed else None,
+                "nord": int(row.value.size),
+                "shard": k,
+                "updated": row.stamp,
+                "bytes": int(row.value.nbytes),
+            }
+        )
+    print(_source_note(source), file=out_err)
+    if as_json:
+        json.dump(entries, out, indent=1)
+        out.write("\n")
+        return EXIT_OK
+    width = max([len("NAME"), *(len(e["name"]) for e in entries)])
+    print(
+        f"{'NAME':<{width}} {'TYPE':<4} {'COUNT':>8} {'NORD':>8} {'SHARD':>5} "
+        f"{'UPDATED':<23} {'BYTES':>10}",
+        file=out,
+    )
+    for e in entries:
+        count = "?" if e["count"] is None else str(e["count"])
+        print(
+            f"{e['name']:<{width}} {e['type']:<4} {count:>8} {e['nord']:>8} {e['shard']:>5} "
+            f"{_when(e['updated']):<23} {e['bytes']:>10}",
+            file=out,
+        )
+    return EXIT_OK
+
+
+def _when(stamp: float) -> str:
+    if not stamp:
+        return "never"
+    millis = int(stamp % 1 * 1000)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) + f".{millis:03d}"
+
+
+def export_pvs(
+    config: Config, pattern: str | None = None, out=sys.stdout, out_err=sys.stderr
+) -> int:
+    """``carelay export``: the export line of every PV, sorted by name."""
+    source = find_relay(config)
+    rows = _selected(source, pattern, None, out_err)
+    if rows is None:
+        return EXIT_FAILED
+    print(_source_note(source), file=out_err)
+    for _, row in rows:
+        try:
+            line = pvfile.encode(row.name, row.stamp, row.value, row.fields)
+        except pvfile.RecordError as e:
+            print(f"carelay: skipped {e}", file=out_err)
+            continue
+        out.write(line + "\n")
+    print(f"exported {len(rows)} PVs", file=out_err)
+    return EXIT_OK
+
+
+# -- import -----------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> tuple[list[pvfile.PvRecord], int]:
+    """The PVs of an export file and how many of its lines were refused (each logged)."""
+    records: dict[str, pvfile.PvRecord] = {}
+    refused = 0
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = pvfile.decode(line)
+            except pvfile.RecordError as e:
+                log.warning("refused line %d: %s", number, e)
+                refused += 1
+                continue
+            if record.name in records:
+                log.warning("refused line %d: %s: a second time in the file", number, record.name)
+                refused += 1
+                continue
+            records[record.name] = record
+    return list(records.values()), refused
+
+
+def _admissible(
+    records: Iterable[pvfile.PvRecord], config: Config, existing: Iterable[str]
+) -> tuple[list[pvfile.PvRecord], int]:
+    """The records this relay can take; each refused one gets its log line.  A record is
+    refused when its name is not one of this relay's, or when the relay (or an earlier
+    line) holds its name with another type or count: two PVs for one quantity."""
+    held = {}
+    for name in existing:
+        parsed = split_type(name)
+        if parsed is not None:
+            held.setdefault(parsed[0], name)
+    ok, refused = [], 0
+    for record in records:
+        try:
+            config.pv_spec(record.name)
+        except InvalidPvName as e:
+            log.warning(
+                "refused %s: not a PV of this relay (prefix %s): %s", record.name, config.prefix, e
+            )
+            refused += 1
+            continue
+        other = held.setdefault(record.base, record.name)
+        if other != record.name:
+            log.warning(
+                "refused %s: conflicting type: the relay holds %s",
+                record.name,
+                other,
+            )
+            refused += 1
+            continue
+        ok.append(record)
+    return ok, refused
+
+
+def import_pvs(config: Config, path: Path) -> int:
+    """``carelay import FILE``: into the running relay through CA, else into its stores."""
+    try:
+        records, refused = read_records(path)
+    except (OSError, UnicodeDecodeError) as e:
+        log.error("cannot read %s: %s", path, e)
+        return EXIT_FAILED
+    source = find_relay(config)
+    try:
+        existing = {row.name: k for k, row in read_pvs(source.config)}
+    except StoreDamaged as e:
+        log.error("cannot read a store: %s", e)
+        return EXIT_FAILED
+    records, more = _admissible(records, source.config, existing)
+    refused += more
+    if source.running:
+        done, failed = _import_running(source, records, existing)
+    else:
+        try:
+            done, failed = _import_stopped(source.config, records, existing)
+        except (DataDirInUse, OSError, StoreDamaged) as e:
+            log.error("cannot import: %s", e)
+            return EXIT_FAILED
+    refused += failed
+    where = "the running relay" if source.running else "the stores"
+    log.info("imported %d PVs into %s; %d refused", done, where, refused)
+    return EXIT_REFUSED if refused else EXIT_OK
+
+
+def _import_stopped(
+    config: Config, records: list[pvfile.PvRecord], existing: dict[str, int]
+) -> tuple[int, int]:
+    """Write the records into the stores: a PV a store already holds stays in that store
+    (a resharding at the next start moves it), a new one goes to its owner."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    run_lock = lock_run(config.data_dir)
+    locks: list[int] = []
+    dbs: dict[int, ShardDatabase] = {}
+    try:
+        by_store: dict[int, list[pvfile.PvRecord]] = {}
+        for record in records:
+            k = existing.get(record.name, shard_for(record.name, config.shards))
+            by_store.setdefault(k, []).append(record)
+        for k in sorted(by_store):
+            fd = lock_store(config.store_path(k))
+            if fd is None:
+                raise DataDirInUse(f"{config.store_path(k)} is in use by a running shard")
+            locks.append(fd)
+            db = ShardDatabase(config.store_path(k))
+            db.open()
+            dbs[k] = db
+        progress = Progress(log, "import", len(records))
+        for k, group in by_store.items():
+            for i in range(0, len(group), TRANSFER_CHUNK):
+                chunk = group[i : i + TRANSFER_CHUNK]
+                dbs[k].save((r.name, r.stamp, r.value, r.fields) for r in chunk)
+                progress.step(len(chunk))
+    finally:
+        for db in dbs.values():
+            db.close()
+        for fd in (*locks, run_lock):
+            os.close(fd)
+    return len(records), 0
+
+
+def _ca_environment(port: int | None) -> None:
+    """Point this process's CA client at the relay on this host alone."""
+    interfaces = os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
+    os.environ["EPICS_CA_ADDR_LIST"] = " ".join(a for a in interfaces if a != "0.0.0.0") or (
+        "127.0.0.1"
+    )
+    os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
+    if port is not None:
+        os.environ["EPICS_CA_SERVER_PORT"] = str(port)
+
+
+def _import_running(
+    source: Source, records: list[pvfile.PvRecord], existing: dict[str, int]
+) -> tuple[int, int]:
+    """Put each record through the running relay's CA port; returns (done, failed)."""
+    _ca_environment(source.ca_port)
+    from caproto.threading.client import Context
+
+    # Its own INFO lines (each channel's connection) are not this command's news.
+    logging.getLogger("caproto").setLevel(logging.WARNING)
+
+    ctx = Context()
+    done = failed = 0
+    progress = Progress(log, "import", len(records))
+    try:
+        for record in records:
+            try:
+                _put_record(ctx, record, record.name in existing)
+                done += 1
+            except _PutFailed as e:
+                log.warning("refused %s: %s", record.name, e)
+                failed += 1
+            progress.step()
+    finally:
+        ctx.disconnect()
+    return done, failed
+
+
+class _PutFailed(Exception):
+    pass
+
+
+def _write(ctx, name: str, data) -> None:
+    (pv,) = ctx.get_pvs(name, timeout=IMPORT_CA_TIMEOUT)
+    try:
+        pv.wait_for_connection(timeout=IMPORT_CA_TIMEOUT)
+        response = pv.write(data, wait=True, timeout=IMPORT_CA_TIMEOUT)
+    except Exception as e:  # caproto raises its own kinds for timeouts and refusals
+        raise _PutFailed(f"put to {name} failed: {type(e).__name__}: {e}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            pv.disconnect()
+    status = getattr(response, "status", None)
+    if status is not None and not getattr(status, "success", 1):
+        raise _PutFailed(f"put to {name} failed: {getattr(status, 'name', status)}")
+
+
+def _field_data(value) -> list:
+    return [value.encode("utf-8")] if isinstance(value, str) else [value]
+
+
+def _put_record(ctx, record: pvfile.PvRecord, exists: bool) -> None:
+    """The value and fields of ``record``.  A new PV is made by its value, then gets its
+    fields (a field of a PV that does not exist yet is refused); an existing one gets its
+    fields first, so that the value meets the drive limits it was stored under."""
+    buffer = record.type_code.isupper()
+    if exists:
+        for field, value in record.fields.items():
+            _write(ctx, f"{record.name}.{field}", _field_data(value))
+    data = [bytes(record.value[0])] if record.type_code.lower() == "s" else record.value
+    if buffer:
+        if exists:
+            _write(ctx, f"{record.name}.RES", [1])
+        if record.value.size:
+            _write(ctx, record.name, data)
+        elif not exists:
+            # An empty buffer is made by a put, then emptied.
+            _write(ctx, record.name, np.zeros(1, record.value.dtype))
+            _write(ctx, f"{record.name}.RES", [1])
+    else:
+        _write(ctx, record.name, data)
+    if not exists:
+        for field, value in record.fields.items():
+            _write(ctx, f"{record.name}.{field}", _field_data(value))

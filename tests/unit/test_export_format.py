@@ -1,0 +1,124 @@
+"""The export format: every line reads back to exactly the PV it was written from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from carelay.common.progress import Progress
+from carelay.supervisor.pvfile import RecordError, decode, encode
+
+
+def round_trip(name, value, fields=None, stamp=1795904681.912762):
+    line = encode(name, stamp, value, fields or {})
+    assert "\n" not in line
+    record = decode(line)
+    assert record.name == name and record.stamp == stamp
+    assert record.fields == (fields or {})
+    return record.value
+
+
+@given(st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=1, max_size=8))
+def test_floats_keep_their_bits(xs):
+    value = np.array(xs, dtype="<f8")
+    back = round_trip("P:x_f8", value)
+    assert back.dtype == value.dtype and back.tobytes() == value.tobytes()
+
+
+def test_nan_payloads_and_negative_zero():
+    bits = [0x7FF8000000000001, 0xFFF8000000000000, 0x7FF8000000000000]
+    value = np.array([struct.unpack("<d", struct.pack("<Q", b))[0] for b in bits] + [-0.0])
+    line = encode("P:x_f4", 0.0, value, {})
+    assert json.loads(line)["value"] == [
+        "nan:7ff8000000000001",
+        "nan:fff8000000000000",
+        "nan",
+        -0.0,
+    ]
+    assert decode(line).value.tobytes() == value.tobytes()
+
+
+@given(st.binary(max_size=64))
+def test_char_arrays_keep_any_bytes(data):
+    value = np.frombuffer(data, dtype=np.uint8)
+    back = round_trip("P:t_C64", value)
+    assert back.dtype == np.uint8 and back.tobytes() == data
+
+
+def test_text_is_readable_and_other_bytes_are_hex():
+    assert (
+        json.loads(encode("P:t_c9", 0.0, np.frombuffer("é ok".encode(), np.uint8), {}))["text"]
+        == "é ok"
+    )
+    assert json.loads(encode("P:t_c9", 0.0, np.frombuffer(b"\xff\x00", np.uint8), {}))["hex"] == (
+        "ff00"
+    )
+
+
+@given(st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=8))
+def test_ints_and_buffers_oldest_first(xs):
+    value = np.array(xs, dtype="<i4")
+    assert round_trip("P:n_I8", value).tolist() == xs
+    assert round_trip("P:n_i8", value).tolist() == xs
+
+
+def test_strings_and_fields():
+    back = round_trip("P:s_s1", np.array([b"hello \xff"], dtype="S40"), {"DESC": "a string"})
+    assert bytes(back[0]) == b"hello \xff"
+    fields = {"EGU": "degC", "PREC": 2, "HIHI": math.inf, "LOLO": -1.5, "HHSV": 2}
+    assert round_trip("P:temp_f1", np.array([21.5]), fields).tolist() == [21.5]
+
+
+def test_an_empty_buffer_is_a_pv():
+    assert round_trip("P:log_F5", np.zeros(0)).size == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ('{"name": "P:x_f1", "type": "i", "count": 1, "value": [1]}', "conflicting type"),
+        ('{"name": "P:x_f1", "type": "f", "count": 2, "value": [1]}', "conflicting type"),
+        ('{"name": "P:x_f2", "type": "f", "count": 2, "value": [1, 2, 3]}', "3 elements"),
+        ('{"name": "P:x_f2", "type": "f", "count": 2, "value": []}', "0 elements"),
+        ('{"name": "P:x_i1", "type": "i", "count": 1, "value": [1.5]}', "whole numbers"),
+        ('{"name": "P:x_i1", "type": "i", "count": 1, "value": [2147483648]}', "32 bits"),
+        ('{"name": "P:x_f1", "type": "f", "count": 1, "value": ["one"]}', "not a number"),
+        ('{"name": "P:x_c4", "type": "c", "count": 4, "text": "too long"}', "8 elements"),
+        ('{"name": "P:x_c4", "type": "c", "count": 4, "hex": "zz"}', "hexadecimal"),
+        ('{"name": "P:x_s1", "type": "s", "count": 1, "text": "' + "x" * 40 + '"}', "string"),
+        (
+            '{"name": "P:x_f1", "type": "f", "count": 1, "value": [1], "fields": {"PREC": -1}}',
+            "PREC",
+        ),
+        (
+            '{"name": "P:x_f1", "type": "f", "count": 1, "value": [1], "fields": {"NORD": 1}}',
+            "NORD",
+        ),
+        ('{"name": "P:nope", "type": "f", "count": 1, "value": [1]}', "not a relay PV name"),
+        ("[1, 2]", "not a JSON object"),
+        ("{not json", "not JSON"),
+    ],
+)
+def test_lines_that_do_not_fit_are_refused(line, why):
+    with pytest.raises(RecordError, match=why):
+        decode(line)
+
+
+def test_progress_says_counts_every_interval(caplog):
+    now = [0.0]
+    progress = Progress(logging.getLogger("test"), "import", 10, interval=5.0, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO):
+        for _ in range(10):
+            now[0] += 1.0
+            progress.step()
+    assert [r.getMessage() for r in caplog.records] == [
+        "import: 5 of 10 PVs",
+        "import: 10 of 10 PVs",
+    ]
