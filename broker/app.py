@@ -8,7 +8,6 @@ without waiting; a put with callback completes when its shard answers.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import os
@@ -24,6 +23,7 @@ import zmq
 
 from carelay.broker.link import LinkState, ShardLink
 from carelay.broker.listening import listening_tcp_ports
+from carelay.broker.refusals import RefusalLog, shorten
 from carelay.common import fields
 from carelay.common.config import (
     EXPIRY_MARGIN,
@@ -59,8 +59,6 @@ _QUIET_SLICE = 0.1
 _BUSY_POLL_MS = 1
 #: How often heartbeats, timeouts, link changes and coalesced posts are looked at (s).
 _TICK = 0.01
-#: Refused names remembered so that each is logged once.
-_REFUSED_MEMORY = 10_000
 #: How long a stopping broker lets ZeroMQ send its last puts to the shards (ms).
 _STOP_LINGER = 1000
 #: Answers that say a request was applied.
@@ -135,7 +133,7 @@ class Broker:
         self.byte_limit = config.byte_limit
         self._req = itertools.count(1)
         self._snapshots: dict[int, dict] = {}
-        self._refused: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.refusals = RefusalLog()
         self._graveyard: list = []
         self._poller = zmq.Poller()
         self._polled: tuple = ()
@@ -163,12 +161,15 @@ class Broker:
         return self.links[index].usable
 
     def _refuse(self, name: str, why: str) -> None:
-        if name in self._refused:
-            return
-        self._refused[name] = None
-        if len(self._refused) > _REFUSED_MEMORY:
-            self._refused.popitem(last=False)
-        log.warning("refused PV name %s: %s", name, why)
+        self.refusals.refuse(name, why)
+
+    def refuse_undecodable(self, raw: bytes) -> None:
+        """A client sent a name that is not UTF-8: pcaspy's SWIG layer could not decode
+        it (and goes on with it decoded as Latin-1, which the rule refuses as not ASCII).
+        Logged as its own refusal; the Latin-1 name is then known, so once."""
+        name = raw.decode("latin-1")
+        if name.startswith(self.config.prefix):
+            self._refuse(name, "not UTF-8")
 
     def claims(self, name: str) -> bool:
         """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest).
@@ -214,7 +215,7 @@ class Broker:
             return
         self._unserved.add(shard)
         which = "every shard" if shard is None else f"shard {shard}"
-        log.info("search for %s not answered: %s not in sync yet", name, which)
+        log.info("search for %s not answered: %s not in sync yet", shorten(name), which)
 
     def attach(self, name: str):
         """The PV for ``name``, made provisional if new (pvAttach); None if not served."""
@@ -869,6 +870,7 @@ class Broker:
             next_tick = now + _TICK
             self._flush_queued()
             self._timers(now)
+            self.refusals.tick()
             self.pvlist.post_if_changed()
             if self._due_posts:
                 self._post_due(now)
@@ -969,6 +971,7 @@ def run_broker(config: Config) -> int:
     except KeysError as e:
         log.error("broker cannot start: %s", e)
         return 3
+    sys.excepthook = _undecodable_names(broker, sys.excepthook)
     server = RelayServer(broker)
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()
@@ -983,6 +986,25 @@ def run_broker(config: Config) -> int:
         del server
     log.info("broker stopped")
     return 0
+
+
+def _undecodable_names(broker: Broker, previous):
+    """An excepthook that turns pcaspy's report of a name it cannot decode into a refusal.
+
+    SWIG converts a searched name to str before any relay code runs; on bytes that are
+    not UTF-8 it prints the UnicodeDecodeError through sys.excepthook, with no traceback
+    (no Python frame raised it), and goes on.  Anything else goes to ``previous``."""
+
+    def hook(kind, exc, tb) -> None:
+        if tb is None and issubclass(kind, UnicodeDecodeError) and isinstance(exc.object, bytes):
+            try:
+                broker.refuse_undecodable(exc.object)
+            except Exception:
+                log.exception("cannot log a name that is not UTF-8")
+            return
+        previous(kind, exc, tb)
+
+    return hook
 
 
 def _capacity(spec) -> int:

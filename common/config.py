@@ -78,6 +78,14 @@ BROKER_LOCK_FILE = "broker.lock"
 TOKEN_FILE = "carelay.token"
 #: Seconds between two log lines about peers refused for want of the relay's token.
 REFUSED_PEER_LOG_INTERVAL = 10.0
+#: Bytes of memory the broker keeps refused names in (each logged once while remembered); a
+#: long name is kept as a digest, so the oldest are forgotten by bytes, not by count.
+REFUSED_MEMORY_BYTES = 1 << 20
+#: Characters of a client's name that a log line carries at most.
+LOGGED_NAME_CHARS = 128
+#: Refusals logged one by one per REFUSAL_LOG_WINDOW; beyond them, one summary line.
+REFUSAL_LOG_LINES = 100
+REFUSAL_LOG_WINDOW = 60.0
 #: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.
 CA_ARRAY_OVERHEAD = 16384
 #: Longest unix socket path (sun_path less a margin).
