@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -151,6 +152,8 @@ class Broker:
         self._parked: list[Parked] = []
         #: Shards not in sync whose unanswered searches were logged (once each).
         self._unserved: set[int] = set()
+        #: SIGHUP asked for the access security file to be read again.
+        self.reload_due = False
 
     # -- the PV table -----------------------------------------------------------
 
@@ -871,6 +874,8 @@ class Broker:
             self._flush_queued()
             self._timers(now)
             self.refusals.tick()
+            if self.reload_due:
+                self.reload_access()
             self.pvlist.post_if_changed()
             if self._due_posts:
                 self._post_due(now)
@@ -884,6 +889,27 @@ class Broker:
         for p in self._parked:
             p.pv.resume(p.payload, p.notify, False)
         self._parked.clear()
+
+    def reload_access(self) -> None:
+        """Read the access security file again (SIGHUP, ``carelay reload-acf``): its rules,
+        and the addresses of its HAGs' host names.  An invalid file leaves the rules in
+        force."""
+        from carelay.broker.access import load_rules
+
+        self.reload_due = False
+        c = self.config
+        if c.access_security is None:
+            log.warning("access security not reloaded: none is configured")
+            return
+        problem = undefined_access_group(c.access_security, c.access_group)
+        if problem is None and not load_rules(
+            self.cas, c.access_security, c.access_by_ip, c.run_dir
+        ):
+            problem = f"access security file {c.access_security} is invalid"
+        if problem is not None:
+            log.error("access security not reloaded, the rules in force stay: %s", problem)
+            return
+        log.info("access security reloaded from %s", c.access_security)
 
     def _flush_queued(self) -> None:
         """Send whatever is queued for each shard."""
@@ -955,7 +981,13 @@ def run_broker(config: Config) -> int:
     if config.access_security is not None:
         # Every relay PV joins access_group; pcaspy's channels then check each
         # read and write (and so each creation, which is a write) against the file.
-        if cas.asInitFile(str(config.access_security), "") != 0:
+        from carelay.broker import access
+
+        if config.access_by_ip:
+            from pcaspy import _cas
+
+            access.install(_cas.__file__)
+        if not access.load_rules(cas, config.access_security, config.access_by_ip, config.run_dir):
             log.error(
                 "broker cannot start: access security file %s is invalid", config.access_security
             )
@@ -965,13 +997,23 @@ def run_broker(config: Config) -> int:
             log.error("broker cannot start: access_group: %s", problem)
             return 2
         cas.asCaStart()
-        log.info("access security from %s, group %s", config.access_security, config.access_group)
+        log.info(
+            "access security from %s, group %s, HAGs by %s",
+            config.access_security,
+            config.access_group,
+            "peer address" if config.access_by_ip else "claimed host name",
+        )
     try:
         broker = Broker(config, cas, token=run_token(config))
     except KeysError as e:
         log.error("broker cannot start: %s", e)
         return 3
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
+
+    def reload_asked(_signum, _frame) -> None:
+        broker.reload_due = True
+
+    signal.signal(signal.SIGHUP, reload_asked)
     server = RelayServer(broker)
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()

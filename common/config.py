@@ -29,6 +29,8 @@ DEFAULT_MAX_ELEMENTS = 1_000_000
 DEFAULT_MAX_PVS = 10_000
 DEFAULT_MAX_NAME_LENGTH = 128
 DEFAULT_LOG_LEVEL = "INFO"
+#: HAG membership by the peer address of a client's circuit, not the host name it claims.
+DEFAULT_ACCESS_BY_IP = True
 #: Seconds between value flushes of each shard's autosave.
 DEFAULT_AUTOSAVE_PERIOD = 1.0
 MAX_SHARDS = 64
@@ -140,6 +142,9 @@ class Config:
     access_security: Path | None = None
     #: The access security group of every relay PV.
     access_group: str = "DEFAULT"
+    #: HAG entries are matched against the peer address of the client's circuit (their
+    #: host names resolved at load and reload); False: against the host name it claims.
+    access_by_ip: bool = DEFAULT_ACCESS_BY_IP
     #: Directory of the CurveZMQ certificates (``carelay keys DIR``); None: no encryption.
     keys_dir: Path | None = None
 
@@ -264,6 +269,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "keys_dir": (str, Path),
     "access_security": (str, Path),
     "access_group": str,
+    "access_by_ip": bool,
 }
 
 
