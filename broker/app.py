@@ -22,6 +22,7 @@ from pathlib import Path
 
 import zmq
 
+from carelay.broker.cstreams import own_stderr
 from carelay.broker.link import LinkState, ShardLink
 from carelay.broker.listening import listening_tcp_ports
 from carelay.broker.refusals import RefusalLog, shorten
@@ -970,6 +971,7 @@ def undefined_access_group(path, group: str) -> str | None:
 def run_broker(config: Config) -> int:
     """Entry point of ``carelay broker``."""
     die_with_parent()
+    own_stderr()
     stop = StopFlag()
     # libca/PCAS read this when the server is made: large arrays need it.
     os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)

@@ -88,6 +88,11 @@ LOGGED_NAME_CHARS = 128
 #: Refusals logged one by one per REFUSAL_LOG_WINDOW; beyond them, one summary line.
 REFUSAL_LOG_LINES = 100
 REFUSAL_LOG_WINDOW = 60.0
+#: What the broker's C code (PCAS) writes to stderr becomes log lines: at most
+#: C_LOG_LINES per C_LOG_WINDOW seconds, each at most C_LINE_CHARS long; the rest counted.
+C_LOG_LINES = 20
+C_LOG_WINDOW = 60.0
+C_LINE_CHARS = 200
 #: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.
 CA_ARRAY_OVERHEAD = 16384
 #: Longest unix socket path (sun_path less a margin).

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.system.conftest import CA_PORT
+from tests.system.conftest import CA_PORT, wait_for
 from tests.system.test_processes import status_rows
 
 #: A line the relay itself logs: a timestamp, a level and the process role.
@@ -113,3 +113,26 @@ def test_a_name_that_is_not_utf8_is_refused_with_the_relays_own_line(make_relay,
     # Nothing but the relay's own lines: no SWIG error, no traceback, no "crashed".
     assert all(RELAY_LINE.match(line) for line in new), new
     assert not any("UnicodeDecodeError" in line or "crashed" in line for line in new), new
+
+
+def test_what_pcas_writes_on_bad_searches_is_bounded_relay_log(make_relay):
+    """PCAS reports a search for an empty name on stderr in two lines: they become relay
+    log lines, and above a rate they are only counted."""
+    relay = make_relay(shards=1)
+    good = relay.name("good", "f1")
+    from tests.system.clients import put
+
+    put(good, 1.0)
+    start = relay.log_path.stat().st_size
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _ in range(1000):
+            s.sendto(search_packet(b"", 1), ("127.0.0.1", CA_PORT))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        # Answered: the relay has read the datagrams before.
+        s.settimeout(1.0)
+        wait_for(lambda: answered(s, good, 7), timeout=30, what="an answer after bad searches")
+    relay.wait_log("CAS: zero length PV name", timeout=10)
+    new = relay.log_path.read_bytes()[start:].decode(errors="replace").splitlines()
+    assert len(new) < 100, len(new)
+    assert all(RELAY_LINE.match(line) for line in new), new[:10]
+    assert status_rows(relay)["broker"]["pid"]

@@ -69,3 +69,21 @@ def test_above_the_rate_refusals_are_summarised(caplog):
     clock.now = 200.0
     refusals.tick()
     assert len(lines(caplog)) == 5
+
+
+def test_stderr_lines_are_logged_up_to_a_rate_then_counted(caplog):
+    from carelay.broker.cstreams import LineLimiter, split_lines
+
+    caplog.set_level(logging.WARNING)
+    partial = bytearray()
+    assert split_lines(partial, b"CAS: one\nCAS: tw") == ["CAS: one"]
+    assert split_lines(partial, b"o\n\n" + b"z" * 10_000) == ["CAS: two"]
+    assert len(partial) == 4096  # a line without end is kept only in part
+    clock = Clock()
+    limiter = LineLimiter(lines=2, window=60.0, clock=clock)
+    for k in range(5):
+        limiter.line(f"line {k} " + "x" * 1000)
+    assert len(lines(caplog)) == 2 and all(len(m) < 300 for m in lines(caplog))
+    clock.now = 61.0
+    limiter.tick()
+    assert lines(caplog)[-1].startswith("stderr: 3 more lines in the last 60 s")
