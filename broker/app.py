@@ -973,6 +973,8 @@ def run_broker(config: Config) -> int:
     die_with_parent()
     own_stderr()
     stop = StopFlag()
+    # Until the broker can act on it (below), a reload has nothing to do: it loads anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # libca/PCAS read this when the server is made: large arrays need it.
     os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)
     from pcaspy import cas

@@ -140,7 +140,7 @@ def test_access_by_claimed_host_name_when_configured(make_relay, tmp_path):
     assert put_from("127.0.0.1", "elsewhere", relay.name("other", "f1")) == (READ, False)
 
 
-@pytest.mark.parametrize("how", ["sighup", "reload-acf"])
+@pytest.mark.parametrize("how", ["sighup", "sighup-up", "reload-acf"])
 def test_reload_reads_the_file_and_resolves_hosts_again(make_relay, tmp_path, how):
     path = tmp_path / "r.acf"
     relay = make_relay(shards=1, extra=["--access-security", acf(path, "localhost")])
@@ -149,6 +149,8 @@ def test_reload_reads_the_file_and_resolves_hosts_again(make_relay, tmp_path, ho
     start = len(relay.log())
     if how == "sighup":
         os.kill(status_rows(relay)["broker"]["pid"], signal.SIGHUP)
+    elif how == "sighup-up":
+        relay.proc.send_signal(signal.SIGHUP)  # `carelay up` passes it to the broker
     else:
         r = subprocess.run(
             [*relay.argv("reload-acf")], capture_output=True, text=True, timeout=30, check=False
