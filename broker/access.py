@@ -177,7 +177,11 @@ def load_rules(cas, path: Path, by_address: bool, run_dir: Path) -> bool:
     for host in unresolved:
         log.warning("access security: host %s of %s has no IPv4 address", host, path)
     loaded = run_dir / "access-by-address.acf"
-    loaded.write_text(rewritten)
+    try:
+        loaded.write_text(rewritten)
+    except OSError as e:
+        log.error("cannot write %s: %s", loaded, e.strerror or e)
+        return False
     return cas.asInitFile(str(loaded), "") == 0
 
 
@@ -220,9 +224,12 @@ def _recv(fd, buf, size, flags):
             if stream is None:
                 stream = _streams[fd] = CircuitStream(peer_token(fd))
             stream.feed(memoryview((ctypes.c_ubyte * n).from_address(buf)).cast("B"))
-        except Exception:
-            # Never pass on what was not followed: the circuit's host stays unknown.
-            log.exception("cannot follow CA circuit %d; closing it", fd)
+        except Exception as e:
+            # Never pass on what was not followed: the circuit is closed instead.
+            if isinstance(e, UnfollowableStream):
+                log.warning("closing a CA circuit (fd %d): %s", fd, e)
+            else:
+                log.exception("cannot follow a CA circuit (fd %d); closing it", fd)
             _streams.pop(fd, None)
             _set_errno(104)  # ECONNRESET
             return -1

@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -990,7 +991,15 @@ def run_broker(config: Config) -> int:
         if config.access_by_ip:
             from pcaspy import _cas
 
-            access.install(_cas.__file__)
+            try:
+                access.install(_cas.__file__)
+            except (OSError, RuntimeError, ValueError, struct.error) as e:
+                log.error(
+                    "broker cannot start: access_by_ip cannot be enforced with this pcaspy "
+                    "(%s); set access_by_ip = false to match claimed host names",
+                    e,
+                )
+                return 2
         if not access.load_rules(cas, config.access_security, config.access_by_ip, config.run_dir):
             log.error(
                 "broker cannot start: access security file %s is invalid", config.access_security
