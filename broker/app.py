@@ -8,12 +8,13 @@ without waiting; a put with callback completes when its shard answers.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import os
 import re
 import secrets
+import signal
+import struct
 import subprocess
 import sys
 import time
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import zmq
 
+from carelay.broker.cstreams import own_stderr
 from carelay.broker.link import LinkState, ShardLink
 from carelay.broker.listening import listening_tcp_ports
+from carelay.broker.refusals import RefusalLog, shorten
 from carelay.common import fields
 from carelay.common.config import (
     EXPIRY_MARGIN,
@@ -58,8 +61,6 @@ _QUIET_SLICE = 0.1
 _BUSY_POLL_MS = 1
 #: How often heartbeats, timeouts, link changes and coalesced posts are looked at (s).
 _TICK = 0.01
-#: Refused names remembered so that each is logged once.
-_REFUSED_MEMORY = 10_000
 #: How long a stopping broker lets ZeroMQ send its last puts to the shards (ms).
 _STOP_LINGER = 1000
 #: Answers that say a request was applied.
@@ -134,7 +135,7 @@ class Broker:
         self.byte_limit = config.byte_limit
         self._req = itertools.count(1)
         self._snapshots: dict[int, dict] = {}
-        self._refused: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.refusals = RefusalLog()
         self._graveyard: list = []
         self._poller = zmq.Poller()
         self._polled: tuple = ()
@@ -155,6 +156,8 @@ class Broker:
         self._parked: list[Parked] = []
         #: Shards not in sync whose unanswered searches were logged (once each).
         self._unserved: set[int] = set()
+        #: SIGHUP asked for the access security file to be read again.
+        self.reload_due = False
 
     # -- the PV table -----------------------------------------------------------
 
@@ -165,12 +168,15 @@ class Broker:
         return self.links[index].usable
 
     def _refuse(self, name: str, why: str) -> None:
-        if name in self._refused:
-            return
-        self._refused[name] = None
-        if len(self._refused) > _REFUSED_MEMORY:
-            self._refused.popitem(last=False)
-        log.warning("refused PV name %s: %s", name, why)
+        self.refusals.refuse(name, why)
+
+    def refuse_undecodable(self, raw: bytes) -> None:
+        """A client sent a name that is not UTF-8: pcaspy's SWIG layer could not decode
+        it (and goes on with it decoded as Latin-1, which the rule refuses as not ASCII).
+        Logged as its own refusal; the Latin-1 name is then known, so once."""
+        name = raw.decode("latin-1")
+        if name.startswith(self.config.prefix):
+            self._refuse(name, "not UTF-8")
 
     def claims(self, name: str) -> bool:
         """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest).
@@ -216,7 +222,7 @@ class Broker:
             return
         self._unserved.add(shard)
         which = "every shard" if shard is None else f"shard {shard}"
-        log.info("search for %s not answered: %s not in sync yet", name, which)
+        log.info("search for %s not answered: %s not in sync yet", shorten(name), which)
 
     def attach(self, name: str):
         """The PV for ``name``, made provisional if new (pvAttach); None if not served."""
@@ -884,6 +890,9 @@ class Broker:
             next_tick = now + _TICK
             self._flush_queued()
             self._timers(now)
+            self.refusals.tick()
+            if self.reload_due:
+                self.reload_access()
             self.pvlist.post_if_changed()
             if self._due_posts:
                 self._post_due(now)
@@ -899,6 +908,27 @@ class Broker:
         for p in self._parked:
             p.pv.resume(p.payload, p.notify, False)
         self._parked.clear()
+
+    def reload_access(self) -> None:
+        """Read the access security file again (SIGHUP, ``carelay reload-acf``): its rules,
+        and the addresses of its HAGs' host names.  An invalid file leaves the rules in
+        force."""
+        from carelay.broker.access import load_rules
+
+        self.reload_due = False
+        c = self.config
+        if c.access_security is None:
+            log.warning("access security not reloaded: none is configured")
+            return
+        problem = undefined_access_group(c.access_security, c.access_group)
+        if problem is None and not load_rules(
+            self.cas, c.access_security, c.access_by_ip, c.run_dir
+        ):
+            problem = f"access security file {c.access_security} is invalid"
+        if problem is not None:
+            log.error("access security not reloaded, the rules in force stay: %s", problem)
+            return
+        log.info("access security reloaded from %s", c.access_security)
 
     def _flush_queued(self) -> None:
         """Send whatever is queued for each shard."""
@@ -959,7 +989,10 @@ def undefined_access_group(path, group: str) -> str | None:
 def run_broker(config: Config) -> int:
     """Entry point of ``carelay broker``."""
     die_with_parent()
+    own_stderr()
     stop = StopFlag()
+    # Until the broker can act on it (below), a reload has nothing to do: it loads anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # libca/PCAS read this when the server is made: large arrays need it.
     os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)
     from pcaspy import cas
@@ -970,7 +1003,21 @@ def run_broker(config: Config) -> int:
     if config.access_security is not None:
         # Every relay PV joins access_group; pcaspy's channels then check each
         # read and write (and so each creation, which is a write) against the file.
-        if cas.asInitFile(str(config.access_security), "") != 0:
+        from carelay.broker import access
+
+        if config.access_by_ip:
+            from pcaspy import _cas
+
+            try:
+                access.install(_cas.__file__)
+            except (OSError, RuntimeError, ValueError, struct.error) as e:
+                log.error(
+                    "broker cannot start: access_by_ip cannot be enforced with this pcaspy "
+                    "(%s); set access_by_ip = false to match claimed host names",
+                    e,
+                )
+                return 2
+        if not access.load_rules(cas, config.access_security, config.access_by_ip, config.run_dir):
             log.error(
                 "broker cannot start: access security file %s is invalid", config.access_security
             )
@@ -980,12 +1027,23 @@ def run_broker(config: Config) -> int:
             log.error("broker cannot start: access_group: %s", problem)
             return 2
         cas.asCaStart()
-        log.info("access security from %s, group %s", config.access_security, config.access_group)
+        log.info(
+            "access security from %s, group %s, HAGs by %s",
+            config.access_security,
+            config.access_group,
+            "peer address" if config.access_by_ip else "claimed host name",
+        )
     try:
         broker = Broker(config, cas, token=run_token(config))
     except KeysError as e:
         log.error("broker cannot start: %s", e)
         return 3
+    sys.excepthook = _undecodable_names(broker, sys.excepthook)
+
+    def reload_asked(_signum, _frame) -> None:
+        broker.reload_due = True
+
+    signal.signal(signal.SIGHUP, reload_asked)
     server = RelayServer(broker)
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()
@@ -1000,6 +1058,25 @@ def run_broker(config: Config) -> int:
         del server
     log.info("stopped")
     return 0
+
+
+def _undecodable_names(broker: Broker, previous):
+    """An excepthook that turns pcaspy's report of a name it cannot decode into a refusal.
+
+    SWIG converts a searched name to str before any relay code runs; on bytes that are
+    not UTF-8 it prints the UnicodeDecodeError through sys.excepthook, with no traceback
+    (no Python frame raised it), and goes on.  Anything else goes to ``previous``."""
+
+    def hook(kind, exc, tb) -> None:
+        if tb is None and issubclass(kind, UnicodeDecodeError) and isinstance(exc.object, bytes):
+            try:
+                broker.refuse_undecodable(exc.object)
+            except Exception:
+                log.exception("cannot log a name that is not UTF-8")
+            return
+        previous(kind, exc, tb)
+
+    return hook
 
 
 def _capacity(spec) -> int:

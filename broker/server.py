@@ -6,6 +6,8 @@ import logging
 
 from pcaspy import cas
 
+from carelay.broker.refusals import shorten
+
 log = logging.getLogger("carelay.broker")
 
 
@@ -21,13 +23,13 @@ class RelayServer(cas.caServer):
             if self.broker.claims(fullname):
                 return cas.pverExistsHere
         except Exception:
-            log.exception("pvExistTest %s failed", fullname)
+            log.exception("pvExistTest %s failed", shorten(fullname))
         return cas.pverDoesNotExistHere
 
     def pvAttach(self, context, fullname):
         try:
             pv = self.broker.attach(fullname)
         except Exception:
-            log.exception("pvAttach %s failed", fullname)
+            log.exception("pvAttach %s failed", shorten(fullname))
             pv = None
         return pv if pv is not None else cas.S_casApp_pvNotFound

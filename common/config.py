@@ -29,6 +29,8 @@ DEFAULT_MAX_ELEMENTS = 1_000_000
 DEFAULT_MAX_PVS = 10_000
 DEFAULT_MAX_NAME_LENGTH = 128
 DEFAULT_LOG_LEVEL = "INFO"
+#: HAG membership by the peer address of a client's circuit, not the host name it claims.
+DEFAULT_ACCESS_BY_IP = True
 #: Seconds between value flushes of each shard's autosave.
 DEFAULT_AUTOSAVE_PERIOD = 1.0
 MAX_SHARDS = 64
@@ -88,6 +90,19 @@ TRANSFER_CHUNK = 500
 IMPORT_CA_TIMEOUT = 10.0
 #: Seconds between two log lines about peers refused for want of the relay's token.
 REFUSED_PEER_LOG_INTERVAL = 10.0
+#: Bytes of memory the broker keeps refused names in (each logged once while remembered); a
+#: long name is kept as a digest, so the oldest are forgotten by bytes, not by count.
+REFUSED_MEMORY_BYTES = 1 << 20
+#: Characters of a client's name that a log line carries at most.
+LOGGED_NAME_CHARS = 128
+#: Refusals logged one by one per REFUSAL_LOG_WINDOW; beyond them, one summary line.
+REFUSAL_LOG_LINES = 100
+REFUSAL_LOG_WINDOW = 60.0
+#: What the broker's C code (PCAS) writes to stderr becomes log lines: at most
+#: C_LOG_LINES per C_LOG_WINDOW seconds, each at most C_LINE_CHARS long; the rest counted.
+C_LOG_LINES = 20
+C_LOG_WINDOW = 60.0
+C_LINE_CHARS = 200
 #: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.
 CA_ARRAY_OVERHEAD = 16384
 #: Longest unix socket path (sun_path less a margin).
@@ -142,6 +157,9 @@ class Config:
     access_security: Path | None = None
     #: The access security group of every relay PV.
     access_group: str = "DEFAULT"
+    #: HAG entries are matched against the peer address of the client's circuit (their
+    #: host names resolved at load and reload); False: against the host name it claims.
+    access_by_ip: bool = DEFAULT_ACCESS_BY_IP
     #: Directory of the CurveZMQ certificates (``carelay keys DIR``); None: no encryption.
     keys_dir: Path | None = None
 
@@ -266,6 +284,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "keys_dir": (str, Path),
     "access_security": (str, Path),
     "access_group": str,
+    "access_by_ip": bool,
 }
 
 

@@ -133,12 +133,18 @@ class Supervisor:
         except ReshardError as e:
             log.error("cannot start: %s", e)
             return 1
+        reload_asked = []
+        signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(True))
         for w in self.watchers:
             w.start()
         next_status = 0.0
         try:
             while not stop.stopping:
                 now = time.monotonic()
+                if reload_asked:
+                    # SIGHUP (systemctl reload): the broker reads its access security again.
+                    reload_asked.clear()
+                    self.watchers[-1].signal(signal.SIGHUP)
                 for w in self.watchers:
                     w.check(now)
                 if self.notify_socket and not self._told_ready:

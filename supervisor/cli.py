@@ -31,9 +31,22 @@ _CONFIG_FLAGS: dict[str, dict] = {
         "help": "seconds between value flushes (1.0)",
     },
     "access_security": {"metavar": "FILE", "help": "EPICS access security file (.acf)"},
+    "access_by_ip": {
+        "type": lambda text: _boolean("access_by_ip", text),
+        "metavar": "BOOL",
+        "help": "match HAGs against client addresses, not claimed host names (true)",
+    },
     "keys_dir": {"metavar": "DIR", "help": "CurveZMQ keys (carelay keys DIR)"},
     "log_level": {"type": str.upper, "choices": LOG_LEVELS, "help": "log level"},
 }
+
+
+def _boolean(key: str, text: str) -> bool:
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    try:
+        return value[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{key}: expected true or false, got {text!r}") from None
 
 
 def _flag(key: str) -> str:
@@ -76,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     im = sub.add_parser("import", help="create or set the PVs of an export file")
     _config_flags(im)
     im.add_argument("file", help="a file written by carelay export")
+    rl = sub.add_parser(
+        "reload-acf", help="make the running broker read its access security file again"
+    )
+    _config_flags(rl)
     keys = sub.add_parser("keys", help="make CurveZMQ keys for shards on other hosts")
     keys.add_argument("directory", help="where to write shard.key[_secret], broker.key[_secret]")
     br = sub.add_parser("broker", help="run the CA broker (started by `carelay up`)")
@@ -186,6 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("broker", "shard") and (problem := _standalone_locks(args, config)):
         print(f"carelay: {problem}", file=sys.stderr)
         return 2
+    if args.command == "reload-acf":
+        from carelay.supervisor.status import reload_access
+
+        return reload_access(config)
     if args.command == "status":
         from carelay.supervisor.status import print_owner, print_status
 

@@ -318,3 +318,23 @@ def _endpoint(config: Config, status: dict | None, shard: int) -> str:
 def _store_holds(path: Path, name: str) -> bool | None:
     names = stored_names(path)
     return None if names is None else name in names
+
+
+def reload_access(config: Config, out=sys.stdout) -> int:
+    """``carelay reload-acf``: ask the running broker (SIGHUP) to read its access
+    security file again; 0 if asked, 1 if no broker of this data directory runs."""
+    import signal
+    import time
+
+    own = _read(config.run_dir / "broker.json")
+    pid = own.get("pid") if own else None
+    if not (_alive(pid) and _fresh(own, pid, time.time())):
+        print(f"carelay: no broker runs on {config.data_dir}", file=sys.stderr)
+        return 1
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError as e:
+        print(f"carelay: cannot signal the broker (pid {pid}): {e}", file=sys.stderr)
+        return 1
+    print(f"asked the broker (pid {pid}) to reload its access security file", file=out)
+    return 0

@@ -80,6 +80,7 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("access_group", "access_group = 1"),
     ("access_group", 'access_group = ""'),
     ("access_group", 'access_group = "A\\nB"'),
+    ("access_by_ip", 'access_by_ip = "yes"'),
     ("shard_count", "shard_count = 3"),
     ("relay", "[relay]\nshards = 2"),
 ]

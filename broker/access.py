@@ -1,0 +1,311 @@
+"""Access rules a client cannot fake: HAG membership by the peer address of the circuit.
+
+CA carries the user and host names that a client claims, and the PCAS that pcaspy
+ships (EPICS 3.14) hands the claimed host name to the access security library, which
+has no ``asCheckClientIP``.  So the broker does what EPICS 7 does with it, in two
+halves:
+
+- the access security file is rewritten before it is loaded: each host name of a HAG
+  becomes the addresses it resolves to (at load, and again at each reload), each
+  written as a short token that names one IPv4 address (``address_token``);
+- every CA circuit's HOST_NAME message is rewritten, on its way into PCAS, to the token
+  of the circuit's peer address: whatever a client claims, the rules see where it
+  connects from.  A payload too short for the token becomes an empty host name, which
+  no HAG holds; a HOST_NAME without payload becomes a message that PCAS ignores.
+
+The rewrite sits between PCAS and the C library: the ``recv`` and ``accept`` entries
+of the pcaspy extension's global offset table point at the functions here.
+"""
+
+from __future__ import annotations
+
+import base64
+import ctypes
+import ipaddress
+import logging
+import os
+import re
+import socket
+import struct
+from pathlib import Path
+
+log = logging.getLogger("carelay.broker")
+
+#: CA command of the message that claims the client's host name.
+CA_PROTO_HOST_NAME = 21
+#: A command that PCAS reads and ignores: what a HOST_NAME without a payload becomes.
+CA_PROTO_IGNORED = 16
+_HEADER = 16
+_EXTENDED = 8
+#: The token of a HAG whose host names resolve to nothing: no circuit has it.
+NO_ADDRESS = "none"
+
+
+def address_token(address: str) -> str:
+    """The host name that access rules see for a client at IPv4 ``address``.
+
+    Seven characters (base32 of the four bytes, lower case): it fits the smallest
+    HOST_NAME payload that libca sends (eight bytes, the NUL included)."""
+    packed = ipaddress.IPv4Address(address).packed
+    return base64.b32encode(packed).decode().rstrip("=").lower()
+
+
+class UnfollowableStream(Exception):
+    """A HOST_NAME message that can be neither rewritten nor turned into an ignored one."""
+
+
+class CircuitStream:
+    """Follows one circuit's CA byte stream as PCAS reads it, and rewrites its HOST_NAME
+    messages to carry ``host`` (the peer address's token; b"" if it has none).
+
+    A message may come in pieces over several reads: the payload is rewritten as it
+    passes, so only bytes of the current read are ever changed."""
+
+    def __init__(self, host: bytes) -> None:
+        self.host = host
+        self._header = bytearray()  # header bytes of the current message seen so far
+        self._skip = 0  # payload bytes of the current message still to come
+        self._rewrite = b""  # what the next payload bytes become
+        self._command_at: int | None = None  # where, in this read, the command's low byte is
+
+    def feed(self, buf) -> None:
+        """Take the next ``buf`` (a writable buffer, as read), rewriting it in place."""
+        n = len(buf)
+        pos = 0
+        self._command_at = None
+        while pos < n:
+            if self._skip:
+                k = min(self._skip, n - pos)
+                if self._rewrite:
+                    w = min(k, len(self._rewrite))
+                    buf[pos : pos + w] = self._rewrite[:w]
+                    self._rewrite = self._rewrite[w:]
+                pos += k
+                self._skip -= k
+                continue
+            before = len(self._header)
+            k = min(self._header_size() - before, n - pos)
+            self._header += bytes(buf[pos : pos + k])
+            if before <= 1 < before + k:
+                self._command_at = pos + 1 - before
+            pos += k
+            if len(self._header) == self._header_size():
+                self._message(buf)
+                self._header.clear()
+
+    def _header_size(self) -> int:
+        h = self._header
+        if len(h) >= 8:
+            postsize, count = struct.unpack_from(">HxxH", h, 2)
+            if postsize == 0xFFFF or count == 0xFFFF:
+                return _HEADER + _EXTENDED
+        return _HEADER
+
+    def _message(self, buf) -> None:
+        """A whole header is in: what of its payload to skip, and rewrite."""
+        h = self._header
+        if len(h) == _HEADER + _EXTENDED:
+            size = struct.unpack_from(">I", h, _HEADER)[0]
+        else:
+            size = struct.unpack_from(">H", h, 2)[0]
+        self._skip = size
+        if struct.unpack_from(">H", h, 0)[0] != CA_PROTO_HOST_NAME:
+            return
+        if size == 0:
+            # PCAS would read the name from whatever follows: the message must go.
+            if self._command_at is None:
+                raise UnfollowableStream("a HOST_NAME message without payload, cut")
+            buf[self._command_at] = CA_PROTO_IGNORED
+            return
+        host = self.host + b"\0"
+        self._rewrite = host if len(host) <= size else b"\0"
+
+
+#: ``HAG(name) { host, "host" }`` in an access security file (comments removed).
+_HAG = re.compile(r'(\bHAG\s*\(\s*"?[^")\s]*"?\s*\)\s*\{)([^}]*)(\})')
+
+
+def _strip_comments(text: str) -> str:
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+def resolve(host: str) -> set[str]:
+    """The IPv4 addresses of ``host`` (an address stays itself); empty if it has none."""
+    try:
+        return {str(ipaddress.IPv4Address(host))}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return set()
+    return {info[4][0] for info in infos}
+
+
+def rules_by_address(text: str) -> tuple[str, list[str]]:
+    """``text`` with each HAG's host names replaced by the tokens of their addresses, and
+    the host names that resolved to none (which then match no client)."""
+    unresolved: list[str] = []
+
+    def hag(m: re.Match) -> str:
+        tokens: set[str] = set()
+        for raw in m[2].split(","):
+            host = raw.strip().strip('"').strip()
+            if not host:
+                continue
+            addresses = resolve(host)
+            if not addresses:
+                unresolved.append(host)
+            tokens.update(address_token(a) for a in addresses)
+        body = ", ".join(f'"{t}"' for t in sorted(tokens)) or f'"{NO_ADDRESS}"'
+        return f"{m[1]} {body} {m[3]}"
+
+    return _HAG.sub(hag, _strip_comments(text)), unresolved
+
+
+def load_rules(cas, path: Path, by_address: bool, run_dir: Path) -> bool:
+    """Load (or load again) the access security file at ``path``; False if it is invalid,
+    and then the rules in force stay.  ``by_address``: HAGs hold peer addresses."""
+    if not by_address:
+        return cas.asInitFile(str(path), "") == 0
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        log.error("cannot read access security file %s: %s", path, e.strerror or e)
+        return False
+    rewritten, unresolved = rules_by_address(text)
+    for host in unresolved:
+        log.warning("access security: host %s of %s has no IPv4 address", host, path)
+    loaded = run_dir / "access-by-address.acf"
+    try:
+        loaded.write_text(rewritten)
+    except OSError as e:
+        log.error("cannot write %s: %s", loaded, e.strerror or e)
+        return False
+    return cas.asInitFile(str(loaded), "") == 0
+
+
+# -- the hooks between PCAS and the C library ------------------------------------------------
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_RECV_ARGS = (ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_ACCEPT_ARGS = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+#: The hooks leave errno as the C library set it (through __errno_location).
+_RECV = ctypes.CFUNCTYPE(*_RECV_ARGS)
+_ACCEPT = ctypes.CFUNCTYPE(*_ACCEPT_ARGS)
+_libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
+_real_recv = ctypes.CFUNCTYPE(*_RECV_ARGS, use_errno=True)(("recv", _libc))
+_real_accept = ctypes.CFUNCTYPE(*_ACCEPT_ARGS, use_errno=True)(("accept", _libc))
+#: Each circuit's stream, by file descriptor (a new circuit on a reused one starts afresh).
+_streams: dict[int, CircuitStream] = {}
+_hooks: list = []  # the installed callbacks, kept alive
+
+
+def _set_errno(value: int) -> None:
+    _libc.__errno_location().contents.value = value
+
+
+def peer_token(fd: int) -> bytes:
+    """The token of the peer address of socket ``fd``; b"" if it has none."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            address = s.getpeername()[0]
+        return address_token(address).encode()
+    except (OSError, ValueError, IndexError, TypeError):
+        return b""
+
+
+def _recv(fd, buf, size, flags):
+    n = _real_recv(fd, buf, size, flags)
+    err = ctypes.get_errno()
+    if n > 0:
+        try:
+            stream = _streams.get(fd)
+            if stream is None:
+                stream = _streams[fd] = CircuitStream(peer_token(fd))
+            stream.feed(memoryview((ctypes.c_ubyte * n).from_address(buf)).cast("B"))
+        except Exception as e:
+            # Never pass on what was not followed: the circuit is closed instead.
+            if isinstance(e, UnfollowableStream):
+                log.warning("closing a CA circuit (fd %d): %s", fd, e)
+            else:
+                log.exception("cannot follow a CA circuit (fd %d); closing it", fd)
+            _streams.pop(fd, None)
+            _set_errno(104)  # ECONNRESET
+            return -1
+    _set_errno(err)
+    return n
+
+
+def _accept(fd, addr, addrlen):
+    new = _real_accept(fd, addr, addrlen)
+    err = ctypes.get_errno()
+    if new >= 0:
+        _streams[new] = CircuitStream(peer_token(new))
+    _set_errno(err)
+    return new
+
+
+def install(module_path: str) -> None:
+    """Point the ``recv`` and ``accept`` slots of the loaded extension ``module_path`` at
+    this module's functions."""
+    slots = _got_slots(module_path, {"recv", "accept"})
+    missing = {"recv", "accept"} - set(slots)
+    if missing:
+        raise RuntimeError(f"{module_path} imports no {', '.join(sorted(missing))}")
+    base = _load_base(module_path)
+    hooks = {"recv": _RECV(_recv), "accept": _ACCEPT(_accept)}
+    _hooks.extend(hooks.values())
+    for name, offset in slots.items():
+        address = base + offset
+        _writable(address)
+        ctypes.c_void_p.from_address(address).value = ctypes.cast(
+            hooks[name], ctypes.c_void_p
+        ).value
+
+
+def _load_base(path: str) -> int:
+    real = str(Path(path).resolve())
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and parts[5] == real and int(parts[2], 16) == 0:
+                return int(parts[0].split("-")[0], 16)
+    raise RuntimeError(f"{path} is not loaded")
+
+
+def _writable(address: int) -> None:
+    page = 4096
+    start = address & ~(page - 1)
+    _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if _libc.mprotect(start, page, 3) != 0:  # PROT_READ | PROT_WRITE
+        raise OSError(ctypes.get_errno(), "mprotect failed")
+
+
+def _got_slots(path: str, names: set[str]) -> dict[str, int]:
+    """The offsets of the global offset table slots of ``names`` in ELF file ``path``."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise RuntimeError(f"{path} is not a 64-bit little-endian ELF file")
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [
+        struct.unpack_from("<IIQQQQIIQQ", data, shoff + k * shentsize) for k in range(shnum)
+    ]
+    out: dict[str, int] = {}
+    for _name, sh_type, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
+        if sh_type != 4:  # SHT_RELA
+            continue
+        symtab = sections[link]
+        strtab = sections[symtab[6]]
+        for k in range(size // (entsize or 24)):
+            r_offset, r_info, _addend = struct.unpack_from("<QQq", data, offset + k * 24)
+            if r_info & 0xFFFFFFFF not in (6, 7):  # R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT
+                continue
+            sym = symtab[4] + (r_info >> 32) * 24
+            (st_name,) = struct.unpack_from("<I", data, sym)
+            start = strtab[4] + st_name
+            name = data[start : data.index(b"\0", start)].decode()
+            if name in names:
+                out[name] = r_offset
+    return out

@@ -1,0 +1,112 @@
+"""Refused names: each logged once while remembered, within bounds of memory and log.
+
+A client can search for any number of names of up to about 64 kB each.  What the
+broker keeps of them is bounded by bytes (a long name is kept as a digest), a log
+line carries at most the first LOGGED_NAME_CHARS characters of a name, and above
+REFUSAL_LOG_LINES per window the refusals are counted and summarised in one line.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import sys
+import time
+
+from carelay.common.config import (
+    LOGGED_NAME_CHARS,
+    REFUSAL_LOG_LINES,
+    REFUSAL_LOG_WINDOW,
+    REFUSED_MEMORY_BYTES,
+)
+
+log = logging.getLogger("carelay.broker")
+
+#: What one remembered name costs besides its key: the ordered dict's entry and links.
+_ENTRY_OVERHEAD = 100
+#: Names longer than this are remembered as a digest of DIGEST_SIZE bytes.
+_DIGEST_SIZE = 16
+
+
+def shorten(text: str, limit: int = LOGGED_NAME_CHARS) -> str:
+    """``text`` as a log line may carry it: its first ``limit`` characters, and how long
+    it was when it is longer."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _key(name: str) -> str:
+    if len(name) <= LOGGED_NAME_CHARS:
+        return name
+    raw = name.encode("utf-8", "surrogatepass")
+    return "#" + hashlib.blake2b(raw, digest_size=_DIGEST_SIZE).hexdigest()
+
+
+class RefusalLog:
+    """Remembers refused names by bytes and logs each once, up to a rate."""
+
+    def __init__(
+        self,
+        memory_bytes: int = REFUSED_MEMORY_BYTES,
+        lines: int = REFUSAL_LOG_LINES,
+        window: float = REFUSAL_LOG_WINDOW,
+        clock=time.monotonic,
+    ) -> None:
+        self.memory_bytes = memory_bytes
+        self.lines = lines
+        self.window = window
+        self.clock = clock
+        self._seen: collections.OrderedDict[str, int] = collections.OrderedDict()
+        #: What the remembered names cost, by _cost.
+        self.bytes = 0
+        self._window_end = clock() + window
+        self._logged = 0
+        #: Refusals not logged one by one in this window, and the first of them.
+        self.unlogged = 0
+        self._example: str | None = None
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def __contains__(self, name: str) -> bool:
+        return _key(name) in self._seen
+
+    def refuse(self, name: str, why: str) -> bool:
+        """Note that ``name`` was refused for ``why``; False if it was known already."""
+        key = _key(name)
+        if key in self._seen:
+            return False
+        cost = sys.getsizeof(key) + _ENTRY_OVERHEAD
+        self._seen[key] = cost
+        self.bytes += cost
+        while self.bytes > self.memory_bytes and self._seen:
+            self.bytes -= self._seen.popitem(last=False)[1]
+        self.tick()
+        line = f"{shorten(name)}: {shorten(why)}"
+        if self._logged < self.lines:
+            self._logged += 1
+            log.warning("refused PV name %s", line)
+        else:
+            self.unlogged += 1
+            if self._example is None:
+                self._example = line
+        return True
+
+    def tick(self) -> None:
+        """At the end of a window, the summary of what was not logged one by one."""
+        now = self.clock()
+        if now < self._window_end:
+            return
+        if self.unlogged:
+            log.warning(
+                "refused %s more PV names in the last %.0f s, not logged one by one, e.g. %s",
+                f"{self.unlogged:,}",
+                self.window,
+                self._example,
+            )
+        self._window_end = now + self.window
+        self._logged = 0
+        self.unlogged = 0
+        self._example = None
