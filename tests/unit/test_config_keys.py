@@ -80,6 +80,9 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("access_group", "access_group = 1"),
     ("access_group", 'access_group = ""'),
     ("access_group", 'access_group = "A\\nB"'),
+    ("metrics_port", "metrics_port = 0"),
+    ("metrics_port", 'metrics_port = "9100"'),
+    ("metrics_address", 'metrics_address = ""'),
     ("shard_count", "shard_count = 3"),
     ("relay", "[relay]\nshards = 2"),
 ]
