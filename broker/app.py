@@ -1053,6 +1053,20 @@ def run_broker(config: Config) -> int:
     server = RelayServer(broker)
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()
+    metrics = None
+    if config.metrics_port is not None:
+        from carelay.broker.metrics import serve_metrics
+
+        try:
+            metrics = serve_metrics(broker.health, config.metrics_address, config.metrics_port)
+        except OSError as e:
+            # CA goes on: the relay's PVs matter more than its metrics.
+            log.error(
+                "cannot serve metrics on %s:%d: %s; the relay runs without /metrics",
+                config.metrics_address,
+                config.metrics_port,
+                e.strerror or e,
+            )
     log.info("broker started (pid %d), prefix %s", os.getpid(), config.prefix)
     try:
         broker.run(stop)
@@ -1061,6 +1075,8 @@ def run_broker(config: Config) -> int:
             link.close(linger=_STOP_LINGER)
             link.close_parked()
         broker.status_path.unlink(missing_ok=True)
+        if metrics is not None:
+            metrics.shutdown()
         del server
     log.info("broker stopped")
     return 0
