@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import os
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -186,40 +187,39 @@ class CpuMeter:
         return max(0.0, load), rss
 
 
-def descriptors(ca_ports: Iterable[int], pid: int | str = "self") -> tuple[int, int]:
-    """(open descriptors, established TCP connections to one of ``ca_ports``) of ``pid``."""
-    proc = f"/proc/{pid}"
-    inodes = set()
+def descriptors(ca_ports: Iterable[int]) -> tuple[int, int]:
+    """(open descriptors, connected TCP sockets on one of ``ca_ports``) of this process.
+
+    Each socket is asked for its own addresses (getsockname/getpeername on the
+    descriptor, which stays open): /proc/net/tcp would cost milliseconds a read, as
+    the kernel walks every socket of the host's namespace to write it."""
+    ports = set(ca_ports)
     try:
-        fds = os.listdir(f"{proc}/fd")
+        fds = os.listdir("/proc/self/fd")
     except OSError:
         return 0, 0
-    for fd in fds:
-        try:
-            target = os.readlink(f"{proc}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = {f"{p:04X}" for p in ca_ports}
     circuits = 0
-    if ports:
-        for table in ("tcp", "tcp6"):
-            try:
-                with open(f"{proc}/net/{table}") as f:
-                    next(f, None)
-                    for line in f:
-                        cols = line.split()
-                        # st 01: ESTABLISHED; the local port is the CA server's.
-                        if (
-                            len(cols) > 9
-                            and cols[3] == "01"
-                            and cols[9] in inodes
-                            and cols[1].rsplit(":", 1)[1] in ports
-                        ):
-                            circuits += 1
-            except OSError:
+    for fd in fds:
+        if not ports:
+            break
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
                 continue
+            sock = socket.socket(fileno=int(fd))
+        except (OSError, ValueError):
+            continue
+        try:
+            if (
+                sock.type == socket.SOCK_STREAM
+                and sock.family in (socket.AF_INET, socket.AF_INET6)
+                and sock.getsockname()[1] in ports
+            ):
+                sock.getpeername()  # a listening socket has no peer: OSError
+                circuits += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the descriptor is not ours to close
     return len(fds), circuits
 
 

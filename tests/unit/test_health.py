@@ -164,3 +164,22 @@ def test_a_collector_before_the_first_sample_says_nothing():
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HealthCollector(Health(1, "1")))
     assert generate_latest(registry) == b""
+
+
+def test_circuits_are_the_connected_tcp_sockets_on_the_ca_port():
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+            socket.create_connection(("127.0.0.1", port)) as client,
+        ):
+            udp.bind(("127.0.0.1", port))
+            accepted, _ = listener.accept()
+            with accepted:
+                assert health.descriptors([port])[1] == 1  # not the listener, UDP or client
+                accepted.sendall(b"x")
+                assert client.recv(1) == b"x"  # its descriptor is still open
