@@ -24,6 +24,7 @@ from carelay.common.config import (
     SHARD_FAILING_WINDOW,
 )
 from carelay.common.histogram import FLUSH_BUCKETS, PUT_BUCKETS, Histogram
+from carelay.common.keys import is_loopback_endpoint
 
 #: EPICS alarm status STATE_ALARM (alarm.h), raised by a shard's STATE.
 STATE_ALARM = 7
@@ -162,6 +163,14 @@ def process_usage(pid: int) -> tuple[float, int] | None:
     return cpu, rss
 
 
+def _is_carelay(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"carelay" in f.read()
+    except OSError:
+        return False
+
+
 class CpuMeter:
     """CPU load (percent of the machine, as iocStats says it) and memory of a set of
     processes, from /proc, between two samples."""
@@ -293,6 +302,8 @@ class Health:
         self.link_downs = [collections.deque(maxlen=SHARD_FAILING_DOWNS) for _ in range(shards)]
         self._put_rate, self._create_rate, self._refuse_rate = RateMeter(), RateMeter(), RateMeter()
         self._cpu = CpuMeter()
+        #: The supervisor (``carelay up``) if this broker has one.
+        self._parent = [os.getppid()] if _is_carelay(os.getppid()) else []
         self.snapshot: dict = {}
 
     def refused(
@@ -316,7 +327,12 @@ class Health:
         put_rate = self._put_rate.sample(now, self.puts)
         create_rate = self._create_rate.sample(now, self.creations)
         refuse_rate = self._refuse_rate.sample(now, refusals)
-        pids = [os.getpid(), os.getppid(), *(s.pid for s in self.shards if s.pid)]
+        # The processes of this host only: a pid from a shard on another host names
+        # some other process here.
+        pids = [os.getpid(), *self._parent]
+        for link, figs in zip(broker.links, self.shards, strict=True):
+            if figs.pid and (link.local or is_loopback_endpoint(link.endpoint)):
+                pids.append(figs.pid)
         cpu, mem = self._cpu.sample(pids, now)
         nfds, circuits = descriptors(broker.ca_ports)
         young = now - self.started_mono < broker.startup_grace

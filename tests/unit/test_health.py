@@ -111,6 +111,9 @@ def test_health_names_break_the_naming_rule():
 
 
 class _Link:
+    local = True
+    endpoint = "ipc:///tmp/shard.sock"
+
     def __init__(self, live):
         self.live = live
         self.ever_synced = True
