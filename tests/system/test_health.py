@@ -148,3 +148,35 @@ def test_a_stopped_shard_is_not_answering_then_ok(make_relay, ca):
         os.kill(pid, signal.SIGCONT)
     r = wait_for(lambda: reads("OK"), timeout=30, interval=0.2, what="shard1:STATE OK again")
     assert r.metadata.severity == 0
+
+
+@pytest.mark.slow
+def test_an_unwritable_store_shows_store_failed_and_the_refused_put(make_relay, ca):
+    from tests.system.clients import name_on_shard
+    from tests.system.test_storage_faults import FAST, connect, limit_store, put_ok, unlimit
+
+    relay = make_relay(shards=2, extra=FAST)
+    name = name_on_shard(relay, 0, "sf")
+    (pv,) = connect(ca, name)
+    assert put_ok(pv, [1.0])
+    (state,) = connect(ca, f"{relay.prefix}relay:shard0:STATE")
+
+    def is_(value: int):
+        r = state.read(data_type=ChannelType.TIME_ENUM, timeout=5)
+        return r if r.data[0] == value else None
+
+    pid = limit_store(relay, ca)
+    pv.write([1.5], wait=False)  # a plain put: its flush fails
+    try:
+        r = wait_for(lambda: is_(3), what="shard0:STATE STORE_FAILED")
+        assert r.metadata.severity == 2
+        assert not put_ok(pv, [2.0])
+
+        def shown():
+            last = _text(ca, relay, "LAST_ERROR")
+            return name in last and "cannot be written" in last
+
+        wait_for(shown, what="the refused put and the store's error in LAST_ERROR")
+    finally:
+        unlimit(pid)
+    wait_for(lambda: is_(0), timeout=30, what="shard0:STATE OK again")
