@@ -725,6 +725,8 @@ class Broker:
             self._set_real(pv, True)
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
             pv.apply(data, stamp, append=False)
+        if link.ever_synced and end.epoch != link.epoch:
+            self.health.restarts[link.index].append(time.monotonic())  # a new process
         if link.orphans and link.ever_synced and end.epoch != link.epoch:
             # A new shard process: what the old one had not applied died with it.
             log.warning(
@@ -763,7 +765,6 @@ class Broker:
         """``gone``: the shard process closed the connection (see ShardLink.local), so
         what it has not answered it never applies: those requests fail now."""
         self.status_due = True
-        self.health.link_downs[link.index].append(time.monotonic())
         self.store_errors[link.index] = ""  # unknown until it answers again: COMM alarm
         link.down_since = time.monotonic()
         if gone:

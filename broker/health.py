@@ -20,7 +20,7 @@ from carelay.common import fields
 from carelay.common.config import (
     ERROR_LINE_MAX,
     ERRORS_KEPT,
-    SHARD_FAILING_DOWNS,
+    SHARD_FAILING_RESTARTS,
     SHARD_FAILING_WINDOW,
 )
 from carelay.common.histogram import FLUSH_BUCKETS, PUT_BUCKETS, Histogram
@@ -121,18 +121,18 @@ class ShardView:
     live: bool
     ever_synced: bool
     store_error: str
-    downs: collections.deque  # monotonic times the link went down
+    restarts: collections.deque  # monotonic times a new process of it was seen
 
 
 def shard_state(view: ShardView, now: float, young: bool) -> str:
     """OK, CONNECTING (not in sync yet, the relay just started), NOT_ANSWERING (was in
     sync, or had time to be, and is not), STORE_FAILED (in sync, its store cannot be
-    written), FAILING (its link went down SHARD_FAILING_DOWNS times within
+    written), FAILING (not in sync, and it restarted SHARD_FAILING_RESTARTS times within
     SHARD_FAILING_WINDOW: it keeps dying)."""
-    recent = sum(1 for t in view.downs if now - t <= SHARD_FAILING_WINDOW)
+    recent = sum(1 for t in view.restarts if now - t <= SHARD_FAILING_WINDOW)
     if view.live:
         return "STORE_FAILED" if view.store_error else "OK"
-    if recent >= SHARD_FAILING_DOWNS:
+    if recent >= SHARD_FAILING_RESTARTS:
         return "FAILING"
     if not view.ever_synced and young:
         return "CONNECTING"
@@ -299,7 +299,7 @@ class Health:
         self.put_callback = Histogram(PUT_BUCKETS)
         self.errors = ErrorLog()
         self.shards = [ShardFigures() for _ in range(shards)]
-        self.link_downs = [collections.deque(maxlen=SHARD_FAILING_DOWNS) for _ in range(shards)]
+        self.restarts = [collections.deque(maxlen=SHARD_FAILING_RESTARTS) for _ in range(shards)]
         self._put_rate, self._create_rate, self._refuse_rate = RateMeter(), RateMeter(), RateMeter()
         self._cpu = CpuMeter()
         #: The supervisor (``carelay up``) if this broker has one.
@@ -340,7 +340,7 @@ class Health:
         for k, link in enumerate(broker.links):
             figs = self.shards[k]
             error = broker.store_errors[k]
-            view = ShardView(link.live, link.ever_synced, error, self.link_downs[k])
+            view = ShardView(link.live, link.ever_synced, error, self.restarts[k])
             state = shard_state(view, now, young)
             saved = figs.saved_at
             shards.append(

@@ -87,9 +87,9 @@ FD_FREE_LOLO = 5
 #: ``relay:shard<K>:FLUSH_AGE`` alarm limits, in autosave periods.
 FLUSH_AGE_HIGH_PERIODS = 5
 FLUSH_AGE_HIHI_PERIODS = 20
-#: A shard whose link went down this many times within the window is FAILING (it keeps
-#: dying or dropping out), not merely NOT_ANSWERING.
-SHARD_FAILING_DOWNS = 3
+#: A shard that restarted this many times within the window (seconds) and is not in sync
+#: is FAILING (it keeps dying), not merely NOT_ANSWERING.
+SHARD_FAILING_RESTARTS = 3
 SHARD_FAILING_WINDOW = 60.0
 #: In a data directory: the lock that one relay holds while it runs (its pid inside),
 #: the lock of a broker started alone, and the token of processes started alone.

@@ -180,3 +180,26 @@ def test_an_unwritable_store_shows_store_failed_and_the_refused_put(make_relay, 
     finally:
         unlimit(pid)
     wait_for(lambda: is_(0), timeout=30, what="shard0:STATE OK again")
+
+
+@pytest.mark.slow
+def test_a_shard_that_keeps_dying_is_failing(make_relay, ca):
+    relay = make_relay(shards=2)
+    (state,) = ca.get_pvs(f"{relay.prefix}relay:shard1:STATE", timeout=5)
+    state.wait_for_connection(timeout=10)
+    seen = []
+
+    def on_state(sub, response):
+        seen.append((response.data[0], response.metadata.severity))
+
+    sub = state.subscribe(data_type=ChannelType.TIME_ENUM)
+    sub.add_callback(on_state)
+    try:
+        for _ in range(4):
+            mark = len(relay.log())
+            os.kill(shard_pid(relay, 1), signal.SIGKILL)
+            relay.wait_log("shard 1 in sync", start=mark)
+        wait_for(lambda: (4, 3) in seen, what="shard1:STATE FAILING with INVALID severity")
+        wait_for(lambda: seen[-1] == (0, 0), what="shard1:STATE OK again")
+    finally:
+        sub.clear()

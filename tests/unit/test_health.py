@@ -22,7 +22,7 @@ from carelay.broker.health import (
     uptime_text,
 )
 from carelay.broker.metrics import HealthCollector
-from carelay.common.config import ERROR_LINE_MAX, ERRORS_KEPT, SHARD_FAILING_DOWNS
+from carelay.common.config import ERROR_LINE_MAX, ERRORS_KEPT, SHARD_FAILING_RESTARTS
 from carelay.common.histogram import Histogram
 from carelay.common.naming import InvalidPvName, parse_pv_name
 
@@ -54,8 +54,8 @@ def test_rates_over_one_and_ten_seconds():
     assert ten == pytest.approx(6.5)
 
 
-def _view(live=True, synced=True, error="", downs=()):
-    return ShardView(live, synced, error, collections.deque(downs))
+def _view(live=True, synced=True, error="", restarts=()):
+    return ShardView(live, synced, error, collections.deque(restarts))
 
 
 @pytest.mark.parametrize(
@@ -65,9 +65,9 @@ def _view(live=True, synced=True, error="", downs=()):
         (_view(error="disk full"), False, "STORE_FAILED"),
         (_view(live=False, synced=False), True, "CONNECTING"),
         (_view(live=False, synced=False), False, "NOT_ANSWERING"),
-        (_view(live=False, downs=[99.0]), True, "NOT_ANSWERING"),
-        (_view(live=False, downs=[99.0] * SHARD_FAILING_DOWNS), False, "FAILING"),
-        (_view(live=False, downs=[0.0] * SHARD_FAILING_DOWNS), False, "NOT_ANSWERING"),
+        (_view(live=False, restarts=[99.0]), True, "NOT_ANSWERING"),
+        (_view(live=False, restarts=[99.0] * SHARD_FAILING_RESTARTS), False, "FAILING"),
+        (_view(live=False, restarts=[0.0] * SHARD_FAILING_RESTARTS), False, "NOT_ANSWERING"),
     ],
 )
 def test_shard_states(view, young, expected):
