@@ -24,15 +24,18 @@ from pathlib import Path
 import zmq
 
 from carelay.broker.cstreams import own_stderr
+from carelay.broker.health import Health
 from carelay.broker.link import LinkState, ShardLink
 from carelay.broker.listening import listening_tcp_ports
 from carelay.broker.refusals import RefusalLog, shorten
 from carelay.common import fields
 from carelay.common.config import (
     EXPIRY_MARGIN,
+    HEALTH_INTERVAL,
     PUT_RECONNECT_GRACE,
     PUT_TIMEOUT,
     READ_SYNC_TIMEOUT,
+    STARTUP_GRACE,
     STARTUP_QUIET,
     STATUS_INTERVAL,
     Config,
@@ -70,14 +73,16 @@ _APPLIED = frozenset({Op.ACK, Op.UPDATE, Op.FIELD, Op.DELETED})
 class Pending:
     """A request sent to a shard and waiting for its answer."""
 
-    __slots__ = ("pv", "name", "shard", "deadline", "notify")
+    __slots__ = ("pv", "name", "shard", "deadline", "notify", "client")
 
-    def __init__(self, pv, name, shard, deadline, notify) -> None:
+    def __init__(self, pv, name, shard, deadline, notify, client=None) -> None:
         self.pv = pv
         self.name = name
         self.shard = shard
         self.deadline = deadline
         self.notify = notify
+        #: (host, user) of the client that waits for the answer, for ``relay:ERRORS``.
+        self.client = client
 
 
 class Parked:
@@ -99,6 +104,7 @@ class Broker:
     def __init__(
         self, config: Config, cas_module, ctx: zmq.Context | None = None, token: str | None = None
     ) -> None:
+        from carelay.broker.healthpvs import HealthPVs
         from carelay.broker.pvs import DelPvPV, PvListPV
 
         self.config = config
@@ -158,6 +164,13 @@ class Broker:
         self._unserved: set[int] = set()
         #: SIGHUP asked for the access security file to be read again.
         self.reload_due = False
+        #: The relay's own health: figures, ``<prefix>relay:`` PVs (served at once, even
+        #: before the shards are in sync) and what /metrics reads.
+        self.health = Health(config.shards, _version())
+        self.health_pvs = HealthPVs(config.prefix, config.shards, config.autosave_period)
+        self.startup_grace = STARTUP_GRACE
+        #: The CA context of the put being handled (BasePV.write), for whom an error names.
+        self.put_context = None
 
     # -- the PV table -----------------------------------------------------------
 
@@ -167,8 +180,9 @@ class Broker:
     def shard_live(self, index: int) -> bool:
         return self.links[index].usable
 
-    def _refuse(self, name: str, why: str) -> None:
-        self.refusals.refuse(name, why)
+    def _refuse(self, name: str, why: str, kind: str = "name") -> None:
+        if self.refusals.refuse(name, why):
+            self.error(kind, f"refused PV name: {shorten(why)}", shorten(name))
 
     def refuse_undecodable(self, raw: bytes) -> None:
         """A client sent a name that is not UTF-8: pcaspy's SWIG layer could not decode
@@ -178,6 +192,30 @@ class Broker:
         if name.startswith(self.config.prefix):
             self._refuse(name, "not UTF-8")
 
+    def client(self) -> tuple[str, str] | None:
+        """(host, user) of the CA client whose put is being handled, if one is."""
+        ctx = self.put_context
+        if ctx is None:
+            return None
+        try:
+            return str(ctx.host), str(ctx.user)
+        except Exception:
+            return None
+
+    def error(
+        self, kind: str, reason: str, pv: str | None = None, shard: int | None = None, client=None
+    ) -> None:
+        """A refusal or failure, for ``relay:LAST_ERROR``/``ERRORS`` and /metrics: it names
+        the client of the put being handled unless ``client`` is given."""
+        self.health.refused(kind, reason, pv, shard, client or self.client())
+
+    def attached_count(self) -> int:
+        """PVs with CA channels (PCAS does not tell the channels of each)."""
+        n = sum(1 for pv in self.pvs.values() if pv.attached)
+        n += sum(1 for pv in self.field_pvs.values() if pv.attached)
+        n += sum(1 for pv in self.controls.values() if pv.attached)
+        return n + self.health_pvs.attached_count()
+
     def claims(self, name: str) -> bool:
         """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest).
 
@@ -185,6 +223,8 @@ class Broker:
         a new, undefined one.  CA clients search again and find it once the shard is in
         sync.  The control PVs, which span every shard, wait for them all at start."""
         if name in self.pvs or name in self.field_pvs:
+            return True
+        if self.health_pvs.claims(name):
             return True
         if name in self.controls:
             if not self.ready:
@@ -212,7 +252,7 @@ class Broker:
         if base_pv is None or not (base_pv.real or base_pv.creating):
             why = self._over_limits(spec)
             if why is not None:
-                self._refuse(name, why)
+                self._refuse(name, why, "limit")
                 return False
         return True
 
@@ -227,6 +267,8 @@ class Broker:
     def attach(self, name: str):
         """The PV for ``name``, made provisional if new (pvAttach); None if not served."""
         pv = self.pvs.get(name) or self.field_pvs.get(name)
+        if pv is None and self.health_pvs.claims(name):
+            return self.health_pvs.attach(name)
         if pv is None:
             if not self.claims(name):
                 return None
@@ -294,6 +336,7 @@ class Broker:
         pv = self.pvs.get(name)
         if pv is None or not pv.real:
             log.warning("put to %s.%s failed: %s does not exist yet", name, field, name)
+            self.error("provisional", f"field put to .{field}: the PV has had no put yet", name)
             return False
         if field == "RES":
             if not raw:
@@ -306,12 +349,14 @@ class Broker:
                 value = fields.validate(field, raw)
             except fields.FieldError as e:
                 log.warning("refused put to %s.%s: %s", name, field, e)
+                self.error("field", f"refused put to .{field}: {e}", name, pv.shard)
                 return False
         msg = Message(Op.SET_FIELD, name, info={"field": field, "value": value})
         # Pending on the PV until answered: value puts meanwhile take the round trip, so
         # that the shard, not the mirror, applies the new field (DRVH, DRVL) to them.
         if not self._request(pv.shard, msg, pv, notify):
             log.warning("put to %s.%s failed: shard %d unreachable", name, field, pv.shard)
+            self.error("shard_down", f"put to .{field} failed: shard unreachable", name, pv.shard)
             return False
         pv.pending += 1
         return True
@@ -347,6 +392,7 @@ class Broker:
         link = self.links[pv.shard]
         if not link.usable:
             log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
+            self.error("shard_down", "put failed: shard unreachable", pv.name, pv.shard)
             return False
         stamp = time.time()
         # While the shard's store cannot be written, a put with callback takes the round
@@ -360,14 +406,16 @@ class Broker:
         if not (pv.real or pv.creating):
             why = self._over_limits(pv.spec)
             if why is not None:
-                self._refuse(pv.name, why)
+                self._refuse(pv.name, why, "limit")
                 return False
         msg = Message(Op.PUT, pv.name, stamp=stamp, data=data)
         if notify is not None:
             msg.info = {"callback": 1}  # refused by a shard whose store cannot be written
         if not self._request(pv.shard, msg, pv, notify):
             log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
+            self.error("shard_down", "put failed: shard not accepting", pv.name, pv.shard)
             return False
+        self.health.puts += 1
         pv.pending += 1
         if not pv.real:
             self._reserve(pv, True)
@@ -377,6 +425,7 @@ class Broker:
         """A put to a PV in sync with its live shard: applied to the mirror and posted now,
         and sent on as a WRITE that the shard answers only for a put with callback (or to
         refuse it, with the PV as it holds it).  No round trip before the monitors."""
+        self.health.puts += 1
         if notify is None:
             link.write(pv.name, 0, stamp, data)
         else:
@@ -389,11 +438,13 @@ class Broker:
         pv = self.pvs.get(name)
         if pv is None or not pv.real:
             log.warning("delpv %s failed: no such PV", name)
+            self.error("no_such_pv", "delpv failed: no such PV", name)
             return False
         # Counted as pending on the PV: puts wait for the answer (round trip), not the
         # mirror, until the deletion is settled.
         if not self._request(pv.shard, Message(Op.DELETE, name), pv, notify):
             log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
+            self.error("shard_down", "delpv failed: shard unreachable", name, pv.shard)
             return False
         pv.pending += 1
         pv.deleting = True
@@ -424,7 +475,8 @@ class Broker:
         shard whose clock runs behind the broker's by more than the margin."""
         req = next(self._req)
         deadline = time.monotonic() + PUT_TIMEOUT
-        link.pending[req] = Pending(pv, name, link.index, deadline, notify)
+        client = self.client() if notify is not None else None
+        link.pending[req] = Pending(pv, name, link.index, deadline, notify, client)
         return req, time.time() + (PUT_TIMEOUT - EXPIRY_MARGIN)
 
     def _flush(self, link: ShardLink) -> None:
@@ -439,6 +491,8 @@ class Broker:
             len(msgs),
             msgs[0].name,
         )
+        why = f"shard not accepting; failed {len(msgs)} requests"
+        self.error("shard_down", why, msgs[0].name, link.index)
         for msg in msgs:
             if msg.op is Op.WRITE:
                 # The mirror shows puts the shard will never see: the link goes down
@@ -463,6 +517,7 @@ class Broker:
             if not p.pv.pending:
                 self._reserve(p.pv, False)
         if p.notify is not None:
+            self.health.put_callback.observe(time.monotonic() - (p.deadline - PUT_TIMEOUT))
             p.notify.complete(ok)
 
     def _answered(self, link: ShardLink, req: int) -> None:
@@ -477,6 +532,7 @@ class Broker:
                 break
             p = link.pending[first]
             log.warning("shard %d lost the request for %s; failing it", link.index, p.name)
+            self.error("shard_down", "the shard lost the request", p.name, link.index, p.client)
             self._finish(link, first, False)
 
     def wait_for_pending(self, pv) -> None:
@@ -545,6 +601,8 @@ class Broker:
                     p.shard,
                     PUT_RECONNECT_GRACE,
                 )
+                why = f"put failed: shard unreachable for {PUT_RECONNECT_GRACE:.1f} s"
+                self.error("shard_down", why, p.pv.name, p.shard)
                 p.pv.resume(p.payload, p.notify, False)
             else:
                 waiting.append(p)
@@ -586,6 +644,7 @@ class Broker:
             )
             link.seq = msg.seq
             if msg.info.get("created"):
+                self.health.creations += 1
                 log.debug("created PV %s (shard %d)", msg.name, link.index)
             self._finish(link, msg.req, True)
         elif op is Op.ACK:
@@ -600,14 +659,18 @@ class Broker:
             self._finish(link, msg.req, True)
         elif op is Op.REJECT:
             log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
+            self._shard_refused(link, msg)
             self._finish(link, msg.req, False)
         elif op is Op.DELETED:
             self._forget(msg.name)
             link.seq = msg.seq
+            if not msg.info.get("restate"):
+                self.health.deletions += 1
             log.debug("deleted PV %s (shard %d)", msg.name, link.index)
             self._finish(link, msg.req, True)
         elif op is Op.PONG:
             link.pvs = msg.info.get("pvs", link.pvs)
+            self.health.shards[link.index].update(msg.info)
             self._store_state(link, msg.info.get("store_error", ""))
         elif op is Op.SNAPSHOT_BEGIN:
             self._snapshots[link.index] = {}
@@ -624,6 +687,12 @@ class Broker:
             self._resync(link, msg)
         else:
             log.warning("shard %d: unexpected %s dropped", link.index, op.name)
+
+    def _shard_refused(self, link: ShardLink, msg: Message) -> None:
+        """A REJECT: for ``relay:ERRORS``, with the client that waited for it if one did."""
+        waiting = link.pending.get(msg.req) or link.orphans.get(msg.req) if msg.req else None
+        client = waiting.client if waiting is not None else None
+        self.error("shard_refused", f"shard refused: {msg.reason}", msg.name, link.index, client)
 
     def _forget(self, name: str) -> None:
         pv = self.pvs.get(name)
@@ -664,6 +733,8 @@ class Broker:
             self._set_real(pv, True)
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
             pv.apply(data, stamp, append=False)
+        if link.ever_synced and end.epoch != link.epoch:
+            self.health.restarts[link.index].append(time.monotonic())  # a new process
         if link.orphans and link.ever_synced and end.epoch != link.epoch:
             # A new shard process: what the old one had not applied died with it.
             log.warning(
@@ -761,6 +832,8 @@ class Broker:
                     log.warning(
                         "no answer from shard %d for %s; failing the request", p.shard, p.name
                     )
+                    why = "no answer from the shard in time"
+                    self.error("shard_down", why, p.name, p.shard, p.client)
                     self._finish(link, req, False)
             if link.parked and not link.orphans:
                 link.close_parked()
@@ -796,6 +869,7 @@ class Broker:
                     ok = msg.op in _APPLIED
                     if not ok:
                         log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
+                        self._shard_refused(link, msg)
                     self._finish(link, msg.req, ok)
         return n
 
@@ -858,8 +932,13 @@ class Broker:
             ", ".join(waiting),
         )
 
+    def _update_health(self, now: float) -> None:
+        """Take the health figures and set the health PVs (posting only what changed)."""
+        snap = self.health.sample(self, now)
+        self.health_pvs.update(snap, self.health.errors)
+
     def run(self, stop: StopFlag) -> None:
-        next_status = next_tick = 0.0
+        next_status = next_tick = next_health = 0.0
         handled = 0
         while not stop.stopping:
             # While answers are due, do not sleep in CA's select(): poll the
@@ -903,6 +982,9 @@ class Broker:
             if now >= next_status or self.status_due:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
+            if now >= next_health:
+                self._update_health(now)
+                next_health = now + HEALTH_INTERVAL
         # A clean stop: the puts still queued go to the shards, which stop after us.
         self._flush_queued()
         for p in self._parked:
@@ -1047,6 +1129,20 @@ def run_broker(config: Config) -> int:
     server = RelayServer(broker)
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()
+    metrics = None
+    if config.metrics_port is not None:
+        from carelay.broker.metrics import serve_metrics
+
+        try:
+            metrics = serve_metrics(broker.health, config.metrics_address, config.metrics_port)
+        except OSError as e:
+            # CA goes on: the relay's PVs matter more than its metrics.
+            log.error(
+                "cannot serve metrics on %s:%d: %s; the relay runs without /metrics",
+                config.metrics_address,
+                config.metrics_port,
+                e.strerror or e,
+            )
     log.debug("started (pid %d)", os.getpid())
     try:
         broker.run(stop)
@@ -1055,6 +1151,8 @@ def run_broker(config: Config) -> int:
             link.close(linger=_STOP_LINGER)
             link.close_parked()
         broker.status_path.unlink(missing_ok=True)
+        if metrics is not None:
+            metrics.shutdown()
         del server
     log.info("stopped")
     return 0
@@ -1077,6 +1175,15 @@ def _undecodable_names(broker: Broker, previous):
         previous(kind, exc, tb)
 
     return hook
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("carelay")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _capacity(spec) -> int:

@@ -162,6 +162,14 @@ class BasePV(cas.casPV):
         if self.waiting_put:
             # A put waits for its shard: this one goes after it (the server retries it).
             return cas.S_casApp_postponeAsyncIO
+        # The client, for relay:ERRORS; valid only while this callback runs.
+        self.broker.put_context = context
+        try:
+            return self._write(context, value)
+        finally:
+            self.broker.put_context = None
+
+    def _write(self, context, value):
         payload, status = self._accept(value)
         if payload is None:
             return status
@@ -177,6 +185,13 @@ class BasePV(cas.casPV):
         if self.hasAsyncWrite():
             # One completion at a time per PV; the server retries this one later.
             return cas.S_casApp_postponeAsyncIO
+        self.broker.put_context = context
+        try:
+            return self._write_notify(context, value)
+        finally:
+            self.broker.put_context = None
+
+    def _write_notify(self, context, value):
         payload, status = self._accept(value)
         if payload is None:
             return status
@@ -518,6 +533,7 @@ class RelayPV(BasePV):
             return gdd_to_array(self.spec, value), cas.S_casApp_success
         except ConversionError as e:
             log.warning("refused put to %s: %s", self.name, e)
+            self.broker.error("convert", f"refused put: {e}", self.name, self.shard)
             return None, cas.S_cas_noConvert
 
     def _forward(self, data, notify) -> bool:
@@ -595,11 +611,13 @@ class FieldPV(BasePV):
 
     def _accept(self, value):
         if not self.fdef.writable:
+            self.broker.error("field", f"refused put: {self.field} is read-only", self.name)
             return None, cas.S_cas_noWrite
         try:
             return self._raw(value), cas.S_casApp_success
         except ConversionError as e:
             log.warning("refused put to %s: %s", self.name, e)
+            self.broker.error("convert", f"refused put: {e}", self.name)
             return None, PUT_FAILED
 
     def _forward(self, raw, notify) -> bool:
@@ -672,6 +690,8 @@ class DelPvPV(BasePV):
 
     def _accept(self, value):
         name = self._target(value)
+        if name is None:
+            self.broker.error("convert", "refused put: not a PV name", self.name)
         return name, PUT_FAILED
 
     def _forward(self, name, notify) -> bool:

@@ -73,6 +73,26 @@ STARTUP_GRACE = (
     + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
     + STATUS_INTERVAL * STATUS_STALE_INTERVALS
 )
+#: Seconds between updates of the health PVs (``<prefix>relay:``) and of ``/metrics``.
+HEALTH_INTERVAL = 1.0
+#: Refusals and failures kept for ``relay:ERRORS`` (newest last), and the longest line.
+ERRORS_KEPT = 50
+ERROR_LINE_MAX = 256
+#: Where ``/metrics`` listens when ``metrics_port`` is set: loopback unless told.
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+#: ``relay:MAX_BYTES_USED`` alarm limits (percent of max_bytes).
+MAX_BYTES_HIGH = 80.0
+MAX_BYTES_HIHI = 95.0
+#: ``relay:FD_FREE`` alarm limits, as iocStats sets them.
+FD_FREE_LOW = 20
+FD_FREE_LOLO = 5
+#: ``relay:shard<K>:FLUSH_AGE`` alarm limits, in autosave periods.
+FLUSH_AGE_HIGH_PERIODS = 5
+FLUSH_AGE_HIHI_PERIODS = 20
+#: A shard that restarted this many times within the window (seconds) and is not in sync
+#: is FAILING (it keeps dying), not merely NOT_ANSWERING.
+SHARD_FAILING_RESTARTS = 3
+SHARD_FAILING_WINDOW = 60.0
 #: In a data directory: the lock that one relay holds while it runs (its pid inside),
 #: the lock of a broker started alone, and the token of processes started alone.
 RUN_LOCK_FILE = "carelay.lock"
@@ -162,6 +182,10 @@ class Config:
     access_by_ip: bool = DEFAULT_ACCESS_BY_IP
     #: Directory of the CurveZMQ certificates (``carelay keys DIR``); None: no encryption.
     keys_dir: Path | None = None
+    #: TCP port of the Prometheus ``/metrics`` endpoint; None: not served.
+    metrics_port: int | None = None
+    #: Address that endpoint listens on.
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
 
     def pv_spec(self, name: str) -> PvSpec:
         """What ``name`` says under this prefix and these limits; InvalidPvName if nothing."""
@@ -285,6 +309,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "access_security": (str, Path),
     "access_group": str,
     "access_by_ip": bool,
+    "metrics_port": int,
+    "metrics_address": str,
 }
 
 
@@ -339,6 +365,10 @@ def _check(key: str, value: Any) -> Any:
         value = Path(value)
         if key == "access_security" and not value.is_file():
             raise ConfigError(f"access_security: {value} is not a readable file")
+    elif key == "metrics_port" and not 1 <= value <= 65535:
+        raise ConfigError(f"metrics_port: must be from 1 to 65535, got {value}")
+    elif key == "metrics_address" and not (value and value.isascii() and value.isprintable()):
+        raise ConfigError(f"metrics_address: must be a host name or address, got {value!r}")
     elif key == "access_group" and not (value and value.isascii() and value.isprintable()):
         raise ConfigError(f"access_group: must be a group name, got {value!r}")
     elif key == "endpoints":

@@ -36,6 +36,7 @@ from carelay.common.config import (
     STATUS_INTERVAL,
     Config,
 )
+from carelay.common.histogram import FLUSH_BUCKETS, Histogram
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import (
     StopFlag,
@@ -146,6 +147,12 @@ class ShardServer:
         self._status_due = False
         #: Values written by the clean stop (changed since the last flush).
         self.saved_on_stop = 0
+        #: For the broker's health figures (PONG): puts applied, how long value flushes
+        #: took, and since when (wall clock) every value applied is saved.
+        self.puts_applied = 0
+        self.flush_times = Histogram(FLUSH_BUCKETS)
+        self.saved_at = time.time()
+        self._saving_since = 0.0
 
     def load(self) -> None:
         """Take the PVs saved in the autosave."""
@@ -343,7 +350,16 @@ class ShardServer:
             log.warning("unexpected operation %s dropped", op.name)
 
     def _pong(self, peer: bytes, req: int) -> None:
-        info = {"pvs": len(self.store), "store_error": self.refusing}
+        info = {
+            "pvs": len(self.store),
+            "store_error": self.refusing,
+            "pid": os.getpid(),
+            "puts": self.puts_applied,
+            "saved_at": self.saved_at,
+            "flush": self.flush_times.as_dict(),
+        }
+        if self.db is not None:
+            info["store_bytes"] = self.db.size()
         self._reply(peer, Message(Op.PONG, req=req, seq=self.store.seq, info=info))
 
     def _put(self, peer: bytes, msg: Message) -> None:
@@ -360,6 +376,7 @@ class ShardServer:
             log.warning("refused put to %s: %s", msg.name, e)
             self._reject(peer, msg, str(e))
             return
+        self.puts_applied += 1
         if change.created:
             log.info("created PV %s", msg.name)
         self._reply_change(peer, msg.req, change, {"created": 1} if change.created else {})
@@ -372,6 +389,7 @@ class ShardServer:
             if self.refusing and msg.req:
                 raise Rejected(self.refusing)
             outcome = self.store.put(msg.name, msg.data, msg.stamp, create=False).seq
+            self.puts_applied += 1
         except Rejected as e:
             outcome = e
         self._written(peer, msg.name, msg.req, outcome)
@@ -410,6 +428,7 @@ class ShardServer:
             except Rejected as e:
                 outcome = e
             else:
+                self.puts_applied += 1
                 if not reqs[k]:
                     continue  # the commonest WRITE of all: applied, and nothing to say
             self._written(peer, name, reqs[k], outcome)
@@ -550,11 +569,14 @@ class ShardServer:
         rows = self.store.dirty_rows()
         if not rows:
             return 0
+        started = time.time()
         try:
             self.db.save(rows)
         except (sqlite3.Error, OSError) as e:
             self._store_failed(e, f"autosave of {len(rows)} values failed")
             return 0
+        self.flush_times.observe(time.time() - started)
+        self.saved_at = started
         self._store_written()
         self.store.dirty.clear()
         return len(rows)
@@ -569,15 +591,24 @@ class ShardServer:
             return 0
         rows = self.store.dirty_rows(copy=True)
         if not rows:
-            if self.store_error is not None:
+            if self.store_error is None:
+                self.saved_at = time.time()  # nothing waits to be saved
+            else:
                 # Nothing waits, but the store failed: a small write tells when it heals.
                 self._saving_names = []
                 self._saving = self._autosave_thread().submit(self.db.check_writable)
             return 0
         self.store.dirty.clear()
         self._saving_names = [row[0] for row in rows]
-        self._saving = self._autosave_thread().submit(self.db.save, rows)
+        self._saving_since = time.time()
+        self._saving = self._autosave_thread().submit(self._timed_save, rows)
         return len(rows)
+
+    def _timed_save(self, rows) -> float:
+        """In the autosave thread: save ``rows``; returns how long that took (seconds)."""
+        started = time.monotonic()
+        self.db.save(rows)
+        return time.monotonic() - started
 
     def _autosave_thread(self) -> ThreadPoolExecutor:
         if self._saver is None:
@@ -601,12 +632,15 @@ class ShardServer:
             return False
         self._saving = None
         try:
-            future.result()
+            took = future.result()
         except (sqlite3.Error, OSError) as e:
             self.store.dirty.update(self._saving_names)
             n = len(self._saving_names)
             self._store_failed(e, f"autosave of {n} values failed" if n else "write check failed")
         else:
+            if self._saving_names:
+                self.flush_times.observe(took)
+                self.saved_at = self._saving_since
             self._store_written()
         self._saving_names = []
         return True

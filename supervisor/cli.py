@@ -37,6 +37,8 @@ _CONFIG_FLAGS: dict[str, dict] = {
         "help": "match HAGs against client addresses, not claimed host names (true)",
     },
     "keys_dir": {"metavar": "DIR", "help": "CurveZMQ keys (carelay keys DIR)"},
+    "metrics_port": {"type": int, "metavar": "PORT", "help": "serve Prometheus /metrics here"},
+    "metrics_address": {"metavar": "ADDR", "help": "address of /metrics (127.0.0.1)"},
     "log_level": {"type": str.upper, "choices": LOG_LEVELS, "help": "log level"},
 }
 

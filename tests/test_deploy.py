@@ -174,7 +174,7 @@ def test_broker_runs_on_the_host_network():
 
 def test_shards_are_a_statefulset_behind_a_headless_service(tmp_path):
     sts = _one("StatefulSet")
-    svc = _one("Service")
+    svc = _resources()[("Service", sts["spec"]["serviceName"])]
     config = _load_deployed(_configmap_text(), tmp_path)
     namespace = _one("Namespace")["metadata"]["name"]
 

@@ -81,6 +81,9 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("access_group", 'access_group = ""'),
     ("access_group", 'access_group = "A\\nB"'),
     ("access_by_ip", 'access_by_ip = "yes"'),
+    ("metrics_port", "metrics_port = 0"),
+    ("metrics_port", 'metrics_port = "9100"'),
+    ("metrics_address", 'metrics_address = ""'),
     ("shard_count", "shard_count = 3"),
     ("relay", "[relay]\nshards = 2"),
 ]

@@ -1,0 +1,387 @@
+"""The relay's own health, as plain Python values: no pcaspy, no threads.
+
+The broker's loop feeds a ``Health`` (counters as they happen, ``sample`` once
+every HEALTH_INTERVAL); the health PVs (broker/healthpvs.py) and the Prometheus
+collector (broker/metrics.py) read what ``sample`` left.  The collector runs in
+prometheus_client's thread: it reads only ``Health.snapshot``, a dict that the
+loop replaces whole and never changes in place.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from carelay.common import fields
+from carelay.common.config import (
+    ERROR_LINE_MAX,
+    ERRORS_KEPT,
+    SHARD_FAILING_RESTARTS,
+    SHARD_FAILING_WINDOW,
+)
+from carelay.common.histogram import FLUSH_BUCKETS, PUT_BUCKETS, Histogram
+from carelay.common.keys import is_loopback_endpoint
+
+#: EPICS alarm status STATE_ALARM (alarm.h), raised by a shard's STATE.
+STATE_ALARM = 7
+#: What PCAS can wait on in select(): descriptors at or above it are ignored.
+FD_SETSIZE = 1024
+#: Kinds of refusal, as the ``reason`` label of carelay_refusals_total says them.
+REFUSAL_KINDS = (
+    "name",  # a name that breaks the naming rule, or an unknown field
+    "limit",  # max_pvs or max_bytes
+    "convert",  # a value that cannot convert to the PV's type
+    "field",  # a field value that is not accepted (a DESC too long, ...)
+    "provisional",  # a field put to a PV that has had no put yet
+    "no_such_pv",  # delpv of a PV that does not exist
+    "shard_down",  # the owning shard cannot be reached or did not answer in time
+    "shard_refused",  # the owning shard refused it (its store cannot be written, ...)
+)
+
+
+def error_line(
+    reason: str,
+    pv: str | None = None,
+    shard: int | None = None,
+    host: str | None = None,
+    user: str | None = None,
+    when: float | None = None,
+) -> str:
+    """One line of ``relay:ERRORS``: UTC time, client host and user, PV, shard, reason."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() if when is None else when))
+    parts = [stamp + "Z"]
+    if host or user:
+        parts.append(f"client {user or '?'}@{host or '?'}")
+    if pv:
+        parts.append(f"pv {pv}")
+    if shard is not None:
+        parts.append(f"shard {shard}")
+    line = " ".join(parts) + ": " + " ".join(str(reason).split())
+    return line[:ERROR_LINE_MAX]
+
+
+class ErrorLog:
+    """The last refusals and failures, newest last; ``changes`` moves with each."""
+
+    def __init__(self, keep: int = ERRORS_KEPT) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.changes = 0
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        self.changes += 1
+
+    @property
+    def last(self) -> str:
+        return self.lines[-1] if self.lines else ""
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class RateMeter:
+    """Events per second over the last 1 s and 10 s, from a counter sampled each second."""
+
+    def __init__(self, span: int = 10) -> None:
+        self.samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=span + 1)
+
+    def sample(self, now: float, count: int) -> tuple[float, float]:
+        self.samples.append((now, count))
+        return self._rate(2), self._rate(len(self.samples))
+
+    def _rate(self, n: int) -> float:
+        if len(self.samples) < 2 or n < 2:
+            return 0.0
+        t0, c0 = self.samples[-n]
+        t1, c1 = self.samples[-1]
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+# -- shard states ---------------------------------------------------------------------
+
+#: The states of ``relay:shard<K>:STATE``, in enum order, with the severity of each.
+SHARD_STATES = ("OK", "CONNECTING", "NOT_ANSWERING", "STORE_FAILED", "FAILING")
+SHARD_SEVERITY = {
+    "OK": fields.NO_SEVERITY,
+    "CONNECTING": fields.MINOR,
+    "NOT_ANSWERING": fields.MAJOR,
+    "STORE_FAILED": fields.MAJOR,
+    "FAILING": fields.INVALID,
+}
+
+
+@dataclass
+class ShardView:
+    """What the broker knows of one shard, for its STATE."""
+
+    live: bool
+    ever_synced: bool
+    store_error: str
+    restarts: collections.deque  # monotonic times a new process of it was seen
+
+
+def shard_state(view: ShardView, now: float, young: bool) -> str:
+    """OK, CONNECTING (not in sync yet, the relay just started), NOT_ANSWERING (was in
+    sync, or had time to be, and is not), STORE_FAILED (in sync, its store cannot be
+    written), FAILING (not in sync, and it restarted SHARD_FAILING_RESTARTS times within
+    SHARD_FAILING_WINDOW: it keeps dying)."""
+    recent = sum(1 for t in view.restarts if now - t <= SHARD_FAILING_WINDOW)
+    if view.live:
+        return "STORE_FAILED" if view.store_error else "OK"
+    if recent >= SHARD_FAILING_RESTARTS:
+        return "FAILING"
+    if not view.ever_synced and young:
+        return "CONNECTING"
+    return "NOT_ANSWERING"
+
+
+# -- processes --------------------------------------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def process_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds used, resident bytes) of process ``pid``; None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            statm = f.read()
+    except OSError:
+        return None
+    cols = stat.rsplit(b")", 1)[-1].split()
+    try:
+        cpu = (int(cols[11]) + int(cols[12])) / _TICKS
+        rss = int(statm.split()[1]) * _PAGE
+    except (IndexError, ValueError):
+        return None
+    return cpu, rss
+
+
+def _is_carelay(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"carelay" in f.read()
+    except OSError:
+        return False
+
+
+class CpuMeter:
+    """CPU load (percent of the machine, as iocStats says it) and memory of a set of
+    processes, from /proc, between two samples."""
+
+    def __init__(self) -> None:
+        self._last: dict[int, float] = {}
+        self._when = 0.0
+        self.ncpu = os.cpu_count() or 1
+
+    def sample(self, pids: Iterable[int], now: float) -> tuple[float, int]:
+        """(CPU load in percent since the last sample, resident bytes now)."""
+        used, rss, seen = 0.0, 0, {}
+        for pid in set(pids):
+            usage = process_usage(pid)
+            if usage is None:
+                continue
+            seen[pid] = usage[0]
+            used += usage[0] - self._last.get(pid, usage[0])
+            rss += usage[1]
+        dt = now - self._when
+        load = 100.0 * used / (dt * self.ncpu) if self._when and dt > 0 else 0.0
+        self._last, self._when = seen, now
+        return max(0.0, load), rss
+
+
+def descriptors(ca_ports: Iterable[int]) -> tuple[int, int]:
+    """(open descriptors, connected TCP sockets on one of ``ca_ports``) of this process.
+
+    Each socket is asked for its own addresses (getsockname/getpeername on the
+    descriptor, which stays open): /proc/net/tcp would cost milliseconds a read, as
+    the kernel walks every socket of the host's namespace to write it."""
+    ports = set(ca_ports)
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0, 0
+    circuits = 0
+    for fd in fds:
+        if not ports:
+            break
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=int(fd))
+        except (OSError, ValueError):
+            continue
+        try:
+            if (
+                sock.type == socket.SOCK_STREAM
+                and sock.family in (socket.AF_INET, socket.AF_INET6)
+                and sock.getsockname()[1] in ports
+            ):
+                sock.getpeername()  # a listening socket has no peer: OSError
+                circuits += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the descriptor is not ours to close
+    return len(fds), circuits
+
+
+def fd_limit() -> int:
+    """Descriptors this process can use for CA: its soft limit, but at most FD_SETSIZE
+    (PCAS ignores descriptors beyond it)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return FD_SETSIZE if soft == resource.RLIM_INFINITY else min(soft, FD_SETSIZE)
+
+
+def uptime_text(seconds: float) -> str:
+    """``UPTIME`` as iocStats writes it: ``D days, HH:MM:SS``."""
+    s = int(max(0.0, seconds))
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    text = f"{hours:02d}:{minutes:02d}:{s:02d}"
+    if days:
+        text = f"{days} day{'s' if days != 1 else ''}, {text}"
+    return text
+
+
+# -- the broker's figures -----------------------------------------------------------------
+
+
+class ShardFigures:
+    """What one shard says of itself in its PONGs (see ShardServer._pong)."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.puts = 0
+        self.store_bytes: float | None = None
+        self.saved_at: float | None = None
+        self.flush = Histogram(FLUSH_BUCKETS)
+        self.rate = RateMeter()
+
+    def update(self, info: dict) -> None:
+        """Take a PONG's ``info``; what does not fit is left as it was."""
+        pid, puts, size, saved = (info.get(k) for k in ("pid", "puts", "store_bytes", "saved_at"))
+        if type(pid) is int:
+            self.pid = pid
+        if type(puts) is int:
+            self.puts = puts
+        if isinstance(size, int | float):
+            self.store_bytes = float(size)
+        if isinstance(saved, int | float):
+            self.saved_at = float(saved)
+        hist = Histogram.from_dict(info.get("flush")) if info.get("flush") else None
+        if hist is not None:
+            self.flush = hist
+
+
+class Health:
+    """Counters the broker moves as things happen, and the figures ``sample`` takes from
+    it once every HEALTH_INTERVAL into ``snapshot`` (a new dict each time)."""
+
+    def __init__(self, shards: int, version: str) -> None:
+        self.version = version
+        self.started = time.time()
+        self.started_mono = time.monotonic()
+        self.heartbeat = 0
+        self.puts = 0
+        self.creations = 0
+        self.deletions = 0
+        self.refusals = dict.fromkeys(REFUSAL_KINDS, 0)
+        self.put_callback = Histogram(PUT_BUCKETS)
+        self.errors = ErrorLog()
+        self.shards = [ShardFigures() for _ in range(shards)]
+        self.restarts = [collections.deque(maxlen=SHARD_FAILING_RESTARTS) for _ in range(shards)]
+        self._put_rate, self._create_rate, self._refuse_rate = RateMeter(), RateMeter(), RateMeter()
+        self._cpu = CpuMeter()
+        #: The supervisor (``carelay up``) if this broker has one.
+        self._parent = [os.getppid()] if _is_carelay(os.getppid()) else []
+        self.snapshot: dict = {}
+
+    def refused(
+        self,
+        kind: str,
+        reason: str,
+        pv: str | None = None,
+        shard: int | None = None,
+        client: tuple[str, str] | None = None,
+    ) -> None:
+        """A refusal or failure: counted by ``kind`` and kept for LAST_ERROR/ERRORS."""
+        self.refusals[kind if kind in self.refusals else "shard_refused"] += 1
+        host, user = client if client else (None, None)
+        self.errors.add(error_line(reason, pv, shard, host, user))
+
+    def sample(self, broker, now: float) -> dict:
+        """Take every figure from ``broker`` (its PV table, links, processes)."""
+        self.heartbeat += 1
+        wall = time.time()
+        refusals = sum(self.refusals.values())
+        put_rate = self._put_rate.sample(now, self.puts)
+        create_rate = self._create_rate.sample(now, self.creations)
+        refuse_rate = self._refuse_rate.sample(now, refusals)
+        # The processes of this host only: a pid from a shard on another host names
+        # some other process here.
+        pids = [os.getpid(), *self._parent]
+        for link, figs in zip(broker.links, self.shards, strict=True):
+            if figs.pid and (link.local or is_loopback_endpoint(link.endpoint)):
+                pids.append(figs.pid)
+        cpu, mem = self._cpu.sample(pids, now)
+        nfds, circuits = descriptors(broker.ca_ports)
+        young = now - self.started_mono < broker.startup_grace
+        shards = []
+        for k, link in enumerate(broker.links):
+            figs = self.shards[k]
+            error = broker.store_errors[k]
+            view = ShardView(link.live, link.ever_synced, error, self.restarts[k])
+            state = shard_state(view, now, young)
+            saved = figs.saved_at
+            shards.append(
+                {
+                    "index": k,
+                    "state": state,
+                    "pvs": link.pvs,
+                    "store_bytes": figs.store_bytes or 0.0,
+                    "flush_age": max(0.0, wall - saved) if saved else 0.0,
+                    "put_rate": figs.rate.sample(now, figs.puts)[0],
+                    "puts": figs.puts,
+                    "flush": figs.flush,
+                }
+            )
+        limit = broker.byte_limit
+        self.snapshot = snap = {
+            "heartbeat": self.heartbeat,
+            "uptime": wall - self.started,
+            "started": self.started,
+            "version": self.version,
+            "pvs": broker.n_real,
+            "provisional": len(broker.pvs) - broker.n_real,
+            "circuits": circuits,
+            "channels": broker.attached_count(),
+            "put_rate": put_rate,
+            "create_rate": create_rate,
+            "refuse_rate": refuse_rate,
+            "mem_used": float(mem),
+            "max_bytes_used": 100.0 * broker.n_bytes / limit if limit else 0.0,
+            "bytes_used": float(broker.n_bytes),
+            "cpu_load": cpu,
+            "fd_free": fd_limit() - nfds,
+            "puts": self.puts,
+            "creations": self.creations,
+            "deletions": self.deletions,
+            "refusals": dict(self.refusals),
+            "put_callback": self.put_callback,
+            "shards": shards,
+        }
+        # The histograms are copied: the loop goes on moving its own.
+        snap["put_callback"] = Histogram.from_dict(self.put_callback.as_dict())
+        for s in shards:
+            s["flush"] = Histogram.from_dict(s["flush"].as_dict())
+        return snap

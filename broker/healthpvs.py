@@ -1,0 +1,394 @@
+"""The relay's health PVs, ``<prefix>relay:...``, served like an IOC's iocStats PVs.
+
+Read-only casPVs that hold one value each, with DESC, EGU, PREC and alarm limits
+(served as DBR_CTRL and as ``NAME.DESC``, ``NAME.EGU``, ... fields).  The broker's
+loop sets them once every HEALTH_INTERVAL from ``Health.snapshot``; a PV posts an
+event only when its value or alarm changed.  Every callback catches everything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from pcaspy import cas
+
+from carelay.broker.health import SHARD_SEVERITY, SHARD_STATES, STATE_ALARM, uptime_text
+from carelay.broker.pvs import VALUE_MASK, guarded
+from carelay.broker.values import fill_gdd, value_gdd
+from carelay.common import fields
+from carelay.common.config import (
+    ERROR_LINE_MAX,
+    ERRORS_KEPT,
+    FD_FREE_LOLO,
+    FD_FREE_LOW,
+    FLUSH_AGE_HIGH_PERIODS,
+    FLUSH_AGE_HIHI_PERIODS,
+    MAX_BYTES_HIGH,
+    MAX_BYTES_HIHI,
+)
+from carelay.common.naming import PvSpec
+
+#: The part of a health PV's name after the prefix.
+HEALTH_PART = "relay:"
+_AIT = {
+    "i": cas.aitEnumInt32,
+    "f": cas.aitEnumFloat64,
+    "s": cas.aitEnumString,
+    "e": cas.aitEnumEnum16,
+    "c": cas.aitEnumUint8,
+}
+#: Fields a health PV serves as ``NAME.FIELD`` (from its Meta), and their CA type.
+_FIELDS = {
+    "DESC": cas.aitEnumString,
+    "EGU": cas.aitEnumString,
+    "PREC": cas.aitEnumInt16,
+    "HOPR": cas.aitEnumFloat64,
+    "LOPR": cas.aitEnumFloat64,
+    "HIHI": cas.aitEnumFloat64,
+    "HIGH": cas.aitEnumFloat64,
+    "LOW": cas.aitEnumFloat64,
+    "LOLO": cas.aitEnumFloat64,
+}
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What a health PV is: type ('i' long, 'f' double, 's' string, 'e' enum, 'c' char
+    array), element count, DESC, EGU, PREC, display range and alarm limits."""
+
+    kind: str
+    desc: str
+    egu: str = ""
+    count: int = 1
+    prec: int = 0
+    hopr: float = 0.0
+    lopr: float = 0.0
+    limits: dict = field(default_factory=dict)  # HIHI/HIGH/LOW/LOLO, HHSV/HSV/LSV/LLSV
+
+    def field_value(self, name: str):
+        if name == "DESC":
+            return self.desc
+        if name == "EGU":
+            return self.egu
+        if name == "PREC":
+            return self.prec
+        if name == "HOPR":
+            return self.hopr
+        if name == "LOPR":
+            return self.lopr
+        return float(self.limits.get(name, 0.0))
+
+
+class HealthPV(cas.casPV):
+    """One health PV: a value, its alarm, and the time it last changed."""
+
+    def __init__(self, name: str, meta: Meta) -> None:
+        super().__init__()
+        self.name = name
+        self.meta = meta
+        self.attached = False
+        self.interest = False
+        self.value = "" if meta.kind in "sc" else 0
+        self.alarm = fields.NO_ALARM
+        self.severity = fields.NO_SEVERITY
+        self.stamp = time.time()
+        if meta.kind == "c":
+            self._spec = PvSpec(name, "c", meta.count)
+
+    def set(self, value, alarm: int | None = None, severity: int | None = None) -> None:
+        """Take a new value; its alarm is ``alarm``/``severity`` or what the limits say.
+        Monitors get an event only when value or alarm changed."""
+        if alarm is None:
+            if self.meta.limits and self.meta.kind in "if":
+                alarm, severity = fields.check_alarm(self.meta.limits, (value,), self.alarm)
+            else:
+                alarm, severity = fields.NO_ALARM, fields.NO_SEVERITY
+        mask = 0
+        if value != self.value:
+            mask |= VALUE_MASK
+        if (alarm, severity) != (self.alarm, self.severity):
+            mask |= cas.DBE_ALARM
+        if not mask:
+            return
+        self.value, self.alarm, self.severity = value, alarm, severity
+        self.stamp = time.time()
+        if self.interest:
+            gdd = self._gdd()
+            self.postEvent(mask, gdd)
+
+    def _chars(self) -> np.ndarray:
+        data = self.value.encode("utf-8", "replace")[: self.meta.count - 1]
+        return np.frombuffer(data + b"\0", dtype=np.uint8)
+
+    def _fill(self, gdd) -> None:
+        kind = self.meta.kind
+        if kind == "c":
+            fill_gdd(self._spec, gdd, self._chars())
+        else:
+            if gdd.primitiveType() == cas.aitEnumInvalid:
+                gdd.setPrimType(_AIT[kind])
+            gdd.put(self.value if kind != "s" else str(self.value)[:39])
+        gdd.setStatSevr(self.alarm, self.severity)
+        gdd.setTimeStamp(cas.epicsTimeStamp.fromPosixTimeStamp(self.stamp))
+
+    def _gdd(self):
+        if self.meta.kind == "c":
+            gdd = value_gdd(self._spec, self._chars())
+            gdd.setStatSevr(self.alarm, self.severity)
+            gdd.setTimeStamp(cas.epicsTimeStamp.fromPosixTimeStamp(self.stamp))
+            return gdd
+        gdd = cas.gdd(16, _AIT[self.meta.kind])
+        self._fill(gdd)
+        return gdd
+
+    def getName(self):
+        return self.name
+
+    def bestExternalType(self):
+        return _AIT[self.meta.kind]
+
+    def maxDimension(self):
+        return 1 if self.meta.kind == "c" else 0
+
+    def maxBound(self, dim):
+        return self.meta.count if dim == 0 else 0
+
+    @guarded(cas.S_casApp_undefined)
+    def getValue(self, value):
+        self._fill(value)
+        return cas.S_casApp_success
+
+    @guarded(cas.S_casApp_undefined)
+    def getEnums(self, enums):
+        if self.meta.kind == "e":
+            enums.put(list(SHARD_STATES))
+        return cas.S_casApp_success
+
+    @guarded(cas.S_casApp_undefined)
+    def getUnits(self, units):
+        units.put(self.meta.egu)
+        return cas.S_casApp_success
+
+    @guarded(cas.S_casApp_undefined)
+    def getPrecision(self, prec):
+        prec.put(self.meta.prec)
+        return cas.S_casApp_success
+
+    def _limit(self, gdd, name: str):
+        gdd.put(float(self.meta.field_value(name)))
+        return cas.S_casApp_success
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighLimit(self, limit):
+        return self._limit(limit, "HOPR")
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowLimit(self, limit):
+        return self._limit(limit, "LOPR")
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighAlarmLimit(self, limit):
+        return self._limit(limit, "HIHI")
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowAlarmLimit(self, limit):
+        return self._limit(limit, "LOLO")
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighWarnLimit(self, limit):
+        return self._limit(limit, "HIGH")
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowWarnLimit(self, limit):
+        return self._limit(limit, "LOW")
+
+    @guarded(cas.S_casApp_noMemory)
+    def interestRegister(self):
+        self.interest = True
+        return cas.S_casApp_success
+
+    @guarded(None)
+    def interestDelete(self):
+        self.interest = False
+
+    @guarded(None)
+    def destroy(self):
+        self.attached = False
+
+    @guarded(cas.S_cas_noWrite)
+    def write(self, context, value):
+        return cas.S_cas_noWrite
+
+    writeNotify = write
+
+
+class HealthFieldPV(cas.casPV):
+    """``<health PV>.DESC`` and the like: a constant of its Meta."""
+
+    def __init__(self, name: str, meta: Meta, field_name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.attached = False
+        self._ait = _FIELDS[field_name]
+        self._value = meta.field_value(field_name)
+
+    def getName(self):
+        return self.name
+
+    def bestExternalType(self):
+        return self._ait
+
+    @guarded(cas.S_casApp_undefined)
+    def getValue(self, value):
+        if value.primitiveType() == cas.aitEnumInvalid:
+            value.setPrimType(self._ait)
+        value.put(self._value)
+        value.setStatSevr(fields.NO_ALARM, fields.NO_SEVERITY)
+        value.setTimeStamp(cas.epicsTimeStamp())
+        return cas.S_casApp_success
+
+    @guarded(None)
+    def destroy(self):
+        self.attached = False
+
+    @guarded(cas.S_cas_noWrite)
+    def write(self, context, value):
+        return cas.S_cas_noWrite
+
+    writeNotify = write
+
+
+def _limits(high=None, hihi=None, low=None, lolo=None) -> dict:
+    out = {}
+    for name, sev_name, sev, v in (
+        ("HIHI", "HHSV", fields.MAJOR, hihi),
+        ("HIGH", "HSV", fields.MINOR, high),
+        ("LOW", "LSV", fields.MINOR, low),
+        ("LOLO", "LLSV", fields.MAJOR, lolo),
+    ):
+        if v is not None:
+            out[name] = float(v)
+            out[sev_name] = sev
+    return out
+
+
+def relay_metas(shards: int, autosave_period: float) -> dict[str, Meta]:
+    """Every health PV, by its name after ``<prefix>relay:``."""
+    errors_count = ERRORS_KEPT * (ERROR_LINE_MAX + 1)
+    metas = {
+        "HEARTBEAT": Meta("i", "Counts up once a second"),
+        "UPTIME": Meta("s", "Time since the broker started"),
+        "STARTTOD": Meta("s", "When the broker started"),
+        "VERSION": Meta("s", "carelay version"),
+        "PV_CNT": Meta("i", "Real PVs"),
+        "PROVISIONAL_CNT": Meta("i", "Provisional PVs"),
+        "CA_CLNT_CNT": Meta("i", "CA circuits"),
+        "CA_CONN_CNT": Meta("i", "PVs with CA channels"),
+        "MEM_USED": Meta("f", "Memory of all relay processes", "byte"),
+        "MAX_BYTES_USED": Meta(
+            "f",
+            "Share of max_bytes in use",
+            "%",
+            prec=1,
+            hopr=100.0,
+            limits=_limits(high=MAX_BYTES_HIGH, hihi=MAX_BYTES_HIHI),
+        ),
+        "CPU_LOAD": Meta("f", "CPU of all relay processes", "%", prec=1, hopr=100.0),
+        "FD_FREE": Meta(
+            "i",
+            "Free file descriptors",
+            hopr=1024,
+            limits=_limits(low=FD_FREE_LOW, lolo=FD_FREE_LOLO),
+        ),
+        "LAST_ERROR": Meta("c", "Last refusal or failure", count=ERROR_LINE_MAX + 1),
+        "ERRORS": Meta("c", "Last refusals and failures", count=errors_count),
+    }
+    for what in ("PUT", "CREATE", "REFUSE"):
+        desc = {"PUT": "Accepted puts", "CREATE": "Creations", "REFUSE": "Refusals"}[what]
+        metas[f"{what}_RATE"] = Meta("f", f"{desc} per second, last 1 s", "Hz", prec=1)
+        metas[f"{what}_RATE_10S"] = Meta("f", f"{desc} per second, last 10 s", "Hz", prec=1)
+    for k in range(shards):
+        metas[f"shard{k}:STATE"] = Meta("e", f"State of shard {k}")
+        metas[f"shard{k}:PV_CNT"] = Meta("i", f"PVs on shard {k}")
+        metas[f"shard{k}:STORE_BYTES"] = Meta("f", f"Store size of shard {k}", "byte")
+        metas[f"shard{k}:FLUSH_AGE"] = Meta(
+            "f",
+            f"Since shard {k} last saved all",
+            "s",
+            prec=1,
+            limits=_limits(
+                high=FLUSH_AGE_HIGH_PERIODS * autosave_period,
+                hihi=FLUSH_AGE_HIHI_PERIODS * autosave_period,
+            ),
+        )
+        metas[f"shard{k}:PUT_RATE"] = Meta("f", f"Puts applied by shard {k}", "Hz", prec=1)
+    return metas
+
+
+class HealthPVs:
+    """The broker's health PVs, by full name, and their update from a snapshot."""
+
+    def __init__(self, prefix: str, shards: int, autosave_period: float) -> None:
+        self.base = prefix + HEALTH_PART
+        self.pvs = {
+            self.base + part: HealthPV(self.base + part, meta)
+            for part, meta in relay_metas(shards, autosave_period).items()
+        }
+        self.field_pvs: dict[str, HealthFieldPV] = {}
+
+    def claims(self, name: str) -> bool:
+        if name in self.pvs:
+            return True
+        base, dot, fld = name.partition(".")
+        return bool(dot) and base in self.pvs and fld in _FIELDS
+
+    def attach(self, name: str):
+        pv = self.pvs.get(name)
+        if pv is None:
+            pv = self.field_pvs.get(name)
+        if pv is None and self.claims(name):
+            base, _, fld = name.partition(".")
+            pv = self.field_pvs[name] = HealthFieldPV(name, self.pvs[base].meta, fld)
+        if pv is not None:
+            pv.attached = True
+        return pv
+
+    def attached_count(self) -> int:
+        return sum(1 for pv in self.pvs.values() if pv.attached) + sum(
+            1 for pv in self.field_pvs.values() if pv.attached
+        )
+
+    def update(self, snap: dict, errors) -> None:
+        """Set every PV from ``snap`` (Health.snapshot) and ``errors`` (its ErrorLog)."""
+        b, pvs = self.base, self.pvs
+        pvs[b + "HEARTBEAT"].set(snap["heartbeat"])
+        pvs[b + "UPTIME"].set(uptime_text(snap["uptime"]))
+        pvs[b + "STARTTOD"].set(time.strftime("%m/%d/%Y %H:%M:%S", time.localtime(snap["started"])))
+        pvs[b + "VERSION"].set(snap["version"])
+        pvs[b + "PV_CNT"].set(snap["pvs"])
+        pvs[b + "PROVISIONAL_CNT"].set(snap["provisional"])
+        pvs[b + "CA_CLNT_CNT"].set(snap["circuits"])
+        pvs[b + "CA_CONN_CNT"].set(snap["channels"])
+        for what in ("PUT", "CREATE", "REFUSE"):
+            key = what.lower() + "_rate"
+            one, ten = snap[key]
+            pvs[f"{b}{what}_RATE"].set(round(one, 3))
+            pvs[f"{b}{what}_RATE_10S"].set(round(ten, 3))
+        pvs[b + "MEM_USED"].set(snap["mem_used"])
+        pvs[b + "MAX_BYTES_USED"].set(round(snap["max_bytes_used"], 3))
+        pvs[b + "CPU_LOAD"].set(round(snap["cpu_load"], 1))
+        pvs[b + "FD_FREE"].set(snap["fd_free"])
+        pvs[b + "LAST_ERROR"].set(errors.last)
+        pvs[b + "ERRORS"].set(errors.text())
+        for s in snap["shards"]:
+            k = s["index"]
+            state = s["state"]
+            severity = SHARD_SEVERITY[state]
+            alarm = STATE_ALARM if severity else fields.NO_ALARM
+            pvs[f"{b}shard{k}:STATE"].set(SHARD_STATES.index(state), alarm, severity)
+            pvs[f"{b}shard{k}:PV_CNT"].set(s["pvs"])
+            pvs[f"{b}shard{k}:STORE_BYTES"].set(s["store_bytes"])
+            pvs[f"{b}shard{k}:FLUSH_AGE"].set(round(s["flush_age"], 1))
+            pvs[f"{b}shard{k}:PUT_RATE"].set(round(s["put_rate"], 3))

@@ -1,0 +1,123 @@
+"""``/metrics``: the health figures in the Prometheus text format (prometheus_client).
+
+prometheus_client serves it from a thread of its own; ``HealthCollector`` reads
+only ``Health.snapshot``, the dict the broker's loop replaces whole once every
+HEALTH_INTERVAL, and never touches pcaspy or the broker's tables.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    StateSetMetricFamily,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from carelay.broker.health import SHARD_STATES, Health
+
+log = logging.getLogger("carelay.broker")
+
+#: (metric name, snapshot key, help) of the relay-wide gauges.
+_GAUGES = (
+    ("carelay_heartbeat", "heartbeat", "Counts up once a second while the broker's loop runs"),
+    ("carelay_uptime_seconds", "uptime", "Seconds since the broker started"),
+    ("carelay_start_time_seconds", "started", "When the broker started (Unix time)"),
+    ("carelay_pvs", "pvs", "Real PVs"),
+    ("carelay_provisional_pvs", "provisional", "Provisional PVs (attached, no put yet)"),
+    ("carelay_ca_circuits", "circuits", "CA circuits (TCP connections) to the broker"),
+    ("carelay_ca_channels", "channels", "PVs with CA channels"),
+    ("carelay_memory_bytes", "mem_used", "Resident memory of all relay processes"),
+    ("carelay_max_bytes_used_percent", "max_bytes_used", "Share of max_bytes in use"),
+    ("carelay_cpu_load_percent", "cpu_load", "CPU of all relay processes, percent of the host"),
+    ("carelay_fd_free", "fd_free", "File descriptors the broker can still open for CA"),
+)
+_RATES = (
+    ("carelay_put_rate_hertz", "put_rate", "Accepted puts per second"),
+    ("carelay_create_rate_hertz", "create_rate", "Creations per second"),
+    ("carelay_refuse_rate_hertz", "refuse_rate", "Refusals per second"),
+)
+
+
+class HealthCollector(Collector):
+    """Yields the metrics of ``health.snapshot`` at each scrape."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def collect(self):
+        snap = self.health.snapshot
+        if not snap:
+            return
+        version = {"version": snap["version"]}
+        yield InfoMetricFamily("carelay_build", "carelay version", value=version)
+        for name, key, doc in _GAUGES:
+            yield GaugeMetricFamily(name, doc, value=snap[key])
+        for name, key, doc in _RATES:
+            g = GaugeMetricFamily(name, doc, labels=["window"])
+            one, ten = snap[key]
+            g.add_metric(["1s"], one)
+            g.add_metric(["10s"], ten)
+            yield g
+        yield CounterMetricFamily("carelay_puts", "Accepted puts", value=snap["puts"])
+        yield CounterMetricFamily("carelay_creations", "PVs created", value=snap["creations"])
+        yield CounterMetricFamily("carelay_deletions", "PVs deleted", value=snap["deletions"])
+        refusals = CounterMetricFamily(
+            "carelay_refusals", "Refused names and puts, and failed requests", labels=["reason"]
+        )
+        for reason, n in snap["refusals"].items():
+            refusals.add_metric([reason], n)
+        yield refusals
+        hist = snap["put_callback"]
+        yield HistogramMetricFamily(
+            "carelay_put_callback_seconds",
+            "Time from a put with callback to its completion",
+            buckets=hist.cumulative(),
+            sum_value=hist.total,
+        )
+        yield from self._shards(snap["shards"])
+
+    def _shards(self, shards: list[dict]):
+        state = StateSetMetricFamily("carelay_shard_state", "State of each shard", labels=["shard"])
+        pvs = GaugeMetricFamily("carelay_shard_pvs", "PVs on each shard", labels=["shard"])
+        size = GaugeMetricFamily(
+            "carelay_shard_store_bytes", "Store size of each shard", labels=["shard"]
+        )
+        age = GaugeMetricFamily(
+            "carelay_shard_flush_age_seconds",
+            "Seconds since each shard last had every value saved",
+            labels=["shard"],
+        )
+        shard = ["shard"]
+        rate = GaugeMetricFamily(
+            "carelay_shard_put_rate_hertz", "Puts applied by each shard per second", labels=shard
+        )
+        puts = CounterMetricFamily("carelay_shard_puts", "Puts applied by each shard", labels=shard)
+        flush = HistogramMetricFamily(
+            "carelay_shard_flush_seconds", "Duration of each shard's value flushes", labels=shard
+        )
+        for s in shards:
+            k = [str(s["index"])]
+            state.add_metric(k, {name: s["state"] == name for name in SHARD_STATES})
+            pvs.add_metric(k, s["pvs"])
+            size.add_metric(k, s["store_bytes"])
+            age.add_metric(k, s["flush_age"])
+            rate.add_metric(k, s["put_rate"])
+            puts.add_metric(k, s["puts"])
+            flush.add_metric(k, s["flush"].cumulative(), s["flush"].total)
+        yield from (state, pvs, size, age, rate, puts, flush)
+
+
+def serve_metrics(health: Health, address: str, port: int):
+    """Serve ``/metrics`` on ``address:port`` from a thread; returns the server."""
+    from prometheus_client import start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HealthCollector(health))
+    server, _thread = start_http_server(port, addr=address, registry=registry)
+    log.info("serving Prometheus metrics on http://%s:%d/metrics", address, port)
+    return server

@@ -1,0 +1,188 @@
+"""The pcaspy-free pieces of the relay's health: errors ring, rates, shard states,
+histograms, process figures, and the /metrics collector."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
+
+from carelay.broker import health
+from carelay.broker.health import (
+    ErrorLog,
+    Health,
+    RateMeter,
+    ShardView,
+    error_line,
+    shard_state,
+    uptime_text,
+)
+from carelay.broker.metrics import HealthCollector
+from carelay.common.config import ERROR_LINE_MAX, ERRORS_KEPT, SHARD_FAILING_RESTARTS
+from carelay.common.histogram import Histogram
+from carelay.common.naming import InvalidPvName, parse_pv_name
+
+
+def test_errors_keep_the_last_ones_newest_last():
+    log = ErrorLog()
+    for i in range(ERRORS_KEPT + 5):
+        log.add(f"line {i}")
+    assert len(log.lines) == ERRORS_KEPT
+    assert log.last == f"line {ERRORS_KEPT + 4}"
+    assert log.text().splitlines()[0] == "line 5"
+    assert log.changes == ERRORS_KEPT + 5
+
+
+def test_an_error_line_says_when_who_what_and_why():
+    line = error_line("refused put: text", "P:x_f1", 1, "host1", "alice", when=0.0)
+    assert line == "1970-01-01 00:00:00Z client alice@host1 pv P:x_f1 shard 1: refused put: text"
+    assert error_line("reason").endswith(": reason")
+    assert len(error_line("x" * 1000)) == ERROR_LINE_MAX
+    assert "\n" not in error_line("two\nlines")
+
+
+def test_rates_over_one_and_ten_seconds():
+    meter = RateMeter()
+    assert meter.sample(0.0, 0) == (0.0, 0.0)
+    for t in range(1, 11):
+        one, ten = meter.sample(float(t), t * 5 if t < 10 else 45 + 20)
+    assert one == 20.0
+    assert ten == pytest.approx(6.5)
+
+
+def _view(live=True, synced=True, error="", restarts=()):
+    return ShardView(live, synced, error, collections.deque(restarts))
+
+
+@pytest.mark.parametrize(
+    ("view", "young", "expected"),
+    [
+        (_view(), False, "OK"),
+        (_view(error="disk full"), False, "STORE_FAILED"),
+        (_view(live=False, synced=False), True, "CONNECTING"),
+        (_view(live=False, synced=False), False, "NOT_ANSWERING"),
+        (_view(live=False, restarts=[99.0]), True, "NOT_ANSWERING"),
+        (_view(live=False, restarts=[99.0] * SHARD_FAILING_RESTARTS), False, "FAILING"),
+        (_view(live=False, restarts=[0.0] * SHARD_FAILING_RESTARTS), False, "NOT_ANSWERING"),
+    ],
+)
+def test_shard_states(view, young, expected):
+    assert shard_state(view, 100.0, young) == expected
+    assert expected in health.SHARD_SEVERITY
+
+
+def test_a_histogram_travels_as_plain_data():
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.5, 0.5, 3.0):
+        h.observe(v)
+    again = Histogram.from_dict(h.as_dict())
+    assert again.cumulative() == [("0.1", 1), ("1.0", 3), ("+Inf", 4)]
+    assert again.total == pytest.approx(4.05)
+    assert Histogram.from_dict({"buckets": [1], "counts": [1]}) is None
+    assert Histogram.from_dict("junk") is None
+
+
+def test_uptime_as_iocstats_writes_it():
+    assert uptime_text(5) == "00:00:05"
+    assert uptime_text(86400 + 3661) == "1 day, 01:01:01"
+    assert uptime_text(3 * 86400) == "3 days, 00:00:00"
+
+
+def test_process_figures_of_this_process():
+    cpu, rss = health.process_usage(os.getpid())
+    assert cpu >= 0 and rss > 0
+    assert health.process_usage(2**22 + 12345) is None
+    nfds, circuits = health.descriptors([])
+    assert nfds > 0 and circuits == 0
+    assert 0 < health.fd_limit() <= health.FD_SETSIZE
+
+
+def test_health_names_break_the_naming_rule():
+    """They can never be taken for (or collide with) user PVs."""
+    from carelay.broker.healthpvs import relay_metas
+
+    for part in relay_metas(4, 1.0):
+        with pytest.raises(InvalidPvName):
+            parse_pv_name(f"P:relay:{part}", "P:", 1000, 128)
+
+
+class _Link:
+    local = True
+    endpoint = "ipc:///tmp/shard.sock"
+
+    def __init__(self, live):
+        self.live = live
+        self.ever_synced = True
+        self.pvs = 3
+
+
+class _Broker:
+    ca_ports = []
+    startup_grace = 10.0
+    byte_limit = 1000
+    n_bytes = 850
+    n_real = 3
+    pvs = {"a": 1, "b": 2, "c": 3, "d": 4}
+    links = [_Link(True), _Link(False)]
+    store_errors = ["", ""]
+
+    def attached_count(self):
+        return 2
+
+
+def test_the_collector_says_what_the_snapshot_holds():
+    h = Health(2, "9.9")
+    h.puts, h.creations = 7, 3
+    h.refused("limit", "max_pvs reached", "P:x_f1")
+    h.put_callback.observe(0.002)
+    h.shards[0].update({"pid": os.getpid(), "puts": 5, "store_bytes": 4096, "saved_at": 1.0})
+    h.shards[1].update({"pid": "junk", "flush": {"bad": 1}})
+    h.sample(_Broker(), 100.0)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HealthCollector(h))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    }
+    assert samples[("carelay_puts_total", ())] == 7
+    assert samples[("carelay_refusals_total", (("reason", "limit"),))] == 1
+    assert samples[("carelay_max_bytes_used_percent", ())] == 85.0
+    assert samples[("carelay_provisional_pvs", ())] == 1
+    assert samples[("carelay_put_callback_seconds_count", ())] == 1
+    assert samples[("carelay_shard_store_bytes", (("shard", "0"),))] == 4096
+    assert samples[("carelay_shard_puts_total", (("shard", "0"),))] == 5
+    ok = (("carelay_shard_state", "OK"), ("shard", "0"))
+    down = (("carelay_shard_state", "NOT_ANSWERING"), ("shard", "1"))
+    assert samples[("carelay_shard_state", ok)] == 1
+    assert samples[("carelay_shard_state", down)] == 1
+    assert "max_pvs reached" in h.errors.last
+
+
+def test_a_collector_before_the_first_sample_says_nothing():
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HealthCollector(Health(1, "1")))
+    assert generate_latest(registry) == b""
+
+
+def test_circuits_are_the_connected_tcp_sockets_on_the_ca_port():
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+            socket.create_connection(("127.0.0.1", port)) as client,
+        ):
+            udp.bind(("127.0.0.1", port))
+            accepted, _ = listener.accept()
+            with accepted:
+                assert health.descriptors([port])[1] == 1  # not the listener, UDP or client
+                accepted.sendall(b"x")
+                assert client.recv(1) == b"x"  # its descriptor is still open
