@@ -22,6 +22,13 @@ from pathlib import Path
 
 import zmq
 
+from carelay.broker.circuits import (
+    CircuitMonitor,
+    Limits,
+    client_limit,
+    fit_fd_limit,
+    open_fds,
+)
 from carelay.broker.link import LinkState, ShardLink
 from carelay.broker.listening import listening_tcp_ports
 from carelay.common import fields
@@ -153,6 +160,8 @@ class Broker:
         self._parked: list[Parked] = []
         #: Shards not in sync whose unanswered searches were logged (once each).
         self._unserved: set[int] = set()
+        #: Bounds and reaps the CA circuits (see run_broker); None: not watched.
+        self.circuits = None
 
     # -- the PV table -----------------------------------------------------------
 
@@ -853,6 +862,8 @@ class Broker:
             else:
                 delay = _QUIET_SLICE
             self.cas.process(delay)
+            if self.circuits is not None:
+                self._watch_circuits()
             for link in self.links:
                 # What waits for an answer goes at once; plain puts, which the mirror
                 # already shows, go in batches of BATCH_MAX or at the next tick.
@@ -882,6 +893,15 @@ class Broker:
         for p in self._parked:
             p.pv.resume(p.payload, p.notify, False)
         self._parked.clear()
+
+    def _watch_circuits(self) -> None:
+        """Right after each process() slice, so that a circuit over max_clients is closed
+        before PCAS reads from it; a failure is logged, never fatal."""
+        try:
+            self.circuits.poll()
+        except Exception:
+            log.exception("watching the CA circuits failed; they go unwatched")
+            self.circuits = None
 
     def _flush_queued(self) -> None:
         """Send whatever is queued for each shard."""
@@ -943,6 +963,8 @@ def run_broker(config: Config) -> int:
     """Entry point of ``carelay broker``."""
     die_with_parent()
     stop = StopFlag()
+    # Before PCAS exists: no circuit it accepts may reach FD_SETSIZE (see circuits.py).
+    fd_limit = fit_fd_limit()
     # libca/PCAS read this when the server is made: large arrays need it.
     os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)
     from pcaspy import cas
@@ -972,10 +994,13 @@ def run_broker(config: Config) -> int:
     server = RelayServer(broker)
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()
+    broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit)
     log.info("broker started (pid %d), prefix %s", os.getpid(), config.prefix)
     try:
         broker.run(stop)
     finally:
+        if broker.circuits is not None:
+            broker.circuits.close()
         for link in broker.links:
             link.close(linger=_STOP_LINGER)
             link.close_parked()
@@ -983,6 +1008,23 @@ def run_broker(config: Config) -> int:
         del server
     log.info("broker stopped")
     return 0
+
+
+def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> CircuitMonitor:
+    max_clients = client_limit(config.max_clients, fd_limit, open_fds())
+    if config.max_clients is not None and max_clients < config.max_clients:
+        log.warning(
+            "max_clients %d does not fit in %d descriptors; at most %d CA circuits",
+            config.max_clients,
+            fd_limit,
+            max_clients,
+        )
+    log.info(
+        "CA circuits: at most %d (max_clients), closed after %g s of silence (client_idle_timeout)",
+        max_clients,
+        config.client_idle_timeout,
+    )
+    return CircuitMonitor(ports, Limits(max_clients, config.client_idle_timeout), fd_limit)
 
 
 def _capacity(spec) -> int:

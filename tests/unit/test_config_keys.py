@@ -80,6 +80,12 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("access_group", "access_group = 1"),
     ("access_group", 'access_group = ""'),
     ("access_group", 'access_group = "A\\nB"'),
+    ("max_clients", "max_clients = 0"),
+    ("max_clients", "max_clients = 1024"),
+    ("max_clients", 'max_clients = "10"'),
+    ("client_idle_timeout", "client_idle_timeout = 0.5"),
+    ("client_idle_timeout", "client_idle_timeout = nan"),
+    ("client_idle_timeout", 'client_idle_timeout = "10 min"'),
     ("shard_count", "shard_count = 3"),
     ("relay", "[relay]\nshards = 2"),
 ]
