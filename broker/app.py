@@ -1011,7 +1011,7 @@ def run_broker(config: Config) -> int:
 
 
 def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> CircuitMonitor:
-    max_clients = client_limit(config.max_clients, fd_limit, open_fds())
+    max_clients = client_limit(config.max_clients, fd_limit, open_fds(), config.memory_client_limit)
     if config.max_clients is not None and max_clients < config.max_clients:
         log.warning(
             "max_clients %d does not fit in %d descriptors; at most %d CA circuits",
@@ -1020,8 +1020,11 @@ def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> Circuit
             max_clients,
         )
     log.info(
-        "CA circuits: at most %d (max_clients), closed after %g s of silence (client_idle_timeout)",
+        "CA circuits: at most %d (max_clients), each pinning up to %d bytes of CA buffers "
+        "(%d MiB in all); closed after %g s of silence (client_idle_timeout)",
         max_clients,
+        config.circuit_bytes,
+        max_clients * config.circuit_bytes >> 20,
         config.client_idle_timeout,
     )
     return CircuitMonitor(ports, Limits(max_clients, config.client_idle_timeout), fd_limit)

@@ -141,11 +141,15 @@ def open_fds() -> int:
         return 0
 
 
-def client_limit(configured: int | None, fd_limit: int, own_fds: int) -> int:
-    """The circuits the broker may hold: ``configured`` (None: as many as fit), within
-    what ``fd_limit`` leaves beside the ``own_fds`` it holds and BROKER_FD_HEADROOM."""
+def client_limit(
+    configured: int | None, fd_limit: int, own_fds: int, memory_room: int | None = None
+) -> int:
+    """The circuits the broker may hold: ``configured``, or (None) as many as fit in
+    ``memory_room``; never more than ``fd_limit`` leaves beside the ``own_fds`` it holds
+    and BROKER_FD_HEADROOM."""
     room = max(1, fd_limit - own_fds - BROKER_FD_HEADROOM)
-    return room if configured is None else min(configured, room)
+    wanted = configured if configured is not None else memory_room
+    return room if wanted is None else min(wanted, room)
 
 
 class _Tally:

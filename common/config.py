@@ -101,6 +101,13 @@ CIRCUIT_SCAN_INTERVAL = 1.0
 #: Bytes of PCAS's small per-circuit buffers: a message larger than this makes PCAS take a
 #: large buffer (EPICS_CA_MAX_ARRAY_BYTES) for the circuit, kept until the circuit closes.
 CA_SMALL_BUFFER = 16384
+#: PCAS's large buffer: EPICS_CA_MAX_ARRAY_BYTES plus room for a CA extended header.
+CA_LARGE_BUFFER_EXTRA = 24
+#: Share of the byte limit (max_bytes) that the CA buffers of all circuits may pin when
+#: max_clients is not set; max_clients then defaults to what that share holds ...
+CA_BUFFER_SHARE = 0.25
+#: ... but never to fewer circuits than this.
+MIN_DEFAULT_CLIENTS = 16
 #: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.
 CA_ARRAY_OVERHEAD = 16384
 #: Longest unix socket path (sun_path less a margin).
@@ -199,6 +206,19 @@ class Config:
     def ca_max_array_bytes(self) -> int:
         largest = max(self.max_elements * 8, self.pvlist_count)
         return largest + CA_ARRAY_OVERHEAD
+
+    @property
+    def circuit_bytes(self) -> int:
+        """Most bytes of PCAS buffers one CA circuit can pin: a large receive and a large
+        send buffer (taken by one large message each way, kept until the circuit closes,
+        and then kept by PCAS for later circuits), and the small ones."""
+        return 2 * (self.ca_max_array_bytes + CA_LARGE_BUFFER_EXTRA + CA_SMALL_BUFFER)
+
+    @property
+    def memory_client_limit(self) -> int:
+        """The circuits whose buffers fit in CA_BUFFER_SHARE of the byte limit."""
+        share = int(self.byte_limit * CA_BUFFER_SHARE) // self.circuit_bytes
+        return max(MIN_DEFAULT_CLIENTS, share)
 
     def shard_endpoint(self, index: int) -> str:
         if self.endpoints:

@@ -20,8 +20,10 @@ from carelay.broker.circuits import (
 )
 from carelay.common.config import (
     BROKER_FD_HEADROOM,
+    CA_BUFFER_SHARE,
     CA_SMALL_BUFFER,
     FD_SETSIZE,
+    MIN_DEFAULT_CLIENTS,
     ConfigError,
     load_config,
 )
@@ -89,6 +91,17 @@ def test_client_limit_leaves_room_for_the_brokers_own_descriptors():
     assert client_limit(10, FD_SETSIZE, 40) == 10
     assert client_limit(2000, 256, 40) == 256 - 40 - BROKER_FD_HEADROOM
     assert client_limit(None, 50, 40) == 1
+    # Unset, max_clients is what the memory share holds, within the descriptors.
+    assert client_limit(None, FD_SETSIZE, 40, memory_room=100) == 100
+    assert client_limit(None, FD_SETSIZE, 40, memory_room=5000) == FD_SETSIZE - 40 - 64
+    assert client_limit(500, FD_SETSIZE, 40, memory_room=100) == 500
+
+
+def test_default_max_clients_holds_their_buffers_in_a_share_of_max_bytes():
+    c = load_config(max_bytes=2**30, max_elements=1000, max_pvs=10)
+    assert c.circuit_bytes == 2 * (c.ca_max_array_bytes + 24 + CA_SMALL_BUFFER)
+    assert c.memory_client_limit == int(2**30 * CA_BUFFER_SHARE) // c.circuit_bytes
+    assert load_config(max_bytes=10**6).memory_client_limit == MIN_DEFAULT_CLIENTS
 
 
 def test_fit_fd_limit_sets_the_soft_limit_to_fd_setsize():
