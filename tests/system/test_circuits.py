@@ -16,6 +16,7 @@ against the real relay:
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import socket
 import struct
@@ -172,6 +173,20 @@ def test_circuits_over_max_clients_are_refused_at_once_and_logged(make_relay):
             close(ctx)
 
 
+#: A libca client (pyepics) that echoes after 1 s of quiet (EPICS_CA_CONN_TMO) sits idle
+#: on a PV for ``seconds`` and prints how often it lost its connection, then the value.
+IDLE_LIBCA = """
+import os, sys, time, epics
+drops = []
+pv = epics.PV(
+    sys.argv[1], auto_monitor=False, connection_callback=lambda conn, **kw: conn or drops.append(1)
+)
+assert pv.wait_for_connection(timeout=5)
+time.sleep(float(sys.argv[2]))
+print(len(drops), pv.get(use_monitor=False, timeout=5))
+"""
+
+
 @pytest.mark.slow
 def test_silent_circuits_are_closed_and_live_clients_kept(make_relay):
     relay = make_relay(extra=["--client-idle-timeout", "2"])
@@ -191,6 +206,14 @@ def test_silent_circuits_are_closed_and_live_clients_kept(make_relay):
         sub = pv_r.subscribe()
         sub.add_callback(on_event)
         wait_for(lambda: events, what="the first monitor event")
+        env = {**os.environ, "EPICS_CA_CONN_TMO": "1"}
+        libca = subprocess.Popen(
+            [sys.executable, "-c", IDLE_LIBCA, name, "6"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         # The writer sends, the reader only receives (and acknowledges) for three
         # idle timeouts; the raw circuit sends nothing.
         deadline = time.monotonic() + 6
@@ -205,6 +228,8 @@ def test_silent_circuits_are_closed_and_live_clients_kept(make_relay):
         assert len(closes) == 1 and "nothing sent or acknowledged" in closes[0], closes
         assert pv_w.write([-1.0], wait=True, timeout=5).status.success
         assert list(pv_r.read(timeout=5).data) == [-1.0]
+        out, _ = libca.communicate(timeout=60)
+        assert out.split()[-2:] == ["0", "-1.0"], out  # never dropped, still served
     finally:
         idle.close()
         close(reader)
