@@ -129,7 +129,8 @@ def _rss(pid: int) -> int:
 
 @pytest.mark.slow
 def test_idle_sockets_do_not_lock_out_a_new_client(make_relay):
-    relay = make_relay()
+    # Near FD_SETSIZE, where PCAS stops serving (the default may be lower, from memory).
+    relay = make_relay(extra=["--max-clients", "900"])
     name = relay.name("flood", "f1")
     put(name, 4.5)
     _raise_fd_limit(1500)
