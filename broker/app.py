@@ -23,6 +23,13 @@ from pathlib import Path
 
 import zmq
 
+from carelay.broker.circuits import (
+    CircuitMonitor,
+    Limits,
+    client_limit,
+    fit_fd_limit,
+    open_fds,
+)
 from carelay.broker.cstreams import own_stderr
 from carelay.broker.health import Health
 from carelay.broker.link import LinkState, ShardLink
@@ -171,6 +178,8 @@ class Broker:
         self.startup_grace = STARTUP_GRACE
         #: The CA context of the put being handled (BasePV.write), for whom an error names.
         self.put_context = None
+        #: Bounds and reaps the CA circuits (see run_broker); None: not watched.
+        self.circuits = None
 
     # -- the PV table -----------------------------------------------------------
 
@@ -953,6 +962,8 @@ class Broker:
             else:
                 delay = _QUIET_SLICE
             self.cas.process(delay)
+            if self.circuits is not None:
+                self._watch_circuits()
             for link in self.links:
                 # What waits for an answer goes at once; plain puts, which the mirror
                 # already shows, go in batches of BATCH_MAX or at the next tick.
@@ -1011,6 +1022,15 @@ class Broker:
             log.error("access security not reloaded, the rules in force stay: %s", problem)
             return
         log.info("access security reloaded from %s", c.access_security)
+
+    def _watch_circuits(self) -> None:
+        """Right after each process() slice, so that a circuit over max_clients is closed
+        before PCAS reads from it; a failure is logged, never fatal."""
+        try:
+            self.circuits.poll()
+        except Exception:
+            log.exception("watching the CA circuits failed; they go unwatched")
+            self.circuits = None
 
     def _flush_queued(self) -> None:
         """Send whatever is queued for each shard."""
@@ -1075,6 +1095,8 @@ def run_broker(config: Config) -> int:
     stop = StopFlag()
     # Until the broker can act on it (below), a reload has nothing to do: it loads anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Before PCAS exists: no circuit it accepts may reach FD_SETSIZE (see circuits.py).
+    fd_limit = fit_fd_limit()
     # libca/PCAS read this when the server is made: large arrays need it.
     os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)
     from pcaspy import cas
@@ -1143,10 +1165,13 @@ def run_broker(config: Config) -> int:
                 config.metrics_port,
                 e.strerror or e,
             )
+    broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit)
     log.debug("started (pid %d)", os.getpid())
     try:
         broker.run(stop)
     finally:
+        if broker.circuits is not None:
+            broker.circuits.close()
         for link in broker.links:
             link.close(linger=_STOP_LINGER)
             link.close_parked()
@@ -1184,6 +1209,26 @@ def _version() -> str:
         return version("carelay")
     except PackageNotFoundError:
         return "unknown"
+
+
+def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> CircuitMonitor:
+    max_clients = client_limit(config.max_clients, fd_limit, open_fds(), config.memory_client_limit)
+    if config.max_clients is not None and max_clients < config.max_clients:
+        log.warning(
+            "max_clients %d does not fit in %d descriptors; at most %d CA circuits",
+            config.max_clients,
+            fd_limit,
+            max_clients,
+        )
+    log.info(
+        "CA circuits: at most %d (max_clients), each pinning up to %d bytes of CA buffers "
+        "(%d MiB in all); closed after %g s of silence (client_idle_timeout)",
+        max_clients,
+        config.circuit_bytes,
+        max_clients * config.circuit_bytes >> 20,
+        config.client_idle_timeout,
+    )
+    return CircuitMonitor(ports, Limits(max_clients, config.client_idle_timeout), fd_limit)
 
 
 def _capacity(spec) -> int:

@@ -123,6 +123,36 @@ REFUSAL_LOG_WINDOW = 60.0
 C_LOG_LINES = 20
 C_LOG_WINDOW = 60.0
 C_LINE_CHARS = 200
+#: PCAS waits in select(), which ignores descriptors from FD_SETSIZE on: the broker keeps
+#: its soft RLIMIT_NOFILE there, so that every circuit PCAS accepts is one it serves.
+FD_SETSIZE = 1024
+#: Descriptors kept free for the broker's own sockets (ZeroMQ reconnects, status files)
+#: beyond those it holds at start; max_clients defaults to what is left.
+BROKER_FD_HEADROOM = 64
+#: Default of client_idle_timeout: a circuit whose client neither sends nor acknowledges
+#: anything for this long (seconds) is closed, as an IOC drops a silent client.
+DEFAULT_CLIENT_IDLE_TIMEOUT = 600.0
+#: A circuit that sent more than a small CA message and then fell silent (no data, no
+#: acknowledgement) for this long (seconds) is closed: it may hold a large receive buffer
+#: for a message it never finishes.  Live CA clients send an echo after 30 s of quiet.
+CLIENT_STALL_TIMEOUT = 60.0
+#: A circuit that has sent no byte this long (seconds) after connecting is no CA client
+#: yet: when circuits are over max_clients, such circuits go first.
+CLIENT_SILENT_GRACE = 1.0
+#: Seconds between two log lines about circuits refused or closed (counted meanwhile).
+CIRCUIT_LOG_INTERVAL = 10.0
+#: Seconds between two full scans of the broker's circuits while nothing changes.
+CIRCUIT_SCAN_INTERVAL = 1.0
+#: Bytes of PCAS's small per-circuit buffers: a message larger than this makes PCAS take a
+#: large buffer (EPICS_CA_MAX_ARRAY_BYTES) for the circuit, kept until the circuit closes.
+CA_SMALL_BUFFER = 16384
+#: PCAS's large buffer: EPICS_CA_MAX_ARRAY_BYTES plus room for a CA extended header.
+CA_LARGE_BUFFER_EXTRA = 24
+#: Share of the byte limit (max_bytes) that the CA buffers of all circuits may pin when
+#: max_clients is not set; max_clients then defaults to what that share holds ...
+CA_BUFFER_SHARE = 0.25
+#: ... but never to fewer circuits than this.
+MIN_DEFAULT_CLIENTS = 16
 #: Bytes per CA array beyond the payload, for EPICS_CA_MAX_ARRAY_BYTES.
 CA_ARRAY_OVERHEAD = 16384
 #: Longest unix socket path (sun_path less a margin).
@@ -186,6 +216,10 @@ class Config:
     metrics_port: int | None = None
     #: Address that endpoint listens on.
     metrics_address: str = DEFAULT_METRICS_ADDRESS
+    #: Most CA circuits the broker holds; None: as many as fit below FD_SETSIZE.
+    max_clients: int | None = None
+    #: Seconds after which a circuit whose client sends and acknowledges nothing is closed.
+    client_idle_timeout: float = DEFAULT_CLIENT_IDLE_TIMEOUT
 
     def pv_spec(self, name: str) -> PvSpec:
         """What ``name`` says under this prefix and these limits; InvalidPvName if nothing."""
@@ -224,6 +258,19 @@ class Config:
     def ca_max_array_bytes(self) -> int:
         largest = max(self.max_elements * 8, self.pvlist_count)
         return largest + CA_ARRAY_OVERHEAD
+
+    @property
+    def circuit_bytes(self) -> int:
+        """Most bytes of PCAS buffers one CA circuit can pin: a large receive and a large
+        send buffer (taken by one large message each way, kept until the circuit closes,
+        and then kept by PCAS for later circuits), and the small ones."""
+        return 2 * (self.ca_max_array_bytes + CA_LARGE_BUFFER_EXTRA + CA_SMALL_BUFFER)
+
+    @property
+    def memory_client_limit(self) -> int:
+        """The circuits whose buffers fit in CA_BUFFER_SHARE of the byte limit."""
+        share = int(self.byte_limit * CA_BUFFER_SHARE) // self.circuit_bytes
+        return max(MIN_DEFAULT_CLIENTS, share)
 
     def shard_endpoint(self, index: int) -> str:
         if self.endpoints:
@@ -311,6 +358,8 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "access_by_ip": bool,
     "metrics_port": int,
     "metrics_address": str,
+    "max_clients": int,
+    "client_idle_timeout": (int, float),
 }
 
 
@@ -324,6 +373,7 @@ def _check(key: str, value: Any) -> Any:
             "keys_dir": "text",
             "access_security": "text",
             "autosave_period": "a number",
+            "client_idle_timeout": "a number",
         }.get(key)
         label = label or expected.__name__
         raise ConfigError(f"{key}: expected {label}, got {value!r}")
@@ -352,6 +402,17 @@ def _check(key: str, value: Any) -> Any:
     elif key == "autosave_period":
         if isinstance(value, bool) or math.isnan(value) or not 0.01 <= value <= 3600:
             raise ConfigError(f"autosave_period: must be from 0.01 to 3600 seconds, got {value!r}")
+        value = float(value)
+    elif key == "max_clients" and not 1 <= value <= FD_SETSIZE - BROKER_FD_HEADROOM:
+        raise ConfigError(
+            f"max_clients: must be from 1 to {FD_SETSIZE - BROKER_FD_HEADROOM} "
+            f"(CA circuits live below FD_SETSIZE, {FD_SETSIZE}), got {value}"
+        )
+    elif key == "client_idle_timeout":
+        if isinstance(value, bool) or math.isnan(value) or not 1 <= value <= 86400:
+            raise ConfigError(
+                f"client_idle_timeout: must be from 1 to 86400 seconds, got {value!r}"
+            )
         value = float(value)
     elif key == "log_level":
         value = value.upper()

@@ -30,6 +30,12 @@ _CONFIG_FLAGS: dict[str, dict] = {
         "metavar": "S",
         "help": "seconds between value flushes (1.0)",
     },
+    "max_clients": {"type": int, "metavar": "N", "help": "most CA circuits the broker holds"},
+    "client_idle_timeout": {
+        "type": float,
+        "metavar": "S",
+        "help": "seconds before a silent CA circuit is closed (600)",
+    },
     "access_security": {"metavar": "FILE", "help": "EPICS access security file (.acf)"},
     "access_by_ip": {
         "type": lambda text: _boolean("access_by_ip", text),

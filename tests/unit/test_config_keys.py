@@ -84,6 +84,12 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("metrics_port", "metrics_port = 0"),
     ("metrics_port", 'metrics_port = "9100"'),
     ("metrics_address", 'metrics_address = ""'),
+    ("max_clients", "max_clients = 0"),
+    ("max_clients", "max_clients = 1024"),
+    ("max_clients", 'max_clients = "10"'),
+    ("client_idle_timeout", "client_idle_timeout = 0.5"),
+    ("client_idle_timeout", "client_idle_timeout = nan"),
+    ("client_idle_timeout", 'client_idle_timeout = "10 min"'),
     ("shard_count", "shard_count = 3"),
     ("relay", "[relay]\nshards = 2"),
 ]
