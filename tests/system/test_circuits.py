@@ -260,8 +260,11 @@ def test_stalled_large_messages_pin_bounded_memory_and_are_closed(make_relay):
             str(count),
             "--max-pvs",
             "100",
+            # Long enough that this test's own libca circuit, idle after its put (libca
+            # echoes only after 30 s), outlasts the opening of the 90 stalled circuits on a
+            # loaded machine; short enough that the stall rule closes them soon after.
             "--client-idle-timeout",
-            "3",
+            "10",
         ]
     )
     pid = _broker_pid(relay)
@@ -280,7 +283,7 @@ def test_stalled_large_messages_pin_bounded_memory_and_are_closed(make_relay):
         assert "refused CA circuit" in relay.log()
         wait_for(
             lambda: all(_closed_by_server(s) for s in socks),
-            timeout=30,
+            timeout=40,
             what="every stalled circuit closed",
         )
         assert "perhaps in the middle of a message" in relay.log()
