@@ -35,7 +35,7 @@ from carelay.common.config import (
 )
 from carelay.common.fields import FieldResolver, split_field
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
-from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
+from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent, write_status
 from carelay.common.naming import InvalidPvName
 from carelay.common.protocol import (
     BATCH_MAX,
@@ -942,6 +942,7 @@ def undefined_access_group(path, group: str) -> str | None:
 def run_broker(config: Config) -> int:
     """Entry point of ``carelay broker``."""
     die_with_parent()
+    bound_malloc()
     stop = StopFlag()
     # libca/PCAS read this when the server is made: large arrays need it.
     os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)

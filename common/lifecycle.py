@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from carelay.common.config import MALLOC_ARENAS, MMAP_THRESHOLD
+
 _PR_SET_PDEATHSIG = 1
+#: glibc mallopt parameters.
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 #: Longest last error line kept for the status file.
 _LAST_ERROR_CHARS = 500
 
@@ -87,6 +92,15 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     expected = os.environ.get(PARENT_PID_ENV)
     if expected and expected.isdigit() and os.getppid() != int(expected):
         os.kill(os.getpid(), sig)
+
+
+def bound_malloc() -> None:
+    """Make freed large blocks go back to the system (glibc only; elsewhere a no-op):
+    see MMAP_THRESHOLD and MALLOC_ARENAS."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
 
 class StopFlag:

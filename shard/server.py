@@ -37,7 +37,7 @@ from carelay.common.config import (
     Config,
 )
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
-from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
+from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent, write_status
 from carelay.common.protocol import (
     Message,
     Op,
@@ -774,6 +774,7 @@ class ShardServer:
 def run_shard(config: Config, index: int) -> int:
     """Entry point of ``carelay shard K``."""
     die_with_parent()
+    bound_malloc()
     stop = StopFlag()
     config.run_dir.mkdir(parents=True, exist_ok=True)
     store_path = config.store_path(index)
