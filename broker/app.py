@@ -31,6 +31,7 @@ from carelay.common.config import (
     PUT_TIMEOUT,
     READ_SYNC_TIMEOUT,
     STATUS_INTERVAL,
+    VALUE_COPIES,
     Config,
 )
 from carelay.common.fields import FieldResolver, split_field
@@ -127,7 +128,7 @@ class Broker:
         self.field_pvs: dict = {}
         self._due_posts: set = set()
         self.n_real = 0
-        self.n_bytes = 0  # what the real PVs' values may take, at full capacity
+        self.n_bytes = 0  # what the real PVs' values may take, at full capacity (charge)
         # Creations sent to a shard and not yet answered count against the limits
         # too: a burst of first puts must not take the relay past them.
         self.n_creating = 0
@@ -313,7 +314,7 @@ class Broker:
             self._reserve(pv, False)
         if pv.real != real:
             self.n_real += 1 if real else -1
-            self.n_bytes += _capacity(pv.spec) if real else -_capacity(pv.spec)
+            self.n_bytes += _charge(pv.spec) if real else -_charge(pv.spec)
             self.pvlist.dirty = True
 
     def _reserve(self, pv, creating: bool) -> None:
@@ -321,16 +322,21 @@ class Broker:
         if pv.creating != creating:
             pv.creating = creating
             self.n_creating += 1 if creating else -1
-            self.bytes_creating += _capacity(pv.spec) if creating else -_capacity(pv.spec)
+            self.bytes_creating += _charge(pv.spec) if creating else -_charge(pv.spec)
 
     def _over_limits(self, spec) -> str | None:
         """Why a new PV of ``spec`` may not be created, or None."""
         c = self.config
         if self.n_real + self.n_creating >= c.max_pvs:
             return f"max_pvs ({c.max_pvs}) reached"
-        if self.n_bytes + self.bytes_creating + _capacity(spec) > self.byte_limit:
+        if _charge(spec) > self.bytes_left():
             return f"max_bytes ({self.byte_limit}) would be exceeded"
         return None
+
+    def bytes_left(self) -> int:
+        """What ``max_bytes`` has left for new PVs: the charge of the PVs that exist and of
+        those being created is taken."""
+        return self.byte_limit - self.n_bytes - self.bytes_creating
 
     # -- requests to shards -------------------------------------------------------
 
@@ -986,5 +992,7 @@ def run_broker(config: Config) -> int:
     return 0
 
 
-def _capacity(spec) -> int:
-    return spec.count * spec.dtype.itemsize
+def _charge(spec) -> int:
+    """What a PV of ``spec`` counts against ``max_bytes``: its values at full capacity, in
+    every copy the relay's processes hold."""
+    return spec.count * spec.dtype.itemsize * VALUE_COPIES
