@@ -661,7 +661,7 @@ class Broker:
                 )
             self._set_real(pv, True)
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
-            pv.apply(data, stamp, append=False)
+            pv.apply(data, stamp, append=False, owned=True)  # the snapshot's own copy
         if link.orphans and link.ever_synced and end.epoch != link.epoch:
             # A new shard process: what the old one had not applied died with it.
             log.warning(
