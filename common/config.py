@@ -31,6 +31,10 @@ DEFAULT_MAX_NAME_LENGTH = 128
 DEFAULT_LOG_LEVEL = "INFO"
 #: Seconds between value flushes of each shard's autosave.
 DEFAULT_AUTOSAVE_PERIOD = 1.0
+#: A shard's autosave writes the values changed in a period in parts of about this many
+#: bytes, one after the other: each part is copied for the autosave thread (buffers change
+#: under later puts), and the copies must not add up to a second copy of the shard.
+AUTOSAVE_PART_BYTES = 8 * 1024 * 1024
 MAX_SHARDS = 64
 #: Copies of a PV's values the relay holds: the owning shard's and the broker's mirror.
 #: ``max_bytes`` charges each PV its values at full capacity times this, so that it bounds

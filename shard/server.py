@@ -30,6 +30,7 @@ from pathlib import Path
 import zmq
 
 from carelay.common.config import (
+    AUTOSAVE_PART_BYTES,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     REFUSED_PEER_LOG_INTERVAL,
@@ -128,6 +129,9 @@ class ShardServer:
         self._saver: ThreadPoolExecutor | None = None
         self._saving: Future | None = None
         self._saving_names: list[str] = []
+        #: Names changed in the period whose values are being written, part by part
+        #: (AUTOSAVE_PART_BYTES), and are not yet taken.
+        self._to_save: list[str] = []
         self.status_path = config.run_dir / f"shard-{index}.json"
         # The store's write state: the last write's error (None: it worked), since when
         # (POSIX and monotonic time), and, once that is longer than autosave_period, why
@@ -553,27 +557,36 @@ class ShardServer:
             return 0
         self._store_written()
         self.store.dirty.clear()
+        self._to_save.clear()
         return len(rows)
 
     def flush_soon(self) -> int:
-        """Start writing every changed value in the autosave thread; returns how many PVs
-        (0 also while the previous write is still going: the next tick takes them)."""
+        """Start writing the changed values in the autosave thread, the next part of them
+        (AUTOSAVE_PART_BYTES) while ``saving_parts``; returns how many PVs (0 also while the
+        previous write is still going: the next tick takes them)."""
         if self.db is None:
             self.store.dirty.clear()
             return 0
         if not self._collect(wait=False):
             return 0
-        rows = self.store.dirty_rows(copy=True)
+        if not self._to_save:
+            self._to_save = list(self.store.dirty)
+        rows = self.store.take_rows(self._to_save, AUTOSAVE_PART_BYTES)
         if not rows:
             if self.store_error is not None:
                 # Nothing waits, but the store failed: a small write tells when it heals.
                 self._saving_names = []
                 self._saving = self._autosave_thread().submit(self.db.check_writable)
             return 0
-        self.store.dirty.clear()
         self._saving_names = [row[0] for row in rows]
+        self.store.dirty.difference_update(self._saving_names)
         self._saving = self._autosave_thread().submit(self.db.save, rows)
         return len(rows)
+
+    @property
+    def saving_parts(self) -> bool:
+        """Parts of the period's changed values wait to be written after the one in flight."""
+        return bool(self._to_save)
 
     def _autosave_thread(self) -> ThreadPoolExecutor:
         if self._saver is None:
@@ -734,6 +747,8 @@ class ShardServer:
             if now >= next_flush:
                 self.flush_soon()
                 next_flush = now + self.config.autosave_period
+            elif self.saving_parts:
+                self.flush_soon()
             if self.db is not None and now >= next_copy:
                 self._autosave_thread().submit(self._refresh_good_copy)
                 next_copy = now + GOOD_COPY_INTERVAL
