@@ -149,7 +149,9 @@ class ShardServer:
         if self.db is None:
             return
         rows = self.db.open()
-        skipped = self.store.load(rows)
+        rows.reverse()
+        # Each row is let go of once taken: the autosave and the store are not both held.
+        skipped = self.store.load(rows.pop() for _ in range(len(rows)))
         for name in skipped:
             log.warning(
                 "shard %d: %s in %s is not served under this configuration; kept as is",

@@ -238,8 +238,10 @@ class ShardStore:
             if spec.is_buffer:
                 pv.ring = RingBuffer(spec.count, spec.dtype)
                 pv.ring.append(row.value)
-            else:
+            elif len(row.value) > spec.count:
                 pv.value = row.value[: spec.count].copy()
+            else:
+                pv.value = row.value  # the row's own array: not a second copy
             self._pvs[row.name] = pv
         return skipped
 
