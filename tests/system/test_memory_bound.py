@@ -2,11 +2,13 @@
 
 A relay filled to ``max_bytes`` with a mix of scalars, large buffers and large char
 arrays (puts until a creation is refused) must grow, all its processes together, by no
-more than MEMORY_SLACK times ``max_bytes``: every copy of a value (shard, broker
-mirror, CA events, autosave, ZeroMQ) is counted in what a PV is charged.
+more than MEMORY_SLACK times ``max_bytes``, and stay so after puts to monitored PVs and
+a shard's restart: each copy of a value that stays (shard, broker mirror) is counted in
+what a PV is charged, and the transient ones (CA events, autosave, ZeroMQ, snapshots)
+must not stay.
 
 ``python -m tests.system.test_memory_bound [MAX_BYTES]`` prints the measurement per
-process without asserting anything.
+process and stage (RSS before and after, and its peak) without asserting anything.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import itertools
 import os
 import signal
 import sys
-import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -53,6 +55,17 @@ def rss(relay) -> dict[str, int]:
         with contextlib.suppress(psutil.Error):
             out[f"{role(pid)} [{pid}]"] = psutil.Process(pid).memory_info().rss
     return out
+
+
+def peak(key: str) -> int:
+    """Highest RSS so far (VmHWM) of the process a ``rss`` key names; 0 if gone."""
+    pid = key.rsplit("[", 1)[-1].rstrip("]")
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    kb = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
+    return int(kb[0]) * 1024 if kb else 0
 
 
 def settled_rss(relay) -> dict[str, int]:
@@ -100,8 +113,8 @@ def fill(relay, ctx, limit_refused) -> list[tuple[str, object]]:
         made.append((pv, v))
 
 
-def measure(relay, ctx) -> tuple[dict[str, int], dict[str, int], int]:
-    """(RSS per process before, after filling to max_bytes, PVs made)."""
+def measure(relay, ctx) -> tuple[dict[str, int], dict[str, int], list]:
+    """(RSS per process before, after filling to max_bytes, (PV, value) of each PV made)."""
     before = settled_rss(relay)
     log_start = len(relay.log())
 
@@ -110,11 +123,32 @@ def measure(relay, ctx) -> tuple[dict[str, int], dict[str, int], int]:
         return f"refused PV name {name}: max_bytes" in text
 
     made = fill(relay, ctx, limit_refused)
-    after = settled_rss(relay)
-    if os.environ.get("CARELAY_MEMORY_HOLD"):
-        print(f"filled; relay processes {relay.children()}", flush=True)
-        time.sleep(float(os.environ["CARELAY_MEMORY_HOLD"]))
-    return before, after, made
+    return before, settled_rss(relay), made
+
+
+def stages(relay, ctx):
+    """Fill the relay to max_bytes, then put to every PV while monitored (an event each),
+    then kill shard 0 (its restart reloads the autosave and sends a snapshot to the
+    broker); yields (stage, RSS per process before filling, RSS after the stage, PVs made)
+    after each."""
+    before, after, made = measure(relay, ctx)  # until a creation is refused
+    yield "filled", before, after, made
+    for pv, _ in made:
+        pv.subscribe(data_type="time").add_callback(lambda *args, **kwargs: None)
+    for pv, v in made:
+        pv.write(v[-len(v) // 2 :] if pv.name.endswith("F100000") else v, wait=True, timeout=30)
+        if pv.name.endswith("F100000"):
+            v[:] = np.concatenate((v[len(v) - len(v) // 2 :], v[-len(v) // 2 :]))
+    # Settling takes at least 3.5 s (SETTLE_SAMPLES, SETTLE_INTERVAL), over three autosave
+    # periods: the values are saved before the kill.
+    yield "monitored puts", before, settled_rss(relay), made
+    (shard,) = [pid for pid in relay.children() if role(pid).startswith("shard 0")]
+    start = len(relay.log())
+    os.kill(shard, signal.SIGKILL)
+    wait_for(
+        lambda: "shard 0 in sync" in relay.log()[start:], timeout=60, what="shard 0 in sync again"
+    )
+    yield "shard 0 restarted", before, settled_rss(relay), made
 
 
 def report(before, after, max_bytes) -> str:
@@ -122,7 +156,10 @@ def report(before, after, max_bytes) -> str:
     for key in sorted(after):
         grown = after[key] - before.get(key, 0)
         was = before.get(key, 0)
-        lines.append(f"  {key}: {was / 1e6:.0f} -> {after[key] / 1e6:.0f} MB (+{grown / 1e6:.0f})")
+        lines.append(
+            f"  {key}: {was / 1e6:.0f} -> {after[key] / 1e6:.0f} MB (+{grown / 1e6:.0f}),"
+            f" peak {peak(key) / 1e6:.0f} MB"
+        )
     growth = sum(after.values()) - sum(before.values())
     lines.append(f"  all: +{growth / 1e6:.0f} MB = {growth / max_bytes:.2f} x max_bytes")
     return "\n".join(lines)
@@ -147,28 +184,9 @@ def within_slack(before, after) -> str:
 @pytest.mark.slow
 def test_a_relay_filled_to_max_bytes_grows_by_at_most_its_slack(make_relay, ca):
     relay = make_relay(extra=["--max-bytes", str(MAX_BYTES)])
-    before, after, made = measure(relay, ca)  # until a creation is refused
-    assert len(made) >= len(MIX)
-    print(f"\n{len(made)} PVs, filled:\n{within_slack(before, after)}")
-    # Puts to monitored PVs (an event each) and a shard's restart (its snapshot to the
-    # broker) leave no copies behind.
-    for pv, _ in made:
-        pv.subscribe(data_type="time").add_callback(lambda *args, **kwargs: None)
-    for pv, v in made:
-        pv.write(v[-len(v) // 2 :] if pv.name.endswith("F100000") else v, wait=True, timeout=30)
-        if pv.name.endswith("F100000"):
-            v[:] = np.concatenate((v[len(v) - len(v) // 2 :], v[-len(v) // 2 :]))
-    # Settling takes at least 3.5 s (SETTLE_SAMPLES, SETTLE_INTERVAL), over three autosave
-    # periods: the values are saved before the kill.
-    print(f"monitored puts:\n{within_slack(before, settled_rss(relay))}")
-    (shard,) = [pid for pid in relay.children() if role(pid).startswith("shard 0")]
-    start = len(relay.log())
-    os.kill(shard, signal.SIGKILL)
-    wait_for(
-        lambda: "shard 0 in sync" in relay.log()[start:], timeout=60, what="shard 0 in sync again"
-    )
-    after = settled_rss(relay)
-    print(f"shard 0 restarted:\n{within_slack(before, after)}")
+    for stage, before, after, made in stages(relay, ca):
+        assert len(made) >= len(MIX)
+        print(f"\n{stage}, {len(made)} PVs:\n{within_slack(before, after)}")
     # What exists keeps its values.
     for pv, v in made[:: max(1, len(made) // 12)] + made[-3:]:
         got = np.asarray(pv.read(timeout=30).data)
@@ -177,7 +195,6 @@ def test_a_relay_filled_to_max_bytes_grows_by_at_most_its_slack(make_relay, ca):
 
 if __name__ == "__main__":
     import tempfile
-    from pathlib import Path
 
     from caproto.threading.client import Context
 
@@ -188,10 +205,9 @@ if __name__ == "__main__":
         r = Relay(Path(tmp), extra=["--max-bytes", str(limit)]).start()
         ctx = Context()
         try:
-            t0 = time.monotonic()
-            b, a, m = measure(r, ctx)
-            print(f"{len(m)} PVs in {time.monotonic() - t0:.0f} s, max_bytes {limit / 1e6:.0f} MB")
-            print(report(b, a, limit))
+            for stage, b, a, m in stages(r, ctx):
+                print(f"{stage}: {len(m)} PVs, max_bytes {limit / 1e6:.0f} MB")
+                print(report(b, a, limit), flush=True)
         finally:
             ctx.disconnect()
             r.stop()
