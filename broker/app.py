@@ -36,7 +36,13 @@ from carelay.common.config import (
 )
 from carelay.common.fields import FieldResolver, split_field
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
-from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent, write_status
+from carelay.common.lifecycle import (
+    StopFlag,
+    bound_malloc,
+    die_with_parent,
+    return_freed_memory,
+    write_status,
+)
 from carelay.common.naming import InvalidPvName
 from carelay.common.protocol import (
     BATCH_MAX,
@@ -883,6 +889,7 @@ class Broker:
             if now >= next_status or self.status_due:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
+                return_freed_memory()
         # A clean stop: the puts still queued go to the shards, which stop after us.
         self._flush_queued()
         for p in self._parked:

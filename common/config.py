@@ -40,11 +40,6 @@ MAX_SHARDS = 64
 #: ``max_bytes`` charges each PV its values at full capacity times this, so that it bounds
 #: what all the relay's processes together hold (README, "what a client can cost you").
 VALUE_COPIES = 2
-#: Allocations at least this large are mapped on their own and unmapped when freed (glibc
-#: mallopt M_MMAP_THRESHOLD, which is then no longer raised by each large free): the
-#: transient copies of large values (CA reads and events, autosave, ZeroMQ frames) go
-#: back to the system instead of staying in the heap.
-MMAP_THRESHOLD = 128 * 1024
 #: malloc arenas per process (glibc M_ARENA_MAX): threads (the autosave) share them
 #: instead of each keeping freed memory of its own.
 MALLOC_ARENAS = 2

@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from carelay.common.config import MALLOC_ARENAS, MMAP_THRESHOLD
+from carelay.common.config import MALLOC_ARENAS
 
 _PR_SET_PDEATHSIG = 1
-#: glibc mallopt parameters.
-_M_MMAP_THRESHOLD = -3
+#: glibc mallopt parameter.
 _M_ARENA_MAX = -8
 #: Longest last error line kept for the status file.
 _LAST_ERROR_CHARS = 500
@@ -95,12 +94,18 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 
 def bound_malloc() -> None:
-    """Make freed large blocks go back to the system (glibc only; elsewhere a no-op):
-    see MMAP_THRESHOLD and MALLOC_ARENAS."""
+    """Keep threads from holding freed memory of their own (glibc only; elsewhere a
+    no-op): see MALLOC_ARENAS."""
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
+def return_freed_memory() -> None:
+    """Give the memory malloc holds free back to the system (glibc's malloc_trim; elsewhere
+    a no-op): the transient copies of large values (CA reads and events, autosave rows,
+    ZeroMQ frames, snapshots) are freed into the heap, which keeps them otherwise."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 class StopFlag:

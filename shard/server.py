@@ -38,7 +38,13 @@ from carelay.common.config import (
     Config,
 )
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
-from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent, write_status
+from carelay.common.lifecycle import (
+    StopFlag,
+    bound_malloc,
+    die_with_parent,
+    return_freed_memory,
+    write_status,
+)
 from carelay.common.protocol import (
     Message,
     Op,
@@ -765,6 +771,7 @@ class ShardServer:
                 self._status_due = False
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
+                return_freed_memory()
         # What the broker sent before it stopped (it stops first) is applied and saved.
         while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
             pass
