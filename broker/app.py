@@ -45,11 +45,18 @@ from carelay.common.config import (
     STARTUP_GRACE,
     STARTUP_QUIET,
     STATUS_INTERVAL,
+    VALUE_COPIES,
     Config,
 )
 from carelay.common.fields import FieldResolver, split_field
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
-from carelay.common.lifecycle import StopFlag, die_with_parent, write_status
+from carelay.common.lifecycle import (
+    StopFlag,
+    bound_malloc,
+    die_with_parent,
+    return_freed_memory,
+    write_status,
+)
 from carelay.common.naming import InvalidPvName
 from carelay.common.protocol import (
     BATCH_MAX,
@@ -140,7 +147,7 @@ class Broker:
         self.field_pvs: dict = {}
         self._due_posts: set = set()
         self.n_real = 0
-        self.n_bytes = 0  # what the real PVs' values may take, at full capacity
+        self.n_bytes = 0  # what the real PVs' values may take, at full capacity (charge)
         # Creations sent to a shard and not yet answered count against the limits
         # too: a burst of first puts must not take the relay past them.
         self.n_creating = 0
@@ -375,7 +382,7 @@ class Broker:
             self._reserve(pv, False)
         if pv.real != real:
             self.n_real += 1 if real else -1
-            self.n_bytes += _capacity(pv.spec) if real else -_capacity(pv.spec)
+            self.n_bytes += _charge(pv.spec) if real else -_charge(pv.spec)
             self.pvlist.dirty = True
 
     def _reserve(self, pv, creating: bool) -> None:
@@ -383,16 +390,21 @@ class Broker:
         if pv.creating != creating:
             pv.creating = creating
             self.n_creating += 1 if creating else -1
-            self.bytes_creating += _capacity(pv.spec) if creating else -_capacity(pv.spec)
+            self.bytes_creating += _charge(pv.spec) if creating else -_charge(pv.spec)
 
     def _over_limits(self, spec) -> str | None:
         """Why a new PV of ``spec`` may not be created, or None."""
         c = self.config
         if self.n_real + self.n_creating >= c.max_pvs:
             return f"max_pvs ({c.max_pvs}) reached"
-        if self.n_bytes + self.bytes_creating + _capacity(spec) > self.byte_limit:
+        if _charge(spec) > self.bytes_left():
             return f"max_bytes ({self.byte_limit}) would be exceeded"
         return None
+
+    def bytes_left(self) -> int:
+        """What ``max_bytes`` has left for new PVs: the charge of the PVs that exist and of
+        those being created is taken."""
+        return self.byte_limit - self.n_bytes - self.bytes_creating
 
     # -- requests to shards -------------------------------------------------------
 
@@ -741,7 +753,7 @@ class Broker:
                 )
             self._set_real(pv, True)
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
-            pv.apply(data, stamp, append=False)
+            pv.apply(data, stamp, append=False, owned=True)  # the snapshot's own copy
         if link.ever_synced and end.epoch != link.epoch:
             self.health.restarts[link.index].append(time.monotonic())  # a new process
         if link.orphans and link.ever_synced and end.epoch != link.epoch:
@@ -993,6 +1005,7 @@ class Broker:
             if now >= next_status or self.status_due:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
+                return_freed_memory()
             if now >= next_health:
                 self._update_health(now)
                 next_health = now + HEALTH_INTERVAL
@@ -1092,6 +1105,7 @@ def run_broker(config: Config) -> int:
     """Entry point of ``carelay broker``."""
     die_with_parent()
     own_stderr()
+    bound_malloc()
     stop = StopFlag()
     # Until the broker can act on it (below), a reload has nothing to do: it loads anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -1231,5 +1245,7 @@ def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> Circuit
     return CircuitMonitor(ports, Limits(max_clients, config.client_idle_timeout), fd_limit)
 
 
-def _capacity(spec) -> int:
-    return spec.count * spec.dtype.itemsize
+def _charge(spec) -> int:
+    """What a PV of ``spec`` counts against ``max_bytes``: its values at full capacity, in
+    every copy the relay's processes hold."""
+    return spec.count * spec.dtype.itemsize * VALUE_COPIES

@@ -237,8 +237,10 @@ class RelayPV(BasePV):
         self.eff: Mapping = fields.NO_FIELDS
         #: (status, severity) that the alarm limits give the value.
         self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
-        #: The last put's elements: what the alarm limits judge.
-        self._last: np.ndarray | None = None
+        #: A buffer's last put: the (largest, smallest) of its elements, which the alarm
+        #: limits judge (None: no numbers).  Only these two, not the elements: a put can
+        #: be as large as the buffer.  A value is judged whole: it is its last put.
+        self._appended: tuple | None = None
         self._due_mask = 0  # events of a large buffer waiting for its post_interval
         self._last_post = 0.0
         self._mlst: float | None = None  # value last posted with DBE_VALUE
@@ -283,11 +285,24 @@ class RelayPV(BasePV):
         self.plain = plain
 
     def _check_limits(self, data: np.ndarray, held: int | None = None) -> None:
-        self._last = data
         if not (self.numeric and len(data)):
+            if self.ring is not None:
+                self._appended = None
             return
+        if self.ring is not None:
+            data = self._appended = _extremes(data)
+        self._judge(data, held)
+
+    def _last_put(self) -> np.ndarray | tuple | None:
+        """What the alarm limits judge: the last put's elements, or their extremes."""
+        if self.ring is not None:
+            return self._appended
+        return self.value if self.numeric and self.real else None
+
+    def _judge(self, data: np.ndarray | tuple, held: int | None = None) -> None:
+        """Alarm status from the alarm limits, for elements or their (largest, smallest)."""
         if self.eff and self.eff.keys() & _ALARM_LIMITS:
-            extremes = (data[0], data[0]) if len(data) == 1 else (data.max(), data.min())
+            extremes = _extremes(data) if isinstance(data, np.ndarray) else data
             if held is None:
                 held = self.limit_alarm[0]
             self.limit_alarm = fields.check_alarm(self.eff, extremes, held)
@@ -340,7 +355,7 @@ class RelayPV(BasePV):
                 self.ring.replace(data)
         elif self.plain:
             # A plain scalar: every put posts its value, never in alarm (see ``plain``).
-            self.value = self._last = data if owned else np.array(data, copy=True)
+            self.value = data if owned else np.array(data, copy=True)
             self.real = True
             self.stamp = stamp
             self.post(VALUE_MASK)
@@ -353,7 +368,6 @@ class RelayPV(BasePV):
         self.stamp = stamp
         if reset and not len(data):
             # An emptied buffer has no value to be in alarm.
-            self._last = None
             self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
         self._check_limits(data)
         self.post(self._value_mask())
@@ -362,11 +376,12 @@ class RelayPV(BasePV):
     def field_changed(self, name: str, value) -> None:
         """Mirror a field change the shard applied: property event, alarms re-checked."""
         self.set_fields({**self.fields, name: value})
-        if self.real and self._last is not None:
-            # The last put's elements again (not a whole buffer); an alarm held by HYST
-            # stays held unless a limit moved.
+        last = self._last_put() if self.real else None
+        if last is not None:
+            # The last put again (not a whole buffer); an alarm held by HYST stays held
+            # unless a limit moved.
             held = fields.NO_ALARM if name in _ALARM_LIMITS else self.limit_alarm[0]
-            self._check_limits(self._last, held)
+            self._judge(last, held)
         self.post(cas.DBE_PROPERTY)
         self.broker.post_field(self.name, name)
 
@@ -380,7 +395,7 @@ class RelayPV(BasePV):
         self.stamp = 0.0
         self.set_fields(fields.NO_FIELDS)
         self.limit_alarm = (fields.NO_ALARM, fields.NO_SEVERITY)
-        self._last = None
+        self._appended = None
         self._mlst = self._alst = None
         self.post(VALUE_MASK | cas.DBE_PROPERTY)
         # Monitors of NAME.FIELD see the fields go back to their defaults.
@@ -541,6 +556,11 @@ class RelayPV(BasePV):
 
     def _shard_of(self, data) -> int:
         return self.shard
+
+
+def _extremes(data: np.ndarray) -> tuple:
+    """(largest, smallest) of ``data``, which has elements."""
+    return (data[0], data[0]) if len(data) == 1 else (data.max(), data.min())
 
 
 _ALARM_LIMITS = frozenset({"HIHI", "HIGH", "LOW", "LOLO"})

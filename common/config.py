@@ -33,7 +33,18 @@ DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_ACCESS_BY_IP = True
 #: Seconds between value flushes of each shard's autosave.
 DEFAULT_AUTOSAVE_PERIOD = 1.0
+#: A shard's autosave writes the values changed in a period in parts of about this many
+#: bytes, one after the other: each part is copied for the autosave thread (buffers change
+#: under later puts), and the copies must not add up to a second copy of the shard.
+AUTOSAVE_PART_BYTES = 8 * 1024 * 1024
 MAX_SHARDS = 64
+#: Copies of a PV's values the relay holds: the owning shard's and the broker's mirror.
+#: ``max_bytes`` charges each PV its values at full capacity times this, so that it bounds
+#: what all the relay's processes together hold (README, "what a client can cost you").
+VALUE_COPIES = 2
+#: malloc arenas per process (glibc M_ARENA_MAX): threads (the autosave) share them
+#: instead of each keeping freed memory of its own.
+MALLOC_ARENAS = 2
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: Seconds between heartbeats on every broker-shard link, both ways.

@@ -14,7 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from carelay.common.config import MALLOC_ARENAS
+
 _PR_SET_PDEATHSIG = 1
+#: glibc mallopt parameter.
+_M_ARENA_MAX = -8
 #: Longest last error line kept for the status file.
 _LAST_ERROR_CHARS = 500
 
@@ -95,6 +99,21 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     expected = os.environ.get(PARENT_PID_ENV)
     if expected and expected.isdigit() and os.getppid() != int(expected):
         os.kill(os.getpid(), sig)
+
+
+def bound_malloc() -> None:
+    """Keep threads from holding freed memory of their own (glibc only; elsewhere a
+    no-op): see MALLOC_ARENAS."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
+def return_freed_memory() -> None:
+    """Give the memory malloc holds free back to the system (glibc's malloc_trim; elsewhere
+    a no-op): the transient copies of large values (CA reads and events, autosave rows,
+    ZeroMQ frames, snapshots) are freed into the heap, which keeps them otherwise."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 class StopFlag:

@@ -337,9 +337,11 @@ class ShardDatabase:
         try:
             for name, stamp, value, fields in upserts:
                 value = np.ascontiguousarray(value)
+                # The array's own bytes as the blob: no copy of a large value per write.
+                blob = memoryview(value).cast("B")
                 conn.execute(
                     "INSERT OR REPLACE INTO pvs VALUES (?, ?, ?, ?, ?, ?)",
-                    (name, stamp, value.dtype.str, value.size, value.tobytes(), json.dumps(fields)),
+                    (name, stamp, value.dtype.str, value.size, blob, json.dumps(fields)),
                 )
                 n += 1
             for name in deletes:

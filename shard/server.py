@@ -30,6 +30,7 @@ from pathlib import Path
 import zmq
 
 from carelay.common.config import (
+    AUTOSAVE_PART_BYTES,
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
     REFUSED_PEER_LOG_INTERVAL,
@@ -40,8 +41,10 @@ from carelay.common.histogram import FLUSH_BUCKETS, Histogram
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import (
     StopFlag,
+    bound_malloc,
     die_with_parent,
     first_start_under_supervisor,
+    return_freed_memory,
     write_status,
 )
 from carelay.common.protocol import (
@@ -134,6 +137,9 @@ class ShardServer:
         self._saver: ThreadPoolExecutor | None = None
         self._saving: Future | None = None
         self._saving_names: list[str] = []
+        #: Names changed in the period whose values are being written, part by part
+        #: (AUTOSAVE_PART_BYTES), and are not yet taken.
+        self._to_save: list[str] = []
         self.status_path = config.run_dir / f"shard-{index}.json"
         # The store's write state: the last write's error (None: it worked), since when
         # (POSIX and monotonic time), and, once that is longer than autosave_period, why
@@ -159,7 +165,9 @@ class ShardServer:
         if self.db is None:
             return
         rows = self.db.open()
-        skipped = self.store.load(rows)
+        rows.reverse()
+        # Each row is let go of once taken: the autosave and the store are not both held.
+        skipped = self.store.load(rows.pop() for _ in range(len(rows)))
         for name in skipped:
             log.warning(
                 "%s in %s is not served under this configuration; kept as is",
@@ -579,17 +587,24 @@ class ShardServer:
         self.saved_at = started
         self._store_written()
         self.store.dirty.clear()
+        self._to_save.clear()
         return len(rows)
 
     def flush_soon(self) -> int:
-        """Start writing every changed value in the autosave thread; returns how many PVs
-        (0 also while the previous write is still going: the next tick takes them)."""
+        """Start writing the changed values in the autosave thread, the next part of them
+        (AUTOSAVE_PART_BYTES) while ``saving_parts``; returns how many PVs (0 also while the
+        previous write is still going: the next tick takes them)."""
         if self.db is None:
             self.store.dirty.clear()
             return 0
         if not self._collect(wait=False):
             return 0
-        rows = self.store.dirty_rows(copy=True)
+        if not self._to_save:
+            # A new period: once all its parts are written, every value applied before
+            # now is saved (FLUSH_AGE).
+            self._to_save = list(self.store.dirty)
+            self._saving_since = time.time()
+        rows = self.store.take_rows(self._to_save, AUTOSAVE_PART_BYTES)
         if not rows:
             if self.store_error is None:
                 self.saved_at = time.time()  # nothing waits to be saved
@@ -598,9 +613,8 @@ class ShardServer:
                 self._saving_names = []
                 self._saving = self._autosave_thread().submit(self.db.check_writable)
             return 0
-        self.store.dirty.clear()
         self._saving_names = [row[0] for row in rows]
-        self._saving_since = time.time()
+        self.store.dirty.difference_update(self._saving_names)
         self._saving = self._autosave_thread().submit(self._timed_save, rows)
         return len(rows)
 
@@ -609,6 +623,11 @@ class ShardServer:
         started = time.monotonic()
         self.db.save(rows)
         return time.monotonic() - started
+
+    @property
+    def saving_parts(self) -> bool:
+        """Parts of the period's changed values wait to be written after the one in flight."""
+        return bool(self._to_save)
 
     def _autosave_thread(self) -> ThreadPoolExecutor:
         if self._saver is None:
@@ -640,7 +659,8 @@ class ShardServer:
         else:
             if self._saving_names:
                 self.flush_times.observe(took)
-                self.saved_at = self._saving_since
+                if not self._to_save:
+                    self.saved_at = self._saving_since
             self._store_written()
         self._saving_names = []
         return True
@@ -769,6 +789,8 @@ class ShardServer:
             if now >= next_flush:
                 self.flush_soon()
                 next_flush = now + self.config.autosave_period
+            elif self.saving_parts:
+                self.flush_soon()
             if self.db is not None and now >= next_copy:
                 self._autosave_thread().submit(self._refresh_good_copy)
                 next_copy = now + GOOD_COPY_INTERVAL
@@ -783,6 +805,7 @@ class ShardServer:
                 self._status_due = False
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
+                return_freed_memory()
         # What the broker sent before it stopped (it stops first) is applied and saved.
         while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
             pass
@@ -808,6 +831,7 @@ class ShardServer:
 def run_shard(config: Config, index: int) -> int:
     """Entry point of ``carelay shard K``."""
     die_with_parent()
+    bound_malloc()
     stop = StopFlag()
     config.run_dir.mkdir(parents=True, exist_ok=True)
     store_path = config.store_path(index)

@@ -238,8 +238,10 @@ class ShardStore:
             if spec.is_buffer:
                 pv.ring = RingBuffer(spec.count, spec.dtype)
                 pv.ring.append(row.value)
-            else:
+            elif len(row.value) > spec.count:
                 pv.value = row.value[: spec.count].copy()
+            else:
+                pv.value = row.value  # the row's own array: not a second copy
             self._pvs[row.name] = pv
         return skipped
 
@@ -288,6 +290,18 @@ class ShardStore:
         self._unsaved.clear()
         self.seq += 1
         return names
+
+    def take_rows(self, names: list[str], budget: int) -> list[tuple[str, float, np.ndarray, dict]]:
+        """Rows for the autosave, that stay as they are while the store goes on changing, of
+        names taken from the end of ``names`` until their values reach ``budget`` bytes (one
+        row at least); names no longer stored are dropped."""
+        rows, size = [], 0
+        while names and (not rows or size < budget):
+            name = names.pop()
+            if name in self._pvs:
+                rows.append(self._row(name, copy=True))
+                size += rows[-1][2].nbytes
+        return rows
 
     def dirty_rows(self, copy: bool = False) -> list[tuple[str, float, np.ndarray, dict]]:
         """Rows of the PVs whose value changed since the last autosave (not cleared);

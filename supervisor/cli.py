@@ -24,7 +24,11 @@ _CONFIG_FLAGS: dict[str, dict] = {
     "data_dir": {"metavar": "DIR", "help": "data directory (default ./carelay-data)"},
     "max_elements": {"type": int, "metavar": "N", "help": "largest element count"},
     "max_pvs": {"type": int, "metavar": "N", "help": "most PVs the relay holds"},
-    "max_bytes": {"type": int, "metavar": "N", "help": "bytes all PV values may take together"},
+    "max_bytes": {
+        "type": int,
+        "metavar": "N",
+        "help": "memory all relay processes may take for PV values (each counted twice)",
+    },
     "autosave_period": {
         "type": float,
         "metavar": "S",

@@ -45,7 +45,7 @@ from caproto import ChannelType
 from caproto.threading.client import Context
 
 from carelay.broker.refusals import shorten
-from carelay.common.config import load_config
+from carelay.common.config import VALUE_COPIES, load_config
 from carelay.common.protocol import PROTOCOL_TAG, Message, Op, encode
 from carelay.common.sharding import shard_for
 from tests.system.clients import close, get, get_array, put, pvlist, write_status
@@ -303,7 +303,9 @@ def test_max_pvs_refuses_new_names_and_leaves_the_rest(make_relay, ca):
 
 
 def test_max_bytes_refuses_what_does_not_fit(make_relay, ca):
-    relay = make_relay(extra=["--max-bytes", "1000"])
+    # Each PV is charged its values in every copy the relay holds (VALUE_COPIES).
+    limit = 1000 * VALUE_COPIES
+    relay = make_relay(extra=["--max-bytes", str(limit)])
     # Three PVs of 800 bytes at full capacity: each fits alone, so each is served
     # while none exists.  Their first puts in one burst: only one is created.
     bigs = [relay.name(f"big{k}", "f100") for k in range(3)]
@@ -316,7 +318,7 @@ def test_max_bytes_refuses_what_does_not_fit(make_relay, ca):
 
     (big,), refused = wait_for(settled, what="every first put created or refused")
     for n in refused:
-        assert "max_bytes (1000) would be exceeded" in refusals(relay, n)[0]
+        assert f"max_bytes ({limit}) would be exceeded" in refusals(relay, n)[0]
         assert n not in pvlist(relay)
         assert stored(relay, n)[0] == 1
     # Another one is not served at all now.
