@@ -451,8 +451,10 @@ def test_shard_sigkill_under_load_loses_no_acknowledged_put(make_relay, ca):
         window.append(Attempt(probe.name, 1.5, probe_sent, probe_answered, probe_ok, False))
     false = [a for a in window if a.ok and a.answered < serving]
     assert not false, f"{len(false)} puts acknowledged while shard 0 was down: {false[:3]}"
-    # (Each such put waits for the restart, so the loader makes one and the probe another.)
-    assert len(window) >= 2, f"only {len(window)} puts were made to shard 0 while it was down"
+    # Each such put waits for the restart (PUT_RECONNECT_GRACE), so a loader makes at most
+    # one in the outage, and none when its put in flight was sent just before the kill: the
+    # probe, sent once a read showed the outage, is what the check is sure to have.
+    assert window, "no put was made to shard 0 while it was down: the check saw nothing"
     print(
         f"\nshard 0: new process {restarted - killed:.2f} s after the SIGKILL, listening "
         f"{serving - killed:.2f} s after it; {len(window)} puts were sent to it meanwhile"
