@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 
-from carelay.broker.refusals import shorten
+from carelay.broker.refusals import LogBudget, shorten
 from carelay.common.config import C_LINE_CHARS, C_LOG_LINES, C_LOG_WINDOW
 
 log = logging.getLogger("carelay.broker")
@@ -33,34 +33,21 @@ class LineLimiter:
     def __init__(
         self, lines: int = C_LOG_LINES, window: float = C_LOG_WINDOW, clock=time.monotonic
     ):
-        self.lines = lines
-        self.window = window
-        self.clock = clock
-        self._window_end = clock() + window
-        self._logged = 0
-        self.unlogged = 0
+        self.budget = LogBudget(lines, window, clock)
 
     def line(self, text: str) -> None:
         self.tick()
-        if self._logged < self.lines:
-            self._logged += 1
+        if self.budget.allow():
             log.warning("stderr: %s", shorten(text, C_LINE_CHARS))
-        else:
-            self.unlogged += 1
 
     def tick(self) -> None:
-        now = self.clock()
-        if now < self._window_end:
-            return
-        if self.unlogged:
+        unlogged = self.budget.ended()
+        if unlogged:
             log.warning(
                 "stderr: %s more lines in the last %.0f s, not logged one by one",
-                f"{self.unlogged:,}",
-                self.window,
+                f"{unlogged:,}",
+                self.budget.window,
             )
-        self._window_end = now + self.window
-        self._logged = 0
-        self.unlogged = 0
 
 
 def split_lines(partial: bytearray, data: bytes) -> list[str]:

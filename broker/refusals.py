@@ -37,6 +37,40 @@ def shorten(text: str, limit: int = LOGGED_NAME_CHARS) -> str:
     return f"{text[:limit]}... ({len(text)} characters)"
 
 
+class LogBudget:
+    """At most ``lines`` log lines per ``window`` seconds: ``allow`` says whether one may
+    go, and counts those that may not, for the summary its owner logs when ``ended``
+    says a window is over.  Shared by every log that a client's traffic can drive."""
+
+    def __init__(self, lines: int, window: float, clock=time.monotonic) -> None:
+        self.lines = lines
+        self.window = window
+        self.clock = clock
+        self._window_end = clock() + window
+        self._logged = 0
+        #: Lines not logged one by one in this window.
+        self.unlogged = 0
+
+    def allow(self) -> bool:
+        if self._logged < self.lines:
+            self._logged += 1
+            return True
+        self.unlogged += 1
+        return False
+
+    def ended(self) -> int | None:
+        """None while the window lasts; at its end, how many lines it did not log (a new
+        window starts)."""
+        now = self.clock()
+        if now < self._window_end:
+            return None
+        unlogged = self.unlogged
+        self._window_end = now + self.window
+        self._logged = 0
+        self.unlogged = 0
+        return unlogged
+
+
 def _key(name: str) -> str:
     if len(name) <= LOGGED_NAME_CHARS:
         return name
@@ -55,16 +89,11 @@ class RefusalLog:
         clock=time.monotonic,
     ) -> None:
         self.memory_bytes = memory_bytes
-        self.lines = lines
-        self.window = window
-        self.clock = clock
         self._seen: collections.OrderedDict[str, int] = collections.OrderedDict()
         #: What the remembered names cost, by _cost.
         self.bytes = 0
-        self._window_end = clock() + window
-        self._logged = 0
-        #: Refusals not logged one by one in this window, and the first of them.
-        self.unlogged = 0
+        self.budget = LogBudget(lines, window, clock)
+        #: The first refusal of this window that was not logged one by one.
         self._example: str | None = None
 
     def __len__(self) -> int:
@@ -85,28 +114,21 @@ class RefusalLog:
             self.bytes -= self._seen.popitem(last=False)[1]
         self.tick()
         line = f"{shorten(name)}: {shorten(why)}"
-        if self._logged < self.lines:
-            self._logged += 1
+        if self.budget.allow():
             log.warning("refused PV name %s", line)
-        else:
-            self.unlogged += 1
-            if self._example is None:
-                self._example = line
+        elif self._example is None:
+            self._example = line
         return True
 
     def tick(self) -> None:
         """At the end of a window, the summary of what was not logged one by one."""
-        now = self.clock()
-        if now < self._window_end:
-            return
-        if self.unlogged:
+        unlogged = self.budget.ended()
+        if unlogged:
             log.warning(
                 "refused %s more PV names in the last %.0f s, not logged one by one, e.g. %s",
-                f"{self.unlogged:,}",
-                self.window,
+                f"{unlogged:,}",
+                self.budget.window,
                 self._example,
             )
-        self._window_end = now + self.window
-        self._logged = 0
-        self.unlogged = 0
-        self._example = None
+        if unlogged is not None:
+            self._example = None
