@@ -15,7 +15,7 @@ import numpy as np
 from pcaspy import cas
 
 from carelay.broker.health import SHARD_SEVERITY, SHARD_STATES, STATE_ALARM, uptime_text
-from carelay.broker.pvs import VALUE_MASK, guarded
+from carelay.broker.pvs import VALUE_MASK, DisplayFields, guarded
 from carelay.broker.values import fill_gdd, value_gdd
 from carelay.common import fields
 from carelay.common.config import (
@@ -81,7 +81,7 @@ class Meta:
         return float(self.limits.get(name, 0.0))
 
 
-class HealthPV(cas.casPV):
+class HealthPV(DisplayFields, cas.casPV):
     """One health PV: a value, its alarm, and the time it last changed."""
 
     def __init__(self, name: str, meta: Meta) -> None:
@@ -166,43 +166,8 @@ class HealthPV(cas.casPV):
             enums.put(list(SHARD_STATES))
         return cas.S_casApp_success
 
-    @guarded(cas.S_casApp_undefined)
-    def getUnits(self, units):
-        units.put(self.meta.egu)
-        return cas.S_casApp_success
-
-    @guarded(cas.S_casApp_undefined)
-    def getPrecision(self, prec):
-        prec.put(self.meta.prec)
-        return cas.S_casApp_success
-
-    def _limit(self, gdd, name: str):
-        gdd.put(float(self.meta.field_value(name)))
-        return cas.S_casApp_success
-
-    @guarded(cas.S_casApp_undefined)
-    def getHighLimit(self, limit):
-        return self._limit(limit, "HOPR")
-
-    @guarded(cas.S_casApp_undefined)
-    def getLowLimit(self, limit):
-        return self._limit(limit, "LOPR")
-
-    @guarded(cas.S_casApp_undefined)
-    def getHighAlarmLimit(self, limit):
-        return self._limit(limit, "HIHI")
-
-    @guarded(cas.S_casApp_undefined)
-    def getLowAlarmLimit(self, limit):
-        return self._limit(limit, "LOLO")
-
-    @guarded(cas.S_casApp_undefined)
-    def getHighWarnLimit(self, limit):
-        return self._limit(limit, "HIGH")
-
-    @guarded(cas.S_casApp_undefined)
-    def getLowWarnLimit(self, limit):
-        return self._limit(limit, "LOW")
+    def _display(self, name: str):
+        return self.meta.field_value(name)
 
     @guarded(cas.S_casApp_noMemory)
     def interestRegister(self):

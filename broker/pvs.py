@@ -71,6 +71,51 @@ def _zero(dtype: np.dtype) -> np.ndarray:
     return zero
 
 
+class DisplayFields:
+    """The DBR_CTRL/DBR_GR getters of a casPV (units, precision, display and alarm
+    limits), each reading the field of its record name through ``_display``."""
+
+    def _display(self, name: str):
+        """The value of field ``name`` (EGU, PREC, HOPR, LOPR, HIHI, HIGH, LOW, LOLO)."""
+        raise NotImplementedError
+
+    def _put_display(self, gdd, name: str, convert):
+        gdd.put(convert(self._display(name)))
+        return cas.S_casApp_success
+
+    @guarded(cas.S_casApp_undefined)
+    def getUnits(self, units):
+        return self._put_display(units, "EGU", str)
+
+    @guarded(cas.S_casApp_undefined)
+    def getPrecision(self, prec):
+        return self._put_display(prec, "PREC", int)
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighLimit(self, limit):
+        return self._put_display(limit, "HOPR", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowLimit(self, limit):
+        return self._put_display(limit, "LOPR", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighAlarmLimit(self, limit):
+        return self._put_display(limit, "HIHI", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowAlarmLimit(self, limit):
+        return self._put_display(limit, "LOLO", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighWarnLimit(self, limit):
+        return self._put_display(limit, "HIGH", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowWarnLimit(self, limit):
+        return self._put_display(limit, "LOW", float)
+
+
 class BasePV(cas.casPV):
     """What relay and control PVs share: name, type and interest bookkeeping."""
 
@@ -210,7 +255,7 @@ class BasePV(cas.casPV):
             self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
 
 
-class RelayPV(BasePV):
+class RelayPV(DisplayFields, BasePV):
     """A relay PV: the broker's mirror of one shard-held value and its fields.
 
     Provisional (``real`` False) until its first put is applied by the shard:
@@ -487,42 +532,8 @@ class RelayPV(BasePV):
         value.setTimeStamp(self._timestamp())
         return cas.S_casApp_success
 
-    def _put_field(self, gdd, name: str, convert=float):
-        gdd.put(convert(self.eff.get(name, 0)))
-        return cas.S_casApp_success
-
-    @guarded(cas.S_casApp_undefined)
-    def getUnits(self, units):
-        units.put(str(self.eff.get("EGU", "")))
-        return cas.S_casApp_success
-
-    @guarded(cas.S_casApp_undefined)
-    def getPrecision(self, prec):
-        return self._put_field(prec, "PREC", int)
-
-    @guarded(cas.S_casApp_undefined)
-    def getHighLimit(self, limit):
-        return self._put_field(limit, "HOPR")
-
-    @guarded(cas.S_casApp_undefined)
-    def getLowLimit(self, limit):
-        return self._put_field(limit, "LOPR")
-
-    @guarded(cas.S_casApp_undefined)
-    def getHighAlarmLimit(self, limit):
-        return self._put_field(limit, "HIHI")
-
-    @guarded(cas.S_casApp_undefined)
-    def getLowAlarmLimit(self, limit):
-        return self._put_field(limit, "LOLO")
-
-    @guarded(cas.S_casApp_undefined)
-    def getHighWarnLimit(self, limit):
-        return self._put_field(limit, "HIGH")
-
-    @guarded(cas.S_casApp_undefined)
-    def getLowWarnLimit(self, limit):
-        return self._put_field(limit, "LOW")
+    def _display(self, name: str):
+        return self.eff.get(name, "" if name == "EGU" else 0)
 
     @guarded(PUT_FAILED)
     def write(self, context, value):
