@@ -35,7 +35,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from carelay.common.config import (
@@ -178,6 +178,25 @@ class _Tally:
             self.next_line = now + self.interval
 
 
+def is_ca_circuit(fd: int, ports: Collection[int]) -> bool:
+    """Whether descriptor ``fd`` of this process is a TCP connection on one of the CA
+    ``ports`` (the listening socket has no peer; anything else is not a socket)."""
+    s = None
+    try:
+        s = socket.socket(fileno=fd)
+        if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        if s.getsockname()[1] not in ports:
+            return False
+        s.getpeername()
+        return True
+    except OSError:
+        return False
+    finally:
+        if s is not None:
+            s.detach()  # PCAS's descriptor: never closed here
+
+
 def _peer_text(addr) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = addr[0]
@@ -218,7 +237,9 @@ class CircuitMonitor:
         #: circuit on the same descriptor within one slice, which the lowest free
         #: descriptor does not show.
         self._shut_fds: dict[int, int] = {}
+        #: Circuits and open descriptors at the last scan (the health figures read them).
         self.circuits = 0
+        self.descriptors = 0
         self._tallies = {k: _Tally() for k in ("idle", "stalled", "silent", "refused")}
 
     def close(self) -> None:
@@ -292,7 +313,9 @@ class CircuitMonitor:
         kinds: dict[tuple[int, int], bool] = {}
         seen: dict[int, float] = {}
         closed: set[int] = set()
-        for fd in self._fds():
+        fds = self._fds()
+        self.descriptors = len(fds)
+        for fd in fds:
             if fd == self._probe:
                 continue
             try:
@@ -304,7 +327,7 @@ class CircuitMonitor:
             key = (fd, st.st_ino)
             kind = self._kinds.get(key)
             if kind is None:
-                kind = self._is_circuit(fd)
+                kind = is_ca_circuit(fd, self.ports)
             kinds[key] = kind
             if not kind:
                 continue
@@ -319,23 +342,6 @@ class CircuitMonitor:
         self._first_seen = seen
         self._closed = closed
         self._shut_fds = {fd: inode for fd, inode in self._shut_fds.items() if inode in closed}
-
-    def _is_circuit(self, fd: int) -> bool:
-        """Whether socket ``fd`` is a TCP connection on a CA port."""
-        s = None
-        try:
-            s = socket.socket(fileno=fd)
-            if s.type != socket.SOCK_STREAM or s.family not in (socket.AF_INET, socket.AF_INET6):
-                return False
-            if s.getsockname()[1] not in self.ports:
-                return False
-            s.getpeername()  # the listening socket has none
-            return True
-        except OSError:
-            return False
-        finally:
-            if s is not None:
-                s.detach()  # PCAS's descriptor: never closed here
 
     def _inspect(self, fd: int, inode: int, age: float) -> Circuit | None:
         s = None

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import collections
 import os
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from carelay.broker.circuits import is_ca_circuit
 from carelay.common import fields
 from carelay.common.config import (
     ERROR_LINE_MAX,
@@ -197,39 +197,18 @@ class CpuMeter:
 
 
 def descriptors(ca_ports: Iterable[int]) -> tuple[int, int]:
-    """(open descriptors, connected TCP sockets on one of ``ca_ports``) of this process.
-
-    Each socket is asked for its own addresses (getsockname/getpeername on the
-    descriptor, which stays open): /proc/net/tcp would cost milliseconds a read, as
-    the kernel walks every socket of the host's namespace to write it."""
-    ports = set(ca_ports)
+    """(open descriptors, connected TCP sockets on one of ``ca_ports``) of this process,
+    for a broker whose circuits are not watched (see CircuitMonitor, which counts both
+    at each scan).  Each socket is asked for its own addresses: /proc/net/tcp would cost
+    milliseconds a read, as the kernel walks every socket of the host to write it."""
+    ports = frozenset(ca_ports)
     try:
         fds = os.listdir("/proc/self/fd")
     except OSError:
         return 0, 0
-    circuits = 0
-    for fd in fds:
-        if not ports:
-            break
-        try:
-            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
-                continue
-            sock = socket.socket(fileno=int(fd))
-        except (OSError, ValueError):
-            continue
-        try:
-            if (
-                sock.type == socket.SOCK_STREAM
-                and sock.family in (socket.AF_INET, socket.AF_INET6)
-                and sock.getsockname()[1] in ports
-            ):
-                sock.getpeername()  # a listening socket has no peer: OSError
-                circuits += 1
-        except OSError:
-            pass
-        finally:
-            sock.detach()  # the descriptor is not ours to close
-    return len(fds), circuits
+    if not ports:
+        return len(fds), 0
+    return len(fds), sum(1 for fd in fds if is_ca_circuit(int(fd), ports))
 
 
 def fd_limit() -> int:
@@ -334,7 +313,11 @@ class Health:
             if figs.pid and (link.local or is_loopback_endpoint(link.endpoint)):
                 pids.append(figs.pid)
         cpu, mem = self._cpu.sample(pids, now)
-        nfds, circuits = descriptors(broker.ca_ports)
+        watched = broker.circuits
+        if watched is not None:  # it walked the descriptors at its last scan, within 1 s
+            nfds, circuits = watched.descriptors, watched.circuits
+        else:
+            nfds, circuits = descriptors(broker.ca_ports)
         young = now - self.started_mono < broker.startup_grace
         shards = []
         for k, link in enumerate(broker.links):

@@ -122,6 +122,7 @@ class _Link:
 
 class _Broker:
     ca_ports = []
+    circuits = None  # not watched: health walks the descriptors itself
     startup_grace = 10.0
     byte_limit = 1000
     n_bytes = 850
