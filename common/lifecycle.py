@@ -135,6 +135,16 @@ def status_path(run_dir: Path, role: str) -> Path:
     return run_dir / f"{role.replace(' ', '-')}.json"
 
 
+def read_status(path: Path) -> dict | None:
+    """The status file at ``path`` (see write_status), or None if it is missing, torn or
+    not a status."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def write_status(path: Path, status: dict[str, Any]) -> None:
     """Replace ``path`` atomically with ``status`` as JSON, with this process's pid, the
     time, and its last error line."""

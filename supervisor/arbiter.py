@@ -7,7 +7,6 @@ child within the grace period (SIGTERM, then SIGKILL).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -16,7 +15,7 @@ import socket
 import time
 
 from carelay.common.config import STATUS_INTERVAL, STOP_GRACE, Config, config_to_dict
-from carelay.common.lifecycle import StopFlag, write_status
+from carelay.common.lifecycle import StopFlag, read_status, status_path, write_status
 from carelay.common.runlock import RUN_TOKEN_ENV, DataDirInUse, lock_run
 from carelay.shard.reshard import ReshardError, reshard
 from carelay.supervisor.watcher import Watcher, describe_exit, self_argv
@@ -74,12 +73,9 @@ class Supervisor:
         broker = self.watchers[-1]
         if broker.proc is None:
             return None
-        try:
-            status = json.loads((self.config.run_dir / "broker.json").read_text())
-        except (OSError, ValueError):
-            return None
+        status = read_status(status_path(self.config.run_dir, "broker"))
         # A file left by an earlier broker does not count.
-        if not isinstance(status, dict) or status.get("pid") != broker.proc.pid:
+        if status is None or status.get("pid") != broker.proc.pid:
             return None
         return status if status.get("ready") is True else None
 

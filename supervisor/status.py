@@ -10,7 +10,6 @@ relay, not from the flags given to ``carelay status``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from carelay.common.config import (
     Config,
 )
 from carelay.common.fields import split_field
-from carelay.common.lifecycle import status_path
+from carelay.common.lifecycle import read_status, status_path
 from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
 from carelay.shard.persist import stored_names
@@ -44,14 +43,6 @@ EXIT_PV_NOT_A_NAME = 2
 STALE_AFTER = STATUS_INTERVAL * STATUS_STALE_INTERVALS
 #: The one state that is all well.
 RUNNING = "running"
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _alive(pid: Any) -> bool:
@@ -82,7 +73,7 @@ def collect(config: Config) -> dict | None:
     (why it is not running, or None) and ``last_error`` (its last error line).
     """
     run_dir = config.run_dir
-    sup = _read(run_dir / "supervisor.json")
+    sup = read_status(run_dir / "supervisor.json")
     if sup is None or not _alive(sup.get("pid")):
         return None
     now = time.time()
@@ -93,7 +84,7 @@ def collect(config: Config) -> dict | None:
     for p in procs:
         if p.get("state") == RUNNING:
             p["uptime"] = p.get("uptime", 0.0) + since
-    owns = {p["name"]: _read(status_path(run_dir, p["name"])) for p in procs}
+    owns = {p["name"]: read_status(status_path(run_dir, p["name"])) for p in procs}
     broker = next((p for p in procs if p["name"] == "broker"), None)
     broker_own = owns.get("broker")
     broker_fresh = broker is not None and _fresh(broker_own, broker.get("pid"), now)
@@ -309,7 +300,7 @@ def print_owner(config: Config, name: str, out=sys.stdout) -> int:
 
 def _endpoint(config: Config, status: dict | None, shard: int) -> str:
     """Where shard ``shard`` listens: as it says itself, else as configured."""
-    own = _read(status_path(config.run_dir, f"shard {shard}")) if status else None
+    own = read_status(status_path(config.run_dir, f"shard {shard}")) if status else None
     if own and isinstance(own.get("endpoint"), str):
         return own["endpoint"]
     return config.shard_endpoint(shard)
@@ -326,7 +317,7 @@ def reload_access(config: Config, out=sys.stdout) -> int:
     import signal
     import time
 
-    own = _read(config.run_dir / "broker.json")
+    own = read_status(config.run_dir / "broker.json")
     pid = own.get("pid") if own else None
     if not (_alive(pid) and _fresh(own, pid, time.time())):
         print(f"carelay: no broker runs on {config.data_dir}", file=sys.stderr)
