@@ -35,7 +35,7 @@ from carelay.broker.health import Health
 from carelay.broker.link import LinkState, ShardLink
 from carelay.broker.listening import listening_tcp_ports
 from carelay.broker.refusals import RefusalLog, shorten
-from carelay.common import fields
+from carelay.common import exits, fields
 from carelay.common.config import (
     EXPIRY_MARGIN,
     HEALTH_INTERVAL,
@@ -1134,16 +1134,16 @@ def run_broker(config: Config) -> int:
                     "(%s); set access_by_ip = false to match claimed host names",
                     e,
                 )
-                return 2
+                return exits.REFUSED
         if not access.load_rules(cas, config.access_security, config.access_by_ip, config.run_dir):
             log.error(
                 "broker cannot start: access security file %s is invalid", config.access_security
             )
-            return 2
+            return exits.REFUSED
         problem = undefined_access_group(config.access_security, config.access_group)
         if problem is not None:
             log.error("broker cannot start: access_group: %s", problem)
-            return 2
+            return exits.REFUSED
         cas.asCaStart()
         log.info(
             "access security from %s, group %s, HAGs by %s",
@@ -1155,7 +1155,7 @@ def run_broker(config: Config) -> int:
         broker = Broker(config, cas, token=run_token(config))
     except KeysError as e:
         log.error("broker cannot start: %s", e)
-        return 3
+        return exits.CANNOT_START
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
 
     def reload_asked(_signum, _frame) -> None:
@@ -1194,7 +1194,7 @@ def run_broker(config: Config) -> int:
             metrics.shutdown()
         del server
     log.info("stopped")
-    return 0
+    return exits.OK
 
 
 def _undecodable_names(broker: Broker, previous):

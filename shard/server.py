@@ -29,6 +29,7 @@ from pathlib import Path
 
 import zmq
 
+from carelay.common import exits
 from carelay.common.config import (
     AUTOSAVE_PART_BYTES,
     HEARTBEAT_INTERVAL,
@@ -72,9 +73,9 @@ _STOP_DRAIN_MS = 50
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
-EXIT_STORE_FAILED = 3
+EXIT_STORE_FAILED = exits.STORE_FAILED
 #: Exit status of a shard that stopped with values it could not save.
-EXIT_UNSAVED = 4
+EXIT_UNSAVED = exits.UNSAVED
 #: While the store cannot be written, how often the ERROR is said again (seconds).
 STORE_ERROR_REPEAT = 60.0
 #: Most PV names one log line lists.
@@ -89,7 +90,7 @@ _FENCED_MAX = 64
 _EXPIRING = frozenset({Op.PUT, Op.WRITE, Op.SET_FIELD, Op.DELETE})
 _EXPIRED = "expired: the broker has failed it already"
 #: Exit status of a shard whose store another process holds.
-EXIT_IN_USE = 2
+EXIT_IN_USE = exits.REFUSED
 
 
 class ShardServer:

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from carelay.common import exits
 from carelay.common.config import (
     STARTUP_GRACE,
     STATUS_INTERVAL,
@@ -31,13 +32,13 @@ from carelay.shard.persist import stored_names
 from carelay.supervisor.watcher import describe_exit
 
 #: Exit statuses of ``carelay status``.
-EXIT_RUNNING = 0
-EXIT_NOT_RUNNING = 1
-EXIT_PROBLEM = 3
+EXIT_RUNNING = exits.STATUS_RUNNING
+EXIT_NOT_RUNNING = exits.STATUS_NOT_RUNNING
+EXIT_PROBLEM = exits.STATUS_PROBLEM
 #: Exit statuses of ``carelay status --pv NAME``.
-EXIT_PV_STORED = 0
-EXIT_PV_NOT_STORED = 1
-EXIT_PV_NOT_A_NAME = 2
+EXIT_PV_STORED = exits.PV_STORED
+EXIT_PV_NOT_STORED = exits.PV_NOT_STORED
+EXIT_PV_NOT_A_NAME = exits.PV_NOT_A_NAME
 
 #: A status file older than this belongs to a process that does not answer.
 STALE_AFTER = STATUS_INTERVAL * STATUS_STALE_INTERVALS
@@ -321,11 +322,11 @@ def reload_access(config: Config, out=sys.stdout) -> int:
     pid = own.get("pid") if own else None
     if not (_alive(pid) and _fresh(own, pid, time.time())):
         print(f"carelay: no broker runs on {config.data_dir}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     try:
         os.kill(pid, signal.SIGHUP)
     except OSError as e:
         print(f"carelay: cannot signal the broker (pid {pid}): {e}", file=sys.stderr)
-        return 1
+        return exits.FAILED
     print(f"asked the broker (pid {pid}) to reload its access security file", file=out)
-    return 0
+    return exits.OK

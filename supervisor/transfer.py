@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from carelay.common import exits
 from carelay.common.config import IMPORT_CA_TIMEOUT, TRANSFER_CHUNK, Config
 from carelay.common.naming import InvalidPvName, split_type
 from carelay.common.progress import Progress
@@ -45,12 +46,7 @@ from carelay.shard.reshard import store_indices
 from carelay.supervisor import pvfile
 from carelay.supervisor.status import collect, running_config
 
-log = logging.getLogger("carelay.import")
-
-#: Exit statuses of list, export and import.
-EXIT_OK = 0
-EXIT_REFUSED = 1
-EXIT_FAILED = 2
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,7 +123,7 @@ def list_pvs(
     source = find_relay(config)
     rows = _selected(source, pattern, shard, out_err)
     if rows is None:
-        return EXIT_FAILED
+        return exits.TRANSFER_FAILED
     entries = []
     for k, row in rows:
         parsed = split_type(row.name)
@@ -146,7 +142,7 @@ def list_pvs(
     if as_json:
         json.dump(entries, out, indent=1)
         out.write("\n")
-        return EXIT_OK
+        return exits.OK
     width = max([len("NAME"), *(len(e["name"]) for e in entries)])
     print(
         f"{'NAME':<{width}} {'TYPE':<4} {'COUNT':>8} {'NORD':>8} {'SHARD':>5} "
@@ -160,7 +156,7 @@ def list_pvs(
             f"{_when(e['updated']):<23} {e['bytes']:>10}",
             file=out,
         )
-    return EXIT_OK
+    return exits.OK
 
 
 def _when(stamp: float) -> str:
@@ -177,7 +173,7 @@ def export_pvs(
     source = find_relay(config)
     rows = _selected(source, pattern, None, out_err)
     if rows is None:
-        return EXIT_FAILED
+        return exits.TRANSFER_FAILED
     print(_source_note(source), file=out_err)
     for _, row in rows:
         try:
@@ -187,7 +183,7 @@ def export_pvs(
             continue
         out.write(line + "\n")
     print(f"exported {len(rows)} PVs", file=out_err)
-    return EXIT_OK
+    return exits.OK
 
 
 # -- import -----------------------------------------------------------------------------
@@ -255,13 +251,13 @@ def import_pvs(config: Config, path: Path) -> int:
         records, refused = read_records(path)
     except (OSError, UnicodeDecodeError) as e:
         log.error("cannot read %s: %s", path, e)
-        return EXIT_FAILED
+        return exits.TRANSFER_FAILED
     source = find_relay(config)
     try:
         existing = {row.name: k for k, row in read_pvs(source.config)}
     except StoreDamaged as e:
         log.error("cannot read a store: %s", e)
-        return EXIT_FAILED
+        return exits.TRANSFER_FAILED
     records, more = _admissible(records, source.config, existing)
     refused += more
     if source.running:
@@ -271,11 +267,11 @@ def import_pvs(config: Config, path: Path) -> int:
             done, failed = _import_stopped(source.config, records, existing)
         except (DataDirInUse, OSError, StoreDamaged) as e:
             log.error("cannot import: %s", e)
-            return EXIT_FAILED
+            return exits.TRANSFER_FAILED
     refused += failed
     where = "the running relay" if source.running else "the stores"
     log.info("imported %d PVs into %s; %d refused", done, where, refused)
-    return EXIT_REFUSED if refused else EXIT_OK
+    return exits.IMPORT_REFUSED if refused else exits.OK
 
 
 def _import_stopped(
