@@ -1115,7 +1115,7 @@ def run_broker(config: Config) -> int:
     os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)
     from pcaspy import cas
 
-    from carelay.broker.server import RelayServer
+    from carelay.broker.casserver import RelayServer
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
     if config.access_security is not None:

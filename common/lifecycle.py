@@ -16,6 +16,8 @@ from typing import Any
 
 from carelay.common.config import MALLOC_ARENAS
 
+log = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1
 #: glibc mallopt parameter.
 _M_ARENA_MAX = -8
@@ -63,7 +65,6 @@ def setup_logging(level: str, role: str) -> logging.Logger:
     root = logging.getLogger()
     root.handlers[:] = [handler, last_error]
     root.setLevel(level)
-    log = logging.getLogger(f"carelay.{role.split()[0]}")
 
     def crashed(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
         if issubclass(kind, KeyboardInterrupt):
@@ -165,7 +166,7 @@ def write_status(path: Path, status: dict[str, Any]) -> None:
         # On a full disk the status must still tell (a store that cannot be written).
         if e.errno in (errno.ENOSPC, errno.EDQUOT) and _rewrite_in_place(path, text):
             return
-        logging.getLogger("carelay").warning("cannot write status file %s: %s", path, e)
+        log.warning("cannot write status file %s: %s", path, e)
 
 
 def _rewrite_in_place(path: Path, text: str) -> bool:

@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _run_role(config, f"shard {args.index}", lambda: run_shard(config, args.index))
     setup_logging(config.log_level, "supervisor")
-    from carelay.supervisor.arbiter import Supervisor
+    from carelay.supervisor.supervisor import Supervisor
 
     return Supervisor(config, child_args(args)).run()
 

@@ -18,7 +18,7 @@ from carelay.common.config import (
 )
 from carelay.common.lifecycle import PARENT_PID_ENV, RESTARTS_ENV
 
-log = logging.getLogger("carelay.supervisor")
+log = logging.getLogger(__name__)
 
 #: A child that died this often within FLAPPING_WINDOW seconds is failing.
 FLAPPING_DEATHS = 3

@@ -20,7 +20,7 @@ from carelay.common.runlock import RUN_TOKEN_ENV, DataDirInUse, lock_run
 from carelay.shard.reshard import ReshardError, reshard
 from carelay.supervisor.watcher import Watcher, describe_exit, self_argv
 
-log = logging.getLogger("carelay.supervisor")
+log = logging.getLogger(__name__)
 
 _LOOP_INTERVAL = 0.1
 #: Exit status of ``carelay up`` when a shard did not stop cleanly (values not saved).

@@ -8,7 +8,7 @@ from pcaspy import cas
 
 from carelay.broker.refusals import shorten
 
-log = logging.getLogger("carelay.broker")
+log = logging.getLogger(__name__)
 
 
 class RelayServer(cas.caServer):
