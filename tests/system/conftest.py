@@ -223,6 +223,16 @@ class Relay:
         return out
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/system starts the real relay: marked ``system``, so that
+    ``pytest -m "not system"`` runs the fast suite.  The hook sees the whole session's
+    items, so it marks only those of this folder."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.system)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

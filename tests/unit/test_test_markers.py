@@ -1,0 +1,32 @@
+"""The fast suite is ``pytest -m "not system"``: every test under tests/system is marked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def collected(*args: str) -> list[str]:
+    """Node ids that ``pytest --collect-only ARGS`` selects."""
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    # 0: tests collected, 5: none.
+    assert r.returncode in (0, 5), r.stdout + r.stderr
+    return [line for line in r.stdout.splitlines() if "::" in line]
+
+
+def test_every_system_test_is_marked_system():
+    assert collected("tests/system"), "no system test collected"
+    assert collected("-m", "not system", "tests/system") == []
+
+
+def test_the_unit_tests_are_not_marked_system():
+    assert collected("-m", "system", "tests/unit/test_naming.py") == []
