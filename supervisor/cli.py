@@ -1,4 +1,9 @@
-"""``carelay`` command line: up, status, and the child roles broker and shard."""
+"""``carelay`` command line: one function per subcommand, chosen by argparse.
+
+Each ``run_*`` function takes the parsed arguments and returns the exit status
+(common/exits.py).  A command that stops before it starts anything raises
+_Refused: one line on stderr, exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,18 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from carelay.common import exits
 from carelay.common.config import LOG_LEVELS, Config, ConfigError, load_config
+from carelay.common.lifecycle import setup_logging
+
+log = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that exits with status 2 and one line naming the problem."""
 
     def error(self, message: str):
-        self.exit(2, f"carelay: error: {message}\n")
+        self.exit(exits.USAGE, f"carelay: error: {message}\n")
 
 
 #: Configuration keys that have a flag (``--max-pvs`` for ``max_pvs``), with argparse options.
@@ -81,43 +90,77 @@ def package_version() -> str:
         return "unknown (not installed)"
 
 
+class _KeepGiven(argparse.Action):
+    """An optional positional that leaves its destination alone when it is not given, so
+    that ``carelay shard K`` and ``carelay shard --index K`` fill the one ``index``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is not None:
+            setattr(namespace, self.dest, values)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="carelay", description="EPICS Channel Access relay")
     parser.add_argument("--version", action="version", version=f"carelay {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     up = sub.add_parser("up", help="start the relay: one broker and N shards, watched")
     _config_flags(up)
+    up.set_defaults(func=run_up)
     st = sub.add_parser("status", help="show the processes of a running relay")
     _config_flags(st)
     st.add_argument("--pv", metavar="NAME", help="show which shard owns the PV NAME")
+    st.set_defaults(func=run_status)
     ls = sub.add_parser("list", help="list the PVs: type, count, NORD, shard, update, bytes")
     _config_flags(ls)
     ls.add_argument("glob", nargs="?", help="only names matching GLOB (with or without prefix)")
     ls.add_argument("--shard", type=int, metavar="K", help="only the PVs of shard K")
     ls.add_argument("--json", action="store_true", help="a JSON list instead of a table")
+    ls.set_defaults(func=run_list)
     ex = sub.add_parser("export", help="write PVs with fields and values to stdout (JSON Lines)")
     _config_flags(ex)
     ex.add_argument("glob", nargs="?", help="only names matching GLOB (with or without prefix)")
+    ex.set_defaults(func=run_export)
     im = sub.add_parser("import", help="create or set the PVs of an export file")
     _config_flags(im)
     im.add_argument("file", help="a file written by carelay export")
+    im.set_defaults(func=run_import)
     rl = sub.add_parser(
         "reload-acf", help="make the running broker read its access security file again"
     )
     _config_flags(rl)
+    rl.set_defaults(func=run_reload_acf)
     keys = sub.add_parser("keys", help="make CurveZMQ keys for shards on other hosts")
     keys.add_argument("directory", help="where to write shard.key[_secret], broker.key[_secret]")
+    keys.set_defaults(func=run_keys)
     br = sub.add_parser("broker", help="run the CA broker (started by `carelay up`)")
     _config_flags(br)
+    br.set_defaults(func=run_broker_role)
     sh = sub.add_parser("shard", help="run one shard (started by `carelay up`)")
-    sh.add_argument("index", type=int, nargs="?", help="shard index, from 0")
-    sh.add_argument("--index", type=int, dest="index_flag", metavar="K", help="same as INDEX")
+    index = sh.add_mutually_exclusive_group()
+    # `carelay up` starts `carelay shard K`, so that ps shows which shard a process is.
+    index.add_argument("index", type=int, nargs="?", action=_KeepGiven, help="as --index")
+    index.add_argument("--index", type=int, dest="index", metavar="K", help="shard index, from 0")
     _config_flags(sh)
+    sh.set_defaults(func=run_shard_role)
     return parser
+
+
+class _Refused(Exception):
+    """A command that stops before it starts anything: its message is the one line said."""
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, **{key: getattr(args, key) for key in _CONFIG_FLAGS})
+
+
+def _config(args: argparse.Namespace) -> Config:
+    """The configuration of ``args``; _Refused, naming the key, when it is invalid."""
+    try:
+        return config_from_args(args)
+    except ConfigError as e:
+        # One line, whatever the file held (a quoted TOML key may contain a newline).
+        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        raise _Refused(f"invalid configuration: {message}") from None
 
 
 def child_args(args: argparse.Namespace) -> list[str]:
@@ -137,13 +180,11 @@ def _run_role(config: Config, role: str, run: Callable[[], int]) -> int:
     try:
         code = run()
     except Exception as e:
-        logging.getLogger(f"carelay.{role.split()[0]}").critical(
-            "%s crashed: %s: %s", role, type(e).__name__, e, exc_info=True
-        )
-        code = 1
-    # Exit 2 is a process that refused to start (its data directory or store is another
-    # process's): the status file it would write is that process's.
-    if code and code != 2:
+        log.critical("%s crashed: %s: %s", role, type(e).__name__, e, exc_info=True)
+        code = exits.FAILED
+    # A process that refused to start (its data directory or store is another process's):
+    # the status file it would write is that process's.
+    if code not in (exits.OK, exits.REFUSED):
         write_last_words(status_path(config.run_dir, role), role, code)
     return code
 
@@ -152,117 +193,141 @@ def _run_role(config: Config, role: str, run: Callable[[], int]) -> int:
 _held_locks: list[int] = []
 
 
-def _standalone_locks(args: argparse.Namespace, config: Config) -> str | None:
-    """Why this broker or shard may not run on its data directory, or None.  A child of
-    ``carelay up`` runs under its parent's lock; one started alone takes its own."""
-    from carelay.common.config import BROKER_LOCK_FILE
+def _standalone_locks(config: Config, lock_file: str | None) -> None:
+    """Take the locks of a broker or shard started alone on its data directory; _Refused
+    when it may not run there.  A child of ``carelay up`` runs under its parent's lock."""
     from carelay.common.runlock import DataDirInUse, join_run, supervised
 
     if supervised(config.data_dir):
-        return None
+        return
     try:
-        _held_locks.extend(
-            join_run(config.data_dir, BROKER_LOCK_FILE if args.command == "broker" else None)
-        )
+        _held_locks.extend(join_run(config.data_dir, lock_file))
     except DataDirInUse as e:
-        return str(e)
+        raise _Refused(str(e)) from None
     except OSError as e:
-        return f"cannot lock data directory {config.data_dir}: {e}"
-    return None
+        raise _Refused(f"cannot lock data directory {config.data_dir}: {e}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "keys":
-        from pathlib import Path
+def run_keys(args: argparse.Namespace) -> int:
+    """``carelay keys DIR``: make the CurveZMQ keys."""
+    from pathlib import Path
 
-        from carelay.common.keys import make_keys
+    from carelay.common.keys import make_keys
 
-        try:
-            made = make_keys(Path(args.directory))
-        except OSError as e:
-            print(f"carelay: cannot write keys: {e}", file=sys.stderr)
-            return 2
-        for path in made:
-            print(path)
-        print("copy the directory to every relay host and set keys_dir in the configuration")
-        return 0
     try:
-        config = config_from_args(args)
-    except ConfigError as e:
-        # One line, whatever the file held (a quoted TOML key may contain a newline).
-        message = str(e).replace("\r", "\\r").replace("\n", "\\n")
-        print(f"carelay: invalid configuration: {message}", file=sys.stderr)
-        return 2
-    if args.command == "up" and config.access_security is not None:
-        # The broker would only find out after the relay started, and fail at every restart.
-        from carelay.broker.app import check_access_security, undefined_access_group
+        made = make_keys(Path(args.directory))
+    except OSError as e:
+        raise _Refused(f"cannot write keys: {e}") from None
+    for path in made:
+        print(path)
+    print("copy the directory to every relay host and set keys_dir in the configuration")
+    return exits.OK
 
-        problem = check_access_security(config.access_security)
-        if problem is not None:
-            print(
-                f"carelay: invalid configuration: access_security: {config.access_security} "
-                f"is not a valid access security file: {problem}",
-                file=sys.stderr,
-            )
-            return 2
-        problem = undefined_access_group(config.access_security, config.access_group)
-        if problem is not None:
-            print(f"carelay: invalid configuration: access_group: {problem}", file=sys.stderr)
-            return 2
-    from carelay.common.lifecycle import setup_logging
 
-    if args.command in ("broker", "shard") and (problem := _standalone_locks(args, config)):
-        print(f"carelay: {problem}", file=sys.stderr)
-        return 2
-    if args.command == "reload-acf":
-        from carelay.supervisor.status import reload_access
+def _check_access_security(config: Config) -> None:
+    """_Refused when the access security file or group is unusable: the broker would only
+    find out after the relay started, and fail at every restart."""
+    if config.access_security is None:
+        return
+    from carelay.broker.app import check_access_security, undefined_access_group
 
-        return reload_access(config)
-    if args.command == "status":
-        from carelay.supervisor.status import print_owner, print_status
+    problem = check_access_security(config.access_security)
+    if problem is not None:
+        raise _Refused(
+            f"invalid configuration: access_security: {config.access_security} "
+            f"is not a valid access security file: {problem}"
+        )
+    problem = undefined_access_group(config.access_security, config.access_group)
+    if problem is not None:
+        raise _Refused(f"invalid configuration: access_group: {problem}")
 
-        if args.pv:
-            return print_owner(config, args.pv)
-        return print_status(config)
-    if args.command in ("list", "export"):
-        from carelay.supervisor.transfer import export_pvs, list_pvs
 
-        if args.command == "list":
-            return list_pvs(config, args.glob, args.shard, args.json)
-        return export_pvs(config, args.glob)
-    if args.command == "import":
-        from pathlib import Path
-
-        from carelay.supervisor.transfer import import_pvs
-
-        setup_logging(config.log_level, "import")
-        return import_pvs(config, Path(args.file))
-    if args.command == "broker":
-        setup_logging(config.log_level, "broker")
-        from carelay.broker.app import run_broker
-
-        return _run_role(config, "broker", lambda: run_broker(config))
-    if args.command == "shard":
-        if args.index is None:
-            args.index = args.index_flag
-        if args.index is None:
-            print("carelay: error: shard needs its index (carelay shard K)", file=sys.stderr)
-            return 2
-        if not 0 <= args.index < config.shards:
-            print(
-                f"carelay: error: shard index {args.index} not in 0..{config.shards - 1}",
-                file=sys.stderr,
-            )
-            return 2
-        setup_logging(config.log_level, f"shard {args.index}")
-        from carelay.shard.server import run_shard
-
-        return _run_role(config, f"shard {args.index}", lambda: run_shard(config, args.index))
+def run_up(args: argparse.Namespace) -> int:
+    """``carelay up``: the supervisor, which starts and watches the shards and the broker."""
+    config = _config(args)
+    _check_access_security(config)
     setup_logging(config.log_level, "supervisor")
     from carelay.supervisor.supervisor import Supervisor
 
     return Supervisor(config, child_args(args)).run()
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """``carelay status [--pv NAME]``."""
+    config = _config(args)
+    from carelay.supervisor.status import print_owner, print_status
+
+    if args.pv:
+        return print_owner(config, args.pv)
+    return print_status(config)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """``carelay list [GLOB]``."""
+    from carelay.supervisor.transfer import list_pvs
+
+    return list_pvs(_config(args), args.glob, args.shard, args.json)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``carelay export [GLOB]``."""
+    from carelay.supervisor.transfer import export_pvs
+
+    return export_pvs(_config(args), args.glob)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    """``carelay import FILE``."""
+    from pathlib import Path
+
+    config = _config(args)
+    setup_logging(config.log_level, "import")
+    from carelay.supervisor.transfer import import_pvs
+
+    return import_pvs(config, Path(args.file))
+
+
+def run_reload_acf(args: argparse.Namespace) -> int:
+    """``carelay reload-acf``: SIGHUP to the running broker."""
+    from carelay.supervisor.status import reload_access
+
+    return reload_access(_config(args))
+
+
+def run_broker_role(args: argparse.Namespace) -> int:
+    """``carelay broker``: the CA broker, as a child of ``carelay up`` or alone."""
+    from carelay.common.config import BROKER_LOCK_FILE
+
+    config = _config(args)
+    _standalone_locks(config, BROKER_LOCK_FILE)
+    setup_logging(config.log_level, "broker")
+    from carelay.broker.app import run_broker
+
+    return _run_role(config, "broker", lambda: run_broker(config))
+
+
+def run_shard_role(args: argparse.Namespace) -> int:
+    """``carelay shard --index K`` (or ``carelay shard K``): one shard."""
+    config = _config(args)
+    _standalone_locks(config, None)
+    if args.index is None:
+        raise _Refused("error: shard needs its index (carelay shard --index K)")
+    if not 0 <= args.index < config.shards:
+        raise _Refused(f"error: shard index {args.index} not in 0..{config.shards - 1}")
+    role = f"shard {args.index}"
+    setup_logging(config.log_level, role)
+    from carelay.shard.server import run_shard
+
+    return _run_role(config, role, lambda: run_shard(config, args.index))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _Refused as e:
+        print(f"carelay: {e}", file=sys.stderr)
+        return exits.USAGE
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 
+from carelay.common import exits
 from carelay.common.config import STATUS_INTERVAL, STOP_GRACE, Config, config_to_dict
 from carelay.common.lifecycle import StopFlag, read_status, status_path, write_status
 from carelay.common.runlock import RUN_TOKEN_ENV, DataDirInUse, lock_run
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 
 _LOOP_INTERVAL = 0.1
 #: Exit status of ``carelay up`` when a shard did not stop cleanly (values not saved).
-EXIT_UNCLEAN_STOP = 1
+EXIT_UNCLEAN_STOP = exits.FAILED
 
 
 def configured_ca_port() -> str:
@@ -101,10 +102,10 @@ class Supervisor:
             lock = lock_run(self.config.data_dir)
         except DataDirInUse as e:
             log.error("%s", e)
-            return 2
+            return exits.REFUSED
         except OSError as e:
             log.error("cannot lock data directory %s: %s", self.config.data_dir, e)
-            return 2
+            return exits.REFUSED
         try:
             return self._run(stop)
         finally:
@@ -115,7 +116,7 @@ class Supervisor:
             self.config.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             log.error("cannot create data directory %s: %s", self.config.run_dir, e)
-            return 2
+            return exits.REFUSED
         log.info(
             "carelay up (pid %d): %d shards, prefix %s, data directory %s",
             os.getpid(),
@@ -128,7 +129,7 @@ class Supervisor:
             reshard(self.config.data_dir, self.config.shards, self.config.store_path)
         except ReshardError as e:
             log.error("cannot start: %s", e)
-            return 1
+            return exits.FAILED
         reload_asked = []
         signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(True))
         for w in self.watchers:
@@ -151,7 +152,7 @@ class Supervisor:
                 time.sleep(_LOOP_INTERVAL)
         finally:
             clean = self.stop(stop.signal)
-        return 0 if clean else EXIT_UNCLEAN_STOP
+        return exits.OK if clean else EXIT_UNCLEAN_STOP
 
     def stop(self, signum: int | None) -> bool:
         """Stop every child; False when a shard's stop failed (it could not save values)."""

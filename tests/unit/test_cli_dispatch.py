@@ -1,0 +1,74 @@
+"""The ``carelay`` command line: one function per subcommand, one shard index."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from carelay.common import exits
+from carelay.supervisor import cli
+
+#: A command line for each subcommand, with what it needs.
+COMMANDS = {
+    "up": ["up"],
+    "status": ["status"],
+    "list": ["list"],
+    "export": ["export"],
+    "import": ["import", "FILE"],
+    "reload-acf": ["reload-acf"],
+    "keys": ["keys", "DIR"],
+    "broker": ["broker"],
+    "shard": ["shard", "--index", "0"],
+}
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(argv)
+
+
+def test_every_subcommand_is_listed_here():
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_each_subcommand_has_its_own_function(command):
+    func = parse(*COMMANDS[command]).func
+    others = {parse(*argv).func for name, argv in COMMANDS.items() if name != command}
+    assert callable(func) and func not in others
+
+
+@pytest.mark.parametrize(
+    ("argv", "index"),
+    [(["shard", "1"], 1), (["shard", "--index", "1"], 1), (["shard", "--index=2"], 2)],
+)
+def test_the_shard_index_is_one_argument_in_either_form(argv, index):
+    assert parse(*argv).index == index
+
+
+def test_a_shard_index_given_twice_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("shard", "1", "--index", "2")
+    assert e.value.code == exits.USAGE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("carelay: error:"), line
+
+
+def test_an_invalid_configuration_is_one_line_and_usage(tmp_path, capsys):
+    code = cli.main(["status", "--shards", "0", "--data-dir", str(tmp_path)])
+    assert code == exits.USAGE
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("carelay: invalid configuration: shards:"), line
+
+
+def test_status_of_no_relay_says_so(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "carelay.supervisor.cli", "status", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == exits.STATUS_NOT_RUNNING, r.stderr
+    assert "no relay runs" in r.stdout
