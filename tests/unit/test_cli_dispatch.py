@@ -72,3 +72,25 @@ def test_status_of_no_relay_says_so(tmp_path):
     )
     assert r.returncode == exits.STATUS_NOT_RUNNING, r.stderr
     assert "no relay runs" in r.stdout
+
+
+#: The exit statuses README promises, by name: scripts and systemd read the numbers.
+PROMISED = {
+    "OK": 0,
+    "USAGE": 2,
+    "REFUSED": 2,
+    "STORE_FAILED": 3,
+    "UNSAVED": 4,
+    "STATUS_RUNNING": 0,
+    "STATUS_NOT_RUNNING": 1,
+    "STATUS_PROBLEM": 3,
+    "PV_STORED": 0,
+    "PV_NOT_STORED": 1,
+    "PV_NOT_A_NAME": 2,
+    "IMPORT_REFUSED": 1,
+    "TRANSFER_FAILED": 2,
+}
+
+
+def test_the_exit_statuses_keep_their_numbers():
+    assert {name: getattr(exits, name) for name in PROMISED} == PROMISED
