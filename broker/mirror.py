@@ -81,9 +81,8 @@ class PvMirror:
         "plain",
         "alarm",
         "severity",
+        "pacer",
         "_appended",
-        "_due_mask",
-        "_last_post",
         "_mlst",
         "_alst",
     )
@@ -108,8 +107,8 @@ class PvMirror:
         #: limits judge (None: no numbers).  Only these two, not the elements: a put can
         #: be as large as the buffer.  A value is judged whole: it is its last put.
         self._appended: tuple | None = None
-        self._due_mask = 0  # events of a large buffer waiting for its post_interval
-        self._last_post = 0.0
+        #: Spaces the events of a large buffer (None: not a buffer).
+        self.pacer = EventPacer(self.ring) if self.ring is not None else None
         self._mlst: float | None = None  # value last posted with DBE_VALUE
         self._alst: float | None = None  # value last posted with DBE_LOG
         #: A numeric scalar with no fields in effect: no clipping, alarm limits or
@@ -287,25 +286,45 @@ class PvMirror:
         return self.numeric and bool(mask & DBE_PROPERTY or self.eff.keys() & DISPLAY_FIELDS)
 
     def post_interval(self) -> float:
-        """The least time between two events of this PV: 0 (every put posts) but for a
-        buffer of over COALESCE_BYTES.  Its events, each the whole buffer, are spaced so
-        that they carry at most BUFFER_EVENT_RATE bytes a second: the broker's work for a
-        monitor stays bounded, and a monitor still gets every value unless values are
-        appended faster than that."""
-        if self.ring is None:
-            return 0.0
-        nbytes = len(self.ring) * self.spec.dtype.itemsize
+        """The least time between two events of this PV (see EventPacer.interval)."""
+        return self.pacer.interval() if self.pacer is not None else 0.0
+
+    def coalesce(self, mask: int, now: float | None = None) -> int:
+        """The events to post now for ``mask``: all but for a large buffer (EventPacer)."""
+        return mask if self.pacer is None else self.pacer.coalesce(mask, now)
+
+    def take_due(self, now: float) -> int | None:
+        """The events ``coalesce`` held back, to post now (see EventPacer.take_due)."""
+        return 0 if self.pacer is None else self.pacer.take_due(now)
+
+
+class EventPacer:
+    """Spaces the events of a ring buffer of over COALESCE_BYTES.  Each event carries all
+    of the buffer, so events may be fewer than puts without losing a value."""
+
+    __slots__ = ("ring", "itemsize", "_due_mask", "_last_post")
+
+    def __init__(self, ring: RingBuffer) -> None:
+        self.ring = ring
+        self.itemsize = ring.dtype.itemsize
+        self._due_mask = 0  # events waiting for the interval to pass
+        self._last_post = 0.0
+
+    def interval(self) -> float:
+        """The least time between two events: 0 (every put posts) but for a buffer of
+        over COALESCE_BYTES.  Its events, each the whole buffer, are spaced so that they
+        carry at most BUFFER_EVENT_RATE bytes a second: the broker's work for a monitor
+        stays bounded, and a monitor still gets every value unless values are appended
+        faster than that."""
+        nbytes = len(self.ring) * self.itemsize
         if nbytes <= COALESCE_BYTES:
             return 0.0
         return max(BUFFER_POST_INTERVAL, nbytes / BUFFER_EVENT_RATE)
 
     def coalesce(self, mask: int, now: float | None = None) -> int:
-        """The events to post now for ``mask``.  A large buffer posts at most once per
-        ``post_interval`` (each event carries all of it, so events may be fewer than puts
-        without losing a value): within it, 0, and ``mask`` waits for ``take_due``."""
-        if self.ring is None:
-            return mask
-        interval = self.post_interval()
+        """The events to post now for ``mask``: at most one post per ``interval``; within
+        it, 0, and ``mask`` waits for ``take_due``."""
+        interval = self.interval()
         if not interval:
             return mask
         if now is None:
@@ -322,7 +341,7 @@ class PvMirror:
         interval since the last post has not passed."""
         if not self._due_mask:
             return 0
-        if now - self._last_post < self.post_interval():
+        if now - self._last_post < self.interval():
             return None
         mask, self._due_mask = self._due_mask, 0
         self._last_post = now
