@@ -115,14 +115,7 @@ class RelayPV(DisplayFields, BasePV):
 
     # -- changes from the shard, mirrored and posted --------------------------------
 
-    def apply(
-        self,
-        data: np.ndarray,
-        stamp: float,
-        append: bool,
-        reset: bool = False,
-        owned: bool = False,
-    ) -> None:
+    def apply(self, data: np.ndarray, stamp: float, append: bool, reset=False, owned=False) -> None:
         """Mirror a change (see PvMirror.apply) and post it to monitors."""
         self.post(self.mirror.apply(data, stamp, append, reset, owned))
         self.broker.post_field(self.name, "NORD")
