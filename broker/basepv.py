@@ -1,5 +1,5 @@
-"""What every casPV of the broker shares: the callback guard, the DBR_CTRL getters and
-``BasePV`` (name, type, interest and the put paths).
+"""What the broker's casPVs share: the callback guard, the DBR_CTRL getters and ``BasePV``
+(name, type, interest and the put paths).
 
 Every callback from the C++ server catches everything: an exception that
 escaped through SWIG would abort the broker.

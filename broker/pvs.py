@@ -213,8 +213,7 @@ class RelayPV(DisplayFields, BasePV):
         """A put without callback.  A number put to a plain PV in sync with its live shard
         (the commonest put of all) takes the short way to the same outcome as the long one,
         ``BasePV.write``, which every other put takes."""
-        mirror = self.mirror
-        if mirror.plain and not self.pending and mirror.real and not self.waiting_put:
+        if self.plain and not self.pending and self.real and not self.waiting_put:
             link = self.broker.links[self.shard]
             if link.live:
                 x = scalar_number(value)
