@@ -55,10 +55,10 @@ def mirror(type_code: str = "f", count: int = 1, stored=None, defaults=None) -> 
 
 
 def put(m: PvMirror, *values, append: bool | None = None, reset: bool = False) -> int:
-    data = np.array(values, dtype=m.spec.dtype)
-    return m.apply(
-        data, 1000.0, append=m.ring is not None if append is None else append, reset=reset
-    )
+    """A put of ``values`` mirrored (appended to a buffer unless ``append`` says); its mask."""
+    if append is None:
+        append = m.ring is not None
+    return m.apply(np.array(values, dtype=m.spec.dtype), 1000.0, append=append, reset=reset)
 
 
 def fill(m: PvMirror, n: int) -> None:
