@@ -1,0 +1,227 @@
+"""What the broker's casPVs share: the callback guard, the DBR_CTRL getters and ``BasePV``
+(name, type, interest and the put paths).
+
+Every callback from the C++ server catches everything: an exception that
+escaped through SWIG would abort the broker.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING
+
+from pcaspy import cas
+
+from carelay.broker.mirror import VALUE_MASK
+from carelay.broker.values import AIT_TYPES
+
+if TYPE_CHECKING:
+    from carelay.broker.app import Broker
+
+log = logging.getLogger(__name__)
+
+#: CA status for a put the relay could not apply (clients see ECA_PUTFAIL).
+PUT_FAILED = cas.S_casApp_noSupport
+__all__ = ["PUT_FAILED", "VALUE_MASK", "BasePV", "DisplayFields", "guarded"]
+
+
+def guarded(status_on_error):
+    """Wrap a casPV callback so nothing escapes into the C++ server."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def inner(self, *args):
+            try:
+                return method(self, *args)
+            except Exception:
+                log.exception("%s: %s failed", getattr(self, "name", "?"), method.__name__)
+                return status_on_error
+
+        return inner
+
+    return wrap
+
+
+class DisplayFields:
+    """The DBR_CTRL/DBR_GR getters of a casPV (units, precision, display and alarm
+    limits), each reading the field of its record name through ``_display``."""
+
+    def _display(self, name: str):
+        """The value of field ``name`` (EGU, PREC, HOPR, LOPR, HIHI, HIGH, LOW, LOLO)."""
+        raise NotImplementedError
+
+    def _put_display(self, gdd, name: str, convert):
+        gdd.put(convert(self._display(name)))
+        return cas.S_casApp_success
+
+    @guarded(cas.S_casApp_undefined)
+    def getUnits(self, units):
+        return self._put_display(units, "EGU", str)
+
+    @guarded(cas.S_casApp_undefined)
+    def getPrecision(self, prec):
+        return self._put_display(prec, "PREC", int)
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighLimit(self, limit):
+        return self._put_display(limit, "HOPR", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowLimit(self, limit):
+        return self._put_display(limit, "LOPR", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighAlarmLimit(self, limit):
+        return self._put_display(limit, "HIHI", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowAlarmLimit(self, limit):
+        return self._put_display(limit, "LOLO", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getHighWarnLimit(self, limit):
+        return self._put_display(limit, "HIGH", float)
+
+    @guarded(cas.S_casApp_undefined)
+    def getLowWarnLimit(self, limit):
+        return self._put_display(limit, "LOW", float)
+
+
+class BasePV(cas.casPV):
+    """What relay and control PVs share: name, type and interest bookkeeping."""
+
+    def __init__(self, broker: Broker, name: str, kind: str, count: int, array: bool) -> None:
+        super().__init__()
+        self.broker = broker
+        self.name = name
+        self._ait = AIT_TYPES[kind]
+        self._count = count
+        self._array = array
+        self.interest = False
+        self.attached = False
+        #: A put of this PV waits for its shard (Broker.park): later puts go after it.
+        self.waiting_put = False
+        if broker.access_group:
+            self.setAccessSecurityGroup(broker.access_group)
+
+    def getName(self):
+        return self.name
+
+    def bestExternalType(self):
+        return self._ait
+
+    def maxDimension(self):
+        return 1 if self._array else 0
+
+    def maxBound(self, dim):
+        return self._count if dim == 0 else 0
+
+    @guarded(cas.S_casApp_noMemory)
+    def interestRegister(self):
+        self.interest = True
+        return cas.S_casApp_success
+
+    @guarded(None)
+    def interestDelete(self):
+        self.interest = False
+
+    @guarded(None)
+    def destroy(self):
+        # Called when the last channel to this PV is gone.
+        self.attached = False
+        self.broker.detached(self)
+
+    # -- puts: subclasses say how a put is read (_accept) and where it goes (_forward) --
+
+    def _accept(self, value) -> tuple[object | None, int]:
+        """(payload, status) of a CA put; a payload of None refuses it with that status."""
+        raise NotImplementedError
+
+    def _forward(self, payload, notify) -> bool:
+        """Send ``payload`` on; ``notify.complete(ok)`` is called when it is applied."""
+        raise NotImplementedError
+
+    def _forwarded(self, payload) -> None:
+        """Called once ``payload`` went on."""
+
+    def _shard_of(self, payload) -> int | None:
+        """The shard that ``payload`` goes to, if one."""
+        return None
+
+    def _parked(self, context, payload, notify) -> bool:
+        """Whether the put was kept to wait for its shard, which is being restarted
+        (Broker.put_waits); it then completes asynchronously, through ``resume``."""
+        shard = self._shard_of(payload)
+        if shard is None or self.hasAsyncWrite() or not self.broker.put_waits(shard):
+            return False
+        self.startAsyncWrite(context.ctx)
+        self.waiting_put = True
+        self.broker.park(self, payload, notify, shard)
+        return True
+
+    def resume(self, payload, notify, go: bool) -> None:
+        """Send on (``go``) or fail a put kept by ``_parked``."""
+        self.waiting_put = False
+        try:
+            ok = go and self._forward(payload, notify)
+            if ok:
+                self._forwarded(payload)
+        except Exception:
+            log.exception("%s: a waiting put failed", self.name)
+            ok = False
+        # A put with callback completes when its shard answers (notify); any other now.
+        if (notify is None or not ok) and self.hasAsyncWrite():
+            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
+
+    @guarded(PUT_FAILED)
+    def write(self, context, value):
+        if self.waiting_put:
+            # A put waits for its shard: this one goes after it (the server retries it).
+            return cas.S_casApp_postponeAsyncIO
+        # The client, for relay:ERRORS; valid only while this callback runs.
+        self.broker.put_context = context
+        try:
+            return self._write(context, value)
+        finally:
+            self.broker.put_context = None
+
+    def _write(self, context, value):
+        payload, status = self._accept(value)
+        if payload is None:
+            return status
+        if self._parked(context, payload, None):
+            return cas.S_casApp_asyncCompletion
+        if not self._forward(payload, None):
+            return PUT_FAILED
+        self._forwarded(payload)
+        return cas.S_casApp_success
+
+    @guarded(PUT_FAILED)
+    def writeNotify(self, context, value):
+        if self.hasAsyncWrite():
+            # One completion at a time per PV; the server retries this one later.
+            return cas.S_casApp_postponeAsyncIO
+        self.broker.put_context = context
+        try:
+            return self._write_notify(context, value)
+        finally:
+            self.broker.put_context = None
+
+    def _write_notify(self, context, value):
+        payload, status = self._accept(value)
+        if payload is None:
+            return status
+        if self._parked(context, payload, self):
+            return cas.S_casApp_asyncCompletion
+        self.startAsyncWrite(context.ctx)
+        if self._forward(payload, self):
+            self._forwarded(payload)
+        else:
+            self.endAsyncWrite(PUT_FAILED)
+        return cas.S_casApp_asyncCompletion
+
+    def complete(self, ok: bool) -> None:
+        """Finish the put with callback in progress, if any."""
+        if self.hasAsyncWrite():
+            self.endAsyncWrite(cas.S_casApp_success if ok else PUT_FAILED)
