@@ -42,21 +42,27 @@ from carelay.broker.castream import (
     Channels,
     CircuitStream,
     ClientStream,
+    DeniedPut,
     ServerStream,
     UnfollowableStream,
 )
 from carelay.broker.refusals import LogBudget, shorten
 from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 
-__all__ = [
+__all__ = [  # with what tests/unit/test_access_by_address.py takes from castream here
+    "ACCESS_DENIED",
     "CA_PROTO_HOST_NAME",
     "CA_PROTO_IGNORED",
+    "NO_ADDRESS",
     "CircuitStream",
     "DeniedPuts",
     "UnfollowableStream",
     "address_token",
     "install",
     "load_rules",
+    "peer_address",
+    "peer_token",
+    "resolve",
     "rules_by_address",
     "watch_denied",
 ]
@@ -161,8 +167,8 @@ _circuits: dict[int, tuple[ClientStream, ServerStream | None]] = {}
 _hooks: list = []  # the installed callbacks, kept alive
 #: HOST_NAME payloads are rewritten to the peer's token (access by address).
 _rewrite_hosts = True
-#: Called with (PV name, user, address, put with callback?) for each refused put.
-_on_denied: Callable[[str, str, str, bool], None] | None = None
+#: Called for each refused put (see watch_denied).
+_on_denied: DeniedPut | None = None
 
 
 def _set_errno(value: int) -> None:
@@ -189,7 +195,7 @@ def peer_token(fd: int) -> bytes:
     return address_token(address).encode() if address else b""
 
 
-def watch_denied(callback: Callable[[str, str, str, bool], None] | None) -> None:
+def watch_denied(callback: DeniedPut | None) -> None:
     """Hand each put that PCAS refuses for want of write access to ``callback``, with the
     PV name, the user the client claims, its peer address and whether it was a put with
     callback.  It is called from inside ``cas.process``."""
@@ -290,7 +296,7 @@ class DeniedPuts:
 
     def __init__(
         self,
-        record: Callable[[str, str, str, bool], None],
+        record: DeniedPut,
         count: Callable[[], None],
         lines: int = REFUSAL_LOG_LINES,
         window: float = REFUSAL_LOG_WINDOW,
