@@ -10,14 +10,17 @@
 from __future__ import annotations
 
 import os
+import signal
+from pathlib import Path
 
 import pytest
+from caproto import AccessRights
 from caproto.threading.client import Context
 
 from bench.servers import free_port
 from tests.system.clients import close, connect, write_status
 from tests.system.conftest import CA_PORT, Relay, using_shared, wait_for
-from tests.system.test_hardening import acf
+from tests.system.test_hardening import acf, me
 from tests.system.test_health import _text
 from tests.system.test_metrics import value
 
@@ -110,3 +113,30 @@ def test_a_refused_search_names_the_address_that_searched(relay, ca):
     assert "client 127.0.0.1:" in last, last
     logged = [line for line in relay.log().splitlines() if f"refused PV name {bad}" in line]
     assert logged and all("127.0.0.1:" in line for line in logged), logged
+
+
+def test_a_put_to_a_channel_that_a_reload_made_read_only_is_recorded(make_relay, tmp_path, ca):
+    path = Path(acf(tmp_path, me()))
+    relay = make_relay(shards=1, extra=["--access-security", str(path)])
+    name = relay.name("revoked", "f1")
+    pv = connect(ca, name)
+    assert write_status(pv, [1.0]).success
+    text = path.read_text()
+    for user in me():
+        text = text.replace(f'"{user}"', f'"{WRITER}"')
+    path.write_text(text)
+    start = len(relay.log())
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_log("access security reloaded", start=start, timeout=10)
+    wait_for(
+        lambda: not pv.channel.access_rights & AccessRights.WRITE,
+        what="the channel's new rights at the client",
+    )
+    status = write_status(pv, [2.0])
+    assert not status.success and status.name == "ECA_NOWTACCESS", status
+
+    def shown():
+        last = _text(ca, relay, "LAST_ERROR")
+        return last if f"pv {name}" in last and DENIED in last else None
+
+    wait_for(shown, what="the refused put in LAST_ERROR")
