@@ -140,3 +140,20 @@ def test_a_put_to_a_channel_that_a_reload_made_read_only_is_recorded(make_relay,
         return last if f"pv {name}" in last and DENIED in last else None
 
     wait_for(shown, what="the refused put in LAST_ERROR")
+
+
+def test_denials_are_recorded_when_rules_match_claimed_host_names(make_relay, tmp_path, ca):
+    config = tmp_path / "relay.toml"
+    config.write_text("access_by_ip = false\n")
+    extra = ["--config", str(config), "--access-security", acf(tmp_path, [WRITER])]
+    relay = make_relay(shards=1, extra=extra)
+    name = relay.name("claimed", "f1")
+    status = write_status(connect(ca, name), [1.0])
+    assert not status.success and status.name == "ECA_NOWTACCESS", status
+
+    def shown():
+        last = _text(ca, relay, "LAST_ERROR")
+        return last if f"pv {name}" in last and DENIED in last else None
+
+    last = wait_for(shown, what="the refused put in LAST_ERROR")
+    assert f"client {ca.client_name}@127.0.0.1" in last, last
