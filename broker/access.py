@@ -64,6 +64,7 @@ __all__ = [  # with what tests/unit/test_access_by_address.py takes from castrea
     "peer_token",
     "resolve",
     "rules_by_address",
+    "token_address",
     "watch_denied",
 ]
 
@@ -83,6 +84,17 @@ def address_token(address: str) -> str:
     HOST_NAME payload that libca sends (eight bytes, the NUL included)."""
     packed = ipaddress.IPv4Address(address).packed
     return base64.b32encode(packed).decode().rstrip("=").lower()
+
+
+def token_address(token: str) -> str | None:
+    """The IPv4 address that ``address_token`` made ``token`` of; None if it is none."""
+    if len(token) != 7:
+        return None
+    try:
+        packed = base64.b32decode(token.upper() + "=")
+    except ValueError:
+        return None
+    return str(ipaddress.IPv4Address(packed))
 
 
 #: ``HAG(name) { host, "host" }`` in an access security file (comments removed).

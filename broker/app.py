@@ -220,9 +220,15 @@ class Broker:
         if ctx is None:
             return None
         try:
-            return str(ctx.host), str(ctx.user)
+            host, user = str(ctx.host), str(ctx.user)
         except Exception:
             return None
+        if self.config.access_security is not None and self.config.access_by_ip:
+            from carelay.broker.access import token_address
+
+            # PCAS holds the token of the client's address (see access.py), not a name.
+            host = token_address(host) or host
+        return host, user
 
     def error(
         self, kind: str, reason: str, pv: str | None = None, shard: int | None = None, client=None

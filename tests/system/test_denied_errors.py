@@ -157,3 +157,17 @@ def test_denials_are_recorded_when_rules_match_claimed_host_names(make_relay, tm
 
     last = wait_for(shown, what="the refused put in LAST_ERROR")
     assert f"client {ca.client_name}@127.0.0.1" in last, last
+
+
+def test_other_refused_puts_name_the_address_not_its_token(make_relay, tmp_path, ca):
+    # With access by address, PCAS holds each client's host as the token of its address.
+    relay = make_relay(shards=1, extra=["--access-security", acf(tmp_path, me())])
+    name = relay.name("prov", "f1")
+    assert not write_status(connect(ca, f"{name}.DESC"), "a description").success
+
+    def shown():
+        last = _text(ca, relay, "LAST_ERROR")
+        return last if name in last and "no put yet" in last else None
+
+    last = wait_for(shown, what="the refused field put in LAST_ERROR")
+    assert f"client {ca.client_name}@127.0.0.1 " in last, last

@@ -11,7 +11,7 @@ import struct
 import caproto as ca
 import pytest
 
-from carelay.broker.access import ACCESS_DENIED, DeniedPuts
+from carelay.broker.access import ACCESS_DENIED, DeniedPuts, address_token, token_address
 from carelay.broker.castream import Channels, ClientStream, ServerStream
 from carelay.broker.health import error_line
 from carelay.broker.refusals import client_address
@@ -144,3 +144,12 @@ def test_the_address_of_a_search_is_read_without_dns():
     buf[0] = 0  # casnaUDF
     assert client_address(Addr()) is None
     assert client_address(object()) is None
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.255.0.7", "0.0.0.0", "255.255.255.255"])
+def test_a_token_names_its_address_again(address):
+    assert token_address(address_token(address)) == address
+
+
+def test_what_is_no_token_names_no_address():
+    assert token_address("") is None and token_address("none") is None
