@@ -13,8 +13,13 @@ halves:
   connects from.  A payload too short for the token becomes an empty host name, which
   no HAG holds; a HOST_NAME without payload becomes a message that PCAS ignores.
 
-The rewrite sits between PCAS and the C library: the ``recv`` and ``accept`` entries
-of the pcaspy extension's global offset table point at the functions here.
+The rewrite sits between PCAS and the C library: the ``recv``, ``send`` and ``accept``
+entries of the pcaspy extension's global offset table point at the functions here.
+
+The same hooks tell the relay of the puts that PCAS refuses by itself for want of
+write access, which never reach relay code: each circuit's streams are followed
+(broker/castream.py) with or without the rewrite, and each refused put is handed to
+the callback of ``watch_denied``.
 """
 
 from __future__ import annotations
@@ -27,16 +32,47 @@ import os
 import re
 import socket
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
+
+from carelay.broker.castream import (
+    CA_PROTO_HOST_NAME,
+    CA_PROTO_IGNORED,
+    Channels,
+    CircuitStream,
+    ClientStream,
+    DeniedPut,
+    ServerStream,
+    UnfollowableStream,
+)
+from carelay.broker.refusals import LogBudget, shorten
+from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
+
+__all__ = [  # with what tests/unit/test_access_by_address.py takes from castream here
+    "ACCESS_DENIED",
+    "CA_PROTO_HOST_NAME",
+    "CA_PROTO_IGNORED",
+    "NO_ADDRESS",
+    "CircuitStream",
+    "DeniedPuts",
+    "UnfollowableStream",
+    "address_token",
+    "install",
+    "load_rules",
+    "peer_address",
+    "peer_token",
+    "resolve",
+    "rules_by_address",
+    "token_address",
+    "watch_denied",
+]
 
 log = logging.getLogger("carelay.broker")
 
-#: CA command of the message that claims the client's host name.
-CA_PROTO_HOST_NAME = 21
-#: A command that PCAS reads and ignores: what a HOST_NAME without a payload becomes.
-CA_PROTO_IGNORED = 16
-_HEADER = 16
-_EXTENDED = 8
+#: What a put that access security refused is, in LAST_ERROR/ERRORS and the log.
+ACCESS_DENIED = "access denied (no write access)"
+
 #: The token of a HAG whose host names resolve to nothing: no circuit has it.
 NO_ADDRESS = "none"
 
@@ -50,75 +86,15 @@ def address_token(address: str) -> str:
     return base64.b32encode(packed).decode().rstrip("=").lower()
 
 
-class UnfollowableStream(Exception):
-    """A HOST_NAME message that can be neither rewritten nor turned into an ignored one."""
-
-
-class CircuitStream:
-    """Follows one circuit's CA byte stream as PCAS reads it, and rewrites its HOST_NAME
-    messages to carry ``host`` (the peer address's token; b"" if it has none).
-
-    A message may come in pieces over several reads: the payload is rewritten as it
-    passes, so only bytes of the current read are ever changed."""
-
-    def __init__(self, host: bytes) -> None:
-        self.host = host
-        self._header = bytearray()  # header bytes of the current message seen so far
-        self._skip = 0  # payload bytes of the current message still to come
-        self._rewrite = b""  # what the next payload bytes become
-        self._command_at: int | None = None  # where, in this read, the command's low byte is
-
-    def feed(self, buf) -> None:
-        """Take the next ``buf`` (a writable buffer, as read), rewriting it in place."""
-        n = len(buf)
-        pos = 0
-        self._command_at = None
-        while pos < n:
-            if self._skip:
-                k = min(self._skip, n - pos)
-                if self._rewrite:
-                    w = min(k, len(self._rewrite))
-                    buf[pos : pos + w] = self._rewrite[:w]
-                    self._rewrite = self._rewrite[w:]
-                pos += k
-                self._skip -= k
-                continue
-            before = len(self._header)
-            k = min(self._header_size() - before, n - pos)
-            self._header += bytes(buf[pos : pos + k])
-            if before <= 1 < before + k:
-                self._command_at = pos + 1 - before
-            pos += k
-            if len(self._header) == self._header_size():
-                self._message(buf)
-                self._header.clear()
-
-    def _header_size(self) -> int:
-        h = self._header
-        if len(h) >= 8:
-            postsize, count = struct.unpack_from(">HxxH", h, 2)
-            if postsize == 0xFFFF or count == 0xFFFF:
-                return _HEADER + _EXTENDED
-        return _HEADER
-
-    def _message(self, buf) -> None:
-        """A whole header is in: what of its payload to skip, and rewrite."""
-        h = self._header
-        if len(h) == _HEADER + _EXTENDED:
-            size = struct.unpack_from(">I", h, _HEADER)[0]
-        else:
-            size = struct.unpack_from(">H", h, 2)[0]
-        self._skip = size
-        if struct.unpack_from(">H", h, 0)[0] != CA_PROTO_HOST_NAME:
-            return
-        if size == 0:
-            # PCAS would read the name from whatever follows: the message must go.
-            if self._command_at is None:
-                raise UnfollowableStream("a HOST_NAME message without payload, cut")
-            buf[self._command_at] = CA_PROTO_IGNORED
-            return
-        host = self.host + b"\0"
-        self._rewrite = host if len(host) <= size else b"\0"
+def token_address(token: str) -> str | None:
+    """The IPv4 address that ``address_token`` made ``token`` of; None if it is none."""
+    if len(token) != 7:
+        return None
+    try:
+        packed = base64.b32decode(token.upper() + "=")
+    except ValueError:
+        return None
+    return str(ipaddress.IPv4Address(packed))
 
 
 #: ``HAG(name) { host, "host" }`` in an access security file (comments removed).
@@ -188,31 +164,74 @@ def load_rules(cas, path: Path, by_address: bool, run_dir: Path) -> bool:
 # -- the hooks between PCAS and the C library ------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_RECV_ARGS = (ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_IO_ARGS = (ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _ACCEPT_ARGS = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 #: The hooks leave errno as the C library set it (through __errno_location).
-_RECV = ctypes.CFUNCTYPE(*_RECV_ARGS)
+_IO = ctypes.CFUNCTYPE(*_IO_ARGS)
 _ACCEPT = ctypes.CFUNCTYPE(*_ACCEPT_ARGS)
 _libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
-_real_recv = ctypes.CFUNCTYPE(*_RECV_ARGS, use_errno=True)(("recv", _libc))
+_real_recv = ctypes.CFUNCTYPE(*_IO_ARGS, use_errno=True)(("recv", _libc))
+_real_send = ctypes.CFUNCTYPE(*_IO_ARGS, use_errno=True)(("send", _libc))
 _real_accept = ctypes.CFUNCTYPE(*_ACCEPT_ARGS, use_errno=True)(("accept", _libc))
-#: Each circuit's stream, by file descriptor (a new circuit on a reused one starts afresh).
-_streams: dict[int, CircuitStream] = {}
+#: Each circuit's streams (what PCAS reads, what it writes), by file descriptor; a new
+#: circuit on a reused one starts afresh.
+_circuits: dict[int, tuple[ClientStream, ServerStream | None]] = {}
 _hooks: list = []  # the installed callbacks, kept alive
+#: HOST_NAME payloads are rewritten to the peer's token (access by address).
+_rewrite_hosts = True
+#: Called for each refused put (see watch_denied).
+_on_denied: DeniedPut | None = None
 
 
 def _set_errno(value: int) -> None:
     _libc.__errno_location().contents.value = value
 
 
-def peer_token(fd: int) -> bytes:
-    """The token of the peer address of socket ``fd``; b"" if it has none."""
+def _view(address: int, n: int) -> memoryview:
+    """The ``n`` bytes at ``address``, as a byte view (the quickest of ctypes' ways)."""
+    return memoryview((ctypes.c_ubyte * n).from_address(address)).cast("B")
+
+
+def peer_address(fd: int) -> str:
+    """The IPv4 peer address of socket ``fd``; "" if it has none."""
     try:
         with socket.socket(fileno=os.dup(fd)) as s:
-            address = s.getpeername()[0]
-        return address_token(address).encode()
+            return str(ipaddress.IPv4Address(s.getpeername()[0]))
     except (OSError, ValueError, IndexError, TypeError):
-        return b""
+        return ""
+
+
+def peer_token(fd: int) -> bytes:
+    """The token of the peer address of socket ``fd``; b"" if it has none."""
+    address = peer_address(fd)
+    return address_token(address).encode() if address else b""
+
+
+def watch_denied(callback: DeniedPut | None) -> None:
+    """Hand each put that PCAS refuses for want of write access to ``callback``, with the
+    PV name, the user the client claims, its peer address and whether it was a put with
+    callback.  It is called from inside ``cas.process``."""
+    global _on_denied
+    _on_denied = callback
+
+
+def _denied(name: str, user: str, address: str, notify: bool) -> None:
+    callback = _on_denied
+    if callback is None:
+        return
+    try:
+        callback(name, user, address, notify)
+    except Exception:
+        # A refusal not recorded is no reason to close the circuit.
+        log.exception("cannot record the refused put to %s", shorten(name))
+
+
+def _follow(fd: int) -> tuple[ClientStream, ServerStream | None]:
+    address = peer_address(fd)
+    channels = Channels(address, _denied)
+    host = (address_token(address).encode() if address else b"") if _rewrite_hosts else None
+    circuit = _circuits[fd] = (ClientStream(channels, host), ServerStream(channels))
+    return circuit
 
 
 def _recv(fd, buf, size, flags):
@@ -220,19 +239,33 @@ def _recv(fd, buf, size, flags):
     err = ctypes.get_errno()
     if n > 0:
         try:
-            stream = _streams.get(fd)
-            if stream is None:
-                stream = _streams[fd] = CircuitStream(peer_token(fd))
-            stream.feed(memoryview((ctypes.c_ubyte * n).from_address(buf)).cast("B"))
+            circuit = _circuits.get(fd) or _follow(fd)
+            circuit[0].feed(_view(buf, n))
         except Exception as e:
             # Never pass on what was not followed: the circuit is closed instead.
             if isinstance(e, UnfollowableStream):
                 log.warning("closing a CA circuit (fd %d): %s", fd, e)
             else:
                 log.exception("cannot follow a CA circuit (fd %d); closing it", fd)
-            _streams.pop(fd, None)
+            _circuits.pop(fd, None)
             _set_errno(104)  # ECONNRESET
             return -1
+    _set_errno(err)
+    return n
+
+
+def _send(fd, buf, size, flags):
+    n = _real_send(fd, buf, size, flags)
+    err = ctypes.get_errno()
+    if n > 0:
+        circuit = _circuits.get(fd)
+        if circuit is not None and circuit[1] is not None:
+            try:
+                circuit[1].feed(_view(buf, n))
+            except Exception:
+                # What was sent is sent: only the following of this circuit ends.
+                log.exception("cannot follow what a CA circuit (fd %d) is sent", fd)
+                _circuits[fd] = (circuit[0], None)
     _set_errno(err)
     return n
 
@@ -241,20 +274,24 @@ def _accept(fd, addr, addrlen):
     new = _real_accept(fd, addr, addrlen)
     err = ctypes.get_errno()
     if new >= 0:
-        _streams[new] = CircuitStream(peer_token(new))
+        _follow(new)
     _set_errno(err)
     return new
 
 
-def install(module_path: str) -> None:
-    """Point the ``recv`` and ``accept`` slots of the loaded extension ``module_path`` at
-    this module's functions."""
-    slots = _got_slots(module_path, {"recv", "accept"})
-    missing = {"recv", "accept"} - set(slots)
+def install(module_path: str, rewrite_hosts: bool = True) -> None:
+    """Point the ``recv``, ``send`` and ``accept`` slots of the loaded extension
+    ``module_path`` at this module's functions.  ``rewrite_hosts``: each HOST_NAME
+    becomes the peer address's token (access by address)."""
+    global _rewrite_hosts
+    wanted = {"recv", "send", "accept"}
+    slots = _got_slots(module_path, wanted)
+    missing = wanted - set(slots)
     if missing:
         raise RuntimeError(f"{module_path} imports no {', '.join(sorted(missing))}")
     base = _load_base(module_path)
-    hooks = {"recv": _RECV(_recv), "accept": _ACCEPT(_accept)}
+    _rewrite_hosts = rewrite_hosts
+    hooks = {"recv": _IO(_recv), "send": _IO(_send), "accept": _ACCEPT(_accept)}
     _hooks.extend(hooks.values())
     for name, offset in slots.items():
         address = base + offset
@@ -262,6 +299,48 @@ def install(module_path: str) -> None:
         ctypes.c_void_p.from_address(address).value = ctypes.cast(
             hooks[name], ctypes.c_void_p
         ).value
+
+
+class DeniedPuts:
+    """Puts that access security refused: each one counted; logged and kept for
+    LAST_ERROR/ERRORS up to ``lines`` per ``window`` seconds, the rest summed up in one
+    line at the end of the window, as refused names are."""
+
+    def __init__(
+        self,
+        record: DeniedPut,
+        count: Callable[[], None],
+        lines: int = REFUSAL_LOG_LINES,
+        window: float = REFUSAL_LOG_WINDOW,
+        clock=time.monotonic,
+    ) -> None:
+        self.record = record
+        self.count = count
+        self.budget = LogBudget(lines, window, clock)
+        self._example: str | None = None
+
+    def denied(self, name: str, user: str, address: str, notify: bool) -> None:
+        self.tick()
+        if self.budget.allow():
+            self.record(name, user, address, notify)
+            return
+        self.count()
+        if self._example is None:
+            self._example = f"{shorten(name)} from {user}@{address}"
+
+    def tick(self) -> None:
+        """At the end of a window, the summary of what was not logged one by one."""
+        unlogged = self.budget.ended()
+        if unlogged:
+            log.warning(
+                "refused %s more puts in the last %.0f s: %s, not logged one by one, e.g. %s",
+                f"{unlogged:,}",
+                self.budget.window,
+                ACCESS_DENIED,
+                self._example,
+            )
+        if unlogged is not None:
+            self._example = None
 
 
 def _load_base(path: str) -> int:

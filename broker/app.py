@@ -34,7 +34,7 @@ from carelay.broker.cstreams import own_stderr
 from carelay.broker.health import Health
 from carelay.broker.link import LinkState, ShardLink
 from carelay.broker.listening import listening_tcp_ports
-from carelay.broker.refusals import RefusalLog, shorten
+from carelay.broker.refusals import RefusalLog, client_address, shorten
 from carelay.common import exits, fields
 from carelay.common.config import (
     EXPIRY_MARGIN,
@@ -187,6 +187,9 @@ class Broker:
         self.put_context = None
         #: Bounds and reaps the CA circuits (see run_broker); None: not watched.
         self.circuits = None
+        #: Puts that access security refused, as the CA streams show them (see
+        #: run_broker); None: not followed.
+        self.denied_puts = None
 
     # -- the PV table -----------------------------------------------------------
 
@@ -196,9 +199,12 @@ class Broker:
     def shard_live(self, index: int) -> bool:
         return self.links[index].usable
 
-    def _refuse(self, name: str, why: str, kind: str = "name") -> None:
-        if self.refusals.refuse(name, why):
-            self.error(kind, f"refused PV name: {shorten(why)}", shorten(name))
+    def _refuse(self, name: str, why: str, kind: str = "name", addr=None) -> None:
+        """``addr``: the caNetAddr of the search, read only for a name not refused yet."""
+        address = None if addr is None or name in self.refusals else client_address(addr)
+        if self.refusals.refuse(name, why, address):
+            client = (address, None) if address else None
+            self.error(kind, f"refused PV name: {shorten(why)}", shorten(name), client=client)
 
     def refuse_undecodable(self, raw: bytes) -> None:
         """A client sent a name that is not UTF-8: pcaspy's SWIG layer could not decode
@@ -214,9 +220,15 @@ class Broker:
         if ctx is None:
             return None
         try:
-            return str(ctx.host), str(ctx.user)
+            host, user = str(ctx.host), str(ctx.user)
         except Exception:
             return None
+        if self.config.access_security is not None and self.config.access_by_ip:
+            from carelay.broker.access import token_address
+
+            # PCAS holds the token of the client's address (see access.py), not a name.
+            host = token_address(host) or host
+        return host, user
 
     def error(
         self, kind: str, reason: str, pv: str | None = None, shard: int | None = None, client=None
@@ -225,6 +237,23 @@ class Broker:
         the client of the put being handled unless ``client`` is given."""
         self.health.refused(kind, reason, pv, shard, client or self.client())
 
+    def access_denied(self, name: str, user: str, address: str, notify: bool) -> None:
+        """A put that PCAS refused for want of write access: one log line and one entry."""
+        from carelay.broker.access import ACCESS_DENIED
+
+        pv = self.pvs.get(split_field(name)[0])
+        shard = None if pv is None else pv.shard
+        log.warning(
+            "refused %s to %s%s from %s@%s: %s",
+            "put with callback" if notify else "put",
+            shorten(name),
+            "" if shard is None else f" (shard {shard})",
+            user or "?",
+            address or "?",
+            ACCESS_DENIED,
+        )
+        self.error("access", ACCESS_DENIED, shorten(name), shard, (address, user or "?"))
+
     def attached_count(self) -> int:
         """PVs with CA channels (PCAS does not tell the channels of each)."""
         n = sum(1 for pv in self.pvs.values() if pv.attached)
@@ -232,8 +261,9 @@ class Broker:
         n += sum(1 for pv in self.controls.values() if pv.attached)
         return n + self.health_pvs.attached_count()
 
-    def claims(self, name: str) -> bool:
-        """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest).
+    def claims(self, name: str, addr=None) -> bool:
+        """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest; ``addr``: the
+        searching client's caNetAddr, which a refusal names).
 
         A name of a shard not in sync gets no answer: a stored PV must not be served as
         a new, undefined one.  CA clients search again and find it once the shard is in
@@ -253,11 +283,11 @@ class Broker:
         try:
             spec = c.pv_spec(base)
         except InvalidPvName as e:
-            self._refuse(name, str(e))
+            self._refuse(name, str(e), addr=addr)
             return False
         if field is not None and not fields.applies(field, spec):
             why = "unknown field" if field not in fields.FIELDS else "no such field for its type"
-            self._refuse(name, f"{why} {field}")
+            self._refuse(name, f"{why} {field}", addr=addr)
             return False
         base_pv = self.pvs.get(base)
         if base_pv is None:
@@ -268,7 +298,7 @@ class Broker:
         if base_pv is None or not (base_pv.real or base_pv.creating):
             why = self._over_limits(spec)
             if why is not None:
-                self._refuse(name, why, "limit")
+                self._refuse(name, why, "limit", addr)
                 return False
         return True
 
@@ -993,6 +1023,8 @@ class Broker:
             self._flush_queued()
             self._timers(now)
             self.refusals.tick()
+            if self.denied_puts is not None:
+                self.denied_puts.tick()
             if self.reload_due:
                 self.reload_access()
             self.pvlist.post_if_changed()
@@ -1118,23 +1150,29 @@ def run_broker(config: Config) -> int:
     from carelay.broker.casserver import RelayServer
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
+    followed = False
     if config.access_security is not None:
         # Every relay PV joins access_group; pcaspy's channels then check each
         # read and write (and so each creation, which is a write) against the file.
+        from pcaspy import _cas
+
         from carelay.broker import access
 
-        if config.access_by_ip:
-            from pcaspy import _cas
-
-            try:
-                access.install(_cas.__file__)
-            except (OSError, RuntimeError, ValueError, struct.error) as e:
+        # The CA streams are followed for the rewrite of access by address, and to see
+        # the puts that PCAS refuses by itself.
+        followed = True
+        try:
+            access.install(_cas.__file__, config.access_by_ip)
+        except (OSError, RuntimeError, ValueError, struct.error) as e:
+            if config.access_by_ip:
                 log.error(
                     "broker cannot start: access_by_ip cannot be enforced with this pcaspy "
                     "(%s); set access_by_ip = false to match claimed host names",
                     e,
                 )
                 return exits.REFUSED
+            log.warning("puts refused by access security will not be recorded: %s", e)
+            followed = False
         if not access.load_rules(cas, config.access_security, config.access_by_ip, config.run_dir):
             log.error(
                 "broker cannot start: access security file %s is invalid", config.access_security
@@ -1157,6 +1195,13 @@ def run_broker(config: Config) -> int:
         log.error("broker cannot start: %s", e)
         return exits.CANNOT_START
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
+    if followed:
+        from carelay.broker.access import DeniedPuts, watch_denied
+
+        broker.denied_puts = DeniedPuts(
+            broker.access_denied, lambda: broker.health.count_refusal("access")
+        )
+        watch_denied(broker.denied_puts.denied)
 
     def reload_asked(_signum, _frame) -> None:
         broker.reload_due = True

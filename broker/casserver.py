@@ -20,7 +20,7 @@ class RelayServer(cas.caServer):
 
     def pvExistTest(self, context, addr, fullname):
         try:
-            if self.broker.claims(fullname):
+            if self.broker.claims(fullname, addr):
                 return cas.pverExistsHere
         except Exception:
             log.exception("pvExistTest %s failed", shorten(fullname))

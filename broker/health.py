@@ -40,6 +40,7 @@ REFUSAL_KINDS = (
     "no_such_pv",  # delpv of a PV that does not exist
     "shard_down",  # the owning shard cannot be reached or did not answer in time
     "shard_refused",  # the owning shard refused it (its store cannot be written, ...)
+    "access",  # a put without write access (access security), refused by PCAS itself
 )
 
 
@@ -54,8 +55,10 @@ def error_line(
     """One line of ``relay:ERRORS``: UTC time, client host and user, PV, shard, reason."""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() if when is None else when))
     parts = [stamp + "Z"]
-    if host or user:
-        parts.append(f"client {user or '?'}@{host or '?'}")
+    if user:
+        parts.append(f"client {user}@{host or '?'}")
+    elif host:
+        parts.append(f"client {host}")  # a search: an address, no user
     if pv:
         parts.append(f"pv {pv}")
     if shard is not None:
@@ -294,9 +297,13 @@ class Health:
         client: tuple[str, str] | None = None,
     ) -> None:
         """A refusal or failure: counted by ``kind`` and kept for LAST_ERROR/ERRORS."""
-        self.refusals[kind if kind in self.refusals else "shard_refused"] += 1
+        self.count_refusal(kind)
         host, user = client if client else (None, None)
         self.errors.add(error_line(reason, pv, shard, host, user))
+
+    def count_refusal(self, kind: str) -> None:
+        """A refusal counted only: one over its log budget."""
+        self.refusals[kind if kind in self.refusals else "shard_refused"] += 1
 
     def sample(self, broker, now: float) -> dict:
         """Take every figure from ``broker`` (its PV table, links, processes)."""

@@ -9,8 +9,11 @@ REFUSAL_LOG_LINES per window the refusals are counted and summarised in one line
 from __future__ import annotations
 
 import collections
+import ctypes
 import hashlib
 import logging
+import socket
+import struct
 import sys
 import time
 
@@ -25,6 +28,9 @@ log = logging.getLogger("carelay.broker")
 
 #: What one remembered name costs besides its key: the ordered dict's entry and links.
 _ENTRY_OVERHEAD = 100
+#: caNetAddr: its type (casnaInet for an IPv4 address), then a struct sockaddr_in.
+_NET_ADDR = struct.Struct("=iHH4s")  # native int and family; port, address in network order
+_CASNA_INET = 1
 #: Names longer than this are remembered as a digest of DIGEST_SIZE bytes.
 _DIGEST_SIZE = 16
 
@@ -35,6 +41,22 @@ def shorten(text: str, limit: int = LOGGED_NAME_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def client_address(addr) -> str | None:
+    """ "address:port" of a searching client, from PCAS's caNetAddr (a SWIG object); None
+    if it holds no IPv4 address.
+
+    Read from the object itself (a type, then a sockaddr_in, as caNetAddr.h lays them
+    out): its stringConvert looks the address up in DNS, which may block the server."""
+    try:
+        raw = ctypes.string_at(int(addr.this), _NET_ADDR.size)
+    except (AttributeError, TypeError, ValueError, OSError):
+        return None
+    kind, family, port, address = _NET_ADDR.unpack(raw)
+    if kind != _CASNA_INET or family != socket.AF_INET:
+        return None
+    return f"{socket.inet_ntoa(address)}:{socket.ntohs(port)}"
 
 
 class LogBudget:
@@ -102,8 +124,9 @@ class RefusalLog:
     def __contains__(self, name: str) -> bool:
         return _key(name) in self._seen
 
-    def refuse(self, name: str, why: str) -> bool:
-        """Note that ``name`` was refused for ``why``; False if it was known already."""
+    def refuse(self, name: str, why: str, client: str | None = None) -> bool:
+        """Note that ``name`` was refused for ``why`` (a search from ``client``, if known);
+        False if it was known already."""
         key = _key(name)
         if key in self._seen:
             return False
@@ -114,6 +137,8 @@ class RefusalLog:
             self.bytes -= self._seen.popitem(last=False)[1]
         self.tick()
         line = f"{shorten(name)}: {shorten(why)}"
+        if client:
+            line += f" (client {client})"
         if self.budget.allow():
             log.warning("refused PV name %s", line)
         elif self._example is None:

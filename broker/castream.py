@@ -1,0 +1,254 @@
+"""A CA circuit's two byte streams, followed message by message as PCAS reads and writes
+them: no sockets, no ctypes (broker/access.py feeds them).
+
+What is read may be changed in place (the HOST_NAME rewrite of access by address); what
+is written is only looked at.  Both keep what tells the relay of a put that PCAS refuses
+by itself for want of write access: the channel names a client asks for (CREATE_CHAN),
+the server ids PCAS gives them (its CREATE_CHAN reply), the rights it tells the client
+(ACCESS_RIGHTS).  A WRITE or WRITE_NOTIFY to a channel without write access is then one
+dictionary look-up away; on a circuit whose channels all have it, one empty-dict test.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+#: CA commands (caproto's _headers.py and the CA protocol specification).
+CA_PROTO_WRITE = 4
+CA_PROTO_CLEAR_CHANNEL = 12
+#: A command that PCAS reads and ignores: what a HOST_NAME without a payload becomes.
+CA_PROTO_IGNORED = 16
+CA_PROTO_CREATE_CHAN = 18
+CA_PROTO_WRITE_NOTIFY = 19
+CA_PROTO_CLIENT_NAME = 20
+#: CA command of the message that claims the client's host name.
+CA_PROTO_HOST_NAME = 21
+CA_PROTO_ACCESS_RIGHTS = 22
+CA_PROTO_CREATE_CH_FAIL = 26
+CA_PROTO_SERVER_DISCONN = 27
+#: ACCESS_RIGHTS bit of write access.
+WRITE_RIGHT = 2
+#: Bytes of a name (channel or user) kept at most; a channel name this long is never
+#: served, so nothing is lost.
+NAME_BYTES_MAX = 1024
+
+_HEADER = struct.Struct(">HHHHII")  # command, payload size, type, count, p1, p2
+_EXTENDED = struct.Struct(">II")  # payload size, count
+_SMALL, _LARGE = 16, 24
+
+#: Called with (PV name, user, peer address, put with callback?) for each refused put.
+DeniedPut = Callable[[str, str, str, bool], None]
+
+
+def _extended(header) -> bool:
+    size, count = struct.unpack_from(">HxxH", header, 2)
+    return size == 0xFFFF or count == 0xFFFF
+
+
+class UnfollowableStream(Exception):
+    """A HOST_NAME message that can be neither rewritten nor turned into an ignored one."""
+
+
+class StreamWalker:
+    """Walks one direction of a CA stream over reads cut anywhere; ``_message`` sees each
+    header, ``_payload`` the payload bytes of a message it asked to see."""
+
+    def __init__(self) -> None:
+        self._cut = bytearray()  # the start of a header that the end of a read cut
+        self._left = 0  # payload bytes of the current message still to come
+        self._watching = False  # whether _payload sees them
+
+    def feed(self, buf) -> None:
+        """Take the next ``buf`` (a writable buffer for a stream that may be rewritten)."""
+        n = len(buf)
+        pos = 0
+        while pos < n:
+            if self._left:
+                k = min(self._left, n - pos)
+                self._left -= k
+                if self._watching:
+                    self._payload(buf, pos, k, self._left == 0)
+                pos += k
+            elif self._cut:
+                pos = self._resume(buf, pos, n)
+            elif n - pos >= _SMALL:
+                command, size, _type, count, p1, p2 = _HEADER.unpack_from(buf, pos)
+                if size == 0xFFFF or count == 0xFFFF:
+                    if n - pos < _LARGE:
+                        self._cut += buf[pos:n]
+                        return
+                    size = _EXTENDED.unpack_from(buf, pos + _SMALL)[0]
+                    self._start(command, size, p1, p2, buf, pos + 1)
+                    pos += _LARGE
+                else:
+                    self._start(command, size, p1, p2, buf, pos + 1)
+                    pos += _SMALL
+            else:
+                self._cut += buf[pos:n]
+                return
+
+    def _resume(self, buf, pos: int, n: int) -> int:
+        """Complete the header that a read cut; where this read goes on."""
+        cut = self._cut
+        before = len(cut)
+        while True:
+            need = _LARGE if len(cut) >= 8 and _extended(cut) else _SMALL
+            if len(cut) == need:
+                break
+            k = min(need - len(cut), n - pos)
+            if k == 0:
+                return pos
+            cut += buf[pos : pos + k]
+            pos += k
+        command, size, _type, _count, p1, p2 = _HEADER.unpack_from(cut)
+        if need == _LARGE:
+            size = _EXTENDED.unpack_from(cut, _SMALL)[0]
+        # The command's low byte is in this read only if the cut came before it.
+        at = pos - need + 1 if before <= 1 else None
+        cut.clear()
+        self._start(command, size, p1, p2, buf, at)
+        return pos
+
+    def _start(self, command: int, size: int, p1: int, p2: int, buf, at) -> None:
+        self._left = size
+        self._watching = self._message(command, size, p1, p2, buf, at)
+
+    def _message(self, command: int, size: int, p1: int, p2: int, buf, at) -> bool:
+        """A header: whether to see its payload.  ``at``: where the command's low byte
+        is in ``buf``, None if it came in an earlier read."""
+        return False
+
+    def _payload(self, buf, pos: int, k: int, last: bool) -> None:
+        """``k`` payload bytes at ``buf[pos]``; ``last``: the message's last ones."""
+
+
+class Channels:
+    """What both streams of one circuit learn of its channels and its client."""
+
+    def __init__(self, address: str, denied: DeniedPut | None = None) -> None:
+        #: The circuit's peer address; the user its client claims.
+        self.address = address
+        self.user = ""
+        self.on_denied = denied
+        self.names: dict[int, str] = {}  # cid -> channel name, while the channel lasts
+        self.sids: dict[int, int] = {}  # cid -> sid
+        self.read_only: set[int] = set()  # cids without write access
+        #: sid -> cid of the channels without write access (empty on most circuits).
+        self.denied: dict[int, int] = {}
+
+    def rights(self, cid: int, rights: int) -> None:
+        sid = self.sids.get(cid)
+        if rights & WRITE_RIGHT:
+            self.read_only.discard(cid)
+            if sid is not None:
+                self.denied.pop(sid, None)
+        else:
+            self.read_only.add(cid)
+            if sid is not None:
+                self.denied[sid] = cid
+
+    def created(self, cid: int, sid: int) -> None:
+        self.sids[cid] = sid
+        if cid in self.read_only:
+            self.denied[sid] = cid
+
+    def gone(self, cid: int) -> None:
+        self.names.pop(cid, None)
+        self.read_only.discard(cid)
+        sid = self.sids.pop(cid, None)
+        if sid is not None:
+            self.denied.pop(sid, None)
+
+    def write(self, sid: int, notify: bool) -> None:
+        """A put to channel ``sid`` is read: PCAS refuses it if the channel has no write
+        access (and the rights it told the client are the rights it checks)."""
+        cid = self.denied.get(sid)
+        if cid is not None and self.on_denied is not None:
+            self.on_denied(self.names.get(cid, ""), self.user, self.address, notify)
+
+
+class ClientStream(StreamWalker):
+    """What PCAS reads from one circuit.  ``host``: what each HOST_NAME payload becomes
+    (the peer address's token, b"" if it has none); None: left as the client sent it."""
+
+    def __init__(self, channels: Channels, host: bytes | None = None) -> None:
+        super().__init__()
+        self.channels = channels
+        self.host = host
+        self._rewrite = b""  # what the next payload bytes become
+        self._kept = bytearray()  # the payload of a CREATE_CHAN or CLIENT_NAME
+        self._kind = 0
+        self._cid = 0
+
+    def _message(self, command, size, p1, p2, buf, at) -> bool:
+        if command in (CA_PROTO_WRITE, CA_PROTO_WRITE_NOTIFY):
+            if self.channels.denied:
+                self.channels.write(p1, command == CA_PROTO_WRITE_NOTIFY)
+            return False
+        if command in (CA_PROTO_CREATE_CHAN, CA_PROTO_CLIENT_NAME):
+            self._kind, self._cid = command, p1
+            self._kept.clear()
+            if size == 0:
+                self._kept_whole()
+            return size > 0
+        if command == CA_PROTO_CLEAR_CHANNEL:
+            self.channels.gone(p2)
+            return False
+        if command != CA_PROTO_HOST_NAME or self.host is None:
+            return False
+        if size == 0:
+            # PCAS would read the name from whatever follows: the message must go.
+            if at is None:
+                raise UnfollowableStream("a HOST_NAME message without payload, cut")
+            buf[at] = CA_PROTO_IGNORED
+            return False
+        host = self.host + b"\0"
+        self._rewrite = host if len(host) <= size else b"\0"
+        self._kind = CA_PROTO_HOST_NAME
+        return True
+
+    def _payload(self, buf, pos, k, last) -> None:
+        if self._kind == CA_PROTO_HOST_NAME:
+            if self._rewrite:
+                w = min(k, len(self._rewrite))
+                buf[pos : pos + w] = self._rewrite[:w]
+                self._rewrite = self._rewrite[w:]
+            return
+        room = NAME_BYTES_MAX - len(self._kept)
+        if room > 0:
+            self._kept += buf[pos : pos + min(k, room)]
+        if last:
+            self._kept_whole()
+
+    def _kept_whole(self) -> None:
+        text = bytes(self._kept).split(b"\0", 1)[0].decode("utf-8", "replace")
+        self._kept.clear()
+        if self._kind == CA_PROTO_CLIENT_NAME:
+            self.channels.user = text
+        else:
+            self.channels.names[self._cid] = text
+
+
+class ServerStream(StreamWalker):
+    """What PCAS writes to one circuit: the channels it creates, and their rights."""
+
+    def __init__(self, channels: Channels) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def _message(self, command, size, p1, p2, buf, at) -> bool:
+        if command == CA_PROTO_ACCESS_RIGHTS:
+            self.channels.rights(p1, p2)
+        elif command == CA_PROTO_CREATE_CHAN:
+            self.channels.created(p1, p2)
+        elif command in (CA_PROTO_CREATE_CH_FAIL, CA_PROTO_SERVER_DISCONN):
+            self.channels.gone(p1)
+        return False
+
+
+class CircuitStream(ClientStream):
+    """The stream PCAS reads, for a circuit followed only to rewrite its HOST_NAMEs."""
+
+    def __init__(self, host: bytes) -> None:
+        super().__init__(Channels(""), host)
