@@ -398,13 +398,19 @@ class Broker:
         if self.n_real + self.n_creating >= c.max_pvs:
             return f"max_pvs ({c.max_pvs}) reached"
         if _charge(spec) > self.bytes_left():
-            return f"max_bytes ({self.byte_limit}) would be exceeded"
+            held = self.ca_buffer_bytes()
+            why = f"; CA buffers hold {held} bytes of it" if held else ""
+            return f"max_bytes ({self.byte_limit}) would be exceeded{why}"
         return None
 
     def bytes_left(self) -> int:
         """What ``max_bytes`` has left for new PVs: the charge of the PVs that exist and of
-        those being created is taken."""
-        return self.byte_limit - self.n_bytes - self.bytes_creating
+        those being created is taken, and so are the large CA buffers PCAS holds."""
+        return self.byte_limit - self.n_bytes - self.ca_buffer_bytes() - self.bytes_creating
+
+    def ca_buffer_bytes(self) -> int:
+        """The large CA buffers PCAS holds for the circuits (see broker/cabuffers.py)."""
+        return self.circuits.buffers.pinned_bytes if self.circuits is not None else 0
 
     # -- requests to shards -------------------------------------------------------
 
@@ -1242,7 +1248,8 @@ def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> Circuit
         max_clients * config.circuit_bytes >> 20,
         config.client_idle_timeout,
     )
-    return CircuitMonitor(ports, Limits(max_clients, config.client_idle_timeout), fd_limit)
+    limits = Limits(max_clients, config.client_idle_timeout)
+    return CircuitMonitor(ports, limits, fd_limit, array_bytes=config.ca_max_array_bytes)
 
 
 def _charge(spec) -> int:

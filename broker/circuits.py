@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
+from carelay.broker.cabuffers import PinnedBuffers
 from carelay.common.config import (
     BROKER_FD_HEADROOM,
     CA_SMALL_BUFFER,
@@ -217,6 +218,7 @@ class CircuitMonitor:
         limits: Limits,
         fd_limit: int,
         clock: Callable[[], float] = time.monotonic,
+        array_bytes: int = 0,
     ) -> None:
         self.ports = frozenset(ports)
         self.limits = limits
@@ -240,7 +242,9 @@ class CircuitMonitor:
         #: Circuits and open descriptors at the last scan (the health figures read them).
         self.circuits = 0
         self.descriptors = 0
-        self._tallies = {k: _Tally() for k in ("idle", "stalled", "silent", "refused")}
+        self._tallies = {k: _Tally() for k in ("idle", "stalled", "silent", "refused", "buffers")}
+        #: The large CA buffers PCAS holds for the circuits (EPICS_CA_MAX_ARRAY_BYTES).
+        self.buffers = PinnedBuffers(array_bytes)
 
     def close(self) -> None:
         os.close(self._probe)
@@ -275,7 +279,16 @@ class CircuitMonitor:
         self._next_scan = now + CIRCUIT_SCAN_INTERVAL
         circuits = list(self._circuits(now))
         self.circuits = len(circuits)
-        for c, why in choose_closures(circuits, self.limits):
+        closures = choose_closures(circuits, self.limits)
+        # A refused circuit is closed before PCAS reads from it: it takes no buffer.
+        refused = {c.inode for c, why in closures if why == "refused"}
+        peak = self.buffers.peak
+        self.buffers.observe(
+            now, {c.inode: c.bytes_received for c in circuits if c.inode not in refused}
+        )
+        if self.buffers.peak > peak:
+            self._tallies["buffers"].event(now, self.buffers.line())
+        for c, why in closures:
             if self._shut(c):
                 self.circuits -= 1
                 self._tallies[why].event(now, self._line(c, why))

@@ -1,0 +1,105 @@
+"""The large CA buffers counted against max_bytes: which circuits hold one, and the bytes
+PCAS keeps (a high-water mark), with no sockets."""
+
+from __future__ import annotations
+
+from carelay.broker.app import Broker
+from carelay.broker.cabuffers import PinnedBuffers
+from carelay.common.config import CA_LARGE_BUFFER_EXTRA, CA_SMALL_BUFFER, load_config
+
+ARRAY_BYTES = 816_384
+LARGE = ARRAY_BYTES + CA_LARGE_BUFFER_EXTRA
+BIG = CA_SMALL_BUFFER + 1
+
+
+def test_a_buffer_is_the_array_bytes_and_room_for_a_header():
+    assert PinnedBuffers(ARRAY_BYTES).buffer_size == LARGE
+    assert PinnedBuffers(ARRAY_BYTES).pinned_bytes == 0
+
+
+def test_a_circuit_that_sends_more_than_the_small_buffer_at_once_holds_one():
+    b = PinnedBuffers(ARRAY_BYTES, window=1.0)
+    b.observe(0.0, {1: BIG, 2: CA_SMALL_BUFFER, 3: None, 4: 0})
+    assert (b.holding, b.peak, b.pinned_bytes) == (1, 1, LARGE)
+
+
+def test_small_messages_over_time_take_no_buffer():
+    """A client that puts scalars for hours sends far more than 16 KiB, a little at a
+    time: PCAS never takes a large buffer for it."""
+    b = PinnedBuffers(ARRAY_BYTES, window=1.0)
+    for k in range(100):
+        b.observe(float(k), {1: k * 1000})
+    assert b.peak == 0
+    # Within one window the bytes add up, across looks.
+    b.observe(100.2, {1: 110_000})
+    b.observe(100.6, {1: 120_000})
+    assert b.peak == 0
+    b.observe(101.0, {1: 130_000})
+    assert b.peak == 1
+
+
+def test_a_circuit_keeps_its_buffer_until_it_closes():
+    b = PinnedBuffers(ARRAY_BYTES, window=1.0)
+    b.observe(0.0, {1: BIG})
+    b.observe(5.0, {1: BIG})  # silent since: still holds it
+    assert b.holding == 1
+    b.observe(6.0, {})
+    assert b.holding == 0
+
+
+def test_the_count_is_the_most_held_at_once_and_never_falls():
+    """PCAS keeps a closed circuit's buffer for the next one: waves of circuits reuse the
+    same buffers, and the memory is never given back."""
+    b = PinnedBuffers(ARRAY_BYTES, window=1.0)
+    b.observe(0.0, {1: BIG, 2: BIG, 3: BIG})
+    b.observe(1.0, {})
+    assert (b.holding, b.pinned_bytes) == (0, 3 * LARGE)
+    b.observe(2.0, {4: BIG, 5: BIG})
+    assert b.pinned_bytes == 3 * LARGE
+    b.observe(3.0, {4: BIG, 5: BIG, 6: BIG, 7: BIG})
+    assert (b.holding, b.pinned_bytes) == (4, 4 * LARGE)
+    assert "4" in b.line() and str(4 * LARGE) in b.line()
+
+
+def test_a_new_circuit_on_a_known_inode_starts_afresh():
+    b = PinnedBuffers(ARRAY_BYTES, window=1.0)
+    b.observe(0.0, {1: 10})
+    b.observe(1.0, {})
+    b.observe(2.0, {1: BIG})
+    assert b.holding == 1
+
+
+class _Watched:
+    """A circuit monitor as the broker holds one: only its buffers are read."""
+
+    def __init__(self, buffers: PinnedBuffers) -> None:
+        self.buffers = buffers
+
+
+def test_max_bytes_counts_the_buffers_pcas_keeps(tmp_path):
+    config = load_config(
+        prefix="B:",
+        shards=1,
+        data_dir=str(tmp_path),
+        max_bytes=4_000_000,
+        max_elements=100_000,
+        max_pvs=100,
+    )
+    broker = Broker(config, None)
+    try:
+        spec = config.pv_spec("B:late_F50000")  # charged 800 kB
+        assert broker.bytes_left() == 4_000_000
+        assert broker._over_limits(spec) is None
+        buffers = PinnedBuffers(config.ca_max_array_bytes)
+        broker.circuits = _Watched(buffers)
+        buffers.observe(0.0, {k: BIG for k in range(4)})
+        assert broker.bytes_left() == 4_000_000 - 4 * buffers.buffer_size
+        why = broker._over_limits(spec)
+        assert why is not None and "max_bytes" in why
+        assert f"CA buffers hold {4 * buffers.buffer_size} bytes" in why
+        # The circuits close; PCAS keeps the buffers, and so does the count.
+        buffers.observe(1.0, {})
+        assert broker.bytes_left() == 4_000_000 - 4 * buffers.buffer_size
+    finally:
+        for link in broker.links:
+            link.close(linger=0)
