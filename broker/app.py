@@ -23,6 +23,7 @@ from pathlib import Path
 
 import zmq
 
+from carelay.broker.cabuffers import watch_free_list
 from carelay.broker.circuits import (
     CircuitMonitor,
     Limits,
@@ -1168,6 +1169,8 @@ def run_broker(config: Config) -> int:
         broker.reload_due = True
 
     signal.signal(signal.SIGHUP, reload_asked)
+    # Before the server is made: PCAS makes its list of large CA buffers with it.
+    free_list = watch_free_list(config.ca_max_array_bytes)
     server = RelayServer(broker)
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()
@@ -1186,6 +1189,7 @@ def run_broker(config: Config) -> int:
                 e.strerror or e,
             )
     broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit)
+    broker.circuits.buffers.watch(free_list)
     log.debug("started (pid %d)", os.getpid())
     try:
         broker.run(stop)

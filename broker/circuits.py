@@ -282,11 +282,8 @@ class CircuitMonitor:
         closures = choose_closures(circuits, self.limits)
         # A refused circuit is closed before PCAS reads from it: it takes no buffer.
         refused = {c.inode for c, why in closures if why == "refused"}
-        peak = self.buffers.peak
-        self.buffers.observe(
-            now, {c.inode: c.bytes_received for c in circuits if c.inode not in refused}
-        )
-        if self.buffers.peak > peak:
+        seen = {c.inode: c.bytes_received for c in circuits if c.inode not in refused}
+        if self.buffers.observe(now, seen):
             self._tallies["buffers"].event(now, self.buffers.line())
         for c, why in closures:
             if self._shut(c):

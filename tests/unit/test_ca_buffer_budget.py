@@ -1,10 +1,13 @@
-"""The large CA buffers counted against max_bytes: which circuits hold one, and the bytes
-PCAS keeps (a high-water mark), with no sockets."""
+"""The large CA buffers counted against max_bytes: PCAS's free list read where it lives,
+which circuits hold one, and the bytes PCAS keeps (a high-water mark); no sockets, no
+PCAS (its free list is laid out here in ctypes memory)."""
 
 from __future__ import annotations
 
+import ctypes
+
 from carelay.broker.app import Broker
-from carelay.broker.cabuffers import PinnedBuffers
+from carelay.broker.cabuffers import FreeList, PinnedBuffers, _AllocMem, _FreeListPvt
 from carelay.common.config import CA_LARGE_BUFFER_EXTRA, CA_SMALL_BUFFER, load_config
 
 ARRAY_BYTES = 816_384
@@ -67,6 +70,61 @@ def test_a_new_circuit_on_a_known_inode_starts_afresh():
     b.observe(1.0, {})
     b.observe(2.0, {1: BIG})
     assert b.holding == 1
+
+
+def _free_list(size: int, blocks: int):
+    """A FREELISTPVT of ``size`` with ``blocks`` blocks taken from malloc (kept alive)."""
+    mems = [_AllocMem() for _ in range(blocks)]
+    for a, b in zip(mems, mems[1:], strict=False):
+        a.next = ctypes.addressof(b)
+    head = ctypes.addressof(mems[0]) if mems else None
+    return _FreeListPvt(size=size, nmalloc=1, mallochead=head), mems
+
+
+def _made_by_pcas(free_list: FreeList, lists) -> None:
+    """PCAS makes its lists (size, nmalloc, FREELISTPVT) through the hook."""
+    made = iter(lists)
+
+    def real(ppvt, size, nmalloc):
+        ppvt[0] = ctypes.addressof(next(made)[2])
+
+    free_list._real = real
+    for size, nmalloc, _pvt in lists:
+        slot = ctypes.c_void_p()
+        free_list._init(ctypes.pointer(slot), size, nmalloc)
+
+
+def test_the_free_list_of_large_buffers_is_counted_block_by_block():
+    small, _ = _free_list(CA_SMALL_BUFFER, 5)
+    large, keep = _free_list(LARGE, 3)
+    fl = FreeList(ARRAY_BYTES)
+    assert fl.buffers() is None  # not made yet
+    _made_by_pcas(fl, [(CA_SMALL_BUFFER, 8, small), (LARGE, 1, large)])
+    assert fl.buffers() == 3
+    # A buffer more: PCAS puts its block at the head.
+    more = _AllocMem(next=large.mallochead)
+    large.mallochead = ctypes.addressof(more)
+    assert fl.buffers() == 4
+    del keep
+
+
+def test_the_free_list_is_what_pcas_holds_and_the_circuits_a_floor():
+    large, keep = _free_list(LARGE, 1)
+    fl = FreeList(ARRAY_BYTES)
+    _made_by_pcas(fl, [(LARGE, 1, large)])
+    b = PinnedBuffers(ARRAY_BYTES, window=1.0)
+    b.watch(fl)  # before any circuit: what the list holds (a UDP buffer) is not theirs
+    assert b.pinned_bytes == 0
+    for _ in range(5):
+        large.mallochead = ctypes.addressof(more := _AllocMem(next=large.mallochead))
+        keep.append(more)
+    # Headers alone, or replies: no circuit sent much, and PCAS holds 5 more.
+    assert b.observe(0.0, {1: 10})  # grew: a log line
+    assert b.pinned_bytes == 5 * LARGE
+    assert not b.observe(0.5, {1: 10})
+    assert b.observe(1.0, {k: BIG for k in range(7)})
+    assert b.pinned_bytes == 7 * LARGE
+    del keep
 
 
 class _Watched:
