@@ -40,10 +40,11 @@ log = logging.getLogger("carelay.broker")
 
 
 class PinnedBuffers:
-    """Which circuits hold a large CA receive buffer, and the bytes PCAS keeps for them.
+    """The large CA buffers PCAS holds for circuits: what its free list took, where it was
+    found, and at least the most circuits seen at once to hold a receive buffer.
 
     ``observe`` takes each look at the open circuits (by inode: the bytes each sent so
-    far); ``pinned_bytes`` is what ``max_bytes`` counts for them."""
+    far) and reads the free list; ``pinned_bytes`` is what ``max_bytes`` counts."""
 
     def __init__(
         self,
@@ -63,15 +64,22 @@ class PinnedBuffers:
         self.peak = 0
         #: PCAS's own list of large buffers, where it could be found.
         self.free_list: FreeList | None = None
-        #: Large buffers the list held before any circuit (PCAS's UDP search buffer).
-        self._base = 0
+        #: Large buffers the list held before any circuit (PCAS's UDP search buffer), and
+        #: at the last look.
+        self._base = self._held = 0
         self._reported = 0
 
     def watch(self, free_list: FreeList | None) -> None:
         """Count PCAS's ``free_list`` too, less the buffers it holds now: called once the
         server is made, before it accepts any circuit."""
         self.free_list = free_list
-        self._base = (free_list.buffers() or 0) if free_list is not None else 0
+        held = free_list.buffers() if free_list is not None else None
+        if free_list is not None and held is None:
+            log.warning(
+                "PCAS's list of large CA buffers not found: they are counted from the "
+                "circuits' bytes only"
+            )
+        self._base = self._held = held or 0
 
     @property
     def holding(self) -> int:
@@ -80,9 +88,9 @@ class PinnedBuffers:
 
     @property
     def pinned_bytes(self) -> int:
-        """Bytes of large buffers PCAS holds, in use or kept for later circuits."""
-        held = self.free_list.buffers() if self.free_list is not None else None
-        return max(self.peak, (held or 0) - self._base) * self.buffer_size
+        """Bytes of large buffers PCAS holds for circuits, in use or kept for later ones,
+        as of the last look."""
+        return max(self.peak, self._held - self._base) * self.buffer_size
 
     def observe(self, now: float, received: Mapping[int, int | None]) -> bool:
         """Take one look at the open circuits: ``received`` maps each circuit's inode to
@@ -99,6 +107,8 @@ class PinnedBuffers:
         self._marks = marks
         self._holding &= marks.keys()
         self.peak = max(self.peak, len(self._holding))
+        if self.free_list is not None:
+            self._held = self.free_list.buffers() or self._base
         pinned = self.pinned_bytes
         grew, self._reported = pinned > self._reported, max(pinned, self._reported)
         return grew
