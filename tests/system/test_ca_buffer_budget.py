@@ -59,7 +59,8 @@ def test_pinned_ca_buffers_take_their_share_of_max_bytes(make_relay):
         before = used.read(timeout=5).data[0]
         # A ring buffer of 50,000 doubles: charged 800 kB, far below max_bytes.  Served
         # (provisional) now; created by its first put.
-        late = connect(ctx, relay.name("late", "F50000"))
+        late_name = relay.name("late", "F50000")
+        late = connect(ctx, late_name)
         socks = [_stuck_in_large_write() for _ in range(STUCK)]
         pinned = 100.0 * STUCK * LARGE_BUFFER / MAX_BYTES
         wait_for(
@@ -69,7 +70,8 @@ def test_pinned_ca_buffers_take_their_share_of_max_bytes(make_relay):
         )
         status = write_status(late, [1.0])
         assert not status.success, f"creation allowed with {STUCK} buffers pinned"
-        assert "CA buffers" in relay.log()
+        refusal = f"refused PV name {late_name}: max_bytes ({MAX_BYTES}) would be exceeded; "
+        assert refusal + "CA buffers hold" in relay.log()
         assert get(early) == 2.5
         put(early, 3.5)  # puts to a PV that exists are untouched
         assert get(early) == 3.5
