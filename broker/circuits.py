@@ -156,8 +156,9 @@ def client_limit(
 class _Tally:
     """One log line per CIRCUIT_LOG_INTERVAL for one kind of closure; the rest counted."""
 
-    def __init__(self, interval: float = CIRCUIT_LOG_INTERVAL) -> None:
+    def __init__(self, interval: float = CIRCUIT_LOG_INTERVAL, level: int = logging.WARNING):
         self.interval = interval
+        self.level = level
         self.next_line = 0.0
         self.unlogged = 0
         self.last = ""
@@ -165,7 +166,7 @@ class _Tally:
     def event(self, now: float, line: str) -> None:
         if now >= self.next_line:
             more = f" (and {self.unlogged} more since the last line)" if self.unlogged else ""
-            log.warning("%s%s", line, more)
+            log.log(self.level, "%s%s", line, more)
             self.unlogged = 0
             self.next_line = now + self.interval
         else:
@@ -174,7 +175,7 @@ class _Tally:
 
     def flush(self, now: float) -> None:
         if self.unlogged and now >= self.next_line:
-            log.warning("%d more like: %s", self.unlogged, self.last)
+            log.log(self.level, "%d more like: %s", self.unlogged, self.last)
             self.unlogged = 0
             self.next_line = now + self.interval
 
@@ -242,7 +243,8 @@ class CircuitMonitor:
         #: Circuits and open descriptors at the last scan (the health figures read them).
         self.circuits = 0
         self.descriptors = 0
-        self._tallies = {k: _Tally() for k in ("idle", "stalled", "silent", "refused", "buffers")}
+        self._tallies = {k: _Tally() for k in ("idle", "stalled", "silent", "refused")}
+        self._tallies["buffers"] = _Tally(level=logging.INFO)  # accounting, not a fault
         #: The large CA buffers PCAS holds for the circuits (EPICS_CA_MAX_ARRAY_BYTES).
         self.buffers = PinnedBuffers(array_bytes)
 
