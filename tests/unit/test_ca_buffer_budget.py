@@ -161,3 +161,12 @@ def test_max_bytes_counts_the_buffers_pcas_keeps(tmp_path):
     finally:
         for link in broker.links:
             link.close(linger=0)
+
+
+def test_a_list_not_found_is_said_and_the_circuits_count_alone(caplog):
+    b = PinnedBuffers(ARRAY_BYTES, window=1.0)
+    with caplog.at_level("WARNING", logger="carelay.broker"):
+        b.watch(FreeList(ARRAY_BYTES))  # PCAS made no list of that size
+    assert "not found" in caplog.text
+    b.observe(0.0, {1: BIG, 2: 10})
+    assert b.pinned_bytes == LARGE
