@@ -154,7 +154,8 @@ def client_limit(
 
 
 class _Tally:
-    """One log line per CIRCUIT_LOG_INTERVAL for one kind of closure; the rest counted."""
+    """One log line per CIRCUIT_LOG_INTERVAL for one kind of event (a closure, CA buffers
+    taken); the rest counted."""
 
     def __init__(self, interval: float = CIRCUIT_LOG_INTERVAL, level: int = logging.WARNING):
         self.interval = interval
