@@ -23,6 +23,7 @@ from pathlib import Path
 
 import zmq
 
+from carelay.broker.cabuffers import watch_free_list
 from carelay.broker.circuits import (
     CircuitMonitor,
     Limits,
@@ -428,13 +429,19 @@ class Broker:
         if self.n_real + self.n_creating >= c.max_pvs:
             return f"max_pvs ({c.max_pvs}) reached"
         if _charge(spec) > self.bytes_left():
-            return f"max_bytes ({self.byte_limit}) would be exceeded"
+            held = self.ca_buffer_bytes()
+            why = f"; CA buffers hold {held} bytes of it" if held else ""
+            return f"max_bytes ({self.byte_limit}) would be exceeded{why}"
         return None
 
     def bytes_left(self) -> int:
         """What ``max_bytes`` has left for new PVs: the charge of the PVs that exist and of
-        those being created is taken."""
-        return self.byte_limit - self.n_bytes - self.bytes_creating
+        those being created is taken, and so are the large CA buffers PCAS holds."""
+        return self.byte_limit - self.n_bytes - self.ca_buffer_bytes() - self.bytes_creating
+
+    def ca_buffer_bytes(self) -> int:
+        """The large CA buffers PCAS holds for the circuits (see broker/cabuffers.py)."""
+        return self.circuits.buffers.pinned_bytes if self.circuits is not None else 0
 
     # -- requests to shards -------------------------------------------------------
 
@@ -1207,6 +1214,8 @@ def run_broker(config: Config) -> int:
         broker.reload_due = True
 
     signal.signal(signal.SIGHUP, reload_asked)
+    # Before the server is made: PCAS makes its list of large CA buffers with it.
+    free_list = watch_free_list(config.ca_max_array_bytes)
     server = RelayServer(broker)
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()
@@ -1225,6 +1234,7 @@ def run_broker(config: Config) -> int:
                 e.strerror or e,
             )
     broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit)
+    broker.circuits.buffers.watch(free_list)
     log.debug("started (pid %d)", os.getpid())
     try:
         broker.run(stop)
@@ -1287,7 +1297,8 @@ def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> Circuit
         max_clients * config.circuit_bytes >> 20,
         config.client_idle_timeout,
     )
-    return CircuitMonitor(ports, Limits(max_clients, config.client_idle_timeout), fd_limit)
+    limits = Limits(max_clients, config.client_idle_timeout)
+    return CircuitMonitor(ports, limits, fd_limit, array_bytes=config.ca_max_array_bytes)
 
 
 def _charge(spec) -> int:

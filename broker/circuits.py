@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
+from carelay.broker.cabuffers import PinnedBuffers
 from carelay.common.config import (
     BROKER_FD_HEADROOM,
     CA_SMALL_BUFFER,
@@ -153,10 +154,12 @@ def client_limit(
 
 
 class _Tally:
-    """One log line per CIRCUIT_LOG_INTERVAL for one kind of closure; the rest counted."""
+    """One log line per CIRCUIT_LOG_INTERVAL for one kind of event (a closure, CA buffers
+    taken); the rest counted."""
 
-    def __init__(self, interval: float = CIRCUIT_LOG_INTERVAL) -> None:
+    def __init__(self, interval: float = CIRCUIT_LOG_INTERVAL, level: int = logging.WARNING):
         self.interval = interval
+        self.level = level
         self.next_line = 0.0
         self.unlogged = 0
         self.last = ""
@@ -164,7 +167,7 @@ class _Tally:
     def event(self, now: float, line: str) -> None:
         if now >= self.next_line:
             more = f" (and {self.unlogged} more since the last line)" if self.unlogged else ""
-            log.warning("%s%s", line, more)
+            log.log(self.level, "%s%s", line, more)
             self.unlogged = 0
             self.next_line = now + self.interval
         else:
@@ -173,7 +176,7 @@ class _Tally:
 
     def flush(self, now: float) -> None:
         if self.unlogged and now >= self.next_line:
-            log.warning("%d more like: %s", self.unlogged, self.last)
+            log.log(self.level, "%d more like: %s", self.unlogged, self.last)
             self.unlogged = 0
             self.next_line = now + self.interval
 
@@ -217,6 +220,7 @@ class CircuitMonitor:
         limits: Limits,
         fd_limit: int,
         clock: Callable[[], float] = time.monotonic,
+        array_bytes: int = 0,
     ) -> None:
         self.ports = frozenset(ports)
         self.limits = limits
@@ -241,6 +245,9 @@ class CircuitMonitor:
         self.circuits = 0
         self.descriptors = 0
         self._tallies = {k: _Tally() for k in ("idle", "stalled", "silent", "refused")}
+        self._tallies["buffers"] = _Tally(level=logging.INFO)  # accounting, not a fault
+        #: The large CA buffers PCAS holds for the circuits (EPICS_CA_MAX_ARRAY_BYTES).
+        self.buffers = PinnedBuffers(array_bytes)
 
     def close(self) -> None:
         os.close(self._probe)
@@ -275,7 +282,13 @@ class CircuitMonitor:
         self._next_scan = now + CIRCUIT_SCAN_INTERVAL
         circuits = list(self._circuits(now))
         self.circuits = len(circuits)
-        for c, why in choose_closures(circuits, self.limits):
+        closures = choose_closures(circuits, self.limits)
+        # A refused circuit is closed before PCAS reads from it: it takes no buffer.
+        refused = {c.inode for c, why in closures if why == "refused"}
+        seen = {c.inode: c.bytes_received for c in circuits if c.inode not in refused}
+        if self.buffers.observe(now, seen):
+            self._tallies["buffers"].event(now, self.buffers.line())
+        for c, why in closures:
             if self._shut(c):
                 self.circuits -= 1
                 self._tallies[why].event(now, self._line(c, why))

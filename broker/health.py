@@ -346,6 +346,8 @@ class Health:
                 }
             )
         limit = broker.byte_limit
+        # max_bytes counts the large CA buffers PCAS holds too (see broker/cabuffers.py).
+        used = broker.n_bytes + (watched.buffers.pinned_bytes if watched is not None else 0)
         self.snapshot = snap = {
             "heartbeat": self.heartbeat,
             "uptime": wall - self.started,
@@ -359,8 +361,8 @@ class Health:
             "create_rate": create_rate,
             "refuse_rate": refuse_rate,
             "mem_used": float(mem),
-            "max_bytes_used": 100.0 * broker.n_bytes / limit if limit else 0.0,
-            "bytes_used": float(broker.n_bytes),
+            "max_bytes_used": 100.0 * used / limit if limit else 0.0,
+            "bytes_used": float(used),
             "cpu_load": cpu,
             "fd_free": fd_limit() - nfds,
             "puts": self.puts,
