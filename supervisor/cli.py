@@ -196,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "up" and config.access_security is not None:
         # The broker would only find out after the relay started, and fail at every restart.
-        from carelay.broker.app import check_access_security, undefined_access_group
+        from carelay.broker.access import check_access_security, undefined_access_group
 
         problem = check_access_security(config.access_security)
         if problem is not None:
