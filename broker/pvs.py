@@ -271,7 +271,6 @@ class RelayPV(DisplayFields, BasePV):
         self.stamp = 0.0
         self.ring = RingBuffer(spec.count, spec.dtype) if spec.is_buffer else None
         self.value = _zero(spec.dtype)
-        self.pending = 0  # puts sent to the shard and not yet answered
         self.creating = False  # a first put is on its way: counted against the limits
         self.deleting = False  # a delpv of it is on its way
         self.alarm = Alarm.UDF_ALARM
@@ -522,10 +521,10 @@ class RelayPV(DisplayFields, BasePV):
 
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
-        if self.pending:
+        if self.broker.requests.in_flight(self):
             # A put of ours is on its way to the shard: answer after it, so that
             # a client reads what it has just written.
-            self.broker.wait_for_pending(self)
+            self.broker.wait_for_answers(self)
         fill_gdd(self.spec, value, self.contents())
         alarm, severity = self._status()
         value.setStatSevr(alarm, severity)
@@ -540,7 +539,12 @@ class RelayPV(DisplayFields, BasePV):
         """A put without callback.  A number put to a plain PV in sync with its live shard
         (the commonest put of all) takes the short way to the same outcome as the long one,
         ``BasePV.write``, which every other put takes."""
-        if self.plain and not self.pending and self.real and not self.waiting_put:
+        if (
+            self.plain
+            and self.real
+            and not self.waiting_put
+            and not self.broker.requests.in_flight(self)
+        ):
             link = self.broker.links[self.shard]
             if link.live:
                 x = scalar_number(value)
@@ -613,10 +617,10 @@ class FieldPV(BasePV):
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
         pv = self.broker.pvs.get(self.base.name)
-        if pv is not None and pv.pending:
+        if pv is not None and self.broker.requests.in_flight(pv):
             # A field change (or put) is on its way to the shard: answer after it, so that
             # a client reads what it has just written (EPICS caput reads right after).
-            self.broker.wait_for_pending(pv)
+            self.broker.wait_for_answers(pv)
         self._fill(value)
         return cas.S_casApp_success
 

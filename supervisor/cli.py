@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return import_pvs(config, Path(args.file))
     if args.command == "broker":
         setup_logging(config.log_level, "broker")
-        from carelay.broker.app import run_broker
+        from carelay.broker.main import run_broker
 
         return _run_role(config, "broker", lambda: run_broker(config))
     if args.command == "shard":
