@@ -14,6 +14,8 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from carelay.common.config import EXPIRY_MARGIN, PUT_RECONNECT_GRACE, PUT_TIMEOUT
 from carelay.common.protocol import Op, WriteRun
@@ -21,34 +23,30 @@ from carelay.common.protocol import Op, WriteRun
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True)
 class Request:
     """A request sent to a shard and waiting for its answer."""
 
-    __slots__ = ("pv", "name", "shard", "deadline", "notify", "client")
-
-    def __init__(self, pv, name, shard, deadline, notify, client=None) -> None:
-        #: The PV it holds in flight, or None (a WRITE, or an orphan).
-        self.pv = pv
-        self.name = name
-        self.shard = shard
-        self.deadline = deadline
-        #: Told ``complete(ok)`` when the request ends (a put with callback), or None.
-        self.notify = notify
-        #: (host, user) of the client that waits for the answer, for ``relay:ERRORS``.
-        self.client = client
+    #: The PV it holds in flight, or None (a WRITE, or an orphan).
+    pv: Any
+    name: str
+    shard: int
+    deadline: float
+    #: Told ``complete(ok)`` when the request ends (a put with callback), or None.
+    notify: Any
+    #: (host, user) of the client that waits for the answer, for ``relay:ERRORS``.
+    client: tuple[str, str] | None = None
 
 
+@dataclass(slots=True)
 class ParkedPut:
     """A put that waits for its shard to be back (PUT_RECONNECT_GRACE)."""
 
-    __slots__ = ("pv", "payload", "notify", "shard", "deadline")
-
-    def __init__(self, pv, payload, notify, shard, deadline) -> None:
-        self.pv = pv
-        self.payload = payload
-        self.notify = notify
-        self.shard = shard
-        self.deadline = deadline
+    pv: Any
+    payload: Any
+    notify: Any
+    shard: int
+    deadline: float
 
 
 class Requests:
