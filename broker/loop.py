@@ -138,6 +138,7 @@ class Loop:
             k = link.index
             was_usable = link.usable
             gone = False
+            # A link that goes down keeps its socket for the answers the shard still owes.
             in_flight = bool(requests.unanswered[k])
             if link.lost_writes:
                 link.went_down("puts could not be sent", park=in_flight)
@@ -146,7 +147,7 @@ class Loop:
                 if link.local:
                     sync.drain(link)  # what the shard answered before it closed
                     gone = True
-                link.went_down("disconnected", park=not gone and bool(requests.unanswered[k]))
+                link.went_down("disconnected", park=in_flight and not gone)
                 action = "down"
             else:
                 action = link.tick(now, in_flight)
