@@ -32,6 +32,8 @@ import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -388,3 +390,72 @@ def _got_slots(path: str, names: set[str]) -> dict[str, int]:
             if name in names:
                 out[name] = r_offset
     return out
+
+
+# -- the access security file, checked before it governs the relay ---------------------------
+
+
+def check_access_security(path) -> str | None:
+    """Why the access security file at ``path`` does not load, or None if it does.
+
+    Loaded in a child process, so that ``carelay up`` can refuse a bad file before
+    it starts anything: EPICS prints its complaints on the C streams, where the
+    child's output catches them.
+    """
+    code = "import sys; from pcaspy import cas; sys.exit(cas.asInitFile(sys.argv[1], '') != 0)"
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=60,
+        check=False,
+    )
+    if r.returncode == 0:
+        return None
+    return " ".join((r.stderr + r.stdout).split()) or f"exit status {r.returncode}"
+
+
+#: ``ASG(name)`` or ``ASG("name")`` in an access security file.
+_ASG = re.compile(r'\bASG\s*\(\s*(?:"([^"]*)"|([^\s")]+))\s*\)')
+
+
+def access_groups(text: str) -> set[str]:
+    """The groups (ASG) that the access security file ``text`` defines; comments, from
+    ``#`` to the end of a line, do not count."""
+    return {quoted or bare for quoted, bare in _ASG.findall(_strip_comments(text))}
+
+
+def undefined_access_group(path, group: str) -> str | None:
+    """Why the valid access security file at ``path`` cannot govern the relay's PVs,
+    which all join ``group``; None if it defines the group.
+
+    EPICS puts a member of an undefined group into DEFAULT, and an undefined DEFAULT
+    allows nothing: a relay would quietly run on other rules than the site wrote."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    if group in access_groups(text):
+        return None
+    if group == "DEFAULT":
+        return f"{path} defines no ASG(DEFAULT): every client would be denied everything"
+    return f"{path} defines no ASG({group}): the relay's PVs would get the rules of ASG(DEFAULT)"
+
+
+def reload_rules(cas, config) -> None:
+    """Read the access security file again (SIGHUP, ``carelay reload-acf``): its rules,
+    and the addresses of its HAGs' host names.  An invalid file leaves the rules in
+    force."""
+    if config.access_security is None:
+        log.warning("access security not reloaded: none is configured")
+        return
+    problem = undefined_access_group(config.access_security, config.access_group)
+    if problem is None and not load_rules(
+        cas, config.access_security, config.access_by_ip, config.run_dir
+    ):
+        problem = f"access security file {config.access_security} is invalid"
+    if problem is not None:
+        log.error("access security not reloaded, the rules in force stay: %s", problem)
+        return
+    log.info("access security reloaded from %s", config.access_security)

@@ -53,10 +53,10 @@ class FieldPV(BasePV):
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
         pv = self.broker.pvs.get(self.base.name)
-        if pv is not None and pv.pending:
+        if pv is not None and self.broker.requests.in_flight(pv):
             # A field change (or put) is on its way to the shard: answer after it, so that
             # a client reads what it has just written (EPICS caput reads right after).
-            self.broker.wait_for_pending(pv)
+            self.broker.wait_for_answers(pv)
         self._fill(value)
         return cas.S_casApp_success
 

@@ -34,7 +34,7 @@ from carelay.common.protocol import (
     send_frames,
 )
 
-log = logging.getLogger("carelay.broker")
+log = logging.getLogger(__name__)
 
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
@@ -61,15 +61,11 @@ class ShardLink:
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         #: Sockets of earlier connections whose requests were in flight when the link went
-        #: down: kept open so that the shard's answers to them still come (see orphans).
+        #: down: kept open so that the shard's answers to them still come (see
+        #: Requests.orphans).
         self.parked: list[zmq.Socket] = []
-        #: Requests sent and not yet answered, in sending (= request number) order.
-        self.pending: dict = {}
-        #: Requests that were in flight when the link went down: they wait for their
-        #: deadline (see Broker._link_down), in request number order.
-        self.orphans: dict = {}
-        #: Messages (and WriteRuns) waiting for the next flush; how many puts they hold,
-        #: and whether one waits for an answer.
+        #: Messages (and WriteRuns) waiting for the next ``send_queued``; how many puts
+        #: they hold, and whether one waits for an answer.
         self.outbox: list = []
         self.queued = 0
         self.urgent = False
@@ -117,7 +113,7 @@ class ShardLink:
         self._connect_deadline = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
 
     def close(self, linger: int = 0, park: bool = False) -> None:
-        """Close the socket; ``linger``: ms that ZeroMQ may take to send what was flushed.
+        """Close the socket; ``linger``: ms that ZeroMQ may take to send what was sent.
         ``park``: keep it open among ``parked``, only to receive."""
         self.outbox.clear()
         self.queued = 0
@@ -157,7 +153,7 @@ class ShardLink:
                 broke = True
 
     def queue(self, msg: Message) -> None:
-        """Queue ``msg`` for the next ``flush``, which sends the queue as batches.  A message
+        """Queue ``msg`` for the next ``send_queued``, which sends the queue as batches.  A message
         that waits for an answer (``req``) makes the queue urgent."""
         self.outbox.append(msg)
         self.queued += 1
@@ -183,7 +179,7 @@ class ShardLink:
             if not run.expires:
                 run.expires = expires
 
-    def flush(self) -> list:
+    def send_queued(self) -> list:
         """Send everything queued, in order and without blocking; returns the messages
         that could not go (the shard is not connected, or its queue is full)."""
         out, self.outbox = self.outbox, []
@@ -208,7 +204,7 @@ class ShardLink:
     def send(self, msg: Message) -> bool:
         """Send ``msg`` now, after anything queued; False when it cannot go now."""
         self.queue(msg)
-        return not self.flush()
+        return not self.send_queued()
 
     def recv(self) -> list[Message] | None:
         """The messages of one batch, or None when nothing is waiting.  Malformed batches
@@ -237,12 +233,12 @@ class ShardLink:
             except ProtocolError as e:
                 log.warning("shard %d: dropped a malformed message: %s", self.index, e)
 
-    def went_down(self, why: str, park: bool = True) -> None:
-        """Drop the socket (``park``: keep it for the answers to requests in flight) and
-        schedule a reconnect with back-off."""
+    def went_down(self, why: str, park: bool) -> None:
+        """Drop the socket (``park``: keep it for the answers to the requests in flight)
+        and schedule a reconnect with back-off."""
         was = self.state
         self.lost_writes = False
-        self.close(park=park and bool(self.pending))
+        self.close(park=park)
         self.state = LinkState.DOWN
         self._retry_at = time.monotonic() + self._backoff
         level = (
@@ -263,9 +259,10 @@ class ShardLink:
         self._backoff = RECONNECT_INITIAL
         self.ever_synced = True
 
-    def tick(self, now: float) -> str | None:
+    def tick(self, now: float, in_flight: bool) -> str | None:
         """Advance timers.  Returns "hello" or "ping" when one should be sent, "down" when
-        the link just went down, else None."""
+        the link just went down (``in_flight``: the shard owes answers, so its socket is
+        kept for them), else None."""
         if self.state is LinkState.DOWN:
             if now >= self._retry_at:
                 self.open()
@@ -274,11 +271,11 @@ class ShardLink:
             return None
         if self.state is LinkState.CONNECTING:
             if now >= self._connect_deadline:
-                self.went_down("no connection")
+                self.went_down("no connection", park=in_flight)
                 return "down"
             return "hello"
         if now - self._last_heard > HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS:
-            self.went_down("no heartbeat")
+            self.went_down("no heartbeat", park=in_flight)
             return "down"
         if now - self._last_ping >= HEARTBEAT_INTERVAL:
             self._last_ping = now

@@ -68,7 +68,6 @@ class RelayPV(DisplayFields, BasePV):
         self.spec = spec
         self.shard = shard
         self.mirror = PvMirror(spec, broker.resolver)
-        self.pending = 0  # puts sent to the shard and not yet answered
         self.creating = False  # a first put is on its way: counted against the limits
         self.deleting = False  # a delpv of it is on its way
 
@@ -195,10 +194,10 @@ class RelayPV(DisplayFields, BasePV):
 
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
-        if self.pending:
+        if self.broker.requests.in_flight(self):
             # A put of ours is on its way to the shard: answer after it, so that
             # a client reads what it has just written.
-            self.broker.wait_for_pending(self)
+            self.broker.wait_for_answers(self)
         fill_gdd(self.spec, value, self.mirror.contents())
         alarm, severity = self._status()
         value.setStatSevr(alarm, severity)
@@ -213,7 +212,12 @@ class RelayPV(DisplayFields, BasePV):
         """A put without callback.  A number put to a plain PV in sync with its live shard
         (the commonest put of all) takes the short way to the same outcome as the long one,
         ``BasePV.write``, which every other put takes."""
-        if self.plain and not self.pending and self.real and not self.waiting_put:
+        if (
+            self.plain
+            and self.real
+            and not self.waiting_put
+            and not self.broker.requests.in_flight(self)
+        ):
             link = self.broker.links[self.shard]
             if link.live:
                 x = scalar_number(value)

@@ -229,7 +229,7 @@ def _check_access_security(config: Config) -> None:
     find out after the relay started, and fail at every restart."""
     if config.access_security is None:
         return
-    from carelay.broker.app import check_access_security, undefined_access_group
+    from carelay.broker.access import check_access_security, undefined_access_group
 
     problem = check_access_security(config.access_security)
     if problem is not None:
@@ -301,7 +301,7 @@ def run_broker_role(args: argparse.Namespace) -> int:
     config = _config(args)
     _standalone_locks(config, BROKER_LOCK_FILE)
     setup_logging(config.log_level, "broker")
-    from carelay.broker.app import run_broker
+    from carelay.broker.main import run_broker
 
     return _run_role(config, "broker", lambda: run_broker(config))
 

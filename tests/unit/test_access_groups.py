@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from carelay.broker.app import access_groups, undefined_access_group
+from carelay.broker.access import access_groups, undefined_access_group
 
 SITE = """\
 HAG(controlroom) {opi1, opi2}   # ASG(NOT_THIS) in a comment

@@ -116,7 +116,7 @@ def created(broker: Broker, name: str, value: float):
         return True
 
     def answered() -> bool:
-        return box["pv"].real and not box["pv"].pending
+        return box["pv"].real and not broker.requests.in_flight(box["pv"])
 
     return box, put, answered
 
@@ -133,7 +133,7 @@ def test_a_plain_put_is_mirrored_at_once_and_reaches_the_shard_as_sent(hop):
         assert broker.forward_put(pv, np.array([2.5]), None)
         # Mirrored and stamped now, with nothing waiting for the shard.
         assert pv.value.tolist() == [2.5] and pv.stamp >= before
-        assert not pv.pending and not broker.links[0].pending
+        assert not broker.requests.in_flight(pv) and not broker.requests.unanswered[0]
         seen["stamp"] = pv.stamp
         return True
 
@@ -189,7 +189,7 @@ def test_a_refused_write_puts_the_mirror_back_as_the_shard_holds_it(hop):
     def mirror_only() -> bool:
         # A PV that the broker takes as real but the shard does not hold.
         pv = box["pv"] = broker.attach(name)
-        broker._set_real(pv, True)
+        broker.table.set_real(pv, True)
         pv.apply(np.array([1.0]), time.time(), append=False)
         assert broker.forward_put(pv, np.array([2.0]), notify)
         assert pv.value.tolist() == [2.0]

@@ -147,12 +147,12 @@ def test_max_bytes_counts_the_buffers_pcas_keeps(tmp_path):
     try:
         spec = config.pv_spec("B:late_F50000")  # charged 800 kB
         assert broker.bytes_left() == 4_000_000
-        assert broker._over_limits(spec) is None
+        assert broker.table.over_limits(spec) is None
         buffers = PinnedBuffers(config.ca_max_array_bytes)
         broker.circuits = _Watched(buffers)
         buffers.observe(0.0, {k: BIG for k in range(4)})
         assert broker.bytes_left() == 4_000_000 - 4 * buffers.buffer_size
-        why = broker._over_limits(spec)
+        why = broker.table.over_limits(spec)
         assert why is not None and "max_bytes" in why
         assert f"CA buffers hold {4 * buffers.buffer_size} bytes" in why
         # The circuits close; PCAS keeps the buffers, and so does the count.

@@ -1,0 +1,141 @@
+"""Forwarder: what CA clients put, sent on to the shards.
+
+A value put to a PV in sync with its live shard is written through: mirrored and posted
+at once, and sent on as a WRITE (answered only for a put with callback).  Any other put,
+a field change and a deletion are requests: numbered, queued for the PV's shard, and
+held in flight on the PV until the shard answers (see Requests).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from carelay.broker.link import ShardLink
+from carelay.common import fields
+from carelay.common.protocol import Message, Op
+
+log = logging.getLogger(__name__)
+
+
+class Forwarder:
+    """Sends puts, field changes and deletions to the shards."""
+
+    def __init__(self, broker) -> None:
+        self.broker = broker
+        # Read for every put: held here rather than looked up through the broker.
+        self.links = broker.links
+        self.store_errors = broker.store_errors
+        self.table = broker.table
+        self.requests = broker.requests
+        self.health = broker.health
+
+    def put(self, pv, data, notify) -> bool:
+        """Send a put of ``data`` to ``pv``'s shard; False if it cannot go now."""
+        link = self.links[pv.shard]
+        if not link.usable:
+            log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
+            self.broker.error("shard_down", "put failed: shard unreachable", pv.name, pv.shard)
+            return False
+        stamp = time.time()
+        # While the shard's store cannot be written, a put with callback takes the round
+        # trip: the shard refuses it (or applies it, if its store has just healed), and
+        # the mirror never shows a refused value.
+        faulted = notify is not None and self.store_errors[pv.shard]
+        if link.live and pv.real and not self.requests.in_flight(pv) and not faulted:
+            data = pv.settled_put(data)
+            if data is not None:
+                return self.write_through(link, pv, data, stamp, notify)
+        if not (pv.real or pv.creating):
+            why = self.table.over_limits(pv.spec)
+            if why is not None:
+                self.table.refuse(pv.name, why, "limit")
+                return False
+        msg = Message(Op.PUT, pv.name, stamp=stamp, data=data)
+        if notify is not None:
+            msg.info = {"callback": 1}  # refused by a shard whose store cannot be written
+        if not self._request(pv.shard, msg, pv, notify):
+            log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
+            self.broker.error("shard_down", "put failed: shard not accepting", pv.name, pv.shard)
+            return False
+        self.health.puts += 1
+        if not pv.real:
+            self.table.reserve(pv, True)
+        return True
+
+    def write_through(self, link: ShardLink, pv, data, stamp: float, notify) -> bool:
+        """A put to a PV in sync with its live shard: applied to the mirror and posted now,
+        and sent on as a WRITE that the shard answers only for a put with callback (or to
+        refuse it, with the PV as it holds it).  No round trip before the monitors."""
+        self.health.puts += 1
+        if notify is None:
+            link.write(pv.name, 0, stamp, data)
+        else:
+            req, expires = self.requests.expect(
+                link.index, None, pv.name, notify, self.broker.client()
+            )
+            link.write(pv.name, req, stamp, data, expires)
+        pv.apply(data, stamp, append=pv.ring is not None, owned=True)
+        return True
+
+    def field(self, name: str, field: str, raw, notify) -> bool:
+        """Send a field change of PV ``name`` to its shard; False if it cannot be made."""
+        pv = self.table.pvs.get(name)
+        if pv is None or not pv.real:
+            log.warning("put to %s.%s failed: %s does not exist yet", name, field, name)
+            self.broker.error(
+                "provisional", f"field put to .{field}: the PV has had no put yet", name
+            )
+            return False
+        if field == "RES":
+            if not raw:
+                if notify is not None:
+                    notify.complete(True)
+                return True
+            value = 1
+        else:
+            try:
+                value = fields.validate(field, raw)
+            except fields.FieldError as e:
+                log.warning("refused put to %s.%s: %s", name, field, e)
+                self.broker.error("field", f"refused put to .{field}: {e}", name, pv.shard)
+                return False
+        msg = Message(Op.SET_FIELD, name, info={"field": field, "value": value})
+        # In flight on the PV until answered: value puts meanwhile take the round trip, so
+        # that the shard, not the mirror, applies the new field (DRVH, DRVL) to them.
+        if not self._request(pv.shard, msg, pv, notify):
+            log.warning("put to %s.%s failed: shard %d unreachable", name, field, pv.shard)
+            self.broker.error(
+                "shard_down", f"put to .{field} failed: shard unreachable", name, pv.shard
+            )
+            return False
+        return True
+
+    def delete(self, name: str, notify) -> bool:
+        pv = self.table.pvs.get(name)
+        if pv is None or not pv.real:
+            log.warning("delpv %s failed: no such PV", name)
+            self.broker.error("no_such_pv", "delpv failed: no such PV", name)
+            return False
+        # In flight on the PV: puts wait for the answer (round trip), not the mirror,
+        # until the deletion is settled.
+        if not self._request(pv.shard, Message(Op.DELETE, name), pv, notify):
+            log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
+            self.broker.error("shard_down", "delpv failed: shard unreachable", name, pv.shard)
+            return False
+        pv.deleting = True
+        return True
+
+    def _request(self, shard: int, msg: Message, pv, notify) -> bool:
+        """Number ``msg``, queue it for ``shard`` and wait for its answer (put, delete or
+        field change); False when the shard cannot take it now."""
+        link = self.links[shard]
+        if not link.usable or link.sock is None:
+            return False
+        client = self.broker.client() if notify is not None else None
+        msg.req, expires = self.requests.expect(shard, pv, msg.name, notify, client)
+        msg.info["expires"] = expires
+        # Queued, and sent with the others of this process() slice in batches (the loop).
+        # Never sent here: a failure must not complete a put inside its own write().
+        link.queue(msg)
+        return True

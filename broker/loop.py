@@ -1,0 +1,244 @@
+"""The broker's loop: CA and the shard links served by one thread.
+
+It alternates short ``cas.process`` slices with polls of the shard sockets, so every
+pcaspy call stays on the thread that runs process() (pcaspy is not thread safe).  Every
+tick it also sends the queued puts, runs the links' timers (reconnect, heartbeat,
+request deadlines), posts coalesced events, writes the status file and samples health.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from carelay.broker.link import LinkState
+from carelay.common.config import (
+    HEALTH_INTERVAL,
+    READ_SYNC_TIMEOUT,
+    STARTUP_QUIET,
+    STATUS_INTERVAL,
+)
+from carelay.common.lifecycle import StopFlag, return_freed_memory, write_status
+from carelay.common.protocol import BATCH_MAX, Op
+
+log = logging.getLogger(__name__)
+
+#: process() slice while nothing waits on a shard but puts are queued for one (seconds).
+_IDLE_SLICE = 0.005
+#: process() slice while nothing is queued or due either: an idle relay wakes up about
+#: ten times a second (CA traffic still ends a slice at once).
+_QUIET_SLICE = 0.1
+#: How long to poll the shards for answers while requests are in flight (ms).
+_BUSY_POLL_MS = 1
+#: How often heartbeats, timeouts, link changes and coalesced posts are looked at (s).
+_TICK = 0.01
+#: The longest single poll while a read waits for answers (ms).
+_READ_POLL_MS = 50
+
+
+class Loop:
+    """Runs the broker until it is asked to stop."""
+
+    def __init__(self, broker) -> None:
+        self.broker = broker
+        #: PVs with a coalesced event waiting (see RelayPV.post).
+        self.due_posts: set = set()
+
+    def run(self, stop: StopFlag) -> None:
+        b = self.broker
+        links, requests, sync, table = b.links, b.requests, b.sync, b.table
+        next_status = next_tick = next_health = 0.0
+        handled = 0
+        while not stop.stopping:
+            # While answers are due, do not sleep in CA's select(): poll the
+            # shards briefly instead, so replies are handled as they come.
+            waiting = requests.any_unanswered() or any(
+                link.state is LinkState.SYNCING for link in links
+            )
+            # After answers were handled, CA has completions and events to send:
+            # no sleep in select() before they go.
+            if waiting or handled:
+                delay = 0.0
+            elif self.due_posts or any(link.outbox for link in links):
+                delay = _IDLE_SLICE
+            else:
+                delay = _QUIET_SLICE
+            b.cas.process(delay)
+            if b.circuits is not None:
+                self._watch_circuits()
+            for link in links:
+                # What waits for an answer goes at once; plain puts, which the mirror
+                # already shows, go in batches of BATCH_MAX or at the next tick.
+                if link.urgent or link.queued >= BATCH_MAX:
+                    requests.send(link)
+            handled = sync.poll(_BUSY_POLL_MS if waiting else 0)
+            now = time.monotonic()
+            if requests.parked:
+                requests.unpark(now)
+            table.graveyard.clear()
+            if now < next_tick:
+                continue
+            # Every _TICK, not every turn: a turn may carry only a few puts.
+            next_tick = now + _TICK
+            self.send_queued()
+            self._timers(now)
+            table.refusals.tick()
+            if b.denied_puts is not None:
+                b.denied_puts.tick()
+            if b.reload_due:
+                b.reload_access()
+            b.pvlist.post_if_changed()
+            if self.due_posts:
+                self._post_due(now)
+            if not b.ready and all(link.live for link in links):
+                self._became_ready()
+            elif b.quiet_until is not None and now >= b.quiet_until:
+                self._not_ready_yet()
+            if now >= next_status or b.status_due:
+                self.write_status()
+                next_status = now + STATUS_INTERVAL
+                return_freed_memory()
+            if now >= next_health:
+                self._update_health(now)
+                next_health = now + HEALTH_INTERVAL
+        # A clean stop: the puts still queued go to the shards, which stop after us.
+        self.send_queued()
+        requests.fail_parked()
+
+    def send_queued(self) -> None:
+        """Send whatever is queued for each shard."""
+        for link in self.broker.links:
+            if link.outbox:
+                self.broker.requests.send(link)
+
+    def serve_until(self, shards_waited_for: Callable[[], set[int]], what: str) -> None:
+        """Serve the shards until ``shards_waited_for`` names none (bounded by
+        READ_SYNC_TIMEOUT): a CA read that waits so that it shows the changes in flight.
+        ``what`` names the read in the log line of one that could not wait for them."""
+        b = self.broker
+        deadline = time.monotonic() + READ_SYNC_TIMEOUT
+        while shards := shards_waited_for():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("read of %s answered before shards %s confirmed it", what, shards)
+                return
+            for k in shards:
+                b.requests.send(b.links[k])
+            b.sync.poll(min(left * 1000, _READ_POLL_MS))
+
+    def _post_due(self, now: float) -> None:
+        for pv in list(self.due_posts):
+            if pv.post_due(now):
+                self.due_posts.discard(pv)
+
+    def _timers(self, now: float) -> None:
+        b = self.broker
+        requests, sync = b.requests, b.sync
+        for link in b.links:
+            k = link.index
+            was_usable = link.usable
+            gone = False
+            # A link that goes down keeps its socket for the answers the shard still owes.
+            in_flight = bool(requests.unanswered[k])
+            if link.lost_writes:
+                link.went_down("puts could not be sent", park=in_flight)
+                action = "down"
+            elif link.disconnected():
+                if link.local:
+                    sync.drain(link)  # what the shard answered before it closed
+                    gone = True
+                link.went_down("disconnected", park=in_flight and not gone)
+                action = "down"
+            else:
+                action = link.tick(now, in_flight)
+            if action == "hello":
+                sync.hello(link)
+            elif action == "ping":
+                sync.send_numbered(link, Op.PING)
+            elif action == "down" and was_usable:
+                sync.link_down(link, gone)
+            requests.expire(k, now)
+            if link.parked and not requests.orphans[k]:
+                link.close_parked()
+
+    def _watch_circuits(self) -> None:
+        """Right after each process() slice, so that a circuit over max_clients is closed
+        before PCAS reads from it; a failure is logged, never fatal."""
+        b = self.broker
+        try:
+            b.circuits.poll()
+        except Exception:
+            log.exception("watching the CA circuits failed; they go unwatched")
+            b.circuits = None
+
+    # -- status, readiness and health ------------------------------------------------------
+
+    def write_status(self) -> None:
+        b = self.broker
+        b.status_due = False
+        write_status(
+            b.status_path,
+            {
+                "role": "broker",
+                "pvs": b.table.n_real,
+                "ready": b.ready,
+                "ca_port": b.ca_port,
+                "shards": [
+                    {"index": link.index, "state": link.state.value, "pvs": link.pvs}
+                    for link in b.links
+                ],
+            },
+        )
+
+    def _became_ready(self) -> None:
+        """Every shard is in sync: say so, with the CA port the server really listens on
+        (PCAS takes another one when the configured port is taken)."""
+        b = self.broker
+        b.ready = True
+        b.quiet_until = None
+        b.table.unserved.discard(None)
+        ports = b.ca_ports
+        configured = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
+            "EPICS_CA_SERVER_PORT", "5064"
+        )
+        if not ports:
+            ports = [int(configured)] if configured.isdigit() else []
+        b.ca_port = ports[0] if ports else None
+        if ports and str(b.ca_port) != configured:
+            log.warning("CA port %s is taken; serving on %s", configured, b.ca_port)
+        # Status says so before the log does: who reads "ready:" may ask it at once.
+        self.write_status()
+        log.info(
+            "ready: %d PVs, %d shards, prefix %s, control PVs %s %s, data directory %s, "
+            "interfaces %s, CA port %s",
+            b.table.n_real,
+            len(b.links),
+            b.config.prefix,
+            b.config.pvlist_name,
+            b.config.delpv_name,
+            b.config.data_dir.resolve(),
+            os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").strip() or "all",
+            ", ".join(map(str, ports)) or "unknown",
+        )
+
+    def _not_ready_yet(self) -> None:
+        """Start-up takes long: say which shards it waits for, and from now on each one
+        that gets in sync."""
+        b = self.broker
+        b.quiet_until = None
+        synced = [f"shard {link.index} in sync" for link in b.links if link.live]
+        waiting = [f"shard {link.index}" for link in b.links if not link.live]
+        log.info(
+            "not ready after %g s: %s; waiting for %s",
+            STARTUP_QUIET,
+            ", ".join(synced) or "no shard in sync",
+            ", ".join(waiting),
+        )
+
+    def _update_health(self, now: float) -> None:
+        """Take the health figures and set the health PVs (posting only what changed)."""
+        b = self.broker
+        snap = b.health.sample(b, now)
+        b.health_pvs.update(snap, b.health.errors)

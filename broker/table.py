@@ -1,0 +1,235 @@
+"""PvTable: the PVs the broker serves, which names it claims, and the limits on them.
+
+A name that follows the naming rule is claimed (pvExistTest) unless its shard is not in
+sync yet or a new PV of its kind would pass ``max_pvs`` or ``max_bytes``; it is made a
+provisional PV on attach (pvAttach) and real on its first applied put.  Creations in
+flight count against the limits too, so that a burst of first puts cannot pass them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from carelay.broker.refusals import RefusalLog, client_address, shorten
+from carelay.common import fields
+from carelay.common.config import VALUE_COPIES
+from carelay.common.fields import split_field
+from carelay.common.naming import InvalidPvName
+from carelay.common.sharding import shard_for
+
+log = logging.getLogger(__name__)
+
+
+class PvTable:
+    """The relay PVs and their field PVs by name, and what they count against the limits."""
+
+    def __init__(self, broker) -> None:
+        self.broker = broker
+        self.config = config = broker.config
+        self.pvs: dict = {}
+        self.field_pvs: dict = {}
+        self.n_real = 0
+        self.n_bytes = 0  # what the real PVs' values may take, at full capacity (charge)
+        # Creations sent to a shard and not yet answered count against the limits
+        # too: a burst of first puts must not take the relay past them.
+        self.n_creating = 0
+        self.bytes_creating = 0
+        self.byte_limit = config.byte_limit
+        self.refusals = RefusalLog()
+        #: PVs let go of during a CA callback: kept alive until the server is done with it.
+        self.graveyard: list = []
+        #: Shards not in sync whose unanswered searches were logged (once each); None
+        #: stands for every shard (the control PVs, before the relay is ready).
+        self.unserved: set[int | None] = set()
+
+    def real_names(self) -> Iterable[str]:
+        return (name for name, pv in self.pvs.items() if pv.real)
+
+    def refuse(self, name: str, why: str, kind: str = "name", addr=None) -> None:
+        """``addr``: the caNetAddr of the search, read only for a name not refused yet."""
+        address = None if addr is None or name in self.refusals else client_address(addr)
+        if self.refusals.refuse(name, why, address):
+            client = (address, None) if address else None
+            self.broker.error(
+                kind, f"refused PV name: {shorten(why)}", shorten(name), client=client
+            )
+
+    def refuse_undecodable(self, raw: bytes) -> None:
+        """A client sent a name that is not UTF-8: pcaspy's SWIG layer could not decode
+        it (and goes on with it decoded as Latin-1, which the rule refuses as not ASCII).
+        Logged as its own refusal; the Latin-1 name is then known, so once."""
+        name = raw.decode("latin-1")
+        if name.startswith(self.config.prefix):
+            self.refuse(name, "not UTF-8")
+
+    def attached_count(self) -> int:
+        """PVs with CA channels (PCAS does not tell the channels of each)."""
+        b = self.broker
+        n = sum(1 for pv in self.pvs.values() if pv.attached)
+        n += sum(1 for pv in self.field_pvs.values() if pv.attached)
+        n += sum(1 for pv in b.controls.values() if pv.attached)
+        return n + b.health_pvs.attached_count()
+
+    def claims(self, name: str, addr=None) -> bool:
+        """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest; ``addr``: the
+        searching client's caNetAddr, which a refusal names).
+
+        A name of a shard not in sync gets no answer: a stored PV must not be served as
+        a new, undefined one.  CA clients search again and find it once the shard is in
+        sync.  The control PVs, which span every shard, wait for them all at start."""
+        if name in self.pvs or name in self.field_pvs:
+            return True
+        b = self.broker
+        if b.health_pvs.claims(name):
+            return True
+        if name in b.controls:
+            if not b.ready:
+                self._not_in_sync(name, None)
+            return b.ready
+        if not name.startswith(self.config.prefix):
+            return False
+        base, field = split_field(name)
+        c = self.config
+        try:
+            spec = c.pv_spec(base)
+        except InvalidPvName as e:
+            self.refuse(name, str(e), addr=addr)
+            return False
+        if field is not None and not fields.applies(field, spec):
+            why = "unknown field" if field not in fields.FIELDS else "no such field for its type"
+            self.refuse(name, f"{why} {field}", addr=addr)
+            return False
+        base_pv = self.pvs.get(base)
+        if base_pv is None:
+            shard = shard_for(base, c.shards)
+            if not b.links[shard].live:
+                self._not_in_sync(name, shard)
+                return False
+        if base_pv is None or not (base_pv.real or base_pv.creating):
+            why = self.over_limits(spec)
+            if why is not None:
+                self.refuse(name, why, "limit", addr)
+                return False
+        return True
+
+    def _not_in_sync(self, name: str, shard: int | None) -> None:
+        """Log, once per shard until it is in sync, that a search went unanswered."""
+        if shard in self.unserved:
+            return
+        self.unserved.add(shard)
+        which = "every shard" if shard is None else f"shard {shard}"
+        log.info("search for %s not answered: %s not in sync yet", shorten(name), which)
+
+    def attach(self, name: str):
+        """The PV for ``name``, made provisional if new (pvAttach); None if not served."""
+        b = self.broker
+        pv = self.pvs.get(name) or self.field_pvs.get(name)
+        if pv is None and b.health_pvs.claims(name):
+            return b.health_pvs.attach(name)
+        if pv is None:
+            if not self.claims(name):
+                return None
+            pv = b.controls.get(name)
+        if pv is None:
+            base, field = split_field(name)
+            if field is None or field == "VAL":
+                pv = self.pvs.get(base) or self.new_pv(base)
+            else:
+                from carelay.broker.pvs import FieldPV
+
+                pv = self.field_pvs[name] = FieldPV(b, self.config.pv_spec(base), field)
+        pv.attached = True
+        return pv
+
+    def new_pv(self, name: str):
+        """A provisional PV for ``name``; InvalidPvName if the rule refuses it."""
+        from carelay.broker.pvs import RelayPV
+
+        pv = RelayPV(self.broker, self.config.pv_spec(name), shard_for(name, self.config.shards))
+        self.pvs[name] = pv
+        return pv
+
+    def detached(self, pv) -> None:
+        """The last channel to ``pv`` went away: a provisional or field PV is forgotten."""
+        if self.field_pvs.get(pv.name) is pv:
+            del self.field_pvs[pv.name]
+        elif getattr(pv, "real", True) or self.pvs.get(pv.name) is not pv:
+            return
+        else:
+            del self.pvs[pv.name]
+        # Keep the object alive until the server is done with this callback.
+        self.graveyard.append(pv)
+
+    def forget(self, name: str) -> None:
+        """PV ``name`` is gone from its shard: provisional while a client holds it."""
+        pv = self.pvs.get(name)
+        if pv is None or not pv.real:
+            return
+        self.set_real(pv, False)
+        pv.forget()
+        if not pv.attached:
+            del self.pvs[name]
+            self.graveyard.append(pv)
+
+    def field_value(self, spec, field: str):
+        """The current value of ``spec.name``'s ``field`` (stored, configured or built-in)."""
+        pv = self.pvs.get(spec.name)
+        if field == "NELM":
+            return spec.count
+        if field == "NORD":
+            return pv.length() if pv is not None else 0
+        if field == "RES":
+            return 0
+        eff = pv.eff if pv is not None else self.broker.resolver.effective(spec, {})
+        return fields.get(eff, field)
+
+    def post_field(self, name: str, field: str) -> None:
+        if self.field_pvs:
+            fpv = self.field_pvs.get(f"{name}.{field}")
+            if fpv is not None:
+                fpv.post()
+
+    # -- the limits -----------------------------------------------------------------
+
+    def set_real(self, pv, real: bool) -> None:
+        if real:
+            self.reserve(pv, False)
+        if pv.real != real:
+            self.n_real += 1 if real else -1
+            self.n_bytes += charge(pv.spec) if real else -charge(pv.spec)
+            self.broker.pvlist.dirty = True
+
+    def reserve(self, pv, creating: bool) -> None:
+        """Count (or stop counting) ``pv`` as a creation in flight."""
+        if pv.creating != creating:
+            pv.creating = creating
+            self.n_creating += 1 if creating else -1
+            self.bytes_creating += charge(pv.spec) if creating else -charge(pv.spec)
+
+    def over_limits(self, spec) -> str | None:
+        """Why a new PV of ``spec`` may not be created, or None."""
+        c = self.config
+        if self.n_real + self.n_creating >= c.max_pvs:
+            return f"max_pvs ({c.max_pvs}) reached"
+        if charge(spec) > self.bytes_left():
+            held = self.ca_buffer_bytes()
+            why = f"; CA buffers hold {held} bytes of it" if held else ""
+            return f"max_bytes ({self.byte_limit}) would be exceeded{why}"
+        return None
+
+    def bytes_left(self) -> int:
+        """What ``max_bytes`` has left for new PVs: the charge of the PVs that exist and of
+        those being created is taken, and so are the large CA buffers PCAS holds."""
+        return self.byte_limit - self.n_bytes - self.ca_buffer_bytes() - self.bytes_creating
+
+    def ca_buffer_bytes(self) -> int:
+        """The large CA buffers PCAS holds for the circuits (see broker/cabuffers.py)."""
+        circuits = self.broker.circuits
+        return circuits.buffers.pinned_bytes if circuits is not None else 0
+
+
+def charge(spec) -> int:
+    """What a PV of ``spec`` counts against ``max_bytes``: its values at full capacity, in
+    every copy the relay's processes hold."""
+    return spec.count * spec.dtype.itemsize * VALUE_COPIES

@@ -1,0 +1,155 @@
+"""Requests, the broker's one record of what it waits for from the shards, without
+sockets or CA: numbering, answers in order, deadlines, a link that goes down, puts that
+cannot be sent, and puts parked while a shard restarts."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from carelay.broker.requests import Requests
+from carelay.common.config import PUT_RECONNECT_GRACE, PUT_TIMEOUT
+from carelay.common.protocol import Message, Op
+
+
+class Link:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.usable = True
+        self.ever_synced = True
+        self.down_since = 0.0
+        self.lost_writes = False
+        self.unsent: list = []
+
+    def send_queued(self) -> list:
+        out, self.unsent = self.unsent, []
+        return out
+
+
+class PV:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.creating = False
+        self.resumed: list = []
+
+    def resume(self, payload, notify, go: bool) -> None:
+        self.resumed.append((payload, go))
+
+
+class Table:
+    def reserve(self, pv, creating: bool) -> None:
+        pv.creating = creating
+
+
+class Histogram:
+    def observe(self, seconds: float) -> None:
+        assert seconds >= 0
+
+
+class Health:
+    put_callback = Histogram()
+
+
+class Notify:
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+
+    def complete(self, ok: bool) -> None:
+        self.results.append(ok)
+
+
+@pytest.fixture
+def setup():
+    links = [Link(0), Link(1)]
+    errors: list = []
+
+    def error(kind, reason, pv=None, shard=None, client=None):
+        errors.append((kind, pv, shard, client))
+
+    return Requests(links, Table(), Health(), error), links, errors
+
+
+def test_an_answer_fails_the_earlier_requests_its_shard_lost(setup):
+    requests, _, errors = setup
+    pv, first, second = PV("a"), Notify(), Notify()
+    lost, _ = requests.expect(0, pv, "a", first, ("host", "user"))
+    kept, _ = requests.expect(0, pv, "a", second, None)
+    other, _ = requests.expect(1, None, "b", None, None)
+    assert lost < kept < other and requests.in_flight(pv) == 2
+    requests.answered(1, other)  # one numbering, but each shard answers only for its own
+    assert first.results == [] and second.results == []
+    requests.answered(0, kept)
+    assert first.results == [False] and second.results == []
+    assert errors == [("shard_down", "a", 0, ("host", "user"))]
+    requests.finish(0, kept, True)
+    assert second.results == [True] and requests.in_flight(pv) == 0
+    assert list(requests.unanswered[1]) == [other]  # answered() leaves ``req`` itself
+
+
+def test_a_creation_stays_reserved_until_its_last_request_ends(setup):
+    requests, _, _ = setup
+    pv = PV("a")
+    pv.creating = True
+    one, _ = requests.expect(0, pv, "a", None, None)
+    two, _ = requests.expect(0, pv, "a", None, None)
+    requests.finish(0, one, True)
+    assert pv.creating and requests.in_flight(pv) == 1
+    requests.finish(0, two, False)
+    assert not pv.creating and requests.in_flight(pv) == 0
+
+
+def test_a_link_down_orphans_its_requests_and_frees_their_pvs_at_once(setup):
+    requests, _, errors = setup
+    pv, notify = PV("a"), Notify()
+    pv.creating = True
+    req, expires = requests.expect(0, pv, "a", notify, None)
+    assert expires < time.time() + PUT_TIMEOUT
+    requests.link_down(0, gone=False)
+    # Free for new requests, yet the orphan may still be answered on its old socket.
+    assert requests.in_flight(pv) == 0 and not pv.creating
+    assert not requests.any_unanswered() and requests.waiter(0, req) is not None
+    requests.expire(0, time.monotonic())
+    assert notify.results == []
+    requests.expire(0, time.monotonic() + PUT_TIMEOUT + 1)
+    assert notify.results == [False] and errors[-1][:3] == ("shard_down", "a", 0)
+    assert not requests.orphans[0]
+
+
+def test_a_shard_that_closed_its_connection_fails_what_it_owed_now(setup):
+    requests, _, _ = setup
+    early, late = Notify(), Notify()
+    requests.expect(0, PV("a"), "a", early, None)
+    requests.link_down(0, gone=False)
+    requests.expect(0, PV("b"), "b", late, None)
+    requests.link_down(0, gone=True)
+    assert early.results == [False] and late.results == [False]
+    assert not requests.orphans[0] and not requests.unanswered[0]
+
+
+def test_requests_that_cannot_be_sent_fail_and_lost_writes_mark_the_link(setup):
+    requests, links, errors = setup
+    pv, notify = PV("a"), Notify()
+    req, _ = requests.expect(0, pv, "a", notify, None)
+    links[0].unsent = [Message(Op.WRITE, "a", req=req, stamp=1.0, data=np.array([1.0]))]
+    requests.send(links[0])
+    assert notify.results == [False] and links[0].lost_writes
+    assert requests.in_flight(pv) == 0 and errors[-1][0] == "shard_down"
+
+
+def test_parked_puts_go_when_their_shard_is_back_and_fail_after_the_grace(setup):
+    requests, links, errors = setup
+    now = time.monotonic()
+    links[0].usable = links[1].usable = False
+    links[0].down_since = links[1].down_since = now
+    assert requests.put_waits(0)
+    back, late = PV("a"), PV("b")
+    requests.park(back, "x", None, 0)
+    requests.park(late, "y", None, 1)
+    requests.unpark(now)
+    assert back.resumed == [] and late.resumed == [] and len(requests.parked) == 2
+    links[0].usable = True
+    requests.unpark(now + PUT_RECONNECT_GRACE)
+    assert back.resumed == [("x", True)] and late.resumed == [("y", False)]
+    assert not requests.parked and errors[-1][:3] == ("shard_down", "b", 1)
