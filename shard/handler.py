@@ -84,25 +84,25 @@ class RequestHandler:
             info["store_bytes"] = autosave.db.size()
         self._reply(peer, Message(Op.PONG, req=req, seq=self.store.seq, info=info))
 
-    def reject(self, peer: bytes, msg: Message, reason: str) -> None:
+    def _reject(self, peer: bytes, msg: Message, reason: str) -> None:
         self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=reason))
 
     # -- puts ---------------------------------------------------------------------------
 
     def _put(self, peer: bytes, msg: Message) -> None:
         if msg.data is None:
-            self.reject(peer, msg, "put without data")
+            self._reject(peer, msg, "put without data")
             return
         refusing = self.health.refusing
         if refusing and msg.info.get("callback"):
             log.warning("refused put to %s: %s", msg.name, refusing)
-            self.reject(peer, msg, refusing)
+            self._reject(peer, msg, refusing)
             return
         try:
             change = self.store.put(msg.name, msg.data, msg.stamp)
         except Rejected as e:
             log.warning("refused put to %s: %s", msg.name, e)
-            self.reject(peer, msg, str(e))
+            self._reject(peer, msg, str(e))
             return
         self.puts_applied += 1
         if change.created:
@@ -129,7 +129,7 @@ class RequestHandler:
             self._written(peer, msg.name, msg.req, Rejected(_EXPIRED))
             return
         log.warning("dropped %s of %s: %s", msg.op.name, msg.name, _EXPIRED)
-        self.reject(peer, msg, _EXPIRED)
+        self._reject(peer, msg, _EXPIRED)
 
     def write_run(self, peer: bytes, run: WriteRun) -> None:
         """A run of one-element WRITEs: each as ``_write`` takes it, column by column.  Past
@@ -211,7 +211,7 @@ class RequestHandler:
                 seq, value = self.store.set_field(msg.name, str(field), value)
         except Rejected as e:
             log.warning("refused %s.%s: %s", msg.name, field, e)
-            self.reject(peer, msg, str(e))
+            self._reject(peer, msg, str(e))
             return
         if field == "RES":
             log.info("emptied buffer %s", msg.name)
@@ -229,7 +229,7 @@ class RequestHandler:
         try:
             seq = self.store.delete(msg.name)
         except Rejected as e:
-            self.reject(peer, msg, str(e))
+            self._reject(peer, msg, str(e))
             return
         log.info("deleted PV %s", msg.name)
         self._reply(peer, Message(Op.DELETED, msg.name, req=msg.req, seq=seq))

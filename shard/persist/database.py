@@ -21,7 +21,7 @@ from carelay.shard.persist.queries import (
     count_rows,
     load_rows,
     mark_checked,
-    write_rows,
+    save_rows,
 )
 from carelay.shard.persist.schema import (
     checkpoint,
@@ -218,7 +218,7 @@ class ShardDatabase:
 
     def _save(self, upserts, deletes) -> int:
         try:
-            n = write_rows(self._conn, self.path, upserts, deletes)
+            n = save_rows(self._conn, self.path, upserts, deletes)
         except sqlite3.DatabaseError as e:
             raise write_error(self.path, e) from e
         self.last_flush = time.time()

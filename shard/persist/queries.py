@@ -53,7 +53,7 @@ def load_rows(conn: sqlite3.Connection, path: Path) -> list[SavedPv]:
     return [parse_row(path, *r) for r in conn.execute("SELECT * FROM pvs")]
 
 
-def write_rows(
+def save_rows(
     conn: sqlite3.Connection,
     path: Path,
     upserts: Iterable[tuple[str, float, np.ndarray, dict]],
