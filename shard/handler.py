@@ -45,6 +45,15 @@ class RequestHandler:
         self._commit = commit
         #: For the broker's health figures (PONG): puts applied.
         self.puts_applied = 0
+        #: What each operation a broker may send is handled by.
+        self._by_op: dict[Op, Callable[[bytes, Message], None]] = {
+            Op.WRITE: self._write,
+            Op.PUT: self._put,
+            Op.PING: self._ping,
+            Op.DELETE: self._delete,
+            Op.SET_FIELD: self._set_field,
+            Op.HELLO: self._snapshot,
+        }
 
     def dispatch(self, peer: bytes, msg: Message) -> None:
         """Handle one request (a WriteRun goes to ``write_run``)."""
@@ -54,20 +63,14 @@ class RequestHandler:
             if type(expires) is float and time.time() > expires:
                 self._expired(peer, msg)
                 return
-        if op is Op.WRITE:
-            self._write(peer, msg)
-        elif op is Op.PUT:
-            self._put(peer, msg)
-        elif op is Op.PING:
-            self.pong(peer, msg.req)
-        elif op is Op.DELETE:
-            self._delete(peer, msg)
-        elif op is Op.SET_FIELD:
-            self._set_field(peer, msg)
-        elif op is Op.HELLO:
-            self._snapshot(peer, msg.req)
-        else:
+        handle = self._by_op.get(op)
+        if handle is None:
             log.warning("unexpected operation %s dropped", op.name)
+            return
+        handle(peer, msg)
+
+    def _ping(self, peer: bytes, msg: Message) -> None:
+        self.pong(peer, msg.req)
 
     def pong(self, peer: bytes, req: int) -> None:
         """The shard's health, as the broker shows it (``req`` 0: unasked)."""
@@ -234,7 +237,9 @@ class RequestHandler:
         log.info("deleted PV %s", msg.name)
         self._reply(peer, Message(Op.DELETED, msg.name, req=msg.req, seq=seq))
 
-    def _snapshot(self, peer: bytes, req: int) -> None:
+    def _snapshot(self, peer: bytes, hello: Message) -> None:
+        """Every PV, between a SNAPSHOT_BEGIN and a SNAPSHOT_END, in answer to a HELLO."""
+        req = hello.req
         # A snapshot must not show a creation that is not yet durable.
         self._commit()
         store = self.store
