@@ -27,7 +27,7 @@ from carelay.shard.persist import (
     stored_names,
 )
 
-log = logging.getLogger("carelay.reshard")
+log = logging.getLogger(__name__)
 
 _STORE_RE = re.compile(r"shard-(\d+)\.sqlite")
 

@@ -90,10 +90,7 @@ class ShardStore:
         return list(self._pvs)
 
     def get(self, name: str) -> np.ndarray:
-        pv = self._pvs.get(name)
-        if pv is None:
-            raise KeyError(name)
-        return pv.contents()
+        return self._pvs[name].contents()
 
     def stamp(self, name: str) -> float:
         return self._pvs[name].stamp

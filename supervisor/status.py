@@ -28,7 +28,7 @@ from carelay.common.fields import split_field
 from carelay.common.lifecycle import read_status, status_path
 from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
-from carelay.shard.persist import stored_names
+from carelay.shard.persist import store_holds
 from carelay.supervisor.watcher import describe_exit
 
 #: Exit statuses of ``carelay status``.
@@ -290,7 +290,7 @@ def print_owner(config: Config, name: str, out=sys.stdout) -> int:
         print(f"{name}: not a relay PV name (prefix {config.prefix}): {e}{note}", file=out)
         return EXIT_PV_NOT_A_NAME
     shard = shard_for(base, config.shards)
-    held = _store_holds(config.store_path(shard), base)
+    held = store_holds(config.store_path(shard), base)
     where = {True: "stored", False: "not stored", None: "store not readable"}[held]
     endpoint = _endpoint(config, status, shard)
     print(
@@ -305,11 +305,6 @@ def _endpoint(config: Config, status: dict | None, shard: int) -> str:
     if own and isinstance(own.get("endpoint"), str):
         return own["endpoint"]
     return config.shard_endpoint(shard)
-
-
-def _store_holds(path: Path, name: str) -> bool | None:
-    names = stored_names(path)
-    return None if names is None else name in names
 
 
 def reload_access(config: Config, out=sys.stdout) -> int:

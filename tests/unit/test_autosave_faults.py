@@ -143,7 +143,7 @@ def _server(tmp_path) -> ShardServer:
 def server(tmp_path):
     s = _server(tmp_path)
     yield s
-    s.close_autosave()
+    s.autosave.close()
     s.db.close()
 
 
@@ -173,7 +173,7 @@ def _broken(server, monkeypatch) -> StoreWriteError:
 
 def _past_the_period(server) -> None:
     """What the loop does at its next turn, once the autosave period has passed."""
-    server._check_store(time.monotonic() + PERIOD + 0.1)
+    server.health.check(time.monotonic() + PERIOD + 0.1)
 
 
 def test_a_failed_flush_holds_the_values_and_says_why_once(server, monkeypatch, caplog):
@@ -183,14 +183,14 @@ def test_a_failed_flush_holds_the_values_and_says_why_once(server, monkeypatch, 
     _handle(server, _write(name, 2.0))
     with caplog.at_level(logging.ERROR):
         for _ in range(3):
-            server.flush_soon()
-            server._collect(wait=True)
+            server.autosave.flush_soon()
+            server.autosave.collect(wait=True)
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1, errors
     assert "[Errno 27] File too large" in errors[0] and f"{server.db.path}-wal" in errors[0]
     assert name in server.store.dirty
     # Within the autosave period nothing is refused yet.
-    assert server.refusing == ""
+    assert server.health.refusing == ""
     assert _handle(server, _write(name, 3.0, req=5))[0].op is Op.ACK
 
 
@@ -203,9 +203,9 @@ def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server,
     )
     _broken(server, monkeypatch)
     _handle(server, _write(name, 2.0))
-    server.flush()
+    server.autosave.flush()
     _past_the_period(server)
-    assert "cannot write" in server.refusing and "[Errno 27]" in server.refusing
+    assert "cannot write" in server.health.refusing and "[Errno 27]" in server.health.refusing
 
     # A WRITE with callback, alone or in a run, is refused and not applied: the broker
     # gets the PV as it stands.  Plain ones are applied and held.
@@ -214,7 +214,7 @@ def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server,
     run.add(name, 0, 1.0, np.array([6.0]))
     out = _handle(server, _write(name, 4.0, req=6), run)
     assert [m.op for m in out] == [Op.REJECT, Op.UPDATE, Op.REJECT, Op.UPDATE]
-    assert out[0].reason == server.refusing and out[1].info.get("restate")
+    assert out[0].reason == server.health.refusing and out[1].info.get("restate")
     assert server.store.get(name).tolist() == [6.0]
     # A PUT with callback is refused; a plain one (the broker's long way) is applied.
     callback = Message(Op.PUT, buffer, req=8, info={"callback": 1}, data=np.array([2.0]))
@@ -226,7 +226,7 @@ def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server,
     assert out[0].op is Op.REJECT and "[Errno 27]" in out[0].reason
     # The broker hears it in every PONG, and carelay status in the status file.
     (pong,) = _handle(server, Message(Op.PING, req=11))
-    assert pong.info["store_error"] == server.refusing
+    assert pong.info["store_error"] == server.health.refusing
     server._write_status()
     status = json.loads(server.status_path.read_text())
     assert "[Errno 27]" in status["store_error"]
@@ -237,16 +237,16 @@ def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server,
 def test_when_the_store_heals_everything_clears_and_the_held_values_are_saved(server, monkeypatch):
     name = f"{PREFIX}a_f1"
     _handle(server, Message(Op.PUT, name, req=1, data=np.array([1.0])))
-    server.flush()
+    server.autosave.flush()
     _broken(server, monkeypatch)
     _handle(server, _write(name, 2.0))
-    server.flush()
+    server.autosave.flush()
     _past_the_period(server)
-    assert server.refusing
+    assert server.health.refusing
     monkeypatch.undo()
-    assert server.flush_soon() == 1
-    server._collect(wait=True)
-    assert server.store_error is None and server.refusing == ""
+    assert server.autosave.flush_soon() == 1
+    server.autosave.collect(wait=True)
+    assert server.health.store_error is None and server.health.refusing == ""
     assert _saved(server.db.path) == {name: [2.0]}
     (pong,) = _handle(server, Message(Op.PING, req=2))
     assert pong.info["store_error"] == ""
@@ -260,20 +260,20 @@ def test_with_nothing_held_a_small_write_tells_when_the_store_heals(server, monk
     _broken(server, monkeypatch)
     out = _handle(server, Message(Op.PUT, f"{PREFIX}new_f1", req=1, data=np.array([1.0])))
     assert out[0].op is Op.REJECT
-    assert server.store_error is not None and not server.store.dirty
-    server.flush_soon()  # tries the small write: it fails too
-    server._collect(wait=True)
-    assert server.store_error is not None
+    assert server.health.store_error is not None and not server.store.dirty
+    server.autosave.flush_soon()  # tries the small write: it fails too
+    server.autosave.collect(wait=True)
+    assert server.health.store_error is not None
     monkeypatch.undo()
-    server.flush_soon()
-    server._collect(wait=True)
-    assert server.store_error is None
+    server.autosave.flush_soon()
+    server.autosave.collect(wait=True)
+    assert server.health.store_error is None
 
 
 def test_a_stop_during_the_fault_names_the_values_it_could_not_save(server, monkeypatch, caplog):
     names = [f"{PREFIX}v{k}_f1" for k in range(3)]
     _handle(server, *(Message(Op.PUT, n, req=1, data=np.array([1.0])) for n in names))
-    server.flush()
+    server.autosave.flush()
     _broken(server, monkeypatch)
     _handle(server, *(_write(n, 2.0) for n in names))
     server.bind()

@@ -22,7 +22,7 @@ def server(tmp_path):
     s = ShardServer(config, 0, db=ShardDatabase(config.store_path(0)))
     s.load()
     yield s
-    s.close_autosave()
+    s.autosave.close()
     s.db.close()
 
 
@@ -50,13 +50,13 @@ def test_changed_buffers_are_written_part_by_part_until_all_are(server, monkeypa
     monkeypatch.setattr(
         server.db, "save", lambda rows: sizes.append(sum(r[2].nbytes for r in rows)) or real(rows)
     )
-    assert server.flush_soon() > 0
+    assert server.autosave.flush_soon() > 0
     parts = 1
-    while server.saving_parts:
-        server._collect(wait=True)
-        assert server.flush_soon() > 0
+    while server.autosave.saving_parts:
+        server.autosave.collect(wait=True)
+        assert server.autosave.flush_soon() > 0
         parts += 1
-    server._collect(wait=True)
+    server.autosave.collect(wait=True)
     assert parts >= 3
     assert max(sizes) < AUTOSAVE_PART_BYTES + COUNT * 8
     assert not server.store.dirty
@@ -71,14 +71,14 @@ def test_a_value_changed_while_parts_are_written_is_written_too(server):
     for name in names:
         _put(server, name, np.zeros(COUNT))
         _put(server, name, np.ones(COUNT))
-    server.flush_soon()
+    server.autosave.flush_soon()
     first = names[0]
     _put(server, first, np.full(COUNT, 7.0))  # taken in a part already, or not
-    while server.saving_parts:
-        server._collect(wait=True)
-        server.flush_soon()
-    server._collect(wait=True)
-    server.flush_soon()  # the next period
-    server._collect(wait=True)
+    while server.autosave.saving_parts:
+        server.autosave.collect(wait=True)
+        server.autosave.flush_soon()
+    server.autosave.collect(wait=True)
+    server.autosave.flush_soon()  # the next period
+    server.autosave.collect(wait=True)
     np.testing.assert_array_equal(_saved(server)[first], 7.0)
     assert not server.store.dirty

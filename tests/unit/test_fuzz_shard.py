@@ -359,7 +359,7 @@ def test_autosave_holds_what_the_store_holds_after_fuzzing(batches):
         db = ShardDatabase(config.store_path(0))
         server = _seeded(Path(tmp), db)
         _feed(server, batches)
-        server.flush()
+        server.autosave.flush()
         live = {name: (v.tobytes(), v.dtype, f) for name, _, v, f in server.store.snapshot()}
         db.close()
         reopened = ShardStore(PREFIX, MAX_ELEMENTS, MAX_NAME_LENGTH)

@@ -51,7 +51,7 @@ def _saved(server: ShardServer) -> dict:
 def server(tmp_path):
     s = _server(tmp_path)
     yield s
-    s.close_autosave()
+    s.autosave.close()
     s.db.close()
 
 
@@ -105,12 +105,12 @@ def test_a_malformed_batch_changes_nothing(tmp_path, caplog):
 def test_flush_soon_writes_in_the_background(server):
     _put(server, f"{PREFIX}a_f1", [1.0])
     _put(server, f"{PREFIX}a_f1", [2.0])
-    assert server.flush_soon() == 1
+    assert server.autosave.flush_soon() == 1
     assert not server.store.dirty
     _put(server, f"{PREFIX}a_f1", [3.0])  # the loop goes on meanwhile
-    assert server._collect(wait=True)
+    assert server.autosave.collect(wait=True)
     assert _saved(server) == {f"{PREFIX}a_f1": [2.0]}
-    assert server.flush() == 1
+    assert server.autosave.flush() == 1
     assert _saved(server) == {f"{PREFIX}a_f1": [3.0]}
 
 
@@ -131,15 +131,15 @@ def _held(server, monkeypatch) -> threading.Event:
 def test_a_buffer_row_is_the_buffer_as_it_was_when_the_flush_began(server, monkeypatch):
     name = f"{PREFIX}log_F4"
     _put(server, name, [1.0, 2.0])
-    server.flush()
+    server.autosave.flush()
     _put(server, name, [3.0])
     go = _held(server, monkeypatch)
-    assert server.flush_soon() == 1
+    assert server.autosave.flush_soon() == 1
     _put(server, name, [4.0, 5.0])  # wraps the ring while the write waits
     go.set()
-    server._collect(wait=True)
+    server.autosave.collect(wait=True)
     assert _saved(server) == {name: [1.0, 2.0, 3.0]}
-    server.flush()
+    server.autosave.flush()
     assert _saved(server) == {name: [2.0, 3.0, 4.0, 5.0]}
 
 
@@ -148,12 +148,12 @@ def test_a_deletion_after_a_flush_in_flight_stays_deleted(server, monkeypatch):
     _put(server, name, [1.0])
     _put(server, name, [2.0])
     go = _held(server, monkeypatch)
-    assert server.flush_soon() == 1
+    assert server.autosave.flush_soon() == 1
     server.handle(b"b", encode(Message(Op.DELETE, name, req=5)))
     threading.Timer(0.2, go.set).start()
     server._commit()  # waits for the older write, then deletes
     assert [m.op for _, m in server._out] == [Op.DELETED]
-    server._collect(wait=True)
+    server.autosave.collect(wait=True)
     assert _saved(server) == {}
 
 
@@ -167,13 +167,13 @@ def test_a_failed_background_write_is_made_again(server, monkeypatch, caplog):
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(server.db, "save", broken)
-    assert server.flush_soon() == 1
-    server._collect(wait=True)
+    assert server.autosave.flush_soon() == 1
+    server.autosave.collect(wait=True)
     assert "autosave of 1 values failed" in caplog.text
     assert name in server.store.dirty
     monkeypatch.setattr(server.db, "save", real)
-    assert server.flush_soon() == 1
-    server._collect(wait=True)
+    assert server.autosave.flush_soon() == 1
+    server.autosave.collect(wait=True)
     assert _saved(server) == {name: [7.0]}
 
 

@@ -1,0 +1,103 @@
+"""Which peers a shard serves: the brokers of its own relay, on their newest connection.
+
+A peer (a ROUTER identity) is served once it has opened with a HELLO that presents the
+relay's run token (any peer, where the shard asks for none).  A HELLO with a broker's
+id fences that broker's earlier connections: what still comes through them is refused,
+so that a request the broker sent before it reconnected either came before the snapshot
+it asks for now, or is never applied.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import time
+from collections.abc import Callable
+
+from carelay.common.config import REFUSED_PEER_LOG_INTERVAL
+from carelay.common.protocol import Message, Op, WriteRun
+from carelay.shard.handler import EXPIRING
+
+log = logging.getLogger(__name__)
+
+#: Peers (ROUTER identities) remembered as admitted; a broker that reconnects is a new one.
+_ADMITTED_MAX = 16
+#: Fenced connections remembered.
+_FENCED_MAX = 64
+_NOT_OURS = "not a broker of this relay: no token, or the wrong one"
+_FENCED = "sent before the broker reconnected"
+
+
+class Admission:
+    """The peers a shard serves, and the refusal of the others (see the module)."""
+
+    def __init__(self, token: str | None, reply: Callable[[bytes, Message], None]) -> None:
+        #: What a peer presents in its HELLO before it is served (None: every peer is).
+        self.token = token
+        self._reply = reply
+        #: The peers served, newest last, each with the broker it is (the id in its
+        #: HELLO; "" where none came).
+        self._admitted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        #: Earlier connections of a broker that has said HELLO again.
+        self._fenced: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._refused = 0
+        self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
+
+    def __contains__(self, peer: bytes) -> bool:
+        """Whether ``peer`` is admitted already."""
+        return peer in self._admitted
+
+    def admit(self, peer: bytes, msgs: list) -> bool:
+        """Whether to serve ``peer``, not yet admitted, that sent ``msgs``.
+
+        Else its messages are dropped unanswered (a HELLO gets a REJECT, so that a
+        misconfigured broker can say why); a fenced connection's requests get a REJECT
+        each, on the old connection, where the broker may still listen."""
+        if peer in self._fenced:
+            self._refuse_fenced(peer, msgs)
+            return False
+        first = msgs[0]
+        hello = type(first) is Message and first.op is Op.HELLO
+        if self.token is not None:
+            token = first.info.get("token") if hello else None
+            if type(token) is not str or not hmac.compare_digest(
+                token.encode(), self.token.encode()
+            ):
+                if hello:
+                    self._reply(peer, Message(Op.REJECT, req=first.req, reason=_NOT_OURS))
+                self._refused_peer(len(msgs), "a peer without this relay's token")
+                return False
+        broker = first.info.get("broker", "") if hello else ""
+        if type(broker) is str and broker:
+            for old in [p for p, b in self._admitted.items() if b == broker]:
+                del self._admitted[old]
+                self._fenced[old] = None
+                if len(self._fenced) > _FENCED_MAX:
+                    self._fenced.popitem(last=False)
+        self._admitted[peer] = broker if type(broker) is str else ""
+        if len(self._admitted) > _ADMITTED_MAX:
+            self._admitted.popitem(last=False)
+        return True
+
+    def _refuse_fenced(self, peer: bytes, msgs: list) -> None:
+        """Refuse what an earlier connection of a broker still brings: a REJECT for each
+        request that waits for an answer; plain WRITEs are dropped (the broker has asked
+        for the snapshot that shows they did not happen)."""
+        for msg in msgs:
+            if type(msg) is WriteRun:
+                for name, req in zip(msg.names, msg.reqs, strict=True):
+                    if req:
+                        self._reply(peer, Message(Op.REJECT, name, req=req, reason=_FENCED))
+            elif msg.req and msg.op in EXPIRING:
+                self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=_FENCED))
+        self._refused_peer(len(msgs), "an earlier connection of a broker that reconnected")
+
+    def _refused_peer(self, n: int, who: str) -> None:
+        """Count ``n`` refused messages; one log line per REFUSED_PEER_LOG_INTERVAL."""
+        self._refused += n
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSED_PEER_LOG_INTERVAL:
+            log.warning("refused %d messages from %s", self._refused, who)
+            self._refused = 0
+            self._refused_logged = now

@@ -1,0 +1,259 @@
+"""The store file of one shard: opened and checked, restored from its good copy when
+damaged, locked against a second process, written through ``queries``."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from carelay.shard.persist.errors import StoreDamaged, write_error
+from carelay.shard.persist.queries import (
+    SavedPv,
+    count_rows,
+    load_rows,
+    mark_checked,
+    save_rows,
+)
+from carelay.shard.persist.schema import (
+    checkpoint,
+    connect,
+    connect_read_only,
+    prepare,
+    quick_check,
+)
+
+log = logging.getLogger(__name__)
+
+
+def good_copy_path(path: Path) -> Path:
+    return path.with_name(path.name + ".good")
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+def lock_store(path: Path) -> int | None:
+    """Take the exclusive lock of the store at ``path`` (held until the returned file
+    descriptor is closed, or the process ends); None if another process holds it."""
+    fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _remove_database(path: Path) -> None:
+    """Remove a scratch database and its WAL and shared-memory files."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+class ShardDatabase:
+    """The autosave file of one shard."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        # The shard's loop commits creations while its autosave thread flushes values:
+        # one connection, used by one of them at a time.
+        self._lock = threading.Lock()
+        self.last_flush = 0.0
+        self.restored_from_copy = False
+
+    # -- opening ----------------------------------------------------------------
+
+    def open(self) -> list[SavedPv]:
+        """Open (creating if new), check, and load every saved PV.
+
+        A damaged file is replaced by the last good copy if that copy is sound,
+        else StoreDamaged is raised; an empty store is never made up.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            rows = self._open_checked(self.path)
+        except StoreDamaged as damage:
+            rows = self._restore(damage)
+        self._keep_good_copy()
+        return rows
+
+    def _open_checked(self, path: Path) -> list[SavedPv]:
+        existed = path.exists() and path.stat().st_size > 0
+        wal = Path(f"{path}-wal")
+        if not path.exists() and good_copy_path(path).exists():
+            # A store is never deleted while its copy stays: this one went missing.
+            # (To start afresh on purpose, remove both.)
+            raise StoreDamaged(f"{path}: the file is missing")
+        if (
+            path.exists()
+            and not existed
+            and not (wal.exists() and wal.stat().st_size > 0)
+            and good_copy_path(path).exists()
+        ):
+            # A new store is checkpointed at once, so an empty file where a good
+            # copy exists is a truncated store, not a new one.
+            raise StoreDamaged(f"{path}: the file is empty (truncated?)")
+        conn = None
+        try:
+            conn = connect(path)
+            prepare(conn, path, existed)
+            rows = load_rows(conn, path)
+        except sqlite3.DatabaseError as e:
+            if conn is not None:
+                conn.close()
+            raise StoreDamaged(f"{path}: {e}") from None
+        except StoreDamaged:
+            if conn is not None:
+                conn.close()
+            raise
+        self._conn = conn
+        return rows
+
+    def _restore(self, damage: StoreDamaged) -> list[SavedPv]:
+        good = good_copy_path(self.path)
+        if not good.exists():
+            raise StoreDamaged(f"{damage}; no good copy ({good.name}) to restore") from None
+        # Copy and check the good copy before the damaged file is moved: a restore that
+        # fails must leave the damage in place, so that the next start refuses again
+        # instead of finding no file and making a new, empty store.
+        scratch = self.path.with_name(self.path.name + ".restoring")
+        _remove_database(scratch)
+        src_conn = connect_read_only(good)
+        try:
+            dst_conn = sqlite3.connect(scratch)
+            try:
+                src_conn.backup(dst_conn)
+            finally:
+                dst_conn.close()
+        except sqlite3.DatabaseError as e:
+            _remove_database(scratch)
+            raise StoreDamaged(f"{damage}; the good copy {good} is damaged too: {e}") from None
+        finally:
+            src_conn.close()
+        try:
+            self._open_checked(scratch)
+        except StoreDamaged as e:
+            _remove_database(scratch)
+            raise StoreDamaged(f"{damage}; restoring {good.name} failed: {e}") from None
+        self._conn.close()
+        self._conn = None
+        damaged = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(damaged) + suffix))
+        os.replace(scratch, self.path)
+        try:
+            rows = self._open_checked(self.path)
+        except StoreDamaged as e:
+            raise StoreDamaged(f"{damage}; restoring {good.name} failed: {e}") from None
+        self.restored_from_copy = True
+        log.error(
+            "%s; restored the last good copy %s (saved %s) with %d PVs; the damaged file is "
+            "kept as %s",
+            damage,
+            good.name,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(good.stat().st_mtime)),
+            len(rows),
+            damaged.name,
+        )
+        return rows
+
+    def refresh_good_copy(self) -> bool:
+        """Replace the good copy with the store as it is now, if the store passes its
+        integrity check; returns whether it did.  Bounds what a restore can lose."""
+        with self._lock:
+            return self._refresh_good_copy()
+
+    def _refresh_good_copy(self) -> bool:
+        try:
+            check = quick_check(self._conn)
+        except sqlite3.DatabaseError as e:
+            check = str(e)
+        if check != "ok":
+            log.error("%s failed its integrity check (%s); the good copy is kept", self.path, check)
+            return False
+        self._keep_good_copy()
+        return True
+
+    def _keep_good_copy(self) -> None:
+        good = good_copy_path(self.path)
+        scratch = good.with_name(good.name + ".tmp")
+        scratch.unlink(missing_ok=True)
+        dst = sqlite3.connect(scratch)
+        try:
+            self._conn.backup(dst)
+        finally:
+            dst.close()
+        fd = os.open(scratch, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(scratch, good)
+
+    # -- writing ----------------------------------------------------------------
+
+    def save(
+        self,
+        upserts: Iterable[tuple[str, float, np.ndarray, dict]],
+        deletes: Iterable[str] = (),
+    ) -> int:
+        """Write PVs and delete others in one transaction, durable on return."""
+        with self._lock:
+            return self._save(upserts, deletes)
+
+    def _save(self, upserts, deletes) -> int:
+        try:
+            n = save_rows(self._conn, self.path, upserts, deletes)
+        except sqlite3.DatabaseError as e:
+            raise write_error(self.path, e) from e
+        self.last_flush = time.time()
+        return n
+
+    def check_writable(self) -> None:
+        """Commit a one-row write (the time of the check), or raise StoreWriteError: tells
+        when a store that could not be written can be again, when no value waits."""
+        with self._lock:
+            try:
+                mark_checked(self._conn)
+            except sqlite3.DatabaseError as e:
+                raise write_error(self.path, e) from e
+
+    def count(self) -> int:
+        """PVs in the store."""
+        return count_rows(self._conn)
+
+    def size(self) -> int:
+        """Bytes on disk: the database and its WAL."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += os.stat(str(self.path) + suffix).st_size
+        return total
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                checkpoint(self._conn)
+            except sqlite3.DatabaseError as e:
+                log.warning("%s: checkpoint on close failed: %s", self.path, e)
+            self._conn.close()
+            self._conn = None
