@@ -11,6 +11,7 @@ never pcaspy, so it is tested without a CA server.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Mapping
 
@@ -58,6 +59,20 @@ def zero(dtype: np.dtype) -> np.ndarray:
 def extremes(data: np.ndarray) -> tuple:
     """(largest, smallest) of ``data``, which has elements."""
     return (data[0], data[0]) if len(data) == 1 else (data.max(), data.min())
+
+
+def past_deadband(last: float | None, value: float, deadband: float) -> bool:
+    """Whether ``value`` moved more than ``deadband`` from ``last``, the value last posted
+    (None: nothing posted yet), as EPICS's recGblCheckDeadband judges it: NaN or an
+    infinity against a number, or +inf against -inf, is an infinite change; NaN against
+    NaN, or an infinity against the same one, is none.  So a deadband of 0 posts a change
+    and a negative one posts every put."""
+    if last is None:
+        return True
+    if math.isfinite(value) and math.isfinite(last):
+        return abs(last - value) > deadband
+    same = value == last or (math.isnan(value) and math.isnan(last))
+    return (0.0 if same else math.inf) > deadband
 
 
 class PvMirror:
@@ -109,10 +124,13 @@ class PvMirror:
         self._appended: tuple | None = None
         #: Spaces the events of a large buffer (None: not a buffer).
         self.pacer = EventPacer(self.ring) if self.ring is not None else None
-        self._mlst: float | None = None  # value last posted with DBE_VALUE
-        self._alst: float | None = None  # value last posted with DBE_LOG
-        #: A numeric scalar with no fields in effect: no clipping, alarm limits or
-        #: deadbands, so a put of a number takes the short way (RelayPV.write).
+        #: The value last posted with DBE_VALUE, and with DBE_LOG (None: none yet).  A
+        #: number, or for a string PV its bytes.
+        self._mlst: float | bytes | None = None
+        self._alst: float | bytes | None = None
+        #: A numeric scalar with no fields in effect: no clipping, alarm limits, and
+        #: deadbands of 0 (post on change), so a put of a number takes the short way
+        #: (RelayPV.write) and its events are one compare with ``_mlst``.
         self.plain = False
         self.set_fields(fields.NO_FIELDS)
 
@@ -152,10 +170,11 @@ class PvMirror:
         self.fields = dict(stored) if stored else fields.NO_FIELDS
         self.eff = self.resolver.effective(self.spec, self.fields)
         plain = self.numeric and self.spec.count == 1 and self.ring is None and not self.eff
-        if self.plain and not plain and self.real:
-            # Puts of a plain PV skip the deadband bookkeeping: each one was posted, so
-            # the value last posted is the value.
-            self._mlst = self._alst = float(self.value[0])
+        if self.plain and not plain:
+            # A plain PV keeps only ``_mlst``: its DBE_LOG went out with each DBE_VALUE.
+            self._alst = self._mlst
+        elif plain and not self.plain and self._alst != self._mlst:
+            self._mlst = None  # deadbands that parted: the next put posts both
         if plain:
             self.limit_alarm = _NO_LIMIT_ALARM  # no limits in effect
         self.plain = plain
@@ -191,11 +210,18 @@ class PvMirror:
             else:
                 self.ring.replace(data)
         elif self.plain:
-            # A plain scalar: every put posts its value, never in alarm (see ``plain``).
+            # A plain scalar, never in alarm (see ``plain``): MDEL and ADEL are 0, so a
+            # put posts both events when it changes the value (past_deadband with 0, in
+            # two compares: NaN after NaN is no change).
             self.value = data if owned else np.array(data, copy=True)
             self.real = True
             self.stamp = stamp
-            return VALUE_MASK
+            v = data.item()
+            last = self._mlst
+            if v != last and (v == v or last == last):
+                self._mlst = v
+                return VALUE_MASK
+            return 0
         else:
             self.value = data if owned else np.array(data, copy=True)
             data = self.value  # the same elements: one array per PV, not two
@@ -257,16 +283,25 @@ class PvMirror:
             self.limit_alarm = _NO_LIMIT_ALARM
 
     def _value_mask(self) -> int:
-        """DBE_VALUE and DBE_LOG, less what the MDEL/ADEL deadbands hold back (scalars)."""
-        if not self.numeric or self.spec.count != 1 or self.ring is not None:
+        """The value events of the put just mirrored, by the rules of EPICS records: an
+        array or buffer posts every put (waveform); a string posts when it changes
+        (stringout); a number posts DBE_VALUE when it moved past MDEL and DBE_LOG past
+        ADEL from the value last posted with each (ai/ao: 0 posts a change, -1 every
+        put)."""
+        if self.spec.count != 1 or self.ring is not None or self.spec.kind == "c":
+            return VALUE_MASK
+        if not self.numeric:
+            text = bytes(self.value[0])
+            if text == self._mlst:
+                return 0
+            self._mlst = self._alst = text
             return VALUE_MASK
         v = float(self.value[0])
         mask = 0
-        mdel, adel = self.eff.get("MDEL", 0.0), self.eff.get("ADEL", 0.0)
-        if mdel <= 0 or self._mlst is None or abs(v - self._mlst) > mdel:
+        if past_deadband(self._mlst, v, self.eff.get("MDEL", 0.0)):
             mask |= DBE_VALUE
             self._mlst = v
-        if adel <= 0 or self._alst is None or abs(v - self._alst) > adel:
+        if past_deadband(self._alst, v, self.eff.get("ADEL", 0.0)):
             mask |= DBE_LOG
             self._alst = v
         return mask
