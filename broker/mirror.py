@@ -124,13 +124,11 @@ class PvMirror:
         self._appended: tuple | None = None
         #: Spaces the events of a large buffer (None: not a buffer).
         self.pacer = EventPacer(self.ring) if self.ring is not None else None
-        #: The value last posted with DBE_VALUE, and with DBE_LOG (None: none yet).  A
-        #: number, or for a string PV its bytes.
+        #: Value last posted with DBE_VALUE, with DBE_LOG (a string's bytes; None: none).
         self._mlst: float | bytes | None = None
         self._alst: float | bytes | None = None
-        #: A numeric scalar with no fields in effect: no clipping, alarm limits, and
-        #: deadbands of 0 (post on change), so a put of a number takes the short way
-        #: (RelayPV.write) and its events are one compare with ``_mlst``.
+        #: A numeric scalar with no fields in effect: no clipping or alarm limits, deadbands
+        #: of 0; a put of a number takes the short way (RelayPV.write), one compare to post.
         self.plain = False
         self.set_fields(fields.NO_FIELDS)
 
@@ -171,8 +169,7 @@ class PvMirror:
         self.eff = self.resolver.effective(self.spec, self.fields)
         plain = self.numeric and self.spec.count == 1 and self.ring is None and not self.eff
         if self.plain and not plain:
-            # A plain PV keeps only ``_mlst``: its DBE_LOG went out with each DBE_VALUE.
-            self._alst = self._mlst
+            self._alst = self._mlst  # a plain PV posts DBE_LOG with each DBE_VALUE
         elif plain and not self.plain and self._alst != self._mlst:
             self._mlst = None  # deadbands that parted: the next put posts both
         if plain:
@@ -210,9 +207,8 @@ class PvMirror:
             else:
                 self.ring.replace(data)
         elif self.plain:
-            # A plain scalar, never in alarm (see ``plain``): MDEL and ADEL are 0, so a
-            # put posts both events when it changes the value (past_deadband with 0, in
-            # two compares: NaN after NaN is no change).
+            # Never in alarm; MDEL = ADEL = 0: both events when the value changes, as
+            # past_deadband judges it (NaN after NaN is no change).
             self.value = data if owned else np.array(data, copy=True)
             self.real = True
             self.stamp = stamp
@@ -283,19 +279,16 @@ class PvMirror:
             self.limit_alarm = _NO_LIMIT_ALARM
 
     def _value_mask(self) -> int:
-        """The value events of the put just mirrored, by the rules of EPICS records: an
-        array or buffer posts every put (waveform); a string posts when it changes
-        (stringout); a number posts DBE_VALUE when it moved past MDEL and DBE_LOG past
-        ADEL from the value last posted with each (ai/ao: 0 posts a change, -1 every
-        put)."""
+        """The value events of the put just mirrored, by the EPICS record rules: arrays and
+        buffers every put (waveform), strings on change (stringout), numbers past MDEL and
+        ADEL (ai/ao)."""
         if self.spec.count != 1 or self.ring is not None or self.spec.kind == "c":
             return VALUE_MASK
         if not self.numeric:
             text = bytes(self.value[0])
-            if text == self._mlst:
-                return 0
+            mask = 0 if text == self._mlst else VALUE_MASK
             self._mlst = self._alst = text
-            return VALUE_MASK
+            return mask
         v = float(self.value[0])
         mask = 0
         if past_deadband(self._mlst, v, self.eff.get("MDEL", 0.0)):
