@@ -506,7 +506,7 @@ def test_mdel_deadband_holds_back_small_changes_of_a_scalar(relay, ca):
     # A read is not held back.
     put(name, 10.5)
     assert get(name) == 10.5
-    # MDEL 0: every put posts again.
+    # MDEL 0: every change posts again.
     set_field(ca, name, "MDEL", 0.0)
     for v in (10.6, 10.7):
         put(name, v)
