@@ -1,4 +1,4 @@
-"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W6.
+"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W6, W10.
 
     python -m bench [--quick] [--out DIR] [--only W1,W3] [--servers carelay,control,softioc]
                     [--profile]
@@ -29,7 +29,7 @@ from bench import report
 from bench.servers import softioc_available
 from bench.workloads import FULL, QUICK, Bench
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W10")
 SERVERS = ("carelay", "control", "softioc")
 QUICK_WORKLOADS = ("W1", "W3")
 QUICK_SERVERS = ("carelay", "control")
@@ -40,6 +40,7 @@ DESCRIPTIONS = {
     "W4": "1 MB text",
     "W5": "creation and memory",
     "W6": "buffer scaling over shards",
+    "W10": "bursts of puts and gets, with monitors",
 }
 
 
