@@ -100,6 +100,7 @@ def burst_driver(epics, sync, names: list[str], op: str, bursts: int, base: floa
     libca = ca.libca
     value = ctypes.c_double()
     t0 = sync.ready()
+    cpu0 = time.process_time()
     if op == "put":
         # Each put a new value, so that every put changes the PV (and may post an event).
         v = base + len(first)
@@ -111,12 +112,14 @@ def burst_driver(epics, sync, names: list[str], op: str, bursts: int, base: floa
             libca.ca_flush_io()
         _get_all(ca, chids[-1:], buf)
         end = time.monotonic()
+        cpu = time.process_time() - cpu0
         last = {name: base + len(first) + bursts * n - (n - 1 - i) for i, name in enumerate(names)}
         expected = [last[name] for name in names]
     elif op == "get":
         for _ in range(bursts):
             _get_all(ca, chids, buf)
         end = time.monotonic()
+        cpu = time.process_time() - cpu0
         expected = [primed[name] for name in names]
     else:
         raise ValueError(f"unknown op {op!r}")
@@ -130,7 +133,8 @@ def burst_driver(epics, sync, names: list[str], op: str, bursts: int, base: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(wrong)} channels read a wrong value, e.g. {wrong[:3]}")
         time.sleep(0.05)
-    return {"start": t0, "end": end, "ops": bursts * n}
+    # The client's own CPU (all its threads): near the span, it is the client that limits.
+    return {"start": t0, "end": end, "ops": bursts * n, "cpu_s": cpu}
 
 
 def burst_monitor(epics, sync, names: list[str], above: float) -> dict:

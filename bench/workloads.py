@@ -355,6 +355,7 @@ class Bench:
                         key = f"{shape}_{m}mon"
                         out[f"{op}_us_per_op_{key}"] = r.driver_span([0]) / ops * 1e6
                         out[f"{op}_cpu_us_per_op_{key}"] = r.cpu_s / ops * 1e6
+                        out[f"{op}_client_cpu_us_per_op_{key}"] = r.done[0]["cpu_s"] / ops * 1e6
                         if op == "put" and m:
                             events = sum(r.results[i]["events"] for i in range(1, m + 1))
                             out[f"events_per_put_{key}"] = events / (ops * m)
