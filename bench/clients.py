@@ -23,6 +23,7 @@ Each client function takes ``(epics, sync, **kwargs)`` and returns a dict;
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import threading
 import time
@@ -64,7 +65,12 @@ def client_main(fn_name, env, kwargs, index, ready_q, go, stop, result_q) -> Non
         os.environ.update(env)
         import epics
 
-        out = globals()[fn_name](epics, sync, **kwargs)
+        if "." in fn_name:  # a client of another module of the suite: "bench.bursts.burst_driver"
+            module, _, name = fn_name.rpartition(".")
+            fn = getattr(importlib.import_module(module), name)
+        else:
+            fn = globals()[fn_name]
+        out = fn(epics, sync, **kwargs)
         result_q.put((index, "ok", out))
     except BaseException:
         text = traceback.format_exc()

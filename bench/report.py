@@ -81,6 +81,40 @@ def rows_for(params) -> list[Row]:
                 keys=(("carelay", f"cpu_ms_per_append_{s}_shards"),),
             )
         )
+    rows += w10_rows(params)
+    return rows
+
+
+def w10_rows(params) -> list[Row]:
+    """W10: time per op (target: at most the control's), CPU per op, and monitor events."""
+    n = params.w10_channels
+    shapes = (("onepv", f"1 PV x {n} channels"), ("manypv", f"{n} PVs"))
+
+    def mons(m: int) -> str:
+        return f"{m} monitor{'' if m == 1 else 's'}"
+
+    rows = []
+    for op in ("put", "get"):
+        for shape, label in shapes:
+            for m in params.w10_monitors:
+                rows.append(
+                    Row(
+                        "W10",
+                        f"{op} us/op, {label}, {mons(m)}",
+                        f"{op}_us_per_op_{shape}_{m}mon",
+                        ("<=", 1.0, "ratio"),
+                    )
+                )
+    for op in ("put", "get"):
+        for shape, label in shapes:
+            for m in params.w10_monitors:
+                key = f"{op}_cpu_us_per_op_{shape}_{m}mon"
+                rows.append(Row("W10", f"relay CPU-us per {op}, {label}, {mons(m)}", key))
+    for shape, label in shapes:
+        for m in params.w10_monitors:
+            if m:
+                key = f"events_per_put_{shape}_{m}mon"
+                rows.append(Row("W10", f"events per put per monitor, {label}, {mons(m)}", key))
     return rows
 
 

@@ -1,7 +1,7 @@
-"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W6.
+"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W6, W10.
 
     python -m bench [--quick] [--out DIR] [--only W1,W3] [--servers carelay,control,softioc]
-                    [--profile]
+                    [--profile] [--w10-bursts N] [--w10-monitors 0,1,10]
 
 Every server is started by the suite on its own free CA port (never 5064),
 driven by pyepics clients in spawned processes, and stopped at the end of
@@ -29,7 +29,7 @@ from bench import report
 from bench.servers import softioc_available
 from bench.workloads import FULL, QUICK, Bench
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W10")
 SERVERS = ("carelay", "control", "softioc")
 QUICK_WORKLOADS = ("W1", "W3")
 QUICK_SERVERS = ("carelay", "control")
@@ -40,6 +40,7 @@ DESCRIPTIONS = {
     "W4": "1 MB text",
     "W5": "creation and memory",
     "W6": "buffer scaling over shards",
+    "W10": "bursts of puts and gets, with monitors",
 }
 
 
@@ -52,6 +53,16 @@ def _list(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
             f"unknown {what} {', '.join(bad) or '(none)'}; choose from {','.join(allowed)}"
         )
     return [x for x in allowed if x in items]
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"not a list of counts 0 or more: {text!r}")
+    return counts
 
 
 def parse_args(argv):
@@ -77,6 +88,18 @@ def parse_args(argv):
         type=int,
         metavar="N",
         help="W1: a put with callback every N-th put (default 100; 0: only the last one)",
+    )
+    p.add_argument(
+        "--w10-bursts",
+        type=int,
+        metavar="N",
+        help="W10: bursts per phase (default 30; more for a profile of one shape)",
+    )
+    p.add_argument(
+        "--w10-monitors",
+        type=_counts,
+        metavar="LIST",
+        help="W10: comma-separated monitor counts (default 0,1,10)",
     )
     p.add_argument(
         "--replot",
@@ -233,6 +256,13 @@ def main(argv=None) -> int:
             print("--w1-every must be 0 or more", file=sys.stderr)
             return 2
         params = dataclasses.replace(params, w1_every=args.w1_every)
+    if args.w10_bursts is not None:
+        if args.w10_bursts < 1:
+            print("--w10-bursts must be 1 or more", file=sys.stderr)
+            return 2
+        params = dataclasses.replace(params, w10_bursts=args.w10_bursts)
+    if args.w10_monitors is not None:
+        params = dataclasses.replace(params, w10_monitors=args.w10_monitors)
     workloads = args.only or list(QUICK_WORKLOADS if args.quick else WORKLOADS)
     servers = args.servers or list(QUICK_SERVERS if args.quick else SERVERS)
     skipped = {}

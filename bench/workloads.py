@@ -48,6 +48,11 @@ class Params:
     w6_buffers: int = 4
     w6_shards: tuple[int, ...] = (1, 2, 4)
     w6_duration: float = 8.0
+    #: W10: channels per shape (1000 channels of one PV, or one each of as many PVs); a
+    #: burst is one op per channel.
+    w10_channels: int = 1000
+    w10_bursts: int = 30
+    w10_monitors: tuple[int, ...] = (0, 1, 10)
     carelay_shards: int = 2
 
     def as_dict(self) -> dict:
@@ -69,6 +74,9 @@ QUICK = Params(
     w5_idle=0.5,
     w6_shards=(1, 2),
     w6_duration=1.0,
+    w10_channels=20,
+    w10_bursts=3,
+    w10_monitors=(0, 2),
 )
 
 
@@ -314,6 +322,44 @@ class Bench:
             "rss_after_mib": rss1 / MIB,
             "idle_cpu_pct": idle[0] * 100,
         }
+
+    # -- W10 --------------------------------------------------------------------------
+
+    def w10(self, kind: str) -> dict:
+        """Bursts: w10_bursts bursts of w10_channels puts (no callback, one flush a burst),
+        then the same of gets, over w10_channels channels of one f1 PV and over as many
+        f1 PVs, with each of w10_monitors monitors subscribed to every PV of the shape."""
+        p = self.params
+        srv = self.server(kind)
+        one = f"{srv.prefix}w10one_f1"
+        many = [f"{srv.prefix}w10m{k:04d}_f1" for k in range(p.w10_channels)]
+        srv.records = [(name, "f", 1) for name in (one, *many)]
+        shapes = {"onepv": [one] * p.w10_channels, "manypv": many}
+        out = {}
+        base = 0.0
+        with srv:
+            for shape, names in shapes.items():
+                distinct = list(dict.fromkeys(names))
+                for m in p.w10_monitors:
+                    for op in ("put", "get"):
+                        base += 1e7  # values of each phase above those of the last
+                        kw = {"names": names, "op": op, "bursts": p.w10_bursts, "base": base}
+                        clients = [("bench.bursts.burst_driver", kw)]
+                        # A monitor counts the timed puts' values only: above the primed ones.
+                        above = base + len(distinct) - 0.5
+                        clients += [
+                            ("bench.bursts.burst_monitor", {"names": distinct, "above": above})
+                        ] * m
+                        r = self.phase(srv, clients, [0], f"W10-{op}-{shape}-{m}mon")
+                        ops = r.done[0]["ops"]
+                        key = f"{shape}_{m}mon"
+                        out[f"{op}_us_per_op_{key}"] = r.driver_span([0]) / ops * 1e6
+                        out[f"{op}_cpu_us_per_op_{key}"] = r.cpu_s / ops * 1e6
+                        out[f"{op}_client_cpu_us_per_op_{key}"] = r.done[0]["cpu_s"] / ops * 1e6
+                        if op == "put" and m:
+                            events = sum(r.results[i]["events"] for i in range(1, m + 1))
+                            out[f"events_per_put_{key}"] = events / (ops * m)
+        return out
 
 
 def spread_names(prefix: str, stem: str, type_count: str, n: int, shard_counts) -> list[str]:
