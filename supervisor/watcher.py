@@ -63,7 +63,10 @@ class Watcher:
             PARENT_PID_ENV: str(os.getpid()),
             RESTARTS_ENV: str(self.restarts),
         }
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=env)
+        # A process group of its own: Ctrl-C at a terminal signals the foreground group,
+        # and the supervisor alone is to act on it, stopping the broker before the shards
+        # (Supervisor.stop).  A child whose supervisor dies follows it (die_with_parent).
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=env, process_group=0)
         self.started_at = time.monotonic()
         self._restart_at = None
         # A restart has its own line (check); the first start is in the ready line.
