@@ -1,5 +1,5 @@
 """A CA circuit's two byte streams, followed message by message as PCAS reads and writes
-them: no sockets, no ctypes (broker/access.py feeds them).
+them: no sockets, no ctypes (broker/sockethooks.py feeds them).
 
 What is read may be changed in place (the HOST_NAME rewrite of access by address); what
 is written is only looked at.  Both keep what tells the relay of a put that PCAS refuses
