@@ -33,7 +33,8 @@ from carelay.broker.castream import (
     UnfollowableStream,
 )
 from carelay.broker.got import find_slots, point_slots
-from carelay.broker.refusals import LogBudget, shorten
+from carelay.broker.logbudget import LogBudget
+from carelay.broker.refusals import shorten
 from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 
 __all__ = ["DeniedPuts", "install", "peer_address", "peer_token", "watch_denied"]
@@ -186,28 +187,21 @@ class DeniedPuts:
     ) -> None:
         self.record = record
         self.count = count
-        self.budget = LogBudget(lines, window, clock)
-        self._example: str | None = None
+        self.budget = LogBudget(
+            lines,
+            window,
+            f"refused {{count}} more puts in the last {{window:.0f}} s: {ACCESS_DENIED}, "
+            "not logged one by one, e.g. {example}",
+            log,
+            clock,
+        )
 
     def denied(self, name: str, user: str, address: str, notify: bool) -> None:
-        self.tick()
-        if self.budget.allow():
+        if self.budget.allow(f"{shorten(name)} from {user}@{address}"):
             self.record(name, user, address, notify)
             return
         self.count()
-        if self._example is None:
-            self._example = f"{shorten(name)} from {user}@{address}"
 
     def tick(self) -> None:
         """At the end of a window, the summary of what was not logged one by one."""
-        unlogged = self.budget.ended()
-        if unlogged:
-            log.warning(
-                "refused %s more puts in the last %.0f s: %s, not logged one by one, e.g. %s",
-                f"{unlogged:,}",
-                self.budget.window,
-                ACCESS_DENIED,
-                self._example,
-            )
-        if unlogged is not None:
-            self._example = None
+        self.budget.tick()
