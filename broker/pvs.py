@@ -31,7 +31,6 @@ from carelay.common import fields
 from carelay.common.naming import PvSpec
 
 if TYPE_CHECKING:
-
     from carelay.broker.app import Broker
 
 __all__ = [
