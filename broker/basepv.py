@@ -83,9 +83,8 @@ class DisplayFields:
 
 
 class MonitorInterest:
-    """Whether a casPV has monitors (``interest``), as the server registers them."""
-
-    interest = False
+    """Whether a casPV has monitors (``interest``, set False by its ``__init__``), as the
+    server registers them."""
 
     @guarded(cas.S_casApp_noMemory)
     def interestRegister(self):
