@@ -1,5 +1,6 @@
-"""What the broker's casPVs share: the callback guard, the DBR_CTRL getters and ``BasePV``
-(name, type, interest and the put paths).
+"""What the broker's casPVs share: the callback guard, the DBR_CTRL getters, the monitor
+interest, the refusal of puts to read-only PVs and ``BasePV`` (name, type and the put
+paths).
 
 Every callback from the C++ server catches everything: an exception that
 escaped through SWIG would abort the broker.
@@ -23,7 +24,15 @@ log = logging.getLogger(__name__)
 
 #: CA status for a put the relay could not apply (clients see ECA_PUTFAIL).
 PUT_FAILED = cas.S_casApp_noSupport
-__all__ = ["PUT_FAILED", "VALUE_MASK", "BasePV", "DisplayFields", "guarded"]
+__all__ = [
+    "PUT_FAILED",
+    "VALUE_MASK",
+    "BasePV",
+    "DisplayFields",
+    "MonitorInterest",
+    "ReadOnly",
+    "guarded",
+]
 
 
 def guarded(status_on_error):
@@ -43,6 +52,18 @@ def guarded(status_on_error):
     return wrap
 
 
+def _display_getter(method: str, field: str, convert):
+    """The DBR_CTRL getter ``method`` of a casPV: it puts field ``field``, as ``convert``
+    makes it, into the gdd it is given."""
+
+    def getter(self, gdd):
+        gdd.put(convert(self._display(field)))
+        return cas.S_casApp_success
+
+    getter.__name__ = getter.__qualname__ = method
+    return guarded(cas.S_casApp_undefined)(getter)
+
+
 class DisplayFields:
     """The DBR_CTRL/DBR_GR getters of a casPV (units, precision, display and alarm
     limits), each reading the field of its record name through ``_display``."""
@@ -51,44 +72,41 @@ class DisplayFields:
         """The value of field ``name`` (EGU, PREC, HOPR, LOPR, HIHI, HIGH, LOW, LOLO)."""
         raise NotImplementedError
 
-    def _put_display(self, gdd, name: str, convert):
-        gdd.put(convert(self._display(name)))
+    getUnits = _display_getter("getUnits", "EGU", str)
+    getPrecision = _display_getter("getPrecision", "PREC", int)
+    getHighLimit = _display_getter("getHighLimit", "HOPR", float)
+    getLowLimit = _display_getter("getLowLimit", "LOPR", float)
+    getHighAlarmLimit = _display_getter("getHighAlarmLimit", "HIHI", float)
+    getLowAlarmLimit = _display_getter("getLowAlarmLimit", "LOLO", float)
+    getHighWarnLimit = _display_getter("getHighWarnLimit", "HIGH", float)
+    getLowWarnLimit = _display_getter("getLowWarnLimit", "LOW", float)
+
+
+class MonitorInterest:
+    """Whether a casPV has monitors (``interest``, set False by its ``__init__``), as the
+    server registers them."""
+
+    @guarded(cas.S_casApp_noMemory)
+    def interestRegister(self):
+        self.interest = True
         return cas.S_casApp_success
 
-    @guarded(cas.S_casApp_undefined)
-    def getUnits(self, units):
-        return self._put_display(units, "EGU", str)
-
-    @guarded(cas.S_casApp_undefined)
-    def getPrecision(self, prec):
-        return self._put_display(prec, "PREC", int)
-
-    @guarded(cas.S_casApp_undefined)
-    def getHighLimit(self, limit):
-        return self._put_display(limit, "HOPR", float)
-
-    @guarded(cas.S_casApp_undefined)
-    def getLowLimit(self, limit):
-        return self._put_display(limit, "LOPR", float)
-
-    @guarded(cas.S_casApp_undefined)
-    def getHighAlarmLimit(self, limit):
-        return self._put_display(limit, "HIHI", float)
-
-    @guarded(cas.S_casApp_undefined)
-    def getLowAlarmLimit(self, limit):
-        return self._put_display(limit, "LOLO", float)
-
-    @guarded(cas.S_casApp_undefined)
-    def getHighWarnLimit(self, limit):
-        return self._put_display(limit, "HIGH", float)
-
-    @guarded(cas.S_casApp_undefined)
-    def getLowWarnLimit(self, limit):
-        return self._put_display(limit, "LOW", float)
+    @guarded(None)
+    def interestDelete(self):
+        self.interest = False
 
 
-class BasePV(cas.casPV):
+class ReadOnly:
+    """The put callbacks of a casPV that refuses every put."""
+
+    @guarded(cas.S_cas_noWrite)
+    def write(self, context, value):
+        return cas.S_cas_noWrite
+
+    writeNotify = write
+
+
+class BasePV(MonitorInterest, cas.casPV):
     """What relay and control PVs share: name, type and interest bookkeeping."""
 
     def __init__(self, broker: Broker, name: str, kind: str, count: int, array: bool) -> None:
@@ -116,15 +134,6 @@ class BasePV(cas.casPV):
 
     def maxBound(self, dim):
         return self._count if dim == 0 else 0
-
-    @guarded(cas.S_casApp_noMemory)
-    def interestRegister(self):
-        self.interest = True
-        return cas.S_casApp_success
-
-    @guarded(None)
-    def interestDelete(self):
-        self.interest = False
 
     @guarded(None)
     def destroy(self):
@@ -176,50 +185,44 @@ class BasePV(cas.casPV):
 
     @guarded(PUT_FAILED)
     def write(self, context, value):
+        """A CA put without callback."""
         if self.waiting_put:
             # A put waits for its shard: this one goes after it (the server retries it).
             return cas.S_casApp_postponeAsyncIO
-        # The client, for relay:ERRORS; valid only while this callback runs.
-        self.broker.put_context = context
-        try:
-            return self._write(context, value)
-        finally:
-            self.broker.put_context = None
-
-    def _write(self, context, value):
-        payload, status = self._accept(value)
-        if payload is None:
-            return status
-        if self._parked(context, payload, None):
-            return cas.S_casApp_asyncCompletion
-        if not self._forward(payload, None):
-            return PUT_FAILED
-        self._forwarded(payload)
-        return cas.S_casApp_success
+        return self._put(context, value, None)
 
     @guarded(PUT_FAILED)
     def writeNotify(self, context, value):
+        """A CA put with callback: it completes when the put is applied (``complete``)."""
         if self.hasAsyncWrite():
             # One completion at a time per PV; the server retries this one later.
             return cas.S_casApp_postponeAsyncIO
+        return self._put(context, value, self)
+
+    def _put(self, context, value, notify):
+        """Accept or refuse a CA put, then park it or send it on; ``notify``: this PV for a
+        put with callback, which completes asynchronously, else None."""
+        # The client, for relay:ERRORS; valid only while this callback runs.
         self.broker.put_context = context
         try:
-            return self._write_notify(context, value)
+            payload, status = self._accept(value)
+            if payload is None:
+                return status
+            if self._parked(context, payload, notify):
+                return cas.S_casApp_asyncCompletion
+            if notify is None:
+                if not self._forward(payload, None):
+                    return PUT_FAILED
+                self._forwarded(payload)
+                return cas.S_casApp_success
+            self.startAsyncWrite(context.ctx)
+            if self._forward(payload, notify):
+                self._forwarded(payload)
+            else:
+                self.endAsyncWrite(PUT_FAILED)
+            return cas.S_casApp_asyncCompletion
         finally:
             self.broker.put_context = None
-
-    def _write_notify(self, context, value):
-        payload, status = self._accept(value)
-        if payload is None:
-            return status
-        if self._parked(context, payload, self):
-            return cas.S_casApp_asyncCompletion
-        self.startAsyncWrite(context.ctx)
-        if self._forward(payload, self):
-            self._forwarded(payload)
-        else:
-            self.endAsyncWrite(PUT_FAILED)
-        return cas.S_casApp_asyncCompletion
 
     def complete(self, ok: bool) -> None:
         """Finish the put with callback in progress, if any."""

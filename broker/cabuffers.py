@@ -13,8 +13,8 @@ The broker counts them two ways:
 
 - ``FreeList`` reads PCAS's free list of large buffers itself.  It learns where the list
   lives when PCAS makes it (a hook on ``freeListInitPvt`` in the extension's global
-  offset table, as broker/access.py hooks ``recv``), and counts the buffers the list
-  took from malloc: in use or free, receiving or sending, exactly what PCAS holds.
+  offset table, broker/got.py, as broker/sockethooks.py hooks ``recv``), and counts the
+  buffers the list took from malloc: in use or free, receiving or sending, exactly what PCAS holds.
 - ``PinnedBuffers`` also counts from the kernel's figure of the bytes each circuit sent
   (TCP_INFO): a circuit that sent more than CA_SMALL_BUFFER bytes within one window
   (about a second) is taken to hold a large receive buffer until it closes, and the
@@ -29,6 +29,7 @@ import logging
 import struct
 from collections.abc import Mapping
 
+from carelay.broker.got import find_slots, point_slots
 from carelay.common.config import (
     CA_LARGE_BUFFER_EXTRA,
     CA_SMALL_BUFFER,
@@ -160,16 +161,10 @@ class FreeList:
     def install(self, module_path: str) -> None:
         """Point the ``freeListInitPvt`` slot of the loaded extension ``module_path`` at a
         hook that notes the list of large buffers; before PCAS's server is made."""
-        from carelay.broker.access import _got_slots, _load_base, _writable
-
-        slots = _got_slots(module_path, {"freeListInitPvt"})
-        if "freeListInitPvt" not in slots:
-            raise RuntimeError(f"{module_path} imports no freeListInitPvt")
+        slots = find_slots(module_path, {"freeListInitPvt"})
         self._real = _INIT(("freeListInitPvt", ctypes.CDLL(module_path)))
         self._hook = _INIT(self._init)
-        address = _load_base(module_path) + slots["freeListInitPvt"]
-        _writable(address)
-        ctypes.c_void_p.from_address(address).value = ctypes.cast(self._hook, ctypes.c_void_p).value
+        point_slots(module_path, slots, {"freeListInitPvt": self._hook})
 
     def _init(self, ppvt, size: int, nmalloc: int) -> None:
         self._real(ppvt, size, nmalloc)

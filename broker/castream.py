@@ -1,5 +1,5 @@
 """A CA circuit's two byte streams, followed message by message as PCAS reads and writes
-them: no sockets, no ctypes (broker/access.py feeds them).
+them: no sockets, no ctypes (broker/sockethooks.py feeds them).
 
 What is read may be changed in place (the HOST_NAME rewrite of access by address); what
 is written is only looked at.  Both keep what tells the relay of a put that PCAS refuses
@@ -160,7 +160,7 @@ class Channels:
         if sid is not None:
             self.denied.pop(sid, None)
 
-    def write(self, sid: int, notify: bool) -> None:
+    def put_seen(self, sid: int, notify: bool) -> None:
         """A put to channel ``sid`` is read: PCAS refuses it if the channel has no write
         access (and the rights it told the client are the rights it checks)."""
         cid = self.denied.get(sid)
@@ -184,7 +184,7 @@ class ClientStream(StreamWalker):
     def _message(self, command, size, p1, p2, buf, at) -> bool:
         if command in (CA_PROTO_WRITE, CA_PROTO_WRITE_NOTIFY):
             if self.channels.denied:
-                self.channels.write(p1, command == CA_PROTO_WRITE_NOTIFY)
+                self.channels.put_seen(p1, command == CA_PROTO_WRITE_NOTIFY)
             return False
         if command in (CA_PROTO_CREATE_CHAN, CA_PROTO_CLIENT_NAME):
             self._kind, self._cid = command, p1

@@ -155,7 +155,8 @@ def client_limit(
 
 class _Tally:
     """One log line per CIRCUIT_LOG_INTERVAL for one kind of event (a closure, CA buffers
-    taken); the rest counted."""
+    taken); the rest counted.  Not a LogBudget: the interval runs from the last line, the
+    count rides on the next line (or a summary with the last event), at the tally's level."""
 
     def __init__(self, interval: float = CIRCUIT_LOG_INTERVAL, level: int = logging.WARNING):
         self.interval = interval

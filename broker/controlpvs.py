@@ -10,7 +10,7 @@ import numpy as np
 from pcaspy import cas
 from pcaspy.alarm import Alarm, Severity
 
-from carelay.broker.basepv import PUT_FAILED, VALUE_MASK, BasePV, guarded
+from carelay.broker.basepv import PUT_FAILED, VALUE_MASK, BasePV, ReadOnly, guarded
 from carelay.broker.values import ConversionError, dbr_string, fill_gdd, gdd_to_array, value_gdd
 from carelay.common import fields
 from carelay.common.naming import PvSpec
@@ -99,7 +99,7 @@ class FieldPV(BasePV):
         return pv.shard if pv is not None and pv.real else None
 
 
-class PvListPV(BasePV):
+class PvListPV(ReadOnly, BasePV):
     """``<prefix>pvlist``: every PV name, comma-separated, as a char array."""
 
     def __init__(self, broker: Broker, name: str, count: int) -> None:
@@ -129,12 +129,6 @@ class PvListPV(BasePV):
             gdd.setTimeStamp(cas.epicsTimeStamp())
             gdd.setStatSevr(Alarm.NO_ALARM, Severity.NO_ALARM)
             self.postEvent(VALUE_MASK, gdd)
-
-    @guarded(cas.S_cas_noWrite)
-    def write(self, context, value):
-        return cas.S_cas_noWrite
-
-    writeNotify = write
 
 
 class DelPvPV(BasePV):

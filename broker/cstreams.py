@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 
-from carelay.broker.refusals import LogBudget, shorten
+from carelay.broker.logbudget import LogBudget
+from carelay.broker.refusals import shorten
 from carelay.common.config import C_LINE_CHARS, C_LOG_LINES, C_LOG_WINDOW
 
 log = logging.getLogger("carelay.broker")
@@ -33,21 +34,20 @@ class LineLimiter:
     def __init__(
         self, lines: int = C_LOG_LINES, window: float = C_LOG_WINDOW, clock=time.monotonic
     ):
-        self.budget = LogBudget(lines, window, clock)
+        self.budget = LogBudget(
+            lines,
+            window,
+            "stderr: {count} more lines in the last {window:.0f} s, not logged one by one",
+            log,
+            clock,
+        )
 
     def line(self, text: str) -> None:
-        self.tick()
         if self.budget.allow():
             log.warning("stderr: %s", shorten(text, C_LINE_CHARS))
 
     def tick(self) -> None:
-        unlogged = self.budget.ended()
-        if unlogged:
-            log.warning(
-                "stderr: %s more lines in the last %.0f s, not logged one by one",
-                f"{unlogged:,}",
-                self.budget.window,
-            )
+        self.budget.tick()
 
 
 def split_lines(partial: bytearray, data: bytes) -> list[str]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from pcaspy import cas
 
+from carelay.broker.basepv import VALUE_MASK, DisplayFields, MonitorInterest, ReadOnly, guarded
 from carelay.broker.health import SHARD_SEVERITY, SHARD_STATES, STATE_ALARM, uptime_text
-from carelay.broker.pvs import VALUE_MASK, DisplayFields, guarded
 from carelay.broker.values import fill_gdd, value_gdd
 from carelay.common import fields
 from carelay.common.config import (
@@ -81,14 +81,29 @@ class Meta:
         return float(self.limits.get(name, 0.0))
 
 
-class HealthPV(DisplayFields, cas.casPV):
+class _ReadOnlyPV(ReadOnly, cas.casPV):
+    """What a health PV and its fields share: a name, whether a client attached, and no
+    puts."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.attached = False
+
+    def getName(self):
+        return self.name
+
+    @guarded(None)
+    def destroy(self):
+        self.attached = False
+
+
+class HealthPV(DisplayFields, MonitorInterest, _ReadOnlyPV):
     """One health PV: a value, its alarm, and the time it last changed."""
 
     def __init__(self, name: str, meta: Meta) -> None:
-        super().__init__()
-        self.name = name
+        super().__init__(name)
         self.meta = meta
-        self.attached = False
         self.interest = False
         self.value = "" if meta.kind in "sc" else 0
         self.alarm = fields.NO_ALARM
@@ -143,9 +158,6 @@ class HealthPV(DisplayFields, cas.casPV):
         self._fill(gdd)
         return gdd
 
-    def getName(self):
-        return self.name
-
     def bestExternalType(self):
         return _AIT[self.meta.kind]
 
@@ -169,38 +181,14 @@ class HealthPV(DisplayFields, cas.casPV):
     def _display(self, name: str):
         return self.meta.field_value(name)
 
-    @guarded(cas.S_casApp_noMemory)
-    def interestRegister(self):
-        self.interest = True
-        return cas.S_casApp_success
 
-    @guarded(None)
-    def interestDelete(self):
-        self.interest = False
-
-    @guarded(None)
-    def destroy(self):
-        self.attached = False
-
-    @guarded(cas.S_cas_noWrite)
-    def write(self, context, value):
-        return cas.S_cas_noWrite
-
-    writeNotify = write
-
-
-class HealthFieldPV(cas.casPV):
+class HealthFieldPV(_ReadOnlyPV):
     """``<health PV>.DESC`` and the like: a constant of its Meta."""
 
     def __init__(self, name: str, meta: Meta, field_name: str) -> None:
-        super().__init__()
-        self.name = name
-        self.attached = False
+        super().__init__(name)
         self._ait = _FIELDS[field_name]
         self._value = meta.field_value(field_name)
-
-    def getName(self):
-        return self.name
 
     def bestExternalType(self):
         return self._ait
@@ -213,16 +201,6 @@ class HealthFieldPV(cas.casPV):
         value.setStatSevr(fields.NO_ALARM, fields.NO_SEVERITY)
         value.setTimeStamp(cas.epicsTimeStamp())
         return cas.S_casApp_success
-
-    @guarded(None)
-    def destroy(self):
-        self.attached = False
-
-    @guarded(cas.S_cas_noWrite)
-    def write(self, context, value):
-        return cas.S_cas_noWrite
-
-    writeNotify = write
 
 
 def _limits(high=None, hihi=None, low=None, lolo=None) -> dict:

@@ -53,13 +53,13 @@ def run_broker(config: Config) -> int:
         # read and write (and so each creation, which is a write) against the file.
         from pcaspy import _cas
 
-        from carelay.broker import access
+        from carelay.broker import access, sockethooks
 
         # The CA streams are followed for the rewrite of access by address, and to see
         # the puts that PCAS refuses by itself.
         followed = True
         try:
-            access.install(_cas.__file__, config.access_by_ip)
+            sockethooks.install(_cas.__file__, config.access_by_ip)
         except (OSError, RuntimeError, ValueError, struct.error) as e:
             if config.access_by_ip:
                 log.error(
@@ -93,7 +93,7 @@ def run_broker(config: Config) -> int:
         return exits.CANNOT_START
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
     if followed:
-        from carelay.broker.access import DeniedPuts, watch_denied
+        from carelay.broker.sockethooks import DeniedPuts, watch_denied
 
         broker.denied_puts = DeniedPuts(
             broker.access_denied, lambda: broker.health.count_refusal("access")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,8 +31,6 @@ from carelay.common import fields
 from carelay.common.naming import PvSpec
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     from carelay.broker.app import Broker
 
 __all__ = [
@@ -54,6 +53,12 @@ _CTRL_APP = {"f": 34, "i": 33}
 _CTRL_LIMITS = ("LOW", "HIGH", "LOLO", "HIHI", "LOPR", "HOPR", "DRVL", "DRVH")
 
 
+def _mirrored(attribute: str) -> property:
+    """The PV's ``mirror.<attribute>``, read-only (a method of the mirror is called as the
+    PV's own)."""
+    return property(attrgetter(f"mirror.{attribute}"), doc=f"PvMirror.{attribute}")
+
+
 class RelayPV(DisplayFields, BasePV):
     """A relay PV: the CA face of ``mirror``, the broker's copy of one shard-held value
     and its fields.
@@ -73,44 +78,17 @@ class RelayPV(DisplayFields, BasePV):
 
     # -- the mirror's state, as the broker reads it ------------------------------
 
-    @property
-    def real(self) -> bool:
-        return self.mirror.real
-
-    @property
-    def value(self) -> np.ndarray:
-        return self.mirror.value
-
-    @property
-    def stamp(self) -> float:
-        return self.mirror.stamp
-
-    @property
-    def ring(self):
-        return self.mirror.ring
-
-    @property
-    def eff(self) -> Mapping:
-        return self.mirror.eff
-
-    @property
-    def plain(self) -> bool:
-        return self.mirror.plain
-
-    def contents(self) -> np.ndarray:
-        return self.mirror.contents()
-
-    def length(self) -> int:
-        return self.mirror.length()
-
-    def settled_put(self, data: np.ndarray) -> np.ndarray | None:
-        return self.mirror.settled_put(data)
-
-    def set_fields(self, stored: Mapping) -> None:
-        self.mirror.set_fields(stored)
-
-    def post_interval(self) -> float:
-        return self.mirror.post_interval()
+    real = _mirrored("real")
+    value = _mirrored("value")
+    stamp = _mirrored("stamp")
+    ring = _mirrored("ring")
+    eff = _mirrored("eff")
+    plain = _mirrored("plain")
+    contents = _mirrored("contents")
+    length = _mirrored("length")
+    settled_put = _mirrored("settled_put")
+    set_fields = _mirrored("set_fields")
+    post_interval = _mirrored("post_interval")
 
     # -- changes from the shard, mirrored and posted --------------------------------
 

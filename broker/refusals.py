@@ -17,6 +17,7 @@ import struct
 import sys
 import time
 
+from carelay.broker.logbudget import LogBudget
 from carelay.common.config import (
     LOGGED_NAME_CHARS,
     REFUSAL_LOG_LINES,
@@ -59,40 +60,6 @@ def client_address(addr) -> str | None:
     return f"{socket.inet_ntoa(address)}:{socket.ntohs(port)}"
 
 
-class LogBudget:
-    """At most ``lines`` log lines per ``window`` seconds: ``allow`` says whether one may
-    go, and counts those that may not, for the summary its owner logs when ``ended``
-    says a window is over.  Shared by every log that a client's traffic can drive."""
-
-    def __init__(self, lines: int, window: float, clock=time.monotonic) -> None:
-        self.lines = lines
-        self.window = window
-        self.clock = clock
-        self._window_end = clock() + window
-        self._logged = 0
-        #: Lines not logged one by one in this window.
-        self.unlogged = 0
-
-    def allow(self) -> bool:
-        if self._logged < self.lines:
-            self._logged += 1
-            return True
-        self.unlogged += 1
-        return False
-
-    def ended(self) -> int | None:
-        """None while the window lasts; at its end, how many lines it did not log (a new
-        window starts)."""
-        now = self.clock()
-        if now < self._window_end:
-            return None
-        unlogged = self.unlogged
-        self._window_end = now + self.window
-        self._logged = 0
-        self.unlogged = 0
-        return unlogged
-
-
 def _key(name: str) -> str:
     if len(name) <= LOGGED_NAME_CHARS:
         return name
@@ -114,9 +81,14 @@ class RefusalLog:
         self._seen: collections.OrderedDict[str, int] = collections.OrderedDict()
         #: What the remembered names cost, by _cost.
         self.bytes = 0
-        self.budget = LogBudget(lines, window, clock)
-        #: The first refusal of this window that was not logged one by one.
-        self._example: str | None = None
+        self.budget = LogBudget(
+            lines,
+            window,
+            "refused {count} more PV names in the last {window:.0f} s, not logged one by one, "
+            "e.g. {example}",
+            log,
+            clock,
+        )
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -135,25 +107,13 @@ class RefusalLog:
         self.bytes += cost
         while self.bytes > self.memory_bytes and self._seen:
             self.bytes -= self._seen.popitem(last=False)[1]
-        self.tick()
         line = f"{shorten(name)}: {shorten(why)}"
         if client:
             line += f" (client {client})"
-        if self.budget.allow():
+        if self.budget.allow(line):
             log.warning("refused PV name %s", line)
-        elif self._example is None:
-            self._example = line
         return True
 
     def tick(self) -> None:
         """At the end of a window, the summary of what was not logged one by one."""
-        unlogged = self.budget.ended()
-        if unlogged:
-            log.warning(
-                "refused %s more PV names in the last %.0f s, not logged one by one, e.g. %s",
-                f"{unlogged:,}",
-                self.budget.window,
-                self._example,
-            )
-        if unlogged is not None:
-            self._example = None
+        self.budget.tick()

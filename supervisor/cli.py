@@ -99,49 +99,56 @@ class _KeepGiven(argparse.Action):
             setattr(namespace, self.dest, values)
 
 
+#: The help of the optional GLOB of ``list`` and ``export``.
+_GLOB_HELP = "only names matching GLOB (with or without prefix)"
+
+
+def _command(sub, name: str, run: Callable, summary: str, config: bool = True):
+    """The subparser of command ``name`` (``summary`` in the help), which ``run`` carries
+    out; ``config``: with the configuration flags."""
+    p = sub.add_parser(name, help=summary)
+    if config:
+        _config_flags(p)
+    p.set_defaults(func=run)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="carelay", description="EPICS Channel Access relay")
     parser.add_argument("--version", action="version", version=f"carelay {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    up = sub.add_parser("up", help="start the relay: one broker and N shards, watched")
-    _config_flags(up)
-    up.set_defaults(func=run_up)
-    st = sub.add_parser("status", help="show the processes of a running relay")
-    _config_flags(st)
+    _command(sub, "up", run_up, "start the relay: one broker and N shards, watched")
+    st = _command(sub, "status", run_status, "show the processes of a running relay")
     st.add_argument("--pv", metavar="NAME", help="show which shard owns the PV NAME")
-    st.set_defaults(func=run_status)
-    ls = sub.add_parser("list", help="list the PVs: type, count, NORD, shard, update, bytes")
-    _config_flags(ls)
-    ls.add_argument("glob", nargs="?", help="only names matching GLOB (with or without prefix)")
+    ls = _command(sub, "list", run_list, "list the PVs: type, count, NORD, shard, update, bytes")
+    ls.add_argument("glob", nargs="?", help=_GLOB_HELP)
     ls.add_argument("--shard", type=int, metavar="K", help="only the PVs of shard K")
     ls.add_argument("--json", action="store_true", help="a JSON list instead of a table")
-    ls.set_defaults(func=run_list)
-    ex = sub.add_parser("export", help="write PVs with fields and values to stdout (JSON Lines)")
-    _config_flags(ex)
-    ex.add_argument("glob", nargs="?", help="only names matching GLOB (with or without prefix)")
-    ex.set_defaults(func=run_export)
-    im = sub.add_parser("import", help="create or set the PVs of an export file")
-    _config_flags(im)
-    im.add_argument("file", help="a file written by carelay export")
-    im.set_defaults(func=run_import)
-    rl = sub.add_parser(
-        "reload-acf", help="make the running broker read its access security file again"
+    ex = _command(
+        sub, "export", run_export, "write PVs with fields and values to stdout (JSON Lines)"
     )
-    _config_flags(rl)
-    rl.set_defaults(func=run_reload_acf)
-    keys = sub.add_parser("keys", help="make CurveZMQ keys for shards on other hosts")
+    ex.add_argument("glob", nargs="?", help=_GLOB_HELP)
+    im = _command(sub, "import", run_import, "create or set the PVs of an export file")
+    im.add_argument("file", help="a file written by carelay export")
+    _command(
+        sub,
+        "reload-acf",
+        run_reload_acf,
+        "make the running broker read its access security file again",
+    )
+    keys = _command(
+        sub, "keys", run_keys, "make CurveZMQ keys for shards on other hosts", config=False
+    )
     keys.add_argument("directory", help="where to write shard.key[_secret], broker.key[_secret]")
-    keys.set_defaults(func=run_keys)
-    br = sub.add_parser("broker", help="run the CA broker (started by `carelay up`)")
-    _config_flags(br)
-    br.set_defaults(func=run_broker_role)
-    sh = sub.add_parser("shard", help="run one shard (started by `carelay up`)")
+    _command(sub, "broker", run_broker_role, "run the CA broker (started by `carelay up`)")
+    sh = _command(
+        sub, "shard", run_shard_role, "run one shard (started by `carelay up`)", config=False
+    )
     index = sh.add_mutually_exclusive_group()
     # `carelay up` starts `carelay shard K`, so that ps shows which shard a process is.
     index.add_argument("index", type=int, nargs="?", action=_KeepGiven, help="as --index")
     index.add_argument("--index", type=int, dest="index", metavar="K", help="shard index, from 0")
     _config_flags(sh)
-    sh.set_defaults(func=run_shard_role)
     return parser
 
 

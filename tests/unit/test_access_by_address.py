@@ -7,13 +7,8 @@ import struct
 import caproto
 import pytest
 
-from carelay.broker.access import (
-    CA_PROTO_IGNORED,
-    CircuitStream,
-    UnfollowableStream,
-    address_token,
-    rules_by_address,
-)
+from carelay.broker.access import address_token, rules_by_address
+from carelay.broker.castream import CA_PROTO_IGNORED, CircuitStream, UnfollowableStream
 
 TOKEN = address_token("127.0.0.1").encode()
 

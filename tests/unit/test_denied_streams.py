@@ -11,10 +11,11 @@ import struct
 import caproto as ca
 import pytest
 
-from carelay.broker.access import ACCESS_DENIED, DeniedPuts, address_token, token_address
+from carelay.broker.access import ACCESS_DENIED, address_token, token_address
 from carelay.broker.castream import Channels, ClientStream, ServerStream
 from carelay.broker.health import error_line
 from carelay.broker.refusals import client_address
+from carelay.broker.sockethooks import DeniedPuts
 
 DOUBLE = ca.ChannelType.DOUBLE
 

@@ -1,0 +1,207 @@
+"""The hooks between PCAS and the C library: every CA circuit's byte streams, followed.
+
+The ``recv``, ``send`` and ``accept`` entries of the pcaspy extension's global offset
+table point at the functions here (broker/got.py), so that each circuit's streams are
+followed (broker/castream.py) on their way into and out of PCAS:
+
+- with access by address, each HOST_NAME message is rewritten, on its way into PCAS, to
+  the token of the circuit's peer address (broker/access.py): whatever a client claims,
+  the access rules see where it connects from.  A payload too short for the token
+  becomes an empty host name, which no HAG holds; a HOST_NAME without payload becomes a
+  message that PCAS ignores;
+- with or without the rewrite, the puts that PCAS refuses by itself for want of write
+  access, which never reach relay code, are handed to the callback of ``watch_denied``
+  (``DeniedPuts`` records them up to a rate).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from carelay.broker.access import ACCESS_DENIED, address_token
+from carelay.broker.castream import (
+    Channels,
+    ClientStream,
+    DeniedPut,
+    ServerStream,
+    UnfollowableStream,
+)
+from carelay.broker.got import find_slots, point_slots
+from carelay.broker.logbudget import LogBudget
+from carelay.broker.refusals import shorten
+from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
+
+__all__ = ["DeniedPuts", "install", "peer_address", "peer_token", "watch_denied"]
+
+log = logging.getLogger("carelay.broker")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_IO_ARGS = (ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_ACCEPT_ARGS = (ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+#: The hooks leave errno as the C library set it (through __errno_location).
+_IO = ctypes.CFUNCTYPE(*_IO_ARGS)
+_ACCEPT = ctypes.CFUNCTYPE(*_ACCEPT_ARGS)
+_libc.__errno_location.restype = ctypes.POINTER(ctypes.c_int)
+_real_recv = ctypes.CFUNCTYPE(*_IO_ARGS, use_errno=True)(("recv", _libc))
+_real_send = ctypes.CFUNCTYPE(*_IO_ARGS, use_errno=True)(("send", _libc))
+_real_accept = ctypes.CFUNCTYPE(*_ACCEPT_ARGS, use_errno=True)(("accept", _libc))
+#: Each circuit's streams (what PCAS reads, what it writes), by file descriptor; a new
+#: circuit on a reused one starts afresh.
+_circuits: dict[int, tuple[ClientStream, ServerStream | None]] = {}
+_hooks: list = []  # the installed callbacks, kept alive
+#: HOST_NAME payloads are rewritten to the peer's token (access by address).
+_rewrite_hosts = True
+#: Called for each refused put (see watch_denied).
+_on_denied: DeniedPut | None = None
+
+
+def _set_errno(value: int) -> None:
+    _libc.__errno_location().contents.value = value
+
+
+def _view(address: int, n: int) -> memoryview:
+    """The ``n`` bytes at ``address``, as a byte view (the quickest of ctypes' ways)."""
+    return memoryview((ctypes.c_ubyte * n).from_address(address)).cast("B")
+
+
+def peer_address(fd: int) -> str:
+    """The IPv4 peer address of socket ``fd``; "" if it has none."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            return str(ipaddress.IPv4Address(s.getpeername()[0]))
+    except (OSError, ValueError, IndexError, TypeError):
+        return ""
+
+
+def peer_token(fd: int) -> bytes:
+    """The token of the peer address of socket ``fd``; b"" if it has none."""
+    return _token(peer_address(fd))
+
+
+def _token(address: str) -> bytes:
+    return address_token(address).encode() if address else b""
+
+
+def watch_denied(callback: DeniedPut | None) -> None:
+    """Hand each put that PCAS refuses for want of write access to ``callback``, with the
+    PV name, the user the client claims, its peer address and whether it was a put with
+    callback.  It is called from inside ``cas.process``."""
+    global _on_denied
+    _on_denied = callback
+
+
+def _denied(name: str, user: str, address: str, notify: bool) -> None:
+    callback = _on_denied
+    if callback is None:
+        return
+    try:
+        callback(name, user, address, notify)
+    except Exception:
+        # A refusal not recorded is no reason to close the circuit.
+        log.exception("cannot record the refused put to %s", shorten(name))
+
+
+def _follow(fd: int) -> tuple[ClientStream, ServerStream | None]:
+    address = peer_address(fd)
+    channels = Channels(address, _denied)
+    host = _token(address) if _rewrite_hosts else None
+    circuit = _circuits[fd] = (ClientStream(channels, host), ServerStream(channels))
+    return circuit
+
+
+def _recv(fd, buf, size, flags):
+    n = _real_recv(fd, buf, size, flags)
+    err = ctypes.get_errno()
+    if n > 0:
+        try:
+            circuit = _circuits.get(fd) or _follow(fd)
+            circuit[0].feed(_view(buf, n))
+        except Exception as e:
+            # Never pass on what was not followed: the circuit is closed instead.
+            if isinstance(e, UnfollowableStream):
+                log.warning("closing a CA circuit (fd %d): %s", fd, e)
+            else:
+                log.exception("cannot follow a CA circuit (fd %d); closing it", fd)
+            _circuits.pop(fd, None)
+            _set_errno(104)  # ECONNRESET
+            return -1
+    _set_errno(err)
+    return n
+
+
+def _send(fd, buf, size, flags):
+    n = _real_send(fd, buf, size, flags)
+    err = ctypes.get_errno()
+    if n > 0:
+        circuit = _circuits.get(fd)
+        if circuit is not None and circuit[1] is not None:
+            try:
+                circuit[1].feed(_view(buf, n))
+            except Exception:
+                # What was sent is sent: only the following of this circuit ends.
+                log.exception("cannot follow what a CA circuit (fd %d) is sent", fd)
+                _circuits[fd] = (circuit[0], None)
+    _set_errno(err)
+    return n
+
+
+def _accept(fd, addr, addrlen):
+    new = _real_accept(fd, addr, addrlen)
+    err = ctypes.get_errno()
+    if new >= 0:
+        _follow(new)
+    _set_errno(err)
+    return new
+
+
+def install(module_path: str, rewrite_hosts: bool = True) -> None:
+    """Point the ``recv``, ``send`` and ``accept`` slots of the loaded extension
+    ``module_path`` at this module's functions.  ``rewrite_hosts``: each HOST_NAME
+    becomes the peer address's token (access by address)."""
+    global _rewrite_hosts
+    slots = find_slots(module_path, {"recv", "send", "accept"})
+    _rewrite_hosts = rewrite_hosts
+    hooks = {"recv": _IO(_recv), "send": _IO(_send), "accept": _ACCEPT(_accept)}
+    _hooks.extend(hooks.values())
+    point_slots(module_path, slots, hooks)
+
+
+class DeniedPuts:
+    """Puts that access security refused: each one counted; logged and kept for
+    LAST_ERROR/ERRORS up to ``lines`` per ``window`` seconds, the rest summed up in one
+    line at the end of the window, as refused names are."""
+
+    def __init__(
+        self,
+        record: DeniedPut,
+        count: Callable[[], None],
+        lines: int = REFUSAL_LOG_LINES,
+        window: float = REFUSAL_LOG_WINDOW,
+        clock=time.monotonic,
+    ) -> None:
+        self.record = record
+        self.count = count
+        self.budget = LogBudget(
+            lines,
+            window,
+            f"refused {{count}} more puts in the last {{window:.0f}} s: {ACCESS_DENIED}, "
+            "not logged one by one, e.g. {example}",
+            log,
+            clock,
+        )
+
+    def denied(self, name: str, user: str, address: str, notify: bool) -> None:
+        if self.budget.allow(f"{shorten(name)} from {user}@{address}"):
+            self.record(name, user, address, notify)
+            return
+        self.count()
+
+    def tick(self) -> None:
+        """At the end of a window, the summary of what was not logged one by one."""
+        self.budget.tick()
