@@ -42,7 +42,7 @@ __all__ = [
     "undefined_access_group",
 ]
 
-log = logging.getLogger("carelay.broker")
+log = logging.getLogger(__name__)
 
 #: What a put that access security refused is, in LAST_ERROR/ERRORS and the log.
 ACCESS_DENIED = "access denied (no write access)"

@@ -37,7 +37,7 @@ from carelay.common.config import (
     FD_SETSIZE,
 )
 
-log = logging.getLogger("carelay.broker")
+log = logging.getLogger(__name__)
 
 
 class PinnedBuffers:

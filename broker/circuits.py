@@ -49,7 +49,7 @@ from carelay.common.config import (
     FD_SETSIZE,
 )
 
-log = logging.getLogger("carelay.broker")
+log = logging.getLogger(__name__)
 
 #: socket.TCP_INFO where the platform names it (Linux: 11).
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)

@@ -22,7 +22,7 @@ from carelay.broker.logbudget import LogBudget
 from carelay.broker.refusals import shorten
 from carelay.common.config import C_LINE_CHARS, C_LOG_LINES, C_LOG_WINDOW
 
-log = logging.getLogger("carelay.broker")
+log = logging.getLogger(__name__)
 
 #: Bytes of a line without its end kept at most; the rest of it is dropped.
 _PARTIAL_MAX = 4096

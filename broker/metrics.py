@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from carelay.broker.health import SHARD_STATES, Health
 
-log = logging.getLogger("carelay.broker")
+log = logging.getLogger(__name__)
 
 #: (metric name, snapshot key, help) of the relay-wide gauges.
 _GAUGES = (

@@ -25,7 +25,7 @@ from carelay.common.config import (
     REFUSED_MEMORY_BYTES,
 )
 
-log = logging.getLogger("carelay.broker")
+log = logging.getLogger(__name__)
 
 #: What one remembered name costs besides its key: the ordered dict's entry and links.
 _ENTRY_OVERHEAD = 100

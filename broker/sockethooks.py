@@ -39,7 +39,7 @@ from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 
 __all__ = ["DeniedPuts", "install", "peer_address", "peer_token", "watch_denied"]
 
-log = logging.getLogger("carelay.broker")
+log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _IO_ARGS = (ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
