@@ -16,24 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from carelay.common.messages import (
-    Ack,
-    Delete,
-    Deleted,
-    FieldChanged,
-    Hello,
-    Message,
-    Ping,
-    Pong,
-    Put,
-    Reject,
-    SetField,
-    Snapshot,
-    SnapshotBegin,
-    SnapshotEnd,
-    Update,
-    Write,
-)
+from carelay.common import messages as wire
 from carelay.common.protocol import WriteRun
 from carelay.shard.autosave import Autosave, StoreHealth
 from carelay.shard.store import Change, Rejected, ShardStore
@@ -41,7 +24,7 @@ from carelay.shard.store import Change, Rejected, ShardStore
 log = logging.getLogger(__name__)
 
 #: Requests that a shard drops once they expired (HELLO and PING never expire).
-EXPIRING = frozenset({Put, Write, SetField, Delete})
+EXPIRING = frozenset({wire.Put, wire.Write, wire.SetField, wire.Delete})
 _EXPIRED = "expired: the broker has failed it already"
 
 
@@ -53,7 +36,7 @@ class RequestHandler:
         store: ShardStore,
         autosave: Autosave,
         health: StoreHealth,
-        reply: Callable[[bytes, Message], None],
+        reply: Callable[[bytes, wire.Message], None],
         commit: Callable[[], None],
         epoch: int = 0,
     ) -> None:
@@ -69,15 +52,15 @@ class RequestHandler:
         self.puts_applied = 0
         #: What each kind of request a broker may send is handled by.
         self._by_kind: dict[type, Callable[[bytes, Any], None]] = {
-            Write: self._write,
-            Put: self._put,
-            Ping: self._ping,
-            Delete: self._delete,
-            SetField: self._set_field,
-            Hello: self._snapshot,
+            wire.Write: self._write,
+            wire.Put: self._put,
+            wire.Ping: self._ping,
+            wire.Delete: self._delete,
+            wire.SetField: self._set_field,
+            wire.Hello: self._snapshot,
         }
 
-    def dispatch(self, peer: bytes, msg: Message) -> None:
+    def dispatch(self, peer: bytes, msg: wire.Message) -> None:
         """Handle one request (a WriteRun goes to ``write_run``)."""
         kind = type(msg)
         if kind in EXPIRING and msg.req and msg.expires and time.time() > msg.expires:
@@ -89,13 +72,13 @@ class RequestHandler:
             return
         handle(peer, msg)
 
-    def _ping(self, peer: bytes, msg: Ping) -> None:
+    def _ping(self, peer: bytes, msg: wire.Ping) -> None:
         self.pong(peer, msg.req)
 
     def pong(self, peer: bytes, req: int) -> None:
         """The shard's health, as the broker shows it (``req`` 0: unasked)."""
         autosave = self.autosave
-        pong = Pong(
+        pong = wire.Pong(
             req,
             self.store.seq,
             pvs=len(self.store),
@@ -110,11 +93,11 @@ class RequestHandler:
         self._reply(peer, pong)
 
     def _reject(self, peer: bytes, msg: Any, reason: str) -> None:
-        self._reply(peer, Reject(msg.req, msg.name, reason, self.epoch))
+        self._reply(peer, wire.Reject(msg.req, msg.name, reason, self.epoch))
 
     # -- puts ---------------------------------------------------------------------------
 
-    def _put(self, peer: bytes, msg: Put) -> None:
+    def _put(self, peer: bytes, msg: wire.Put) -> None:
         refusing = self.health.refusing
         if refusing and msg.callback:
             log.warning("refused put to %s: %s", msg.name, refusing)
@@ -131,7 +114,7 @@ class RequestHandler:
             log.info("created PV %s", msg.name)
         self._reply_change(peer, msg.req, change, created=change.created)
 
-    def _write(self, peer: bytes, msg: Write) -> None:
+    def _write(self, peer: bytes, msg: wire.Write) -> None:
         """A put the broker has already applied to its mirror (see ``_written``)."""
         try:
             refusing = self.health.refusing
@@ -145,7 +128,7 @@ class RequestHandler:
 
     def _expired(self, peer: bytes, msg: Any) -> None:
         """Drop a request that the broker has failed already (see ``_EXPIRED``)."""
-        if type(msg) is Write:
+        if type(msg) is wire.Write:
             self._written(peer, msg.name, msg.req, Rejected(_EXPIRED))
             return
         log.warning("dropped %s of %s: %s", type(msg).__name__, msg.name, _EXPIRED)
@@ -188,10 +171,10 @@ class RequestHandler:
         or was refused: a REJECT, then the PV as it stands here for the broker's mirror."""
         if isinstance(outcome, Rejected):
             log.warning("refused put to %s: %s", name, outcome)
-            self._reply(peer, Reject(req, name, str(outcome), self.epoch))
+            self._reply(peer, wire.Reject(req, name, str(outcome), self.epoch))
             self._correct(peer, name)
         elif req:
-            self._reply(peer, Ack(name, req, outcome, self.epoch))
+            self._reply(peer, wire.Ack(name, req, outcome, self.epoch))
 
     def _correct(self, peer: bytes, name: str) -> None:
         """Tell the broker how ``name`` stands here, after a refused WRITE that its mirror
@@ -199,7 +182,7 @@ class RequestHandler:
         Deleted, which the broker does not count as a deletion)."""
         store = self.store
         if name not in store:
-            self._reply(peer, Deleted(name, 0, store.seq, restate=True, epoch=self.epoch))
+            self._reply(peer, wire.Deleted(name, 0, store.seq, restate=True, epoch=self.epoch))
             return
         contents = store.get(name)
         change = Change(name, store.seq, store.stamp(name), contents, len(contents), False)
@@ -209,14 +192,14 @@ class RequestHandler:
         self, peer: bytes, req: int, change, reset: bool = False, created: bool = False
     ) -> None:
         """An Update carrying what ``change`` did, as the broker mirrors it."""
-        update = Update(
+        update = wire.Update(
             change.name, req, change.seq, change.stamp, change.data, reset, created, self.epoch
         )
         self._reply(peer, update)
 
     # -- fields, deletions, snapshots -----------------------------------------------------
 
-    def _set_field(self, peer: bytes, msg: SetField) -> None:
+    def _set_field(self, peer: bytes, msg: wire.SetField) -> None:
         field, value = msg.field, msg.value
         try:
             if field == "RES":
@@ -232,28 +215,28 @@ class RequestHandler:
             self._reply_change(peer, msg.req, change, reset=True)
             return
         log.info("set %s.%s = %r", msg.name, field, value)
-        self._reply(peer, FieldChanged(msg.name, msg.req, seq, field, value, self.epoch))
+        self._reply(peer, wire.FieldChanged(msg.name, msg.req, seq, field, value, self.epoch))
 
-    def _delete(self, peer: bytes, msg: Delete) -> None:
+    def _delete(self, peer: bytes, msg: wire.Delete) -> None:
         try:
             seq = self.store.delete(msg.name)
         except Rejected as e:
             self._reject(peer, msg, str(e))
             return
         log.info("deleted PV %s", msg.name)
-        self._reply(peer, Deleted(msg.name, msg.req, seq, epoch=self.epoch))
+        self._reply(peer, wire.Deleted(msg.name, msg.req, seq, epoch=self.epoch))
 
-    def _snapshot(self, peer: bytes, hello: Hello) -> None:
+    def _snapshot(self, peer: bytes, hello: wire.Hello) -> None:
         """Every PV, between a SNAPSHOT_BEGIN and a SNAPSHOT_END, in answer to a HELLO."""
         req = hello.req
         # A snapshot must not show a creation that is not yet durable.
         self._commit()
         store = self.store
         epoch = self.epoch
-        self._reply(peer, SnapshotBegin(req, store.seq, epoch))
+        self._reply(peer, wire.SnapshotBegin(req, store.seq, epoch))
         n = 0
         for name, stamp, contents, fields in store.snapshot():
-            self._reply(peer, Snapshot(name, stamp, contents, fields, epoch))
+            self._reply(peer, wire.Snapshot(name, stamp, contents, fields, epoch))
             n += 1
-        self._reply(peer, SnapshotEnd(req, store.seq, self.health.refusing, epoch))
+        self._reply(peer, wire.SnapshotEnd(req, store.seq, self.health.refusing, epoch))
         log.debug("sent a snapshot of %d PVs at seq %d", n, store.seq)

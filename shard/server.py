@@ -18,7 +18,7 @@ from pathlib import Path
 
 import zmq
 
-from carelay.common import exits
+from carelay.common import exits, protocol
 from carelay.common.config import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -35,14 +35,6 @@ from carelay.common.lifecycle import (
     write_status,
 )
 from carelay.common.messages import Message, Pong, Reject
-from carelay.common.protocol import (
-    ProtocolError,
-    WriteRun,
-    batches,
-    decode_batch,
-    encode_batch,
-    send_frames,
-)
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
 from carelay.shard.autosave import GOOD_COPY_INTERVAL, Autosave, StoreHealth, Unsaved
@@ -175,8 +167,8 @@ class ShardServer:
         """Handle one message or batch from ``peer``; returns how many messages.  Bad input
         is logged and dropped whole."""
         try:
-            msgs = decode_batch(frames, runs=True)
-        except ProtocolError as e:
+            msgs = protocol.decode_batch(frames, runs=True)
+        except protocol.ProtocolError as e:
             log.warning("dropped a malformed message: %s", e)
             return 0
         if peer not in self.admission and not self.admission.admit(peer, msgs):
@@ -189,7 +181,7 @@ class ShardServer:
         requests = self.requests
         n = 0
         for msg in msgs:
-            if type(msg) is WriteRun:
+            if type(msg) is protocol.WriteRun:
                 requests.write_run(peer, msg)
                 n += len(msg)
             else:
@@ -227,10 +219,10 @@ class ShardServer:
             else:
                 runs.append((peer, [msg]))
         for peer, msgs in runs:
-            for batch in batches(msgs):
-                frames = encode_batch(batch)
+            for batch in protocol.batches(msgs):
+                frames = protocol.encode_batch(batch)
                 try:
-                    send_frames(self._sock, [peer, *frames])
+                    protocol.send_frames(self._sock, [peer, *frames])
                 except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
                     log.warning(
                         "cannot send %d replies to the broker: %s",
