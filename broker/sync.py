@@ -118,13 +118,13 @@ class ShardSync:
         it brings to the mirror."""
         req = getattr(msg, "req", 0)  # a Snapshot answers nothing by itself
         self.requests.answered(link.index, req)
+        handle = self._by_kind.get(type(msg))
+        if handle is None:  # a kind that only a broker sends
+            log.warning("shard %d: unexpected %s dropped", link.index, type(msg).__name__)
+            return
         if link.live and msg.epoch != link.epoch:
             log.warning("shard %d restarted; resyncing", link.index)
             self.hello(link)
-        handle = self._by_kind.get(type(msg))
-        if handle is None:
-            log.warning("shard %d: unexpected %s dropped", link.index, type(msg).__name__)
-            return
         handle(link, msg)
 
     def _update(self, link: ShardLink, msg: Update) -> None:
