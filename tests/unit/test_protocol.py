@@ -114,8 +114,12 @@ def test_every_kind_roundtrips_with_its_fields(msg):
 def test_an_entry_is_the_kind_then_the_fields_in_order(msg):
     e = entry(msg)
     assert e[0] == type(msg).KIND and len(e) == 1 + len(dataclasses.fields(msg))
-    names = [f.name for f in dataclasses.fields(msg)]
-    assert e[1 + names.index("req")] == msg.req if "req" in names else True
+    for value, f in zip(e[1:], dataclasses.fields(msg), strict=True):
+        sent = getattr(msg, f.name)
+        if isinstance(sent, np.ndarray):
+            assert value == [sent.dtype.str, sent.size, sent.tobytes()]
+        else:
+            assert value == sent, f.name
 
 
 def test_messages_are_frozen():
