@@ -13,7 +13,7 @@ import time
 
 from carelay.broker.link import ShardLink
 from carelay.common import fields
-from carelay.common.protocol import Message, Op
+from carelay.common.messages import Delete, Put, SetField
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,9 @@ class Forwarder:
             if why is not None:
                 self.table.refuse(pv.name, why, "limit")
                 return False
-        msg = Message(Op.PUT, pv.name, stamp=stamp, data=data)
-        if notify is not None:
-            msg.info = {"callback": 1}  # refused by a shard whose store cannot be written
-        if not self._request(pv.shard, msg, pv, notify):
+        # ``callback``: refused by a shard whose store cannot be written.
+        put = dict(stamp=stamp, data=data, callback=notify is not None)
+        if not self._request(pv.shard, pv, notify, Put, pv.name, put):
             log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
             self.broker.error("shard_down", "put failed: shard not accepting", pv.name, pv.shard)
             return False
@@ -69,12 +68,12 @@ class Forwarder:
         refuse it, with the PV as it holds it).  No round trip before the monitors."""
         self.health.puts += 1
         if notify is None:
-            link.write(pv.name, 0, stamp, data)
+            link.queue_write(pv.name, 0, stamp, data)
         else:
             req, expires = self.requests.expect(
                 link.index, None, pv.name, notify, self.broker.client()
             )
-            link.write(pv.name, req, stamp, data, expires)
+            link.queue_write(pv.name, req, stamp, data, expires)
         pv.apply(data, stamp, append=pv.ring is not None, owned=True)
         return True
 
@@ -100,10 +99,10 @@ class Forwarder:
                 log.warning("refused put to %s.%s: %s", name, field, e)
                 self.broker.error("field", f"refused put to .{field}: {e}", name, pv.shard)
                 return False
-        msg = Message(Op.SET_FIELD, name, info={"field": field, "value": value})
         # In flight on the PV until answered: value puts meanwhile take the round trip, so
         # that the shard, not the mirror, applies the new field (DRVH, DRVL) to them.
-        if not self._request(pv.shard, msg, pv, notify):
+        change = dict(field=field, value=value)
+        if not self._request(pv.shard, pv, notify, SetField, name, change):
             log.warning("put to %s.%s failed: shard %d unreachable", name, field, pv.shard)
             self.broker.error(
                 "shard_down", f"put to .{field} failed: shard unreachable", name, pv.shard
@@ -119,22 +118,23 @@ class Forwarder:
             return False
         # In flight on the PV: puts wait for the answer (round trip), not the mirror,
         # until the deletion is settled.
-        if not self._request(pv.shard, Message(Op.DELETE, name), pv, notify):
+        if not self._request(pv.shard, pv, notify, Delete, name, {}):
             log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
             self.broker.error("shard_down", "delpv failed: shard unreachable", name, pv.shard)
             return False
         pv.deleting = True
         return True
 
-    def _request(self, shard: int, msg: Message, pv, notify) -> bool:
-        """Number ``msg``, queue it for ``shard`` and wait for its answer (put, delete or
-        field change); False when the shard cannot take it now."""
+    def _request(self, shard: int, pv, notify, kind: type, name: str, fields: dict) -> bool:
+        """Number a request of ``kind`` (Put, Delete or SetField) to PV ``name`` with
+        ``fields``, queue it for ``shard`` and wait for its answer; False when the shard
+        cannot take it now."""
         link = self.links[shard]
         if not link.usable or link.sock is None:
             return False
         client = self.broker.client() if notify is not None else None
-        msg.req, expires = self.requests.expect(shard, pv, msg.name, notify, client)
-        msg.info["expires"] = expires
+        req, expires = self.requests.expect(shard, pv, name, notify, client)
+        msg = kind(name=name, req=req, expires=expires, **fields)
         # Queued, and sent with the others of this process() slice in batches (the loop).
         # Never sent here: a failure must not complete a put inside its own write().
         link.queue(msg)

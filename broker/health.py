@@ -239,7 +239,7 @@ def uptime_text(seconds: float) -> str:
 
 
 class ShardFigures:
-    """What one shard says of itself in its PONGs (see ShardServer._pong)."""
+    """What one shard says of itself in its Pongs (see RequestHandler.pong)."""
 
     def __init__(self) -> None:
         self.pid: int | None = None
@@ -249,18 +249,14 @@ class ShardFigures:
         self.flush = Histogram(FLUSH_BUCKETS)
         self.rate = RateMeter()
 
-    def update(self, info: dict) -> None:
-        """Take a PONG's ``info``; what does not fit is left as it was."""
-        pid, puts, size, saved = (info.get(k) for k in ("pid", "puts", "store_bytes", "saved_at"))
-        if type(pid) is int:
-            self.pid = pid
-        if type(puts) is int:
-            self.puts = puts
-        if isinstance(size, int | float):
-            self.store_bytes = float(size)
-        if isinstance(saved, int | float):
-            self.saved_at = float(saved)
-        hist = Histogram.from_dict(info.get("flush")) if info.get("flush") else None
+    def update(self, pong) -> None:
+        """Take a Pong's figures; a flush histogram that does not fit is left as it was."""
+        self.pid = pong.pid
+        self.puts = pong.puts
+        if pong.store_bytes is not None:
+            self.store_bytes = float(pong.store_bytes)
+        self.saved_at = pong.saved_at
+        hist = Histogram.from_dict(pong.flush) if pong.flush else None
         if hist is not None:
             self.flush = hist
 

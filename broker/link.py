@@ -22,10 +22,9 @@ from carelay.common.config import (
     RECONNECT_INITIAL,
     RECONNECT_MAX,
 )
+from carelay.common.messages import Message, Write
 from carelay.common.protocol import (
     BATCH_MAX,
-    Message,
-    Op,
     ProtocolError,
     WriteRun,
     batches,
@@ -71,7 +70,6 @@ class ShardLink:
         self.urgent = False
         self.state = LinkState.DOWN
         self.epoch = 0
-        self.seq = 0
         self.pvs = 0
         self._backoff = RECONNECT_INITIAL
         self._retry_at = 0.0
@@ -160,13 +158,12 @@ class ShardLink:
         if msg.req:
             self.urgent = True
 
-    def write(self, name: str, req: int, stamp: float, data, expires: float = 0.0) -> None:
-        """Queue a WRITE; one-element ones join the run at the end of the queue.  A WRITE
-        that waits for an answer (``req``) carries its ``expires``; a run carries the
-        earliest of its WRITEs'."""
+    def queue_write(self, name: str, req: int, stamp: float, data, expires: float = 0.0) -> None:
+        """Queue a Write message; one-element ones join the run at the end of the queue.  A
+        Write that waits for an answer (``req``) carries its ``expires``; a run carries the
+        earliest of its Writes'."""
         if data.shape[0] != 1:
-            info = {"expires": expires} if req else {}
-            self.queue(Message(Op.WRITE, name, req=req, stamp=stamp, info=info, data=data))
+            self.queue(Write(name, req, stamp, data, expires if req else 0.0))
             return
         run = self.outbox[-1] if self.outbox else None
         if type(run) is not WriteRun or run.dtype != data.dtype or len(run) >= BATCH_MAX:
@@ -251,10 +248,9 @@ class ShardLink:
         )
         self._backoff = min(self._backoff * 2, RECONNECT_MAX)
 
-    def synced(self, epoch: int, seq: int, pvs: int) -> None:
+    def synced(self, epoch: int, pvs: int) -> None:
         self.state = LinkState.LIVE
         self.epoch = epoch
-        self.seq = seq
         self.pvs = pvs
         self._backoff = RECONNECT_INITIAL
         self.ever_synced = True

@@ -21,7 +21,7 @@ from carelay.common.config import (
     STATUS_INTERVAL,
 )
 from carelay.common.lifecycle import StopFlag, return_freed_memory, write_status
-from carelay.common.protocol import BATCH_MAX, Op
+from carelay.common.protocol import BATCH_MAX
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Loop:
             if action == "hello":
                 sync.hello(link)
             elif action == "ping":
-                sync.send_numbered(link, Op.PING)
+                sync.ping(link)
             elif action == "down" and was_usable:
                 sync.link_down(link, gone)
             requests.expire(k, now)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from carelay.common.config import EXPIRY_MARGIN, PUT_RECONNECT_GRACE, PUT_TIMEOUT
-from carelay.common.protocol import Op, WriteRun
+from carelay.common.messages import Write
+from carelay.common.protocol import WriteRun
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class Requests:
         why = f"shard not accepting; failed {len(msgs)} requests"
         self._error("shard_down", why, msgs[0].name, link.index)
         for msg in msgs:
-            if msg.op is Op.WRITE:
+            if type(msg) is Write:
                 # The mirror shows puts the shard will never see: the link goes down
                 # (COMM alarm) at the next tick and the reconnect resyncs the mirror.
                 link.lost_writes = True

@@ -15,13 +15,26 @@ import zmq
 
 from carelay.broker.link import ShardLink
 from carelay.common import fields
+from carelay.common.messages import (
+    Ack,
+    Deleted,
+    FieldChanged,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Reject,
+    Snapshot,
+    SnapshotBegin,
+    SnapshotEnd,
+    Update,
+)
 from carelay.common.naming import InvalidPvName
-from carelay.common.protocol import Message, Op
 
 log = logging.getLogger(__name__)
 
 #: Answers that say a request was applied.
-_APPLIED = frozenset({Op.ACK, Op.UPDATE, Op.FIELD, Op.DELETED})
+_APPLIED = frozenset({Ack, Update, FieldChanged, Deleted})
 
 
 class ShardSync:
@@ -36,6 +49,18 @@ class ShardSync:
         self._snapshots: dict[int, dict] = {}
         self._poller = zmq.Poller()
         self._polled: tuple = ()
+        #: What each kind of message a shard sends is handled by.
+        self._by_kind = {
+            Update: self._update,
+            Ack: self._ack,
+            FieldChanged: self._field_changed,
+            Reject: self._reject,
+            Deleted: self._deleted,
+            Pong: self._pong,
+            SnapshotBegin: self._snapshot_begin,
+            Snapshot: self._snapshot,
+            SnapshotEnd: self._resync,
+        }
 
     # -- receiving ------------------------------------------------------------------
 
@@ -79,82 +104,81 @@ class ShardSync:
         while (msgs := link.recv_from(sock)) is not None:
             n += len(msgs)
             for msg in msgs:
-                if msg.req in orphans:
-                    ok = msg.op in _APPLIED
+                req = getattr(msg, "req", 0)
+                if req in orphans:
+                    ok = type(msg) in _APPLIED
                     if not ok:
                         log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
                         self._shard_refused(link, msg)
-                    self.requests.finish(link.index, msg.req, ok)
+                    self.requests.finish(link.index, req, ok)
         return n
 
     def handle(self, link: ShardLink, msg: Message) -> None:
-        op = msg.op
-        k = link.index
-        requests = self.requests
-        requests.answered(k, msg.req)
+        """Take one message of shard ``link``: the answer it is to a request, and the change
+        it brings to the mirror."""
+        req = getattr(msg, "req", 0)  # a Snapshot answers nothing by itself
+        self.requests.answered(link.index, req)
+        handle = self._by_kind.get(type(msg))
+        if handle is None:  # a kind that only a broker sends
+            log.warning("shard %d: unexpected %s dropped", link.index, type(msg).__name__)
+            return
         if link.live and msg.epoch != link.epoch:
-            log.warning("shard %d restarted; resyncing", k)
+            log.warning("shard %d restarted; resyncing", link.index)
             self.hello(link)
-        if op is Op.UPDATE:
-            pv = self.table.pvs.get(msg.name)
-            if pv is None:
-                try:
-                    pv = self.table.new_pv(msg.name)
-                except InvalidPvName as e:
-                    log.warning("shard %d updated %s, which is not served: %s", k, msg.name, e)
-                    requests.finish(k, msg.req, False)
-                    return
-            self.table.set_real(pv, True)
-            pv.apply(
-                msg.data, msg.stamp, append=pv.ring is not None, reset=bool(msg.info.get("reset"))
-            )
-            link.seq = msg.seq
-            if msg.info.get("created"):
-                self.broker.health.creations += 1
-                log.debug("created PV %s (shard %d)", msg.name, k)
-            requests.finish(k, msg.req, True)
-        elif op is Op.ACK:
-            link.seq = msg.seq
-            requests.finish(k, msg.req, True)
-        elif op is Op.FIELD:
-            pv = self.table.pvs.get(msg.name)
-            field = msg.info.get("field")
-            if pv is not None and isinstance(field, str) and field in fields.STORED:
-                pv.field_changed(field, msg.info.get("value"))
-            link.seq = msg.seq
-            requests.finish(k, msg.req, True)
-        elif op is Op.REJECT:
-            log.warning("shard %d refused %s: %s", k, msg.name, msg.reason)
-            self._shard_refused(link, msg)
-            requests.finish(k, msg.req, False)
-        elif op is Op.DELETED:
-            self.table.forget(msg.name)
-            link.seq = msg.seq
-            if not msg.info.get("restate"):
-                self.broker.health.deletions += 1
-            log.debug("deleted PV %s (shard %d)", msg.name, k)
-            requests.finish(k, msg.req, True)
-        elif op is Op.PONG:
-            link.pvs = msg.info.get("pvs", link.pvs)
-            self.broker.health.shards[k].update(msg.info)
-            self.store_state(link, msg.info.get("store_error", ""))
-        elif op is Op.SNAPSHOT_BEGIN:
-            self._snapshots[k] = {}
-        elif op is Op.SNAPSHOT:
-            snap = self._snapshots.get(k)
-            if snap is not None:
-                stored = msg.info.get("fields")
-                snap[msg.name] = (
-                    msg.data.copy(),
-                    msg.stamp,
-                    stored if isinstance(stored, dict) else {},
-                )
-        elif op is Op.SNAPSHOT_END:
-            self._resync(link, msg)
-        else:
-            log.warning("shard %d: unexpected %s dropped", k, op.name)
+        handle(link, msg)
 
-    def _shard_refused(self, link: ShardLink, msg: Message) -> None:
+    def _update(self, link: ShardLink, msg: Update) -> None:
+        k = link.index
+        pv = self.table.pvs.get(msg.name)
+        if pv is None:
+            try:
+                pv = self.table.new_pv(msg.name)
+            except InvalidPvName as e:
+                log.warning("shard %d updated %s, which is not served: %s", k, msg.name, e)
+                self.requests.finish(k, msg.req, False)
+                return
+        self.table.set_real(pv, True)
+        pv.apply(msg.data, msg.stamp, append=pv.ring is not None, reset=msg.reset)
+        if msg.created:
+            self.broker.health.creations += 1
+            log.debug("created PV %s (shard %d)", msg.name, k)
+        self.requests.finish(k, msg.req, True)
+
+    def _ack(self, link: ShardLink, msg: Ack) -> None:
+        self.requests.finish(link.index, msg.req, True)
+
+    def _field_changed(self, link: ShardLink, msg: FieldChanged) -> None:
+        pv = self.table.pvs.get(msg.name)
+        if pv is not None and msg.field in fields.STORED:
+            pv.field_changed(msg.field, msg.value)
+        self.requests.finish(link.index, msg.req, True)
+
+    def _reject(self, link: ShardLink, msg: Reject) -> None:
+        log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
+        self._shard_refused(link, msg)
+        self.requests.finish(link.index, msg.req, False)
+
+    def _deleted(self, link: ShardLink, msg: Deleted) -> None:
+        self.table.forget(msg.name)
+        if not msg.restate:
+            self.broker.health.deletions += 1
+        log.debug("deleted PV %s (shard %d)", msg.name, link.index)
+        self.requests.finish(link.index, msg.req, True)
+
+    def _pong(self, link: ShardLink, msg: Pong) -> None:
+        link.pvs = msg.pvs
+        self.broker.health.shards[link.index].update(msg)
+        self.store_state(link, msg.store_error)
+
+    def _snapshot_begin(self, link: ShardLink, msg: SnapshotBegin) -> None:
+        self._snapshots[link.index] = {}
+
+    def _snapshot(self, link: ShardLink, msg: Snapshot) -> None:
+        snap = self._snapshots.get(link.index)
+        if snap is not None:
+            snap[msg.name] = (msg.data.copy(), msg.stamp, msg.fields)
+
+    def _shard_refused(self, link: ShardLink, msg: Reject) -> None:
         """A REJECT: for ``relay:ERRORS``, with the client that waited for it if one did."""
         waiting = self.requests.waiter(link.index, msg.req)
         client = waiting.client if waiting is not None else None
@@ -164,7 +188,7 @@ class ShardSync:
 
     # -- resync ------------------------------------------------------------------------
 
-    def _resync(self, link: ShardLink, end: Message) -> None:
+    def _resync(self, link: ShardLink, end: SnapshotEnd) -> None:
         snap = self._snapshots.pop(link.index, None)
         if snap is None:
             return
@@ -196,30 +220,29 @@ class ShardSync:
         if link.ever_synced and end.epoch != link.epoch:
             self.broker.health.restarts[link.index].append(time.monotonic())  # a new process
             self.requests.fail_orphans(link.index)
-        link.synced(end.epoch, end.seq, len(snap))
+        link.synced(end.epoch, len(snap))
         self.broker.status_due = True  # `carelay status` learns of the link at once, not in 1 s
-        self.store_state(link, end.info.get("store_error", ""))
+        self.store_state(link, end.store_error)
         table.unserved.discard(link.index)
         log.debug("shard %d in sync at seq %d", link.index, end.seq)
         level = logging.DEBUG if self.broker.quiet_until is not None else logging.INFO
         log.log(level, "shard %d in sync: %d PVs", link.index, len(snap))
 
     def hello(self, link: ShardLink) -> None:
-        info = {"broker": self.broker.instance}
-        if self.broker.token is not None:
-            info["token"] = self.broker.token
-        if self.send_numbered(link, Op.HELLO, info):
+        """Ask shard ``link`` for a snapshot, with this broker's id and the relay's token."""
+        self.requests.send(link)
+        hello = Hello(self.requests.number(), self.broker.token or "", self.broker.instance)
+        if link.send(hello):
             link.hello_sent()
 
-    def send_numbered(self, link: ShardLink, op: Op, info: dict | None = None) -> bool:
-        """A HELLO or PING, numbered like the puts so that its answer orders them."""
+    def ping(self, link: ShardLink) -> None:
+        """A heartbeat, numbered like the puts so that its answer orders them."""
         self.requests.send(link)
-        return link.send(Message(op, req=self.requests.number(), info=info or {}))
+        link.send(Ping(self.requests.number()))
 
-    def store_state(self, link: ShardLink, error) -> None:
+    def store_state(self, link: ShardLink, error: str) -> None:
         """Take what shard ``link`` says of its store; its PVs' alarms follow a change."""
         store_errors = self.broker.store_errors
-        error = error if isinstance(error, str) else "store error"
         if error == store_errors[link.index]:
             return
         store_errors[link.index] = error

@@ -1,190 +1,74 @@
-"""The broker-shard wire protocol: one codec for every message.
+"""The broker-shard wire protocol: the codec of every message (see carelay.common.messages).
 
-A message travels as a ZeroMQ multipart message::
+Messages travel in batches, so that a burst of puts costs one ZeroMQ message and one
+msgpack call per hop rather than one per put::
 
-    frame 0   PROTOCOL_TAG                     b"CRL1"
-    frame 1   header, msgpack list             [op, name, req, seq, epoch, stamp,
-                                                length, reason, info, dtype, count]
-    frame 2   data (only when dtype != "")     raw little-endian array buffer
+    frame 0   BATCH_TAG + msgpack list of entries, one per message: [KIND, field, ...]
+    frame 1.. the arrays too large to travel inline, in entry order
 
-(a ROUTER socket adds the peer identity in front; the caller strips it).
+(a ROUTER socket adds the peer identity in front; the caller strips it; the tag shares
+the entries' frame: every ZeroMQ frame costs a send call, and a batch of scalar puts is
+then a single frame).  Each message kind's class lists its fields in its docstring;
+an array field is ``[dtype, count, inline]``, where ``inline`` is the raw buffer when it
+is at most INLINE_MAX bytes, else nil and the array is the next data frame.
 
-Many messages travel together as one batch, so that a burst of puts costs
-one ZeroMQ message and one msgpack call per hop rather than one per put::
+A run of one-element Writes of one dtype (the commonest traffic by far: a stream of
+scalar puts) is one entry of its own, column by column::
 
-    frame 0   BATCH_TAG + msgpack list of headers, each the fields above plus ``inline``
-    frame 1.. data of the large arrays, in header order
+    [WRITE_RUN, dtype, [name, ...], [req, ...], stamps, values, expires]
 
-(the tag shares the header's frame: every ZeroMQ frame costs a send call, and a
-batch of scalar puts is then a single frame).
+``stamps`` is the raw buffer of one little-endian float64 per put and ``values`` that
+of one element of ``dtype`` per put: a thousand puts cost a few list and buffer
+operations instead of a thousand entries.  ``expires`` is the earliest expiry of the
+run's Writes that wait for an answer (0.0: none waits).  It decodes to one WriteRun
+(only where the receiver takes runs: the shard).
 
-``inline`` is the raw array buffer itself when it is at most INLINE_MAX
-bytes (a scalar put carries its 8 bytes there), else nil and the array is
-the next data frame.  ``decode_batch`` reads both forms and validates the
-whole batch before returning any of it: a batch is applied whole or dropped.
-
-A run of one-element WRITEs of one dtype (the commonest traffic by far: a
-stream of scalar puts) is one entry of its own, column by column::
-
-    [WRITE, dtype, [name, ...], [req, ...], stamps, values(, expires)]
-
-``stamps`` is the raw buffer of one little-endian float64 per put and
-``values`` that of one element of ``dtype`` per put: a thousand puts cost a
-few list and buffer operations instead of a thousand headers.  ``expires``
-is the earliest expiry of the run's WRITEs that wait for an answer; a run in
-which none waits leaves it out.  It decodes to one WriteRun (only where the receiver takes runs: the
-shard).
-
-Header fields:
-
-- ``op``: an Op.
-- ``name``: full PV name ("" where none).
-- ``req``: the broker's request number, echoed in the answer (0: none wanted).
-- ``seq``: the shard's change sequence number (UPDATE, DELETED, SNAPSHOT_END, PONG).
-- ``epoch``: the shard's start id; a new epoch means the shard restarted.
-- ``stamp``: POSIX seconds of the put (PUT, WRITE: when the broker took it; 0 in a
-  PUT leaves it to the shard's clock) or of the change (UPDATE, SNAPSHOT).
-- ``length``: elements the PV holds after the change.
-- ``reason``: text, for REJECT.
-- ``info``: a small dict of str to int/float/str (PONG counters, PUT flags).
-  A request that waits for an answer (PUT, WRITE with ``req``, SET_FIELD,
-  DELETE) carries ``expires``: POSIX seconds after which the broker has
-  failed it, so the shard drops it with a REJECT "expired" instead of
-  applying it.  A HELLO carries ``token``, the relay's token, where the shard
-  asks for one; a shard serves no peer before that HELLO.
-- ``dtype``, ``count``: numpy dtype string and element count of frame 2.
-
-Operations, broker to shard: HELLO (send me a snapshot), PUT (apply a value;
-creates the PV on its first put; info "callback" when a client waits for it,
-which a shard whose store cannot be written refuses), WRITE (apply a put to
-an existing PV that the broker has already applied to its mirror: the shard
-answers only when ``req`` is set, with ACK, or when it refuses the put, with
-REJECT followed by the PV as the shard holds it: an UPDATE with info "reset"
-and "restate", or a DELETED with info "restate"; a restatement is no change
-and carries the current ``seq``; a WRITE with ``req`` is refused while the
-shard's store cannot be written),
-DELETE, SET_FIELD (info: field, value; the field RES empties a buffer), PING.
-Shard to broker: UPDATE (an applied put: for a buffer the appended elements,
-else the whole value; info "reset" when a buffer was emptied first), ACK (a
-WRITE applied), FIELD (an applied field change, info: field, value),
-DELETED, REJECT (a refused request), SNAPSHOT_BEGIN, SNAPSHOT (one PV; info:
-fields), SNAPSHOT_END (with the sequence number the snapshot is consistent
-with), PONG.  SNAPSHOT_END and PONG carry info "store_error": why the shard's
-store cannot be written, "" while it can; a shard also sends a PONG of its own
-(``req`` 0) when that changes.
-
-The broker stamps a PUT or WRITE with the time it took the put (``stamp``);
-the shard keeps that stamp, so a value's time is the same in the broker's
-mirror, in the shard and in the autosave.
-
-Arrays are never msgpacked: the data frame is the array's own buffer, sent
-without a copy and rebuilt with ``numpy.frombuffer``.  ``decode`` validates
-everything and raises ProtocolError, never anything else.
+Arrays are never msgpacked: a data frame is the array's own buffer, sent without a copy
+and rebuilt with ``numpy.frombuffer``.  ``decode_batch`` validates the whole batch
+before it returns any of it (a batch is applied whole or dropped) and raises
+ProtocolError, never anything else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import IntEnum
+import dataclasses
+import operator
 from typing import Any
 
 import msgpack
 import numpy as np
 
-PROTOCOL_TAG = b"CRL1"
-BATCH_TAG = b"CRB1"
-#: Arrays up to this many bytes travel inside a batch's header.
+from carelay.common.messages import KINDS, Write
+
+BATCH_TAG = b"CRB2"
+#: Arrays up to this many bytes travel inside a batch's entry.
 INLINE_MAX = 4096
-#: Most messages, and most header bytes, a sender puts in one batch.
+#: Most messages, and most entry bytes, a sender puts in one batch.
 BATCH_MAX = 1000
 BATCH_MAX_BYTES = 1 << 20
+#: The kind number of a WriteRun entry.
+WRITE_RUN = 7
 
 #: The dtypes a data frame may carry.
 ALLOWED_DTYPES = frozenset({"<f8", "<i4", "|u1", "|S40"})
-#: Upper bound on any element count on the wire (a header is checked against it
+#: Upper bound on any element count on the wire (an entry is checked against it
 #: before anything is allocated).
 MAX_WIRE_ELEMENTS = 100_000_000
-_MAX_HEADER_BYTES = 64 * 1024
 _MAX_BATCH_HEADER_BYTES = 16 << 20
-_HEADER_FIELDS = 11
-
-
-class Op(IntEnum):
-    HELLO = 1
-    PUT = 2
-    DELETE = 3
-    PING = 4
-    SET_FIELD = 5
-    WRITE = 6
-    UPDATE = 10
-    DELETED = 11
-    REJECT = 12
-    SNAPSHOT_BEGIN = 13
-    SNAPSHOT = 14
-    SNAPSHOT_END = 15
-    PONG = 16
-    FIELD = 17
-    ACK = 18
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
 
 
 class ProtocolError(ValueError):
     """A message that does not fit the protocol."""
 
 
-@dataclass(slots=True)
-class Message:
-    """One protocol message; see the module docstring for the fields."""
-
-    op: Op
-    name: str = ""
-    req: int = 0
-    seq: int = 0
-    epoch: int = 0
-    stamp: float = 0.0
-    length: int = 0
-    reason: str = ""
-    info: dict[str, Any] = field(default_factory=dict)
-    data: np.ndarray | None = None
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Message):
-            return NotImplemented
-        if (self.data is None) != (other.data is None):
-            return False
-        if self.data is not None and (
-            self.data.dtype != other.data.dtype or not np.array_equal(self.data, other.data)
-        ):
-            return False
-        return self._header()[:-2] == other._header()[:-2]
-
-    def _header(self) -> list:
-        if self.data is None:
-            dtype, count = "", 0
-        else:
-            dtype, count = self.data.dtype.str, int(self.data.size)
-        return [
-            int(self.op),
-            self.name,
-            self.req,
-            self.seq,
-            self.epoch,
-            float(self.stamp),
-            self.length,
-            self.reason,
-            self.info,
-            dtype,
-            count,
-        ]
-
-
 class WriteRun:
-    """One-element WRITEs of one dtype, in order, sent as one batch entry (see above).
+    """One-element Writes of one dtype, in order, sent as one batch entry (see above).
 
     ``values`` holds the elements in order: a list of scalars while a sender fills the
     run, one array of ``dtype`` once it is decoded; both are read alike."""
 
     __slots__ = ("dtype", "names", "reqs", "stamps", "values", "expires")
-    op = None  # not a Message: a receiver that takes no runs never sees one
 
     def __init__(
         self, dtype: np.dtype, names=None, reqs=None, stamps=None, values=None, expires=0.0
@@ -207,17 +91,10 @@ class WriteRun:
         self.stamps.append(stamp)
         self.values.append(value[0])
 
-    def messages(self) -> list[Message]:
-        """The run as single WRITE messages (each that waits carrying the run's expiry)."""
+    def messages(self) -> list[Write]:
+        """The run as single Writes (each that waits carrying the run's expiry)."""
         return [
-            Message(
-                Op.WRITE,
-                name,
-                req=req,
-                stamp=stamp,
-                info={"expires": self.expires} if req and self.expires else {},
-                data=np.array([value], self.dtype),
-            )
+            Write(name, req, stamp, np.array([value], self.dtype), self.expires if req else 0.0)
             for name, req, stamp, value in zip(
                 self.names, self.reqs, self.stamps, self.values, strict=True
             )
@@ -227,21 +104,84 @@ class WriteRun:
         raw = np.asarray(self.values, dtype=self.dtype)
         if raw.shape != (len(self.names),):
             raise ProtocolError("a WRITE run needs one element of its dtype per name")
-        entry = [
-            int(Op.WRITE),
+        return [
+            WRITE_RUN,
             self.dtype.str,
             self.names,
             self.reqs,
             np.asarray(self.stamps, dtype="<f8").tobytes(),
             raw.tobytes(),
+            float(self.expires),
         ]
-        if self.expires:
-            entry.append(float(self.expires))
-        return entry
 
 
-#: Fields of a run entry: without, and with, its expiry.
-_RUN_FIELDS = (6, 7)
+# -- what each field may hold (see carelay.common.messages) ---------------------------
+
+
+def _uint(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+#: The exact type of a field whose check is its type alone, by its annotation (the array
+#: field travels as a list, checked apart).
+_EXACT = {"str": str, "int": int, "float": float, "bool": bool, "np.ndarray": list}
+
+#: The check of a field, by its annotation; None marks the array field.
+_CHECKS = {
+    "str": lambda v: type(v) is str,
+    "int": _uint,
+    "float": lambda v: type(v) is float,
+    "bool": lambda v: type(v) is bool,
+    "int | None": lambda v: v is None or _uint(v),
+    "FieldValue": lambda v: type(v) in (str, int, float),
+    "dict": lambda v: type(v) is dict and all(type(k) is str for k in v),
+    "np.ndarray": None,
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Layout:
+    """How one message kind is laid out in its entry."""
+
+    cls: type
+    names: tuple[str, ...]
+    checks: tuple
+    #: Where the array field is among the fields, or -1.
+    data: int
+    get: Any
+    #: The exact type of each field, or None where a field admits more than one: the
+    #: fields of a message that match it only need their integers checked (``ints``).
+    signature: tuple | None
+    ints: Any
+
+    @classmethod
+    def of(cls, kind: type) -> _Layout:
+        types = [f.type for f in dataclasses.fields(kind)]
+        names = tuple(f.name for f in dataclasses.fields(kind))
+        checks = tuple(_CHECKS[t] for t in types)
+        data = checks.index(None) if None in checks else -1
+        getter = operator.attrgetter(*names)
+        get = getter if len(names) > 1 else (lambda msg: (getter(msg),))
+        exact = tuple(_EXACT.get(t) for t in types)
+        signature = exact if None not in exact else None
+        ints = [k for k, t in enumerate(types) if t == "int"]
+        pick = operator.itemgetter(*ints)
+        return cls(
+            kind,
+            names,
+            checks,
+            data,
+            get,
+            signature,
+            pick if len(ints) > 1 else (lambda values: (pick(values),)),
+        )
+
+
+_LAYOUTS = {kind: _Layout.of(cls) for kind, cls in KINDS.items()}
+_BY_CLASS = {layout.cls: layout for layout in _LAYOUTS.values()}
+
+
+# -- sending --------------------------------------------------------------------------
 
 #: Data frames at least this large are sent without a copy; smaller ones are cheaper copied.
 ZERO_COPY_MIN = 65536
@@ -261,15 +201,6 @@ def send_frames(sock, frames: list, flags: int = 0) -> None:
         )
 
 
-def encode(msg: Message) -> list:
-    """Frames for ``msg``: tag, header and, for an array, its raw buffer."""
-    frames: list = [PROTOCOL_TAG, msgpack.packb(msg._header(), use_bin_type=True)]
-    if msg.data is not None:
-        _check_wire_dtype(msg.data)
-        frames.append(_data_frame(msg.data))
-    return frames
-
-
 def _check_wire_dtype(data) -> None:
     """``data``: an array or a dtype."""
     dtype = data if isinstance(data, np.dtype) else data.dtype
@@ -283,28 +214,27 @@ def _data_frame(data: np.ndarray) -> memoryview:
 
 
 def encode_batch(msgs: list) -> list:
-    """Frames for a batch of ``msgs`` (Messages and WriteRuns; see the module docstring);
-    small arrays go inline."""
-    headers = []
+    """Frames for a batch of ``msgs`` (messages and WriteRuns); small arrays go inline."""
+    entries = []
     frames: list = [b""]
     for msg in msgs:
         if type(msg) is WriteRun:
             _check_wire_dtype(msg.dtype)
-            headers.append(msg._entry())
+            entries.append(msg._entry())
             continue
-        h = msg._header()
-        data = msg.data
-        if data is None:
-            h.append(None)
-        else:
+        layout = _BY_CLASS[type(msg)]
+        entry = [layout.cls.KIND, *layout.get(msg)]
+        if layout.data >= 0:
+            data = entry[1 + layout.data]
             _check_wire_dtype(data)
             if data.nbytes <= INLINE_MAX:
-                h.append(data.tobytes())
+                inline = data.tobytes()
             else:
-                h.append(None)
+                inline = None
                 frames.append(_data_frame(data))
-        headers.append(h)
-    frames[0] = BATCH_TAG + msgpack.packb(headers, use_bin_type=True)
+            entry[1 + layout.data] = [data.dtype.str, int(data.size), inline]
+        entries.append(entry)
+    frames[0] = BATCH_TAG + msgpack.packb(entries, use_bin_type=True)
     return frames
 
 
@@ -320,7 +250,8 @@ def batches(msgs: list) -> list[list]:
             n = k * (32 + msg.dtype.itemsize)
         else:
             k = 1
-            n = 64 + (msg.data.nbytes if msg.data is not None else 0)
+            data = getattr(msg, "data", None)
+            n = 64 + (data.nbytes if data is not None else 0)
         if cur and (count + k > BATCH_MAX or size + n > BATCH_MAX_BYTES):
             out.append(cur)
             cur, size, count = [], 0, 0
@@ -332,18 +263,7 @@ def batches(msgs: list) -> list[list]:
     return out
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def decode(frames: list) -> Message:
-    """Rebuild a Message from its frames (bytes or zmq.Frame); ProtocolError if it does not fit."""
-    try:
-        return _decode(frames)
-    except ProtocolError:
-        raise
-    except Exception as e:  # anything odd in untrusted input is a protocol error
-        raise ProtocolError(f"malformed message: {type(e).__name__}: {e}") from None
+# -- receiving ------------------------------------------------------------------------
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -351,12 +271,10 @@ def _buffer(frame: Any) -> memoryview:
 
 
 def decode_batch(frames: list, runs: bool = False) -> list:
-    """The messages of a batch, or of a single message, in order; ProtocolError if any
-    part does not fit (then none of them is returned).  ``runs``: WRITE runs are taken
-    (as WriteRun objects), else refused."""
+    """The messages of a batch, in order; ProtocolError if any part does not fit (then
+    none of them is returned).  ``runs``: WRITE_RUN entries are taken (as WriteRuns),
+    else refused."""
     try:
-        if bytes(_buffer(frames[0])[: len(BATCH_TAG)]) != BATCH_TAG:
-            return [_decode(frames)]
         return _decode_batch(frames, runs)
     except ProtocolError:
         raise
@@ -365,48 +283,82 @@ def decode_batch(frames: list, runs: bool = False) -> list:
 
 
 def _decode_batch(frames: list, runs: bool) -> list:
-    raw = _buffer(frames[0])[len(BATCH_TAG) :]
+    head = _buffer(frames[0])
+    if bytes(head[: len(BATCH_TAG)]) != BATCH_TAG:
+        raise ProtocolError(f"unknown protocol tag {bytes(head[:16])!r}")
+    raw = head[len(BATCH_TAG) :]
     if not raw.nbytes:
-        raise ProtocolError("a batch needs a header")
+        raise ProtocolError("a batch needs its entries")
     if raw.nbytes > _MAX_BATCH_HEADER_BYTES:
-        raise ProtocolError("batch header too large")
-    headers = msgpack.unpackb(
+        raise ProtocolError("batch entries too large")
+    entries = msgpack.unpackb(
         raw, raw=False, strict_map_key=True, max_array_len=BATCH_MAX * 2, max_map_len=64
     )
-    if not isinstance(headers, list) or not headers:
-        raise ProtocolError("a batch header must be a non-empty list")
+    if type(entries) is not list or not entries:
+        raise ProtocolError("a batch must be a non-empty list of entries")
     out = []
     next_frame = 1
-    for h in headers:
-        if type(h) is list and len(h) in _RUN_FIELDS and runs:
-            out.append(_write_run(h))
+    for entry in entries:
+        if type(entry) is not list or not entry:
+            raise ProtocolError("a batch entry must be a non-empty list")
+        kind = entry[0]
+        if kind == WRITE_RUN and type(kind) is int and runs:
+            out.append(_write_run(entry))
             continue
-        if not isinstance(h, list) or len(h) != _HEADER_FIELDS + 1:
-            raise ProtocolError("batch entry is not a list of the expected fields")
-        inline = h[-1]
-        if inline is None:
-            buf = None
-            if h[9]:  # dtype: the array is the next frame
+        layout = _LAYOUTS.get(kind) if type(kind) is int else None
+        if layout is None:
+            raise ProtocolError(f"unknown message kind {kind!r}")
+        values = entry[1:]
+        if len(values) != len(layout.names):
+            raise ProtocolError(f"{layout.cls.__name__} needs {len(layout.names)} fields")
+        # Once per message on both sides: one comparison of types where it can.
+        if tuple(map(type, values)) != layout.signature or min(layout.ints(values)) < 0:
+            _check_fields(layout, values)
+        if layout.data >= 0:
+            spec = values[layout.data]
+            if type(spec) is list and len(spec) == 3 and spec[2] is None:
                 if next_frame >= len(frames):
                     raise ProtocolError("batch declares more data frames than came")
-                buf = _buffer(frames[next_frame])
+                spec = [*spec[:2], _buffer(frames[next_frame])]
                 next_frame += 1
-        elif isinstance(inline, bytes):
-            buf = memoryview(inline)
-        else:
-            raise ProtocolError("inline data must be bytes")
-        out.append(_message(h[:_HEADER_FIELDS], buf))
+            values[layout.data] = _array(spec)
+        out.append(layout.cls(*values))
     if next_frame != len(frames):
         raise ProtocolError(f"batch carries {len(frames) - next_frame} data frames too many")
     return out
 
 
+def _check_fields(layout: _Layout, values: list) -> None:
+    """Each field of an entry against its check: ProtocolError names the first that fails."""
+    for name, check, value in zip(layout.names, layout.checks, values, strict=True):
+        if check is not None and not check(value):
+            raise ProtocolError(f"{layout.cls.__name__}.{name} cannot be {value!r:.40}")
+
+
+def _array(spec: Any) -> np.ndarray:
+    """The array that ``[dtype, count, buffer]`` describes, validated."""
+    if type(spec) is not list or len(spec) != 3:
+        raise ProtocolError("data must be [dtype, count, inline]")
+    dtype, count, buf = spec
+    dt = _DTYPES.get(dtype) if type(dtype) is str else None
+    if dt is None:
+        raise ProtocolError(f"dtype {dtype!r} is not allowed")
+    if type(count) is not int or not 0 <= count <= MAX_WIRE_ELEMENTS:
+        raise ProtocolError(f"count {count!r} out of range")
+    if type(buf) is bytes:
+        buf = memoryview(buf)
+    elif type(buf) is not memoryview:
+        raise ProtocolError("inline data must be bytes")
+    if buf.nbytes != count * dt.itemsize:
+        raise ProtocolError(f"data holds {buf.nbytes} bytes, not {count} x {dt.itemsize}")
+    return np.frombuffer(buf, dtype=dt, count=count)
+
+
 def _write_run(entry: list) -> WriteRun:
     """A validated WriteRun from its batch entry."""
-    op, dtype, names, reqs, stamps, values = entry[:6]
-    expires = entry[6] if len(entry) == 7 else 0.0
-    if op != Op.WRITE or type(op) is not int:
-        raise ProtocolError(f"a run of operation {op!r}")
+    if len(entry) != 7:
+        raise ProtocolError("a run entry needs 7 fields")
+    _, dtype, names, reqs, stamps, values, expires = entry
     dt = _DTYPES.get(dtype) if type(dtype) is str else None
     if dt is None:
         raise ProtocolError(f"dtype {dtype!r} is not allowed")
@@ -416,9 +368,9 @@ def _write_run(entry: list) -> WriteRun:
     if not n or len(reqs) != n:
         raise ProtocolError("a run needs as many request numbers as names, and some")
     if not all(type(name) is str for name in names):
-        raise ProtocolError("name and reason must be text")
+        raise ProtocolError("a run's names must be text")
     if not all(type(req) is int and req >= 0 for req in reqs):
-        raise ProtocolError("req must be a non-negative integer")
+        raise ProtocolError("a run's req must be non-negative integers")
     if type(stamps) is not bytes or len(stamps) != 8 * n:
         raise ProtocolError("a run needs one float64 stamp per name")
     if type(values) is not bytes or len(values) != n * dt.itemsize:
@@ -433,71 +385,3 @@ def _write_run(entry: list) -> WriteRun:
         np.frombuffer(values, dtype=dt),
         expires,
     )
-
-
-def _decode(frames: list) -> Message:
-    if len(frames) not in (2, 3):
-        raise ProtocolError(f"expected 2 or 3 frames, got {len(frames)}")
-    tag = bytes(_buffer(frames[0]))
-    if tag != PROTOCOL_TAG:
-        raise ProtocolError(f"unknown protocol tag {tag[:16]!r}")
-    raw = _buffer(frames[1])
-    if raw.nbytes > _MAX_HEADER_BYTES:
-        raise ProtocolError("header too large")
-    header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_array_len=64, max_map_len=64)
-    if not isinstance(header, list) or len(header) != _HEADER_FIELDS:
-        raise ProtocolError("header is not a list of the expected fields")
-    return _message(header, _buffer(frames[2]) if len(frames) == 3 else None)
-
-
-_OPS = {int(op): op for op in Op}
-_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
-
-
-def _message(header: list, buf: memoryview | None) -> Message:
-    """A validated Message from its header fields and its data buffer (None: no data).
-
-    Runs once per message on both sides of the hot path, so the checks are exact
-    type tests (msgpack yields exactly int, float, str and dict; a bool is refused)."""
-    op, name, req, seq, epoch, stamp, length, reason, info, dtype, count = header
-    op = _OPS.get(op) if type(op) is int else None
-    if op is None:
-        raise ProtocolError(f"unknown operation {header[0]!r}")
-    if type(name) is not str or type(reason) is not str:
-        raise ProtocolError("name and reason must be text")
-    if not (
-        type(req) is int
-        and type(seq) is int
-        and type(epoch) is int
-        and type(length) is int
-        and req >= 0
-        and seq >= 0
-        and epoch >= 0
-        and length >= 0
-    ):
-        for label, v in (("req", req), ("seq", seq), ("epoch", epoch), ("length", length)):
-            if not _is_int(v) or v < 0:
-                raise ProtocolError(f"{label} must be a non-negative integer")
-    if type(stamp) is not float:
-        raise ProtocolError("stamp must be a float")
-    if type(info) is not dict or (info and not all(type(k) is str for k in info)):
-        raise ProtocolError("info must be a map with text keys")
-    if type(dtype) is not str or type(count) is not int:
-        raise ProtocolError("dtype must be text and count an integer")
-    data = None
-    if dtype:
-        dt = _DTYPES.get(dtype)
-        if dt is None:
-            raise ProtocolError(f"dtype {dtype!r} is not allowed")
-        if not 0 <= count <= MAX_WIRE_ELEMENTS:
-            raise ProtocolError(f"count {count} out of range")
-        if buf is None:
-            raise ProtocolError("header declares data but no data frame came")
-        if buf.nbytes != count * dt.itemsize:
-            raise ProtocolError(
-                f"data frame holds {buf.nbytes} bytes, header declares {count} x {dt.itemsize}"
-            )
-        data = np.frombuffer(buf, dtype=dt, count=count)
-    elif buf is not None:
-        raise ProtocolError("data frame without a dtype in the header")
-    return Message(op, name, req, seq, epoch, stamp, length, reason, info, data)

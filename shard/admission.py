@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable
 
 from carelay.common.config import REFUSED_PEER_LOG_INTERVAL
-from carelay.common.protocol import Message, Op, WriteRun
+from carelay.common.messages import Hello, Message, Reject
+from carelay.common.protocol import WriteRun
 from carelay.shard.handler import EXPIRING
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,14 @@ _FENCED = "sent before the broker reconnected"
 class Admission:
     """The peers a shard serves, and the refusal of the others (see the module)."""
 
-    def __init__(self, token: str | None, reply: Callable[[bytes, Message], None]) -> None:
+    def __init__(
+        self, token: str | None, reply: Callable[[bytes, Message], None], epoch: int = 0
+    ) -> None:
         #: What a peer presents in its HELLO before it is served (None: every peer is).
         self.token = token
         self._reply = reply
+        #: The shard's start id, which every reply carries.
+        self.epoch = epoch
         #: The peers served, newest last, each with the broker it is (the id in its
         #: HELLO; "" where none came).
         self._admitted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
@@ -58,24 +63,22 @@ class Admission:
             self._refuse_fenced(peer, msgs)
             return False
         first = msgs[0]
-        hello = type(first) is Message and first.op is Op.HELLO
-        if self.token is not None:
-            token = first.info.get("token") if hello else None
-            if type(token) is not str or not hmac.compare_digest(
-                token.encode(), self.token.encode()
-            ):
-                if hello:
-                    self._reply(peer, Message(Op.REJECT, req=first.req, reason=_NOT_OURS))
-                self._refused_peer(len(msgs), "a peer without this relay's token")
-                return False
-        broker = first.info.get("broker", "") if hello else ""
-        if type(broker) is str and broker:
+        hello = type(first) is Hello
+        if self.token is not None and not (
+            hello and hmac.compare_digest(first.token.encode(), self.token.encode())
+        ):
+            if hello:
+                self._reply(peer, Reject(first.req, "", _NOT_OURS, self.epoch))
+            self._refused_peer(len(msgs), "a peer without this relay's token")
+            return False
+        broker = first.broker if hello else ""
+        if broker:
             for old in [p for p, b in self._admitted.items() if b == broker]:
                 del self._admitted[old]
                 self._fenced[old] = None
                 if len(self._fenced) > _FENCED_MAX:
                     self._fenced.popitem(last=False)
-        self._admitted[peer] = broker if type(broker) is str else ""
+        self._admitted[peer] = broker
         if len(self._admitted) > _ADMITTED_MAX:
             self._admitted.popitem(last=False)
         return True
@@ -88,9 +91,9 @@ class Admission:
             if type(msg) is WriteRun:
                 for name, req in zip(msg.names, msg.reqs, strict=True):
                     if req:
-                        self._reply(peer, Message(Op.REJECT, name, req=req, reason=_FENCED))
-            elif msg.req and msg.op in EXPIRING:
-                self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=_FENCED))
+                        self._reply(peer, Reject(req, name, _FENCED, self.epoch))
+            elif type(msg) in EXPIRING and msg.req:
+                self._reply(peer, Reject(msg.req, msg.name, _FENCED, self.epoch))
         self._refused_peer(len(msgs), "an earlier connection of a broker that reconnected")
 
     def _refused_peer(self, n: int, who: str) -> None:

@@ -14,15 +14,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
-from carelay.common.protocol import Message, Op, WriteRun
+from carelay.common import messages as wire
+from carelay.common.protocol import WriteRun
 from carelay.shard.autosave import Autosave, StoreHealth
 from carelay.shard.store import Change, Rejected, ShardStore
 
 log = logging.getLogger(__name__)
 
 #: Requests that a shard drops once they expired (HELLO and PING never expire).
-EXPIRING = frozenset({Op.PUT, Op.WRITE, Op.SET_FIELD, Op.DELETE})
+EXPIRING = frozenset({wire.Put, wire.Write, wire.SetField, wire.Delete})
 _EXPIRED = "expired: the broker has failed it already"
 
 
@@ -34,8 +36,9 @@ class RequestHandler:
         store: ShardStore,
         autosave: Autosave,
         health: StoreHealth,
-        reply: Callable[[bytes, Message], None],
+        reply: Callable[[bytes, wire.Message], None],
         commit: Callable[[], None],
+        epoch: int = 0,
     ) -> None:
         self.store = store
         self.autosave = autosave
@@ -43,61 +46,60 @@ class RequestHandler:
         self._reply = reply
         #: Makes the creations and deletions so far durable (before a snapshot shows them).
         self._commit = commit
+        #: The shard's start id, which every reply carries.
+        self.epoch = epoch
         #: For the broker's health figures (PONG): puts applied.
         self.puts_applied = 0
-        #: What each operation a broker may send is handled by.
-        self._by_op: dict[Op, Callable[[bytes, Message], None]] = {
-            Op.WRITE: self._write,
-            Op.PUT: self._put,
-            Op.PING: self._ping,
-            Op.DELETE: self._delete,
-            Op.SET_FIELD: self._set_field,
-            Op.HELLO: self._snapshot,
+        #: What each kind of request a broker may send is handled by.
+        self._by_kind: dict[type, Callable[[bytes, Any], None]] = {
+            wire.Write: self._write,
+            wire.Put: self._put,
+            wire.Ping: self._ping,
+            wire.Delete: self._delete,
+            wire.SetField: self._set_field,
+            wire.Hello: self._snapshot,
         }
 
-    def dispatch(self, peer: bytes, msg: Message) -> None:
+    def dispatch(self, peer: bytes, msg: wire.Message) -> None:
         """Handle one request (a WriteRun goes to ``write_run``)."""
-        op = msg.op
-        if msg.req and op in EXPIRING:
-            expires = msg.info.get("expires")
-            if type(expires) is float and time.time() > expires:
-                self._expired(peer, msg)
-                return
-        handle = self._by_op.get(op)
+        kind = type(msg)
+        if kind in EXPIRING and msg.req and msg.expires and time.time() > msg.expires:
+            self._expired(peer, msg)
+            return
+        handle = self._by_kind.get(kind)
         if handle is None:
-            log.warning("unexpected operation %s dropped", op.name)
+            log.warning("unexpected %s dropped", kind.__name__)
             return
         handle(peer, msg)
 
-    def _ping(self, peer: bytes, msg: Message) -> None:
+    def _ping(self, peer: bytes, msg: wire.Ping) -> None:
         self.pong(peer, msg.req)
 
     def pong(self, peer: bytes, req: int) -> None:
         """The shard's health, as the broker shows it (``req`` 0: unasked)."""
         autosave = self.autosave
-        info = {
-            "pvs": len(self.store),
-            "store_error": self.health.refusing,
-            "pid": os.getpid(),
-            "puts": self.puts_applied,
-            "saved_at": autosave.saved_at,
-            "flush": autosave.flush_times.as_dict(),
-        }
-        if autosave.db is not None:
-            info["store_bytes"] = autosave.db.size()
-        self._reply(peer, Message(Op.PONG, req=req, seq=self.store.seq, info=info))
+        pong = wire.Pong(
+            req,
+            self.store.seq,
+            pvs=len(self.store),
+            store_error=self.health.refusing,
+            pid=os.getpid(),
+            puts=self.puts_applied,
+            saved_at=float(autosave.saved_at),
+            flush=autosave.flush_times.as_dict(),
+            store_bytes=autosave.db.size() if autosave.db is not None else None,
+            epoch=self.epoch,
+        )
+        self._reply(peer, pong)
 
-    def _reject(self, peer: bytes, msg: Message, reason: str) -> None:
-        self._reply(peer, Message(Op.REJECT, msg.name, req=msg.req, reason=reason))
+    def _reject(self, peer: bytes, msg: Any, reason: str) -> None:
+        self._reply(peer, wire.Reject(msg.req, msg.name, reason, self.epoch))
 
     # -- puts ---------------------------------------------------------------------------
 
-    def _put(self, peer: bytes, msg: Message) -> None:
-        if msg.data is None:
-            self._reject(peer, msg, "put without data")
-            return
+    def _put(self, peer: bytes, msg: wire.Put) -> None:
         refusing = self.health.refusing
-        if refusing and msg.info.get("callback"):
+        if refusing and msg.callback:
             log.warning("refused put to %s: %s", msg.name, refusing)
             self._reject(peer, msg, refusing)
             return
@@ -110,13 +112,11 @@ class RequestHandler:
         self.puts_applied += 1
         if change.created:
             log.info("created PV %s", msg.name)
-        self._reply_change(peer, msg.req, change, {"created": 1} if change.created else {})
+        self._reply_change(peer, msg.req, change, created=change.created)
 
-    def _write(self, peer: bytes, msg: Message) -> None:
+    def _write(self, peer: bytes, msg: wire.Write) -> None:
         """A put the broker has already applied to its mirror (see ``_written``)."""
         try:
-            if msg.data is None:
-                raise Rejected("put without data")
             refusing = self.health.refusing
             if refusing and msg.req:
                 raise Rejected(refusing)
@@ -126,12 +126,12 @@ class RequestHandler:
             outcome = e
         self._written(peer, msg.name, msg.req, outcome)
 
-    def _expired(self, peer: bytes, msg: Message) -> None:
+    def _expired(self, peer: bytes, msg: Any) -> None:
         """Drop a request that the broker has failed already (see ``_EXPIRED``)."""
-        if msg.op is Op.WRITE:
+        if type(msg) is wire.Write:
             self._written(peer, msg.name, msg.req, Rejected(_EXPIRED))
             return
-        log.warning("dropped %s of %s: %s", msg.op.name, msg.name, _EXPIRED)
+        log.warning("dropped %s of %s: %s", type(msg).__name__, msg.name, _EXPIRED)
         self._reject(peer, msg, _EXPIRED)
 
     def write_run(self, peer: bytes, run: WriteRun) -> None:
@@ -171,93 +171,72 @@ class RequestHandler:
         or was refused: a REJECT, then the PV as it stands here for the broker's mirror."""
         if isinstance(outcome, Rejected):
             log.warning("refused put to %s: %s", name, outcome)
-            self._reply(peer, Message(Op.REJECT, name, req=req, reason=str(outcome)))
+            self._reply(peer, wire.Reject(req, name, str(outcome), self.epoch))
             self._correct(peer, name)
         elif req:
-            self._reply(peer, Message(Op.ACK, name, req=req, seq=outcome))
+            self._reply(peer, wire.Ack(name, req, outcome, self.epoch))
 
     def _correct(self, peer: bytes, name: str) -> None:
         """Tell the broker how ``name`` stands here, after a refused WRITE that its mirror
-        already shows: not a change, so info "restate" and the current sequence number."""
+        already shows: not a change, so the current sequence number (and ``restate`` on a
+        Deleted, which the broker does not count as a deletion)."""
         store = self.store
         if name not in store:
-            self._reply(peer, Message(Op.DELETED, name, seq=store.seq, info={"restate": 1}))
+            self._reply(peer, wire.Deleted(name, 0, store.seq, restate=True, epoch=self.epoch))
             return
         contents = store.get(name)
         change = Change(name, store.seq, store.stamp(name), contents, len(contents), False)
-        self._reply_change(peer, 0, change, {"reset": 1, "restate": 1})
+        self._reply_change(peer, 0, change, reset=True)
 
-    def _reply_change(self, peer: bytes, req: int, change, info: dict) -> None:
-        """An UPDATE carrying what ``change`` did, as the broker mirrors it."""
-        self._reply(
-            peer,
-            Message(
-                Op.UPDATE,
-                change.name,
-                req=req,
-                seq=change.seq,
-                stamp=change.stamp,
-                length=change.length,
-                info=info,
-                data=change.data,
-            ),
+    def _reply_change(
+        self, peer: bytes, req: int, change, reset: bool = False, created: bool = False
+    ) -> None:
+        """An Update carrying what ``change`` did, as the broker mirrors it."""
+        update = wire.Update(
+            change.name, req, change.seq, change.stamp, change.data, reset, created, self.epoch
         )
+        self._reply(peer, update)
 
     # -- fields, deletions, snapshots -----------------------------------------------------
 
-    def _set_field(self, peer: bytes, msg: Message) -> None:
-        field, value = msg.info.get("field"), msg.info.get("value")
+    def _set_field(self, peer: bytes, msg: wire.SetField) -> None:
+        field, value = msg.field, msg.value
         try:
             if field == "RES":
                 change = self.store.reset(msg.name)
             else:
-                seq, value = self.store.set_field(msg.name, str(field), value)
+                seq, value = self.store.set_field(msg.name, field, value)
         except Rejected as e:
             log.warning("refused %s.%s: %s", msg.name, field, e)
             self._reject(peer, msg, str(e))
             return
         if field == "RES":
             log.info("emptied buffer %s", msg.name)
-            self._reply_change(peer, msg.req, change, {"reset": 1})
+            self._reply_change(peer, msg.req, change, reset=True)
             return
         log.info("set %s.%s = %r", msg.name, field, value)
-        self._reply(
-            peer,
-            Message(
-                Op.FIELD, msg.name, req=msg.req, seq=seq, info={"field": field, "value": value}
-            ),
-        )
+        self._reply(peer, wire.FieldChanged(msg.name, msg.req, seq, field, value, self.epoch))
 
-    def _delete(self, peer: bytes, msg: Message) -> None:
+    def _delete(self, peer: bytes, msg: wire.Delete) -> None:
         try:
             seq = self.store.delete(msg.name)
         except Rejected as e:
             self._reject(peer, msg, str(e))
             return
         log.info("deleted PV %s", msg.name)
-        self._reply(peer, Message(Op.DELETED, msg.name, req=msg.req, seq=seq))
+        self._reply(peer, wire.Deleted(msg.name, msg.req, seq, epoch=self.epoch))
 
-    def _snapshot(self, peer: bytes, hello: Message) -> None:
+    def _snapshot(self, peer: bytes, hello: wire.Hello) -> None:
         """Every PV, between a SNAPSHOT_BEGIN and a SNAPSHOT_END, in answer to a HELLO."""
         req = hello.req
         # A snapshot must not show a creation that is not yet durable.
         self._commit()
         store = self.store
-        self._reply(peer, Message(Op.SNAPSHOT_BEGIN, req=req, seq=store.seq))
+        epoch = self.epoch
+        self._reply(peer, wire.SnapshotBegin(req, store.seq, epoch))
         n = 0
         for name, stamp, contents, fields in store.snapshot():
-            self._reply(
-                peer,
-                Message(
-                    Op.SNAPSHOT,
-                    name,
-                    stamp=stamp,
-                    length=len(contents),
-                    info={"fields": fields},
-                    data=contents,
-                ),
-            )
+            self._reply(peer, wire.Snapshot(name, stamp, contents, fields, epoch))
             n += 1
-        info = {"pvs": n, "store_error": self.health.refusing}
-        self._reply(peer, Message(Op.SNAPSHOT_END, req=req, seq=store.seq, info=info))
+        self._reply(peer, wire.SnapshotEnd(req, store.seq, self.health.refusing, epoch))
         log.debug("sent a snapshot of %d PVs at seq %d", n, store.seq)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import zmq
 
-from carelay.common import exits
+from carelay.common import exits, protocol
 from carelay.common.config import (
     HEARTBEAT_INTERVAL,
     HEARTBEAT_LIVENESS,
@@ -34,16 +34,7 @@ from carelay.common.lifecycle import (
     return_freed_memory,
     write_status,
 )
-from carelay.common.protocol import (
-    Message,
-    Op,
-    ProtocolError,
-    WriteRun,
-    batches,
-    decode_batch,
-    encode_batch,
-    send_frames,
-)
+from carelay.common.messages import Message, Pong, Reject
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
 from carelay.shard.autosave import GOOD_COPY_INTERVAL, Autosave, StoreHealth, Unsaved
@@ -57,6 +48,8 @@ log = logging.getLogger(__name__)
 _BATCH = 1000
 #: On a clean stop, how long the shard waits for more messages before its last flush (ms).
 _STOP_DRAIN_MS = 50
+#: Replies that change nothing, which a failed commit leaves as they are.
+_NOT_A_CHANGE = (Reject, Pong)
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
@@ -93,9 +86,9 @@ class ShardServer:
         self.epoch = random.getrandbits(62) | 1
         self.health = StoreHealth(index, config.autosave_period, db.path if db else None)
         self.autosave = Autosave(self.store, db, self.health, index)
-        self.admission = Admission(token, self._reply)
+        self.admission = Admission(token, self._reply, self.epoch)
         self.requests = RequestHandler(
-            self.store, self.autosave, self.health, self._reply, self._commit
+            self.store, self.autosave, self.health, self._reply, self._commit, self.epoch
         )
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -174,8 +167,8 @@ class ShardServer:
         """Handle one message or batch from ``peer``; returns how many messages.  Bad input
         is logged and dropped whole."""
         try:
-            msgs = decode_batch(frames, runs=True)
-        except ProtocolError as e:
+            msgs = protocol.decode_batch(frames, runs=True)
+        except protocol.ProtocolError as e:
             log.warning("dropped a malformed message: %s", e)
             return 0
         if peer not in self.admission and not self.admission.admit(peer, msgs):
@@ -188,7 +181,7 @@ class ShardServer:
         requests = self.requests
         n = 0
         for msg in msgs:
-            if type(msg) is WriteRun:
+            if type(msg) is protocol.WriteRun:
                 requests.write_run(peer, msg)
                 n += len(msg)
             else:
@@ -197,7 +190,6 @@ class ShardServer:
         return n
 
     def _reply(self, peer: bytes, msg: Message) -> None:
-        msg.epoch = self.epoch
         self._out.append((peer, msg))
 
     def _commit(self) -> None:
@@ -208,15 +200,12 @@ class ShardServer:
             self._refuse_replies(unsaved)
 
     def _refuse_replies(self, unsaved: Unsaved) -> None:
-        """Turn the collected replies about ``unsaved.names`` into REJECTs that say why."""
+        """Turn the collected replies about ``unsaved.names`` into Rejects that say why."""
         names, reason = unsaved.names, f"autosave failed: {unsaved.error}"
         self._out = [
             (peer, msg)
-            if msg.name not in names or msg.op in (Op.REJECT, Op.PONG)
-            else (
-                peer,
-                Message(Op.REJECT, msg.name, req=msg.req, epoch=self.epoch, reason=reason),
-            )
+            if type(msg) in _NOT_A_CHANGE or getattr(msg, "name", "") not in names
+            else (peer, Reject(getattr(msg, "req", 0), msg.name, reason, self.epoch))
             for peer, msg in self._out
         ]
 
@@ -230,10 +219,10 @@ class ShardServer:
             else:
                 runs.append((peer, [msg]))
         for peer, msgs in runs:
-            for batch in batches(msgs):
-                frames = encode_batch(batch)
+            for batch in protocol.batches(msgs):
+                frames = protocol.encode_batch(batch)
                 try:
-                    send_frames(self._sock, [peer, *frames])
+                    protocol.send_frames(self._sock, [peer, *frames])
                 except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
                     log.warning(
                         "cannot send %d replies to the broker: %s",

@@ -46,7 +46,8 @@ from caproto.threading.client import Context
 
 from carelay.broker.refusals import shorten
 from carelay.common.config import VALUE_COPIES, load_config
-from carelay.common.protocol import PROTOCOL_TAG, Message, Op, encode
+from carelay.common.messages import Put
+from carelay.common.protocol import BATCH_TAG, encode_batch
 from carelay.common.sharding import shard_for
 from tests.system.clients import close, get, get_array, put, pvlist, write_status
 from tests.system.conftest import CA_PORT, CARELAY, caproto_cli, wait_for
@@ -536,43 +537,41 @@ def test_more_elements_than_the_count_are_cut_or_refused(relay, ca):
 # -- 3. bad input: bytes on a shard's socket ---------------------------------------------------
 
 
-def header(**kw) -> bytes:
-    h = {
-        "op": int(Op.PUT),
+def put_entry(**kw) -> bytes:
+    """A batch of one Put entry, with the fields ``kw`` changed."""
+    e = {
+        "kind": Put.KIND,
         "name": "",
         "req": 1,
-        "seq": 0,
-        "epoch": 0,
         "stamp": 0.0,
-        "length": 0,
-        "reason": "",
-        "info": {},
-        "dtype": "<f8",
-        "count": 1,
+        "data": ["<f8", 1, None],
+        "callback": False,
+        "expires": 0.0,
     }
-    h.update(kw)
-    return msgpack.packb(list(h.values()), use_bin_type=True)
+    e.update(kw)
+    return BATCH_TAG + msgpack.packb([list(e.values())], use_bin_type=True)
 
 
 def malformed(name: str) -> list[list[bytes]]:
     """Messages every decoder must drop, each aimed at the PV ``name`` where it has one."""
     rng = np.random.default_rng(7)
-    valid = [bytes(f) for f in encode(Message(Op.PUT, name, req=1, data=np.array([666.0])))]
+    # An array too large to travel inline: the batch is two frames.
+    valid = [bytes(f) for f in encode_batch([Put(name, 1, 0.0, np.full(1000, 666.0))])]
     return [
         [rng.bytes(64)],  # random bytes, one frame
         [rng.bytes(16) for _ in range(5)],  # random bytes, five frames
-        [PROTOCOL_TAG],  # truncated: the tag alone
-        [PROTOCOL_TAG, valid[1][:7]],  # truncated header
-        valid[:2],  # truncated: the data frame missing
-        [PROTOCOL_TAG, valid[1], valid[2][:5]],  # truncated data frame
-        [b"CRL2", *valid[1:]],  # another protocol version
-        [b"", *valid[1:]],
-        [PROTOCOL_TAG, header(name=name, count=10**8), b"\0" * 8],  # a huge declared array
-        [PROTOCOL_TAG, header(name=name, count=2**40), b"\0" * 8],
-        [PROTOCOL_TAG, header(name=name, count=2**63 - 1)],
-        [PROTOCOL_TAG, header(name=name, dtype="O"), b"\0" * 8],  # a dtype not allowed
-        [PROTOCOL_TAG, header(name=name, op=99), b"\0" * 8],  # no such operation
-        [PROTOCOL_TAG, msgpack.packb([2, name]), b"\0" * 8],  # a header too short
+        [BATCH_TAG],  # truncated: the tag alone
+        [valid[0][:12]],  # truncated entries
+        valid[:1],  # truncated: the data frame missing
+        [valid[0], valid[1][:5]],  # truncated data frame
+        [b"CRB1" + valid[0][len(BATCH_TAG) :], valid[1]],  # another protocol version
+        [valid[0][len(BATCH_TAG) :], valid[1]],  # no tag
+        [put_entry(name=name, data=["<f8", 10**8, None]), b"\0" * 8],  # a huge declared array
+        [put_entry(name=name, data=["<f8", 2**40, None]), b"\0" * 8],
+        [put_entry(name=name, data=["<f8", 2**63 - 1, None])],
+        [put_entry(name=name, data=["O", 1, None]), b"\0" * 8],  # a dtype not allowed
+        [put_entry(name=name, kind=99), b"\0" * 8],  # no such kind of message
+        [BATCH_TAG + msgpack.packb([[Put.KIND, name]]), b"\0" * 8],  # an entry too short
         [*valid, b"one frame too many"],
     ]
 

@@ -23,7 +23,8 @@ import pytest
 import zmq
 from caproto.threading.client import Context
 
-from carelay.common.protocol import Message, Op, encode
+from carelay.common.messages import Put
+from carelay.common.protocol import encode_batch
 from carelay.common.sharding import shard_for
 from tests.system.conftest import CARELAY, Relay, wait_for
 
@@ -227,7 +228,7 @@ def test_a_peer_without_the_keys_is_refused(site):
     try:
         # Right protocol, no keys: the CurveZMQ handshake never completes.
         sock.connect(f"tcp://{site['hosts'].there_ip}:{PORTS[0]}")
-        sock.send_multipart(encode(Message(Op.PUT, name, req=1, data=np.array([1.0]))))
+        sock.send_multipart(encode_batch([Put(name, 1, 0.0, np.array([1.0]))]))
         assert not sock.poll(2000), "a peer without keys got an answer"
     finally:
         sock.close()

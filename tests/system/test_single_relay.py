@@ -10,7 +10,8 @@ import zmq
 
 from bench.servers import free_port
 from carelay.common.config import load_config
-from carelay.common.protocol import Message, Op, decode_batch, encode
+from carelay.common.messages import Delete, Hello, Put, Reject, Write
+from carelay.common.protocol import decode_batch, encode_batch
 from tests.system.conftest import CA_PORT, CARELAY, caproto_cli, wait_for
 
 #: A second relay gets a CA port of its own: if it started, it must not split the
@@ -88,14 +89,14 @@ def test_a_peer_without_the_token_gets_no_snapshot_and_cannot_put(make_relay, ca
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(config.shard_endpoint(0))
-        sock.send_multipart(encode(Message(Op.HELLO, req=1)))
-        sock.send_multipart(encode(Message(Op.PUT, intruder, req=2, data=np.array([9.0]))))
-        sock.send_multipart(encode(Message(Op.WRITE, name, req=3, data=np.array([9.0]))))
-        sock.send_multipart(encode(Message(Op.DELETE, name, req=4)))
+        sock.send_multipart(encode_batch([Hello(1)]))
+        sock.send_multipart(encode_batch([Put(intruder, 2, 0.0, np.array([9.0]))]))
+        sock.send_multipart(encode_batch([Write(name, 3, 0.0, np.array([9.0]))]))
+        sock.send_multipart(encode_batch([Delete(name, 4)]))
         answers = []
         while sock.poll(2000):
             answers += decode_batch(sock.recv_multipart())
-        assert all(m.op is Op.REJECT for m in answers), [m.op.name for m in answers]
+        assert all(type(m) is Reject for m in answers), answers
     finally:
         sock.close()
         ctx.term()

@@ -16,7 +16,8 @@ import pytest
 
 from carelay.common.config import load_config
 from carelay.common.lifecycle import write_status
-from carelay.common.protocol import Message, Op, WriteRun, encode_batch
+from carelay.common.messages import Ack, Message, Ping, Put, Reject, Update, Write
+from carelay.common.protocol import WriteRun, encode_batch
 from carelay.shard.persist import ShardDatabase, StoreWriteError
 from carelay.shard.server import ShardServer
 
@@ -155,8 +156,8 @@ def _handle(server: ShardServer, *msgs) -> list[Message]:
     return out
 
 
-def _write(name: str, value: float, req: int = 0) -> Message:
-    return Message(Op.WRITE, name, req=req, stamp=1.0, data=np.array([value]))
+def _write(name: str, value: float, req: int = 0) -> Write:
+    return Write(name, req, 1.0, np.array([value]))
 
 
 def _broken(server, monkeypatch) -> StoreWriteError:
@@ -178,7 +179,7 @@ def _past_the_period(server) -> None:
 
 def test_a_failed_flush_holds_the_values_and_says_why_once(server, monkeypatch, caplog):
     name = f"{PREFIX}a_f1"
-    assert _handle(server, Message(Op.PUT, name, req=1, data=np.array([1.0])))[0].op is Op.UPDATE
+    assert type(_handle(server, Put(name, 1, 0.0, np.array([1.0])))[0]) is Update
     _broken(server, monkeypatch)
     _handle(server, _write(name, 2.0))
     with caplog.at_level(logging.ERROR):
@@ -191,15 +192,15 @@ def test_a_failed_flush_holds_the_values_and_says_why_once(server, monkeypatch, 
     assert name in server.store.dirty
     # Within the autosave period nothing is refused yet.
     assert server.health.refusing == ""
-    assert _handle(server, _write(name, 3.0, req=5))[0].op is Op.ACK
+    assert type(_handle(server, _write(name, 3.0, req=5))[0]) is Ack
 
 
 def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server, monkeypatch):
     name, buffer = f"{PREFIX}a_f1", f"{PREFIX}b_F3"
     _handle(
         server,
-        Message(Op.PUT, name, req=1, data=np.array([1.0])),
-        Message(Op.PUT, buffer, req=2, data=np.array([1.0])),
+        Put(name, 1, 0.0, np.array([1.0])),
+        Put(buffer, 2, 0.0, np.array([1.0])),
     )
     _broken(server, monkeypatch)
     _handle(server, _write(name, 2.0))
@@ -213,20 +214,20 @@ def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server,
     run.add(name, 7, 1.0, np.array([5.0]))
     run.add(name, 0, 1.0, np.array([6.0]))
     out = _handle(server, _write(name, 4.0, req=6), run)
-    assert [m.op for m in out] == [Op.REJECT, Op.UPDATE, Op.REJECT, Op.UPDATE]
-    assert out[0].reason == server.health.refusing and out[1].info.get("restate")
+    assert [type(m) for m in out] == [Reject, Update, Reject, Update]
+    assert out[0].reason == server.health.refusing and out[1].req == 0 and out[1].reset
     assert server.store.get(name).tolist() == [6.0]
     # A PUT with callback is refused; a plain one (the broker's long way) is applied.
-    callback = Message(Op.PUT, buffer, req=8, info={"callback": 1}, data=np.array([2.0]))
-    plain = Message(Op.PUT, buffer, req=9, data=np.array([3.0]))
-    assert [m.op for m in _handle(server, callback, plain)] == [Op.REJECT, Op.UPDATE]
+    callback = Put(buffer, 8, 0.0, np.array([2.0]), callback=True)
+    plain = Put(buffer, 9, 0.0, np.array([3.0]))
+    assert [type(m) for m in _handle(server, callback, plain)] == [Reject, Update]
     assert server.store.get(buffer).tolist() == [1.0, 3.0]
     # A creation is refused with the real reason.
-    out = _handle(server, Message(Op.PUT, f"{PREFIX}new_f1", req=10, data=np.array([1.0])))
-    assert out[0].op is Op.REJECT and "[Errno 27]" in out[0].reason
+    out = _handle(server, Put(f"{PREFIX}new_f1", 10, 0.0, np.array([1.0])))
+    assert type(out[0]) is Reject and "[Errno 27]" in out[0].reason
     # The broker hears it in every PONG, and carelay status in the status file.
-    (pong,) = _handle(server, Message(Op.PING, req=11))
-    assert pong.info["store_error"] == server.health.refusing
+    (pong,) = _handle(server, Ping(11))
+    assert pong.store_error == server.health.refusing
     server._write_status()
     status = json.loads(server.status_path.read_text())
     assert "[Errno 27]" in status["store_error"]
@@ -236,7 +237,7 @@ def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server,
 
 def test_when_the_store_heals_everything_clears_and_the_held_values_are_saved(server, monkeypatch):
     name = f"{PREFIX}a_f1"
-    _handle(server, Message(Op.PUT, name, req=1, data=np.array([1.0])))
+    _handle(server, Put(name, 1, 0.0, np.array([1.0])))
     server.autosave.flush()
     _broken(server, monkeypatch)
     _handle(server, _write(name, 2.0))
@@ -248,18 +249,18 @@ def test_when_the_store_heals_everything_clears_and_the_held_values_are_saved(se
     server.autosave.collect(wait=True)
     assert server.health.store_error is None and server.health.refusing == ""
     assert _saved(server.db.path) == {name: [2.0]}
-    (pong,) = _handle(server, Message(Op.PING, req=2))
-    assert pong.info["store_error"] == ""
+    (pong,) = _handle(server, Ping(2))
+    assert pong.store_error == ""
     server._write_status()
     status = json.loads(server.status_path.read_text())
     assert status["store_error"] is None and status["store_failed_since"] is None
-    assert _handle(server, _write(name, 3.0, req=3))[0].op is Op.ACK
+    assert type(_handle(server, _write(name, 3.0, req=3))[0]) is Ack
 
 
 def test_with_nothing_held_a_small_write_tells_when_the_store_heals(server, monkeypatch):
     _broken(server, monkeypatch)
-    out = _handle(server, Message(Op.PUT, f"{PREFIX}new_f1", req=1, data=np.array([1.0])))
-    assert out[0].op is Op.REJECT
+    out = _handle(server, Put(f"{PREFIX}new_f1", 1, 0.0, np.array([1.0])))
+    assert type(out[0]) is Reject
     assert server.health.store_error is not None and not server.store.dirty
     server.autosave.flush_soon()  # tries the small write: it fails too
     server.autosave.collect(wait=True)
@@ -272,7 +273,7 @@ def test_with_nothing_held_a_small_write_tells_when_the_store_heals(server, monk
 
 def test_a_stop_during_the_fault_names_the_values_it_could_not_save(server, monkeypatch, caplog):
     names = [f"{PREFIX}v{k}_f1" for k in range(3)]
-    _handle(server, *(Message(Op.PUT, n, req=1, data=np.array([1.0])) for n in names))
+    _handle(server, *(Put(n, 1, 0.0, np.array([1.0])) for n in names))
     server.autosave.flush()
     _broken(server, monkeypatch)
     _handle(server, *(_write(n, 2.0) for n in names))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from carelay.common.config import AUTOSAVE_PART_BYTES, load_config
-from carelay.common.protocol import Message, Op, encode
+from carelay.common.messages import Put
+from carelay.common.protocol import encode_batch
 from carelay.shard.persist import ShardDatabase
 from carelay.shard.server import ShardServer
 
@@ -27,7 +28,7 @@ def server(tmp_path):
 
 
 def _put(server: ShardServer, name: str, value) -> None:
-    server.handle(b"b", encode(Message(Op.PUT, name, req=1, data=np.asarray(value))))
+    server.handle(b"b", encode_batch([Put(name, 1, 0.0, np.asarray(value))]))
     server._commit()
     server._out.clear()
 

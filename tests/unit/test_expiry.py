@@ -11,10 +11,23 @@ import numpy as np
 import pytest
 
 from carelay.common.config import RUN_LOCK_FILE, load_config
+from carelay.common.messages import (
+    Ack,
+    Delete,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Put,
+    Reject,
+    SetField,
+    SnapshotBegin,
+    SnapshotEnd,
+    Update,
+    Write,
+)
 from carelay.common.protocol import (
     BATCH_TAG,
-    Message,
-    Op,
     ProtocolError,
     WriteRun,
     decode_batch,
@@ -49,14 +62,11 @@ def _run(reqs: list[int], values: list[float], expires: float) -> WriteRun:
 # -- the codec ---------------------------------------------------------------------
 
 
-def test_a_run_carries_its_expiry_and_a_run_without_one_stays_as_it_was():
+def test_a_run_carries_its_expiry():
     (run,) = decode_batch(encode_batch([_run([0, 7], [1.0, 2.0], 1234.5)]), runs=True)
     assert run.expires == 1234.5 and run.reqs == [0, 7]
-    plain = encode_batch([_run([0, 0], [1.0, 2.0], 0.0)])
-    (run,) = decode_batch(plain, runs=True)
+    (run,) = decode_batch(encode_batch([_run([0, 0], [1.0, 2.0], 0.0)]), runs=True)
     assert run.expires == 0.0
-    # The plain run is the six fields it always was: no byte more on the hot path.
-    assert len(plain[0]) < len(encode_batch([_run([0, 0], [1.0, 2.0], 1.5)])[0])
 
 
 @pytest.mark.parametrize("expires", [-1.0, 5, "soon", None, float("nan")])
@@ -69,10 +79,10 @@ def test_a_malformed_expiry_drops_the_batch(expires):
         decode_batch([BATCH_TAG + msgpack.packb([entry], use_bin_type=True)], runs=True)
 
 
-def test_a_message_carries_its_expiry_in_info():
-    msg = Message(Op.PUT, NAME, req=3, info={"expires": 99.5}, data=np.array([1.0]))
+def test_a_message_carries_its_expiry():
+    msg = Put(NAME, 3, 0.0, np.array([1.0]), expires=99.5)
     (back,) = decode_batch(encode_batch([msg]))
-    assert back.info["expires"] == 99.5
+    assert back.expires == 99.5
 
 
 # -- the shard -----------------------------------------------------------------------
@@ -81,16 +91,15 @@ def test_a_message_carries_its_expiry_in_info():
 def test_an_expired_put_is_refused_and_changes_nothing(tmp_path):
     server = _server(tmp_path)
     past, future = time.time() - 1, time.time() + 60
-    created = _send(server, [Message(Op.PUT, NAME, req=1, info={"expires": future},
-                                     data=np.array([1.0]))])  # fmt: skip
-    assert [m.op for m in created] == [Op.UPDATE]
+    created = _send(server, [Put(NAME, 1, 0.0, np.array([1.0]), expires=future)])
+    assert [type(m) for m in created] == [Update]
     late = [
-        Message(Op.PUT, NAME, req=2, info={"expires": past}, data=np.array([2.0])),
-        Message(Op.SET_FIELD, NAME, req=3, info={"field": "EGU", "value": "V", "expires": past}),
-        Message(Op.DELETE, NAME, req=4, info={"expires": past}),
+        Put(NAME, 2, 0.0, np.array([2.0]), expires=past),
+        SetField(NAME, 3, "EGU", "V", expires=past),
+        Delete(NAME, 4, expires=past),
     ]
     out = _send(server, late)
-    assert [(m.op, m.req) for m in out] == [(Op.REJECT, 2), (Op.REJECT, 3), (Op.REJECT, 4)]
+    assert [(type(m), m.req) for m in out] == [(Reject, 2), (Reject, 3), (Reject, 4)]
     assert all("expired" in m.reason for m in out)
     assert server.store.get(NAME).tolist() == [1.0]
     assert NAME in server.store
@@ -98,31 +107,28 @@ def test_an_expired_put_is_refused_and_changes_nothing(tmp_path):
 
 def test_expired_writes_that_wait_are_dropped_and_the_plain_ones_applied(tmp_path):
     server = _server(tmp_path)
-    _send(server, [Message(Op.PUT, NAME, req=1, data=np.array([1.0]))])
+    _send(server, [Put(NAME, 1, 0.0, np.array([1.0]))])
     out = _send(server, [_run([0, 5, 0], [2.0, 3.0, 4.0], time.time() - 1)])
     # The dropped one is refused, then the PV as the shard holds it, for the mirror.
-    assert [(m.op, m.req) for m in out] == [(Op.REJECT, 5), (Op.UPDATE, 0)]
-    assert out[1].info.get("restate") == 1
+    assert [(type(m), m.req) for m in out] == [(Reject, 5), (Update, 0)]
+    assert out[1].reset
     assert server.store.get(NAME).tolist() == [1.0, 2.0, 4.0]
     # A WRITE of an array, alone: the same.
-    late = Message(Op.WRITE, NAME, req=6, info={"expires": time.time() - 1},
-                   data=np.array([5.0, 6.0]))  # fmt: skip
-    assert [m.op for m in _send(server, [late])] == [Op.REJECT, Op.UPDATE]
+    late = Write(NAME, 6, 0.0, np.array([5.0, 6.0]), expires=time.time() - 1)
+    assert [type(m) for m in _send(server, [late])] == [Reject, Update]
     assert server.store.get(NAME).tolist() == [1.0, 2.0, 4.0]
 
 
 def test_a_write_within_its_expiry_is_applied(tmp_path):
     server = _server(tmp_path)
-    _send(server, [Message(Op.PUT, NAME, req=1, data=np.array([1.0]))])
+    _send(server, [Put(NAME, 1, 0.0, np.array([1.0]))])
     out = _send(server, [_run([0, 5], [2.0, 3.0], time.time() + 60)])
-    assert [(m.op, m.req) for m in out] == [(Op.ACK, 5)]
+    assert [(type(m), m.req) for m in out] == [(Ack, 5)]
     assert server.store.get(NAME).tolist() == [1.0, 2.0, 3.0]
 
 
-def test_hello_and_ping_never_expire(tmp_path):
-    server = _server(tmp_path)
-    out = _send(server, [Message(Op.PING, req=9, info={"expires": 1.0})])
-    assert [m.op for m in out] == [Op.PONG]
+def test_hello_and_ping_never_expire():
+    assert not hasattr(Ping(9), "expires") and not hasattr(Hello(9), "expires")
 
 
 # -- the token -----------------------------------------------------------------------
@@ -130,17 +136,17 @@ def test_hello_and_ping_never_expire(tmp_path):
 
 def test_a_peer_is_served_only_after_a_hello_with_the_token(tmp_path):
     server = _server(tmp_path, token="s3cret")
-    put = Message(Op.PUT, NAME, req=2, data=np.array([1.0]))
+    put = Put(NAME, 2, 0.0, np.array([1.0]))
     assert _send(server, [put], peer=b"x") == []
-    out = _send(server, [Message(Op.HELLO, req=3, info={"token": "guess"})], peer=b"x")
-    assert [m.op for m in out] == [Op.REJECT]
+    out = _send(server, [Hello(3, token="guess")], peer=b"x")
+    assert [type(m) for m in out] == [Reject]
     assert _send(server, [put], peer=b"x") == []
     assert NAME not in server.store
-    out = _send(server, [Message(Op.HELLO, req=4, info={"token": "s3cret"}), put], peer=b"b")
-    assert [m.op for m in out] == [Op.SNAPSHOT_BEGIN, Op.SNAPSHOT_END, Op.UPDATE]
+    out = _send(server, [Hello(4, token="s3cret"), put], peer=b"b")
+    assert [type(m) for m in out] == [SnapshotBegin, SnapshotEnd, Update]
     # Admitted once, served from then on; another peer still is not.
-    assert [m.op for m in _send(server, [Message(Op.PING, req=5)], peer=b"b")] == [Op.PONG]
-    assert _send(server, [Message(Op.PING, req=6)], peer=b"y") == []
+    assert [type(m) for m in _send(server, [Ping(5)], peer=b"b")] == [Pong]
+    assert _send(server, [Ping(6)], peer=b"y") == []
 
 
 # -- the run lock ----------------------------------------------------------------------
@@ -200,17 +206,16 @@ def test_processes_started_alone_share_one_token_file(tmp_path):
 
 def test_a_broker_that_says_hello_again_fences_its_earlier_connection(tmp_path):
     server = _server(tmp_path, token="s3cret")
-    hello = {"token": "s3cret", "broker": "b1"}
-    _send(server, [Message(Op.HELLO, req=1, info=hello)], peer=b"old")
-    _send(server, [Message(Op.PUT, NAME, req=2, data=np.array([1.0]))], peer=b"old")
-    _send(server, [Message(Op.HELLO, req=3, info=hello)], peer=b"new")
+    _send(server, [Hello(1, "s3cret", "b1")], peer=b"old")
+    _send(server, [Put(NAME, 2, 0.0, np.array([1.0]))], peer=b"old")
+    _send(server, [Hello(3, "s3cret", "b1")], peer=b"new")
     # What the old connection still brings: requests refused, plain WRITEs dropped.
-    late = [_run([0, 4], [2.0, 3.0], 0.0), Message(Op.DELETE, NAME, req=5)]
+    late = [_run([0, 4], [2.0, 3.0], 0.0), Delete(NAME, 5)]
     out = _send(server, late, peer=b"old")
-    assert [(m.op, m.req) for m in out] == [(Op.REJECT, 4), (Op.REJECT, 5)]
+    assert [(type(m), m.req) for m in out] == [(Reject, 4), (Reject, 5)]
     assert server.store.get(NAME).tolist() == [1.0]
     # Another broker's connection is not fenced by it.
-    _send(server, [Message(Op.HELLO, req=6, info={**hello, "broker": "b2"})], peer=b"other")
+    _send(server, [Hello(6, "s3cret", "b2")], peer=b"other")
     out = _send(server, [_run([7], [4.0], 0.0)], peer=b"new")
-    assert [(m.op, m.req) for m in out] == [(Op.ACK, 7)]
-    assert [m.op for m in _send(server, [Message(Op.PING, req=8)], peer=b"other")] == [Op.PONG]
+    assert [(type(m), m.req) for m in out] == [(Ack, 7)]
+    assert [type(m) for m in _send(server, [Ping(8)], peer=b"other")] == [Pong]

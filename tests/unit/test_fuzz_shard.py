@@ -1,8 +1,8 @@
 """Fuzzing the shard's message handler (``ShardServer.handle``) with hypothesis.
 
-No socket: each message goes straight into ``handle(peer, frames)``, the
-replies collect in ``server._out`` as the serve loop would send them after
-``_commit``.  Whatever arrives — random bytes, headers with random fields,
+No socket: each message goes straight into ``handle(peer, frames)`` as a batch of its
+own, the replies collect in ``server._out`` as the serve loop would send them after
+``_commit``.  Whatever arrives — random bytes, batch entries with random fields,
 well-formed messages with random names, dtypes, sizes and field values —
 
 - ``handle`` and ``_commit`` never raise;
@@ -31,8 +31,23 @@ from hypothesis.extra import numpy as hnp
 
 from carelay.common.config import load_config
 from carelay.common.fields import FIELDS, FieldResolver, clip_to_drive_limits
+from carelay.common.messages import (
+    KINDS,
+    Ack,
+    Delete,
+    Deleted,
+    FieldChanged,
+    Hello,
+    Message,
+    Ping,
+    Put,
+    Reject,
+    SetField,
+    Update,
+    Write,
+)
 from carelay.common.naming import parse_pv_name
-from carelay.common.protocol import PROTOCOL_TAG, Message, Op, decode, encode
+from carelay.common.protocol import BATCH_TAG, WRITE_RUN, decode_batch, encode_batch
 from carelay.shard.persist import ShardDatabase
 from carelay.shard.server import ShardServer
 from carelay.shard.store import ShardStore
@@ -100,71 +115,51 @@ _values = st.recursive(
     ),
     max_leaves=4,
 )
-_field_info = st.fixed_dictionaries(
-    {
-        "field": st.one_of(
-            st.sampled_from([*FIELDS, "VAL", "RES", "BOGUS", ""]), _int64, st.none()
-        ),
-        "value": _values,
-    }
+_field_names = st.sampled_from([*FIELDS, "VAL", "RES", "BOGUS", ""])
+_arrays = st.sampled_from(DTYPES).flatmap(
+    lambda dt: hnp.arrays(np.dtype(dt), st.integers(min_value=0, max_value=MAX_ELEMENTS + 4))
 )
-_info = st.one_of(
-    _field_info, st.dictionaries(st.text(max_size=8), _values, max_size=3), st.just({})
-)
-_arrays = st.one_of(
-    st.none(),
-    st.sampled_from(DTYPES).flatmap(
-        lambda dt: hnp.arrays(np.dtype(dt), st.integers(min_value=0, max_value=MAX_ELEMENTS + 4))
-    ),
-)
-_ops = st.one_of(
-    st.sampled_from([Op.PUT, Op.PUT, Op.WRITE, Op.SET_FIELD, Op.DELETE]),
-    st.sampled_from(list(Op)),
-)
-_valid_messages = st.builds(
-    Message,
-    op=_ops,
-    name=_names,
-    req=_uint,
-    seq=_uint,
-    epoch=_uint,
-    stamp=st.floats(allow_nan=False),
-    length=_uint,
-    reason=st.text(max_size=20),
-    info=_info,
-    data=_arrays,
-).map(lambda msg: [bytes(f) for f in encode(msg)])
+_floats = st.floats(allow_nan=False)
+#: Requests a broker sends, and now and then a message only a shard sends.
+_valid_messages = st.one_of(
+    st.builds(Put, _names, _uint, _floats, _arrays, st.booleans(), _floats),
+    st.builds(Put, _names, _uint, _floats, _arrays),
+    st.builds(Write, _names, _uint, _floats, _arrays),
+    st.builds(SetField, _names, _uint, _field_names, _values),
+    st.builds(Delete, _names, _uint),
+    st.builds(Hello, _uint, st.text(max_size=8), st.text(max_size=8)),
+    st.builds(Ping, _uint),
+    st.builds(Reject, _uint, _names, st.text(max_size=20)),
+    st.builds(Ack, _names, _uint, _uint),
+).map(lambda msg: [bytes(f) for f in encode_batch([msg])])
 
 
-def _header_frames(draw) -> list[bytes]:
-    """A tag and a header list whose fields are drawn at random, one by one, and
-    sometimes a data frame of a size that may or may not fit the header."""
+def _entry_frames(draw) -> list[bytes]:
+    """A batch of one entry whose fields are drawn at random, one by one, and sometimes
+    a data frame of a size that may or may not fit it."""
+    kind = draw(st.one_of(st.sampled_from([*KINDS, WRITE_RUN]), _values))
+    dtype = draw(st.one_of(st.sampled_from([*DTYPES, "", ">f8", "O", "<f4"]), _values))
+    count = draw(
+        st.one_of(
+            st.integers(min_value=-2, max_value=MAX_ELEMENTS + 4),
+            st.sampled_from([10**8, 10**8 + 1, 2**40, 2**63]),
+            _values,
+        )
+    )
+    data = [dtype, count, draw(st.one_of(st.none(), st.binary(max_size=64)))]
     fields = [
-        draw(st.one_of(st.sampled_from([int(op) for op in Op]), _values)),
-        draw(st.one_of(_names, _values)),
-        draw(st.one_of(_uint, _values)),
-        draw(st.one_of(_uint, _values)),
-        draw(st.one_of(_uint, _values)),
-        draw(st.one_of(st.floats(), _values)),
-        draw(st.one_of(_uint, _values)),
-        draw(st.one_of(st.text(max_size=10), _values)),
-        draw(st.one_of(_info, _values)),
-        draw(st.one_of(st.sampled_from([*DTYPES, "", ">f8", "O", "<f4"]), _values)),
-        draw(
-            st.one_of(
-                st.integers(min_value=-2, max_value=MAX_ELEMENTS + 4),
-                st.sampled_from([10**8, 10**8 + 1, 2**40, 2**63]),
-                _values,
+        kind,
+        *draw(
+            st.lists(
+                st.one_of(_names, _uint, _floats, st.booleans(), _values, st.just(data)),
+                max_size=10,
             )
         ),
     ]
-    if draw(st.booleans()):
-        fields = draw(st.lists(_values, max_size=12))
     frames = [
-        draw(st.sampled_from([PROTOCOL_TAG, PROTOCOL_TAG, b"CRL2", b"", b"crl1"])),
-        msgpack.packb(fields, use_bin_type=True),
+        draw(st.sampled_from([BATCH_TAG, BATCH_TAG, b"CRB1", b"", b"crb2"]))
+        + msgpack.packb([fields], use_bin_type=True)
     ]
-    dtype, count = fields[9] if len(fields) > 9 else None, fields[10] if len(fields) > 10 else 0
     if draw(st.booleans()):
         if dtype in DTYPES and isinstance(count, int) and 0 <= count <= 64 and draw(st.booleans()):
             size = count * np.dtype(dtype).itemsize
@@ -175,29 +170,26 @@ def _header_frames(draw) -> list[bytes]:
 
 
 #: Well-formed requests aimed at the stored PVs: the ones most likely to change them.
-_aimed_messages = st.builds(
-    Message,
-    op=st.sampled_from([Op.PUT, Op.WRITE, Op.WRITE, Op.SET_FIELD, Op.SET_FIELD, Op.DELETE]),
-    name=st.sampled_from(list(SEED)),
-    req=_uint,
-    info=st.fixed_dictionaries(
-        {
-            "field": st.sampled_from([*FIELDS, "VAL"]),
-            "value": st.one_of(_special, _special, _scalars),
-        }
-    ),
-    data=_arrays,
-).map(lambda msg: [bytes(f) for f in encode(msg)])
+_seeded_names = st.sampled_from(list(SEED))
+_aimed_values = st.one_of(_special, _special, _scalars)
+_aimed_messages = st.one_of(
+    st.builds(Put, _seeded_names, _uint, _floats, _arrays),
+    st.builds(Write, _seeded_names, _uint, _floats, _arrays),
+    st.builds(Write, _seeded_names, _uint, _floats, _arrays),
+    st.builds(SetField, _seeded_names, _uint, st.sampled_from([*FIELDS, "VAL"]), _aimed_values),
+    st.builds(SetField, _seeded_names, _uint, st.sampled_from([*FIELDS, "VAL"]), _aimed_values),
+    st.builds(Delete, _seeded_names, _uint),
+).map(lambda msg: [bytes(f) for f in encode_batch([msg])])
 _random_frames = st.lists(st.binary(max_size=64), max_size=4)
 _messages = st.one_of(
     _random_frames,
-    st.composite(lambda draw: _header_frames(draw))(),
+    st.composite(lambda draw: _entry_frames(draw))(),
     _valid_messages,
     _aimed_messages,
     # a valid message cut short or with a frame too many
     _valid_messages.flatmap(
         lambda frames: st.sampled_from(
-            [frames[:1], frames[:2], [*frames, b"extra"], [frames[0], frames[1][:-1], *frames[2:]]]
+            [frames[:0], [frames[0][:-1]], [*frames, b"extra"], [frames[0] + b"\x00"]]
         )
     ),
 )
@@ -218,13 +210,12 @@ def _seeded(data_dir: Path, db: ShardDatabase | None = None) -> ShardServer:
     server = ShardServer(_config(data_dir), 0, db=db)
     server.load()
     for k, (name, value) in enumerate(SEED.items(), start=1):
-        server.handle(b"seed", encode(Message(Op.PUT, name, req=k, data=value)))
+        server.handle(b"seed", encode_batch([Put(name, k, 0.0, value)]))
     for name, stored in SEED_FIELDS.items():
         for field, value in stored.items():
-            msg = Message(Op.SET_FIELD, name, req=99, info={"field": field, "value": value})
-            server.handle(b"seed", encode(msg))
+            server.handle(b"seed", encode_batch([SetField(name, 99, field, value)]))
     server._commit()
-    assert all(msg.op in (Op.UPDATE, Op.FIELD) for _, msg in server._out), server._out
+    assert all(type(msg) in (Update, FieldChanged) for _, msg in server._out), server._out
     server._out.clear()
     return server
 
@@ -242,7 +233,7 @@ def _apply_put(model: dict, name: str, spec, data: np.ndarray, reset: bool = Fal
         model[name] = data.copy()
 
 
-def _replay_write(model: dict, fields: dict, msg: Message) -> None:
+def _replay_write(model: dict, fields: dict, msg: Write) -> None:
     """Apply a WRITE the shard took without a word (it answers only a refusal or an ACK)."""
     assert msg.name in model, f"WRITE to {msg.name}, which does not exist, taken"
     spec = _spec(msg.name)
@@ -252,32 +243,35 @@ def _replay_write(model: dict, fields: dict, msg: Message) -> None:
     _apply_put(model, msg.name, spec, data)
 
 
-def _replay(model: dict, fields: dict, msg: Message) -> None:
-    """Apply one acknowledgement of the shard to the model of its store."""
-    if msg.info.get("restate"):
+def _replay(model: dict, fields: dict, msg: Message, restate: bool) -> None:
+    """Apply one acknowledgement of the shard to the model of its store (``restate``: it
+    follows the refusal of a WRITE)."""
+    if restate:
         # After a refused WRITE: how the PV stands, which the model must agree with.
-        if msg.op is Op.DELETED:
+        if type(msg) is Deleted:
+            assert msg.restate, msg
             assert msg.name not in model, f"{msg.name} restated as gone, but it exists"
         else:
-            assert msg.op is Op.UPDATE and msg.name in model, msg
+            assert type(msg) is Update and msg.name in model and msg.req == 0, msg
             assert model[msg.name].tobytes() == msg.data.tobytes(), (msg, model[msg.name])
         return
-    if msg.op is Op.UPDATE:
+    if type(msg) is Update:
         spec = _spec(msg.name)
         before = model.get(msg.name)
-        if msg.info.get("created"):
+        if msg.created:
             assert before is None, f"{msg.name} created twice"
             fields[msg.name] = {}
         else:
             assert before is not None, f"UPDATE of {msg.name}, which does not exist"
-        _apply_put(model, msg.name, spec, msg.data, bool(msg.info.get("reset")))
-    elif msg.op is Op.DELETED:
+        _apply_put(model, msg.name, spec, msg.data, msg.reset)
+    elif type(msg) is Deleted:
+        assert not msg.restate, msg
         assert msg.name in model, f"DELETED {msg.name}, which does not exist"
         del model[msg.name]
         del fields[msg.name]
-    elif msg.op is Op.FIELD:
+    elif type(msg) is FieldChanged:
         assert msg.name in model, f"FIELD of {msg.name}, which does not exist"
-        fields[msg.name][msg.info["field"]] = msg.info["value"]
+        fields[msg.name][msg.field] = msg.value
 
 
 def _feed(server: ShardServer, batches: list) -> None:
@@ -288,15 +282,20 @@ def _feed(server: ShardServer, batches: list) -> None:
     last_seq = server.store.seq
     for batch in batches:
         # WRITEs taken silently, by the number of replies that came before them.
-        writes: dict[int, list[Message]] = {}
+        writes: dict[int, list[Write]] = {}
+        # The replies that restate a PV after a refused WRITE, by their place.
+        restated: set[int] = set()
         for frames in batch:
             start = len(server._out)
             server.handle(b"fuzzer", frames)
             with contextlib.suppress(Exception):
-                msg = decode(frames)
-                replies = [m.op for _, m in server._out[start:]]
-                if msg.op is Op.WRITE and Op.REJECT not in replies:
-                    writes.setdefault(start, []).append(msg)
+                (msg,) = decode_batch(frames)
+                replies = [type(m) for _, m in server._out[start:]]
+                if type(msg) is Write:
+                    if Reject in replies:
+                        restated.add(start + replies.index(Reject) + 1)
+                    else:
+                        writes.setdefault(start, []).append(msg)
         server._commit()
         for k, (_, msg) in enumerate([*server._out, (None, None)]):
             for write in writes.get(k, ()):
@@ -304,15 +303,17 @@ def _feed(server: ShardServer, batches: list) -> None:
             if msg is None:
                 break
             # What the serve loop would send must be a message the broker can read.
-            again = decode([bytes(f) for f in encode(msg)])
-            assert again.op is msg.op and again.name == msg.name
-            if msg.op in (Op.UPDATE, Op.DELETED, Op.FIELD):
-                if msg.info.get("restate"):
+            (again,) = decode_batch([bytes(f) for f in encode_batch([msg])])
+            assert type(again) is type(msg)
+            assert getattr(again, "name", None) == getattr(msg, "name", None)
+            if type(msg) in (Update, Deleted, FieldChanged):
+                restate = k in restated
+                if restate:
                     assert msg.seq >= last_seq, (msg, last_seq)
                 else:
                     assert msg.seq > last_seq, (msg, last_seq)
                     last_seq = msg.seq
-                _replay(model, fields, msg)
+                _replay(model, fields, msg, restate)
         server._out.clear()
     store = server.store
     assert sorted(store.names()) == sorted(model)
@@ -340,7 +341,7 @@ def test_handler_never_raises_and_changes_only_what_it_acknowledges(batches):
         for batch in batches:
             for frames in batch:
                 with contextlib.suppress(Exception):
-                    acked.add(decode(frames).name)
+                    acked.add(decode_batch(frames)[0].name)
         for name, (value, stored) in before.items():
             if name not in acked:
                 assert server.store.get(name).tobytes() == value.tobytes(), name
@@ -399,13 +400,13 @@ def test_every_field_with_edge_values_to_every_pv(tmp_path):
     then a delete and a re-creation: exhaustively, where the fuzzing only samples."""
     server = _seeded(tmp_path)
     batch = [
-        encode(Message(Op.SET_FIELD, name, req=1, info={"field": field, "value": value}))
+        encode_batch([SetField(name, 1, field, value)])
         for name in [*SEED, "F:new_f1"]
         for field in [*FIELDS, "VAL", "BOGUS", ""]
         for value in EDGE_VALUES
     ]
-    batch += [encode(Message(Op.DELETE, "F:a_f1", req=2))]
-    batch += [encode(Message(Op.PUT, "F:a_f1", req=3, data=np.array([float("nan")])))]
+    batch += [encode_batch([Delete("F:a_f1", 2)])]
+    batch += [encode_batch([Put("F:a_f1", 3, 0.0, np.array([float("nan")]))])]
     _feed(server, [batch])
     assert np.isnan(server.store.get("F:a_f1")[0])
     assert server.store.fields("F:a_f1") == {}
@@ -415,38 +416,42 @@ def test_known_bad_messages_are_dropped_and_change_nothing(tmp_path, caplog):
     """A few hand-made cases, so that a failure says plainly what broke."""
     server = _seeded(tmp_path)
     before = {name: server.store.get(name).copy() for name in SEED}
+
+    def put(data) -> bytes:
+        return msgpack.packb([[Put.KIND, "F:a_f1", 1, 0.0, data, False, 0.0]])
+
     bad = [
         [b"\x00\x01garbage"],
-        [PROTOCOL_TAG],
-        [b"CRL2", msgpack.packb([2, "F:a_f1", 1, 0, 0, 0.0, 0, "", {}, "<f8", 1]), b"\0" * 8],
-        [PROTOCOL_TAG, msgpack.packb([2, "F:a_f1", 1, 0, 0, 0.0, 0, "", {}, "<f8", 10**8])],
-        [PROTOCOL_TAG, msgpack.packb([2, "F:a_f1", 1, 0, 0, 0.0, 0, "", {}, "<f8", 2**40]), b"x"],
-        [PROTOCOL_TAG, msgpack.packb([2, "F:a_f1", 1, 0, 0, 0.0, 0, "", {}, "<f8", 1]), b"\0" * 7],
-        [PROTOCOL_TAG, b"\xc1"],
+        [BATCH_TAG],
+        [b"CRB1" + put(["<f8", 1, None]), b"\0" * 8],
+        [BATCH_TAG + put(["<f8", 10**8, None])],
+        [BATCH_TAG + put(["<f8", 2**40, None]), b"x"],
+        [BATCH_TAG + put(["<f8", 1, None]), b"\0" * 7],
+        [BATCH_TAG + put(None)],  # a put without data
+        [BATCH_TAG + b"\xc1"],
     ]
     for frames in bad:
         server.handle(b"fuzzer", frames)
     assert caplog.text.count("dropped a malformed message") == len(bad)
     # Well-formed requests that the store must refuse.
     refused = [
-        Message(Op.PUT, "F:a_f1", req=1, data=np.array([1, 2], dtype="<i4")),  # wrong dtype
-        Message(Op.PUT, "F:b_f4", req=2, data=np.arange(5.0)),  # more than count
-        Message(Op.PUT, "F:a_f1", req=3, data=np.zeros(0)),  # no elements
-        Message(Op.PUT, "F:a_f1", req=4),  # no data at all
-        Message(Op.SET_FIELD, "F:a_f1", req=5, info={"field": "PREC", "value": float("inf")}),
-        Message(Op.SET_FIELD, "F:a_f1", req=6, info={"field": "PREC", "value": float("nan")}),
-        Message(Op.SET_FIELD, "F:a_f1", req=7, info={"field": "HHSV", "value": float("-inf")}),
-        Message(Op.SET_FIELD, "F:a_f1", req=8, info={"field": "HIHI", "value": "high"}),
-        Message(Op.SET_FIELD, "F:d_c10", req=9, info={"field": "HIHI", "value": 1.0}),
-        Message(Op.SET_FIELD, "F:a_f1", req=10, info={"field": "NELM", "value": 3}),
-        Message(Op.DELETE, "F:nothing_f1", req=11),
-        Message(Op.PUT, "F:big_f17", req=12, data=np.zeros(1)),
+        Put("F:a_f1", 1, 0.0, np.array([1, 2], dtype="<i4")),  # wrong dtype
+        Put("F:b_f4", 2, 0.0, np.arange(5.0)),  # more than count
+        Put("F:a_f1", 3, 0.0, np.zeros(0)),  # no elements
+        SetField("F:a_f1", 5, "PREC", float("inf")),
+        SetField("F:a_f1", 6, "PREC", float("nan")),
+        SetField("F:a_f1", 7, "HHSV", float("-inf")),
+        SetField("F:a_f1", 8, "HIHI", "high"),
+        SetField("F:d_c10", 9, "HIHI", 1.0),
+        SetField("F:a_f1", 10, "NELM", 3),
+        Delete("F:nothing_f1", 11),
+        Put("F:big_f17", 12, 0.0, np.zeros(1)),
     ]
     for msg in refused:
-        server.handle(b"fuzzer", encode(msg))
+        server.handle(b"fuzzer", encode_batch([msg]))
     server._commit()
     replies = [msg for _, msg in server._out]
-    assert [m.op for m in replies] == [Op.REJECT] * len(refused), replies
+    assert [type(m) for m in replies] == [Reject] * len(refused), replies
     assert [m.req for m in replies] == [m.req for m in refused]
     for name, value in before.items():
         assert server.store.get(name).tobytes() == value.tobytes(), name

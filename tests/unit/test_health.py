@@ -24,6 +24,7 @@ from carelay.broker.health import (
 from carelay.broker.metrics import HealthCollector
 from carelay.common.config import ERROR_LINE_MAX, ERRORS_KEPT, SHARD_FAILING_RESTARTS
 from carelay.common.histogram import Histogram
+from carelay.common.messages import Pong
 from carelay.common.naming import InvalidPvName, parse_pv_name
 
 
@@ -140,8 +141,7 @@ def test_the_collector_says_what_the_snapshot_holds():
     h.puts, h.creations = 7, 3
     h.refused("limit", "max_pvs reached", "P:x_f1")
     h.put_callback.observe(0.002)
-    h.shards[0].update({"pid": os.getpid(), "puts": 5, "store_bytes": 4096, "saved_at": 1.0})
-    h.shards[1].update({"pid": "junk", "flush": {"bad": 1}})
+    h.shards[0].update(Pong(1, 2, 3, "", os.getpid(), 5, 1.0, {"bad": 1}, 4096))
     h.sample(_Broker(), 100.0)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HealthCollector(h))

@@ -11,7 +11,7 @@ import pytest
 
 from carelay.broker.requests import Requests
 from carelay.common.config import PUT_RECONNECT_GRACE, PUT_TIMEOUT
-from carelay.common.protocol import Message, Op
+from carelay.common.messages import Write
 
 
 class Link:
@@ -132,7 +132,7 @@ def test_requests_that_cannot_be_sent_fail_and_lost_writes_mark_the_link(setup):
     requests, links, errors = setup
     pv, notify = PV("a"), Notify()
     req, _ = requests.expect(0, pv, "a", notify, None)
-    links[0].unsent = [Message(Op.WRITE, "a", req=req, stamp=1.0, data=np.array([1.0]))]
+    links[0].unsent = [Write("a", req, 1.0, np.array([1.0]))]
     requests.send(links[0])
     assert notify.results == [False] and links[0].lost_writes
     assert requests.in_flight(pv) == 0 and errors[-1][0] == "shard_down"

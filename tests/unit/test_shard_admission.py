@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from carelay.common.protocol import Message, Op, WriteRun
+from carelay.common.messages import Delete, Hello, Message, Ping, Reject
+from carelay.common.protocol import WriteRun
 from carelay.shard.admission import Admission
 
 NAME = "U:a_f1"
@@ -16,17 +17,17 @@ def _admission(token: str | None = "s3cret") -> tuple[Admission, list]:
     return Admission(token, lambda peer, msg: replies.append((peer, msg))), replies
 
 
-def _hello(req: int, token: str = "s3cret", broker: str = "b1") -> Message:
-    return Message(Op.HELLO, req=req, info={"token": token, "broker": broker})
+def _hello(req: int, token: str = "s3cret", broker: str = "b1") -> Hello:
+    return Hello(req, token, broker)
 
 
 def test_a_peer_is_served_once_its_hello_presents_the_token():
     admission, replies = _admission()
-    assert not admission.admit(b"p", [Message(Op.PING, req=1)])
+    assert not admission.admit(b"p", [Ping(1)])
     assert replies == []  # not a HELLO: dropped unanswered
     assert not admission.admit(b"p", [_hello(2, token="wrong")])
     ((peer, reject),) = replies
-    assert peer == b"p" and reject.op is Op.REJECT and reject.req == 2
+    assert peer == b"p" and type(reject) is Reject and reject.req == 2
     assert "not a broker of this relay" in reject.reason
     assert b"p" not in admission
     assert admission.admit(b"p", [_hello(3)])
@@ -35,7 +36,7 @@ def test_a_peer_is_served_once_its_hello_presents_the_token():
 
 def test_without_a_token_every_peer_is_served():
     admission, replies = _admission(token=None)
-    assert admission.admit(b"p", [Message(Op.PING, req=1)])
+    assert admission.admit(b"p", [Ping(1)])
     assert b"p" in admission and replies == []
 
 
@@ -47,13 +48,10 @@ def test_a_second_hello_of_a_broker_fences_its_earlier_connection():
     run = WriteRun(np.dtype("<f8"))
     run.add(NAME, 0, 1.0, np.array([1.0]))
     run.add(NAME, 4, 1.0, np.array([2.0]))
-    late = [run, Message(Op.DELETE, NAME, req=5), Message(Op.PING, req=6)]
+    late = [run, Delete(NAME, 5), Ping(6)]
     assert not admission.admit(b"old", late)
     # Requests that wait for an answer are refused; a plain WRITE and a PING are not answered.
-    assert [(p, m.op, m.req) for p, m in replies] == [
-        (b"old", Op.REJECT, 4),
-        (b"old", Op.REJECT, 5),
-    ]
+    assert [(p, type(m), m.req) for p, m in replies] == [(b"old", Reject, 4), (b"old", Reject, 5)]
     assert all(m.reason == "sent before the broker reconnected" for _, m in replies)
     # Another broker's connection is not fenced by it.
     assert admission.admit(b"other", [_hello(7, broker="b2")])

@@ -11,14 +11,18 @@ import pytest
 import zmq
 
 from carelay.common.config import load_config
-from carelay.common.protocol import (
-    BATCH_TAG,
+from carelay.common.messages import (
+    Ack,
+    Delete,
+    Deleted,
     Message,
-    Op,
-    decode_batch,
-    encode,
-    encode_batch,
+    Put,
+    Reject,
+    SetField,
+    Update,
+    Write,
 )
+from carelay.common.protocol import BATCH_TAG, decode_batch, encode_batch
 from carelay.shard.persist import ShardDatabase
 from carelay.shard.server import ShardServer
 
@@ -34,7 +38,7 @@ def _server(data_dir: Path, with_db: bool = True) -> ShardServer:
 
 
 def _put(server: ShardServer, name: str, value, req: int = 1) -> None:
-    server.handle(b"b", encode(Message(Op.PUT, name, req=req, data=np.asarray(value))))
+    server.handle(b"b", encode_batch([Put(name, req, 0.0, np.asarray(value))]))
     server._commit()
     server._out.clear()
 
@@ -66,10 +70,8 @@ def test_a_batch_is_applied_in_order_and_answered_in_one_batch(tmp_path):
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(server.endpoint)
     try:
-        puts = [
-            Message(Op.PUT, f"{PREFIX}a_F5", req=k, data=np.array([float(k)])) for k in range(1, 8)
-        ]
-        puts.append(Message(Op.PUT, f"{PREFIX}b_f1", req=8, data=np.zeros(3)))  # too many
+        puts = [Put(f"{PREFIX}a_F5", k, 0.0, np.array([float(k)])) for k in range(1, 8)]
+        puts.append(Put(f"{PREFIX}b_f1", 8, 0.0, np.zeros(3)))  # too many
         dealer.send_multipart(encode_batch(puts))
         assert server.serve_once(timeout_ms=5000) >= len(puts)
         assert dealer.poll(5000)
@@ -77,7 +79,7 @@ def test_a_batch_is_applied_in_order_and_answered_in_one_batch(tmp_path):
         assert len(frames) == 1 and frames[0].startswith(BATCH_TAG)
         replies = decode_batch(frames)
         assert [m.req for m in replies] == list(range(1, 9))
-        assert [m.op for m in replies] == [Op.UPDATE] * 7 + [Op.REJECT]
+        assert [type(m) for m in replies] == [Update] * 7 + [Reject]
         assert [m.seq for m in replies[:7]] == sorted(m.seq for m in replies[:7])
         # A buffer of 5 keeps the newest five appends, in order.
         assert server.store.get(f"{PREFIX}a_F5").tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
@@ -89,7 +91,7 @@ def test_a_batch_is_applied_in_order_and_answered_in_one_batch(tmp_path):
 def test_a_malformed_batch_changes_nothing(tmp_path, caplog):
     server = _server(tmp_path, with_db=False)
     _put(server, f"{PREFIX}a_f1", [1.0])
-    good = Message(Op.PUT, f"{PREFIX}a_f1", req=2, data=np.array([2.0]))
+    good = Put(f"{PREFIX}a_f1", 2, 0.0, np.array([2.0]))
     frames = [bytes(f) for f in encode_batch([good, good])]
     frames[0] = frames[0][:-3]  # a torn header
     assert server.handle(b"b", frames) == 0
@@ -149,10 +151,10 @@ def test_a_deletion_after_a_flush_in_flight_stays_deleted(server, monkeypatch):
     _put(server, name, [2.0])
     go = _held(server, monkeypatch)
     assert server.autosave.flush_soon() == 1
-    server.handle(b"b", encode(Message(Op.DELETE, name, req=5)))
+    server.handle(b"b", encode_batch([Delete(name, 5)]))
     threading.Timer(0.2, go.set).start()
     server._commit()  # waits for the older write, then deletes
-    assert [m.op for _, m in server._out] == [Op.DELETED]
+    assert [type(m) for _, m in server._out] == [Deleted]
     server.autosave.collect(wait=True)
     assert _saved(server) == {}
 
@@ -192,7 +194,7 @@ def test_a_write_is_applied_silently_with_the_brokers_stamp(server):
     name = f"{PREFIX}a_f1"
     _put(server, name, [1.0])
     seq = server.store.seq
-    assert _handle(server, Message(Op.WRITE, name, stamp=1234.5, data=np.array([2.5]))) == []
+    assert _handle(server, Write(name, 0, 1234.5, np.array([2.5]))) == []
     assert server.store.get(name).tolist() == [2.5]
     assert server.store.stamp(name) == 1234.5
     assert server.store.seq == seq + 1
@@ -202,26 +204,26 @@ def test_a_write_is_applied_silently_with_the_brokers_stamp(server):
 def test_a_write_with_a_request_number_is_acknowledged(server):
     name = f"{PREFIX}a_F3"
     _put(server, name, [1.0])
-    out = _handle(server, Message(Op.WRITE, name, req=7, stamp=1.0, data=np.array([2.0, 3.0])))
-    assert [(m.op, m.name, m.req, m.seq) for m in out] == [(Op.ACK, name, 7, server.store.seq)]
+    out = _handle(server, Write(name, 7, 1.0, np.array([2.0, 3.0])))
+    assert [(type(m), m.name, m.req, m.seq) for m in out] == [(Ack, name, 7, server.store.seq)]
     assert server.store.get(name).tolist() == [1.0, 2.0, 3.0]
 
 
 def test_a_write_is_clipped_as_a_put_is(server):
     name = f"{PREFIX}a_f1"
     _put(server, name, [1.0])
-    _handle(server, Message(Op.SET_FIELD, name, req=2, info={"field": "DRVH", "value": 5.0}))
-    _handle(server, Message(Op.WRITE, name, stamp=1.0, data=np.array([9.0])))
+    _handle(server, SetField(name, 2, "DRVH", 5.0))
+    _handle(server, Write(name, 0, 1.0, np.array([9.0])))
     assert server.store.get(name).tolist() == [5.0]
 
 
 def test_a_write_never_creates_a_pv(server, caplog):
     name = f"{PREFIX}gone_f1"
-    out = _handle(server, Message(Op.WRITE, name, req=3, stamp=1.0, data=np.array([1.0])))
-    assert [m.op for m in out] == [Op.REJECT, Op.DELETED]
+    out = _handle(server, Write(name, 3, 1.0, np.array([1.0])))
+    assert [type(m) for m in out] == [Reject, Deleted]
     assert out[0].req == 3 and "no PV named" in out[0].reason
     # The DELETED restates that the PV does not exist, for the broker's mirror: no change.
-    assert out[1].name == name and out[1].info == {"restate": 1}
+    assert out[1].name == name and out[1].restate
     assert out[1].seq == server.store.seq
     assert name not in server.store
     assert "refused put" in caplog.text
@@ -233,20 +235,20 @@ def test_a_refused_write_restates_the_pv_as_it_is(server):
     seq = server.store.seq
     stamp = server.store.stamp(name)
     # Three elements for a PV of two: refused, and the value the shard holds goes back.
-    out = _handle(server, Message(Op.WRITE, name, stamp=99.0, data=np.zeros(3)))
-    assert [m.op for m in out] == [Op.REJECT, Op.UPDATE]
+    out = _handle(server, Write(name, 0, 99.0, np.zeros(3)))
+    assert [type(m) for m in out] == [Reject, Update]
     update = out[1]
     assert update.req == 0 and update.seq == seq
-    assert update.info == {"reset": 1, "restate": 1}
+    assert update.reset and update.req == 0 and not update.created
     assert update.data.tolist() == [1.0, 2.0] and update.stamp == stamp
     assert server.store.get(name).tolist() == [1.0, 2.0]
 
 
 def test_a_put_keeps_the_stamp_the_broker_gave_it(server):
     name = f"{PREFIX}a_f1"
-    out = _handle(server, Message(Op.PUT, name, req=1, stamp=4321.0, data=np.array([1.0])))
-    assert out[0].op is Op.UPDATE and out[0].stamp == 4321.0
+    out = _handle(server, Put(name, 1, 4321.0, np.array([1.0])))
+    assert type(out[0]) is Update and out[0].stamp == 4321.0
     assert server.store.stamp(name) == 4321.0
     # A stamp of 0 (or one that is not a time) leaves it to the shard's clock.
-    out = _handle(server, Message(Op.PUT, name, req=2, stamp=float("inf"), data=np.array([2.0])))
+    out = _handle(server, Put(name, 2, float("inf"), np.array([2.0])))
     assert 0 < out[0].stamp < float("inf") and out[0].stamp != 4321.0
