@@ -211,7 +211,8 @@ def _w6(plt, out: Path, entries, servers, runs, written) -> None:
 
 
 def _w10(plt, out: Path, entries, runs, written) -> None:
-    """W10 in three panels: put and get time per op per shape, and carelay/control."""
+    """W10 in four panels: put and get time per op per shape, and carelay/control of the
+    time and of the relay CPU per op."""
     by_key = {e["key"]: e for e in entries}
     p = runs_with(runs, "W10")[0]["params"]
     shapes = [
@@ -219,8 +220,9 @@ def _w10(plt, out: Path, entries, runs, written) -> None:
         for shape in ("onepv", "manypv")
         for m in p["w10_monitors"]
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for ax, op in zip(axes[:2], ("put", "get"), strict=True):
+        seen = []
         for j, srv in enumerate(("carelay", "control")):
             for i, (shape, m, _) in enumerate(shapes):
                 vals = by_key.get(f"{op}_us_per_op_{shape}_{m}mon", {}).get("values", {})
@@ -233,36 +235,42 @@ def _w10(plt, out: Path, entries, runs, written) -> None:
                     x, med, width=0.38, color=COLORS[srv], alpha=0.45, label=srv if i == 0 else None
                 )
                 ax.plot([x] * len(vals), vals, "o", color=COLORS[srv], mec="black", ms=3)
+                seen += vals
         ax.set_xticks(range(len(shapes)), [s[2] for s in shapes], fontsize=7)
-        _log_y(ax)
-        ax.set_ylabel("us per op (log)", fontsize=8)
+        if wants_log(seen):
+            _log_y(ax)
+            ax.set_ylabel("us per op (log)", fontsize=8)
+        else:
+            ax.set_ylabel("us per op", fontsize=8)
         ax.set_title(f"bursts of 1000 {op}s: time per {op} (lower is better)", fontsize=8)
         ax.legend(fontsize=7)
         ax.grid(axis="y", alpha=0.3, which="both")
-    ax = axes[2]
-    for k, (op, marker) in enumerate((("put", "o"), ("get", "s"))):
-        for i, (shape, m, _) in enumerate(shapes):
-            e = by_key.get(f"{op}_us_per_op_{shape}_{m}mon")
-            ratios = [r for r in (e or {}).get("ratios", []) if r is not None]
-            x = [i + (k - 0.5) * 0.3] * len(ratios)
-            ax.plot(
-                x,
-                ratios,
-                marker,
-                color="C2" if op == "put" else "C4",
-                mec="black",
-                ms=4,
-                ls="",
-                label=op if i == 0 else None,
-            )
-    ax.axhline(1.0, color="red", ls="--", lw=1, label="target <= 1x")
-    ax.set_xticks(range(len(shapes)), [s[2] for s in shapes], fontsize=7)
-    ax.set_ylim(bottom=0)
-    ax.set_title("carelay / control, time per op, each run (lower is better)", fontsize=8)
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
+    for ax, (what, infix) in zip(axes[2:], (("time", "us"), ("relay CPU", "cpu_us")), strict=True):
+        for k, op in enumerate(("put", "get")):
+            for i, (shape, m, _) in enumerate(shapes):
+                e = by_key.get(f"{op}_{infix}_per_op_{shape}_{m}mon")
+                ratios = [r for r in (e or {}).get("ratios", []) if r is not None]
+                ax.plot(
+                    [i + (k - 0.5) * 0.3] * len(ratios),
+                    ratios,
+                    "o" if op == "put" else "s",
+                    color="C2" if op == "put" else "C4",
+                    mec="black",
+                    ms=4,
+                    ls="",
+                    label=op if i == 0 else None,
+                )
+        ax.axhline(
+            1.0, color="red", ls="--", lw=1, label="target <= 1x" if what == "time" else "1x"
+        )
+        ax.set_xticks(range(len(shapes)), [s[2] for s in shapes], fontsize=7)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"carelay / control, {what} per op, each run (lower is better)", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
     fig.suptitle(
-        f"W10: one circuit, {p['w10_channels']} channels, {len(runs_with(runs, 'W10'))} runs",
+        f"W10: one client, one circuit; 1 PV x {p['w10_channels']} channels, or n = "
+        f"{p['w10_channels']} PVs; {len(runs_with(runs, 'W10'))} runs",
         fontsize=10,
     )
     _save(fig, out / "w10.png", written)
