@@ -177,10 +177,17 @@ def _fmt(v) -> str:
 
 
 def foreign_text(foreign: dict, servers: list[str]) -> str:
-    """Markdown table: CPU share of other processes during each workload, per server."""
+    """Markdown table: CPU share of other processes during each workload, per server (a
+    number, or a range already written out)."""
     out = ["| workload | " + " | ".join(servers) + " |", "|---|" + "---:|" * len(servers)]
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        return f"{v}%" if isinstance(v, str) else f"{v:.0f}%"
+
     for w, per in foreign.items():
-        vals = [f"{per[s]:.0f}%" if s in per else "-" for s in servers]
+        vals = [cell(per.get(s)) for s in servers]
         out.append(f"| {w} | " + " | ".join(vals) + " |")
     return "\n".join(out) + "\n"
 
@@ -262,7 +269,7 @@ def ranges_text(table: list[dict], servers: list[str]) -> str:
         cells = [
             f"{t['workload']} {t['metric']}",
             *(_range(t["values"].get(s, [])) for s in servers),
-            _range(ratios, lambda r: f"{r:.2f}x"),
+            _range(ratios, lambda r: f"{r:.2f}") + ("x" if ratios else ""),
             t["target"],
             met,
         ]
@@ -272,7 +279,7 @@ def ranges_text(table: list[dict], servers: list[str]) -> str:
 
 def runs_text(dirs: list[Path], docs: list[dict]) -> str:
     """Markdown: each run with its date, commit and the load on the machine."""
-    out = ["| run | date | commit | workloads | load average before / after | other CPU |"]
+    out = ["| run | finished | commit | workloads | load average before / after | other CPU |"]
     out.append("|---|---|---|---|---|---:|")
     for d, doc in zip(dirs, docs, strict=True):
         load = "{:.2f} / {:.2f}".format(doc["loadavg_before"][0], doc["loadavg_after"][0])
@@ -281,6 +288,25 @@ def runs_text(dirs: list[Path], docs: list[dict]) -> str:
         cells = [d.name, doc["date"], commit + dirty, ",".join(doc["workloads"]), load]
         out.append("| " + " | ".join(cells) + f" | {doc.get('foreign_cpu_pct', 0):.0f}% |")
     return "\n".join(out) + "\n"
+
+
+def foreign_ranges_text(docs: list[dict], servers: list[str]) -> str:
+    """Markdown: the CPU other processes took during each workload, range over the runs."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for doc in docs:
+        for w, by_server in doc.get("extra", {}).get("foreign_cpu_pct", {}).items():
+            for s, v in by_server.items():
+                per.setdefault(w, {}).setdefault(s, []).append(v)
+    if not per:
+        return ""
+    order = {w: i for i, w in enumerate(WORKLOAD_ORDER)}
+    return foreign_text(
+        {
+            w: {s: f"{_range(v, lambda x: f'{x:.0f}')}" for s, v in per[w].items()}
+            for w in sorted(per, key=lambda w: order.get(w, len(order)))
+        },
+        servers,
+    )
 
 
 def main(argv=None) -> int:
@@ -297,6 +323,10 @@ def main(argv=None) -> int:
     servers = [s for s in SERVER_ORDER if any(s in doc["servers"] for doc in docs)]
     table = combine(docs)
     text = ranges_text(table, servers) + "\n" + runs_text(args.runs, docs)
+    foreign = foreign_ranges_text(docs, servers)
+    if foreign:
+        text += "\nCPU taken by other processes during each workload (% of all cores):\n\n"
+        text += foreign
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(text)
     print(text)
