@@ -201,7 +201,7 @@ def _w6(plt, out: Path, entries, servers, runs, written) -> None:
     ax.set_ylabel("appends/s, sum over buffers (log; higher is better)")
     ax.set_title(
         f"W6: {p['w6_buffers']} buffers of {p['w3_count']:,}, {p['w3_chunk']}-element "
-        f"appends; {len(runs_with(runs, 'W6'))} runs (band: range of the one-process servers)",
+        f"appends; {len(runs_with(runs, 'W6'))} runs\n(bands: range of the one-process servers)",
         fontsize=8,
     )
     ax.legend(fontsize=8)
