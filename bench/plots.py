@@ -83,6 +83,7 @@ def _panel(ax, entry: dict, servers: list[str]) -> None:
         all_vals.append(level[0])
     if wants_log(all_vals):
         _log_y(ax)
+        ax.set_ylabel("log scale", fontsize=7)
     else:
         ax.set_ylim(bottom=0)
     note = better(entry["key"])
