@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 SERVER_ORDER = ("carelay", "control", "softioc")
+WORKLOAD_ORDER = ("W1", "W2", "W3", "W4", "W5", "W6", "W10")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,11 @@ def rows_for(params) -> list[Row]:
         Row("W2", "monitor events received (%)", "events_received_pct"),
         Row("W3", "appends/s (1000 elements, callback)", "appends_per_s", (">=", 10.0, "ratio")),
         Row("W3", "relay CPU-ms per append", "cpu_ms_per_append"),
-        Row("W3", "monitor events per append", "monitor_events_per_append"),
+        Row(
+            "W3",
+            "monitor events per append (coalesced, not lost)",
+            "monitor_events_per_append",
+        ),
         Row("W3", "appends/s without a monitor (supplementary)", "appends_per_s_no_monitor"),
         Row("W3", "relay CPU-ms per append without a monitor", "cpu_ms_per_append_no_monitor"),
         Row("W4", f"put MB/s ({params.w4_readers} readers)", "put_mb_per_s", (">=", 1.0, "ratio")),
@@ -151,6 +157,7 @@ def evaluate(rows: list[Row], results: dict, servers: list[str]) -> list[dict]:
                 "values": values,
                 "carelay_over_control": ratio,
                 "target": row.target_text(),
+                "target_spec": row.target,
                 "met": met,
             }
         )
@@ -170,10 +177,17 @@ def _fmt(v) -> str:
 
 
 def foreign_text(foreign: dict, servers: list[str]) -> str:
-    """Markdown table: CPU share of other processes during each workload, per server."""
+    """Markdown table: CPU share of other processes during each workload, per server (a
+    number, or a range already written out)."""
     out = ["| workload | " + " | ".join(servers) + " |", "|---|" + "---:|" * len(servers)]
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        return f"{v}%" if isinstance(v, str) else f"{v:.0f}%"
+
     for w, per in foreign.items():
-        vals = [f"{per[s]:.0f}%" if s in per else "-" for s in servers]
+        vals = [cell(per.get(s)) for s in servers]
         out.append(f"| {w} | " + " | ".join(vals) + " |")
     return "\n".join(out) + "\n"
 
@@ -207,105 +221,145 @@ def table_text(table: list[dict], servers: list[str], markdown: bool = False) ->
     return "\n".join(out) + "\n"
 
 
+# -- several runs -----------------------------------------------------------------------
+
+
+def _params(d: dict) -> SimpleNamespace:
+    return SimpleNamespace(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def combine(docs: list[dict]) -> list[dict]:
+    """One table from several runs' results.json documents: per row, every run's figure
+    per server, every run's carelay/control ratio and whether each run met the target.
+
+    Rows are evaluated again from each run's raw results, so runs recorded with older
+    labels combine with newer ones.
+    """
+    merged: dict[tuple[str, str], dict] = {}
+    for doc in docs:
+        for t in evaluate(rows_for(_params(doc["params"])), doc["results"], doc["servers"]):
+            m = merged.setdefault(
+                (t["workload"], t["metric"]),
+                {**t, "values": {}, "ratios": [], "met": []},
+            )
+            for s, v in t["values"].items():
+                if v is not None:
+                    m["values"].setdefault(s, []).append(v)
+            m["ratios"].append(t["carelay_over_control"])
+            if t["met"] is not None:
+                m["met"].append(t["met"])
+    order = {w: i for i, w in enumerate(WORKLOAD_ORDER)}
+    return sorted(merged.values(), key=lambda t: order.get(t["workload"], len(order)))
+
+
+def _range(vals: list[float], fmt=_fmt) -> str:
+    if not vals:
+        return "-"
+    lo, hi = min(vals), max(vals)
+    return fmt(lo) if fmt(lo) == fmt(hi) else f"{fmt(lo)}-{fmt(hi)}"
+
+
+def ranges_text(table: list[dict], servers: list[str]) -> str:
+    """Markdown: each figure's range over the runs per server, and the ratio's range."""
+    head = ["workload / metric", *servers, "carelay/control", "target", "met (runs)"]
+    out = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for t in table:
+        ratios = [r for r in t["ratios"] if r is not None]
+        met = f"{sum(t['met'])} of {len(t['met'])}" if t["met"] else ""
+        cells = [
+            f"{t['workload']} {t['metric']}",
+            *(_range(t["values"].get(s, [])) for s in servers),
+            _range(ratios, lambda r: f"{r:.2f}") + ("x" if ratios else ""),
+            t["target"],
+            met,
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def runs_text(dirs: list[Path], docs: list[dict]) -> str:
+    """Markdown: each run with its date, commit and the load on the machine."""
+    out = ["| run | finished | commit | workloads | load average before / after | other CPU |"]
+    out.append("|---|---|---|---|---|---:|")
+    for d, doc in zip(dirs, docs, strict=True):
+        load = "{:.2f} / {:.2f}".format(doc["loadavg_before"][0], doc["loadavg_after"][0])
+        commit = (doc["git"].get("commit") or "?")[:7]
+        dirty = " (changed)" if doc["git"].get("carelay_source_changes") else ""
+        cells = [d.name, doc["date"], commit + dirty, ",".join(doc["workloads"]), load]
+        out.append("| " + " | ".join(cells) + f" | {doc.get('foreign_cpu_pct', 0):.0f}% |")
+    return "\n".join(out) + "\n"
+
+
+def foreign_ranges_text(docs: list[dict], servers: list[str]) -> str:
+    """Markdown: the CPU other processes took during each workload, range over the runs."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for doc in docs:
+        for w, by_server in doc.get("extra", {}).get("foreign_cpu_pct", {}).items():
+            for s, v in by_server.items():
+                per.setdefault(w, {}).setdefault(s, []).append(v)
+    if not per:
+        return ""
+    order = {w: i for i, w in enumerate(WORKLOAD_ORDER)}
+    return foreign_text(
+        {
+            w: {s: f"{_range(v, lambda x: f'{x:.0f}')}" for s, v in per[w].items()}
+            for w in sorted(per, key=lambda w: order.get(w, len(order)))
+        },
+        servers,
+    )
+
+
+def main(argv=None) -> int:
+    """``python -m bench.report DIR [DIR ...] --out DIR``: the table of ranges and the plots
+    from several runs' results.json."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    p.add_argument("runs", nargs="+", type=Path, help="output directories of bench runs")
+    p.add_argument("--out", type=Path, required=True, help="where table.md and the plots go")
+    args = p.parse_args(argv)
+    docs = [json.loads((d / "results.json").read_text()) for d in args.runs]
+    servers = [s for s in SERVER_ORDER if any(s in doc["servers"] for doc in docs)]
+    table = combine(docs)
+    text = ranges_text(table, servers) + "\n" + runs_text(args.runs, docs)
+    foreign = foreign_ranges_text(docs, servers)
+    if foreign:
+        text += "\nCPU taken by other processes during each workload (% of all cores):\n\n"
+        text += foreign
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.md").write_text(text)
+    print(text)
+    for path in plots_module().draw(args.out, table, servers, docs):
+        print(f"plot: {path}")
+    return 0
+
+
 # -- plots ------------------------------------------------------------------------------
 
-_COLORS = {"carelay": "#1f77b4", "control": "#ff7f0e", "softioc": "#2ca02c"}
+
+def plots_module():
+    from bench import plots as module
+
+    return module
 
 
 def plots(
     out: Path, table: list[dict], servers: list[str], extra: dict, params: dict
 ) -> list[Path]:
-    """Bar charts per workload, the W2 latency CDF and the W6 scaling lines, from the
-    figures as results.json holds them (``extra`` and ``params`` are its sections)."""
-    import matplotlib
+    """The plots of one run, from its table (``extra`` and ``params`` are the sections of
+    its results.json)."""
+    multi = [
+        {
+            **t,
+            "values": {s: [v] for s, v in t["values"].items() if v is not None},
+            "ratios": [t["carelay_over_control"]],
+        }
+        for t in table
+    ]
+    run = {"results": {t["workload"]: {} for t in table}, "extra": extra, "params": params}
+    return plots_module().draw(out, multi, servers, [run])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
-    written = []
-    by_w: dict[str, list[dict]] = {}
-    for t in table:
-        by_w.setdefault(t["workload"], []).append(t)
-    for w, ts in by_w.items():
-        if w == "W6":
-            continue
-        cols = min(4, len(ts))
-        rows = -(-len(ts) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
-        for ax in axes.flat[len(ts) :]:
-            ax.set_visible(False)
-        for ax, t in zip(axes.flat, ts, strict=False):
-            names = [s for s in servers if t["values"].get(s) is not None]
-            vals = [t["values"][s] for s in names]
-            ax.bar(names, vals, color=[_COLORS.get(s, "grey") for s in names])
-            ax.set_title(t["metric"], fontsize=8)
-            ax.tick_params(labelsize=8)
-            for i, v in enumerate(vals):
-                ax.annotate(_fmt(v), (i, v), ha="center", va="bottom", fontsize=7)
-        fig.suptitle(w)
-        fig.tight_layout()
-        path = out / f"{w.lower()}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-
-    lat = extra.get("w2_latency_ms_percentiles")
-    if lat:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        qs = [q / 100 for q in lat["percentiles"]]
-        curves = {s: lat[s] for s in servers if lat.get(s)}
-        for s, x in curves.items():
-            ax.plot(x, qs, label=s, color=_COLORS.get(s))
-        ax.set_xscale("log")
-        ticks = [0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]
-        lo = min(x[0] for x in curves.values())
-        hi = max(x[-1] for x in curves.values())
-        ax.set_xticks([t for t in ticks if lo / 2 <= t <= hi * 2])
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.axvline(2.0, color="red", ls=":", lw=1, label="2 ms (p99 target)")
-        ax.axhline(0.99, color="grey", ls=":", lw=1)
-        ax.set_xlabel("put-to-monitor latency (ms)")
-        ax.set_ylabel("fraction of monitor events")
-        ax.set_title(
-            f"W2: 1 writer at {params['w2_rate']:g} Hz, {params['w2_monitors']} monitors",
-            fontsize=9,
-        )
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / "w2_latency_cdf.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-
-    w6 = [t for t in by_w.get("W6", []) if t["key"] == "appends_per_s"]
-    if w6:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        shards = list(params["w6_shards"])
-        ys = [t["values"].get("carelay") for t in w6]
-        if any(y is not None for y in ys):
-            ax.plot(shards, ys, "o-", label="carelay", color=_COLORS["carelay"])
-        for s in servers:
-            if s != "carelay" and w6[0]["values"].get(s) is not None:
-                ax.axhline(
-                    w6[0]["values"][s], ls="--", color=_COLORS.get(s), label=f"{s} (one process)"
-                )
-        ax.set_xticks(shards)
-        ax.set_xlabel("carelay shards")
-        ax.set_ylabel("appends/s (sum over buffers)")
-        ax.set_title(
-            f"W6: {params['w6_buffers']} buffers of {params['w3_count']:,}, "
-            f"{params['w3_chunk']}-element appends",
-            fontsize=9,
-        )
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out / "w6_scaling.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
+if __name__ == "__main__":
+    raise SystemExit(main())
