@@ -1,7 +1,8 @@
 """``carelay status``: the processes of a running relay, from its status files.
 
 Every process rewrites its status file in ``data_dir/run`` each STATUS_INTERVAL;
-the supervisor's lists its children and the configuration the relay runs with.
+the supervisor's lists its children and the configuration the relay runs with,
+and is rewritten when that changes and touched meanwhile (STATUS_TOUCH_INTERVAL).
 A child is "running" only while it answers: its own file is fresh and, for a
 shard, the broker's link to it is live.  A child that is alive but silent is
 "not answering".  Prefix, shard count and endpoints come from the running
@@ -62,6 +63,16 @@ def _alive(pid: Any) -> bool:
         return True
 
 
+def _last_sign_of_life(path: Path, own: dict) -> float:
+    """When the process last wrote or touched its status file ``path`` (time.time)."""
+    try:
+        touched = path.stat().st_mtime
+    except OSError:
+        touched = 0.0
+    written = own.get("written", 0.0)
+    return max(touched, written if isinstance(written, (int, float)) else 0.0)
+
+
 def _fresh(own: dict | None, pid: Any, now: float) -> bool:
     """``own`` was written by process ``pid`` within STALE_AFTER."""
     return bool(own) and own.get("pid") == pid and now - own.get("written", 0) <= STALE_AFTER
@@ -79,7 +90,8 @@ def collect(config: Config) -> dict | None:
         return None
     now = time.time()
     since = max(0.0, now - sup.get("written", now))
-    sup["answering"] = since <= STALE_AFTER
+    # The supervisor rewrites its file when what it says changes, and touches it meanwhile.
+    sup["answering"] = now - _last_sign_of_life(run_dir / "supervisor.json", sup) <= STALE_AFTER
     sup["uptime"] = sup.get("uptime", 0.0) + since
     procs = sup.get("processes", [])
     for p in procs:
