@@ -1,5 +1,6 @@
-"""The supervisor while nothing changes: it sleeps until a signal or a due restart, keeps
-its status file fresh by a touch, and rewrites it only when what it says changes."""
+"""The relay while nothing changes: the supervisor sleeps until a signal or a due
+restart; every process keeps its status file fresh by a touch and rewrites it only when
+what it says changes."""
 
 from __future__ import annotations
 
@@ -33,20 +34,23 @@ def stamp(line_re: str, log: str) -> float:
     return datetime.fromisoformat(m.group(1)).timestamp()
 
 
-def test_status_file_is_touched_not_rewritten_while_nothing_changes(make_relay):
+def test_status_files_are_touched_not_rewritten_while_nothing_changes(make_relay):
     relay = make_relay(shards=1)
     path, _ = supervisor_file(relay)
     # Past start-up: the broker's first status may still change what the file says.
     wait_for(lambda: relay.status().returncode == 0, timeout=20, what="status exit 0")
-    mtime, before = path.stat().st_mtime, supervisor_file(relay)[1]
+    paths = [path, *(relay.data_dir / "run" / f for f in ("broker.json", "shard-0.json"))]
+    mtimes = [p.stat().st_mtime for p in paths]
+    written = [json.loads(p.read_text())["written"] for p in paths]
+    before = supervisor_file(relay)[1]
     wait_for(
-        lambda: path.stat().st_mtime > mtime,
+        lambda: all(p.stat().st_mtime > m for p, m in zip(paths, mtimes, strict=True)),
         timeout=STATUS_TOUCH_INTERVAL + 5,
         interval=0.1,
-        what="the status file touched",
+        what="every status file touched",
     )
-    assert supervisor_file(relay)[1]["written"] == before["written"]
-    assert relay.status().returncode == 0  # fresh by its mtime: the supervisor answers
+    assert [json.loads(p.read_text())["written"] for p in paths] == written
+    assert relay.status().returncode == 0  # fresh by their mtimes: every process answers
 
     # A change is written at once: a shard that dies, then its restart.
     old = shard_pid(before, "shard 0")
