@@ -146,15 +146,25 @@ def read_status(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+#: What this process last wrote to each status file, less the time: a status that says
+#: the same again only touches the file (``carelay status`` takes its mtime as its age).
+_said: dict[Path, str] = {}
+
+
 def write_status(path: Path, status: dict[str, Any]) -> None:
     """Replace ``path`` atomically with ``status`` as JSON, with this process's pid, the
-    time, and its last error line."""
-    status = {
-        **status,
-        "pid": os.getpid(),
-        "written": time.time(),
-        "last_error": last_error.last,
-    }
+    time, and its last error line; when that says what the last write said, only touch
+    it."""
+    status = {**status, "pid": os.getpid(), "last_error": last_error.last}
+    said = json.dumps(status)
+    if _said.get(path) == said:
+        try:
+            os.utime(path)
+            return
+        except OSError:
+            pass  # gone or not writable: written in full, which says why if it fails
+    _said.pop(path, None)
+    status["written"] = time.time()
     text = json.dumps(status)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -165,8 +175,11 @@ def write_status(path: Path, status: dict[str, Any]) -> None:
             tmp.unlink()
         # On a full disk the status must still tell (a store that cannot be written).
         if e.errno in (errno.ENOSPC, errno.EDQUOT) and _rewrite_in_place(path, text):
+            _said[path] = said
             return
         log.warning("cannot write status file %s: %s", path, e)
+        return
+    _said[path] = said
 
 
 def _rewrite_in_place(path: Path, text: str) -> bool:

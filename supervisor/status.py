@@ -1,7 +1,9 @@
 """``carelay status``: the processes of a running relay, from its status files.
 
-Every process rewrites its status file in ``data_dir/run`` each STATUS_INTERVAL;
-the supervisor's lists its children and the configuration the relay runs with.
+Every process rewrites its status file in ``data_dir/run`` when what it says
+changes, and touches it meanwhile (each STATUS_INTERVAL; the supervisor, which
+wakes only for events, each STATUS_TOUCH_INTERVAL): its age is its mtime.  The
+supervisor's lists its children and the configuration the relay runs with.
 A child is "running" only while it answers: its own file is fresh and, for a
 shard, the broker's link to it is live.  A child that is alive but silent is
 "not answering".  Prefix, shard count and endpoints come from the running
@@ -62,9 +64,27 @@ def _alive(pid: Any) -> bool:
         return True
 
 
+def _last_sign_of_life(path: Path, own: dict) -> float:
+    """When the process last wrote or touched its status file ``path`` (time.time)."""
+    try:
+        touched = path.stat().st_mtime
+    except OSError:
+        touched = 0.0
+    written = own.get("written", 0.0)
+    return max(touched, written if isinstance(written, (int, float)) else 0.0)
+
+
+def _read_own(path: Path) -> dict | None:
+    """A process's own status file, with ``seen``: when it last wrote or touched it."""
+    own = read_status(path)
+    if own is not None:
+        own["seen"] = _last_sign_of_life(path, own)
+    return own
+
+
 def _fresh(own: dict | None, pid: Any, now: float) -> bool:
-    """``own`` was written by process ``pid`` within STALE_AFTER."""
-    return bool(own) and own.get("pid") == pid and now - own.get("written", 0) <= STALE_AFTER
+    """``own`` (see _read_own) was written or touched by process ``pid`` within STALE_AFTER."""
+    return bool(own) and own.get("pid") == pid and now - own.get("seen", 0) <= STALE_AFTER
 
 
 def collect(config: Config) -> dict | None:
@@ -79,13 +99,14 @@ def collect(config: Config) -> dict | None:
         return None
     now = time.time()
     since = max(0.0, now - sup.get("written", now))
-    sup["answering"] = since <= STALE_AFTER
+    # Every process rewrites its file when what it says changes, and touches it meanwhile.
+    sup["answering"] = now - _last_sign_of_life(run_dir / "supervisor.json", sup) <= STALE_AFTER
     sup["uptime"] = sup.get("uptime", 0.0) + since
     procs = sup.get("processes", [])
     for p in procs:
         if p.get("state") == RUNNING:
             p["uptime"] = p.get("uptime", 0.0) + since
-    owns = {p["name"]: read_status(status_path(run_dir, p["name"])) for p in procs}
+    owns = {p["name"]: _read_own(status_path(run_dir, p["name"])) for p in procs}
     broker = next((p for p in procs if p["name"] == "broker"), None)
     broker_own = owns.get("broker")
     broker_fresh = broker is not None and _fresh(broker_own, broker.get("pid"), now)
@@ -120,7 +141,7 @@ def collect(config: Config) -> dict | None:
             continue
         young = p["uptime"] < STARTUP_GRACE
         if not fresh:
-            age = now - own["written"] if own and own.get("pid") == p.get("pid") else None
+            age = now - own["seen"] if own and own.get("pid") == p.get("pid") else None
             p["state"] = "starting" if young else "not answering"
             p["detail"] = f"pid {p['pid']} is alive but has not written its status " + (
                 "yet" if age is None else f"for {_duration(age)}"
@@ -313,7 +334,7 @@ def reload_access(config: Config, out=sys.stdout) -> int:
     import signal
     import time
 
-    own = read_status(config.run_dir / "broker.json")
+    own = _read_own(config.run_dir / "broker.json")
     pid = own.get("pid") if own else None
     if not (_alive(pid) and _fresh(own, pid, time.time())):
         print(f"carelay: no broker runs on {config.data_dir}", file=sys.stderr)

@@ -3,27 +3,41 @@
 Signal handlers only set a flag; one loop notices exits, restarts children
 with back-off, writes the status file and, on SIGINT/SIGTERM, stops every
 child within the grace period (SIGTERM, then SIGKILL).
+
+The loop sleeps until something happens: a signal (a child exits: SIGCHLD; stop;
+reload) wakes it through ``signal.set_wakeup_fd``, and a clock only where one does
+work: a restart that is due, and the touch that keeps the status file fresh
+(STATUS_TOUCH_INTERVAL).  The status file is rewritten only when what it says changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import select
 import signal
 import socket
 import time
 
 from carelay.common import exits
-from carelay.common.config import STATUS_INTERVAL, STOP_GRACE, Config, config_to_dict
-from carelay.common.lifecycle import StopFlag, read_status, status_path, write_status
+from carelay.common.config import STATUS_TOUCH_INTERVAL, STOP_GRACE, Config, config_to_dict
+from carelay.common.lifecycle import (
+    StopFlag,
+    last_error,
+    read_status,
+    status_path,
+    write_status,
+)
 from carelay.common.runlock import RUN_TOKEN_ENV, DataDirInUse, lock_run
 from carelay.shard.reshard import ReshardError, reshard
 from carelay.supervisor.watcher import Watcher, describe_exit, self_argv
 
 log = logging.getLogger(__name__)
 
-_LOOP_INTERVAL = 0.1
+#: How often the broker's status file is read while systemd waits for readiness (s).
+_READY_POLL = 0.1
 #: Exit status of ``carelay up`` when a shard did not stop cleanly (values not saved).
 EXIT_UNCLEAN_STOP = exits.FAILED
 
@@ -68,6 +82,27 @@ class Supervisor:
                 "processes": [w.info(now) for w in self.watchers],
             },
         )
+
+    def _status_says(self, now: float) -> list:
+        """What the status file says, less what a reader works out from the time it was
+        written (uptimes): when this changes, the file is rewritten."""
+        procs = [{k: v for k, v in w.info(now).items() if k != "uptime"} for w in self.watchers]
+        return [procs, last_error.last]
+
+    def _touch_status(self, now: float) -> None:
+        """Keep the status file fresh (``carelay status`` reads its mtime) without a rewrite."""
+        try:
+            os.utime(self.status_path)
+        except OSError:
+            self._write_status(now)
+
+    def _sleep_for(self, now: float, next_touch: float) -> float:
+        """Seconds until the loop has work that no signal announces."""
+        due = [next_touch]
+        due += [w.restart_at for w in self.watchers if w.restart_at is not None]
+        if self.notify_socket and not self._told_ready:
+            due.append(now + _READY_POLL)
+        return max(0.0, min(due) - now)
 
     def _broker_ready(self) -> dict | None:
         """The running broker's status once it says every shard is in sync, else None."""
@@ -132,9 +167,11 @@ class Supervisor:
             return exits.FAILED
         reload_asked = []
         signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(True))
+        wakeup = SignalWakeup()
         for w in self.watchers:
             w.start()
-        next_status = 0.0
+        said = None
+        next_touch = 0.0
         try:
             while not stop.stopping:
                 now = time.monotonic()
@@ -146,11 +183,18 @@ class Supervisor:
                     w.check(now)
                 if self.notify_socket and not self._told_ready:
                     self._tell_systemd_when_ready()
-                if now >= next_status:
+                says = self._status_says(now)
+                if says != said:
                     self._write_status(now)
-                    next_status = now + STATUS_INTERVAL
-                time.sleep(_LOOP_INTERVAL)
+                    said = says
+                    next_touch = now + STATUS_TOUCH_INTERVAL
+                elif now >= next_touch:
+                    self._touch_status(now)
+                    next_touch = now + STATUS_TOUCH_INTERVAL
+                if not stop.stopping:
+                    wakeup.wait(self._sleep_for(now, next_touch))
         finally:
+            wakeup.close()
             clean = self.stop(stop.signal)
         return exits.OK if clean else EXIT_UNCLEAN_STOP
 
@@ -178,6 +222,36 @@ class Supervisor:
         self.status_path.unlink(missing_ok=True)
         log.info("stopped")
         return not failed
+
+
+class SignalWakeup:
+    """Wakes the loop when a signal arrives: a child's exit (SIGCHLD), stop or reload.
+
+    Python runs signal handlers between bytecodes and resumes an interrupted select(),
+    so a handler that sets a flag would not end the wait; ``signal.set_wakeup_fd``
+    makes every signal readable on a socket that the wait watches.
+    """
+
+    def __init__(self) -> None:
+        self._recv, self._send = socket.socketpair()
+        self._recv.setblocking(False)
+        self._send.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(self._send.fileno(), warn_on_full_buffer=False)
+        # SIGCHLD is ignored by default: a handler of its own makes it wake the loop.
+        self._old_chld = signal.signal(signal.SIGCHLD, lambda *_: None)
+
+    def wait(self, timeout: float) -> None:
+        """Until a signal came (since the last wait) or ``timeout`` seconds passed."""
+        select.select([self._recv], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while self._recv.recv(4096):
+                pass
+
+    def close(self) -> None:
+        signal.signal(signal.SIGCHLD, self._old_chld)
+        signal.set_wakeup_fd(self._old_fd)
+        self._recv.close()
+        self._send.close()
 
 
 def sd_notify(address: str, text: str) -> bool:

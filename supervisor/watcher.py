@@ -49,6 +49,11 @@ class Watcher:
         )
 
     @property
+    def restart_at(self) -> float | None:
+        """When (time.monotonic) the child is due to be started again, if it is down."""
+        return self._restart_at
+
+    @property
     def state(self) -> str:
         if self.proc is not None and self.proc.poll() is None:
             return "running"

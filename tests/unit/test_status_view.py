@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,6 +50,8 @@ def pids():
 
 def write(path: Path, **status) -> None:
     path.write_text(json.dumps(status))
+    if "written" in status:  # a status file's age is its mtime
+        os.utime(path, (status["written"], status["written"]))
 
 
 def relay_files(run: Path, pids, *, link="live", shard_age=0.0, uptime=OLD, shard=None, **sup):
