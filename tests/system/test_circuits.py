@@ -260,9 +260,8 @@ def test_stalled_large_messages_pin_bounded_memory_and_are_closed(make_relay):
             str(count),
             "--max-pvs",
             "100",
-            # Long enough that this test's own libca circuit, idle after its put (libca
-            # echoes only after 30 s), outlasts the opening of the 90 stalled circuits on a
-            # loaded machine; short enough that the stall rule closes them soon after.
+            # Short, so that the stall rule closes the stalled circuits soon; this test's
+            # own libca circuit reads while they are opened, so it does not idle out.
             "--client-idle-timeout",
             "10",
         ]
@@ -271,7 +270,13 @@ def test_stalled_large_messages_pin_bounded_memory_and_are_closed(make_relay):
     name = relay.name("after", "f1")
     put(name, 1.5)  # this client's circuit is one of the max_clients
     before = _rss(pid)
-    socks = [_stall_large_write(count, 0.9) for _ in range(90)]
+    socks = []
+    for k in range(90):
+        socks.append(_stall_large_write(count, 0.9))
+        if k % 10 == 9:
+            # A read now and then keeps this client's circuit from idling out while the
+            # stalled ones are opened, however long a loaded machine takes for that.
+            assert get(name) == 1.5
     large_buffer = count * 8 + 16384
     # Each circuit that PCAS reads a large message from takes a large buffer, which PCAS
     # keeps for later ones; only circuits within max_clients get to keep theirs.
