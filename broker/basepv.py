@@ -19,6 +19,7 @@ from carelay.broker.values import AIT_TYPES
 
 if TYPE_CHECKING:
     from carelay.broker.app import Broker
+    from carelay.broker.table import Channels
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ PUT_FAILED = cas.S_casApp_noSupport
 __all__ = [
     "PUT_FAILED",
     "VALUE_MASK",
+    "Attached",
     "BasePV",
     "DisplayFields",
     "MonitorInterest",
@@ -96,6 +98,24 @@ class MonitorInterest:
         self.interest = False
 
 
+class Attached:
+    """``attached``: whether a client holds a channel to this casPV, counted in the
+    ``Channels`` that ``_channels`` names (set before ``attached`` is first set)."""
+
+    _channels: Channels
+    _attached = False
+
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @attached.setter
+    def attached(self, on: bool) -> None:
+        if on != self._attached:
+            self._attached = on
+            self._channels.count += 1 if on else -1
+
+
 class ReadOnly:
     """The put callbacks of a casPV that refuses every put."""
 
@@ -106,12 +126,13 @@ class ReadOnly:
     writeNotify = write
 
 
-class BasePV(MonitorInterest, cas.casPV):
+class BasePV(Attached, MonitorInterest, cas.casPV):
     """What relay and control PVs share: name, type and interest bookkeeping."""
 
     def __init__(self, broker: Broker, name: str, kind: str, count: int, array: bool) -> None:
         super().__init__()
         self.broker = broker
+        self._channels = broker.table.channels
         self.name = name
         self._ait = AIT_TYPES[kind]
         self._count = count

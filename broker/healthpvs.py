@@ -14,8 +14,16 @@ from dataclasses import dataclass, field
 import numpy as np
 from pcaspy import cas
 
-from carelay.broker.basepv import VALUE_MASK, DisplayFields, MonitorInterest, ReadOnly, guarded
+from carelay.broker.basepv import (
+    VALUE_MASK,
+    Attached,
+    DisplayFields,
+    MonitorInterest,
+    ReadOnly,
+    guarded,
+)
 from carelay.broker.health import SHARD_SEVERITY, SHARD_STATES, STATE_ALARM, uptime_text
+from carelay.broker.table import Channels
 from carelay.broker.values import fill_gdd, value_gdd
 from carelay.common import fields
 from carelay.common.config import (
@@ -81,13 +89,14 @@ class Meta:
         return float(self.limits.get(name, 0.0))
 
 
-class _ReadOnlyPV(ReadOnly, cas.casPV):
-    """What a health PV and its fields share: a name, whether a client attached, and no
-    puts."""
+class _ReadOnlyPV(Attached, ReadOnly, cas.casPV):
+    """What a health PV and its fields share: a name, whether a client attached (counted
+    in ``channels``), and no puts."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, channels: Channels) -> None:
         super().__init__()
         self.name = name
+        self._channels = channels
         self.attached = False
 
     def getName(self):
@@ -101,8 +110,8 @@ class _ReadOnlyPV(ReadOnly, cas.casPV):
 class HealthPV(DisplayFields, MonitorInterest, _ReadOnlyPV):
     """One health PV: a value, its alarm, and the time it last changed."""
 
-    def __init__(self, name: str, meta: Meta) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, meta: Meta, channels: Channels) -> None:
+        super().__init__(name, channels)
         self.meta = meta
         self.interest = False
         self.value = "" if meta.kind in "sc" else 0
@@ -185,8 +194,8 @@ class HealthPV(DisplayFields, MonitorInterest, _ReadOnlyPV):
 class HealthFieldPV(_ReadOnlyPV):
     """``<health PV>.DESC`` and the like: a constant of its Meta."""
 
-    def __init__(self, name: str, meta: Meta, field_name: str) -> None:
-        super().__init__(name)
+    def __init__(self, name: str, meta: Meta, field_name: str, channels: Channels) -> None:
+        super().__init__(name, channels)
         self._ait = _FIELDS[field_name]
         self._value = meta.field_value(field_name)
 
@@ -275,8 +284,10 @@ class HealthPVs:
 
     def __init__(self, prefix: str, shards: int, autosave_period: float) -> None:
         self.base = prefix + HEALTH_PART
+        #: How many of them have CA channels.
+        self.channels = Channels()
         self.pvs = {
-            self.base + part: HealthPV(self.base + part, meta)
+            self.base + part: HealthPV(self.base + part, meta, self.channels)
             for part, meta in relay_metas(shards, autosave_period).items()
         }
         self.field_pvs: dict[str, HealthFieldPV] = {}
@@ -293,15 +304,14 @@ class HealthPVs:
             pv = self.field_pvs.get(name)
         if pv is None and self.claims(name):
             base, _, fld = name.partition(".")
-            pv = self.field_pvs[name] = HealthFieldPV(name, self.pvs[base].meta, fld)
+            meta = self.pvs[base].meta
+            pv = self.field_pvs[name] = HealthFieldPV(name, meta, fld, self.channels)
         if pv is not None:
             pv.attached = True
         return pv
 
     def attached_count(self) -> int:
-        return sum(1 for pv in self.pvs.values() if pv.attached) + sum(
-            1 for pv in self.field_pvs.values() if pv.attached
-        )
+        return self.channels.count
 
     def update(self, snap: dict, errors) -> None:
         """Set every PV from ``snap`` (Health.snapshot) and ``errors`` (its ErrorLog)."""

@@ -21,6 +21,14 @@ from carelay.common.sharding import shard_for
 log = logging.getLogger(__name__)
 
 
+class Channels:
+    """How many casPVs of a set have CA channels, kept as each one's ``attached`` changes:
+    the health sample reads it instead of walking every PV."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class PvTable:
     """The relay PVs and their field PVs by name, and what they count against the limits."""
 
@@ -37,6 +45,8 @@ class PvTable:
         self.bytes_creating = 0
         self.byte_limit = config.byte_limit
         self.refusals = RefusalLog()
+        #: How many of the relay, field and control PVs have CA channels.
+        self.channels = Channels()
         #: PVs let go of during a CA callback: kept alive until the server is done with it.
         self.graveyard: list = []
         #: Shards not in sync whose unanswered searches were logged (once each); None
@@ -64,12 +74,9 @@ class PvTable:
             self.refuse(name, "not UTF-8")
 
     def attached_count(self) -> int:
-        """PVs with CA channels (PCAS does not tell the channels of each)."""
-        b = self.broker
-        n = sum(1 for pv in self.pvs.values() if pv.attached)
-        n += sum(1 for pv in self.field_pvs.values() if pv.attached)
-        n += sum(1 for pv in b.controls.values() if pv.attached)
-        return n + b.health_pvs.attached_count()
+        """PVs with CA channels (PCAS does not tell the channels of each), counted as
+        each one's ``attached`` changes: a walk of 20,000 PVs took about 1 ms."""
+        return self.channels.count + self.broker.health_pvs.attached_count()
 
     def claims(self, name: str, addr=None) -> bool:
         """Whether this relay serves ``name`` or ``name.FIELD`` (pvExistTest; ``addr``: the

@@ -27,6 +27,9 @@ VALUE_COPIES = 2
 #: malloc arenas per process (glibc M_ARENA_MAX): threads (the autosave) share them
 #: instead of each keeping freed memory of its own.
 MALLOC_ARENAS = 2
+#: Bytes malloc must hold free before a process gives memory back (malloc_trim, at each
+#: status write): below it there is next to nothing to give back.
+MALLOC_TRIM_MIN = 256 * 1024
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: Seconds between heartbeats on every broker-shard link, both ways.

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from carelay.common.config import MALLOC_ARENAS
+from carelay.common.config import MALLOC_ARENAS, MALLOC_TRIM_MIN
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,52 @@ def bound_malloc() -> None:
         ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
 
 
-def return_freed_memory() -> None:
+class _MallInfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (glibc 2.33 and later)."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in [
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        ]
+    ]
+
+
+def _libc_function(name: str, restype=ctypes.c_int):
+    """The C library's function ``name``, looked up once; None where there is none."""
+    try:
+        fn = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
+    fn.restype = restype
+    return fn
+
+
+_malloc_trim = _libc_function("malloc_trim")
+_mallinfo2 = _libc_function("mallinfo2", _MallInfo2)
+
+
+def return_freed_memory(min_free: int = MALLOC_TRIM_MIN) -> bool:
     """Give the memory malloc holds free back to the system (glibc's malloc_trim; elsewhere
     a no-op): the transient copies of large values (CA reads and events, autosave rows,
-    ZeroMQ frames, snapshots) are freed into the heap, which keeps them otherwise."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
+    ZeroMQ frames, snapshots) are freed into the heap, which keeps them otherwise.  Only
+    when malloc holds ``min_free`` bytes free or more: below that there is next to nothing
+    to give back.  Returns whether it trimmed."""
+    if _malloc_trim is None:
+        return False
+    if _mallinfo2 is not None and _mallinfo2().fordblks < min_free:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 class StopFlag:
