@@ -1,5 +1,8 @@
 """Which peers a shard serves: the brokers of its own relay, on their newest connection.
 
+Several brokers (front-ends) are served at once, each on its newest connection; every
+change the shard applies goes to all of them (see ShardServer).
+
 A peer (a ROUTER identity) is served once it has opened with a HELLO that presents the
 relay's run token (any peer, where the shard asks for none).  A HELLO with a broker's
 id fences that broker's earlier connections: what still comes through them is refused,
@@ -52,6 +55,18 @@ class Admission:
     def __contains__(self, peer: bytes) -> bool:
         """Whether ``peer`` is admitted already."""
         return peer in self._admitted
+
+    def peers(self) -> list[bytes]:
+        """The peers served, oldest first."""
+        return list(self._admitted)
+
+    def __len__(self) -> int:
+        return len(self._admitted)
+
+    def drop(self, peer: bytes) -> None:
+        """Stop serving ``peer`` (gone, or missed a change): to be served again, it must say
+        HELLO again, and so take a fresh snapshot."""
+        self._admitted.pop(peer, None)
 
     def admit(self, peer: bytes, msgs: list) -> bool:
         """Whether to serve ``peer``, not yet admitted, that sent ``msgs``.

@@ -217,5 +217,6 @@ def test_a_broker_that_says_hello_again_fences_its_earlier_connection(tmp_path):
     # Another broker's connection is not fenced by it.
     _send(server, [Hello(6, "s3cret", "b2")], peer=b"other")
     out = _send(server, [_run([7], [4.0], 0.0)], peer=b"new")
-    assert [(type(m), m.req) for m in out] == [(Ack, 7)]
+    # Its sender's answer, and the change published to the other broker.
+    assert [(type(m), m.req) for m in out] == [(Update, 0), (Ack, 7)]
     assert [type(m) for m in _send(server, [Ping(8)], peer=b"other")] == [Pong]
