@@ -272,9 +272,7 @@ class ShardServer:
             self.admission.drop(peer)
             self.requests.fanout = len(self.admission) > 1
             log.warning(
-                "shard %d: cannot send %d messages to a broker (%s); it is served again "
-                "after its next HELLO",
-                self.index,
+                "cannot send %d messages to a broker (%s); it is served again after its next HELLO",
                 n,
                 error,
             )
