@@ -41,7 +41,7 @@ from carelay.common.lifecycle import (
     return_freed_memory,
     write_status,
 )
-from carelay.common.messages import Message, Pong, Reject
+from carelay.common.messages import Applied, Message, Pong, Reject, Write
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
 from carelay.shard.autosave import GOOD_COPY_INTERVAL, Autosave, StoreHealth, Unsaved
@@ -113,6 +113,8 @@ class ShardServer:
         self._out: list[tuple[bytes, Message]] = []
         #: The ids of the messages in ``_out`` that publish a change to the other peers.
         self._published: set[int] = set()
+        #: Per peer, the WRITEs it has sent (what APPLIED counts).
+        self._writes: dict[bytes, int] = {}
         self.status_path = config.run_dir / f"shard-{index}.json"
 
     def load(self) -> None:
@@ -191,20 +193,28 @@ class ShardServer:
             if not admission.admit(peer, msgs):
                 return 0
             self.requests.fanout = len(admission) > 1
+            for gone in [p for p in self._writes if p not in admission]:
+                del self._writes[gone]
         self._broker_seen = time.monotonic()
         self._broker_peer = peer
         if not self._broker_alive:
             self._broker_alive = True
             log.debug("broker connected")
         requests = self.requests
-        n = 0
+        n = writes = 0
         for msg in msgs:
             if type(msg) is protocol.WriteRun:
                 requests.write_run(peer, msg)
                 n += len(msg)
+                writes += len(msg)
             else:
                 requests.dispatch(peer, msg)
                 n += 1
+                writes += type(msg) is Write
+        if writes:
+            self._writes[peer] = total = self._writes.get(peer, 0) + writes
+            if requests.fanout:
+                self._reply(peer, Applied(total, self.store.seq, self.epoch))
         return n
 
     def _reply(self, peer: bytes, msg: Message) -> None:

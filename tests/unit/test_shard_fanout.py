@@ -12,6 +12,7 @@ import pytest
 from carelay.common.config import load_config
 from carelay.common.messages import (
     Ack,
+    Applied,
     Delete,
     Deleted,
     FieldChanged,
@@ -64,11 +65,14 @@ def test_writes_of_either_front_end_reach_the_other_in_sequence(server):
     _send(server, A, [Put(SCALAR, 1, 0.0, np.array([0.0]))])
     run = WriteRun(np.dtype("<f8"), [SCALAR, SCALAR], [0, 5], [0.0, 0.0], [1.0, 2.0])
     out = _send(server, B, [run])
-    assert [type(m) for m in out[B]] == [Ack]  # its sender hears only what it asked for
+    # Its sender hears what it asked for, and how many of its WRITEs are applied.
+    assert [type(m) for m in out[B]] == [Ack, Applied]
+    assert (out[B][1].writes, out[B][1].seq) == (2, server.store.seq)
     assert [(m.req, m.data.tolist()) for m in out[A]] == [(0, [1.0]), (0, [2.0])]
     assert [m.seq for m in out[A]] == sorted(m.seq for m in out[A])
     out = _send(server, A, [Write(SCALAR, 0, 0.0, np.array([3.0]))])
-    assert out[A] == [] and [m.data.tolist() for m in out[B]] == [[3.0]]
+    assert [(type(m), m.writes) for m in out[A]] == [(Applied, 1)]
+    assert [m.data.tolist() for m in out[B]] == [[3.0]]
     assert out[B][0].seq == server.store.seq
 
 
@@ -101,3 +105,10 @@ def test_a_front_end_that_cannot_be_sent_to_is_no_longer_served(server):
     assert server.admission.peers() == [B]
     out = _send(server, B, [Put(SCALAR, 1, 0.0, np.array([1.0]))])
     assert out[A] == [] and len(out[B]) == 1
+
+
+def test_one_front_end_alone_is_sent_no_applied_counts(tmp_path):
+    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
+    server = ShardServer(config, 0)
+    _send(server, A, [Put(SCALAR, 1, 0.0, np.array([0.0]))])
+    assert _send(server, A, [Write(SCALAR, 0, 0.0, np.array([1.0]))])[A] == []
