@@ -105,6 +105,10 @@ def test_a_front_end_that_cannot_be_sent_to_is_no_longer_served(server):
     assert server.admission.peers() == [B]
     out = _send(server, B, [Put(SCALAR, 1, 0.0, np.array([1.0]))])
     assert out[A] == [] and len(out[B]) == 1
+    # What it still sends is refused, until its broker reconnects with a HELLO.
+    out = _send(server, A, [Put(SCALAR, 2, 0.0, np.array([2.0]))])
+    assert [(type(m).__name__, m.req) for m in out[A]] == [("Reject", 2)]
+    assert "resyncs" in out[A][0].reason and server.store.get(SCALAR).tolist() == [1.0]
 
 
 def test_one_front_end_alone_is_sent_no_applied_counts(tmp_path):
