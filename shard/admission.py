@@ -51,6 +51,8 @@ class Admission:
         #: Earlier connections of a broker that has said HELLO again, and connections that
         #: missed a change: what still comes through them is refused, with the reason.
         self._fenced: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        #: Per peer served, the WRITEs it has sent (what an APPLIED counts).
+        self._writes: dict[bytes, int] = {}
         self._refused = 0
         self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
 
@@ -71,6 +73,11 @@ class Admission:
         broker says HELLO and takes a fresh snapshot."""
         if self._admitted.pop(peer, None) is not None:
             self._fence(peer, _DROPPED)
+
+    def wrote(self, peer: bytes, n: int) -> int:
+        """Count ``n`` more WRITEs from ``peer``; returns how many it has sent in all."""
+        total = self._writes[peer] = self._writes.get(peer, 0) + n
+        return total
 
     def admit(self, peer: bytes, msgs: list) -> bool:
         """Whether to serve ``peer``, not yet admitted, that sent ``msgs``.
@@ -97,10 +104,11 @@ class Admission:
                 self._fence(old, _FENCED)
         self._admitted[peer] = broker
         if len(self._admitted) > _ADMITTED_MAX:
-            self._admitted.popitem(last=False)
+            self._writes.pop(self._admitted.popitem(last=False)[0], None)
         return True
 
     def _fence(self, peer: bytes, reason: str) -> None:
+        self._writes.pop(peer, None)
         self._fenced[peer] = reason
         if len(self._fenced) > _FENCED_MAX:
             self._fenced.popitem(last=False)

@@ -7,12 +7,9 @@ replies; if the batch created or deleted PVs, it commits those to the autosave f
 deletion is durable before it is acknowledged.  Changed values are flushed every
 ``autosave_period`` and on a clean stop.
 
-Several front-ends (brokers) may be served at once.  Every applied change goes to each of
-them, in the order applied, whichever one asked for it: its sender gets the answer, the
-others the change with no request number.  They share the ROUTER socket, its HELLO and
-snapshot, its run-token admission and its CurveZMQ, so a change and the answers around it
-reach a front-end in one ordered stream.  A front-end that a change cannot be sent to is
-no longer served until its next HELLO, whose snapshot brings it back in line.
+Every applied change goes to each broker served, in the order applied, whichever one
+asked for it (its sender gets the answer, the others the change with no request number),
+on the one ROUTER socket: one ordered stream per broker, with its HELLO and snapshot.
 """
 
 from __future__ import annotations
@@ -113,8 +110,6 @@ class ShardServer:
         self._out: list[tuple[bytes, Message]] = []
         #: The ids of the messages in ``_out`` that publish a change to the other peers.
         self._published: set[int] = set()
-        #: Per peer, the WRITEs it has sent (what APPLIED counts).
-        self._writes: dict[bytes, int] = {}
         self.status_path = config.run_dir / f"shard-{index}.json"
 
     def load(self) -> None:
@@ -193,8 +188,6 @@ class ShardServer:
             if not admission.admit(peer, msgs):
                 return 0
             self.requests.fanout = len(admission) > 1
-            for gone in [p for p in self._writes if p not in admission]:
-                del self._writes[gone]
         self._broker_seen = time.monotonic()
         self._broker_peer = peer
         if not self._broker_alive:
@@ -212,7 +205,7 @@ class ShardServer:
                 n += 1
                 writes += type(msg) is Write
         if writes:
-            self._writes[peer] = total = self._writes.get(peer, 0) + writes
+            total = admission.wrote(peer, writes)
             if requests.fanout:
                 self._reply(peer, Applied(total, self.store.seq, self.epoch))
         return n
@@ -238,18 +231,14 @@ class ShardServer:
     def _refuse_replies(self, unsaved: Unsaved) -> None:
         """Turn the collected replies about ``unsaved.names`` into Rejects that say why."""
         names, reason = unsaved.names, f"autosave failed: {unsaved.error}"
-        # An undone change is not published: the other peers never hear of it.
         published = self._published
-        self._out = [
-            (peer, msg)
-            for peer, msg in self._out
-            if id(msg) not in published or getattr(msg, "name", "") not in names
-        ]
         self._out = [
             (peer, msg)
             if type(msg) in _NOT_A_CHANGE or getattr(msg, "name", "") not in names
             else (peer, Reject(getattr(msg, "req", 0), msg.name, reason, self.epoch))
             for peer, msg in self._out
+            # An undone change is not published: the other peers never hear of it.
+            if id(msg) not in published or getattr(msg, "name", "") not in names
         ]
 
     def _send_replies(self) -> None:
@@ -277,15 +266,11 @@ class ShardServer:
 
     def _lost(self, peer: bytes, n: int, error: zmq.ZMQError) -> None:
         """``n`` messages could not go to ``peer``: it has missed changes, so it is no
-        longer served (its next HELLO brings it back with a snapshot)."""
+        longer served (see Admission.drop)."""
         if peer in self.admission:
             self.admission.drop(peer)
             self.requests.fanout = len(self.admission) > 1
-            log.warning(
-                "cannot send %d messages to a broker (%s); it is served again after its next HELLO",
-                n,
-                error,
-            )
+            log.warning("cannot send %d messages to a broker (%s); it must resync", n, error)
 
     # -- the loop -----------------------------------------------------------------
 
