@@ -131,3 +131,10 @@ def test_a_broker_killed_leaves_the_other_serving(relay, ca):
     assert _get_b(name) == "5"
     wait_for(lambda: _get_a(ca, name) == 5.0, timeout=30, what=f"{name} through broker 0 again")
     assert relay.alive
+
+
+def test_status_shows_each_broker(relay):
+    out = relay.status().stdout
+    rows = {" ".join(line.split()[:2]): line for line in out.splitlines()}
+    assert "running" in rows["broker " + str(_broker_pid(relay, 0))], out
+    assert "running" in rows["broker 1"], out
