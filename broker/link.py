@@ -81,6 +81,13 @@ class ShardLink:
         self.down_since = 0.0
         #: WRITEs the mirror shows could not be sent: the link must resync.
         self.lost_writes = False
+        #: WRITEs queued on this connection, and how many of them the shard has applied
+        #: (its APPLIED); per PV, the count at its last WRITE.  A change another broker
+        #: caused that comes while this broker's own later WRITE is not applied must not
+        #: move the mirror back (see ShardSync).
+        self.writes = 0
+        self.writes_applied = 0
+        self.own_writes: dict[str, int] = {}
 
     @property
     def state(self) -> LinkState:
@@ -107,6 +114,8 @@ class ShardLink:
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         sock.connect(self.endpoint)
         self.sock = sock
+        self.writes = self.writes_applied = 0  # the shard counts per connection
+        self.own_writes.clear()
         self.state = LinkState.CONNECTING
         self._connect_deadline = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
 
@@ -162,6 +171,8 @@ class ShardLink:
         """Queue a Write message; one-element ones join the run at the end of the queue.  A
         Write that waits for an answer (``req``) carries its ``expires``; a run carries the
         earliest of its Writes'."""
+        self.writes += 1
+        self.own_writes[name] = self.writes
         if data.shape[0] != 1:
             self.queue(Write(name, req, stamp, data, expires if req else 0.0))
             return

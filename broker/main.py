@@ -21,7 +21,7 @@ from carelay.broker.listening import listening_tcp_ports
 from carelay.common import exits
 from carelay.common.config import Config
 from carelay.common.keys import KeysError
-from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent
+from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent, status_path
 from carelay.common.runlock import run_token
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 _STOP_LINGER = 1000
 
 
-def run_broker(config: Config) -> int:
-    """Entry point of ``carelay broker``."""
+def run_broker(config: Config, index: int = 0) -> int:
+    """Entry point of ``carelay broker``; ``index``: which of the ``[[ca]]`` brokers."""
     die_with_parent()
     own_stderr()
     bound_malloc()
@@ -91,6 +91,8 @@ def run_broker(config: Config) -> int:
     except KeysError as e:
         log.error("broker cannot start: %s", e)
         return exits.CANNOT_START
+    if index:
+        broker.status_path = status_path(config.run_dir, f"broker {index}")
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
     if followed:
         from carelay.broker.sockethooks import DeniedPuts, watch_denied
@@ -110,7 +112,8 @@ def run_broker(config: Config) -> int:
     # Read now, while the CA server's are the only listening sockets of this process.
     broker.ca_ports = listening_tcp_ports()
     metrics = None
-    if config.metrics_port is not None:
+    # One /metrics port: the first broker serves it.
+    if config.metrics_port is not None and index == 0:
         from carelay.broker.metrics import serve_metrics
 
         try:

@@ -17,6 +17,7 @@ from carelay.broker.link import ShardLink
 from carelay.common import fields
 from carelay.common.messages import (
     Ack,
+    Applied,
     Deleted,
     FieldChanged,
     Hello,
@@ -60,6 +61,7 @@ class ShardSync:
             SnapshotBegin: self._snapshot_begin,
             Snapshot: self._snapshot,
             SnapshotEnd: self._resync,
+            Applied: self._applied,
         }
 
     # -- receiving ------------------------------------------------------------------
@@ -138,11 +140,26 @@ class ShardSync:
                 self.requests.finish(k, msg.req, False)
                 return
         self.table.set_real(pv, True)
+        # Another broker's change, while this broker's own later WRITE was not yet applied
+        # when the shard sent it: that WRITE comes after it at the shard too (see _applied).
+        if (
+            not msg.req
+            and not msg.reset
+            and pv.ring is None
+            and link.own_writes.get(msg.name, 0) > link.writes_applied
+        ):
+            return
         pv.apply(msg.data, msg.stamp, append=pv.ring is not None, reset=msg.reset)
         if msg.created:
             self.broker.health.creations += 1
             log.debug("created PV %s (shard %d)", msg.name, k)
         self.requests.finish(k, msg.req, True)
+
+    def _applied(self, link: ShardLink, msg: Applied) -> None:
+        """The shard has applied the first ``msg.writes`` WRITEs of this connection."""
+        link.writes_applied = msg.writes
+        if msg.writes >= link.writes:
+            link.own_writes.clear()
 
     def _ack(self, link: ShardLink, msg: Ack) -> None:
         self.requests.finish(link.index, msg.req, True)

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from carelay.common.configcheck import _TYPES, ConfigError, check_value, endpoint_problem
+from carelay.common.configcheck import (
+    _TYPES,
+    CaDoor,
+    ConfigError,
+    check_value,
+    endpoint_problem,
+)
 from carelay.common.defaults import *  # noqa: F403 (every default, importable from here too)
 from carelay.common.defaults import (
     CA_ARRAY_OVERHEAD,
@@ -74,6 +80,9 @@ class Config:
     fields: dict = field(default_factory=dict, hash=False)
     #: One ZeroMQ endpoint per shard; empty means ipc sockets in run_dir.
     endpoints: tuple[str, ...] = field(default=())
+    #: The CA front doors (``[[ca]]``), one broker each; empty: one broker on the port and
+    #: interfaces of the EPICS variables.
+    ca: tuple[CaDoor, ...] = field(default=())
     #: EPICS access security file (UAG, HAG, ASG, RULE) governing read, write and create.
     access_security: Path | None = None
     #: The access security group of every relay PV.
@@ -142,6 +151,11 @@ class Config:
         """The circuits whose buffers fit in CA_BUFFER_SHARE of the byte limit."""
         share = int(self.byte_limit * CA_BUFFER_SHARE) // self.circuit_bytes
         return max(MIN_DEFAULT_CLIENTS, share)
+
+    @property
+    def brokers(self) -> int:
+        """How many CA brokers the relay runs."""
+        return max(1, len(self.ca))
 
     def shard_endpoint(self, index: int) -> str:
         if self.endpoints:
@@ -212,6 +226,7 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 
 __all__ = [
+    "CaDoor",
     "Config",
     "ConfigError",
     "load_config",

@@ -10,7 +10,7 @@ import ipaddress
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from carelay.common.defaults import BROKER_FD_HEADROOM, FD_SETSIZE, LOG_LEVELS, MAX_SHARDS
 from carelay.common.fields import FieldError, validate_defaults
@@ -26,6 +26,14 @@ _HOSTNAME = re.compile(
 
 class ConfigError(ValueError):
     """An invalid configuration: the message names the key and the problem."""
+
+
+class CaDoor(NamedTuple):
+    """One CA front door (a ``[[ca]]`` table): a broker on ``interfaces`` and ``port``."""
+
+    #: Addresses the broker listens on (EPICS_CAS_INTF_ADDR_LIST); empty: all.
+    interfaces: tuple[str, ...]
+    port: int
 
 
 def _numeric_host_ok(host: str) -> bool:
@@ -98,6 +106,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "autosave_period": (int, float),
     "fields": dict,
     "endpoints": list,
+    "ca": list,
     "keys_dir": (str, Path),
     "access_security": (str, Path),
     "access_group": str,
@@ -191,4 +200,29 @@ def check_value(key: str, value: Any) -> Any:
                     "each shard needs its own"
                 )
         value = tuple(value)
+    elif key == "ca":
+        value = tuple(_ca_door(k, door) for k, door in enumerate(value))
+        ports = [(d.port, i) for d in value for i in d.interfaces or ("",)]
+        for k, used in enumerate(ports):
+            if used in ports[:k]:
+                raise ConfigError(f"ca: port {used[0]} is given twice on the same interface")
     return value
+
+
+def _ca_door(k: int, door: Any) -> CaDoor:
+    """``[[ca]]`` table number ``k``: ``interfaces`` (a list of addresses) and ``port``."""
+    if not isinstance(door, dict):
+        raise ConfigError(f"ca: each entry must be a table ([[ca]]), got {door!r}")
+    unknown = set(door) - {"interfaces", "port"}
+    if unknown:
+        raise ConfigError(f"ca: entry {k}: unknown key {sorted(unknown)[0]!r}")
+    port = door.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(f"ca: entry {k}: port must be from 1 to 65535, got {port!r}")
+    interfaces = door.get("interfaces", [])
+    if not isinstance(interfaces, list) or not all(
+        isinstance(a, str) and a and a.isascii() and a.isprintable() and " " not in a
+        for a in interfaces
+    ):
+        raise ConfigError(f"ca: entry {k}: interfaces must be a list of addresses")
+    return CaDoor(tuple(interfaces), port)

@@ -245,6 +245,19 @@ class Pong(Message):
     epoch: int = 0
 
 
+@_kind(20)
+class Applied(Message):
+    """``[20, writes, seq, epoch]``: the shard has applied (or refused) the first
+    ``writes`` WRITEs this connection of the broker sent; ``seq`` is its sequence number
+    after them.  Sent after each batch while the shard serves other brokers too, whose
+    changes it publishes: a broker that has written a PV after the change of another
+    broker arrives knows by it whether its own write came later (see ShardSync)."""
+
+    writes: int
+    seq: int
+    epoch: int = 0
+
+
 #: Every message kind, by its number on the wire (WriteRun is the codec's own).
 KINDS: dict[int, type[Message]] = {
     cls.KIND: cls
@@ -264,5 +277,6 @@ KINDS: dict[int, type[Message]] = {
         Snapshot,
         SnapshotEnd,
         Pong,
+        Applied,
     )
 }

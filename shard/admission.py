@@ -1,5 +1,8 @@
 """Which peers a shard serves: the brokers of its own relay, on their newest connection.
 
+Several brokers (front-ends) are served at once, each on its newest connection; every
+change the shard applies goes to all of them (see ShardServer).
+
 A peer (a ROUTER identity) is served once it has opened with a HELLO that presents the
 relay's run token (any peer, where the shard asks for none).  A HELLO with a broker's
 id fences that broker's earlier connections: what still comes through them is refused,
@@ -28,6 +31,7 @@ _ADMITTED_MAX = 16
 _FENCED_MAX = 64
 _NOT_OURS = "not a broker of this relay: no token, or the wrong one"
 _FENCED = "sent before the broker reconnected"
+_DROPPED = "the shard missed sending this broker a change; it resyncs on reconnecting"
 
 
 class Admission:
@@ -44,14 +48,36 @@ class Admission:
         #: The peers served, newest last, each with the broker it is (the id in its
         #: HELLO; "" where none came).
         self._admitted: collections.OrderedDict[bytes, str] = collections.OrderedDict()
-        #: Earlier connections of a broker that has said HELLO again.
-        self._fenced: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        #: Earlier connections of a broker that has said HELLO again, and connections that
+        #: missed a change: what still comes through them is refused, with the reason.
+        self._fenced: collections.OrderedDict[bytes, str] = collections.OrderedDict()
+        #: Per peer served, the WRITEs it has sent (what an APPLIED counts).
+        self._writes: dict[bytes, int] = {}
         self._refused = 0
         self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
 
     def __contains__(self, peer: bytes) -> bool:
         """Whether ``peer`` is admitted already."""
         return peer in self._admitted
+
+    def peers(self) -> list[bytes]:
+        """The peers served, oldest first."""
+        return list(self._admitted)
+
+    def __len__(self) -> int:
+        return len(self._admitted)
+
+    def drop(self, peer: bytes) -> None:
+        """Stop serving ``peer`` (gone, or missed a change): what it still sends is refused
+        (its PINGs go unanswered, so its broker reconnects), and a new connection of its
+        broker says HELLO and takes a fresh snapshot."""
+        if self._admitted.pop(peer, None) is not None:
+            self._fence(peer, _DROPPED)
+
+    def wrote(self, peer: bytes, n: int) -> int:
+        """Count ``n`` more WRITEs from ``peer``; returns how many it has sent in all."""
+        total = self._writes[peer] = self._writes.get(peer, 0) + n
+        return total
 
     def admit(self, peer: bytes, msgs: list) -> bool:
         """Whether to serve ``peer``, not yet admitted, that sent ``msgs``.
@@ -75,26 +101,34 @@ class Admission:
         if broker:
             for old in [p for p, b in self._admitted.items() if b == broker]:
                 del self._admitted[old]
-                self._fenced[old] = None
-                if len(self._fenced) > _FENCED_MAX:
-                    self._fenced.popitem(last=False)
+                self._fence(old, _FENCED)
         self._admitted[peer] = broker
         if len(self._admitted) > _ADMITTED_MAX:
-            self._admitted.popitem(last=False)
+            self._writes.pop(self._admitted.popitem(last=False)[0], None)
         return True
+
+    def _fence(self, peer: bytes, reason: str) -> None:
+        self._writes.pop(peer, None)
+        self._fenced[peer] = reason
+        if len(self._fenced) > _FENCED_MAX:
+            self._fenced.popitem(last=False)
 
     def _refuse_fenced(self, peer: bytes, msgs: list) -> None:
         """Refuse what an earlier connection of a broker still brings: a REJECT for each
         request that waits for an answer; plain WRITEs are dropped (the broker has asked
-        for the snapshot that shows they did not happen)."""
+        for the snapshot that shows they did not happen, or will on reconnecting)."""
+        reason = self._fenced[peer]
         for msg in msgs:
             if type(msg) is WriteRun:
                 for name, req in zip(msg.names, msg.reqs, strict=True):
                     if req:
-                        self._reply(peer, Reject(req, name, _FENCED, self.epoch))
+                        self._reply(peer, Reject(req, name, reason, self.epoch))
             elif type(msg) in EXPIRING and msg.req:
-                self._reply(peer, Reject(msg.req, msg.name, _FENCED, self.epoch))
-        self._refused_peer(len(msgs), "an earlier connection of a broker that reconnected")
+                self._reply(peer, Reject(msg.req, msg.name, reason, self.epoch))
+        who = "an earlier connection of a broker that reconnected"
+        if reason is _DROPPED:
+            who = "a broker connection that missed a change"
+        self._refused_peer(len(msgs), who)
 
     def _refused_peer(self, n: int, who: str) -> None:
         """Count ``n`` refused messages; one log line per REFUSED_PEER_LOG_INTERVAL."""

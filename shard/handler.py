@@ -3,7 +3,9 @@
 The loop hands every admitted message here in order.  Each request changes the store
 or not, and says what came of it through ``reply``: an UPDATE, FIELD or DELETED with
 the change's sequence number, an ACK for a put with callback the broker had already
-mirrored, a REJECT with the reason.  No sockets here, and no SQL: the loop sends the
+mirrored, a REJECT with the reason.  Every applied change also goes to ``publish``, with
+no request number, for the other front-ends the shard serves (``fanout``: set by the loop
+while there are others).  No sockets here, and no SQL: the loop sends the
 replies after it has committed the batch (``commit``), and the autosave tells whether
 the store can be written.
 """
@@ -39,6 +41,7 @@ class RequestHandler:
         reply: Callable[[bytes, wire.Message], None],
         commit: Callable[[], None],
         epoch: int = 0,
+        publish: Callable[[bytes, wire.Message], None] | None = None,
     ) -> None:
         self.store = store
         self.autosave = autosave
@@ -50,6 +53,11 @@ class RequestHandler:
         self.epoch = epoch
         #: For the broker's health figures (PONG): puts applied.
         self.puts_applied = 0
+        #: Hands each applied change, with req 0, to the front-ends other than its sender.
+        self._publish = publish
+        #: Whether another front-end than the sender may be served (set by the loop): while
+        #: False, no change is built for publishing.
+        self.fanout = False
         #: What each kind of request a broker may send is handled by.
         self._by_kind: dict[type, Callable[[bytes, Any], None]] = {
             wire.Write: self._write,
@@ -113,6 +121,8 @@ class RequestHandler:
         if change.created:
             log.info("created PV %s", msg.name)
         self._reply_change(peer, msg.req, change, created=change.created)
+        if self.fanout:
+            self._publish_change(peer, change, created=change.created)
 
     def _write(self, peer: bytes, msg: wire.Write) -> None:
         """A put the broker has already applied to its mirror (see ``_written``)."""
@@ -120,10 +130,14 @@ class RequestHandler:
             refusing = self.health.refusing
             if refusing and msg.req:
                 raise Rejected(refusing)
-            outcome = self.store.put(msg.name, msg.data, msg.stamp, create=False).seq
+            change = self.store.put(msg.name, msg.data, msg.stamp, create=False)
+            outcome = change.seq
             self.puts_applied += 1
         except Rejected as e:
             outcome = e
+        else:
+            if self.fanout:
+                self._publish_change(peer, change)
         self._written(peer, msg.name, msg.req, outcome)
 
     def _expired(self, peer: bytes, msg: Any) -> None:
@@ -141,15 +155,19 @@ class RequestHandler:
         write = self.store.write_one
         values, stamps, reqs = run.values, run.stamps, run.reqs
         refusing = self.health.refusing
+        fanout = self.fanout
         if run.expires and time.time() > run.expires:
             for k, name in enumerate(run.names):
                 if reqs[k]:
                     self._written(peer, name, reqs[k], Rejected(_EXPIRED))
                     continue
                 try:
-                    write(name, values[k : k + 1], stamps[k])
+                    seq = write(name, values[k : k + 1], stamps[k])
                 except Rejected as e:
                     self._written(peer, name, 0, e)
+                else:
+                    if fanout:
+                        self._publish_written(peer, name, seq, values[k : k + 1])
             return
         for k, name in enumerate(run.names):
             if refusing and reqs[k]:
@@ -161,6 +179,8 @@ class RequestHandler:
                 outcome = e
             else:
                 self.puts_applied += 1
+                if fanout:
+                    self._publish_written(peer, name, outcome, values[k : k + 1])
                 if not reqs[k]:
                     continue  # the commonest WRITE of all: applied, and nothing to say
             self._written(peer, name, reqs[k], outcome)
@@ -197,6 +217,21 @@ class RequestHandler:
         )
         self._reply(peer, update)
 
+    def _publish_change(self, peer: bytes, change, created: bool = False) -> None:
+        """``change`` for the other front-ends: an Update with no request number."""
+        update = wire.Update(
+            change.name, 0, change.seq, change.stamp, change.data, False, created, self.epoch
+        )
+        self._publish(peer, update)
+
+    def _publish_written(self, peer: bytes, name: str, seq: int, element) -> None:
+        """A WRITE of a run, applied at ``seq``, for the other front-ends: the element
+        appended to a buffer, else the value as stored (after drive-limit clipping)."""
+        store = self.store
+        data = element if store.is_buffer(name) else store.get(name)
+        update = wire.Update(name, 0, seq, store.stamp(name), data, False, False, self.epoch)
+        self._publish(peer, update)
+
     # -- fields, deletions, snapshots -----------------------------------------------------
 
     def _set_field(self, peer: bytes, msg: wire.SetField) -> None:
@@ -213,9 +248,16 @@ class RequestHandler:
         if field == "RES":
             log.info("emptied buffer %s", msg.name)
             self._reply_change(peer, msg.req, change, reset=True)
+            if self.fanout:
+                update = wire.Update(
+                    change.name, 0, change.seq, change.stamp, change.data, True, False, self.epoch
+                )
+                self._publish(peer, update)
             return
         log.info("set %s.%s = %r", msg.name, field, value)
         self._reply(peer, wire.FieldChanged(msg.name, msg.req, seq, field, value, self.epoch))
+        if self.fanout:
+            self._publish(peer, wire.FieldChanged(msg.name, 0, seq, field, value, self.epoch))
 
     def _delete(self, peer: bytes, msg: wire.Delete) -> None:
         try:
@@ -225,6 +267,8 @@ class RequestHandler:
             return
         log.info("deleted PV %s", msg.name)
         self._reply(peer, wire.Deleted(msg.name, msg.req, seq, epoch=self.epoch))
+        if self.fanout:
+            self._publish(peer, wire.Deleted(msg.name, 0, seq, epoch=self.epoch))
 
     def _snapshot(self, peer: bytes, hello: wire.Hello) -> None:
         """Every PV, between a SNAPSHOT_BEGIN and a SNAPSHOT_END, in answer to a HELLO."""

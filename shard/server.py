@@ -6,6 +6,10 @@ replies; if the batch created or deleted PVs, it commits those to the autosave f
 (one transaction for the batch) and only then sends the replies, so a creation or
 deletion is durable before it is acknowledged.  Changed values are flushed every
 ``autosave_period`` and on a clean stop.
+
+Every applied change goes to each broker served, in the order applied, whichever one
+asked for it (its sender gets the answer, the others the change with no request number),
+on the one ROUTER socket: one ordered stream per broker, with its HELLO and snapshot.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from carelay.common.lifecycle import (
     return_freed_memory,
     write_status,
 )
-from carelay.common.messages import Message, Pong, Reject
+from carelay.common.messages import Applied, Message, Pong, Reject, Write
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
 from carelay.shard.autosave import GOOD_COPY_INTERVAL, Autosave, StoreHealth, Unsaved
@@ -88,7 +92,13 @@ class ShardServer:
         self.autosave = Autosave(self.store, db, self.health, index)
         self.admission = Admission(token, self._reply, self.epoch)
         self.requests = RequestHandler(
-            self.store, self.autosave, self.health, self._reply, self._commit, self.epoch
+            self.store,
+            self.autosave,
+            self.health,
+            self._reply,
+            self._commit,
+            self.epoch,
+            publish=self._publish,
         )
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -98,6 +108,8 @@ class ShardServer:
         self._broker_peer: bytes | None = None
         #: The replies of the batch, to send once it is committed.
         self._out: list[tuple[bytes, Message]] = []
+        #: The ids of the messages in ``_out`` that publish a change to the other peers.
+        self._published: set[int] = set()
         self.status_path = config.run_dir / f"shard-{index}.json"
 
     def load(self) -> None:
@@ -171,26 +183,43 @@ class ShardServer:
         except protocol.ProtocolError as e:
             log.warning("dropped a malformed message: %s", e)
             return 0
-        if peer not in self.admission and not self.admission.admit(peer, msgs):
-            return 0
+        admission = self.admission
+        if peer not in admission:
+            if not admission.admit(peer, msgs):
+                return 0
+            self.requests.fanout = len(admission) > 1
         self._broker_seen = time.monotonic()
         self._broker_peer = peer
         if not self._broker_alive:
             self._broker_alive = True
             log.debug("broker connected")
         requests = self.requests
-        n = 0
+        n = writes = 0
         for msg in msgs:
             if type(msg) is protocol.WriteRun:
                 requests.write_run(peer, msg)
                 n += len(msg)
+                writes += len(msg)
             else:
                 requests.dispatch(peer, msg)
                 n += 1
+                writes += type(msg) is Write
+        if writes:
+            total = admission.wrote(peer, writes)
+            if requests.fanout:
+                self._reply(peer, Applied(total, self.store.seq, self.epoch))
         return n
 
     def _reply(self, peer: bytes, msg: Message) -> None:
         self._out.append((peer, msg))
+
+    def _publish(self, origin: bytes, msg: Message) -> None:
+        """A change that ``origin`` caused, for every other peer served."""
+        self._published.add(id(msg))
+        out = self._out
+        for peer in self.admission.peers():
+            if peer != origin:
+                out.append((peer, msg))
 
     def _commit(self) -> None:
         """Make the batch's creations and deletions durable before their replies go; the
@@ -202,33 +231,46 @@ class ShardServer:
     def _refuse_replies(self, unsaved: Unsaved) -> None:
         """Turn the collected replies about ``unsaved.names`` into Rejects that say why."""
         names, reason = unsaved.names, f"autosave failed: {unsaved.error}"
+        published = self._published
         self._out = [
             (peer, msg)
             if type(msg) in _NOT_A_CHANGE or getattr(msg, "name", "") not in names
             else (peer, Reject(getattr(msg, "req", 0), msg.name, reason, self.epoch))
             for peer, msg in self._out
+            # An undone change is not published: the other peers never hear of it.
+            if id(msg) not in published or getattr(msg, "name", "") not in names
         ]
 
     def _send_replies(self) -> None:
         """Send the collected replies in order, batched per peer."""
         out, self._out = self._out, []
+        self._published.clear()
         runs: list[tuple[bytes, list[Message]]] = []
         for peer, msg in out:
             if runs and runs[-1][0] == peer:
                 runs[-1][1].append(msg)
             else:
                 runs.append((peer, [msg]))
+        lost: set[bytes] = set()
         for peer, msgs in runs:
+            if peer in lost:
+                continue  # a later run would come after a gap
             for batch in protocol.batches(msgs):
                 frames = protocol.encode_batch(batch)
                 try:
                     protocol.send_frames(self._sock, [peer, *frames])
                 except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
-                    log.warning(
-                        "cannot send %d replies to the broker: %s",
-                        len(batch),
-                        e,
-                    )
+                    self._lost(peer, len(batch), e)
+                    lost.add(peer)
+                    break
+
+    def _lost(self, peer: bytes, n: int, error: zmq.ZMQError) -> None:
+        """``n`` messages could not go to ``peer``: it has missed changes, so it is no
+        longer served (see Admission.drop)."""
+        if peer in self.admission:
+            self.admission.drop(peer)
+            self.requests.fanout = len(self.admission) > 1
+            log.warning("cannot send %d messages to a broker (%s); it must resync", n, error)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -292,8 +334,9 @@ class ShardServer:
                 self._broker_alive = False
                 log.warning("broker went quiet")
             if self.health.status_due and self._broker_peer is not None:
-                # The store's state changed: the broker hears it now, not at the next PING.
-                self.requests.pong(self._broker_peer, 0)
+                # The store's state changed: the brokers hear it now, not at the next PING.
+                for peer in self.admission.peers():
+                    self.requests.pong(peer, 0)
                 self._send_replies()
             if now >= next_status or self.health.status_due:
                 self.health.status_due = False

@@ -95,6 +95,9 @@ class ShardStore:
     def stamp(self, name: str) -> float:
         return self._pvs[name].stamp
 
+    def is_buffer(self, name: str) -> bool:
+        return self._pvs[name].ring is not None
+
     def _spec(self, name: str) -> PvSpec:
         try:
             return parse_pv_name(name, self._prefix, self._max_elements, self._max_name_length)

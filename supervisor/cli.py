@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -140,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "keys", run_keys, "make CurveZMQ keys for shards on other hosts", config=False
     )
     keys.add_argument("directory", help="where to write shard.key[_secret], broker.key[_secret]")
-    _command(sub, "broker", run_broker_role, "run the CA broker (started by `carelay up`)")
+    br = _command(sub, "broker", run_broker_role, "run a CA broker (started by `carelay up`)")
+    br.add_argument("--index", type=int, default=0, metavar="K", help="which [[ca]] broker, from 0")
     sh = _command(
         sub, "shard", run_shard_role, "run one shard (started by `carelay up`)", config=False
     )
@@ -306,11 +308,28 @@ def run_broker_role(args: argparse.Namespace) -> int:
     from carelay.common.config import BROKER_LOCK_FILE
 
     config = _config(args)
-    _standalone_locks(config, BROKER_LOCK_FILE)
-    setup_logging(config.log_level, "broker")
+    index = args.index
+    if not 0 <= index < config.brokers:
+        raise _Refused(f"error: broker index {index} not in 0..{config.brokers - 1}")
+    role = broker_role(index)
+    _standalone_locks(config, BROKER_LOCK_FILE if index == 0 else f"broker-{index}.lock")
+    if config.ca:
+        # PCAS reads its port and interfaces from the environment when the server is made.
+        door = config.ca[index]
+        os.environ["EPICS_CAS_SERVER_PORT"] = str(door.port)
+        if door.interfaces:
+            os.environ["EPICS_CAS_INTF_ADDR_LIST"] = " ".join(door.interfaces)
+        else:
+            os.environ.pop("EPICS_CAS_INTF_ADDR_LIST", None)
+    setup_logging(config.log_level, role)
     from carelay.broker.main import run_broker
 
-    return _run_role(config, "broker", lambda: run_broker(config))
+    return _run_role(config, role, lambda: run_broker(config, index))
+
+
+def broker_role(index: int) -> str:
+    """The name of broker ``index``: "broker", then "broker 1", "broker 2"..."""
+    return f"broker {index}" if index else "broker"
 
 
 def run_shard_role(args: argparse.Namespace) -> int:

@@ -50,7 +50,7 @@ def configured_ca_port() -> str:
 
 
 class Supervisor:
-    """One Watcher per shard and one for the broker."""
+    """One Watcher per shard and one per broker (per ``[[ca]]`` entry, else one)."""
 
     def __init__(self, config: Config, flags: list[str]) -> None:
         self.config = config
@@ -61,7 +61,16 @@ class Supervisor:
             Watcher(f"shard {k}", [*base, "shard", str(k), *flags], env)
             for k in range(config.shards)
         ]
-        self.watchers.append(Watcher("broker", [*base, "broker", *flags], env))
+        #: The brokers, after the shards in ``watchers``: broker 0 first.
+        self.brokers = [
+            Watcher(
+                f"broker {k}" if k else "broker",
+                [*base, "broker", *(["--index", str(k)] if k else []), *flags],
+                env,
+            )
+            for k in range(config.brokers)
+        ]
+        self.watchers.extend(self.brokers)
         self.status_path = config.run_dir / "supervisor.json"
         self.started = time.monotonic()
         # systemd's readiness socket (Type=notify): the supervisor alone speaks for the
@@ -106,7 +115,7 @@ class Supervisor:
 
     def _broker_ready(self) -> dict | None:
         """The running broker's status once it says every shard is in sync, else None."""
-        broker = self.watchers[-1]
+        broker = self.brokers[0]
         if broker.proc is None:
             return None
         status = read_status(status_path(self.config.run_dir, "broker"))
@@ -178,7 +187,8 @@ class Supervisor:
                 if reload_asked:
                     # SIGHUP (systemctl reload): the broker reads its access security again.
                     reload_asked.clear()
-                    self.watchers[-1].signal(signal.SIGHUP)
+                    for w in self.brokers:
+                        w.signal(signal.SIGHUP)
                 for w in self.watchers:
                     w.check(now)
                 if self.notify_socket and not self._told_ready:
@@ -207,9 +217,9 @@ class Supervisor:
         # The broker first, and the shards once it is gone: clients see the relay go away
         # before the data does, and the broker's last puts reach shards still serving.
         # A broker that hangs gets half the grace period, so the shards keep time to save.
-        broker, shards = self.watchers[-1], self.watchers[:-1]
+        brokers, shards = self.brokers, self.watchers[: -len(self.brokers)]
         start = time.monotonic()
-        for group, grace in (([broker], STOP_GRACE / 2), (shards, STOP_GRACE)):
+        for group, grace in ((brokers, STOP_GRACE / 2), (shards, STOP_GRACE)):
             for w in group:
                 w.signal(signal.SIGTERM)
             for w in group:

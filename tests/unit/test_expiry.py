@@ -13,6 +13,7 @@ import pytest
 from carelay.common.config import RUN_LOCK_FILE, load_config
 from carelay.common.messages import (
     Ack,
+    Applied,
     Delete,
     Hello,
     Message,
@@ -217,5 +218,8 @@ def test_a_broker_that_says_hello_again_fences_its_earlier_connection(tmp_path):
     # Another broker's connection is not fenced by it.
     _send(server, [Hello(6, "s3cret", "b2")], peer=b"other")
     out = _send(server, [_run([7], [4.0], 0.0)], peer=b"new")
-    assert [(type(m), m.req) for m in out] == [(Ack, 7)]
+    # Its sender's answer and how far its WRITEs are applied, and the change published
+    # to the other broker.
+    assert [type(m) for m in out] == [Update, Ack, Applied]
+    assert [m.req for m in out[:2]] == [0, 7]
     assert [type(m) for m in _send(server, [Ping(8)], peer=b"other")] == [Pong]

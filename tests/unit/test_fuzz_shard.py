@@ -210,10 +210,10 @@ def _seeded(data_dir: Path, db: ShardDatabase | None = None) -> ShardServer:
     server = ShardServer(_config(data_dir), 0, db=db)
     server.load()
     for k, (name, value) in enumerate(SEED.items(), start=1):
-        server.handle(b"seed", encode_batch([Put(name, k, 0.0, value)]))
+        server.handle(b"fuzzer", encode_batch([Put(name, k, 0.0, value)]))
     for name, stored in SEED_FIELDS.items():
         for field, value in stored.items():
-            server.handle(b"seed", encode_batch([SetField(name, 99, field, value)]))
+            server.handle(b"fuzzer", encode_batch([SetField(name, 99, field, value)]))
     server._commit()
     assert all(type(msg) in (Update, FieldChanged) for _, msg in server._out), server._out
     server._out.clear()

@@ -16,6 +16,7 @@ from hypothesis.extra import numpy as hnp
 from carelay.common.messages import (
     KINDS,
     Ack,
+    Applied,
     Delete,
     Deleted,
     FieldChanged,
@@ -68,6 +69,7 @@ EVERY_KIND = [
     Snapshot("R:t_s1", 4.5, sample("|S40", 1), {"EGU": "V", "HIHI": 2.5}, 23),
     SnapshotEnd(24, 25, "disk full", 26),
     Pong(27, 28, 29, "", 30, 31, 32.5, {"buckets": [0.1], "counts": [1, 2], "sum": 3.0}, 4096, 33),
+    Applied(34, 35, 36),
 ]
 
 

@@ -1,0 +1,140 @@
+"""Two CA brokers (``[[ca]]``) over the same shards: what one serves, the other serves.
+
+One ``carelay up`` with two brokers on two loopback ports: broker 0 on the session's
+CA port (the in-process caproto context of ``ca`` talks to it), broker 1 on a second
+free port, reached by caproto's command-line tools pointed at that port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.servers import free_port
+from tests.system.conftest import CA_PORT, REPEATER_PORT, Relay, using_shared, wait_for
+
+PORT_B = free_port({CA_PORT, REPEATER_PORT})
+
+
+def _config(path: Path) -> Path:
+    path.write_text(
+        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {CA_PORT}\n\n'
+        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {PORT_B}\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_brokers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two")
+    relay = Relay(tmp, shards=2, extra=["--config", str(_config(tmp / "carelay.toml"))])
+    relay.shared = True
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture
+def relay(two_brokers, request):
+    yield from using_shared(two_brokers, request)
+
+
+def _on_b(tool: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    """caproto's ``tool`` against broker 1 only."""
+    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B), "EPICS_CA_ADDR_LIST": "127.0.0.1"}
+    return subprocess.run(
+        [sys.executable, "-m", f"caproto.commandline.{tool}", "--no-repeater", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=env,
+    )
+
+
+def _get_b(name: str) -> str | None:
+    out = _on_b("get", "--terse", name)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _get_a(ca, name: str) -> float | None:
+    """``name`` through broker 0; None while it cannot be reached (a restart)."""
+    (pv,) = ca.get_pvs(name, timeout=5)
+    try:
+        return float(pv.read(timeout=5).data[0])
+    except TimeoutError:
+        return None
+
+
+def _broker_pid(relay: Relay, index: int) -> int:
+    for pid in relay.children():
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"broker" not in cmd or (b"--index" in cmd) != bool(index):
+            continue
+        if not index or cmd[cmd.index(b"--index") + 1] == str(index).encode():
+            return pid
+    raise AssertionError(f"no broker {index} of {relay.prefix} runs")
+
+
+def test_a_put_through_one_broker_is_read_and_monitored_through_the_other(relay, ca):
+    name = relay.name("across", "f1")
+    (pv,) = ca.get_pvs(name, timeout=5)
+    pv.write([1.5], wait=True, timeout=5)  # through broker 0: creates it
+    wait_for(lambda: _get_b(name) == "1.5", what=f"{name} = 1.5 through broker 1")
+    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B)}
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "caproto.commandline.monitor", "--no-repeater"]
+        + ["--maximum", "2", "--format", "{response.data[0]}", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert monitor.stdout.readline().strip() == "1.5"  # subscribed through broker 1
+        pv.write([2.5], wait=True, timeout=5)
+        out, _ = monitor.communicate(timeout=20)
+    finally:
+        monitor.kill()
+    assert out.strip() == "2.5"
+
+
+def test_a_put_from_one_then_from_the_other_ends_with_the_second_on_both(relay, ca):
+    name = relay.name("last", "f1")
+    (pv,) = ca.get_pvs(name, timeout=5)
+    pv.write([1.0], wait=True, timeout=5)
+    wait_for(lambda: _get_b(name) == "1", what=f"{name} created on broker 1")
+    for value in (2.0, 3.0):
+        pv.write([value], wait=False)  # through broker 0, no callback: the write-through
+        done = _on_b("put", "-c", name, str(value + 10))
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda v=value: _get_a(ca, name) == v + 10, what=f"broker 0 shows {value + 10}")
+        assert _get_b(name) == str(int(value + 10))
+
+
+def test_a_broker_killed_leaves_the_other_serving(relay, ca):
+    name = relay.name("survivor", "f1")
+    os.kill(_broker_pid(relay, 1), signal.SIGKILL)
+    (pv,) = ca.get_pvs(name, timeout=5)
+    pv.write([4.0], wait=True, timeout=5)  # broker 0 serves on, and creates it
+    assert _get_a(ca, name) == 4.0
+    # Broker 1 comes back (restarted by the supervisor) with what was done meanwhile.
+    wait_for(lambda: _get_b(name) == "4", timeout=30, what=f"{name} through broker 1 again")
+    # And the other way round.
+    os.kill(_broker_pid(relay, 0), signal.SIGKILL)
+    done = _on_b("put", "-c", name, "5")
+    assert done.returncode == 0, done.stderr
+    assert _get_b(name) == "5"
+    wait_for(lambda: _get_a(ca, name) == 5.0, timeout=30, what=f"{name} through broker 0 again")
+    assert relay.alive
+
+
+def test_status_shows_each_broker(relay):
+    out = relay.status().stdout
+    rows = {" ".join(line.split()[:2]): line for line in out.splitlines()}
+    assert "running" in rows["broker " + str(_broker_pid(relay, 0))], out
+    assert "running" in rows["broker 1"], out

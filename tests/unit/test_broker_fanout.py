@@ -1,0 +1,141 @@
+"""A broker beside another front-end: it mirrors the other's changes, and a change of the
+other that the shard applied before this broker's own later WRITE does not move the
+mirror back.
+
+A real Broker on a scripted ``cas`` and a real shard in a thread; the other front-end is
+a bare DEALER socket that speaks the protocol.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from carelay.broker.app import Broker
+from carelay.common.config import load_config
+from carelay.common.messages import Hello, Update, Write
+from carelay.common.protocol import decode_batch, encode_batch
+from carelay.shard.server import ShardServer
+
+PREFIX = "O:"
+NAME = f"{PREFIX}x_f1"
+DEADLINE = 20.0
+
+
+class Stop:
+    stopping = False
+
+
+class Script:
+    """Stands in for pcaspy's ``cas``: each ``process`` call runs the first step still to
+    do (a step returns True when done); when none is left, the broker stops."""
+
+    def __init__(self, steps: list) -> None:
+        self.steps = steps
+        self.stop = Stop()
+        self.deadline = time.monotonic() + DEADLINE
+
+    def process(self, delay: float) -> None:
+        time.sleep(min(delay, 0.001))
+        if time.monotonic() > self.deadline:
+            raise TimeoutError(f"step {self.steps[0].__name__} not done in {DEADLINE} s")
+        if self.steps and self.steps[0]():
+            self.steps.pop(0)
+        if not self.steps:
+            self.stop.stopping = True
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """(broker, its script, shard, the other front-end's socket)."""
+    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
+    shard = ShardServer(config, 0, db=None)
+    shard.bind()
+    halt = threading.Event()
+
+    def serve() -> None:
+        while not halt.is_set():
+            shard.serve_once(timeout_ms=10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    other = zmq.Context.instance().socket(zmq.DEALER)
+    other.setsockopt(zmq.LINGER, 0)
+    other.connect(shard.endpoint)
+    script = Script([])
+    broker = Broker(config, script)
+    yield broker, script, shard, other
+    for link in broker.links:
+        link.close(linger=0)
+    halt.set()
+    thread.join(timeout=10)
+    other.close()
+    shard.close()
+
+
+def _drain(sock: zmq.Socket) -> list:
+    out = []
+    while sock.poll(50):
+        out += decode_batch(sock.recv_multipart())
+    return out
+
+
+def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undone(pair):
+    broker, script, shard, other = pair
+    box = {}
+
+    def create() -> bool:
+        pv = box["pv"] = broker.attach(NAME)
+        assert broker.forward_put(pv, np.array([1.0]), None)
+        return True
+
+    def created() -> bool:
+        return box["pv"].real and not broker.requests.in_flight(box["pv"])
+
+    def other_joins() -> bool:
+        other.send_multipart(encode_batch([Hello(1, "", "other")]))
+        wait = time.monotonic() + 5
+        while len(shard.admission) < 2 and time.monotonic() < wait:
+            time.sleep(0.005)
+        return True
+
+    def other_puts() -> bool:
+        other.send_multipart(encode_batch([Write(NAME, 0, 0.0, np.array([2.0]))]))
+        return True
+
+    def mirrored() -> bool:
+        return box["pv"].value.tolist() == [2.0]
+
+    def both_put() -> bool:
+        # The other's WRITE is applied first and its change sent to this broker; this
+        # broker's own WRITE follows it at the shard, before the broker reads the change.
+        other.send_multipart(encode_batch([Write(NAME, 0, 0.0, np.array([3.0]))]))
+        wait = time.monotonic() + 5
+        while shard.store.get(NAME).tolist() != [3.0] and time.monotonic() < wait:
+            time.sleep(0.005)
+        assert broker.forward_put(box["pv"], np.array([4.0]), None)
+        return True
+
+    def settled() -> bool:
+        link = broker.links[0]
+        return shard.store.get(NAME).tolist() == [4.0] and link.writes_applied >= link.writes
+
+    script.steps = [
+        lambda: broker.links[0].live,
+        create,
+        created,
+        other_joins,
+        other_puts,
+        mirrored,
+        both_put,
+        settled,
+    ]
+    broker.run(script.stop)
+    assert box["pv"].value.tolist() == [4.0]  # as the shard holds it
+    # The other front-end heard this broker's WRITE, last.
+    published = [m for m in _drain(other) if type(m) is Update and m.name == NAME]
+    assert published[-1].data.tolist() == [4.0]

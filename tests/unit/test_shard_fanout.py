@@ -1,0 +1,118 @@
+"""A shard serving two front-ends: every applied change goes to both, in the shard's order.
+
+No socket: two fake peers hand batches to ``ShardServer.handle``; what the loop would
+send collects in ``server._out``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carelay.common.config import load_config
+from carelay.common.messages import (
+    Ack,
+    Applied,
+    Delete,
+    Deleted,
+    FieldChanged,
+    Hello,
+    Put,
+    SetField,
+    Update,
+    Write,
+)
+from carelay.common.protocol import WriteRun, encode_batch
+from carelay.shard.server import ShardServer
+
+PREFIX = "U:"
+A, B = b"front-end A", b"front-end B"
+SCALAR = f"{PREFIX}x_f1"
+BUFFER = f"{PREFIX}buf_F4"
+
+
+@pytest.fixture
+def server(tmp_path):
+    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
+    s = ShardServer(config, 0)
+    for peer, broker in ((A, "a"), (B, "b")):
+        s.handle(peer, encode_batch([Hello(1, "", broker)]))
+    s._out.clear()
+    return s
+
+
+def _send(server: ShardServer, peer: bytes, msgs: list) -> dict[bytes, list]:
+    """Hand ``msgs`` from ``peer`` to the shard; what each peer would be sent."""
+    server.handle(peer, encode_batch(msgs))
+    server._commit()
+    out: dict[bytes, list] = {A: [], B: []}
+    for to, msg in server._out:
+        out[to].append(msg)
+    server._out.clear()
+    return out
+
+
+def test_a_put_from_one_front_end_reaches_the_other_without_its_request_number(server):
+    out = _send(server, A, [Put(SCALAR, 7, 0.0, np.array([1.5]))])
+    (answer,) = out[A]
+    (published,) = out[B]
+    assert type(answer) is Update and answer.req == 7 and answer.created
+    assert type(published) is Update and published.req == 0 and published.created
+    assert published.seq == answer.seq and published.data.tolist() == [1.5]
+
+
+def test_writes_of_either_front_end_reach_the_other_in_sequence(server):
+    _send(server, A, [Put(SCALAR, 1, 0.0, np.array([0.0]))])
+    run = WriteRun(np.dtype("<f8"), [SCALAR, SCALAR], [0, 5], [0.0, 0.0], [1.0, 2.0])
+    out = _send(server, B, [run])
+    # Its sender hears what it asked for, and how many of its WRITEs are applied.
+    assert [type(m) for m in out[B]] == [Ack, Applied]
+    assert (out[B][1].writes, out[B][1].seq) == (2, server.store.seq)
+    assert [(m.req, m.data.tolist()) for m in out[A]] == [(0, [1.0]), (0, [2.0])]
+    assert [m.seq for m in out[A]] == sorted(m.seq for m in out[A])
+    out = _send(server, A, [Write(SCALAR, 0, 0.0, np.array([3.0]))])
+    assert [(type(m), m.writes) for m in out[A]] == [(Applied, 1)]
+    assert [m.data.tolist() for m in out[B]] == [[3.0]]
+    assert out[B][0].seq == server.store.seq
+
+
+def test_a_buffer_append_is_published_as_the_appended_elements(server):
+    _send(server, A, [Put(BUFFER, 1, 0.0, np.array([1.0, 2.0]))])
+    run = WriteRun(np.dtype("<f8"), [BUFFER], [0], [0.0], [3.0])
+    out = _send(server, A, [run])
+    assert [m.data.tolist() for m in out[B]] == [[3.0]]
+
+
+def test_field_changes_and_deletions_are_published(server):
+    _send(server, A, [Put(SCALAR, 1, 0.0, np.array([0.0]))])
+    out = _send(server, B, [SetField(SCALAR, 2, "EGU", "mm"), Delete(SCALAR, 3)])
+    assert [(type(m), m.req) for m in out[B]] == [(FieldChanged, 2), (Deleted, 3)]
+    assert [(type(m), m.req) for m in out[A]] == [(FieldChanged, 0), (Deleted, 0)]
+    assert out[A][0].value == "mm"
+
+
+def test_a_broker_that_says_hello_again_is_served_on_its_new_connection_only(server):
+    again = b"front-end A, reconnected"
+    server.handle(again, encode_batch([Hello(9, "", "a")]))
+    server._out.clear()
+    server.handle(B, encode_batch([Put(SCALAR, 1, 0.0, np.array([1.0]))]))
+    server._commit()
+    assert sorted(to for to, _ in server._out) == sorted([again, B])
+
+
+def test_a_front_end_that_cannot_be_sent_to_is_no_longer_served(server):
+    server._lost(A, 1, OSError("gone"))
+    assert server.admission.peers() == [B]
+    out = _send(server, B, [Put(SCALAR, 1, 0.0, np.array([1.0]))])
+    assert out[A] == [] and len(out[B]) == 1
+    # What it still sends is refused, until its broker reconnects with a HELLO.
+    out = _send(server, A, [Put(SCALAR, 2, 0.0, np.array([2.0]))])
+    assert [(type(m).__name__, m.req) for m in out[A]] == [("Reject", 2)]
+    assert "resyncs" in out[A][0].reason and server.store.get(SCALAR).tolist() == [1.0]
+
+
+def test_one_front_end_alone_is_sent_no_applied_counts(tmp_path):
+    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
+    server = ShardServer(config, 0)
+    _send(server, A, [Put(SCALAR, 1, 0.0, np.array([0.0]))])
+    assert _send(server, A, [Write(SCALAR, 0, 0.0, np.array([1.0]))])[A] == []
