@@ -217,11 +217,10 @@ class RequestHandler:
         )
         self._reply(peer, update)
 
-    def _publish_change(self, peer: bytes, change, created: bool = False) -> None:
+    def _publish_change(self, peer: bytes, change, created=False, reset=False) -> None:
         """``change`` for the other front-ends: an Update with no request number."""
-        update = wire.Update(
-            change.name, 0, change.seq, change.stamp, change.data, False, created, self.epoch
-        )
+        c = change
+        update = wire.Update(c.name, 0, c.seq, c.stamp, c.data, reset, created, self.epoch)
         self._publish(peer, update)
 
     def _publish_written(self, peer: bytes, name: str, seq: int, element) -> None:
@@ -249,10 +248,7 @@ class RequestHandler:
             log.info("emptied buffer %s", msg.name)
             self._reply_change(peer, msg.req, change, reset=True)
             if self.fanout:
-                update = wire.Update(
-                    change.name, 0, change.seq, change.stamp, change.data, True, False, self.epoch
-                )
-                self._publish(peer, update)
+                self._publish_change(peer, change, reset=True)
             return
         log.info("set %s.%s = %r", msg.name, field, value)
         self._reply(peer, wire.FieldChanged(msg.name, msg.req, seq, field, value, self.epoch))

@@ -38,11 +38,12 @@ from carelay.common.lifecycle import (
     return_freed_memory,
     write_status,
 )
-from carelay.common.messages import Applied, Message, Pong, Reject, Write
+from carelay.common.messages import Applied, Message, Write
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
-from carelay.shard.autosave import GOOD_COPY_INTERVAL, Autosave, StoreHealth, Unsaved
+from carelay.shard.autosave import GOOD_COPY_INTERVAL, Autosave, StoreHealth
 from carelay.shard.handler import RequestHandler
+from carelay.shard.outbox import Outbox
 from carelay.shard.persist import ShardDatabase, StoreDamaged, lock_path, lock_store
 from carelay.shard.store import ShardStore
 
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 _BATCH = 1000
 #: On a clean stop, how long the shard waits for more messages before its last flush (ms).
 _STOP_DRAIN_MS = 50
-#: Replies that change nothing, which a failed commit leaves as they are.
-_NOT_A_CHANGE = (Reject, Pong)
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
@@ -90,15 +89,16 @@ class ShardServer:
         self.epoch = random.getrandbits(62) | 1
         self.health = StoreHealth(index, config.autosave_period, db.path if db else None)
         self.autosave = Autosave(self.store, db, self.health, index)
-        self.admission = Admission(token, self._reply, self.epoch)
+        self.outbox = Outbox(self._peers, self._lost, self.epoch)
+        self.admission = Admission(token, self.outbox.reply, self.epoch)
         self.requests = RequestHandler(
             self.store,
             self.autosave,
             self.health,
-            self._reply,
+            self.outbox.reply,
             self._commit,
             self.epoch,
-            publish=self._publish,
+            publish=self.outbox.publish,
         )
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -106,10 +106,6 @@ class ShardServer:
         self._broker_seen = 0.0
         self._broker_alive = False
         self._broker_peer: bytes | None = None
-        #: The replies of the batch, to send once it is committed.
-        self._out: list[tuple[bytes, Message]] = []
-        #: The ids of the messages in ``_out`` that publish a change to the other peers.
-        self._published: set[int] = set()
         self.status_path = config.run_dir / f"shard-{index}.json"
 
     def load(self) -> None:
@@ -207,62 +203,26 @@ class ShardServer:
         if writes:
             total = admission.wrote(peer, writes)
             if requests.fanout:
-                self._reply(peer, Applied(total, self.store.seq, self.epoch))
+                self.outbox.reply(peer, Applied(total, self.store.seq, self.epoch))
         return n
 
-    def _reply(self, peer: bytes, msg: Message) -> None:
-        self._out.append((peer, msg))
+    @property
+    def _out(self) -> list[tuple[bytes, Message]]:
+        """The replies and published changes of the batch, not sent yet."""
+        return self.outbox.items
 
-    def _publish(self, origin: bytes, msg: Message) -> None:
-        """A change that ``origin`` caused, for every other peer served."""
-        self._published.add(id(msg))
-        out = self._out
-        for peer in self.admission.peers():
-            if peer != origin:
-                out.append((peer, msg))
+    def _peers(self):
+        return self.admission.peers()
 
     def _commit(self) -> None:
         """Make the batch's creations and deletions durable before their replies go; the
         replies about those that could not be become REJECTs."""
         unsaved = self.autosave.commit()
         if unsaved is not None:
-            self._refuse_replies(unsaved)
-
-    def _refuse_replies(self, unsaved: Unsaved) -> None:
-        """Turn the collected replies about ``unsaved.names`` into Rejects that say why."""
-        names, reason = unsaved.names, f"autosave failed: {unsaved.error}"
-        published = self._published
-        self._out = [
-            (peer, msg)
-            if type(msg) in _NOT_A_CHANGE or getattr(msg, "name", "") not in names
-            else (peer, Reject(getattr(msg, "req", 0), msg.name, reason, self.epoch))
-            for peer, msg in self._out
-            # An undone change is not published: the other peers never hear of it.
-            if id(msg) not in published or getattr(msg, "name", "") not in names
-        ]
+            self.outbox.refuse(unsaved.names, unsaved.error)
 
     def _send_replies(self) -> None:
-        """Send the collected replies in order, batched per peer."""
-        out, self._out = self._out, []
-        self._published.clear()
-        runs: list[tuple[bytes, list[Message]]] = []
-        for peer, msg in out:
-            if runs and runs[-1][0] == peer:
-                runs[-1][1].append(msg)
-            else:
-                runs.append((peer, [msg]))
-        lost: set[bytes] = set()
-        for peer, msgs in runs:
-            if peer in lost:
-                continue  # a later run would come after a gap
-            for batch in protocol.batches(msgs):
-                frames = protocol.encode_batch(batch)
-                try:
-                    protocol.send_frames(self._sock, [peer, *frames])
-                except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
-                    self._lost(peer, len(batch), e)
-                    lost.add(peer)
-                    break
+        self.outbox.send(self._sock)
 
     def _lost(self, peer: bytes, n: int, error: zmq.ZMQError) -> None:
         """``n`` messages could not go to ``peer``: it has missed changes, so it is no

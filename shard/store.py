@@ -76,8 +76,7 @@ class ShardStore:
         self.seq = 0
         #: Names whose value changed since the last autosave.
         self.dirty: set[str] = set()
-        #: Creations and deletions not yet durable: name -> the PV as it was
-        #: before (None for a creation), so a failed commit can be undone.
+        #: Creations and deletions not yet durable, to undo: name -> the PV before, or None.
         self._unsaved: dict[str, StoredPv | None] = {}
 
     def __len__(self) -> int:

@@ -1,0 +1,87 @@
+"""What a shard sends back for one batch: the replies, and the changes it publishes.
+
+The loop collects them here while it handles a batch, commits the batch, and only then
+sends them (so a creation or deletion is durable before anyone hears of it).  Each
+applied change goes to the peer that asked (its answer) and, published, to every other
+peer served, all on the one ROUTER socket: one ordered stream per broker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import zmq
+
+from carelay.common import protocol
+from carelay.common.messages import Message, Pong, Reject
+
+#: Replies that change nothing, which a failed commit leaves as they are.
+_NOT_A_CHANGE = (Reject, Pong)
+
+
+class Outbox:
+    """The messages of one batch, per peer and in order, until they are sent."""
+
+    def __init__(
+        self,
+        peers: Callable[[], Iterable[bytes]],
+        lost: Callable[[bytes, int, zmq.ZMQError], None],
+        epoch: int,
+    ) -> None:
+        #: The peers served (Admission.peers), to publish to.
+        self._peers = peers
+        #: Told of a peer that missed messages (it must resync).
+        self._lost = lost
+        self._epoch = epoch
+        #: (peer, message) in the order they are to go.
+        self.items: list[tuple[bytes, Message]] = []
+        #: The ids of the messages in ``items`` that publish a change to the other peers.
+        self._published: set[int] = set()
+
+    def reply(self, peer: bytes, msg: Message) -> None:
+        self.items.append((peer, msg))
+
+    def publish(self, origin: bytes, msg: Message) -> None:
+        """A change that ``origin`` caused, for every other peer served."""
+        self._published.add(id(msg))
+        items = self.items
+        for peer in self._peers():
+            if peer != origin:
+                items.append((peer, msg))
+
+    def refuse(self, names, error) -> None:
+        """The changes to ``names`` were undone (their commit failed): their answers
+        become Rejects that say why, and they are not published."""
+        reason = f"autosave failed: {error}"
+        published = self._published
+        self.items = [
+            (peer, msg)
+            if type(msg) in _NOT_A_CHANGE or getattr(msg, "name", "") not in names
+            else (peer, Reject(getattr(msg, "req", 0), msg.name, reason, self._epoch))
+            for peer, msg in self.items
+            if id(msg) not in published or getattr(msg, "name", "") not in names
+        ]
+
+    def send(self, sock: zmq.Socket) -> None:
+        """Send what was collected, in order, batched per peer.  A peer that cannot take
+        a batch gets nothing more of this one (a later run would come after a gap)."""
+        items, self.items = self.items, []
+        self._published.clear()
+        runs: list[tuple[bytes, list[Message]]] = []
+        for peer, msg in items:
+            if runs and runs[-1][0] == peer:
+                runs[-1][1].append(msg)
+            else:
+                runs.append((peer, [msg]))
+        lost: set[bytes] = set()
+        for peer, msgs in runs:
+            if peer in lost:
+                continue
+            for batch in protocol.batches(msgs):
+                frames = protocol.encode_batch(batch)
+                try:
+                    protocol.send_frames(sock, [peer, *frames])
+                except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
+                    self._lost(peer, len(batch), e)
+                    lost.add(peer)
+                    break
