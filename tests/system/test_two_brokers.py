@@ -29,10 +29,19 @@ def _config(path: Path) -> Path:
     return path
 
 
+class _TwoBrokers(Relay):
+    def wait_ready(self, start: int = 0) -> None:
+        # Each broker says it is ready, in either order: a test that went on at the first
+        # line could search broker 0 before its shards are in sync, and caproto's
+        # search back-off can then outlast the test's patience.
+        self.wait_log(" broker: ready:", start=start)
+        self.wait_log(" broker 1: ready:", start=start)
+
+
 @pytest.fixture(scope="module")
 def two_brokers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two")
-    relay = Relay(tmp, shards=2, extra=["--config", str(_config(tmp / "carelay.toml"))])
+    relay = _TwoBrokers(tmp, shards=2, extra=["--config", str(_config(tmp / "carelay.toml"))])
     relay.shared = True
     yield relay
     relay.stop()
