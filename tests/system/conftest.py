@@ -303,8 +303,10 @@ def using_shared(shared: Relay, request):
     assert shared.proc.poll() is None, "the shared relay died during the test"
 
 
-def caproto_cli(tool: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Run caproto-get/put/monitor as a user would.
+def caproto_cli(
+    tool: str, *args: str, timeout: float = 30, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run caproto-get/put/monitor as a user would (``env``: its environment, if not ours).
 
     ``--no-repeater``: otherwise the first call on a machine without a CA
     repeater spawns one, which inherits our stdout/stderr pipes and keeps
@@ -316,4 +318,5 @@ def caproto_cli(tool: str, *args: str, timeout: float = 30) -> subprocess.Comple
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )

@@ -22,7 +22,7 @@ from tests.system.clients import close, connect, write_status
 from tests.system.conftest import CA_PORT, Relay, using_shared, wait_for
 from tests.system.test_hardening import acf, me
 from tests.system.test_health import _text
-from tests.system.test_metrics import value
+from tests.system.test_metrics import scrape, value
 
 pytestmark = pytest.mark.system
 
@@ -55,18 +55,7 @@ def writer():
 
 
 def refused_by_access() -> float:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return value(samples, "carelay_refusals_total", reason="access") or 0.0
+    return value(scrape(METRICS_PORT), "carelay_refusals_total", reason="access") or 0.0
 
 
 def test_a_put_without_write_access_reaches_last_error_errors_and_metrics(relay, ca, writer):

@@ -33,9 +33,9 @@ def relay(metrics_relay, request):
     yield from using_shared(metrics_relay, request)
 
 
-def scrape() -> dict:
-    """{(sample name, sorted labels): value} of one scrape of /metrics."""
-    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+def scrape(port: int = METRICS_PORT) -> dict:
+    """{(sample name, sorted labels): value} of one scrape of /metrics on ``port``."""
+    url = f"http://127.0.0.1:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as r:
         text = r.read().decode()
     out = {}

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 
 from bench.servers import free_port
-from tests.system.conftest import CA_PORT, REPEATER_PORT, Relay, using_shared, wait_for
+from tests.system.conftest import (
+    CA_PORT,
+    REPEATER_PORT,
+    Relay,
+    caproto_cli,
+    using_shared,
+    wait_for,
+)
 
 PORT_B = free_port({CA_PORT, REPEATER_PORT})
 
@@ -55,14 +62,7 @@ def relay(two_brokers, request):
 def _on_b(tool: str, *args: str, timeout: float = 20) -> subprocess.CompletedProcess:
     """caproto's ``tool`` against broker 1 only."""
     env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B), "EPICS_CA_ADDR_LIST": "127.0.0.1"}
-    return subprocess.run(
-        [sys.executable, "-m", f"caproto.commandline.{tool}", "--no-repeater", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env=env,
-    )
+    return caproto_cli(tool, *args, timeout=timeout, env=env)
 
 
 def _get_b(name: str) -> str | None:

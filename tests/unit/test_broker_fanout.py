@@ -20,33 +20,10 @@ from carelay.common.config import load_config
 from carelay.common.messages import Hello, Update, Write
 from carelay.common.protocol import decode_batch, encode_batch
 from carelay.shard.server import ShardServer
+from tests.unit.scripted_cas import Script
 
 PREFIX = "O:"
 NAME = f"{PREFIX}x_f1"
-DEADLINE = 20.0
-
-
-class Stop:
-    stopping = False
-
-
-class Script:
-    """Stands in for pcaspy's ``cas``: each ``process`` call runs the first step still to
-    do (a step returns True when done); when none is left, the broker stops."""
-
-    def __init__(self, steps: list) -> None:
-        self.steps = steps
-        self.stop = Stop()
-        self.deadline = time.monotonic() + DEADLINE
-
-    def process(self, delay: float) -> None:
-        time.sleep(min(delay, 0.001))
-        if time.monotonic() > self.deadline:
-            raise TimeoutError(f"step {self.steps[0].__name__} not done in {DEADLINE} s")
-        if self.steps and self.steps[0]():
-            self.steps.pop(0)
-        if not self.steps:
-            self.stop.stopping = True
 
 
 @pytest.fixture
