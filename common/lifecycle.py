@@ -186,17 +186,27 @@ def read_status(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-#: What this process last wrote to each status file, less the time: a status that says
-#: the same again only touches the file (``carelay status`` takes its mtime as its age).
+#: What this process last wrote to each status file, less the time and the uptimes: a
+#: status that says the same again only touches the file (``carelay status`` takes its
+#: mtime as its age, and works the uptimes out from ``written``).
 _said: dict[Path, str] = {}
+
+
+def _timeless(value: Any) -> Any:
+    """``value`` without its ``uptime`` keys, at any depth: what a status says."""
+    if isinstance(value, dict):
+        return {k: _timeless(v) for k, v in value.items() if k != "uptime"}
+    if isinstance(value, list):
+        return [_timeless(v) for v in value]
+    return value
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
     """Replace ``path`` atomically with ``status`` as JSON, with this process's pid, the
-    time, and its last error line; when that says what the last write said, only touch
-    it."""
+    time, and its last error line; when that says what the last write said (uptimes
+    aside: a reader adds the time since ``written``), only touch it."""
     status = {**status, "pid": os.getpid(), "last_error": last_error.last}
-    said = json.dumps(status)
+    said = json.dumps(_timeless(status))
     if _said.get(path) == said:
         try:
             os.utime(path)

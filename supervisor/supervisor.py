@@ -25,7 +25,6 @@ from carelay.common import exits
 from carelay.common.config import STATUS_TOUCH_INTERVAL, STOP_GRACE, Config, config_to_dict
 from carelay.common.lifecycle import (
     StopFlag,
-    last_error,
     read_status,
     status_path,
     write_status,
@@ -91,19 +90,6 @@ class Supervisor:
                 "processes": [w.info(now) for w in self.watchers],
             },
         )
-
-    def _status_says(self, now: float) -> list:
-        """What the status file says, less what a reader works out from the time it was
-        written (uptimes): when this changes, the file is rewritten."""
-        procs = [{k: v for k, v in w.info(now).items() if k != "uptime"} for w in self.watchers]
-        return [procs, last_error.last]
-
-    def _touch_status(self, now: float) -> None:
-        """Keep the status file fresh (``carelay status`` reads its mtime) without a rewrite."""
-        try:
-            os.utime(self.status_path)
-        except OSError:
-            self._write_status(now)
 
     def _sleep_for(self, now: float, next_touch: float) -> float:
         """Seconds until the loop has work that no signal announces."""
@@ -179,7 +165,6 @@ class Supervisor:
         wakeup = SignalWakeup()
         for w in self.watchers:
             w.start()
-        said = None
         next_touch = 0.0
         try:
             while not stop.stopping:
@@ -193,14 +178,9 @@ class Supervisor:
                     w.check(now)
                 if self.notify_socket and not self._told_ready:
                     self._tell_systemd_when_ready()
-                says = self._status_says(now)
-                if says != said:
-                    self._write_status(now)
-                    said = says
-                    next_touch = now + STATUS_TOUCH_INTERVAL
-                elif now >= next_touch:
-                    self._touch_status(now)
-                    next_touch = now + STATUS_TOUCH_INTERVAL
+                # Rewritten when what it says changed, else touched (write_status).
+                self._write_status(now)
+                next_touch = now + STATUS_TOUCH_INTERVAL
                 if not stop.stopping:
                     wakeup.wait(self._sleep_for(now, next_touch))
         finally:
