@@ -21,7 +21,13 @@ from carelay.broker.listening import listening_tcp_ports
 from carelay.common import exits
 from carelay.common.config import Config
 from carelay.common.keys import KeysError
-from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent, status_path
+from carelay.common.lifecycle import (
+    StopFlag,
+    bound_malloc,
+    die_with_parent,
+    settle_gc,
+    status_path,
+)
 from carelay.common.runlock import run_token
 
 log = logging.getLogger(__name__)
@@ -129,6 +135,7 @@ def run_broker(config: Config, index: int = 0) -> int:
     broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit)
     broker.circuits.buffers.watch(free_list)
     log.debug("started (pid %d)", os.getpid())
+    settle_gc()
     try:
         broker.run(stop)
     finally:

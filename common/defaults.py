@@ -30,6 +30,11 @@ MALLOC_ARENAS = 2
 #: Bytes malloc must hold free before a process gives memory back (malloc_trim, at each
 #: status write): below it there is next to nothing to give back.
 MALLOC_TRIM_MIN = 256 * 1024
+#: Allocations (less deallocations) between two young collections of the garbage
+#: collector, set after start-up in broker and shards (Python's default is 700): a burst of
+#: creations then walks its new objects a few times instead of dozens.  A young collection
+#: walks at most this many objects, well under a millisecond.
+GC_YOUNG_THRESHOLD = 10_000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 #: Seconds between heartbeats on every broker-shard link, both ways.

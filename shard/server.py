@@ -36,6 +36,7 @@ from carelay.common.lifecycle import (
     die_with_parent,
     first_start_under_supervisor,
     return_freed_memory,
+    settle_gc,
     write_status,
 )
 from carelay.common.messages import Applied, Message, Write
@@ -344,6 +345,8 @@ def run_shard(config: Config, index: int) -> int:
         db.path,
         server.endpoint,
     )
+    # The PVs just loaded live on: the collector stops walking them.
+    settle_gc()
     try:
         saved = server.serve(stop)
     finally:
