@@ -8,6 +8,7 @@ flight count against the limits too, so that a burst of first puts cannot pass t
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable
 
@@ -19,6 +20,12 @@ from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
 
 log = logging.getLogger(__name__)
+
+#: Names whose parse (spec and shard) is remembered: a creation asks for it three times
+#: (search, attach, the new PV), and a client creates its PVs in bursts of searches
+#: followed by as many attaches.  Bounded: at most this many names of at most
+#: max_name_length characters.
+SPEC_CACHE = 4096
 
 
 class Channels:
@@ -52,6 +59,12 @@ class PvTable:
         #: Shards not in sync whose unanswered searches were logged (once each); None
         #: stands for every shard (the control PVs, before the relay is ready).
         self.unserved: set[int | None] = set()
+        self.spec_and_shard = functools.lru_cache(maxsize=SPEC_CACHE)(self._spec_and_shard)
+
+    def _spec_and_shard(self, base: str):
+        """``(spec, shard)`` of the PV name ``base``; InvalidPvName if the rule refuses it
+        (not remembered: a refused name is parsed again)."""
+        return self.config.pv_spec(base), shard_for(base, self.config.shards)
 
     def real_names(self) -> Iterable[str]:
         return (name for name, pv in self.pvs.items() if pv.real)
@@ -97,9 +110,8 @@ class PvTable:
         if not name.startswith(self.config.prefix):
             return False
         base, field = split_field(name)
-        c = self.config
         try:
-            spec = c.pv_spec(base)
+            spec, shard = self.spec_and_shard(base)
         except InvalidPvName as e:
             self.refuse(name, str(e), addr=addr)
             return False
@@ -108,11 +120,9 @@ class PvTable:
             self.refuse(name, f"{why} {field}", addr=addr)
             return False
         base_pv = self.pvs.get(base)
-        if base_pv is None:
-            shard = shard_for(base, c.shards)
-            if not b.links[shard].live:
-                self._not_in_sync(name, shard)
-                return False
+        if base_pv is None and not b.links[shard].live:
+            self._not_in_sync(name, shard)
+            return False
         if base_pv is None or not (base_pv.real or base_pv.creating):
             why = self.over_limits(spec)
             if why is not None:
@@ -145,7 +155,7 @@ class PvTable:
             else:
                 from carelay.broker.pvs import FieldPV
 
-                pv = self.field_pvs[name] = FieldPV(b, self.config.pv_spec(base), field)
+                pv = self.field_pvs[name] = FieldPV(b, self.spec_and_shard(base)[0], field)
         pv.attached = True
         return pv
 
@@ -153,7 +163,7 @@ class PvTable:
         """A provisional PV for ``name``; InvalidPvName if the rule refuses it."""
         from carelay.broker.pvs import RelayPV
 
-        pv = RelayPV(self.broker, self.config.pv_spec(name), shard_for(name, self.config.shards))
+        pv = RelayPV(self.broker, *self.spec_and_shard(name))
         self.pvs[name] = pv
         return pv
 
