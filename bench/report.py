@@ -66,6 +66,8 @@ def rows_for(params) -> list[Row]:
         Row("W4", f"read MB/s ({params.w4_readers} readers, sum)", "read_mb_per_s"),
         Row("W4", "relay CPU-ms per put", "cpu_ms_per_put"),
         Row("W5", "creations/s", "creations_per_s"),
+        Row("W5", "relay CPU-us per creation", "cpu_us_per_creation"),
+        Row("W5", "clients' time connecting, not confirming (%)", "connect_pct"),
         Row("W5", "relay RSS MiB per 1000 PVs", "rss_mib_per_1000_pvs", ("<=", 1.5, "ratio")),
         Row("W5", "relay CPU % of a core, idle, PVs connected", "idle_cpu_pct"),
     ]

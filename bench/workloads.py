@@ -315,8 +315,13 @@ class Bench:
         }
         created = sum(r.done[i]["created"] for i in range(len(clients)))
         rss0, rss1 = sum(before.values()), sum(after.values())
+        busy = sum(r.done[i]["end"] - r.done[i]["start"] for i in range(len(clients)))
+        connecting = sum(r.done[i]["connect_s"] for i in range(len(clients)))
         return {
             "creations_per_s": created / r.driver_span(range(len(clients))),
+            "cpu_us_per_creation": r.cpu_s / created * 1e6,
+            # The rest of the clients' time: their puts with callback, waiting to be confirmed.
+            "connect_pct": 100.0 * connecting / busy,
             "rss_mib_per_1000_pvs": (rss1 - rss0) / MIB / (created / 1000),
             "rss_before_mib": rss0 / MIB,
             "rss_after_mib": rss1 / MIB,
