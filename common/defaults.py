@@ -33,7 +33,7 @@ MALLOC_TRIM_MIN = 256 * 1024
 #: Allocations (less deallocations) between two young collections of the garbage
 #: collector, set after start-up in broker and shards (Python's default is 700): a burst of
 #: creations then walks its new objects a few times instead of dozens.  A young collection
-#: walks at most this many objects, well under a millisecond.
+#: walks at most this many objects: about a quarter of a millisecond.
 GC_YOUNG_THRESHOLD = 10_000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
