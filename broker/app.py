@@ -20,6 +20,7 @@ from carelay.broker.forward import Forwarder
 from carelay.broker.health import Health
 from carelay.broker.link import ShardLink
 from carelay.broker.loop import Loop
+from carelay.broker.mirror import TurnPosts
 from carelay.broker.refusals import shorten
 from carelay.broker.requests import Requests
 from carelay.broker.sync import ShardSync
@@ -75,6 +76,8 @@ class Broker:
         self.requests = Requests(self.links, self.table, self.health, self.error)
         self.sync = ShardSync(self)
         self.loop = Loop(self)
+        #: The loop's turns, and the PVs whose events wait for a turn's end.
+        self.turn_posts = TurnPosts()
         self.forwarder = Forwarder(self)
         # The put path, bound once (no forwarding call on every put).
         self.forward_put = self.forwarder.put

@@ -24,6 +24,7 @@ from carelay.broker.values import (
     fill_gdd,
     gdd_to_array,
     number_array,
+    put_number,
     scalar_number,
     value_gdd,
 )
@@ -74,6 +75,9 @@ class RelayPV(DisplayFields, BasePV):
         self.shard = shard
         self.mirror = PvMirror(spec, broker.resolver)
         self.creating = False  # a first put is on its way: counted against the limits
+        #: The mirror's stamp last converted to EPICS time, and the EPICS time (_timestamp).
+        self._stamp: float | None = None
+        self._epics_stamp = cas.epicsTimeStamp()
         self.deleting = False  # a delpv of it is on its way
 
     # -- the mirror's state, as the broker reads it ------------------------------
@@ -118,7 +122,8 @@ class RelayPV(DisplayFields, BasePV):
 
     def post(self, mask: int) -> None:
         """Post the events of ``mask`` (and DBE_ALARM if the alarm changed) to monitors; a
-        large buffer's may wait for ``post_due``."""
+        large buffer's may wait for ``post_due``, and those past TURN_POST_CAP in one loop
+        turn for ``post_held``."""
         mirror = self.mirror
         alarm, severity = self._status()
         mask |= mirror.alarm_event(alarm, severity)
@@ -128,7 +133,23 @@ class RelayPV(DisplayFields, BasePV):
         if not mask:
             self.broker.post_later(self)
             return
-        self._post_now(mask, alarm, severity)
+        turn_posts = self.broker.turn_posts
+        if mirror.cap(mask, turn_posts.turn):
+            self._post_now(mask, alarm, severity)
+        else:
+            turn_posts.hold(self)
+            self.broker.health.events_merged += 1
+
+    def post_held(self) -> None:
+        """The loop's turn ends: post the events ``post`` held past TURN_POST_CAP as one
+        event, with the latest value, stamp and alarm."""
+        mirror = self.mirror
+        try:
+            mask = mirror.take_held()
+            if mask and self.interest:
+                self._post_now(mask, mirror.alarm, mirror.severity)
+        except Exception:
+            log.exception("%s (shard %d): posting its held events failed", self.name, self.shard)
 
     def post_due(self, now: float) -> bool:
         """Send a coalesced buffer event if its interval has passed; True when sent."""
@@ -163,22 +184,34 @@ class RelayPV(DisplayFields, BasePV):
         return ctrl
 
     def _timestamp(self) -> cas.epicsTimeStamp:
+        """The stamp as EPICS time, made once per stamp: every read and event of one value
+        carries the same one.  No stamp yet: the time now."""
         stamp = self.mirror.stamp
-        if stamp:
-            return cas.epicsTimeStamp.fromPosixTimeStamp(stamp)
-        return cas.epicsTimeStamp()
+        if stamp != self._stamp:
+            if not stamp:
+                return cas.epicsTimeStamp()
+            self._epics_stamp = cas.epicsTimeStamp.fromPosixTimeStamp(stamp)
+            self._stamp = stamp
+        return self._epics_stamp
 
     # -- CA callbacks -----------------------------------------------------------
 
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
-        if self.broker.requests.in_flight(self):
+        broker = self.broker
+        if broker.requests.in_flight(self):
             # A put of ours is on its way to the shard: answer after it, so that
             # a client reads what it has just written.
-            self.broker.wait_for_answers(self)
-        fill_gdd(self.spec, value, self.mirror.contents())
-        alarm, severity = self._status()
-        value.setStatSevr(alarm, severity)
+            broker.wait_for_answers(self)
+        mirror = self.mirror
+        if mirror.plain and mirror.real:
+            # The commonest read: one number.
+            if value.primitiveType() == cas.aitEnumInvalid:
+                value.setPrimType(self._ait)
+            put_number(value, mirror.value.item())
+        else:
+            fill_gdd(self.spec, value, mirror.contents())
+        value.setStatSevr(*self._status())
         value.setTimeStamp(self._timestamp())
         return cas.S_casApp_success
 

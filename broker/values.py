@@ -151,12 +151,22 @@ def fill_gdd(spec: PvSpec, gdd: cas.gdd, contents: np.ndarray) -> None:
     if len(contents) == 0:
         contents = np.zeros(1, dtype=spec.dtype)
     if spec.count == 1 and spec.kind != "c":
-        gdd.put(contents[0].item())
+        put_number(gdd, contents[0].item())
         return
     contents = np.ascontiguousarray(contents)
     gdd.setDimension(1)
     gdd.setBound(0, 0, len(contents))
     gdd.put(contents)
+
+
+def put_number(gdd: cas.gdd, x: float) -> None:
+    """Put one number into ``gdd``, whose primitive type is set: what ``gdd.put`` does for
+    a number, with fewer calls into the extension (a read of a scalar is the commonest)."""
+    if gdd.isAtomic():
+        gdd.setBound(0, 0, 1)
+        gdd.putNumericArray([x])
+    else:
+        gdd.putConvertNumeric(x)
 
 
 def value_gdd(spec: PvSpec, contents: np.ndarray) -> cas.gdd:
