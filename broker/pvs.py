@@ -99,7 +99,8 @@ class RelayPV(DisplayFields, BasePV):
     def apply(self, data: np.ndarray, stamp: float, append: bool, reset=False, owned=False) -> None:
         """Mirror a change (see PvMirror.apply) and post it to monitors."""
         self.post(self.mirror.apply(data, stamp, append, reset, owned))
-        self.broker.post_field(self.name, "NORD")
+        if self.broker.field_pvs:  # a NAME.NORD monitor may wait (none do on most puts)
+            self.broker.post_field(self.name, "NORD")
 
     def field_changed(self, name: str, value) -> None:
         """Mirror a field change the shard applied: property event, alarms re-checked."""

@@ -43,6 +43,7 @@ class _Broker:
         self.health = SimpleNamespace(events_merged=0)
         self.requests = SimpleNamespace(in_flight=lambda pv: 0)
         self.store_errors = [""]
+        self.field_pvs: dict = {}
         self.live = True
 
     def shard_live(self, index: int) -> bool:
