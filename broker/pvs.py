@@ -24,7 +24,7 @@ from carelay.broker.values import (
     fill_gdd,
     gdd_to_array,
     number_array,
-    put_number,
+    read_number,
     scalar_number,
     value_gdd,
 )
@@ -207,11 +207,9 @@ class RelayPV(DisplayFields, BasePV):
         mirror = self.mirror
         if mirror.plain and mirror.real:
             # The commonest read: one number.
-            if value.primitiveType() == cas.aitEnumInvalid:
-                value.setPrimType(self._ait)
-            put_number(value, mirror.value.item())
-        else:
-            fill_gdd(self.spec, value, mirror.contents())
+            read_number(value, self._ait, mirror.value.item(), self._status(), self._timestamp())
+            return cas.S_casApp_success
+        fill_gdd(self.spec, value, mirror.contents())
         value.setStatSevr(*self._status())
         value.setTimeStamp(self._timestamp())
         return cas.S_casApp_success

@@ -42,6 +42,16 @@ def test_a_plain_number_reads_its_value_stamp_and_no_alarm(type_count, value):
     assert _stamp(gdd) == pytest.approx(T0 + 1.5, abs=1e-6)
 
 
+def test_a_plain_number_fills_an_array_gdd_too():
+    """A client may ask for an array of one element."""
+    pv = _pv("f1")
+    pv.apply(np.array([2.5]), T0, False, owned=True)
+    gdd = cas.gdd(16, cas.aitEnumFloat64, 1)
+    gdd.setBound(0, 0, 1)
+    assert pv.getValue(gdd) == cas.S_casApp_success
+    assert list(gdd.getNumericArray(1)) == [2.5]
+
+
 def test_a_provisional_pv_reads_zero_undefined_stamped_now():
     pv = _pv("f1")
     before = time.time()
