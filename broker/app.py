@@ -20,11 +20,11 @@ from carelay.broker.forward import Forwarder
 from carelay.broker.health import Health
 from carelay.broker.link import ShardLink
 from carelay.broker.loop import Loop
-from carelay.broker.mirror import TurnPosts
 from carelay.broker.refusals import shorten
 from carelay.broker.requests import Requests
 from carelay.broker.sync import ShardSync
 from carelay.broker.table import PvTable
+from carelay.broker.turnposts import TurnPosts
 from carelay.common.config import STARTUP_GRACE, STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver, split_field
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys

@@ -39,10 +39,6 @@ UDF_ALARM = 17
 COALESCE_BYTES = 64 * 1024
 BUFFER_POST_INTERVAL = 0.05
 BUFFER_EVENT_RATE = 40e6
-#: Events one PV posts in one turn of the broker's loop; past them, the turn's further
-#: events of that PV are merged into one, posted when the turn ends (TurnPosts).  An
-#: IOC's CA server does the same per subscription once its queue of 16 events is full.
-TURN_POST_CAP = 16
 
 ALARM_LIMITS = frozenset({"HIHI", "HIGH", "LOW", "LOLO"})
 #: Fields a DBR_CTRL/DBR_GR event carries.
@@ -104,9 +100,6 @@ class PvMirror:
         "_appended",
         "_mlst",
         "_alst",
-        "_turn",
-        "_turn_posts",
-        "_held",
     )
 
     def __init__(self, spec: PvSpec, resolver: FieldResolver) -> None:
@@ -134,11 +127,6 @@ class PvMirror:
         #: Value last posted with DBE_VALUE, with DBE_LOG (a string's bytes; None: none).
         self._mlst: float | bytes | None = None
         self._alst: float | bytes | None = None
-        #: The loop turn (TurnPosts.turn) of the last post, the posts in it, and the
-        #: events past TURN_POST_CAP that wait for the turn's end (take_held).
-        self._turn = -1
-        self._turn_posts = 0
-        self._held = 0
         #: A numeric scalar with no fields in effect: no clipping or alarm limits, deadbands
         #: of 0; a put of a number takes the short way (RelayPV.write), one compare to post.
         self.plain = False
@@ -336,53 +324,6 @@ class PvMirror:
     def take_due(self, now: float) -> int | None:
         """The events ``coalesce`` held back, to post now (see EventPacer.take_due)."""
         return 0 if self.pacer is None else self.pacer.take_due(now)
-
-    def cap(self, mask: int, turn: int) -> int:
-        """The events to post now for ``mask``, in loop turn ``turn``: all of them for the
-        turn's first TURN_POST_CAP posts; past those 0, and ``mask`` is added to the events
-        held for the turn's end (``take_held``)."""
-        if turn != self._turn:
-            self._turn = turn
-            self._turn_posts = 0
-        if self._turn_posts < TURN_POST_CAP:
-            self._turn_posts += 1
-            return mask
-        self._held |= mask
-        return 0
-
-    def take_held(self) -> int:
-        """The events ``cap`` held in the turn that ends, all in one mask (0: none)."""
-        mask, self._held = self._held, 0
-        return mask
-
-
-class TurnPosts:
-    """The broker's loop turns, and the PVs with events held until the turn ends.
-
-    A burst of puts to one PV within one turn posts TURN_POST_CAP events at once and the
-    rest as one event when the turn ends (``flush``): the PV's latest value and stamp,
-    with the events of all of them.  Monitors so always get the last value of a burst,
-    in order, and the broker does not build an event for each value that the CA
-    server's full queue would replace anyway."""
-
-    __slots__ = ("turn", "held")
-
-    def __init__(self) -> None:
-        self.turn = 0
-        #: PVs with events held (PvMirror.cap), in the order they were first held.
-        self.held: dict = {}
-
-    def hold(self, pv) -> None:
-        """``pv`` has events held: its ``post_held`` is called when the turn ends."""
-        self.held[pv] = None
-
-    def flush(self) -> None:
-        """The turn ends: every PV with events held posts them, as one event each."""
-        self.turn += 1
-        if self.held:
-            held, self.held = self.held, {}
-            for pv in held:
-                pv.post_held()
 
 
 class EventPacer:

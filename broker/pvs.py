@@ -134,20 +134,17 @@ class RelayPV(DisplayFields, BasePV):
         if not mask:
             self.broker.post_later(self)
             return
-        turn_posts = self.broker.turn_posts
-        if mirror.cap(mask, turn_posts.turn):
+        if self.broker.turn_posts.admit(self, mask):
             self._post_now(mask, alarm, severity)
         else:
-            turn_posts.hold(self)
             self.broker.health.events_merged += 1
 
-    def post_held(self) -> None:
-        """The loop's turn ends: post the events ``post`` held past TURN_POST_CAP as one
-        event, with the latest value, stamp and alarm."""
+    def post_held(self, mask: int) -> None:
+        """The loop's turn ends: post the events of ``mask``, which ``post`` held past
+        TURN_POST_CAP, as one event with the latest value, stamp and alarm."""
         mirror = self.mirror
         try:
-            mask = mirror.take_held()
-            if mask and self.interest:
+            if self.interest:
                 self._post_now(mask, mirror.alarm, mirror.severity)
         except Exception:
             log.exception("%s (shard %d): posting its held events failed", self.name, self.shard)

@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 from pcaspy import cas
 
-from carelay.broker.mirror import (
-    DBE_ALARM,
-    DBE_PROPERTY,
-    TURN_POST_CAP,
-    VALUE_MASK,
-    PvMirror,
-    TurnPosts,
-)
+from carelay.broker.mirror import DBE_ALARM, DBE_PROPERTY, VALUE_MASK
 from carelay.broker.pvs import RelayPV
 from carelay.broker.table import Channels
+from carelay.broker.turnposts import TURN_POST_CAP, TurnPosts
 from carelay.common.fields import FieldResolver
 from carelay.common.naming import parse_pv_name
 
@@ -87,15 +81,28 @@ def _burst(pv, n: int, first: float = 1.0) -> None:
         pv.apply(np.array([first + i]), T0 + first + i, False, owned=True)
 
 
-def test_a_mirror_posts_the_first_of_a_turn_and_holds_the_rest_merged():
-    mirror = PvMirror(parse_pv_name(PREFIX + "y_f1", PREFIX, 1000, 128), FieldResolver(PREFIX, {}))
-    assert [mirror.cap(VALUE_MASK, 1) for _ in range(TURN_POST_CAP)] == [VALUE_MASK] * 16
-    assert mirror.cap(VALUE_MASK, 1) == 0
-    assert mirror.cap(DBE_ALARM, 1) == 0
-    assert mirror.take_held() == VALUE_MASK | DBE_ALARM
-    assert mirror.take_held() == 0
-    # A new turn posts at once again.
-    assert mirror.cap(DBE_PROPERTY, 2) == DBE_PROPERTY
+class _Posted:
+    """A PV as TurnPosts sees it: what ``post_held`` was given."""
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+
+    def post_held(self, mask: int) -> None:
+        self.held.append(mask)
+
+
+def test_the_first_posts_of_a_turn_go_and_the_rest_wait_merged():
+    posts, a, b = TurnPosts(), _Posted(), _Posted()
+    assert [posts.admit(a, VALUE_MASK) for _ in range(TURN_POST_CAP)] == [VALUE_MASK] * 16
+    assert posts.admit(b, DBE_ALARM) == DBE_ALARM  # each PV has its own count
+    assert posts.admit(a, VALUE_MASK) == 0
+    assert posts.admit(a, DBE_ALARM) == 0
+    posts.flush()
+    assert (a.held, b.held) == ([VALUE_MASK | DBE_ALARM], [])
+    # A new turn posts at once again; nothing is held twice.
+    assert posts.admit(a, DBE_PROPERTY) == DBE_PROPERTY
+    posts.flush()
+    assert a.held == [VALUE_MASK | DBE_ALARM]
 
 
 def test_a_burst_posts_the_cap_then_its_last_value_with_its_own_stamp(monitored):
@@ -146,4 +153,4 @@ def test_a_monitor_gone_before_the_turn_ends_gets_nothing(monitored):
     pv.interest = False
     broker.turn_posts.flush()
     assert len(events) == TURN_POST_CAP
-    assert pv.mirror.take_held() == 0  # taken, not left for a later turn
+    assert not broker.turn_posts.held  # taken, not left for a later turn
