@@ -24,6 +24,7 @@ from carelay.broker.refusals import shorten
 from carelay.broker.requests import Requests
 from carelay.broker.sync import ShardSync
 from carelay.broker.table import PvTable
+from carelay.broker.turnposts import TurnPosts
 from carelay.common.config import STARTUP_GRACE, STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver, split_field
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
@@ -75,6 +76,8 @@ class Broker:
         self.requests = Requests(self.links, self.table, self.health, self.error)
         self.sync = ShardSync(self)
         self.loop = Loop(self)
+        #: The loop's turns, and the PVs whose events wait for a turn's end.
+        self.turn_posts = TurnPosts()
         self.forwarder = Forwarder(self)
         # The put path, bound once (no forwarding call on every put).
         self.forward_put = self.forwarder.put

@@ -294,6 +294,8 @@ class Health:
         self.puts = 0
         self.creations = 0
         self.deletions = 0
+        #: Monitor events merged into a later one of their PV (see TurnPosts).
+        self.events_merged = 0
         self.refusals = dict.fromkeys(REFUSAL_KINDS, 0)
         self.put_callback = Histogram(PUT_BUCKETS)
         self.errors = ErrorLog()
@@ -385,6 +387,7 @@ class Health:
             "puts": self.puts,
             "creations": self.creations,
             "deletions": self.deletions,
+            "events_merged": self.events_merged,
             "refusals": dict(self.refusals),
             "put_callback": self.put_callback,
             "shards": shards,

@@ -65,6 +65,8 @@ class Loop:
                 delay = _IDLE_SLICE
             else:
                 delay = _QUIET_SLICE
+            # The events held in the last turn go out in this slice (TurnPosts).
+            b.turn_posts.flush()
             b.cas.process(delay)
             if b.circuits is not None:
                 self._watch_circuits()

@@ -66,6 +66,11 @@ class HealthCollector(Collector):
         yield CounterMetricFamily("carelay_puts", "Accepted puts", value=snap["puts"])
         yield CounterMetricFamily("carelay_creations", "PVs created", value=snap["creations"])
         yield CounterMetricFamily("carelay_deletions", "PVs deleted", value=snap["deletions"])
+        yield CounterMetricFamily(
+            "carelay_events_merged",
+            "Monitor events merged into a later event of their PV within one loop turn",
+            value=snap["events_merged"],
+        )
         refusals = CounterMetricFamily(
             "carelay_refusals", "Refused names and puts, and failed requests", labels=["reason"]
         )
