@@ -32,8 +32,12 @@ class Channels:
 class PvTable:
     """The relay PVs and their field PVs by name, and what they count against the limits."""
 
-    def __init__(self, broker) -> None:
+    def __init__(self, broker, make_pv=None, make_field_pv=None) -> None:
+        """``make_pv(broker, spec, shard)`` and ``make_field_pv(broker, spec, field)`` make
+        the front-end's PV objects (the CA broker's RelayPV and FieldPV)."""
         self.broker = broker
+        self.make_pv = make_pv
+        self.make_field_pv = make_field_pv
         self.config = config = broker.config
         self.pvs: dict = {}
         self.field_pvs: dict = {}
@@ -143,17 +147,15 @@ class PvTable:
             if field is None or field == "VAL":
                 pv = self.pvs.get(base) or self.new_pv(base)
             else:
-                from carelay.broker.pvs import FieldPV
-
-                pv = self.field_pvs[name] = FieldPV(b, self.config.pv_spec(base), field)
+                spec = self.config.pv_spec(base)
+                pv = self.field_pvs[name] = self.make_field_pv(b, spec, field)
         pv.attached = True
         return pv
 
     def new_pv(self, name: str):
         """A provisional PV for ``name``; InvalidPvName if the rule refuses it."""
-        from carelay.broker.pvs import RelayPV
-
-        pv = RelayPV(self.broker, self.config.pv_spec(name), shard_for(name, self.config.shards))
+        spec = self.config.pv_spec(name)
+        pv = self.make_pv(self.broker, spec, shard_for(name, self.config.shards))
         self.pvs[name] = pv
         return pv
 
