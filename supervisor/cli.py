@@ -343,7 +343,7 @@ def run_pva_role(args: argparse.Namespace) -> int:
     config = _config(args)
     _standalone_locks(config, "pva.lock")
     setup_logging(config.log_level, "pva")
-    from carelay.broker.pva.main import run_pva
+    from carelay.broker.pva.run import run_pva
 
     return _run_role(config, "pva", lambda: run_pva(config))
 

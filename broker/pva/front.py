@@ -29,8 +29,8 @@ from carelay.broker.forward import Forwarder
 from carelay.broker.link import ShardLink
 from carelay.broker.pva import convert
 from carelay.broker.pva.inbox import Inbox
-from carelay.broker.pva.loop import PvaLoop, PvaSync
-from carelay.broker.pva.pvs import DelPvPVA, PvaPV, PvListPVA
+from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
+from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
 from carelay.broker.requests import Requests
 from carelay.broker.table import PvTable
 from carelay.common.config import STARTUP_QUIET, Config

@@ -214,3 +214,12 @@ def test_bad_puts_refused_with_reason_value_kept(relay, pva):
 def test_names_that_break_the_rule_do_not_exist(relay, pva):
     with pytest.raises(TimeoutError):
         pva.get(relay.prefix + "no_type_here", timeout=1)
+
+
+def test_status_shows_the_pva_front_end(relay):
+    def pva_row():
+        rows = [line.split() for line in relay.status().stdout.splitlines()]
+        return next((row for row in rows if row[:1] == ["pva"] and row[2] == "running"), None)
+
+    row = wait_for(pva_row, what="carelay status to show pva running")
+    assert row[5].isdigit()  # its PV count, from its own status file
