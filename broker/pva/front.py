@@ -87,8 +87,10 @@ class PvaPut:
     """One PVA put in progress: done when each of its parts (a value, field changes) is
     applied by the shard, failed with the first reason one of them was refused for."""
 
-    def __init__(self, op, client: PeerClient) -> None:
+    def __init__(self, op, client: PeerClient, before_done=None) -> None:
         self.op = op
+        #: Called before the client is told: what the put changed is shown first.
+        self.before_done = before_done
         self.client = client
         client.put = self
         self.parts = 0
@@ -106,6 +108,8 @@ class PvaPut:
         if self.parts > 0 or self.done:
             return
         self.done = True
+        if self.before_done is not None:
+            self.before_done()
         if self.failed:
             self.op.done(error=self.reason or "put failed")
         else:
@@ -265,7 +269,7 @@ class PvaFrontEnd:
             host, user = str(op.peer()), str(op.account())
         except Exception:
             host, user = "?", "?"
-        put = PvaPut(op, PeerClient((host, user)))
+        put = PvaPut(op, PeerClient((host, user)), self.pvlist.post_if_changed)
         self.put_context = put
         try:
             if target is self.pvlist:

@@ -69,7 +69,7 @@ def test_put_creates_get_and_monitor(relay, pva):
     finally:
         sub.close()
     # Made by a PVA put, served to CA too.
-    assert get(name) == 3.5
+    wait_for(lambda: get(name) == 3.5, what="CA to read the PVA put")
 
 
 def test_types_over_pva(relay, pva):
@@ -84,8 +84,8 @@ def test_types_over_pva(relay, pva):
     assert pva.get(i, timeout=5).raw.type()["value"] == "i"
     assert pva.get(s, timeout=5) == "hello"
     assert pva.get(c, timeout=5) == "some text"
-    assert get(c, as_string=True) == "some text"
-    assert get(i) == 7
+    wait_for(lambda: get(c, as_string=True) == "some text", what="CA to read the text")
+    wait_for(lambda: get(i) == 7, what="CA to read the int")
 
 
 def test_ca_put_to_pva_monitor(relay, pva):
@@ -154,13 +154,16 @@ def test_metadata_both_ways(relay, pva):
     finally:
         sub.close()
     pva.put(name, {"display.units": "mm", "display.precision": 3}, timeout=5)
-    assert get(name + ".EGU", as_string=True) == "mm"
-    assert get(name + ".PREC") == 3
+    wait_for(lambda: get(name + ".EGU", as_string=True) == "mm", what="CA to read EGU")
+    wait_for(lambda: get(name + ".PREC") == 3, what="CA to read PREC")
     put(name + ".HIHI", 10.0)
     put(name + ".DRVH", 20.0)
-    raw = pva.get(name, timeout=5).raw
-    assert raw["valueAlarm.highAlarmLimit"] == 10.0
-    assert raw["control.limitHigh"] == 20.0
+
+    def limits():
+        raw = pva.get(name, timeout=5).raw
+        return (raw["valueAlarm.highAlarmLimit"], raw["control.limitHigh"]) == (10.0, 20.0)
+
+    wait_for(limits, what="HIHI and DRVH from CA as valueAlarm and control limits")
     pva.put(name, 15.0, timeout=5)
     raw = pva.get(name, timeout=5).raw
     assert raw["alarm.severity"] == 2 and raw["alarm.message"] == "HIHI"  # as CA shows it
@@ -171,13 +174,13 @@ def test_buffer_appends_and_array_takes_the_length(relay, pva):
     pva.put(buf, [1.0, 2.0], timeout=5)
     pva.put(buf, [3.0, 4.0, 5.0], timeout=5)
     assert list(pva.get(buf, timeout=5)) == [2.0, 3.0, 4.0, 5.0]
-    assert list(get_array(buf)) == [2.0, 3.0, 4.0, 5.0]
+    wait_for(lambda: list(get_array(buf)) == [2.0, 3.0, 4.0, 5.0], what="CA to read the buffer")
     arr = relay.name("arr", "i5")
     pva.put(arr, [1, 2, 3], timeout=5)
     assert list(pva.get(arr, timeout=5)) == [1, 2, 3]
     pva.put(arr, [9, 8], timeout=5)
     assert list(pva.get(arr, timeout=5)) == [9, 8]
-    assert list(get_array(arr)) == [9, 8]
+    wait_for(lambda: list(get_array(arr)) == [9, 8], what="CA to read the array")
 
 
 def test_pvlist_and_delpv(relay, pva):
