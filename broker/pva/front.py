@@ -228,12 +228,13 @@ class PvaFrontEnd:
         target = self.controls.get(name) or self.table.pvs.get(name)
         if target is None:
             if not self.table.claims(name):
-                self._drop(channel)
+                self.drop_channel(channel)
                 return
             target = self.table.new_pv(name)
         target.bind(channel)
 
-    def _drop(self, channel) -> None:
+    def drop_channel(self, channel) -> None:
+        """Close ``channel`` and forget it: the next client of its name gets a new one."""
         with self.channel_lock:
             if self.channels.get(channel.name) is channel:
                 del self.channels[channel.name]
@@ -256,7 +257,7 @@ class PvaFrontEnd:
             # A provisional PV nobody holds: gone, as on CA.
             self.table.detached(target)
             target.channel = None
-            self._drop(channel)
+            self.drop_channel(channel)
 
     # -- the loop thread: puts --------------------------------------------------------------
 

@@ -64,6 +64,10 @@ class PvaPV:
         self.mirror.forget()
         self.deleting = False
         self.post(-1)
+        if not self.attached and self.channel is not None:
+            # No client holds it: the table forgets this PV, so its channel goes too.
+            self.front.drop_channel(self.channel)
+            self.channel = None
 
     def post(self, mask: int) -> None:
         """Show the PV's state to PVA monitors when ``mask`` says the value changed, or

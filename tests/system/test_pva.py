@@ -226,3 +226,26 @@ def test_status_shows_the_pva_front_end(relay):
 
     row = wait_for(pva_row, what="carelay status to show pva running")
     assert row[5].isdigit()  # its PV count, from its own status file
+
+
+def test_deleted_pv_is_made_again_by_a_pva_put(relay, pva):
+    held, free = relay.name("held", "f1"), relay.name("free", "f1")
+    sub, got = _events(pva, held)  # a client holds this one through the deletion
+    try:
+        for name in (held, free):
+            once = pva_context()  # no client holds ``free`` when it is deleted
+            try:
+                once.put(name, 1.0, timeout=5)
+            finally:
+                once.close()
+            wait_for(lambda n=name: get(n) == 1.0, what=f"the CA broker to know {name}")
+            put(relay.prefix + "delpv", name)
+            wait_for(
+                lambda n=name: n not in str(pva.get(relay.prefix + "pvlist", timeout=5)),
+                what=f"{name} gone from pvlist",
+            )
+            pva.put(name, 2.0, timeout=5)
+            assert pva.get(name, timeout=5) == 2.0
+        _next_value(got, 2.0)
+    finally:
+        sub.close()
