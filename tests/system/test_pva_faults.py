@@ -54,11 +54,10 @@ def test_pva_killed_is_restarted_and_ca_goes_on(pva_relay, ca):
 
     sub = pv.subscribe(data_type="time")
     sub.add_callback(on_event)
-    ctx = pva_context()
-    try:
-        wait_for(lambda: ctx.get(name, timeout=5) == 1.0, what="PVA to serve the CA put")
-    finally:
-        ctx.close()
+    held = pva_context()  # a client that stays through the kill
+    seen: queue.Queue = queue.Queue()
+    monitor = held.monitor(name, seen.put, notify_disconnect=True)
+    wait_for(lambda: 1.0 in list(seen.queue), what="the PVA monitor to see the CA put")
     old = _role_pid(relay, "pva")
     assert old is not None
     offset = len(relay.log())
@@ -76,6 +75,10 @@ def test_pva_killed_is_restarted_and_ca_goes_on(pva_relay, ca):
         ctx.close()
     wait_for(lambda: 3.0 in list(events.queue), what="the CA monitor to see the PVA put")
     sub.clear()
+    # The client that stayed has reconnected by itself.
+    wait_for(lambda: 3.0 in list(seen.queue), what="the held PVA monitor to reconnect")
+    monitor.close()
+    held.close()
 
 
 def test_broker_killed_leaves_pva_serving(pva_relay):
