@@ -1,0 +1,130 @@
+"""The PVA front-end's own logic, without p4p or shards: which names it serves, and how
+a PVA put ends (done, or failed with the reason the client is told)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carelay.broker.link import LinkState
+from carelay.broker.pva.front import PeerClient, PvaFrontEnd, PvaPut
+from carelay.common.config import load_config
+from carelay.common.sharding import shard_for
+
+
+class FakeOp:
+    """A p4p ServerOperation as the front-end uses it."""
+
+    def __init__(self, value=None) -> None:
+        self._value = value
+        self.result = None
+
+    def value(self):
+        return self._value
+
+    def peer(self):
+        return "127.0.0.1:5"
+
+    def account(self):
+        return "tester"
+
+    def done(self, value=None, error=None):
+        assert self.result is None, "done twice"
+        self.result = ("error", error) if error else ("ok", None)
+
+
+class FakeValue(dict):
+    """A p4p Value: fields by path, and the set of those the client changed."""
+
+    def changedSet(self):  # noqa: N802 - p4p's name
+        return set(self)
+
+
+class FakeChannel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.shown = []
+
+    def open(self, code, fields):
+        self.code = code
+        self.shown.append(fields)
+
+    def show(self, fields):
+        self.shown.append(fields)
+
+    def shut(self):
+        pass
+
+
+@pytest.fixture
+def front(tmp_path):
+    f = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path)))
+    f.make_channel_object = lambda _front, name: FakeChannel(name)
+    yield f
+    f.inbox.close()
+
+
+def live(front, name: str) -> None:
+    front.links[shard_for(name, front.config.shards)].state = LinkState.LIVE
+
+
+def test_names_served(front):
+    assert front.test_channel("OTHER:x_f1") is False
+    assert front.test_channel("P:x_f1.EGU") is False  # no field channels over PVA
+    assert front.test_channel("P:no_type") is False
+    front.inbox.run()  # the refusal is logged on the loop thread
+    assert "P:no_type" in front.table.refusals
+    assert front.test_channel("P:x_f1") is None  # its shard is not in sync: ask again
+    live(front, "P:x_f1")
+    assert front.test_channel("P:x_f1") is True
+    assert front.test_channel(front.config.pvlist_name) is None  # not ready yet
+    front.ready = True
+    assert front.test_channel(front.config.pvlist_name) is True
+
+
+def test_a_channel_is_opened_by_the_loop_with_the_pv_as_it_stands(front):
+    live(front, "P:x_f1")
+    channel = front.make_channel("P:x_f1")
+    assert front.make_channel("P:x_f1") is channel
+    assert channel.shown == []  # closed until the loop opens it
+    front.inbox.run()
+    (first,) = channel.shown
+    assert channel.code == "d" and first["alarm"]["message"] == "UDF"
+
+
+def test_a_refused_put_fails_with_its_reason_and_nothing_goes(front):
+    live(front, "P:x_f1")
+    channel = front.make_channel("P:x_f1")
+    front.inbox.run()
+    op = FakeOp(FakeValue({"value": "abc"}))
+    front.on_put(channel, op)
+    assert op.result == ("error", "refused put: cannot convert text 'abc' to a number")
+    op = FakeOp(FakeValue({"display.precision": 99}))
+    front.on_put(channel, op)
+    assert op.result[0] == "error" and "PREC" in op.result[1]
+    assert not any(link.outbox for link in front.links)
+
+
+def test_a_put_to_an_unreachable_shard_says_so(front):
+    name = "P:x_f1"
+    channel = front.make_channel(name)
+    front.inbox.run()  # not claimed: its shard is down, the channel goes
+    assert name not in front.channels
+    live(front, name)
+    channel = front.make_channel(name)
+    front.inbox.run()
+    front.links[shard_for(name, front.config.shards)].state = LinkState.DOWN
+    op = FakeOp(FakeValue({"value": np.float64(1.0)}))
+    front.on_put(channel, op)
+    assert op.result == ("error", "put failed: shard unreachable")
+
+
+def test_a_put_of_several_parts_ends_once_all_have():
+    op = FakeOp()
+    put = PvaPut(op, PeerClient(("h", "u")))
+    put.parts = 2
+    put.complete(True)
+    assert op.result is None
+    put.reason = "shard refused: no"
+    put.complete(False)
+    assert op.result == ("error", "shard refused: no")
