@@ -179,7 +179,8 @@ class PvaFrontEnd:
             put.reason = reason
 
     def post_later(self, pv) -> None:
-        """Large buffers are not coalesced over PVA: every change posts."""
+        """``pv`` has a coalesced event waiting (see PvaPV.post)."""
+        self.loop.due_posts.add(pv)
 
     # -- p4p's threads: the name lookup ----------------------------------------------------
 

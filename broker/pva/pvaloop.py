@@ -88,6 +88,8 @@ class PvaLoop(Loop):
             self.send_queued()
             self._timers(now)
             table.refusals.tick()
+            if self.due_posts:
+                self._post_due(now)
             if not f.ready and all(link.live for link in links):
                 self._became_ready()
             elif f.quiet_until is not None and now >= f.quiet_until:

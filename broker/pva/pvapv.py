@@ -74,8 +74,23 @@ class PvaPV:
         the alarm did (a mask of 0 is an alarm check only)."""
         status = self.status()
         mask |= self.mirror.alarm_event(*status)
+        if not mask or self.channel is None:
+            return
+        # A large buffer's events are spaced as on CA (PvMirror.coalesce): each one
+        # carries the whole buffer.
+        if not self.mirror.coalesce(mask):
+            self.front.post_later(self)
+            return
+        self.channel.show(self.fields(status))
+
+    def post_due(self, now: float) -> bool:
+        """Show a held-back buffer event once its interval passed; True when done."""
+        mask = self.mirror.take_due(now)
+        if mask is None:
+            return False
         if mask and self.channel is not None:
-            self.channel.show(self.fields(status))
+            self.channel.show(self.fields())
+        return True
 
     def status(self) -> tuple[int, int]:
         f = self.front

@@ -128,3 +128,19 @@ def test_a_put_of_several_parts_ends_once_all_have():
     put.reason = "shard refused: no"
     put.complete(False)
     assert op.result == ("error", "shard refused: no")
+
+
+def test_a_large_buffer_posts_as_on_ca(front):
+    name = "P:big_F20000"  # 160 kB: its events are spaced (PvMirror.coalesce)
+    live(front, name)
+    channel = front.make_channel(name)
+    front.inbox.run()
+    pv = front.table.pvs[name]
+    block = np.arange(10_000, dtype=np.float64)
+    pv.apply(block, 1.0, append=True)
+    pv.apply(block, 2.0, append=True)  # within the interval: held back
+    shown = len(channel.shown)
+    assert pv in front.loop.due_posts
+    front.loop._post_due(1e12)  # long after
+    assert len(channel.shown) == shown + 1
+    assert len(channel.shown[-1]["value"]) == 20_000
