@@ -33,6 +33,7 @@ from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
 from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
 from carelay.broker.requests import Requests
 from carelay.broker.table import PvTable
+from carelay.common import fields
 from carelay.common.config import STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver
 from carelay.common.histogram import PUT_BUCKETS, Histogram
@@ -292,21 +293,31 @@ class PvaFrontEnd:
             put.failed = True
 
     def _put(self, put: PvaPut, pv: PvaPV, value) -> None:
+        """The value and the metadata a PVA put changed, each checked before any goes: a
+        put the client is told failed changes nothing."""
         changed = value.changedSet()
-        for field, raw in convert.field_puts(changed, value.__getitem__):
-            if put.failed:
-                return
-            self._part(put, self.forwarder.field(pv.name, field, raw, put))
-        if "value" not in changed or put.failed:
-            return
+        changes = convert.field_puts(changed, value.__getitem__)
+        data = None
         try:
-            data = convert.put_array(pv.spec, value["value"])
+            if "value" in changed:
+                data = convert.put_array(pv.spec, value["value"])
+            for field, raw in changes:
+                try:
+                    fields.validate(field, raw)
+                except fields.FieldError as e:
+                    raise convert.PutRefused(f"refused put to .{field}: {e}") from None
         except convert.PutRefused as e:
             log.warning("refused PVA put to %s (shard %d): %s", pv.name, pv.shard, e)
-            self.error("convert", f"refused put: {e}", pv.name, pv.shard)
+            why = str(e) if str(e).startswith("refused") else f"refused put: {e}"
+            self.error("convert", why, pv.name, pv.shard)
             put.failed = True
             return
-        self._part(put, self.forwarder.put(pv, data, put))
+        for field, raw in changes:
+            self._part(put, self.forwarder.field(pv.name, field, raw, put))
+            if put.failed:
+                return
+        if data is not None:
+            self._part(put, self.forwarder.put(pv, data, put))
 
     def _delete(self, put: PvaPut, value) -> None:
         name = str(value["value"]).strip()

@@ -144,3 +144,23 @@ def test_a_large_buffer_posts_as_on_ca(front):
     front.loop._post_due(1e12)  # long after
     assert len(channel.shown) == shown + 1
     assert len(channel.shown[-1]["value"]) == 20_000
+
+
+def test_a_put_refused_in_part_sends_no_part(front):
+    name = "P:x_f1"
+    live(front, name)
+    channel = front.make_channel(name)
+    front.inbox.run()
+    pv = front.table.pvs[name]
+    front.table.set_real(pv, True)
+    pv.apply(np.array([1.0]), 1.0, append=False)
+    link = front.links[pv.shard]
+    link.sock = object()  # requests are only queued here, never sent
+    op = FakeOp(FakeValue({"display.units": "mm", "value": "abc"}))
+    front.on_put(channel, op)
+    assert op.result[0] == "error" and "abc" in op.result[1]
+    assert link.outbox == []
+    op = FakeOp(FakeValue({"display.units": "mm", "value": np.float64(2.0)}))
+    front.on_put(channel, op)
+    assert op.result is None and len(link.outbox) == 2  # both go; done when applied
+    link.sock = None
