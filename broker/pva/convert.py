@@ -189,6 +189,11 @@ def put_array(spec: PvSpec, value) -> np.ndarray:
     if numbers.dtype.kind not in "biuf":
         raise PutRefused(f"cannot convert {numbers.dtype} to a number")
     numbers = numbers.astype(np.float64).ravel()
+    # What the shard would refuse, refused before any part of the put goes (front.py).
+    if not len(numbers):
+        raise PutRefused("a put needs at least one element")
+    if not spec.is_buffer and len(numbers) > spec.count:
+        raise PutRefused(f"{len(numbers)} elements for a PV of {spec.count}")
     if kind == "i":
         for x in numbers:
             if math.isnan(x) or not (_INT32.min <= x <= _INT32.max):

@@ -76,6 +76,11 @@ def test_puts_checked_as_on_ca():
         convert.put_array(spec("i"), 3e10)
     with pytest.raises(convert.PutRefused, match="at most 40 characters"):
         convert.put_array(spec("s"), "x" * 41)
+    with pytest.raises(convert.PutRefused, match="4 elements for a PV of 3"):
+        convert.put_array(spec("f", 3), [1.0, 2.0, 3.0, 4.0])
+    assert len(convert.put_array(spec("F", 3), [1.0, 2.0, 3.0, 4.0])) == 4  # appended
+    with pytest.raises(convert.PutRefused, match="at least one element"):
+        convert.put_array(spec("f", 3), np.array([]))
     assert convert.put_array(spec("c", 4), "abcdef").tobytes() == b"abcd"
     with pytest.raises(convert.PutRefused, match="nothing to append"):
         convert.put_array(spec("C", 4), "")

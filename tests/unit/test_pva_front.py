@@ -164,3 +164,20 @@ def test_a_put_refused_in_part_sends_no_part(front):
     front.on_put(channel, op)
     assert op.result is None and len(link.outbox) == 2  # both go; done when applied
     link.sock = None
+
+
+def test_a_put_only_the_shard_can_judge_goes_with_its_data(front):
+    """Forwarder.put: a put that settled_put leaves to the shard (longer than the PV)
+    goes as a request with its elements (it went without them, and the encoder raised)."""
+    name = "P:arr_f3"
+    live(front, name)
+    pv = front.table.new_pv(name)
+    front.table.set_real(pv, True)
+    pv.apply(np.array([1.0]), 1.0, append=False)
+    link = front.links[pv.shard]
+    link.sock = object()  # queued here, never sent
+    data = np.array([1.0, 2.0, 3.0, 4.0])
+    assert front.forwarder.put(pv, data, None)
+    (msg,) = link.outbox
+    assert msg.data is data
+    link.sock = None
