@@ -316,8 +316,16 @@ class PvaFrontEnd:
             self._part(put, self.forwarder.field(pv.name, field, raw, put))
             if put.failed:
                 return
-        if data is not None:
-            self._part(put, self.forwarder.put(pv, data, put))
+        if data is None:
+            return
+        if not changes and (pv.waiting_put or self.requests.put_waits(pv.shard)):
+            # Its shard is being restarted: the put waits for it, and later ones after it,
+            # as on CA (PvaPV.resume).
+            pv.waiting_put = True
+            self.requests.park(pv, data, put, pv.shard)
+            put.parts += 1
+            return
+        self._part(put, self.forwarder.put(pv, data, put))
 
     def _delete(self, put: PvaPut, value) -> None:
         name = str(value["value"]).strip()

@@ -82,6 +82,8 @@ class PvaLoop(Loop):
             f.pvlist.post_if_changed()
             table.graveyard.clear()
             now = time.monotonic()
+            if requests.parked:
+                requests.unpark(now)
             if now < next_tick:
                 continue
             next_tick = now + _TICK
@@ -98,6 +100,7 @@ class PvaLoop(Loop):
                 self.write_status()
                 next_status = now + STATUS_INTERVAL
         self.send_queued()
+        requests.fail_parked()
 
     def write_status(self) -> None:
         f = self.broker

@@ -39,6 +39,8 @@ class PvaPV:
         self.attached = False
         #: The channel clients see (see channels.Channel), once one asked for it.
         self.channel = None
+        #: A put waits for the shard (Requests.park): later puts wait behind it.
+        self.waiting_put = False
 
     real = _mirrored("real")
     value = _mirrored("value")
@@ -104,6 +106,20 @@ class PvaPV:
         out["alarm"] = convert.alarm_of(*(status or self.status()))
         out["timeStamp"] = convert.stamp_of(m.stamp)
         return out
+
+    def resume(self, data, put, go: bool) -> None:
+        """Send on (``go``) or fail a PVA put that waited for its restarting shard
+        (Requests.unpark); ``put`` completes when the shard has applied it."""
+        front = self.front
+        self.waiting_put = False
+        front.put_context = put
+        try:
+            sent = go and front.forwarder.put(self, data, put)
+        finally:
+            front.put_context = None
+        if not sent:
+            put.reason = put.reason or "put failed: shard unreachable"
+            put.complete(False)
 
     def bind(self, channel) -> None:
         """``channel`` now serves this PV: opened with its state as it stands."""

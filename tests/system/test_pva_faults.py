@@ -24,7 +24,8 @@ def _role_pid(relay, role: str) -> int | None:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if role.encode() in argv[3:4]:
+        words = role.encode().split()
+        if argv[3 : 3 + len(words)] == words:  # python -m carelay.supervisor.cli ROLE ...
             return pid
     return None
 
@@ -98,3 +99,27 @@ def test_broker_killed_leaves_pva_serving(pva_relay):
     finally:
         ctx.close()
     wait_for(lambda: get(name) == 4.0, what="CA to read the PVA put")
+
+
+def test_a_pva_put_during_a_short_shard_restart_waits_for_it(pva_relay):
+    from tests.system.clients import name_on_shard
+
+    relay = pva_relay
+    name = name_on_shard(relay, 0, "grace")
+    ctx = pva_context()
+    try:
+        ctx.put(name, 1.5, timeout=5)
+        mark = len(relay.log())
+        os.kill(_role_pid(relay, "shard 0"), signal.SIGKILL)
+        # The front-end saw the shard go (COMM alarm): the put below comes during the restart.
+        wait_for(
+            lambda: ctx.get(name, timeout=5).raw["alarm.message"] == "COMM",
+            interval=0.01,
+            what="the COMM alarm over PVA",
+        )
+        ctx.put(name, 2.5, timeout=10)
+        assert ctx.get(name, timeout=5) == 2.5
+    finally:
+        ctx.close()
+    assert "put to " not in relay.log()[mark:], "a put failed"
+    wait_for(lambda: get(name) == 2.5, what="CA to read the put made during the restart")
