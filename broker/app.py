@@ -41,7 +41,7 @@ class Broker:
         self, config: Config, cas_module, ctx: zmq.Context | None = None, token: str | None = None
     ) -> None:
         from carelay.broker.healthpvs import HealthPVs
-        from carelay.broker.pvs import DelPvPV, PvListPV
+        from carelay.broker.pvs import DelPvPV, FieldPV, PvListPV, RelayPV
 
         self.config = config
         #: Presented in every HELLO: a shard serves only the brokers of its own relay.
@@ -69,7 +69,7 @@ class Broker:
         #: before the shards are in sync) and what /metrics reads.
         self.health = Health(config.shards, _version())
         self.health_pvs = HealthPVs(config.prefix, config.shards, config.autosave_period)
-        self.table = PvTable(self)
+        self.table = PvTable(self, RelayPV, FieldPV)
         #: The same dicts as the table's: the CA adapter classes look PVs up here.
         self.pvs = self.table.pvs
         self.field_pvs = self.table.field_pvs

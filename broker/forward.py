@@ -43,9 +43,9 @@ class Forwarder:
         # the mirror never shows a refused value.
         faulted = notify is not None and self.store_errors[pv.shard]
         if link.live and pv.real and not self.requests.in_flight(pv) and not faulted:
-            data = pv.settled_put(data)
-            if data is not None:
-                return self.write_through(link, pv, data, stamp, notify)
+            settled = pv.settled_put(data)
+            if settled is not None:
+                return self.write_through(link, pv, settled, stamp, notify)
         if not (pv.real or pv.creating):
             why = self.table.over_limits(pv.spec)
             if why is not None:

@@ -39,8 +39,12 @@ class Channels:
 class PvTable:
     """The relay PVs and their field PVs by name, and what they count against the limits."""
 
-    def __init__(self, broker) -> None:
+    def __init__(self, broker, make_pv=None, make_field_pv=None) -> None:
+        """``make_pv(broker, spec, shard)`` and ``make_field_pv(broker, spec, field)`` make
+        the front-end's PV objects (the CA broker's RelayPV and FieldPV)."""
         self.broker = broker
+        self.make_pv = make_pv
+        self.make_field_pv = make_field_pv
         self.config = config = broker.config
         self.pvs: dict = {}
         self.field_pvs: dict = {}
@@ -153,17 +157,14 @@ class PvTable:
             if field is None or field == "VAL":
                 pv = self.pvs.get(base) or self.new_pv(base)
             else:
-                from carelay.broker.pvs import FieldPV
-
-                pv = self.field_pvs[name] = FieldPV(b, self.spec_and_shard(base)[0], field)
+                spec = self.spec_and_shard(base)[0]
+                pv = self.field_pvs[name] = self.make_field_pv(b, spec, field)
         pv.attached = True
         return pv
 
     def new_pv(self, name: str):
         """A provisional PV for ``name``; InvalidPvName if the rule refuses it."""
-        from carelay.broker.pvs import RelayPV
-
-        pv = RelayPV(self.broker, *self.spec_and_shard(name))
+        pv = self.make_pv(self.broker, *self.spec_and_shard(name))
         self.pvs[name] = pv
         return pv
 

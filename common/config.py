@@ -40,6 +40,7 @@ from carelay.common.defaults import (
     DEFAULT_MAX_PVS,
     DEFAULT_METRICS_ADDRESS,
     DEFAULT_PREFIX,
+    DEFAULT_PVA,
     DEFAULT_SHARDS,
     MAX_CA_ARRAY_BYTES,
     MAX_IPC_PATH,
@@ -100,6 +101,8 @@ class Config:
     max_clients: int | None = None
     #: Seconds after which a circuit whose client sends and acknowledges nothing is closed.
     client_idle_timeout: float = DEFAULT_CLIENT_IDLE_TIMEOUT
+    #: Serve PV Access too: `carelay up` starts and watches `carelay pva`.
+    pva: bool = DEFAULT_PVA
 
     def pv_spec(self, name: str) -> PvSpec:
         """What ``name`` says under this prefix and these limits; InvalidPvName if nothing."""

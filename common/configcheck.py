@@ -111,6 +111,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "access_security": (str, Path),
     "access_group": str,
     "access_by_ip": bool,
+    "pva": bool,
     "metrics_port": int,
     "metrics_address": str,
     "max_clients": int,

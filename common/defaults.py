@@ -13,6 +13,8 @@ DEFAULT_MAX_NAME_LENGTH = 128
 DEFAULT_LOG_LEVEL = "INFO"
 #: HAG membership by the peer address of a client's circuit, not the host name it claims.
 DEFAULT_ACCESS_BY_IP = True
+#: Whether `carelay up` also starts the PV Access front-end (`carelay pva`, carelay[pva]).
+DEFAULT_PVA = False
 #: Seconds between value flushes of each shard's autosave.
 DEFAULT_AUTOSAVE_PERIOD = 1.0
 #: A shard's autosave writes the values changed in a period in parts of about this many

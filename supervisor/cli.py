@@ -60,6 +60,11 @@ _CONFIG_FLAGS: dict[str, dict] = {
     "metrics_port": {"type": int, "metavar": "PORT", "help": "serve Prometheus /metrics here"},
     "metrics_address": {"metavar": "ADDR", "help": "address of /metrics (127.0.0.1)"},
     "log_level": {"type": str.upper, "choices": LOG_LEVELS, "help": "log level"},
+    "pva": {
+        "type": lambda text: _boolean("pva", text),
+        "metavar": "BOOL",
+        "help": "serve PV Access too (carelay[pva]; false)",
+    },
 }
 
 
@@ -143,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("directory", help="where to write shard.key[_secret], broker.key[_secret]")
     br = _command(sub, "broker", run_broker_role, "run a CA broker (started by `carelay up`)")
     br.add_argument("--index", type=int, default=0, metavar="K", help="which [[ca]] broker, from 0")
+    _command(sub, "pva", run_pva_role, "run the PV Access front-end (started by `carelay up`)")
     sh = _command(
         sub, "shard", run_shard_role, "run one shard (started by `carelay up`)", config=False
     )
@@ -330,6 +336,16 @@ def run_broker_role(args: argparse.Namespace) -> int:
 def broker_role(index: int) -> str:
     """The name of broker ``index``: "broker", then "broker 1", "broker 2"..."""
     return f"broker {index}" if index else "broker"
+
+
+def run_pva_role(args: argparse.Namespace) -> int:
+    """``carelay pva``: the PV Access front-end, as a child of ``carelay up`` or alone."""
+    config = _config(args)
+    _standalone_locks(config, "pva.lock")
+    setup_logging(config.log_level, "pva")
+    from carelay.broker.pva.run import run_pva
+
+    return _run_role(config, "pva", lambda: run_pva(config))
 
 
 def run_shard_role(args: argparse.Namespace) -> int:

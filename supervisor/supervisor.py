@@ -69,6 +69,9 @@ class Supervisor:
             )
             for k in range(config.brokers)
         ]
+        if config.pva:
+            # The PV Access front-end: one more front-end, stopped before the shards.
+            self.brokers.append(Watcher("pva", [*base, "pva", *flags], env))
         self.watchers.extend(self.brokers)
         self.status_path = config.run_dir / "supervisor.json"
         self.started = time.monotonic()
@@ -137,6 +140,9 @@ class Supervisor:
             log.error("cannot lock data directory %s: %s", self.config.data_dir, e)
             return exits.REFUSED
         try:
+            if self.config.pva and not pva_installed():
+                log.error("cannot start: pva = true needs p4p: pip install 'carelay[pva]'")
+                return exits.CANNOT_START
             return self._run(stop)
         finally:
             os.close(lock)
@@ -212,6 +218,13 @@ class Supervisor:
         self.status_path.unlink(missing_ok=True)
         log.info("stopped")
         return not failed
+
+
+def pva_installed() -> bool:
+    """Whether p4p, which `carelay pva` serves PV Access with, can be imported."""
+    import importlib.util
+
+    return importlib.util.find_spec("p4p") is not None
 
 
 class SignalWakeup:

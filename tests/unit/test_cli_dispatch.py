@@ -20,6 +20,7 @@ COMMANDS = {
     "reload-acf": ["reload-acf"],
     "keys": ["keys", "DIR"],
     "broker": ["broker"],
+    "pva": ["pva"],
     "shard": ["shard", "--index", "0"],
 }
 

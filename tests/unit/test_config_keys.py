@@ -87,6 +87,7 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("access_group", 'access_group = ""'),
     ("access_group", 'access_group = "A\\nB"'),
     ("access_by_ip", 'access_by_ip = "yes"'),
+    ("pva", 'pva = "yes"'),
     ("metrics_port", "metrics_port = 0"),
     ("metrics_port", 'metrics_port = "9100"'),
     ("metrics_address", 'metrics_address = ""'),

@@ -1,0 +1,335 @@
+"""PvaFrontEnd: the PV Access front-end over the same shards as the CA brokers.
+
+It is one more front-end peer to each shard: its own links (HELLO with its own instance
+id, snapshot, then every change in order), and the shared front-end parts the CA broker
+uses: the PV table (claims, limits), the requests in flight, the put path (Forwarder)
+and the shard sync.  Its PVs are ``PvaPV`` mirrors, served through p4p channels.
+
+Threads.  p4p calls in from its own threads; the links, the table and the mirrors are
+the loop thread's alone.  So a channel's handler calls (put, first connect, last
+disconnect) are queued on ``inbox``, which wakes the loop through a pipe it polls
+beside the shard sockets, and run there.  The name lookup (``test_channel``) must
+answer at once: it reads only what a dict lookup or an attribute read gives, and
+queues its refusals.  ``make_channel`` hands out a closed channel and queues its
+opening; ``channel_lock`` guards only the dict of channels by name, and no p4p call is
+made while it is held.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+
+import zmq
+
+from carelay.broker.forward import Forwarder
+from carelay.broker.link import ShardLink
+from carelay.broker.pva import convert
+from carelay.broker.pva.inbox import Inbox
+from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
+from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
+from carelay.broker.requests import Requests
+from carelay.broker.table import PvTable
+from carelay.common import fields
+from carelay.common.config import STARTUP_QUIET, Config
+from carelay.common.fields import FieldResolver
+from carelay.common.histogram import PUT_BUCKETS, Histogram
+from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
+from carelay.common.naming import InvalidPvName
+from carelay.common.sharding import shard_for
+
+log = logging.getLogger(__name__)
+
+
+class _NoHealthPVs:
+    """The ``<prefix>relay:`` health PVs are the CA brokers'; none here."""
+
+    def claims(self, name: str) -> bool:
+        return False
+
+    def attached_count(self) -> int:
+        return 0
+
+
+class _ShardFigures:
+    """What a shard's PONG says; the PVA front-end keeps no figures of it."""
+
+    def update(self, pong) -> None:
+        pass
+
+
+class Figures:
+    """The counts the shared front-end modules keep (see broker/health.py for the CA
+    broker's, which also serve its health PVs and /metrics)."""
+
+    def __init__(self, shards: int) -> None:
+        self.puts = self.creations = self.deletions = self.refusals = 0
+        self.put_callback = Histogram(PUT_BUCKETS)
+        self.shards = [_ShardFigures() for _ in range(shards)]
+        self.restarts: list[collections.deque] = [
+            collections.deque(maxlen=16) for _ in range(shards)
+        ]
+
+    def refused(self, kind, reason, pv=None, shard=None, client=None) -> None:
+        self.refusals += 1
+
+
+class PeerClient(tuple):
+    """(host, user) of a PVA client, with the put it made: a refusal names the client
+    and gives the put its reason."""
+
+    put = None
+
+
+class PvaPut:
+    """One PVA put in progress: done when each of its parts (a value, field changes) is
+    applied by the shard, failed with the first reason one of them was refused for."""
+
+    def __init__(self, op, client: PeerClient, before_done=None) -> None:
+        self.op = op
+        #: Called before the client is told: what the put changed is shown first.
+        self.before_done = before_done
+        self.client = client
+        client.put = self
+        self.parts = 0
+        self.reason = ""
+        self.failed = False
+        self.done = False
+
+    def complete(self, ok: bool) -> None:
+        """A part ended (Requests.finish calls this)."""
+        self.parts -= 1
+        self.failed = self.failed or not ok
+        self.finish_if_done()
+
+    def finish_if_done(self) -> None:
+        if self.parts > 0 or self.done:
+            return
+        self.done = True
+        if self.before_done is not None:
+            self.before_done()
+        if self.failed:
+            self.op.done(error=self.reason or "put failed")
+        else:
+            self.op.done()
+
+
+class PvaFrontEnd:
+    """The PVA front-end's state and what the shared front-end modules ask of it."""
+
+    def __init__(self, config: Config, ctx: zmq.Context | None = None, token: str | None = None):
+        self.config = config
+        self.token = token
+        self.instance = secrets.token_hex(8)
+        self.ctx = ctx or zmq.Context.instance()
+        curve = None
+        if config.keys_dir is not None:
+            public, secret = load_keys(config.keys_dir, BROKER_CERT)
+            if secret is None:
+                raise KeysError(f"{config.keys_dir / (BROKER_CERT + '.key_secret')} is missing")
+            curve = (public, secret, load_keys(config.keys_dir, SHARD_CERT)[0])
+        self.links = [
+            ShardLink(self.ctx, k, config.shard_endpoint(k), curve) for k in range(config.shards)
+        ]
+        self.store_errors = [""] * config.shards
+        self.resolver = FieldResolver(config.prefix, config.fields)
+        self.health = Figures(config.shards)
+        self.health_pvs = _NoHealthPVs()
+        self.circuits = None
+        self.pvlist = PvListPVA(self, config.pvlist_name)
+        self.delpv = DelPvPVA(self, config.delpv_name)
+        self.controls = {self.pvlist.name: self.pvlist, self.delpv.name: self.delpv}
+        self.table = PvTable(self, make_pv=PvaPV)
+        self.pvs = self.table.pvs
+        self.requests = Requests(self.links, self.table, self.health, self.error)
+        self.inbox = Inbox()
+        self.sync = PvaSync(self)
+        self.loop = PvaLoop(self)
+        self.forwarder = Forwarder(self)
+        self.ready = False
+        self.quiet_until: float | None = time.monotonic() + STARTUP_QUIET
+        self.status_due = False
+        self.status_path = config.run_dir / "pva.json"
+        self.pva_port: int | None = None
+        #: The addresses the PVA server listens on ("": all).
+        self.interfaces = ""
+        #: The put being handled, whose client a refusal names.
+        self.put_context: PvaPut | None = None
+        #: The channels handed out, by name (see the module docstring).
+        self.channels: dict = {}
+        self.channel_lock = threading.Lock()
+        #: Makes a Channel (channels.Channel; given by main, so that this module needs
+        #: no p4p and is tested without it).
+        self.make_channel_object = None
+
+    # -- what the shared modules ask --------------------------------------------------
+
+    def client(self):
+        put = self.put_context
+        return put.client if put is not None else None
+
+    def error(self, kind, reason, pv=None, shard=None, client=None) -> None:
+        """A refusal or failure: counted, and the reason the PVA put it ends is told."""
+        who = client if client is not None else self.client()
+        self.health.refused(kind, reason, pv, shard, who)
+        put = getattr(who, "put", None)
+        if put is not None and not put.reason:
+            put.reason = reason
+
+    def post_later(self, pv) -> None:
+        """``pv`` has a coalesced event waiting (see PvaPV.post)."""
+        self.loop.due_posts.add(pv)
+
+    # -- p4p's threads: the name lookup ----------------------------------------------------
+
+    def test_channel(self, name: str) -> bool | None:
+        """Whether ``name`` is served (None: not now, ask again).  Runs on a p4p thread:
+        reads only, and queues a refusal for the loop to log."""
+        if name in self.controls:
+            return True if self.ready else None
+        if not name.startswith(self.config.prefix) or "." in name:
+            return False
+        try:
+            spec = self.config.pv_spec(name)
+        except InvalidPvName as e:
+            self.inbox.push(self.table.refuse, name, str(e))
+            return False
+        if not self.links[shard_for(name, self.config.shards)].live:
+            return None
+        pv = self.table.pvs.get(name)
+        if pv is None or not (pv.real or pv.creating):
+            why = self.table.over_limits(spec)
+            if why is not None:
+                self.inbox.push(self.table.refuse, name, why, "limit")
+                return None
+        return True
+
+    def make_channel(self, name: str):
+        """The channel of ``name``: the one handed out before, or a new one that the loop
+        opens (its clients wait until then).  Runs on a p4p thread."""
+        with self.channel_lock:
+            channel = self.channels.get(name)
+            if channel is None:
+                channel = self.channels[name] = self.make_channel_object(self, name)
+                fresh = True
+            else:
+                fresh = False
+        if fresh:
+            self.inbox.push(self._bind, channel)
+        return channel
+
+    # -- the loop thread: channels -------------------------------------------------------
+
+    def _bind(self, channel) -> None:
+        name = channel.name
+        if self.channels.get(name) is not channel:
+            return
+        target = self.controls.get(name) or self.table.pvs.get(name)
+        if target is None:
+            if not self.table.claims(name):
+                self.drop_channel(channel)
+                return
+            target = self.table.new_pv(name)
+        target.bind(channel)
+
+    def drop_channel(self, channel) -> None:
+        """Close ``channel`` and forget it: the next client of its name gets a new one."""
+        with self.channel_lock:
+            if self.channels.get(channel.name) is channel:
+                del self.channels[channel.name]
+        channel.shut()
+
+    def _target(self, channel):
+        return self.controls.get(channel.name) or self.table.pvs.get(channel.name)
+
+    def on_first_connect(self, channel) -> None:
+        target = self._target(channel)
+        if target is not None:
+            target.attached = True
+
+    def on_last_disconnect(self, channel) -> None:
+        target = self._target(channel)
+        if target is None or target.channel is not channel:
+            return
+        target.attached = False
+        if isinstance(target, PvaPV) and not target.real:
+            # A provisional PV nobody holds: gone, as on CA.
+            self.table.detached(target)
+            target.channel = None
+            self.drop_channel(channel)
+
+    # -- the loop thread: puts --------------------------------------------------------------
+
+    def on_put(self, channel, op) -> None:
+        target = self._target(channel)
+        if target is None or target.channel is not channel:
+            op.done(error="no such PV")
+            return
+        try:
+            host, user = str(op.peer()), str(op.account())
+        except Exception:
+            host, user = "?", "?"
+        put = PvaPut(op, PeerClient((host, user)), self.pvlist.post_if_changed)
+        self.put_context = put
+        try:
+            if target is self.pvlist:
+                put.failed, put.reason = True, "pvlist is read-only"
+            elif target is self.delpv:
+                self._delete(put, op.value())
+            else:
+                self._put(put, target, op.value())
+        finally:
+            self.put_context = None
+        put.finish_if_done()
+
+    def _part(self, put: PvaPut, sent: bool) -> None:
+        """One part of ``put`` went on (``sent``: it completes later) or failed now."""
+        if sent:
+            put.parts += 1
+        else:
+            put.failed = True
+
+    def _put(self, put: PvaPut, pv: PvaPV, value) -> None:
+        """The value and the metadata a PVA put changed, each checked before any goes: a
+        put the client is told failed changes nothing."""
+        changed = value.changedSet()
+        changes = convert.field_puts(changed, value.__getitem__)
+        data = None
+        try:
+            if "value" in changed:
+                data = convert.put_array(pv.spec, value["value"])
+            for field, raw in changes:
+                try:
+                    fields.validate(field, raw)
+                except fields.FieldError as e:
+                    raise convert.PutRefused(f"refused put to .{field}: {e}") from None
+        except convert.PutRefused as e:
+            log.warning("refused PVA put to %s (shard %d): %s", pv.name, pv.shard, e)
+            why = str(e) if str(e).startswith("refused") else f"refused put: {e}"
+            self.error("convert", why, pv.name, pv.shard)
+            put.failed = True
+            return
+        for field, raw in changes:
+            self._part(put, self.forwarder.field(pv.name, field, raw, put))
+            if put.failed:
+                return
+        if data is None:
+            return
+        if not changes and (pv.waiting_put or self.requests.put_waits(pv.shard)):
+            # Its shard is being restarted: the put waits for it, and later ones after it,
+            # as on CA (PvaPV.resume).
+            pv.waiting_put = True
+            self.requests.park(pv, data, put, pv.shard)
+            put.parts += 1
+            return
+        self._part(put, self.forwarder.put(pv, data, put))
+
+    def _delete(self, put: PvaPut, value) -> None:
+        name = str(value["value"]).strip()
+        sent = self.forwarder.delete(name, put)
+        if sent:
+            self.delpv.last = name
+        self._part(put, sent)

@@ -1,0 +1,57 @@
+"""Inbox: calls handed to the front-end's loop thread by other threads.
+
+A pipe wakes the loop, which polls its read end beside the shard sockets; the calls
+themselves wait in a queue, in the order they came, and run on the loop thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Inbox:
+    """Calls queued by any thread, run by the loop (``run``)."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.fd, self._wake = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._wake, False)
+
+    def push(self, call: Callable, *args) -> None:
+        """Queue ``call(*args)`` for the loop thread and wake it.  Any thread."""
+        self._calls.put((call, args))
+        # A full pipe already wakes the loop.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake, b"\0")
+
+    def run(self, limit: int = 2000) -> int:
+        """Run the queued calls (up to about ``limit``); returns how many ran."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 4096):
+                pass
+        n = 0
+        while n < limit:
+            try:
+                call, args = self._calls.get_nowait()
+            except queue.Empty:
+                break
+            n += 1
+            try:
+                call(*args)
+            except Exception:
+                log.exception("a queued PVA call failed")
+        if n >= limit:
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake, b"\0")  # more wait: the next turn runs them
+        return n
+
+    def close(self) -> None:
+        os.close(self.fd)
+        os.close(self._wake)

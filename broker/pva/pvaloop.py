@@ -1,0 +1,135 @@
+"""The PVA front-end's loop: the shard links and the inbox, served by one thread.
+
+``PvaSync`` is the CA broker's ShardSync with the inbox's pipe in the same poll, so a
+PVA put wakes the loop at once; ``PvaLoop`` reuses the CA Loop's timers (reconnect,
+heartbeat, request deadlines), its sending of queued puts and its status writing, with
+no CA server to serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from carelay.broker.link import LinkState
+from carelay.broker.loop import Loop
+from carelay.broker.sync import ShardSync
+from carelay.common.config import STATUS_INTERVAL
+from carelay.common.lifecycle import StopFlag, write_status
+from carelay.common.protocol import BATCH_MAX
+
+log = logging.getLogger(__name__)
+
+#: Longest poll while requests wait for answers (ms).
+_BUSY_POLL_MS = 1
+#: Longest poll while puts are queued for a shard (ms).
+_IDLE_POLL_MS = 5
+#: Longest poll with nothing queued or due (ms): the timers run ten times a second.
+_QUIET_POLL_MS = 100
+#: How often heartbeats, timeouts and link changes are looked at (s).
+_TICK = 0.01
+
+
+class PvaSync(ShardSync):
+    """ShardSync whose poll also wakes for the inbox (see front.py)."""
+
+    def poll(self, timeout_ms: float) -> int:
+        socks = {link.sock: link for link in self.links if link.sock is not None}
+        for link in self.links:
+            for sock in link.parked:
+                socks[sock] = link
+        key = tuple(socks)
+        if key != self._polled:
+            self._poller = zmq.Poller()
+            self._poller.register(self.broker.inbox.fd, zmq.POLLIN)
+            for sock in socks:
+                self._poller.register(sock, zmq.POLLIN)
+            self._polled = key
+        n = 0
+        for sock, _ in self._poller.poll(timeout_ms):
+            link = socks.get(sock)
+            if link is None:
+                continue  # the inbox: run by the loop after the poll
+            n += self.drain(link) if sock is link.sock else self._drain_parked(link, sock)
+        return n
+
+
+class PvaLoop(Loop):
+    """Runs the PVA front-end until it is asked to stop."""
+
+    def run(self, stop: StopFlag) -> None:  # type: ignore[override]
+        f = self.broker
+        links, requests, sync, table, inbox = f.links, f.requests, f.sync, f.table, f.inbox
+        next_status = next_tick = 0.0
+        handled = 0
+        while not stop.stopping:
+            waiting = requests.any_unanswered() or any(
+                link.state is LinkState.SYNCING for link in links
+            )
+            if waiting or handled:
+                timeout = _BUSY_POLL_MS if waiting else 0
+            elif any(link.outbox for link in links):
+                timeout = _IDLE_POLL_MS
+            else:
+                timeout = _QUIET_POLL_MS
+            handled = sync.poll(timeout)
+            handled += inbox.run()
+            for link in links:
+                if link.urgent or link.queued >= BATCH_MAX:
+                    requests.send(link)
+            f.pvlist.post_if_changed()
+            table.graveyard.clear()
+            now = time.monotonic()
+            if requests.parked:
+                requests.unpark(now)
+            if now < next_tick:
+                continue
+            next_tick = now + _TICK
+            self.send_queued()
+            self._timers(now)
+            table.refusals.tick()
+            if self.due_posts:
+                self._post_due(now)
+            if not f.ready and all(link.live for link in links):
+                self._became_ready()
+            elif f.quiet_until is not None and now >= f.quiet_until:
+                self._not_ready_yet()
+            if now >= next_status or f.status_due:
+                self.write_status()
+                next_status = now + STATUS_INTERVAL
+        self.send_queued()
+        requests.fail_parked()
+
+    def write_status(self) -> None:
+        f = self.broker
+        f.status_due = False
+        write_status(
+            f.status_path,
+            {
+                "role": "pva",
+                "pvs": f.table.n_real,
+                "ready": f.ready,
+                "pva_port": f.pva_port,
+                "shards": [
+                    {"index": link.index, "state": link.state.value, "pvs": link.pvs}
+                    for link in f.links
+                ],
+            },
+        )
+
+    def _became_ready(self) -> None:
+        f = self.broker
+        f.ready = True
+        f.quiet_until = None
+        f.table.unserved.discard(None)
+        self.write_status()
+        log.info(
+            "ready: %d PVs, %d shards, prefix %s, PVA port %s, interfaces %s",
+            f.table.n_real,
+            len(f.links),
+            f.config.prefix,
+            f.pva_port,
+            f.interfaces or "all",
+        )

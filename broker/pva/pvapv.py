@@ -1,0 +1,173 @@
+"""The PVA face of a relay PV, and of ``pvlist`` and ``delpv``.
+
+``PvaPV`` is what the shared front-end modules (table, sync, requests, forward) know as
+a PV: a ``PvMirror`` with the attributes and calls they use.  It turns the mirror's state
+into the fields of an NTScalar and shows them on its channel (broker/pva/channels.py),
+if a PVA client holds one.  Everything here runs on the front-end's loop thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from operator import attrgetter
+
+import numpy as np
+
+from carelay.broker.mirror import PvMirror
+from carelay.broker.pva import convert
+from carelay.common.naming import PvSpec
+
+log = logging.getLogger(__name__)
+
+
+def _mirrored(attribute: str) -> property:
+    return property(attrgetter(f"mirror.{attribute}"), doc=f"PvMirror.{attribute}")
+
+
+class PvaPV:
+    """A relay PV as the PVA front-end mirrors and serves it."""
+
+    def __init__(self, front, spec: PvSpec, shard: int) -> None:
+        self.front = front
+        self.name = spec.name
+        self.spec = spec
+        self.shard = shard
+        self.mirror = PvMirror(spec, front.resolver)
+        self.creating = False
+        self.deleting = False
+        #: A PVA client holds a channel to it.
+        self.attached = False
+        #: The channel clients see (see channels.Channel), once one asked for it.
+        self.channel = None
+        #: A put waits for the shard (Requests.park): later puts wait behind it.
+        self.waiting_put = False
+
+    real = _mirrored("real")
+    value = _mirrored("value")
+    stamp = _mirrored("stamp")
+    ring = _mirrored("ring")
+    eff = _mirrored("eff")
+    plain = _mirrored("plain")
+    contents = _mirrored("contents")
+    length = _mirrored("length")
+    settled_put = _mirrored("settled_put")
+    set_fields = _mirrored("set_fields")
+
+    # -- changes from the shard (or this front-end's own puts) -------------------------
+
+    def apply(self, data: np.ndarray, stamp: float, append: bool, reset=False, owned=False) -> None:
+        self.post(self.mirror.apply(data, stamp, append, reset, owned))
+
+    def field_changed(self, name: str, value) -> None:
+        self.mirror.field_changed(name, value)
+        self.post(-1)  # metadata always shows
+
+    def forget(self) -> None:
+        self.mirror.forget()
+        self.deleting = False
+        self.post(-1)
+        if not self.attached and self.channel is not None:
+            # No client holds it: the table forgets this PV, so its channel goes too.
+            self.front.drop_channel(self.channel)
+            self.channel = None
+
+    def post(self, mask: int) -> None:
+        """Show the PV's state to PVA monitors when ``mask`` says the value changed, or
+        the alarm did (a mask of 0 is an alarm check only)."""
+        status = self.status()
+        mask |= self.mirror.alarm_event(*status)
+        if not mask or self.channel is None:
+            return
+        # A large buffer's events are spaced as on CA (PvMirror.coalesce): each one
+        # carries the whole buffer.
+        if not self.mirror.coalesce(mask):
+            self.front.post_later(self)
+            return
+        self.channel.show(self.fields(status))
+
+    def post_due(self, now: float) -> bool:
+        """Show a held-back buffer event once its interval passed; True when done."""
+        mask = self.mirror.take_due(now)
+        if mask is None:
+            return False
+        if mask and self.channel is not None:
+            self.channel.show(self.fields())
+        return True
+
+    def status(self) -> tuple[int, int]:
+        f = self.front
+        return self.mirror.status(f.links[self.shard].live, f.store_errors[self.shard])
+
+    def fields(self, status: tuple[int, int] | None = None) -> dict:
+        """Every field of the PV's NTScalar as it stands."""
+        m = self.mirror
+        out = convert.metadata(self.spec, m.eff)
+        out["value"] = convert.value_of(self.spec, m.contents())
+        out["alarm"] = convert.alarm_of(*(status or self.status()))
+        out["timeStamp"] = convert.stamp_of(m.stamp)
+        return out
+
+    def resume(self, data, put, go: bool) -> None:
+        """Send on (``go``) or fail a PVA put that waited for its restarting shard
+        (Requests.unpark); ``put`` completes when the shard has applied it."""
+        front = self.front
+        self.waiting_put = False
+        front.put_context = put
+        try:
+            sent = go and front.forwarder.put(self, data, put)
+        finally:
+            front.put_context = None
+        if not sent:
+            put.reason = put.reason or "put failed: shard unreachable"
+            put.complete(False)
+
+    def bind(self, channel) -> None:
+        """``channel`` now serves this PV: opened with its state as it stands."""
+        self.channel = channel
+        channel.open(convert.nt_code(self.spec), self.fields())
+
+
+class PvListPVA:
+    """``<prefix>pvlist`` over PVA: the PV names, comma-separated, as one string."""
+
+    code = "s"
+
+    def __init__(self, front, name: str) -> None:
+        self.front = front
+        self.name = name
+        self.dirty = True
+        self.attached = False
+        self.channel = None
+
+    def fields(self) -> dict:
+        self.dirty = False
+        return {"value": ",".join(sorted(self.front.table.real_names()))}
+
+    def bind(self, channel) -> None:
+        self.channel = channel
+        channel.open(self.code, self.fields())
+
+    def post_if_changed(self) -> None:
+        if self.dirty and self.channel is not None:
+            self.channel.show(self.fields())
+
+
+class DelPvPVA:
+    """``<prefix>delpv`` over PVA: put a PV's full name to delete that PV."""
+
+    code = "s"
+
+    def __init__(self, front, name: str) -> None:
+        self.front = front
+        self.name = name
+        self.last = ""
+        self.attached = False
+        self.channel = None
+        self.dirty = False
+
+    def fields(self) -> dict:
+        return {"value": self.last}
+
+    def bind(self, channel) -> None:
+        self.channel = channel
+        channel.open(self.code, self.fields())

@@ -1,0 +1,73 @@
+"""The PVA front-end process: ``carelay pva`` starts here.
+
+It makes the front-end, serves it with a p4p Server (port and interfaces as pvxs reads
+them from EPICS_PVAS_SERVER_PORT and EPICS_PVAS_INTF_ADDR_LIST), runs the loop until a
+stop, and lets the last puts go to the shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+from carelay.common import exits
+from carelay.common.config import Config
+from carelay.common.keys import KeysError
+from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent
+from carelay.common.runlock import run_token
+
+log = logging.getLogger(__name__)
+
+#: How long a stopping front-end lets ZeroMQ send its last puts to the shards (ms).
+_STOP_LINGER = 1000
+#: What to install when p4p is missing.
+NEEDS_P4P = "PV Access needs p4p: pip install 'carelay[pva]'"
+
+
+def run_pva(config: Config) -> int:
+    """Entry point of ``carelay pva``."""
+    die_with_parent()
+    bound_malloc()
+    stop = StopFlag()
+    # The supervisor passes SIGHUP (reload the access security) to every front-end;
+    # the PVA front-end has none to reload.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        from p4p.server import Server
+
+        from carelay.broker.pva.channels import Channel, provider
+    except ImportError as e:
+        log.error("pva cannot start: %s (%s)", NEEDS_P4P, e)
+        return exits.CANNOT_START
+    from carelay.broker.pva.front import PvaFrontEnd
+
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        front = PvaFrontEnd(config, token=run_token(config))
+    except KeysError as e:
+        log.error("pva cannot start: %s", e)
+        return exits.CANNOT_START
+    front.make_channel_object = Channel
+    names = provider(front)
+    try:
+        server = Server(providers=[names], useenv=True)
+    except Exception as e:
+        log.error("pva cannot start: the PVA server failed: %s", e)
+        return exits.CANNOT_START
+    conf = server.conf()
+    port = conf.get("EPICS_PVAS_SERVER_PORT", "")
+    front.pva_port = int(port) if str(port).isdigit() else None
+    front.interfaces = os.environ.get("EPICS_PVAS_INTF_ADDR_LIST", "").strip()
+    log.debug("started (pid %d), PVA server %s", os.getpid(), conf)
+    try:
+        front.loop.run(stop)
+    finally:
+        server.stop()
+        for link in front.links:
+            link.close(linger=_STOP_LINGER)
+            link.close_parked()
+        front.status_path.unlink(missing_ok=True)
+        front.inbox.close()
+    log.info("stopped")
+    return exits.OK

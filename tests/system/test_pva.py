@@ -1,0 +1,251 @@
+"""PV Access over the same shards as CA: a relay with ``pva = true``, real p4p clients
+beside real CA clients (caproto's threading client and pyepics).
+
+What one protocol puts, the other reads and monitors; a PVA put completes once the
+shard applied it; types, metadata, buffers, pvlist and delpv work over PVA; bad puts are
+refused with the reason, and change nothing.
+"""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+
+from tests.system.clients import connect, get, get_array, put
+from tests.system.conftest import using_shared, wait_for
+from tests.system.pva import PvaRelay, pva_context
+
+p4p = pytest.importorskip("p4p")
+
+
+@pytest.fixture(scope="module")
+def pva_relay(tmp_path_factory):
+    relay = PvaRelay(tmp_path_factory.mktemp("pva"), shards=2)
+    relay.shared = True
+    yield relay
+    relay.stop()
+
+
+@pytest.fixture
+def relay(pva_relay, request):
+    yield from using_shared(pva_relay, request)
+
+
+@pytest.fixture(scope="module")
+def pva():
+    ctx = pva_context()
+    yield ctx
+    ctx.close()
+
+
+def _events(ctx, name):
+    """A PVA monitor of ``name``: (the subscription, a queue of the values it got)."""
+    got: queue.Queue = queue.Queue()
+    sub = ctx.monitor(name, got.put, notify_disconnect=True)
+    return sub, got
+
+
+def _next_value(got: queue.Queue, want, timeout: float = 10.0):
+    """The first value in ``got`` equal to ``want`` (skipping others); fails on timeout."""
+    while True:
+        v = got.get(timeout=timeout)
+        if isinstance(v, Exception):
+            continue
+        if np.array_equal(np.atleast_1d(v), np.atleast_1d(want)):
+            return v
+
+
+def test_put_creates_get_and_monitor(relay, pva):
+    name = relay.name("create", "f1")
+    pva.put(name, 2.5, timeout=5)
+    assert pva.get(name, timeout=5) == 2.5
+    sub, got = _events(pva, name)
+    try:
+        _next_value(got, 2.5)
+        pva.put(name, 3.5, timeout=5)
+        _next_value(got, 3.5)
+    finally:
+        sub.close()
+    # Made by a PVA put, served to CA too.
+    wait_for(lambda: get(name) == 3.5, what="CA to read the PVA put")
+
+
+def test_types_over_pva(relay, pva):
+    kinds = (("f", "f1"), ("i", "i1"), ("s", "s1"), ("c", "c16"))
+    f, i, s, c = (relay.name(k, t) for k, t in kinds)
+    pva.put(f, 1.25, timeout=5)
+    pva.put(i, 7, timeout=5)
+    pva.put(s, "hello", timeout=5)
+    pva.put(c, "some text", timeout=5)
+    raw = pva.get(f, timeout=5).raw
+    assert raw.getID() == "epics:nt/NTScalar:1.0" and raw.type()["value"] == "d"
+    assert pva.get(i, timeout=5).raw.type()["value"] == "i"
+    assert pva.get(s, timeout=5) == "hello"
+    assert pva.get(c, timeout=5) == "some text"
+    wait_for(lambda: get(c, as_string=True) == "some text", what="CA to read the text")
+    wait_for(lambda: get(i) == 7, what="CA to read the int")
+
+
+def test_ca_put_to_pva_monitor(relay, pva):
+    name = relay.name("ca2pva", "f1")
+    # A PVA client waits on a name no one has put to yet: provisional, as on CA.
+    sub, got = _events(pva, name)
+    try:
+        put(name, 4.0)
+        _next_value(got, 4.0)
+        put(name, 5.0)
+        _next_value(got, 5.0)
+    finally:
+        sub.close()
+
+
+def test_pva_put_to_ca_monitor(relay, pva, ca):
+    name = relay.name("pva2ca", "f1")
+    pv = connect(ca, name)  # provisional until the first put
+    got: queue.Queue = queue.Queue()
+
+    def on_event(_sub, response):
+        got.put(response.data[0])
+
+    sub = pv.subscribe(data_type="time")
+    sub.add_callback(on_event)
+    try:
+        pva.put(name, 6.0, timeout=5)
+        wait_for(lambda: 6.0 in list(got.queue), what="the CA monitor to see the PVA put")
+        pva.put(name, 7.0, timeout=5)
+        wait_for(lambda: 7.0 in list(got.queue), what="the CA monitor to see the next one")
+    finally:
+        sub.clear()
+
+
+def test_put_with_callback_then_read_on_the_other(relay, pva):
+    """Once a put with callback is done, the other protocol serves the value as soon as
+    its front-end took the shard's change: each front-end follows the shard on its own,
+    so a read in the very first moment may still find the old value (README, PV Access).
+    """
+    name = relay.name("cb", "f1")
+    for k in range(5):
+        put(name, float(k))  # CA put with callback: done once the shard applied it
+        wait_for(lambda v=float(k): pva.get(name, timeout=5) == v, what=f"PVA to read {k}")
+        pva.put(name, k + 0.5, timeout=5)  # done once the shard applied it
+        wait_for(lambda v=k + 0.5: get(name) == v, what=f"CA to read {k + 0.5}")
+
+
+def test_metadata_both_ways(relay, pva):
+    name = relay.name("meta", "f1")
+    put(name, 1.0)
+    sub, got = _events(pva, name)
+    try:
+        put(name + ".EGU", "degC")
+        wait_for(
+            lambda: pva.get(name, timeout=5).raw["display.units"] == "degC",
+            what="display.units from a CA put to NAME.EGU",
+        )
+
+        def units_posted():
+            while True:
+                v = got.get(timeout=10)
+                if not isinstance(v, Exception) and v.raw["display.units"] == "degC":
+                    return True
+
+        assert units_posted()
+    finally:
+        sub.close()
+    pva.put(name, {"display.units": "mm", "display.precision": 3}, timeout=5)
+    wait_for(lambda: get(name + ".EGU", as_string=True) == "mm", what="CA to read EGU")
+    wait_for(lambda: get(name + ".PREC") == 3, what="CA to read PREC")
+    put(name + ".HIHI", 10.0)
+    put(name + ".DRVH", 20.0)
+
+    def limits():
+        raw = pva.get(name, timeout=5).raw
+        return (raw["valueAlarm.highAlarmLimit"], raw["control.limitHigh"]) == (10.0, 20.0)
+
+    wait_for(limits, what="HIHI and DRVH from CA as valueAlarm and control limits")
+    pva.put(name, 15.0, timeout=5)
+    raw = pva.get(name, timeout=5).raw
+    assert raw["alarm.severity"] == 2 and raw["alarm.message"] == "HIHI"  # as CA shows it
+
+
+def test_buffer_appends_and_array_takes_the_length(relay, pva):
+    buf = relay.name("buf", "F4")
+    pva.put(buf, [1.0, 2.0], timeout=5)
+    pva.put(buf, [3.0, 4.0, 5.0], timeout=5)
+    assert list(pva.get(buf, timeout=5)) == [2.0, 3.0, 4.0, 5.0]
+    wait_for(lambda: list(get_array(buf)) == [2.0, 3.0, 4.0, 5.0], what="CA to read the buffer")
+    arr = relay.name("arr", "i5")
+    pva.put(arr, [1, 2, 3], timeout=5)
+    assert list(pva.get(arr, timeout=5)) == [1, 2, 3]
+    pva.put(arr, [9, 8], timeout=5)
+    assert list(pva.get(arr, timeout=5)) == [9, 8]
+    wait_for(lambda: list(get_array(arr)) == [9, 8], what="CA to read the array")
+
+
+def test_pvlist_and_delpv(relay, pva):
+    name = relay.name("gone", "f1")
+    pva.put(name, 1.0, timeout=5)
+    assert name in str(pva.get(relay.prefix + "pvlist", timeout=5)).split(",")
+    pva.put(relay.prefix + "delpv", name, timeout=5)
+    assert name not in str(pva.get(relay.prefix + "pvlist", timeout=5)).split(",")
+    with pytest.raises(p4p.client.thread.RemoteError, match="no such PV"):
+        pva.put(relay.prefix + "delpv", relay.name("never", "f1"), timeout=5)
+
+
+def test_bad_puts_refused_with_reason_value_kept(relay, pva):
+    f1 = relay.name("bad", "f1")
+    pva.put(f1, 1.5, timeout=5)
+    with pytest.raises(ValueError):  # text that is no number: p4p cannot send it as one
+        pva.put(f1, "abc", timeout=5)
+    assert pva.get(f1, timeout=5) == 1.5
+    arr = relay.name("small", "f3")
+    pva.put(arr, [1.0, 2.0], timeout=5)
+    with pytest.raises(p4p.client.thread.RemoteError, match="4 elements for a PV of 3"):
+        pva.put(arr, [1.0, 2.0, 3.0, 4.0], timeout=5)
+    assert list(pva.get(arr, timeout=5)) == [1.0, 2.0]
+    s1 = relay.name("text", "s1")
+    pva.put(s1, "short", timeout=5)
+    with pytest.raises(p4p.client.thread.RemoteError, match="at most 40 characters"):
+        pva.put(s1, "x" * 50, timeout=5)
+    assert pva.get(s1, timeout=5) == "short"
+    with pytest.raises(p4p.client.thread.RemoteError, match="PREC takes a whole number"):
+        pva.put(f1, {"display.precision": 99}, timeout=5)
+    assert get(f1 + ".PREC") == 0
+
+
+def test_names_that_break_the_rule_do_not_exist(relay, pva):
+    with pytest.raises(TimeoutError):
+        pva.get(relay.prefix + "no_type_here", timeout=1)
+
+
+def test_status_shows_the_pva_front_end(relay):
+    def pva_row():
+        rows = [line.split() for line in relay.status().stdout.splitlines()]
+        return next((row for row in rows if row[:1] == ["pva"] and row[2] == "running"), None)
+
+    row = wait_for(pva_row, what="carelay status to show pva running")
+    assert row[5].isdigit()  # its PV count, from its own status file
+
+
+def test_deleted_pv_is_made_again_by_a_pva_put(relay, pva):
+    held, free = relay.name("held", "f1"), relay.name("free", "f1")
+    sub, got = _events(pva, held)  # a client holds this one through the deletion
+    try:
+        for name in (held, free):
+            once = pva_context()  # no client holds ``free`` when it is deleted
+            try:
+                once.put(name, 1.0, timeout=5)
+            finally:
+                once.close()
+            wait_for(lambda n=name: get(n) == 1.0, what=f"the CA broker to know {name}")
+            put(relay.prefix + "delpv", name)
+            wait_for(
+                lambda n=name: n not in str(pva.get(relay.prefix + "pvlist", timeout=5)),
+                what=f"{name} gone from pvlist",
+            )
+            pva.put(name, 2.0, timeout=5)
+            assert pva.get(name, timeout=5) == 2.0
+        _next_value(got, 2.0)
+    finally:
+        sub.close()

@@ -1,0 +1,125 @@
+"""The PVA front-end and the CA broker fail apart: a kill -9 of one leaves the other
+serving, and the supervisor brings the killed one back."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.system.clients import connect, get, put
+from tests.system.conftest import Relay, _report_log, wait_for
+from tests.system.pva import PvaRelay, pva_context
+
+pytest.importorskip("p4p")
+
+
+def _role_pid(relay, role: str) -> int | None:
+    """The pid of the relay's ``carelay <role>`` process, if one runs."""
+    for pid in relay.children():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = role.encode().split()
+        if argv[3 : 3 + len(words)] == words:  # python -m carelay.supervisor.cli ROLE ...
+            return pid
+    return None
+
+
+@pytest.fixture
+def pva_relay(tmp_path, request):
+    """A relay of the test's own, with PVA: the test kills its processes."""
+    Relay.give_way()
+    (tmp_path / "faults").mkdir()
+    relay = PvaRelay(tmp_path / "faults")
+    try:
+        yield relay.start()
+    finally:
+        relay.stop()
+        _report_log(request, relay)
+
+
+def test_pva_killed_is_restarted_and_ca_goes_on(pva_relay, ca):
+    relay = pva_relay
+    name = relay.name("k9", "f1")
+    put(name, 1.0)
+    pv = connect(ca, name)
+    events: queue.Queue = queue.Queue()
+
+    def on_event(_sub, response):
+        events.put(response.data[0])
+
+    sub = pv.subscribe(data_type="time")
+    sub.add_callback(on_event)
+    held = pva_context()  # a client that stays through the kill
+    seen: queue.Queue = queue.Queue()
+    monitor = held.monitor(name, seen.put, notify_disconnect=True)
+    wait_for(lambda: 1.0 in list(seen.queue), what="the PVA monitor to see the CA put")
+    old = _role_pid(relay, "pva")
+    assert old is not None
+    offset = len(relay.log())
+    os.kill(old, signal.SIGKILL)
+    # CA is untouched: its monitor and its puts go on while the PVA front-end is gone.
+    put(name, 2.0)
+    wait_for(lambda: 2.0 in list(events.queue), what="the CA monitor to go on")
+    relay.wait_log(" pva: ready:", start=offset)
+    assert _role_pid(relay, "pva") not in (None, old)
+    ctx = pva_context()
+    try:
+        assert ctx.get(name, timeout=5) == 2.0
+        ctx.put(name, 3.0, timeout=5)
+    finally:
+        ctx.close()
+    wait_for(lambda: 3.0 in list(events.queue), what="the CA monitor to see the PVA put")
+    sub.clear()
+    # The client that stayed has reconnected by itself.
+    wait_for(lambda: 3.0 in list(seen.queue), what="the held PVA monitor to reconnect")
+    monitor.close()
+    held.close()
+
+
+def test_broker_killed_leaves_pva_serving(pva_relay):
+    relay = pva_relay
+    name = relay.name("b9", "f1")
+    ctx = pva_context()
+    try:
+        ctx.put(name, 1.0, timeout=5)
+        broker = _role_pid(relay, "broker")
+        offset = len(relay.log())
+        os.kill(broker, signal.SIGKILL)
+        ctx.put(name, 2.0, timeout=5)
+        assert ctx.get(name, timeout=5) == 2.0
+        relay.wait_log(" broker: ready:", start=offset)
+        wait_for(lambda: get(name) == 2.0, timeout=30, what="the restarted broker to serve it")
+        ctx.put(name, 4.0, timeout=5)
+    finally:
+        ctx.close()
+    wait_for(lambda: get(name) == 4.0, what="CA to read the PVA put")
+
+
+def test_a_pva_put_during_a_short_shard_restart_waits_for_it(pva_relay):
+    from tests.system.clients import name_on_shard
+
+    relay = pva_relay
+    name = name_on_shard(relay, 0, "grace")
+    ctx = pva_context()
+    try:
+        ctx.put(name, 1.5, timeout=5)
+        mark = len(relay.log())
+        os.kill(_role_pid(relay, "shard 0"), signal.SIGKILL)
+        # The front-end saw the shard go (COMM alarm): the put below comes during the restart.
+        wait_for(
+            lambda: ctx.get(name, timeout=5).raw["alarm.message"] == "COMM",
+            interval=0.01,
+            what="the COMM alarm over PVA",
+        )
+        ctx.put(name, 2.5, timeout=10)
+        assert ctx.get(name, timeout=5) == 2.5
+    finally:
+        ctx.close()
+    assert "put to " not in relay.log()[mark:], "a put failed"
+    wait_for(lambda: get(name) == 2.5, what="CA to read the put made during the restart")

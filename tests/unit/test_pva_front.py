@@ -1,0 +1,183 @@
+"""The PVA front-end's own logic, without p4p or shards: which names it serves, and how
+a PVA put ends (done, or failed with the reason the client is told)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carelay.broker.link import LinkState
+from carelay.broker.pva.front import PeerClient, PvaFrontEnd, PvaPut
+from carelay.common.config import load_config
+from carelay.common.sharding import shard_for
+
+
+class FakeOp:
+    """A p4p ServerOperation as the front-end uses it."""
+
+    def __init__(self, value=None) -> None:
+        self._value = value
+        self.result = None
+
+    def value(self):
+        return self._value
+
+    def peer(self):
+        return "127.0.0.1:5"
+
+    def account(self):
+        return "tester"
+
+    def done(self, value=None, error=None):
+        assert self.result is None, "done twice"
+        self.result = ("error", error) if error else ("ok", None)
+
+
+class FakeValue(dict):
+    """A p4p Value: fields by path, and the set of those the client changed."""
+
+    def changedSet(self):  # noqa: N802 - p4p's name
+        return set(self)
+
+
+class FakeChannel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.shown = []
+
+    def open(self, code, fields):
+        self.code = code
+        self.shown.append(fields)
+
+    def show(self, fields):
+        self.shown.append(fields)
+
+    def shut(self):
+        pass
+
+
+@pytest.fixture
+def front(tmp_path):
+    f = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path)))
+    f.make_channel_object = lambda _front, name: FakeChannel(name)
+    yield f
+    f.inbox.close()
+
+
+def live(front, name: str) -> None:
+    front.links[shard_for(name, front.config.shards)].state = LinkState.LIVE
+
+
+def test_names_served(front):
+    assert front.test_channel("OTHER:x_f1") is False
+    assert front.test_channel("P:x_f1.EGU") is False  # no field channels over PVA
+    assert front.test_channel("P:no_type") is False
+    front.inbox.run()  # the refusal is logged on the loop thread
+    assert "P:no_type" in front.table.refusals
+    assert front.test_channel("P:x_f1") is None  # its shard is not in sync: ask again
+    live(front, "P:x_f1")
+    assert front.test_channel("P:x_f1") is True
+    assert front.test_channel(front.config.pvlist_name) is None  # not ready yet
+    front.ready = True
+    assert front.test_channel(front.config.pvlist_name) is True
+
+
+def test_a_channel_is_opened_by_the_loop_with_the_pv_as_it_stands(front):
+    live(front, "P:x_f1")
+    channel = front.make_channel("P:x_f1")
+    assert front.make_channel("P:x_f1") is channel
+    assert channel.shown == []  # closed until the loop opens it
+    front.inbox.run()
+    (first,) = channel.shown
+    assert channel.code == "d" and first["alarm"]["message"] == "UDF"
+
+
+def test_a_refused_put_fails_with_its_reason_and_nothing_goes(front):
+    live(front, "P:x_f1")
+    channel = front.make_channel("P:x_f1")
+    front.inbox.run()
+    op = FakeOp(FakeValue({"value": "abc"}))
+    front.on_put(channel, op)
+    assert op.result == ("error", "refused put: cannot convert text 'abc' to a number")
+    op = FakeOp(FakeValue({"display.precision": 99}))
+    front.on_put(channel, op)
+    assert op.result[0] == "error" and "PREC" in op.result[1]
+    assert not any(link.outbox for link in front.links)
+
+
+def test_a_put_to_an_unreachable_shard_says_so(front):
+    name = "P:x_f1"
+    channel = front.make_channel(name)
+    front.inbox.run()  # not claimed: its shard is down, the channel goes
+    assert name not in front.channels
+    live(front, name)
+    channel = front.make_channel(name)
+    front.inbox.run()
+    front.links[shard_for(name, front.config.shards)].state = LinkState.DOWN
+    op = FakeOp(FakeValue({"value": np.float64(1.0)}))
+    front.on_put(channel, op)
+    assert op.result == ("error", "put failed: shard unreachable")
+
+
+def test_a_put_of_several_parts_ends_once_all_have():
+    op = FakeOp()
+    put = PvaPut(op, PeerClient(("h", "u")))
+    put.parts = 2
+    put.complete(True)
+    assert op.result is None
+    put.reason = "shard refused: no"
+    put.complete(False)
+    assert op.result == ("error", "shard refused: no")
+
+
+def test_a_large_buffer_posts_as_on_ca(front):
+    name = "P:big_F20000"  # 160 kB: its events are spaced (PvMirror.coalesce)
+    live(front, name)
+    channel = front.make_channel(name)
+    front.inbox.run()
+    pv = front.table.pvs[name]
+    block = np.arange(10_000, dtype=np.float64)
+    pv.apply(block, 1.0, append=True)
+    pv.apply(block, 2.0, append=True)  # within the interval: held back
+    shown = len(channel.shown)
+    assert pv in front.loop.due_posts
+    front.loop._post_due(1e12)  # long after
+    assert len(channel.shown) == shown + 1
+    assert len(channel.shown[-1]["value"]) == 20_000
+
+
+def test_a_put_refused_in_part_sends_no_part(front):
+    name = "P:x_f1"
+    live(front, name)
+    channel = front.make_channel(name)
+    front.inbox.run()
+    pv = front.table.pvs[name]
+    front.table.set_real(pv, True)
+    pv.apply(np.array([1.0]), 1.0, append=False)
+    link = front.links[pv.shard]
+    link.sock = object()  # requests are only queued here, never sent
+    op = FakeOp(FakeValue({"display.units": "mm", "value": "abc"}))
+    front.on_put(channel, op)
+    assert op.result[0] == "error" and "abc" in op.result[1]
+    assert link.outbox == []
+    op = FakeOp(FakeValue({"display.units": "mm", "value": np.float64(2.0)}))
+    front.on_put(channel, op)
+    assert op.result is None and len(link.outbox) == 2  # both go; done when applied
+    link.sock = None
+
+
+def test_a_put_only_the_shard_can_judge_goes_with_its_data(front):
+    """Forwarder.put: a put that settled_put leaves to the shard (longer than the PV)
+    goes as a request with its elements (it went without them, and the encoder raised)."""
+    name = "P:arr_f3"
+    live(front, name)
+    pv = front.table.new_pv(name)
+    front.table.set_real(pv, True)
+    pv.apply(np.array([1.0]), 1.0, append=False)
+    link = front.links[pv.shard]
+    link.sock = object()  # queued here, never sent
+    data = np.array([1.0, 2.0, 3.0, 4.0])
+    assert front.forwarder.put(pv, data, None)
+    (msg,) = link.outbox
+    assert msg.data is data
+    link.sock = None
