@@ -303,6 +303,7 @@ class Health:
         self._cpu = CpuMeter()
         #: The supervisor (``carelay up``) if this broker has one.
         self._parent = [os.getppid()] if _is_carelay(os.getppid()) else []
+        self.peers = None  # the relay's CA brokers (PeerBrokers), set by ``carelay broker``
         self.snapshot: dict = {}
 
     def refused(
@@ -388,6 +389,7 @@ class Health:
             "refusals": dict(self.refusals),
             "put_callback": self.put_callback,
             "shards": shards,
+            "brokers": self.peers.sample(broker.ready, circuits, put_rate[0]) if self.peers else [],
         }
         # The histograms are copied: the loop goes on moving its own.
         snap["put_callback"] = Histogram.from_dict(self.put_callback.as_dict())
