@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import uuid
 
 import pytest
 
@@ -113,3 +115,45 @@ def test_metrics_of_broker_0_carry_broker_1(relay):
     assert value(samples, "carelay_broker_ca_circuits", broker="1") is not None
     assert value(samples, "carelay_broker_put_rate_hertz", broker="1") is not None
 
+
+def _broker_pid_or_none(relay, index: int) -> int | None:
+    try:
+        return _broker_pid(relay, index)
+    except AssertionError:
+        return None
+
+
+def test_systemd_is_told_ready_once_every_broker_is(make_relay, monkeypatch, tmp_path):
+    address = f"@carelay-test-{uuid.uuid4().hex}"
+    config = tmp_path / "two.toml"
+    config.write_text(
+        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {CA_PORT}\n\n'
+        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {PORT_B}\n'
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + address[1:])
+        sock.setblocking(False)
+        monkeypatch.setenv("NOTIFY_SOCKET", address)
+        relay = make_relay(shards=2, extra=["--config", str(config)], start=False)
+        relay.wait_ready = lambda start=0: None
+        relay.start()
+
+        def told_ready() -> bool:
+            try:
+                return b"READY=1" in sock.recv(4096).split(b"\n")
+            except BlockingIOError:
+                return False
+
+        # Broker 1 is held back from its start: broker 0 gets ready alone.
+        pid = wait_for(lambda: _broker_pid_or_none(relay, 1), interval=0.001, what="broker 1")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            relay.wait_log(" broker: ready:")
+            # The supervisor looks every 0.1 s: a READY=1 for broker 0 alone comes at once.
+            with pytest.raises(AssertionError, match="timed out"):
+                wait_for(told_ready, timeout=3, what="no READY=1 while broker 1 is not ready")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(told_ready, timeout=30, what="READY=1 once broker 1 is ready too")
+    assert " broker 1: ready:" in relay.log()
+    assert f"all 2 CA brokers ready, CA ports {CA_PORT}, {PORT_B}" in relay.log()
