@@ -333,7 +333,7 @@ class Health:
         refuse_rate = self._refuse_rate.sample(now, refusals)
         # The processes of this host only: a pid from a shard on another host names
         # some other process here.
-        pids = [os.getpid(), *self._parent]
+        pids = [os.getpid(), *self._parent, *(self.peers.pids if self.peers else ())]
         for link, figs in zip(broker.links, self.shards, strict=True):
             if figs.pid and (link.local or is_loopback_endpoint(link.endpoint)):
                 pids.append(figs.pid)

@@ -352,13 +352,13 @@ class HealthPVs:
 
     def _brokers(self, brokers: list[dict]) -> None:
         """Which broker this is, how many there are, and how many serve: a MINOR LOW
-        alarm while one does not."""
+        alarm while one that can be told from here (see PeerBrokers) does not."""
         if not brokers:
             return
         b, pvs = self.base, self.pvs
         up = sum(1 for x in brokers if x["up"])
         pvs[b + "BROKER"].set(next(x["index"] for x in brokers if x["self"]))
         pvs[b + "BROKER_CNT"].set(len(brokers))
-        short = up < len(brokers)
+        short = any(x["known"] and not x["up"] for x in brokers)
         alarm = fields.LOW_ALARM if short else fields.NO_ALARM
         pvs[b + "BROKER_UP_CNT"].set(up, alarm, fields.MINOR if short else fields.NO_SEVERITY)

@@ -29,7 +29,7 @@ from carelay.common.lifecycle import (
     die_with_parent,
     status_path,
 )
-from carelay.common.runlock import run_token
+from carelay.common.runlock import run_token, supervised
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ def run_broker(config: Config, index: int = 0) -> int:
         return exits.CANNOT_START
     if index:
         broker.status_path = status_path(config.run_dir, broker_role(index))
-    broker.health.peers = PeerBrokers(config.run_dir, config.brokers, index)
+    # Under `carelay up` every broker runs here; one started alone may have peers elsewhere.
+    here = supervised(config.data_dir)
+    broker.health.peers = PeerBrokers(config.run_dir, config.brokers, index, all_here=here)
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
     if followed:
         from carelay.broker.sockethooks import DeniedPuts, watch_denied

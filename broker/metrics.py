@@ -126,6 +126,8 @@ class HealthCollector(Collector):
             "carelay_broker_put_rate_hertz", "Puts each broker accepted, last 1 s", labels=label
         )
         for b in brokers:
+            if not b["known"]:  # on another host: this broker cannot tell
+                continue
             k = [str(b["index"])]
             up.add_metric(k, 1.0 if b["up"] else 0.0)
             if b["circuits"] is not None:

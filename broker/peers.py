@@ -50,12 +50,21 @@ def _serving(path: Path, own: dict | None, now: float) -> bool:
 
 
 class PeerBrokers:
-    """Broker ``index`` of ``count``, and what the others' status files in ``run_dir`` say."""
+    """Broker ``index`` of ``count``, and what the others' status files in ``run_dir`` say.
 
-    def __init__(self, run_dir: Path, count: int, index: int) -> None:
+    ``all_here``: every broker runs on this host with this data directory (under
+    ``carelay up``), so one without a serving status file is down.  A broker started
+    alone knows only those whose status files it finds: the others may serve from
+    another host, and are neither counted nor judged (``known`` False)."""
+
+    def __init__(self, run_dir: Path, count: int, index: int, all_here: bool = True) -> None:
         self.run_dir = run_dir
         self.count = count
         self.index = index
+        self.all_here = all_here
+        #: The pids of the other brokers found serving at the last sample (for CPU_LOAD
+        #: and MEM_USED, which cover every relay process of this host).
+        self.pids: list[int] = []
 
     def door(self, snapshot: dict) -> dict:
         """This broker's part of its own status file, from its last health ``snapshot``."""
@@ -68,20 +77,32 @@ class PeerBrokers:
         }
 
     def sample(self, ready: bool, circuits: int, put_rate: float) -> list[dict]:
-        """Every broker: ``index``, ``up`` (serving), ``self``, CA ``circuits`` and
-        ``put_rate`` (None where a broker's file does not say), this one from its own figures."""
+        """Every broker: ``index``, ``self``, ``known`` (its state can be told from here),
+        ``up`` (serving), CA ``circuits`` and ``put_rate`` (None where not told); this one
+        from its own figures."""
         now = time.time()
-        out = []
+        out, pids = [], []
         for k in range(self.count):
             if k == self.index:
-                up, calls, rate = ready, circuits, put_rate
+                known, up, calls, rate = True, ready, circuits, put_rate
             else:
                 path = status_path(self.run_dir, broker_role(k))
                 own = read_status(path)
+                known = self.all_here or own is not None
                 up = _serving(path, own, now)
                 door = (own or {}).get("door") or {}
                 calls, rate = (door.get("clients"), door.get("put_rate")) if up else (None, None)
+                if up:
+                    pids.append(own["pid"])
             out.append(
-                {"index": k, "self": k == self.index, "up": up, "circuits": calls, "put_rate": rate}
+                {
+                    "index": k,
+                    "self": k == self.index,
+                    "known": known,
+                    "up": up,
+                    "circuits": calls,
+                    "put_rate": rate,
+                }  # fmt: skip
             )
+        self.pids = pids
         return out

@@ -76,6 +76,21 @@ def test_a_put_through_a_remote_broker_is_read_through_broker_0(site, ca):
         lambda: _on_b("get", "--terse", name).stdout.strip() == "7.5",
         what=f"{name} = 7.5 through the remote broker",
     )
+    # It says which broker it is; broker 0 serves from a data directory it cannot see,
+    # so it neither counts it nor raises an alarm for it.
+    base = relay.prefix + "relay:"
+    assert _on_b("get", "--terse", base + "BROKER").stdout.strip() == "1"
+    assert _on_b("get", "--terse", base + "BROKER_CNT").stdout.strip() == "2"
+    fmt = "{response.data[0]} {response.metadata.severity}"
+    wait_for(
+        lambda: (
+            _on_b(
+                "get", "-d", "DBR_TIME_LONG", "--format", fmt, base + "BROKER_UP_CNT"
+            ).stdout.strip()
+            in ("1 AlarmSeverity.NO_ALARM", "1 0")
+        ),
+        what="the remote broker counting itself, with no alarm",
+    )
     assert broker.proc.poll() is None
     broker.stop(signal.SIGTERM)
     assert broker.proc.returncode == 0
