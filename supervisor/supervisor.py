@@ -75,7 +75,9 @@ class Supervisor:
         # systemd's readiness socket (Type=notify): the supervisor alone speaks for the
         # unit, so its children do not inherit it.
         self.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
-        self._told_ready = False
+        # Readiness is watched for systemd, and for the line that several brokers get;
+        # one broker without systemd says it itself.
+        self._told_ready = not (self.notify_socket or len(self.brokers) > 1)
 
     def _write_status(self, now: float) -> None:
         write_status(
