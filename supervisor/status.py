@@ -245,9 +245,11 @@ def print_status(config: Config, out=sys.stdout) -> int:
         ),
         file=out,
     )
+    # Several brokers: where each serves CA, and its clients (one: the header says where).
+    doors = f" {'CA':<21} {'CLIENTS':>7}" if len(brokers) > 1 else ""
     print(
         f"{'PROCESS':<10} {'PID':>8} {'STATE':<13} {'UPTIME':>12} {'RESTARTS':>8} {'PVS':>7} "
-        f"{'LAST FLUSH':>19} {'STORE':>10} {'CA':<21} {'CLIENTS':>7}",
+        f"{'LAST FLUSH':>19} {'STORE':>10}{doors}",
         file=out,
     )
     for p in procs:
@@ -257,13 +259,13 @@ def print_status(config: Config, out=sys.stdout) -> int:
         shard = p["name"].startswith("shard")
         flush = _when(p.get("last_flush")) if shard else ""
         store = _size(p.get("store_bytes")) if shard else ""
-        door = _door(p) if p in brokers else ""
-        clients = "" if p not in brokers else "-" if p["clients"] is None else str(p["clients"])
-        print(
-            f"{p['name']:<10} {pid:>8} {p['state']:<13} {up:>12} "
-            f"{p['restarts']:>8} {pvs:>7} {flush:>19} {store:>10} {door:<21} {clients:>7}".rstrip(),
-            file=out,
-        )
+        door = clients = ""
+        if doors and p in brokers:
+            door, clients = _door(p), "-" if p["clients"] is None else str(p["clients"])
+        line = f"{p['restarts']:>8} {pvs:>7} {flush:>19} {store:>10}"
+        if doors:
+            line = f"{line} {door:<21} {clients:>7}".rstrip()
+        print(f"{p['name']:<10} {pid:>8} {p['state']:<13} {up:>12} {line}", file=out)
     notes = []
     if not status["answering"]:
         notes.append("supervisor: not answering: its status file is stale")
