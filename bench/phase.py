@@ -55,11 +55,11 @@ def run_phase(
     result_q = mp.Queue()
     go = mp.Event()
     stop = mp.Event()
-    env = client_env(server.port)
     procs = [
         mp.Process(
             target=client_main,
-            args=(fn, env, kwargs, i, ready_q, go, stop, result_q),
+            # Each client on the CA port the server gives it (one broker of several).
+            args=(fn, client_env(server.client_port(i)), kwargs, i, ready_q, go, stop, result_q),
             daemon=True,
             name=f"bench-client-{fn}-{i}",
         )

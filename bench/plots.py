@@ -119,7 +119,7 @@ def draw(out: Path, table: list[dict], servers: list[str], runs: list[dict]) -> 
     for t in table:
         by_w.setdefault(t["workload"], []).append(t)
     for w, entries in by_w.items():
-        if w in ("W6", "W10"):
+        if w in ("W6", "W9", "W10"):  # W9: a table of its own, two runs of one server
             continue
         entries = [e for e in entries if e["key"] not in NOT_CHARTED]
         if not entries:

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 SERVER_ORDER = ("carelay", "control", "softioc")
-WORKLOAD_ORDER = ("W1", "W2", "W3", "W4", "W5", "W6", "W10")
+WORKLOAD_ORDER = ("W1", "W2", "W3", "W4", "W5", "W6", "W9", "W10")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,24 @@ def rows_for(params) -> list[Row]:
                 keys=(("carelay", f"cpu_ms_per_append_{s}_shards"),),
             )
         )
+    rows += w9_rows(params)
     rows += w10_rows(params)
+    return rows
+
+
+def w9_rows(params) -> list[Row]:
+    """W9, carelay only: one CA broker against two, the largest W1 client count."""
+    n = max(params.w1_clients)
+    rows = []
+    for key, what in (
+        ("puts_per_s", f"puts/s, {n} clients"),
+        ("cpu_us_per_put", "relay CPU-us per put"),
+        ("broker_cpu_us_per_put", "broker CPU-us per put (brokers summed)"),
+    ):
+        for b in (1, 2):
+            label = f"{what}, carelay {b} broker{'s' if b > 1 else ''}"
+            rows.append(Row("W9", label, f"{key}_{b}b", keys=(("carelay", f"{key}_{b}b"),)))
+    rows.append(Row("W9", "puts/s, 2 brokers over 1", "speedup_2b"))
     return rows
 
 

@@ -130,6 +130,10 @@ class Server:
     def env(self) -> dict[str, str]:
         return server_env(self.port)
 
+    def client_port(self, index: int) -> int:
+        """The CA port client ``index`` of a phase talks to."""
+        return self.port
+
     ready_text = "ready"
 
     # -- life cycle ------------------------------------------------------------------
@@ -279,12 +283,32 @@ class Server:
 
 
 class CarelayServer(Server):
-    kind = "carelay"
-    ready_text = "ready:"
+    """``carelay up``; with ``brokers`` > 1, one CA broker per loopback port (``[[ca]]``),
+    the phase's clients dealt out over them in turn."""
 
-    def __init__(self, ports: set[int], shards: int = 2, label: str | None = None) -> None:
-        super().__init__(ports, label or f"carelay ({shards} shards)")
+    kind = "carelay"
+
+    def __init__(
+        self, ports: set[int], shards: int = 2, label: str | None = None, brokers: int = 1
+    ) -> None:
+        extra = f", {brokers} brokers" if brokers > 1 else ""
+        super().__init__(ports, label or f"carelay ({shards} shards{extra})")
         self.shards = shards
+        self.ports = [self.port, *(free_port(ports) for _ in range(brokers - 1))]
+        # Several brokers: the supervisor's line once every one serves.
+        self.ready_text = "CA brokers ready" if brokers > 1 else "ready:"
+
+    def client_port(self, index: int) -> int:
+        return self.ports[index % len(self.ports)]
+
+    def _doors(self) -> list[str]:
+        if len(self.ports) == 1:
+            return []
+        config = self.tmp / "carelay.toml"
+        config.write_text(
+            "".join(f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {p}\n\n' for p in self.ports)
+        )
+        return ["--config", str(config)]
 
     def argv(self) -> list[str]:
         return [
@@ -302,6 +326,7 @@ class CarelayServer(Server):
             str(CARELAY_MAX_PVS),
             "--max-elements",
             str(MAX_ELEMENTS),
+            *self._doors(),
         ]
 
     def env(self) -> dict[str, str]:
@@ -310,7 +335,7 @@ class CarelayServer(Server):
 
     def _role(self, pid: int, cmd: list[str]) -> str:
         if "broker" in cmd:
-            return "broker"
+            return f"broker{cmd[cmd.index('--index') + 1]}" if "--index" in cmd else "broker"
         if "shard" in cmd:
             return f"shard{cmd[cmd.index('shard') + 1]}"
         return "supervisor"

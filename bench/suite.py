@@ -1,4 +1,4 @@
-"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W6, W10.
+"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W6, W9, W10.
 
     python -m bench [--quick] [--out DIR] [--only W1,W3] [--servers carelay,control,softioc]
                     [--profile] [--w10-bursts N] [--w10-monitors 0,1,10]
@@ -26,10 +26,11 @@ from importlib import metadata
 from pathlib import Path
 
 from bench import report
+from bench.doors import w9
 from bench.servers import softioc_available
 from bench.workloads import FULL, QUICK, Bench
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W10")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W9", "W10")
 SERVERS = ("carelay", "control", "softioc")
 QUICK_WORKLOADS = ("W1", "W3")
 QUICK_SERVERS = ("carelay", "control")
@@ -40,6 +41,7 @@ DESCRIPTIONS = {
     "W4": "1 MB text",
     "W5": "creation and memory",
     "W6": "buffer scaling over shards",
+    "W9": "two CA brokers against one",
     "W10": "bursts of puts and gets, with monitors",
 }
 
@@ -307,7 +309,7 @@ def main(argv=None) -> int:
                 t = time.monotonic()
                 meter = CpuMeter()
                 try:
-                    figures = getattr(bench, w.lower())(s)
+                    figures = w9(bench, s) if w == "W9" else getattr(bench, w.lower())(s)
                 except (_Stop, KeyboardInterrupt):
                     raise
                 except Exception as e:

@@ -305,6 +305,7 @@ class Health:
         self._cpu = CpuMeter()
         #: The supervisor (``carelay up``) if this broker has one.
         self._parent = [os.getppid()] if _is_carelay(os.getppid()) else []
+        self.peers = None  # the relay's CA brokers (PeerBrokers), set by ``carelay broker``
         self.snapshot: dict = {}
 
     def refused(
@@ -334,7 +335,7 @@ class Health:
         refuse_rate = self._refuse_rate.sample(now, refusals)
         # The processes of this host only: a pid from a shard on another host names
         # some other process here.
-        pids = [os.getpid(), *self._parent]
+        pids = [os.getpid(), *self._parent, *(self.peers.pids if self.peers else ())]
         for link, figs in zip(broker.links, self.shards, strict=True):
             if figs.pid and (link.local or is_loopback_endpoint(link.endpoint)):
                 pids.append(figs.pid)
@@ -391,6 +392,7 @@ class Health:
             "refusals": dict(self.refusals),
             "put_callback": self.put_callback,
             "shards": shards,
+            "brokers": self.peers.sample(broker.ready, circuits, put_rate[0]) if self.peers else [],
         }
         # The histograms are copied: the loop goes on moving its own.
         snap["put_callback"] = Histogram.from_dict(self.put_callback.as_dict())

@@ -254,6 +254,9 @@ def relay_metas(shards: int, autosave_period: float) -> dict[str, Meta]:
             hopr=1024,
             limits=_limits(low=FD_FREE_LOW, lolo=FD_FREE_LOLO),
         ),
+        "BROKER": Meta("i", "Which CA broker this is ([[ca]])"),
+        "BROKER_CNT": Meta("i", "CA brokers of the relay"),
+        "BROKER_UP_CNT": Meta("i", "CA brokers serving"),
         "LAST_ERROR": Meta("c", "Last refusal or failure", count=ERROR_LINE_MAX + 1),
         "ERRORS": Meta("c", "Last refusals and failures", count=errors_count),
     }
@@ -333,6 +336,7 @@ class HealthPVs:
         pvs[b + "MAX_BYTES_USED"].set(round(snap["max_bytes_used"], 3))
         pvs[b + "CPU_LOAD"].set(round(snap["cpu_load"], 1))
         pvs[b + "FD_FREE"].set(snap["fd_free"])
+        self._brokers(snap["brokers"])
         pvs[b + "LAST_ERROR"].set(errors.last)
         pvs[b + "ERRORS"].set(errors.text())
         for s in snap["shards"]:
@@ -345,3 +349,16 @@ class HealthPVs:
             pvs[f"{b}shard{k}:STORE_BYTES"].set(s["store_bytes"])
             pvs[f"{b}shard{k}:FLUSH_AGE"].set(round(s["flush_age"], 1))
             pvs[f"{b}shard{k}:PUT_RATE"].set(round(s["put_rate"], 3))
+
+    def _brokers(self, brokers: list[dict]) -> None:
+        """Which broker this is, how many there are, and how many serve: a MINOR LOW
+        alarm while one that can be told from here (see PeerBrokers) does not."""
+        if not brokers:
+            return
+        b, pvs = self.base, self.pvs
+        up = sum(1 for x in brokers if x["up"])
+        pvs[b + "BROKER"].set(next(x["index"] for x in brokers if x["self"]))
+        pvs[b + "BROKER_CNT"].set(len(brokers))
+        short = any(x["known"] and not x["up"] for x in brokers)
+        alarm = fields.LOW_ALARM if short else fields.NO_ALARM
+        pvs[b + "BROKER_UP_CNT"].set(up, alarm, fields.MINOR if short else fields.NO_SEVERITY)

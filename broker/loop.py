@@ -187,6 +187,7 @@ class Loop:
                 "pvs": b.table.n_real,
                 "ready": b.ready,
                 "ca_port": b.ca_port,
+                "door": b.health.peers.door(b.health.snapshot) if b.health.peers else None,
                 "shards": [
                     {"index": link.index, "state": link.state.value, "pvs": link.pvs}
                     for link in b.links

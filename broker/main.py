@@ -18,17 +18,19 @@ from carelay.broker.cabuffers import watch_free_list
 from carelay.broker.circuits import CircuitMonitor, Limits, client_limit, fit_fd_limit, open_fds
 from carelay.broker.cstreams import own_stderr
 from carelay.broker.listening import listening_tcp_ports
+from carelay.broker.peers import PeerBrokers
 from carelay.common import exits
 from carelay.common.config import Config
 from carelay.common.keys import KeysError
 from carelay.common.lifecycle import (
     StopFlag,
     bound_malloc,
+    broker_role,
     die_with_parent,
     settle_gc,
     status_path,
 )
-from carelay.common.runlock import run_token
+from carelay.common.runlock import run_token, supervised
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,10 @@ def run_broker(config: Config, index: int = 0) -> int:
         log.error("broker cannot start: %s", e)
         return exits.CANNOT_START
     if index:
-        broker.status_path = status_path(config.run_dir, f"broker {index}")
+        broker.status_path = status_path(config.run_dir, broker_role(index))
+    # Under `carelay up` every broker runs here; one started alone may have peers elsewhere.
+    here = supervised(config.data_dir)
+    broker.health.peers = PeerBrokers(config.run_dir, config.brokers, index, all_here=here)
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
     if followed:
         from carelay.broker.sockethooks import DeniedPuts, watch_denied

@@ -85,6 +85,7 @@ class HealthCollector(Collector):
             sum_value=hist.total,
         )
         yield from self._shards(snap["shards"])
+        yield from self._brokers(snap.get("brokers") or [])
 
     def _shards(self, shards: list[dict]):
         state = StateSetMetricFamily("carelay_shard_state", "State of each shard", labels=["shard"])
@@ -115,6 +116,30 @@ class HealthCollector(Collector):
             puts.add_metric(k, s["puts"])
             flush.add_metric(k, s["flush"].cumulative(), s["flush"].total)
         yield from (state, pvs, size, age, rate, puts, flush)
+
+    def _brokers(self, brokers: list[dict]):
+        """The relay's CA brokers, each as its status file says (broker 0 serves /metrics)."""
+        if not brokers:
+            return
+        yield GaugeMetricFamily("carelay_brokers", "CA brokers of the relay", value=len(brokers))
+        label = ["broker"]
+        up = GaugeMetricFamily("carelay_broker_up", "1 while each CA broker serves", labels=label)
+        circuits = GaugeMetricFamily(
+            "carelay_broker_ca_circuits", "CA circuits to each broker", labels=label
+        )
+        rate = GaugeMetricFamily(
+            "carelay_broker_put_rate_hertz", "Puts each broker accepted, last 1 s", labels=label
+        )
+        for b in brokers:
+            if not b["known"]:  # on another host: this broker cannot tell
+                continue
+            k = [str(b["index"])]
+            up.add_metric(k, 1.0 if b["up"] else 0.0)
+            if b["circuits"] is not None:
+                circuits.add_metric(k, b["circuits"])
+            if b["put_rate"] is not None:
+                rate.add_metric(k, b["put_rate"])
+        yield from (up, circuits, rate)
 
 
 def serve_metrics(health: Health, address: str, port: int):

@@ -186,6 +186,11 @@ class StopFlag:
         self.signal = signum
 
 
+def broker_role(index: int) -> str:
+    """The name of CA broker ``index`` (``[[ca]]`` entry): "broker", then "broker 1"..."""
+    return f"broker {index}" if index else "broker"
+
+
 def status_path(run_dir: Path, role: str) -> Path:
     """The status file of ``role`` ("supervisor", "broker", "shard 0", ...) in ``run_dir``."""
     return run_dir / f"{role.replace(' ', '-')}.json"

@@ -10,9 +10,10 @@ holds it, before it touches anything.
 
 The token: the supervisor makes one per run and hands it to its children in the
 environment; the broker presents it in its HELLO, and a shard serves no peer that has not.
-Processes started alone use the CurveZMQ keys where there are keys (they admit only
-holders of the keys), else a token file in the data directory, readable by its owner
-alone and made by the first of them to start.
+Where there are CurveZMQ keys they admit peers instead (only holders of the keys get
+through), under ``carelay up`` too, so that a broker started alone on another host
+joins its shards; processes started alone without keys use a token file in the data
+directory, readable by its owner alone and made by the first of them to start.
 """
 
 from __future__ import annotations
@@ -129,11 +130,13 @@ def join_run(data_dir: Path, role_lock: str | None = None) -> list[int]:
 def run_token(config: Config) -> str | None:
     """The token this process presents (broker) or asks for (shard); None: no token,
     the CurveZMQ keys admit peers."""
+    # With keys the CurveZMQ handshake admits peers, under ``carelay up`` too: a broker
+    # started alone on another host (``[[ca]]``) holds the keys, never this run's token.
+    if config.keys_dir is not None:
+        return None
     token = os.environ.get(RUN_TOKEN_ENV)
     if token and supervised(config.data_dir):
         return token
-    if config.keys_dir is not None:
-        return None
     return _token_file(config.data_dir / TOKEN_FILE)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from carelay.common import exits
 from carelay.common.config import LOG_LEVELS, Config, ConfigError, load_config
-from carelay.common.lifecycle import setup_logging
+from carelay.common.lifecycle import broker_role, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -331,11 +331,6 @@ def run_broker_role(args: argparse.Namespace) -> int:
     from carelay.broker.main import run_broker
 
     return _run_role(config, role, lambda: run_broker(config, index))
-
-
-def broker_role(index: int) -> str:
-    """The name of broker ``index``: "broker", then "broker 1", "broker 2"..."""
-    return f"broker {index}" if index else "broker"
 
 
 def run_pva_role(args: argparse.Namespace) -> int:

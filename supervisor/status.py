@@ -110,13 +110,27 @@ def collect(config: Config) -> dict | None:
     broker = next((p for p in procs if p["name"] == "broker"), None)
     broker_own = owns.get("broker")
     broker_fresh = broker is not None and _fresh(broker_own, broker.get("pid"), now)
-    links = {}
-    if broker_fresh:
-        sup["ready"] = broker_own.get("ready")
-        links = {s.get("index"): s.get("state") for s in broker_own.get("shards", [])}
-        for key in ("ca_port",):
-            if broker_own.get(key) is not None:
-                sup[key] = broker_own[key]
+    if broker_fresh and broker_own.get("ca_port") is not None:
+        sup["ca_port"] = broker_own["ca_port"]
+    # Each broker that answers: its door, and its links to the shards; a shard answers
+    # while some broker's link to it is live.
+    brokers = [p for p in procs if _broker_index(p["name"]) is not None]
+    links: dict = {}
+    for p in brokers:
+        own = owns[p["name"]]
+        fresh = p.get("state") == RUNNING and _fresh(own, p.get("pid"), now)
+        p["ready"] = own.get("ready") if fresh else None
+        p["ca_port"] = own.get("ca_port") if fresh else None
+        door = (own.get("door") or {}) if fresh else {}
+        p["interfaces"], p["clients"] = door.get("interfaces"), door.get("clients")
+        for link in own.get("shards", []) if fresh else ():
+            k, state = link.get("index"), link.get("state")
+            if _LINK_RANK.get(state, 0) > _LINK_RANK.get(links.get(k), -1):
+                links[k] = state
+    said = [p["ready"] for p in brokers]
+    sup["ready"] = None if None in said or not said else all(said)
+    sup["brokers"] = brokers
+    broker_fresh = any(p["ready"] is not None for p in brokers)
     for p in procs:
         own = owns[p["name"]]
         running = p.get("state") == RUNNING
@@ -154,6 +168,10 @@ def collect(config: Config) -> dict | None:
             if since_failed:
                 p["detail"] += f" (since {_when(since_failed)})"
             continue
+        if p in brokers and p["ready"] is False:
+            p["state"] = "syncing"
+            p["detail"] = "not ready: its shards' snapshots are not all taken yet"
+            continue
         index = _shard_index(p["name"])
         if index is None or not broker_fresh:
             continue
@@ -177,6 +195,25 @@ def _shard_index(name: str) -> int | None:
     return int(index) if role == "shard" and index.isdigit() else None
 
 
+def _broker_index(name: str) -> int | None:
+    """0 for "broker", K for "broker K", None for any other process."""
+    role, _, index = name.partition(" ")
+    if role != "broker":
+        return None
+    return int(index) if index.isdigit() else 0 if not index else None
+
+
+#: Link states, worst first: a shard is judged by the best link any broker has to it.
+_LINK_RANK = {"down": 0, "connecting": 1, "syncing": 2, "live": 3}
+
+
+def _door(p: dict) -> str:
+    """Where broker ``p`` serves CA: ``address:port`` (``*`` for every interface)."""
+    if p.get("ca_port") is None:
+        return "-"
+    return ",".join(f"{a}:{p['ca_port']}" for a in p.get("interfaces") or ["*"])
+
+
 def print_status(config: Config, out=sys.stdout) -> int:
     """Print the process table; EXIT_RUNNING while all answer, EXIT_NOT_RUNNING when no
     relay runs, EXIT_PROBLEM when a process is down, failing or not answering."""
@@ -188,6 +225,11 @@ def print_status(config: Config, out=sys.stdout) -> int:
     procs = status.get("processes", [])
     ok = status["answering"] and all(p["state"] == RUNNING for p in procs)
     ready = {True: "broker ready", False: "broker starting"}.get(status.get("ready"))
+    ports = f"CA port {status.get('ca_port', '?')}"
+    brokers = status["brokers"]
+    if len(brokers) > 1:
+        ports = "CA ports " + ", ".join(str(p.get("ca_port") or "?") for p in brokers)
+        ready = f"{sum(1 for p in brokers if p['ready'])} of {len(brokers)} brokers ready"
     print(
         ", ".join(
             part
@@ -195,7 +237,7 @@ def print_status(config: Config, out=sys.stdout) -> int:
                 f"carelay {'running' if ok else 'degraded'}: supervisor pid {status['pid']}",
                 f"up {_duration(status['uptime'])}",
                 f"prefix {status['config']['prefix']}",
-                f"CA port {status.get('ca_port', '?')}",
+                ports,
                 ready,
                 f"data directory {data_dir}",
             )
@@ -203,9 +245,11 @@ def print_status(config: Config, out=sys.stdout) -> int:
         ),
         file=out,
     )
+    # Several brokers: where each serves CA, and its clients (one: the header says where).
+    doors = f" {'CA':<21} {'CLIENTS':>7}" if len(brokers) > 1 else ""
     print(
         f"{'PROCESS':<10} {'PID':>8} {'STATE':<13} {'UPTIME':>12} {'RESTARTS':>8} {'PVS':>7} "
-        f"{'LAST FLUSH':>19} {'STORE':>10}",
+        f"{'LAST FLUSH':>19} {'STORE':>10}{doors}",
         file=out,
     )
     for p in procs:
@@ -215,11 +259,13 @@ def print_status(config: Config, out=sys.stdout) -> int:
         shard = p["name"].startswith("shard")
         flush = _when(p.get("last_flush")) if shard else ""
         store = _size(p.get("store_bytes")) if shard else ""
-        print(
-            f"{p['name']:<10} {pid:>8} {p['state']:<13} {up:>12} "
-            f"{p['restarts']:>8} {pvs:>7} {flush:>19} {store:>10}",
-            file=out,
-        )
+        door = clients = ""
+        if doors and p in brokers:
+            door, clients = _door(p), "-" if p["clients"] is None else str(p["clients"])
+        line = f"{p['restarts']:>8} {pvs:>7} {flush:>19} {store:>10}"
+        if doors:
+            line = f"{line} {door:<21} {clients:>7}".rstrip()
+        print(f"{p['name']:<10} {pid:>8} {p['state']:<13} {up:>12} {line}", file=out)
     notes = []
     if not status["answering"]:
         notes.append("supervisor: not answering: its status file is stale")

@@ -35,7 +35,7 @@ from carelay.supervisor.watcher import Watcher, describe_exit, self_argv
 
 log = logging.getLogger(__name__)
 
-#: How often the broker's status file is read while systemd waits for readiness (s).
+#: How often the brokers' status files are read until every broker is ready (s).
 _READY_POLL = 0.1
 #: Exit status of ``carelay up`` when a shard did not stop cleanly (values not saved).
 EXIT_UNCLEAN_STOP = exits.FAILED
@@ -78,7 +78,9 @@ class Supervisor:
         # systemd's readiness socket (Type=notify): the supervisor alone speaks for the
         # unit, so its children do not inherit it.
         self.notify_socket = os.environ.pop("NOTIFY_SOCKET", None)
-        self._told_ready = False
+        # Readiness is watched for systemd, and for the line that several brokers get;
+        # one broker without systemd says it itself.
+        self._told_ready = not (self.notify_socket or len(self.brokers) > 1)
 
     def _write_status(self, now: float) -> None:
         write_status(
@@ -98,30 +100,39 @@ class Supervisor:
         """Seconds until the loop has work that no signal announces."""
         due = [next_touch]
         due += [w.restart_at for w in self.watchers if w.restart_at is not None]
-        if self.notify_socket and not self._told_ready:
+        if not self._told_ready:
             due.append(now + _READY_POLL)
         return max(0.0, min(due) - now)
 
-    def _broker_ready(self) -> dict | None:
-        """The running broker's status once it says every shard is in sync, else None."""
-        broker = self.brokers[0]
-        if broker.proc is None:
-            return None
-        status = read_status(status_path(self.config.run_dir, "broker"))
-        # A file left by an earlier broker does not count.
-        if status is None or status.get("pid") != broker.proc.pid:
-            return None
-        return status if status.get("ready") is True else None
+    def _brokers_ready(self) -> list[dict] | None:
+        """Every running broker's status once each says every shard is in sync, else None."""
+        statuses = []
+        for broker in self.brokers:
+            if broker.proc is None:
+                return None
+            status = read_status(status_path(self.config.run_dir, broker.name))
+            # A file left by an earlier broker does not count.
+            if status is None or status.get("pid") != broker.proc.pid:
+                return None
+            if status.get("ready") is not True:
+                return None
+            statuses.append(status)
+        return statuses
 
-    def _tell_systemd_when_ready(self) -> None:
-        """Send READY=1 to $NOTIFY_SOCKET once the broker is ready (sd_notify)."""
-        status = self._broker_ready()
-        if status is None:
+    def _tell_when_ready(self) -> None:
+        """Once every broker is ready: a log line (with several brokers; one says it
+        itself), and READY=1 to $NOTIFY_SOCKET under systemd (sd_notify)."""
+        statuses = self._brokers_ready()
+        if statuses is None:
             return
         self._told_ready = True
-        text = (
-            f"READY=1\nSTATUS=serving {status.get('pvs', 0)} PVs on CA port {status.get('ca_port')}"
-        )
+        ports = ", ".join(str(s.get("ca_port")) for s in statuses)
+        if len(statuses) > 1:
+            log.info("all %d CA brokers ready, CA ports %s", len(statuses), ports)
+        if not self.notify_socket:
+            return
+        plural = "s" if len(statuses) > 1 else ""
+        text = f"READY=1\nSTATUS=serving {statuses[0].get('pvs', 0)} PVs on CA port{plural} {ports}"
         if not sd_notify(self.notify_socket, text):
             return
         log.info("told systemd the relay is ready")
@@ -182,8 +193,8 @@ class Supervisor:
                         w.signal(signal.SIGHUP)
                 for w in self.watchers:
                     w.check(now)
-                if self.notify_socket and not self._told_ready:
-                    self._tell_systemd_when_ready()
+                if not self._told_ready:
+                    self._tell_when_ready()
                 # Rewritten when what it says changed, else touched (write_status).
                 self._write_status(now)
                 next_touch = now + STATUS_TOUCH_INTERVAL

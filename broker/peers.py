@@ -1,0 +1,108 @@
+"""The CA brokers of this relay (``[[ca]]``), as their status files say.
+
+Each broker writes its door (index, interfaces, CA circuits, put rate) into its own
+status file; once every HEALTH_INTERVAL a broker reads the others' files in the same
+data directory to say how many brokers serve (``relay:BROKER_UP_CNT``) and, on broker
+0, to carry their figures in /metrics.  A broker serves while its status file is fresh
+(written or touched within STATUS_STALE_INTERVALS), its pid is alive and it has said
+ready: one that is alive but silent does not count.  No pcaspy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from carelay.common.config import STATUS_INTERVAL, STATUS_STALE_INTERVALS
+from carelay.common.lifecycle import broker_role, read_status, status_path
+
+#: A status file older than this belongs to a broker that does not answer (seconds).
+STALE_AFTER = STATUS_INTERVAL * STATUS_STALE_INTERVALS
+
+
+def interfaces() -> list[str]:
+    """The addresses this broker's CA server listens on (empty: all of them)."""
+    return os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _serving(path: Path, own: dict | None, now: float) -> bool:
+    """Whether the status ``own`` read from ``path`` is a live, fresh, ready broker's."""
+    if not own or own.get("ready") is not True or "exit" in own:
+        return False
+    try:
+        age = now - path.stat().st_mtime
+    except OSError:
+        return False
+    return age <= STALE_AFTER and _pid_alive(own.get("pid"))
+
+
+class PeerBrokers:
+    """Broker ``index`` of ``count``, and what the others' status files in ``run_dir`` say.
+
+    ``all_here``: every broker runs on this host with this data directory (under
+    ``carelay up``), so one without a serving status file is down.  A broker started
+    alone knows only those whose status files it finds: the others may serve from
+    another host, and are neither counted nor judged (``known`` False)."""
+
+    def __init__(self, run_dir: Path, count: int, index: int, all_here: bool = True) -> None:
+        self.run_dir = run_dir
+        self.count = count
+        self.index = index
+        self.all_here = all_here
+        #: The pids of the other brokers found serving at the last sample (for CPU_LOAD
+        #: and MEM_USED, which cover every relay process of this host).
+        self.pids: list[int] = []
+
+    def door(self, snapshot: dict) -> dict:
+        """This broker's part of its own status file, from its last health ``snapshot``."""
+        rate = snapshot.get("put_rate", (0.0, 0.0))[0]
+        return {
+            "index": self.index,
+            "interfaces": interfaces(),
+            "clients": snapshot.get("circuits"),
+            "put_rate": round(rate, 1),
+        }
+
+    def sample(self, ready: bool, circuits: int, put_rate: float) -> list[dict]:
+        """Every broker: ``index``, ``self``, ``known`` (its state can be told from here),
+        ``up`` (serving), CA ``circuits`` and ``put_rate`` (None where not told); this one
+        from its own figures."""
+        now = time.time()
+        out, pids = [], []
+        for k in range(self.count):
+            if k == self.index:
+                known, up, calls, rate = True, ready, circuits, put_rate
+            else:
+                path = status_path(self.run_dir, broker_role(k))
+                own = read_status(path)
+                known = self.all_here or own is not None
+                up = _serving(path, own, now)
+                door = (own or {}).get("door") or {}
+                calls, rate = (door.get("clients"), door.get("put_rate")) if up else (None, None)
+                if up:
+                    pids.append(own["pid"])
+            out.append(
+                {
+                    "index": k,
+                    "self": k == self.index,
+                    "known": known,
+                    "up": up,
+                    "circuits": calls,
+                    "put_rate": rate,
+                }  # fmt: skip
+            )
+        self.pids = pids
+        return out

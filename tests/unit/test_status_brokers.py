@@ -1,0 +1,98 @@
+"""``carelay status`` with several CA brokers (``[[ca]]``), from made-up status files.
+
+Stand-in processes (a sleeping Python whose command line names carelay) play the
+supervisor, one shard and two brokers, as in test_status_view.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from carelay.common.config import load_config
+from carelay.supervisor.status import EXIT_PROBLEM, EXIT_RUNNING, collect
+from tests.unit.test_status_view import OLD, shown, write
+
+
+@pytest.fixture
+def pids():
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "carelay", role])
+        for role in ("up", "shard", "broker", "broker")
+    ]
+    for p in procs:
+        deadline = time.monotonic() + 10
+        while b"carelay" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in process did not start"
+            time.sleep(0.01)
+    yield [p.pid for p in procs]
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def config(tmp_path):
+    config = load_config(data_dir=str(tmp_path / "data"), shards=1)
+    config.run_dir.mkdir(parents=True)
+    return config
+
+
+def files(run: Path, pids, ready=(True, True), links=("live", "live")) -> None:
+    sup, shard, *brokers = pids
+    now = time.time()
+    names = ("broker", "broker 1")
+    procs = [{"name": "shard 0", "pid": shard, "state": "running", "uptime": OLD, "restarts": 0}]
+    procs += [
+        {"name": n, "pid": pid, "state": "running", "uptime": OLD, "restarts": 0}
+        for n, pid in zip(names, brokers, strict=True)
+    ]
+    config = {"prefix": "X:", "shards": 1, "max_elements": 10, "max_name_length": 64}
+    write(run / "supervisor.json", pid=sup, written=now, uptime=OLD, config=config,
+          processes=procs)  # fmt: skip
+    for k, pid in enumerate(brokers):
+        door = {"index": k, "interfaces": [f"10.0.{k + 1}.5"], "clients": 3 + k, "put_rate": 0.0}
+        write(run / ("broker.json" if k == 0 else f"broker-{k}.json"), pid=pid, written=now,
+              ready=ready[k], ca_port=5064 + k, door=door,
+              shards=[{"index": 0, "state": links[k]}])  # fmt: skip
+    write(run / "shard-0.json", pid=shard, written=now, pvs=3)
+
+
+def _row(text: str, name: str) -> list[str]:
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) > 3 and " ".join(words[: len(name.split())]) == name:
+            if name == "broker" and words[1] == "1":
+                continue
+            return words
+    raise AssertionError(f"no row {name!r} in:\n{text}")
+
+
+def test_each_broker_shows_its_door_and_clients(config, pids):
+    files(config.run_dir, pids)
+    code, text = shown(config)
+    assert code == EXIT_RUNNING, text
+    header = text.splitlines()[0]
+    assert "CA ports 5064, 5065" in header and "2 of 2 brokers ready" in header, header
+    assert _row(text, "broker")[-2:] == ["10.0.1.5:5064", "3"]
+    assert _row(text, "broker 1")[-2:] == ["10.0.2.5:5065", "4"]
+
+
+def test_a_broker_not_ready_is_syncing(config, pids):
+    files(config.run_dir, pids, ready=(True, False))
+    states = {p["name"]: p["state"] for p in collect(config)["processes"]}
+    assert states == {"shard 0": "running", "broker": "running", "broker 1": "syncing"}
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM
+    assert "1 of 2 brokers ready" in text.splitlines()[0]
+    assert "broker 1: syncing: not ready" in text
+
+
+def test_a_shard_any_broker_reaches_is_running(config, pids):
+    files(config.run_dir, pids, links=("down", "live"))
+    states = {p["name"]: p["state"] for p in collect(config)["processes"]}
+    assert states["shard 0"] == "running"
