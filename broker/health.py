@@ -251,12 +251,7 @@ def uptime_text(seconds: float) -> str:
     hours, s = divmod(s, 3600)
     minutes, s = divmod(s, 60)
     text = f"{hours:02d}:{minutes:02d}:{s:02d}"
-    if days:
-        text = f"{days} day{'s' if days != 1 else ''}, {text}"
-    return text
-
-
-# -- the broker's figures -----------------------------------------------------------------
+    return f"{days} day{'s' if days != 1 else ''}, {text}" if days else text
 
 
 class ShardFigures:
