@@ -63,25 +63,27 @@ class Outbox:
         ]
 
     def send(self, sock: zmq.Socket) -> None:
-        """Send what was collected, in order, batched per peer.  A peer that cannot take
-        a batch gets nothing more of this one (a later run would come after a gap)."""
+        """Send what was collected, batched per peer, each peer's messages in order.
+
+        The peers that only hear of others' changes go first, the peers answered last:
+        every other front-end's copy of a change is on its way before the answer that
+        completes the put, so a read through another front-end right after the put
+        completes finds it there."""
         items, self.items = self.items, []
-        self._published.clear()
-        runs: list[tuple[bytes, list[Message]]] = []
+        published = self._published
+        per_peer: dict[bytes, list[Message]] = {}
+        answered: set[bytes] = set()
         for peer, msg in items:
-            if runs and runs[-1][0] == peer:
-                runs[-1][1].append(msg)
-            else:
-                runs.append((peer, [msg]))
-        lost: set[bytes] = set()
-        for peer, msgs in runs:
-            if peer in lost:
-                continue
+            per_peer.setdefault(peer, []).append(msg)
+            if id(msg) not in published:
+                answered.add(peer)
+        published.clear()
+        for peer, msgs in sorted(per_peer.items(), key=lambda pm: pm[0] in answered):
             for batch in protocol.batches(msgs):
                 frames = protocol.encode_batch(batch)
                 try:
                     protocol.send_frames(sock, [peer, *frames])
                 except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
+                    # It gets nothing more of this batch: a later run would follow a gap.
                     self._lost(peer, len(batch), e)
-                    lost.add(peer)
                     break

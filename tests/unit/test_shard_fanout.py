@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zmq
 
 from carelay.common.config import load_config
 from carelay.common.messages import (
@@ -22,7 +23,7 @@ from carelay.common.messages import (
     Update,
     Write,
 )
-from carelay.common.protocol import WriteRun, encode_batch
+from carelay.common.protocol import WriteRun, decode_batch, encode_batch
 from carelay.shard.server import ShardServer
 
 PREFIX = "U:"
@@ -116,3 +117,30 @@ def test_one_front_end_alone_is_sent_no_applied_counts(tmp_path):
     server = ShardServer(config, 0)
     _send(server, A, [Put(SCALAR, 1, 0.0, np.array([0.0]))])
     assert _send(server, A, [Write(SCALAR, 0, 0.0, np.array([1.0]))])[A] == []
+
+
+class _Socket:
+    """Records what a ROUTER would be given: (peer, decoded messages) per multipart."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, list]] = []
+        self._frames: list = []
+
+    def send(self, frame, flags=0, copy=True) -> None:
+        self._frames.append(bytes(frame))
+        if not flags & zmq.SNDMORE:
+            peer, *frames = self._frames
+            self._frames = []
+            self.sent.append((peer, decode_batch(frames)))
+
+
+def test_the_other_front_ends_are_sent_a_change_before_its_sender_is_answered(server):
+    # A put with callback from A completes when A has the answer; by then B must have
+    # been handed the change, so that a read through B at once finds the new value.
+    server.handle(A, encode_batch([Put(SCALAR, 7, 0.0, np.array([2.5]), callback=True)]))
+    server._commit()
+    sock = _Socket()
+    server.outbox.send(sock)
+    peers = [peer for peer, _ in sock.sent]
+    assert peers.index(B) < peers.index(A)
+    assert [m.req for m in sock.sent[peers.index(A)][1]] == [7]
