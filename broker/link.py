@@ -135,6 +135,12 @@ class ShardLink:
                 self.sock.close(linger=linger)
             self.sock = None
 
+    def watched(self) -> list[zmq.Socket]:
+        """The sockets whose messages the loop waits for: the link's, its monitor's and
+        the parked ones."""
+        socks = [self.sock, self._monitor] if self.sock is not None else []
+        return socks + self.parked if self.parked else socks
+
     def close_parked(self) -> None:
         for sock in self.parked:
             sock.close(linger=0)
@@ -288,6 +294,15 @@ class ShardLink:
             self._last_ping = now
             return "ping"
         return None
+
+    def due(self) -> float:
+        """When ``tick`` next has something to do (monotonic); 0.0: at every tick."""
+        if self.state is LinkState.DOWN:
+            return self._retry_at
+        if self.state is LinkState.CONNECTING:
+            return 0.0
+        silent = self._last_heard + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+        return min(self._last_ping + HEARTBEAT_INTERVAL, silent)
 
     def hello_sent(self) -> None:
         self.state = LinkState.SYNCING

@@ -1,9 +1,12 @@
 """The broker's loop: CA and the shard links served by one thread.
 
-It alternates short ``cas.process`` slices with polls of the shard sockets, so every
-pcaspy call stays on the thread that runs process() (pcaspy is not thread safe).  Every
-tick it also sends the queued puts, runs the links' timers (reconnect, heartbeat,
-request deadlines), posts coalesced events, writes the status file and samples health.
+It runs ``cas.process`` and reads the shard sockets in turn, so every pcaspy call stays
+on the thread that runs process() (pcaspy is not thread safe).  With the select hook
+(broker/wait.py) CA's select() also wakes on a shard's message or a signal, so the loop
+sleeps in it until something is due; without it, it alternates short slices with polls
+of the shards.  At most every tick it also sends the queued puts, runs the links' timers
+(reconnect, heartbeat, request deadlines), posts coalesced events, writes the status
+file and samples health; while nothing happens, only when one of those is due.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from carelay.broker.link import LinkState
+from carelay.broker.wait import SelectHook, sleep_for
 from carelay.common.config import (
     HEALTH_INTERVAL,
     READ_SYNC_TIMEOUT,
@@ -36,6 +40,11 @@ _BUSY_POLL_MS = 1
 _TICK = 0.01
 #: The longest single poll while a read waits for answers (ms).
 _READ_POLL_MS = 50
+#: With the select hook, the longest sleep in CA's select() (s): the clock of what has
+#: no due time of its own (the refusal log windows).
+_LONGEST_WAIT = 1.0
+#: A deadline is past only once the clock is beyond it: timers are looked at this late.
+_LATE = 0.001
 
 
 class Loop:
@@ -45,27 +54,35 @@ class Loop:
         self.broker = broker
         #: PVs with a coalesced event waiting (see RelayPV.post).
         self.due_posts: set = set()
+        #: CA's select() watching the shard sockets too (broker/main.py), or None.
+        self.wait: SelectHook | None = None
 
     def run(self, stop: StopFlag) -> None:
         b = self.broker
         links, requests, sync, table = b.links, b.requests, b.sync, b.table
-        next_status = next_tick = next_health = 0.0
+        hook = self.wait
+        next_status = next_tick = next_health = next_due = 0.0
         handled = 0
         while not stop.stopping:
-            # While answers are due, do not sleep in CA's select(): poll the
-            # shards briefly instead, so replies are handled as they come.
+            watching = hook is not None and hook.watch(self._sockets())
             waiting = requests.any_unanswered() or any(
                 link.state is LinkState.SYNCING for link in links
             )
-            # After answers were handled, CA has completions and events to send:
-            # no sleep in select() before they go.
-            if waiting or handled:
+            # After answers were handled, CA has completions and events to send: no sleep
+            # in select() before they go.  Without the hook, while answers are due, the
+            # shards are polled briefly instead, since select() cannot see them.
+            if handled or (waiting and not watching):
                 delay = 0.0
             elif self.due_posts or any(link.outbox for link in links):
                 delay = _IDLE_SLICE
+            elif watching:
+                delay = sleep_for(time.monotonic(), max(next_due, next_tick), _LONGEST_WAIT)
             else:
                 delay = _QUIET_SLICE
             b.cas.process(delay)
+            woken = False
+            if watching:
+                woken, hook.woken = hook.woken, False
             if b.circuits is not None:
                 self._watch_circuits()
             for link in links:
@@ -73,14 +90,23 @@ class Loop:
                 # already shows, go in batches of BATCH_MAX or at the next tick.
                 if link.urgent or link.queued >= BATCH_MAX:
                     requests.send(link)
-            handled = sync.poll(_BUSY_POLL_MS if waiting else 0)
+            if not watching:
+                handled = sync.poll(_BUSY_POLL_MS if waiting else 0)
+            elif woken:
+                handled = sync.poll(0)
+            else:
+                # A message that came during the slice wakes the next select at once.
+                handled = 0
             now = time.monotonic()
             if requests.parked:
                 requests.unpark(now)
             table.graveyard.clear()
             if now < next_tick:
                 continue
-            # Every _TICK, not every turn: a turn may carry only a few puts.
+            # While nothing happens, only when a timer is due.
+            if now < next_due and not (handled or woken or self._busy()):
+                continue
+            # At most every _TICK, not every turn: a turn may carry only a few puts.
             next_tick = now + _TICK
             self.send_queued()
             self._timers(now)
@@ -103,9 +129,38 @@ class Loop:
             if now >= next_health:
                 self._update_health(now)
                 next_health = now + HEALTH_INTERVAL
+            next_due = self._next_due(now, min(next_status, next_health))
         # A clean stop: the puts still queued go to the shards, which stop after us.
         self.send_queued()
         requests.fail_parked()
+
+    def _sockets(self) -> tuple:
+        """The shard sockets the select hook watches."""
+        return tuple(sock for link in self.broker.links for sock in link.watched())
+
+    def _busy(self) -> bool:
+        """Whether the tick has work at once (not only at a timer's due time)."""
+        b = self.broker
+        return bool(
+            self.due_posts
+            or b.requests.parked
+            or b.status_due
+            or b.reload_due
+            or not b.ready
+            or any(link.outbox or link.lost_writes or not link.due() for link in b.links)
+        )
+
+    def _next_due(self, now: float, due: float) -> float:
+        """When the tick next has work while nothing happens: ``due`` (status, health),
+        the links' timers, the first request deadline, or _LONGEST_WAIT from ``now``."""
+        b = self.broker
+        due = min(due, now + _LONGEST_WAIT)
+        for link in b.links:
+            due = min(due, link.due() + _LATE)
+        for waiting in (*b.requests.unanswered, *b.requests.orphans):
+            if waiting:
+                due = min(due, next(iter(waiting.values())).deadline + _LATE)
+        return due
 
     def send_queued(self) -> None:
         """Send whatever is queued for each shard."""
