@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
-import signal
 
 import zmq
 
 from carelay.broker.got import find_slots, point_slots
 from carelay.common.config import FD_SETSIZE
+from carelay.common.lifecycle import drain_wakeup_fd, signal_wakeup_fd
 
 __all__ = ["FdSet", "SelectHook", "fd_clear", "fd_isset", "fd_set", "sleep_for", "timeval"]
 
@@ -94,16 +93,18 @@ class SelectHook:
     The loop names the sockets (``watch``) and, after each ``cas.process``, reads
     ``woken`` (a watched socket has a message) and clears it."""
 
-    def __init__(self) -> None:
+    def __init__(self, wake_fd: int = -1) -> None:
         self.sockets: tuple = ()
-        self._fds: tuple[int, ...] = ()
+        #: The descriptors added to PCAS's read set: the sockets', then the wake-up pipe's.
+        self._ours: tuple[int, ...] = ()
         self._max_fd = -1
         #: The hook is in place and every socket named is watched.
         self.watching = False
         self._installed = False
         #: A watched socket had a message, or a signal came, since the loop last looked.
         self.woken = False
-        self._wake_r = self._wake_w = -1
+        #: The read end of the signal pipe, or -1.
+        self._wake_r = wake_fd
         self._saved = FdSet()
         self._callback = _SELECT(self._select)
 
@@ -113,13 +114,10 @@ class SelectHook:
         """Point the ``select`` slot of the loaded extension ``module_path`` here, and make
         signals write to the wake-up pipe (``signal.set_wakeup_fd``)."""
         slots = find_slots(module_path, {"select"})
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        if max(r, w) >= FD_SETSIZE:
-            os.close(r)
-            os.close(w)
-            raise RuntimeError(f"descriptor {max(r, w)} does not fit in an fd_set")
-        self._wake_r, self._wake_w = r, w
-        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        r = signal_wakeup_fd()
+        if r >= FD_SETSIZE:
+            raise RuntimeError(f"descriptor {r} does not fit in an fd_set")
+        self._wake_r = r
         point_slots(module_path, slots, {"select": self._callback})
         self._installed = True
         self.watch(self.sockets)
@@ -127,7 +125,7 @@ class SelectHook:
     def watch(self, sockets: tuple) -> bool:
         """Watch ``sockets`` from the next select on; False (and the shards unwatched) if
         one's descriptor does not fit in an fd_set."""
-        if sockets == self.sockets and self.watching == self._installed:
+        if sockets == self.sockets and self.watching == self._installed and self._ours:
             return self.watching
         self.sockets = sockets
         fds = tuple(s.getsockopt(zmq.FD) for s in sockets)
@@ -136,11 +134,11 @@ class SelectHook:
                 log.warning(
                     "a shard socket's descriptor is above %d: polling the shards", FD_SETSIZE
                 )
-            self._fds, self.watching = (), False
+            self._ours, self.watching = (), False
             return False
-        self._fds = fds
-        self._max_fd = max((*fds, self._wake_r), default=-1)
-        self.watching = self._installed
+        self._ours = fds + ((self._wake_r,) if self._wake_r >= 0 else ())
+        self._max_fd = max(self._ours, default=-1)
+        self.watching = self._installed and bool(self._ours)
         return self.watching
 
     # -- the hook -------------------------------------------------------------------------
@@ -159,9 +157,9 @@ class SelectHook:
             self.watching = False
             self._installed = False
             try:
-                log.exception("waiting on the shard sockets failed; polling them instead")
                 if rset:
                     ctypes.memmove(rset, self._saved, _FD_SET_BYTES)
+                log.exception("waiting on the shard sockets failed; polling them instead")
             except BaseException:
                 pass
             n = _real_select(nfds, rset, wset, eset, tv)
@@ -171,15 +169,16 @@ class SelectHook:
     def _wait(self, nfds, rset, wset, eset, tv) -> int:
         if not self.watching or not rset:
             return _real_select(nfds, rset, wset, eset, tv)
+        # PCAS's read set as it came: put back on a failure, and for each sleep again.
+        ctypes.memmove(self._saved, rset, _FD_SET_BYTES)
         if self.woken or self.has_message():
             # A message waits: CA's ready sockets are taken, without sleeping.
             self.woken = True
             if tv:
                 Timeval.from_address(tv).tv_sec = Timeval.from_address(tv).tv_usec = 0
             return _real_select(nfds, rset, wset, eset, tv)
-        ctypes.memmove(self._saved, rset, _FD_SET_BYTES)
         words = FdSet.from_address(rset)
-        ours = (*self._fds, self._wake_r)
+        ours = self._ours
         wide = max(nfds, self._max_fd + 1)
         while True:
             for fd in ours:
@@ -196,7 +195,7 @@ class SelectHook:
             for fd in ready:
                 fd_clear(words, fd)
             n -= len(ready)
-            if ready[-1] == self._wake_r and self._drain_wake():
+            if ready[-1] == self._wake_r and drain_wakeup_fd(self._wake_r):
                 self.woken = True
             if self.has_message():
                 self.woken = True
@@ -205,16 +204,6 @@ class SelectHook:
             # ZeroMQ's descriptor only said "look": sleep on for the rest (select has
             # counted the time down in ``tv``), CA's sockets watched again.
             ctypes.memmove(rset, self._saved, _FD_SET_BYTES)
-
-    def _drain_wake(self) -> bool:
-        """Empty the wake-up pipe; whether a signal had written to it."""
-        woke = False
-        try:
-            while os.read(self._wake_r, 512):
-                woke = True
-        except BlockingIOError:
-            pass
-        return woke
 
 
 def install(module_path: str) -> SelectHook | None:
