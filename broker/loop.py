@@ -150,11 +150,14 @@ class Loop:
             or any(link.outbox or link.lost_writes or not link.due() for link in b.links)
         )
 
-    def _next_due(self, now: float, due: float) -> float:
-        """When the tick next has work while nothing happens: ``due`` (status, health),
-        the links' timers, the first request deadline, or _LONGEST_WAIT from ``now``."""
+    def _next_due(self, now: float, soft: float) -> float:
+        """When the tick next has work while nothing happens: the links' timers, the first
+        request deadline, or _LONGEST_WAIT from ``now``.  ``soft`` (status, health) waits
+        for the next heartbeat's tick, if one comes: an idle broker wakes once for all."""
         b = self.broker
-        due = min(due, now + _LONGEST_WAIT)
+        due = now + _LONGEST_WAIT
+        if not any(link.usable for link in b.links):
+            due = min(due, soft)
         for link in b.links:
             due = min(due, link.due() + _LATE)
         for waiting in (*b.requests.unanswered, *b.requests.orphans):
