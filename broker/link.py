@@ -160,13 +160,15 @@ class ShardLink:
         if self._monitor is None:
             return False
         broke = False
-        while True:
+        # Cheaper than the zmq.Again that a receive on an empty socket raises.
+        while self._monitor.get(zmq.EVENTS) & _POLLIN:
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return broke
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 broke = True
+        return broke
 
     def queue(self, msg: Message) -> None:
         """Queue ``msg`` for the next ``send_queued``, which sends the queue as batches.  A message
