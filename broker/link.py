@@ -138,11 +138,15 @@ class ShardLink:
                 self.sock.close(linger=linger)
             self.sock = None
 
-    def watched(self) -> list[zmq.Socket]:
-        """The sockets whose messages the loop waits for: the link's, its monitor's and
-        the parked ones."""
-        socks = [self.sock, self._monitor] if self.sock is not None else []
+    def answering(self) -> list[zmq.Socket]:
+        """The sockets the shard's answers come on: the link's and the parked ones."""
+        socks = [self.sock] if self.sock is not None else []
         return socks + self.parked if self.parked else socks
+
+    @property
+    def monitor(self) -> zmq.Socket | None:
+        """The socket that tells of the connection breaking (read to the end each tick)."""
+        return self._monitor
 
     def close_parked(self) -> None:
         for sock in self.parked:

@@ -64,7 +64,7 @@ class Loop:
         next_status = next_tick = next_health = next_due = 0.0
         handled = 0
         while not stop.stopping:
-            watching = hook is not None and hook.watch(self._sockets())
+            watching = hook is not None and hook.watch(*self._sockets())
             waiting = requests.any_unanswered() or any(
                 link.state is LinkState.SYNCING for link in links
             )
@@ -134,9 +134,14 @@ class Loop:
         self.send_queued()
         requests.fail_parked()
 
-    def _sockets(self) -> tuple:
-        """The shard sockets the select hook watches."""
-        return tuple(sock for link in self.broker.links for sock in link.watched())
+    def _sockets(self) -> tuple[tuple, tuple]:
+        """The shard sockets the select hook watches: the links' own and parked ones (a
+        send may have taken a message's signal), and their monitors."""
+        links = self.broker.links
+        return (
+            tuple(sock for link in links for sock in link.answering()),
+            tuple(link.monitor for link in links if link.monitor is not None),
+        )
 
     def _busy(self) -> bool:
         """Whether the tick has work at once (not only at a timer's due time)."""

@@ -7,9 +7,12 @@ pointing that slot here adds the shard links' ZeroMQ descriptors and a wake-up p
 ends the CA wait at once and the loop can sleep until something is due.
 
 ZeroMQ's descriptor is edge-triggered: readable means "read ZMQ_EVENTS", not "a message
-waits", and a message may be queued already.  So the sockets' events are read before
-each sleep (one with a message: no sleep), and a wake that came from them alone sleeps
-on when none has a message.  What the hook adds to the sets it takes out again, with its
+waits", and a message may be queued already: any operation on a socket (a send too) may
+take the signal of a message that came.  So the events of the sockets the loop sends on
+are read before each sleep (one with a message: no sleep); the others (monitors, parked
+sockets) are only ever read to the end, which re-arms their descriptors.  A wake that
+came from a socket without a message sleeps on.  A select that cannot sleep (a zero
+timeout) goes through untouched.  What the hook adds to the sets it takes out again, with its
 count, before PCAS sees them.  A descriptor at or above FD_SETSIZE cannot go in an
 fd_set: then the shards go unwatched (``watching`` is False) and the loop polls them.
 
@@ -83,6 +86,11 @@ def sleep_for(now: float, due: float, longest: float) -> float:
     return min(max(due - now, 0.0), longest)
 
 
+def _timeval_words(address: int):
+    """The two words of the timeval at ``address``."""
+    return (ctypes.c_long * 2).from_address(address)
+
+
 def _set_errno(value: int) -> None:
     _libc.__errno_location().contents.value = value
 
@@ -94,7 +102,10 @@ class SelectHook:
     ``woken`` (a watched socket has a message) and clears it."""
 
     def __init__(self, wake_fd: int = -1) -> None:
+        #: The sockets whose events are read before each sleep (``watch``), and all.
         self.sockets: tuple = ()
+        self._all: tuple = ()
+        self._by_fd: dict[int, zmq.Socket] = {}
         #: The descriptors added to PCAS's read set: the sockets', then the wake-up pipe's.
         self._ours: tuple[int, ...] = ()
         self._max_fd = -1
@@ -122,13 +133,21 @@ class SelectHook:
         self._installed = True
         self.watch(self.sockets)
 
-    def watch(self, sockets: tuple) -> bool:
-        """Watch ``sockets`` from the next select on; False (and the shards unwatched) if
-        one's descriptor does not fit in an fd_set."""
-        if sockets == self.sockets and self.watching == self._installed and self._ours:
+    def watch(self, sockets: tuple, others: tuple = ()) -> bool:
+        """Watch ``sockets`` (those the loop also sends on) and ``others`` (read only, to
+        the end) from the next select on; False (and the shards unwatched) if a
+        descriptor does not fit in an fd_set."""
+        if (
+            sockets == self.sockets
+            and others == self._all[len(sockets) :]
+            and self.watching == self._installed
+            and self._ours
+        ):
             return self.watching
         self.sockets = sockets
-        fds = tuple(s.getsockopt(zmq.FD) for s in sockets)
+        self._all = sockets + others
+        fds = tuple(s.getsockopt(zmq.FD) for s in self._all)
+        self._by_fd = dict(zip(fds, self._all, strict=True))
         if any(fd >= FD_SETSIZE for fd in fds):
             if self.watching:
                 log.warning(
@@ -143,11 +162,14 @@ class SelectHook:
 
     # -- the hook -------------------------------------------------------------------------
 
-    def has_message(self) -> bool:
-        """Whether a watched socket has a message waiting (reading ZMQ_EVENTS also re-arms
-        its descriptor)."""
+    def has_message(self, sockets=None) -> bool:
+        """Whether one of ``sockets`` (by default those the loop sends on) has a message
+        waiting; reading ZMQ_EVENTS also re-arms its descriptor."""
         # A socket closed inside a CA callback is let be until the loop names the rest.
-        return any(not s.closed and s.get(zmq.EVENTS) & _POLLIN for s in self.sockets)
+        return any(
+            not s.closed and s.get(zmq.EVENTS) & _POLLIN
+            for s in (self.sockets if sockets is None else sockets)
+        )
 
     def _select(self, nfds, rset, wset, eset, tv):
         try:
@@ -167,7 +189,7 @@ class SelectHook:
         return n
 
     def _wait(self, nfds, rset, wset, eset, tv) -> int:
-        if not self.watching or not rset:
+        if not self.watching or not rset or (tv and not any(_timeval_words(tv))):
             return _real_select(nfds, rset, wset, eset, tv)
         # PCAS's read set as it came: put back on a failure, and for each sleep again.
         ctypes.memmove(self._saved, rset, _FD_SET_BYTES)
@@ -197,7 +219,8 @@ class SelectHook:
             n -= len(ready)
             if ready[-1] == self._wake_r and drain_wakeup_fd(self._wake_r):
                 self.woken = True
-            if self.has_message():
+            by_fd = self._by_fd
+            if self.has_message([by_fd[fd] for fd in ready if fd in by_fd]):
                 self.woken = True
             if n or self.woken:
                 return n

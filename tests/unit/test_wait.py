@@ -183,3 +183,25 @@ def test_link_due_times():
     assert link.due() == min(
         100.0 + HEARTBEAT_INTERVAL, 99.0 + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
     )
+
+
+def test_a_read_only_socket_wakes_the_wait_too(pair, ca_fds):
+    """A monitor or parked socket: its events are not read before the sleep (the loop reads
+    it to the end), but a message on it ends the wait."""
+    shard, broker = pair
+    broker.getsockopt(zmq.EVENTS)  # read to the end, as the loop does: the edge is armed
+    hook = SelectHook()
+    hook._installed = True
+    assert hook.watch((), (broker,))
+    threading.Timer(0.1, shard.send, (b"event",)).start()
+    n, left = _select(hook, [ca_fds[0].fileno()], 5.0)
+    assert hook.woken
+    assert (n, left) == (0, [])
+
+
+def test_a_select_that_cannot_sleep_goes_through(pair, ca_fds):
+    shard, broker = pair
+    shard.send(b"answer")
+    hook = _hook([broker])
+    assert _select(hook, [ca_fds[0].fileno()], 0.0) == (0, [])
+    assert not hook.woken  # seen by the next select that could sleep
