@@ -68,20 +68,27 @@ class Loop:
             waiting = requests.any_unanswered() or any(
                 link.state is LinkState.SYNCING for link in links
             )
+            queued = self.due_posts or any(link.outbox for link in links)
+            # The hook, armed, lets the loop sleep until something is due.  While CA
+            # traffic keeps it from sleeping anyway (answers were handled, puts are
+            # queued), short slices alternate with polls of the shards, unhooked.
+            armed = watching and not handled and not queued
             # After answers were handled, CA has completions and events to send: no sleep
-            # in select() before they go.  Without the hook, while answers are due, the
-            # shards are polled briefly instead, since select() cannot see them.
-            if handled or (waiting and not watching):
-                delay = 0.0
-            elif self.due_posts or any(link.outbox for link in links):
-                delay = _IDLE_SLICE
-            elif watching:
+            # in select() before they go.  Unhooked, while answers are due, the shards are
+            # polled briefly instead, since select() cannot see them.
+            if armed:
                 delay = sleep_for(time.monotonic(), max(next_due, next_tick), _LONGEST_WAIT)
+            elif handled or waiting:
+                delay = 0.0
+            elif queued:
+                delay = _IDLE_SLICE
             else:
                 delay = _QUIET_SLICE
+            if watching:
+                hook.arm(armed)
             b.cas.process(delay)
             woken = False
-            if watching:
+            if armed:
                 woken, hook.woken = hook.woken, False
             if b.circuits is not None:
                 self._watch_circuits()
@@ -90,7 +97,7 @@ class Loop:
                 # already shows, go in batches of BATCH_MAX or at the next tick.
                 if link.urgent or link.queued >= BATCH_MAX:
                     requests.send(link)
-            if not watching:
+            if not armed:
                 handled = sync.poll(_BUSY_POLL_MS if waiting else 0)
             elif woken:
                 handled = sync.poll(0)

@@ -17,7 +17,9 @@ count, before PCAS sees them.  A descriptor at or above FD_SETSIZE cannot go in 
 fd_set: then the shards go unwatched (``watching`` is False) and the loop polls them.
 
 The hook runs Python inside ``cas.process``, under the GIL: it does little, and nothing
-it raises reaches C (it falls back to the plain select, and stops watching).
+it raises reaches C (it falls back to the plain select, and stops watching).  While CA
+traffic keeps the loop from sleeping anyway, the loop disarms it (``arm``): the slot
+points at the C library's select again, and PCAS's calls cost what they did.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 
 import zmq
 
-from carelay.broker.got import find_slots, point_slots
+from carelay.broker.got import find_slots, load_base, point_slots
 from carelay.common.config import FD_SETSIZE
 from carelay.common.lifecycle import drain_wakeup_fd, signal_wakeup_fd
 
@@ -118,6 +120,11 @@ class SelectHook:
         self._wake_r = wake_fd
         self._saved = FdSet()
         self._callback = _SELECT(self._select)
+        #: The extension's GOT slot of ``select`` (None until installed), what it points
+        #: at armed and disarmed, and which it is now.
+        self._slot: ctypes.c_void_p | None = None
+        self._armed_at = self._plain_at = 0
+        self._armed = False
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -130,8 +137,17 @@ class SelectHook:
             raise RuntimeError(f"descriptor {r} does not fit in an fd_set")
         self._wake_r = r
         point_slots(module_path, slots, {"select": self._callback})
-        self._installed = True
+        self._slot = ctypes.c_void_p.from_address(load_base(module_path) + slots["select"])
+        self._armed_at = self._slot.value
+        self._plain_at = ctypes.cast(_real_select, ctypes.c_void_p).value
+        self._armed = self._installed = True
         self.watch(self.sockets)
+
+    def arm(self, on: bool) -> None:
+        """Point PCAS's select at the hook (``on``) or at the C library's own."""
+        if on is not self._armed and self._slot is not None:
+            self._slot.value = self._armed_at if on and self._installed else self._plain_at
+            self._armed = on
 
     def watch(self, sockets: tuple, others: tuple = ()) -> bool:
         """Watch ``sockets`` (those the loop also sends on) and ``others`` (read only, to
@@ -179,6 +195,7 @@ class SelectHook:
             self.watching = False
             self._installed = False
             try:
+                self.arm(False)
                 if rset:
                     ctypes.memmove(rset, self._saved, _FD_SET_BYTES)
                 log.exception("waiting on the shard sockets failed; polling them instead")
