@@ -64,7 +64,7 @@ class Loop:
         next_status = next_tick = next_health = next_due = 0.0
         handled = 0
         while not stop.stopping:
-            watching = hook is not None and hook.watch(*self._sockets())
+            watching = hook is not None and hook.watch(*_sockets(links))
             waiting = requests.any_unanswered() or any(
                 link.state is LinkState.SYNCING for link in links
             )
@@ -113,7 +113,7 @@ class Loop:
             if now < next_tick:
                 continue
             # While nothing happens, only when a timer is due.
-            if now < next_due and not (handled or woken or self._busy()):
+            if now < next_due and not (handled or woken or _busy(b, self.due_posts)):
                 continue
             # At most every _TICK, not every turn: a turn may carry only a few puts.
             next_tick = now + _TICK
@@ -138,46 +138,10 @@ class Loop:
             if now >= next_health:
                 self._update_health(now)
                 next_health = now + HEALTH_INTERVAL
-            next_due = self._next_due(now, min(next_status, next_health))
+            next_due = _next_due(b, now, min(next_status, next_health))
         # A clean stop: the puts still queued go to the shards, which stop after us.
         self.send_queued()
         requests.fail_parked()
-
-    def _sockets(self) -> tuple[tuple, tuple]:
-        """The shard sockets the select hook watches: the links' own and parked ones (a
-        send may have taken a message's signal), and their monitors."""
-        links = self.broker.links
-        return (
-            tuple(sock for link in links for sock in link.answering()),
-            tuple(link.monitor for link in links if link.monitor is not None),
-        )
-
-    def _busy(self) -> bool:
-        """Whether the tick has work at once (not only at a timer's due time)."""
-        b = self.broker
-        return bool(
-            self.due_posts
-            or b.requests.parked
-            or b.status_due
-            or b.reload_due
-            or not b.ready
-            or any(link.outbox or link.lost_writes or not link.due() for link in b.links)
-        )
-
-    def _next_due(self, now: float, soft: float) -> float:
-        """When the tick next has work while nothing happens: the links' timers, the first
-        request deadline, or _LONGEST_WAIT from ``now``.  ``soft`` (status, health) waits
-        for the next heartbeat's tick, if one comes: an idle broker wakes once for all."""
-        b = self.broker
-        due = now + _LONGEST_WAIT
-        if not any(link.usable for link in b.links):
-            due = min(due, soft)
-        for link in b.links:
-            due = min(due, link.due() + _LATE)
-        for waiting in (*b.requests.unanswered, *b.requests.orphans):
-            if waiting:
-                due = min(due, next(iter(waiting.values())).deadline + _LATE)
-        return due
 
     def send_queued(self) -> None:
         """Send whatever is queued for each shard."""
@@ -314,3 +278,39 @@ class Loop:
         b = self.broker
         snap = b.health.sample(b, now)
         b.health_pvs.update(snap, b.health.errors)
+
+
+def _sockets(links) -> tuple[tuple, tuple]:
+    """The shard sockets the select hook watches: the links' own and parked ones (a send
+    may have taken a message's signal), and their monitors."""
+    return (
+        tuple(sock for link in links for sock in link.answering()),
+        tuple(link.monitor for link in links if link.monitor is not None),
+    )
+
+
+def _busy(b, due_posts) -> bool:
+    """Whether the tick has work at once (not only at a timer's due time)."""
+    return bool(
+        due_posts
+        or b.requests.parked
+        or b.status_due
+        or b.reload_due
+        or not b.ready
+        or any(link.outbox or link.lost_writes or not link.due() for link in b.links)
+    )
+
+
+def _next_due(b, now: float, soft: float) -> float:
+    """When the tick next has work while nothing happens: the links' timers, the first
+    request deadline, or _LONGEST_WAIT from ``now``.  ``soft`` (status, health) waits for
+    the next heartbeat's tick, if one comes: an idle broker wakes once for all."""
+    due = now + _LONGEST_WAIT
+    if not any(link.usable for link in b.links):
+        due = min(due, soft)
+    for link in b.links:
+        due = min(due, link.due() + _LATE)
+    for waiting in (*b.requests.unanswered, *b.requests.orphans):
+        if waiting:
+            due = min(due, next(iter(waiting.values())).deadline + _LATE)
+    return due

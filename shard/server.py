@@ -262,7 +262,7 @@ class ShardServer:
         )
 
     def wake_on_signals(self) -> None:
-        """Let a signal end the wait for messages at once (main thread, after ``bind``)."""
+        """A signal ends the wait for messages at once (main thread, after ``bind``)."""
         self._wake_fd = signal_wakeup_fd()
         self._poller.register(self._wake_fd, zmq.POLLIN)
 
@@ -321,27 +321,23 @@ class ShardServer:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
                 return_freed_memory()
-            due = min(next_flush, next_status)
-            if self.db is not None:
-                due = min(due, next_copy)
-            if self._broker_alive:
-                due = min(due, self._broker_seen + quiet_after)
-            timeout_ms = self._wait_ms(now, due)
+            quiet = self._broker_seen + quiet_after if self._broker_alive else next_status
+            due = min(next_flush, next_status, next_copy if self.db else next_flush, quiet)
+            # A failed store's refusal is timed, a flush in parts goes on by itself, and
+            # without the signal pipe a stop is seen only after the wait.
+            busy = self._wake_fd is None or self.health.store_error or autosave.saving_parts
+            timeout_ms = wait_ms(now, due, bool(busy))
         # What the broker sent before it stopped (it stops first) is applied and saved.
         while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
             pass
         return autosave.stop()
 
-    def _wait_ms(self, now: float, due: float) -> int:
-        """How long to wait for messages (ms): until ``due``, the next timer, while nothing
-        can change on its own; at most _BUSY_WAIT_MS while the store has failed (its
-        refusal is timed) or a flush goes in parts, or without a signal pipe."""
-        wait = max(0.0, due + _LATE - now) * 1000
-        if self._wake_fd is None or self.health.store_error is not None:
-            return min(_BUSY_WAIT_MS, round(wait))
-        if self.autosave.saving_parts:
-            return min(_BUSY_WAIT_MS, round(wait))
-        return round(wait)
+
+def wait_ms(now: float, due: float, busy: bool) -> int:
+    """How long the shard waits for messages at ``now`` (ms): until ``due``, its next
+    timer; at most _BUSY_WAIT_MS while ``busy`` (something may change on its own)."""
+    wait = round(max(0.0, due + _LATE - now) * 1000)
+    return min(_BUSY_WAIT_MS, wait) if busy else wait
 
 
 def run_shard(config: Config, index: int) -> int:

@@ -205,3 +205,12 @@ def test_a_select_that_cannot_sleep_goes_through(pair, ca_fds):
     hook = _hook([broker])
     assert _select(hook, [ca_fds[0].fileno()], 0.0) == (0, [])
     assert not hook.woken  # seen by the next select that could sleep
+
+
+def test_shard_wait_arithmetic():
+    from carelay.shard.server import wait_ms
+
+    assert wait_ms(10.0, 10.5, busy=False) == 501  # until the timer, looked at just after
+    assert wait_ms(10.0, 9.0, busy=False) == 0  # overdue
+    assert wait_ms(10.0, 12.0, busy=True) == 100  # a failed store, a flush in parts
+    assert wait_ms(10.0, 10.05, busy=True) == 51
