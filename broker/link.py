@@ -35,6 +35,9 @@ from carelay.common.protocol import (
 
 log = logging.getLogger(__name__)
 
+#: A ping due this soon goes with a tick that runs now: the links' pings fall into step,
+#: and an idle broker wakes once for all of them (s).
+_PING_EARLY = HEARTBEAT_INTERVAL / 4
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
 
@@ -135,6 +138,16 @@ class ShardLink:
                 self.sock.close(linger=linger)
             self.sock = None
 
+    def answering(self) -> list[zmq.Socket]:
+        """The sockets the shard's answers come on: the link's and the parked ones."""
+        socks = [self.sock] if self.sock is not None else []
+        return socks + self.parked if self.parked else socks
+
+    @property
+    def monitor(self) -> zmq.Socket | None:
+        """The socket that tells of the connection breaking (read to the end each tick)."""
+        return self._monitor
+
     def close_parked(self) -> None:
         for sock in self.parked:
             sock.close(linger=0)
@@ -151,13 +164,15 @@ class ShardLink:
         if self._monitor is None:
             return False
         broke = False
-        while True:
+        # Cheaper than the zmq.Again that a receive on an empty socket raises.
+        while self._monitor.get(zmq.EVENTS) & _POLLIN:
             try:
                 event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return broke
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 broke = True
+        return broke
 
     def queue(self, msg: Message) -> None:
         """Queue ``msg`` for the next ``send_queued``, which sends the queue as batches.  A message
@@ -284,10 +299,19 @@ class ShardLink:
         if now - self._last_heard > HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS:
             self.went_down("no heartbeat", park=in_flight)
             return "down"
-        if now - self._last_ping >= HEARTBEAT_INTERVAL:
+        if now - self._last_ping >= HEARTBEAT_INTERVAL - _PING_EARLY:
             self._last_ping = now
             return "ping"
         return None
+
+    def due(self) -> float:
+        """When ``tick`` next has something to do (monotonic); 0.0: at every tick."""
+        if self.state is LinkState.DOWN:
+            return self._retry_at
+        if self.state is LinkState.CONNECTING:
+            return 0.0
+        silent = self._last_heard + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+        return min(self._last_ping + HEARTBEAT_INTERVAL, silent)
 
     def hello_sent(self) -> None:
         self.state = LinkState.SYNCING

@@ -1,9 +1,12 @@
 """The broker's loop: CA and the shard links served by one thread.
 
-It alternates short ``cas.process`` slices with polls of the shard sockets, so every
-pcaspy call stays on the thread that runs process() (pcaspy is not thread safe).  Every
-tick it also sends the queued puts, runs the links' timers (reconnect, heartbeat,
-request deadlines), posts coalesced events, writes the status file and samples health.
+It runs ``cas.process`` and reads the shard sockets in turn, so every pcaspy call stays
+on the thread that runs process() (pcaspy is not thread safe).  With the select hook
+(broker/wait.py) CA's select() also wakes on a shard's message or a signal, so the loop
+sleeps in it until something is due; without it, it alternates short slices with polls
+of the shards.  At most every tick it also sends the queued puts, runs the links' timers
+(reconnect, heartbeat, request deadlines), posts coalesced events, writes the status
+file and samples health; while nothing happens, only when one of those is due.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections.abc import Callable
 
 from carelay.broker.link import LinkState
+from carelay.broker.wait import SelectHook, sleep_for
 from carelay.common.config import (
     HEALTH_INTERVAL,
     READ_SYNC_TIMEOUT,
@@ -36,6 +40,11 @@ _BUSY_POLL_MS = 1
 _TICK = 0.01
 #: The longest single poll while a read waits for answers (ms).
 _READ_POLL_MS = 50
+#: With the select hook, the longest sleep in CA's select() (s): the clock of what has
+#: no due time of its own (the refusal log windows).
+_LONGEST_WAIT = 1.0
+#: A deadline is past only once the clock is beyond it: timers are looked at this late.
+_LATE = 0.001
 
 
 class Loop:
@@ -45,29 +54,46 @@ class Loop:
         self.broker = broker
         #: PVs with a coalesced event waiting (see RelayPV.post).
         self.due_posts: set = set()
+        #: CA's select() watching the shard sockets too (broker/main.py), or None.
+        self.wait: SelectHook | None = None
 
     def run(self, stop: StopFlag) -> None:
         b = self.broker
         links, requests, sync, table = b.links, b.requests, b.sync, b.table
-        next_status = next_tick = next_health = 0.0
+        hook = self.wait
+        next_status = next_tick = next_health = next_due = 0.0
         handled = 0
         while not stop.stopping:
-            # While answers are due, do not sleep in CA's select(): poll the
-            # shards briefly instead, so replies are handled as they come.
+            watching = hook is not None and hook.watch(*_sockets(links))
             waiting = requests.any_unanswered() or any(
                 link.state is LinkState.SYNCING for link in links
             )
-            # After answers were handled, CA has completions and events to send:
-            # no sleep in select() before they go.
-            if waiting or handled:
+            queued = self.due_posts or b.turn_posts.held or any(link.outbox for link in links)
+            # The hook, armed, lets the loop sleep until something is due.  While CA
+            # traffic keeps it from sleeping anyway (answers were handled, puts are
+            # queued), short slices alternate with polls of the shards, unhooked; so
+            # while answers are due (waiting on the hook for them measured slower for
+            # puts with callback one after the other than the 1 ms polls).
+            armed = watching and not handled and not queued and not waiting
+            # After answers were handled, CA has completions and events to send: no sleep
+            # in select() before they go.  Unhooked, while answers are due, the shards are
+            # polled briefly instead, since select() cannot see them.
+            if armed:
+                delay = sleep_for(time.monotonic(), max(next_due, next_tick), _LONGEST_WAIT)
+            elif handled or waiting:
                 delay = 0.0
-            elif self.due_posts or any(link.outbox for link in links):
+            elif queued:
                 delay = _IDLE_SLICE
             else:
                 delay = _QUIET_SLICE
             # The events held in the last turn go out in this slice (TurnPosts).
             b.turn_posts.flush()
+            if watching:
+                hook.arm(armed)
             b.cas.process(delay)
+            woken = False
+            if armed:
+                woken, hook.woken = hook.woken, False
             if b.circuits is not None:
                 self._watch_circuits()
             for link in links:
@@ -75,14 +101,23 @@ class Loop:
                 # already shows, go in batches of BATCH_MAX or at the next tick.
                 if link.urgent or link.queued >= BATCH_MAX:
                     requests.send(link)
-            handled = sync.poll(_BUSY_POLL_MS if waiting else 0)
+            if not armed:
+                handled = sync.poll(_BUSY_POLL_MS if waiting else 0)
+            elif woken:
+                handled = sync.poll(0)
+            else:
+                # A message that came during the slice wakes the next select at once.
+                handled = 0
             now = time.monotonic()
             if requests.parked:
                 requests.unpark(now)
             table.graveyard.clear()
             if now < next_tick:
                 continue
-            # Every _TICK, not every turn: a turn may carry only a few puts.
+            # While nothing happens, only when a timer is due.
+            if now < next_due and not (handled or woken or _busy(b, self.due_posts)):
+                continue
+            # At most every _TICK, not every turn: a turn may carry only a few puts.
             next_tick = now + _TICK
             self.send_queued()
             self._timers(now)
@@ -105,6 +140,7 @@ class Loop:
             if now >= next_health:
                 self._update_health(now)
                 next_health = now + HEALTH_INTERVAL
+            next_due = _next_due(b, now, min(next_status, next_health))
         # A clean stop: the puts still queued go to the shards, which stop after us.
         self.send_queued()
         requests.fail_parked()
@@ -245,3 +281,39 @@ class Loop:
         b = self.broker
         snap = b.health.sample(b, now)
         b.health_pvs.update(snap, b.health.errors)
+
+
+def _sockets(links) -> tuple[tuple, tuple]:
+    """The shard sockets the select hook watches: the links' own and parked ones (a send
+    may have taken a message's signal), and their monitors."""
+    return (
+        tuple(sock for link in links for sock in link.answering()),
+        tuple(link.monitor for link in links if link.monitor is not None),
+    )
+
+
+def _busy(b, due_posts) -> bool:
+    """Whether the tick has work at once (not only at a timer's due time)."""
+    return bool(
+        due_posts
+        or b.requests.parked
+        or b.status_due
+        or b.reload_due
+        or not b.ready
+        or any(link.outbox or link.lost_writes or not link.due() for link in b.links)
+    )
+
+
+def _next_due(b, now: float, soft: float) -> float:
+    """When the tick next has work while nothing happens: the links' timers, the first
+    request deadline, or _LONGEST_WAIT from ``now``.  ``soft`` (status, health) waits for
+    the next heartbeat's tick, if one comes: an idle broker wakes once for all."""
+    due = now + _LONGEST_WAIT
+    if not any(link.usable for link in b.links):
+        due = min(due, soft)
+    for link in b.links:
+        due = min(due, link.due() + _LATE)
+    for waiting in (*b.requests.unanswered, *b.requests.orphans):
+        if waiting:
+            due = min(due, next(iter(waiting.values())).deadline + _LATE)
+    return due

@@ -137,6 +137,7 @@ def run_broker(config: Config, index: int = 0) -> int:
                 config.metrics_port,
                 e.strerror or e,
             )
+    broker.loop.wait = _select_hook()
     broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit)
     broker.circuits.buffers.watch(free_list)
     log.debug("started (pid %d)", os.getpid())
@@ -155,6 +156,15 @@ def run_broker(config: Config, index: int = 0) -> int:
         del server
     log.info("stopped")
     return exits.OK
+
+
+def _select_hook():
+    """CA's select() watching the shard sockets too (broker/wait.py), or None."""
+    from pcaspy import _cas
+
+    from carelay.broker.wait import install
+
+    return install(_cas.__file__)
 
 
 def _undecodable_names(broker: Broker, previous):

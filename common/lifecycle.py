@@ -191,6 +191,26 @@ def broker_role(index: int) -> str:
     return f"broker {index}" if index else "broker"
 
 
+def signal_wakeup_fd() -> int:
+    """The read end of a pipe that each signal caught by a Python handler writes to
+    (``signal.set_wakeup_fd``): a loop that waits on it too wakes for the signal at once,
+    even when the signal came just before it went to sleep.  Main thread only."""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    return r
+
+
+def drain_wakeup_fd(fd: int) -> bool:
+    """Empty the pipe of ``signal_wakeup_fd``; whether a signal had written to it."""
+    woke = False
+    try:
+        while os.read(fd, 512):
+            woke = True
+    except BlockingIOError:
+        pass
+    return woke
+
+
 def status_path(run_dir: Path, role: str) -> Path:
     """The status file of ``role`` ("supervisor", "broker", "shard 0", ...) in ``run_dir``."""
     return run_dir / f"{role.replace(' ', '-')}.json"

@@ -34,9 +34,11 @@ from carelay.common.lifecycle import (
     StopFlag,
     bound_malloc,
     die_with_parent,
+    drain_wakeup_fd,
     first_start_under_supervisor,
     return_freed_memory,
     settle_gc,
+    signal_wakeup_fd,
     write_status,
 )
 from carelay.common.messages import Applied, Message, Write
@@ -54,6 +56,11 @@ log = logging.getLogger(__name__)
 _BATCH = 1000
 #: On a clean stop, how long the shard waits for more messages before its last flush (ms).
 _STOP_DRAIN_MS = 50
+#: The longest wait for a message while something may change on its own (a store that
+#: failed, a flush in parts) (ms); otherwise the loop waits until a timer is due.
+_BUSY_WAIT_MS = 100
+#: A timer is looked at once the clock is this far beyond it (s).
+_LATE = 0.001
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
@@ -107,6 +114,8 @@ class ShardServer:
         self._broker_seen = 0.0
         self._broker_alive = False
         self._broker_peer: bytes | None = None
+        #: The pipe signals write to (``wake_on_signals``): a stop ends a wait at once.
+        self._wake_fd: int | None = None
         self.status_path = config.run_dir / f"shard-{index}.json"
 
     def load(self) -> None:
@@ -253,11 +262,19 @@ class ShardServer:
             },
         )
 
-    def serve_once(self, timeout_ms: int = 100) -> int:
+    def wake_on_signals(self) -> None:
+        """A signal ends the wait for messages at once (main thread, after ``bind``)."""
+        self._wake_fd = signal_wakeup_fd()
+        self._poller.register(self._wake_fd, zmq.POLLIN)
+
+    def serve_once(self, timeout_ms: int = _BUSY_WAIT_MS) -> int:
         """Handle one batch of messages: apply, commit, reply.  Returns how many."""
         self.health.check(time.monotonic())
-        if not self._poller.poll(timeout_ms):
+        ready = self._poller.poll(timeout_ms)
+        if not ready:
             return 0
+        if self._wake_fd is not None:
+            drain_wakeup_fd(self._wake_fd)
         n = 0
         while n < _BATCH:
             if not self._sock.get(zmq.EVENTS) & _POLLIN:
@@ -280,8 +297,9 @@ class ShardServer:
         next_flush = time.monotonic() + self.config.autosave_period
         next_copy = time.monotonic() + GOOD_COPY_INTERVAL
         quiet_after = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+        timeout_ms = 0
         while not stop.stopping:
-            self.serve_once()
+            self.serve_once(timeout_ms)
             now = time.monotonic()
             if now >= next_flush:
                 autosave.flush_soon()
@@ -304,10 +322,23 @@ class ShardServer:
                 self._write_status()
                 next_status = now + STATUS_INTERVAL
                 return_freed_memory()
+            quiet = self._broker_seen + quiet_after if self._broker_alive else next_status
+            due = min(next_flush, next_status, next_copy if self.db else next_flush, quiet)
+            # A failed store's refusal is timed, a flush in parts goes on by itself, and
+            # without the signal pipe a stop is seen only after the wait.
+            busy = self._wake_fd is None or self.health.store_error or autosave.saving_parts
+            timeout_ms = wait_ms(now, due, bool(busy))
         # What the broker sent before it stopped (it stops first) is applied and saved.
         while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
             pass
         return autosave.stop()
+
+
+def wait_ms(now: float, due: float, busy: bool) -> int:
+    """How long the shard waits for messages at ``now`` (ms): until ``due``, its next
+    timer; at most _BUSY_WAIT_MS while ``busy`` (something may change on its own)."""
+    wait = round(max(0.0, due + _LATE - now) * 1000)
+    return min(_BUSY_WAIT_MS, wait) if busy else wait
 
 
 def run_shard(config: Config, index: int) -> int:
@@ -337,6 +368,7 @@ def run_shard(config: Config, index: int) -> int:
     except zmq.ZMQError as e:
         log.error("cannot listen on %s: %s", server.endpoint, e)
         return exits.FAILED
+    server.wake_on_signals()
     log.log(
         logging.DEBUG if first_start_under_supervisor() else logging.INFO,
         "started (pid %d): %d PVs from %s, listening on %s",

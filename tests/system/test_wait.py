@@ -1,0 +1,87 @@
+"""One wait for CA and the shards (broker/wait.py, the loops' timers): an idle relay
+sleeps until something is due, and a put with callback still completes at once, with
+its monitor event, while the broker would otherwise sleep."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from tests.system.clients import connect, write_status
+from tests.system.conftest import wait_for
+
+#: The quiet window over which the processes' sleeps are counted (s).
+QUIET = 3.0
+#: Sleeps a second at most (seen: 3 to 5).  The broker wakes for the heartbeat (two pings
+#: a second, their pongs), the status file and the health PVs going with them; a shard
+#: for the pings, the flush and its status file.  Polling on a 0.1 s clock, as both did,
+#: takes more than ten.
+BROKER_MAX = 7.0
+SHARD_MAX = 7.0
+
+
+def _sleeps(pid: int) -> int:
+    """How often the main thread of ``pid`` has blocked (voluntary context switches)."""
+    for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no context switches for {pid}")
+
+
+def _processes(relay) -> dict[int, str]:
+    """The broker's and the shards' pids, with their role."""
+    roles = {}
+    for pid in relay.children():
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"broker" in cmd:
+            roles[pid] = "broker"
+        elif b"shard" in cmd:
+            roles[pid] = "shard"
+    assert sorted(roles.values()) == ["broker"] + ["shard"] * relay.shards
+    return roles
+
+
+def test_an_idle_relay_sleeps_until_something_is_due(make_relay):
+    relay = make_relay()
+    roles = _processes(relay)
+    time.sleep(1.0)  # past the start-up's traffic: what follows is the idle relay
+    before = {pid: _sleeps(pid) for pid in roles}
+    t0 = time.monotonic()
+    time.sleep(QUIET)
+    elapsed = time.monotonic() - t0
+    rates = {pid: (_sleeps(pid) - before[pid]) / elapsed for pid in roles}
+    seen = {f"{roles[pid]} {pid}": round(rate, 1) for pid, rate in rates.items()}
+    for pid, rate in rates.items():
+        bound = BROKER_MAX if roles[pid] == "broker" else SHARD_MAX
+        assert rate <= bound, f"slept and woke too often while idle (per second): {seen}"
+    assert "polling them" not in relay.log()
+
+
+def test_a_put_with_callback_completes_while_the_broker_sleeps(make_relay):
+    from caproto.threading.client import Context
+
+    relay = make_relay()
+    ctx = Context()
+    try:
+        name = relay.name("asleep", "f1")
+        pv = connect(ctx, name)
+        assert write_status(pv, 1.0).success
+        events = []
+
+        def on_event(_sub, response):
+            events.append(float(response.data[0]))
+
+        sub = pv.subscribe(data_type="time")
+        sub.add_callback(on_event)  # caproto holds it weakly: kept by this frame
+        wait_for(lambda: 1.0 in events, what="the first monitor event")
+        broker = next(pid for pid, role in _processes(relay).items() if role == "broker")
+        for value in (2.0, 3.0, 4.0):
+            # Nothing else happens: the broker sleeps in CA's select() until its next
+            # heartbeat, and the shard's answer must end that sleep.
+            asleep = _sleeps(broker)
+            wait_for(lambda b=asleep: _sleeps(broker) > b, what="the broker to sleep")
+            assert write_status(pv, value).success
+            wait_for(lambda v=value: v in events, what=f"the monitor event of {value}")
+        assert "polling them" not in relay.log()
+    finally:
+        ctx.disconnect()
