@@ -11,6 +11,7 @@ from pcaspy import cas
 from pcaspy.alarm import Alarm, Severity
 
 from carelay.broker.basepv import PUT_FAILED, VALUE_MASK, BasePV, ReadOnly, guarded
+from carelay.broker.sync import catch_up
 from carelay.broker.values import ConversionError, dbr_string, fill_gdd, gdd_to_array, value_gdd
 from carelay.common import fields
 from carelay.common.naming import PvSpec
@@ -52,7 +53,10 @@ class FieldPV(BasePV):
 
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
-        pv = self.broker.pvs.get(self.base.name)
+        broker = self.broker
+        if broker.sync.others:
+            catch_up(broker.sync, broker.links[broker.table.spec_and_shard(self.base.name)[1]])
+        pv = broker.pvs.get(self.base.name)
         if pv is not None and self.broker.requests.in_flight(pv):
             # A field change (or put) is on its way to the shard: answer after it, so that
             # a client reads what it has just written (EPICS caput reads right after).

@@ -19,6 +19,7 @@ from pcaspy import cas
 from carelay.broker.basepv import PUT_FAILED, VALUE_MASK, BasePV, DisplayFields, guarded
 from carelay.broker.controlpvs import DelPvPV, FieldPV, PvListPV
 from carelay.broker.mirror import PvMirror
+from carelay.broker.sync import catch_up
 from carelay.broker.values import (
     ConversionError,
     fill_gdd,
@@ -197,6 +198,8 @@ class RelayPV(DisplayFields, BasePV):
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
         broker = self.broker
+        if broker.sync.others:
+            catch_up(broker.sync, broker.links[self.shard])
         if broker.requests.in_flight(self):
             # A put of ours is on its way to the shard: answer after it, so that
             # a client reads what it has just written.

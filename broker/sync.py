@@ -48,6 +48,8 @@ class ShardSync:
         self.requests = broker.requests
         #: Per shard, the snapshot being received: name -> (data, stamp, stored fields).
         self._snapshots: dict[int, dict] = {}
+        #: Other front-ends change PVs too (configured, or a change of theirs seen).
+        self.others = broker.config.brokers > 1 or broker.config.pva
         self._poller = zmq.Poller()
         self._polled: tuple = ()
         #: What each kind of message a shard sends is handled by.
@@ -149,6 +151,8 @@ class ShardSync:
             and link.own_writes.get(msg.name, 0) > link.writes_applied
         ):
             return
+        if not msg.req:
+            self.others = True
         pv.apply(msg.data, msg.stamp, append=pv.ring is not None, reset=msg.reset)
         if msg.created:
             self.broker.health.creations += 1
@@ -282,3 +286,12 @@ class ShardSync:
         for pv in self.table.pvs.values():
             if pv.shard == link.index and pv.real:
                 pv.post(0)  # alarm change only: COMM/INVALID
+
+
+def catch_up(sync: ShardSync, link: ShardLink) -> None:
+    """Before a read: what ``link``'s shard has sent already is taken first.  The shard
+    sends other front-ends a change before it answers the put that made it
+    (``Outbox.send``), so a read here right after that put completed finds the change."""
+    sock = link.sock
+    if sock is not None and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        sync.drain(link)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import zmq
 
 from carelay.broker.app import Broker
+from carelay.broker.sync import catch_up
 from carelay.common.config import load_config
 from carelay.common.messages import Hello, Update, Write
 from carelay.common.protocol import decode_batch, encode_batch
@@ -116,3 +118,40 @@ def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undon
     # The other front-end heard this broker's WRITE, last.
     published = [m for m in _drain(other) if type(m) is Update and m.name == NAME]
     assert published[-1].data.tolist() == [4.0]
+
+
+class _DrainRecorder:
+    def __init__(self) -> None:
+        self.drained: list = []
+
+    def drain(self, link) -> int:
+        self.drained.append(link)
+        while link.sock.poll(0):
+            link.sock.recv_multipart()
+        return 1
+
+
+def test_a_read_first_takes_what_its_shard_has_sent_already():
+    # Another front-end's put completes only after its shard has sent this front-end
+    # the change: a read here must take it before it answers.
+    ctx = zmq.Context.instance()
+    shard = ctx.socket(zmq.ROUTER)
+    shard.bind("inproc://catch-up")
+    front = ctx.socket(zmq.DEALER)
+    front.setsockopt(zmq.IDENTITY, b"f")
+    front.connect("inproc://catch-up")
+    link = SimpleNamespace(sock=front)
+    sync = _DrainRecorder()
+    try:
+        catch_up(sync, link)
+        assert sync.drained == []  # nothing sent: nothing to take, no wait
+        front.send(b"hello")
+        shard.recv_multipart()
+        shard.send_multipart([b"f", b"change"])
+        catch_up(sync, link)
+        assert sync.drained == [link]
+        catch_up(sync, SimpleNamespace(sock=None))  # a link without a socket: nothing
+        assert sync.drained == [link]
+    finally:
+        front.close(0)
+        shard.close(0)

@@ -36,6 +36,7 @@ class _Broker:
         self.turn_posts = TurnPosts()
         self.health = SimpleNamespace(events_merged=0)
         self.requests = SimpleNamespace(in_flight=lambda pv: 0)
+        self.sync = SimpleNamespace(others=False)
         self.store_errors = [""]
         self.field_pvs: dict = {}
         self.live = True
