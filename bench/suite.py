@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 
 from bench import report
+from bench.burstload import w10
+from bench.creation import w5
 from bench.doors import w9
 from bench.servers import softioc_available
 from bench.workloads import FULL, QUICK, Bench
@@ -34,6 +36,8 @@ WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W9", "W10")
 SERVERS = ("carelay", "control", "softioc")
 QUICK_WORKLOADS = ("W1", "W3")
 QUICK_SERVERS = ("carelay", "control")
+#: The workloads that are functions of their own modules, not methods of Bench.
+MODULE_WORKLOADS = {"W5": w5, "W9": w9, "W10": w10}
 DESCRIPTIONS = {
     "W1": "scalar puts",
     "W2": "put-to-monitor latency",
@@ -309,7 +313,8 @@ def main(argv=None) -> int:
                 t = time.monotonic()
                 meter = CpuMeter()
                 try:
-                    figures = w9(bench, s) if w == "W9" else getattr(bench, w.lower())(s)
+                    run = MODULE_WORKLOADS.get(w)
+                    figures = run(bench, s) if run else getattr(bench, w.lower())(s)
                 except (_Stop, KeyboardInterrupt):
                     raise
                 except Exception as e:

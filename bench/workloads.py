@@ -1,23 +1,20 @@
-"""The workloads W1-W6, each run against one server kind on a fresh server.
+"""The workloads W1-W4 and W6, each run against one server kind on a fresh server.
 
 Every workload starts its own server (its own free port, prefix and data
 directory), runs one or more phases of client processes against it, and
-stops it in a ``finally``.  Each returns a flat dict of figures.
+stops it in a ``finally``.  Each returns a flat dict of figures.  W5 is in
+bench.creation, W9 in bench.doors, W10 in bench.burstload.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
-import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from bench.phase import run_phase
 from bench.servers import CarelayServer, ControlServer, Server, SoftiocServer
-
-MIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -273,98 +270,6 @@ class Bench:
             "read_mb_per_s": sum(x["bytes"] / x["elapsed"] for x in reads) / 1e6,
             "cpu_ms_per_put": r.cpu_s / w["puts"] * 1e3,
         }
-
-    # -- W5 ---------------------------------------------------------------------------
-
-    def w5(self, kind: str) -> dict:
-        """Creation and memory: w5_pvs f1 PVs created by w5_clients clients (connect, put
-        with callback); RSS of all relay processes after minus before."""
-        p = self.params
-        srv = self.server(kind)
-        per = p.w5_pvs // p.w5_clients
-        names = [
-            [f"{srv.prefix}w5c{c}n{i:05d}_f1" for i in range(per)] for c in range(p.w5_clients)
-        ]
-        srv.records = [(n, "f", 1) for n in itertools.chain.from_iterable(names)]
-        before: dict[str, int] = {}
-        if kind == "softioc":
-            # An IOC has its records up front: "before" is the same IOC without them.
-            base = self.server(kind)
-            with base:
-                time.sleep(1.0)
-                before = base.rss_by_role()
-        after: dict[str, int] = {}
-        idle: list[float] = []
-        with srv:
-            time.sleep(1.0)
-            before = before or srv.rss_by_role()
-            clients = [("creator", {"names": ns, "batch": p.w5_batch}) for ns in names]
-
-            def measure():
-                time.sleep(0.5)
-                after.update(srv.rss_by_role())
-                # What the relay costs while its PVs sit connected and nobody writes.
-                cpu0, t0 = srv.cpu_seconds(), time.monotonic()
-                time.sleep(p.w5_idle)
-                idle.append((srv.cpu_seconds() - cpu0) / (time.monotonic() - t0))
-
-            r = self.phase(srv, clients, list(range(len(clients))), "W5", on_done=measure)
-        self.extra.setdefault("w5_rss_mib_by_process", {})[kind] = {
-            role: {"before": round(before.get(role, 0) / MIB, 1), "after": round(b / MIB, 1)}
-            for role, b in sorted(after.items())
-        }
-        created = sum(r.done[i]["created"] for i in range(len(clients)))
-        rss0, rss1 = sum(before.values()), sum(after.values())
-        busy = sum(r.done[i]["end"] - r.done[i]["start"] for i in range(len(clients)))
-        connecting = sum(r.done[i]["connect_s"] for i in range(len(clients)))
-        return {
-            "creations_per_s": created / r.driver_span(range(len(clients))),
-            "cpu_us_per_creation": r.cpu_s / created * 1e6,
-            # The rest of the clients' time: their puts with callback, waiting to be confirmed.
-            "connect_pct": 100.0 * connecting / busy,
-            "rss_mib_per_1000_pvs": (rss1 - rss0) / MIB / (created / 1000),
-            "rss_before_mib": rss0 / MIB,
-            "rss_after_mib": rss1 / MIB,
-            "idle_cpu_pct": idle[0] * 100,
-        }
-
-    # -- W10 --------------------------------------------------------------------------
-
-    def w10(self, kind: str) -> dict:
-        """Bursts: w10_bursts bursts of w10_channels puts (no callback, one flush a burst),
-        then the same of gets, over w10_channels channels of one f1 PV and over as many
-        f1 PVs, with each of w10_monitors monitors subscribed to every PV of the shape."""
-        p = self.params
-        srv = self.server(kind)
-        one = f"{srv.prefix}w10one_f1"
-        many = [f"{srv.prefix}w10m{k:04d}_f1" for k in range(p.w10_channels)]
-        srv.records = [(name, "f", 1) for name in (one, *many)]
-        shapes = {"onepv": [one] * p.w10_channels, "manypv": many}
-        out = {}
-        base = 0.0
-        with srv:
-            for shape, names in shapes.items():
-                distinct = list(dict.fromkeys(names))
-                for m in p.w10_monitors:
-                    for op in ("put", "get"):
-                        base += 1e7  # values of each phase above those of the last
-                        kw = {"names": names, "op": op, "bursts": p.w10_bursts, "base": base}
-                        clients = [("bench.bursts.burst_driver", kw)]
-                        # A monitor counts the timed puts' values only: above the primed ones.
-                        above = base + len(distinct) - 0.5
-                        clients += [
-                            ("bench.bursts.burst_monitor", {"names": distinct, "above": above})
-                        ] * m
-                        r = self.phase(srv, clients, [0], f"W10-{op}-{shape}-{m}mon")
-                        ops = r.done[0]["ops"]
-                        key = f"{shape}_{m}mon"
-                        out[f"{op}_us_per_op_{key}"] = r.driver_span([0]) / ops * 1e6
-                        out[f"{op}_cpu_us_per_op_{key}"] = r.cpu_s / ops * 1e6
-                        out[f"{op}_client_cpu_us_per_op_{key}"] = r.done[0]["cpu_s"] / ops * 1e6
-                        if op == "put" and m:
-                            events = sum(r.results[i]["events"] for i in range(1, m + 1))
-                            out[f"events_per_put_{key}"] = events / (ops * m)
-        return out
 
 
 def spread_names(prefix: str, stem: str, type_count: str, n: int, shard_counts) -> list[str]:

@@ -9,19 +9,13 @@ updates that follow in sequence order).
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from carelay.common.config import (
-    HEARTBEAT_INTERVAL,
-    HEARTBEAT_LIVENESS,
-    RECONNECT_INITIAL,
-    RECONNECT_MAX,
-)
+from carelay.broker.linkstate import LinkState, LinkTimers
 from carelay.common.messages import Message, Write
 from carelay.common.protocol import (
     BATCH_MAX,
@@ -35,18 +29,8 @@ from carelay.common.protocol import (
 
 log = logging.getLogger(__name__)
 
-#: A ping due this soon goes with a tick that runs now: the links' pings fall into step,
-#: and an idle broker wakes once for all of them (s).
-_PING_EARLY = HEARTBEAT_INTERVAL / 4
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
-
-
-class LinkState(enum.Enum):
-    DOWN = "down"  # no socket; waiting for the back-off to pass
-    CONNECTING = "connecting"  # socket made, HELLO not yet accepted by ZeroMQ
-    SYNCING = "syncing"  # HELLO sent, snapshot not complete
-    LIVE = "live"
 
 
 class ShardLink:
@@ -74,11 +58,8 @@ class ShardLink:
         self.state = LinkState.DOWN
         self.epoch = 0
         self.pvs = 0
-        self._backoff = RECONNECT_INITIAL
-        self._retry_at = 0.0
-        self._last_heard = 0.0
-        self._last_ping = 0.0
-        self._connect_deadline = 0.0
+        #: Back-off, connection deadline, heartbeat.
+        self.timers = LinkTimers()
         self.ever_synced = False
         #: When the link last stopped being usable (monotonic): puts wait a grace from then.
         self.down_since = 0.0
@@ -120,7 +101,7 @@ class ShardLink:
         self.writes = self.writes_applied = 0  # the shard counts per connection
         self.own_writes.clear()
         self.state = LinkState.CONNECTING
-        self._connect_deadline = time.monotonic() + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+        self.timers.connecting(time.monotonic())
 
     def close(self, linger: int = 0, park: bool = False) -> None:
         """Close the socket; ``linger``: ms that ZeroMQ may take to send what was sent.
@@ -236,7 +217,7 @@ class ShardLink:
             return None
         msgs = self.recv_from(self.sock)
         if msgs is not None:
-            self._last_heard = time.monotonic()
+            self.timers.last_heard = time.monotonic()
         return msgs
 
     def recv_from(self, sock: zmq.Socket) -> list[Message] | None:
@@ -263,56 +244,39 @@ class ShardLink:
         self.lost_writes = False
         self.close(park=park)
         self.state = LinkState.DOWN
-        self._retry_at = time.monotonic() + self._backoff
+        backoff = self.timers.retry_later(time.monotonic())
         level = (
             logging.WARNING
             if self.ever_synced or was is not LinkState.CONNECTING
             else logging.DEBUG
         )
-        log.log(
-            level, "shard %d unreachable (%s); retrying in %.2f s", self.index, why, self._backoff
-        )
-        self._backoff = min(self._backoff * 2, RECONNECT_MAX)
+        log.log(level, "shard %d unreachable (%s); retrying in %.2f s", self.index, why, backoff)
 
     def synced(self, epoch: int, pvs: int) -> None:
         self.state = LinkState.LIVE
         self.epoch = epoch
         self.pvs = pvs
-        self._backoff = RECONNECT_INITIAL
+        self.timers.synced()
         self.ever_synced = True
 
     def tick(self, now: float, in_flight: bool) -> str | None:
         """Advance timers.  Returns "hello" or "ping" when one should be sent, "down" when
         the link just went down (``in_flight``: the shard owes answers, so its socket is
         kept for them), else None."""
-        if self.state is LinkState.DOWN:
-            if now >= self._retry_at:
-                self.open()
-                self._last_heard = now
-                return "hello"
-            return None
-        if self.state is LinkState.CONNECTING:
-            if now >= self._connect_deadline:
-                self.went_down("no connection", park=in_flight)
-                return "down"
+        action = self.timers.action(self.state, now)
+        if action == "open":
+            self.open()
+            self.timers.last_heard = now
             return "hello"
-        if now - self._last_heard > HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS:
-            self.went_down("no heartbeat", park=in_flight)
+        if action == "no connection" or action == "no heartbeat":
+            self.went_down(action, park=in_flight)
             return "down"
-        if now - self._last_ping >= HEARTBEAT_INTERVAL - _PING_EARLY:
-            self._last_ping = now
-            return "ping"
-        return None
+        return action
 
     def due(self) -> float:
         """When ``tick`` next has something to do (monotonic); 0.0: at every tick."""
-        if self.state is LinkState.DOWN:
-            return self._retry_at
-        if self.state is LinkState.CONNECTING:
-            return 0.0
-        silent = self._last_heard + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
-        return min(self._last_ping + HEARTBEAT_INTERVAL, silent)
+        return self.timers.due(self.state)
 
     def hello_sent(self) -> None:
         self.state = LinkState.SYNCING
-        self._last_heard = time.monotonic()
+        self.timers.last_heard = time.monotonic()

@@ -23,12 +23,7 @@ from pathlib import Path
 import zmq
 
 from carelay.common import exits, protocol
-from carelay.common.config import (
-    HEARTBEAT_INTERVAL,
-    HEARTBEAT_LIVENESS,
-    STATUS_INTERVAL,
-    Config,
-)
+from carelay.common.config import Config
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import (
     StopFlag,
@@ -44,11 +39,12 @@ from carelay.common.lifecycle import (
 from carelay.common.messages import Applied, Message, Write
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
-from carelay.shard.autosave import GOOD_COPY_INTERVAL, Autosave, StoreHealth
+from carelay.shard.autosave import Autosave, StoreHealth
 from carelay.shard.handler import RequestHandler
 from carelay.shard.outbox import Outbox
 from carelay.shard.persist import ShardDatabase, StoreDamaged, lock_path, lock_store
 from carelay.shard.store import ShardStore
+from carelay.shard.timers import BUSY_WAIT_MS, ShardTimers, wait_ms
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +52,6 @@ log = logging.getLogger(__name__)
 _BATCH = 1000
 #: On a clean stop, how long the shard waits for more messages before its last flush (ms).
 _STOP_DRAIN_MS = 50
-#: The longest wait for a message while something may change on its own (a store that
-#: failed, a flush in parts) (ms); otherwise the loop waits until a timer is due.
-_BUSY_WAIT_MS = 100
-#: A timer is looked at once the clock is this far beyond it (s).
-_LATE = 0.001
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
@@ -111,8 +102,7 @@ class ShardServer:
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._poller: zmq.Poller | None = None
-        self._broker_seen = 0.0
-        self._broker_alive = False
+        self.timers = ShardTimers(config.autosave_period, good_copy=db is not None)
         self._broker_peer: bytes | None = None
         #: The pipe signals write to (``wake_on_signals``): a stop ends a wait at once.
         self._wake_fd: int | None = None
@@ -194,10 +184,8 @@ class ShardServer:
             if not admission.admit(peer, msgs):
                 return 0
             self.requests.fanout = len(admission) > 1
-        self._broker_seen = time.monotonic()
         self._broker_peer = peer
-        if not self._broker_alive:
-            self._broker_alive = True
+        if self.timers.heard(time.monotonic()):
             log.debug("broker connected")
         requests = self.requests
         n = writes = 0
@@ -267,7 +255,7 @@ class ShardServer:
         self._wake_fd = signal_wakeup_fd()
         self._poller.register(self._wake_fd, zmq.POLLIN)
 
-    def serve_once(self, timeout_ms: int = _BUSY_WAIT_MS) -> int:
+    def serve_once(self, timeout_ms: int = BUSY_WAIT_MS) -> int:
         """Handle one batch of messages: apply, commit, reply.  Returns how many."""
         self.health.check(time.monotonic())
         ready = self._poller.poll(timeout_ms)
@@ -293,52 +281,35 @@ class ShardServer:
     def serve(self, stop: StopFlag) -> bool:
         """Serve until ``stop``; False when the last flush left values unsaved."""
         autosave = self.autosave
-        next_status = 0.0
-        next_flush = time.monotonic() + self.config.autosave_period
-        next_copy = time.monotonic() + GOOD_COPY_INTERVAL
-        quiet_after = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+        timers = self.timers
+        timers.start(time.monotonic())
         timeout_ms = 0
         while not stop.stopping:
             self.serve_once(timeout_ms)
             now = time.monotonic()
-            if now >= next_flush:
+            if timers.flush_due(now) or autosave.saving_parts:
                 autosave.flush_soon()
-                next_flush = now + self.config.autosave_period
-            elif autosave.saving_parts:
-                autosave.flush_soon()
-            if self.db is not None and now >= next_copy:
+            if timers.copy_due(now):
                 autosave.refresh_good_copy_soon()
-                next_copy = now + GOOD_COPY_INTERVAL
-            if self._broker_alive and now - self._broker_seen > quiet_after:
-                self._broker_alive = False
+            if timers.went_quiet(now):
                 log.warning("broker went quiet")
             if self.health.status_due and self._broker_peer is not None:
                 # The store's state changed: the brokers hear it now, not at the next PING.
                 for peer in self.admission.peers():
                     self.requests.pong(peer, 0)
                 self._send_replies()
-            if now >= next_status or self.health.status_due:
+            if timers.status_due(now, self.health.status_due):
                 self.health.status_due = False
                 self._write_status()
-                next_status = now + STATUS_INTERVAL
                 return_freed_memory()
-            quiet = self._broker_seen + quiet_after if self._broker_alive else next_status
-            due = min(next_flush, next_status, next_copy if self.db else next_flush, quiet)
             # A failed store's refusal is timed, a flush in parts goes on by itself, and
             # without the signal pipe a stop is seen only after the wait.
             busy = self._wake_fd is None or self.health.store_error or autosave.saving_parts
-            timeout_ms = wait_ms(now, due, bool(busy))
+            timeout_ms = wait_ms(now, timers.due(), bool(busy))
         # What the broker sent before it stopped (it stops first) is applied and saved.
         while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
             pass
         return autosave.stop()
-
-
-def wait_ms(now: float, due: float, busy: bool) -> int:
-    """How long the shard waits for messages at ``now`` (ms): until ``due``, its next
-    timer; at most _BUSY_WAIT_MS while ``busy`` (something may change on its own)."""
-    wait = round(max(0.0, due + _LATE - now) * 1000)
-    return min(_BUSY_WAIT_MS, wait) if busy else wait
 
 
 def run_shard(config: Config, index: int) -> int:

@@ -174,12 +174,12 @@ def test_a_descriptor_above_fd_setsize_is_not_watched():
 
 def test_link_due_times():
     link = ShardLink(zmq.Context.instance(), 0, "ipc:///nonexistent")
-    link._retry_at = 12.0
+    link.timers.retry_at = 12.0
     assert link.due() == 12.0  # down: at the retry
     link.state = LinkState.CONNECTING
     assert link.due() == 0.0  # every tick
     link.state = LinkState.LIVE
-    link._last_ping, link._last_heard = 100.0, 99.0
+    link.timers.last_ping, link.timers.last_heard = 100.0, 99.0
     assert link.due() == min(
         100.0 + HEARTBEAT_INTERVAL, 99.0 + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
     )

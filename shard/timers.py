@@ -1,0 +1,87 @@
+"""ShardTimers, wait_ms: the shard loop's clock (the autosave flush, the good copy, the
+status file, the brokers' silence) and how long the loop waits for messages."""
+
+from __future__ import annotations
+
+import math
+
+from carelay.common.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_INTERVAL
+from carelay.shard.autosave import GOOD_COPY_INTERVAL
+
+#: The longest wait for a message while something may change on its own (a store that
+#: failed, a flush in parts) (ms); otherwise the loop waits until a timer is due.
+BUSY_WAIT_MS = 100
+#: A timer is looked at once the clock is this far beyond it (s).
+_LATE = 0.001
+#: Silence after which the brokers are taken to have gone quiet (s).
+_QUIET_AFTER = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+
+
+class ShardTimers:
+    """When the loop flushes values, refreshes the good copy and writes its status file,
+    and whether a broker has been heard from lately.  Times are monotonic seconds."""
+
+    def __init__(self, autosave_period: float, good_copy: bool) -> None:
+        self.autosave_period = autosave_period
+        #: The store keeps a good copy (a shard with a database file).
+        self.good_copy = good_copy
+        self.next_flush = self.next_copy = self.next_status = 0.0
+        #: When a broker was last heard from, and whether one counts as connected.
+        self.broker_seen = 0.0
+        self.broker_alive = False
+
+    def start(self, now: float) -> None:
+        """The loop starts at ``now``: the first flush and good copy are a period away, the
+        status file is due at once."""
+        self.next_flush = now + self.autosave_period
+        self.next_copy = now + GOOD_COPY_INTERVAL if self.good_copy else math.inf
+        self.next_status = 0.0
+
+    def heard(self, now: float) -> bool:
+        """A broker's message came at ``now``; True when none was connected before."""
+        self.broker_seen = now
+        if self.broker_alive:
+            return False
+        self.broker_alive = True
+        return True
+
+    def went_quiet(self, now: float) -> bool:
+        """True once, when the brokers have been silent too long at ``now``."""
+        if self.broker_alive and now - self.broker_seen > _QUIET_AFTER:
+            self.broker_alive = False
+            return True
+        return False
+
+    def flush_due(self, now: float) -> bool:
+        """The autosave period passed: True, and the next flush is a period away."""
+        if now < self.next_flush:
+            return False
+        self.next_flush = now + self.autosave_period
+        return True
+
+    def copy_due(self, now: float) -> bool:
+        """The good copy is due: True, and the next one is GOOD_COPY_INTERVAL away."""
+        if now < self.next_copy:
+            return False
+        self.next_copy = now + GOOD_COPY_INTERVAL
+        return True
+
+    def status_due(self, now: float, changed: bool) -> bool:
+        """The status file is due (``changed``: the store's state changed): True, and the
+        next one is STATUS_INTERVAL away."""
+        if now < self.next_status and not changed:
+            return False
+        self.next_status = now + STATUS_INTERVAL
+        return True
+
+    def due(self) -> float:
+        """When the next timer is due; a connected broker's silence is one."""
+        quiet = self.broker_seen + _QUIET_AFTER if self.broker_alive else self.next_status
+        return min(self.next_flush, self.next_status, self.next_copy, quiet)
+
+
+def wait_ms(now: float, due: float, busy: bool) -> int:
+    """How long the shard waits for messages at ``now`` (ms): until ``due``, its next
+    timer; at most BUSY_WAIT_MS while ``busy`` (something may change on its own)."""
+    wait = round(max(0.0, due + _LATE - now) * 1000)
+    return min(BUSY_WAIT_MS, wait) if busy else wait
