@@ -28,6 +28,7 @@ import zmq
 from carelay.broker.forward import Forwarder
 from carelay.broker.link import ShardLink
 from carelay.broker.pva import convert
+from carelay.broker.pva.access import PvaAccess
 from carelay.broker.pva.inbox import Inbox
 from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
 from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
@@ -164,6 +165,9 @@ class PvaFrontEnd:
         #: Makes a Channel (channels.Channel; given by main, so that this module needs
         #: no p4p and is tested without it).
         self.make_channel_object = None
+        #: The access security rules (an ACF configured); SIGHUP sets ``reload_due``.
+        self.access = PvaAccess(config)
+        self.reload_due = False
 
     # -- what the shared modules ask --------------------------------------------------
 
@@ -267,6 +271,13 @@ class PvaFrontEnd:
         target = self._target(channel)
         if target is None or target.channel is not channel:
             op.done(error="no such PV")
+            return
+        shard = getattr(target, "shard", None)
+        denied = self.access.check_put(channel.name, shard, op)
+        if denied is not None:
+            # A put, a field change, a creation or a delete: each a write.
+            self.health.refused("access", denied, channel.name, shard)
+            op.done(error=denied)
             return
         try:
             host, user = str(op.peer()), str(op.account())

@@ -31,7 +31,7 @@ def run_pva(config: Config) -> int:
     bound_malloc()
     stop = StopFlag()
     # The supervisor passes SIGHUP (reload the access security) to every front-end;
-    # the PVA front-end has none to reload.
+    # until the front-end can act on it (below), it loads the file anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         from p4p.server import Server
@@ -49,6 +49,8 @@ def run_pva(config: Config) -> int:
         log.error("pva cannot start: %s", e)
         return exits.CANNOT_START
     front.make_channel_object = Channel
+    front.access.load()
+    signal.signal(signal.SIGHUP, lambda *_: setattr(front, "reload_due", True))
     names = provider(front)
     try:
         server = Server(providers=[names], useenv=True)
