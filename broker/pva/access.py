@@ -56,16 +56,25 @@ def peer_address(peer: str) -> str:
     return str(mapped or address)
 
 
+def _parse(text: str) -> list:
+    """The nodes of an ACF, as p4p's parser gives them; ValueError if it is invalid."""
+    from p4p.asLib.yacc import parse  # the PVA front-end has p4p
+
+    try:
+        return parse(text) or []
+    except AttributeError:
+        # p4p's parser fails so on an error at the end of the input.
+        raise ValueError("syntax error at the end of the file") from None
+
+
 class Rules:
     """The rules of one ASG of an ACF, ready to answer what a client may do."""
 
     def __init__(self, text: str, group: str) -> None:
-        from p4p.asLib.yacc import parse  # the PVA front-end has p4p
-
         uags: dict[str, set[str]] = {}
         hags: dict[str, set[str]] = {}
         asgs: dict[str, list] = {}
-        for node in parse(text):
+        for node in _parse(text):
             if node[0] == "UAG":
                 uags[node[1]] = set(node[2])
             elif node[0] == "HAG":
