@@ -17,7 +17,10 @@ client of each operation:
   reads no INP PVs).
 
 ``PvaAccess.check_put`` answers with the reason a put is refused (None: allowed) and
-logs each refusal in one line, rate-limited as the CA broker's are.
+logs each refusal in one line, rate-limited as the CA broker's are.  Reads are
+checked once, when a client opens a channel (``may_read``): p4p serves gets and
+monitors itself, and names only the peer then, no account.  A client without read
+access gets a channel that never connects, so it reads and writes nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ __all__ = ["PvaAccess", "Rules", "peer_address"]
 log = logging.getLogger(__name__)
 
 READ, WRITE = 1, 2
+#: What a client without read access is told (it gets a channel that never connects).
+NO_READ = "access denied (no read access)"
 #: What each RULE's access level grants.
 _GRANTS = {"READ": READ, "WRITE": READ | WRITE}
 
@@ -136,6 +141,14 @@ class PvaAccess:
             log,
             clock,
         )
+        self.read_budget = LogBudget(
+            REFUSAL_LOG_LINES,
+            REFUSAL_LOG_WINDOW,
+            f"refused {{count}} more PVA channels in the last {{window:.0f}} s: {NO_READ}, "
+            "not logged one by one, e.g. {example}",
+            log,
+            clock,
+        )
 
     def load(self) -> bool:
         """Read the access security file (again); False if it cannot be read or parsed,
@@ -187,8 +200,23 @@ class PvaAccess:
             )
         return ACCESS_DENIED
 
+    def may_read(self, peer: str) -> bool:
+        """Whether a client at ``peer`` may open a channel.  Runs on a p4p thread: it
+        reads the rules in force, nothing else.  pvxs names no account when a channel
+        is made, so a rule that needs a UAG grants no read here."""
+        if self.config.access_security is None:
+            return True
+        return bool(self.allows(peer_address(peer), "") & READ)
+
+    def refused_read(self, name: str, peer: str) -> None:
+        """Log a channel refused by ``may_read`` (on the loop thread)."""
+        address = peer_address(peer)
+        if self.read_budget.allow(f"{name} from {address}"):
+            log.warning("refused PVA channel %s to %s: %s", name, address, NO_READ)
+
     def tick(self) -> None:
         self.budget.tick()
+        self.read_budget.tick()
 
 
 def _client_of(op) -> tuple[str, str, list[str]]:

@@ -165,6 +165,8 @@ class PvaFrontEnd:
         #: Makes a Channel (channels.Channel; given by main, so that this module needs
         #: no p4p and is tested without it).
         self.make_channel_object = None
+        #: Makes the channel a client without read access gets (channels.denied).
+        self.make_denied_object = None
         #: The access security rules (an ACF configured); SIGHUP sets ``reload_due``.
         self.access = PvaAccess(config)
         self.reload_due = False
@@ -211,9 +213,13 @@ class PvaFrontEnd:
                 return None
         return True
 
-    def make_channel(self, name: str):
+    def make_channel(self, name: str, peer: str = ""):
         """The channel of ``name``: the one handed out before, or a new one that the loop
-        opens (its clients wait until then).  Runs on a p4p thread."""
+        opens (its clients wait until then); for a ``peer`` without read access, one of
+        its own that never opens.  Runs on a p4p thread."""
+        if not self.access.may_read(peer):
+            self.inbox.push(self.access.refused_read, name, peer)
+            return self.make_denied_object()
         with self.channel_lock:
             channel = self.channels.get(name)
             if channel is None:

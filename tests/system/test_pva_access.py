@@ -9,6 +9,7 @@ CA and PVA.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 
 import pytest
@@ -79,3 +80,45 @@ def test_pva_puts_follow_the_access_security_file(tmp_path):
     finally:
         ctx.close()
         relay.stop()
+
+
+@pytest.mark.slow
+def test_a_client_without_read_access_gets_no_channel(tmp_path):
+    path = tmp_path / "r.acf"
+    acf(path, "localhost")
+    PvaRelay.give_way()
+    relay = PvaRelay(tmp_path, shards=1, extra=["--access-security", str(path)]).start()
+    try:
+        name = relay.name("hidden", "f1")
+        with_context(lambda ctx: ctx.put(name, 1.5, timeout=5))
+        # Reads only from 127.0.0.2 now: the client at 127.0.0.1 reads nothing.
+        path.write_text(path.read_text().replace("RULE(1, READ)", "RULE(1, READ) { HAG(opis) }"))
+        acf_hosts(path, '"127.0.0.2"')
+        start = len(relay.log())
+        relay.proc.send_signal(signal.SIGHUP)  # `carelay up` passes it on
+        relay.wait_log(" pva: access security reloaded", start=start, timeout=10)
+        with pytest.raises(TimeoutError):
+            with_context(lambda ctx: ctx.get(name, timeout=2))
+        relay.wait_log(
+            f"refused PVA channel {name} to 127.0.0.1: access denied (no read access)",
+            start=start,
+            timeout=10,
+        )
+    finally:
+        relay.stop()
+
+
+def acf_hosts(path, hosts: str) -> None:
+    """The file at ``path`` with its HAG holding ``hosts``."""
+    text = path.read_text()
+    head, rest = text.split("HAG(opis) {", 1)
+    path.write_text(f"{head}HAG(opis) {{{hosts}}}{rest.split('}', 1)[1]}")
+
+
+def with_context(call):
+    """``call`` with a new p4p client context (each one makes its channels anew)."""
+    ctx = pva_context()
+    try:
+        return call(ctx)
+    finally:
+        ctx.close()

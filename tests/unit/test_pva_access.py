@@ -164,3 +164,38 @@ def test_a_denied_put_fails_and_sends_nothing(tmp_path):
         assert op.result != ("error", "access denied (no write access)")  # past the rules
     finally:
         front.inbox.close()
+
+
+def test_a_client_without_read_access_gets_a_channel_of_its_own(tmp_path, caplog):
+    # Reads from the HAG only.
+    front = PvaFrontEnd(
+        config(tmp_path, ACF.replace("ASG(DEFAULT)", "ASG(ALL)").replace("LOCKED", "DEFAULT"))
+    )
+    front.make_channel_object = lambda _front, name: FakeChannel(name)
+    front.make_denied_object = lambda: "denied"
+    try:
+        front.access.load()
+        live(front, "P:x_f1")
+        assert front.make_channel("P:x_f1", "10.0.0.8:1") == "denied"
+        assert "P:x_f1" not in front.channels  # nothing shared with it
+        with caplog.at_level(logging.WARNING):
+            front.inbox.run()
+        assert "refused PVA channel P:x_f1 to 10.0.0.8: access denied (no read access)" in (
+            caplog.text
+        )
+        assert isinstance(front.make_channel("P:x_f1", "10.0.0.7:1"), FakeChannel)
+    finally:
+        front.inbox.close()
+
+
+def test_reads_need_no_account_unless_a_uag_asks(tmp_path):
+    access = PvaAccess(config(tmp_path, ACF))
+    access.load()
+    assert access.may_read("10.0.0.8:1")  # DEFAULT: everyone reads
+    only_writers = "UAG(w) {alice}\nASG(DEFAULT) { RULE(1, WRITE) { UAG(w) } }\n"
+    access.config.access_security.write_text(only_writers)
+    access.reload()
+    # The account is not known when a channel is made: a UAG's read is no read there.
+    assert not access.may_read("127.0.0.1:1")
+    assert access.check_put("P:x_f1", 0, Op()) is None  # alice writes, over a channel she has
+    assert PvaAccess(config(tmp_path, None)).may_read("")
