@@ -159,7 +159,8 @@ class PvaAccess:
         try:
             rules = Rules(Path(path).read_text(errors="replace"), self.config.access_group)
         except Exception as e:
-            log.error("access security file %s not loaded, the rules in force stay: %s", path, e)
+            stays = "PVA clients get no access" if self.closed else "the rules in force stay"
+            log.error("access security file %s not loaded, %s: %s", path, stays, e)
             return False
         for host in rules.unresolved:
             log.warning("access security: host %s of %s has no IPv4 address", host, path)

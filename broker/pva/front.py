@@ -28,7 +28,7 @@ import zmq
 from carelay.broker.forward import Forwarder
 from carelay.broker.link import ShardLink
 from carelay.broker.pva import convert
-from carelay.broker.pva.access import PvaAccess
+from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
 from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
 from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
@@ -218,7 +218,7 @@ class PvaFrontEnd:
         opens (its clients wait until then); for a ``peer`` without read access, one of
         its own that never opens.  Runs on a p4p thread."""
         if not self.access.may_read(peer):
-            self.inbox.push(self.access.refused_read, name, peer)
+            self.inbox.push(self._refused_read, name, peer)
             return self.make_denied_object()
         with self.channel_lock:
             channel = self.channels.get(name)
@@ -232,6 +232,10 @@ class PvaFrontEnd:
         return channel
 
     # -- the loop thread: channels -------------------------------------------------------
+
+    def _refused_read(self, name: str, peer: str) -> None:
+        self.health.refused("access", NO_READ, name)
+        self.access.refused_read(name, peer)
 
     def _bind(self, channel) -> None:
         name = channel.name

@@ -102,9 +102,14 @@ def test_without_a_file_everything_goes(tmp_path):
     assert access.check_put("P:x_f1", 0, Op(account="mallory")) is None
 
 
-def test_a_file_not_yet_loaded_allows_nothing(tmp_path):
-    access = PvaAccess(config(tmp_path, ACF))
+def test_a_file_not_yet_loaded_allows_nothing(tmp_path, caplog):
+    cfg = config(tmp_path, "ASG(DEFAULT) {")
+    access = PvaAccess(cfg)
+    assert not access.load()
+    assert "not loaded, PVA clients get no access" in caplog.text
     assert access.check_put("P:x_f1", 0, Op()) == "access denied (no write access)"
+    assert not access.may_read("127.0.0.1:1")
+    cfg.access_security.write_text(ACF)
     assert access.load()
     assert access.check_put("P:x_f1", 0, Op()) is None
 
@@ -183,6 +188,7 @@ def test_a_client_without_read_access_gets_a_channel_of_its_own(tmp_path, caplog
         assert "refused PVA channel P:x_f1 to 10.0.0.8: access denied (no read access)" in (
             caplog.text
         )
+        assert front.health.refusals == 1
         assert isinstance(front.make_channel("P:x_f1", "10.0.0.7:1"), FakeChannel)
     finally:
         front.inbox.close()
