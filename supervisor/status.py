@@ -375,8 +375,9 @@ def _endpoint(config: Config, status: dict | None, shard: int) -> str:
 
 
 def reload_access(config: Config, out=sys.stdout) -> int:
-    """``carelay reload-acf``: ask the running broker (SIGHUP) to read its access
-    security file again; 0 if asked, 1 if no broker of this data directory runs."""
+    """``carelay reload-acf``: ask the running broker, and the PVA front-end if one
+    runs, (SIGHUP) to read the access security file again; 0 if asked, 1 if no broker
+    of this data directory runs."""
     import signal
     import time
 
@@ -391,4 +392,14 @@ def reload_access(config: Config, out=sys.stdout) -> int:
         print(f"carelay: cannot signal the broker (pid {pid}): {e}", file=sys.stderr)
         return exits.FAILED
     print(f"asked the broker (pid {pid}) to reload its access security file", file=out)
+    # The PVA front-end, where one runs, applies the same file.
+    pva = _read_own(config.run_dir / "pva.json")
+    pva_pid = pva.get("pid") if pva else None
+    if _alive(pva_pid) and _fresh(pva, pva_pid, time.time()):
+        try:
+            os.kill(pva_pid, signal.SIGHUP)
+        except OSError as e:
+            print(f"carelay: cannot signal the PVA front-end (pid {pva_pid}): {e}", file=sys.stderr)
+            return exits.FAILED
+        print(f"asked the PVA front-end (pid {pva_pid}) to reload it too", file=out)
     return exits.OK

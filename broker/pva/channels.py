@@ -92,7 +92,13 @@ class Names:
         return DynamicProvider.NotYet if answer is None else answer
 
     def makeChannel(self, name: str, peer: str):  # noqa: N802 - p4p's name
-        return self.front.make_channel(name)
+        return self.front.make_channel(name, peer)
+
+
+def denied() -> SharedPV:
+    """The channel of a client without read access: never opened, so the client's
+    gets, monitors and puts wait and time out, and it learns nothing of the PV."""
+    return SharedPV()
 
 
 def provider(front) -> DynamicProvider:

@@ -28,6 +28,7 @@ import zmq
 from carelay.broker.forward import Forwarder
 from carelay.broker.link import ShardLink
 from carelay.broker.pva import convert
+from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
 from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
 from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
@@ -164,6 +165,11 @@ class PvaFrontEnd:
         #: Makes a Channel (channels.Channel; given by main, so that this module needs
         #: no p4p and is tested without it).
         self.make_channel_object = None
+        #: Makes the channel a client without read access gets (channels.denied).
+        self.make_denied_object = None
+        #: The access security rules (an ACF configured); SIGHUP sets ``reload_due``.
+        self.access = PvaAccess(config)
+        self.reload_due = False
 
     # -- what the shared modules ask --------------------------------------------------
 
@@ -207,9 +213,13 @@ class PvaFrontEnd:
                 return None
         return True
 
-    def make_channel(self, name: str):
+    def make_channel(self, name: str, peer: str = ""):
         """The channel of ``name``: the one handed out before, or a new one that the loop
-        opens (its clients wait until then).  Runs on a p4p thread."""
+        opens (its clients wait until then); for a ``peer`` without read access, one of
+        its own that never opens.  Runs on a p4p thread."""
+        if not self.access.may_read(peer):
+            self.inbox.push(self._refused_read, name, peer)
+            return self.make_denied_object()
         with self.channel_lock:
             channel = self.channels.get(name)
             if channel is None:
@@ -222,6 +232,10 @@ class PvaFrontEnd:
         return channel
 
     # -- the loop thread: channels -------------------------------------------------------
+
+    def _refused_read(self, name: str, peer: str) -> None:
+        self.health.refused("access", NO_READ, name)
+        self.access.refused_read(name, peer)
 
     def _bind(self, channel) -> None:
         name = channel.name
@@ -267,6 +281,13 @@ class PvaFrontEnd:
         target = self._target(channel)
         if target is None or target.channel is not channel:
             op.done(error="no such PV")
+            return
+        shard = getattr(target, "shard", None)
+        denied = self.access.check_put(channel.name, shard, op)
+        if denied is not None:
+            # A put, a field change, a creation or a delete: each a write.
+            self.health.refused("access", denied, channel.name, shard)
+            op.done(error=denied)
             return
         try:
             host, user = str(op.peer()), str(op.account())

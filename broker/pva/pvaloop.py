@@ -90,6 +90,10 @@ class PvaLoop(Loop):
             self.send_queued()
             self._timers(now)
             table.refusals.tick()
+            f.access.tick()
+            if f.reload_due:
+                f.reload_due = False
+                f.access.reload()
             if self.due_posts:
                 self._post_due(now)
             if not f.ready and all(link.live for link in links):

@@ -31,12 +31,12 @@ def run_pva(config: Config) -> int:
     bound_malloc()
     stop = StopFlag()
     # The supervisor passes SIGHUP (reload the access security) to every front-end;
-    # the PVA front-end has none to reload.
+    # until the front-end can act on it (below), it loads the file anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         from p4p.server import Server
 
-        from carelay.broker.pva.channels import Channel, provider
+        from carelay.broker.pva.channels import Channel, denied, provider
     except ImportError as e:
         log.error("pva cannot start: %s (%s)", NEEDS_P4P, e)
         return exits.CANNOT_START
@@ -49,6 +49,9 @@ def run_pva(config: Config) -> int:
         log.error("pva cannot start: %s", e)
         return exits.CANNOT_START
     front.make_channel_object = Channel
+    front.make_denied_object = denied
+    front.access.load()
+    signal.signal(signal.SIGHUP, lambda *_: setattr(front, "reload_due", True))
     names = provider(front)
     try:
         server = Server(providers=[names], useenv=True)

@@ -1,0 +1,237 @@
+"""Access security over PV Access: the relay's ACF applied to each PVA put.
+
+The CA brokers hand the access security file to PCAS (broker/access.py).  The PVA
+front-end has no PCAS: it reads the same file with p4p's ACF parser
+(``p4p.asLib.yacc``, the EPICS syntax) and evaluates the rules of the relay's group
+(``access_group``; ``DEFAULT`` if the file lacks it, as EPICS does) itself, for the
+client of each operation:
+
+- a HAG holds addresses: each of its host names becomes the IPv4 addresses it resolves
+  to (at load and at each reload), and the operation's peer address (``op.peer()``) is
+  matched against them, whatever ``access_by_ip`` says (a PVA client claims no host
+  name);
+- a UAG holds accounts (``op.account()``), and roles as ``role/NAME``
+  (``op.roles()``), as p4p's gateway names them;
+- ``RULE(n, READ)`` grants reads, ``RULE(n, WRITE)`` reads and writes; a rule with
+  several conditions needs all of them; a CALC condition is never met (the relay
+  reads no INP PVs).
+
+``PvaAccess.check_put`` answers with the reason a put is refused (None: allowed) and
+logs each refusal in one line, rate-limited as the CA broker's are.  Reads are
+checked once, when a client opens a channel (``may_read``): p4p serves gets and
+monitors itself, and names only the peer then, no account.  A client without read
+access gets a channel that never connects, so it reads and writes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from pathlib import Path
+
+from carelay.broker.access import ACCESS_DENIED, resolve
+from carelay.broker.logbudget import LogBudget
+from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
+
+__all__ = ["PvaAccess", "Rules", "peer_address"]
+
+log = logging.getLogger(__name__)
+
+READ, WRITE = 1, 2
+#: What a client without read access is told (it gets a channel that never connects).
+NO_READ = "access denied (no read access)"
+#: What each RULE's access level grants.
+_GRANTS = {"READ": READ, "WRITE": READ | WRITE}
+
+
+def peer_address(peer: str) -> str:
+    """The IP address in a peer as pvxs writes it (``host:port``, ``[v6]:port``); an
+    IPv4-mapped IPv6 address is its IPv4 address."""
+    text = str(peer).strip()
+    if text.startswith("["):
+        text = text[1:].split("]", 1)[0]
+    elif text.count(":") == 1:
+        text = text.rsplit(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    mapped = getattr(address, "ipv4_mapped", None)
+    return str(mapped or address)
+
+
+def _parse(text: str) -> list:
+    """The nodes of an ACF, as p4p's parser gives them; ValueError if it is invalid."""
+    from p4p.asLib.yacc import parse  # the PVA front-end has p4p
+
+    try:
+        return parse(text) or []
+    except AttributeError:
+        # p4p's parser fails so on an error at the end of the input.
+        raise ValueError("syntax error at the end of the file") from None
+
+
+class Rules:
+    """The rules of one ASG of an ACF, ready to answer what a client may do."""
+
+    def __init__(self, text: str, group: str) -> None:
+        uags: dict[str, set[str]] = {}
+        hags: dict[str, set[str]] = {}
+        asgs: dict[str, list] = {}
+        for node in _parse(text):
+            if node[0] == "UAG":
+                uags[node[1]] = set(node[2])
+            elif node[0] == "HAG":
+                hags[node[1]] = set(node[2])
+            elif node[0] == "ASG":
+                asgs[node[1]] = [n for n in node[2] if n[0] == "RULE"]
+        #: Which UAGs each member (an account, ``role/NAME``) is in.
+        self.uag_of: dict[str, set[str]] = {}
+        for name, members in uags.items():
+            for member in members:
+                self.uag_of.setdefault(member, set()).add(name)
+        #: Which HAGs each address is in; host names that resolved to none.
+        self.hag_of: dict[str, set[str]] = {}
+        self.unresolved: list[str] = []
+        for name, hosts in hags.items():
+            for host in hosts:
+                addresses = resolve(host)
+                if not addresses:
+                    self.unresolved.append(host)
+                for address in addresses:
+                    self.hag_of.setdefault(address, set()).add(name)
+        self.rules = asgs.get(group, asgs.get("DEFAULT", []))
+
+    def allows(self, address: str, account: str, roles=()) -> int:
+        """What a client at ``address`` with ``account`` and ``roles`` may do: READ,
+        WRITE or'ed (0: nothing)."""
+        uags = set(self.uag_of.get(account, ()))
+        for role in roles:
+            uags |= self.uag_of.get(f"role/{role}", set())
+        hags = self.hag_of.get(address, set())
+        granted = 0
+        for _, _level, what, _trap, conditions in self.rules:
+            if all(self._met(c, uags, hags) for c in conditions or ()):
+                granted |= _GRANTS.get(what, 0)
+        return granted
+
+    @staticmethod
+    def _met(condition, uags: set[str], hags: set[str]) -> bool:
+        if condition[0] == "UAG":
+            return bool(uags.intersection(condition[1]))
+        if condition[0] == "HAG":
+            return bool(hags.intersection(condition[1]))
+        return False  # CALC: no INP PVs here
+
+
+class PvaAccess:
+    """The ACF in force on the PVA side (None configured: everything is allowed)."""
+
+    def __init__(self, config, clock=time.monotonic) -> None:
+        self.config = config
+        self.rules: Rules | None = None
+        #: The file is configured but never loaded: nothing is allowed.
+        self.closed = config.access_security is not None
+        self.budget = LogBudget(
+            REFUSAL_LOG_LINES,
+            REFUSAL_LOG_WINDOW,
+            f"refused {{count}} more PVA puts in the last {{window:.0f}} s: {ACCESS_DENIED}, "
+            "not logged one by one, e.g. {example}",
+            log,
+            clock,
+        )
+        self.read_budget = LogBudget(
+            REFUSAL_LOG_LINES,
+            REFUSAL_LOG_WINDOW,
+            f"refused {{count}} more PVA channels in the last {{window:.0f}} s: {NO_READ}, "
+            "not logged one by one, e.g. {example}",
+            log,
+            clock,
+        )
+
+    def load(self) -> bool:
+        """Read the access security file (again); False if it cannot be read or parsed,
+        and then the rules in force stay."""
+        path = self.config.access_security
+        if path is None:
+            return True
+        try:
+            rules = Rules(Path(path).read_text(errors="replace"), self.config.access_group)
+        except Exception as e:
+            stays = "PVA clients get no access" if self.closed else "the rules in force stay"
+            log.error("access security file %s not loaded, %s: %s", path, stays, e)
+            return False
+        for host in rules.unresolved:
+            log.warning("access security: host %s of %s has no IPv4 address", host, path)
+        self.rules, self.closed = rules, False
+        return True
+
+    def reload(self) -> None:
+        """SIGHUP, ``carelay reload-acf``."""
+        if self.config.access_security is None:
+            log.warning("access security not reloaded: none is configured")
+        elif self.load():
+            log.info("access security reloaded from %s", self.config.access_security)
+
+    def allows(self, address: str, account: str, roles=()) -> int:
+        if self.config.access_security is None:
+            return READ | WRITE
+        if self.rules is None:
+            return 0
+        return self.rules.allows(address, account, roles)
+
+    def check_put(self, name: str, shard, op) -> str | None:
+        """Why the put ``op`` to PV ``name`` is refused (None: it may go); a refusal is
+        logged, one line per put up to the rate the other refusals have."""
+        if self.config.access_security is None:
+            return None
+        address, account, roles = _client_of(op)
+        if self.allows(address, account, roles) & WRITE:
+            return None
+        where = f"shard {shard}" if shard is not None else "no shard"
+        if self.budget.allow(f"{name} from {account}@{address}"):
+            log.warning(
+                "refused PVA put to %s (%s) from %s@%s: %s",
+                name,
+                where,
+                account,
+                address,
+                ACCESS_DENIED,
+            )
+        return ACCESS_DENIED
+
+    def may_read(self, peer: str) -> bool:
+        """Whether a client at ``peer`` may open a channel.  Runs on a p4p thread: it
+        reads the rules in force, nothing else.  pvxs names no account when a channel
+        is made, so a rule that needs a UAG grants no read here."""
+        if self.config.access_security is None:
+            return True
+        return bool(self.allows(peer_address(peer), "") & READ)
+
+    def refused_read(self, name: str, peer: str) -> None:
+        """Log a channel refused by ``may_read`` (on the loop thread)."""
+        address = peer_address(peer)
+        if self.read_budget.allow(f"{name} from {address}"):
+            log.warning("refused PVA channel %s to %s: %s", name, address, NO_READ)
+
+    def tick(self) -> None:
+        self.budget.tick()
+        self.read_budget.tick()
+
+
+def _client_of(op) -> tuple[str, str, list[str]]:
+    """(peer address, account, roles) of a p4p server operation; "?" where it says none."""
+    try:
+        address = peer_address(op.peer())
+    except Exception:
+        address = "?"
+    try:
+        account = str(op.account())
+    except Exception:
+        account = "?"
+    try:
+        roles = [str(r) for r in op.roles()]
+    except Exception:
+        roles = []
+    return address, account, roles

@@ -1,0 +1,124 @@
+"""Access security over PV Access: the relay's ACF governs PVA puts as it does CA puts.
+
+A p4p client connects from 127.0.0.1 with this process's account.  While the ACF lets
+that account write from ``localhost``, its PVA puts create and change PVs; once the
+file (reloaded with ``carelay reload-acf``) lets it write from 127.0.0.2 only, its puts
+(a value, a creation, a delete) fail with the reason and change nothing, read back over
+CA and PVA.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+
+from tests.system.clients import get
+from tests.system.conftest import wait_for
+from tests.system.pva import PvaRelay, pva_context
+from tests.system.test_hardening import me
+
+p4p = pytest.importorskip("p4p")
+
+
+def acf(path, hosts: str) -> None:
+    """Everyone reads; this process's account writes from ``hosts`` only."""
+    users = ", ".join(f'"{u}"' for u in me())
+    path.write_text(
+        f"UAG(writers) {{{users}}}\n"
+        f"HAG(opis) {{{hosts}}}\n"
+        "ASG(DEFAULT) {\n"
+        "    RULE(1, READ)\n"
+        "    RULE(1, WRITE) {\n"
+        "        UAG(writers)\n"
+        "        HAG(opis)\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def test_pva_puts_follow_the_access_security_file(tmp_path):
+    path = tmp_path / "r.acf"
+    acf(path, "localhost")
+    PvaRelay.give_way()
+    relay = PvaRelay(tmp_path, shards=1, extra=["--access-security", str(path)]).start()
+    ctx = pva_context()
+    try:
+        name, fresh = relay.name("guarded", "f1"), relay.name("fresh", "f1")
+        # Allowed: the put creates the PV and changes it.
+        ctx.put(name, 1.5, timeout=5)
+        assert ctx.get(name, timeout=5) == 1.5
+        wait_for(lambda: get(name) == 1.5, what="CA to read the PVA put")
+
+        acf(path, '"127.0.0.2"')
+        start = len(relay.log())
+        r = subprocess.run(
+            [*relay.argv("reload-acf")], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert r.returncode == 0, r.stdout + r.stderr
+        relay.wait_log(" pva: access security reloaded", start=start, timeout=10)
+
+        with pytest.raises(p4p.client.thread.RemoteError, match="access denied"):
+            ctx.put(name, 2.5, timeout=5)
+        with pytest.raises(p4p.client.thread.RemoteError, match="access denied"):
+            ctx.put(name, {"display.units": "mm"}, timeout=5)
+        with pytest.raises(p4p.client.thread.RemoteError, match="access denied"):
+            ctx.put(fresh, 1.0, timeout=5)
+        with pytest.raises(p4p.client.thread.RemoteError, match="access denied"):
+            ctx.put(relay.prefix + "delpv", name, timeout=5)
+        # Nothing changed, over either protocol; nothing was created or deleted.
+        assert ctx.get(name, timeout=5) == 1.5
+        assert ctx.get(name, timeout=5).raw["display.units"] == ""
+        assert get(name) == 1.5
+        assert ctx.get(relay.prefix + "pvlist", timeout=5) == name
+        logged = f"refused PVA put to {name} (shard 0) from "
+        assert any(
+            logged in line and "@127.0.0.1: access denied" in line
+            for line in relay.log()[start:].splitlines()
+        ), relay.log()[start:]
+    finally:
+        ctx.close()
+        relay.stop()
+
+
+@pytest.mark.slow
+def test_a_client_without_read_access_gets_no_channel(tmp_path):
+    path = tmp_path / "r.acf"
+    acf(path, "localhost")
+    PvaRelay.give_way()
+    relay = PvaRelay(tmp_path, shards=1, extra=["--access-security", str(path)]).start()
+    try:
+        name = relay.name("hidden", "f1")
+        with_context(lambda ctx: ctx.put(name, 1.5, timeout=5))
+        # Reads only from 127.0.0.2 now: the client at 127.0.0.1 reads nothing.
+        path.write_text(path.read_text().replace("RULE(1, READ)", "RULE(1, READ) { HAG(opis) }"))
+        acf_hosts(path, '"127.0.0.2"')
+        start = len(relay.log())
+        relay.proc.send_signal(signal.SIGHUP)  # `carelay up` passes it on
+        relay.wait_log(" pva: access security reloaded", start=start, timeout=10)
+        with pytest.raises(TimeoutError):
+            with_context(lambda ctx: ctx.get(name, timeout=2))
+        relay.wait_log(
+            f"refused PVA channel {name} to 127.0.0.1: access denied (no read access)",
+            start=start,
+            timeout=10,
+        )
+    finally:
+        relay.stop()
+
+
+def acf_hosts(path, hosts: str) -> None:
+    """The file at ``path`` with its HAG holding ``hosts``."""
+    text = path.read_text()
+    head, rest = text.split("HAG(opis) {", 1)
+    path.write_text(f"{head}HAG(opis) {{{hosts}}}{rest.split('}', 1)[1]}")
+
+
+def with_context(call):
+    """``call`` with a new p4p client context (each one makes its channels anew)."""
+    ctx = pva_context()
+    try:
+        return call(ctx)
+    finally:
+        ctx.close()
