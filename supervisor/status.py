@@ -27,7 +27,7 @@ from carelay.common.config import (
     Config,
 )
 from carelay.common.fields import split_field
-from carelay.common.lifecycle import read_status, status_path
+from carelay.common.lifecycle import broker_role, read_status, status_path
 from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
 from carelay.shard.persist import store_holds
@@ -375,31 +375,26 @@ def _endpoint(config: Config, status: dict | None, shard: int) -> str:
 
 
 def reload_access(config: Config, out=sys.stdout) -> int:
-    """``carelay reload-acf``: ask the running broker, and the PVA front-end if one
-    runs, (SIGHUP) to read the access security file again; 0 if asked, 1 if no broker
-    of this data directory runs."""
+    """``carelay reload-acf``: ask every front-end that runs (each CA broker, the PVA
+    front-end) to read the access security file again (SIGHUP); 0 if asked, 1 if no
+    broker of this data directory runs or one cannot be signalled."""
     import signal
-    import time
 
-    own = _read_own(config.run_dir / "broker.json")
-    pid = own.get("pid") if own else None
-    if not (_alive(pid) and _fresh(own, pid, time.time())):
+    asked = 0
+    for role in [broker_role(k) for k in range(config.brokers)] + ["pva"]:
+        own = _read_own(status_path(config.run_dir, role))
+        pid = own.get("pid") if own else None
+        if not (_alive(pid) and _fresh(own, pid, time.time())):
+            continue
+        what = "PVA front-end" if role == "pva" else role
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except OSError as e:
+            print(f"carelay: cannot signal the {what} (pid {pid}): {e}", file=sys.stderr)
+            return exits.FAILED
+        print(f"asked the {what} (pid {pid}) to reload its access security file", file=out)
+        asked += role != "pva"
+    if not asked:
         print(f"carelay: no broker runs on {config.data_dir}", file=sys.stderr)
         return exits.FAILED
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except OSError as e:
-        print(f"carelay: cannot signal the broker (pid {pid}): {e}", file=sys.stderr)
-        return exits.FAILED
-    print(f"asked the broker (pid {pid}) to reload its access security file", file=out)
-    # The PVA front-end, where one runs, applies the same file.
-    pva = _read_own(config.run_dir / "pva.json")
-    pva_pid = pva.get("pid") if pva else None
-    if _alive(pva_pid) and _fresh(pva, pva_pid, time.time()):
-        try:
-            os.kill(pva_pid, signal.SIGHUP)
-        except OSError as e:
-            print(f"carelay: cannot signal the PVA front-end (pid {pva_pid}): {e}", file=sys.stderr)
-            return exits.FAILED
-        print(f"asked the PVA front-end (pid {pva_pid}) to reload it too", file=out)
     return exits.OK

@@ -147,3 +147,16 @@ def test_status_shows_each_broker(relay):
     rows = {" ".join(line.split()[:2]): line for line in out.splitlines()}
     assert "running" in rows["broker " + str(_broker_pid(relay, 0))], out
     assert "running" in rows["broker 1"], out
+
+
+def test_reload_acf_asks_every_broker(relay):
+    """``carelay reload-acf`` signals each broker, not only the first: each reads its
+    access security anew (here none is configured, and each says so)."""
+    start = len(relay.log())
+    r = subprocess.run(
+        [*relay.argv("reload-acf")], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "asked the broker (pid" in r.stdout and "asked the broker 1 (pid" in r.stdout
+    for role in ("broker", "broker 1"):
+        relay.wait_log(f" {role}: access security not reloaded", start=start, timeout=10)
