@@ -423,3 +423,14 @@ def test_readme_names_every_deploy_file():
         str(p.relative_to(DEPLOY)) for p in files if str(p.relative_to(DEPLOY)) not in readme
     ]
     assert not missing, f"deploy/README.md does not mention {missing}"
+
+
+def test_containerfile_offers_pv_access():
+    """``pva = true`` needs p4p: the image installs the extra when asked, and says
+    which ports PV Access uses."""
+    lines = _containerfile()
+    assert 'ARG EXTRAS=""' in lines
+    runs = " ".join(ln for ln in lines if ln.startswith("RUN "))
+    assert 'pip install ".[$EXTRAS]"' in runs
+    (expose,) = [ln for ln in lines if ln.startswith("EXPOSE ")]
+    assert {"5075/tcp", "5076/udp"} <= set(expose.split()[1:])
