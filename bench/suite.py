@@ -1,4 +1,4 @@
-"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W6, W9, W10.
+"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W10.
 
     python -m bench [--quick] [--out DIR] [--only W1,W3] [--servers carelay,control,softioc]
                     [--profile] [--w10-bursts N] [--w10-monitors 0,1,10]
@@ -27,10 +27,11 @@ from pathlib import Path
 
 from bench import report
 from bench.doors import w9
+from bench.pva import w7, w8
 from bench.servers import softioc_available
 from bench.workloads import FULL, QUICK, Bench
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W9", "W10")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10")
 SERVERS = ("carelay", "control", "softioc")
 QUICK_WORKLOADS = ("W1", "W3")
 QUICK_SERVERS = ("carelay", "control")
@@ -41,6 +42,8 @@ DESCRIPTIONS = {
     "W4": "1 MB text",
     "W5": "creation and memory",
     "W6": "buffer scaling over shards",
+    "W7": "cross-protocol latency, CA and PVA",
+    "W8": "PVA puts (control: a p4p server)",
     "W9": "two CA brokers against one",
     "W10": "bursts of puts and gets, with monitors",
 }
@@ -309,7 +312,8 @@ def main(argv=None) -> int:
                 t = time.monotonic()
                 meter = CpuMeter()
                 try:
-                    figures = w9(bench, s) if w == "W9" else getattr(bench, w.lower())(s)
+                    module = {"W7": w7, "W8": w8, "W9": w9}.get(w)
+                    figures = module(bench, s) if module else getattr(bench, w.lower())(s)
                 except (_Stop, KeyboardInterrupt):
                     raise
                 except Exception as e:
