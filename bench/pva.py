@@ -32,7 +32,14 @@ import time
 import numpy as np
 
 from bench.report import Row
-from bench.servers import CarelayServer, Server, ServerError, free_port, server_env
+from bench.servers import (
+    READY_TIMEOUT,
+    CarelayServer,
+    Server,
+    ServerError,
+    free_port,
+    server_env,
+)
 
 #: Values below this are warm-up puts, not timestamps (as bench/clients.py).
 _STAMP_MIN = 1e9
@@ -93,7 +100,7 @@ class CarelayPvaServer(_PvaPorts, CarelayServer):
 
     def start(self) -> Server:
         super().start()
-        deadline = time.monotonic() + 60.0
+        deadline = time.monotonic() + READY_TIMEOUT
         while " broker: ready:" not in self.log():
             self.check_alive()
             if time.monotonic() > deadline:
