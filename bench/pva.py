@@ -72,6 +72,15 @@ def pva_conf(tcp: int, udp: int) -> dict[str, str]:
     }
 
 
+def pva_available() -> str | None:
+    """None if p4p can be used, else the reason it cannot."""
+    try:
+        import p4p.client.thread  # noqa: F401
+    except Exception as e:  # ImportError, or a broken binary wheel
+        return f"p4p cannot be imported ({type(e).__name__}: {e}); pip install carelay[pva]"
+    return None
+
+
 class _PvaPorts:
     """A PVA TCP and UDP port of the suite's port book, and the client configuration."""
 

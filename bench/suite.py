@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench import report
 from bench.doors import w9
-from bench.pva import w7, w8
+from bench.pva import pva_available, w7, w8
 from bench.servers import softioc_available
 from bench.workloads import FULL, QUICK, Bench
 
@@ -277,6 +277,11 @@ def main(argv=None) -> int:
             print(f"softioc skipped: {why}", flush=True)
             skipped["softioc"] = why
             servers.remove("softioc")
+    why = pva_available() if {"W7", "W8"} & set(workloads) else None
+    if why:
+        print(f"W7, W8 skipped: {why}", flush=True)
+        skipped["W7,W8"] = why
+        workloads = [w for w in workloads if w not in ("W7", "W8")]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
