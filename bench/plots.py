@@ -18,8 +18,9 @@ LOG_SPAN = 20.0
 #: no such label.
 LOWER_IS_BETTER = ("cpu", "_ms", "rss", "us_per_op")
 HIGHER_IS_BETTER = ("per_s", "events_received")
-#: Figures the per-workload charts leave out: drawn elsewhere or the same everywhere.
-NOT_CHARTED = ("events_received_pct",)
+#: Figures the per-workload charts leave out (key prefixes): drawn elsewhere, the same
+#: everywhere, or the set rate of a writer.
+NOT_CHARTED = ("events_received_pct", "writer_puts_per_s")
 
 
 def better(key: str) -> str:
@@ -121,7 +122,7 @@ def draw(out: Path, table: list[dict], servers: list[str], runs: list[dict]) -> 
     for w, entries in by_w.items():
         if w in ("W6", "W9", "W10"):  # W9: a table of its own, two runs of one server
             continue
-        entries = [e for e in entries if e["key"] not in NOT_CHARTED]
+        entries = [e for e in entries if not e["key"].startswith(NOT_CHARTED)]
         if not entries:
             continue
         fig, axes = plt.subplots(1, len(entries), figsize=(2.9 * len(entries), 3.4))

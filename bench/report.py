@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 SERVER_ORDER = ("carelay", "control", "softioc")
-WORKLOAD_ORDER = ("W1", "W2", "W3", "W4", "W5", "W6", "W9", "W10")
+WORKLOAD_ORDER = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10")
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,9 @@ def rows_for(params) -> list[Row]:
                 keys=(("carelay", f"cpu_ms_per_append_{s}_shards"),),
             )
         )
+    from bench.pva import rows as pva_rows  # W7, W8
+
+    rows += pva_rows(params)
     rows += w9_rows(params)
     rows += w10_rows(params)
     return rows

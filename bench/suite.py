@@ -1,4 +1,4 @@
-"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W6, W9, W10.
+"""``python -m bench``: carelay against the control relay and a softioc IOC, W1-W10.
 
     python -m bench [--quick] [--out DIR] [--only W1,W3] [--servers carelay,control,softioc]
                     [--profile] [--w10-bursts N] [--w10-monitors 0,1,10]
@@ -29,15 +29,16 @@ from bench import report
 from bench.burstload import w10
 from bench.creation import w5
 from bench.doors import w9
+from bench.pva import pva_available, w7, w8
 from bench.servers import softioc_available
 from bench.workloads import FULL, QUICK, Bench
 
-WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W9", "W10")
+WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9", "W10")
 SERVERS = ("carelay", "control", "softioc")
 QUICK_WORKLOADS = ("W1", "W3")
 QUICK_SERVERS = ("carelay", "control")
 #: The workloads that are functions of their own modules, not methods of Bench.
-MODULE_WORKLOADS = {"W5": w5, "W9": w9, "W10": w10}
+MODULE_WORKLOADS = {"W5": w5, "W7": w7, "W8": w8, "W9": w9, "W10": w10}
 DESCRIPTIONS = {
     "W1": "scalar puts",
     "W2": "put-to-monitor latency",
@@ -45,6 +46,8 @@ DESCRIPTIONS = {
     "W4": "1 MB text",
     "W5": "creation and memory",
     "W6": "buffer scaling over shards",
+    "W7": "cross-protocol latency, CA and PVA",
+    "W8": "PVA puts (control: a p4p server)",
     "W9": "two CA brokers against one",
     "W10": "bursts of puts and gets, with monitors",
 }
@@ -278,6 +281,11 @@ def main(argv=None) -> int:
             print(f"softioc skipped: {why}", flush=True)
             skipped["softioc"] = why
             servers.remove("softioc")
+    why = pva_available() if {"W7", "W8"} & set(workloads) else None
+    if why:
+        print(f"W7, W8 skipped: {why}", flush=True)
+        skipped["W7,W8"] = why
+        workloads = [w for w in workloads if w not in ("W7", "W8")]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
 
