@@ -47,6 +47,15 @@ _LONGEST_WAIT = 1.0
 _LATE = 0.001
 
 
+def sends_now(link, others: bool) -> bool:
+    """Whether ``link``'s queue goes right after this CA slice.  What waits for an answer
+    goes at once; plain puts, which this broker's mirror already shows, go in batches of
+    BATCH_MAX or at the next tick, unless other front-ends (``ShardSync.others``) are to
+    show them too: then each slice's puts go right after it, since the others hear of a
+    put only once its shard has applied it."""
+    return link.urgent or link.queued >= BATCH_MAX or (others and link.queued > 0)
+
+
 class Loop:
     """Runs the broker until it is asked to stop."""
 
@@ -96,10 +105,9 @@ class Loop:
                 woken, hook.woken = hook.woken, False
             if b.circuits is not None:
                 self._watch_circuits()
+            others = sync.others
             for link in links:
-                # What waits for an answer goes at once; plain puts, which the mirror
-                # already shows, go in batches of BATCH_MAX or at the next tick.
-                if link.urgent or link.queued >= BATCH_MAX:
+                if sends_now(link, others):
                     requests.send(link)
             if not armed:
                 handled = sync.poll(_BUSY_POLL_MS if waiting else 0)
