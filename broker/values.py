@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from pcaspy import cas
 
+from carelay.broker.putrules import (
+    ConversionError,
+    char_elements,
+    check_int32,
+    number_elements,
+    string_elements,
+    text_numbers,
+)
 from carelay.common.naming import MAX_STRING_CHARS, PvSpec
 
 #: pcaspy/PCAS primitive type for each type letter.
@@ -16,7 +22,6 @@ AIT_TYPES = {
     "c": cas.aitEnumUint8,
     "s": cas.aitEnumString,
 }
-_INT32 = np.iinfo(np.int32)
 _TEXT_TYPES = (cas.aitEnumString, cas.aitEnumFixedString)
 _CHAR_TYPES = (cas.aitEnumUint8, cas.aitEnumInt8)
 
@@ -39,10 +44,6 @@ _is_atomic = _gdd_function("isAtomic")
 _put_convert_numeric = _gdd_function("putConvertNumeric")
 _set_stat_sevr = _gdd_function("setStatSevr")
 _set_time_stamp = _gdd_function("setTimeStamp")
-
-
-class ConversionError(ValueError):
-    """A CA value that does not fit the PV (text to a number, out of range, ...)."""
 
 
 def _text(value: cas.gdd) -> str:
@@ -68,14 +69,7 @@ def dbr_string(value: cas.gdd) -> str:
 def _numbers(value: cas.gdd, n: int) -> list[float]:
     prim = value.primitiveType()
     if prim in _TEXT_TYPES:
-        texts = [_text(value)] if value.isScalar() else value.getStringArray(n)
-        out = []
-        for t in texts:
-            try:
-                out.append(float(t.strip()))
-            except ValueError:
-                raise ConversionError(f"cannot convert text {t[:40]!r} to a number") from None
-        return out
+        return text_numbers([_text(value)] if value.isScalar() else value.getStringArray(n))
     if value.isScalar():
         return [value.getConvertNumeric()]
     if prim in _CHAR_TYPES:
@@ -110,16 +104,12 @@ def scalar_number(value: cas.gdd) -> float | None:
 
 
 def number_array(spec: PvSpec, x: float) -> np.ndarray:
-    """One number as a one-element array of the numeric PV's dtype.  Raises ConversionError."""
+    """One number as a one-element array of the numeric PV's dtype.  Raises ConversionError.
+    On every put's short way, so without number_elements' loop."""
     if spec.kind == "i":
-        _check_int32(x)
+        check_int32(x)
         return np.array([x], dtype=np.float64).astype(np.int32)
     return np.array([x], dtype=np.float64)
-
-
-def _check_int32(x: float) -> None:
-    if math.isnan(x) or not (_INT32.min <= x <= _INT32.max):
-        raise ConversionError(f"{x} does not fit a 32-bit integer")
 
 
 def gdd_to_array(spec: PvSpec, value: cas.gdd) -> np.ndarray:
@@ -138,26 +128,10 @@ def gdd_to_array(spec: PvSpec, value: cas.gdd) -> np.ndarray:
             text = _chars(value, n).split(b"\0", 1)[0].decode("utf-8", "replace")
         else:
             text = repr(_numbers(value, n)[0])
-        raw = text.encode("utf-8", "replace")
-        if len(raw) > MAX_STRING_CHARS:
-            raise ConversionError(f"a string PV holds at most {MAX_STRING_CHARS} characters")
-        return np.array([raw], dtype=spec.dtype)
+        return string_elements(spec, text.encode("utf-8", "replace"))
     if kind == "c":
-        raw = _chars(value, n)
-        if spec.is_buffer:
-            # Text appended to a C buffer goes in without its terminator.
-            raw = raw.rstrip(b"\0")
-            if not raw:
-                raise ConversionError("nothing to append")
-        elif len(raw) > spec.count:
-            raw = raw[: spec.count]
-        return np.frombuffer(raw, dtype=np.uint8).copy()
-    numbers = _numbers(value, n)
-    if kind == "i":
-        for x in numbers:
-            _check_int32(x)
-        return np.array(numbers, dtype=np.float64).astype(np.int32)
-    return np.array(numbers, dtype=np.float64)
+        return char_elements(spec, _chars(value, n))
+    return number_elements(spec, _numbers(value, n))
 
 
 def fill_gdd(spec: PvSpec, gdd: cas.gdd, contents: np.ndarray) -> None:

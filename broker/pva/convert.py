@@ -15,8 +15,15 @@ from typing import Any
 
 import numpy as np
 
+from carelay.broker.putrules import (
+    ConversionError,
+    char_elements,
+    number_elements,
+    string_elements,
+    text_numbers,
+)
 from carelay.common import fields
-from carelay.common.naming import MAX_STRING_CHARS, PvSpec
+from carelay.common.naming import PvSpec
 
 #: Alarm statuses (alarm.h) by number, as CA clients see them named.
 CA_ALARM_NAMES = (
@@ -65,8 +72,8 @@ PUT_FIELDS = {
 _INT32 = np.iinfo(np.int32)
 
 
-class PutRefused(ValueError):
-    """A PVA put that does not fit the PV; the text is what the client is told."""
+#: A PVA put that does not fit the PV: the same refusal, and text, as on CA.
+PutRefused = ConversionError
 
 
 def nt_code(spec: PvSpec) -> str:
@@ -160,32 +167,16 @@ def field_puts(changed: set[str], read) -> list[tuple[str, Any]]:
 
 def put_array(spec: PvSpec, value) -> np.ndarray:
     """The elements of a PVA put as an array of the PV's dtype; PutRefused says why not.
-    The same rules as a CA put (broker/values.py): numbers that fit, text of at most
-    MAX_STRING_CHARS bytes for a string PV, text cut to a char array, nothing empty
-    appended to a buffer."""
+    The rules of a CA put (broker/putrules.py), and the counts the shard would refuse."""
     kind = spec.kind
     if kind == "s":
-        raw = _text(value).encode("utf-8", "replace")
-        if len(raw) > MAX_STRING_CHARS:
-            raise PutRefused(f"a string PV holds at most {MAX_STRING_CHARS} characters")
-        return np.array([raw], dtype=spec.dtype)
+        return string_elements(spec, _text(value).encode("utf-8", "replace"))
     if kind == "c":
         raw = value if isinstance(value, bytes) else _text(value).encode("utf-8", "replace")
-        if spec.is_buffer:
-            raw = raw.rstrip(b"\0")
-            if not raw:
-                raise PutRefused("nothing to append")
-        elif len(raw) > spec.count:
-            raw = raw[: spec.count]
-        return np.frombuffer(raw, dtype=np.uint8).copy()
+        return char_elements(spec, raw)
     numbers = np.atleast_1d(np.asarray(value))
     if numbers.dtype.kind in "USO":
-        texts = [str(t) for t in numbers.ravel()]
-        try:
-            numbers = np.array([float(t.strip()) for t in texts], dtype=np.float64)
-        except ValueError:
-            bad = next(t for t in texts if not _is_number(t))
-            raise PutRefused(f"cannot convert text {bad[:40]!r} to a number") from None
+        numbers = np.array(text_numbers(str(t) for t in numbers.ravel()), dtype=np.float64)
     if numbers.dtype.kind not in "biuf":
         raise PutRefused(f"cannot convert {numbers.dtype} to a number")
     numbers = numbers.astype(np.float64).ravel()
@@ -194,12 +185,7 @@ def put_array(spec: PvSpec, value) -> np.ndarray:
         raise PutRefused("a put needs at least one element")
     if not spec.is_buffer and len(numbers) > spec.count:
         raise PutRefused(f"{len(numbers)} elements for a PV of {spec.count}")
-    if kind == "i":
-        for x in numbers:
-            if math.isnan(x) or not (_INT32.min <= x <= _INT32.max):
-                raise PutRefused(f"{x} does not fit a 32-bit integer")
-        return numbers.astype(np.int32)
-    return numbers
+    return number_elements(spec, numbers)
 
 
 def _text(value) -> str:
@@ -212,11 +198,3 @@ def _text(value) -> str:
     if isinstance(value, np.ndarray | list | tuple):
         return str(value[0]) if len(value) else ""
     return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text.strip())
-    except ValueError:
-        return False
-    return True
