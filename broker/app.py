@@ -18,7 +18,7 @@ import zmq
 
 from carelay.broker.forward import Forwarder
 from carelay.broker.health import Health
-from carelay.broker.link import ShardLink
+from carelay.broker.link import shard_links
 from carelay.broker.loop import Loop
 from carelay.broker.refusals import shorten
 from carelay.broker.requests import Requests
@@ -27,7 +27,6 @@ from carelay.broker.table import PvTable
 from carelay.broker.turnposts import TurnPosts
 from carelay.common.config import STARTUP_GRACE, STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver, split_field
-from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import StopFlag
 
 log = logging.getLogger(__name__)
@@ -50,15 +49,7 @@ class Broker:
         self.instance = secrets.token_hex(8)
         self.cas = cas_module
         self.ctx = ctx or zmq.Context.instance()
-        curve = None
-        if config.keys_dir is not None:
-            public, secret = load_keys(config.keys_dir, BROKER_CERT)
-            if secret is None:
-                raise KeysError(f"{config.keys_dir / (BROKER_CERT + '.key_secret')} is missing")
-            curve = (public, secret, load_keys(config.keys_dir, SHARD_CERT)[0])
-        self.links = [
-            ShardLink(self.ctx, k, config.shard_endpoint(k), curve) for k in range(config.shards)
-        ]
+        self.links = shard_links(self.ctx, config)
         #: Per shard, why its store cannot be written ("" while it can), as its PONGs say:
         #: its PVs carry a WRITE alarm, and puts with callback to them (which it refuses)
         #: take the round trip.

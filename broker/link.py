@@ -16,6 +16,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from carelay.broker.linkstate import LinkState, LinkTimers
+from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.messages import Message, Write
 from carelay.common.protocol import (
     BATCH_MAX,
@@ -280,3 +281,15 @@ class ShardLink:
     def hello_sent(self) -> None:
         self.state = LinkState.SYNCING
         self.timers.last_heard = time.monotonic()
+
+
+def shard_links(ctx: zmq.Context, config) -> list[ShardLink]:
+    """A front-end's link to each shard of ``config``, with the front-ends' CurveZMQ keys
+    where ``keys_dir`` is set (KeysError when the secret key is missing)."""
+    curve = None
+    if config.keys_dir is not None:
+        public, secret = load_keys(config.keys_dir, BROKER_CERT)
+        if secret is None:
+            raise KeysError(f"{config.keys_dir / (BROKER_CERT + '.key_secret')} is missing")
+        curve = (public, secret, load_keys(config.keys_dir, SHARD_CERT)[0])
+    return [ShardLink(ctx, k, config.shard_endpoint(k), curve) for k in range(config.shards)]

@@ -26,7 +26,7 @@ import time
 import zmq
 
 from carelay.broker.forward import Forwarder
-from carelay.broker.link import ShardLink
+from carelay.broker.link import shard_links
 from carelay.broker.pva import convert
 from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
@@ -38,7 +38,6 @@ from carelay.common import fields
 from carelay.common.config import STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver
 from carelay.common.histogram import PUT_BUCKETS, Histogram
-from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
 
@@ -126,15 +125,7 @@ class PvaFrontEnd:
         self.token = token
         self.instance = secrets.token_hex(8)
         self.ctx = ctx or zmq.Context.instance()
-        curve = None
-        if config.keys_dir is not None:
-            public, secret = load_keys(config.keys_dir, BROKER_CERT)
-            if secret is None:
-                raise KeysError(f"{config.keys_dir / (BROKER_CERT + '.key_secret')} is missing")
-            curve = (public, secret, load_keys(config.keys_dir, SHARD_CERT)[0])
-        self.links = [
-            ShardLink(self.ctx, k, config.shard_endpoint(k), curve) for k in range(config.shards)
-        ]
+        self.links = shard_links(self.ctx, config)
         self.store_errors = [""] * config.shards
         self.resolver = FieldResolver(config.prefix, config.fields)
         self.health = Figures(config.shards)
