@@ -14,6 +14,7 @@ import functools
 import math
 import time
 from collections.abc import Mapping
+from operator import attrgetter
 
 import numpy as np
 
@@ -374,3 +375,24 @@ class EventPacer:
         mask, self._due_mask = self._due_mask, 0
         self._last_post = now
         return mask
+
+
+def _mirrored(attribute: str) -> property:
+    return property(attrgetter(f"mirror.{attribute}"), doc=f"PvMirror.{attribute}")
+
+
+class MirrorView:
+    """A front-end's PV as the shared modules (table, sync, requests, forward) read it: its
+    ``mirror``'s state, read-only (a method of the mirror is called as the PV's own)."""
+
+    real = _mirrored("real")
+    value = _mirrored("value")
+    stamp = _mirrored("stamp")
+    ring = _mirrored("ring")
+    eff = _mirrored("eff")
+    plain = _mirrored("plain")
+    contents = _mirrored("contents")
+    length = _mirrored("length")
+    settled_put = _mirrored("settled_put")
+    set_fields = _mirrored("set_fields")
+    post_interval = _mirrored("post_interval")

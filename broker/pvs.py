@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +17,7 @@ from pcaspy import cas
 
 from carelay.broker.basepv import PUT_FAILED, VALUE_MASK, BasePV, DisplayFields, guarded
 from carelay.broker.controlpvs import DelPvPV, FieldPV, PvListPV
-from carelay.broker.mirror import PvMirror
+from carelay.broker.mirror import MirrorView, PvMirror
 from carelay.broker.sync import catch_up
 from carelay.broker.values import (
     ConversionError,
@@ -55,13 +54,7 @@ _CTRL_APP = {"f": 34, "i": 33}
 _CTRL_LIMITS = ("LOW", "HIGH", "LOLO", "HIHI", "LOPR", "HOPR", "DRVL", "DRVH")
 
 
-def _mirrored(attribute: str) -> property:
-    """The PV's ``mirror.<attribute>``, read-only (a method of the mirror is called as the
-    PV's own)."""
-    return property(attrgetter(f"mirror.{attribute}"), doc=f"PvMirror.{attribute}")
-
-
-class RelayPV(DisplayFields, BasePV):
+class RelayPV(MirrorView, DisplayFields, BasePV):
     """A relay PV: the CA face of ``mirror``, the broker's copy of one shard-held value
     and its fields.
 
@@ -80,20 +73,6 @@ class RelayPV(DisplayFields, BasePV):
         self._stamp: float | None = None
         self._epics_stamp = cas.epicsTimeStamp()
         self.deleting = False  # a delpv of it is on its way
-
-    # -- the mirror's state, as the broker reads it ------------------------------
-
-    real = _mirrored("real")
-    value = _mirrored("value")
-    stamp = _mirrored("stamp")
-    ring = _mirrored("ring")
-    eff = _mirrored("eff")
-    plain = _mirrored("plain")
-    contents = _mirrored("contents")
-    length = _mirrored("length")
-    settled_put = _mirrored("settled_put")
-    set_fields = _mirrored("set_fields")
-    post_interval = _mirrored("post_interval")
 
     # -- changes from the shard, mirrored and posted --------------------------------
 

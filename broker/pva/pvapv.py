@@ -9,22 +9,17 @@ if a PVA client holds one.  Everything here runs on the front-end's loop thread.
 from __future__ import annotations
 
 import logging
-from operator import attrgetter
 
 import numpy as np
 
-from carelay.broker.mirror import PvMirror
+from carelay.broker.mirror import MirrorView, PvMirror
 from carelay.broker.pva import convert
 from carelay.common.naming import PvSpec
 
 log = logging.getLogger(__name__)
 
 
-def _mirrored(attribute: str) -> property:
-    return property(attrgetter(f"mirror.{attribute}"), doc=f"PvMirror.{attribute}")
-
-
-class PvaPV:
+class PvaPV(MirrorView):
     """A relay PV as the PVA front-end mirrors and serves it."""
 
     def __init__(self, front, spec: PvSpec, shard: int) -> None:
@@ -41,17 +36,6 @@ class PvaPV:
         self.channel = None
         #: A put waits for the shard (Requests.park): later puts wait behind it.
         self.waiting_put = False
-
-    real = _mirrored("real")
-    value = _mirrored("value")
-    stamp = _mirrored("stamp")
-    ring = _mirrored("ring")
-    eff = _mirrored("eff")
-    plain = _mirrored("plain")
-    contents = _mirrored("contents")
-    length = _mirrored("length")
-    settled_put = _mirrored("settled_put")
-    set_fields = _mirrored("set_fields")
 
     # -- changes from the shard (or this front-end's own puts) -------------------------
 
