@@ -4,7 +4,7 @@ Each broker writes its door (index, interfaces, CA circuits, put rate) into its 
 status file; once every HEALTH_INTERVAL a broker reads the others' files in the same
 data directory to say how many brokers serve (``relay:BROKER_UP_CNT``) and, on broker
 0, to carry their figures in /metrics.  A broker serves while its status file is fresh
-(written or touched within STATUS_STALE_INTERVALS), its pid is alive and it has said
+(written or touched within STATUS_STALE_AFTER), its pid is alive and it has said
 ready: one that is alive but silent does not count.  No pcaspy.
 """
 
@@ -14,28 +14,13 @@ import os
 import time
 from pathlib import Path
 
-from carelay.common.config import STATUS_INTERVAL, STATUS_STALE_INTERVALS
-from carelay.common.lifecycle import broker_role, read_status, status_path
-
-#: A status file older than this belongs to a broker that does not answer (seconds).
-STALE_AFTER = STATUS_INTERVAL * STATUS_STALE_INTERVALS
+from carelay.common.config import STATUS_STALE_AFTER as STALE_AFTER
+from carelay.common.lifecycle import broker_role, pid_alive, read_status, status_path
 
 
 def interfaces() -> list[str]:
     """The addresses this broker's CA server listens on (empty: all of them)."""
     return os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _serving(path: Path, own: dict | None, now: float) -> bool:
@@ -46,7 +31,7 @@ def _serving(path: Path, own: dict | None, now: float) -> bool:
         age = now - path.stat().st_mtime
     except OSError:
         return False
-    return age <= STALE_AFTER and _pid_alive(own.get("pid"))
+    return age <= STALE_AFTER and pid_alive(own.get("pid"))
 
 
 class PeerBrokers:

@@ -69,16 +69,14 @@ STOP_GRACE = 3.0
 STATUS_INTERVAL = 1.0
 #: A process whose status file is this many intervals old does not answer.
 STATUS_STALE_INTERVALS = 5
+#: A status file older than this (seconds) belongs to a process that does not answer.
+STATUS_STALE_AFTER = STATUS_INTERVAL * STATUS_STALE_INTERVALS
 #: A process that rewrites its status file only when what it says changes (the supervisor)
 #: touches it this often (seconds), so that it stays fresh while nothing changes.
-STATUS_TOUCH_INTERVAL = STATUS_INTERVAL * STATUS_STALE_INTERVALS / 2
+STATUS_TOUCH_INTERVAL = STATUS_STALE_AFTER / 2
 #: Seconds a (re)started process may take before ``carelay status`` expects it to answer:
 #: its first status file, and the broker's link, which retries after up to RECONNECT_MAX.
-STARTUP_GRACE = (
-    RECONNECT_MAX
-    + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
-    + STATUS_INTERVAL * STATUS_STALE_INTERVALS
-)
+STARTUP_GRACE = RECONNECT_MAX + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS + STATUS_STALE_AFTER
 #: Seconds between updates of the health PVs (``<prefix>relay:``) and of ``/metrics``.
 HEALTH_INTERVAL = 1.0
 #: Refusals and failures kept for ``relay:ERRORS`` (newest last), and the longest line.

@@ -211,6 +211,19 @@ def drain_wakeup_fd(fd: int) -> bool:
     return woke
 
 
+def pid_alive(pid: Any) -> bool:
+    """Whether ``pid`` names a live process (one of another user's counts too)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def status_path(run_dir: Path, role: str) -> Path:
     """The status file of ``role`` ("supervisor", "broker", "shard 0", ...) in ``run_dir``."""
     return run_dir / f"{role.replace(' ', '-')}.json"

@@ -20,14 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from carelay.common import exits
-from carelay.common.config import (
-    STARTUP_GRACE,
-    STATUS_INTERVAL,
-    STATUS_STALE_INTERVALS,
-    Config,
-)
+from carelay.common.config import STARTUP_GRACE, STATUS_STALE_AFTER, Config
 from carelay.common.fields import split_field
-from carelay.common.lifecycle import broker_role, read_status, status_path
+from carelay.common.lifecycle import broker_role, pid_alive, read_status, status_path
 from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
 from carelay.shard.persist import store_holds
@@ -43,21 +38,15 @@ EXIT_PV_NOT_STORED = exits.PV_NOT_STORED
 EXIT_PV_NOT_A_NAME = exits.PV_NOT_A_NAME
 
 #: A status file older than this belongs to a process that does not answer.
-STALE_AFTER = STATUS_INTERVAL * STATUS_STALE_INTERVALS
+STALE_AFTER = STATUS_STALE_AFTER
 #: The one state that is all well.
 RUNNING = "running"
 
 
 def _alive(pid: Any) -> bool:
     """Whether ``pid`` is a live carelay process (a pid reused by another program is not)."""
-    if not isinstance(pid, int) or pid <= 0:
+    if not pid_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     try:
         return b"carelay" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
