@@ -127,20 +127,7 @@ class Loop:
                 continue
             # At most every _TICK, not every turn: a turn may carry only a few puts.
             next_tick = now + _TICK
-            self.send_queued()
-            self._timers(now)
-            table.refusals.tick()
-            if b.denied_puts is not None:
-                b.denied_puts.tick()
-            if b.reload_due:
-                b.reload_access()
-            b.pvlist.post_if_changed()
-            if self.due_posts:
-                self._post_due(now)
-            if not b.ready and all(link.live for link in links):
-                self._became_ready()
-            elif b.quiet_until is not None and now >= b.quiet_until:
-                self._not_ready_yet()
+            self._tick(now)
             if now >= next_status or b.status_due:
                 self.write_status()
                 next_status = now + STATUS_INTERVAL
@@ -152,6 +139,31 @@ class Loop:
         # A clean stop: the puts still queued go to the shards, which stop after us.
         self.send_queued()
         requests.fail_parked()
+
+    def _tick(self, now: float) -> None:
+        """What a tick does in every front-end's loop: the queued puts sent, the links'
+        timers, the refusal log, the front-end's own part (``_front_tick``), the paced
+        events, readiness."""
+        b = self.broker
+        self.send_queued()
+        self._timers(now)
+        b.table.refusals.tick()
+        self._front_tick()
+        if self.due_posts:
+            self._post_due(now)
+        if not b.ready and all(link.live for link in b.links):
+            self._became_ready()
+        elif b.quiet_until is not None and now >= b.quiet_until:
+            self._not_ready_yet()
+
+    def _front_tick(self) -> None:
+        """The CA broker's part of a tick: refused puts' log, an ACF reload, pvlist."""
+        b = self.broker
+        if b.denied_puts is not None:
+            b.denied_puts.tick()
+        if b.reload_due:
+            b.reload_access()
+        b.pvlist.post_if_changed()
 
     def send_queued(self) -> None:
         """Send whatever is queued for each shard."""

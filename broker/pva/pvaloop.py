@@ -87,24 +87,20 @@ class PvaLoop(Loop):
             if now < next_tick:
                 continue
             next_tick = now + _TICK
-            self.send_queued()
-            self._timers(now)
-            table.refusals.tick()
-            f.access.tick()
-            if f.reload_due:
-                f.reload_due = False
-                f.access.reload()
-            if self.due_posts:
-                self._post_due(now)
-            if not f.ready and all(link.live for link in links):
-                self._became_ready()
-            elif f.quiet_until is not None and now >= f.quiet_until:
-                self._not_ready_yet()
+            self._tick(now)
             if now >= next_status or f.status_due:
                 self.write_status()
                 next_status = now + STATUS_INTERVAL
         self.send_queued()
         requests.fail_parked()
+
+    def _front_tick(self) -> None:
+        """The PVA front-end's part of a tick: refused channels' log, an ACF reload."""
+        f = self.broker
+        f.access.tick()
+        if f.reload_due:
+            f.reload_due = False
+            f.access.reload()
 
     def write_status(self) -> None:
         f = self.broker
