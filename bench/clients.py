@@ -187,19 +187,25 @@ def latency_writer(epics, sync, name: str, n: int, rate: float) -> dict:
     ch.put(0.0, wait=True)
     sync.ready()
     time.sleep(0.2)  # let every monitor settle
+    t0, late = paced_puts(ch.put, n, rate)
+    ch.put(0.0, wait=True)  # every stamp has been applied
+    return {"puts": n, "late": late, "elapsed": time.perf_counter() - t0}
+
+
+def paced_puts(put, n: int, rate: float) -> tuple[float, int]:
+    """``put(time.time())`` n times at ``rate`` Hz (a latency writer's stamps); the
+    perf_counter at the start, and how many puts went more than a period late."""
     period = 1.0 / rate
     t0 = time.perf_counter()
     late = 0
     for k in range(n):
-        target = t0 + k * period
-        left = target - time.perf_counter()
+        left = t0 + k * period - time.perf_counter()
         if left > 0:
             time.sleep(left)
         elif left < -period:
             late += 1
-        ch.put(time.time())
-    ch.put(0.0, wait=True)  # every stamp has been applied
-    return {"puts": n, "late": late, "elapsed": time.perf_counter() - t0}
+        put(time.time())
+    return t0, late
 
 
 def latency_monitor(epics, sync, name: str) -> dict:

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from bench.clients import paced_puts
 from bench.report import Row
 from bench.servers import (
     READY_TIMEOUT,
@@ -298,16 +299,7 @@ def pva_latency_writer(epics, sync, name: str, n: int, rate: float, conf: dict) 
         puts = _Puts(ctx)
         sync.ready()
         time.sleep(0.2)  # let every monitor settle
-        period = 1.0 / rate
-        t0 = time.perf_counter()
-        late = 0
-        for k in range(n):
-            left = t0 + k * period - time.perf_counter()
-            if left > 0:
-                time.sleep(left)
-            elif left < -period:
-                late += 1
-            puts.put(name, time.time())
+        t0, late = paced_puts(lambda stamp: puts.put(name, stamp), n, rate)
         elapsed = time.perf_counter() - t0
         puts.wait(PVA_TIMEOUT)
         ctx.put(name, 0.0, timeout=PVA_TIMEOUT)  # every stamp has been applied
