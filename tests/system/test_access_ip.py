@@ -27,9 +27,10 @@ from tests.system.test_processes import status_rows
 USER = "alice"
 
 
-def acf(path, hosts: str) -> str:
+def acf(path, hosts: str, users: str = USER) -> str:
+    """Everyone reads; ``users`` write from ``hosts`` only."""
     path.write_text(
-        f"UAG(writers) {{{USER}}}\n"
+        f"UAG(writers) {{{users}}}\n"
         f"HAG(opis) {{{hosts}}}\n"
         "ASG(DEFAULT) {\n"
         "    RULE(1, READ)\n"

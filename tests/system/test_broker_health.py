@@ -17,7 +17,7 @@ import pytest
 from bench.servers import free_port
 from tests.system.conftest import CA_PORT, REPEATER_PORT, using_shared, wait_for
 from tests.system.test_metrics import scrape, value
-from tests.system.test_two_brokers import PORT_B, _broker_pid, _on_b, _TwoBrokers
+from tests.system.test_two_brokers import PORT_B, _broker_pid, _config, _get_b, _TwoBrokers
 
 METRICS_PORT = free_port({CA_PORT, REPEATER_PORT, PORT_B})
 
@@ -25,12 +25,7 @@ METRICS_PORT = free_port({CA_PORT, REPEATER_PORT, PORT_B})
 @pytest.fixture(scope="module")
 def two_brokers(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("health2")
-    config = tmp / "carelay.toml"
-    config.write_text(
-        f"metrics_port = {METRICS_PORT}\n\n"
-        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {CA_PORT}\n\n'
-        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {PORT_B}\n'
-    )
+    config = _config(tmp / "carelay.toml", f"metrics_port = {METRICS_PORT}\n\n")
     relay = _TwoBrokers(tmp, shards=2, extra=["--config", str(config)])
     relay.shared = True
     yield relay
@@ -50,11 +45,6 @@ def _read_a(ca, name: str) -> tuple[float, int] | None:
     except TimeoutError:
         return None
     return float(reading.data[0]), int(reading.metadata.severity)
-
-
-def _read_b(name: str) -> str | None:
-    out = _on_b("get", "--terse", name)
-    return out.stdout.strip() if out.returncode == 0 else None
 
 
 def _row(out: str, name: str) -> list[str]:
@@ -86,10 +76,10 @@ def test_status_shows_each_broker_with_its_door_and_clients(relay, ca):
 def test_health_pvs_say_which_broker_and_how_many_serve(relay, ca):
     base = relay.prefix + "relay:"
     assert _read_a(ca, base + "BROKER") == (0.0, 0)
-    assert _read_b(base + "BROKER") == "1"
+    assert _get_b(base + "BROKER") == "1"
     assert _read_a(ca, base + "BROKER_CNT") == (2.0, 0)
     wait_for(lambda: _read_a(ca, base + "BROKER_UP_CNT") == (2.0, 0), what="2 brokers up")
-    assert _read_b(base + "BROKER_UP_CNT") == "2"
+    assert _get_b(base + "BROKER_UP_CNT") == "2"
     # Broker 1 alive but silent: not counted, and broker 0 raises a MINOR alarm.
     pid = _broker_pid(relay, 1)
     os.kill(pid, signal.SIGSTOP)
@@ -125,11 +115,7 @@ def _broker_pid_or_none(relay, index: int) -> int | None:
 
 def test_systemd_is_told_ready_once_every_broker_is(make_relay, monkeypatch, tmp_path):
     address = f"@carelay-test-{uuid.uuid4().hex}"
-    config = tmp_path / "two.toml"
-    config.write_text(
-        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {CA_PORT}\n\n'
-        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {PORT_B}\n'
-    )
+    config = _config(tmp_path / "two.toml")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind("\0" + address[1:])
         sock.setblocking(False)

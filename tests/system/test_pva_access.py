@@ -17,6 +17,7 @@ import pytest
 from tests.system.clients import get
 from tests.system.conftest import wait_for
 from tests.system.pva import PvaRelay, pva_context
+from tests.system.test_access_ip import acf as ca_acf
 from tests.system.test_hardening import me
 
 p4p = pytest.importorskip("p4p")
@@ -24,18 +25,7 @@ p4p = pytest.importorskip("p4p")
 
 def acf(path, hosts: str) -> None:
     """Everyone reads; this process's account writes from ``hosts`` only."""
-    users = ", ".join(f'"{u}"' for u in me())
-    path.write_text(
-        f"UAG(writers) {{{users}}}\n"
-        f"HAG(opis) {{{hosts}}}\n"
-        "ASG(DEFAULT) {\n"
-        "    RULE(1, READ)\n"
-        "    RULE(1, WRITE) {\n"
-        "        UAG(writers)\n"
-        "        HAG(opis)\n"
-        "    }\n"
-        "}\n"
-    )
+    ca_acf(path, hosts, ", ".join(f'"{u}"' for u in me()))
 
 
 def test_pva_puts_follow_the_access_security_file(tmp_path):

@@ -9,17 +9,15 @@ A put through it is read through broker 0, and the other way round.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 
 import pytest
 
 from bench.servers import free_port
-from tests.system.conftest import CA_PORT, CARELAY, REPEATER_PORT, Relay, caproto_cli, wait_for
+from tests.system.conftest import CA_PORT, CARELAY, REPEATER_PORT, Relay, wait_for
 from tests.system.test_multihost import Proc
-
-PORT_B = free_port({CA_PORT, REPEATER_PORT})
+from tests.system.test_two_brokers import PORT_B, _config, _on_b
 
 
 @pytest.fixture
@@ -39,12 +37,7 @@ def site(tmp_path, request):
     (tmp_path / "relayhost").mkdir()
     relay.start()
     # The other host's configuration: both doors, the shards' endpoints, the keys.
-    remote_config = tmp_path / "remote.toml"
-    remote_config.write_text(
-        f"shards = 2\n{common}\n"
-        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {CA_PORT}\n\n'
-        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {PORT_B}\n'
-    )
+    remote_config = _config(tmp_path / "remote.toml", f"shards = 2\n{common}\n")
     argv = [*CARELAY, "broker", "--config", str(remote_config), "--index", "1"]
     argv += ["--prefix", relay.prefix, "--data-dir", str(tmp_path / "brokerhost")]
     broker = Proc(argv, tmp_path / "remote-broker.log")
@@ -55,11 +48,6 @@ def site(tmp_path, request):
     if failed is not None and failed.failed:
         print(f"\n----- relay log -----\n{relay.log()}\n----- remote broker log -----")
         print(broker.log())
-
-
-def _on_b(tool: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B), "EPICS_CA_ADDR_LIST": "127.0.0.1"}
-    return caproto_cli(tool, *args, timeout=20, env=env)
 
 
 def test_a_put_through_a_remote_broker_is_read_through_broker_0(site, ca):

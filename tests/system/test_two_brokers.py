@@ -28,9 +28,10 @@ from tests.system.conftest import (
 PORT_B = free_port({CA_PORT, REPEATER_PORT})
 
 
-def _config(path: Path) -> Path:
+def _config(path: Path, head: str = "") -> Path:
+    """Two [[ca]] brokers on loopback, after the settings in ``head``."""
     path.write_text(
-        f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {CA_PORT}\n\n'
+        head + f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {CA_PORT}\n\n'
         f'[[ca]]\ninterfaces = ["127.0.0.1"]\nport = {PORT_B}\n'
     )
     return path
