@@ -3,7 +3,9 @@ for the unit tests that run a broker against a real shard in a thread."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 
 #: How long a script may take over one step before the test fails.
 DEADLINE = 20.0
@@ -30,3 +32,21 @@ class Script:
             self.steps.pop(0)
         if not self.steps:
             self.stop.stopping = True
+
+
+def serve_in_thread(shard) -> Callable[[], None]:
+    """Run ``shard`` (a bound ShardServer) in a daemon thread; returns what stops it."""
+    halt = threading.Event()
+
+    def serve() -> None:
+        while not halt.is_set():
+            shard.serve_once(timeout_ms=10)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        halt.set()
+        thread.join(timeout=10)
+
+    return stop

@@ -8,7 +8,6 @@ a bare DEALER socket that speaks the protocol.
 
 from __future__ import annotations
 
-import threading
 import time
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ from carelay.common.config import load_config
 from carelay.common.messages import Hello, Update, Write
 from carelay.common.protocol import decode_batch, encode_batch
 from carelay.shard.server import ShardServer
-from tests.unit.scripted_cas import Script
+from tests.unit.scripted_cas import Script, serve_in_thread
 
 PREFIX = "O:"
 NAME = f"{PREFIX}x_f1"
@@ -34,14 +33,7 @@ def pair(tmp_path):
     config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
     shard = ShardServer(config, 0, db=None)
     shard.bind()
-    halt = threading.Event()
-
-    def serve() -> None:
-        while not halt.is_set():
-            shard.serve_once(timeout_ms=10)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
+    stop_shard = serve_in_thread(shard)
     other = zmq.Context.instance().socket(zmq.DEALER)
     other.setsockopt(zmq.LINGER, 0)
     other.connect(shard.endpoint)
@@ -50,8 +42,7 @@ def pair(tmp_path):
     yield broker, script, shard, other
     for link in broker.links:
         link.close(linger=0)
-    halt.set()
-    thread.join(timeout=10)
+    stop_shard()
     other.close()
     shard.close()
 

@@ -12,7 +12,6 @@ ends where the long way ends.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ from carelay.broker.app import Broker
 from carelay.broker.pvs import BasePV
 from carelay.common.config import load_config
 from carelay.shard.server import ShardServer
-from tests.unit.scripted_cas import Script
+from tests.unit.scripted_cas import Script, serve_in_thread
 
 PREFIX = "H:"
 
@@ -49,27 +48,19 @@ def make_hop(tmp_path):
         config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path), **overrides)
         shard = ShardServer(config, 0, db=None)
         shard.bind()
-        halt = threading.Event()
-
-        def serve() -> None:
-            while not halt.is_set():
-                shard.serve_once(timeout_ms=10)
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
+        stop_shard = serve_in_thread(shard)
         script = Script()
         broker = Broker(config, script)
-        made.append((broker, shard, halt, thread))
+        made.append((broker, shard, stop_shard))
         return broker, shard, script
 
     yield make
-    for broker, shard, halt, thread in made:
+    for broker, shard, stop_shard in made:
         for link in broker.links:
             link.close(linger=1000)
         # The shard takes what is still on its socket before it is looked at.
         time.sleep(0.2)
-        halt.set()
-        thread.join(timeout=10)
+        stop_shard()
         shard.close()
 
 

@@ -6,8 +6,6 @@ supervisor, one shard and two brokers, as in test_status_view.py.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,24 +13,13 @@ import pytest
 
 from carelay.common.config import load_config
 from carelay.supervisor.status import EXIT_PROBLEM, EXIT_RUNNING, collect
-from tests.unit.test_status_view import OLD, shown, write
+from tests.unit.test_status_view import OLD, shown, stand_ins, write
 
 
 @pytest.fixture
 def pids():
-    procs = [
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "carelay", role])
-        for role in ("up", "shard", "broker", "broker")
-    ]
-    for p in procs:
-        deadline = time.monotonic() + 10
-        while b"carelay" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
-            assert time.monotonic() < deadline, "the stand-in process did not start"
-            time.sleep(0.01)
-    yield [p.pid for p in procs]
-    for p in procs:
-        p.kill()
-        p.wait()
+    with stand_ins("up", "shard", "broker", "broker") as pids:
+        yield pids
 
 
 @pytest.fixture

@@ -6,28 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from carelay.common.config import STATUS_TOUCH_INTERVAL, load_config
 from carelay.supervisor.status import STALE_AFTER, collect
+from tests.unit.test_status_view import stand_ins
 
 
 @pytest.fixture
 def supervisor_pid():
     """A live process whose command line names carelay, standing in for the supervisor."""
-    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "carelay", "up"])
-    deadline = time.monotonic() + 10
-    while b"carelay" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
-        assert time.monotonic() < deadline, "the stand-in process did not start"
-        time.sleep(0.01)
-    yield p.pid
-    p.kill()
-    p.wait()
+    with stand_ins("up") as (pid,):
+        yield pid
 
 
 def test_touch_interval_leaves_room_before_stale():

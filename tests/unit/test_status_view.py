@@ -6,12 +6,14 @@ the rules run without a relay.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,22 +32,32 @@ from carelay.supervisor.status import (
 OLD = STARTUP_GRACE + 60.0
 
 
+@contextlib.contextmanager
+def stand_ins(*roles: str) -> Iterator[list[int]]:
+    """Live processes whose command line names carelay, one per role (``up``, ``shard``,
+    ``broker``): their pids, until the block ends."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "carelay", role])
+        for role in roles
+    ]
+    try:
+        for p in procs:  # until each has exec'd: before, /proc shows our own command line
+            deadline = time.monotonic() + 10
+            while b"carelay" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+                assert time.monotonic() < deadline, "the stand-in process did not start"
+                time.sleep(0.01)
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 @pytest.fixture
 def pids():
     """Three live processes whose command line names carelay: supervisor, shard 0, broker."""
-    procs = [
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "carelay", role])
-        for role in ("up", "shard", "broker")
-    ]
-    for p in procs:  # until each has exec'd: before, /proc shows our own command line
-        deadline = time.monotonic() + 10
-        while b"carelay" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
-            assert time.monotonic() < deadline, "the stand-in process did not start"
-            time.sleep(0.01)
-    yield [p.pid for p in procs]
-    for p in procs:
-        p.kill()
-        p.wait()
+    with stand_ins("up", "shard", "broker") as pids:
+        yield pids
 
 
 def write(path: Path, **status) -> None:
