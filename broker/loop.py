@@ -234,22 +234,20 @@ class Loop:
     # -- status, readiness and health ------------------------------------------------------
 
     def write_status(self) -> None:
+        """The front-end's status file: its own part (``_status``), its PVs, whether it
+        is ready, and each shard link's state."""
         b = self.broker
         b.status_due = False
-        write_status(
-            b.status_path,
-            {
-                "role": "broker",
-                "pvs": b.table.n_real,
-                "ready": b.ready,
-                "ca_port": b.ca_port,
-                "door": b.health.peers.door(b.health.snapshot) if b.health.peers else None,
-                "shards": [
-                    {"index": link.index, "state": link.state.value, "pvs": link.pvs}
-                    for link in b.links
-                ],
-            },
-        )
+        shards = [
+            {"index": link.index, "state": link.state.value, "pvs": link.pvs} for link in b.links
+        ]
+        status = {**self._status(), "pvs": b.table.n_real, "ready": b.ready, "shards": shards}
+        write_status(b.status_path, status)
+
+    def _status(self) -> dict:
+        b = self.broker
+        door = b.health.peers.door(b.health.snapshot) if b.health.peers else None
+        return {"role": "broker", "ca_port": b.ca_port, "door": door}
 
     def _became_ready(self) -> None:
         """Every shard is in sync: say so, with the CA port the server really listens on

@@ -17,7 +17,7 @@ from carelay.broker.link import LinkState
 from carelay.broker.loop import Loop
 from carelay.broker.sync import ShardSync
 from carelay.common.config import STATUS_INTERVAL
-from carelay.common.lifecycle import StopFlag, write_status
+from carelay.common.lifecycle import StopFlag
 from carelay.common.protocol import BATCH_MAX
 
 log = logging.getLogger(__name__)
@@ -102,22 +102,8 @@ class PvaLoop(Loop):
             f.reload_due = False
             f.access.reload()
 
-    def write_status(self) -> None:
-        f = self.broker
-        f.status_due = False
-        write_status(
-            f.status_path,
-            {
-                "role": "pva",
-                "pvs": f.table.n_real,
-                "ready": f.ready,
-                "pva_port": f.pva_port,
-                "shards": [
-                    {"index": link.index, "state": link.state.value, "pvs": link.pvs}
-                    for link in f.links
-                ],
-            },
-        )
+    def _status(self) -> dict:
+        return {"role": "pva", "pva_port": self.broker.pva_port}
 
     def _became_ready(self) -> None:
         f = self.broker
