@@ -158,6 +158,11 @@ class Autosave:
         return time.monotonic() - started
 
     @property
+    def unsaved(self) -> bool:
+        """Values wait to be written, or a write is in flight: the flush timer has work."""
+        return bool(self.store.dirty or self._to_save or self._saving is not None)
+
+    @property
     def saving_parts(self) -> bool:
         """Parts of the period's changed values wait to be written after the one in flight."""
         return bool(self._to_save)

@@ -36,7 +36,7 @@ from carelay.common.lifecycle import (
     signal_wakeup_fd,
     write_status,
 )
-from carelay.common.messages import Applied, Message, Write
+from carelay.common.messages import Applied, Message, Ping, Write
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
 from carelay.shard.autosave import Autosave, StoreHealth
@@ -103,6 +103,10 @@ class ShardServer:
         self._sock: zmq.Socket | None = None
         self._poller: zmq.Poller | None = None
         self.timers = ShardTimers(config.autosave_period, good_copy=db is not None)
+        #: Messages other than heartbeats came since the last return of freed memory.
+        self.worked = True
+        #: (seq, PVs, last flush) when the status file was last written.
+        self._status_said: tuple | None = None
         self._broker_peer: bytes | None = None
         #: The pipe signals write to (``wake_on_signals``): a stop ends a wait at once.
         self._wake_fd: int | None = None
@@ -188,6 +192,8 @@ class ShardServer:
         if self.timers.heard(time.monotonic()):
             log.debug("broker connected")
         requests = self.requests
+        if not self.worked and (len(msgs) > 1 or type(msgs[0]) is not Ping):
+            self.worked = True
         n = writes = 0
         for msg in msgs:
             if type(msg) is protocol.WriteRun:
@@ -233,22 +239,7 @@ class ShardServer:
     # -- the loop -----------------------------------------------------------------
 
     def _write_status(self) -> None:
-        health = self.health
-        refusing = bool(health.refusing)
-        write_status(
-            self.status_path,
-            {
-                "role": f"shard {self.index}",
-                "pvs": len(self.store),
-                "seq": self.store.seq,
-                "endpoint": self.endpoint,
-                "last_flush": self.db.last_flush if self.db else None,
-                "store_bytes": self.db.size() if self.db else None,
-                "store": str(self.db.path) if self.db else None,
-                "store_error": str(health.store_error) if refusing else None,
-                "store_failed_since": health.store_failed_since if refusing else None,
-            },
-        )
+        write_status(self.status_path, _status(self))
 
     def wake_on_signals(self) -> None:
         """A signal ends the wait for messages at once (main thread, after ``bind``)."""
@@ -298,18 +289,40 @@ class ShardServer:
                 for peer in self.admission.peers():
                     self.requests.pong(peer, 0)
                 self._send_replies()
-            if timers.status_due(now, self.health.status_due):
+            said = (self.store.seq, len(self.store), self.db.last_flush if self.db else None)
+            if timers.status_due(now, self.health.status_due, said != self._status_said):
                 self.health.status_due = False
+                self._status_said = said
                 self._write_status()
-                return_freed_memory()
+                # Only after work: a heartbeat frees nothing worth giving back.
+                if self.worked:
+                    self.worked = False
+                    return_freed_memory()
             # A failed store's refusal is timed, a flush in parts goes on by itself, and
             # without the signal pipe a stop is seen only after the wait.
             busy = self._wake_fd is None or self.health.store_error or autosave.saving_parts
-            timeout_ms = wait_ms(now, timers.due(), bool(busy))
+            timeout_ms = wait_ms(now, timers.due(autosave.unsaved), bool(busy))
         # What the broker sent before it stopped (it stops first) is applied and saved.
         while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
             pass
         return autosave.stop()
+
+
+def _status(server: ShardServer) -> dict:
+    """What a shard's status file says."""
+    health, db = server.health, server.db
+    refusing = bool(health.refusing)
+    return {
+        "role": f"shard {server.index}",
+        "pvs": len(server.store),
+        "seq": server.store.seq,
+        "endpoint": server.endpoint,
+        "last_flush": db.last_flush if db else None,
+        "store_bytes": db.size() if db else None,
+        "store": str(db.path) if db else None,
+        "store_error": str(health.store_error) if refusing else None,
+        "store_failed_since": health.store_failed_since if refusing else None,
+    }
 
 
 def run_shard(config: Config, index: int) -> int:

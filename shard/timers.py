@@ -1,11 +1,21 @@
 """ShardTimers, wait_ms: the shard loop's clock (the autosave flush, the good copy, the
-status file, the brokers' silence) and how long the loop waits for messages."""
+status file, the brokers' silence) and how long the loop waits for messages.
+
+While nothing changes, only the clocks that have work wake the loop: the flush only
+while values wait to be saved, the status file only at STATUS_TOUCH_INTERVAL (it is
+rewritten every STATUS_INTERVAL at the wakes that come anyway, a broker's ping).  An
+idle shard with a broker connected then wakes for the pings alone."""
 
 from __future__ import annotations
 
 import math
 
-from carelay.common.config import HEARTBEAT_INTERVAL, HEARTBEAT_LIVENESS, STATUS_INTERVAL
+from carelay.common.config import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_LIVENESS,
+    STATUS_INTERVAL,
+    STATUS_TOUCH_INTERVAL,
+)
 from carelay.shard.autosave import GOOD_COPY_INTERVAL
 
 #: The longest wait for a message while something may change on its own (a store that
@@ -66,18 +76,25 @@ class ShardTimers:
         self.next_copy = now + GOOD_COPY_INTERVAL
         return True
 
-    def status_due(self, now: float, changed: bool) -> bool:
-        """The status file is due (``changed``: the store's state changed): True, and the
-        next one is STATUS_INTERVAL away."""
-        if now < self.next_status and not changed:
+    def status_due(self, now: float, changed: bool, moved: bool = True) -> bool:
+        """The status file is due (``changed``: the store's state changed; ``moved``:
+        what the file says may have moved, e.g. the number of PVs): True, and the next
+        one is STATUS_INTERVAL away, looked at in a wake that comes anyway.  A file that
+        would say the same is only touched, every STATUS_TOUCH_INTERVAL (``due``)."""
+        wait = 0.0 if moved else STATUS_TOUCH_INTERVAL - STATUS_INTERVAL
+        if now < self.next_status + wait and not changed:
             return False
         self.next_status = now + STATUS_INTERVAL
         return True
 
-    def due(self) -> float:
-        """When the next timer is due; a connected broker's silence is one."""
-        quiet = self.broker_seen + _QUIET_AFTER if self.broker_alive else self.next_status
-        return min(self.next_flush, self.next_status, self.next_copy, quiet)
+    def due(self, unsaved: bool = True) -> float:
+        """When the next timer is due: the flush only while values are ``unsaved``; the
+        status file at the latest when it would otherwise go stale; a connected broker's
+        silence."""
+        status = self.next_status + (STATUS_TOUCH_INTERVAL - STATUS_INTERVAL)
+        quiet = self.broker_seen + _QUIET_AFTER if self.broker_alive else status
+        flush = self.next_flush if unsaved else math.inf
+        return min(flush, status, self.next_copy, quiet)
 
 
 def wait_ms(now: float, due: float, busy: bool) -> int:
