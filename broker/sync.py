@@ -89,12 +89,16 @@ class ShardSync:
         return n
 
     def drain(self, link: ShardLink, limit: int = 2000) -> int:
-        """Handle what ``link`` has received, up to about ``limit`` messages."""
+        """Handle what ``link`` has received, up to about ``limit`` messages; returns how
+        many, a lone heartbeat answer not counted: it leaves CA nothing to send."""
         n = 0
         while n < limit:
             msgs = link.recv()
             if msgs is None:
                 break
+            if len(msgs) == 1 and type(msgs[0]) is Pong:
+                self.handle(link, msgs[0])
+                continue
             n += len(msgs)
             for msg in msgs:
                 self.handle(link, msg)
