@@ -5,8 +5,9 @@ One client (W1's writer, every put with callback) puts to one ``f1`` PV,
 server with nothing else to do: carelay with one shard, and the control.
 Every thread of the server is read from /proc when the puts start and when
 the client is done: CPU time (utime + stime, 10 ms ticks) and context
-switches (voluntary and not).  The figures are printed per put, by kind of thread: each
-process's main thread, ZeroMQ's I/O threads, and any other.
+switches (voluntary and not).  The figures are printed per put, by process (supervisor,
+broker, shard0, ...) and kind of thread: its main thread, ZeroMQ's I/O threads, and any
+other.
 
 This is where W1's puts with callback go: carelay's round trip wakes the
 broker, its ZeroMQ I/O thread, the shard's I/O thread, the shard, and back;
@@ -39,10 +40,11 @@ def thread_kind(pid: int, tid: int, comm: str) -> str:
     return "other"
 
 
-def sample(pids) -> dict[tuple[int, int], tuple[str, float, int]]:
-    """(pid, tid) -> (kind, CPU seconds, context switches) of every thread of ``pids``."""
+def sample(pids: dict[str, int]) -> dict[tuple[int, int], tuple[str, float, int]]:
+    """(pid, tid) -> (kind, CPU seconds, context switches) of every thread of ``pids``
+    (role -> pid); the kind names the process's role and the thread's kind."""
     out = {}
-    for pid in pids:
+    for role, pid in pids.items():
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except FileNotFoundError:
@@ -60,7 +62,8 @@ def sample(pids) -> dict[tuple[int, int], tuple[str, float, int]]:
             except (FileNotFoundError, ProcessLookupError):
                 continue
             cpu = (int(fields[11]) + int(fields[12])) / _TICK
-            out[(pid, int(t))] = (thread_kind(pid, int(t), comm), cpu, switches)
+            kind = f"{role} {thread_kind(pid, int(t), comm)}"
+            out[(pid, int(t))] = (kind, cpu, switches)
     return out
 
 
@@ -75,12 +78,12 @@ class ThreadSampler:
 
     def start(self, server, tag: str) -> None:
         self.server = server
-        self.before = sample(server.pids().values())
+        self.before = sample(server.pids())
 
     def stop(self) -> None:
         # run_phase stops its profiler again on the way out: the first reading counts.
         if self.server is not None and self.after is None:
-            self.after = sample(self.server.pids().values())
+            self.after = sample(self.server.pids())
 
 
 def measure(kind: str, n: int, mp) -> dict:
@@ -113,10 +116,10 @@ def main(argv=None) -> int:
         total_cpu = sum(r["cpu_us"].values())
         total_sw = sum(r["switches"].values())
         print(f"{kind}: {r['round_trip_us']:.0f} us per put with callback, one after the other")
-        print(f"  {'thread':12s} {'CPU us/put':>10s} {'switches/put':>13s}")
+        print(f"  {'thread':24s} {'CPU us/put':>10s} {'switches/put':>13s}")
         for k in sorted(r["cpu_us"]):
-            print(f"  {k:12s} {r['cpu_us'][k]:10.1f} {r['switches'][k]:13.2f}")
-        print(f"  {'all':12s} {total_cpu:10.1f} {total_sw:13.2f}")
+            print(f"  {k:24s} {r['cpu_us'][k]:10.1f} {r['switches'][k]:13.2f}")
+        print(f"  {'all':24s} {total_cpu:10.1f} {total_sw:13.2f}")
     return 0
 
 
