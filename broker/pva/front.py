@@ -43,6 +43,9 @@ from carelay.common.sharding import shard_for
 
 log = logging.getLogger(__name__)
 
+#: What a put that changes the value alone marks changed.
+_VALUE_ONLY = frozenset({"value"})
+
 
 class _NoHealthPVs:
     """The ``<prefix>relay:`` health PVs are the CA brokers'; none here."""
@@ -308,7 +311,8 @@ class PvaFrontEnd:
         """The value and the metadata a PVA put changed, each checked before any goes: a
         put the client is told failed changes nothing."""
         changed = value.changedSet()
-        changes = convert.field_puts(changed, value.__getitem__)
+        # Most puts bring a value alone: no metadata to look for.
+        changes = () if changed == _VALUE_ONLY else convert.field_puts(changed, value.__getitem__)
         data = None
         try:
             if "value" in changed:
