@@ -16,6 +16,9 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
+#: Bytes read from the wake-up pipe at once: every wake written since the last read.
+_READ = 4096
+
 
 class Inbox:
     """Calls queued by any thread, run by the loop (``run``)."""
@@ -44,8 +47,8 @@ class Inbox:
     def run(self, limit: int = 2000) -> int:
         """Run the queued calls (up to about ``limit``); returns how many ran."""
         with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 4096):
-                pass
+            while len(os.read(self.fd, _READ)) == _READ:
+                pass  # a pipe as full as that: read on (one read is the rule)
         # After the pipe is read: a wake written from here on stays for the next turn.
         self._woken = False
         n = 0
