@@ -74,8 +74,15 @@ class Loop:
         hook = self.wait
         next_status = next_tick = next_health = next_due = 0.0
         handled = 0
+        streaming = False
         while not stop.stopping:
-            watching = hook is not None and hook.watch(*_sockets(links))
+            # With no CA channel attached, no CA client sees the mirror until it attaches,
+            # and a read takes what its shard sent first (sync.catch_up): while the shards
+            # stream changes (another front-end's puts), they are then taken in batches at
+            # most every _TICK, rather than each with a wake and a loop turn of its own.
+            # The first change after a quiet tick still wakes the loop at once.
+            lazy = streaming and hook is not None and not b.attached_count()
+            watching = hook is not None and hook.watch(*(_UNWATCHED if lazy else _sockets(links)))
             waiting = requests.any_unanswered() or any(
                 link.state is LinkState.SYNCING for link in links
             )
@@ -90,7 +97,8 @@ class Loop:
             # in select() before they go.  Unhooked, while answers are due, the shards are
             # polled briefly instead, since select() cannot see them.
             if armed:
-                delay = sleep_for(time.monotonic(), max(next_due, next_tick), _LONGEST_WAIT)
+                longest = _TICK if lazy else _LONGEST_WAIT
+                delay = sleep_for(time.monotonic(), max(next_due, next_tick), longest)
             elif handled or waiting:
                 delay = 0.0
             elif queued:
@@ -113,11 +121,15 @@ class Loop:
                     requests.send(link)
             if not armed:
                 handled = sync.poll(_BUSY_POLL_MS if waiting else 0)
-            elif woken:
+            elif woken or lazy:
                 handled = sync.poll(0)
             else:
                 # A message that came during the slice wakes the next select at once.
                 handled = 0
+            if handled:
+                streaming = True
+            elif armed and lazy:
+                streaming = False  # a tick with no change: the next one wakes the loop
             now = time.monotonic()
             if requests.parked:
                 requests.unpark(now)
@@ -310,6 +322,10 @@ class Loop:
         b = self.broker
         snap = b.health.sample(b, now)
         b.health_pvs.update(snap, b.health.errors)
+
+
+#: What the select hook watches of the shards while no CA channel is attached (``lazy``).
+_UNWATCHED: tuple[tuple, tuple] = ((), ())
 
 
 def _sockets(links) -> tuple[tuple, tuple]:

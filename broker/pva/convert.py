@@ -169,6 +169,8 @@ def put_array(spec: PvSpec, value) -> np.ndarray:
     """The elements of a PVA put as an array of the PV's dtype; PutRefused says why not.
     The rules of a CA put (broker/putrules.py), and the counts the shard would refuse."""
     kind = spec.kind
+    if kind == "f" and type(value) is float:
+        return np.array((value,))  # the common case, a number to a float PV: float64
     if kind == "s":
         return string_elements(spec, _text(value).encode("utf-8", "replace"))
     if kind == "c":

@@ -9,6 +9,7 @@ no CA server to serve.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import zmq
@@ -22,11 +23,10 @@ from carelay.common.protocol import BATCH_MAX
 
 log = logging.getLogger(__name__)
 
-#: Longest poll while requests wait for answers (ms).
-_BUSY_POLL_MS = 1
-#: Longest poll while puts are queued for a shard (ms).
-_IDLE_POLL_MS = 5
-#: Longest poll with nothing queued or due (ms): the timers run ten times a second.
+#: Longest poll with nothing queued, parked or waiting (ms): the timers run ten times a
+#: second.  Otherwise the poll lasts until the next tick: an answer, a message or a
+#: queued call ends it at once (the poll sees the shard sockets and the inbox), so the
+#: loop needs no short polls to find them.
 _QUIET_POLL_MS = 100
 #: How often heartbeats, timeouts and link changes are looked at (s).
 _TICK = 0.01
@@ -63,19 +63,18 @@ class PvaLoop(Loop):
         f = self.broker
         links, requests, sync, table, inbox = f.links, f.requests, f.sync, f.table, f.inbox
         next_status = next_tick = 0.0
-        handled = 0
         while not stop.stopping:
-            waiting = requests.any_unanswered() or any(
-                link.state is LinkState.SYNCING for link in links
+            busy = (
+                requests.any_unanswered()
+                or requests.parked
+                or any(link.outbox or link.state is LinkState.SYNCING for link in links)
             )
-            if waiting or handled:
-                timeout = _BUSY_POLL_MS if waiting else 0
-            elif any(link.outbox for link in links):
-                timeout = _IDLE_POLL_MS
+            if busy:
+                timeout = max(0, math.ceil((next_tick - time.monotonic()) * 1000))
             else:
                 timeout = _QUIET_POLL_MS
-            handled = sync.poll(timeout)
-            handled += inbox.run()
+            sync.poll(timeout)
+            inbox.run()
             for link in links:
                 if link.urgent or link.queued >= BATCH_MAX:
                     requests.send(link)

@@ -36,6 +36,10 @@ class PvaPV(MirrorView):
         self.channel = None
         #: A put waits for the shard (Requests.park): later puts wait behind it.
         self.waiting_put = False
+        #: What the channel's monitors were last shown of the alarm and of the fields in
+        #: effect: a post carries those parts only when they changed (``changes``).
+        self._shown_alarm: tuple[int, int] | None = None
+        self._shown_eff = None
 
     # -- changes from the shard (or this front-end's own puts) -------------------------
 
@@ -67,7 +71,7 @@ class PvaPV(MirrorView):
         if not self.mirror.coalesce(mask):
             self.front.post_later(self)
             return
-        self.channel.show(self.fields(status))
+        self.channel.show(self.fields(status) if mask == -1 else self.changes(status))
 
     def post_due(self, now: float) -> bool:
         """Show a held-back buffer event once its interval passed; True when done."""
@@ -75,7 +79,7 @@ class PvaPV(MirrorView):
         if mask is None:
             return False
         if mask and self.channel is not None:
-            self.channel.show(self.fields())
+            self.channel.show(self.changes(self.status()))
         return True
 
     def status(self) -> tuple[int, int]:
@@ -85,10 +89,30 @@ class PvaPV(MirrorView):
     def fields(self, status: tuple[int, int] | None = None) -> dict:
         """Every field of the PV's NTScalar as it stands."""
         m = self.mirror
+        status = status or self.status()
         out = convert.metadata(self.spec, m.eff)
         out["value"] = convert.value_of(self.spec, m.contents())
-        out["alarm"] = convert.alarm_of(*(status or self.status()))
+        out["alarm"] = convert.alarm_of(*status)
         out["timeStamp"] = convert.stamp_of(m.stamp)
+        self._shown_alarm, self._shown_eff = status, m.eff
+        return out
+
+    def changes(self, status: tuple[int, int]) -> dict:
+        """The fields of a post: value and timeStamp, and the alarm and the metadata only
+        when they differ from what the channel last showed.  The channel keeps the rest
+        (a SharedPV stores the fields a post marks changed), so a put's post builds no
+        metadata."""
+        m = self.mirror
+        out = {
+            "value": convert.value_of(self.spec, m.contents()),
+            "timeStamp": convert.stamp_of(m.stamp),
+        }
+        if status != self._shown_alarm:
+            out["alarm"] = convert.alarm_of(*status)
+            self._shown_alarm = status
+        if m.eff is not self._shown_eff:
+            out.update(convert.metadata(self.spec, m.eff))
+            self._shown_eff = m.eff
         return out
 
     def resume(self, data, put, go: bool) -> None:

@@ -14,7 +14,7 @@ import signal
 from carelay.common import exits
 from carelay.common.config import Config
 from carelay.common.keys import KeysError
-from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent
+from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent, settle_gc
 from carelay.common.runlock import run_token
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def run_pva(config: Config) -> int:
     front.pva_port = int(port) if str(port).isdigit() else None
     front.interfaces = os.environ.get("EPICS_PVAS_INTF_ADDR_LIST", "").strip()
     log.debug("started (pid %d), PVA server %s", os.getpid(), conf)
+    settle_gc()  # as the CA broker: fewer and shorter collections while puts flow
     try:
         front.loop.run(stop)
     finally:
