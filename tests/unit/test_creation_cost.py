@@ -119,9 +119,7 @@ def test_creations_are_logged_once_committed_in_order(server, logged):
     assert sum("created PV" in line for line in _lines(logged)) == 5
 
 
-def test_a_creation_the_commit_could_not_keep_is_not_logged_as_created(
-    server, logged, monkeypatch
-):
+def test_a_creation_the_commit_could_not_keep_is_not_logged_as_created(server, logged, monkeypatch):
     kept = f"{PREFIX}kept_f1"
     server.handle(b"b", _puts(kept))
     server._commit()
