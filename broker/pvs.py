@@ -69,9 +69,10 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         self.shard = shard
         self.mirror = PvMirror(spec, broker.resolver)
         self.creating = False  # a first put is on its way: counted against the limits
-        #: The mirror's stamp last converted to EPICS time, and the EPICS time (_timestamp).
+        #: The mirror's stamp last converted to EPICS time, and the EPICS time (_timestamp):
+        #: none made before the first stamp (a creation burst makes thousands of PVs).
         self._stamp: float | None = None
-        self._epics_stamp = cas.epicsTimeStamp()
+        self._epics_stamp: cas.epicsTimeStamp | None = None
         self.deleting = False  # a delpv of it is on its way
 
     # -- changes from the shard, mirrored and posted --------------------------------
@@ -165,7 +166,7 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         """The stamp as EPICS time, made once per stamp: every read and event of one value
         carries the same one.  No stamp yet: the time now."""
         stamp = self.mirror.stamp
-        if stamp != self._stamp:
+        if stamp != self._stamp or self._epics_stamp is None:
             if not stamp:
                 return cas.epicsTimeStamp()
             self._epics_stamp = cas.epicsTimeStamp.fromPosixTimeStamp(stamp)

@@ -48,6 +48,43 @@ class LastError(logging.Handler):
 
 #: The one LastError of this process (installed by setup_logging).
 last_error = LastError()
+#: The stderr handler setup_logging installed, which ``log_each`` writes through.
+_lines: logging.StreamHandler | None = None
+
+
+def log_each(logger: logging.Logger, level: int, msg: str, values: list) -> None:
+    """``logger.log(level, msg, value)`` for each of ``values``: one line each, made from
+    one record and written at once (a shard logs each of hundreds of creations a batch;
+    a record and a write per line took a third of its time per creation).  Through the
+    usual path, a record each, when other handlers than setup_logging's may see them."""
+    if not values or not logger.isEnabledFor(level):
+        return
+    handler = _lines
+    if handler is None or level >= last_error.level or not _plain(logger, handler):
+        for value in values:
+            logger.log(level, msg, value)
+        return
+    record = logger.makeRecord(logger.name, level, "(unknown file)", 0, msg, (values[0],), None)
+    formatter = handler.formatter
+    record.asctime = formatter.formatTime(record, formatter.datefmt)
+    lines = []
+    for value in values:
+        record.args = (value,)
+        record.message = record.getMessage()
+        lines.append(formatter.formatMessage(record))
+    with handler.lock:
+        handler.stream.write("\n".join(lines) + handler.terminator)
+        handler.flush()
+
+
+def _plain(logger: logging.Logger, handler: logging.Handler) -> bool:
+    """Whether ``logger``'s records go to setup_logging's handlers alone, unfiltered."""
+    root = logging.getLogger()
+    while logger is not root:
+        if logger.handlers or logger.filters or not logger.propagate:
+            return False
+        logger = logger.parent
+    return root.handlers == [handler, last_error] and not (root.filters or handler.filters)
 
 
 def setup_logging(level: str, role: str) -> logging.Logger:
@@ -63,6 +100,8 @@ def setup_logging(level: str, role: str) -> logging.Logger:
             f"%(asctime)s.%(msecs)03d %(levelname)s {role}: %(message)s", "%Y-%m-%dT%H:%M:%S"
         )
     )
+    global _lines
+    _lines = handler
     root = logging.getLogger()
     root.handlers[:] = [handler, last_error]
     root.setLevel(level)

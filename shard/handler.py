@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from carelay.common import messages as wire
+from carelay.common.lifecycle import log_each
 from carelay.common.protocol import WriteRun
 from carelay.shard.autosave import Autosave, StoreHealth
 from carelay.shard.store import Change, Rejected, ShardStore
@@ -58,6 +59,9 @@ class RequestHandler:
         #: Whether another front-end than the sender may be served (set by the loop): while
         #: False, no change is built for publishing.
         self.fanout = False
+        #: The PVs created since the last commit, in order: logged once it made them
+        #: durable (``log_created``).
+        self.created: list[str] = []
         #: What each kind of request a broker may send is handled by.
         self._by_kind: dict[type, Callable[[bytes, Any], None]] = {
             wire.Write: self._write,
@@ -79,6 +83,14 @@ class RequestHandler:
             log.warning("unexpected %s dropped", kind.__name__)
             return
         handle(peer, msg)
+
+    def log_created(self, undone: frozenset[str] = frozenset()) -> None:
+        """One line for each PV created since the last commit, now durable; ``undone``:
+        those the commit could not keep (its error says so)."""
+        names, self.created = self.created, []
+        if undone:
+            names = [name for name in names if name not in undone]
+        log_each(log, logging.INFO, "created PV %s", names)
 
     def _ping(self, peer: bytes, msg: wire.Ping) -> None:
         self.pong(peer, msg.req)
@@ -119,7 +131,7 @@ class RequestHandler:
             return
         self.puts_applied += 1
         if change.created:
-            log.info("created PV %s", msg.name)
+            self.created.append(msg.name)
         self._reply_change(peer, msg.req, change, created=change.created)
         if self.fanout:
             self._publish_change(peer, change, created=change.created)

@@ -224,6 +224,7 @@ class ShardServer:
         unsaved = self.autosave.commit()
         if unsaved is not None:
             self.outbox.refuse(unsaved.names, unsaved.error)
+        self.requests.log_created(unsaved.names if unsaved is not None else frozenset())
 
     def _send_replies(self) -> None:
         self.outbox.send(self._sock)

@@ -61,21 +61,13 @@ def save_rows(
 ) -> int:
     """Write PVs and delete others in one transaction, durable on return; returns how
     many.  A failed write is rolled back and its own error raised."""
-    n = 0
+    n = [0, 0]
     conn.execute("BEGIN")
     try:
-        for name, stamp, value, fields in upserts:
-            value = np.ascontiguousarray(value)
-            # The array's own bytes as the blob: no copy of a large value per write.
-            blob = memoryview(value).cast("B")
-            conn.execute(
-                "INSERT OR REPLACE INTO pvs VALUES (?, ?, ?, ?, ?, ?)",
-                (name, stamp, value.dtype.str, value.size, blob, json.dumps(fields)),
-            )
-            n += 1
-        for name in deletes:
-            conn.execute("DELETE FROM pvs WHERE name = ?", (name,))
-            n += 1
+        # One statement run over every row (a creation burst commits hundreds at once),
+        # each row made as it is written.
+        conn.executemany(_UPSERT, _counted(n, 0, (_row(*upsert) for upsert in upserts)))
+        conn.executemany(_DELETE, _counted(n, 1, ((name,) for name in deletes)))
         conn.execute("COMMIT")
     except BaseException:
         # SQLite rolls back by itself after most failed writes; a ROLLBACK then fails
@@ -86,7 +78,31 @@ def save_rows(
             except sqlite3.Error as again:
                 log.warning("%s: rollback after a failed write failed: %s", path, again)
         raise
-    return n
+    return n[0] + n[1]
+
+
+_UPSERT = "INSERT OR REPLACE INTO pvs VALUES (?, ?, ?, ?, ?, ?)"
+_DELETE = "DELETE FROM pvs WHERE name = ?"
+
+
+def _counted(counts: list[int], k: int, rows: Iterable[tuple]) -> Iterable[tuple]:
+    """``rows``, counted in ``counts[k]`` as they are taken."""
+    for row in rows:
+        counts[k] += 1
+        yield row
+
+
+#: The fields column of a PV with none (most PVs): not encoded again for each row.
+_NO_FIELDS_JSON = json.dumps({})
+
+
+def _row(name: str, stamp: float, value: np.ndarray, fields: dict) -> tuple:
+    """The ``pvs`` row of one PV, its value's own bytes as the blob: no copy of a large
+    value per write."""
+    value = np.ascontiguousarray(value)
+    blob = memoryview(value).cast("B")
+    extra = json.dumps(fields) if fields else _NO_FIELDS_JSON
+    return name, stamp, value.dtype.str, value.size, blob, extra
 
 
 def mark_checked(conn: sqlite3.Connection) -> None:
