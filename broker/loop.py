@@ -177,7 +177,7 @@ class Loop:
         if not b.ready and all(link.live for link in b.links):
             self._became_ready()
         elif b.quiet_until is not None and now >= b.quiet_until:
-            self._not_ready_yet()
+            _not_ready_yet(b)
 
     def _front_tick(self) -> None:
         """The CA broker's part of a tick: refused puts' log, an ACF reload, pvlist."""
@@ -279,15 +279,8 @@ class Loop:
         b.ready = True
         b.quiet_until = None
         b.table.unserved.discard(None)
-        ports = b.ca_ports
-        configured = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
-            "EPICS_CA_SERVER_PORT", "5064"
-        )
-        if not ports:
-            ports = [int(configured)] if configured.isdigit() else []
+        ports = _served_ports(b)
         b.ca_port = ports[0] if ports else None
-        if ports and str(b.ca_port) != configured:
-            log.warning("CA port %s is taken; serving on %s", configured, b.ca_port)
         # Status says so before the log does: who reads "ready:" may ask it at once.
         self.write_status()
         log.info(
@@ -303,25 +296,39 @@ class Loop:
             ", ".join(map(str, ports)) or "unknown",
         )
 
-    def _not_ready_yet(self) -> None:
-        """Start-up takes long: say which shards it waits for, and from now on each one
-        that gets in sync."""
-        b = self.broker
-        b.quiet_until = None
-        synced = [f"shard {link.index} in sync" for link in b.links if link.live]
-        waiting = [f"shard {link.index}" for link in b.links if not link.live]
-        log.info(
-            "not ready after %g s: %s; waiting for %s",
-            STARTUP_QUIET,
-            ", ".join(synced) or "no shard in sync",
-            ", ".join(waiting),
-        )
-
     def _update_health(self, now: float) -> None:
         """Take the health figures and set the health PVs (posting only what changed)."""
         b = self.broker
         snap = b.health.sample(b, now)
         b.health_pvs.update(snap, b.health.errors)
+
+
+def _not_ready_yet(b) -> None:
+    """Start-up takes long: say which shards it waits for, and from now on each one that
+    gets in sync."""
+    b.quiet_until = None
+    synced = [f"shard {link.index} in sync" for link in b.links if link.live]
+    waiting = [f"shard {link.index}" for link in b.links if not link.live]
+    log.info(
+        "not ready after %g s: %s; waiting for %s",
+        STARTUP_QUIET,
+        ", ".join(synced) or "no shard in sync",
+        ", ".join(waiting),
+    )
+
+
+def _served_ports(b) -> list[int]:
+    """The CA ports the broker's server listens on; a warning when the configured one
+    was taken."""
+    ports = b.ca_ports
+    configured = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
+        "EPICS_CA_SERVER_PORT", "5064"
+    )
+    if not ports:
+        ports = [int(configured)] if configured.isdigit() else []
+    if ports and str(ports[0]) != configured:
+        log.warning("CA port %s is taken; serving on %s", configured, ports[0])
+    return ports
 
 
 #: What the select hook watches of the shards while no CA channel is attached (``lazy``).

@@ -96,10 +96,7 @@ class ShardSync:
             msgs = link.recv()
             if msgs is None:
                 break
-            if len(msgs) == 1 and type(msgs[0]) is Pong:
-                self.handle(link, msgs[0])
-                continue
-            n += len(msgs)
+            n += len(msgs) if len(msgs) > 1 or type(msgs[0]) is not Pong else 0
             for msg in msgs:
                 self.handle(link, msg)
         return n

@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 #: Requests that a shard drops once they expired (HELLO and PING never expire).
 EXPIRING = frozenset({wire.Put, wire.Write, wire.SetField, wire.Delete})
 _EXPIRED = "expired: the broker has failed it already"
+#: The RequestHandler method that handles each kind of request a broker may send.
+_HANDLERS = {
+    wire.Write: "_write",
+    wire.Put: "_put",
+    wire.Ping: "_ping",
+    wire.Delete: "_delete",
+    wire.SetField: "_set_field",
+    wire.Hello: "_snapshot",
+}
 
 
 class RequestHandler:
@@ -64,12 +73,7 @@ class RequestHandler:
         self.created: list[str] = []
         #: What each kind of request a broker may send is handled by.
         self._by_kind: dict[type, Callable[[bytes, Any], None]] = {
-            wire.Write: self._write,
-            wire.Put: self._put,
-            wire.Ping: self._ping,
-            wire.Delete: self._delete,
-            wire.SetField: self._set_field,
-            wire.Hello: self._snapshot,
+            kind: getattr(self, method) for kind, method in _HANDLERS.items()
         }
 
     def dispatch(self, peer: bytes, msg: wire.Message) -> None:
@@ -97,20 +101,7 @@ class RequestHandler:
 
     def pong(self, peer: bytes, req: int) -> None:
         """The shard's health, as the broker shows it (``req`` 0: unasked)."""
-        autosave = self.autosave
-        pong = wire.Pong(
-            req,
-            self.store.seq,
-            pvs=len(self.store),
-            store_error=self.health.refusing,
-            pid=os.getpid(),
-            puts=self.puts_applied,
-            saved_at=float(autosave.saved_at),
-            flush=autosave.flush_times.as_dict(),
-            store_bytes=autosave.db.size() if autosave.db is not None else None,
-            epoch=self.epoch,
-        )
-        self._reply(peer, pong)
+        self._reply(peer, health_pong(self, req))
 
     def _reject(self, peer: bytes, msg: Any, reason: str) -> None:
         self._reply(peer, wire.Reject(msg.req, msg.name, reason, self.epoch))
@@ -292,3 +283,20 @@ class RequestHandler:
             n += 1
         self._reply(peer, wire.SnapshotEnd(req, store.seq, self.health.refusing, epoch))
         log.debug("sent a snapshot of %d PVs at seq %d", n, store.seq)
+
+
+def health_pong(handler: RequestHandler, req: int) -> wire.Pong:
+    """A PONG with the shard's health figures."""
+    autosave = handler.autosave
+    return wire.Pong(
+        req,
+        handler.store.seq,
+        pvs=len(handler.store),
+        store_error=handler.health.refusing,
+        pid=os.getpid(),
+        puts=handler.puts_applied,
+        saved_at=float(autosave.saved_at),
+        flush=autosave.flush_times.as_dict(),
+        store_bytes=autosave.db.size() if autosave.db is not None else None,
+        epoch=handler.epoch,
+    )
