@@ -167,12 +167,15 @@ class PvaAccess:
         self.rules, self.closed = rules, False
         return True
 
-    def reload(self) -> None:
-        """SIGHUP, ``carelay reload-acf``."""
+    def reload(self) -> bool:
+        """SIGHUP, ``carelay reload-acf``; whether new rules are in force."""
         if self.config.access_security is None:
             log.warning("access security not reloaded: none is configured")
-        elif self.load():
-            log.info("access security reloaded from %s", self.config.access_security)
+            return False
+        if not self.load():
+            return False
+        log.info("access security reloaded from %s", self.config.access_security)
+        return True
 
     def allows(self, address: str, account: str, roles=()) -> int:
         if self.config.access_security is None:

@@ -250,6 +250,20 @@ class PvaFrontEnd:
             target = self.table.new_pv(name)
         target.bind(channel)
 
+    def recheck_channels(self) -> None:
+        """New access rules are in force: every open channel is closed.  Its clients
+        reconnect, and ``make_channel`` checks their read access under the new rules (a
+        client's channel is the PV's, shared by all its clients, so it cannot be taken
+        from one alone); writes are checked put by put anyway."""
+        with self.channel_lock:
+            channels = list(self.channels.values())
+        for channel in channels:
+            self.drop_channel(channel)
+        if channels:
+            log.info(
+                "closed %d PVA channels: their clients reconnect under the new rules", len(channels)
+            )
+
     def drop_channel(self, channel) -> None:
         """Close ``channel`` and forget it: the next client of its name gets a new one."""
         with self.channel_lock:

@@ -99,7 +99,8 @@ class PvaLoop(Loop):
         f.access.tick()
         if f.reload_due:
             f.reload_due = False
-            f.access.reload()
+            if f.access.reload():
+                f.recheck_channels()
 
     def _status(self) -> dict:
         return {"role": "pva", "pva_port": self.broker.pva_port}

@@ -98,6 +98,31 @@ def test_a_client_without_read_access_gets_no_channel(tmp_path):
         relay.stop()
 
 
+@pytest.mark.slow
+def test_a_reload_takes_read_access_from_channels_already_open(tmp_path):
+    path = tmp_path / "r.acf"
+    acf(path, "localhost")
+    PvaRelay.give_way()
+    relay = PvaRelay(tmp_path, shards=1, extra=["--access-security", str(path)]).start()
+    ctx = pva_context()
+    try:
+        name = relay.name("held", "f1")
+        ctx.put(name, 1.5, timeout=5)
+        assert ctx.get(name, timeout=5) == 1.5  # this context holds the channel open
+        path.write_text(path.read_text().replace("RULE(1, READ)", "RULE(1, READ) { HAG(opis) }"))
+        acf_hosts(path, '"127.0.0.2"')
+        start = len(relay.log())
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_log(" pva: access security reloaded", start=start, timeout=10)
+        # The channel it held is closed; reconnecting, it is refused, and reads nothing.
+        with pytest.raises((TimeoutError, p4p.client.thread.Disconnected)):
+            ctx.get(name, timeout=2)
+        relay.wait_log(f"refused PVA channel {name} to 127.0.0.1", start=start, timeout=10)
+    finally:
+        ctx.close()
+        relay.stop()
+
+
 def acf_hosts(path, hosts: str) -> None:
     """The file at ``path`` with its HAG holding ``hosts``."""
     text = path.read_text()
