@@ -65,8 +65,6 @@ class Loop:
         self.due_posts: set = set()
         #: CA's select() watching the shard sockets too (broker/main.py), or None.
         self.wait: SelectHook | None = None
-        #: The broker's work counters at the last return of freed memory.
-        self._work_seen: tuple | None = None
 
     def run(self, stop: StopFlag) -> None:
         b = self.broker
@@ -145,7 +143,7 @@ class Loop:
             if now >= next_status or b.status_due:
                 self.write_status()
                 next_status = now + STATUS_INTERVAL
-                self._return_freed_memory()
+                return_freed_memory()
             if now >= next_health:
                 self._update_health(now)
                 next_health = now + HEALTH_INTERVAL
@@ -153,15 +151,6 @@ class Loop:
         # A clean stop: the puts still queued go to the shards, which stop after us.
         self.send_queued()
         requests.fail_parked()
-
-    def _return_freed_memory(self) -> None:
-        """Give freed memory back after work (puts, creations, deletions): a heartbeat
-        frees nothing worth the look at the heap."""
-        h = self.broker.health
-        work = (h.puts, h.creations, h.deletions)
-        if work != self._work_seen:
-            self._work_seen = work
-            return_freed_memory()
 
     def _tick(self, now: float) -> None:
         """What a tick does in every front-end's loop: the queued puts sent, the links'
