@@ -40,12 +40,12 @@ def rows_for(params) -> list[Row]:
     rows = []
     for n in params.w1_clients:
         rows += [
-            Row("W1", f"puts/s, {n} clients", f"puts_per_s_{n}c", (">=", 1.0, "ratio")),
+            Row("W1", f"puts/s, {n} clients", f"puts_per_s_{n}c", (">=", 1.2, "ratio")),
             Row(
                 "W1",
                 f"relay CPU-us per put, {n} clients",
                 f"cpu_us_per_put_{n}c",
-                ("<=", 1.5, "ratio"),
+                ("<=", 1.0, "ratio"),
             ),
         ]
     rows += [
@@ -65,11 +65,16 @@ def rows_for(params) -> list[Row]:
         Row("W4", f"put MB/s ({params.w4_readers} readers)", "put_mb_per_s", (">=", 1.0, "ratio")),
         Row("W4", f"read MB/s ({params.w4_readers} readers, sum)", "read_mb_per_s"),
         Row("W4", "relay CPU-ms per put", "cpu_ms_per_put"),
-        Row("W5", "creations/s", "creations_per_s"),
+        Row("W5", "creations/s", "creations_per_s", (">=", 1.0, "ratio")),
         Row("W5", "relay CPU-us per creation", "cpu_us_per_creation"),
         Row("W5", "clients' time connecting, not confirming (%)", "connect_pct"),
         Row("W5", "relay RSS MiB per 1000 PVs", "rss_mib_per_1000_pvs", ("<=", 1.5, "ratio")),
-        Row("W5", "relay CPU % of a core, idle, PVs connected", "idle_cpu_pct"),
+        Row(
+            "W5",
+            "relay CPU % of a core, idle, PVs connected",
+            "idle_cpu_pct",
+            ("<=", 1.5, "ratio"),
+        ),
     ]
     for s in params.w6_shards:
         rows.append(
