@@ -245,6 +245,8 @@ class CircuitMonitor:
         #: Circuits and open descriptors at the last scan (the health figures read them).
         self.circuits = 0
         self.descriptors = 0
+        #: Bytes the CA circuits have received, summed at the last scan.
+        self.received = 0
         self._tallies = {k: _Tally() for k in ("idle", "stalled", "silent", "refused")}
         self._tallies["buffers"] = _Tally(level=logging.INFO)  # accounting, not a fault
         #: The large CA buffers PCAS holds for the circuits (EPICS_CA_MAX_ARRAY_BYTES).
@@ -287,6 +289,7 @@ class CircuitMonitor:
         # A refused circuit is closed before PCAS reads from it: it takes no buffer.
         refused = {c.inode for c, why in closures if why == "refused"}
         seen = {c.inode: c.bytes_received for c in circuits if c.inode not in refused}
+        self.received = sum(seen.values())
         if self.buffers.observe(now, seen):
             self._tallies["buffers"].event(now, self.buffers.line())
         for c, why in closures:

@@ -24,7 +24,7 @@ from carelay.common.config import (
     STARTUP_QUIET,
     STATUS_INTERVAL,
 )
-from carelay.common.lifecycle import StopFlag, return_freed_memory, write_status
+from carelay.common.lifecycle import FreedMemory, StopFlag, write_status
 from carelay.common.protocol import BATCH_MAX
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,14 @@ class Loop:
         self.due_posts: set = set()
         #: CA's select() watching the shard sockets too (broker/main.py), or None.
         self.wait: SelectHook | None = None
+        self.freed = FreedMemory()
 
     def run(self, stop: StopFlag) -> None:
         b = self.broker
         links, requests, sync, table = b.links, b.requests, b.sync, b.table
         hook = self.wait
         next_status = next_tick = next_health = next_due = 0.0
-        handled = 0
+        handled = taken = 0
         streaming = False
         while not stop.stopping:
             # With no CA channel attached, no CA client sees the mirror until it attaches,
@@ -126,6 +127,7 @@ class Loop:
                 handled = 0
             if handled:
                 streaming = True
+                taken += handled
             elif armed and lazy:
                 streaming = False  # a tick with no change: the next one wakes the loop
             now = time.monotonic()
@@ -143,9 +145,11 @@ class Loop:
             if now >= next_status or b.status_due:
                 self.write_status()
                 next_status = now + STATUS_INTERVAL
-                return_freed_memory()
+                # After work: puts, creations, deletions, shard messages, CA requests.
+                h, received = b.health, b.circuits.received if b.circuits else 0
+                self.freed.after((h.puts, h.creations, h.deletions, taken, received))
             if now >= next_health:
-                self._update_health(now)
+                _update_health(self.broker, now)
                 next_health = now + HEALTH_INTERVAL
             next_due = _next_due(b, now, min(next_status, next_health))
         # A clean stop: the puts still queued go to the shards, which stop after us.
@@ -285,11 +289,10 @@ class Loop:
             ", ".join(map(str, ports)) or "unknown",
         )
 
-    def _update_health(self, now: float) -> None:
-        """Take the health figures and set the health PVs (posting only what changed)."""
-        b = self.broker
-        snap = b.health.sample(b, now)
-        b.health_pvs.update(snap, b.health.errors)
+
+def _update_health(b, now: float) -> None:
+    """Take the health figures and set the health PVs (posting only what changed)."""
+    b.health_pvs.update(b.health.sample(b, now), b.health.errors)
 
 
 def _not_ready_yet(b) -> None:

@@ -197,6 +197,20 @@ def settle_gc(young: int = GC_YOUNG_THRESHOLD) -> None:
     gc.set_threshold(young, middle, old)
 
 
+class FreedMemory:
+    """``return_freed_memory`` after work only: a look at a large heap takes a fraction
+    of a millisecond, which an idle process should not spend each second."""
+
+    def __init__(self) -> None:
+        self._work: object = None
+
+    def after(self, work: object) -> None:
+        """Return freed memory if ``work`` (counters of what frees memory) moved."""
+        if work != self._work:
+            self._work = work
+            return_freed_memory()
+
+
 def return_freed_memory(min_free: int = MALLOC_TRIM_MIN) -> bool:
     """Give the memory malloc holds free back to the system (glibc's malloc_trim; elsewhere
     a no-op): the transient copies of large values (CA reads and events, autosave rows,
