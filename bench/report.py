@@ -323,7 +323,10 @@ def foreign_ranges_text(docs: list[dict], servers: list[str]) -> str:
     for doc in docs:
         for w, by_server in doc.get("extra", {}).get("foreign_cpu_pct", {}).items():
             for s, v in by_server.items():
-                per.setdefault(w, {}).setdefault(s, []).append(v)
+                # A workload a server does not run (W7 on a CA server) took no time: the
+                # busy ticks of /proc/stat over that moment say nothing.
+                if doc.get("results", {}).get(w, {}).get(s, True):
+                    per.setdefault(w, {}).setdefault(s, []).append(v)
     if not per:
         return ""
     order = {w: i for i, w in enumerate(WORKLOAD_ORDER)}

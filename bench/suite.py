@@ -331,7 +331,7 @@ def main(argv=None) -> int:
                     errors.append(f"{w} on {s}: {type(e).__name__}: {e}")
                     figures = {"error": f"{type(e).__name__}: {e}"}
                 results.setdefault(w, {})[s] = figures
-                foreign = meter.foreign_pct()
+                foreign = meter.foreign_pct() if figures else 0.0
                 bench.extra.setdefault("foreign_cpu_pct", {}).setdefault(w, {})[s] = round(
                     foreign, 1
                 )
