@@ -69,12 +69,8 @@ def rows_for(params) -> list[Row]:
         Row("W5", "relay CPU-us per creation", "cpu_us_per_creation"),
         Row("W5", "clients' time connecting, not confirming (%)", "connect_pct"),
         Row("W5", "relay RSS MiB per 1000 PVs", "rss_mib_per_1000_pvs", ("<=", 1.5, "ratio")),
-        Row(
-            "W5",
-            "relay CPU % of a core, idle, PVs connected",
-            "idle_cpu_pct",
-            ("<=", 1.5, "ratio"),
-        ),
+        # 5 s of 10 ms ticks: a coarse figure; bench.idle_cost measures idle CPU.
+        Row("W5", "relay CPU % of a core, idle, PVs connected", "idle_cpu_pct"),
     ]
     for s in params.w6_shards:
         rows.append(
