@@ -15,13 +15,10 @@ import numpy as np
 import pytest
 import zmq
 
-from carelay.broker.app import Broker
 from carelay.broker.sync import catch_up
-from carelay.common.config import load_config
-from carelay.common.messages import Hello, Update, Write
+from carelay.common.messages import Update, Write
 from carelay.common.protocol import decode_batch, encode_batch
-from carelay.shard.server import ShardServer
-from tests.unit.scripted_cas import Script, serve_in_thread
+from tests.unit.scripted_cas import beside_another_front_end, join
 
 PREFIX = "O:"
 NAME = f"{PREFIX}x_f1"
@@ -30,21 +27,8 @@ NAME = f"{PREFIX}x_f1"
 @pytest.fixture
 def pair(tmp_path):
     """(broker, its script, shard, the other front-end's socket)."""
-    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
-    shard = ShardServer(config, 0, db=None)
-    shard.bind()
-    stop_shard = serve_in_thread(shard)
-    other = zmq.Context.instance().socket(zmq.DEALER)
-    other.setsockopt(zmq.LINGER, 0)
-    other.connect(shard.endpoint)
-    script = Script([])
-    broker = Broker(config, script)
-    yield broker, script, shard, other
-    for link in broker.links:
-        link.close(linger=0)
-    stop_shard()
-    other.close()
-    shard.close()
+    with beside_another_front_end(tmp_path, PREFIX) as pair:
+        yield pair
 
 
 def _drain(sock: zmq.Socket) -> list:
@@ -65,13 +49,6 @@ def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undon
 
     def created() -> bool:
         return box["pv"].real and not broker.requests.in_flight(box["pv"])
-
-    def other_joins() -> bool:
-        other.send_multipart(encode_batch([Hello(1, "", "other")]))
-        wait = time.monotonic() + 5
-        while len(shard.admission) < 2 and time.monotonic() < wait:
-            time.sleep(0.005)
-        return True
 
     def other_puts() -> bool:
         other.send_multipart(encode_batch([Write(NAME, 0, 0.0, np.array([2.0]))]))
@@ -98,7 +75,7 @@ def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undon
         lambda: broker.links[0].live,
         create,
         created,
-        other_joins,
+        lambda: join(other, shard),
         other_puts,
         mirrored,
         both_put,

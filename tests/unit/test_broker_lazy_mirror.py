@@ -15,12 +15,9 @@ import numpy as np
 import pytest
 import zmq
 
-from carelay.broker.app import Broker
-from carelay.common.config import load_config
-from carelay.common.messages import Hello, Write
+from carelay.common.messages import Write
 from carelay.common.protocol import encode_batch
-from carelay.shard.server import ShardServer
-from tests.unit.scripted_cas import Script, serve_in_thread
+from tests.unit.scripted_cas import beside_another_front_end, join
 
 PREFIX = "L:"
 NAME = f"{PREFIX}x_f1"
@@ -54,22 +51,9 @@ class RecordingHook:
 @pytest.fixture
 def pair(tmp_path):
     """(broker, its script, shard, the other front-end's socket, the hook)."""
-    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
-    shard = ShardServer(config, 0, db=None)
-    shard.bind()
-    stop_shard = serve_in_thread(shard)
-    other = zmq.Context.instance().socket(zmq.DEALER)
-    other.setsockopt(zmq.LINGER, 0)
-    other.connect(shard.endpoint)
-    script = Script([])
-    broker = Broker(config, script)
-    hook = broker.loop.wait = RecordingHook()
-    yield broker, script, shard, other, hook
-    for link in broker.links:
-        link.close(linger=0)
-    stop_shard()
-    other.close()
-    shard.close()
+    with beside_another_front_end(tmp_path, PREFIX) as (broker, script, shard, other):
+        hook = broker.loop.wait = RecordingHook()
+        yield broker, script, shard, other, hook
 
 
 def test_with_a_channel_attached_every_turn_watches_the_shards(pair):
@@ -86,13 +70,6 @@ def test_with_a_channel_attached_every_turn_watches_the_shards(pair):
         if not pv.real or broker.requests.in_flight(pv):
             return False
         pv.attached = False  # the CA client let go: no channel attached
-        return True
-
-    def other_joins() -> bool:
-        other.send_multipart(encode_batch([Hello(1, "", "other")]))
-        wait = time.monotonic() + 5
-        while len(shard.admission) < 2 and time.monotonic() < wait:
-            time.sleep(0.005)
         return True
 
     def other_puts() -> bool:
@@ -116,7 +93,7 @@ def test_with_a_channel_attached_every_turn_watches_the_shards(pair):
         lambda: broker.links[0].live,
         create,
         created_and_let_go,
-        other_joins,
+        lambda: join(other, shard),
         other_puts,
         attach_again,
         a_few_turns,
@@ -146,13 +123,6 @@ def test_streamed_changes_are_polled_without_watching_the_shards(pair):
         hook.watched.clear()
         return True
 
-    def other_joins() -> bool:
-        other.send_multipart(encode_batch([Hello(1, "", "other")]))
-        wait = time.monotonic() + 5
-        while len(shard.admission) < 2 and time.monotonic() < wait:
-            time.sleep(0.005)
-        return True
-
     def stream() -> bool:
         box["value"] += 1.0
         other.send_multipart(encode_batch([Write(NAME, 0, 0.0, np.array([box["value"]]))]))
@@ -172,7 +142,7 @@ def test_streamed_changes_are_polled_without_watching_the_shards(pair):
         lambda: broker.links[0].live,
         create,
         created_and_let_go,
-        other_joins,
+        lambda: join(other, shard),
         stream,
         mirrored,
         quiet,
