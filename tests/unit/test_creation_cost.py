@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import io
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,31 +18,16 @@ from carelay.common.protocol import encode_batch
 from carelay.shard.persist import ShardDatabase, StoreWriteError
 from carelay.shard.persist.queries import save_rows
 from carelay.shard.server import ShardServer
+from tests.unit.process_logging import process_logging
 
 PREFIX = "U:"
-_KNOBS = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
 
 
 @pytest.fixture
 def logged():
     """The process's logging as setup_logging makes it, written to a string."""
-    root = logging.getLogger()
-    handlers, level, hook = root.handlers[:], root.level, sys.excepthook
-    knobs = {k: getattr(logging, k) for k in _KNOBS}
-    lines = lifecycle._lines
-    out = io.StringIO()
-    stderr, sys.stderr = sys.stderr, out
-    try:
-        lifecycle.setup_logging("INFO", "shard 3")
-    finally:
-        sys.stderr = stderr
-    yield out
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    sys.excepthook = hook
-    lifecycle._lines = lines
-    for k, v in knobs.items():
-        setattr(logging, k, v)
+    with process_logging() as (_log, out):
+        yield out
 
 
 def _lines(out: io.StringIO) -> list[str]:

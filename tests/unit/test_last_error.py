@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import pytest
 
 from carelay.common import lifecycle
+from tests.unit.process_logging import process_logging
 
 
 @pytest.fixture
 def logged():
     """setup_logging as a child process does it; the root logger and hook put back after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    hook = __import__("sys").excepthook
-    lifecycle.last_error.last = None
-    log = lifecycle.setup_logging("INFO", "shard 3")
-    yield log
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    __import__("sys").excepthook = hook
-    lifecycle.last_error.last = None
+    with process_logging() as (log, _out):
+        yield log
 
 
 def test_status_file_carries_the_last_error_line(logged, tmp_path):

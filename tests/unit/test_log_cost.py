@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import sys
 
 import pytest
 
-from carelay.common import lifecycle
-
-_KNOBS = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
+from tests.unit.process_logging import process_logging
 
 
 @pytest.fixture
 def logged():
-    root = logging.getLogger()
-    handlers, level, hook = root.handlers[:], root.level, sys.excepthook
-    knobs = {k: getattr(logging, k) for k in _KNOBS}
-    out = io.StringIO()
-    stderr, sys.stderr = sys.stderr, out
-    try:
-        log = lifecycle.setup_logging("INFO", "shard 3")
-    finally:
-        sys.stderr = stderr
-    yield log, out
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    sys.excepthook = hook
-    for k, v in knobs.items():
-        setattr(logging, k, v)
+    with process_logging() as logged:
+        yield logged
 
 
 def test_a_line_skips_what_the_format_does_not_show(logged):
