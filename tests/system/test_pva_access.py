@@ -29,10 +29,7 @@ def acf(path, hosts: str) -> None:
 
 
 def test_pva_puts_follow_the_access_security_file(tmp_path):
-    path = tmp_path / "r.acf"
-    acf(path, "localhost")
-    PvaRelay.give_way()
-    relay = PvaRelay(tmp_path, shards=1, extra=["--access-security", str(path)]).start()
+    relay, path = _guarded_relay(tmp_path)
     ctx = pva_context()
     try:
         name, fresh = relay.name("guarded", "f1"), relay.name("fresh", "f1")
@@ -74,19 +71,12 @@ def test_pva_puts_follow_the_access_security_file(tmp_path):
 
 @pytest.mark.slow
 def test_a_client_without_read_access_gets_no_channel(tmp_path):
-    path = tmp_path / "r.acf"
-    acf(path, "localhost")
-    PvaRelay.give_way()
-    relay = PvaRelay(tmp_path, shards=1, extra=["--access-security", str(path)]).start()
+    relay, path = _guarded_relay(tmp_path)
     try:
         name = relay.name("hidden", "f1")
         with_context(lambda ctx: ctx.put(name, 1.5, timeout=5))
         # Reads only from 127.0.0.2 now: the client at 127.0.0.1 reads nothing.
-        path.write_text(path.read_text().replace("RULE(1, READ)", "RULE(1, READ) { HAG(opis) }"))
-        acf_hosts(path, '"127.0.0.2"')
-        start = len(relay.log())
-        relay.proc.send_signal(signal.SIGHUP)  # `carelay up` passes it on
-        relay.wait_log(" pva: access security reloaded", start=start, timeout=10)
+        start = _reads_only_from_elsewhere(relay, path)
         with pytest.raises(TimeoutError):
             with_context(lambda ctx: ctx.get(name, timeout=2))
         relay.wait_log(
@@ -100,20 +90,13 @@ def test_a_client_without_read_access_gets_no_channel(tmp_path):
 
 @pytest.mark.slow
 def test_a_reload_takes_read_access_from_channels_already_open(tmp_path):
-    path = tmp_path / "r.acf"
-    acf(path, "localhost")
-    PvaRelay.give_way()
-    relay = PvaRelay(tmp_path, shards=1, extra=["--access-security", str(path)]).start()
+    relay, path = _guarded_relay(tmp_path)
     ctx = pva_context()
     try:
         name = relay.name("held", "f1")
         ctx.put(name, 1.5, timeout=5)
         assert ctx.get(name, timeout=5) == 1.5  # this context holds the channel open
-        path.write_text(path.read_text().replace("RULE(1, READ)", "RULE(1, READ) { HAG(opis) }"))
-        acf_hosts(path, '"127.0.0.2"')
-        start = len(relay.log())
-        relay.proc.send_signal(signal.SIGHUP)
-        relay.wait_log(" pva: access security reloaded", start=start, timeout=10)
+        start = _reads_only_from_elsewhere(relay, path)
         # The channel it held is closed; reconnecting, it is refused, and reads nothing.
         with pytest.raises((TimeoutError, p4p.client.thread.Disconnected)):
             ctx.get(name, timeout=2)
@@ -121,6 +104,27 @@ def test_a_reload_takes_read_access_from_channels_already_open(tmp_path):
     finally:
         ctx.close()
         relay.stop()
+
+
+def _guarded_relay(tmp_path):
+    """(relay, its ACF's path): a relay with PVA whose ACF lets everyone read and this
+    process's account write from localhost."""
+    path = tmp_path / "r.acf"
+    acf(path, "localhost")
+    PvaRelay.give_way()
+    relay = PvaRelay(tmp_path, shards=1, extra=["--access-security", str(path)]).start()
+    return relay, path
+
+
+def _reads_only_from_elsewhere(relay, path) -> int:
+    """Rewrite the ACF so that only 127.0.0.2 reads, and reload it with SIGHUP to
+    `carelay up` (which passes it on); returns where the relay's log stood before."""
+    path.write_text(path.read_text().replace("RULE(1, READ)", "RULE(1, READ) { HAG(opis) }"))
+    acf_hosts(path, '"127.0.0.2"')
+    start = len(relay.log())
+    relay.proc.send_signal(signal.SIGHUP)
+    relay.wait_log(" pva: access security reloaded", start=start, timeout=10)
+    return start
 
 
 def acf_hosts(path, hosts: str) -> None:
