@@ -166,7 +166,7 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         """The stamp as EPICS time, made once per stamp: every read and event of one value
         carries the same one.  No stamp yet: the time now."""
         stamp = self.mirror.stamp
-        if stamp != self._stamp or self._epics_stamp is None:
+        if stamp != self._stamp:  # a float, never the None of no EPICS time made yet
             if not stamp:
                 return cas.epicsTimeStamp()
             self._epics_stamp = cas.epicsTimeStamp.fromPosixTimeStamp(stamp)
