@@ -26,12 +26,12 @@ from carelay.common import exits, protocol
 from carelay.common.config import Config
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import (
+    FreedMemory,
     StopFlag,
     bound_malloc,
     die_with_parent,
     drain_wakeup_fd,
     first_start_under_supervisor,
-    return_freed_memory,
     settle_gc,
     signal_wakeup_fd,
     write_status,
@@ -103,8 +103,9 @@ class ShardServer:
         self._sock: zmq.Socket | None = None
         self._poller: zmq.Poller | None = None
         self.timers = ShardTimers(config.autosave_period, good_copy=db is not None)
-        #: Messages other than heartbeats came since the last return of freed memory.
-        self.worked = True
+        #: Batches of messages other than a lone PING: what returning freed memory follows.
+        self.work = 0
+        self.freed = FreedMemory()
         #: (seq, PVs, last flush) when the status file was last written.
         self._status_said: tuple | None = None
         self._broker_peer: bytes | None = None
@@ -192,8 +193,8 @@ class ShardServer:
         if self.timers.heard(time.monotonic()):
             log.debug("broker connected")
         requests = self.requests
-        if not self.worked and (len(msgs) > 1 or type(msgs[0]) is not Ping):
-            self.worked = True
+        if len(msgs) > 1 or type(msgs[0]) is not Ping:
+            self.work += 1
         n = writes = 0
         for msg in msgs:
             if type(msg) is protocol.WriteRun:
@@ -296,9 +297,7 @@ class ShardServer:
                 self._status_said = said
                 self._write_status()
                 # Only after work: a heartbeat frees nothing worth giving back.
-                if self.worked:
-                    self.worked = False
-                    return_freed_memory()
+                self.freed.after(self.work)
             # A failed store's refusal is timed, a flush in parts goes on by itself, and
             # without the signal pipe a stop is seen only after the wait.
             busy = self._wake_fd is None or self.health.store_error or autosave.saving_parts
