@@ -23,6 +23,9 @@ from carelay.shard.autosave import GOOD_COPY_INTERVAL
 BUSY_WAIT_MS = 100
 #: A timer is looked at once the clock is this far beyond it (s).
 _LATE = 0.001
+#: How much later than STATUS_INTERVAL a status file that would say the same is due:
+#: it is only touched, every STATUS_TOUCH_INTERVAL (s).
+_TOUCH_LATER = STATUS_TOUCH_INTERVAL - STATUS_INTERVAL
 #: Silence after which the brokers are taken to have gone quiet (s).
 _QUIET_AFTER = HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
 
@@ -81,7 +84,7 @@ class ShardTimers:
         what the file says may have moved, e.g. the number of PVs): True, and the next
         one is STATUS_INTERVAL away, looked at in a wake that comes anyway.  A file that
         would say the same is only touched, every STATUS_TOUCH_INTERVAL (``due``)."""
-        wait = 0.0 if moved else STATUS_TOUCH_INTERVAL - STATUS_INTERVAL
+        wait = 0.0 if moved else _TOUCH_LATER
         if now < self.next_status + wait and not changed:
             return False
         self.next_status = now + STATUS_INTERVAL
@@ -91,7 +94,7 @@ class ShardTimers:
         """When the next timer is due: the flush only while values are ``unsaved``; the
         status file at the latest when it would otherwise go stale; a connected broker's
         silence."""
-        status = self.next_status + (STATUS_TOUCH_INTERVAL - STATUS_INTERVAL)
+        status = self.next_status + _TOUCH_LATER
         quiet = self.broker_seen + _QUIET_AFTER if self.broker_alive else status
         flush = self.next_flush if unsaved else math.inf
         return min(flush, status, self.next_copy, quiet)
