@@ -61,13 +61,13 @@ def save_rows(
 ) -> int:
     """Write PVs and delete others in one transaction, durable on return; returns how
     many.  A failed write is rolled back and its own error raised."""
-    n = [0, 0]
     conn.execute("BEGIN")
     try:
-        # One statement run over every row (a creation burst commits hundreds at once),
-        # each row made as it is written.
-        conn.executemany(_UPSERT, _counted(n, 0, (_row(*upsert) for upsert in upserts)))
-        conn.executemany(_DELETE, _counted(n, 1, ((name,) for name in deletes)))
+        # One statement run over every row (a creation burst commits hundreds at once).
+        rows = [_row(*upsert) for upsert in upserts]
+        gone = [(name,) for name in deletes]
+        conn.executemany(_UPSERT, rows)
+        conn.executemany(_DELETE, gone)
         conn.execute("COMMIT")
     except BaseException:
         # SQLite rolls back by itself after most failed writes; a ROLLBACK then fails
@@ -78,18 +78,11 @@ def save_rows(
             except sqlite3.Error as again:
                 log.warning("%s: rollback after a failed write failed: %s", path, again)
         raise
-    return n[0] + n[1]
+    return len(rows) + len(gone)
 
 
 _UPSERT = "INSERT OR REPLACE INTO pvs VALUES (?, ?, ?, ?, ?, ?)"
 _DELETE = "DELETE FROM pvs WHERE name = ?"
-
-
-def _counted(counts: list[int], k: int, rows: Iterable[tuple]) -> Iterable[tuple]:
-    """``rows``, counted in ``counts[k]`` as they are taken."""
-    for row in rows:
-        counts[k] += 1
-        yield row
 
 
 #: The fields column of a PV with none (most PVs): not encoded again for each row.
