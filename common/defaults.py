@@ -48,6 +48,10 @@ RECONNECT_INITIAL = 0.1
 RECONNECT_MAX = 5.0
 #: How long a put with callback waits for its shard before it fails.
 PUT_TIMEOUT = 5.0
+#: How long the answer to a put with callback waits for a front-end that answers reads
+#: from what it last showed (PVA) to show the change (seconds).  One that takes longer is
+#: lagging: answers no longer wait for it until it catches up.
+SHOWN_WAIT = 0.5
 #: A request that waits for an answer carries a wall-clock expiry this many seconds before
 #: the broker's own deadline (PUT_TIMEOUT); a shard drops what reaches it later, so that a
 #: put the broker has failed is never applied.  It covers the time from the shard's apply

@@ -81,6 +81,25 @@ class Ping(Message):
     req: int
 
 
+@_kind(22)
+class Watch(Message):
+    """``[22, req, name, on]``: this front-end serves reads of ``name`` from what it last
+    showed, with no way to catch up first (PVA): hold the answer to another front-end's
+    put to it until this one has shown the change (``on``), or no longer."""
+
+    req: int
+    name: str
+    on: bool
+
+
+@_kind(23)
+class Shown(Message):
+    """``[23, req, token]``: every change before the Confirm ``token`` is shown."""
+
+    req: int
+    token: int
+
+
 @_kind(2)
 class Put(Message):
     """``[2, name, req, stamp, data, callback, expires]``: apply a value; the first put
@@ -258,12 +277,23 @@ class Applied(Message):
     epoch: int = 0
 
 
+@_kind(21)
+class Confirm(Message):
+    """``[21, token, epoch]``: answer with a Shown ``token`` once every change before this
+    is shown; an answer to another front-end waits for it (see Watch)."""
+
+    token: int
+    epoch: int = 0
+
+
 #: Every message kind, by its number on the wire (WriteRun is the codec's own).
 KINDS: dict[int, type[Message]] = {
     cls.KIND: cls
     for cls in (
         Hello,
         Ping,
+        Watch,
+        Shown,
         Put,
         Write,
         Delete,
@@ -278,5 +308,6 @@ KINDS: dict[int, type[Message]] = {
         SnapshotEnd,
         Pong,
         Applied,
+        Confirm,
     )
 }

@@ -55,6 +55,8 @@ class Admission:
         self._writes: dict[bytes, int] = {}
         self._refused = 0
         self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
+        #: Told of each peer no longer served (ReadGate.forget).
+        self.on_drop: Callable[[bytes], None] = lambda peer: None
 
     def __contains__(self, peer: bytes) -> bool:
         """Whether ``peer`` is admitted already."""
@@ -104,11 +106,14 @@ class Admission:
                 self._fence(old, _FENCED)
         self._admitted[peer] = broker
         if len(self._admitted) > _ADMITTED_MAX:
-            self._writes.pop(self._admitted.popitem(last=False)[0], None)
+            oldest = self._admitted.popitem(last=False)[0]
+            self._writes.pop(oldest, None)
+            self.on_drop(oldest)
         return True
 
     def _fence(self, peer: bytes, reason: str) -> None:
         self._writes.pop(peer, None)
+        self.on_drop(peer)
         self._fenced[peer] = reason
         if len(self._fenced) > _FENCED_MAX:
             self._fenced.popitem(last=False)

@@ -52,6 +52,7 @@ class RequestHandler:
         commit: Callable[[], None],
         epoch: int = 0,
         publish: Callable[[bytes, wire.Message], None] | None = None,
+        others: dict[type, Callable[[bytes, Any], None]] | None = None,
     ) -> None:
         self.store = store
         self.autosave = autosave
@@ -75,6 +76,8 @@ class RequestHandler:
         self._by_kind: dict[type, Callable[[bytes, Any], None]] = {
             kind: getattr(self, method) for kind, method in _HANDLERS.items()
         }
+        # Messages that change no PV (the read gate's), handled by whom the loop says.
+        self._by_kind.update(others or {})
 
     def dispatch(self, peer: bytes, msg: wire.Message) -> None:
         """Handle one request (a WriteRun goes to ``write_run``)."""

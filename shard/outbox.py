@@ -8,12 +8,14 @@ peer served, all on the one ROUTER socket: one ordered stream per broker.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 import zmq
 
 from carelay.common import protocol
 from carelay.common.messages import Message, Pong, Reject
+from carelay.shard.gate import ReadGate
 
 #: Replies that change nothing, which a failed commit leaves as they are.
 _NOT_A_CHANGE = (Reject, Pong)
@@ -27,12 +29,15 @@ class Outbox:
         peers: Callable[[], Iterable[bytes]],
         lost: Callable[[bytes, int, zmq.ZMQError], None],
         epoch: int,
+        gate: ReadGate | None = None,
     ) -> None:
         #: The peers served (Admission.peers), to publish to.
         self._peers = peers
         #: Told of a peer that missed messages (it must resync).
         self._lost = lost
         self._epoch = epoch
+        #: Holds answers until the front-ends that watch their PVs have shown them.
+        self.gate = gate if gate is not None else ReadGate(epoch, 0.0)
         #: (peer, message) in the order they are to go.
         self.items: list[tuple[bytes, Message]] = []
         #: The ids of the messages in ``items`` that publish a change to the other peers.
@@ -68,7 +73,8 @@ class Outbox:
         The peers that only hear of others' changes go first, the peers answered last:
         every other front-end's copy of a change is on its way before the answer that
         completes the put, so a read through another front-end right after the put
-        completes finds it there."""
+        completes finds it there.  An answer that must wait until a front-end has shown
+        the change waits in the gate (see ReadGate), and goes when it no longer does."""
         items, self.items = self.items, []
         published = self._published
         per_peer: dict[bytes, list[Message]] = {}
@@ -78,12 +84,23 @@ class Outbox:
             if id(msg) not in published:
                 answered.add(peer)
         published.clear()
+        gate = self.gate
+        if gate.active:
+            gate.route(per_peer, answered, time.monotonic())
         for peer, msgs in sorted(per_peer.items(), key=lambda pm: pm[0] in answered):
-            for batch in protocol.batches(msgs):
-                frames = protocol.encode_batch(batch)
-                try:
-                    protocol.send_frames(sock, [peer, *frames])
-                except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
-                    # It gets nothing more of this batch: a later run would follow a gap.
-                    self._lost(peer, len(batch), e)
-                    break
+            self._send(sock, peer, msgs)
+        if gate.held:
+            for peer, msgs in gate.release():
+                self._send(sock, peer, msgs)
+
+    def _send(self, sock: zmq.Socket, peer: bytes, msgs: list[Message]) -> None:
+        if not msgs:
+            return  # all held
+        for batch in protocol.batches(msgs):
+            frames = protocol.encode_batch(batch)
+            try:
+                protocol.send_frames(sock, [peer, *frames])
+            except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
+                # It gets nothing more of this batch: a later run would follow a gap.
+                self._lost(peer, len(batch), e)
+                break

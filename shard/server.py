@@ -23,7 +23,7 @@ from pathlib import Path
 import zmq
 
 from carelay.common import exits, protocol
-from carelay.common.config import Config
+from carelay.common.config import SHOWN_WAIT, Config
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import (
     FreedMemory,
@@ -40,6 +40,7 @@ from carelay.common.messages import Applied, Message, Ping, Write
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
 from carelay.shard.autosave import Autosave, StoreHealth
+from carelay.shard.gate import ReadGate
 from carelay.shard.handler import RequestHandler
 from carelay.shard.outbox import Outbox
 from carelay.shard.persist import ShardDatabase, StoreDamaged, lock_path, lock_store
@@ -88,8 +89,10 @@ class ShardServer:
         self.epoch = random.getrandbits(62) | 1
         self.health = StoreHealth(index, config.autosave_period, db.path if db else None)
         self.autosave = Autosave(self.store, db, self.health, index)
-        self.outbox = Outbox(self._peers, self._lost, self.epoch)
+        self.gate = gate = ReadGate(self.epoch, SHOWN_WAIT)
+        self.outbox = Outbox(self._peers, self._lost, self.epoch, gate)
         self.admission = Admission(token, self.outbox.reply, self.epoch)
+        self.admission.on_drop = gate.forget
         self.requests = RequestHandler(
             self.store,
             self.autosave,
@@ -98,6 +101,7 @@ class ShardServer:
             self._commit,
             self.epoch,
             publish=self.outbox.publish,
+            others=gate.handlers(),
         )
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
@@ -291,6 +295,8 @@ class ShardServer:
                 for peer in self.admission.peers():
                     self.requests.pong(peer, 0)
                 self._send_replies()
+            if self.gate.expire(now):
+                self._send_replies()
             said = (self.store.seq, len(self.store), self.db.last_flush if self.db else None)
             if timers.status_due(now, self.health.status_due, said != self._status_said):
                 self.health.status_due = False
@@ -301,7 +307,8 @@ class ShardServer:
             # A failed store's refusal is timed, a flush in parts goes on by itself, and
             # without the signal pipe a stop is seen only after the wait.
             busy = self._wake_fd is None or self.health.store_error or autosave.saving_parts
-            timeout_ms = wait_ms(now, timers.due(autosave.unsaved), bool(busy))
+            due = min(timers.due(autosave.unsaved), self.gate.due())
+            timeout_ms = wait_ms(now, due, bool(busy))
         # What the broker sent before it stopped (it stops first) is applied and saved.
         while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
             pass

@@ -33,6 +33,7 @@ from carelay.broker.pva.inbox import Inbox
 from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
 from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
 from carelay.broker.requests import Requests
+from carelay.broker.sync import catch_up
 from carelay.broker.table import PvTable
 from carelay.common import fields
 from carelay.common.config import STARTUP_QUIET, Config
@@ -248,6 +249,11 @@ class PvaFrontEnd:
                 self.drop_channel(channel)
                 return
             target = self.table.new_pv(name)
+        if isinstance(target, PvaPV):
+            # What its shard sent already shows at once, and its later changes are shown
+            # before another front-end's put to it completes (see PvaSync).
+            catch_up(self.sync, self.links[target.shard])
+            self.sync.watch(name, True)
         target.bind(channel)
 
     def recheck_channels(self) -> None:
@@ -267,8 +273,10 @@ class PvaFrontEnd:
     def drop_channel(self, channel) -> None:
         """Close ``channel`` and forget it: the next client of its name gets a new one."""
         with self.channel_lock:
-            if self.channels.get(channel.name) is channel:
+            if dropped := self.channels.get(channel.name) is channel:
                 del self.channels[channel.name]
+        if dropped and channel.name not in self.controls:
+            self.sync.watch(channel.name, False)
         channel.shut()
 
     def _target(self, channel):

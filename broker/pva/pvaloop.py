@@ -19,7 +19,9 @@ from carelay.broker.loop import Loop
 from carelay.broker.sync import ShardSync
 from carelay.common.config import STATUS_INTERVAL
 from carelay.common.lifecycle import StopFlag
+from carelay.common.messages import Confirm, Shown, Watch
 from carelay.common.protocol import BATCH_MAX
+from carelay.common.sharding import shard_for
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,40 @@ _TICK = 0.01
 
 
 class PvaSync(ShardSync):
-    """ShardSync whose poll also wakes for the inbox (see front.py)."""
+    """ShardSync whose poll also wakes for the inbox (see front.py), and which tells the
+    shards which PVs its channels serve.
+
+    pvxs answers a get from the value last posted to the channel, with no hook for the
+    front-end to take what its shard sent first.  So each shard learns which of its PVs
+    have a channel here (WATCH), holds the answer to another front-end's put to one of
+    them until this front-end has taken the change (it sends a CONFIRM after the change,
+    answered by a SHOWN: see shard/gate.py), and a get right after that put completed
+    reads the new value."""
+
+    def __init__(self, broker) -> None:
+        super().__init__(broker)
+        self._by_kind[Confirm] = self._confirm
+
+    def watch(self, name: str, on: bool) -> None:
+        """A channel of ``name`` now serves it (``on``), or no longer.  A shard not in
+        sync hears of it when it is (``_resync``)."""
+        link = self.links[shard_for(name, len(self.links))]
+        if link.live:
+            link.send(Watch(0, name, on))
+
+    def _confirm(self, link, msg: Confirm) -> None:
+        # Every change before it is applied and posted: the channels show them.
+        link.send(Shown(0, msg.token))
+
+    def _resync(self, link, end) -> None:
+        """In sync again: the shard (maybe a new process) learns the PVs watched here."""
+        super()._resync(link, end)
+        with self.broker.channel_lock:
+            names = [n for n in self.broker.channels if n not in self.broker.controls]
+        for name in names:
+            if shard_for(name, len(self.links)) == link.index:
+                link.queue(Watch(0, name, True))
+        link.send_queued()
 
     def poll(self, timeout_ms: float) -> int:
         socks = {link.sock: link for link in self.links if link.sock is not None}

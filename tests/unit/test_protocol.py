@@ -17,6 +17,7 @@ from carelay.common.messages import (
     KINDS,
     Ack,
     Applied,
+    Confirm,
     Delete,
     Deleted,
     FieldChanged,
@@ -26,10 +27,12 @@ from carelay.common.messages import (
     Put,
     Reject,
     SetField,
+    Shown,
     Snapshot,
     SnapshotBegin,
     SnapshotEnd,
     Update,
+    Watch,
     Write,
 )
 from carelay.common.protocol import (
@@ -70,6 +73,9 @@ EVERY_KIND = [
     SnapshotEnd(24, 25, "disk full", 26),
     Pong(27, 28, 29, "", 30, 31, 32.5, {"buckets": [0.1], "counts": [1, 2], "sum": 3.0}, 4096, 33),
     Applied(34, 35, 36),
+    Watch(37, "R:a_f1", True),
+    Shown(38, 39),
+    Confirm(40, 41),
 ]
 
 

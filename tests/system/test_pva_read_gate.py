@@ -1,0 +1,93 @@
+"""A CA put with callback to a PV a PVA client holds completes once the PVA front-end
+shows it, so a PVA get right after it reads the new value; a PVA front-end that hangs
+delays CA puts by SHOWN_WAIT once, and a shard that restarts learns again which PVs the
+PVA front-end watches.
+
+CA puts go through caproto's client (a failed put raises); PVA reads through p4p.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.system.clients import put
+from tests.system.conftest import Relay, _report_log, wait_for
+from tests.system.pva import PvaRelay, pva_context
+from tests.system.test_pva_faults import _role_pid
+
+pytest.importorskip("p4p")
+
+
+@pytest.fixture
+def pva_relay(tmp_path, request):
+    """A relay of the test's own, with PVA and one shard: the test stops its processes."""
+    Relay.give_way()
+    (tmp_path / "gate").mkdir()
+    relay = PvaRelay(tmp_path / "gate", shards=1)
+    try:
+        yield relay.start()
+    finally:
+        relay.stop()
+        _report_log(request, relay)
+
+
+def _stale_reads(pv, ctx, name: str, values) -> list:
+    """CA put with callback each value, then a PVA get at once: the reads that missed."""
+    stale = []
+    for v in values:
+        pv.write([v], wait=True, timeout=5)
+        if (got := ctx.get(name, timeout=5)) != v:
+            stale.append((v, float(got)))
+    return stale
+
+
+def test_a_hung_pva_front_end_delays_ca_puts_once_and_is_waited_for_again_after(pva_relay, ca):
+    relay = pva_relay
+    name = relay.name("hang", "f1")
+    put(name, 0.0)
+    ctx = pva_context()
+    pid = _role_pid(relay, "pva")
+    try:
+        assert ctx.get(name, timeout=5) == 0.0  # the PVA front-end now watches it
+        (pv,) = ca.get_pvs(name)
+        pv.wait_for_connection(timeout=5)
+        assert _stale_reads(pv, ctx, name, [1.0, 2.0, 3.0]) == []
+        offset = len(relay.log())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # Every CA put completes: the first after SHOWN_WAIT, the next at once.
+            for v in (4.0, 5.0, 6.0):
+                pv.write([v], wait=True, timeout=5)
+            relay.wait_log("did not show a change within", start=offset)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: ctx.get(name, timeout=5) == 6.0, what="PVA to catch up")
+        # Its answer to a CONFIRM ends the lag: reads right after puts are fresh again.
+        pv.write([7.0], wait=True, timeout=5)
+        relay.wait_log("a front-end caught up", start=offset)
+        assert _stale_reads(pv, ctx, name, [float(k) for k in range(8, 28)]) == []
+    finally:
+        ctx.close()
+
+
+@pytest.mark.slow
+def test_a_restarted_shard_learns_again_what_the_pva_front_end_watches(pva_relay, ca):
+    relay = pva_relay
+    name = relay.name("again", "f1")
+    put(name, 0.0)
+    ctx = pva_context()
+    try:
+        assert ctx.get(name, timeout=5) == 0.0
+        shard = _role_pid(relay, "shard 0")
+        offset = len(relay.log())
+        os.kill(shard, signal.SIGKILL)
+        relay.wait_log(" pva: shard 0 in sync", start=offset)
+        relay.wait_log(" broker: shard 0 in sync", start=offset)
+        (pv,) = ca.get_pvs(name)
+        wait_for(lambda: pv.read(timeout=5).data[0] == 0.0, what="CA to serve it again")
+        assert _stale_reads(pv, ctx, name, [float(k) for k in range(1, 41)]) == []
+    finally:
+        ctx.close()
