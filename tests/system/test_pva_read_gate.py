@@ -88,6 +88,6 @@ def test_a_restarted_shard_learns_again_what_the_pva_front_end_watches(pva_relay
         relay.wait_log(" broker: shard 0 in sync", start=offset)
         (pv,) = ca.get_pvs(name)
         wait_for(lambda: pv.read(timeout=5).data[0] == 0.0, what="CA to serve it again")
-        assert _stale_reads(pv, ctx, name, [float(k) for k in range(1, 41)]) == []
+        assert _stale_reads(pv, ctx, name, [float(k) for k in range(1, 101)]) == []
     finally:
         ctx.close()
