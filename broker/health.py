@@ -388,6 +388,7 @@ class Health:
             "put_callback": self.put_callback,
             "shards": shards,
             "brokers": self.peers.sample(broker.ready, circuits, put_rate[0]) if self.peers else [],
+            "pva": self.peers.pva() if self.peers else None,
         }
         # The histograms are copied: the loop goes on moving its own.
         snap["put_callback"] = Histogram.from_dict(self.put_callback.as_dict())

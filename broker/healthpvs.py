@@ -257,6 +257,7 @@ def relay_metas(shards: int, autosave_period: float) -> dict[str, Meta]:
         "BROKER": Meta("i", "Which CA broker this is ([[ca]])"),
         "BROKER_CNT": Meta("i", "CA brokers of the relay"),
         "BROKER_UP_CNT": Meta("i", "CA brokers serving"),
+        "PVA_UP": Meta("i", "PVA front-end serving (pva = true)"),
         "LAST_ERROR": Meta("c", "Last refusal or failure", count=ERROR_LINE_MAX + 1),
         "ERRORS": Meta("c", "Last refusals and failures", count=errors_count),
     }
@@ -337,6 +338,7 @@ class HealthPVs:
         pvs[b + "CPU_LOAD"].set(round(snap["cpu_load"], 1))
         pvs[b + "FD_FREE"].set(snap["fd_free"])
         self._brokers(snap["brokers"])
+        self._pva(snap.get("pva"))
         pvs[b + "LAST_ERROR"].set(errors.last)
         pvs[b + "ERRORS"].set(errors.text())
         for s in snap["shards"]:
@@ -362,3 +364,14 @@ class HealthPVs:
         short = any(x["known"] and not x["up"] for x in brokers)
         alarm = fields.LOW_ALARM if short else fields.NO_ALARM
         pvs[b + "BROKER_UP_CNT"].set(up, alarm, fields.MINOR if short else fields.NO_SEVERITY)
+
+    def _pva(self, pva: dict | None) -> None:
+        """1 while the PVA front-end serves; a MAJOR STATE alarm while it does not, where
+        that can be told from here.  0 with no alarm: no PVA front-end configured."""
+        pv = self.pvs[self.base + "PVA_UP"]
+        if pva is None:
+            pv.set(0)
+        elif pva["up"] or not pva["known"]:
+            pv.set(int(pva["up"]))
+        else:
+            pv.set(0, STATE_ALARM, fields.MAJOR)

@@ -103,7 +103,9 @@ def run_broker(config: Config, index: int = 0) -> int:
         broker.status_path = status_path(config.run_dir, broker_role(index))
     # Under `carelay up` every broker runs here; one started alone may have peers elsewhere.
     here = supervised(config.data_dir)
-    broker.health.peers = PeerBrokers(config.run_dir, config.brokers, index, all_here=here)
+    broker.health.peers = PeerBrokers(
+        config.run_dir, config.brokers, index, all_here=here, pva=config.pva
+    )
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
     if followed:
         from carelay.broker.sockethooks import DeniedPuts, watch_denied

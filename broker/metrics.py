@@ -86,6 +86,11 @@ class HealthCollector(Collector):
         )
         yield from self._shards(snap["shards"])
         yield from self._brokers(snap.get("brokers") or [])
+        pva = snap.get("pva")
+        if pva is not None and pva["known"]:
+            yield GaugeMetricFamily(
+                "carelay_pva_up", "1 while the PVA front-end serves", value=int(pva["up"])
+            )
 
     def _shards(self, shards: list[dict]):
         state = StateSetMetricFamily("carelay_shard_state", "State of each shard", labels=["shard"])

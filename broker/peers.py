@@ -42,11 +42,15 @@ class PeerBrokers:
     alone knows only those whose status files it finds: the others may serve from
     another host, and are neither counted nor judged (``known`` False)."""
 
-    def __init__(self, run_dir: Path, count: int, index: int, all_here: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, count: int, index: int, all_here: bool = True, pva: bool = False
+    ) -> None:
         self.run_dir = run_dir
         self.count = count
         self.index = index
         self.all_here = all_here
+        #: The relay has a PVA front-end (``pva = true``).
+        self.pva_configured = pva
         #: The pids of the other brokers found serving at the last sample (for CPU_LOAD
         #: and MEM_USED, which cover every relay process of this host).
         self.pids: list[int] = []
@@ -91,3 +95,16 @@ class PeerBrokers:
             )
         self.pids = pids
         return out
+
+    def pva(self) -> dict | None:
+        """The PVA front-end, as its status file says: ``known`` (its state can be told
+        from here: ``all_here``, or its file is here) and ``up`` (serving); None without
+        one.  After ``sample``: a PVA front-end serving adds its pid to ``pids``."""
+        if not self.pva_configured:
+            return None
+        path = status_path(self.run_dir, "pva")
+        own = read_status(path)
+        up = _serving(path, own, time.time())
+        if up:
+            self.pids.append(own["pid"])
+        return {"known": self.all_here or own is not None, "up": up}
