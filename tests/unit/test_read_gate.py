@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zmq
 
 from carelay.common.config import load_config
 from carelay.common.messages import (
@@ -27,38 +26,20 @@ from carelay.common.messages import (
     Watch,
     Write,
 )
-from carelay.common.protocol import decode_batch, encode_batch
+from carelay.common.protocol import encode_batch
 from carelay.shard.server import ShardServer
+from tests.unit.recording_router import RecordingRouter
 
 PREFIX = "G:"
 A, W, B = b"ca broker A", b"pva front-end W", b"ca broker B"
 X, Y = f"{PREFIX}x_f1", f"{PREFIX}y_f1"
 
 
-class _Socket:
-    """Records what a ROUTER would be given: (peer, decoded messages) per multipart."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, list]] = []
-        self._frames: list = []
-
-    def send(self, frame, flags=0, copy=True) -> None:
-        self._frames.append(bytes(frame))
-        if not flags & zmq.SNDMORE:
-            peer, *frames = self._frames
-            self._frames = []
-            self.sent.append((peer, decode_batch(frames)))
-
-    def to(self, peer: bytes) -> list:
-        """Everything sent to ``peer`` so far, in order."""
-        return [m for p, msgs in self.sent if p == peer for m in msgs]
-
-
 @pytest.fixture
 def server(tmp_path):
     config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
     s = ShardServer(config, 0)
-    s._sock = _Socket()
+    s._sock = RecordingRouter()
     for peer, broker in ((A, "a"), (W, "w"), (B, "b")):
         s.handle(peer, encode_batch([Hello(1, "", broker)]))
     s.handle(A, encode_batch([Put(X, 2, 0.0, np.array([0.0])), Put(Y, 3, 0.0, np.array([0.0]))]))

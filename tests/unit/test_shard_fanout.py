@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zmq
 
 from carelay.common.config import load_config
 from carelay.common.messages import (
@@ -23,8 +22,9 @@ from carelay.common.messages import (
     Update,
     Write,
 )
-from carelay.common.protocol import WriteRun, decode_batch, encode_batch
+from carelay.common.protocol import WriteRun, encode_batch
 from carelay.shard.server import ShardServer
+from tests.unit.recording_router import RecordingRouter
 
 PREFIX = "U:"
 A, B = b"front-end A", b"front-end B"
@@ -119,27 +119,12 @@ def test_one_front_end_alone_is_sent_no_applied_counts(tmp_path):
     assert _send(server, A, [Write(SCALAR, 0, 0.0, np.array([1.0]))])[A] == []
 
 
-class _Socket:
-    """Records what a ROUTER would be given: (peer, decoded messages) per multipart."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, list]] = []
-        self._frames: list = []
-
-    def send(self, frame, flags=0, copy=True) -> None:
-        self._frames.append(bytes(frame))
-        if not flags & zmq.SNDMORE:
-            peer, *frames = self._frames
-            self._frames = []
-            self.sent.append((peer, decode_batch(frames)))
-
-
 def test_the_other_front_ends_are_sent_a_change_before_its_sender_is_answered(server):
     # A put with callback from A completes when A has the answer; by then B must have
     # been handed the change, so that a read through B at once finds the new value.
     server.handle(A, encode_batch([Put(SCALAR, 7, 0.0, np.array([2.5]), callback=True)]))
     server._commit()
-    sock = _Socket()
+    sock = RecordingRouter()
     server.outbox.send(sock)
     peers = [peer for peer, _ in sock.sent]
     assert peers.index(B) < peers.index(A)
