@@ -2,14 +2,16 @@
 
     python -m bench --only W7,W8 --servers carelay,control
 
-- **W7 cross-protocol latency** (carelay only): on one relay with PVA, a CA writer at
-  ``w2_rate`` Hz (W2's ``latency_writer``, stamping ``time.time()``) and ``w2_monitors``
-  PVA monitors; then the reverse, a PVA writer at the same rate and as many CA monitors
-  (W2's ``latency_monitor``).  ``w2_puts`` puts each way.  Figures per direction
+- **W7 cross-protocol latency**: on one relay with PVA, a CA writer at ``w2_rate`` Hz
+  (W2's ``latency_writer``, stamping ``time.time()``) and ``w2_monitors`` PVA monitors;
+  then the reverse, a PVA writer at the same rate and as many CA monitors (W2's
+  ``latency_monitor``).  ``w2_puts`` puts each way.  Figures per direction
   (``ca_to_pva``, ``pva_to_ca``): p50, p99 and max put-to-monitor latency, the events
   received, the writer's late puts and its rate.  The PVA writer does not wait for each
   put's completion (p4p's raw put, completed in the background), as the CA writer puts
-  without callback; it waits for them all at the end.
+  without callback; it waits for them all at the end.  On the control for PVA, the
+  same PVA writer and as many PVA monitors, in the ``pva_to_ca`` column: what this
+  machine gives a p4p writer and p4p monitors through one server process, no relay.
 - **W8 PVA puts/s**: the largest W1 client count of p4p clients, each ``w1_puts // 4``
   puts to its own f1 PV, one at a time (each waits for its completion), then a get that
   must read the last value; against carelay with PVA and against the control for PVA,
@@ -147,18 +149,21 @@ class PvaControlServer(_PvaPorts, Server):
 
 
 def w7(bench, kind: str) -> dict:
-    """W7 on ``kind``; nothing for another server than carelay."""
-    if kind != "carelay":
+    """W7 on ``kind``: both ways on carelay, PVA to PVA on the control; nothing on softioc."""
+    if kind not in ("carelay", "control"):
         return {}
     p = bench.params
-    srv = CarelayPvaServer(bench.ports, p.carelay_shards)
+    if kind == "carelay":
+        srv = CarelayPvaServer(bench.ports, p.carelay_shards)
+        ways = (("ca_to_pva", CA_WRITER, PVA_MONITOR), ("pva_to_ca", PVA_WRITER, CA_MONITOR))
+    else:
+        srv = PvaControlServer(bench.ports)
+        srv.records = [(f"{srv.prefix}w7pvatoca_f1", "f", 1)]
+        ways = (("pva_to_ca", PVA_WRITER, PVA_MONITOR),)
     bench.started.append(srv)
     out = {}
     with srv:
-        for way, writer, monitor in (
-            ("ca_to_pva", CA_WRITER, PVA_MONITOR),
-            ("pva_to_ca", PVA_WRITER, CA_MONITOR),
-        ):
+        for way, writer, monitor in ways:
             name = f"{srv.prefix}w7{way.replace('_', '')}_f1"
             clients = [(writer, _kw(writer, srv, name=name, n=p.w2_puts, rate=p.w2_rate))]
             clients += [(monitor, _kw(monitor, srv, name=name))] * p.w2_monitors
@@ -209,11 +214,11 @@ def _kw(fn: str, srv, **kw) -> dict:
 
 
 def rows(params) -> list[Row]:
-    """The table rows of W7 (carelay only, per direction) and W8."""
+    """The table rows of W7 (per direction) and W8."""
     out = []
     for way, what in (
         ("ca_to_pva", "CA put to PVA monitor"),
-        ("pva_to_ca", "PVA put to CA monitor"),
+        ("pva_to_ca", "PVA put to CA monitor (control: to PVA monitor)"),
     ):
         out += [
             Row("W7", f"{what}, latency p50 (ms)", f"p50_ms_{way}"),
