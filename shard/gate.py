@@ -10,8 +10,9 @@ before it.  Each answered front-end's stream stays in order; the others' streams
 wait.
 
 A watching front-end that does not answer within ``wait`` seconds (hung, or far behind)
-is lagging: the answers go, and later ones no longer wait for it until it answers a
-CONFIRM again.  So a front-end that dies or hangs costs the others one wait at most.
+is lagging: the answers go, and later ones no longer wait for it until it has caught up
+(answered the newest CONFIRM it was sent).  So a front-end that dies or hangs costs the
+others one wait at most, and one that stays behind one wait each time it catches up.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class ReadGate:
         self.watches: dict[bytes, set[str]] = {}
         #: Watching front-ends that did not answer in time: nothing waits for them.
         self.lagging: set[bytes] = set()
+        #: The newest CONFIRM sent to each lagging front-end: answering it ends the lag.
+        self._newest: dict[bytes, int] = {}
         #: Per answered front-end, what waits to go to it, oldest first.
         self.held: dict[bytes, collections.deque[_Held]] = {}
         self._token = 0
@@ -92,8 +95,11 @@ class ReadGate:
 
     def shown(self, peer: bytes, token: int) -> None:
         """``peer`` has shown every change before CONFIRM ``token``."""
-        if peer in self.lagging:
+        if peer in self.lagging and token >= self._newest.get(peer, 0):
+            # Caught up: it answered the newest one.  An older answer leaves it lagging,
+            # so a front-end that stays behind does not cost every put a wait.
             self.lagging.discard(peer)
+            del self._newest[peer]
             log.info("a front-end caught up: answers wait for it again")
         for queue in self.held.values():
             for held in queue:
@@ -105,6 +111,7 @@ class ReadGate:
         """``peer`` is served no more: nothing waits for it, and nothing is held for it."""
         self.watches.pop(peer, None)
         self.lagging.discard(peer)
+        self._newest.pop(peer, None)
         self.held.pop(peer, None)
         for queue in self.held.values():
             for held in queue:
@@ -132,7 +139,7 @@ class ReadGate:
                 watchers = self._watchers(msg.name, peer)
                 if not watchers:
                     continue
-                # A lagging front-end is sent the CONFIRM too: its answer ends its lag.
+                # A lagging front-end is sent the CONFIRM too: its answer may end its lag.
                 confirm_to |= watchers
                 token = token or self._next_token()
                 if watchers - self.lagging:
@@ -148,6 +155,8 @@ class ReadGate:
         if token:
             confirm = Confirm(token, self.epoch)
             for peer in confirm_to:
+                if peer in self.lagging:
+                    self._newest[peer] = token
                 queue = self.held.get(peer)
                 if queue:
                     queue[-1].msgs.append(confirm)
@@ -172,19 +181,23 @@ class ReadGate:
         True when an answer stopped waiting (``release`` has it)."""
         if self.due() > now:
             return False
+        late: set[bytes] = set()
         for queue in self.held.values():
             for held in queue:
-                if held.waiting and held.deadline <= now:
-                    late = held.waiting - self.lagging
-                    if late:
-                        log.warning(
-                            "%d front-end(s) did not show a change within %g s: answers go "
-                            "without waiting for them until they catch up",
-                            len(late),
-                            self.wait,
-                        )
-                    self.lagging |= held.waiting
-                    held.waiting.clear()
+                if held.deadline <= now:
+                    late |= held.waiting
+        log.warning(
+            "%d front-end(s) did not show a change within %g s: answers go without "
+            "waiting for them until they catch up",
+            len(late),
+            self.wait,
+        )
+        for peer in late:
+            self._newest[peer] = self._token
+        self.lagging |= late
+        for queue in self.held.values():
+            for held in queue:
+                held.waiting -= late
         return True
 
     def due(self) -> float:

@@ -180,3 +180,36 @@ def test_a_watcher_that_is_held_itself_gets_its_confirm_after_what_it_waits_for(
     assert got[2].data.tolist() == [2.0]
     _batch(server, W, [Shown(0, got[-1].token)])
     assert [m.req for m in server._sock.to(A) if type(m) is Ack] == [7]
+
+
+def test_a_lagging_watcher_that_answers_an_older_confirm_stays_lagging(server):
+    gate = server.gate
+    _batch(server, W, [Watch(0, X, True)])
+    _batch(server, A, [_write(1.0, 7)])
+    old = _token(server, W)
+    gate.expire(gate.due())
+    server._send_replies()
+    _batch(server, A, [_write(2.0, 8)])
+    newest = _token(server, W)
+    # Still behind: it answers the CONFIRM from before its lag, not the newest one.
+    _batch(server, W, [Shown(0, old)])
+    _batch(server, A, [_write(3.0, 9)])
+    assert [m.req for m in server._sock.to(A) if type(m) is Ack] == [7, 8, 9]
+    assert newest < _token(server, W)
+    # Once it answers the newest CONFIRM it was sent, answers wait for it again.
+    _batch(server, W, [Shown(0, _token(server, W))])
+    _batch(server, A, [_write(4.0, 10)])
+    assert [m.req for m in server._sock.to(A) if type(m) is Ack] == [7, 8, 9]
+
+
+def test_every_answer_held_for_a_watcher_goes_once_it_is_lagging(server):
+    gate = server.gate
+    _batch(server, W, [Watch(0, X, True), Watch(0, Y, True)])
+    _batch(server, A, [_write(1.0, 7)])
+    _batch(server, B, [_write(2.0, 8, name=Y)])
+    # A's answer expires first; B's, held for the same watcher, goes with it.
+    assert gate.expire(gate.held[A][0].deadline)
+    server._send_replies()
+    assert [m.req for m in server._sock.to(A) if type(m) is Ack] == [7]
+    assert [m.req for m in server._sock.to(B) if type(m) is Ack] == [8]
+    assert gate.held == {}
