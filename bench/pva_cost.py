@@ -1,18 +1,20 @@
 """``python -m bench.pva_cost``: where a PVA put with completion goes, thread by thread.
 
 W8's clients (``--clients`` p4p clients, ``--n`` puts each to its own ``f1`` PV, each
-put waiting for its completion) against carelay with ``pva = true`` (2 shards) and
-against the PVA control.  Every thread of the server is read from /proc when the puts
-start and when the clients are done (see bench/callback_cost.py): CPU time and context
-switches per put, by process (pva, shard0, broker, control, ...) and thread, named as
-the kernel names it (p4p's network thread is ``PVXTCP``, ZeroMQ's I/O threads
-``ZMQbg/IO/0``), the main thread ``main``.  ``--clients 1`` shows the round trip of one
-put at a time; W8's four show its CPU per put under load.
+put waiting for its completion) against carelay with ``pva = true`` (2 shards, the
+clients' PVs spread evenly over them in every run) and against the PVA control.  Every
+thread of the server is read from /proc when the puts start and when the clients are
+done (see bench/callback_cost.py): CPU time and context switches per put, by process
+(pva, shard0, broker, control, ...) and thread, named as the kernel names it (p4p's
+network thread is ``PVXTCP``, ZeroMQ's I/O threads ``ZMQbg/IO/0``), the main thread
+``main``.  ``--clients 1`` shows the round trip of one put at a time; W8's four show
+its CPU per put under load.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing
 import os
 import sys
@@ -21,11 +23,26 @@ from collections import Counter
 from bench import callback_cost
 from bench.phase import run_phase
 from bench.pva import CarelayPvaServer, PvaControlServer, pva_available
+from carelay.common.sharding import shard_for
+
+#: carelay's shards here, as in W8.
+CARELAY_SHARDS = 2
 
 SERVERS = {
-    "carelay": lambda ports: CarelayPvaServer(ports, shards=2),
+    "carelay": lambda ports: CarelayPvaServer(ports, shards=CARELAY_SHARDS),
     "control": lambda ports: PvaControlServer(ports),
 }
+
+
+def spread_names(prefix: str, clients: int, shards: int) -> list[str]:
+    """One ``f1`` name per client, client k's on shard k % shards: the same spread in
+    every run (W8's names fall on the shards as the random prefix makes them, and a
+    shard that serves several clients answers several puts per batch)."""
+    names: list[str] = []
+    candidates = (f"{prefix}cost{j}_f1" for j in itertools.count())
+    for k in range(clients):
+        names.append(next(n for n in candidates if shard_for(n, shards) == k % shards))
+    return names
 
 
 def _thread(pid: int, tid: int) -> str:
@@ -54,7 +71,7 @@ class _NamedSampler(callback_cost.ThreadSampler):
 
 def measure(kind: str, clients: int, n: int, mp) -> dict:
     server = SERVERS[kind](set())
-    names = [f"{server.prefix}cost{k}_f1" for k in range(clients)]
+    names = spread_names(server.prefix, clients, CARELAY_SHARDS)
     server.records = [(name, "f", 1) for name in names]
     writers = [
         ("bench.pva.pva_put_writer", {"name": name, "n": n, "base": 1e6 * k, "conf": server.conf})
