@@ -258,7 +258,9 @@ class ShardServer:
         ready = self._poller.poll(timeout_ms)
         if not ready:
             return 0
-        if self._wake_fd is not None:
+        # Read only when a signal wrote: a look at an empty pipe is a system call (and
+        # an exception) per batch.
+        if self._wake_fd is not None and any(s == self._wake_fd for s, _ in ready):
             drain_wakeup_fd(self._wake_fd)
         n = 0
         while n < _BATCH:

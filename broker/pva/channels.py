@@ -9,8 +9,10 @@ answers from what the loop keeps, under the front-end's channel lock (see front.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
+import threading
 
 from p4p import Value
 from p4p.nt import NTScalar
@@ -24,6 +26,28 @@ log = logging.getLogger(__name__)
 def nt_type(code: str):
     """The NTScalar (or NTScalarArray) type with every metadata field the relay fills."""
     return NTScalar.buildType(code, display=True, control=True, valueAlarm=True, form=True)
+
+
+class _ThreadStates(threading.local):
+    """Keeps the Python thread state of each p4p thread that calls in.
+
+    p4p enters Python from its own threads through PyGILState_Ensure, and its
+    PyGILState_Release deletes a thread state it made: each call into Python from a
+    p4p thread made a thread state and deleted it again, mapping and unmapping its
+    frame stack each time (system calls, TLB shootdowns on the other cores).  One more
+    Ensure, never released, keeps the state for the thread's life (the p4p threads end
+    with the server, before the interpreter).  A ``threading.local`` lives in the
+    thread state, so ``kept`` is False again exactly when a new one was made."""
+
+    kept = False
+
+    def keep(self) -> None:
+        if not self.kept:
+            ctypes.pythonapi.PyGILState_Ensure()
+            self.kept = True
+
+
+_states = _ThreadStates()
 
 
 def _run(op, method, args) -> None:
@@ -64,6 +88,7 @@ class Channel(SharedPV):
         super().__init__(handler=_Calls(front))
 
     def _exec(self, op, method, *args) -> None:
+        _states.keep()
         self._front.inbox.push(_run, op, method, args)
 
     def open(self, code: str, fields: dict) -> None:  # type: ignore[override]
@@ -88,6 +113,7 @@ class Names:
         self.front = front
 
     def testChannel(self, name: str):  # noqa: N802 - p4p's name
+        _states.keep()
         answer = self.front.test_channel(name)
         return DynamicProvider.NotYet if answer is None else answer
 

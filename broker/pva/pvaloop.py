@@ -70,6 +70,15 @@ class PvaSync(ShardSync):
                 link.queue(Watch(0, name, True))
         link.send_queued()
 
+    #: The last poll found the inbox's pipe readable: queued calls wait for ``run``.  The
+    #: loop runs the inbox only then: a look at an empty pipe costs a system call (and
+    #: the exception of a read that would block) on each turn, and a put takes several.
+    inbox_due = False
+
+    def __init__(self, broker) -> None:
+        super().__init__(broker)
+        self._polled = None  # the inbox is polled even while no shard has a socket
+
     def poll(self, timeout_ms: float) -> int:
         socks = {link.sock: link for link in self.links if link.sock is not None}
         for link in self.links:
@@ -86,7 +95,8 @@ class PvaSync(ShardSync):
         for sock, _ in self._poller.poll(timeout_ms):
             link = socks.get(sock)
             if link is None:
-                continue  # the inbox: run by the loop after the poll
+                self.inbox_due = True  # the inbox: run by the loop after the poll
+                continue
             n += self.drain(link) if sock is link.sock else self._drain_parked(link, sock)
         return n
 
@@ -109,7 +119,9 @@ class PvaLoop(Loop):
             else:
                 timeout = _QUIET_POLL_MS
             sync.poll(timeout)
-            inbox.run()
+            if sync.inbox_due:
+                sync.inbox_due = False
+                inbox.run()
             for link in links:
                 if link.urgent or link.queued >= BATCH_MAX:
                     requests.send(link)

@@ -1,0 +1,126 @@
+"""``python -m bench.pva_cost``: where a PVA put with completion goes, thread by thread.
+
+W8's clients (``--clients`` p4p clients, ``--n`` puts each to its own ``f1`` PV, each
+put waiting for its completion) against carelay with ``pva = true`` (2 shards, the
+clients' PVs spread evenly over them in every run) and against the PVA control.  Every
+thread of the server is read from /proc when the puts start and when the clients are
+done (see bench/callback_cost.py): CPU time and context switches per put, by process
+(pva, shard0, broker, control, ...) and thread, named as the kernel names it (p4p's
+network thread is ``PVXTCP``, ZeroMQ's I/O threads ``ZMQbg/IO/0``), the main thread
+``main``.  ``--clients 1`` shows the round trip of one put at a time; W8's four show
+its CPU per put under load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing
+import os
+import sys
+from collections import Counter
+
+from bench import callback_cost
+from bench.phase import run_phase
+from bench.pva import CarelayPvaServer, PvaControlServer, pva_available
+from carelay.common.sharding import shard_for
+
+#: carelay's shards here, as in W8.
+CARELAY_SHARDS = 2
+
+SERVERS = {
+    "carelay": lambda ports: CarelayPvaServer(ports, shards=CARELAY_SHARDS),
+    "control": lambda ports: PvaControlServer(ports),
+}
+
+
+def spread_names(prefix: str, clients: int, shards: int) -> list[str]:
+    """One ``f1`` name per client, client k's on shard k % shards: the same spread in
+    every run (W8's names fall on the shards as the random prefix makes them, and a
+    shard that serves several clients answers several puts per batch)."""
+    names: list[str] = []
+    candidates = (f"{prefix}cost{j}_f1" for j in itertools.count())
+    for k in range(clients):
+        names.append(next(n for n in candidates if shard_for(n, shards) == k % shards))
+    return names
+
+
+def _thread(pid: int, tid: int) -> str:
+    """``main``, or the kernel's name of the thread (``PVXTCP``, ``ZMQbg/IO/0``, ...)."""
+    if tid == pid:
+        return "main"
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "other"
+
+
+class _NamedSampler(callback_cost.ThreadSampler):
+    """ThreadSampler that also notes each thread's name while the server runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: dict[tuple[int, int], str] = {}
+
+    def stop(self) -> None:
+        super().stop()
+        for pid, tid in self.after or {}:
+            self.names.setdefault((pid, tid), _thread(pid, tid))
+
+
+def measure(kind: str, clients: int, n: int, mp) -> dict:
+    server = SERVERS[kind](set())
+    names = spread_names(server.prefix, clients, CARELAY_SHARDS)
+    server.records = [(name, "f", 1) for name in names]
+    writers = [
+        ("bench.pva.pva_put_writer", {"name": name, "n": n, "base": 1e6 * k, "conf": server.conf})
+        for k, name in enumerate(names, start=1)
+    ]
+    sampler = _NamedSampler()
+    with server:
+        r = run_phase(mp, server, writers, list(range(clients)), profiler=sampler)
+    total = clients * n
+    cpu: Counter = Counter()
+    switches: Counter = Counter()
+    for (pid, tid), (k, c1, s1) in sampler.after.items():
+        _, c0, s0 = sampler.before.get((pid, tid), (k, 0.0, 0))
+        key = f"{k.split()[0]} {sampler.names.get((pid, tid), 'other')}"
+        cpu[key] += c1 - c0
+        switches[key] += s1 - s0
+    return {
+        "puts_per_s": total / r.driver_span(range(clients)),
+        "round_trip_us": r.driver_span(range(clients)) / n * 1e6,
+        "cpu_us": {k: v / total * 1e6 for k, v in cpu.items()},
+        "switches": {k: v / total for k, v in switches.items()},
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.pva_cost", description=__doc__)
+    ap.add_argument("--n", type=int, default=5000, help="puts per client (default 5000)")
+    ap.add_argument("--clients", type=int, default=4, help="p4p clients (default 4, as W8)")
+    ap.add_argument("--servers", default="carelay,control")
+    args = ap.parse_args(argv)
+    why = pva_available()
+    if why is not None:
+        print(why, file=sys.stderr)
+        return 2
+    mp = multiprocessing.get_context("spawn")
+    for kind in args.servers.split(","):
+        r = measure(kind, args.clients, args.n, mp)
+        print(
+            f"{kind}: {r['puts_per_s']:.0f} PVA puts/s, {r['round_trip_us']:.0f} us per put "
+            f"and client, {args.clients} client(s); load {os.getloadavg()[0]:.2f}"
+        )
+        print(f"  {'thread':28s} {'CPU us/put':>10s} {'switches/put':>13s}")
+        for k in sorted(r["cpu_us"], key=lambda k: -r["cpu_us"][k]):
+            if r["cpu_us"][k] or r["switches"][k]:
+                print(f"  {k:28s} {r['cpu_us'][k]:10.1f} {r['switches'][k]:13.2f}")
+        cpu, switches = sum(r["cpu_us"].values()), sum(r["switches"].values())
+        print(f"  {'all':28s} {cpu:10.1f} {switches:13.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

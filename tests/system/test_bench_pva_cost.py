@@ -1,0 +1,36 @@
+"""Smoke test of ``python -m bench.pva_cost`` at a tiny size: it runs against carelay
+with PVA and the PVA control and names the threads a PVA put crosses.  No timed
+assertions: the figures depend on the machine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.system.test_bench_smoke import run_bench
+
+pytestmark = pytest.mark.system
+pytest.importorskip("p4p")
+
+
+def test_pva_cost_names_the_threads_a_pva_put_crosses():
+    stdout = run_bench("bench.pva_cost", "--n", "30", "--clients", "1", timeout=240)
+    rows: dict = {}
+    server = None
+    for line in stdout.splitlines():
+        if not line.startswith(" "):
+            server = line.split(":")[0]
+            rows[server] = {}
+        elif server is not None and line.split()[0] != "thread":
+            thread, cpu, switches = line.rsplit(maxsplit=2)
+            rows[server][thread.strip()] = (float(cpu), float(switches))
+    assert set(rows) == {"carelay", "control"}, stdout
+    # p4p's network thread, the front-end's loop, a shard and the CA broker that mirrors.
+    for thread in ("pva PVXTCP", "pva main", "broker main", "all"):
+        assert thread in rows["carelay"], stdout
+    assert any(t.startswith("shard") for t in rows["carelay"]), stdout
+    assert "control PVXTCP" in rows["control"], stdout
+    for server, threads in rows.items():
+        for thread, (cpu, switches) in threads.items():
+            assert math.isfinite(cpu) and cpu >= 0 and switches >= 0, (server, thread)
