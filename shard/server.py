@@ -258,8 +258,7 @@ class ShardServer:
         ready = self._poller.poll(timeout_ms)
         if not ready:
             return 0
-        # Read only when a signal wrote: a look at an empty pipe is a system call (and
-        # an exception) per batch.
+        # Only when a signal wrote: a look at an empty pipe costs a system call per batch.
         if self._wake_fd is not None and any(s == self._wake_fd for s, _ in ready):
             drain_wakeup_fd(self._wake_fd)
         n = 0
@@ -308,9 +307,8 @@ class ShardServer:
                 self.freed.after(self.work)
             # A failed store's refusal is timed, a flush in parts goes on by itself, and
             # without the signal pipe a stop is seen only after the wait.
-            busy = self._wake_fd is None or self.health.store_error or autosave.saving_parts
-            due = min(timers.due(autosave.unsaved), self.gate.due())
-            timeout_ms = wait_ms(now, due, bool(busy))
+            busy = bool(self._wake_fd is None or self.health.store_error or autosave.saving_parts)
+            timeout_ms = wait_ms(now, min(timers.due(autosave.unsaved), self.gate.due()), busy)
         # What the broker sent before it stopped (it stops first) is applied and saved.
         while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
             pass

@@ -45,9 +45,15 @@ class PvaSync(ShardSync):
     answered by a SHOWN: see shard/gate.py), and a get right after that put completed
     reads the new value."""
 
+    #: The last poll found the inbox's pipe readable: queued calls wait for ``run``.  The
+    #: loop runs the inbox only then: a look at an empty pipe costs a system call (and
+    #: the exception of a read that would block) on each turn, and a put takes several.
+    inbox_due = False
+
     def __init__(self, broker) -> None:
         super().__init__(broker)
         self._by_kind[Confirm] = self._confirm
+        self._polled = None  # the inbox is polled even while no shard has a socket
 
     def watch(self, name: str, on: bool) -> None:
         """A channel of ``name`` now serves it (``on``), or no longer.  A shard not in
@@ -69,15 +75,6 @@ class PvaSync(ShardSync):
             if shard_for(name, len(self.links)) == link.index:
                 link.queue(Watch(0, name, True))
         link.send_queued()
-
-    #: The last poll found the inbox's pipe readable: queued calls wait for ``run``.  The
-    #: loop runs the inbox only then: a look at an empty pipe costs a system call (and
-    #: the exception of a read that would block) on each turn, and a put takes several.
-    inbox_due = False
-
-    def __init__(self, broker) -> None:
-        super().__init__(broker)
-        self._polled = None  # the inbox is polled even while no shard has a socket
 
     def poll(self, timeout_ms: float) -> int:
         socks = {link.sock: link for link in self.links if link.sock is not None}
