@@ -9,6 +9,7 @@ one per run.
 from __future__ import annotations
 
 import statistics
+import textwrap
 from pathlib import Path
 
 COLORS = {"carelay": "#1f77b4", "control": "#ff7f0e", "softioc": "#2ca02c"}
@@ -21,6 +22,9 @@ HIGHER_IS_BETTER = ("per_s", "events_received")
 #: Figures the per-workload charts leave out (key prefixes): drawn elsewhere, the same
 #: everywhere, or the set rate of a writer.
 NOT_CHARTED = ("events_received_pct", "writer_puts_per_s")
+
+#: Characters of a panel title per line.
+_TITLE_WIDTH = 44
 
 
 def better(key: str) -> str:
@@ -88,7 +92,9 @@ def _panel(ax, entry: dict, servers: list[str]) -> None:
     else:
         ax.set_ylim(bottom=0)
     note = better(entry["key"])
-    ax.set_title(entry["metric"] + (f"\n({note})" if note else ""), fontsize=8)
+    # A long name wraps rather than running into the next panel's.
+    title = textwrap.fill(entry["metric"], _TITLE_WIDTH)
+    ax.set_title(title + (f"\n({note})" if note else ""), fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(axis="y", alpha=0.3)
 

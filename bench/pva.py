@@ -218,7 +218,7 @@ def rows(params) -> list[Row]:
     out = []
     for way, what in (
         ("ca_to_pva", "CA put to PVA monitor"),
-        ("pva_to_ca", "PVA put to CA monitor (control: to PVA monitor)"),
+        ("pva_to_ca", "PVA put to CA monitor (control: PVA)"),
     ):
         out += [
             Row("W7", f"{what}, latency p50 (ms)", f"p50_ms_{way}"),
