@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.system.test_bench_smoke import run_bench
+from tests.system.test_bench_smoke import run_bench, thread_rows
 
 pytestmark = pytest.mark.system
 pytest.importorskip("p4p")
@@ -16,15 +16,7 @@ pytest.importorskip("p4p")
 
 def test_pva_cost_names_the_threads_a_pva_put_crosses():
     stdout = run_bench("bench.pva_cost", "--n", "30", "--clients", "1", timeout=240)
-    rows: dict = {}
-    server = None
-    for line in stdout.splitlines():
-        if not line.startswith(" "):
-            server = line.split(":")[0]
-            rows[server] = {}
-        elif server is not None and line.split()[0] != "thread":
-            thread, cpu, switches = line.rsplit(maxsplit=2)
-            rows[server][thread.strip()] = (float(cpu), float(switches))
+    rows = thread_rows(stdout)
     assert set(rows) == {"carelay", "control"}, stdout
     # p4p's network thread, the front-end's loop, a shard and the CA broker that mirrors.
     for thread in ("pva PVXTCP", "pva main", "broker main", "all"):

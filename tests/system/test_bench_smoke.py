@@ -68,8 +68,9 @@ def test_quick_bench_runs_and_reports_every_figure(tmp_path):
         assert not alive, f"server process {p['pid']} outlived the bench"
 
 
-def test_callback_cost_runs_and_reports_every_thread_kind():
-    stdout = run_bench("bench.callback_cost", "--n", "30", timeout=180)
+def thread_rows(stdout: str) -> dict:
+    """{server: {thread: (CPU us per op, switches per op)}} of a per-thread cost tool's
+    output (bench.callback_cost, bench.pva_cost): a line per server, then its rows."""
     rows: dict = {}
     server = None
     for line in stdout.splitlines():
@@ -77,8 +78,14 @@ def test_callback_cost_runs_and_reports_every_thread_kind():
             server = line.split(":")[0]
             rows[server] = {}
         elif server is not None and line.split()[0] != "thread":
-            kind, cpu, switches = line.rsplit(maxsplit=2)
-            rows[server][kind.strip()] = (float(cpu), float(switches))
+            thread, cpu, switches = line.rsplit(maxsplit=2)
+            rows[server][thread.strip()] = (float(cpu), float(switches))
+    return rows
+
+
+def test_callback_cost_runs_and_reports_every_thread_kind():
+    stdout = run_bench("bench.callback_cost", "--n", "30", timeout=180)
+    rows = thread_rows(stdout)
     assert set(rows) == {"carelay", "control"}, stdout
     # carelay's round trip goes through the broker's and the shard's main threads and
     # ZeroMQ's I/O threads; the control has a main thread.
