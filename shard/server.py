@@ -329,6 +329,8 @@ def _status(server: ShardServer) -> dict:
         "store": str(db.path) if db else None,
         "store_error": str(health.store_error) if refusing else None,
         "store_failed_since": health.store_failed_since if refusing else None,
+        # PVs whose puts wait for a front-end that shows them (PVA): see ReadGate.
+        "watched": sum(len(names) for names in server.gate.watches.values()),
     }
 
 

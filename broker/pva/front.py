@@ -164,8 +164,7 @@ class PvaFrontEnd:
         #: The channels handed out, by name (see the module docstring).
         self.channels: dict = {}
         self.channel_lock = threading.Lock()
-        #: Makes a Channel (channels.Channel; given by main, so that this module needs
-        #: no p4p and is tested without it).
+        #: Makes a Channel (channels.Channel, given by main: this module needs no p4p).
         self.make_channel_object = None
         #: Makes the channel a client without read access gets (channels.denied).
         self.make_denied_object = None
@@ -257,10 +256,9 @@ class PvaFrontEnd:
         target.bind(channel)
 
     def recheck_channels(self) -> None:
-        """New access rules are in force: every open channel is closed.  Its clients
-        reconnect, and ``make_channel`` checks their read access under the new rules (a
-        client's channel is the PV's, shared by all its clients, so it cannot be taken
-        from one alone); writes are checked put by put anyway."""
+        """New access rules: every open channel is closed.  Its clients reconnect, and
+        ``make_channel`` checks their read access under the new rules (a channel is the
+        PV's, shared by its clients: it cannot be taken from one alone)."""
         with self.channel_lock:
             channels = list(self.channels.values())
         for channel in channels:
@@ -292,9 +290,11 @@ class PvaFrontEnd:
         if target is None or target.channel is not channel:
             return
         target.attached = False
-        if isinstance(target, PvaPV) and not target.real:
-            # A provisional PV nobody holds: gone, as on CA.
-            self.table.detached(target)
+        if isinstance(target, PvaPV):
+            # Nobody holds it: its channel goes, and the shard's wait on its puts for this
+            # front-end (PvaSync); a provisional PV goes too, as on CA.
+            if not target.real:
+                self.table.detached(target)
             target.channel = None
             self.drop_channel(channel)
 

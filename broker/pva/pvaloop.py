@@ -147,7 +147,8 @@ class PvaLoop(Loop):
                 f.recheck_channels()
 
     def _status(self) -> dict:
-        return {"role": "pva", "pva_port": self.broker.pva_port}
+        f = self.broker
+        return {"role": "pva", "pva_port": f.pva_port, "channels": len(f.channels)}
 
     def _became_ready(self) -> None:
         f = self.broker

@@ -13,6 +13,7 @@ import signal
 
 import pytest
 
+from carelay.common.lifecycle import read_status, status_path
 from tests.system.clients import put
 from tests.system.conftest import Relay, _report_log, wait_for
 from tests.system.pva import PvaRelay, pva_context
@@ -89,5 +90,33 @@ def test_a_restarted_shard_learns_again_what_the_pva_front_end_watches(pva_relay
         (pv,) = ca.get_pvs(name)
         wait_for(lambda: pv.read(timeout=5).data[0] == 0.0, what="CA to serve it again")
         assert _stale_reads(pv, ctx, name, [float(k) for k in range(1, 101)]) == []
+    finally:
+        ctx.close()
+
+
+def _status(relay, role: str) -> dict:
+    return read_status(status_path(relay.data_dir / "run", role)) or {}
+
+
+def test_a_pv_no_pva_client_holds_is_no_longer_watched(pva_relay):
+    """A PV read once over PVA (a pvget) does not make every later CA put with callback
+    to it wait for the PVA front-end: its channel goes with its last client."""
+    relay = pva_relay
+    name = relay.name("once", "f1")
+    put(name, 0.0)
+    ctx = pva_context()
+    try:
+        assert ctx.get(name, timeout=5) == 0.0
+        wait_for(lambda: _status(relay, "shard 0").get("watched") == 1, what="the watch")
+        wait_for(lambda: _status(relay, "pva").get("channels") == 1, what="the channel")
+    finally:
+        ctx.close()
+    wait_for(lambda: _status(relay, "pva").get("channels") == 0, what="the channel to go")
+    wait_for(lambda: _status(relay, "shard 0").get("watched") == 0, what="the watch to go")
+    # A new client gets a new channel, with the PV as it stands now.
+    put(name, 5.0)
+    ctx = pva_context()
+    try:
+        assert ctx.get(name, timeout=5) == 5.0
     finally:
         ctx.close()
