@@ -40,9 +40,15 @@ def thread_kind(pid: int, tid: int, comm: str) -> str:
     return "other"
 
 
-def sample(pids: dict[str, int]) -> dict[tuple[int, int], tuple[str, float, int]]:
+def thread_name(pid: int, tid: int, comm: str) -> str:
+    """``main``, or the kernel's name of the thread (``PVXTCP``, ``ZMQbg/IO/0``, ...)."""
+    return "main" if tid == pid else comm
+
+
+def sample(pids: dict[str, int], kind=thread_kind) -> dict[tuple[int, int], tuple[str, float, int]]:
     """(pid, tid) -> (kind, CPU seconds, context switches) of every thread of ``pids``
-    (role -> pid); the kind names the process's role and the thread's kind."""
+    (role -> pid); the kind names the process's role and the thread (``kind``:
+    ``thread_kind`` or ``thread_name``)."""
     out = {}
     for role, pid in pids.items():
         try:
@@ -62,8 +68,7 @@ def sample(pids: dict[str, int]) -> dict[tuple[int, int], tuple[str, float, int]
             except (FileNotFoundError, ProcessLookupError):
                 continue
             cpu = (int(fields[11]) + int(fields[12])) / _TICK
-            kind = f"{role} {thread_kind(pid, int(t), comm)}"
-            out[(pid, int(t))] = (kind, cpu, switches)
+            out[(pid, int(t))] = (f"{role} {kind(pid, int(t), comm)}", cpu, switches)
     return out
 
 
@@ -71,19 +76,34 @@ class ThreadSampler:
     """Reads every server thread when a phase starts and when its driver is done: the
     hooks ``run_phase`` offers a profiler."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind=thread_kind) -> None:
+        self.kind = kind
         self.server = None
         self.before: dict = {}
         self.after: dict | None = None
 
     def start(self, server, tag: str) -> None:
         self.server = server
-        self.before = sample(server.pids())
+        self.before = sample(server.pids(), self.kind)
 
     def stop(self) -> None:
         # run_phase stops its profiler again on the way out: the first reading counts.
         if self.server is not None and self.after is None:
-            self.after = sample(self.server.pids())
+            self.after = sample(self.server.pids(), self.kind)
+
+    def per_op(self, ops: int) -> tuple[dict[str, float], dict[str, float]]:
+        """CPU microseconds and context switches per op between the two readings, by
+        thread kind."""
+        cpu: Counter = Counter()
+        switches: Counter = Counter()
+        for key, (k, c1, s1) in self.after.items():
+            _, c0, s0 = self.before.get(key, (k, 0.0, 0))
+            cpu[k] += c1 - c0
+            switches[k] += s1 - s0
+        return (
+            {k: v / ops * 1e6 for k, v in cpu.items()},
+            {k: v / ops for k, v in switches.items()},
+        )
 
 
 def measure(kind: str, n: int, mp) -> dict:
@@ -92,17 +112,8 @@ def measure(kind: str, n: int, mp) -> dict:
     writer = {"name": f"{server.prefix}cb_f1", "n": n, "every": 1, "base": 0.0}
     with server:
         r = run_phase(mp, server, [("scalar_writer", writer)], [0], profiler=sampler)
-    cpu: Counter = Counter()
-    switches: Counter = Counter()
-    for key, (k, c1, s1) in sampler.after.items():
-        _, c0, s0 = sampler.before.get(key, (k, 0.0, 0))
-        cpu[k] += c1 - c0
-        switches[k] += s1 - s0
-    return {
-        "round_trip_us": r.driver_span([0]) / n * 1e6,
-        "cpu_us": {k: v / n * 1e6 for k, v in cpu.items()},
-        "switches": {k: v / n for k, v in switches.items()},
-    }
+    cpu_us, switches = sampler.per_op(n)
+    return {"round_trip_us": r.driver_span([0]) / n * 1e6, "cpu_us": cpu_us, "switches": switches}
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,6 @@ import itertools
 import multiprocessing
 import os
 import sys
-from collections import Counter
 
 from bench import callback_cost
 from bench.phase import run_phase
@@ -45,30 +44,6 @@ def spread_names(prefix: str, clients: int, shards: int) -> list[str]:
     return names
 
 
-def _thread(pid: int, tid: int) -> str:
-    """``main``, or the kernel's name of the thread (``PVXTCP``, ``ZMQbg/IO/0``, ...)."""
-    if tid == pid:
-        return "main"
-    try:
-        with open(f"/proc/{pid}/task/{tid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "other"
-
-
-class _NamedSampler(callback_cost.ThreadSampler):
-    """ThreadSampler that also notes each thread's name while the server runs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.names: dict[tuple[int, int], str] = {}
-
-    def stop(self) -> None:
-        super().stop()
-        for pid, tid in self.after or {}:
-            self.names.setdefault((pid, tid), _thread(pid, tid))
-
-
 def measure(kind: str, clients: int, n: int, mp) -> dict:
     server = SERVERS[kind](set())
     names = spread_names(server.prefix, clients, CARELAY_SHARDS)
@@ -77,22 +52,16 @@ def measure(kind: str, clients: int, n: int, mp) -> dict:
         ("bench.pva.pva_put_writer", {"name": name, "n": n, "base": 1e6 * k, "conf": server.conf})
         for k, name in enumerate(names, start=1)
     ]
-    sampler = _NamedSampler()
+    sampler = callback_cost.ThreadSampler(kind=callback_cost.thread_name)
     with server:
         r = run_phase(mp, server, writers, list(range(clients)), profiler=sampler)
     total = clients * n
-    cpu: Counter = Counter()
-    switches: Counter = Counter()
-    for (pid, tid), (k, c1, s1) in sampler.after.items():
-        _, c0, s0 = sampler.before.get((pid, tid), (k, 0.0, 0))
-        key = f"{k.split()[0]} {sampler.names.get((pid, tid), 'other')}"
-        cpu[key] += c1 - c0
-        switches[key] += s1 - s0
+    cpu_us, switches = sampler.per_op(total)
     return {
         "puts_per_s": total / r.driver_span(range(clients)),
         "round_trip_us": r.driver_span(range(clients)) / n * 1e6,
-        "cpu_us": {k: v / total * 1e6 for k, v in cpu.items()},
-        "switches": {k: v / total for k, v in switches.items()},
+        "cpu_us": cpu_us,
+        "switches": switches,
     }
 
 
