@@ -75,14 +75,9 @@ class PeerBrokers:
             if k == self.index:
                 known, up, calls, rate = True, ready, circuits, put_rate
             else:
-                path = status_path(self.run_dir, broker_role(k))
-                own = read_status(path)
-                known = self.all_here or own is not None
-                up = _serving(path, own, now)
-                door = (own or {}).get("door") or {}
+                own, known, up = self._look(broker_role(k), now, pids)
+                door = own.get("door") or {}
                 calls, rate = (door.get("clients"), door.get("put_rate")) if up else (None, None)
-                if up:
-                    pids.append(own["pid"])
             out.append(
                 {
                     "index": k,
@@ -102,9 +97,16 @@ class PeerBrokers:
         one.  After ``sample``: a PVA front-end serving adds its pid to ``pids``."""
         if not self.pva_configured:
             return None
-        path = status_path(self.run_dir, "pva")
+        _, known, up = self._look("pva", time.time(), self.pids)
+        return {"known": known, "up": up}
+
+    def _look(self, role: str, now: float, pids: list[int]) -> tuple[dict, bool, bool]:
+        """What the status file of ``role`` says ({} without one), whether its state can
+        be told from here (``known``) and whether it serves (``up``: its pid goes to
+        ``pids``)."""
+        path = status_path(self.run_dir, role)
         own = read_status(path)
-        up = _serving(path, own, time.time())
+        up = _serving(path, own, now)
         if up:
-            self.pids.append(own["pid"])
-        return {"known": self.all_here or own is not None, "up": up}
+            pids.append(own["pid"])
+        return own or {}, self.all_here or own is not None, up
