@@ -142,8 +142,8 @@ class ReadGate:
                 # A lagging front-end is sent the CONFIRM too: its answer may end its lag.
                 confirm_to |= watchers
                 token = token or self._next_token()
-                if watchers - self.lagging:
-                    waiting |= watchers - self.lagging
+                if waits_for := watchers - self.lagging:
+                    waiting |= waits_for
                     if cut is None:
                         cut = k
             if cut is None:

@@ -29,7 +29,7 @@ class Outbox:
         peers: Callable[[], Iterable[bytes]],
         lost: Callable[[bytes, int, zmq.ZMQError], None],
         epoch: int,
-        gate: ReadGate | None = None,
+        gate: ReadGate,
     ) -> None:
         #: The peers served (Admission.peers), to publish to.
         self._peers = peers
@@ -37,7 +37,7 @@ class Outbox:
         self._lost = lost
         self._epoch = epoch
         #: Holds answers until the front-ends that watch their PVs have shown them.
-        self.gate = gate if gate is not None else ReadGate(epoch, 0.0)
+        self.gate = gate
         #: (peer, message) in the order they are to go.
         self.items: list[tuple[bytes, Message]] = []
         #: The ids of the messages in ``items`` that publish a change to the other peers.
