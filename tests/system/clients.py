@@ -75,3 +75,14 @@ def name_on_shard(relay, shard: int, stem: str, type_count: str = "f1") -> str:
         name = relay.name(stem, type_count)
         if shard_for(name, relay.shards) == shard:
             return name
+
+
+def read_sevr(ca, name: str) -> tuple[float, int] | None:
+    """(value, alarm severity) of ``name`` read through the caproto context ``ca``; None
+    if the read timed out."""
+    (pv,) = ca.get_pvs(name, timeout=5)
+    try:
+        reading = pv.read(data_type="time", timeout=5)
+    except TimeoutError:
+        return None
+    return float(reading.data[0]), int(reading.metadata.severity)

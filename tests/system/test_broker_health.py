@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from bench.servers import free_port
+from tests.system.clients import read_sevr
 from tests.system.conftest import CA_PORT, REPEATER_PORT, using_shared, wait_for
 from tests.system.test_metrics import scrape, value
 from tests.system.test_two_brokers import PORT_B, _broker_pid, _config, _get_b, _TwoBrokers
@@ -35,16 +36,6 @@ def two_brokers(tmp_path_factory):
 @pytest.fixture
 def relay(two_brokers, request):
     yield from using_shared(two_brokers, request)
-
-
-def _read_a(ca, name: str) -> tuple[float, int] | None:
-    """(value, severity) of ``name`` through broker 0."""
-    (pv,) = ca.get_pvs(name, timeout=5)
-    try:
-        reading = pv.read(data_type="time", timeout=5)
-    except TimeoutError:
-        return None
-    return float(reading.data[0]), int(reading.metadata.severity)
 
 
 def _row(out: str, name: str) -> list[str]:
@@ -75,23 +66,26 @@ def test_status_shows_each_broker_with_its_door_and_clients(relay, ca):
 
 def test_health_pvs_say_which_broker_and_how_many_serve(relay, ca):
     base = relay.prefix + "relay:"
-    assert _read_a(ca, base + "BROKER") == (0.0, 0)
+    assert read_sevr(ca, base + "BROKER") == (0.0, 0)
     assert _get_b(base + "BROKER") == "1"
-    assert _read_a(ca, base + "BROKER_CNT") == (2.0, 0)
-    wait_for(lambda: _read_a(ca, base + "BROKER_UP_CNT") == (2.0, 0), what="2 brokers up")
+    assert read_sevr(ca, base + "BROKER_CNT") == (2.0, 0)
+    wait_for(lambda: read_sevr(ca, base + "BROKER_UP_CNT") == (2.0, 0), what="2 brokers up")
     assert _get_b(base + "BROKER_UP_CNT") == "2"
     # Broker 1 alive but silent: not counted, and broker 0 raises a MINOR alarm.
     pid = _broker_pid(relay, 1)
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_for(
-            lambda: _read_a(ca, base + "BROKER_UP_CNT") == (1.0, 1),
+            lambda: read_sevr(ca, base + "BROKER_UP_CNT") == (1.0, 1),
             timeout=20,
             what="broker 0 counting 1 broker up",
         )
     finally:
         os.kill(pid, signal.SIGCONT)
-    wait_for(lambda: _read_a(ca, base + "BROKER_UP_CNT") == (2.0, 0), what="2 brokers up again")
+    wait_for(
+        lambda: read_sevr(ca, base + "BROKER_UP_CNT") == (2.0, 0),
+        what="2 brokers up again",
+    )
 
 
 def test_metrics_of_broker_0_carry_broker_1(relay):

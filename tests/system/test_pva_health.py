@@ -12,6 +12,7 @@ import signal
 import pytest
 
 from bench.servers import free_port
+from tests.system.clients import read_sevr
 from tests.system.conftest import CA_PORT, REPEATER_PORT, Relay, _report_log, wait_for
 from tests.system.pva import PVA_PORT, PVA_UDP_PORT, PvaRelay
 from tests.system.test_metrics import scrape, value
@@ -21,13 +22,6 @@ pytest.importorskip("p4p")
 
 METRICS_PORT = free_port({CA_PORT, REPEATER_PORT, PVA_PORT, PVA_UDP_PORT})
 _MAJOR = 2
-
-
-def _read(ca, name: str) -> tuple[float, int]:
-    """(value, severity) of ``name``."""
-    (pv,) = ca.get_pvs(name, timeout=5)
-    reading = pv.read(data_type="time", timeout=5)
-    return float(reading.data[0]), int(reading.metadata.severity)
 
 
 @pytest.fixture
@@ -46,17 +40,17 @@ def pva_relay(tmp_path, request):
 def test_pva_up_follows_the_pva_front_end(pva_relay, ca):
     relay = pva_relay
     up = relay.prefix + "relay:PVA_UP"
-    wait_for(lambda: _read(ca, up) == (1.0, 0), what="PVA_UP 1")
+    wait_for(lambda: read_sevr(ca, up) == (1.0, 0), what="PVA_UP 1")
     wait_for(lambda: value(scrape(METRICS_PORT), "carelay_pva_up") == 1.0, what="pva_up 1")
     pid = _role_pid(relay, "pva")
     os.kill(pid, signal.SIGSTOP)
     try:
-        wait_for(lambda: _read(ca, up) == (0.0, _MAJOR), timeout=20, what="PVA_UP 0, MAJOR")
+        wait_for(lambda: read_sevr(ca, up) == (0.0, _MAJOR), timeout=20, what="PVA_UP 0, MAJOR")
         assert value(scrape(METRICS_PORT), "carelay_pva_up") == 0.0
     finally:
         os.kill(pid, signal.SIGCONT)
-    wait_for(lambda: _read(ca, up) == (1.0, 0), timeout=20, what="PVA_UP 1 again")
+    wait_for(lambda: read_sevr(ca, up) == (1.0, 0), timeout=20, what="PVA_UP 1 again")
 
 
 def test_a_relay_without_pva_says_0_with_no_alarm(relay, ca):
-    assert _read(ca, relay.prefix + "relay:PVA_UP") == (0.0, 0)
+    assert read_sevr(ca, relay.prefix + "relay:PVA_UP") == (0.0, 0)

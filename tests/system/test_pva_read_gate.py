@@ -8,6 +8,7 @@ CA puts go through caproto's client (a failed put raises); PVA reads through p4p
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -35,6 +36,20 @@ def pva_relay(tmp_path, request):
         _report_log(request, relay)
 
 
+@contextlib.contextmanager
+def _held_over_pva(relay, stem: str):
+    """A PV made by a CA put of 0.0, read by a p4p client that keeps its channel (so
+    the PVA front-end watches it): (its name, the client), closed on leaving."""
+    name = relay.name(stem, "f1")
+    put(name, 0.0)
+    ctx = pva_context()
+    try:
+        assert ctx.get(name, timeout=5) == 0.0
+        yield name, ctx
+    finally:
+        ctx.close()
+
+
 def _stale_reads(pv, ctx, name: str, values) -> list:
     """CA put with callback each value, then a PVA get at once: the reads that missed."""
     stale = []
@@ -47,12 +62,8 @@ def _stale_reads(pv, ctx, name: str, values) -> list:
 
 def test_a_hung_pva_front_end_delays_ca_puts_once_and_is_waited_for_again_after(pva_relay, ca):
     relay = pva_relay
-    name = relay.name("hang", "f1")
-    put(name, 0.0)
-    ctx = pva_context()
     pid = _role_pid(relay, "pva")
-    try:
-        assert ctx.get(name, timeout=5) == 0.0  # the PVA front-end now watches it
+    with _held_over_pva(relay, "hang") as (name, ctx):
         (pv,) = ca.get_pvs(name)
         pv.wait_for_connection(timeout=5)
         assert _stale_reads(pv, ctx, name, [1.0, 2.0, 3.0]) == []
@@ -70,18 +81,12 @@ def test_a_hung_pva_front_end_delays_ca_puts_once_and_is_waited_for_again_after(
         pv.write([7.0], wait=True, timeout=5)
         relay.wait_log("a front-end caught up", start=offset)
         assert _stale_reads(pv, ctx, name, [float(k) for k in range(8, 28)]) == []
-    finally:
-        ctx.close()
 
 
 @pytest.mark.slow
 def test_a_restarted_shard_learns_again_what_the_pva_front_end_watches(pva_relay, ca):
     relay = pva_relay
-    name = relay.name("again", "f1")
-    put(name, 0.0)
-    ctx = pva_context()
-    try:
-        assert ctx.get(name, timeout=5) == 0.0
+    with _held_over_pva(relay, "again") as (name, ctx):
         shard = _role_pid(relay, "shard 0")
         offset = len(relay.log())
         os.kill(shard, signal.SIGKILL)
@@ -90,8 +95,6 @@ def test_a_restarted_shard_learns_again_what_the_pva_front_end_watches(pva_relay
         (pv,) = ca.get_pvs(name)
         wait_for(lambda: pv.read(timeout=5).data[0] == 0.0, what="CA to serve it again")
         assert _stale_reads(pv, ctx, name, [float(k) for k in range(1, 101)]) == []
-    finally:
-        ctx.close()
 
 
 def _status(relay, role: str) -> dict:
@@ -102,15 +105,9 @@ def test_a_pv_no_pva_client_holds_is_no_longer_watched(pva_relay):
     """A PV read once over PVA (a pvget) does not make every later CA put with callback
     to it wait for the PVA front-end: its channel goes with its last client."""
     relay = pva_relay
-    name = relay.name("once", "f1")
-    put(name, 0.0)
-    ctx = pva_context()
-    try:
-        assert ctx.get(name, timeout=5) == 0.0
+    with _held_over_pva(relay, "once") as (name, _):
         wait_for(lambda: _status(relay, "shard 0").get("watched") == 1, what="the watch")
         wait_for(lambda: _status(relay, "pva").get("channels") == 1, what="the channel")
-    finally:
-        ctx.close()
     wait_for(lambda: _status(relay, "pva").get("channels") == 0, what="the channel to go")
     wait_for(lambda: _status(relay, "shard 0").get("watched") == 0, what="the watch to go")
     # A new client gets a new channel, with the PV as it stands now.
