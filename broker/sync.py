@@ -14,6 +14,7 @@ import time
 import zmq
 
 from carelay.broker.link import ShardLink
+from carelay.broker.receive import ShardReceiver
 from carelay.common import fields
 from carelay.common.messages import (
     Ack,
@@ -31,30 +32,26 @@ from carelay.common.messages import (
     Update,
 )
 from carelay.common.naming import InvalidPvName
+from carelay.common.runs import UpdateRun
 
 log = logging.getLogger(__name__)
 
-#: Answers that say a request was applied.
-_APPLIED = frozenset({Ack, Update, FieldChanged, Deleted})
 
-
-class ShardSync:
+class ShardSync(ShardReceiver):
     """Receives from the shard links and keeps the PV table in line with the shards."""
 
     def __init__(self, broker) -> None:
+        super().__init__(broker.links, broker.requests)
         self.broker = broker
-        self.links: list[ShardLink] = broker.links
         self.table = broker.table
-        self.requests = broker.requests
         #: Per shard, the snapshot being received: name -> (data, stamp, stored fields).
         self._snapshots: dict[int, dict] = {}
         #: Other front-ends change PVs too (configured, or a change of theirs seen).
         self.others = broker.config.brokers > 1 or broker.config.pva
-        self._poller = zmq.Poller()
-        self._polled: tuple = ()
         #: What each kind of message a shard sends is handled by.
         self._by_kind = {
             Update: self._update,
+            UpdateRun: self._update_run,
             Ack: self._ack,
             FieldChanged: self._field_changed,
             Reject: self._reject,
@@ -66,57 +63,7 @@ class ShardSync:
             Applied: self._applied,
         }
 
-    # -- receiving ------------------------------------------------------------------
-
-    def poll(self, timeout_ms: float) -> int:
-        """Wait up to ``timeout_ms`` for answers and handle what came; returns how many."""
-        socks = {link.sock: link for link in self.links if link.sock is not None}
-        for link in self.links:
-            for sock in link.parked:
-                socks[sock] = link
-        if not socks:
-            return 0
-        key = tuple(socks)
-        if key != self._polled:
-            self._poller = zmq.Poller()
-            for sock in socks:
-                self._poller.register(sock, zmq.POLLIN)
-            self._polled = key
-        n = 0
-        for sock, _ in self._poller.poll(timeout_ms):
-            link = socks[sock]
-            n += self.drain(link) if sock is link.sock else self._drain_parked(link, sock)
-        return n
-
-    def drain(self, link: ShardLink, limit: int = 2000) -> int:
-        """Handle what ``link`` has received, up to about ``limit`` messages; returns how
-        many, a lone heartbeat answer not counted: it leaves CA nothing to send."""
-        n = 0
-        while n < limit:
-            msgs = link.recv()
-            if msgs is None:
-                break
-            n += len(msgs) if len(msgs) > 1 or type(msgs[0]) is not Pong else 0
-            for msg in msgs:
-                self.handle(link, msg)
-        return n
-
-    def _drain_parked(self, link: ShardLink, sock) -> int:
-        """Answers to orphans, on a socket of an earlier connection: each completes its
-        request.  Nothing else there counts: the reconnect's snapshot shows the shard."""
-        n = 0
-        orphans = self.requests.orphans[link.index]
-        while (msgs := link.recv_from(sock)) is not None:
-            n += len(msgs)
-            for msg in msgs:
-                req = getattr(msg, "req", 0)
-                if req in orphans:
-                    ok = type(msg) in _APPLIED
-                    if not ok:
-                        log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
-                        self._shard_refused(link, msg)
-                    self.requests.finish(link.index, req, ok)
-        return n
+    # -- what the shards send ----------------------------------------------------------
 
     def handle(self, link: ShardLink, msg: Message) -> None:
         """Take one message of shard ``link``: the answer it is to a request, and the change
@@ -133,32 +80,44 @@ class ShardSync:
         handle(link, msg)
 
     def _update(self, link: ShardLink, msg: Update) -> None:
-        k = link.index
-        pv = self.table.pvs.get(msg.name)
+        if not self._change(link, msg.name, msg.req, msg.data, msg.stamp, msg.reset):
+            return
+        if msg.created:
+            self.broker.health.creations += 1
+            log.debug("created PV %s (shard %d)", msg.name, link.index)
+        self.requests.finish(link.index, msg.req, True)
+
+    def _update_run(self, link: ShardLink, run: UpdateRun) -> None:
+        """Other front-ends' puts, published as one run (see common/runs.py)."""
+        change, value = self._change, run.value
+        for k, (name, stamp) in enumerate(zip(run.names, run.stamps, strict=True)):
+            change(link, name, 0, value(k), stamp, False)
+
+    def _change(self, link: ShardLink, name: str, req: int, data, stamp, reset) -> bool:
+        """Apply what an UPDATE brings to the mirror of ``name``; False if it is not served
+        here (its request failed)."""
+        pv = self.table.pvs.get(name)
         if pv is None:
             try:
-                pv = self.table.new_pv(msg.name)
+                pv = self.table.new_pv(name)
             except InvalidPvName as e:
-                log.warning("shard %d updated %s, which is not served: %s", k, msg.name, e)
-                self.requests.finish(k, msg.req, False)
-                return
+                log.warning("shard %d updated %s, which is not served: %s", link.index, name, e)
+                self.requests.finish(link.index, req, False)
+                return False
         self.table.set_real(pv, True)
         # Another broker's change, while this broker's own later WRITE was not yet applied
         # when the shard sent it: that WRITE comes after it at the shard too (see _applied).
         if (
-            not msg.req
-            and not msg.reset
+            not req
+            and not reset
             and pv.ring is None
-            and link.own_writes.get(msg.name, 0) > link.writes_applied
+            and link.own_writes.get(name, 0) > link.writes_applied
         ):
-            return
-        if not msg.req:
+            return True
+        if not req:
             self.others = True
-        pv.apply(msg.data, msg.stamp, append=pv.ring is not None, reset=msg.reset)
-        if msg.created:
-            self.broker.health.creations += 1
-            log.debug("created PV %s (shard %d)", msg.name, k)
-        self.requests.finish(k, msg.req, True)
+        pv.apply(data, stamp, append=pv.ring is not None, reset=reset)
+        return True
 
     def _applied(self, link: ShardLink, msg: Applied) -> None:
         """The shard has applied the first ``msg.writes`` WRITEs of this connection."""

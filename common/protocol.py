@@ -12,16 +12,9 @@ then a single frame).  Each message kind's class lists its fields in its docstri
 an array field is ``[dtype, count, inline]``, where ``inline`` is the raw buffer when it
 is at most INLINE_MAX bytes, else nil and the array is the next data frame.
 
-A run of one-element Writes of one dtype (the commonest traffic by far: a stream of
-scalar puts) is one entry of its own, column by column::
-
-    [WRITE_RUN, dtype, [name, ...], [req, ...], stamps, values, expires]
-
-``stamps`` is the raw buffer of one little-endian float64 per put and ``values`` that
-of one element of ``dtype`` per put: a thousand puts cost a few list and buffer
-operations instead of a thousand entries.  ``expires`` is the earliest expiry of the
-run's Writes that wait for an answer (0.0: none waits).  It decodes to one WriteRun
-(only where the receiver takes runs: the shard).
+A run of one-element messages of one dtype (a stream of scalar puts, and the same puts
+published to the other front-ends) is one entry of its own, column by column: see
+carelay.common.runs.
 
 Arrays are never msgpacked: a data frame is the array's own buffer, sent without a copy
 and rebuilt with ``numpy.frombuffer``.  ``decode_batch`` validates the whole batch
@@ -38,7 +31,35 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from carelay.common.messages import KINDS, Write
+from carelay.common.messages import KINDS
+from carelay.common.runs import (
+    ALLOWED_DTYPES,
+    UPDATE_RUN,
+    WRITE_RUN,
+    ProtocolError,
+    UpdateRun,
+    WriteRun,
+    update_run,
+    write_run,
+)
+from carelay.common.runs import DTYPES as _DTYPES
+
+__all__ = [
+    "ALLOWED_DTYPES",
+    "BATCH_MAX",
+    "BATCH_MAX_BYTES",
+    "BATCH_TAG",
+    "INLINE_MAX",
+    "UPDATE_RUN",
+    "WRITE_RUN",
+    "ProtocolError",
+    "UpdateRun",
+    "WriteRun",
+    "batches",
+    "decode_batch",
+    "encode_batch",
+    "send_frames",
+]
 
 BATCH_TAG = b"CRB2"
 #: Arrays up to this many bytes travel inside a batch's entry.
@@ -46,73 +67,10 @@ INLINE_MAX = 4096
 #: Most messages, and most entry bytes, a sender puts in one batch.
 BATCH_MAX = 1000
 BATCH_MAX_BYTES = 1 << 20
-#: The kind number of a WriteRun entry.
-WRITE_RUN = 7
-
-#: The dtypes a data frame may carry.
-ALLOWED_DTYPES = frozenset({"<f8", "<i4", "|u1", "|S40"})
 #: Upper bound on any element count on the wire (an entry is checked against it
 #: before anything is allocated).
 MAX_WIRE_ELEMENTS = 100_000_000
 _MAX_BATCH_HEADER_BYTES = 16 << 20
-_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
-
-
-class ProtocolError(ValueError):
-    """A message that does not fit the protocol."""
-
-
-class WriteRun:
-    """One-element Writes of one dtype, in order, sent as one batch entry (see above).
-
-    ``values`` holds the elements in order: a list of scalars while a sender fills the
-    run, one array of ``dtype`` once it is decoded; both are read alike."""
-
-    __slots__ = ("dtype", "names", "reqs", "stamps", "values", "expires")
-
-    def __init__(
-        self, dtype: np.dtype, names=None, reqs=None, stamps=None, values=None, expires=0.0
-    ) -> None:
-        self.dtype = dtype
-        self.names: list[str] = [] if names is None else names
-        self.reqs: list[int] = [] if reqs is None else reqs
-        self.stamps: list[float] = [] if stamps is None else stamps
-        self.values = [] if values is None else values
-        #: The earliest expiry of the WRITEs with ``req`` (0.0: none of them waits).
-        self.expires: float = expires
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def add(self, name: str, req: int, stamp: float, value: np.ndarray) -> None:
-        """Append a WRITE of the one-element array ``value``, of the run's dtype."""
-        self.names.append(name)
-        self.reqs.append(req)
-        self.stamps.append(stamp)
-        self.values.append(value[0])
-
-    def messages(self) -> list[Write]:
-        """The run as single Writes (each that waits carrying the run's expiry)."""
-        return [
-            Write(name, req, stamp, np.array([value], self.dtype), self.expires if req else 0.0)
-            for name, req, stamp, value in zip(
-                self.names, self.reqs, self.stamps, self.values, strict=True
-            )
-        ]
-
-    def _entry(self) -> list:
-        raw = np.asarray(self.values, dtype=self.dtype)
-        if raw.shape != (len(self.names),):
-            raise ProtocolError("a WRITE run needs one element of its dtype per name")
-        return [
-            WRITE_RUN,
-            self.dtype.str,
-            self.names,
-            self.reqs,
-            np.asarray(self.stamps, dtype="<f8").tobytes(),
-            raw.tobytes(),
-            float(self.expires),
-        ]
 
 
 # -- what each field may hold (see carelay.common.messages) ---------------------------
@@ -179,6 +137,7 @@ class _Layout:
 
 _LAYOUTS = {kind: _Layout.of(cls) for kind, cls in KINDS.items()}
 _BY_CLASS = {layout.cls: layout for layout in _LAYOUTS.values()}
+_RUNS = (WriteRun, UpdateRun)
 
 
 # -- sending --------------------------------------------------------------------------
@@ -214,13 +173,13 @@ def _data_frame(data: np.ndarray) -> memoryview:
 
 
 def encode_batch(msgs: list) -> list:
-    """Frames for a batch of ``msgs`` (messages and WriteRuns); small arrays go inline."""
+    """Frames for a batch of ``msgs`` (messages and runs); small arrays go inline."""
     entries = []
     frames: list = [b""]
     for msg in msgs:
-        if type(msg) is WriteRun:
+        if type(msg) in _RUNS:
             _check_wire_dtype(msg.dtype)
-            entries.append(msg._entry())
+            entries.append(msg.entry())
             continue
         layout = _BY_CLASS[type(msg)]
         entry = [layout.cls.KIND, *layout.get(msg)]
@@ -239,13 +198,13 @@ def encode_batch(msgs: list) -> list:
 
 
 def batches(msgs: list) -> list[list]:
-    """``msgs`` cut into batches of at most about BATCH_MAX messages (a WriteRun counts
-    its puts; keep runs to BATCH_MAX) and about BATCH_MAX_BYTES."""
+    """``msgs`` cut into batches of at most about BATCH_MAX messages (a run counts its
+    messages; keep runs to BATCH_MAX) and about BATCH_MAX_BYTES."""
     out: list[list] = []
     cur: list = []
     size = count = 0
     for msg in msgs:
-        if type(msg) is WriteRun:
+        if type(msg) in _RUNS:
             k = len(msg)
             n = k * (32 + msg.dtype.itemsize)
         else:
@@ -270,19 +229,19 @@ def _buffer(frame: Any) -> memoryview:
     return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
 
 
-def decode_batch(frames: list, runs: bool = False) -> list:
+def decode_batch(frames: list, to_shard: bool = False) -> list:
     """The messages of a batch, in order; ProtocolError if any part does not fit (then
-    none of them is returned).  ``runs``: WRITE_RUN entries are taken (as WriteRuns),
-    else refused."""
+    none of them is returned).  ``to_shard``: a batch a shard takes, whose runs are
+    WRITE_RUNs; else one a front-end takes, whose runs are UPDATE_RUNs."""
     try:
-        return _decode_batch(frames, runs)
+        return _decode_batch(frames, WRITE_RUN if to_shard else UPDATE_RUN)
     except ProtocolError:
         raise
     except Exception as e:  # anything odd in untrusted input is a protocol error
         raise ProtocolError(f"malformed message: {type(e).__name__}: {e}") from None
 
 
-def _decode_batch(frames: list, runs: bool) -> list:
+def _decode_batch(frames: list, run_kind: int) -> list:
     head = _buffer(frames[0])
     if bytes(head[: len(BATCH_TAG)]) != BATCH_TAG:
         raise ProtocolError(f"unknown protocol tag {bytes(head[:16])!r}")
@@ -302,8 +261,8 @@ def _decode_batch(frames: list, runs: bool) -> list:
         if type(entry) is not list or not entry:
             raise ProtocolError("a batch entry must be a non-empty list")
         kind = entry[0]
-        if kind == WRITE_RUN and type(kind) is int and runs:
-            out.append(_write_run(entry))
+        if kind == run_kind and type(kind) is int:
+            out.append(write_run(entry) if kind == WRITE_RUN else update_run(entry))
             continue
         layout = _LAYOUTS.get(kind) if type(kind) is int else None
         if layout is None:
@@ -352,36 +311,3 @@ def _array(spec: Any) -> np.ndarray:
     if buf.nbytes != count * dt.itemsize:
         raise ProtocolError(f"data holds {buf.nbytes} bytes, not {count} x {dt.itemsize}")
     return np.frombuffer(buf, dtype=dt, count=count)
-
-
-def _write_run(entry: list) -> WriteRun:
-    """A validated WriteRun from its batch entry."""
-    if len(entry) != 7:
-        raise ProtocolError("a run entry needs 7 fields")
-    _, dtype, names, reqs, stamps, values, expires = entry
-    dt = _DTYPES.get(dtype) if type(dtype) is str else None
-    if dt is None:
-        raise ProtocolError(f"dtype {dtype!r} is not allowed")
-    if type(names) is not list or type(reqs) is not list:
-        raise ProtocolError("a run's names and request numbers must be lists")
-    n = len(names)
-    if not n or len(reqs) != n:
-        raise ProtocolError("a run needs as many request numbers as names, and some")
-    if not all(type(name) is str for name in names):
-        raise ProtocolError("a run's names must be text")
-    if not all(type(req) is int and req >= 0 for req in reqs):
-        raise ProtocolError("a run's req must be non-negative integers")
-    if type(stamps) is not bytes or len(stamps) != 8 * n:
-        raise ProtocolError("a run needs one float64 stamp per name")
-    if type(values) is not bytes or len(values) != n * dt.itemsize:
-        raise ProtocolError(f"a run needs one {dtype} value per name")
-    if type(expires) is not float or not expires >= 0.0:
-        raise ProtocolError("a run's expiry must be a non-negative float")
-    return WriteRun(
-        dt,
-        names,
-        reqs,
-        np.frombuffer(stamps, dtype="<f8").tolist(),
-        np.frombuffer(values, dtype=dt),
-        expires,
-    )

@@ -15,6 +15,7 @@ import zmq
 
 from carelay.common import protocol
 from carelay.common.messages import Message, Pong, Reject
+from carelay.common.runs import UpdateRun, update_runs
 from carelay.shard.gate import ReadGate
 
 #: Replies that change nothing, which a failed commit leaves as they are.
@@ -96,11 +97,13 @@ class Outbox:
     def _send(self, sock: zmq.Socket, peer: bytes, msgs: list[Message]) -> None:
         if not msgs:
             return  # all held
-        for batch in protocol.batches(msgs):
+        # Published scalar changes (other front-ends' puts, the bulk of what a peer hears)
+        # travel as runs, column by column: one entry each to encode and to decode.
+        for batch in protocol.batches(update_runs(msgs)):
             frames = protocol.encode_batch(batch)
             try:
                 protocol.send_frames(sock, [peer, *frames])
             except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
                 # It gets nothing more of this batch: a later run would follow a gap.
-                self._lost(peer, len(batch), e)
+                self._lost(peer, sum(len(m) if type(m) is UpdateRun else 1 for m in batch), e)
                 break

@@ -184,7 +184,7 @@ class ShardServer:
         """Handle one message or batch from ``peer``; returns how many messages.  Bad input
         is logged and dropped whole."""
         try:
-            msgs = protocol.decode_batch(frames, runs=True)
+            msgs = protocol.decode_batch(frames, to_shard=True)
         except protocol.ProtocolError as e:
             log.warning("dropped a malformed message: %s", e)
             return 0

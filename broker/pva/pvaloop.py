@@ -1,9 +1,9 @@
 """The PVA front-end's loop: the shard links and the inbox, served by one thread.
 
-``PvaSync`` is the CA broker's ShardSync with the inbox's pipe in the same poll, so a
-PVA put wakes the loop at once; ``PvaLoop`` reuses the CA Loop's timers (reconnect,
-heartbeat, request deadlines), its sending of queued puts and its status writing, with
-no CA server to serve.
+``PvaSync`` is the CA broker's ShardSync with the inbox's pipe in the same poll
+(``wake_fd``), so a PVA put wakes the loop at once; ``PvaLoop`` reuses the CA Loop's
+timers (reconnect, heartbeat, request deadlines), its sending of queued puts and its
+status writing, with no CA server to serve.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-
-import zmq
 
 from carelay.broker.link import LinkState
 from carelay.broker.loop import Loop
@@ -45,15 +43,14 @@ class PvaSync(ShardSync):
     answered by a SHOWN: see shard/gate.py), and a get right after that put completed
     reads the new value."""
 
-    #: The last poll found the inbox's pipe readable: queued calls wait for ``run``.  The
-    #: loop runs the inbox only then: a look at an empty pipe costs a system call (and
-    #: the exception of a read that would block) on each turn, and a put takes several.
-    inbox_due = False
-
     def __init__(self, broker) -> None:
         super().__init__(broker)
         self._by_kind[Confirm] = self._confirm
-        self._polled = None  # the inbox is polled even while no shard has a socket
+        #: The inbox's pipe is polled with the shard sockets; ``woken`` says it was
+        #: readable: the loop runs the inbox only then, since a look at an empty pipe
+        #: costs a system call (and the exception of a read that would block) on each
+        #: turn, and a put takes several.
+        self.wake_fd = broker.inbox.fd
 
     def watch(self, name: str, on: bool) -> None:
         """A channel of ``name`` now serves it (``on``), or no longer.  A shard not in
@@ -76,27 +73,6 @@ class PvaSync(ShardSync):
                 link.queue(Watch(0, name, True))
         link.send_queued()
 
-    def poll(self, timeout_ms: float) -> int:
-        socks = {link.sock: link for link in self.links if link.sock is not None}
-        for link in self.links:
-            for sock in link.parked:
-                socks[sock] = link
-        key = tuple(socks)
-        if key != self._polled:
-            self._poller = zmq.Poller()
-            self._poller.register(self.broker.inbox.fd, zmq.POLLIN)
-            for sock in socks:
-                self._poller.register(sock, zmq.POLLIN)
-            self._polled = key
-        n = 0
-        for sock, _ in self._poller.poll(timeout_ms):
-            link = socks.get(sock)
-            if link is None:
-                self.inbox_due = True  # the inbox: run by the loop after the poll
-                continue
-            n += self.drain(link) if sock is link.sock else self._drain_parked(link, sock)
-        return n
-
 
 class PvaLoop(Loop):
     """Runs the PVA front-end until it is asked to stop."""
@@ -116,8 +92,8 @@ class PvaLoop(Loop):
             else:
                 timeout = _QUIET_POLL_MS
             sync.poll(timeout)
-            if sync.inbox_due:
-                sync.inbox_due = False
+            if sync.woken:
+                sync.woken = False
                 inbox.run()
             for link in links:
                 if link.urgent or link.queued >= BATCH_MAX:

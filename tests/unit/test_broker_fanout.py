@@ -16,8 +16,8 @@ import pytest
 import zmq
 
 from carelay.broker.sync import catch_up
-from carelay.common.messages import Update, Write
-from carelay.common.protocol import decode_batch, encode_batch
+from carelay.common.messages import Put, Update, Write
+from carelay.common.protocol import WriteRun, decode_batch, encode_batch
 from tests.unit.scripted_cas import beside_another_front_end, join
 
 PREFIX = "O:"
@@ -123,3 +123,63 @@ def test_a_read_first_takes_what_its_shard_has_sent_already():
     finally:
         front.close(0)
         shard.close(0)
+
+
+def test_the_other_front_ends_run_of_puts_is_mirrored_put_by_put(pair):
+    # A stream of the other's scalar puts reaches the broker as one UPDATE_RUN: each PV
+    # it names is mirrored, the last put to a PV wins, and a change the shard applied
+    # before this broker's own later WRITE is not taken back.
+    broker, script, shard, other = pair
+    names = [f"{PREFIX}r{k}_f1" for k in range(3)]
+    box = {}
+
+    def create() -> bool:
+        pv = box["pv"] = broker.attach(NAME)
+        assert broker.forward_put(pv, np.array([1.0]), None)
+        return True
+
+    def created() -> bool:
+        return box["pv"].real and not broker.requests.in_flight(box["pv"])
+
+    def other_creates() -> bool:
+        puts = [Put(name, k + 1, 0.0, np.array([0.0])) for k, name in enumerate(names)]
+        other.send_multipart(encode_batch(puts))
+        return True
+
+    def mirrored() -> bool:
+        return all(name in broker.pvs and broker.pvs[name].real for name in names)
+
+    def other_puts_a_run() -> bool:
+        run = WriteRun(np.dtype("<f8"))
+        for k, name in enumerate([*names, names[0], NAME]):
+            run.add(name, 0, 100.0 + k, np.array([10.0 + k]))
+        other.send_multipart(encode_batch([run]))
+        wait = time.monotonic() + 5
+        while shard.store.get(NAME).tolist() != [14.0] and time.monotonic() < wait:
+            time.sleep(0.005)
+        # Applied at the shard before this WRITE, which the mirror shows already.
+        assert broker.forward_put(box["pv"], np.array([5.0]), None)
+        return True
+
+    def settled() -> bool:
+        link = broker.links[0]
+        return (
+            broker.pvs[names[1]].value.tolist() == [11.0]
+            and shard.store.get(NAME).tolist() == [5.0]
+            and link.writes_applied >= link.writes
+        )
+
+    script.steps = [
+        lambda: broker.links[0].live,
+        create,
+        created,
+        lambda: join(other, shard),
+        other_creates,
+        mirrored,
+        other_puts_a_run,
+        settled,
+    ]
+    broker.run(script.stop)
+    assert [broker.pvs[name].value.tolist() for name in names] == [[13.0], [11.0], [12.0]]
+    assert broker.pvs[names[0]].mirror.stamp == 103.0
+    assert box["pv"].value.tolist() == [5.0]  # as the shard holds it

@@ -64,9 +64,9 @@ def _run(reqs: list[int], values: list[float], expires: float) -> WriteRun:
 
 
 def test_a_run_carries_its_expiry():
-    (run,) = decode_batch(encode_batch([_run([0, 7], [1.0, 2.0], 1234.5)]), runs=True)
+    (run,) = decode_batch(encode_batch([_run([0, 7], [1.0, 2.0], 1234.5)]), to_shard=True)
     assert run.expires == 1234.5 and run.reqs == [0, 7]
-    (run,) = decode_batch(encode_batch([_run([0, 0], [1.0, 2.0], 0.0)]), runs=True)
+    (run,) = decode_batch(encode_batch([_run([0, 0], [1.0, 2.0], 0.0)]), to_shard=True)
     assert run.expires == 0.0
 
 
@@ -74,10 +74,10 @@ def test_a_run_carries_its_expiry():
 def test_a_malformed_expiry_drops_the_batch(expires):
     import msgpack
 
-    entry = _run([7], [1.0], 1.0)._entry()
+    entry = _run([7], [1.0], 1.0).entry()
     entry[6] = expires
     with pytest.raises(ProtocolError, match="expiry"):
-        decode_batch([BATCH_TAG + msgpack.packb([entry], use_bin_type=True)], runs=True)
+        decode_batch([BATCH_TAG + msgpack.packb([entry], use_bin_type=True)], to_shard=True)
 
 
 def test_a_message_carries_its_expiry():

@@ -45,6 +45,7 @@ from carelay.common.protocol import (
     decode_batch,
     encode_batch,
 )
+from carelay.common.runs import update_runs
 
 DTYPES = ["<f8", "<i4", "|u1", "|S40"]
 
@@ -206,9 +207,9 @@ def test_message_equality():
 # -- refusals ------------------------------------------------------------------------
 
 
-def refused(frames, match: str, runs: bool = False) -> None:
+def refused(frames, match: str, to_shard: bool = False) -> None:
     with pytest.raises(ProtocolError, match=match) as info:
-        decode_batch(frames, runs=runs)
+        decode_batch(frames, to_shard=to_shard)
     assert type(info.value) is ProtocolError
 
 
@@ -233,9 +234,16 @@ def test_batch_wrong_shape(entries):
     refused([packed(entries)], "batch|malformed")
 
 
-@pytest.mark.parametrize("kind", [0, 8, 9, 19, 99, -1, 2**40, "PUT", None, 2.5, True, [2]])
+@pytest.mark.parametrize("kind", [0, 9, 19, 99, -1, 2**40, "PUT", None, 2.5, True, [2]])
 def test_unknown_kind(kind):
     refused([packed([with_field(Ping(1), 0, kind)])], "kind|malformed")
+
+
+def test_each_side_refuses_the_other_sides_runs():
+    """A shard takes WRITE_RUNs only, a front-end UPDATE_RUNs only."""
+    updates = [Update(f"R:{c}_f1", 0, 5, 1.0, np.array([2.0])) for c in "ab"]
+    refused(encode_batch(update_runs(updates)), "unknown message kind 8", to_shard=True)
+    refused([packed([_run_entry()])], "unknown message kind 7")
 
 
 @pytest.mark.parametrize("msg", EVERY_KIND, ids=lambda m: type(m).__name__)
@@ -417,7 +425,7 @@ def test_property_batch_roundtrip(msgs):
 def _only_protocol_error(frames, runs: bool = False) -> None:
     # Anything but ProtocolError propagates and fails the test.
     with contextlib.suppress(ProtocolError):
-        decode_batch(frames, runs=runs)
+        decode_batch(frames, to_shard=runs)
 
 
 @settings(max_examples=300, deadline=None)
@@ -500,7 +508,7 @@ def test_a_write_run_is_one_entry_and_decodes_column_by_column():
     assert len(frames) == 1
     entries = msgpack.unpackb(frames[0][len(BATCH_TAG) :])
     assert len(entries) == 4 and entries[1][:4] == [WRITE_RUN, "<f8", run.names, [0, 7, 0]]
-    out = decode_batch(frames, runs=True)
+    out = decode_batch(frames, to_shard=True)
     assert out[0] == msgs[0] and out[3] == msgs[3]
     got = out[1]
     assert isinstance(got, WriteRun) and len(got) == 3 and got.expires == 9.5
@@ -550,7 +558,7 @@ def _run_entry(**changes) -> list:
 
 
 def test_a_well_formed_run_entry_decodes():
-    (run,) = decode_batch([packed([_run_entry()])], runs=True)
+    (run,) = decode_batch([packed([_run_entry()])], to_shard=True)
     assert run.names == ["R:a_f1", "R:b_f1"] and run.values.tolist() == [5.0, 6.0]
 
 
@@ -560,9 +568,9 @@ def test_a_well_formed_run_entry_decodes():
         ({"kind": True}, "kind"),
         ({"dtype": "<f4"}, "not allowed"),
         ({"dtype": 8}, "not allowed"),
-        ({"names": "R:a_f1"}, "must be lists"),
-        ({"reqs": {"a": 1}}, "must be lists"),
-        ({"names": [], "reqs": []}, "as many"),
+        ({"names": "R:a_f1"}, "list of names"),
+        ({"reqs": {"a": 1}}, "as many"),
+        ({"names": [], "reqs": []}, "list of names, and some"),
         ({"reqs": [0]}, "as many"),
         ({"names": ["R:a_f1", b"R:b_f1"]}, "text"),
         ({"reqs": [0, -1]}, "non-negative"),
@@ -579,11 +587,11 @@ def test_a_well_formed_run_entry_decodes():
     ],
 )
 def test_a_malformed_run_entry_is_refused(changes, match):
-    refused([packed([_run_entry(**changes)])], match, runs=True)
+    refused([packed([_run_entry(**changes)])], match, to_shard=True)
 
 
 def test_a_run_entry_of_the_wrong_length_is_refused():
-    refused([packed([_run_entry()[:6]])], "7 fields", runs=True)
+    refused([packed([_run_entry()[:6]])], "7 fields", to_shard=True)
 
 
 _runs = st.builds(
@@ -606,7 +614,7 @@ _runs = st.builds(
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(_messages, _runs), min_size=1, max_size=6))
 def test_property_batches_with_runs_roundtrip(items):
-    out = decode_batch(wire(items), runs=True)
+    out = decode_batch(wire(items), to_shard=True)
     assert len(out) == len(items)
     for got, sent in zip(out, items, strict=True):
         if isinstance(sent, WriteRun):

@@ -23,13 +23,13 @@ def test_a_queued_call_is_seen_with_no_shard_socket(front):
     ran = []
     front.inbox.push(ran.append, 1)
     front.sync.poll(0)
-    assert front.sync.inbox_due
+    assert front.sync.woken
     assert front.inbox.run() == 1 and ran == [1]
 
 
 def test_an_empty_pipe_is_not_due(front):
     front.sync.poll(0)
-    assert not front.sync.inbox_due
+    assert not front.sync.woken
 
 
 class _Stop:

@@ -22,7 +22,7 @@ from carelay.common.messages import (
     Update,
     Write,
 )
-from carelay.common.protocol import WriteRun, encode_batch
+from carelay.common.protocol import UpdateRun, WriteRun, encode_batch
 from carelay.shard.server import ShardServer
 from tests.unit.recording_router import RecordingRouter
 
@@ -129,3 +129,22 @@ def test_the_other_front_ends_are_sent_a_change_before_its_sender_is_answered(se
     peers = [peer for peer, _ in sock.sent]
     assert peers.index(B) < peers.index(A)
     assert [m.req for m in sock.sent[peers.index(A)][1]] == [7]
+
+
+def test_a_run_of_writes_reaches_the_other_front_end_as_one_run_in_order(server):
+    # The commonest traffic: another front-end's stream of scalar puts.  What the other
+    # peer is sent decodes as one UpdateRun that says what the single Updates would.
+    names = [f"{PREFIX}r{k}_f1" for k in range(3)]
+    for k, name in enumerate(names):
+        _send(server, A, [Put(name, k + 1, 0.0, np.array([0.0]))])
+    values = [1.5, 2.5, 3.5, 4.5]
+    run = WriteRun(np.dtype("<f8"), [*names, names[0]], [0, 0, 0, 0], [1.0, 2.0, 3.0, 4.0], values)
+    server.handle(B, encode_batch([run]))
+    server._commit()
+    sock = RecordingRouter()
+    server.outbox.send(sock)
+    (published,) = sock.to(A)
+    assert type(published) is UpdateRun and published.names == [*names, names[0]]
+    assert published.values.tolist() == values and published.stamps == [1.0, 2.0, 3.0, 4.0]
+    assert published.seqs == sorted(published.seqs) and published.seqs[-1] == server.store.seq
+    assert server.store.get(names[0]).tolist() == [4.5]
