@@ -208,13 +208,17 @@ def _columns(stamps: Any, values: Any, n: int, dt: np.dtype) -> tuple[list, np.n
     return np.frombuffer(stamps, dtype="<f8").tolist(), np.frombuffer(values, dtype=dt)
 
 
-def write_run(entry: list) -> WriteRun:
-    """A validated WriteRun from its batch entry."""
+def _fields(entry: list) -> tuple[np.dtype, int]:
+    """The dtype and the length of a run entry, checked with its shape and its names."""
     if len(entry) != 7:
         raise ProtocolError("a run entry needs 7 fields")
-    _, dtype, names, reqs, stamps, values, expires = entry
-    dt = _dtype(dtype)
-    n = _names(names)
+    return _dtype(entry[1]), _names(entry[2])
+
+
+def write_run(entry: list) -> WriteRun:
+    """A validated WriteRun from its batch entry."""
+    dt, n = _fields(entry)
+    _, _, names, reqs, stamps, values, expires = entry
     if type(reqs) is not list or len(reqs) != n:
         raise ProtocolError("a run needs as many request numbers as names")
     if not all(type(req) is int and req >= 0 for req in reqs):
@@ -227,11 +231,8 @@ def write_run(entry: list) -> WriteRun:
 
 def update_run(entry: list) -> UpdateRun:
     """A validated UpdateRun from its batch entry."""
-    if len(entry) != 7:
-        raise ProtocolError("an update run entry needs 7 fields")
-    _, dtype, names, seqs, stamps, values, epoch = entry
-    dt = _dtype(dtype)
-    n = _names(names)
+    dt, n = _fields(entry)
+    _, _, names, seqs, stamps, values, epoch = entry
     if type(seqs) is not bytes or len(seqs) != 8 * n:
         raise ProtocolError("an update run needs one uint64 seq per name")
     stamps, values = _columns(stamps, values, n, dt)

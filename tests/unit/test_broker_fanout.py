@@ -38,9 +38,8 @@ def _drain(sock: zmq.Socket) -> list:
     return out
 
 
-def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undone(pair):
-    broker, script, shard, other = pair
-    box = {}
+def _created(broker, box: dict) -> list:
+    """Script steps: this broker creates NAME (its RelayPV in ``box["pv"]``)."""
 
     def create() -> bool:
         pv = box["pv"] = broker.attach(NAME)
@@ -49,6 +48,13 @@ def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undon
 
     def created() -> bool:
         return box["pv"].real and not broker.requests.in_flight(box["pv"])
+
+    return [create, created]
+
+
+def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undone(pair):
+    broker, script, shard, other = pair
+    box = {}
 
     def other_puts() -> bool:
         other.send_multipart(encode_batch([Write(NAME, 0, 0.0, np.array([2.0]))]))
@@ -73,8 +79,7 @@ def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undon
 
     script.steps = [
         lambda: broker.links[0].live,
-        create,
-        created,
+        *_created(broker, box),
         lambda: join(other, shard),
         other_puts,
         mirrored,
@@ -133,14 +138,6 @@ def test_the_other_front_ends_run_of_puts_is_mirrored_put_by_put(pair):
     names = [f"{PREFIX}r{k}_f1" for k in range(3)]
     box = {}
 
-    def create() -> bool:
-        pv = box["pv"] = broker.attach(NAME)
-        assert broker.forward_put(pv, np.array([1.0]), None)
-        return True
-
-    def created() -> bool:
-        return box["pv"].real and not broker.requests.in_flight(box["pv"])
-
     def other_creates() -> bool:
         puts = [Put(name, k + 1, 0.0, np.array([0.0])) for k, name in enumerate(names)]
         other.send_multipart(encode_batch(puts))
@@ -171,8 +168,7 @@ def test_the_other_front_ends_run_of_puts_is_mirrored_put_by_put(pair):
 
     script.steps = [
         lambda: broker.links[0].live,
-        create,
-        created,
+        *_created(broker, box),
         lambda: join(other, shard),
         other_creates,
         mirrored,
