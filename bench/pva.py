@@ -43,6 +43,7 @@ from bench.servers import (
     free_port,
     server_env,
 )
+from bench.workloads import spread_names
 
 #: Values below this are warm-up puts, not timestamps (as bench/clients.py).
 _STAMP_MIN = 1e9
@@ -193,7 +194,9 @@ def w8(bench, kind: str) -> dict:
     else:
         srv = PvaControlServer(bench.ports)
     bench.started.append(srv)
-    names = [f"{srv.prefix}w8c{k}_f1" for k in range(n)]
+    # Spread evenly over carelay's shards (the average case of many PVs), as in W9 and
+    # bench.pva_cost: random names land the clients' PVs 4/0, 3/1 or 2/2.
+    names = spread_names(srv.prefix, "w8c", "f1", n, [p.carelay_shards])
     srv.records = [(name, "f", 1) for name in names]
     clients = [
         ("bench.pva.pva_put_writer", {"name": name, "n": puts, "base": 1e6 * k, "conf": srv.conf})

@@ -257,7 +257,13 @@ class Loop:
         shards = [
             {"index": link.index, "state": link.state.value, "pvs": link.pvs} for link in b.links
         ]
-        status = {**self._status(), "pvs": b.table.n_real, "ready": b.ready, "shards": shards}
+        status = {
+            **self._status(),
+            "pvs": b.table.n_real,
+            "followed": len(b.sync.followed),
+            "ready": b.ready,
+            "shards": shards,
+        }
         write_status(b.status_path, status)
 
     def _status(self) -> dict:

@@ -37,6 +37,8 @@ class Request:
     notify: Any
     #: (host, user) of the client that waits for the answer, for ``relay:ERRORS``.
     client: tuple[str, str] | None = None
+    #: Its failure is nobody's error (a FOLLOW: a read that waited for it goes on).
+    quiet: bool = False
 
 
 @dataclass(slots=True)
@@ -76,7 +78,9 @@ class Requests:
         """A number for a message whose answer only orders the others (HELLO, PING)."""
         return next(self._numbers)
 
-    def expect(self, shard: int, pv, name: str, notify, client) -> tuple[int, float]:
+    def expect(
+        self, shard: int, pv, name: str, notify, client, quiet: bool = False
+    ) -> tuple[int, float]:
         """A new request number, whose answer ``shard`` now owes, and the request's
         expiry.  The broker fails the request at its deadline (PUT_TIMEOUT); the expiry, in
         wall-clock time, comes EXPIRY_MARGIN earlier, and a shard that the request reaches
@@ -88,7 +92,7 @@ class Requests:
         shard whose clock runs behind the broker's by more than the margin."""
         req = next(self._numbers)
         deadline = time.monotonic() + PUT_TIMEOUT
-        self.unanswered[shard][req] = Request(pv, name, shard, deadline, notify, client)
+        self.unanswered[shard][req] = Request(pv, name, shard, deadline, notify, client, quiet)
         if pv is not None:
             self._in_flight[pv] = self._in_flight.get(pv, 0) + 1
         return req, time.time() + (PUT_TIMEOUT - EXPIRY_MARGIN)
@@ -137,8 +141,9 @@ class Requests:
             if first >= req:
                 break
             p = waiting[first]
-            log.warning("shard %d lost the request for %s; failing it", shard, p.name)
-            self._error("shard_down", "the shard lost the request", p.name, shard, p.client)
+            if not p.quiet:
+                log.warning("shard %d lost the request for %s; failing it", shard, p.name)
+                self._error("shard_down", "the shard lost the request", p.name, shard, p.client)
             self.finish(shard, first, False)
 
     def expire(self, shard: int, now: float) -> None:
@@ -150,9 +155,12 @@ class Requests:
                 req, p = next(iter(waiting.items()))
                 if p.deadline >= now:
                     break
-                log.warning("no answer from shard %d for %s; failing the request", shard, p.name)
-                why = "no answer from the shard in time"
-                self._error("shard_down", why, p.name, shard, p.client)
+                if not p.quiet:
+                    log.warning(
+                        "no answer from shard %d for %s; failing the request", shard, p.name
+                    )
+                    why = "no answer from the shard in time"
+                    self._error("shard_down", why, p.name, shard, p.client)
                 self.finish(shard, req, False)
 
     def link_down(self, shard: int, gone: bool) -> None:

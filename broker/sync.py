@@ -14,6 +14,7 @@ import time
 import zmq
 
 from carelay.broker.link import ShardLink
+from carelay.broker.linkstate import LinkState
 from carelay.broker.receive import ShardReceiver
 from carelay.common import fields
 from carelay.common.messages import (
@@ -21,6 +22,7 @@ from carelay.common.messages import (
     Applied,
     Deleted,
     FieldChanged,
+    Follow,
     Hello,
     Message,
     Ping,
@@ -33,6 +35,7 @@ from carelay.common.messages import (
 )
 from carelay.common.naming import InvalidPvName
 from carelay.common.runs import UpdateRun
+from carelay.common.sharding import shard_for
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ class ShardSync(ShardReceiver):
         self._snapshots: dict[int, dict] = {}
         #: Other front-ends change PVs too (configured, or a change of theirs seen).
         self.others = broker.config.brokers > 1 or broker.config.pva
+        #: Of other front-ends' puts, the shards send only those to the PVs this broker
+        #: follows (``followed``: those its CA clients hold; see shard/follow.py).
+        self.follows = self.others
+        self.followed: set[str] = set()
         #: What each kind of message a shard sends is handled by.
         self._by_kind = {
             Update: self._update,
@@ -210,11 +217,47 @@ class ShardSync(ShardReceiver):
         log.log(level, "shard %d in sync: %d PVs", link.index, len(snap))
 
     def hello(self, link: ShardLink) -> None:
-        """Ask shard ``link`` for a snapshot, with this broker's id and the relay's token."""
+        """Ask shard ``link`` for a snapshot, with this broker's id and the relay's token;
+        then the PVs of it that this broker follows, each answered as it stands then."""
         self.requests.send(link)
-        hello = Hello(self.requests.number(), self.broker.token or "", self.broker.instance)
-        if link.send(hello):
-            link.hello_sent()
+        number = self.requests.number()
+        hello = Hello(number, self.broker.token or "", self.broker.instance, self.follows)
+        if not link.send(hello):
+            return
+        link.hello_sent()
+        for name in self.followed:
+            if shard_for(name, len(self.links)) == link.index:
+                self._follow(link, name)
+        link.send_queued()
+
+    # -- what this broker's clients hold ------------------------------------------------
+
+    def follow(self, name: str) -> None:
+        """A CA client holds PV ``name`` (or a field of it): its shard sends its puts from
+        now on, and its value as it stands, which a read of it waits for.  A shard not in
+        sync hears of it with the next HELLO."""
+        if not self.follows or name in self.followed:
+            return
+        self.followed.add(name)
+        link = self.links[shard_for(name, len(self.links))]
+        if link.state in (LinkState.SYNCING, LinkState.LIVE):
+            self.requests.send(link)  # queued WRITEs first: the answer shows them
+            self._follow(link, name)
+            link.send_queued()
+
+    def unfollow(self, name: str) -> None:
+        """No CA client holds ``name`` any longer."""
+        if name not in self.followed:
+            return
+        self.followed.discard(name)
+        link = self.links[shard_for(name, len(self.links))]
+        if link.state in (LinkState.SYNCING, LinkState.LIVE):
+            link.send(Follow(0, name, False))
+
+    def _follow(self, link: ShardLink, name: str) -> None:
+        pv = self.table.pvs.get(name)
+        req, _ = self.requests.expect(link.index, pv, name, None, None, quiet=True)
+        link.queue(Follow(req, name, True))
 
     def ping(self, link: ShardLink) -> None:
         """A heartbeat, numbered like the puts so that its answer orders them."""

@@ -160,6 +160,9 @@ class PvTable:
                 spec = self.spec_and_shard(base)[0]
                 pv = self.field_pvs[name] = self.make_field_pv(b, spec, field)
         pv.attached = True
+        base = split_field(name)[0]
+        if base not in b.controls:
+            b.sync.follow(base)
         return pv
 
     def new_pv(self, name: str):
@@ -169,7 +172,11 @@ class PvTable:
         return pv
 
     def detached(self, pv) -> None:
-        """The last channel to ``pv`` went away: a provisional or field PV is forgotten."""
+        """The last channel to ``pv`` went away: a provisional or field PV is forgotten,
+        and a PV no channel holds (nor one of its fields) is no longer followed."""
+        base = split_field(pv.name)[0]
+        if base in self.broker.sync.followed and not self._held(base, pv):
+            self.broker.sync.unfollow(base)
         if self.field_pvs.get(pv.name) is pv:
             del self.field_pvs[pv.name]
         elif getattr(pv, "real", True) or self.pvs.get(pv.name) is not pv:
@@ -178,6 +185,14 @@ class PvTable:
             del self.pvs[pv.name]
         # Keep the object alive until the server is done with this callback.
         self.graveyard.append(pv)
+
+    def _held(self, base: str, gone) -> bool:
+        """Whether a channel holds PV ``base`` or a field of it, but for ``gone``."""
+        pv = self.pvs.get(base)
+        if pv is not None and pv is not gone and pv.attached:
+            return True
+        prefix = base + "."
+        return any(n.startswith(prefix) and f is not gone for n, f in self.field_pvs.items())
 
     def forget(self, name: str) -> None:
         """PV ``name`` is gone from its shard: provisional while a client holds it."""

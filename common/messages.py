@@ -65,13 +65,28 @@ def _kind(number: int):
 
 @_kind(1)
 class Hello(Message):
-    """``[1, req, token, broker]``: send me a snapshot.  ``token``: the relay's token
-    ("" none), which a shard that asks for one checks before it serves the peer;
-    ``broker``: the broker's id, whose earlier connections the shard then fences."""
+    """``[1, req, token, broker, follow]``: send me a snapshot.  ``token``: the relay's
+    token ("" none), which a shard that asks for one checks before it serves the peer;
+    ``broker``: the broker's id, whose earlier connections the shard then fences;
+    ``follow``: of other front-ends' puts, send me only those to the PVs I follow (see
+    Follow), not every one."""
 
     req: int
     token: str = ""
     broker: str = ""
+    follow: bool = False
+
+
+@_kind(19)
+class Follow(Message):
+    """``[19, req, name, on]``: a front-end that said HELLO with ``follow`` hears of other
+    front-ends' puts to ``name`` from now on (``on``), or no longer.  With a ``req``, the
+    shard answers with ``name`` as it stands: an UPDATE (``reset``: the whole value), or
+    a DELETED (``restate``) if it has no such PV."""
+
+    req: int
+    name: str
+    on: bool
 
 
 @_kind(4)
@@ -292,6 +307,7 @@ KINDS: dict[int, type[Message]] = {
     for cls in (
         Hello,
         Ping,
+        Follow,
         Watch,
         Shown,
         Put,

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from carelay.common.config import REFUSED_PEER_LOG_INTERVAL
 from carelay.common.messages import Hello, Message, Reject
 from carelay.common.protocol import WriteRun
+from carelay.shard.follow import Follows
 from carelay.shard.handler import EXPIRING
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Admission:
         self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
         #: Told of each peer no longer served (ReadGate.forget).
         self.on_drop: Callable[[bytes], None] = lambda peer: None
+        #: The PVs each peer that said HELLO with ``follow`` follows.
+        self.follows = Follows()
 
     def __contains__(self, peer: bytes) -> bool:
         """Whether ``peer`` is admitted already."""
@@ -105,14 +108,18 @@ class Admission:
                 del self._admitted[old]
                 self._fence(old, _FENCED)
         self._admitted[peer] = broker
+        if hello and first.follow:
+            self.follows.start(peer)
         if len(self._admitted) > _ADMITTED_MAX:
             oldest = self._admitted.popitem(last=False)[0]
             self._writes.pop(oldest, None)
+            self.follows.forget(oldest)
             self.on_drop(oldest)
         return True
 
     def _fence(self, peer: bytes, reason: str) -> None:
         self._writes.pop(peer, None)
+        self.follows.forget(peer)
         self.on_drop(peer)
         self._fenced[peer] = reason
         if len(self._fenced) > _FENCED_MAX:

@@ -198,21 +198,22 @@ class RequestHandler:
         if isinstance(outcome, Rejected):
             log.warning("refused put to %s: %s", name, outcome)
             self._reply(peer, wire.Reject(req, name, str(outcome), self.epoch))
-            self._correct(peer, name)
+            self.restate(peer, name)
         elif req:
             self._reply(peer, wire.Ack(name, req, outcome, self.epoch))
 
-    def _correct(self, peer: bytes, name: str) -> None:
+    def restate(self, peer: bytes, name: str, req: int = 0) -> None:
         """Tell the broker how ``name`` stands here, after a refused WRITE that its mirror
-        already shows: not a change, so the current sequence number (and ``restate`` on a
-        Deleted, which the broker does not count as a deletion)."""
+        already shows, or in answer to a FOLLOW (``req``): not a change, so the current
+        sequence number (and ``restate`` on a Deleted, which the broker does not count
+        as a deletion)."""
         store = self.store
         if name not in store:
-            self._reply(peer, wire.Deleted(name, 0, store.seq, restate=True, epoch=self.epoch))
+            self._reply(peer, wire.Deleted(name, req, store.seq, restate=True, epoch=self.epoch))
             return
         contents = store.get(name)
         change = Change(name, store.seq, store.stamp(name), contents, len(contents), False)
-        self._reply_change(peer, 0, change, reset=True)
+        self._reply_change(peer, req, change, reset=True)
 
     def _reply_change(
         self, peer: bytes, req: int, change, reset: bool = False, created: bool = False

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterable
 import zmq
 
 from carelay.common import protocol
-from carelay.common.messages import Message, Pong, Reject
+from carelay.common.messages import Message, Pong, Reject, Update
 from carelay.common.runs import UpdateRun, update_runs
+from carelay.shard.follow import Follows
 from carelay.shard.gate import ReadGate
 
 #: Replies that change nothing, which a failed commit leaves as they are.
@@ -43,16 +44,20 @@ class Outbox:
         self.items: list[tuple[bytes, Message]] = []
         #: The ids of the messages in ``items`` that publish a change to the other peers.
         self._published: set[int] = set()
+        #: The PVs whose puts each following peer hears of (Admission's).
+        self.follows = Follows()
 
     def reply(self, peer: bytes, msg: Message) -> None:
         self.items.append((peer, msg))
 
     def publish(self, origin: bytes, msg: Message) -> None:
-        """A change that ``origin`` caused, for every other peer served."""
+        """A change that ``origin`` caused, for every other peer served: a put only for
+        those that hear of it (see Follows)."""
         self._published.add(id(msg))
         items = self.items
+        skips = self.follows.skips if type(msg) is Update and not msg.created else None
         for peer in self._peers():
-            if peer != origin:
+            if peer != origin and (skips is None or not skips(peer, msg.name)):
                 items.append((peer, msg))
 
     def refuse(self, names, error) -> None:

@@ -90,9 +90,10 @@ class ShardServer:
         self.health = StoreHealth(index, config.autosave_period, db.path if db else None)
         self.autosave = Autosave(self.store, db, self.health, index)
         self.gate = gate = ReadGate(self.epoch, SHOWN_WAIT)
-        self.outbox = Outbox(self._peers, self._lost, self.epoch, gate)
+        self.outbox = Outbox(lambda: self.admission.peers(), self._lost, self.epoch, gate)
         self.admission = Admission(token, self.outbox.reply, self.epoch)
         self.admission.on_drop = gate.forget
+        self.outbox.follows = follows = self.admission.follows
         self.requests = RequestHandler(
             self.store,
             self.autosave,
@@ -101,8 +102,9 @@ class ShardServer:
             self._commit,
             self.epoch,
             publish=self.outbox.publish,
-            others=gate.handlers(),
+            others={**gate.handlers(), **follows.handlers()},
         )
+        follows.answer = self.requests.restate
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._poller: zmq.Poller | None = None
@@ -142,7 +144,7 @@ class ShardServer:
             path.unlink(missing_ok=True)
         sock = self._ctx.socket(zmq.ROUTER)
         if self.config.keys_dir is not None:
-            self._secure(sock)
+            self._auth = _curve_server(self._ctx, sock, self.config.keys_dir)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 100_000)
@@ -152,22 +154,6 @@ class ShardServer:
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         log.debug("listening on %s (epoch %x)", self.endpoint, self.epoch)
-
-    def _secure(self, sock: zmq.Socket) -> None:
-        """CurveZMQ server: encrypted, and only peers holding a key from keys_dir get in."""
-        from zmq.auth.thread import ThreadAuthenticator
-
-        keys_dir = self.config.keys_dir
-        public, secret = load_keys(keys_dir, SHARD_CERT)
-        if secret is None:
-            raise KeysError(f"{keys_dir / (SHARD_CERT + '.key_secret')} is missing")
-        self._auth = ThreadAuthenticator(self._ctx)
-        self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(keys_dir))
-        sock.curve_secretkey = secret
-        sock.curve_publickey = public
-        sock.curve_server = True
-        log.info("CurveZMQ keys from %s", keys_dir)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -219,9 +205,6 @@ class ShardServer:
     def _out(self) -> list[tuple[bytes, Message]]:
         """The replies and published changes of the batch, not sent yet."""
         return self.outbox.items
-
-    def _peers(self):
-        return self.admission.peers()
 
     def _commit(self) -> None:
         """Make the batch's creations and deletions durable before their replies go; the
@@ -298,7 +281,8 @@ class ShardServer:
                 self._send_replies()
             if self.gate.expire(now):
                 self._send_replies()
-            said = (self.store.seq, len(self.store), self.db.last_flush if self.db else None)
+            flushed = self.db.last_flush if self.db else None
+            said = (self.store.seq, len(self.store), flushed, self.admission.follows.count)
             if timers.status_due(now, self.health.status_due, said != self._status_said):
                 self.health.status_due = False
                 self._status_said = said
@@ -313,6 +297,28 @@ class ShardServer:
         while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
             pass
         return autosave.stop()
+
+
+def _curve_server(ctx: zmq.Context, sock: zmq.Socket, keys_dir: Path):
+    """Make ``sock`` a CurveZMQ server: encrypted, and only peers holding a key from
+    ``keys_dir`` get in.  Returns the authenticator, which runs until stopped."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    public, secret = load_keys(keys_dir, SHARD_CERT)
+    if secret is None:
+        raise KeysError(f"{keys_dir / (SHARD_CERT + '.key_secret')} is missing")
+    auth = ThreadAuthenticator(ctx)
+    auth.start()
+    try:
+        auth.configure_curve(domain="*", location=str(keys_dir))
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+    except BaseException:
+        auth.stop()
+        raise
+    log.info("CurveZMQ keys from %s", keys_dir)
+    return auth
 
 
 def _status(server: ShardServer) -> dict:
@@ -331,6 +337,7 @@ def _status(server: ShardServer) -> dict:
         "store_failed_since": health.store_failed_since if refusing else None,
         # PVs whose puts wait for a front-end that shows them (PVA): see ReadGate.
         "watched": sum(len(names) for names in server.gate.watches.values()),
+        "followed": server.admission.follows.count,
     }
 
 

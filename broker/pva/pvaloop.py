@@ -46,6 +46,7 @@ class PvaSync(ShardSync):
     def __init__(self, broker) -> None:
         super().__init__(broker)
         self._by_kind[Confirm] = self._confirm
+        self.follows = False  # the PVA front-end mirrors every PV (see Watch)
         #: The inbox's pipe is polled with the shard sockets; ``woken`` says it was
         #: readable: the loop runs the inbox only then, since a look at an empty pipe
         #: costs a system call (and the exception of a read that would block) on each

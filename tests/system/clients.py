@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import epics
 import numpy as np
 
@@ -67,6 +69,20 @@ def close(ctx) -> None:
     if broadcaster._retry_unanswered_searches_thread is not None:
         broadcaster._retry_unanswered_searches_thread.join(timeout=5)
     ctx.disconnect(wait=False)
+
+
+def role_pid(relay, role: str) -> int | None:
+    """PID of the relay's running ``broker`` or ``shard K`` process, if any."""
+    want = role.split()
+    for pid in relay.children():
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        i = next((i for i, a in enumerate(argv) if a in ("broker", "shard", "up")), None)
+        if i is not None and argv[i : i + len(want)] == want:
+            return pid
+    return None
 
 
 def name_on_shard(relay, shard: int, stem: str, type_count: str = "f1") -> str:

@@ -40,7 +40,7 @@ from caproto.threading.client import Context
 
 from carelay.common.config import Config
 from carelay.common.sharding import shard_for
-from tests.system.clients import close, name_on_shard
+from tests.system.clients import close, name_on_shard, role_pid
 from tests.system.conftest import wait_for
 
 #: Autosave period of the relays here (seconds), and the margin the tests allow on top.
@@ -94,20 +94,6 @@ def shard_bound(relay, shard: int) -> float | None:
     except OSError:
         return None
     return made - (time.time() - now())
-
-
-def role_pid(relay, role: str) -> int | None:
-    """PID of the relay's running ``broker`` or ``shard K`` process, if any."""
-    want = role.split()
-    for pid in relay.children():
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        i = next((i for i, a in enumerate(argv) if a in ("broker", "shard", "up")), None)
-        if i is not None and argv[i : i + len(want)] == want:
-            return pid
-    return None
 
 
 def status_rows(relay) -> tuple[int, dict[str, dict]]:

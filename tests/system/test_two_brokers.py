@@ -7,15 +7,20 @@ free port, reached by caproto's command-line tools pointed at that port.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from bench.servers import free_port
+from carelay.common.lifecycle import read_status, status_path
+from tests.system.clients import name_on_shard, role_pid
 from tests.system.conftest import (
     CA_PORT,
     REPEATER_PORT,
@@ -161,3 +166,105 @@ def test_reload_acf_asks_every_broker(relay):
     assert "asked the broker (pid" in r.stdout and "asked the broker 1 (pid" in r.stdout
     for role in ("broker", "broker 1"):
         relay.wait_log(f" {role}: access security not reloaded", start=start, timeout=10)
+
+
+# -- following: a broker is sent another's puts only to what its clients hold ----------
+
+
+def _floats_b(name: str) -> list[float] | None:
+    """The elements of ``name`` read through broker 1 on a channel of its own."""
+    out = _on_b("get", "--format", "{response.data}", name)
+    if out.returncode != 0:
+        return None
+    return [float(x) for x in re.findall(r"[-+0-9.e]+", out.stdout.strip().strip("[]"))]
+
+
+def _followed(relay: Relay) -> tuple[int | None, int]:
+    """How many PVs broker 1 follows, as its status file and the shards' say (the shards
+    count broker 0's too)."""
+    run = relay.data_dir / "run"
+    shards = sum(
+        (read_status(status_path(run, f"shard {k}")) or {}).get("followed", 0)
+        for k in range(relay.shards)
+    )
+    return (read_status(status_path(run, "broker 1")) or {}).get("followed"), shards
+
+
+def test_a_new_channel_through_the_other_broker_reads_what_its_shard_holds(relay, ca):
+    """Broker 1 holds no channel of these PVs between reads, so its shards send it none
+    of broker 0's puts to them: each read opens a channel, which reads each PV as its
+    shard holds it, a buffer whole."""
+    scalar, buffer = relay.name("fresh", "f1"), relay.name("freshbuf", "F8")
+    pv, buf = ca.get_pvs(scalar, buffer, timeout=5)
+    buf.write([1.0, 2.0], wait=True, timeout=5)
+    appended = [1.0, 2.0]
+    for k in range(4):
+        pv.write([k + 0.5], wait=True, timeout=5)
+        buf.write([k + 10.0], wait=True, timeout=5)
+        appended.append(k + 10.0)
+        assert _get_b(scalar) == str(k + 0.5)
+        assert _floats_b(buffer) == appended
+
+
+def test_a_broker_follows_a_pv_while_a_client_of_it_holds_a_channel(relay):
+    name = relay.name("held", "f1")
+    done = _on_b("put", name, "1.5")  # made through broker 1, whose channel then goes
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: _followed(relay)[0] == 0, timeout=15, what="no follow once the put ended")
+    shards = _followed(relay)[1]
+    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B)}
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "caproto.commandline.monitor", "--no-repeater", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert "1.5" in monitor.stdout.readline()
+        wait_for(lambda: _followed(relay) == (1, shards + 1), timeout=15, what="a follow")
+    finally:
+        monitor.kill()
+        monitor.wait(timeout=10)
+    wait_for(lambda: _followed(relay) == (0, shards), timeout=15, what="the follow to go")
+
+
+def test_a_monitor_on_the_other_broker_sees_puts_after_its_shard_restarts(relay, ca):
+    """Broker 1 follows the PV its monitor holds: after a kill -9 of the PV's shard, it
+    tells the new process so with its HELLO, and the monitor sees broker 0's puts."""
+    name = name_on_shard(relay, 1, "restart")
+    (pv,) = ca.get_pvs(name, timeout=5)
+    pv.write([1.0], wait=True, timeout=5)
+    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B)}
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "caproto.commandline.monitor", "--no-repeater"]
+        + ["--format", "{response.data[0]}", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        assert monitor.stdout.readline().strip() == "1.0"
+        old = role_pid(relay, "shard 1")
+        mark = len(relay.log())
+        os.kill(old, signal.SIGKILL)
+        relay.wait_log("broker 1: shard 1 in sync", start=mark, timeout=30)
+        relay.wait_log("broker: shard 1 in sync", start=mark, timeout=30)
+
+        def put_seen() -> bool:
+            with contextlib.suppress(TimeoutError, OSError):
+                pv.write([7.0], wait=True, timeout=2)
+                return True
+            return False
+
+        wait_for(put_seen, timeout=30, what="a put through broker 0 after the restart")
+        seen: list[str] = []
+        reader = threading.Thread(
+            target=lambda: seen.extend(line.strip() for line in monitor.stdout), daemon=True
+        )
+        reader.start()
+        wait_for(lambda: "7.0" in seen, timeout=20, what=f"7.0 among the monitor's {seen}")
+    finally:
+        monitor.kill()
+        monitor.wait(timeout=10)

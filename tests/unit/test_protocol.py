@@ -21,6 +21,7 @@ from carelay.common.messages import (
     Delete,
     Deleted,
     FieldChanged,
+    Follow,
     Hello,
     Ping,
     Pong,
@@ -59,6 +60,8 @@ def sample(dtype: str, n: int = 5) -> np.ndarray:
 #: One message of every kind, every field set away from its default.
 EVERY_KIND = [
     Hello(1, "s3cret", "b1"),
+    Hello(2, "", "b2", True),
+    Follow(38, "R:a_f1", True),
     Ping(2),
     Put("R:a_f1", 3, 1.5, np.array([1.0]), True, 99.5),
     Write("R:b_F5", 4, 2.5, sample("<f8"), 98.5),
@@ -234,7 +237,7 @@ def test_batch_wrong_shape(entries):
     refused([packed(entries)], "batch|malformed")
 
 
-@pytest.mark.parametrize("kind", [0, 9, 19, 99, -1, 2**40, "PUT", None, 2.5, True, [2]])
+@pytest.mark.parametrize("kind", [0, 9, 24, 99, -1, 2**40, "PUT", None, 2.5, True, [2]])
 def test_unknown_kind(kind):
     refused([packed([with_field(Ping(1), 0, kind)])], "kind|malformed")
 
@@ -396,7 +399,8 @@ _data = st.sampled_from(DTYPES).flatmap(
     )
 )
 _messages = st.one_of(
-    st.builds(Hello, _uint, _text, _text),
+    st.builds(Hello, _uint, _text, _text, st.booleans()),
+    st.builds(Follow, _uint, _text, st.booleans()),
     st.builds(Ping, _uint),
     st.builds(Put, _text, _uint, _floats, _data, st.booleans(), _floats),
     st.builds(Write, _text, _uint, _floats, _data, _floats),

@@ -153,3 +153,17 @@ def test_parked_puts_go_when_their_shard_is_back_and_fail_after_the_grace(setup)
     requests.unpark(now + PUT_RECONNECT_GRACE)
     assert back.resumed == [("x", True)] and late.resumed == [("y", False)]
     assert not requests.parked and errors[-1][:3] == ("shard_down", "b", 1)
+
+
+def test_a_quiet_request_fails_as_nobodys_error(setup):
+    # A FOLLOW: a read that waited for its answer goes on; a hung shard during a resync
+    # must not log (or count) one error per PV a broker follows.
+    requests, _, errors = setup
+    pv = PV("a")
+    lost, _ = requests.expect(0, pv, "a", None, None, quiet=True)
+    late, _ = requests.expect(0, pv, "b", None, None, quiet=True)
+    answered, _ = requests.expect(0, None, "c", None, None)
+    requests.answered(0, late)  # ``lost`` was lost by the shard
+    requests.expire(0, time.monotonic() + PUT_TIMEOUT + 1)  # ``late`` and ``answered``
+    assert errors == [("shard_down", "c", 0, None)]
+    assert requests.in_flight(pv) == 0 and not requests.any_unanswered()
