@@ -43,6 +43,10 @@ class ServerError(RuntimeError):
     """A server that did not start or died."""
 
 
+#: Lines of a server's log printed when a workload on it fails.
+_LOG_TAIL = 200
+
+
 def free_port(taken: set[int] | None = None) -> int:
     """A port free for TCP and UDP on loopback, never 5064 nor one already handed out."""
     taken = taken if taken is not None else set()
@@ -278,7 +282,12 @@ class Server:
             self.stop()
             raise
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None and not issubclass(kind, KeyboardInterrupt):
+            # A workload failed on this server: its log goes with the error, since the
+            # server's directory goes with the server.
+            tail = "\n".join(self.log().splitlines()[-_LOG_TAIL:])
+            print(f"--- {self.label}: the last lines of its log ---\n{tail}", file=sys.stderr)
         self.stop()
 
 
