@@ -25,6 +25,7 @@ from carelay.common.messages import (
 from carelay.common.protocol import UpdateRun, WriteRun, encode_batch
 from carelay.shard.server import ShardServer
 from tests.unit.recording_router import RecordingRouter
+from tests.unit.shard_peers import handed
 
 PREFIX = "U:"
 A, B = b"front-end A", b"front-end B"
@@ -44,13 +45,7 @@ def server(tmp_path):
 
 def _send(server: ShardServer, peer: bytes, msgs: list) -> dict[bytes, list]:
     """Hand ``msgs`` from ``peer`` to the shard; what each peer would be sent."""
-    server.handle(peer, encode_batch(msgs))
-    server._commit()
-    out: dict[bytes, list] = {A: [], B: []}
-    for to, msg in server._out:
-        out[to].append(msg)
-    server._out.clear()
-    return out
+    return handed(server, peer, msgs, (A, B))
 
 
 def test_a_put_from_one_front_end_reaches_the_other_without_its_request_number(server):

@@ -24,6 +24,7 @@ from carelay.common.messages import (
 )
 from carelay.common.protocol import encode_batch
 from carelay.shard.server import ShardServer
+from tests.unit.shard_peers import handed
 
 PREFIX = "F:"
 A, B = b"following broker", b"other front-end"
@@ -42,13 +43,8 @@ def server(tmp_path):
 
 
 def _send(server: ShardServer, peer: bytes, msgs: list) -> dict[bytes, list]:
-    server.handle(peer, encode_batch(msgs))
-    server._commit()
-    out: dict[bytes, list] = {A: [], B: []}
-    for to, msg in server._out:
-        out[to].append(msg)
-    server._out.clear()
-    return out
+    """Hand ``msgs`` from ``peer`` to the shard; what each peer would be sent."""
+    return handed(server, peer, msgs, (A, B))
 
 
 def _values(msgs: list) -> list:
