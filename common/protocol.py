@@ -40,9 +40,9 @@ from carelay.common.runs import (
     UpdateRun,
     WriteRun,
     update_run,
+    wire_dtype,
     write_run,
 )
-from carelay.common.runs import DTYPES as _DTYPES
 
 __all__ = [
     "ALLOWED_DTYPES",
@@ -299,9 +299,7 @@ def _array(spec: Any) -> np.ndarray:
     if type(spec) is not list or len(spec) != 3:
         raise ProtocolError("data must be [dtype, count, inline]")
     dtype, count, buf = spec
-    dt = _DTYPES.get(dtype) if type(dtype) is str else None
-    if dt is None:
-        raise ProtocolError(f"dtype {dtype!r} is not allowed")
+    dt = wire_dtype(dtype)
     if type(count) is not int or not 0 <= count <= MAX_WIRE_ELEMENTS:
         raise ProtocolError(f"count {count!r} out of range")
     if type(buf) is bytes:

@@ -185,7 +185,8 @@ def update_runs(msgs: list) -> list:
 # -- decoding -------------------------------------------------------------------------
 
 
-def _dtype(dtype: Any) -> np.dtype:
+def wire_dtype(dtype: Any) -> np.dtype:
+    """The dtype a decoded entry names, if the wire allows it; ProtocolError if not."""
     dt = DTYPES.get(dtype) if type(dtype) is str else None
     if dt is None:
         raise ProtocolError(f"dtype {dtype!r} is not allowed")
@@ -212,7 +213,7 @@ def _fields(entry: list) -> tuple[np.dtype, int]:
     """The dtype and the length of a run entry, checked with its shape and its names."""
     if len(entry) != 7:
         raise ProtocolError("a run entry needs 7 fields")
-    return _dtype(entry[1]), _names(entry[2])
+    return wire_dtype(entry[1]), _names(entry[2])
 
 
 def write_run(entry: list) -> WriteRun:
