@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -179,15 +180,27 @@ def _floats_b(name: str) -> list[float] | None:
     return [float(x) for x in re.findall(r"[-+0-9.e]+", out.stdout.strip().strip("[]"))]
 
 
-def _followed(relay: Relay) -> tuple[int | None, int]:
-    """How many PVs broker 1 follows, as its status file and the shards' say (the shards
-    count broker 0's too)."""
+def _followed(relay: Relay, by_broker: int) -> int:
+    """How many PVs the shards' status files say are followed, read once broker 1's says
+    it follows ``by_broker`` and every shard's was written after that (the shards count
+    broker 0's follows too, and their files may lag broker 1's by a second)."""
     run = relay.data_dir / "run"
-    shards = sum(
-        (read_status(status_path(run, f"shard {k}")) or {}).get("followed", 0)
-        for k in range(relay.shards)
+    broker = status_path(run, "broker 1")
+    shards = [status_path(run, f"shard {k}") for k in range(relay.shards)]
+    wait_for(
+        lambda: (read_status(broker) or {}).get("followed") == by_broker,
+        timeout=15,
+        what=f"broker 1 to follow {by_broker} PVs",
     )
-    return (read_status(status_path(run, "broker 1")) or {}).get("followed"), shards
+    since = time.time()
+
+    def written() -> tuple[int] | None:
+        with contextlib.suppress(FileNotFoundError):
+            if all(path.stat().st_mtime > since for path in shards):
+                return (sum((read_status(path) or {}).get("followed", 0) for path in shards),)
+        return None
+
+    return wait_for(written, timeout=15, what="the shards' status files")[0]
 
 
 def test_a_new_channel_through_the_other_broker_reads_what_its_shard_holds(relay, ca):
@@ -210,8 +223,7 @@ def test_a_broker_follows_a_pv_while_a_client_of_it_holds_a_channel(relay):
     name = relay.name("held", "f1")
     done = _on_b("put", name, "1.5")  # made through broker 1, whose channel then goes
     assert done.returncode == 0, done.stderr
-    wait_for(lambda: _followed(relay)[0] == 0, timeout=15, what="no follow once the put ended")
-    shards = _followed(relay)[1]
+    shards = _followed(relay, 0)
     env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B)}
     monitor = subprocess.Popen(
         [sys.executable, "-m", "caproto.commandline.monitor", "--no-repeater", name],
@@ -222,11 +234,11 @@ def test_a_broker_follows_a_pv_while_a_client_of_it_holds_a_channel(relay):
     )
     try:
         assert "1.5" in monitor.stdout.readline()
-        wait_for(lambda: _followed(relay) == (1, shards + 1), timeout=15, what="a follow")
+        assert _followed(relay, 1) == shards + 1
     finally:
         monitor.kill()
         monitor.wait(timeout=10)
-    wait_for(lambda: _followed(relay) == (0, shards), timeout=15, what="the follow to go")
+    assert _followed(relay, 0) == shards
 
 
 def test_a_monitor_on_the_other_broker_sees_puts_after_its_shard_restarts(relay, ca):
