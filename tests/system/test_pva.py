@@ -191,12 +191,18 @@ def test_buffer_appends_and_array_takes_the_length(relay, pva):
     wait_for(lambda: list(get_array(arr)) == [9, 8], what="CA to read the array")
 
 
+def _pvlist(relay, pva) -> list[str]:
+    """The names ``pvlist`` shows over PVA (its value alone: ``str`` of what p4p's get
+    returns puts the time stamp and quotes around it)."""
+    return pva.get(relay.prefix + "pvlist", timeout=5).raw["value"].split(",")
+
+
 def test_pvlist_and_delpv(relay, pva):
     name = relay.name("gone", "f1")
     pva.put(name, 1.0, timeout=5)
-    assert name in str(pva.get(relay.prefix + "pvlist", timeout=5)).split(",")
+    assert name in _pvlist(relay, pva)
     pva.put(relay.prefix + "delpv", name, timeout=5)
-    assert name not in str(pva.get(relay.prefix + "pvlist", timeout=5)).split(",")
+    assert name not in _pvlist(relay, pva)
     with pytest.raises(p4p.client.thread.RemoteError, match="no such PV"):
         pva.put(relay.prefix + "delpv", relay.name("never", "f1"), timeout=5)
 
