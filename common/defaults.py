@@ -109,6 +109,9 @@ TOKEN_FILE = "carelay.token"
 #: Seconds a starting broker keeps quiet about each shard getting in sync before it says
 #: which shards it still waits for (when all are in sync sooner, its ready line says it).
 STARTUP_QUIET = 2.0
+#: Seconds the PVA server's thread waits for the loop to prepare a new channel before
+#: it refuses it for now (the client searches again): the loop takes one turn for it.
+PVA_OPEN_WAIT = 2.0
 #: Seconds between two progress lines of a long resharding or import.
 PROGRESS_INTERVAL = 5.0
 #: PVs that a resharding or an import into stopped stores commits at a time.

@@ -5,6 +5,18 @@ SharedPV's handler (put, first connect, last disconnect) from a work queue.  Her
 ``Channel`` hands every handler call to the front-end's inbox instead (``_exec``), so it
 runs on the loop thread, with the mirror and the shard links; and the name lookup
 answers from what the loop keeps, under the front-end's channel lock (see front.py).
+
+When a channel opens and closes.  pvxs's ``SharedPV.open`` connects the monitors that
+wait for a closed PV while it holds the PV's lock, and each connect waits for the
+server's own thread; that thread takes the same lock whenever a client attaches to the
+PV or starts an operation on it.  Opened from any other thread while a client connects,
+the PV and with it the whole PVA server hang for good.  So a channel is opened on the
+server's thread, in ``makeChannel``, before any client is attached to it: the loop
+prepares what it opens with (``prepare``) while ``makeChannel`` waits (``opening``), and
+changes shown before the opening go into it.  ``close`` waits for the server's thread
+too, which may be waiting in ``makeChannel`` for the loop: channels are closed on a
+thread of their own (``_Closer``).  A client that attaches to a channel after it was
+closed waits for good too: closing it again sends the client back to its search.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import queue
 import threading
 
 from p4p import Value
@@ -77,33 +90,84 @@ class _Calls:
 
 
 class Channel(SharedPV):
-    """The SharedPV of one name.  Made closed by ``makeChannel`` (its clients wait), then
-    opened, posted and closed only by the loop thread."""
+    """The SharedPV of one name: prepared by the loop thread, opened by the p4p thread
+    that hands it out, posted and closed at the loop's word (see the module)."""
 
     def __init__(self, front, name: str) -> None:
         self._front = front
         self.name = name
         self.code = ""
         self.opened = False
+        #: What it opens with, once prepared; later changes are merged in.
+        self._fields: dict | None = None
+        self._prepared = threading.Event()
+        self._lock = threading.Lock()
         super().__init__(handler=_Calls(front))
 
     def _exec(self, op, method, *args) -> None:
         _states.keep()
         self._front.inbox.push(_run, op, method, args)
 
-    def open(self, code: str, fields: dict) -> None:  # type: ignore[override]
-        self.code = code
-        SharedPV.open(self, Value(nt_type(code), fields))
-        self.opened = True
+    def prepare(self, code: str, fields: dict) -> None:
+        """The loop thread: the channel opens with ``fields`` (see ``opening``)."""
+        with self._lock:
+            self.code = code
+            self._fields = fields
+        self._prepared.set()
+
+    def opening(self, timeout: float) -> bool:
+        """The p4p thread handing the channel out: wait up to ``timeout`` for the loop
+        to prepare it, then open it.  False: the loop did not, or closed it."""
+        if not self._prepared.wait(timeout):
+            return False
+        with self._lock:
+            if not self.opened and self._fields is not None:
+                SharedPV.open(self, Value(nt_type(self.code), self._fields))
+                self.opened, self._fields = True, None
+            return self.opened
 
     def show(self, fields: dict) -> None:
         """Post ``fields`` to the channel's monitors (all of them, each time)."""
-        if self.opened:
-            SharedPV.post(self, Value(nt_type(self.code), fields))
+        with self._lock:
+            if self.opened:
+                SharedPV.post(self, Value(nt_type(self.code), fields))
+            elif self._fields is not None:
+                self._fields.update(fields)  # not open yet: it opens with them
 
     def shut(self) -> None:
-        self.opened = False
-        self.close()
+        """Close the channel, or close it again: its clients go back to their search."""
+        with self._lock:
+            self.opened, self._fields = False, None
+        self._prepared.set()  # a makeChannel waiting for it hands it out no more
+        _closer.close(self)
+
+
+class _Closer:
+    """Closes channels on a thread of its own (see the module), in the order given."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+
+    def close(self, channel: SharedPV) -> None:
+        self._queue.put(channel)
+        if self._thread is None:
+            with self._start:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="pva-close", daemon=True)
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            channel = self._queue.get()
+            try:
+                SharedPV.close(channel)
+            except Exception:
+                log.exception("closing the PVA channel of %s failed", channel.name)
+
+
+_closer = _Closer()
 
 
 class Names:

@@ -10,9 +10,9 @@ the loop thread's alone.  So a channel's handler calls (put, first connect, last
 disconnect) are queued on ``inbox``, which wakes the loop through a pipe it polls
 beside the shard sockets, and run there.  The name lookup (``test_channel``) must
 answer at once: it reads only what a dict lookup or an attribute read gives, and
-queues its refusals.  ``make_channel`` hands out a closed channel and queues its
-opening; ``channel_lock`` guards only the dict of channels by name, and no p4p call is
-made while it is held.
+queues its refusals.  ``make_channel`` hands out a channel only once it is open, and the
+loop prepares its opening meanwhile (channels.py says why); ``channel_lock`` guards only
+the dict of channels by name, and no p4p call is made while it is held.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from carelay.broker.requests import Requests
 from carelay.broker.sync import catch_up
 from carelay.broker.table import PvTable
 from carelay.common import fields
-from carelay.common.config import STARTUP_QUIET, Config
+from carelay.common.config import PVA_OPEN_WAIT, STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver
 from carelay.common.histogram import PUT_BUCKETS, Histogram
 from carelay.common.naming import InvalidPvName
@@ -128,6 +128,14 @@ class PvaPut:
             self.client.put = None
 
 
+def _part(put: PvaPut, sent: bool) -> None:
+    """One part of ``put`` went on (``sent``: it completes later) or failed now."""
+    if sent:
+        put.parts += 1
+    else:
+        put.failed = True
+
+
 class PvaFrontEnd:
     """The PVA front-end's state and what the shared front-end modules ask of it."""
 
@@ -215,9 +223,9 @@ class PvaFrontEnd:
         return True
 
     def make_channel(self, name: str, peer: str = ""):
-        """The channel of ``name``: the one handed out before, or a new one that the loop
-        opens (its clients wait until then); for a ``peer`` without read access, one of
-        its own that never opens.  Runs on a p4p thread."""
+        """The channel of ``name``, open (see channels.py), or None: not now, and the
+        client searches again; for a ``peer`` without read access, one of its own that
+        never opens.  Runs on a p4p thread."""
         if not self.access.may_read(peer):
             self.inbox.push(self._refused_read, name, peer)
             return self.make_denied_object()
@@ -225,12 +233,12 @@ class PvaFrontEnd:
             channel = self.channels.get(name)
             if channel is None:
                 channel = self.channels[name] = self.make_channel_object(self, name)
-                fresh = True
-            else:
-                fresh = False
-        if fresh:
-            self.inbox.push(self._bind, channel)
-        return channel
+                self.inbox.push(self._bind, channel)
+        if channel.opening(PVA_OPEN_WAIT):
+            return channel
+        log.warning("PVA channel %s not open in %.1f s: refused for now", name, PVA_OPEN_WAIT)
+        self.inbox.push(self.drop_channel, channel)
+        return None
 
     # -- the loop thread: channels -------------------------------------------------------
 
@@ -281,6 +289,9 @@ class PvaFrontEnd:
         return self.controls.get(channel.name) or self.table.pvs.get(channel.name)
 
     def on_first_connect(self, channel) -> None:
+        if self.channels.get(channel.name) is not channel:
+            channel.shut()  # attached after it closed: sent back (see channels.py)
+            return
         target = self._target(channel)
         if target is not None:
             target.attached = True
@@ -329,13 +340,6 @@ class PvaFrontEnd:
             self.put_context = None
         put.finish_if_done()
 
-    def _part(self, put: PvaPut, sent: bool) -> None:
-        """One part of ``put`` went on (``sent``: it completes later) or failed now."""
-        if sent:
-            put.parts += 1
-        else:
-            put.failed = True
-
     def _put(self, put: PvaPut, pv: PvaPV, value) -> None:
         """The value and the metadata a PVA put changed, each checked before any goes: a
         put the client is told failed changes nothing."""
@@ -358,7 +362,7 @@ class PvaFrontEnd:
             put.failed = True
             return
         for field, raw in changes:
-            self._part(put, self.forwarder.field(pv.name, field, raw, put))
+            _part(put, self.forwarder.field(pv.name, field, raw, put))
             if put.failed:
                 return
         if data is None:
@@ -370,11 +374,11 @@ class PvaFrontEnd:
             self.requests.park(pv, data, put, pv.shard)
             put.parts += 1
             return
-        self._part(put, self.forwarder.put(pv, data, put))
+        _part(put, self.forwarder.put(pv, data, put))
 
     def _delete(self, put: PvaPut, value) -> None:
         name = str(value["value"]).strip()
         sent = self.forwarder.delete(name, put)
         if sent:
             self.delpv.last = name
-        self._part(put, sent)
+        _part(put, sent)

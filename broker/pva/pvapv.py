@@ -130,9 +130,9 @@ class PvaPV(MirrorView):
             put.complete(False)
 
     def bind(self, channel) -> None:
-        """``channel`` now serves this PV: opened with its state as it stands."""
+        """``channel`` now serves this PV: it opens with its state as it stands."""
         self.channel = channel
-        channel.open(convert.nt_code(self.spec), self.fields())
+        channel.prepare(convert.nt_code(self.spec), self.fields())
 
 
 class PvListPVA:
@@ -153,7 +153,7 @@ class PvListPVA:
 
     def bind(self, channel) -> None:
         self.channel = channel
-        channel.open(self.code, self.fields())
+        channel.prepare(self.code, self.fields())
 
     def post_if_changed(self) -> None:
         if self.dirty and self.channel is not None:
@@ -178,4 +178,4 @@ class DelPvPVA:
 
     def bind(self, channel) -> None:
         self.channel = channel
-        channel.open(self.code, self.fields())
+        channel.prepare(self.code, self.fields())

@@ -9,6 +9,7 @@ refused with the reason, and change nothing.
 from __future__ import annotations
 
 import queue
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -263,3 +264,27 @@ def test_deleted_pv_is_made_again_by_a_pva_put(relay, pva):
         _next_value(got, 2.0)
     finally:
         sub.close()
+
+
+def test_clients_that_connect_together_to_a_new_pv_are_all_served(relay, pva):
+    """A monitor and four more clients connect at once to each of 20 PVs just made over
+    CA, and each is served.  pvxs opens a PV that a monitor waits for while it holds the
+    PV's lock, and waits there for the server's thread, which takes that lock for each
+    client attaching: a channel opened by the loop while clients connected hung the PVA
+    server for good (see broker/pva/channels.py)."""
+    crowd = [pva_context() for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(len(crowd)) as pool:
+            for k in range(20):
+                name = relay.name(f"crowd{k}", "f1")
+                put(name, float(k))
+                sub, got = _events(pva, name)
+                try:
+                    gets = pool.map(lambda ctx, n=name: ctx.get(n, timeout=10), crowd)
+                    assert list(gets) == [float(k)] * len(crowd)
+                    _next_value(got, float(k))
+                finally:
+                    sub.close()
+    finally:
+        for ctx in crowd:
+            ctx.close()

@@ -41,19 +41,26 @@ class FakeValue(dict):
 
 
 class FakeChannel:
+    """A channels.Channel without p4p: what the loop prepares it with, and its closes.
+    It opens at once (``opening``): these tests run the loop's calls by hand."""
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.shown = []
+        self.shut_count = 0
 
-    def open(self, code, fields):
+    def prepare(self, code, fields):
         self.code = code
         self.shown.append(fields)
+
+    def opening(self, timeout):
+        return True
 
     def show(self, fields):
         self.shown.append(fields)
 
     def shut(self):
-        pass
+        self.shut_count += 1
 
 
 @pytest.fixture
@@ -90,6 +97,18 @@ def test_a_channel_is_opened_by_the_loop_with_the_pv_as_it_stands(front):
     front.inbox.run()
     (first,) = channel.shown
     assert channel.code == "d" and first["alarm"]["message"] == "UDF"
+
+
+def test_a_client_attached_to_a_channel_after_it_closed_is_sent_back(front):
+    live(front, "P:x_f1")
+    channel = front.make_channel("P:x_f1")
+    front.inbox.run()
+    front.drop_channel(channel)  # its last client went
+    assert channel.shut_count == 1
+    front.on_first_connect(channel)  # a client that had been handed it attaches now
+    assert channel.shut_count == 2  # closed again: the client searches anew
+    pv = front.table.pvs.get("P:x_f1")
+    assert pv is None or not pv.attached
 
 
 def test_a_refused_put_fails_with_its_reason_and_nothing_goes(front):

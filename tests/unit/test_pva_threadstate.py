@@ -57,7 +57,8 @@ class _Front:
 def test_a_p4p_thread_keeps_its_state_between_puts():
     front = _Front()
     channel = Channel(front, "TS:x")
-    channel.open("d", {"value": 0.0})
+    channel.prepare("d", {"value": 0.0})
+    assert channel.opening(timeout=1.0)
     udp = str(_free_udp_port())
     server_conf = {
         "EPICS_PVAS_SERVER_PORT": "0",
