@@ -126,13 +126,17 @@ class Supervisor:
         if statuses is None:
             return
         self._told_ready = True
-        ports = ", ".join(str(s.get("ca_port")) for s in statuses)
-        if len(statuses) > 1:
+        ca = [s for s in statuses if s.get("role") != "pva"]
+        ports = ", ".join(str(s.get("ca_port")) for s in ca)
+        pva = [s.get("pva_port") for s in statuses if s.get("role") == "pva"]
+        plural = "s" if len(ca) > 1 else ""
+        if pva:
+            log.info("all front-ends ready: CA port%s %s, PVA port %s", plural, ports, pva[0])
+        elif len(statuses) > 1:
             log.info("all %d CA brokers ready, CA ports %s", len(statuses), ports)
         if not self.notify_socket:
             return
-        plural = "s" if len(statuses) > 1 else ""
-        text = f"READY=1\nSTATUS=serving {statuses[0].get('pvs', 0)} PVs on CA port{plural} {ports}"
+        text = f"READY=1\nSTATUS=serving {ca[0].get('pvs', 0)} PVs on CA port{plural} {ports}"
         if not sd_notify(self.notify_socket, text):
             return
         log.info("told systemd the relay is ready")

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from tests.system.clients import connect, get, get_array, put
-from tests.system.conftest import using_shared, wait_for
-from tests.system.pva import PvaRelay, pva_context
+from tests.system.conftest import CA_PORT, using_shared, wait_for
+from tests.system.pva import PVA_PORT, PvaRelay, pva_context
 
 p4p = pytest.importorskip("p4p")
 
@@ -56,6 +56,11 @@ def _next_value(got: queue.Queue, want, timeout: float = 10.0):
             continue
         if np.array_equal(np.atleast_1d(v), np.atleast_1d(want)):
             return v
+
+
+def test_the_supervisor_says_when_every_front_end_is_ready(relay):
+    line = f"all front-ends ready: CA port {CA_PORT}, PVA port {PVA_PORT}"
+    wait_for(lambda: line in relay.log(), what="the supervisor's line")
 
 
 def test_put_creates_get_and_monitor(relay, pva):
