@@ -232,18 +232,19 @@ class ShardSync(ShardReceiver):
 
     # -- what this broker's clients hold ------------------------------------------------
 
-    def follow(self, name: str) -> None:
+    def follow(self, name: str) -> bool:
         """A CA client holds PV ``name`` (or a field of it): its shard sends its puts from
         now on, and its value as it stands, which a read of it waits for.  A shard not in
-        sync hears of it with the next HELLO."""
+        sync hears of it with the next HELLO.  Whether a FOLLOW went now."""
         if not self.follows or name in self.followed:
-            return
+            return False
         self.followed.add(name)
         link = self.links[shard_for(name, len(self.links))]
-        if link.state in (LinkState.SYNCING, LinkState.LIVE):
-            self.requests.send(link)  # queued WRITEs first: the answer shows them
-            self._follow(link, name)
-            link.send_queued()
+        if link.state not in (LinkState.SYNCING, LinkState.LIVE):
+            return False
+        self.requests.send(link)  # queued WRITEs first: the answer shows them
+        self._follow(link, name)
+        return not link.send_queued()
 
     def unfollow(self, name: str) -> None:
         """No CA client holds ``name`` any longer."""

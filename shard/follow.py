@@ -1,16 +1,17 @@
 """Follows: which PVs each following front-end hears of other front-ends' puts to.
 
-A CA broker mirrors a PV for its clients, and a client of another front-end may put to
-it at any rate.  A broker that says HELLO with ``follow`` is sent those puts only for
-the PVs it follows: the ones its clients hold channels to (FOLLOW, on attaching and on
-the last detach, and all of them after every HELLO).  The rest of its mirror
-is as the snapshot or its last FOLLOW left it, and a FOLLOW with a request number is
-answered with the PV as it stands, which the broker's reads of it wait for.  So a
-broker whose clients never look at another's PVs spends nothing on its puts.
+A front-end mirrors a PV for its clients, and a client of another front-end may put
+to it at any rate.  A front-end that says HELLO with ``follow`` is sent those puts only
+for the PVs it follows: the ones its clients hold channels to (FOLLOW, on the first
+channel and after the last, and all of them after every HELLO).  The rest of its
+mirror is as the snapshot or its last FOLLOW left it, and a FOLLOW with a request
+number is answered with the PV as it stands, which the front-end's reads wait for (a
+CA read, the opening of a PVA channel).  So a front-end whose clients never look at
+another's PVs spends nothing on their puts.
 
 Creations, deletions and field changes still go to every front-end: they are rare, and
-they are what a broker's PV table and limits are made of.  A front-end that does not
-follow (the PVA front-end) hears of every change.
+they are what a front-end's PV table and limits are made of.  A front-end that does
+not follow hears of every change.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from carelay.broker.pva.inbox import Inbox
 from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
 from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
 from carelay.broker.requests import Requests
-from carelay.broker.sync import catch_up
 from carelay.broker.table import PvTable
 from carelay.common import fields
 from carelay.common.config import PVA_OPEN_WAIT, STARTUP_QUIET, Config
@@ -257,10 +256,10 @@ class PvaFrontEnd:
                 return
             target = self.table.new_pv(name)
         if isinstance(target, PvaPV):
-            # What its shard sent already shows at once, and its later changes are shown
-            # before another front-end's put to it completes (see PvaSync).
-            catch_up(self.sync, self.links[target.shard])
-            self.sync.watch(name, True)
+            # Opened with the PV as its shard holds it, and its later changes are shown
+            # before another front-end's put to it completes (see PvaSync.hold).
+            self.sync.hold(target, channel)
+            return
         target.bind(channel)
 
     def recheck_channels(self) -> None:
@@ -282,7 +281,7 @@ class PvaFrontEnd:
             if dropped := self.channels.get(channel.name) is channel:
                 del self.channels[channel.name]
         if dropped and channel.name not in self.controls:
-            self.sync.watch(channel.name, False)
+            self.sync.let_go(channel.name)
         channel.shut()
 
     def _target(self, channel):

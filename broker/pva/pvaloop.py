@@ -17,7 +17,7 @@ from carelay.broker.loop import Loop
 from carelay.broker.sync import ShardSync
 from carelay.common.config import STATUS_INTERVAL
 from carelay.common.lifecycle import StopFlag
-from carelay.common.messages import Confirm, Shown, Watch
+from carelay.common.messages import Confirm, Follow, Shown, Watch
 from carelay.common.protocol import BATCH_MAX
 from carelay.common.sharding import shard_for
 
@@ -46,12 +46,42 @@ class PvaSync(ShardSync):
     def __init__(self, broker) -> None:
         super().__init__(broker)
         self._by_kind[Confirm] = self._confirm
-        self.follows = False  # the PVA front-end mirrors every PV (see Watch)
+        #: Channels that open once their shard has answered their FOLLOW, by name.
+        self._opening: dict = {}
         #: The inbox's pipe is polled with the shard sockets; ``woken`` says it was
         #: readable: the loop runs the inbox only then, since a look at an empty pipe
         #: costs a system call (and the exception of a read that would block) on each
         #: turn, and a put takes several.
         self.wake_fd = broker.inbox.fd
+
+    def hold(self, pv, channel) -> None:
+        """``channel`` serves ``pv`` from now on: its shard sends this front-end the PV's
+        changes (FOLLOW; the others' puts to PVs no channel holds it is not sent), and
+        holds another front-end's put to it until they are shown (WATCH).  The channel
+        opens once the shard answered with the PV as it stands: a client reads no older
+        value than the shard's."""
+        self.watch(pv.name, True)
+        self._opening[pv.name] = (pv, channel)
+        if not self.follow(pv.name):
+            self._open(pv.name)  # followed already, or its shard is not in sync
+
+    def let_go(self, name: str) -> None:
+        """No channel serves ``name`` any longer."""
+        self._opening.pop(name, None)
+        self.watch(name, False)
+        self.unfollow(name)
+
+    def _follow(self, link, name: str) -> None:
+        """A FOLLOW whose answer opens the channel waiting for it."""
+        pv = self.table.pvs.get(name)
+        opened = _Opened(self, name)
+        req, _ = self.requests.expect(link.index, pv, name, opened, None, quiet=True)
+        link.queue(Follow(req, name, True))
+
+    def _open(self, name: str) -> None:
+        pv, channel = self._opening.pop(name, (None, None))
+        if channel is not None and self.broker.channels.get(name) is channel:
+            pv.bind(channel)
 
     def watch(self, name: str, on: bool) -> None:
         """A channel of ``name`` now serves it (``on``), or no longer.  A shard not in
@@ -73,6 +103,19 @@ class PvaSync(ShardSync):
             if shard_for(name, len(self.links)) == link.index:
                 link.queue(Watch(0, name, True))
         link.send_queued()
+
+
+class _Opened:
+    """Opens the channel of ``name`` when its FOLLOW ends (answered or failed: a failed
+    one leaves the mirror as it stands, and the link's state shows in the alarm)."""
+
+    __slots__ = ("sync", "name")
+
+    def __init__(self, sync: PvaSync, name: str) -> None:
+        self.sync, self.name = sync, name
+
+    def complete(self, ok: bool) -> None:
+        self.sync._open(self.name)
 
 
 class PvaLoop(Loop):

@@ -108,9 +108,13 @@ def test_a_pv_no_pva_client_holds_is_no_longer_watched(pva_relay):
     with _held_over_pva(relay, "once") as (name, _):
         wait_for(lambda: _status(relay, "shard 0").get("watched") == 1, what="the watch")
         wait_for(lambda: _status(relay, "pva").get("channels") == 1, what="the channel")
+        wait_for(lambda: _status(relay, "pva").get("followed") == 1, what="the follow")
     wait_for(lambda: _status(relay, "pva").get("channels") == 0, what="the channel to go")
     wait_for(lambda: _status(relay, "shard 0").get("watched") == 0, what="the watch to go")
-    # A new client gets a new channel, with the PV as it stands now.
+    wait_for(lambda: _status(relay, "pva").get("followed") == 0, what="the follow to go")
+    # A new client gets a new channel, with the PV as it stands now: the PVA front-end,
+    # which no longer followed it, was not sent this put; the channel opens with the
+    # shard's answer to its FOLLOW.
     put(name, 5.0)
     ctx = pva_context()
     try:
