@@ -55,11 +55,11 @@ class PvaSync(ShardSync):
         self.wake_fd = broker.inbox.fd
 
     def hold(self, pv, channel) -> None:
-        """``channel`` serves ``pv`` from now on: its shard sends this front-end the PV's
-        changes (FOLLOW; the others' puts to PVs no channel holds it is not sent), and
-        holds another front-end's put to it until they are shown (WATCH).  The channel
-        opens once the shard answered with the PV as it stands: a client reads no older
-        value than the shard's."""
+        """``channel`` serves ``pv`` from now on: its shard sends this front-end the
+        other front-ends' puts to it (FOLLOW: not those to PVs no channel holds), and
+        holds the answer to such a put until this front-end has shown it (WATCH).  The
+        channel opens once the shard answered with the PV as it stands: a client reads
+        no older value than the shard's."""
         self.watch(pv.name, True)
         self._opening[pv.name] = (pv, channel)
         if not self.follow(pv.name):
