@@ -255,9 +255,9 @@ class ShardSync(ShardReceiver):
         if link.state in (LinkState.SYNCING, LinkState.LIVE):
             link.send(Follow(0, name, False))
 
-    def _follow(self, link: ShardLink, name: str) -> None:
+    def _follow(self, link: ShardLink, name: str, notify=None) -> None:
         pv = self.table.pvs.get(name)
-        req, _ = self.requests.expect(link.index, pv, name, None, None, quiet=True)
+        req, _ = self.requests.expect(link.index, pv, name, notify, None, quiet=True)
         link.queue(Follow(req, name, True))
 
     def ping(self, link: ShardLink) -> None:

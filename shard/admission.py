@@ -39,7 +39,11 @@ class Admission:
     """The peers a shard serves, and the refusal of the others (see the module)."""
 
     def __init__(
-        self, token: str | None, reply: Callable[[bytes, Message], None], epoch: int = 0
+        self,
+        token: str | None,
+        reply: Callable[[bytes, Message], None],
+        epoch: int = 0,
+        follows: Follows | None = None,
     ) -> None:
         #: What a peer presents in its HELLO before it is served (None: every peer is).
         self.token = token
@@ -58,8 +62,9 @@ class Admission:
         self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
         #: Told of each peer no longer served (ReadGate.forget).
         self.on_drop: Callable[[bytes], None] = lambda peer: None
-        #: The PVs each peer that said HELLO with ``follow`` follows.
-        self.follows = Follows()
+        #: The PVs each peer that said HELLO with ``follow`` follows (started and forgotten
+        #: with the peer here; the Outbox and the request handler use them too).
+        self.follows = follows if follows is not None else Follows()
 
     def __contains__(self, peer: bytes) -> bool:
         """Whether ``peer`` is admitted already."""

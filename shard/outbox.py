@@ -32,6 +32,7 @@ class Outbox:
         lost: Callable[[bytes, int, zmq.ZMQError], None],
         epoch: int,
         gate: ReadGate,
+        follows: Follows,
     ) -> None:
         #: The peers served (Admission.peers), to publish to.
         self._peers = peers
@@ -44,8 +45,8 @@ class Outbox:
         self.items: list[tuple[bytes, Message]] = []
         #: The ids of the messages in ``items`` that publish a change to the other peers.
         self._published: set[int] = set()
-        #: The PVs whose puts each following peer hears of (Admission's).
-        self.follows = Follows()
+        #: The PVs whose puts each following peer hears of (Admission keeps them).
+        self.follows = follows
 
     def reply(self, peer: bytes, msg: Message) -> None:
         self.items.append((peer, msg))

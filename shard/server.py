@@ -40,6 +40,7 @@ from carelay.common.messages import Applied, Message, Ping, Write
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
 from carelay.shard.autosave import Autosave, StoreHealth
+from carelay.shard.follow import Follows
 from carelay.shard.gate import ReadGate
 from carelay.shard.handler import RequestHandler
 from carelay.shard.outbox import Outbox
@@ -90,10 +91,10 @@ class ShardServer:
         self.health = StoreHealth(index, config.autosave_period, db.path if db else None)
         self.autosave = Autosave(self.store, db, self.health, index)
         self.gate = gate = ReadGate(self.epoch, SHOWN_WAIT)
-        self.outbox = Outbox(lambda: self.admission.peers(), self._lost, self.epoch, gate)
-        self.admission = Admission(token, self.outbox.reply, self.epoch)
+        follows = Follows()
+        self.outbox = Outbox(lambda: self.admission.peers(), self._lost, self.epoch, gate, follows)
+        self.admission = Admission(token, self.outbox.reply, self.epoch, follows)
         self.admission.on_drop = gate.forget
-        self.outbox.follows = follows = self.admission.follows
         self.requests = RequestHandler(
             self.store,
             self.autosave,

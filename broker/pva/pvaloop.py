@@ -17,7 +17,7 @@ from carelay.broker.loop import Loop
 from carelay.broker.sync import ShardSync
 from carelay.common.config import STATUS_INTERVAL
 from carelay.common.lifecycle import StopFlag
-from carelay.common.messages import Confirm, Follow, Shown, Watch
+from carelay.common.messages import Confirm, Shown, Watch
 from carelay.common.protocol import BATCH_MAX
 from carelay.common.sharding import shard_for
 
@@ -71,12 +71,9 @@ class PvaSync(ShardSync):
         self.watch(name, False)
         self.unfollow(name)
 
-    def _follow(self, link, name: str) -> None:
+    def _follow(self, link, name: str, notify=None) -> None:
         """A FOLLOW whose answer opens the channel waiting for it."""
-        pv = self.table.pvs.get(name)
-        opened = _Opened(self, name)
-        req, _ = self.requests.expect(link.index, pv, name, opened, None, quiet=True)
-        link.queue(Follow(req, name, True))
+        super()._follow(link, name, _Opened(self, name))
 
     def _open(self, name: str) -> None:
         pv, channel = self._opening.pop(name, (None, None))
