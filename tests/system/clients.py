@@ -2,12 +2,39 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import caproto.threading.client
 import epics
 import numpy as np
+from caproto import CaprotoTimeoutError
 
 from carelay.common.sharding import shard_for
+
+
+class Context(caproto.threading.client.Context):
+    """caproto's threading client context, whose search thread outlives a server that
+    answered a search and then could not be reached: a broker killed (or stopped) just
+    after it answered, before the supervisor started it again.
+
+    caproto 1.3 opens the circuit inside its search-results thread and catches neither a
+    refused connection nor a handshake timeout there: the thread dies and the context
+    connects nothing more, which would fail a test for the client's sake, not the relay's.
+    Here the connection is tried again, for a while, as the broker comes back on its port.
+    """
+
+    patience = 15.0  # seconds a circuit is tried again before the error is let through
+
+    def get_circuit_manager(self, address, priority):
+        deadline = time.monotonic() + self.patience
+        while True:
+            try:
+                return super().get_circuit_manager(address, priority)
+            except (OSError, CaprotoTimeoutError):
+                if time.monotonic() >= deadline or self._close_event.is_set():
+                    raise
+                self._close_event.wait(0.1)
 
 
 def get(name, timeout: float = 5, **kw):

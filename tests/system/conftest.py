@@ -281,7 +281,7 @@ def shared_relay(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ca():
     """One caproto client context for the module."""
-    from caproto.threading.client import Context
+    from tests.system.clients import Context
 
     ctx = Context()
     yield ctx

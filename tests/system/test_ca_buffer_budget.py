@@ -15,10 +15,8 @@ import contextlib
 import socket
 import struct
 
-from caproto.threading.client import Context
-
 from carelay.common.config import CA_ARRAY_OVERHEAD, CA_LARGE_BUFFER_EXTRA
-from tests.system.clients import close, connect, get, put, write_status
+from tests.system.clients import Context, close, connect, get, put, write_status
 from tests.system.conftest import CA_PORT, wait_for
 
 #: A CA VERSION message (what every CA client sends first): minor version 13.

@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
-from caproto.threading.client import Context
 
-from tests.system.clients import close, connect, get, put
+from tests.system.clients import Context, close, connect, get, put
 from tests.system.conftest import CA_PORT, wait_for
 
 #: A CA VERSION message (what every CA client sends first): command 0, priority 0,

@@ -10,9 +10,8 @@ import epics
 import numpy as np
 import pytest
 from caproto import AlarmSeverity, AlarmStatus, ChannelType
-from caproto.threading.client import Context
 
-from tests.system.clients import connect, get, get_array, put, pvlist, write_status
+from tests.system.clients import Context, connect, get, get_array, put, pvlist, write_status
 from tests.system.conftest import caproto_cli, wait_for
 
 

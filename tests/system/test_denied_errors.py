@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 from caproto import AccessRights
-from caproto.threading.client import Context
 
 from bench.servers import free_port
-from tests.system.clients import close, connect, write_status
+from tests.system.clients import Context, close, connect, write_status
 from tests.system.conftest import CA_PORT, Relay, using_shared, wait_for
 from tests.system.test_hardening import acf, me
 from tests.system.test_health import _text

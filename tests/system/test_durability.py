@@ -36,11 +36,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from caproto import AlarmSeverity, AlarmStatus, CaprotoError
-from caproto.threading.client import Context
 
 from carelay.common.config import Config
 from carelay.common.sharding import shard_for
-from tests.system.clients import close, name_on_shard, role_pid
+from tests.system.clients import Context, close, name_on_shard, role_pid
 from tests.system.conftest import wait_for
 
 #: Autosave period of the relays here (seconds), and the margin the tests allow on top.

@@ -6,9 +6,8 @@ import json
 import subprocess
 
 import numpy as np
-from caproto.threading.client import Context
 
-from tests.system.clients import close, connect, write_status
+from tests.system.clients import Context, close, connect, write_status
 from tests.system.conftest import CARELAY, wait_for
 
 

@@ -33,10 +33,9 @@ import epics
 import numpy as np
 import pytest
 from caproto import AlarmSeverity, AlarmStatus, ChannelType, SubscriptionType
-from caproto.threading.client import Context
 
 from carelay.common.sharding import shard_for
-from tests.system.clients import connect, get, get_array, put, write_status
+from tests.system.clients import Context, connect, get, get_array, put, write_status
 from tests.system.conftest import CARELAY, Relay, unique, using_shared, wait_for
 
 OK = (AlarmStatus.NO_ALARM, AlarmSeverity.NO_ALARM)

@@ -42,14 +42,13 @@ import numpy as np
 import pytest
 import zmq
 from caproto import ChannelType
-from caproto.threading.client import Context
 
 from carelay.broker.refusals import shorten
 from carelay.common.config import VALUE_COPIES, load_config
 from carelay.common.messages import Put
 from carelay.common.protocol import BATCH_TAG, encode_batch
 from carelay.common.sharding import shard_for
-from tests.system.clients import close, get, get_array, put, pvlist, write_status
+from tests.system.clients import Context, close, get, get_array, put, pvlist, write_status
 from tests.system.conftest import CA_PORT, CARELAY, caproto_cli, wait_for
 from tests.system.test_processes import config_error, status_rows
 

@@ -41,7 +41,7 @@ RSS_GROWTH_LIMIT = 50 * 1024 * 1024
 
 def _client(index: int, names: list[str], deadline: float, puts, rounds, out: dict) -> None:
     """One CA client: rounds of connect, PUTS_PER_ROUND puts with callback, disconnect."""
-    from caproto.threading.client import Context
+    from tests.system.clients import Context
 
     acked: dict[str, object] = {}
     unsure: dict[str, list] = {name: [] for name in names}
@@ -227,7 +227,7 @@ def test_50_clients_for_a_minute(make_relay):
 
     # Every PV holds the value of its last acknowledged put (or of a later put whose
     # acknowledgement timed out: it may have been applied after all).
-    from caproto.threading.client import Context
+    from tests.system.clients import Context
 
     ctx = Context()
     try:

@@ -167,7 +167,7 @@ def report(before, after, max_bytes) -> str:
 
 @pytest.fixture
 def ca():
-    from caproto.threading.client import Context
+    from tests.system.clients import Context
 
     ctx = Context()
     yield ctx
@@ -196,8 +196,7 @@ def test_a_relay_filled_to_max_bytes_grows_by_at_most_its_slack(make_relay, ca):
 if __name__ == "__main__":
     import tempfile
 
-    from caproto.threading.client import Context
-
+    from tests.system.clients import Context
     from tests.system.conftest import Relay
 
     limit = int(sys.argv[1]) if len(sys.argv) > 1 else MAX_BYTES

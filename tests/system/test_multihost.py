@@ -21,11 +21,11 @@ import epics
 import numpy as np
 import pytest
 import zmq
-from caproto.threading.client import Context
 
 from carelay.common.messages import Put
 from carelay.common.protocol import encode_batch
 from carelay.common.sharding import shard_for
+from tests.system.clients import Context
 from tests.system.conftest import CARELAY, Relay, wait_for
 
 PORTS = (5701, 5702)

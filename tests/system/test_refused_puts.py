@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from caproto.threading.client import Context
 
 from carelay.common.sharding import shard_for
+from tests.system.clients import Context
 from tests.system.test_multihost import hosts, site  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.slow

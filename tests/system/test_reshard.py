@@ -6,9 +6,9 @@ import subprocess
 
 import epics
 import pytest
-from caproto.threading.client import Context
 
 from carelay.common.sharding import shard_for
+from tests.system.clients import Context
 from tests.system.conftest import wait_for
 
 

@@ -80,7 +80,8 @@ def test_million_char_text_round_trip(relay):
 
     # The same through caproto, the pure-Python client.
     from caproto import ChannelType
-    from caproto.threading.client import Context
+
+    from tests.system.clients import Context
 
     ctx = Context(timeout=10)
     try:
@@ -155,7 +156,7 @@ def test_concurrent_writers_to_one_pv(relay):
 def test_large_buffer_monitor_events_each_carry_a_whole_state(relay):
     """A large buffer's events may be fewer than its puts (coalesced), but each is the
     buffer as it stood after some put, in order, and the last is the final buffer."""
-    from caproto.threading.client import Context
+    from tests.system.clients import Context
 
     name = relay.name("coalesced", "F100000")
     chunk, puts = 1000, 150

@@ -20,10 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 from caproto import AlarmSeverity, AlarmStatus
-from caproto.threading.client import Context
 
 from bench.servers import free_port
-from tests.system.clients import close, name_on_shard
+from tests.system.clients import Context, close, name_on_shard
 from tests.system.conftest import CA_PORT, wait_for
 from tests.system.test_durability import role_pid
 

@@ -29,9 +29,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from caproto import AlarmSeverity, AlarmStatus, CaprotoError
-from caproto.threading.client import Context
 
-from tests.system.clients import name_on_shard
+from tests.system.clients import Context, name_on_shard
 from tests.system.conftest import wait_for
 
 AUTOSAVE = 0.2

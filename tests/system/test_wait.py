@@ -75,7 +75,7 @@ def _rates(roles: dict[int, str]) -> dict[int, float]:
 
 
 def test_a_put_with_callback_completes_while_the_broker_sleeps(make_relay):
-    from caproto.threading.client import Context
+    from tests.system.clients import Context
 
     relay = make_relay()
     ctx = Context()
