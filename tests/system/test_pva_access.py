@@ -97,13 +97,22 @@ def test_a_reload_takes_read_access_from_channels_already_open(tmp_path):
         ctx.put(name, 1.5, timeout=5)
         assert ctx.get(name, timeout=5) == 1.5  # this context holds the channel open
         start = _reads_only_from_elsewhere(relay, path)
-        # The channel it held is closed; reconnecting, it is refused, and reads nothing.
-        with pytest.raises((TimeoutError, p4p.client.thread.Disconnected)):
-            ctx.get(name, timeout=2)
+        # The channel it held is closed, just after the reload (on the thread that closes
+        # channels); reconnecting, it is refused, and reads nothing.
+        wait_for(lambda: not _reads(ctx, name), timeout=10, what=f"{name} unreadable")
         relay.wait_log(f"refused PVA channel {name} to 127.0.0.1", start=start, timeout=10)
+        assert not _reads(ctx, name)
     finally:
         ctx.close()
         relay.stop()
+
+
+def _reads(ctx, name: str) -> bool:
+    try:
+        ctx.get(name, timeout=1)
+    except (TimeoutError, p4p.client.thread.Disconnected):
+        return False
+    return True
 
 
 def _guarded_relay(tmp_path):
