@@ -114,12 +114,8 @@ class ShardSync(ShardReceiver):
         self.table.set_real(pv, True)
         # Another broker's change, while this broker's own later WRITE was not yet applied
         # when the shard sent it: that WRITE comes after it at the shard too (see _applied).
-        if (
-            not req
-            and not reset
-            and pv.ring is None
-            and link.own_writes.get(name, 0) > link.writes_applied
-        ):
+        mine = link.own_writes.get(name, 0) if not (req or reset) and pv.ring is None else 0
+        if mine > link.writes_applied:
             return True
         if not req:
             self.others = True
@@ -235,16 +231,16 @@ class ShardSync(ShardReceiver):
     def follow(self, name: str) -> bool:
         """A CA client holds PV ``name`` (or a field of it): its shard sends its puts from
         now on, and its value as it stands, which a read of it waits for.  A shard not in
-        sync hears of it with the next HELLO.  Whether a FOLLOW went now."""
+        sync hears of it with the next HELLO.  Whether a FOLLOW went now (or failed)."""
         if not self.follows or name in self.followed:
             return False
         self.followed.add(name)
         link = self.links[shard_for(name, len(self.links))]
         if link.state not in (LinkState.SYNCING, LinkState.LIVE):
             return False
-        self.requests.send(link)  # queued WRITEs first: the answer shows them
-        self._follow(link, name)
-        return not link.send_queued()
+        req = self._follow(link, name)  # after the queued WRITEs: the answer shows them
+        self.requests.send(link)  # a FOLLOW that cannot go fails now
+        return self.requests.waiter(link.index, req) is not None
 
     def unfollow(self, name: str) -> None:
         """No CA client holds ``name`` any longer."""
@@ -255,10 +251,12 @@ class ShardSync(ShardReceiver):
         if link.state in (LinkState.SYNCING, LinkState.LIVE):
             link.send(Follow(0, name, False))
 
-    def _follow(self, link: ShardLink, name: str, notify=None) -> None:
+    def _follow(self, link: ShardLink, name: str, notify=None) -> int:
+        """Queue a FOLLOW of ``name``; its request number."""
         pv = self.table.pvs.get(name)
         req, _ = self.requests.expect(link.index, pv, name, notify, None, quiet=True)
         link.queue(Follow(req, name, True))
+        return req
 
     def ping(self, link: ShardLink) -> None:
         """A heartbeat, numbered like the puts so that its answer orders them."""

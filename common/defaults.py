@@ -112,6 +112,9 @@ STARTUP_QUIET = 2.0
 #: Seconds the PVA server's thread waits for the loop to prepare a new channel before
 #: it refuses it for now (the client searches again): the loop takes one turn for it.
 PVA_OPEN_WAIT = 2.0
+#: Seconds a PV that a PVA client searched for stays followed before a channel of it
+#: is made (see PvaSync.searched); a client makes its channels right after its search.
+PVA_SEARCH_FOLLOW = 5.0
 #: Seconds between two progress lines of a long resharding or import.
 PROGRESS_INTERVAL = 5.0
 #: PVs that a resharding or an import into stopped stores commits at a time.

@@ -219,6 +219,8 @@ class PvaFrontEnd:
             if why is not None:
                 self.inbox.push(self.table.refuse, name, why, "limit")
                 return None
+        elif pv.real and name not in self.sync.followed:
+            self.inbox.push(self.sync.searched, name)  # its channel is likely to follow
         return True
 
     def make_channel(self, name: str, peer: str = ""):

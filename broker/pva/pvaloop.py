@@ -15,7 +15,7 @@ import time
 from carelay.broker.link import LinkState
 from carelay.broker.loop import Loop
 from carelay.broker.sync import ShardSync
-from carelay.common.config import STATUS_INTERVAL
+from carelay.common.config import PVA_SEARCH_FOLLOW, STATUS_INTERVAL
 from carelay.common.lifecycle import StopFlag
 from carelay.common.messages import Confirm, Shown, Watch
 from carelay.common.protocol import BATCH_MAX
@@ -48,6 +48,11 @@ class PvaSync(ShardSync):
         self._by_kind[Confirm] = self._confirm
         #: Channels that open once their shard has answered their FOLLOW, by name.
         self._opening: dict = {}
+        #: How many FOLLOWs of each name wait for their answer (names with none absent).
+        self._answering: dict[str, int] = {}
+        #: PVs followed since a client searched for them, no channel made yet: when each
+        #: is let go (in that order: the wait is the same for all).
+        self._searched: dict[str, float] = {}
         #: The inbox's pipe is polled with the shard sockets; ``woken`` says it was
         #: readable: the loop runs the inbox only then, since a look at an empty pipe
         #: costs a system call (and the exception of a read that would block) on each
@@ -58,12 +63,39 @@ class PvaSync(ShardSync):
         """``channel`` serves ``pv`` from now on: its shard sends this front-end the
         other front-ends' puts to it (FOLLOW: not those to PVs no channel holds), and
         holds the answer to such a put until this front-end has shown it (WATCH).  The
-        channel opens once the shard answered with the PV as it stands: a client reads
-        no older value than the shard's."""
-        self.watch(pv.name, True)
-        self._opening[pv.name] = (pv, channel)
-        if not self.follow(pv.name):
-            self._open(pv.name)  # followed already, or its shard is not in sync
+        channel opens once the shard answered every FOLLOW of it sent so far with the PV
+        as it stands: a client reads no older value than the shard's."""
+        name = pv.name
+        self._searched.pop(name, None)  # the channel keeps it followed now
+        self.watch(name, True)
+        self._opening[name] = (pv, channel)
+        if not self.follow(name) and not self._answering.get(name):
+            self._open(name)  # followed and answered already, or its shard is not in sync
+
+    def searched(self, name: str) -> None:
+        """A client searched for ``name``, a PV this front-end serves: it is followed now,
+        so that the shard's answer is in, or on its way, when the client makes its
+        channel right after (a client that opens many PVs at once waits for their answers
+        together, not for one round trip per channel in turn).  No channel made within
+        PVA_SEARCH_FOLLOW: let go again."""
+        if name in self.followed:
+            return
+        pv = self.table.pvs.get(name)
+        if pv is None or not pv.real:
+            return  # a provisional PV: its creating put brings its value
+        self.follow(name)
+        self._searched[name] = time.monotonic() + PVA_SEARCH_FOLLOW
+
+    def expire_searched(self, now: float) -> None:
+        """Let go the PVs searched for whose channel was not made in time."""
+        searched = self._searched
+        while searched:
+            name, due = next(iter(searched.items()))
+            if due > now:
+                return
+            del searched[name]
+            if name not in self._opening and name not in self.broker.channels:
+                self.unfollow(name)
 
     def let_go(self, name: str) -> None:
         """No channel serves ``name`` any longer."""
@@ -71,9 +103,19 @@ class PvaSync(ShardSync):
         self.watch(name, False)
         self.unfollow(name)
 
-    def _follow(self, link, name: str, notify=None) -> None:
+    def _follow(self, link, name: str, notify=None) -> int:
         """A FOLLOW whose answer opens the channel waiting for it."""
-        super()._follow(link, name, _Opened(self, name))
+        self._answering[name] = self._answering.get(name, 0) + 1
+        return super()._follow(link, name, _Opened(self, name))
+
+    def _answered(self, name: str) -> None:
+        """A FOLLOW of ``name`` ended (answered, or failed: the mirror stays as it is, and
+        the link's state shows in the alarm)."""
+        left = self._answering.pop(name, 1) - 1
+        if left:
+            self._answering[name] = left
+        else:
+            self._open(name)
 
     def _open(self, name: str) -> None:
         pv, channel = self._opening.pop(name, (None, None))
@@ -103,8 +145,7 @@ class PvaSync(ShardSync):
 
 
 class _Opened:
-    """Opens the channel of ``name`` when its FOLLOW ends (answered or failed: a failed
-    one leaves the mirror as it stands, and the link's state shows in the alarm)."""
+    """Tells PvaSync when a FOLLOW of ``name`` ends."""
 
     __slots__ = ("sync", "name")
 
@@ -112,7 +153,7 @@ class _Opened:
         self.sync, self.name = sync, name
 
     def complete(self, ok: bool) -> None:
-        self.sync._open(self.name)
+        self.sync._answered(self.name)
 
 
 class PvaLoop(Loop):
@@ -158,6 +199,7 @@ class PvaLoop(Loop):
         """The PVA front-end's part of a tick: refused channels' log, an ACF reload."""
         f = self.broker
         f.access.tick()
+        f.sync.expire_searched(time.monotonic())
         if f.reload_due:
             f.reload_due = False
             if f.access.reload():
