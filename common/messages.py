@@ -283,9 +283,10 @@ class Pong(Message):
 class Applied(Message):
     """``[20, writes, seq, epoch]``: the shard has applied (or refused) the first
     ``writes`` WRITEs this connection of the broker sent; ``seq`` is its sequence number
-    after them.  Sent after each batch while the shard serves other brokers too, whose
-    changes it publishes: a broker that has written a PV after the change of another
-    broker arrives knows by it whether its own write came later (see ShardSync)."""
+    after them.  While the shard serves other brokers too, whose changes it publishes:
+    a broker that has written a PV after the change of another broker arrives knows by it
+    whether its own write came later (see ShardSync).  So it goes before the next message
+    the broker is sent, not alone (see Outbox._tell_applied)."""
 
     writes: int
     seq: int

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import zmq
 
 from carelay.common import protocol
-from carelay.common.messages import Message, Pong, Reject, Update
+from carelay.common.messages import Applied, Message, Pong, Reject, Update
 from carelay.common.runs import UpdateRun, update_runs
 from carelay.shard.follow import Follows
 from carelay.shard.gate import ReadGate
@@ -47,6 +47,8 @@ class Outbox:
         self._published: set[int] = set()
         #: The PVs whose puts each following peer hears of (Admission keeps them).
         self.follows = follows
+        #: Per peer, the last APPLIED not sent yet (see ``_tell_applied``).
+        self._untold: dict[bytes, Applied] = {}
 
     def reply(self, peer: bytes, msg: Message) -> None:
         self.items.append((peer, msg))
@@ -91,6 +93,8 @@ class Outbox:
             if id(msg) not in published:
                 answered.add(peer)
         published.clear()
+        if self._untold or any(type(msg) is Applied for _, msg in items):
+            self._tell_applied(per_peer)
         gate = self.gate
         if gate.active:
             gate.route(per_peer, answered, time.monotonic())
@@ -99,6 +103,23 @@ class Outbox:
         if gate.held:
             for peer, msgs in gate.release():
                 self._send(sock, peer, msgs)
+
+    def _tell_applied(self, per_peer: dict[bytes, list[Message]]) -> None:
+        """An APPLIED matters to a broker only before a change that another front-end made
+        after its WRITEs (see ShardSync._change): one that would go alone is kept back, and
+        goes first with whatever that broker is sent next (a change, an answer, a PONG).
+        A broker that only writes then wakes for no message at all."""
+        untold = self._untold
+        for peer, msgs in list(per_peer.items()):
+            if all(type(msg) is Applied for msg in msgs):
+                untold[peer] = msgs[-1]
+                del per_peer[peer]
+            elif peer in untold:
+                msgs.insert(0, untold.pop(peer))  # applied before all of this batch
+        if len(untold) > 1:  # more than one writer: forget those no longer served
+            served = set(self._peers())
+            for peer in [p for p in untold if p not in served]:
+                del untold[peer]
 
     def _send(self, sock: zmq.Socket, peer: bytes, msgs: list[Message]) -> None:
         if not msgs:

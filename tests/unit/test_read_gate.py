@@ -1,5 +1,6 @@
 """The read gate: an answer that completes a put to a PV another front-end watches waits
-until that front-end has shown the change, or is lagging.
+until that front-end has shown the change, or is lagging.  And the APPLIED that orders a
+broker's WRITEs among the others' changes: kept back until that broker is sent more.
 
 No network: front-ends A (a CA broker) and W (a PVA front-end that watches) hand batches
 to a real ShardServer; what it sends goes to a socket that records it.
@@ -213,3 +214,40 @@ def test_every_answer_held_for_a_watcher_goes_once_it_is_lagging(server):
     assert [m.req for m in server._sock.to(A) if type(m) is Ack] == [7]
     assert [m.req for m in server._sock.to(B) if type(m) is Ack] == [8]
     assert gate.held == {}
+
+
+# -- APPLIED kept back ----------------------------------------------------------------
+# It goes to a broker only with the next message that broker is sent
+# (Outbox._tell_applied): a broker that only writes wakes for nothing, and one sent
+# another front-end's change still learns first how many of its WRITEs came before it.
+
+
+def test_a_broker_that_only_writes_is_sent_nothing(server):
+    _batch(server, A, [_write(1.0, 0)])
+    _batch(server, A, [_write(2.0, 0), _write(3.0, 0, name=Y)])
+    assert server._sock.to(A) == []
+
+
+def test_another_brokers_change_comes_after_the_applied_of_the_writes_before_it(server):
+    _batch(server, A, [_write(1.0, 0)])
+    _batch(server, A, [_write(2.0, 0)])
+    _batch(server, B, [_write(5.0, 0)])
+    got = server._sock.to(A)
+    assert _kinds(got) == ["Applied", "Update"]
+    assert got[0].writes == 2
+    assert type(got[1]) is Update and got[1].data.tolist() == [5.0]
+
+
+def test_an_applied_kept_back_goes_with_the_next_answer(server):
+    _batch(server, A, [_write(1.0, 0), _write(2.0, 0, name=Y)])
+    _batch(server, A, [Ping(9)])
+    got = server._sock.to(A)
+    assert [type(m) for m in got] == [Applied, Pong]
+    assert got[0].writes == 2 and got[1].req == 9
+
+
+def test_an_applied_kept_back_is_not_sent_twice(server):
+    _batch(server, A, [_write(1.0, 0)])
+    _batch(server, A, [Ping(9)])
+    _batch(server, A, [Ping(10)])
+    assert _kinds(server._sock.to(A)) == ["Applied", "Pong", "Pong"]
