@@ -15,7 +15,7 @@ import time
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from carelay.broker.linkstate import LinkState, LinkTimers
+from carelay.broker.linkstate import LinkState, LinkTimers, WantedPvs
 from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
 from carelay.common.messages import Message, Write
 from carelay.common.protocol import (
@@ -51,11 +51,12 @@ class ShardLink:
         #: down: kept open so that the shard's answers to them still come (see
         #: Requests.orphans).
         self.parked: list[zmq.Socket] = []
-        #: Messages (and WriteRuns) waiting for the next ``send_queued``; how many puts
-        #: they hold, and whether one waits for an answer.
+        #: Messages (and WriteRuns) waiting for the next ``send_queued``; how many puts they
+        #: hold; whether one waits for an answer or puts to a ``wanted`` PV (go at once).
         self.outbox: list = []
         self.queued = 0
         self.urgent = False
+        self.wanted = WantedPvs()
         self.state = LinkState.DOWN
         self.epoch = 0
         self.pvs = 0
@@ -170,6 +171,7 @@ class ShardLink:
         earliest of its Writes'."""
         self.writes += 1
         self.own_writes[name] = self.writes
+        self.urgent = self.urgent or name in self.wanted
         if data.shape[0] != 1:
             self.queue(Write(name, req, stamp, data, expires if req else 0.0))
             return
@@ -280,6 +282,7 @@ class ShardLink:
 
     def hello_sent(self) -> None:
         self.state = LinkState.SYNCING
+        self.wanted.clear()
         self.timers.last_heard = time.monotonic()
 
 

@@ -75,3 +75,31 @@ class LinkTimers:
         if state is LinkState.CONNECTING:
             return 0.0
         return min(self.last_ping + HEARTBEAT_INTERVAL, self.last_heard + _SILENCE)
+
+
+class WantedPvs:
+    """The PVs of a shard that another front-end follows (or all of them, while one is
+    served that follows nothing), as the shard says (WANTED, see shard/follow.py): a plain
+    put to one goes to the shard at once, the rest with the next batch or tick."""
+
+    __slots__ = ("names", "all")
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.all = False
+
+    def __contains__(self, name: str) -> bool:
+        return self.all or name in self.names
+
+    def take(self, name: str, on: bool) -> None:
+        if not name:
+            self.all = on
+        elif on:
+            self.names.add(name)
+        else:
+            self.names.discard(name)
+
+    def clear(self) -> None:
+        """A new HELLO: the shard tells them all again."""
+        self.names.clear()
+        self.all = False

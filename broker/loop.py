@@ -47,13 +47,12 @@ _LONGEST_WAIT = 1.0
 _LATE = 0.001
 
 
-def sends_now(link, others: bool) -> bool:
+def sends_now(link) -> bool:
     """Whether ``link``'s queue goes right after this CA slice.  What waits for an answer
-    goes at once; plain puts, which this broker's mirror already shows, go in batches of
-    BATCH_MAX or at the next tick, unless other front-ends (``ShardSync.others``) are to
-    show them too: then each slice's puts go right after it, since the others hear of a
-    put only once its shard has applied it."""
-    return link.urgent or link.queued >= BATCH_MAX or (others and link.queued > 0)
+    goes at once, and so do plain puts that another front-end shows (``link.wanted``): it
+    hears of a put only once its shard has applied it.  The other plain puts, which this
+    broker's mirror already shows, go in batches of BATCH_MAX or at the next tick."""
+    return link.urgent or link.queued >= BATCH_MAX
 
 
 class Loop:
@@ -114,9 +113,8 @@ class Loop:
                 woken, hook.woken = hook.woken, False
             if b.circuits is not None:
                 self._watch_circuits()
-            others = sync.others
             for link in links:
-                if sends_now(link, others):
+                if sends_now(link):
                     requests.send(link)
             if not armed:
                 handled = sync.poll(_BUSY_POLL_MS if waiting else 0)

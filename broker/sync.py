@@ -32,6 +32,7 @@ from carelay.common.messages import (
     SnapshotBegin,
     SnapshotEnd,
     Update,
+    Wanted,
 )
 from carelay.common.naming import InvalidPvName
 from carelay.common.runs import UpdateRun
@@ -68,6 +69,7 @@ class ShardSync(ShardReceiver):
             Snapshot: self._snapshot,
             SnapshotEnd: self._resync,
             Applied: self._applied,
+            Wanted: lambda link, msg: link.wanted.take(msg.name, msg.on),
         }
 
     # -- what the shards send ----------------------------------------------------------

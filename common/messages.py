@@ -302,6 +302,18 @@ class Confirm(Message):
     epoch: int = 0
 
 
+@_kind(24)
+class Wanted(Message):
+    """``[24, name, on, epoch]``: another front-end now follows ``name`` (``on``), or none
+    does any longer; ``name`` "": every PV (a front-end is served that hears of every
+    change).  A front-end sends its plain puts to a wanted PV at once, as the others show
+    them only once the shard has applied them; the rest go in batches (see Follows)."""
+
+    name: str
+    on: bool
+    epoch: int = 0
+
+
 #: Every message kind, by its number on the wire (WriteRun is the codec's own).
 KINDS: dict[int, type[Message]] = {
     cls.KIND: cls
@@ -326,5 +338,6 @@ KINDS: dict[int, type[Message]] = {
         Pong,
         Applied,
         Confirm,
+        Wanted,
     )
 }

@@ -115,6 +115,8 @@ class Admission:
         self._admitted[peer] = broker
         if hello and first.follow:
             self.follows.start(peer)
+        else:
+            self.follows.hears_all(peer)
         if len(self._admitted) > _ADMITTED_MAX:
             oldest = self._admitted.popitem(last=False)[0]
             self._writes.pop(oldest, None)

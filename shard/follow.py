@@ -12,34 +12,73 @@ another's PVs spends nothing on their puts.
 Creations, deletions and field changes still go to every front-end: they are rare, and
 they are what a front-end's PV table and limits are made of.  A front-end that does
 not follow hears of every change.
+
+The other way round, each front-end is told which of its puts another one shows
+(WANTED): those to the PVs another front-end follows, or all of them while one is
+served that follows nothing.  It sends those at once, and the rest in batches, as a
+front-end alone does: a PV that nobody else looks at costs no wake per put, here or
+there.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from carelay.common.messages import Follow
+from carelay.common.messages import Follow, Message, Wanted
 
 
 class Follows:
     """Per following front-end, the PVs it follows (see the module)."""
 
-    def __init__(self) -> None:
+    def __init__(self, epoch: int = 0) -> None:
         self._by_peer: dict[bytes, set[str]] = {}
+        #: Per PV followed, the front-ends that follow it.
+        self._followers: dict[str, set[bytes]] = {}
+        #: The front-ends served that follow nothing: they hear of every change.
+        self._all: set[bytes] = set()
         #: How many (front-end, PV) follows there are.
         self.count = 0
+        self.epoch = epoch
         #: Answers a FOLLOW with a request number: ``answer(peer, name, req)`` sends
         #: ``name`` as it stands (RequestHandler.restate).
         self.answer: Callable[[bytes, str, int], None] = lambda peer, name, req: None
+        #: Sends a front-end a message (Outbox.reply); the front-ends served
+        #: (Admission.peers).
+        self.tell: Callable[[bytes, Message], None] = lambda peer, msg: None
+        self.peers: Callable[[], list[bytes]] = list
 
     def start(self, peer: bytes) -> None:
-        """``peer`` said HELLO with ``follow``: it follows nothing yet."""
+        """``peer`` said HELLO with ``follow``: it follows nothing yet, and hears which PVs
+        the others follow."""
         self.forget(peer)
         self._by_peer[peer] = set()
+        self._tell_wanted(peer)
+
+    def hears_all(self, peer: bytes) -> None:
+        """``peer`` is served and follows nothing: every put is the others' to send at once."""
+        if peer not in self._all:
+            self._tell_wanted(peer)
+            before = set(self._all)
+            self._all.add(peer)
+            self._moved("", before, self._all)
+
+    def _tell_wanted(self, peer: bytes) -> None:
+        """What the others follow, for ``peer``, new: it follows nothing yet."""
+        if self._all - {peer}:
+            self.tell(peer, Wanted("", True, self.epoch))
+        for name in self._followers:
+            self.tell(peer, Wanted(name, True, self.epoch))
 
     def forget(self, peer: bytes) -> None:
         """``peer`` is served no more."""
-        self.count -= len(self._by_peer.pop(peer, ()))
+        names = self._by_peer.pop(peer, ())
+        self.count -= len(names)
+        for name in names:
+            self._unfollow(peer, name)
+        if peer in self._all:
+            before = set(self._all)
+            self._all.discard(peer)
+            self._moved("", before, self._all)
 
     def skips(self, peer: bytes, name: str) -> bool:
         """Whether another front-end's put to ``name`` does not go to ``peer``."""
@@ -52,12 +91,36 @@ class Follows:
 
     def _follow(self, peer: bytes, msg: Follow) -> None:
         names = self._by_peer.get(peer)
-        if names is not None:  # else it hears of every change anyway
-            n = len(names)
+        name = msg.name
+        if names is not None and msg.on != (name in names):  # else it hears of every change
             if msg.on:
-                names.add(msg.name)
+                names.add(name)
+                followers = self._followers.setdefault(name, set())
+                before = set(followers)
+                followers.add(peer)
+                self._moved(name, before, followers)
             else:
-                names.discard(msg.name)
-            self.count += len(names) - n
+                names.discard(name)
+                self._unfollow(peer, name)
+            self.count += 1 if msg.on else -1
         if msg.on and msg.req:
-            self.answer(peer, msg.name, msg.req)
+            self.answer(peer, name, msg.req)
+
+    def _unfollow(self, peer: bytes, name: str) -> None:
+        followers = self._followers.get(name, set())
+        before = set(followers)
+        followers.discard(peer)
+        if not followers:
+            self._followers.pop(name, None)
+        self._moved(name, before, followers)
+
+    def _moved(self, name: str, before: set[bytes], after: set[bytes]) -> None:
+        """The front-ends that follow ``name`` ("": that hear of every change) were
+        ``before`` and are ``after``: those for which another one now does, or none does
+        any longer, are told (WANTED)."""
+        if len(before) > 1 and len(after) > 1:
+            return  # wanted by another, for each of them, before and after
+        for peer in self.peers():
+            now = bool(after - {peer})
+            if bool(before - {peer}) != now:
+                self.tell(peer, Wanted(name, now, self.epoch))

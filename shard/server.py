@@ -91,7 +91,7 @@ class ShardServer:
         self.health = StoreHealth(index, config.autosave_period, db.path if db else None)
         self.autosave = Autosave(self.store, db, self.health, index)
         self.gate = gate = ReadGate(self.epoch, SHOWN_WAIT)
-        follows = Follows()
+        follows = Follows(self.epoch)
         self.outbox = Outbox(lambda: self.admission.peers(), self._lost, self.epoch, gate, follows)
         self.admission = Admission(token, self.outbox.reply, self.epoch, follows)
         self.admission.on_drop = gate.forget
@@ -106,6 +106,7 @@ class ShardServer:
             others={**gate.handlers(), **follows.handlers()},
         )
         follows.answer = self.requests.restate
+        follows.tell, follows.peers = self.outbox.reply, self.admission.peers
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
         self._poller: zmq.Poller | None = None

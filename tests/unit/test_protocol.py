@@ -33,6 +33,7 @@ from carelay.common.messages import (
     SnapshotBegin,
     SnapshotEnd,
     Update,
+    Wanted,
     Watch,
     Write,
 )
@@ -80,6 +81,7 @@ EVERY_KIND = [
     Watch(37, "R:a_f1", True),
     Shown(38, 39),
     Confirm(40, 41),
+    Wanted("R:a_f1", True, 42),
 ]
 
 
@@ -237,7 +239,7 @@ def test_batch_wrong_shape(entries):
     refused([packed(entries)], "batch|malformed")
 
 
-@pytest.mark.parametrize("kind", [0, 9, 24, 99, -1, 2**40, "PUT", None, 2.5, True, [2]])
+@pytest.mark.parametrize("kind", [0, 9, 25, 99, -1, 2**40, "PUT", None, 2.5, True, [2]])
 def test_unknown_kind(kind):
     refused([packed([with_field(Ping(1), 0, kind)])], "kind|malformed")
 

@@ -20,6 +20,7 @@ from carelay.common.messages import (
     Put,
     SetField,
     Update,
+    Wanted,
     Write,
 )
 from carelay.common.protocol import UpdateRun, WriteRun, encode_batch
@@ -100,7 +101,9 @@ def test_a_front_end_that_cannot_be_sent_to_is_no_longer_served(server):
     server._lost(A, 1, OSError("gone"))
     assert server.admission.peers() == [B]
     out = _send(server, B, [Put(SCALAR, 1, 0.0, np.array([1.0]))])
-    assert out[A] == [] and len(out[B]) == 1
+    # B hears that no other front-end shows its puts any longer (A followed nothing).
+    assert out[A] == [] and [type(m) for m in out[B]] == [Wanted, Update]
+    assert out[B][0] == Wanted("", False, server.epoch)
     # What it still sends is refused, until its broker reconnects with a HELLO.
     out = _send(server, A, [Put(SCALAR, 2, 0.0, np.array([2.0]))])
     assert [(type(m).__name__, m.req) for m in out[A]] == [("Reject", 2)]
