@@ -85,6 +85,13 @@ class Follows:
         names = self._by_peer.get(peer)
         return names is not None and name not in names
 
+    def heard(self, origin: bytes, name: str) -> bool:
+        """Whether a front-end other than ``origin`` hears of its put to ``name``."""
+        for peers in (self._followers.get(name), self._all):
+            if peers and (len(peers) > 1 or origin not in peers):
+                return True
+        return False
+
     def handlers(self) -> dict:
         """The messages taken here, for the request handler (see RequestHandler)."""
         return {Follow: self._follow}

@@ -67,8 +67,9 @@ class RequestHandler:
         #: Hands each applied change, with req 0, to the front-ends other than its sender.
         self._publish = publish
         #: Whether another front-end than the sender may be served (set by the loop): while
-        #: False, no change is built for publishing.
+        #: False, no change is built for publishing; nor for a put nobody else hears of.
         self.fanout = False
+        self.heard: Callable[[bytes, str], bool] = lambda peer, name: True  # Follows.heard
         #: The PVs created since the last commit, in order: logged once it made them
         #: durable (``log_created``).
         self.created: list[str] = []
@@ -233,6 +234,8 @@ class RequestHandler:
     def _publish_written(self, peer: bytes, name: str, seq: int, element) -> None:
         """A WRITE of a run, applied at ``seq``, for the other front-ends: the element
         appended to a buffer, else the value as stored (after drive-limit clipping)."""
+        if not self.heard(peer, name):
+            return
         store = self.store
         data = element if store.is_buffer(name) else store.get(name)
         update = wire.Update(name, 0, seq, store.stamp(name), data, False, False, self.epoch)

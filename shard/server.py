@@ -105,7 +105,7 @@ class ShardServer:
             publish=self.outbox.publish,
             others={**gate.handlers(), **follows.handlers()},
         )
-        follows.answer = self.requests.restate
+        follows.answer, self.requests.heard = self.requests.restate, follows.heard
         follows.tell, follows.peers = self.outbox.reply, self.admission.peers
         self._ctx = ctx or zmq.Context.instance()
         self._sock: zmq.Socket | None = None

@@ -12,7 +12,7 @@ import zmq
 
 from carelay.broker.link import ShardLink
 from carelay.common.config import load_config
-from carelay.common.messages import Follow, Hello, Wanted
+from carelay.common.messages import Follow, Hello, Put, Wanted, Write
 from carelay.common.protocol import encode_batch
 from carelay.shard.server import ShardServer
 from tests.unit.recording_router import RecordingRouter
@@ -96,6 +96,18 @@ def test_a_front_end_that_follows_nothing_makes_every_put_wanted(server):
     server.admission.drop(e)
     server._send_replies()
     assert _wanted(server, A) == _wanted(server, B) == [("", False)]
+
+
+def test_a_put_is_published_only_to_the_front_ends_that_hear_of_it(server):
+    _batch(server, A, [Put(X, 1, 0.0, np.array([0.0])), Put(Y, 2, 0.0, np.array([0.0]))])
+    _follow(server, B, X)
+    server._sock.sent.clear()
+    _batch(server, A, [Write(X, 0, 0.0, np.array([1.0])), Write(Y, 0, 0.0, np.array([2.0]))])
+    updated = [n for m in server._sock.to(B) for n in getattr(m, "names", [m.name])]
+    assert updated == [X]
+    assert server._sock.to(C) == []  # follows neither
+    follows = server.admission.follows
+    assert follows.heard(A, X) and not follows.heard(B, X) and not follows.heard(A, Y)
 
 
 # -- the broker side ------------------------------------------------------------------
