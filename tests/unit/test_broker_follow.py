@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from carelay.common.messages import Put, Write
+from carelay.common.messages import Follow, Hello, Put, Write
 from carelay.common.protocol import encode_batch
 from tests.unit.scripted_cas import beside_another_front_end, join
 
@@ -103,3 +103,41 @@ def test_only_what_its_clients_hold_is_sent_and_an_attach_reads_it_as_it_stands(
     assert shard.store.get(OTHER).tolist() == [5.0]
     assert HELD in broker.sync.followed and OTHER not in broker.sync.followed
     assert shard.admission.follows.count == 1
+
+
+def test_a_broker_hears_which_pvs_the_other_front_end_follows(tmp_path):
+    """WANTED from a real shard: the broker's plain puts to a PV that the other
+    front-end follows go at once (ShardLink.wanted), the others in batches."""
+    with beside_another_front_end(tmp_path, PREFIX) as (broker, script, shard, other):
+        broker.sync.follows = True
+        link = broker.links[0]
+        seen = {}
+
+        def other_joins_following() -> bool:
+            other.send_multipart(encode_batch([Hello(1, "", "other", True)]))
+            return True
+
+        def other_follows(on: bool):
+            def step() -> bool:
+                other.send_multipart(encode_batch([Follow(0, HELD, on)]))
+                return True
+
+            return step
+
+        def note(key: str) -> bool:
+            seen[key] = (HELD in link.wanted, OTHER in link.wanted)
+            return True
+
+        script.steps = [
+            lambda: link.live,
+            other_joins_following,
+            lambda: len(shard.admission) == 2,
+            lambda: note("joined"),
+            other_follows(True),
+            lambda: HELD in link.wanted,
+            lambda: note("followed"),
+            other_follows(False),
+            lambda: HELD not in link.wanted,
+        ]
+        broker.run(script.stop)
+    assert seen == {"joined": (False, False), "followed": (True, False)}
