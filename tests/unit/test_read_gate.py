@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from carelay.common.config import load_config
 from carelay.common.messages import (
     Ack,
     Applied,
@@ -27,9 +26,9 @@ from carelay.common.messages import (
     Watch,
     Write,
 )
-from carelay.common.protocol import encode_batch
 from carelay.shard.server import ShardServer
-from tests.unit.recording_router import RecordingRouter
+from tests.unit.recording_router import batch as _batch
+from tests.unit.recording_router import recorded_shard
 
 PREFIX = "G:"
 A, W, B = b"ca broker A", b"pva front-end W", b"ca broker B"
@@ -38,22 +37,12 @@ X, Y = f"{PREFIX}x_f1", f"{PREFIX}y_f1"
 
 @pytest.fixture
 def server(tmp_path):
-    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
-    s = ShardServer(config, 0)
-    s._sock = RecordingRouter()
-    for peer, broker in ((A, "a"), (W, "w"), (B, "b")):
-        s.handle(peer, encode_batch([Hello(1, "", broker)]))
-    s.handle(A, encode_batch([Put(X, 2, 0.0, np.array([0.0])), Put(Y, 3, 0.0, np.array([0.0]))]))
-    s._commit()
-    s._send_replies()
+    s = recorded_shard(
+        tmp_path, PREFIX, {A: Hello(1, "", "a"), W: Hello(1, "", "w"), B: Hello(1, "", "b")}
+    )
+    _batch(s, A, [Put(X, 2, 0.0, np.array([0.0])), Put(Y, 3, 0.0, np.array([0.0]))])
     s._sock.sent.clear()
     return s
-
-
-def _batch(server: ShardServer, peer: bytes, msgs: list) -> None:
-    server.handle(peer, encode_batch(msgs))
-    server._commit()
-    server._send_replies()
 
 
 def _write(value: float, req: int, name: str = X) -> Write:

@@ -11,11 +11,10 @@ import pytest
 import zmq
 
 from carelay.broker.link import ShardLink
-from carelay.common.config import load_config
 from carelay.common.messages import Follow, Hello, Put, Wanted, Write
-from carelay.common.protocol import encode_batch
 from carelay.shard.server import ShardServer
-from tests.unit.recording_router import RecordingRouter
+from tests.unit.recording_router import batch as _batch
+from tests.unit.recording_router import recorded_shard
 
 PREFIX = "W:"
 A, B, C = b"front-end A", b"front-end B", b"front-end C"
@@ -24,19 +23,7 @@ X, Y = f"{PREFIX}x_f1", f"{PREFIX}y_f1"
 
 @pytest.fixture
 def server(tmp_path):
-    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
-    s = ShardServer(config, 0)
-    s._sock = RecordingRouter()
-    for peer in (A, B, C):
-        _batch(s, peer, [Hello(1, "", peer.decode(), True)])
-    s._sock.sent.clear()
-    return s
-
-
-def _batch(server: ShardServer, peer: bytes, msgs: list) -> None:
-    server.handle(peer, encode_batch(msgs))
-    server._commit()
-    server._send_replies()
+    return recorded_shard(tmp_path, PREFIX, {p: Hello(1, "", p.decode(), True) for p in (A, B, C)})
 
 
 def _wanted(server: ShardServer, peer: bytes) -> list[tuple[str, bool]]:
