@@ -112,6 +112,11 @@ STARTUP_QUIET = 2.0
 #: Seconds the PVA server's thread waits for the loop to prepare a new channel before
 #: it refuses it for now (the client searches again): the loop takes one turn for it.
 PVA_OPEN_WAIT = 2.0
+#: Seconds of silence from a shard (no heartbeat answered, nothing sent) after which the
+#: PVA front-end makes no new channel of its PVs: the PVA server's thread, which waits
+#: for a new channel's opening, then waits for no hung shard (and serves no client
+#: meanwhile).  The link itself goes down after HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS.
+PVA_SHARD_QUIET = 2 * HEARTBEAT_INTERVAL
 #: Seconds a PV that a PVA client searched for stays followed before a channel of it
 #: is made (see PvaSync.searched); a client makes its channels right after its search.
 PVA_SEARCH_FOLLOW = 5.0

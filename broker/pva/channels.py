@@ -126,6 +126,11 @@ class Channel(SharedPV):
                 self.opened, self._fields = True, None
             return self.opened
 
+    @property
+    def decided(self) -> bool:
+        """Prepared or closed: ``opening`` waits no more."""
+        return self._prepared.is_set()
+
     def show(self, fields: dict) -> None:
         """Post ``fields`` to the channel's monitors (all of them, each time)."""
         with self._lock:

@@ -35,7 +35,7 @@ from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
 from carelay.broker.requests import Requests
 from carelay.broker.table import PvTable
 from carelay.common import fields
-from carelay.common.config import PVA_OPEN_WAIT, STARTUP_QUIET, Config
+from carelay.common.config import PVA_OPEN_WAIT, PVA_SHARD_QUIET, STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver
 from carelay.common.histogram import PUT_BUCKETS, Histogram
 from carelay.common.naming import InvalidPvName
@@ -45,6 +45,14 @@ log = logging.getLogger(__name__)
 
 #: What a put that changes the value alone marks changed.
 _VALUE_ONLY = frozenset({"value"})
+#: How often a new channel's wait for its opening looks at its shard's silence (s).
+_OPEN_SLICE = 0.1
+
+
+def _silent(link) -> bool:
+    """Whether ``link``'s shard has said nothing for PVA_SHARD_QUIET (read from a p4p
+    thread: one attribute)."""
+    return time.monotonic() - link.timers.last_heard > PVA_SHARD_QUIET
 
 
 class _NoHealthPVs:
@@ -211,7 +219,8 @@ class PvaFrontEnd:
         except InvalidPvName as e:
             self.inbox.push(self.table.refuse, name, str(e))
             return False
-        if not self.links[shard_for(name, self.config.shards)].live:
+        link = self.links[shard_for(name, self.config.shards)]
+        if not link.live or _silent(link):
             return None
         pv = self.table.pvs.get(name)
         if pv is None or not (pv.real or pv.creating):
@@ -235,11 +244,25 @@ class PvaFrontEnd:
             if channel is None:
                 channel = self.channels[name] = self.make_channel_object(self, name)
                 self.inbox.push(self._bind, channel)
-        if channel.opening(PVA_OPEN_WAIT):
+        if self._opens(channel):
             return channel
-        log.warning("PVA channel %s not open in %.1f s: refused for now", name, PVA_OPEN_WAIT)
+        log.warning("PVA channel %s not opened: refused for now", name)
         self.inbox.push(self.drop_channel, channel)
         return None
+
+    def _opens(self, channel) -> bool:
+        """Whether ``channel`` opens: prepared by the loop within PVA_OPEN_WAIT, and its
+        shard not silent meanwhile (a hung shard; this thread serves no client while it
+        waits).  Runs on a p4p thread."""
+        name = channel.name
+        link = None if name in self.controls else self.links[shard_for(name, len(self.links))]
+        deadline = time.monotonic() + PVA_OPEN_WAIT
+        while not channel.opening(_OPEN_SLICE):
+            if channel.decided or time.monotonic() >= deadline:
+                return False
+            if link is not None and _silent(link):
+                return False
+        return True
 
     # -- the loop thread: channels -------------------------------------------------------
 

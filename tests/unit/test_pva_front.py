@@ -3,12 +3,14 @@ a PVA put ends (done, or failed with the reason the client is told)."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from carelay.broker.link import LinkState
 from carelay.broker.pva.front import PeerClient, PvaFrontEnd, PvaPut
-from carelay.common.config import load_config
+from carelay.common.config import PVA_OPEN_WAIT, PVA_SHARD_QUIET, load_config
 from carelay.common.sharding import shard_for
 
 
@@ -72,7 +74,10 @@ def front(tmp_path):
 
 
 def live(front, name: str) -> None:
-    front.links[shard_for(name, front.config.shards)].state = LinkState.LIVE
+    """The shard of ``name`` in sync, and just heard from."""
+    link = front.links[shard_for(name, front.config.shards)]
+    link.state = LinkState.LIVE
+    link.timers.last_heard = time.monotonic()
 
 
 def test_names_served(front):
@@ -87,6 +92,50 @@ def test_names_served(front):
     assert front.test_channel(front.config.pvlist_name) is None  # not ready yet
     front.ready = True
     assert front.test_channel(front.config.pvlist_name) is True
+
+
+def test_the_names_of_a_silent_shard_are_not_served_for_now(front):
+    live(front, "P:x_f1")
+    assert front.test_channel("P:x_f1") is True
+    link = front.links[shard_for("P:x_f1", front.config.shards)]
+    link.timers.last_heard = time.monotonic() - PVA_SHARD_QUIET - 1  # hung, link still up
+    assert front.test_channel("P:x_f1") is None  # the client searches again
+
+
+class UnpreparedChannel(FakeChannel):
+    """A channel the loop does not prepare: each wait for its opening (``waited``, the
+    seconds asked, not slept) ends with it not open.  ``decided``: closed before it was
+    prepared."""
+
+    def __init__(self, name: str, decided: bool = False) -> None:
+        super().__init__(name)
+        self.decided = decided
+        self.waited: list[float] = []
+
+    def opening(self, timeout):
+        self.waited.append(timeout)
+        return False
+
+
+def test_a_new_channel_is_waited_for_no_longer_once_its_shard_falls_silent(front):
+    """The PVA server's thread waits for a new channel's opening and serves no client
+    meanwhile: a hung shard must not hold it for the whole PVA_OPEN_WAIT."""
+    front.make_channel_object = lambda _front, name: UnpreparedChannel(name)
+    live(front, "P:x_f1")
+    link = front.links[shard_for("P:x_f1", front.config.shards)]
+    link.timers.last_heard = time.monotonic() - PVA_SHARD_QUIET - 1
+    assert front.make_channel("P:x_f1") is None
+    # The shard's silence ended the wait after one slice, not the whole wait.
+    assert sum(front.channels["P:x_f1"].waited) < PVA_OPEN_WAIT
+    front.inbox.run()  # the loop drops it: the next client gets a new one
+    assert "P:x_f1" not in front.channels
+
+
+def test_a_channel_closed_before_it_opened_is_waited_for_no_longer(front):
+    front.make_channel_object = lambda _front, name: UnpreparedChannel(name, decided=True)
+    live(front, "P:x_f1")
+    assert front.make_channel("P:x_f1") is None
+    assert sum(front.channels["P:x_f1"].waited) < PVA_OPEN_WAIT
 
 
 def test_a_channel_is_opened_by_the_loop_with_the_pv_as_it_stands(front):

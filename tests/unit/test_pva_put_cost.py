@@ -12,14 +12,12 @@ import weakref
 import numpy as np
 import pytest
 
-from carelay.broker.link import LinkState
 from carelay.broker.pva import convert
 from carelay.broker.pva.front import PeerClient, PvaFrontEnd, PvaPut
 from carelay.broker.pva.inbox import Inbox
 from carelay.common.config import load_config
 from carelay.common.naming import parse_pv_name
-from carelay.common.sharding import shard_for
-from tests.unit.test_pva_front import FakeChannel, FakeOp, FakeValue
+from tests.unit.test_pva_front import FakeChannel, FakeOp, FakeValue, live
 
 
 @pytest.fixture
@@ -31,7 +29,7 @@ def front(tmp_path):
 
 
 def _real_pv(front, name: str):
-    front.links[shard_for(name, front.config.shards)].state = LinkState.LIVE
+    live(front, name)
     channel = front.make_channel(name)
     front.inbox.run()
     pv = front.table.pvs[name]

@@ -38,6 +38,7 @@ class Shard:
         pv.apply(np.array([1.0]), 1.0, append=False)
         self.link = link = front.links[pv.shard]
         link.state = LinkState.LIVE
+        link.timers.last_heard = time.monotonic()
         self.sent: list = []
 
         def send_queued() -> list:
