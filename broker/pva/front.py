@@ -258,9 +258,9 @@ class PvaFrontEnd:
         link = None if name in self.controls else self.links[shard_for(name, len(self.links))]
         deadline = time.monotonic() + PVA_OPEN_WAIT
         while not channel.opening(_OPEN_SLICE):
-            if channel.decided or time.monotonic() >= deadline:
-                return False
-            if link is not None and _silent(link):
+            if channel.decided:  # prepared since that look, or closed
+                return channel.opening(0)
+            if time.monotonic() >= deadline or (link is not None and _silent(link)):
                 return False
         return True
 

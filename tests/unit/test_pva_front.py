@@ -131,6 +131,25 @@ def test_a_new_channel_is_waited_for_no_longer_once_its_shard_falls_silent(front
     assert "P:x_f1" not in front.channels
 
 
+class LatePreparedChannel(FakeChannel):
+    """Prepared by the loop just after a look at its opening found it not ready."""
+
+    decided = False
+
+    def opening(self, timeout):
+        if not self.decided:
+            self.decided = True  # the loop's turn comes right after this look
+            return False
+        return True
+
+
+def test_a_channel_prepared_just_after_a_look_is_handed_out(front):
+    front.make_channel_object = lambda _front, name: LatePreparedChannel(name)
+    live(front, "P:x_f1")
+    channel = front.make_channel("P:x_f1")
+    assert channel is not None and channel is front.channels["P:x_f1"]
+
+
 def test_a_channel_closed_before_it_opened_is_waited_for_no_longer(front):
     front.make_channel_object = lambda _front, name: UnpreparedChannel(name, decided=True)
     live(front, "P:x_f1")
