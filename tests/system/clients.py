@@ -32,7 +32,10 @@ class Context(caproto.threading.client.Context):
             try:
                 return super().get_circuit_manager(address, priority)
             except (OSError, CaprotoTimeoutError):
-                if time.monotonic() >= deadline or self._close_event.is_set():
+                if self._close_event.is_set():
+                    # Closed meanwhile: its thread ends, quietly (threading ignores this).
+                    raise SystemExit from None
+                if time.monotonic() >= deadline:
                     raise
                 self._close_event.wait(0.1)
 

@@ -67,3 +67,15 @@ def test_context_gives_up_after_its_patience():
             circuit_to(ctx, free_port())
     finally:
         close(ctx)
+
+
+def test_a_context_closed_while_it_tries_again_ends_its_thread_quietly():
+    """A test closes its contexts while the relay is down: the search thread, trying a
+    circuit again, ends without an unhandled error."""
+    ctx = Context()
+    try:
+        ctx._close_event.set()
+        with pytest.raises(SystemExit):
+            circuit_to(ctx, free_port())
+    finally:
+        close(ctx)
