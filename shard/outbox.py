@@ -47,11 +47,18 @@ class Outbox:
         self._published: set[int] = set()
         #: The PVs whose puts each following peer hears of (Admission keeps them).
         self.follows = follows
-        #: Per peer, the last APPLIED not sent yet (see ``_tell_applied``).
+        #: Per peer, the last APPLIED not sent yet (see ``_tell_applied``), and whether
+        #: ``items`` holds one.
         self._untold: dict[bytes, Applied] = {}
+        self._applied = False
 
     def reply(self, peer: bytes, msg: Message) -> None:
         self.items.append((peer, msg))
+
+    def applied(self, peer: bytes, msg: Applied) -> None:
+        """An APPLIED for ``peer``, in its place among the replies."""
+        self.items.append((peer, msg))
+        self._applied = True
 
     def publish(self, origin: bytes, msg: Message) -> None:
         """A change that ``origin`` caused, for every other peer served: a put only for
@@ -93,7 +100,8 @@ class Outbox:
             if id(msg) not in published:
                 answered.add(peer)
         published.clear()
-        if self._untold or any(type(msg) is Applied for _, msg in items):
+        if self._untold or self._applied:
+            self._applied = False
             self._tell_applied(per_peer)
         gate = self.gate
         if gate.active:

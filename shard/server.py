@@ -200,7 +200,7 @@ class ShardServer:
         if writes:
             total = admission.wrote(peer, writes)
             if requests.fanout:
-                self.outbox.reply(peer, Applied(total, self.store.seq, self.epoch))
+                self.outbox.applied(peer, Applied(total, self.store.seq, self.epoch))
         return n
 
     @property
