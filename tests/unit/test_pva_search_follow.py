@@ -58,12 +58,17 @@ class Shard:
     def answer(self, req: int) -> None:
         self.front.requests.finish(self.link.index, req, True)
 
+    def searched(self, name: str) -> int:
+        """A client searched for ``name`` and the loop took it: the FOLLOW sent for it."""
+        assert self.front.test_channel(name) is True
+        self.front.inbox.run()
+        (req,) = self.follows()
+        return req
+
 
 def test_a_search_follows_the_pv_and_its_channel_opens_once_the_answer_is_in(front):
     shard = Shard(front, NAME)
-    assert front.test_channel(NAME) is True
-    front.inbox.run()
-    (req,) = shard.follows()
+    req = shard.searched(NAME)
     channel = front.make_channel(NAME)
     front.inbox.run()
     assert shard.follows() == [req]  # no second FOLLOW for the channel
@@ -75,9 +80,7 @@ def test_a_search_follows_the_pv_and_its_channel_opens_once_the_answer_is_in(fro
 
 def test_a_channel_made_after_the_answer_opens_at_once(front):
     shard = Shard(front, NAME)
-    front.test_channel(NAME)
-    front.inbox.run()
-    (req,) = shard.follows()
+    req = shard.searched(NAME)
     shard.answer(req)
     assert front.test_channel(NAME) is True  # searched again: followed, nothing sent
     channel = front.make_channel(NAME)
@@ -107,10 +110,7 @@ def test_a_channel_made_again_waits_for_the_follow_still_in_flight(front):
 
 def test_a_searched_pv_without_a_channel_is_let_go(front):
     shard = Shard(front, NAME)
-    front.test_channel(NAME)
-    front.inbox.run()
-    (req,) = shard.follows()
-    shard.answer(req)
+    shard.answer(shard.searched(NAME))
     front.sync.expire_searched(time.monotonic())
     assert NAME in front.sync.followed  # not yet
     front.sync.expire_searched(time.monotonic() + PVA_SEARCH_FOLLOW + 1)
@@ -120,11 +120,11 @@ def test_a_searched_pv_without_a_channel_is_let_go(front):
 
 def test_a_searched_pv_whose_channel_came_stays_followed(front):
     shard = Shard(front, NAME)
-    front.test_channel(NAME)
-    front.inbox.run()
+    req = shard.searched(NAME)
     channel = front.make_channel(NAME)
     front.inbox.run()
-    shard.answer(shard.follows()[0])
+    assert shard.follows() == [req]
+    shard.answer(req)
     front.sync.expire_searched(time.monotonic() + PVA_SEARCH_FOLLOW + 1)
     assert NAME in front.sync.followed
     assert shard.follows(False) == []
