@@ -4,6 +4,9 @@ A name that follows the naming rule is claimed (pvExistTest) unless its shard is
 sync yet or a new PV of its kind would pass ``max_pvs`` or ``max_bytes``; it is made a
 provisional PV on attach (pvAttach) and real on its first applied put.  Creations in
 flight count against the limits too, so that a burst of first puts cannot pass them.
+Provisional PVs (a client holds a name that exists in no shard, or a field of one) cost
+memory too, and a client can hold any number of names: at most ``max_pvs`` of them at
+once, checked at the search and again at the attach, which a burst of searches passes.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class PvTable:
         self.config = config = broker.config
         self.pvs: dict = {}
         self.field_pvs: dict = {}
+        #: The field PVs of names that existed in no shard when they were attached.
+        self.loose_fields: set[str] = set()
         self.n_real = 0
         self.n_bytes = 0  # what the real PVs' values may take, at full capacity (charge)
         # Creations sent to a shard and not yet answered count against the limits
@@ -128,7 +133,8 @@ class PvTable:
             self._not_in_sync(name, shard)
             return False
         if base_pv is None or not (base_pv.real or base_pv.creating):
-            why = self.over_limits(spec)
+            # A new provisional PV, or a field of one: the name itself is not held.
+            why = self.over_limits(spec) or self.provisional_full()
             if why is not None:
                 self.refuse(name, why, "limit", addr)
                 return False
@@ -154,11 +160,21 @@ class PvTable:
             pv = b.controls.get(name)
         if pv is None:
             base, field = split_field(name)
-            if field is None or field == "VAL":
-                pv = self.pvs.get(base) or self.new_pv(base)
-            else:
-                spec = self.spec_and_shard(base)[0]
-                pv = self.field_pvs[name] = self.make_field_pv(b, spec, field)
+            value = field is None or field == "VAL"
+            pv = self.pvs.get(base) if value else None
+            if pv is None:
+                base_pv = self.pvs.get(base)
+                loose = not value and (base_pv is None or not (base_pv.real or base_pv.creating))
+                if (value or loose) and (why := self.provisional_full()):
+                    self.refuse(name, why, "limit")
+                    return None
+                if value:
+                    pv = self.new_pv(base)
+                else:
+                    spec = self.spec_and_shard(base)[0]
+                    pv = self.field_pvs[name] = self.make_field_pv(b, spec, field)
+                    if loose:
+                        self.loose_fields.add(name)
         pv.attached = True
         base = split_field(name)[0]
         if base not in b.controls:
@@ -179,6 +195,7 @@ class PvTable:
             self.broker.sync.unfollow(base)
         if self.field_pvs.get(pv.name) is pv:
             del self.field_pvs[pv.name]
+            self.loose_fields.discard(pv.name)
         elif getattr(pv, "real", True) or self.pvs.get(pv.name) is not pv:
             return
         else:
@@ -249,6 +266,19 @@ class PvTable:
             held = self.ca_buffer_bytes()
             why = f"; CA buffers hold {held} bytes of it" if held else ""
             return f"max_bytes ({self.byte_limit}) would be exceeded{why}"
+        return None
+
+    @property
+    def n_provisional(self) -> int:
+        """Provisional PVs held: the PVs neither real nor being created, and the field
+        PVs of names that existed in no shard when they were attached."""
+        held = len(self.pvs) - self.n_real - self.n_creating
+        return max(0, held) + len(self.loose_fields)
+
+    def provisional_full(self) -> str | None:
+        """Why no more provisional PVs may be made now, or None."""
+        if self.n_provisional >= self.config.max_pvs:
+            return f"max_pvs ({self.config.max_pvs}) provisional PVs held"
         return None
 
     def bytes_left(self) -> int:

@@ -225,6 +225,8 @@ class PvaFrontEnd:
         pv = self.table.pvs.get(name)
         if pv is None or not (pv.real or pv.creating):
             why = self.table.over_limits(spec)
+            if why is None and pv is None:  # a new provisional PV
+                why = self.table.provisional_full()
             if why is not None:
                 self.inbox.push(self.table.refuse, name, why, "limit")
                 return None
@@ -246,7 +248,8 @@ class PvaFrontEnd:
                 self.inbox.push(self._bind, channel)
         if self._opens(channel):
             return channel
-        log.warning("PVA channel %s not opened: refused for now", name)
+        if not channel.decided:  # else the loop closed it, and logged a refusal if one
+            log.warning("PVA channel %s not opened: refused for now", name)
         self.inbox.push(self.drop_channel, channel)
         return None
 

@@ -259,10 +259,13 @@ def burst(ctx: Context, names: list[str], values) -> None:
 
 def test_max_pvs_refuses_new_names_and_leaves_the_rest(make_relay, ca):
     relay = make_relay(extra=["--max-pvs", "5"])
-    # Twelve provisional PVs (none exists yet, so all are served), then twelve first
-    # puts at once: the ones in flight count, and only five are created.
-    names = [relay.name(f"burst{k}", "f1") for k in range(12)]
-    burst(ca, names, [[float(k)] for k in range(12)])
+    # Two PVs exist and five provisional PVs are held (all max_pvs allows besides them),
+    # then five first puts at once: the ones in flight count, and only three are created.
+    first = [relay.name(f"first{k}", "f1") for k in range(2)]
+    for k, name in enumerate(first):
+        put(name, float(k))
+    names = [relay.name(f"burst{k}", "f1") for k in range(5)]
+    burst(ca, names, [[float(k)] for k in range(5)])
 
     def settled():
         created = [n for n in names if f"created PV {n}" in relay.log()]
@@ -270,8 +273,8 @@ def test_max_pvs_refuses_new_names_and_leaves_the_rest(make_relay, ca):
         return (created, refused) if len(created) + len(refused) == len(names) else None
 
     created, refused = wait_for(settled, what="every first put created or refused")
-    assert len(created) == 5, created
-    assert sorted(pvlist(relay)) == sorted(created)
+    assert len(created) == 3, created
+    assert sorted(pvlist(relay)) == sorted(first + created)
     for n in refused:
         assert "max_pvs (5) reached" in refusals(relay, n)[0]
         assert stored(relay, n)[0] == 1
@@ -300,6 +303,57 @@ def test_max_pvs_refuses_new_names_and_leaves_the_rest(make_relay, ca):
     put(again, 7.0)
     assert get(again) == 7.0
     assert len(pvlist(relay)) == 5
+
+
+def held(ctx: Context, names: list[str]) -> list[str]:
+    """Which of ``names`` the channels of ``ctx`` are connected to now."""
+    return [pv.name for pv in ctx.get_pvs(*names, timeout=5) if pv.connected]
+
+
+def test_provisional_pvs_are_bounded_by_max_pvs(make_relay, ca):
+    """Names that exist in no shard, connected and never put (a careless or hostile
+    client): at most max_pvs such provisional PVs at once, besides the PVs that exist.
+    The rest are not served, each refusal logged once; what exists is untouched; once
+    the client lets go, new names are served again."""
+    relay = make_relay(extra=["--max-pvs", "5"])
+    kept = relay.name("kept", "f1")
+    put(kept, 3.0)
+    names = [relay.name(f"held{k}", "f1") for k in range(8)]
+    careless = Context()
+    try:
+        careless.get_pvs(*names, timeout=5)
+
+        def settled():
+            refused = [n for n in names if refusals(relay, n)]
+            served_now = held(careless, names)
+            return (served_now, refused) if len(served_now) + len(refused) == 8 else None
+
+        served_now, refused = wait_for(settled, what="each held name served or refused")
+        assert len(served_now) == 5, served_now
+        for name in refused:
+            assert "max_pvs (5) provisional PVs held" in refusals(relay, name)[0]
+        # A field of a name that exists nowhere is a provisional PV too; one of a PV
+        # that exists is not.
+        loose = relay.name("loose", "f1") + ".EGU"
+        assert served([loose, kept + ".EGU", kept]) == {
+            loose: False,
+            kept + ".EGU": True,
+            kept: True,
+        }
+        put(kept, 4.0)
+        assert get(kept) == 4.0
+        assert sorted(pvlist(relay)) == [kept]
+    finally:
+        close(careless)
+    # Let go: room again, for a name refused before and for a new one.
+    again = relay.name("again", "f1")
+    assert wait_for(
+        lambda: served([refused[0], again]) == {refused[0]: True, again: True},
+        what="the names served once the careless client went",
+    )
+    put(again, 1.0)
+    assert sorted(pvlist(relay)) == sorted([kept, again])
+    assert len(refusals(relay, refused[1])) == 1
 
 
 def test_max_bytes_refuses_what_does_not_fit(make_relay, ca):

@@ -1,0 +1,102 @@
+"""At most ``max_pvs`` provisional PVs at once (names a client holds that exist in no
+shard, and fields of such names), besides the PVs that exist: the search is not
+answered once they are held, and the attach refuses what a burst of searches let by."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from carelay.broker.app import Broker
+from carelay.common.config import load_config
+from tests.unit.test_attached_count import PREFIX, made_real, serving
+
+MAX = 3
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("data"))
+    return load_config(prefix=PREFIX, shards=1, data_dir=data, max_pvs=MAX)
+
+
+def name(k: int) -> str:
+    return f"{PREFIX}p{k}_f1"
+
+
+def refused(broker: Broker, names: list[str]) -> list[str]:
+    return [n for n in names if n in broker.table.refusals]
+
+
+def test_a_burst_of_searches_passes_but_the_attaches_stop_at_max_pvs(config):
+    broker = serving(config)
+    names = [name(k) for k in range(5)]
+    assert all(broker.claims(n) for n in names)  # nothing held yet: all answered
+    attached = [n for n in names if broker.attach(n) is not None]
+    assert attached == names[:MAX]
+    assert broker.table.n_provisional == MAX
+    assert refused(broker, names) == names[MAX:]
+    # Held ones are still served; new ones are not even answered now.
+    assert broker.claims(names[0]) and broker.attach(names[0]) is not None
+    assert not broker.claims(name(9))
+
+
+def test_a_pv_that_exists_counts_against_max_pvs_not_as_provisional(config):
+    broker = serving(config)
+    for k in range(MAX):
+        broker.attach(name(k))
+    made_real(broker, name(0))
+    assert broker.table.n_provisional == MAX - 1
+    assert broker.attach(name(5)) is not None  # the room the real PV left
+    # A field of a PV that exists is no provisional PV; one of a name that does not is.
+    assert broker.attach(name(0) + ".EGU") is not None
+    assert broker.table.n_provisional == MAX
+    assert broker.attach(name(7) + ".EGU") is None
+
+
+def test_letting_go_makes_room(config):
+    broker = serving(config)
+    pvs = [broker.attach(name(k)) for k in range(MAX - 1)]
+    loose = broker.attach(name(8) + ".DESC")
+    assert broker.table.n_provisional == MAX
+    assert not broker.claims(name(9))
+    loose.destroy()
+    pvs[0].destroy()
+    broker.table.graveyard.clear()
+    assert broker.table.n_provisional == MAX - 2
+    assert broker.claims(name(9)) and broker.attach(name(9)) is not None
+    assert broker.claims(name(8) + ".DESC") and broker.attach(name(8) + ".DESC") is not None
+
+
+_OPS = st.sampled_from(["attach", "field", "destroy", "real", "forget"])
+
+
+@given(st.lists(st.tuples(_OPS, st.integers(0, 6)), max_size=50))
+def test_never_more_than_max_pvs_provisional_pvs(config, steps):
+    """After any sequence, the count is what a walk finds, and an attach of a new name
+    is refused exactly when max_pvs are held (a deleted PV a client holds is provisional
+    again, so the count itself may pass max_pvs)."""
+    broker = serving(config)
+    table = broker.table
+    held: dict[str, object] = {}
+    for op, k in steps:
+        target = name(k) + (".EGU" if op == "field" else "")
+        if op in ("attach", "field"):
+            full = table.n_provisional >= MAX
+            new = target not in table.pvs and target not in table.field_pvs
+            base = table.pvs.get(name(k))
+            counted = op == "attach" or base is None or not base.real
+            pv = broker.attach(target)
+            assert (pv is None) == (new and counted and full)
+            if pv is not None:
+                held[target] = pv
+        elif op == "destroy" and (name(k) in held or name(k) + ".EGU" in held):
+            held.pop(name(k) if name(k) in held else name(k) + ".EGU").destroy()
+        elif op == "real" and name(k) in table.pvs:
+            made_real(broker, name(k))
+        elif op == "forget":
+            table.forget(name(k))
+        table.graveyard.clear()
+        walked = sum(1 for pv in table.pvs.values() if not (pv.real or pv.creating))
+        assert table.n_provisional == walked + len(table.loose_fields)
