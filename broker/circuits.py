@@ -20,7 +20,8 @@ Which circuits go (``choose_closures``, a pure function):
   newest (refused).
 
 PCAS never selects descriptors from FD_SETSIZE on, so the broker keeps its soft
-RLIMIT_NOFILE at FD_SETSIZE (``fit_fd_limit``): a circuit PCAS accepts is one it can
+RLIMIT_NOFILE at FD_SETSIZE (common/lifecycle.py's ``fit_fd_limit``, lowered where it is
+higher, raised where it is lower): a circuit PCAS accepts is one it can
 serve and clean up.  A new circuit is judged right after the cas.process() slice that
 accepted it, before PCAS reads from it (``CircuitMonitor.poll``): a circuit over the
 limit never gets to make PCAS take a large buffer for it.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import socket
 import stat
 import struct
@@ -46,7 +46,6 @@ from carelay.common.config import (
     CIRCUIT_SCAN_INTERVAL,
     CLIENT_SILENT_GRACE,
     CLIENT_STALL_TIMEOUT,
-    FD_SETSIZE,
 )
 
 log = logging.getLogger(__name__)
@@ -117,21 +116,6 @@ def choose_closures(circuits: Iterable[Circuit], limits: Limits) -> list[tuple[C
         rest = sorted((c for c in keep if id(c) not in gone), key=lambda c: c.age)
         out += [(c, "refused") for c in rest[:excess]]
     return out
-
-
-def fit_fd_limit(soft_target: int = FD_SETSIZE) -> int:
-    """Set this process's soft RLIMIT_NOFILE to ``soft_target`` (or the hard limit, if
-    lower) and return it: raised where it is lower, lowered where it is higher, so that
-    no descriptor PCAS accepts reaches FD_SETSIZE."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = soft_target if hard == resource.RLIM_INFINITY else min(soft_target, hard)
-    if soft != target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (OSError, ValueError) as e:
-            log.warning("cannot set RLIMIT_NOFILE to %d: %s", target, e)
-            return soft
-    return target
 
 
 def open_fds() -> int:

@@ -15,18 +15,19 @@ import sys
 
 from carelay.broker.app import Broker
 from carelay.broker.cabuffers import watch_free_list
-from carelay.broker.circuits import CircuitMonitor, Limits, client_limit, fit_fd_limit, open_fds
+from carelay.broker.circuits import CircuitMonitor, Limits, client_limit, open_fds
 from carelay.broker.cstreams import own_stderr
 from carelay.broker.listening import listening_tcp_ports
 from carelay.broker.peers import PeerBrokers
 from carelay.common import exits
-from carelay.common.config import Config
+from carelay.common.config import FD_SETSIZE, Config
 from carelay.common.keys import KeysError
 from carelay.common.lifecycle import (
     StopFlag,
     bound_malloc,
     broker_role,
     die_with_parent,
+    fit_fd_limit,
     settle_gc,
     status_path,
 )
@@ -47,7 +48,7 @@ def run_broker(config: Config, index: int = 0) -> int:
     # Until the broker can act on it (below), a reload has nothing to do: it loads anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Before PCAS exists: no circuit it accepts may reach FD_SETSIZE (see circuits.py).
-    fd_limit = fit_fd_limit()
+    fd_limit = fit_fd_limit(FD_SETSIZE)
     # libca/PCAS read this when the server is made: large arrays need it.
     os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)
     from pcaspy import cas

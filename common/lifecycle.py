@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -144,6 +145,21 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     expected = os.environ.get(PARENT_PID_ENV)
     if expected and expected.isdigit() and os.getppid() != int(expected):
         os.kill(os.getpid(), sig)
+
+
+def fit_fd_limit(target: int) -> int:
+    """Set this process's soft RLIMIT_NOFILE to ``target`` (or the hard limit, if lower),
+    raised where it is lower and lowered where it is higher; returns the soft limit now
+    (as it was, with a warning, if it cannot be set)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = target if hard == resource.RLIM_INFINITY else min(target, hard)
+    if soft != target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError) as e:
+            log.warning("cannot set RLIMIT_NOFILE to %d: %s", target, e)
+            return soft
+    return target
 
 
 def bound_malloc() -> None:

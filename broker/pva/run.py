@@ -11,10 +11,17 @@ import logging
 import os
 import signal
 
+from carelay.broker.cstreams import own_stderr
 from carelay.common import exits
-from carelay.common.config import Config
+from carelay.common.config import PVA_FD_LIMIT, Config
 from carelay.common.keys import KeysError
-from carelay.common.lifecycle import StopFlag, bound_malloc, die_with_parent, settle_gc
+from carelay.common.lifecycle import (
+    StopFlag,
+    bound_malloc,
+    die_with_parent,
+    fit_fd_limit,
+    settle_gc,
+)
 from carelay.common.runlock import run_token
 
 log = logging.getLogger(__name__)
@@ -28,7 +35,14 @@ NEEDS_P4P = "PV Access needs p4p: pip install 'carelay[pva]'"
 def run_pva(config: Config) -> int:
     """Entry point of ``carelay pva``."""
     die_with_parent()
+    # pvxs and libevent report on stderr, as often as clients make them (a refused
+    # accept, each time): log lines, bounded as the CA broker's (see cstreams.py).
+    own_stderr()
     bound_malloc()
+    # A descriptor per PVA client: the usual soft limit of 1,024 would leave clients
+    # past it waiting in the kernel's backlog, and this process without descriptors of
+    # its own (shard sockets, status files).
+    fit_fd_limit(PVA_FD_LIMIT)
     stop = StopFlag()
     # The supervisor passes SIGHUP (reload the access security) to every front-end;
     # until the front-end can act on it (below), it loads the file anyway.

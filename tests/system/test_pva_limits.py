@@ -1,13 +1,18 @@
 """The PVA front-end keeps the relay's limits as the CA broker does: at most ``max_pvs``
 provisional PVs (names that exist in no shard, held by a client that never puts) at
-once, besides the PVs that exist."""
+once, besides the PVs that exist; and a thousand idle connections to its port, past
+the usual soft limit of 1,024 descriptors, lock no client out."""
 
 from __future__ import annotations
+
+import contextlib
+import resource
+import socket
 
 import pytest
 
 from tests.system.conftest import Relay, _report_log, wait_for
-from tests.system.pva import PvaRelay, pva_context
+from tests.system.pva import PVA_PORT, PvaRelay, pva_context
 from tests.system.test_hardening import refusals
 
 pytest.importorskip("p4p")
@@ -74,3 +79,55 @@ def _creates(ctx, name: str) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+#: The soft descriptor limit a service often starts with (systemd's default, a shell's).
+_USUAL_SOFT = 1024
+
+
+class _UsualLimits(PvaRelay):
+    """A relay started with the usual soft descriptor limit."""
+
+    def argv(self, command: str = "up") -> list[str]:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return ["prlimit", f"--nofile={_USUAL_SOFT}:{hard}", "--", *super().argv(command)]
+
+
+@pytest.fixture
+def usual_relay(tmp_path, request):
+    Relay.give_way()
+    (tmp_path / "usual").mkdir()
+    relay = _UsualLimits(tmp_path / "usual", shards=1)
+    try:
+        yield relay.start()
+    finally:
+        relay.stop()
+        _report_log(request, relay)
+
+
+def test_a_thousand_idle_connections_lock_no_pva_client_out(usual_relay, pva):
+    relay = usual_relay
+    name = relay.name("idle", "f1")
+    pva.put(name, 1.0, timeout=5)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2 * _USUAL_SOFT + 100:
+        pytest.skip(f"the hard descriptor limit ({hard}) leaves no room for the test")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    idle: list[socket.socket] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            for k in range(_USUAL_SOFT + 100):
+                try:
+                    s = socket.create_connection(("127.0.0.1", PVA_PORT), 5)
+                except OSError as e:
+                    pytest.fail(f"idle connection {k} to the PVA port not accepted: {e}")
+                idle.append(stack.enter_context(s))
+            fresh = pva_context()
+            try:
+                assert fresh.get(name, timeout=5) == 1.0
+                fresh.put(name, 2.0, timeout=5)
+            finally:
+                fresh.close()
+            assert pva.get(name, timeout=5) == 2.0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

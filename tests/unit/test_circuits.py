@@ -16,7 +16,6 @@ from carelay.broker.circuits import (
     _Tally,
     choose_closures,
     client_limit,
-    fit_fd_limit,
 )
 from carelay.common.config import (
     BROKER_FD_HEADROOM,
@@ -27,6 +26,7 @@ from carelay.common.config import (
     ConfigError,
     load_config,
 )
+from carelay.common.lifecycle import fit_fd_limit
 
 
 def circuit(n: int, received: int | None = 100, silent: float = 0.0, age: float = 10.0):
@@ -107,10 +107,24 @@ def test_default_max_clients_holds_their_buffers_in_a_share_of_max_bytes():
 def test_fit_fd_limit_sets_the_soft_limit_to_fd_setsize():
     saved = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        limit = fit_fd_limit()
+        limit = fit_fd_limit(FD_SETSIZE)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         assert soft == limit == (FD_SETSIZE if hard >= FD_SETSIZE else hard)
         assert hard == saved[1]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, saved)
+
+
+def test_fit_fd_limit_raises_the_soft_limit_as_far_as_the_hard_one():
+    """The PVA front-end raises it: a descriptor per client, none below FD_SETSIZE."""
+    saved = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        hard = saved[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        want = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+        assert fit_fd_limit(4096) == want == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if hard != resource.RLIM_INFINITY:  # above the hard limit: the hard limit
+            assert fit_fd_limit(hard + 1) == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, saved)
 
