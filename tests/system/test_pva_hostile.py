@@ -1,19 +1,23 @@
-"""The PVA front-end keeps the relay's limits as the CA broker does: at most ``max_pvs``
-provisional PVs (names that exist in no shard, held by a client that never puts) at
-once, besides the PVs that exist; and a thousand idle connections to its port, past
-the usual soft limit of 1,024 descriptors, lock no client out."""
+"""Hostile or careless PVA clients: the PVA front-end keeps the relay's limits as the CA
+broker does, at most ``max_pvs`` provisional PVs (names that exist in no shard, held by
+a client that never puts) at once besides the PVs that exist; a thousand idle
+connections to its port, past the usual soft limit of 1,024 descriptors, lock no client
+out; and garbage, a message cut short and a stalled one harm no other client."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import socket
+import struct
 
 import pytest
 
 from tests.system.conftest import Relay, _report_log, wait_for
 from tests.system.pva import PVA_PORT, PvaRelay, pva_context
 from tests.system.test_hardening import refusals
+from tests.system.test_pva_faults import _role_pid as relay_pid
 
 pytest.importorskip("p4p")
 
@@ -131,3 +135,34 @@ def test_a_thousand_idle_connections_lock_no_pva_client_out(usual_relay, pva):
             assert pva.get(name, timeout=5) == 2.0
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_garbage_and_stalled_messages_on_the_pva_port_harm_no_client(pva_relay, pva):
+    relay = pva_relay
+    name = relay.name("rude", "f1")
+    pva.put(name, 1.0, timeout=5)
+    pid = relay_pid(relay, "pva")
+    header = struct.Struct("<BBBBI")  # magic, version, flags, command, payload size
+    rude: list[socket.socket] = []
+    try:
+        for payload in (
+            os.urandom(4096),  # garbage
+            header.pack(0xCA, 2, 0, 4, 1000) + b"\x01" * 10,  # a message cut short, stalled
+            header.pack(0xCA, 2, 0, 4, 2**31 - 1) + b"\x02" * 65536,  # a huge one, stalled
+            header.pack(0xCA, 2, 0, 4, 16)[:5],  # half a header, stalled
+        ):
+            s = socket.create_connection(("127.0.0.1", PVA_PORT), 5)
+            rude.append(s)
+            s.sendall(payload)
+        # Every other client is served meanwhile, and the front-end lives on.
+        fresh = pva_context()
+        try:
+            fresh.put(name, 2.0, timeout=5)
+            assert fresh.get(name, timeout=5) == 2.0
+        finally:
+            fresh.close()
+        assert pva.get(name, timeout=5) == 2.0
+        assert relay_pid(relay, "pva") == pid
+    finally:
+        for s in rude:
+            s.close()
