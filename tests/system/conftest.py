@@ -255,11 +255,14 @@ def make_relay(tmp_path, request):
     """Start relays of one's own (stopped at the end of the test)."""
     relays: list[Relay] = []
 
-    def make(shards: int = 2, extra: list[str] | None = None, start: bool = True) -> Relay:
+    def make(
+        shards: int = 2, extra: list[str] | None = None, start: bool = True, kind=None
+    ) -> Relay:
+        """``kind``: the Relay class (e.g. tests.system.pva.PvaRelay); Relay by default."""
         Relay.give_way()
         d = tmp_path / f"relay{len(relays)}"
         d.mkdir()
-        relay = Relay(d, shards, extra)
+        relay = (kind or Relay)(d, shards, extra)
         relays.append(relay)
         return relay.start() if start else relay
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.system.clients import connect, get, put
-from tests.system.conftest import Relay, _report_log, wait_for
+from tests.system.conftest import wait_for
 from tests.system.pva import PvaRelay, pva_context
 
 pytest.importorskip("p4p")
@@ -31,16 +31,9 @@ def _role_pid(relay, role: str) -> int | None:
 
 
 @pytest.fixture
-def pva_relay(tmp_path, request):
+def pva_relay(make_relay):
     """A relay of the test's own, with PVA: the test kills its processes."""
-    Relay.give_way()
-    (tmp_path / "faults").mkdir()
-    relay = PvaRelay(tmp_path / "faults")
-    try:
-        yield relay.start()
-    finally:
-        relay.stop()
-        _report_log(request, relay)
+    return make_relay(kind=PvaRelay)
 
 
 def test_pva_killed_is_restarted_and_ca_goes_on(pva_relay, ca):

@@ -13,7 +13,7 @@ import pytest
 
 from bench.servers import free_port
 from tests.system.clients import read_sevr
-from tests.system.conftest import CA_PORT, REPEATER_PORT, Relay, _report_log, wait_for
+from tests.system.conftest import CA_PORT, REPEATER_PORT, wait_for
 from tests.system.pva import PVA_PORT, PVA_UDP_PORT, PvaRelay
 from tests.system.test_metrics import scrape, value
 from tests.system.test_pva_faults import _role_pid
@@ -25,15 +25,8 @@ _MAJOR = 2
 
 
 @pytest.fixture
-def pva_relay(tmp_path, request):
-    Relay.give_way()
-    (tmp_path / "health").mkdir()
-    relay = PvaRelay(tmp_path / "health", shards=1, extra=["--metrics-port", str(METRICS_PORT)])
-    try:
-        yield relay.start()
-    finally:
-        relay.stop()
-        _report_log(request, relay)
+def pva_relay(make_relay):
+    return make_relay(shards=1, extra=["--metrics-port", str(METRICS_PORT)], kind=PvaRelay)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from tests.system.conftest import Relay, _report_log, wait_for
+from tests.system.conftest import wait_for
 from tests.system.pva import PVA_PORT, PvaRelay, pva_context
 from tests.system.test_hardening import refusals
 from tests.system.test_pva_faults import _role_pid as relay_pid
@@ -23,15 +23,8 @@ pytest.importorskip("p4p")
 
 
 @pytest.fixture
-def pva_relay(tmp_path, request):
-    Relay.give_way()
-    (tmp_path / "limits").mkdir()
-    relay = PvaRelay(tmp_path / "limits", shards=1, extra=["--max-pvs", "5"])
-    try:
-        yield relay.start()
-    finally:
-        relay.stop()
-        _report_log(request, relay)
+def pva_relay(make_relay):
+    return make_relay(shards=1, extra=["--max-pvs", "5"], kind=PvaRelay)
 
 
 @pytest.fixture
@@ -98,15 +91,8 @@ class _UsualLimits(PvaRelay):
 
 
 @pytest.fixture
-def usual_relay(tmp_path, request):
-    Relay.give_way()
-    (tmp_path / "usual").mkdir()
-    relay = _UsualLimits(tmp_path / "usual", shards=1)
-    try:
-        yield relay.start()
-    finally:
-        relay.stop()
-        _report_log(request, relay)
+def usual_relay(make_relay):
+    return make_relay(shards=1, kind=_UsualLimits)
 
 
 def test_a_thousand_idle_connections_lock_no_pva_client_out(usual_relay, pva):

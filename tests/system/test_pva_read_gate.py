@@ -16,7 +16,7 @@ import pytest
 
 from carelay.common.lifecycle import read_status, status_path
 from tests.system.clients import put
-from tests.system.conftest import Relay, _report_log, wait_for
+from tests.system.conftest import wait_for
 from tests.system.pva import PvaRelay, pva_context
 from tests.system.test_pva_faults import _role_pid
 
@@ -24,16 +24,9 @@ pytest.importorskip("p4p")
 
 
 @pytest.fixture
-def pva_relay(tmp_path, request):
+def pva_relay(make_relay):
     """A relay of the test's own, with PVA and one shard: the test stops its processes."""
-    Relay.give_way()
-    (tmp_path / "gate").mkdir()
-    relay = PvaRelay(tmp_path / "gate", shards=1)
-    try:
-        yield relay.start()
-    finally:
-        relay.stop()
-        _report_log(request, relay)
+    return make_relay(shards=1, kind=PvaRelay)
 
 
 @contextlib.contextmanager
