@@ -100,3 +100,35 @@ def test_never_more_than_max_pvs_provisional_pvs(config, steps):
         table.graveyard.clear()
         walked = sum(1 for pv in table.pvs.values() if not (pv.real or pv.creating))
         assert table.n_provisional == walked + len(table.loose_fields)
+
+
+@pytest.fixture
+def pva_front(tmp_path):
+    """A PVA front-end without p4p (see test_pva_front), ``max_pvs`` 2."""
+    from carelay.broker.pva.front import PvaFrontEnd
+    from tests.unit.test_pva_front import FakeChannel
+
+    f = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path), max_pvs=2))
+    f.make_channel_object = lambda _front, n: FakeChannel(n)
+    yield f
+    f.inbox.close()
+
+
+def test_the_pva_front_end_holds_no_more_provisional_pvs_than_max_pvs(pva_front):
+    from tests.unit.test_pva_front import live
+
+    f = pva_front
+    names = [f"P:v{k}_f1" for k in range(3)] + ["P:later_f1"]
+    for n in names:
+        live(f, n)
+    assert all(f.test_channel(n) is True for n in names[:3])  # a burst of searches passes
+    channels = [f.make_channel(n) for n in names[:3]]
+    f.inbox.run()  # the loop binds them: the third is one over max_pvs
+    assert f.table.n_provisional == 2
+    assert sorted(f.channels) == names[:2]
+    assert channels[2].shut_count == 1
+    assert names[2] in f.table.refusals
+    assert f.test_channel(names[3]) is None  # held to the limit: the search is not answered
+    f.on_last_disconnect(channels[0])  # a client lets go: room again
+    assert f.table.n_provisional == 1
+    assert f.test_channel(names[3]) is True
