@@ -132,9 +132,9 @@ class PvTable:
         if base_pv is None and not b.links[shard].live:
             self._not_in_sync(name, shard)
             return False
-        if base_pv is None or not (base_pv.real or base_pv.creating):
+        if not counted(base_pv):
             # A new provisional PV, or a field of one: the name itself is not held.
-            why = self.over_limits(spec) or self.provisional_full()
+            why = self.refusal(spec)
             if why is not None:
                 self.refuse(name, why, "limit", addr)
                 return False
@@ -161,11 +161,13 @@ class PvTable:
         if pv is None:
             base, field = split_field(name)
             value = field is None or field == "VAL"
-            pv = self.pvs.get(base) if value else None
-            if pv is None:
-                base_pv = self.pvs.get(base)
-                loose = not value and (base_pv is None or not (base_pv.real or base_pv.creating))
-                if (value or loose) and (why := self.provisional_full()):
+            base_pv = self.pvs.get(base)
+            if value and base_pv is not None:
+                pv = base_pv
+            else:
+                # A new provisional PV, or a field of a name that exists in no shard.
+                provisional = value or not counted(base_pv)
+                if provisional and (why := self.provisional_full()):
                     self.refuse(name, why, "limit")
                     return None
                 if value:
@@ -173,7 +175,7 @@ class PvTable:
                 else:
                     spec = self.spec_and_shard(base)[0]
                     pv = self.field_pvs[name] = self.make_field_pv(b, spec, field)
-                    if loose:
+                    if provisional:
                         self.loose_fields.add(name)
         pv.attached = True
         base = split_field(name)[0]
@@ -275,6 +277,12 @@ class PvTable:
         held = len(self.pvs) - self.n_real - self.n_creating
         return max(0, held) + len(self.loose_fields)
 
+    def refusal(self, spec, provisional: bool = True) -> str | None:
+        """Why a name not held yet is not served, or None: a new PV of ``spec`` would
+        pass the limits, or (``provisional``: serving the name makes a provisional PV)
+        max_pvs of those are held."""
+        return self.over_limits(spec) or (self.provisional_full() if provisional else None)
+
     def provisional_full(self) -> str | None:
         """Why no more provisional PVs may be made now, or None."""
         if self.n_provisional >= self.config.max_pvs:
@@ -290,6 +298,12 @@ class PvTable:
         """The large CA buffers PCAS holds for the circuits (see broker/cabuffers.py)."""
         circuits = self.broker.circuits
         return circuits.buffers.pinned_bytes if circuits is not None else 0
+
+
+def counted(pv) -> bool:
+    """Whether ``pv`` (or None) exists in its shard or is being created: it counts
+    against max_pvs, and is no provisional PV."""
+    return pv is not None and (pv.real or pv.creating)
 
 
 def charge(spec) -> int:

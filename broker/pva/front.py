@@ -33,7 +33,7 @@ from carelay.broker.pva.inbox import Inbox
 from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
 from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
 from carelay.broker.requests import Requests
-from carelay.broker.table import PvTable
+from carelay.broker.table import PvTable, counted
 from carelay.common import fields
 from carelay.common.config import PVA_OPEN_WAIT, PVA_SHARD_QUIET, STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver
@@ -223,10 +223,9 @@ class PvaFrontEnd:
         if not link.live or _silent(link):
             return None
         pv = self.table.pvs.get(name)
-        if pv is None or not (pv.real or pv.creating):
-            why = self.table.over_limits(spec)
-            if why is None and pv is None:  # a new provisional PV
-                why = self.table.provisional_full()
+        if not counted(pv):
+            # No field channels over PVA: a provisional PV held already makes no new one.
+            why = self.table.refusal(spec, provisional=pv is None)
             if why is not None:
                 self.inbox.push(self.table.refuse, name, why, "limit")
                 return None
