@@ -46,6 +46,26 @@ def pva_context():
     return Context("pva", conf=CLIENT_CONF, useenv=False)
 
 
+def with_context(call):
+    """``call`` with a new p4p client context (each one makes its channels anew)."""
+    ctx = pva_context()
+    try:
+        return call(ctx)
+    finally:
+        ctx.close()
+
+
+def read_then_write(name: str, new, timeout: float = 5.0):
+    """What a new p4p client reads from ``name``; it then puts ``new`` to it."""
+
+    def call(ctx):
+        value = ctx.get(name, timeout=timeout)
+        ctx.put(name, new, timeout=timeout)
+        return value
+
+    return with_context(call)
+
+
 class PvaRelay(Relay):
     """A relay with ``--pva true``: ready once the CA broker and the PVA front-end are."""
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.system.clients import connect, get, get_array, put
 from tests.system.conftest import CA_PORT, using_shared, wait_for
-from tests.system.pva import PVA_PORT, PvaRelay, pva_context
+from tests.system.pva import PVA_PORT, PvaRelay, pva_context, with_context
 
 p4p = pytest.importorskip("p4p")
 
@@ -253,11 +253,8 @@ def test_deleted_pv_is_made_again_by_a_pva_put(relay, pva):
     sub, got = _events(pva, held)  # a client holds this one through the deletion
     try:
         for name in (held, free):
-            once = pva_context()  # no client holds ``free`` when it is deleted
-            try:
-                once.put(name, 1.0, timeout=5)
-            finally:
-                once.close()
+            # A client of its own: none holds ``free`` when it is deleted.
+            with_context(lambda ctx, n=name: ctx.put(n, 1.0, timeout=5))
             wait_for(lambda n=name: get(n) == 1.0, what=f"the CA broker to know {name}")
             put(relay.prefix + "delpv", name)
             wait_for(

@@ -16,7 +16,7 @@ import pytest
 
 from tests.system.clients import get
 from tests.system.conftest import wait_for
-from tests.system.pva import PvaRelay, pva_context
+from tests.system.pva import PvaRelay, pva_context, with_context
 from tests.system.test_access_ip import acf as ca_acf
 from tests.system.test_hardening import me
 
@@ -141,12 +141,3 @@ def acf_hosts(path, hosts: str) -> None:
     text = path.read_text()
     head, rest = text.split("HAG(opis) {", 1)
     path.write_text(f"{head}HAG(opis) {{{hosts}}}{rest.split('}', 1)[1]}")
-
-
-def with_context(call):
-    """``call`` with a new p4p client context (each one makes its channels anew)."""
-    ctx = pva_context()
-    try:
-        return call(ctx)
-    finally:
-        ctx.close()

@@ -12,7 +12,7 @@ import pytest
 
 from tests.system.clients import connect, get, put
 from tests.system.conftest import wait_for
-from tests.system.pva import PvaRelay, pva_context
+from tests.system.pva import PvaRelay, pva_context, read_then_write
 
 pytest.importorskip("p4p")
 
@@ -61,12 +61,7 @@ def test_pva_killed_is_restarted_and_ca_goes_on(pva_relay, ca):
     wait_for(lambda: 2.0 in list(events.queue), what="the CA monitor to go on")
     relay.wait_log(" pva: ready:", start=offset)
     assert _role_pid(relay, "pva") not in (None, old)
-    ctx = pva_context()
-    try:
-        assert ctx.get(name, timeout=5) == 2.0
-        ctx.put(name, 3.0, timeout=5)
-    finally:
-        ctx.close()
+    assert read_then_write(name, 3.0) == 2.0
     wait_for(lambda: 3.0 in list(events.queue), what="the CA monitor to see the PVA put")
     sub.clear()
     # The client that stayed has reconnected by itself.

@@ -15,7 +15,7 @@ import struct
 import pytest
 
 from tests.system.conftest import wait_for
-from tests.system.pva import PVA_PORT, PvaRelay, pva_context
+from tests.system.pva import PVA_PORT, PvaRelay, pva_context, read_then_write
 from tests.system.test_hardening import refusals
 from tests.system.test_pva_faults import _role_pid as relay_pid
 
@@ -111,12 +111,7 @@ def test_a_thousand_idle_connections_lock_no_pva_client_out(usual_relay, pva):
                 except OSError as e:
                     pytest.fail(f"idle connection {k} to the PVA port not accepted: {e}")
                 stack.enter_context(s)  # held open, sending nothing
-            fresh = pva_context()
-            try:
-                assert fresh.get(name, timeout=5) == 1.0
-                fresh.put(name, 2.0, timeout=5)
-            finally:
-                fresh.close()
+            assert read_then_write(name, 2.0) == 1.0
             assert pva.get(name, timeout=5) == 2.0
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -140,12 +135,7 @@ def test_garbage_and_stalled_messages_on_the_pva_port_harm_no_client(pva_relay, 
             rude.append(s)
             s.sendall(payload)
         # Every other client is served meanwhile, and the front-end lives on.
-        fresh = pva_context()
-        try:
-            fresh.put(name, 2.0, timeout=5)
-            assert fresh.get(name, timeout=5) == 2.0
-        finally:
-            fresh.close()
+        assert read_then_write(name, 2.0) == 1.0
         assert pva.get(name, timeout=5) == 2.0
         assert relay_pid(relay, "pva") == pid
     finally:
