@@ -27,6 +27,7 @@ from carelay.common.protocol import (
     encode_batch,
     send_frames,
 )
+from carelay.common.sharding import shard_for
 
 log = logging.getLogger(__name__)
 
@@ -296,3 +297,8 @@ def shard_links(ctx: zmq.Context, config) -> list[ShardLink]:
             raise KeysError(f"{config.keys_dir / (BROKER_CERT + '.key_secret')} is missing")
         curve = (public, secret, load_keys(config.keys_dir, SHARD_CERT)[0])
     return [ShardLink(ctx, k, config.shard_endpoint(k), curve) for k in range(config.shards)]
+
+
+def link_for(links: list[ShardLink], name: str) -> ShardLink:
+    """The link to the shard that owns PV ``name`` (a base name, without a field)."""
+    return links[shard_for(name, len(links))]

@@ -13,7 +13,7 @@ import time
 
 import zmq
 
-from carelay.broker.link import ShardLink
+from carelay.broker.link import ShardLink, link_for
 from carelay.broker.linkstate import LinkState
 from carelay.broker.receive import ShardReceiver
 from carelay.common import fields
@@ -36,7 +36,6 @@ from carelay.common.messages import (
 )
 from carelay.common.naming import InvalidPvName
 from carelay.common.runs import UpdateRun
-from carelay.common.sharding import shard_for
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ class ShardSync(ShardReceiver):
             return
         link.hello_sent()
         for name in self.followed:
-            if shard_for(name, len(self.links)) == link.index:
+            if link_for(self.links, name) is link:
                 self._follow(link, name)
         link.send_queued()
 
@@ -237,7 +236,7 @@ class ShardSync(ShardReceiver):
         if not self.follows or name in self.followed:
             return False
         self.followed.add(name)
-        link = self.links[shard_for(name, len(self.links))]
+        link = link_for(self.links, name)
         if link.state not in (LinkState.SYNCING, LinkState.LIVE):
             return False
         req = self._follow(link, name)  # after the queued WRITEs: the answer shows them
@@ -249,7 +248,7 @@ class ShardSync(ShardReceiver):
         if name not in self.followed:
             return
         self.followed.discard(name)
-        link = self.links[shard_for(name, len(self.links))]
+        link = link_for(self.links, name)
         if link.state in (LinkState.SYNCING, LinkState.LIVE):
             link.send(Follow(0, name, False))
 

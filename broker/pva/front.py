@@ -26,7 +26,7 @@ import time
 import zmq
 
 from carelay.broker.forward import Forwarder
-from carelay.broker.link import shard_links
+from carelay.broker.link import link_for, shard_links
 from carelay.broker.pva import convert
 from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
@@ -39,7 +39,6 @@ from carelay.common.config import PVA_OPEN_WAIT, PVA_SHARD_QUIET, STARTUP_QUIET,
 from carelay.common.fields import FieldResolver
 from carelay.common.histogram import PUT_BUCKETS, Histogram
 from carelay.common.naming import InvalidPvName
-from carelay.common.sharding import shard_for
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +218,7 @@ class PvaFrontEnd:
         except InvalidPvName as e:
             self.inbox.push(self.table.refuse, name, str(e))
             return False
-        link = self.links[shard_for(name, self.config.shards)]
+        link = link_for(self.links, name)
         if not link.live or _silent(link):
             return None
         pv = self.table.pvs.get(name)
@@ -257,7 +256,7 @@ class PvaFrontEnd:
         shard not silent meanwhile (a hung shard; this thread serves no client while it
         waits).  Runs on a p4p thread."""
         name = channel.name
-        link = None if name in self.controls else self.links[shard_for(name, len(self.links))]
+        link = None if name in self.controls else link_for(self.links, name)
         deadline = time.monotonic() + PVA_OPEN_WAIT
         while not channel.opening(_OPEN_SLICE):
             if channel.decided:  # prepared since that look, or closed

@@ -12,14 +12,13 @@ import logging
 import math
 import time
 
-from carelay.broker.link import LinkState
+from carelay.broker.link import LinkState, link_for
 from carelay.broker.loop import Loop
 from carelay.broker.sync import ShardSync
 from carelay.common.config import PVA_SEARCH_FOLLOW, STATUS_INTERVAL
 from carelay.common.lifecycle import StopFlag
 from carelay.common.messages import Confirm, Shown, Watch
 from carelay.common.protocol import BATCH_MAX
-from carelay.common.sharding import shard_for
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class PvaSync(ShardSync):
     def watch(self, name: str, on: bool) -> None:
         """A channel of ``name`` now serves it (``on``), or no longer.  A shard not in
         sync hears of it when it is (``_resync``)."""
-        link = self.links[shard_for(name, len(self.links))]
+        link = link_for(self.links, name)
         if link.live:
             link.send(Watch(0, name, on))
 
@@ -139,7 +138,7 @@ class PvaSync(ShardSync):
         with self.broker.channel_lock:
             names = [n for n in self.broker.channels if n not in self.broker.controls]
         for name in names:
-            if shard_for(name, len(self.links)) == link.index:
+            if link_for(self.links, name) is link:
                 link.queue(Watch(0, name, True))
         link.send_queued()
 
