@@ -342,6 +342,7 @@ class Health:
             nfds, circuits = descriptors(broker.ca_ports)
         young = now - self.started_mono < broker.startup_grace
         shards = []
+        clocks = broker.requests.clocks
         for k, link in enumerate(broker.links):
             figs = self.shards[k]
             error = broker.store_errors[k]
@@ -354,7 +355,7 @@ class Health:
                     "state": state,
                     "pvs": link.pvs,
                     "store_bytes": figs.store_bytes or 0.0,
-                    "flush_age": max(0.0, wall - saved) if saved else 0.0,
+                    "flush_age": max(0.0, wall - clocks[k].from_shard(saved)) if saved else 0.0,
                     "put_rate": figs.rate.sample(now, figs.puts)[0],
                     "puts": figs.puts,
                     "flush": figs.flush,

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from carelay.broker.clock import ShardClock
 from carelay.common.config import EXPIRY_MARGIN, PUT_RECONNECT_GRACE, PUT_TIMEOUT
 from carelay.common.messages import Write
 from carelay.common.protocol import WriteRun
@@ -71,6 +72,8 @@ class Requests:
         self._in_flight: dict = {}
         #: Puts waiting for their shard to be back, in arrival order.
         self.parked: list[ParkedPut] = []
+        #: Per shard: how far its wall clock is from ours, which expiries are said in.
+        self.clocks = [ShardClock() for _ in links]
 
     # -- numbers and what waits for them -------------------------------------------
 
@@ -83,19 +86,19 @@ class Requests:
     ) -> tuple[int, float]:
         """A new request number, whose answer ``shard`` now owes, and the request's
         expiry.  The broker fails the request at its deadline (PUT_TIMEOUT); the expiry, in
-        wall-clock time, comes EXPIRY_MARGIN earlier, and a shard that the request reaches
+        the shard's wall-clock time (as far as its PONGs show its clock to be off ours:
+        ShardClock), comes EXPIRY_MARGIN earlier, and a shard that the request reaches
         later drops it: a put reported failed is never applied later.
 
         What the margin cannot cover: a shard that applied the request in time but
         answers only past the deadline (stopped between applying and answering, or a
-        commit slower than the margin) has it reported failed though applied; and a
-        shard whose clock runs behind the broker's by more than the margin."""
+        commit slower than the margin) has it reported failed though applied."""
         req = next(self._numbers)
         deadline = time.monotonic() + PUT_TIMEOUT
         self.unanswered[shard][req] = Request(pv, name, shard, deadline, notify, client, quiet)
         if pv is not None:
             self._in_flight[pv] = self._in_flight.get(pv, 0) + 1
-        return req, time.time() + (PUT_TIMEOUT - EXPIRY_MARGIN)
+        return req, self.clocks[shard].to_shard(time.time() + (PUT_TIMEOUT - EXPIRY_MARGIN))
 
     def in_flight(self, pv) -> int:
         """How many requests for ``pv`` its shard has not answered yet."""

@@ -151,6 +151,7 @@ class ShardSync(ShardReceiver):
         self.requests.finish(link.index, msg.req, True)
 
     def _pong(self, link: ShardLink, msg: Pong) -> None:
+        self.requests.clocks[link.index].ponged(msg.req, msg.now, time.time())
         link.pvs = msg.pvs
         self.broker.health.shards[link.index].update(msg)
         self.store_state(link, msg.store_error)
@@ -215,7 +216,8 @@ class ShardSync(ShardReceiver):
 
     def hello(self, link: ShardLink) -> None:
         """Ask shard ``link`` for a snapshot, with this broker's id and the relay's token;
-        then the PVs of it that this broker follows, each answered as it stands then."""
+        then the PVs of it that this broker follows, each answered as it stands then; and
+        a heartbeat, whose answer says the shard's clock before any put goes."""
         self.requests.send(link)
         number = self.requests.number()
         hello = Hello(number, self.broker.token or "", self.broker.instance, self.follows)
@@ -226,6 +228,7 @@ class ShardSync(ShardReceiver):
             if link_for(self.links, name) is link:
                 self._follow(link, name)
         link.send_queued()
+        self.ping(link)
 
     # -- what this broker's clients hold ------------------------------------------------
 
@@ -262,7 +265,9 @@ class ShardSync(ShardReceiver):
     def ping(self, link: ShardLink) -> None:
         """A heartbeat, numbered like the puts so that its answer orders them."""
         self.requests.send(link)
-        link.send(Ping(self.requests.number()))
+        req = self.requests.number()
+        self.requests.clocks[link.index].pinged(req, time.time())
+        link.send(Ping(req))
 
     def store_state(self, link: ShardLink, error: str) -> None:
         """Take what shard ``link`` says of its store; its PVs' alarms follow a change."""

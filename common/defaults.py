@@ -55,7 +55,8 @@ SHOWN_WAIT = 0.5
 #: A request that waits for an answer carries a wall-clock expiry this many seconds before
 #: the broker's own deadline (PUT_TIMEOUT); a shard drops what reaches it later, so that a
 #: put the broker has failed is never applied.  It covers the time from the shard's apply
-#: to the broker's reading of the answer, and the clock difference of two hosts.
+#: to the broker's reading of the answer, and the error in what the broker knows of the
+#: shard's clock (broker/clock.py: at most a quarter of the margin).
 EXPIRY_MARGIN = 1.0
 #: How long a CA read waits for puts in flight to that PV before it answers.
 READ_SYNC_TIMEOUT = 1.0

@@ -14,9 +14,10 @@ annotation says what the codec accepts for it:
 
 ``req`` is the broker's request number, echoed in the answer (0: none wanted).
 ``seq`` is the shard's change sequence number; ``epoch`` the shard's start id (a new
-epoch means the shard restarted).  ``expires``: POSIX seconds after which the broker has
-failed the request, so a shard drops it with a Reject "expired" (0.0: never).  A
-``stamp`` is the POSIX time of a put (the broker's, kept by the shard) or of a change.
+epoch means the shard restarted).  ``expires``: POSIX seconds, by the shard's clock (see
+broker/clock.py), after which the broker has failed the request, so a shard drops it
+with a Reject "expired" (0.0: never).  A ``stamp`` is the POSIX time of a put (the
+broker's, kept by the shard) or of a change.
 """
 
 from __future__ import annotations
@@ -263,9 +264,10 @@ class SnapshotEnd(Message):
 @_kind(16)
 class Pong(Message):
     """``[16, req, seq, pvs, store_error, pid, puts, saved_at, flush, store_bytes,
-    epoch]``: the shard's figures, in answer to a Ping, or of its own (``req`` 0) when
-    ``store_error`` changes.  ``flush``: the histogram of autosave flush times
-    (Histogram.as_dict); ``store_bytes``: nil without an autosave."""
+    epoch, now]``: the shard's figures, in answer to a Ping, or of its own (``req`` 0)
+    when ``store_error`` changes.  ``flush``: the histogram of autosave flush times
+    (Histogram.as_dict); ``store_bytes``: nil without an autosave; ``now``: the shard's
+    POSIX time as it answered, which its front-ends learn its clock from (0.0: unsaid)."""
 
     req: int
     seq: int
@@ -277,6 +279,7 @@ class Pong(Message):
     flush: dict
     store_bytes: int | None = None
     epoch: int = 0
+    now: float = 0.0
 
 
 @_kind(20)

@@ -306,4 +306,5 @@ def health_pong(handler: RequestHandler, req: int) -> wire.Pong:
         flush=autosave.flush_times.as_dict(),
         store_bytes=autosave.db.size() if autosave.db is not None else None,
         epoch=handler.epoch,
+        now=time.time(),
     )

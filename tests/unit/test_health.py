@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import os
+import time
+import types
 
 import pytest
 from prometheus_client import generate_latest
@@ -12,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from carelay.broker import health
+from carelay.broker.clock import ShardClock
 from carelay.broker.health import (
     ErrorLog,
     Health,
@@ -132,8 +135,24 @@ class _Broker:
     links = [_Link(True), _Link(False)]
     store_errors = ["", ""]
 
+    def __init__(self):
+        self.requests = types.SimpleNamespace(clocks=[ShardClock(), ShardClock()])
+
     def attached_count(self):
         return 2
+
+
+def test_a_flush_age_is_read_on_the_shards_clock():
+    """A shard's last flush is a time of its own clock: 30 s ahead of ours, a flush 2 s
+    ago is 2 s old, not -28 (or, behind, 32: an alarm)."""
+    for skew in (30.0, -30.0):
+        h, broker = Health(2, "9.9"), _Broker()
+        now = time.time()
+        broker.requests.clocks[0].sample(now - 0.01, now + skew - 0.005, now)
+        h.shards[0].update(Pong(1, 2, 3, "", 1, 5, now + skew - 2.0, {}, 4096))
+        h.sample(broker, 100.0)
+        age = h.snapshot["shards"][0]["flush_age"]
+        assert 1.9 < age < 2.5, (skew, age)
 
 
 def test_the_collector_says_what_the_snapshot_holds():

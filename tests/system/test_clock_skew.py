@@ -1,0 +1,115 @@
+"""A shard whose wall clock is not the broker's, as on another host without NTP.
+
+A put with callback carries an expiry in wall-clock time, after which the shard drops
+it: the broker has failed it by then, and a put reported failed must never be applied.
+The shard judges it by its own clock, so the broker says it in the shard's time, as
+far off as the shard's PONGs show it to be.  Here the shards' ``time.time`` runs ahead
+of the broker's, or behind it (a ``sitecustomize`` that only the shard processes act
+on), on one host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.system.conftest import wait_for
+from tests.system.test_refused_puts import _shard_pid, _values, _write_ok
+
+pytestmark = pytest.mark.slow
+
+_SITE = """\
+import os, sys, time
+
+_skew = float(os.environ.get("CARELAY_TEST_SHARD_SKEW", "0"))
+if _skew and "shard" in sys.argv[1:]:
+    _time = time.time
+    time.time = lambda: _time() + _skew
+"""
+
+
+@pytest.fixture
+def skewed(tmp_path, monkeypatch, make_relay):
+    """Start a relay whose shards' clocks are off by ``skew`` seconds."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SITE)
+
+    def start(skew: float, shards: int = 1, kind=None):
+        path = os.environ.get("PYTHONPATH")
+        monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{path}" if path else str(site))
+        monkeypatch.setenv("CARELAY_TEST_SHARD_SKEW", str(skew))
+        return make_relay(shards=shards, kind=kind)
+
+    return start
+
+
+def _shard_clock(relay, k: int) -> float:
+    """How far shard ``k``'s clock is from ours: its last flush, as its status says."""
+    status = relay.data_dir / "run" / f"shard-{k}.json"
+
+    def flushed():
+        try:
+            return json.loads(status.read_text()).get("last_flush")
+        except (OSError, ValueError):
+            return None
+
+    wait_for(flushed, 10, what=f"shard {k}'s status with a flush")
+    return flushed() - time.time()
+
+
+def test_a_shard_clock_ahead_of_the_brokers_takes_puts_and_shows_a_true_flush_age(skewed, ca):
+    relay = skewed(30.0)
+    name = relay.name("ahead", "F10")
+    (pv,) = ca.get_pvs(name, timeout=5)
+    # Its creation and the puts that follow: none dropped as expired.
+    for k in range(5):
+        assert _write_ok(pv, [float(k)], timeout=10), f"put {k} failed"
+    assert _values(pv) == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert 25.0 < _shard_clock(relay, 0) < 31.0
+    assert "expired" not in relay.log()
+    # The shard saves every second: its last flush is seconds old, not minus 30 s or 30 s.
+    (age,) = ca.get_pvs(f"{relay.prefix}relay:shard0:FLUSH_AGE", timeout=5)
+    wait_for(lambda: 0.0 < age.read().data[0] < 5.0, 10, what="a flush age of a few seconds")
+    assert age.read(data_type="time").metadata.severity == 0
+
+
+def test_a_put_failed_while_a_shard_behind_was_stopped_is_never_applied(skewed, ca):
+    # Behind by 3 s: past the expiry margin (1 s), within the put's deadline (5 s).
+    relay = skewed(-3.0)
+    name = relay.name("behind", "F10")
+    (pv,) = ca.get_pvs(name, timeout=5)
+    assert _write_ok(pv, [1.0])
+    assert -4.0 < _shard_clock(relay, 0) < -2.0
+    shard = _shard_pid(relay, 0)
+    mark = len(relay.log())
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        assert not _write_ok(pv, [2.0]), "a put to a stopped shard completed"
+    finally:
+        os.kill(shard, signal.SIGCONT)
+    relay.wait_log("shard 0 in sync", start=mark)
+    assert _values(pv) == [1.0], "a put reported failed was applied"
+    assert _write_ok(pv, [2.0], timeout=5)
+    assert _values(pv) == [1.0, 2.0]
+
+
+def test_pva_puts_to_a_shard_ahead_of_the_front_ends_create_and_update(skewed):
+    pytest.importorskip("p4p")
+    from tests.system.pva import PvaRelay, with_context
+
+    relay = skewed(30.0, kind=PvaRelay)
+    name = relay.name("pvaahead", "f1")
+
+    def puts(ctx):
+        for k in range(3):
+            ctx.put(name, float(k), wait=True, timeout=5)
+        return ctx.get(name, timeout=5)
+
+    assert with_context(puts) == 2.0
+    assert 25.0 < _shard_clock(relay, 0) < 31.0
+    assert "expired" not in relay.log()
