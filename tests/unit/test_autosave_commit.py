@@ -69,3 +69,22 @@ def test_a_failure_longer_than_the_period_refuses_until_a_write_works(parts):
     health.status_due = False
     health.written()
     assert health.refusing == "" and health.store_error is None and health.status_due
+
+
+def test_a_flush_while_the_wall_clock_is_stepped_back_times_it_truly(parts, monkeypatch):
+    """NTP steps the clock back an hour during a flush: its duration is not -3600 s (the
+    histogram's sum, a Prometheus counter, would go down)."""
+    store, db, _, autosave = parts
+    store.put(f"{PREFIX}a_f1", np.array([1.0]))
+    autosave.commit()
+    store.write_one(f"{PREFIX}a_f1", np.array([2.0]), time.time())
+    save, wall = db.save, time.time
+
+    def save_then_step(rows):
+        save(rows)
+        monkeypatch.setattr(time, "time", lambda: wall() - 3600.0)
+
+    monkeypatch.setattr(db, "save", save_then_step)
+    assert autosave.flush() == 1
+    assert autosave.flush_times.count == 1
+    assert 0.0 <= autosave.flush_times.total < 5.0
