@@ -15,6 +15,7 @@ link) says little.
 from __future__ import annotations
 
 import collections
+import math
 
 from carelay.common.config import EXPIRY_MARGIN
 
@@ -49,7 +50,7 @@ class ShardClock:
         if ping is None or ping[0] != req:
             return  # a PONG of the shard's own (``req`` 0), or to an older PING
         self._ping = None
-        if remote > 0.0:
+        if 0.0 < remote < math.inf:  # said, and a time (not NaN, not infinite)
             self.sample(ping[1], remote, now)
 
     def sample(self, sent: float, remote: float, received: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -39,6 +40,9 @@ def test_pongs_that_say_nothing_or_answer_another_ping_are_left_out():
     clock.ponged(3, 0.0, 1001.01)  # a shard that does not say its time
     clock.pinged(4, 1002.0)
     clock.ponged(4, 5000.0, 1002.0 + MAX_RTT + 0.1)  # too late to say much
+    for k, nonsense in enumerate((math.nan, math.inf, -5.0), start=5):
+        clock.pinged(k, 1003.0)
+        clock.ponged(k, nonsense, 1003.001)
     assert clock.offset == 0.0
 
 
