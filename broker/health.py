@@ -359,6 +359,7 @@ class Health:
                     "put_rate": figs.rate.sample(now, figs.puts)[0],
                     "puts": figs.puts,
                     "flush": figs.flush,
+                    "clock_offset": clocks[k].offset,
                 }
             )
         limit = broker.byte_limit

@@ -27,6 +27,7 @@ from carelay.broker.table import Channels
 from carelay.broker.values import fill_gdd, value_gdd
 from carelay.common import fields
 from carelay.common.config import (
+    CLOCK_OFFSET_HIGH,
     ERROR_LINE_MAX,
     ERRORS_KEPT,
     FD_FREE_LOLO,
@@ -280,6 +281,13 @@ def relay_metas(shards: int, autosave_period: float) -> dict[str, Meta]:
             ),
         )
         metas[f"shard{k}:PUT_RATE"] = Meta("f", f"Puts applied by shard {k}", "Hz", prec=1)
+        metas[f"shard{k}:CLOCK_OFFSET"] = Meta(
+            "f",
+            f"Shard {k}'s clock ahead of this one",
+            "s",
+            prec=3,
+            limits=_limits(high=CLOCK_OFFSET_HIGH, low=-CLOCK_OFFSET_HIGH),
+        )
     return metas
 
 
@@ -351,6 +359,7 @@ class HealthPVs:
             pvs[f"{b}shard{k}:STORE_BYTES"].set(s["store_bytes"])
             pvs[f"{b}shard{k}:FLUSH_AGE"].set(round(s["flush_age"], 1))
             pvs[f"{b}shard{k}:PUT_RATE"].set(round(s["put_rate"], 3))
+            pvs[f"{b}shard{k}:CLOCK_OFFSET"].set(round(s["clock_offset"], 3))
 
     def _brokers(self, brokers: list[dict]) -> None:
         """Which broker this is, how many there are, and how many serve: a MINOR LOW

@@ -111,6 +111,11 @@ class HealthCollector(Collector):
         flush = HistogramMetricFamily(
             "carelay_shard_flush_seconds", "Duration of each shard's value flushes", labels=shard
         )
+        clock = GaugeMetricFamily(
+            "carelay_shard_clock_offset_seconds",
+            "How far each shard's clock is ahead of this broker's",
+            labels=shard,
+        )
         for s in shards:
             k = [str(s["index"])]
             state.add_metric(k, {name: s["state"] == name for name in SHARD_STATES})
@@ -120,7 +125,8 @@ class HealthCollector(Collector):
             rate.add_metric(k, s["put_rate"])
             puts.add_metric(k, s["puts"])
             flush.add_metric(k, s["flush"].cumulative(), s["flush"].total)
-        yield from (state, pvs, size, age, rate, puts, flush)
+            clock.add_metric(k, s["clock_offset"])
+        yield from (state, pvs, size, age, rate, puts, flush, clock)
 
     def _brokers(self, brokers: list[dict]):
         """The relay's CA brokers, each as its status file says (broker 0 serves /metrics)."""

@@ -58,6 +58,10 @@ SHOWN_WAIT = 0.5
 #: to the broker's reading of the answer, and the error in what the broker knows of the
 #: shard's clock (broker/clock.py: at most a quarter of the margin).
 EXPIRY_MARGIN = 1.0
+#: A shard clock this far off the front-end's (seconds, either way) raises a MINOR alarm
+#: on its ``CLOCK_OFFSET`` health PV: the relay allows for it (broker/clock.py), but the
+#: shard's host keeps no time with the others (no NTP?), and what it stamps is off.
+CLOCK_OFFSET_HIGH = 1.0
 #: How long a CA read waits for puts in flight to that PV before it answers.
 READ_SYNC_TIMEOUT = 1.0
 #: How long after its shard's link went down a put still waits for the shard to be back

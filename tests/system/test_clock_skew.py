@@ -76,6 +76,11 @@ def test_a_shard_clock_ahead_of_the_brokers_takes_puts_and_shows_a_true_flush_ag
     (age,) = ca.get_pvs(f"{relay.prefix}relay:shard0:FLUSH_AGE", timeout=5)
     wait_for(lambda: 0.0 < age.read().data[0] < 5.0, 10, what="a flush age of a few seconds")
     assert age.read(data_type="time").metadata.severity == 0
+    # What it allows for, it shows: 30 s ahead, a MINOR HIGH alarm (the host keeps no time).
+    (offset,) = ca.get_pvs(f"{relay.prefix}relay:shard0:CLOCK_OFFSET", timeout=5)
+    shown = offset.read(data_type="time")
+    assert 29.0 < shown.data[0] < 31.0
+    assert shown.metadata.severity == 1
 
 
 def test_a_put_failed_while_a_shard_behind_was_stopped_is_never_applied(skewed, ca):

@@ -88,6 +88,7 @@ def test_every_figure_is_there(relay):
         "carelay_shard_flush_age_seconds",
         "carelay_shard_flush_seconds_bucket",
         "carelay_shard_put_rate_hertz",
+        "carelay_shard_clock_offset_seconds",
     ):
         assert name in names, f"{name} missing from /metrics"
     assert value(samples, "carelay_memory_bytes") > 0
