@@ -3,7 +3,7 @@
 A request that waits for an answer carries its expiry in wall-clock time, and the
 shard judges it by its own clock (see Requests.expect); its last flush, as a PONG says
 it, is a time of its clock too.  On one host the clocks are the same; a shard on
-another host may be seconds off (no NTP, a clock being slewed back), which would make
+another host may be seconds off (no NTP, or a clock stepped), which would make
 every request expire at once (shard ahead) or let one be applied after the front-end
 failed it (shard behind).  So the front-end learns the difference from the heartbeats,
 as NTP does: each PONG says the shard's time when it answered, and with the PING's
