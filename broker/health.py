@@ -367,7 +367,8 @@ class Health:
         used = broker.n_bytes + (watched.buffers.pinned_bytes if watched is not None else 0)
         self.snapshot = snap = {
             "heartbeat": self.heartbeat,
-            "uptime": wall - self.started,
+            # On the monotonic clock: a step of the wall clock moves no uptime.
+            "uptime": max(0.0, now - self.started_mono),
             "started": self.started,
             "version": self.version,
             "pvs": broker.n_real,

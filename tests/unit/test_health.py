@@ -142,6 +142,15 @@ class _Broker:
         return 2
 
 
+def test_uptime_is_not_moved_by_a_step_of_the_wall_clock(monkeypatch):
+    h = Health(2, "9.9")
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600.0)  # stepped an hour ahead
+    h.sample(_Broker(), h.started_mono + 90.0)
+    assert h.snapshot["uptime"] == pytest.approx(90.0)
+    assert health.uptime_text(h.snapshot["uptime"]) == "00:01:30"
+
+
 def test_a_flush_age_is_read_on_the_shards_clock():
     """A shard's last flush is a time of its own clock: 30 s ahead of ours, a flush 2 s
     ago is 2 s old, not -28 (or, behind, 32: an alarm)."""
