@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 
 import pytest
 
 from tests.system.conftest import wait_for
-from tests.system.test_refused_puts import _shard_pid, _values, _write_ok
+from tests.system.test_refused_puts import _values, _write_ok, fail_while_stopped
 
 pytestmark = pytest.mark.slow
 
@@ -96,14 +95,7 @@ def test_a_put_failed_while_a_shard_behind_was_stopped_is_never_applied(skewed, 
     # more (as read on the broker's clock).
     age = _health(relay, ca, "shard0:FLUSH_AGE")
     wait_for(lambda: age.read().data[0] < 2.5, 10, what="a flush age under 2.5 s")
-    shard = _shard_pid(relay, 0)
-    mark = len(relay.log())
-    os.kill(shard, signal.SIGSTOP)
-    try:
-        assert not _write_ok(pv, [2.0]), "a put to a stopped shard completed"
-    finally:
-        os.kill(shard, signal.SIGCONT)
-    relay.wait_log("shard 0 in sync", start=mark)
+    fail_while_stopped(relay, pv, [2.0])
     assert _values(pv) == [1.0], "a put reported failed was applied"
     assert _write_ok(pv, [2.0], timeout=5)
     assert _values(pv) == [1.0, 2.0]

@@ -45,19 +45,25 @@ def _values(pv) -> list[float]:
     return list(pv.read(data_count=0).data)
 
 
+def fail_while_stopped(relay, pv, value) -> None:
+    """A put with callback of ``value`` while shard 0 is stopped (SIGSTOP), which the client
+    is told failed; then the shard goes on, and is in sync again on return."""
+    shard = _shard_pid(relay, 0)
+    mark = len(relay.log())
+    os.kill(shard, signal.SIGSTOP)
+    try:
+        assert not _write_ok(pv, value), "a put to a stopped shard completed"
+    finally:
+        os.kill(shard, signal.SIGCONT)
+    relay.wait_log("shard 0 in sync", start=mark)
+
+
 def test_a_put_failed_while_its_shard_was_stopped_is_never_applied(make_relay, ca):
     relay = make_relay(shards=1)
     name = relay.name("log", "F10")
     (pv,) = ca.get_pvs(name, timeout=5)
     assert _write_ok(pv, [1.0])
-    shard = _shard_pid(relay, 0)
-    mark = len(relay.log())
-    os.kill(shard, signal.SIGSTOP)
-    try:
-        assert not _write_ok(pv, [2.0]), "a put to a stopped shard completed"
-    finally:
-        os.kill(shard, signal.SIGCONT)
-    relay.wait_log("shard 0 in sync", start=mark)
+    fail_while_stopped(relay, pv, [2.0])
     # The client puts again, as one told of a failure does: the value is there once.
     assert _write_ok(pv, [2.0], timeout=5)
     assert _values(pv) == [1.0, 2.0]
