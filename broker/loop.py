@@ -19,6 +19,7 @@ from collections.abc import Callable
 from carelay.broker.link import LinkState
 from carelay.broker.wait import SelectHook, sleep_for
 from carelay.common.config import (
+    CLOCK_OFFSET_HIGH,
     HEALTH_INTERVAL,
     READ_SYNC_TIMEOUT,
     STARTUP_QUIET,
@@ -249,12 +250,19 @@ class Loop:
 
     def write_status(self) -> None:
         """The front-end's status file: its own part (``_status``), its PVs, whether it
-        is ready, and each shard link's state."""
+        is ready, each shard link's state, and the clock of a shard that keeps no time
+        with this host's."""
         b = self.broker
         b.status_due = False
-        shards = [
-            {"index": link.index, "state": link.state.value, "pvs": link.pvs} for link in b.links
-        ]
+        shards = []
+        for link in b.links:
+            shard = {"index": link.index, "state": link.state.value, "pvs": link.pvs}
+            offset = b.requests.clocks[link.index].offset
+            # Whole seconds, and only when off: a file rewritten for each PONG's jitter
+            # would cost a write a second.
+            if abs(offset) > CLOCK_OFFSET_HIGH:
+                shard["clock_offset"] = round(offset)
+            shards.append(shard)
         status = {
             **self._status(),
             "pvs": b.table.n_real,

@@ -60,7 +60,8 @@ SHOWN_WAIT = 0.5
 EXPIRY_MARGIN = 1.0
 #: A shard clock this far off the front-end's (seconds, either way) raises a MINOR alarm
 #: on its ``CLOCK_OFFSET`` health PV: the relay allows for it (broker/clock.py), but the
-#: shard's host keeps no time with the others (no NTP?), and what it stamps is off.
+#: shard's host keeps no time with the others (no NTP?), and the times it logs and keeps
+#: (its last flush) are off.
 CLOCK_OFFSET_HIGH = 1.0
 #: How long a CA read waits for puts in flight to that PV before it answers.
 READ_SYNC_TIMEOUT = 1.0

@@ -116,6 +116,7 @@ def collect(config: Config) -> dict | None:
             k, state = link.get("index"), link.get("state")
             if _LINK_RANK.get(state, 0) > _LINK_RANK.get(links.get(k), -1):
                 links[k] = state
+    clocks = _clock_offsets(procs, owns, now)
     said = [p["ready"] for p in brokers]
     sup["ready"] = None if None in said or not said else all(said)
     sup["brokers"] = brokers
@@ -131,6 +132,7 @@ def collect(config: Config) -> dict | None:
         # The last words of a process that died, or the last error of one that runs.
         p["last_error"] = own.get("last_error") if own else None
         p["detail"] = None
+        p["clock_offset"] = clocks.get(_shard_index(p["name"]))
         if not running:
             if p.get("last_exit") is not None:
                 p["detail"] = f"last exit: {describe_exit(p['last_exit'])}"
@@ -177,6 +179,22 @@ def collect(config: Config) -> dict | None:
             p["state"] = "starting" if young else "not answering"
             p["detail"] = f"the broker's link to it is {link or 'missing'}"
     return sup
+
+
+def _clock_offsets(procs: list[dict], owns: dict, now: float) -> dict[int, int]:
+    """By shard: how many seconds its clock is ahead of the front-ends' (behind: below
+    zero), where a front-end that answers found it off by more than CLOCK_OFFSET_HIGH
+    (the one furthest off where several did)."""
+    offsets: dict[int, int] = {}
+    for p in procs:
+        own = owns.get(p["name"])
+        if p.get("state") != RUNNING or not _fresh(own, p.get("pid"), now):
+            continue
+        for link in own.get("shards") or ():
+            k, offset = link.get("index"), link.get("clock_offset")
+            if isinstance(offset, (int, float)) and abs(offset) > abs(offsets.get(k, 0)):
+                offsets[k] = offset
+    return offsets
 
 
 def _shard_index(name: str) -> int | None:
@@ -259,6 +277,13 @@ def print_status(config: Config, out=sys.stdout) -> int:
     if not status["answering"]:
         notes.append("supervisor: not answering: its status file is stale")
     for p in procs:
+        offset = p.get("clock_offset")
+        if offset:
+            way = "ahead of" if offset > 0 else "behind"
+            notes.append(
+                f"{p['name']}: its clock is {abs(offset)} s {way} the front-ends': the relay "
+                "allows for it, but its log and last flush are in its own time (NTP on its host?)"
+            )
         if p["state"] == RUNNING:
             continue
         if p.get("detail"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -82,6 +83,10 @@ def test_a_shard_clock_ahead_of_the_brokers_takes_puts_and_shows_its_offset(skew
     offset = _health(relay, ca, "shard0:CLOCK_OFFSET")
     wait_for(lambda: 29.0 < offset.read().data[0] < 31.0, 10, what="an offset of 30 s")
     assert offset.read(data_type="time").metadata.severity == 1
+    # And so does ``carelay status``, the relay still running.
+    said = re.compile(r"shard 0: its clock is (29|30|31) s ahead of the front-ends'")
+    wait_for(lambda: said.search(relay.status().stdout), 10, what="the offset in carelay status")
+    assert relay.status().returncode == 0
 
 
 def test_a_put_failed_while_a_shard_behind_was_stopped_is_never_applied(skewed, ca):

@@ -66,7 +66,9 @@ def write(path: Path, **status) -> None:
         os.utime(path, (status["written"], status["written"]))
 
 
-def relay_files(run: Path, pids, *, link="live", shard_age=0.0, uptime=OLD, shard=None, **sup):
+def relay_files(
+    run: Path, pids, *, link="live", shard_age=0.0, uptime=OLD, shard=None, clock=None, **sup
+):
     sup_pid, shard_pid, broker_pid = pids
     now = time.time()
     procs = [
@@ -88,7 +90,7 @@ def relay_files(run: Path, pids, *, link="live", shard_age=0.0, uptime=OLD, shar
         written=now,
         ready=True,
         ca_port=5999,
-        shards=[{"index": 0, "state": link}],
+        shards=[{"index": 0, "state": link, **({"clock_offset": clock} if clock else {})}],
     )
     write(run / "shard-0.json", pid=shard_pid, written=now - shard_age, pvs=3, **(shard or {}))
 
@@ -150,6 +152,22 @@ def test_a_store_error_is_shown(config, pids):
     assert states(config)["shard 0"] == "store failing"
     code, text = shown(config)
     assert code == EXIT_PROBLEM and "store error: disk I/O error" in text, text
+
+
+@pytest.mark.parametrize(("offset", "said"), [(30, "30 s ahead of"), (-3, "3 s behind")])
+def test_a_shard_clock_off_is_said_and_the_relay_still_runs(config, pids, offset, said):
+    relay_files(config.run_dir, pids, clock=offset)
+    assert states(config)["shard 0"] == "running"
+    code, text = shown(config)
+    assert code == EXIT_RUNNING
+    assert f"shard 0: its clock is {said} the front-ends'" in text, text
+
+
+def test_a_clock_offset_from_a_broker_that_does_not_answer_is_not_said(config, pids):
+    relay_files(config.run_dir, pids, clock=30)
+    broker = json.loads((config.run_dir / "broker.json").read_text())
+    write(config.run_dir / "broker.json", **{**broker, "written": time.time() - STALE_AFTER - 5})
+    assert "its clock" not in shown(config)[1]
 
 
 def test_a_failing_process_shows_its_exit_and_last_error(config, pids):
