@@ -6,8 +6,9 @@ SPEC.json holds ``{"prefix": "P:", "records": [[name, type_code, count], ...]}``
 full PV names, as for bench/softioc_server.py.  Each record is a ``SharedPV`` of p4p
 (pvxs underneath) written the way p4p's own examples write a mailbox PV: a put posts
 the value it brings and completes.  ``f``/``i`` scalars are NTScalar ``double``/``int``,
-arrays and buffers NTScalarArray, the rest NTScalar ``string``; no naming rule, no ring,
-no persistence: the least a PVA server can do for a put.
+arrays and buffers NTScalarArray, the rest NTScalar ``string``, each with the metadata
+structures carelay's PVs carry (display, control, valueAlarm, form: the same type on the
+wire); no naming rule, no ring, no persistence: the least a PVA server can do for a put.
 
 Port and interfaces come from the usual pvxs variables (``EPICS_PVAS_SERVER_PORT``,
 ``EPICS_PVAS_BROADCAST_PORT``, ``EPICS_PVAS_INTF_ADDR_LIST``).  It prints ``ready``
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         code, initial = codes.get(type_code.lower(), ("s", ""))
         if code != "s" and (count > 1 or type_code != type_code.lower()):
             code, initial = "a" + code, []
-        pvs[name] = SharedPV(nt=NTScalar(code), initial=initial, handler=_Mailbox())
+        nt = NTScalar(code, display=True, control=True, valueAlarm=True, form=True)
+        pvs[name] = SharedPV(nt=nt, initial=initial, handler=_Mailbox())
 
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
