@@ -40,11 +40,19 @@ _NAMES_LOGGED = 20
 
 @dataclass(frozen=True, slots=True)
 class Unsaved:
-    """Creations and deletions that a commit could not make durable (undone in the
-    store), and why."""
+    """Creations, deletions and field changes that a commit could not make durable
+    (undone in the store), and why: ``undone`` says, by name, from which change on all of
+    the PV's changes were undone, or None where only its field changes were (see
+    ShardStore.rollback_unsaved)."""
 
-    names: frozenset[str]
+    undone: dict[str, int | None]
     error: Exception
+    #: PVs brought back that every front-end must hear of again (Rollback.restate).
+    restate: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.undone)
 
 
 class Autosave:
@@ -87,14 +95,14 @@ class Autosave:
             self.db.save(upserts, deletes)
         except (sqlite3.Error, OSError) as e:
             self.health.failed(e, quiet=True)  # the line below says it
-            names = frozenset(self.store.rollback_unsaved())
+            rollback = self.store.rollback_unsaved()
             log.error(
-                "cannot save %d creations/deletions to %s (%s); refusing them",
-                len(names),
+                "cannot save %d creations/deletions/field changes to %s (%s); refusing them",
+                len(rollback.undone),
                 self.db.path,
                 e,
             )
-            return Unsaved(names, e)
+            return Unsaved(rollback.undone, e, tuple(rollback.restate))
         self.health.written()
         self.store.committed()
         return None

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import zmq
 
 from carelay.common import protocol
-from carelay.common.messages import Applied, Message, Pong, Reject, Update
+from carelay.common.messages import Applied, FieldChanged, Message, Pong, Reject, Update
 from carelay.common.runs import UpdateRun, update_runs
 from carelay.shard.follow import Follows
 from carelay.shard.gate import ReadGate
@@ -63,25 +63,42 @@ class Outbox:
     def publish(self, origin: bytes, msg: Message) -> None:
         """A change that ``origin`` caused, for every other peer served: a put only for
         those that hear of it (see Follows)."""
-        self._published.add(id(msg))
         items = self.items
+        queued = len(items)
         skips = self.follows.skips if type(msg) is Update and not msg.created else None
         for peer in self._peers():
             if peer != origin and (skips is None or not skips(peer, msg.name)):
                 items.append((peer, msg))
+        # Only a message ``items`` holds keeps its id until ``send``: one that no peer
+        # took is freed at once, and the next message made may get its id.
+        if len(items) > queued:
+            self._published.add(id(msg))
 
-    def refuse(self, names, error) -> None:
-        """The changes to ``names`` were undone (their commit failed): their answers
-        become Rejects that say why, and they are not published."""
+    def refuse(self, undone: dict[str, int | None], error) -> None:
+        """Changes were undone (their commit failed; see ShardStore.rollback_unsaved):
+        their answers become Rejects that say why, and they are not published.  Those
+        are a PV's field changes, and all of its changes from its creation or deletion
+        on; its value puts before that, or beside field changes alone, stay applied and
+        answered as they were."""
         reason = f"autosave failed: {error}"
         published = self._published
-        self.items = [
-            (peer, msg)
-            if type(msg) in _NOT_A_CHANGE or getattr(msg, "name", "") not in names
-            else (peer, Reject(getattr(msg, "req", 0), msg.name, reason, self._epoch))
-            for peer, msg in self.items
-            if id(msg) not in published or getattr(msg, "name", "") not in names
-        ]
+        items, dropped = [], set()
+        for peer, msg in self.items:
+            name = getattr(msg, "name", None)
+            if name not in undone or type(msg) in _NOT_A_CHANGE:
+                items.append((peer, msg))
+                continue
+            since = undone[name]
+            if type(msg) is not FieldChanged and (
+                since is None or getattr(msg, "seq", since) < since
+            ):
+                items.append((peer, msg))  # not undone
+            elif id(msg) in published:
+                dropped.add(id(msg))
+            else:
+                items.append((peer, Reject(getattr(msg, "req", 0), name, reason, self._epoch)))
+        self.items = items
+        published -= dropped  # freed now: by ``send``, another message may have the id
 
     def send(self, sock: zmq.Socket) -> None:
         """Send what was collected, batched per peer, each peer's messages in order.

@@ -209,12 +209,19 @@ class ShardServer:
         return self.outbox.items
 
     def _commit(self) -> None:
-        """Make the batch's creations and deletions durable before their replies go; the
-        replies about those that could not be become REJECTs."""
+        """Make the batch's creations, deletions and field changes durable before their
+        replies go; the replies about those that could not be become REJECTs.  A PV deleted
+        and created again in the batch, both undone, is restated to every front-end: one
+        that wrote to the new PV through its mirror then shows what the shard holds."""
         unsaved = self.autosave.commit()
-        if unsaved is not None:
-            self.outbox.refuse(unsaved.names, unsaved.error)
-        self.requests.log_created(unsaved.names if unsaved is not None else frozenset())
+        if unsaved is None:
+            self.requests.log_created()
+            return
+        self.outbox.refuse(unsaved.undone, unsaved.error)
+        self.requests.log_created(unsaved.names)
+        for name in unsaved.restate:
+            for peer in self.admission.peers():
+                self.requests.restate(peer, name)
 
     def _send_replies(self) -> None:
         self.outbox.send(self._sock)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,35 @@ class StoredPv:
         return self.ring.view().copy() if self.ring is not None else self.value
 
 
+@dataclass(slots=True)
+class _Undo:
+    """How to undo one PV's changes that wait for their commit (see ``rollback_unsaved``).
+
+    A creation or deletion (``whole``) takes the PV back to ``before`` (None: it did not
+    exist), as it stood just before that change, number ``seq``; it undoes every later
+    change of the PV with it.  Field changes before any such change only bring back the
+    fields (``fields``): the value puts around them stay applied, as acknowledged.
+    """
+
+    whole: bool = False
+    before: StoredPv | None = None
+    seq: int = 0
+    fields: Mapping[str, Any] | None = None
+    #: Created again after its deletion here: a front-end may have written to the new PV
+    #: through its mirror, so the one brought back is restated to all.
+    recreated: bool = False
+
+
+@dataclass(slots=True)
+class Rollback:
+    """What ``rollback_unsaved`` undid: by name, the sequence number from which all the
+    PV's changes were undone (its creation's or deletion's), or None where only its field
+    changes were; and the PVs brought back that every front-end must hear of again."""
+
+    undone: dict[str, int | None]
+    restate: list[str]
+
+
 class ShardStore:
     """The PVs one shard owns, with a sequence number counting their changes."""
 
@@ -76,8 +105,8 @@ class ShardStore:
         self.seq = 0
         #: Names whose value changed since the last autosave.
         self.dirty: set[str] = set()
-        #: Creations and deletions not yet durable, to undo: name -> the PV before, or None.
-        self._unsaved: dict[str, StoredPv | None] = {}
+        #: Creations, deletions and field changes not yet durable, and how to undo them.
+        self._unsaved: dict[str, _Undo] = {}
 
     def __len__(self) -> int:
         return len(self._pvs)
@@ -125,11 +154,11 @@ class ShardStore:
                 pv.ring = RingBuffer(spec.count, spec.dtype)
         applied, length = self._apply(pv, data, stamp)
         self._pvs[name] = pv
+        self.seq += 1
         if created:
-            self._unsaved.setdefault(name, None)
+            self._undo_whole(name, None)
         else:
             self.dirty.add(name)
-        self.seq += 1
         return Change(name, self.seq, pv.stamp, applied, length, created)
 
     def write_one(self, name: str, value: np.ndarray, stamp: float) -> int:
@@ -183,7 +212,9 @@ class ShardStore:
             value = validate(field_name, value)
         except FieldError as e:
             raise Rejected(str(e)) from None
-        self._unsaved.setdefault(name, replace(pv, fields=dict(pv.fields)))
+        undo = self._unsaved.setdefault(name, _Undo())
+        if not undo.whole and undo.fields is None:
+            undo.fields = pv.fields  # never changed in place: a change makes a new dict
         pv.fields = {**pv.fields, field_name: value}
         pv.effective = None
         self.seq += 1
@@ -205,10 +236,20 @@ class ShardStore:
         pv = self._pvs.pop(name, None)
         if pv is None:
             raise Rejected(f"no PV named {name}")
-        self._unsaved.setdefault(name, pv)
-        self.dirty.discard(name)
         self.seq += 1
+        self._undo_whole(name, pv)
+        self.dirty.discard(name)
         return self.seq
+
+    def _undo_whole(self, name: str, before: StoredPv | None) -> None:
+        """``name`` was just created (``before`` None) or deleted, in change ``self.seq``:
+        undone, it goes back to ``before``, unless an earlier creation or deletion not yet
+        durable takes it back further."""
+        undo = self._unsaved.setdefault(name, _Undo())
+        if not undo.whole:
+            undo.whole, undo.before, undo.seq = True, before, self.seq
+        elif before is None and undo.before is not None:
+            undo.recreated = True
 
     def snapshot(self) -> Iterator[tuple[str, float, np.ndarray, dict]]:
         """Every PV as (name, stamp, contents oldest first, fields)."""
@@ -277,18 +318,28 @@ class ShardStore:
             self.dirty.discard(name)
         self._unsaved.clear()
 
-    def rollback_unsaved(self) -> list[str]:
-        """Undo creations and deletions that could not be made durable; returns their names."""
-        names = list(self._unsaved)
-        for name, before in self._unsaved.items():
-            if before is None:
-                self._pvs.pop(name, None)
-                self.dirty.discard(name)
-            else:
-                self._pvs[name] = before
+    def rollback_unsaved(self) -> Rollback:
+        """Undo the creations, deletions and field changes that could not be made durable."""
+        undone: dict[str, int | None] = {}
+        restate = [name for name, undo in self._unsaved.items() if undo.recreated]
+        for name, undo in self._unsaved.items():
+            pv = self._pvs.get(name)
+            undone[name] = None
+            if undo.whole:
+                undone[name] = undo.seq
+                pv = undo.before
+                if pv is None:
+                    self._pvs.pop(name, None)
+                    self.dirty.discard(name)
+                else:
+                    self._pvs[name] = pv
+                    # Back with the value it held, which may wait for the autosave still.
+                    self.dirty.add(name)
+            if undo.fields is not None and pv is not None:
+                pv.fields, pv.effective = undo.fields, None
         self._unsaved.clear()
         self.seq += 1
-        return names
+        return Rollback(undone, restate)
 
     def take_rows(self, names: list[str], budget: int) -> list[tuple[str, float, np.ndarray, dict]]:
         """Rows for the autosave, that stay as they are while the store goes on changing, of

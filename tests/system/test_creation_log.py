@@ -25,7 +25,7 @@ def test_a_creation_the_store_refused_is_not_logged_as_created(make_relay, ca):
     (pv,) = connect(ca, name)
     assert not put_ok(pv, [1.0])
     wait_for(
-        lambda: log_lines(relay, "ERROR", "shard 0", "cannot save 1 creations/deletions"),
+        lambda: log_lines(relay, "ERROR", "shard 0", "cannot save 1 creations/deletions/"),
         what="the ERROR of the failed commit",
     )
     assert f"created PV {name}" not in relay.log()[mark:]

@@ -52,7 +52,7 @@ def test_a_failed_commit_returns_what_it_could_not_save_and_undoes_it(parts, mon
     store.put(new, np.array([2.0]))
     store.delete(kept)
     unsaved = autosave.commit()
-    assert unsaved == Unsaved(frozenset({new, kept}), error)
+    assert unsaved == Unsaved({new: 2, kept: 3}, error)
     # Undone in the store: the creation is gone, the deletion did not happen.
     assert new not in store and kept in store
     assert health.store_error is error and health.refusing == ""

@@ -119,7 +119,7 @@ def test_a_creation_the_commit_could_not_keep_is_not_logged_as_created(server, l
     server._commit()
     text = logged.getvalue()
     assert f"created PV {new}" not in text and f"created PV {kept}" in text
-    assert "cannot save 1 creations/deletions" in text
+    assert "cannot save 1 creations/deletions/field changes" in text
     (reply,) = [m for _, m in server._out]
     assert type(reply) is Reject and reply.name == new
     assert server.requests.created == []
