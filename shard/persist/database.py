@@ -80,14 +80,24 @@ class ShardDatabase:
         """Open (creating if new), check, and load every saved PV.
 
         A damaged file is replaced by the last good copy if that copy is sound,
-        else StoreDamaged is raised; an empty store is never made up.
+        else StoreDamaged is raised; an empty store is never made up.  A sound store
+        opens even where no new good copy can be written (a full disk): the shard serves
+        it, and the next refresh of the copy tries again.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             rows = self._open_checked(self.path)
         except StoreDamaged as damage:
             rows = self._restore(damage)
-        self._keep_good_copy()
+        try:
+            self._keep_good_copy()
+        except (sqlite3.Error, OSError) as e:
+            log.error(
+                "%s: cannot write its good copy (%s); serving the store, and trying again at "
+                "the next refresh",
+                self.path,
+                e,
+            )
         return rows
 
     def _open_checked(self, path: Path) -> list[SavedPv]:
@@ -193,16 +203,20 @@ class ShardDatabase:
         good = good_copy_path(self.path)
         scratch = good.with_name(good.name + ".tmp")
         scratch.unlink(missing_ok=True)
-        dst = sqlite3.connect(scratch)
         try:
-            self._conn.backup(dst)
-        finally:
-            dst.close()
-        fd = os.open(scratch, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            dst = sqlite3.connect(scratch)
+            try:
+                self._conn.backup(dst)
+            finally:
+                dst.close()
+            fd = os.open(scratch, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            scratch.unlink(missing_ok=True)  # half a copy is no copy: the good one stays
+            raise
         os.replace(scratch, good)
 
     # -- writing ----------------------------------------------------------------

@@ -127,6 +127,28 @@ def test_a_write_to_a_full_disk_names_enospc(full_disk):
     assert _saved(db.path) == {f"{PREFIX}a_f1": [2.0]}
 
 
+def test_a_sound_store_opens_where_no_good_copy_can_be_written(tmp_path, caplog):
+    """A shard restarted while its disk is full: its store is sound, so it serves it,
+    though the copy an open writes cannot be made (and no half copy is left)."""
+    path = tmp_path / "s.sqlite"
+    db = ShardDatabase(path)
+    db.open()
+    db.save([(f"{PREFIX}a{k}_f1000", 1.0, np.full(1000, float(k)), {}) for k in range(40)])
+    db.close()
+    good = Path(f"{path}.good").read_bytes()
+    again = ShardDatabase(path)
+    try:
+        with caplog.at_level(logging.ERROR), _FileSizeLimit(path.stat().st_size // 3):
+            rows = again.open()
+        assert len(rows) == 40
+        assert "cannot write its good copy" in caplog.text
+        assert Path(f"{path}.good").read_bytes() == good  # the last good copy stays
+        assert not list(tmp_path.glob("*.tmp"))
+        assert again.refresh_good_copy()  # with room again
+    finally:
+        again.close()
+
+
 # -- the shard: held values, refusals, and the state it tells ---------------------------------
 
 
