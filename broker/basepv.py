@@ -187,7 +187,13 @@ class BasePV(Attached, MonitorInterest, cas.casPV):
             return False
         self.startAsyncWrite(context.ctx)
         self.waiting_put = True
-        self.broker.park(self, payload, notify, shard)
+        try:
+            self.broker.park(self, payload, notify, shard)
+        except Exception:
+            # Never left in progress: the write fails now.
+            log.exception("%s: a put could not wait for its shard", self.name)
+            self.waiting_put = False
+            self.endAsyncWrite(PUT_FAILED)
         return True
 
     def resume(self, payload, notify, go: bool) -> None:
@@ -237,9 +243,16 @@ class BasePV(Attached, MonitorInterest, cas.casPV):
                 self._forwarded(payload)
                 return cas.S_casApp_success
             self.startAsyncWrite(context.ctx)
-            if self._forward(payload, notify):
-                self._forwarded(payload)
-            else:
+            sent = False
+            try:
+                sent = self._forward(payload, notify)
+                if sent:
+                    self._forwarded(payload)
+            except Exception:
+                # Nothing leaves the write in progress: a put that did not go on fails
+                # now; one that did completes when its shard answers (``complete``).
+                log.exception("%s: a put with callback failed", self.name)
+            if not sent and self.hasAsyncWrite():
                 self.endAsyncWrite(PUT_FAILED)
             return cas.S_casApp_asyncCompletion
         finally:

@@ -80,7 +80,7 @@ def _numbers(value: cas.gdd, n: int) -> list[float]:
 def _chars(value: cas.gdd, n: int) -> bytes:
     prim = value.primitiveType()
     if prim in _TEXT_TYPES:
-        return _text(value).encode("utf-8", "replace")
+        return _text(value).encode("utf-8", "surrogateescape")
     if prim in _CHAR_TYPES:
         if value.isScalar():
             return bytes([int(value.getConvertNumeric()) & 0xFF])
@@ -122,13 +122,15 @@ def gdd_to_array(spec: PvSpec, value: cas.gdd) -> np.ndarray:
     scalar = value.isScalar()
     n = 1 if scalar else value.getDataSizeElements()
     if kind == "s":
+        # The bytes the client sent, UTF-8 or not, as an IOC's stringout keeps them (PCAS
+        # hands text over surrogate-escaped).
         if value.primitiveType() in _TEXT_TYPES:
-            text = dbr_string(value)
+            raw = dbr_string(value).encode("utf-8", "surrogateescape")
         elif value.primitiveType() in _CHAR_TYPES and not value.isScalar():
-            text = _chars(value, n).split(b"\0", 1)[0].decode("utf-8", "replace")
+            raw = _chars(value, n).split(b"\0", 1)[0]
         else:
-            text = repr(_numbers(value, n)[0])
-        return string_elements(spec, text.encode("utf-8", "replace"))
+            raw = repr(_numbers(value, n)[0]).encode()
+        return string_elements(spec, raw)
     if kind == "c":
         return char_elements(spec, _chars(value, n))
     return number_elements(spec, _numbers(value, n))
@@ -139,8 +141,11 @@ def fill_gdd(spec: PvSpec, gdd: cas.gdd, contents: np.ndarray) -> None:
     if gdd.primitiveType() == cas.aitEnumInvalid:
         gdd.setPrimType(AIT_TYPES[spec.kind])
     if spec.kind == "s":
-        text = bytes(contents[0]).decode("utf-8", "replace") if len(contents) else ""
-        gdd.put(text)
+        raw = bytes(contents[0]) if len(contents) else b""
+        try:
+            gdd.put(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            _put_bytes(gdd, raw)
         return
     if len(contents) == 0:
         contents = np.zeros(1, dtype=spec.dtype)
@@ -151,6 +156,17 @@ def fill_gdd(spec: PvSpec, gdd: cas.gdd, contents: np.ndarray) -> None:
     gdd.setDimension(1)
     gdd.setBound(0, 0, len(contents))
     gdd.put(contents)
+
+
+def _put_bytes(gdd: cas.gdd, raw: bytes) -> None:
+    """Put text that is not UTF-8 into the string ``gdd`` as its bytes: pcaspy takes text
+    as UTF-8 alone, but copies the bytes of a fixed string array, and ``putDD`` copies
+    its one element into ``gdd`` (at most the 39 bytes a DBR_STRING carries)."""
+    fixed = cas.gdd(16, cas.aitEnumFixedString)
+    fixed.setDimension(1)
+    fixed.setBound(0, 0, 1)
+    fixed.putFStringArray([raw[: MAX_STRING_CHARS - 1]])
+    gdd.putDD(fixed)
 
 
 def put_number(gdd: cas.gdd, x: float) -> None:

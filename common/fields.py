@@ -111,12 +111,18 @@ def validate(field: str, value: Any) -> Any:
     if f is None or field not in STORED:
         raise FieldError(f"{field} is not a writable field")
     if f.kind == "string":
-        if isinstance(value, bytes):
-            value = value.split(b"\0", 1)[0].decode("utf-8", "replace")
-        if not isinstance(value, str):
-            raise FieldError(f"{field} takes text")
+        # A field travels to its shard, and is stored there, as UTF-8 text: other bytes
+        # (which PCAS hands over surrogate-escaped) are refused, not changed.
+        try:
+            if isinstance(value, bytes):
+                value = value.split(b"\0", 1)[0].decode("utf-8")
+            if not isinstance(value, str):
+                raise FieldError(f"{field} takes text")
+            size = len(value.encode("utf-8"))
+        except UnicodeError:
+            raise FieldError(f"{field} takes UTF-8 text") from None
         limit = MAX_DESC if field == "DESC" else MAX_EGU
-        if len(value.encode()) > limit:
+        if size > limit:
             raise FieldError(f"{field} holds at most {limit} characters")
         return value
     if f.kind == "enum":

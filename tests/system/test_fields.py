@@ -685,6 +685,22 @@ def test_desc_longer_than_ca_carries_fails_and_changes_nothing(relay, ca):
     assert field_text(ca, name, "DESC") == ""
 
 
+def test_field_text_that_is_not_utf8_fails_and_the_channel_takes_the_next_put(relay, ca):
+    """A field travels to its shard as UTF-8 text: bytes that are not are refused, at
+    once, and the next put with callback on the channel completes."""
+    name = relay.name("egu8", "f1")
+    put(name, 1.0)
+    set_field(ca, name, "EGU", "V")
+    egu = connect(ca, f"{name}.EGU")
+    status = egu.write([b"\xb0C"], data_type=ChannelType.STRING, wait=True, timeout=3).status
+    assert not status.success, status
+    relay.wait_log(f"refused put to {name}.EGU: EGU takes UTF-8 text")
+    assert field_text(ca, name, "EGU") == "V"
+    degrees = "°C".encode()  # caproto would send the text as Latin-1
+    assert egu.write([degrees], data_type=ChannelType.STRING, wait=True, timeout=3).status.success
+    assert read(ca, f"{name}.EGU").data[0] == degrees
+
+
 def test_field_put_to_a_pv_never_put_fails(relay, ca):
     name = relay.name("early", "f1")
     buf = relay.name("early", "F3")

@@ -80,6 +80,27 @@ def test_float_int_string_values(relay):
     assert get(s) == longest
 
 
+def test_string_pv_keeps_the_bytes_put_utf8_or_not(relay, ca):
+    """A string PV holds the bytes a client put, as an IOC's stringout does: text that is
+    not UTF-8 (a degree sign in Latin-1) reads back as it was sent, never as '?'."""
+    name = relay.name("latin1", "s1")
+    pv = connect(ca, name)
+    monitor = connect(ca, name).subscribe(data_type="time")
+    seen: list = []
+
+    def on_event(sub, response):  # a local: caproto keeps weak references to callbacks
+        seen.append(response.data[0])
+
+    monitor.add_callback(on_event)
+    for raw in (b"25\xb0C", "25 °C".encode(), b"\xff" * 39):
+        status = pv.write([raw], data_type=ChannelType.STRING, wait=True, timeout=3).status
+        assert status.success, (raw, status)
+        assert pv.read(data_type=ChannelType.STRING, timeout=3).data[0] == raw
+        assert pv.read(data_type="time", timeout=3).data[0] == raw
+        wait_for(lambda raw=raw: seen and seen[-1] == raw, what=f"a monitor event of {raw!r}")
+    monitor.clear()
+
+
 def test_char_array_holds_text(relay):
     name = relay.name("text", "c40")
     put(name, "hello world")
