@@ -58,8 +58,16 @@ def zero(dtype: np.dtype) -> np.ndarray:
 
 
 def extremes(data: np.ndarray) -> tuple:
-    """(largest, smallest) of ``data``, which has elements."""
-    return (data[0], data[0]) if len(data) == 1 else (data.max(), data.min())
+    """(largest, smallest) of the numbers in ``data``, which has elements: a NaN among
+    them hides no limit.  (NaN, NaN) when every element is NaN, which is in no alarm."""
+    if len(data) == 1:
+        return data[0], data[0]
+    high, low = data.max(), data.min()
+    if high != high:  # a NaN: judged by the numbers beside it, if any
+        numbers = data[~np.isnan(data)]
+        if len(numbers):
+            high, low = numbers.max(), numbers.min()
+    return high, low
 
 
 def past_deadband(last: float | None, value: float, deadband: float) -> bool:

@@ -229,7 +229,8 @@ def get(fields: Mapping[str, Any], field: str) -> Any:
 
 def check_alarm(fields: Mapping[str, Any], values, last_status: int) -> tuple[int, int]:
     """(status, severity) that the alarm limits give ``values``, as an ai/ao record does,
-    with hysteresis: an alarm raised at a limit holds until the value is HYST past it."""
+    with hysteresis: an alarm raised at a limit holds while the value is within HYST of
+    it, HYST away included.  NaN is in no alarm."""
     if not fields.keys() & {"HIHI", "HIGH", "LOW", "LOLO"}:
         return NO_ALARM, NO_SEVERITY
     hyst = float(fields.get("HYST", 0.0))
@@ -247,9 +248,9 @@ def check_alarm(fields: Mapping[str, Any], values, last_status: int) -> tuple[in
             bound = float(fields[limit])
             held = last_status == status
             if status in (HIHI_ALARM, HIGH_ALARM):
-                hit = v >= bound or (held and v > bound - hyst)
+                hit = v >= bound or (held and v >= bound - hyst)
             else:
-                hit = v <= bound or (held and v < bound + hyst)
+                hit = v <= bound or (held and v <= bound + hyst)
             if hit:
                 if severity > best[1]:
                     best = (status, severity)

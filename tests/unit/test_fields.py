@@ -3,12 +3,21 @@ refuses, and the alarm status the limits give, with hysteresis, as an ai/ao reco
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from carelay.common.fields import (
+    HIGH_ALARM,
+    HIHI_ALARM,
+    LOLO_ALARM,
+    LOW_ALARM,
+    MAJOR,
+    MINOR,
     NO_ALARM,
     NO_SEVERITY,
     FieldError,
+    check_alarm,
     validate,
 )
 
@@ -49,3 +58,32 @@ def test_text_longer_than_the_field_is_refused_by_its_bytes():
 
 
 # -- alarm limits and hysteresis ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "value", "held", "expected"),
+    [
+        # An alarm raised at a limit holds while the value is within HYST of it, the
+        # bound included, as aiRecord's checkAlarms: val >= limit - HYST.
+        ({"HIHI": 10.0, "HIGH": 5.0, "HYST": 2.0}, 8.0, HIHI_ALARM, (HIHI_ALARM, MAJOR)),
+        ({"HIHI": 10.0, "HIGH": 5.0, "HYST": 2.0}, 7.9, HIHI_ALARM, (HIGH_ALARM, MINOR)),
+        ({"HIGH": 5.0, "HYST": 1.0}, 4.0, HIGH_ALARM, (HIGH_ALARM, MINOR)),
+        ({"HIGH": 5.0, "HYST": 1.0}, 3.9, HIGH_ALARM, OK),
+        # ...and for a low limit, val <= limit + HYST.
+        ({"LOLO": -10.0, "LOW": -5.0, "HYST": 2.0}, -8.0, LOLO_ALARM, (LOLO_ALARM, MAJOR)),
+        ({"LOLO": -10.0, "LOW": -5.0, "HYST": 2.0}, -7.9, LOLO_ALARM, (LOW_ALARM, MINOR)),
+        ({"LOW": -5.0, "HYST": 1.0}, -4.0, LOW_ALARM, (LOW_ALARM, MINOR)),
+        ({"LOW": -5.0, "HYST": 1.0}, -3.9, LOW_ALARM, OK),
+        # Not held: only the limit itself raises the alarm.
+        ({"HIHI": 10.0, "HIGH": 5.0, "HYST": 2.0}, 8.0, HIGH_ALARM, (HIGH_ALARM, MINOR)),
+        ({"HIGH": 5.0, "HYST": 1.0}, 4.0, NO_ALARM, OK),
+    ],
+)
+def test_hysteresis_holds_an_alarm_at_exactly_hyst_from_its_limit(fields, value, held, expected):
+    assert check_alarm(fields, [value], held) == expected
+
+
+def test_nan_is_never_in_alarm_even_when_held():
+    limits = {"HIHI": 10.0, "HIGH": 5.0, "HYST": 2.0}
+    assert check_alarm(limits, [math.nan], HIHI_ALARM) == OK
+    assert check_alarm(limits, [math.nan, 11.0], NO_ALARM) == (HIHI_ALARM, MAJOR)

@@ -160,6 +160,28 @@ def test_an_alarm_held_by_hyst_stays_held_unless_a_limit_moves():
     assert limit_status(m) == OK
 
 
+@pytest.mark.parametrize(
+    ("type_code", "count", "values", "expected"),
+    [
+        # A NaN among the elements hides no limit: the numbers are judged.
+        ("f", 3, (math.nan, 11.0, 0.0), (HIHI_ALARM, MAJOR)),
+        ("f", 3, (0.0, -11.0, math.nan), (LOLO_ALARM, MAJOR)),
+        ("F", 4, (math.nan, 6.0), (HIGH_ALARM, MINOR)),
+        ("F", 4, (-6.0, math.nan, math.nan), (LOW_ALARM, MINOR)),
+        # No numbers at all: no alarm, as a NaN scalar.
+        ("f", 3, (math.nan, math.nan, math.nan), OK),
+        ("F", 4, (math.nan, math.nan), OK),
+    ],
+)
+def test_a_nan_in_an_array_or_buffer_put_hides_no_limit(type_code, count, values, expected):
+    m = mirror(type_code, count, stored=LIMITS)
+    put(m, *values)
+    assert limit_status(m) == expected
+    # Judged again after a field change, from what the put left.
+    m.field_changed("EGU", "mm")
+    assert limit_status(m) == expected
+
+
 def test_a_buffer_is_judged_by_its_last_put_not_its_whole_contents():
     m = mirror("F", 4, stored={"HIHI": 10.0})
     put(m, 20.0)
