@@ -189,6 +189,9 @@ def test_buffer_appends_and_array_takes_the_length(relay, pva):
     pva.put(buf, [3.0, 4.0, 5.0], timeout=5)
     assert list(pva.get(buf, timeout=5)) == [2.0, 3.0, 4.0, 5.0]
     wait_for(lambda: list(get_array(buf)) == [2.0, 3.0, 4.0, 5.0], what="CA to read the buffer")
+    # A PVA put may carry more than the buffer holds (CA's may not): the last 4 stay.
+    pva.put(buf, [6.0, 7.0, 8.0, 9.0, 10.0, 11.0], timeout=5)
+    assert list(pva.get(buf, timeout=5)) == [8.0, 9.0, 10.0, 11.0]
     arr = relay.name("arr", "i5")
     pva.put(arr, [1, 2, 3], timeout=5)
     assert list(pva.get(arr, timeout=5)) == [1, 2, 3]

@@ -176,6 +176,9 @@ def test_float_buffer_appends_every_put(relay, ca):
     np.testing.assert_array_equal(get_array(name), [3.0, 4.0, 5.0, 6.0, 7.0])
     assert write_status(pv, [8.0, 9.0, 10.0, 11.0, 12.0]).success
     np.testing.assert_array_equal(pv.read(data_count=0).data, [8.0, 9.0, 10.0, 11.0, 12.0])
+    # One CA put carries at most the channel's count: CA refuses more, nothing stored.
+    assert write_status(pv, [float(k) for k in range(6)]).name == "ECA_BADCOUNT"
+    np.testing.assert_array_equal(pv.read(data_count=0).data, [8.0, 9.0, 10.0, 11.0, 12.0])
 
 
 def test_one_element_puts_are_never_dropped(relay):
