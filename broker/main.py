@@ -28,6 +28,7 @@ from carelay.common.lifecycle import (
     broker_role,
     die_with_parent,
     fit_fd_limit,
+    release_signals,
     settle_gc,
     status_path,
 )
@@ -47,6 +48,7 @@ def run_broker(config: Config, index: int = 0) -> int:
     stop = StopFlag()
     # Until the broker can act on it (below), a reload has nothing to do: it loads anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    release_signals(signal.SIGHUP)
     # Before PCAS exists: no circuit it accepts may reach FD_SETSIZE (see circuits.py).
     fd_limit = fit_fd_limit(FD_SETSIZE)
     # libca/PCAS read this when the server is made: large arrays need it.

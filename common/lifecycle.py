@@ -241,6 +241,20 @@ def return_freed_memory(min_free: int = MALLOC_TRIM_MIN) -> bool:
     return True
 
 
+#: Signals a child of ``carelay up`` starts with blocked (Watcher.start): one that comes
+#: before the child has its handler waits for it, rather than killing the child by the
+#: default action (a stop during start-up read as a crash, a reload as a death).  The
+#: child releases each once it handles it: SIGTERM and SIGINT with its StopFlag, SIGHUP
+#: where a front-end takes reloads (``release_signals``); a shard never takes SIGHUP.
+CHILD_HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def release_signals(*signums: int) -> None:
+    """Unblock ``signums`` (held since the process started, see CHILD_HELD_SIGNALS): one
+    that came meanwhile is handled now, as its handler says."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signums)
+
+
 class StopFlag:
     """Set by SIGINT/SIGTERM; the main loop polls it.  Handlers only set the flag."""
 
@@ -249,6 +263,7 @@ class StopFlag:
         self.signal: int | None = None
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
+        release_signals(signal.SIGTERM, signal.SIGINT)
 
     def _handle(self, signum: int, _frame: Any) -> None:
         self.stopping = True

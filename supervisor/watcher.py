@@ -16,7 +16,7 @@ from carelay.common.config import (
     RESTART_BACKOFF_MAX,
     RESTART_RESET_AFTER,
 )
-from carelay.common.lifecycle import PARENT_PID_ENV, RESTARTS_ENV
+from carelay.common.lifecycle import CHILD_HELD_SIGNALS, PARENT_PID_ENV, RESTARTS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,15 @@ class Watcher:
         # A process group of its own: Ctrl-C at a terminal signals the foreground group,
         # and the supervisor alone is to act on it, stopping the broker before the shards
         # (Supervisor.stop).  A child whose supervisor dies follows it (die_with_parent).
-        self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=env, process_group=0)
+        # It starts with the signals the supervisor sends held (CHILD_HELD_SIGNALS): a stop
+        # or a reload before it has its handlers waits for them.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, CHILD_HELD_SIGNALS)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, env=env, process_group=0
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self.started_at = time.monotonic()
         self._restart_at = None
         # A restart has its own line (check); the first start is in the ready line.

@@ -20,6 +20,7 @@ from carelay.common.lifecycle import (
     bound_malloc,
     die_with_parent,
     fit_fd_limit,
+    release_signals,
     settle_gc,
 )
 from carelay.common.runlock import run_token
@@ -47,6 +48,7 @@ def run_pva(config: Config) -> int:
     # The supervisor passes SIGHUP (reload the access security) to every front-end;
     # until the front-end can act on it (below), it loads the file anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    release_signals(signal.SIGHUP)
     try:
         from p4p.server import Server
 

@@ -60,3 +60,43 @@ def _role(pid: int) -> str:
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")
     return "broker" if b"broker" in argv else "shard" if b"shard" in argv else "?"
+
+
+def _spawned(tmp_path, shards: int = 1):
+    """``carelay up`` started, and returned as soon as its children exist: none of them has
+    run a line of its own yet (Python is still starting in each)."""
+    relay = Relay(tmp_path, shards=shards)
+    Relay.give_way()
+    log = open(relay.log_path, "ab")  # noqa: SIM115 - closed by the caller's relay.stop()
+    relay._log = log
+    relay.proc = subprocess.Popen(
+        relay.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    # The supervisor, the broker and the shards.
+    wait_for(lambda: len(relay.children()) >= 2 + shards, 30, what="the children spawned")
+    return relay
+
+
+def test_a_stop_while_the_children_start_is_a_clean_stop(tmp_path):
+    """SIGTERM (systemctl stop) before the children have their handlers: it waits for
+    them, so each stops cleanly, and the relay exits 0 ("every value saved")."""
+    relay = _spawned(tmp_path)
+    try:
+        relay.proc.send_signal(signal.SIGTERM)
+        assert relay.proc.wait(30) == 0, relay.log()
+    finally:
+        relay.stop()
+    assert "killed by SIGTERM" not in relay.log()
+    assert " died " not in relay.log()
+
+
+def test_a_reload_while_the_children_start_kills_none(tmp_path):
+    """SIGHUP (systemctl reload) forwarded to a broker still starting: the broker loads the
+    access security anyway, and must not die of the signal."""
+    relay = _spawned(tmp_path)
+    try:
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_ready()
+        assert "SIGHUP" not in relay.log() and " died " not in relay.log()
+    finally:
+        relay.stop()
