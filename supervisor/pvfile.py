@@ -33,6 +33,12 @@ from carelay.common.naming import DTYPES, MAX_STRING_CHARS, split_type
 _CANONICAL_NAN = 0x7FF8000000000000
 _INT32 = np.iinfo(np.int32)
 
+#: The stamps EPICS time carries, in seconds since 1970: from its epoch (1990-01-01) to
+#: the last second its unsigned 32-bit seconds field counts (2126-02-06), this end
+#: excluded.  A stamp of 0 is a PV never put.
+EPICS_EPOCH = 631152000
+EPICS_TIME_END = EPICS_EPOCH + 2**32
+
 
 class RecordError(ValueError):
     """A line that is not a PV this format can carry; the message says why."""
@@ -65,11 +71,20 @@ def _float_out(x: float) -> float | str:
     return "inf" if x > 0 else "-inf"
 
 
+def _shown(v: Any) -> str:
+    """``v`` for a message, cut short (a JSON number may have hundreds of digits)."""
+    text = repr(v)
+    return text if len(text) <= 24 else text[:20] + "..."
+
+
 def _float_in(v: Any) -> float:
     if isinstance(v, bool):
         raise RecordError(f"{v!r} is not a number")
     if isinstance(v, int | float):
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:  # a JSON integer beyond the largest double
+            raise RecordError(f"{_shown(v)} is beyond a double") from None
     if isinstance(v, str):
         if v in ("nan", "inf", "-inf"):
             return float(v)
@@ -81,7 +96,19 @@ def _float_in(v: Any) -> float:
                 x = 0.0
             if math.isnan(x):
                 return x
-    raise RecordError(f"{v!r} is not a number")
+    raise RecordError(f"{_shown(v)} is not a number")
+
+
+def _stamp_in(v: Any) -> float:
+    """A stamp the relay can serve as EPICS time (see EPICS_EPOCH), or 0."""
+    huge = isinstance(v, int) and not isinstance(v, bool) and abs(v) >= EPICS_TIME_END
+    x = math.inf if huge else _float_in(v)
+    if x == 0 or EPICS_EPOCH <= x < EPICS_TIME_END:  # False for NaN
+        return x
+    raise RecordError(
+        f"{_shown(v)} is not a time EPICS can carry: 0 (never put), or seconds since 1970 "
+        f"at least {EPICS_EPOCH} (1990) and below {EPICS_TIME_END} (2126)"
+    )
 
 
 def _text_out(data: bytes) -> tuple[str, str]:
@@ -141,7 +168,7 @@ def decode(line: str) -> PvRecord:
             f"the name says {type_code}{count}"
         )
     try:
-        stamp = _float_in(raw.get("stamp", 0.0))
+        stamp = _stamp_in(raw.get("stamp", 0.0))
     except RecordError as e:
         raise RecordError(f"{name}: stamp: {e}") from None
     fields = _fields_in(name, raw.get("fields", {}))
@@ -156,11 +183,11 @@ def _fields_in(name: str, raw: Any) -> dict[str, Any]:
     for field, v in raw.items():
         if field not in STORED:
             raise RecordError(f"{name}: {field} is not a stored field")
-        if FIELDS[field].kind == "double" and isinstance(v, str):
-            v = _float_in(v)
         try:
+            if FIELDS[field].kind == "double" and isinstance(v, str):
+                v = _float_in(v)
             out[field] = validate(field, v)
-        except FieldError as e:
+        except (FieldError, RecordError) as e:
             raise RecordError(f"{name}.{field}: {e}") from None
     return out
 

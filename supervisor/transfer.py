@@ -20,6 +20,7 @@ import contextlib
 import fnmatch
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -48,6 +49,10 @@ from carelay.supervisor.status import collect, running_config
 
 log = logging.getLogger(__name__)
 
+#: ``carelay list`` and ``export`` whose reader closed the pipe: 128 + SIGPIPE, the
+#: status a shell reports for a writer that signal ends.
+EXIT_READER_GONE = 128 + 13
+
 
 @dataclass
 class Source:
@@ -56,6 +61,25 @@ class Source:
     config: Config
     running: bool
     ca_port: int | None = None
+    #: The addresses the running relay's broker serves CA on (empty: every interface),
+    #: from its status file; None when it does not say.
+    ca_interfaces: list[str] | None = None
+
+
+def _port(port) -> int | None:
+    return int(port) if str(port).isdigit() else None
+
+
+def _ca_door(status: dict) -> tuple[list[str] | None, int | None]:
+    """Where a broker of the running relay serves CA: its interfaces and port, from its
+    status file (a ready broker first, then the first that answers); (None, the
+    relay's CA port) when none says."""
+    brokers = [b for b in status.get("brokers") or () if isinstance(b, dict)]
+    for b in sorted(brokers, key=lambda b: b.get("ready") is not True):
+        interfaces, port = b.get("interfaces"), _port(b.get("ca_port"))
+        if port is not None and isinstance(interfaces, list):
+            return [str(a) for a in interfaces], port
+    return None, _port(status.get("ca_port"))
 
 
 def find_relay(config: Config) -> Source:
@@ -64,12 +88,12 @@ def find_relay(config: Config) -> Source:
     status = collect(config)
     if status is None:
         return Source(config, False)
-    port = status.get("ca_port")
     running = running_config(config, status) or config
     period = (status.get("config") or {}).get("autosave_period")
     if isinstance(period, int | float) and period > 0:
         running = replace(running, autosave_period=float(period))
-    return Source(running, True, int(port) if str(port).isdigit() else None)
+    interfaces, port = _ca_door(status)
+    return Source(running, True, port, interfaces)
 
 
 def read_pvs(config: Config) -> list[tuple[int, SavedPv]]:
@@ -134,15 +158,26 @@ def list_pvs(
                 "count": parsed[2] if parsed else None,
                 "nord": int(row.value.size),
                 "shard": k,
-                "updated": row.stamp,
+                # null for a stamp JSON has no number for (inf, in a store written
+                # before import refused such stamps).
+                "updated": row.stamp if math.isfinite(row.stamp) else None,
                 "bytes": int(row.value.nbytes),
             }
         )
-    print(_source_note(source), file=out_err)
+    try:
+        print(_source_note(source), file=out_err)
+        _print_list(entries, as_json, out)
+        out.flush()
+    except BrokenPipeError:
+        return _reader_gone(out, out_err)
+    return exits.OK
+
+
+def _print_list(entries: list[dict], as_json: bool, out) -> None:
     if as_json:
         json.dump(entries, out, indent=1)
         out.write("\n")
-        return exits.OK
+        return
     width = max([len("NAME"), *(len(e["name"]) for e in entries)])
     print(
         f"{'NAME':<{width}} {'TYPE':<4} {'COUNT':>8} {'NORD':>8} {'SHARD':>5} "
@@ -156,14 +191,35 @@ def list_pvs(
             f"{_when(e['updated']):<23} {e['bytes']:>10}",
             file=out,
         )
-    return exits.OK
 
 
-def _when(stamp: float) -> str:
+def _reader_gone(*streams) -> int:
+    """A reader closed its pipe (``carelay list | head -1``): end quietly.  What is still
+    buffered for ``streams`` goes to /dev/null, else flushing it at exit fails again,
+    with a traceback.  The status is the one a shell reports for a writer SIGPIPE ends."""
+    for stream in streams:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            fd = stream.fileno()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, fd)
+            finally:
+                os.close(devnull)
+    return EXIT_READER_GONE
+
+
+def _when(stamp: float | None) -> str:
+    """A stamp as local time; "?" for one no clock shows (a store written before such
+    stamps were refused on import)."""
+    if stamp is None:
+        return "?"
     if not stamp:
         return "never"
-    millis = int(stamp % 1 * 1000)
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) + f".{millis:03d}"
+    try:
+        millis = int(stamp % 1 * 1000)
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) + f".{millis:03d}"
+    except (OverflowError, OSError, ValueError):
+        return "?"
 
 
 def export_pvs(
@@ -174,15 +230,19 @@ def export_pvs(
     rows = _selected(source, pattern, None, out_err)
     if rows is None:
         return exits.TRANSFER_FAILED
-    print(_source_note(source), file=out_err)
-    for _, row in rows:
-        try:
-            line = pvfile.encode(row.name, row.stamp, row.value, row.fields)
-        except pvfile.RecordError as e:
-            print(f"carelay: skipped {e}", file=out_err)
-            continue
-        out.write(line + "\n")
-    print(f"exported {len(rows)} PVs", file=out_err)
+    try:
+        print(_source_note(source), file=out_err)
+        for _, row in rows:
+            try:
+                line = pvfile.encode(row.name, row.stamp, row.value, row.fields)
+            except pvfile.RecordError as e:
+                print(f"carelay: skipped {e}", file=out_err)
+                continue
+            out.write(line + "\n")
+        out.flush()
+        print(f"exported {len(rows)} PVs", file=out_err)
+    except BrokenPipeError:
+        return _reader_gone(out, out_err)
     return exits.OK
 
 
@@ -310,22 +370,31 @@ def _import_stopped(
     return len(records), 0
 
 
-def _ca_environment(port: int | None) -> None:
-    """Point this process's CA client at the relay on this host alone."""
-    interfaces = os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
-    os.environ["EPICS_CA_ADDR_LIST"] = " ".join(a for a in interfaces if a != "0.0.0.0") or (
-        "127.0.0.1"
-    )
+def _ca_environment(source: Source) -> None:
+    """Point this process's CA client at the running relay on this host alone: at an
+    address its broker serves on (127.0.0.1 when it serves on every interface), and at
+    its port.  A broker that does not say where it serves is searched where this shell's
+    EPICS_CAS_INTF_ADDR_LIST says."""
+    interfaces = source.ca_interfaces
+    if interfaces is None:
+        interfaces = os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
+        addresses = [a for a in interfaces if a != "0.0.0.0"]
+    elif not interfaces or "0.0.0.0" in interfaces:
+        addresses = []
+    else:
+        # One address: several would each answer, and the client warns of each twice-found PV.
+        addresses = interfaces[:1]
+    os.environ["EPICS_CA_ADDR_LIST"] = " ".join(addresses) or "127.0.0.1"
     os.environ["EPICS_CA_AUTO_ADDR_LIST"] = "NO"
-    if port is not None:
-        os.environ["EPICS_CA_SERVER_PORT"] = str(port)
+    if source.ca_port is not None:
+        os.environ["EPICS_CA_SERVER_PORT"] = str(source.ca_port)
 
 
 def _import_running(
     source: Source, records: list[pvfile.PvRecord], existing: dict[str, int]
 ) -> tuple[int, int]:
     """Put each record through the running relay's CA port; returns (done, failed)."""
-    _ca_environment(source.ca_port)
+    _ca_environment(source)
     from caproto.threading.client import Context
 
     # Its own INFO lines (each channel's connection) are not this command's news.

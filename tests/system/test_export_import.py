@@ -99,10 +99,11 @@ def test_import_refuses_a_conflicting_type_and_imports_the_others(make_relay, ca
     relay = make_relay()
     p = relay.prefix
     assert write_status(connect(ca, f"{p}x_f1"), [1.5]).success
+    t = 1795904681.0  # a stamp EPICS time carries; a running relay stamps puts itself
     lines = [
-        {"name": f"{p}x_i1", "type": "i", "count": 1, "stamp": 1.0, "fields": {}, "value": [7]},
-        {"name": f"{p}y_f2", "type": "f", "count": 2, "stamp": 1.0, "fields": {}, "value": [2.5]},
-        {"name": f"{p}z_i2", "type": "i", "count": 2, "stamp": 1.0, "fields": {}, "value": [3, 4]},
+        {"name": f"{p}x_i1", "type": "i", "count": 1, "stamp": t, "fields": {}, "value": [7]},
+        {"name": f"{p}y_f2", "type": "f", "count": 2, "stamp": t, "fields": {}, "value": [2.5]},
+        {"name": f"{p}z_i2", "type": "i", "count": 2, "stamp": t, "fields": {}, "value": [3, 4]},
     ]
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))

@@ -111,6 +111,65 @@ def test_lines_that_do_not_fit_are_refused(line, why):
         decode(line)
 
 
+def _line(stamp="1795904681.5", value="[1.5]", fields="{}") -> str:
+    return (
+        f'{{"name": "P:x_f1", "type": "f", "count": 1, "stamp": {stamp}, '
+        f'"fields": {fields}, "value": {value}}}'
+    )
+
+
+@pytest.mark.parametrize(
+    ("stamp", "why"),
+    [
+        ('"nan"', "stamp: 'nan' is not a time"),
+        ('"nan:7ff8000000000001"', "is not a time"),
+        ('"inf"', "stamp: 'inf' is not a time"),
+        ('"-inf"', "is not a time"),
+        ("1e300", "stamp: 1e\\+300 is not a time"),
+        ("1" + "0" * 400, "is not a time"),
+        ("-5", "is not a time"),
+        ("1.0", "is not a time"),
+        ("631151999.999", "is not a time"),
+        ("4926119296", "is not a time"),
+        ('"1795904681"', "is not a number"),
+        ("true", "is not a number"),
+    ],
+)
+def test_a_stamp_epics_time_cannot_carry_is_refused(stamp, why):
+    with pytest.raises(RecordError, match=f"^P:x_f1: {why}" if why[0] == "s" else why):
+        decode(_line(stamp=stamp))
+
+
+@pytest.mark.parametrize(
+    "stamp", ["0", "0.0", "631152000", "631152000.5", "1795904681.912762", "4926119295.999"]
+)
+def test_stamps_from_the_epics_epoch_to_its_last_second_are_taken(stamp):
+    assert decode(_line(stamp=stamp)).stamp == float(stamp)
+
+
+def test_no_stamp_is_never():
+    assert decode('{"name": "P:x_f1", "type": "f", "count": 1, "value": [1]}').stamp == 0.0
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        (_line(value="[" + "1" * 400 + "]"), "^P:x_f1: 1111111111.* is beyond a double$"),
+        (_line(value="[2.5, -" + "9" * 400 + "]"), "is beyond a double"),
+        (_line(fields='{"HIHI": ' + "1" * 400 + "}"), "^P:x_f1.HIHI: .*a double holds"),
+    ],
+)
+def test_a_number_beyond_a_double_is_refused(line, why):
+    with pytest.raises(RecordError, match=why):
+        decode(line)
+
+
+def test_large_whole_numbers_a_double_holds_are_taken():
+    assert decode(_line(value=str([2**60]))).value.tolist() == [float(2**60)]
+    big = str(int(1.7e308))
+    assert decode(_line(value=f"[{big}]")).value.tolist() == [float(big)]
+
+
 def test_progress_says_counts_every_interval(caplog):
     now = [0.0]
     progress = Progress(logging.getLogger("test"), "import", 10, interval=5.0, clock=lambda: now[0])

@@ -1,0 +1,93 @@
+"""``carelay import`` into a stopped relay and ``carelay list``, in this process: a line
+the relay cannot serve is refused by its number, the good lines beside it imported."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from carelay.common import exits
+from carelay.common.config import load_config
+from carelay.shard.persist import ShardDatabase
+from carelay.supervisor.transfer import import_pvs, list_pvs, read_pvs
+
+GOOD_STAMP = 1795904681.5
+
+
+@pytest.fixture
+def config(tmp_path):
+    return load_config(data_dir=str(tmp_path / "data"), prefix="P:", shards=2)
+
+
+def line(name: str, stamp="1795904681.5", value="[1.5]") -> str:
+    return (
+        f'{{"name": "P:{name}_f1", "type": "f", "count": 1, "stamp": {stamp}, '
+        f'"fields": {{}}, "value": {value}}}\n'
+    )
+
+
+def test_bad_stamps_and_values_are_refused_by_line_and_the_others_imported(
+    config, tmp_path, caplog
+):
+    names = [f"good{k}" for k in range(8)]
+    bad = [
+        ("nan", '"nan"', "[1.5]", "stamp: 'nan' is not a time"),
+        ("inf", '"inf"', "[1.5]", "stamp: 'inf' is not a time"),
+        ("huge", "1e300", "[1.5]", "stamp: 1e+300 is not a time"),
+        ("early", "1.0", "[1.5]", "stamp: 1.0 is not a time"),
+        ("digits", "1795904681.5", "[" + "7" * 400 + "]", "7777777777"),
+    ]
+    # Good lines before, between and after the bad ones, for both stores.
+    text = "".join(line(n) for n in names[:4])
+    text += "".join(line(n, stamp, value) for n, stamp, value, _ in bad)
+    text += "".join(line(n) for n in names[4:])
+    path = tmp_path / "in.jsonl"
+    path.write_text(text)
+
+    with caplog.at_level(logging.INFO, logger="carelay"):
+        assert import_pvs(config, path) == exits.IMPORT_REFUSED
+    refusals = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(refusals) == len(bad), refusals
+    for k, (n, _, _, why) in enumerate(bad):
+        assert refusals[k].startswith(f"refused line {5 + k}: P:{n}_f1: "), refusals[k]
+        assert why in refusals[k], refusals[k]
+    assert f"imported {len(names)} PVs into the stores; {len(bad)} refused" in caplog.text
+
+    stored = {row.name: row for _, row in read_pvs(config)}
+    assert sorted(stored) == sorted(f"P:{n}_f1" for n in names)
+    assert {row.stamp for row in stored.values()} == {GOOD_STAMP}
+    assert {k for k, _ in read_pvs(config)} == {0, 1}
+
+
+def test_list_shows_a_stored_stamp_it_cannot_show(config):
+    # A store written before such stamps were refused.
+    config.data_dir.mkdir(parents=True)
+    stamps = {"P:inf_f1": float("inf"), "P:big_f1": 1e300, "P:neg_f1": -1e300, "P:ok_f1": 0.0}
+    db = ShardDatabase(config.store_path(0))
+    db.open()
+    try:
+        db.save((name, stamp, np.array([1.0]), {}) for name, stamp in stamps.items())
+    finally:
+        db.close()
+
+    out, err = io.StringIO(), io.StringIO()
+    assert list_pvs(config, out=out, out_err=err) == exits.OK, err.getvalue()
+    rows = {line.split()[0]: line.split() for line in out.getvalue().splitlines()[1:]}
+    assert sorted(rows) == sorted(stamps)
+    for name in ("P:inf_f1", "P:big_f1", "P:neg_f1"):
+        assert rows[name][5] == "?", rows[name]
+    assert rows["P:ok_f1"][5] == "never"
+
+    out = io.StringIO()
+    assert list_pvs(config, as_json=True, out=out, out_err=err) == exits.OK
+
+    def strict(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    entries = json.loads(out.getvalue(), parse_constant=strict)
+    updated = {e["name"]: e["updated"] for e in entries}
+    assert updated == {"P:inf_f1": None, "P:big_f1": 1e300, "P:neg_f1": -1e300, "P:ok_f1": 0.0}
