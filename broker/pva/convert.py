@@ -159,6 +159,33 @@ def _is_limit(name: str) -> bool:
     return name in ("HOPR", "LOPR", "DRVH", "DRVL", "HIHI", "HIGH", "LOW", "LOLO")
 
 
+#: What a PVA put may mark changed besides ``value`` and PUT_FIELDS, and the relay
+#: leaves as it is: the alarm and the time stamp, which the relay sets itself (an IOC's
+#: PVA server takes neither from a put either).
+_SET_BY_THE_RELAY = ("alarm", "timeStamp")
+
+
+def check_put_paths(changed: set[str]) -> None:
+    """PutRefused for a put that marks a field it cannot change (``valueAlarm.active``,
+    ``control.minStep``, ``display.form``, a whole structure), or that changes nothing:
+    such a put would complete having done nothing of what it asked."""
+    fixed = sorted(
+        path
+        for path in changed
+        if path != "value"
+        and path not in PUT_FIELDS
+        and path.split(".", 1)[0] not in _SET_BY_THE_RELAY
+    )
+    if fixed:
+        raise PutRefused(
+            f"cannot put {', '.join(fixed)}: a put changes the value, display.units, "
+            "display.precision, display.limitLow/High, display.description, "
+            "control.limitLow/High and valueAlarm's limits, severities and hysteresis"
+        )
+    if "value" not in changed and not changed & PUT_FIELDS.keys():
+        raise PutRefused("the put changes nothing: give a value or a field that can be put")
+
+
 def field_puts(changed: set[str], read) -> list[tuple[str, Any]]:
     """(record field, value) for each metadata field a PVA put changed; ``read(path)``
     reads a field of the put."""
@@ -175,6 +202,8 @@ def put_array(spec: PvSpec, value) -> np.ndarray:
         return string_elements(spec, _text(value).encode("utf-8", "replace"))
     if kind == "c":
         raw = value if isinstance(value, bytes) else _text(value).encode("utf-8", "replace")
+        if not raw and not spec.is_buffer:
+            raw = b"\0"  # empty text, as CA sends it: a char array cleared
         return char_elements(spec, raw)
     numbers = np.atleast_1d(np.asarray(value))
     if numbers.dtype.kind in "USO":

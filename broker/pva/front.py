@@ -373,9 +373,13 @@ class PvaFrontEnd:
         changes = () if changed == _VALUE_ONLY else convert.field_puts(changed, value.__getitem__)
         data = None
         try:
+            if changed != _VALUE_ONLY:
+                convert.check_put_paths(changed)
             if "value" in changed:
                 data = convert.put_array(pv.spec, value["value"])
             for field, raw in changes:
+                if not fields.applies(field, pv.spec):
+                    raise convert.PutRefused(f"refused put to .{field}: {pv.name} has none")
                 try:
                     fields.validate(field, raw)
                 except fields.FieldError as e:

@@ -12,7 +12,7 @@ import logging
 
 import numpy as np
 
-from carelay.broker.mirror import MirrorView, PvMirror
+from carelay.broker.mirror import VALUE_MASK, MirrorView, PvMirror
 from carelay.broker.pva import convert
 from carelay.common.naming import PvSpec
 
@@ -44,11 +44,21 @@ class PvaPV(MirrorView):
     # -- changes from the shard (or this front-end's own puts) -------------------------
 
     def apply(self, data: np.ndarray, stamp: float, append: bool, reset=False, owned=False) -> None:
-        self.post(self.mirror.apply(data, stamp, append, reset, owned))
+        # Every put is shown, the deadbands (MDEL, ADEL) notwithstanding: pvxs answers a
+        # get from what was posted last, so a put held back would be missing from gets.
+        self.post(self.mirror.apply(data, stamp, append, reset, owned) or VALUE_MASK)
 
     def field_changed(self, name: str, value) -> None:
+        """A field change: the metadata and the alarm it may bring are shown, not the
+        value again (a buffer's monitor would take it for new elements)."""
         self.mirror.field_changed(name, value)
-        self.post(-1)  # metadata always shows
+        status = self.status()
+        self.mirror.alarm_event(*status)
+        if self.channel is not None:
+            out = convert.metadata(self.spec, self.mirror.eff)
+            out["alarm"] = convert.alarm_of(*status)
+            self._shown_alarm, self._shown_eff = status, self.mirror.eff
+            self.channel.show(out)
 
     def forget(self) -> None:
         self.mirror.forget()

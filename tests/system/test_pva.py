@@ -293,3 +293,68 @@ def test_clients_that_connect_together_to_a_new_pv_are_all_served(relay, pva):
     finally:
         for ctx in crowd:
             ctx.close()
+
+
+def test_a_put_refused_in_part_changes_nothing(relay, pva):
+    """A text PV has no units: a put of a value with display.units is refused whole, its
+    value not applied though it could be; fields no put can change are refused by name,
+    and a put that changes nothing fails rather than completing having done nothing."""
+    s1 = relay.name("partial", "s1")
+    pva.put(s1, "old", timeout=5)
+    with pytest.raises(p4p.client.thread.RemoteError, match="EGU"):
+        pva.put(s1, {"value": "new", "display.units": "V"}, timeout=5)
+    with pytest.raises(p4p.client.thread.RemoteError, match="EGU"):
+        pva.put(s1, {"display.description": "d1", "display.units": "V"}, timeout=5)
+    assert pva.get(s1, timeout=5) == "old"
+    assert get(s1) == "old" and get(s1 + ".DESC", as_string=True) == ""
+    f1 = relay.name("fixed", "f1")
+    pva.put(f1, 1.0, timeout=5)
+    for path, v in (("valueAlarm.active", False), ("control.minStep", 0.5)):
+        with pytest.raises(p4p.client.thread.RemoteError, match=f"cannot put {path}"):
+            pva.put(f1, {path: v}, timeout=5)
+    with pytest.raises(p4p.client.thread.RemoteError, match="changes nothing"):
+        pva.put(f1, {"alarm.severity": 3}, timeout=5)
+    assert pva.get(f1, timeout=5) == 1.0
+
+
+def test_a_get_after_a_put_the_deadband_holds_gives_it(relay, pva):
+    """MDEL holds a small change back from CA monitors; a PVA get reads what pvxs was last
+    shown, so every put is shown: the get gives the value and time stamp put."""
+    name = relay.name("mdel", "f1")
+    put(name, 1.0)
+    put(name + ".MDEL", 5.0)
+    put(name + ".ADEL", 5.0)
+    pva.put(name, 2.0, timeout=5)
+    assert pva.get(name, timeout=5) == 2.0
+    before = pva.get(name, timeout=5).timestamp
+    pva.put(name, 2.0, timeout=5)  # the same value again: a new time stamp
+    assert pva.get(name, timeout=5).timestamp > before
+
+
+def test_empty_text_clears_a_char_array(relay, pva):
+    c16 = relay.name("txt", "c16")
+    pva.put(c16, "abc", timeout=5)
+    pva.put(c16, "", timeout=5)
+    assert pva.get(c16, timeout=5) == ""
+    wait_for(lambda: get_array(c16, as_string=True) == "", what="CA to read the text cleared")
+
+
+def test_a_field_change_shows_no_buffer_value_again(relay, pva):
+    """A buffer monitor takes each value update for new elements: a field change posts
+    the metadata, with the value unmarked."""
+    buf = relay.name("dup", "F5")
+    pva.put(buf, [1.0, 2.0], timeout=5)
+    sub, got = _events(pva, buf)
+    try:
+        _next_value(got, [1.0, 2.0])
+        put(buf + ".EGU", "mV")
+
+        def units_event():
+            while True:
+                v = got.get(timeout=10)
+                if not isinstance(v, Exception) and v.raw["display.units"] == "mV":
+                    return v
+
+        assert "value" not in units_event().raw.changedSet()
+    finally:
+        sub.close()
