@@ -21,10 +21,30 @@ class KeysError(ValueError):
     """Keys missing or unreadable; the message names the file."""
 
 
-def make_keys(directory: Path) -> list[Path]:
-    """Create the shard and broker certificates in ``directory`` (secret files mode 0600)."""
+class KeysExist(Exception):
+    """Key files that make_keys would write are there already; the message names them."""
+
+
+def key_files(directory: Path) -> list[Path]:
+    """The files make_keys writes in ``directory``: each certificate's public and secret."""
+    return [
+        directory / f"{name}{suffix}"
+        for name in (SHARD_CERT, BROKER_CERT)
+        for suffix in (".key", ".key_secret")
+    ]
+
+
+def make_keys(directory: Path, force: bool = False) -> list[Path]:
+    """Create the shard and broker certificates in ``directory`` (secret files mode 0600).
+
+    KeysExist, and nothing written, when any of their files is there, unless ``force``:
+    processes that run hold the keys they loaded, and keys replaced under them lock them
+    out of the relay at their next start."""
     import zmq.auth
 
+    there = [path for path in key_files(directory) if os.path.lexists(path)]
+    if there and not force:
+        raise KeysExist(f"{', '.join(str(path) for path in there)} already exist")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     made = []

@@ -140,12 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "reload-acf",
         run_reload_acf,
-        "make the running broker read its access security file again",
+        "make every front-end of the running relay read its access security file again",
     )
     keys = _command(
         sub, "keys", run_keys, "make CurveZMQ keys for shards on other hosts", config=False
     )
-    keys.add_argument("directory", help="where to write shard.key[_secret], broker.key[_secret]")
+    keys.add_argument(
+        "directory", metavar="DIR", help="where to write shard.key[_secret], broker.key[_secret]"
+    )
+    keys.add_argument(
+        "--force",
+        action="store_true",
+        help="replace keys that are in DIR already (without --force they are kept and the "
+        "command exits 2); every host then needs the new keys, or its processes' links are "
+        "refused once they or their peers restart",
+    )
     br = _command(sub, "broker", run_broker_role, "run a CA broker (started by `carelay up`)")
     br.add_argument("--index", type=int, default=0, metavar="K", help="which [[ca]] broker, from 0")
     _command(sub, "pva", run_pva_role, "run the PV Access front-end (started by `carelay up`)")
@@ -179,12 +188,14 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def child_args(args: argparse.Namespace) -> list[str]:
-    """The configuration flags of ``args``, to pass on to a child process."""
+    """The configuration flags of ``args``, to pass on to a child process: each as one
+    ``--flag=value`` argument, so that a value beginning with "-" (``--prefix=-X:``) is
+    not taken for an option."""
     out: list[str] = []
     for key in ("config", *_CONFIG_FLAGS):
         value = getattr(args, key)
         if value is not None:
-            out += [_flag(key), str(value)]
+            out.append(f"{_flag(key)}={value}")
     return out
 
 
@@ -227,10 +238,15 @@ def run_keys(args: argparse.Namespace) -> int:
     """``carelay keys DIR``: make the CurveZMQ keys."""
     from pathlib import Path
 
-    from carelay.common.keys import make_keys
+    from carelay.common.keys import KeysExist, make_keys
 
     try:
-        made = make_keys(Path(args.directory))
+        made = make_keys(Path(args.directory), force=args.force)
+    except KeysExist as e:
+        raise _Refused(
+            f"keys not written: {e} (a relay may be using them); --force replaces them, "
+            "and every host then needs the new ones"
+        ) from None
     except OSError as e:
         raise _Refused(f"cannot write keys: {e}") from None
     for path in made:
@@ -303,7 +319,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_reload_acf(args: argparse.Namespace) -> int:
-    """``carelay reload-acf``: SIGHUP to the running broker."""
+    """``carelay reload-acf``: SIGHUP to each front-end of the running relay."""
     from carelay.supervisor.status import reload_access
 
     return reload_access(_config(args))

@@ -388,26 +388,90 @@ def _endpoint(config: Config, status: dict | None, shard: int) -> str:
     return config.shard_endpoint(shard)
 
 
+def _front_ends(config: Config) -> tuple[bool, dict[str, dict]]:
+    """The front-ends (CA brokers, then PVA) of the relay on ``config``'s data directory,
+    whatever ``config`` says of them: (True, the supervisor's entry of each, by role) for
+    the running relay; where no supervisor runs (front-ends started alone), (False, an
+    empty entry for each role whose status file is in the run directory)."""
+    run_dir = config.run_dir
+    sup = read_status(run_dir / "supervisor.json")
+    procs = sup.get("processes") if sup is not None and _alive(sup.get("pid")) else None
+    if isinstance(procs, list):
+        listed = {
+            p["name"]: p for p in procs if isinstance(p, dict) and _is_front_end(p.get("name"))
+        }
+        return True, {role: listed[role] for role in _in_front_end_order(listed)}
+    try:
+        names = {path.stem.replace("-", " ") for path in run_dir.glob("*.json")}
+    except OSError:
+        names = set()
+    names |= {broker_role(k) for k in range(config.brokers)}
+    return False, {role: {} for role in _in_front_end_order(filter(_is_front_end, names))}
+
+
+def _is_front_end(name: Any) -> bool:
+    return isinstance(name, str) and (name == "pva" or _broker_index(name) is not None)
+
+
+def _in_front_end_order(roles) -> list[str]:
+    """The brokers by index, then PVA."""
+    return sorted(roles, key=lambda role: (role == "pva", _broker_index(role) or 0))
+
+
+def _why_not_asked(own: dict | None, listed: dict | None, now: float) -> str | None:
+    """Why the front-end of status ``own`` (and, under a supervisor, of its entry
+    ``listed``) may not be signalled; None when it may."""
+    own = own or {}
+    pid = own.get("pid")
+    if listed is not None:
+        state = listed.get("state")
+        if state != RUNNING:
+            return f"it is {state} (its access security is read when it starts)"
+        if pid != listed.get("pid") or "exit" in own:
+            # Its status file is a former process's: this one may not handle SIGHUP yet.
+            return f"pid {listed.get('pid')} is starting: it has not written its status yet"
+    if not _alive(pid) or "exit" in own:
+        return "it is not running"
+    if not _fresh(own, pid, now):
+        # Not known to answer: the pid may no longer be that front-end's.
+        return f"pid {pid} has not written its status for {_duration(now - own['seen'])}"
+    return None
+
+
 def reload_access(config: Config, out=sys.stdout) -> int:
-    """``carelay reload-acf``: ask every front-end that runs (each CA broker, the PVA
-    front-end) to read the access security file again (SIGHUP); 0 if asked, 1 if no
-    broker of this data directory runs or one cannot be signalled."""
+    """``carelay reload-acf``: ask every front-end of the relay that runs on ``config``'s
+    data directory (each CA broker, the PVA front-end), as its status files name them,
+    to read the access security file again (SIGHUP).  0 when each was asked; 1 when one
+    of them could not be (each such is named on stderr; the others are asked all the
+    same), or when no front-end runs there."""
     import signal
 
-    asked = 0
-    for role in [broker_role(k) for k in range(config.brokers)] + ["pva"]:
-        own = _read_own(status_path(config.run_dir, role))
-        pid = own.get("pid") if own else None
-        if not (_alive(pid) and _fresh(own, pid, time.time())):
-            continue
+    supervised, front_ends = _front_ends(config)
+    asked = failed = 0
+    now = time.time()
+    for role, listed in front_ends.items():
         what = "PVA front-end" if role == "pva" else role
-        try:
-            os.kill(pid, signal.SIGHUP)
-        except OSError as e:
-            print(f"carelay: cannot signal the {what} (pid {pid}): {e}", file=sys.stderr)
-            return exits.FAILED
+        own = _read_own(status_path(config.run_dir, role))
+        if not supervised and not (own and _alive(own.get("pid")) and "exit" not in own):
+            continue  # started alone once, and not running now: nothing to ask
+        why = _why_not_asked(own, listed if supervised else None, now)
+        if why is None:
+            pid = own["pid"]
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except OSError as e:
+                why = f"cannot signal pid {pid}: {e}"
+        if why is not None:
+            print(
+                f"carelay: the {what} was not asked to reload its access security file: {why}",
+                file=sys.stderr,
+            )
+            failed += 1
+            continue
         print(f"asked the {what} (pid {pid}) to reload its access security file", file=out)
-        asked += role != "pva"
+        asked += 1
+    if failed:
+        return exits.FAILED
     if not asked:
         print(f"carelay: no broker runs on {config.data_dir}", file=sys.stderr)
         return exits.FAILED

@@ -213,7 +213,10 @@ class Relay:
                 cmd = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if self.prefix.encode() in cmd and int(entry.name) != os.getpid():
+            # `carelay up` hands its children their flags as --prefix=P.
+            prefix = self.prefix.encode()
+            named = prefix in cmd or b"--prefix=" + prefix in cmd
+            if named and int(entry.name) != os.getpid():
                 try:
                     state = (entry / "stat").read_text().split(")")[-1].split()[0]
                 except OSError:

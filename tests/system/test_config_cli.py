@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.servers import free_port
-from tests.system.conftest import CA_PORT, CARELAY
+from tests.system.conftest import CA_PORT, CARELAY, wait_for
 from tests.unit.test_config_keys import BAD_VALUES, toml_text
 
 #: One wrong value per key (the last the table gives: past the type checks), and for
@@ -62,3 +62,43 @@ def test_up_with_a_wrong_value_exits_2_with_one_line(tmp_path: Path, key: str, l
     assert r.stdout == ""
     # Refused before anything started: no run directory, no store.
     assert not (tmp_path / "carelay-data").exists()
+
+
+@pytest.mark.system
+def test_up_hands_a_value_beginning_with_a_dash_to_its_children(tmp_path: Path):
+    """``--prefix=-X:`` is a valid prefix: each child must take it as the value of
+    ``--prefix``, not as an option of its own, and the relay serves."""
+    port = str(free_port({CA_PORT}))
+    env = {**os.environ, "EPICS_CAS_SERVER_PORT": port, "EPICS_CA_SERVER_PORT": port}
+    log = tmp_path / "relay.log"
+    argv = [*CARELAY, "up", "--prefix=-X:", "--shards=1", f"--data-dir={tmp_path / 'data'}"]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        # A child that misreads its flags says "error:" and is restarted again and again.
+        wait_for(
+            lambda: (
+                proc.poll() is not None or any(w in log.read_text() for w in ("ready:", "error:"))
+            ),
+            timeout=REFUSE_WITHIN,
+            what="the relay to serve or a child to fail",
+        )
+        text = log.read_text()
+        assert proc.poll() is None, text
+        assert "error:" not in text, text
+        ready = [line for line in text.splitlines() if " ready:" in line]
+        assert ready and "prefix -X:" in ready[0], text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -24,6 +24,7 @@ from carelay.common.lifecycle import read_status, status_path
 from tests.system.clients import name_on_shard, role_pid
 from tests.system.conftest import (
     CA_PORT,
+    CARELAY,
     REPEATER_PORT,
     Relay,
     caproto_cli,
@@ -156,13 +157,16 @@ def test_status_shows_each_broker(relay):
     assert "running" in rows["broker 1"], out
 
 
-def test_reload_acf_asks_every_broker(relay):
+@pytest.mark.parametrize("given", ["the relay's flags", "the data directory alone"])
+def test_reload_acf_asks_every_broker(relay, given):
     """``carelay reload-acf`` signals each broker, not only the first: each reads its
-    access security anew (here none is configured, and each says so)."""
+    access security anew (here none is configured, and each says so).  The brokers are
+    those of the running relay: ``--data-dir`` alone names no ``[[ca]]``."""
     start = len(relay.log())
-    r = subprocess.run(
-        [*relay.argv("reload-acf")], capture_output=True, text=True, timeout=30, check=False
-    )
+    argv = relay.argv("reload-acf")
+    if given == "the data directory alone":
+        argv = [*CARELAY, "reload-acf", "--data-dir", str(relay.data_dir)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "asked the broker (pid" in r.stdout and "asked the broker 1 (pid" in r.stdout
     for role in ("broker", "broker 1"):

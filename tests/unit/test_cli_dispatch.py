@@ -95,3 +95,42 @@ PROMISED = {
 
 def test_the_exit_statuses_keep_their_numbers():
     assert {name: getattr(exits, name) for name in PROMISED} == PROMISED
+
+
+#: A value for each flag that ``carelay up`` hands its children, those that may be text
+#: beginning with "-" (which a child's argparse would take for an option if it came as
+#: the next argument).
+CHILD_FLAG_VALUES = {
+    "config": "-relay.toml",
+    "prefix": "-X:",
+    "shards": "3",
+    "data_dir": "-data",
+    "max_elements": "10",
+    "max_pvs": "20",
+    "max_bytes": "1000000",
+    "autosave_period": "0.5",
+    "max_clients": "16",
+    "client_idle_timeout": "60.0",
+    "access_security": "-relay.acf",
+    "access_by_ip": "false",
+    "keys_dir": "-keys",
+    "metrics_port": "9100",
+    "metrics_address": "-metrics",
+    "log_level": "DEBUG",
+    "pva": "true",
+}
+
+
+def test_every_flag_has_a_value_here():
+    assert set(CHILD_FLAG_VALUES) == {"config", *cli._CONFIG_FLAGS}
+
+
+@pytest.mark.parametrize(
+    "child", [["shard", "0"], ["shard", "--index=1"], ["broker"], ["broker", "--index=1"], ["pva"]]
+)
+def test_each_child_gets_the_flags_of_up_as_given(child):
+    up = parse("up", *(f"--{k.replace('_', '-')}={v}" for k, v in CHILD_FLAG_VALUES.items()))
+    got = parse(*child, *cli.child_args(up))
+    assert {key: getattr(got, key) for key in CHILD_FLAG_VALUES} == {
+        key: getattr(up, key) for key in CHILD_FLAG_VALUES
+    }
