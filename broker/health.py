@@ -65,7 +65,10 @@ def error_line(
     if shard is not None:
         parts.append(f"shard {shard}")
     line = " ".join(parts) + ": " + " ".join(str(reason).split())
-    return line[:ERROR_LINE_MAX]
+    # At most ERROR_LINE_MAX bytes as the CA char PVs carry it (LAST_ERROR, ERRORS), cut on
+    # a character: a line of names that are not ASCII must fit whole, or ERRORS would
+    # lose its newest lines and LAST_ERROR its reason.
+    return line.encode("utf-8", "replace")[:ERROR_LINE_MAX].decode("utf-8", "ignore")
 
 
 class ErrorLog:
@@ -94,6 +97,8 @@ class RateMeter:
         self.samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=span + 1)
 
     def sample(self, now: float, count: int) -> tuple[float, float]:
+        if self.samples and count < self.samples[-1][1]:
+            self.samples.clear()  # the counter began again (a new process): no rate across
         self.samples.append((now, count))
         return self._rate(2), self._rate(len(self.samples))
 
@@ -266,7 +271,10 @@ class ShardFigures:
         self.rate = RateMeter()
 
     def update(self, pong) -> None:
-        """Take a Pong's figures; a flush histogram that does not fit is left as it was."""
+        """Take a Pong's figures; a flush histogram that does not fit is left as it was.  A
+        new process of the shard counts its puts from 0: its rate starts afresh."""
+        if pong.pid != self.pid:
+            self.rate = RateMeter()
         self.pid = pong.pid
         self.puts = pong.puts
         if pong.store_bytes is not None:
@@ -356,7 +364,9 @@ class Health:
                     "pvs": link.pvs,
                     "store_bytes": figs.store_bytes or 0.0,
                     "flush_age": max(0.0, wall - clocks[k].from_shard(saved)) if saved else 0.0,
-                    "put_rate": figs.rate.sample(now, figs.puts)[0],
+                    # Known once the shard has said its count (its first PONG): before, a
+                    # restarted broker's 0 would make its lifetime's puts a rate.
+                    "put_rate": figs.rate.sample(now, figs.puts)[0] if figs.pid else 0.0,
                     "puts": figs.puts,
                     "flush": figs.flush,
                     "clock_offset": clocks[k].offset,

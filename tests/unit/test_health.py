@@ -49,6 +49,22 @@ def test_an_error_line_says_when_who_what_and_why():
     assert "\n" not in error_line("two\nlines")
 
 
+def test_lines_of_names_that_are_not_ascii_fit_the_error_pvs_whole():
+    """Each line is cut to ERROR_LINE_MAX bytes on a character, so ERRORS (sized for
+    ERRORS_KEPT such lines) holds the newest in full, and LAST_ERROR its whole line."""
+    name = "P:" + "温度" * 100 + "_f1"
+    line = error_line("refused name: not ASCII", name, host="10.0.0.1")
+    assert len(line.encode()) <= ERROR_LINE_MAX
+    assert "温度" in line and "\ufffd" not in line
+    assert error_line("bad", "P:\udcff_f1").endswith("_f1: bad")  # bytes no UTF-8 says
+    log = ErrorLog()
+    for k in range(ERRORS_KEPT + 3):
+        log.add(error_line(f"refused {k}", name))
+    pv_bytes = ERRORS_KEPT * (ERROR_LINE_MAX + 1) - 1  # the ERRORS PV, its terminator aside
+    assert len(log.text().encode()) <= pv_bytes
+    assert log.text().splitlines()[-1] == log.last
+
+
 def test_rates_over_one_and_ten_seconds():
     meter = RateMeter()
     assert meter.sample(0.0, 0) == (0.0, 0.0)
@@ -56,6 +72,46 @@ def test_rates_over_one_and_ten_seconds():
         one, ten = meter.sample(float(t), t * 5 if t < 10 else 45 + 20)
     assert one == 20.0
     assert ten == pytest.approx(6.5)
+
+
+def _pong(pid: int, puts: int) -> Pong:
+    return Pong(1, 2, 3, "", pid, puts, 1.0, {}, 4096)
+
+
+def _put_rates(h: Health, broker, pongs, start: int = 0) -> list[float]:
+    """The shard 0 put rate of each second from ``start``, a PONG (or none) before each
+    sample."""
+    rates = []
+    for t, pong in enumerate(pongs, start):
+        if pong is not None:
+            h.shards[0].update(pong)
+        h.sample(broker, 100.0 + t)
+        rates.append(h.snapshot["shards"][0]["put_rate"])
+    return rates
+
+
+def test_a_restarted_shard_counting_from_zero_makes_no_negative_rate():
+    h, broker = Health(2, "9.9"), _Broker()
+    rates = _put_rates(h, broker, [_pong(7, 100_000), _pong(7, 100_100), _pong(8, 10)])
+    assert rates[1] == 100.0
+    assert rates[2] == 0.0  # a new process: its rate starts afresh
+    assert _put_rates(h, broker, [_pong(8, 60)], start=3) == [50.0]
+
+
+def test_a_restarted_broker_makes_no_rate_of_a_shards_lifetime_puts():
+    """Before the shard's first PONG the broker knows no count: the lifetime count that
+    PONG brings is no put rate."""
+    h, broker = Health(2, "9.9"), _Broker()
+    rates = _put_rates(h, broker, [None, _pong(7, 5_000_000), _pong(7, 5_000_200)])
+    assert rates == [0.0, 0.0, 200.0]
+
+
+def test_a_counter_that_goes_down_starts_the_rate_afresh():
+    meter = RateMeter()
+    meter.sample(0.0, 1000)
+    meter.sample(1.0, 1100)
+    assert meter.sample(2.0, 5) == (0.0, 0.0)
+    assert meter.sample(3.0, 25) == (20.0, 20.0)
 
 
 def _view(live=True, synced=True, error="", restarts=()):
