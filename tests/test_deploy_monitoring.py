@@ -44,6 +44,13 @@ def test_the_broker_serves_metrics_on_the_configured_port():
     assert notes["prometheus.io/port"] == str(_metrics_port())
 
 
+def test_the_broker_is_scraped_once_by_annotation():
+    """The pod carries the scrape annotations; the Service must not as well, or a
+    Prometheus that discovers pods and services by annotation scrapes it twice."""
+    notes = _metrics_service()["metadata"].get("annotations") or {}
+    assert not any(key.startswith("prometheus.io/") for key in notes), notes
+
+
 def test_the_metrics_service_selects_the_broker_only():
     svc = _metrics_service()
     broker_labels = _one("Deployment")["spec"]["template"]["metadata"]["labels"]
@@ -101,3 +108,35 @@ def test_the_dashboard_queries_metrics_that_exist():
         assert name in used
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
+
+
+#: The Grafana unit each metric suffix is shown in (the Prometheus base units).
+_UNITS = {"_bytes": "bytes", "_percent": "percent", "_seconds": "s"}
+
+
+def test_each_dashboard_query_is_shown_in_the_unit_of_its_metric():
+    """A metric's value read as another unit misleads: max_bytes' percentage on a panel
+    of bytes read as "85 B", flat at zero beside GiB."""
+    dash = json.loads(DASHBOARD.read_text())
+    wrong = []
+    for panel in dash["panels"]:
+        config = panel.get("fieldConfig", {})
+        default = config.get("defaults", {}).get("unit")
+        by_ref = {
+            o["matcher"]["options"]: p["value"]
+            for o in config.get("overrides", [])
+            if o["matcher"]["id"] == "byFrameRefID"
+            for p in o["properties"]
+            if p["id"] == "unit"
+        }
+        for target in panel["targets"]:
+            if "rate(" in target["expr"]:
+                continue  # per second, whatever the metric counts
+            names = re.findall(r"\bcarelay_[a-z_]+", target["expr"])
+            units = {u for n in names for s, u in _UNITS.items() if n.endswith(s)}
+            if len(units) == 1:
+                (unit,) = units
+                shown = by_ref.get(target["refId"], default)
+                if shown != unit:
+                    wrong.append((panel["title"], target["expr"], shown, unit))
+    assert not wrong, wrong
