@@ -131,6 +131,8 @@ class ShardView:
     ever_synced: bool
     store_error: str
     restarts: collections.deque  # monotonic times a new process of it was seen
+    #: The supervisor says it keeps dying (before it ever answers, the only word of it).
+    failing: bool = False
 
 
 def shard_state(view: ShardView, now: float, young: bool) -> str:
@@ -141,7 +143,7 @@ def shard_state(view: ShardView, now: float, young: bool) -> str:
     recent = sum(1 for t in view.restarts if now - t <= SHARD_FAILING_WINDOW)
     if view.live:
         return "STORE_FAILED" if view.store_error else "OK"
-    if recent >= SHARD_FAILING_RESTARTS:
+    if recent >= SHARD_FAILING_RESTARTS or view.failing:
         return "FAILING"
     if not view.ever_synced and young:
         return "CONNECTING"
@@ -351,10 +353,11 @@ class Health:
         young = now - self.started_mono < broker.startup_grace
         shards = []
         clocks = broker.requests.clocks
+        failing = self.peers.failing_shards() if self.peers else set()
         for k, link in enumerate(broker.links):
             figs = self.shards[k]
             error = broker.store_errors[k]
-            view = ShardView(link.live, link.ever_synced, error, self.restarts[k])
+            view = ShardView(link.live, link.ever_synced, error, self.restarts[k], k in failing)
             state = shard_state(view, now, young)
             saved = figs.saved_at
             shards.append(

@@ -91,6 +91,24 @@ class PeerBrokers:
         self.pids = pids
         return out
 
+    def failing_shards(self) -> set[int]:
+        """The shards that the supervisor of ``carelay up`` says are failing (dying again
+        and again): one that dies before it ever answers a broker shows nowhere else.
+        Empty for a broker started alone, which has no supervisor here."""
+        if not self.all_here:
+            return set()
+        sup = read_status(self.run_dir / "supervisor.json")
+        if not sup or not pid_alive(sup.get("pid")):
+            return set()
+        out = set()
+        for p in sup.get("processes") or ():
+            if not isinstance(p, dict) or p.get("state") != "failing":
+                continue
+            role, _, k = str(p.get("name", "")).partition(" ")
+            if role == "shard" and k.isdigit():
+                out.add(int(k))
+        return out
+
     def pva(self) -> dict | None:
         """The PVA front-end, as its status file says: ``known`` (its state can be told
         from here: ``all_here``, or its file is here) and ``up`` (serving); None without

@@ -114,8 +114,8 @@ def test_a_counter_that_goes_down_starts_the_rate_afresh():
     assert meter.sample(3.0, 25) == (20.0, 20.0)
 
 
-def _view(live=True, synced=True, error="", restarts=()):
-    return ShardView(live, synced, error, collections.deque(restarts))
+def _view(live=True, synced=True, error="", restarts=(), failing=False):
+    return ShardView(live, synced, error, collections.deque(restarts), failing)
 
 
 @pytest.mark.parametrize(
@@ -128,6 +128,9 @@ def _view(live=True, synced=True, error="", restarts=()):
         (_view(live=False, restarts=[99.0]), True, "NOT_ANSWERING"),
         (_view(live=False, restarts=[99.0] * SHARD_FAILING_RESTARTS), False, "FAILING"),
         (_view(live=False, restarts=[0.0] * SHARD_FAILING_RESTARTS), False, "NOT_ANSWERING"),
+        # Dying before it ever answers: the supervisor's word.
+        (_view(live=False, synced=False, failing=True), True, "FAILING"),
+        (_view(live=True, failing=True), False, "OK"),
     ],
 )
 def test_shard_states(view, young, expected):
@@ -181,6 +184,7 @@ class _Link:
 
 
 class _Broker:
+    ready = True
     ca_ports = []
     circuits = None  # not watched: health walks the descriptors itself
     startup_grace = 10.0
@@ -276,3 +280,29 @@ def test_circuits_are_the_connected_tcp_sockets_on_the_ca_port():
                 assert health.descriptors([port])[1] == 1  # not the listener, UDP or client
                 accepted.sendall(b"x")
                 assert client.recv(1) == b"x"  # its descriptor is still open
+
+
+def test_a_shard_the_supervisor_says_is_failing_is_failing(tmp_path):
+    """A shard that dies at every start never answers a broker, so no restart of it is
+    seen from the links: the supervisor of `carelay up` says it is failing."""
+    import json
+
+    from carelay.broker.peers import PeerBrokers
+
+    processes = [
+        {"name": "shard 0", "state": "running"},
+        {"name": "shard 1", "state": "failing"},
+        {"name": "broker", "state": "failing"},
+    ]
+    (tmp_path / "supervisor.json").write_text(
+        json.dumps({"pid": os.getpid(), "processes": processes})
+    )
+    assert PeerBrokers(tmp_path, 1, 0).failing_shards() == {1}
+    assert PeerBrokers(tmp_path, 1, 0, all_here=False).failing_shards() == set()
+    h, broker = Health(2, "9.9"), _Broker()
+    h.peers = PeerBrokers(tmp_path, 1, 0)
+    h.sample(broker, 100.0)
+    assert [s["state"] for s in h.snapshot["shards"]] == ["OK", "FAILING"]
+    dead = {"pid": 2**22 + 1, "processes": processes}  # no such process: no word
+    (tmp_path / "supervisor.json").write_text(json.dumps(dead))
+    assert PeerBrokers(tmp_path, 1, 0).failing_shards() == set()
