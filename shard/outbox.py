@@ -154,7 +154,9 @@ class Outbox:
         for batch in protocol.batches(update_runs(msgs)):
             frames = protocol.encode_batch(batch)
             try:
-                protocol.send_frames(sock, [peer, *frames])
+                # Never blocking: with ROUTER_MANDATORY a full pipe blocks a send without
+                # NOBLOCK, and one hung front-end would stop the shard for all.
+                protocol.send_frames(sock, [peer, *frames], zmq.NOBLOCK)
             except zmq.ZMQError as e:  # peer gone (ROUTER_MANDATORY) or queue full
                 # It gets nothing more of this batch: a later run would follow a gap.
                 self._lost(peer, sum(len(m) if type(m) is UpdateRun else 1 for m in batch), e)

@@ -50,6 +50,11 @@ from carelay.shard.timers import BUSY_WAIT_MS, ShardTimers, wait_ms
 
 log = logging.getLogger(__name__)
 
+#: Messages queued for one front-end (its ZeroMQ pipe) before it is taken for gone: a
+#: front-end that reads nothing (hung, stopped, its host vanished) is dropped there, and
+#: must resync once it reads again; the shard never waits for it.
+SEND_HWM = 100_000
+
 #: About the most messages handled before one commit and the replies.
 _BATCH = 1000
 #: On a clean stop, how long the shard waits for more messages before its last flush (ms).
@@ -149,7 +154,7 @@ class ShardServer:
             self._auth = _curve_server(self._ctx, sock, self.config.keys_dir)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.bind(self.endpoint)
         self._sock = sock
