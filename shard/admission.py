@@ -89,6 +89,10 @@ class Admission:
         total = self._writes[peer] = self._writes.get(peer, 0) + n
         return total
 
+    def written(self, peer: bytes) -> int:
+        """How many WRITEs ``peer`` has sent in all (every one applied by now)."""
+        return self._writes.get(peer, 0)
+
     def admit(self, peer: bytes, msgs: list) -> bool:
         """Whether to serve ``peer``, not yet admitted, that sent ``msgs``.
 

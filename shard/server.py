@@ -185,7 +185,10 @@ class ShardServer:
         if peer not in admission:
             if not admission.admit(peer, msgs):
                 return 0
-            self.requests.fanout = len(admission) > 1
+            fanout = len(admission) > 1
+            if fanout and not self.requests.fanout:
+                self._tell_writes_applied()
+            self.requests.fanout = fanout
         self._broker_peer = peer
         if self.timers.heard(time.monotonic()):
             log.debug("broker connected")
@@ -207,6 +210,17 @@ class ShardServer:
             if requests.fanout:
                 self.outbox.applied(peer, Applied(total, self.store.seq, self.epoch))
         return n
+
+    def _tell_writes_applied(self) -> None:
+        """A second front-end is served now: each one that wrote while alone hears that
+        its WRITEs so far are applied (none was told, with no one to publish to), before
+        any change of the newcomer's reaches it; else it would take such a change for one
+        older than its own writes, and skip it (see ShardSync._change)."""
+        admission = self.admission
+        for peer in admission.peers():
+            written = admission.written(peer)
+            if written:
+                self.outbox.applied(peer, Applied(written, self.store.seq, self.epoch))
 
     @property
     def _out(self) -> list[tuple[bytes, Message]]:

@@ -93,6 +93,34 @@ def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undon
     assert published[-1].data.tolist() == [4.0]
 
 
+def test_writes_made_alone_do_not_hide_the_next_front_ends_change(pair):
+    """This broker writes while it is the shard's only front-end (no APPLIED counts are
+    sent then); another joins and puts: its change reaches the mirror, not skipped as
+    older than this broker's own write."""
+    broker, script, shard, other = pair
+    box = {}
+
+    def own_write_alone() -> bool:
+        assert broker.forward_put(box["pv"], np.array([2.0]), None)
+        return True
+
+    def other_puts() -> bool:
+        other.send_multipart(encode_batch([Write(NAME, 0, 0.0, np.array([3.0]))]))
+        return True
+
+    script.steps = [
+        lambda: broker.links[0].live,
+        *_created(broker, box),
+        own_write_alone,
+        lambda: shard.store.get(NAME).tolist() == [2.0],
+        lambda: join(other, shard),
+        other_puts,
+        lambda: box["pv"].value.tolist() == [3.0],
+    ]
+    broker.run(script.stop)
+    assert box["pv"].value.tolist() == shard.store.get(NAME).tolist() == [3.0]
+
+
 class _DrainRecorder:
     def __init__(self) -> None:
         self.drained: list = []

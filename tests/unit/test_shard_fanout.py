@@ -117,6 +117,21 @@ def test_one_front_end_alone_is_sent_no_applied_counts(tmp_path):
     assert _send(server, A, [Write(SCALAR, 0, 0.0, np.array([1.0]))])[A] == []
 
 
+def test_a_front_end_that_wrote_alone_hears_its_writes_applied_when_another_joins(tmp_path):
+    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
+    server = ShardServer(config, 0)
+    _send(server, A, [Hello(1, "", "a"), Put(SCALAR, 1, 0.0, np.array([0.0]))])
+    _send(
+        server, A, [Write(SCALAR, 0, 0.0, np.array([1.0])), Write(SCALAR, 0, 0.0, np.array([2.0]))]
+    )
+    out = _send(server, B, [Hello(1, "", "b"), Write(SCALAR, 0, 0.0, np.array([3.0]))])
+    # Before the newcomer's change: A's two WRITEs are applied (else A skips the change).
+    kinds = [type(m) for m in out[A]]
+    applied, update = kinds.index(Applied), kinds.index(Update)
+    assert applied < update and out[A][applied].writes == 2
+    assert out[A][update].data.tolist() == [3.0]
+
+
 def test_the_other_front_ends_are_sent_a_change_before_its_sender_is_answered(server):
     # A put with callback from A completes when A has the answer; by then B must have
     # been handed the change, so that a read through B at once finds the new value.
