@@ -106,6 +106,7 @@ class PvMirror:
         "alarm",
         "severity",
         "pacer",
+        "shared",
         "_appended",
         "_mlst",
         "_alst",
@@ -133,6 +134,10 @@ class PvMirror:
         self._appended: tuple | None = None
         #: Spaces the events of a large buffer (None: not a buffer).
         self.pacer = EventPacer(self.ring) if self.ring is not None else None
+        #: A buffer another front-end appends to as well: appends interleave, so this
+        #: front-end's take the long way (mirrored from the shard's answer, in the
+        #: shard's order), not written through.
+        self.shared = False
         #: Value last posted with DBE_VALUE, with DBE_LOG (a string's bytes; None: none).
         self._mlst: float | bytes | None = None
         self._alst: float | bytes | None = None
@@ -191,6 +196,8 @@ class PvMirror:
         n = len(data)
         if not n or (self.ring is None and n > self.spec.count) or data.dtype != self.spec.dtype:
             return None
+        if self.shared:
+            return None  # another front-end appends too: the shard's order rules
         if self.numeric and self.eff:
             data = fields.clip_to_drive_limits(self.eff, data)
         return data

@@ -115,12 +115,21 @@ class ShardSync(ShardReceiver):
         self.table.set_real(pv, True)
         # Another broker's change, while this broker's own later WRITE was not yet applied
         # when the shard sent it: that WRITE comes after it at the shard too (see _applied).
-        mine = link.own_writes.get(name, 0) if not (req or reset) and pv.ring is None else 0
-        if mine > link.writes_applied:
+        theirs = not (req or reset)
+        mine = link.own_writes.get(name, 0) if theirs else 0
+        if pv.ring is None and mine > link.writes_applied:
             return True
         if not req:
             self.others = True
         pv.apply(data, stamp, append=pv.ring is not None, reset=reset)
+        if theirs and pv.ring is not None:
+            # Another front-end appends to this buffer too: from now on this one's appends
+            # take the shard's order.  One of its own, written through, that the shard
+            # had not applied yet comes after this one there, not before as here: the
+            # buffer is read again (the answer waits for the appends queued before it).
+            pv.mirror.shared = True
+            if mine > link.writes_applied:
+                self._follow(link, name)
         return True
 
     def _applied(self, link: ShardLink, msg: Applied) -> None:

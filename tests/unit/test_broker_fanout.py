@@ -121,6 +121,53 @@ def test_writes_made_alone_do_not_hide_the_next_front_ends_change(pair):
     assert box["pv"].value.tolist() == shard.store.get(NAME).tolist() == [3.0]
 
 
+def test_appends_of_two_front_ends_to_one_buffer_keep_the_shards_order(pair):
+    """The other front-end's append reaches the shard first; this broker writes its own
+    through before it has read the other's.  The shard holds [1, 10, 20]; the mirror must
+    too, not [1, 20, 10], and later appends keep that order."""
+    broker, script, shard, other = pair
+    box = {}
+    buf = f"{PREFIX}buf_F6"
+
+    def create() -> bool:
+        pv = box["pv"] = broker.attach(buf)
+        assert broker.forward_put(pv, np.array([1.0]), None)
+        return True
+
+    def both_append() -> bool:
+        other.send_multipart(encode_batch([Write(buf, 0, 0.0, np.array([10.0]))]))
+        wait = time.monotonic() + 5
+        while shard.store.get(buf).tolist() != [1.0, 10.0] and time.monotonic() < wait:
+            time.sleep(0.005)
+        assert broker.forward_put(box["pv"], np.array([20.0]), None)
+        return True
+
+    def in_order() -> bool:
+        return box["pv"].contents().tolist() == shard.store.get(buf).tolist() == [1, 10, 20]
+
+    def again() -> bool:  # once shared, each append follows the shard's order
+        other.send_multipart(encode_batch([Write(buf, 0, 0.0, np.array([30.0]))]))
+        assert broker.forward_put(box["pv"], np.array([40.0]), None)
+        return True
+
+    def settled() -> bool:
+        return len(shard.store.get(buf)) == 5 and not broker.requests.in_flight(box["pv"])
+
+    script.steps = [
+        lambda: broker.links[0].live,
+        create,
+        lambda: box["pv"].real and not broker.requests.in_flight(box["pv"]),
+        lambda: join(other, shard),
+        both_append,
+        in_order,
+        again,
+        settled,
+        lambda: box["pv"].contents().tolist() == shard.store.get(buf).tolist(),
+    ]
+    broker.run(script.stop)
+    assert box["pv"].contents().tolist() == shard.store.get(buf).tolist()
+
+
 class _DrainRecorder:
     def __init__(self) -> None:
         self.drained: list = []
