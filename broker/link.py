@@ -75,6 +75,9 @@ class ShardLink:
         self.writes = 0
         self.writes_applied = 0
         self.own_writes: dict[str, int] = {}
+        #: PVs whose coming restatement (after a refused WRITE) predates a later WRITE of
+        #: this connection's own, which the mirror shows already (see ShardSync._reject).
+        self.stale_restate: set[str] = set()
 
     @property
     def state(self) -> LinkState:
@@ -103,6 +106,7 @@ class ShardLink:
         self.sock = sock
         self.writes = self.writes_applied = 0  # the shard counts per connection
         self.own_writes.clear()
+        self.stale_restate.clear()
         self.state = LinkState.CONNECTING
         self.timers.connecting(time.monotonic())
 

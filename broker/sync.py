@@ -119,6 +119,15 @@ class ShardSync(ShardReceiver):
         mine = link.own_writes.get(name, 0) if theirs else 0
         if pv.ring is None and mine > link.writes_applied:
             return True
+        if reset and not req and name in link.stale_restate:
+            link.stale_restate.discard(name)
+            if pv.ring is None:
+                return True  # the later WRITE, shown already, replaces it at the shard too
+            # A buffer: the refused elements go, and ours after them come again with the
+            # buffer read once more (the answer waits for the WRITEs queued before it).
+            pv.apply(data, stamp, append=True, reset=True)
+            self._follow(link, name)
+            return True
         if not req:
             self.others = True
         pv.apply(data, stamp, append=pv.ring is not None, reset=reset)
@@ -149,6 +158,11 @@ class ShardSync(ShardReceiver):
 
     def _reject(self, link: ShardLink, msg: Reject) -> None:
         log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
+        waiting = self.requests.waiter(link.index, msg.req)
+        # A refused WRITE is followed by the PV as the shard holds it then; a later WRITE
+        # of ours to it, which the mirror shows, comes after that at the shard.
+        if waiting is not None and 0 < waiting.write < link.own_writes.get(msg.name, 0):
+            link.stale_restate.add(msg.name)
         self._shard_refused(link, msg)
         self.requests.finish(link.index, msg.req, False)
 
