@@ -75,7 +75,7 @@ class Forwarder:
             )
             link.queue_write(pv.name, req, stamp, data, expires)
             # Its place: a refusal's restatement is older than a later WRITE (ShardSync).
-            self.requests.unanswered[link.index][req].write = link.writes
+            link.write_places[req] = link.writes
         pv.apply(data, stamp, append=pv.ring is not None, owned=True)
         return True
 

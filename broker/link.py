@@ -78,6 +78,9 @@ class ShardLink:
         #: PVs whose coming restatement (after a refused WRITE) predates a later WRITE of
         #: this connection's own, which the mirror shows already (see ShardSync._reject).
         self.stale_restate: set[str] = set()
+        #: The place among this connection's WRITEs of each WRITE with a request number,
+        #: until the shard answers it (an ACK, or a REJECT even past its deadline).
+        self.write_places: dict[int, int] = {}
 
     @property
     def state(self) -> LinkState:
@@ -107,6 +110,7 @@ class ShardLink:
         self.writes = self.writes_applied = 0  # the shard counts per connection
         self.own_writes.clear()
         self.stale_restate.clear()
+        self.write_places.clear()
         self.state = LinkState.CONNECTING
         self.timers.connecting(time.monotonic())
 

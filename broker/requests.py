@@ -40,8 +40,6 @@ class Request:
     client: tuple[str, str] | None = None
     #: Its failure is nobody's error (a FOLLOW: a read that waited for it goes on).
     quiet: bool = False
-    #: A WRITE's place among its connection's WRITEs (ShardLink.writes); 0 for others.
-    write: int = 0
 
 
 @dataclass(slots=True)

@@ -148,6 +148,7 @@ class ShardSync(ShardReceiver):
             link.own_writes.clear()
 
     def _ack(self, link: ShardLink, msg: Ack) -> None:
+        link.write_places.pop(msg.req, None)
         self.requests.finish(link.index, msg.req, True)
 
     def _field_changed(self, link: ShardLink, msg: FieldChanged) -> None:
@@ -158,10 +159,10 @@ class ShardSync(ShardReceiver):
 
     def _reject(self, link: ShardLink, msg: Reject) -> None:
         log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
-        waiting = self.requests.waiter(link.index, msg.req)
         # A refused WRITE is followed by the PV as the shard holds it then; a later WRITE
         # of ours to it, which the mirror shows, comes after that at the shard.
-        if waiting is not None and 0 < waiting.write < link.own_writes.get(msg.name, 0):
+        place = link.write_places.pop(msg.req, 0) if msg.req else 0
+        if 0 < place < link.own_writes.get(msg.name, 0):
             link.stale_restate.add(msg.name)
         self._shard_refused(link, msg)
         self.requests.finish(link.index, msg.req, False)
