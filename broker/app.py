@@ -76,7 +76,8 @@ class Broker:
         self.forward_field = self.forwarder.field
         self.forward_delete = self.forwarder.delete
         self.pvlist = PvListPV(self, config.pvlist_name, config.pvlist_count)
-        self.delpv = DelPvPV(self, config.delpv_name, config.max_name_length)
+        # Room for the terminating NUL a client may send after the longest name.
+        self.delpv = DelPvPV(self, config.delpv_name, config.max_name_length + 1)
         self.controls = {self.pvlist.name: self.pvlist, self.delpv.name: self.delpv}
         #: Every shard has been in sync once: the relay serves.
         self.ready = False

@@ -116,6 +116,17 @@ def test_delpv_deletes_and_the_name_can_be_created_again(relay, ca):
     assert buf not in pvlist(relay)
 
 
+def test_delpv_takes_the_longest_name_with_its_terminator(relay, ca):
+    """A name of max_name_length characters, sent with the NUL that pyepics and
+    caput -S add: delpv has room for both."""
+    stem = "x" * (128 - len(relay.prefix) - len("_f1"))  # 128: the default max_name_length
+    name = f"{relay.prefix}{stem}_f1"
+    put(name, 1.0)
+    assert name in pvlist(relay)
+    assert write_status(connect(ca, relay.prefix + "delpv"), name.encode() + b"\0").success
+    assert name not in pvlist(relay)
+
+
 @pytest.mark.parametrize(
     "what", ["never existed", "provisional", "already deleted", "not a PV name"]
 )
