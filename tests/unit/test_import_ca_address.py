@@ -8,13 +8,13 @@ test_status_brokers.py.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from carelay.common.config import load_config
 from carelay.supervisor.transfer import _ca_environment, find_relay
-from tests.unit.test_status_view import OLD, stand_ins, write
+from tests.unit.test_status_brokers import files
+from tests.unit.test_status_view import stand_ins
 
 CA_VARIABLES = (
     "EPICS_CA_ADDR_LIST",
@@ -37,30 +37,6 @@ def environment(monkeypatch):
     for name in CA_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
-
-
-def files(run, pids, doors, ready=None) -> None:
-    """A running relay whose broker k serves CA at ``doors[k]``: (interfaces, port), or
-    (None, port) for a status file without its door."""
-    sup, shard, *brokers = pids
-    now = time.time()
-    names = ["broker", *(f"broker {k}" for k in range(1, len(brokers)))]
-    procs = [{"name": "shard 0", "pid": shard, "state": "running", "uptime": OLD, "restarts": 0}]
-    procs += [
-        {"name": n, "pid": pid, "state": "running", "uptime": OLD, "restarts": 0}
-        for n, pid in zip(names, brokers, strict=True)
-    ]
-    config = {"prefix": "X:", "shards": 1, "max_elements": 10, "max_name_length": 64}
-    write(run / "supervisor.json", pid=sup, written=now, uptime=OLD, config=config,
-          processes=procs)  # fmt: skip
-    for k, (pid, (interfaces, port)) in enumerate(zip(brokers, doors, strict=True)):
-        door = None
-        if interfaces is not None:
-            door = {"index": k, "interfaces": interfaces, "clients": 0, "put_rate": 0.0}
-        write(run / ("broker.json" if k == 0 else f"broker-{k}.json"), pid=pid, written=now,
-              ready=True if ready is None else ready[k], ca_port=port, door=door,
-              shards=[{"index": 0, "state": "live"}])  # fmt: skip
-    write(run / "shard-0.json", pid=shard, written=now, pvs=3)
 
 
 def searched(config) -> tuple[str, str, str]:
@@ -98,7 +74,7 @@ def test_the_search_goes_where_the_broker_serves(
 ):
     if shell is not None:
         environment.setenv("EPICS_CAS_INTF_ADDR_LIST", shell)
-    files(config.run_dir, one_broker, [(interfaces, 5071)])
+    files(config.run_dir, one_broker, doors=[(interfaces, 5071)])
     assert searched(config) == (address, "5071", "NO")
 
 
@@ -110,13 +86,14 @@ def test_a_broker_that_does_not_say_its_door_is_searched_as_before(
 ):
     if shell is not None:
         environment.setenv("EPICS_CAS_INTF_ADDR_LIST", shell)
-    files(config.run_dir, one_broker, [(None, 5071)])
+    files(config.run_dir, one_broker, doors=[(None, 5071)])
     assert searched(config) == (address, "5071", "NO")
 
 
 def test_with_several_brokers_a_ready_one_is_searched(config, environment):
     with stand_ins("up", "shard", "broker", "broker") as pids:
-        files(config.run_dir, pids, [(["10.0.1.5"], 5071), (["10.0.2.5"], 5072)])
+        doors = [(["10.0.1.5"], 5071), (["10.0.2.5"], 5072)]
+        files(config.run_dir, pids, doors=doors)
         assert searched(config) == ("10.0.1.5", "5071", "NO")
-        files(config.run_dir, pids, [(["10.0.1.5"], 5071), (["10.0.2.5"], 5072)], (False, True))
+        files(config.run_dir, pids, (False, True), doors=doors)
         assert searched(config) == ("10.0.2.5", "5072", "NO")

@@ -29,10 +29,17 @@ def config(tmp_path):
     return config
 
 
-def files(run: Path, pids, ready=(True, True), links=("live", "live")) -> None:
+def files(run: Path, pids, ready=None, links=None, doors=None) -> None:
+    """A running relay's status files: the supervisor, shard 0 and broker k of
+    ``pids[2:]``, ready or not (``ready[k]``, default all), its link to the shard in
+    state ``links[k]`` (default live), serving CA at ``doors[k]``: (interfaces, port),
+    or (None, port) for a status file without its door (default 10.0.k+1.5:5064+k)."""
     sup, shard, *brokers = pids
     now = time.time()
-    names = ("broker", "broker 1")
+    ready = ready or (True,) * len(brokers)
+    links = links or ("live",) * len(brokers)
+    doors = doors or [([f"10.0.{k + 1}.5"], 5064 + k) for k in range(len(brokers))]
+    names = ["broker", *(f"broker {k}" for k in range(1, len(brokers)))]
     procs = [{"name": "shard 0", "pid": shard, "state": "running", "uptime": OLD, "restarts": 0}]
     procs += [
         {"name": n, "pid": pid, "state": "running", "uptime": OLD, "restarts": 0}
@@ -41,10 +48,12 @@ def files(run: Path, pids, ready=(True, True), links=("live", "live")) -> None:
     config = {"prefix": "X:", "shards": 1, "max_elements": 10, "max_name_length": 64}
     write(run / "supervisor.json", pid=sup, written=now, uptime=OLD, config=config,
           processes=procs)  # fmt: skip
-    for k, pid in enumerate(brokers):
-        door = {"index": k, "interfaces": [f"10.0.{k + 1}.5"], "clients": 3 + k, "put_rate": 0.0}
+    for k, (pid, (interfaces, port)) in enumerate(zip(brokers, doors, strict=True)):
+        door = None
+        if interfaces is not None:
+            door = {"index": k, "interfaces": interfaces, "clients": 3 + k, "put_rate": 0.0}
         write(run / ("broker.json" if k == 0 else f"broker-{k}.json"), pid=pid, written=now,
-              ready=ready[k], ca_port=5064 + k, door=door,
+              ready=ready[k], ca_port=port, door=door,
               shards=[{"index": 0, "state": links[k]}])  # fmt: skip
     write(run / "shard-0.json", pid=shard, written=now, pvs=3)
 
