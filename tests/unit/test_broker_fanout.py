@@ -38,11 +38,11 @@ def _drain(sock: zmq.Socket) -> list:
     return out
 
 
-def _created(broker, box: dict) -> list:
-    """Script steps: this broker creates NAME (its RelayPV in ``box["pv"]``)."""
+def _created(broker, box: dict, name: str = NAME) -> list:
+    """Script steps: this broker creates ``name`` (its RelayPV in ``box["pv"]``)."""
 
     def create() -> bool:
-        pv = box["pv"] = broker.attach(NAME)
+        pv = box["pv"] = broker.attach(name)
         assert broker.forward_put(pv, np.array([1.0]), None)
         return True
 
@@ -129,11 +129,6 @@ def test_appends_of_two_front_ends_to_one_buffer_keep_the_shards_order(pair):
     box = {}
     buf = f"{PREFIX}buf_F6"
 
-    def create() -> bool:
-        pv = box["pv"] = broker.attach(buf)
-        assert broker.forward_put(pv, np.array([1.0]), None)
-        return True
-
     def both_append() -> bool:
         other.send_multipart(encode_batch([Write(buf, 0, 0.0, np.array([10.0]))]))
         wait = time.monotonic() + 5
@@ -155,8 +150,7 @@ def test_appends_of_two_front_ends_to_one_buffer_keep_the_shards_order(pair):
 
     script.steps = [
         lambda: broker.links[0].live,
-        create,
-        lambda: box["pv"].real and not broker.requests.in_flight(box["pv"]),
+        *_created(broker, box, buf),
         lambda: join(other, shard),
         both_append,
         in_order,
