@@ -13,21 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from carelay.broker.app import Broker
-from carelay.common.config import load_config
-from carelay.shard.server import ShardServer
-from tests.unit.scripted_cas import Script, serve_in_thread
-
-PREFIX = "H:"
-
-
-class _Notify:
-    def __init__(self) -> None:
-        self.ok: bool | None = None
-
-    def complete(self, ok: bool) -> None:
-        assert self.ok is None, "completed twice"
-        self.ok = ok
+# make_hop: a Broker on a script and a real shard in a thread (a fixture).
+from tests.unit.test_broker_hop import PREFIX, Notify, make_hop  # noqa: F401
 
 
 @pytest.mark.parametrize(
@@ -38,15 +25,15 @@ class _Notify:
     ],
 )
 def test_a_plain_put_after_a_refused_one_stays_in_the_mirror(
-    tmp_path, name, first, refused, later, held
+    make_hop,  # noqa: F811 - the fixture imported above
+    name,
+    first,
+    refused,
+    later,
+    held,
 ):
-    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path))
-    shard = ShardServer(config, 0, db=None)
-    shard.bind()
-    stop_shard = serve_in_thread(shard)
-    script = Script()
-    broker = Broker(config, script)
-    box, notify = {}, _Notify()
+    broker, shard, script = make_hop()
+    box, notify = {}, Notify()
 
     def create() -> bool:
         pv = box["pv"] = broker.attach(name)
@@ -62,7 +49,7 @@ def test_a_plain_put_after_a_refused_one_stays_in_the_mirror(
     def settled() -> bool:
         pv = box["pv"]
         return (
-            notify.ok is not None
+            notify.result is not None
             and shard.store.get(name).tolist() == held
             and not broker.requests.in_flight(pv)
             and pv.contents().tolist() == held
@@ -75,12 +62,6 @@ def test_a_plain_put_after_a_refused_one_stays_in_the_mirror(
         refused_then_plain,
         settled,
     ]
-    try:
-        broker.run(script.stop)
-    finally:
-        for link in broker.links:
-            link.close(linger=0)
-        stop_shard()
-        shard.close()
-    assert notify.ok is False
+    broker.run(script.stop)
+    assert notify.result is False
     assert box["pv"].contents().tolist() == held
