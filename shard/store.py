@@ -60,15 +60,14 @@ class StoredPv:
 class _Undo:
     """How to undo one PV's changes that wait for their commit (see ``rollback_unsaved``).
 
-    A creation or deletion (``whole``) takes the PV back to ``before`` (None: it did not
-    exist), as it stood just before that change, number ``seq``; it undoes every later
-    change of the PV with it.  Field changes before any such change only bring back the
-    fields (``fields``): the value puts around them stay applied, as acknowledged.
+    A creation or deletion, change number ``seq`` (0: neither happened), takes the PV back
+    to ``before`` (None: it did not exist), as it stood just before that change; it undoes
+    every later change of the PV with it.  Field changes before any such change only bring
+    back the fields (``fields``): the value puts around them stay applied, as acknowledged.
     """
 
-    whole: bool = False
-    before: StoredPv | None = None
     seq: int = 0
+    before: StoredPv | None = None
     fields: Mapping[str, Any] | None = None
     #: Created again after its deletion here: a front-end may have written to the new PV
     #: through its mirror, so the one brought back is restated to all.
@@ -213,7 +212,7 @@ class ShardStore:
         except FieldError as e:
             raise Rejected(str(e)) from None
         undo = self._unsaved.setdefault(name, _Undo())
-        if not undo.whole and undo.fields is None:
+        if not undo.seq and undo.fields is None:
             undo.fields = pv.fields  # never changed in place: a change makes a new dict
         pv.fields = {**pv.fields, field_name: value}
         pv.effective = None
@@ -246,8 +245,8 @@ class ShardStore:
         undone, it goes back to ``before``, unless an earlier creation or deletion not yet
         durable takes it back further."""
         undo = self._unsaved.setdefault(name, _Undo())
-        if not undo.whole:
-            undo.whole, undo.before, undo.seq = True, before, self.seq
+        if not undo.seq:
+            undo.seq, undo.before = self.seq, before
         elif before is None and undo.before is not None:
             undo.recreated = True
 
@@ -324,9 +323,8 @@ class ShardStore:
         restate = [name for name, undo in self._unsaved.items() if undo.recreated]
         for name, undo in self._unsaved.items():
             pv = self._pvs.get(name)
-            undone[name] = None
-            if undo.whole:
-                undone[name] = undo.seq
+            undone[name] = undo.seq or None
+            if undo.seq:
                 pv = undo.before
                 if pv is None:
                     self._pvs.pop(name, None)
