@@ -74,8 +74,6 @@ class Forwarder:
                 link.index, None, pv.name, notify, self.broker.client()
             )
             link.queue_write(pv.name, req, stamp, data, expires)
-            # Its place: a refusal's restatement is older than a later WRITE (ShardSync).
-            link.write_places[req] = link.writes
         pv.apply(data, stamp, append=pv.ring is not None, owned=True)
         return True
 

@@ -180,6 +180,8 @@ class ShardLink:
         earliest of its Writes'."""
         self.writes += 1
         self.own_writes[name] = self.writes
+        if req:  # its place: a refusal's restatement is older than a later WRITE (ShardSync)
+            self.write_places[req] = self.writes
         self.urgent = self.urgent or name in self.wanted
         if data.shape[0] != 1:
             self.queue(Write(name, req, stamp, data, expires if req else 0.0))
