@@ -353,7 +353,9 @@ class Health:
         young = now - self.started_mono < broker.startup_grace
         shards = []
         clocks = broker.requests.clocks
-        failing = self.peers.failing_shards() if self.peers else set()
+        # Only a shard not in sync can be failing: no file read while all are.
+        down = not all(link.live for link in broker.links)
+        failing = self.peers.failing_shards() if self.peers and down else set()
         for k, link in enumerate(broker.links):
             figs = self.shards[k]
             error = broker.store_errors[k]
