@@ -7,6 +7,11 @@ by itself for want of write access: the channel names a client asks for (CREATE_
 the server ids PCAS gives them (its CREATE_CHAN reply), the rights it tells the client
 (ACCESS_RIGHTS).  A WRITE or WRITE_NOTIFY to a channel without write access is then one
 dictionary look-up away; on a circuit whose channels all have it, one empty-dict test.
+
+Both also count the circuit's channels, each from the CREATE_CHAN that asks for it until
+PCAS refuses it (CREATE_CH_FAIL), confirms its clearing (CLEAR_CHANNEL) or drops it
+(SERVER_DISCONN, its PV deleted): a CREATE_CHAN past the circuit's limit is never read.
+Counted by requests, not by the client's channel ids, which PCAS does not check.
 """
 
 from __future__ import annotations
@@ -48,6 +53,14 @@ def _extended(header) -> bool:
 
 class UnfollowableStream(Exception):
     """A HOST_NAME message that can be neither rewritten nor turned into an ignored one."""
+
+
+class TooManyChannels(Exception):
+    """A CREATE_CHAN past the circuit's limit of channels."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit} channels on one circuit (max_channels)")
+        self.limit = limit
 
 
 class StreamWalker:
@@ -124,18 +137,40 @@ class StreamWalker:
 
 
 class Channels:
-    """What both streams of one circuit learn of its channels and its client."""
+    """What both streams of one circuit learn of its channels and its client.  Without
+    ``denied`` only the channels are counted: nothing else needs their names and rights.
+    ``limit``: most channels the circuit may hold; None: not bounded."""
 
-    def __init__(self, address: str, denied: DeniedPut | None = None) -> None:
+    def __init__(
+        self, address: str, denied: DeniedPut | None = None, limit: int | None = None
+    ) -> None:
         #: The circuit's peer address; the user its client claims.
         self.address = address
         self.user = ""
         self.on_denied = denied
+        self.tracked = denied is not None
+        self.limit = limit
+        #: CREATE_CHANs read that PCAS has not answered yet.
+        self.pending = 0
         self.names: dict[int, str] = {}  # cid -> channel name, while the channel lasts
         self.sids: dict[int, int] = {}  # cid -> sid
+        #: sid -> cid of each channel PCAS holds.  By sid, as PCAS finds a channel to
+        #: clear: it confirms the clearing of an id it does not know too.
+        self.cids: dict[int, int] = {}
         self.read_only: set[int] = set()  # cids without write access
         #: sid -> cid of the channels without write access (empty on most circuits).
         self.denied: dict[int, int] = {}
+
+    @property
+    def open(self) -> int:
+        """Channels PCAS holds for the circuit or is asked for."""
+        return self.pending + len(self.cids)
+
+    def asked(self) -> None:
+        """A CREATE_CHAN is read; TooManyChannels if it is one past the limit."""
+        self.pending += 1
+        if self.limit is not None and self.pending + len(self.cids) > self.limit:
+            raise TooManyChannels(self.limit)
 
     def rights(self, cid: int, rights: int) -> None:
         sid = self.sids.get(cid)
@@ -149,11 +184,32 @@ class Channels:
                 self.denied[sid] = cid
 
     def created(self, cid: int, sid: int) -> None:
+        """PCAS made channel ``sid`` for the client's ``cid``."""
+        self.pending = max(0, self.pending - 1)
+        self.cids[sid] = cid
         self.sids[cid] = sid
         if cid in self.read_only:
             self.denied[sid] = cid
 
-    def gone(self, cid: int) -> None:
+    def failed(self, cid: int) -> None:
+        """PCAS refused the channel asked for as ``cid``."""
+        self.pending = max(0, self.pending - 1)
+        self._forget(cid)
+
+    def dropped(self, cid: int) -> None:
+        """PCAS dropped the channel the client knows as ``cid`` (its PV is gone)."""
+        sid = self.sids.get(cid)
+        if sid is not None:
+            self.cids.pop(sid, None)
+        self._forget(cid)
+
+    def cleared(self, sid: int) -> None:
+        """PCAS confirms the clearing of channel ``sid``."""
+        cid = self.cids.pop(sid, None)
+        if cid is not None and self.sids.get(cid) == sid:
+            self._forget(cid)
+
+    def _forget(self, cid: int) -> None:
         self.names.pop(cid, None)
         self.read_only.discard(cid)
         sid = self.sids.pop(cid, None)
@@ -186,15 +242,16 @@ class ClientStream(StreamWalker):
             if self.channels.denied:
                 self.channels.put_seen(p1, command == CA_PROTO_WRITE_NOTIFY)
             return False
+        if command == CA_PROTO_CREATE_CHAN:
+            self.channels.asked()
+            if not self.channels.tracked:
+                return False
         if command in (CA_PROTO_CREATE_CHAN, CA_PROTO_CLIENT_NAME):
             self._kind, self._cid = command, p1
             self._kept.clear()
             if size == 0:
                 self._kept_whole()
             return size > 0
-        if command == CA_PROTO_CLEAR_CHANNEL:
-            self.channels.gone(p2)
-            return False
         if command != CA_PROTO_HOST_NAME or self.host is None:
             return False
         if size == 0:
@@ -238,12 +295,18 @@ class ServerStream(StreamWalker):
         self.channels = channels
 
     def _message(self, command, size, p1, p2, buf, at) -> bool:
+        channels = self.channels
         if command == CA_PROTO_ACCESS_RIGHTS:
-            self.channels.rights(p1, p2)
+            if channels.tracked:
+                channels.rights(p1, p2)
         elif command == CA_PROTO_CREATE_CHAN:
-            self.channels.created(p1, p2)
-        elif command in (CA_PROTO_CREATE_CH_FAIL, CA_PROTO_SERVER_DISCONN):
-            self.channels.gone(p1)
+            channels.created(p1, p2)
+        elif command == CA_PROTO_CLEAR_CHANNEL:
+            channels.cleared(p1)
+        elif command == CA_PROTO_CREATE_CH_FAIL:
+            channels.failed(p1)
+        elif command == CA_PROTO_SERVER_DISCONN:
+            channels.dropped(p1)
         return False
 
 

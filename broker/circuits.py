@@ -19,6 +19,9 @@ Which circuits go (``choose_closures``, a pure function):
   after connecting (a CA client speaks at once: they are no clients yet), then the
   newest (refused).
 
+A circuit that asks for more than ``max_channels`` channels is closed where its streams
+are followed (broker/sockethooks.py); its closure is logged here with the others.
+
 PCAS never selects descriptors from FD_SETSIZE on, so the broker keeps its soft
 RLIMIT_NOFILE at FD_SETSIZE (common/lifecycle.py's ``fit_fd_limit``, lowered where it is
 higher, raised where it is lower): a circuit PCAS accepts is one it can
@@ -231,7 +234,7 @@ class CircuitMonitor:
         self.descriptors = 0
         #: Bytes the CA circuits have received, summed at the last scan.
         self.received = 0
-        self._tallies = {k: _Tally() for k in ("idle", "stalled", "silent", "refused")}
+        self._tallies = {k: _Tally() for k in ("idle", "stalled", "silent", "refused", "channels")}
         self._tallies["buffers"] = _Tally(level=logging.INFO)  # accounting, not a fault
         #: The large CA buffers PCAS holds for the circuits (EPICS_CA_MAX_ARRAY_BYTES).
         self.buffers = PinnedBuffers(array_bytes)
@@ -283,6 +286,15 @@ class CircuitMonitor:
         for tally in self._tallies.values():
             tally.flush(now)
         self._lowest = self._lowest_free()
+
+    def too_many_channels(self, address: str, limit: int) -> None:
+        """A circuit from ``address`` was closed for asking for more than ``limit``
+        channels."""
+        self._tallies["channels"].event(
+            self.clock(),
+            f"closed CA circuit from {address or 'an unknown address'}: asked for more "
+            f"than {limit} channels (max_channels)",
+        )
 
     def _line(self, c: Circuit, why: str) -> str:
         lim = self.limits

@@ -53,34 +53,38 @@ def run_broker(config: Config, index: int = 0) -> int:
     fd_limit = fit_fd_limit(FD_SETSIZE)
     # libca/PCAS read this when the server is made: large arrays need it.
     os.environ["EPICS_CA_MAX_ARRAY_BYTES"] = str(config.ca_max_array_bytes)
-    from pcaspy import cas
+    from pcaspy import _cas, cas
 
+    from carelay.broker import sockethooks
     from carelay.broker.casserver import RelayServer
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
-    followed = False
-    if config.access_security is not None:
+    acf = config.access_security is not None
+    # The CA streams are followed to bound each circuit's channels, and with access
+    # security for the rewrite of access by address and to see the puts that PCAS
+    # refuses by itself.
+    followed = True
+    try:
+        sockethooks.install(_cas.__file__, acf and config.access_by_ip, config.channel_limit)
+    except (OSError, RuntimeError, ValueError, struct.error) as e:
+        if acf and config.access_by_ip:
+            log.error(
+                "broker cannot start: access_by_ip cannot be enforced with this pcaspy "
+                "(%s); set access_by_ip = false to match claimed host names",
+                e,
+            )
+            return exits.REFUSED
+        log.warning(
+            "the channels of a CA circuit are not bounded%s: %s",
+            ", and puts refused by access security not recorded" if acf else "",
+            e,
+        )
+        followed = False
+    if acf:
         # Every relay PV joins access_group; pcaspy's channels then check each
         # read and write (and so each creation, which is a write) against the file.
-        from pcaspy import _cas
+        from carelay.broker import access
 
-        from carelay.broker import access, sockethooks
-
-        # The CA streams are followed for the rewrite of access by address, and to see
-        # the puts that PCAS refuses by itself.
-        followed = True
-        try:
-            sockethooks.install(_cas.__file__, config.access_by_ip)
-        except (OSError, RuntimeError, ValueError, struct.error) as e:
-            if config.access_by_ip:
-                log.error(
-                    "broker cannot start: access_by_ip cannot be enforced with this pcaspy "
-                    "(%s); set access_by_ip = false to match claimed host names",
-                    e,
-                )
-                return exits.REFUSED
-            log.warning("puts refused by access security will not be recorded: %s", e)
-            followed = False
         if not access.load_rules(cas, config.access_security, config.access_by_ip, config.run_dir):
             log.error(
                 "broker cannot start: access security file %s is invalid", config.access_security
@@ -110,13 +114,11 @@ def run_broker(config: Config, index: int = 0) -> int:
         config.run_dir, config.brokers, index, all_here=here, pva=config.pva
     )
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
-    if followed:
-        from carelay.broker.sockethooks import DeniedPuts, watch_denied
-
-        broker.denied_puts = DeniedPuts(
+    if followed and acf:
+        broker.denied_puts = sockethooks.DeniedPuts(
             broker.access_denied, lambda: broker.health.count_refusal("access")
         )
-        watch_denied(broker.denied_puts.denied)
+        sockethooks.watch_denied(broker.denied_puts.denied)
 
     def reload_asked(_signum, _frame) -> None:
         broker.reload_due = True
@@ -144,6 +146,7 @@ def run_broker(config: Config, index: int = 0) -> int:
             )
     broker.loop.wait = _select_hook()
     broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit)
+    sockethooks.watch_channel_limit(broker.circuits.too_many_channels)
     broker.circuits.buffers.watch(free_list)
     log.debug("started (pid %d)", os.getpid())
     settle_gc()
@@ -202,10 +205,12 @@ def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> Circuit
         )
     log.info(
         "CA circuits: at most %d (max_clients), each pinning up to %d bytes of CA buffers "
-        "(%d MiB in all); closed after %g s of silence (client_idle_timeout)",
+        "(%d MiB in all), at most %d channels each (max_channels); closed after %g s of "
+        "silence (client_idle_timeout)",
         max_clients,
         config.circuit_bytes,
         max_clients * config.circuit_bytes >> 20,
+        config.channel_limit,
         config.client_idle_timeout,
     )
     limits = Limits(max_clients, config.client_idle_timeout)

@@ -11,7 +11,11 @@ followed (broker/castream.py) on their way into and out of PCAS:
   message that PCAS ignores;
 - with or without the rewrite, the puts that PCAS refuses by itself for want of write
   access, which never reach relay code, are handed to the callback of ``watch_denied``
-  (``DeniedPuts`` records them up to a rate).
+  (``DeniedPuts`` records them up to a rate);
+- with or without access security, each circuit's channels are counted, and a circuit
+  that asks for one past ``max_channels`` is closed before PCAS reads the request: each
+  channel holds memory in PCAS until it is cleared.  ``watch_channel_limit``'s callback
+  hears of each such closure.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from carelay.broker.castream import (
     ClientStream,
     DeniedPut,
     ServerStream,
+    TooManyChannels,
     UnfollowableStream,
 )
 from carelay.broker.got import find_slots, point_slots
@@ -37,7 +42,14 @@ from carelay.broker.logbudget import LogBudget
 from carelay.broker.refusals import shorten
 from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 
-__all__ = ["DeniedPuts", "install", "peer_address", "peer_token", "watch_denied"]
+__all__ = [
+    "DeniedPuts",
+    "install",
+    "peer_address",
+    "peer_token",
+    "watch_channel_limit",
+    "watch_denied",
+]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +71,10 @@ _hooks: list = []  # the installed callbacks, kept alive
 _rewrite_hosts = True
 #: Called for each refused put (see watch_denied).
 _on_denied: DeniedPut | None = None
+#: Most channels one circuit may hold; None: not bounded.
+_max_channels: int | None = None
+#: Called with the peer address of each circuit closed for too many channels.
+_on_channel_limit: Callable[[str, int], None] | None = None
 
 
 def _set_errno(value: int) -> None:
@@ -96,6 +112,13 @@ def watch_denied(callback: DeniedPut | None) -> None:
     _on_denied = callback
 
 
+def watch_channel_limit(callback: Callable[[str, int], None] | None) -> None:
+    """Hand the peer address and the limit of each circuit closed for asking for more
+    than ``max_channels`` channels to ``callback`` (called from inside ``cas.process``)."""
+    global _on_channel_limit
+    _on_channel_limit = callback
+
+
 def _denied(name: str, user: str, address: str, notify: bool) -> None:
     callback = _on_denied
     if callback is None:
@@ -109,7 +132,7 @@ def _denied(name: str, user: str, address: str, notify: bool) -> None:
 
 def _follow(fd: int) -> tuple[ClientStream, ServerStream | None]:
     address = peer_address(fd)
-    channels = Channels(address, _denied)
+    channels = Channels(address, _denied if _on_denied is not None else None, _max_channels)
     host = _token(address) if _rewrite_hosts else None
     circuit = _circuits[fd] = (ClientStream(channels, host), ServerStream(channels))
     return circuit
@@ -124,7 +147,9 @@ def _recv(fd, buf, size, flags):
             circuit[0].feed(_view(buf, n))
         except Exception as e:
             # Never pass on what was not followed: the circuit is closed instead.
-            if isinstance(e, UnfollowableStream):
+            if isinstance(e, TooManyChannels):
+                _channel_limit(circuit[0].channels.address, e.limit)
+            elif isinstance(e, UnfollowableStream):
                 log.warning("closing a CA circuit (fd %d): %s", fd, e)
             else:
                 log.exception("cannot follow a CA circuit (fd %d); closing it", fd)
@@ -144,8 +169,10 @@ def _send(fd, buf, size, flags):
             try:
                 circuit[1].feed(_view(buf, n))
             except Exception:
-                # What was sent is sent: only the following of this circuit ends.
+                # What was sent is sent: only the following of this circuit ends, and its
+                # channels, whose ends go unseen, are no longer bounded.
                 log.exception("cannot follow what a CA circuit (fd %d) is sent", fd)
+                circuit[0].channels.limit = None
                 _circuits[fd] = (circuit[0], None)
     _set_errno(err)
     return n
@@ -160,13 +187,25 @@ def _accept(fd, addr, addrlen):
     return new
 
 
-def install(module_path: str, rewrite_hosts: bool = True) -> None:
+def _channel_limit(address: str, limit: int) -> None:
+    callback = _on_channel_limit
+    if callback is None:
+        return
+    try:
+        callback(address, limit)
+    except Exception:
+        log.exception("cannot record the closure of a circuit from %s", address)
+
+
+def install(module_path: str, rewrite_hosts: bool = True, max_channels: int | None = None) -> None:
     """Point the ``recv``, ``send`` and ``accept`` slots of the loaded extension
     ``module_path`` at this module's functions.  ``rewrite_hosts``: each HOST_NAME
-    becomes the peer address's token (access by address)."""
-    global _rewrite_hosts
+    becomes the peer address's token (access by address); ``max_channels``: the most
+    channels one circuit may hold (None: not bounded)."""
+    global _rewrite_hosts, _max_channels
     slots = find_slots(module_path, {"recv", "send", "accept"})
     _rewrite_hosts = rewrite_hosts
+    _max_channels = max_channels
     hooks = {"recv": _IO(_recv), "send": _IO(_send), "accept": _ACCEPT(_accept)}
     _hooks.extend(hooks.values())
     point_slots(module_path, slots, hooks)

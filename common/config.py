@@ -30,6 +30,7 @@ from carelay.common.defaults import (
     CA_BUFFER_SHARE,
     CA_LARGE_BUFFER_EXTRA,
     CA_SMALL_BUFFER,
+    CHANNELS_PER_PV,
     DEFAULT_ACCESS_BY_IP,
     DEFAULT_AUTOSAVE_PERIOD,
     DEFAULT_CLIENT_IDLE_TIMEOUT,
@@ -44,6 +45,7 @@ from carelay.common.defaults import (
     DEFAULT_SHARDS,
     MAX_CA_ARRAY_BYTES,
     MAX_IPC_PATH,
+    MIN_DEFAULT_CHANNELS,
     MIN_DEFAULT_CLIENTS,
 )
 from carelay.common.keys import is_loopback_endpoint
@@ -99,6 +101,8 @@ class Config:
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     #: Most CA circuits the broker holds; None: as many as fit below FD_SETSIZE.
     max_clients: int | None = None
+    #: Most channels one CA circuit holds; None: CHANNELS_PER_PV per PV of max_pvs.
+    max_channels: int | None = None
     #: Seconds after which a circuit whose client sends and acknowledges nothing is closed.
     client_idle_timeout: float = DEFAULT_CLIENT_IDLE_TIMEOUT
     #: Serve PV Access too: `carelay up` starts and watches `carelay pva`.
@@ -148,6 +152,14 @@ class Config:
         send buffer (taken by one large message each way, kept until the circuit closes,
         and then kept by PCAS for later circuits), and the small ones."""
         return 2 * (self.ca_max_array_bytes + CA_LARGE_BUFFER_EXTRA + CA_SMALL_BUFFER)
+
+    @property
+    def channel_limit(self) -> int:
+        """max_channels, or CHANNELS_PER_PV channels per PV of max_pvs (at least
+        MIN_DEFAULT_CHANNELS)."""
+        if self.max_channels is not None:
+            return self.max_channels
+        return max(MIN_DEFAULT_CHANNELS, CHANNELS_PER_PV * self.max_pvs)
 
     @property
     def memory_client_limit(self) -> int:

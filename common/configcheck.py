@@ -12,7 +12,13 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from carelay.common.defaults import BROKER_FD_HEADROOM, FD_SETSIZE, LOG_LEVELS, MAX_SHARDS
+from carelay.common.defaults import (
+    BROKER_FD_HEADROOM,
+    FD_SETSIZE,
+    LOG_LEVELS,
+    MAX_CHANNELS,
+    MAX_SHARDS,
+)
 from carelay.common.fields import FieldError, validate_defaults
 
 #: Longest unix socket path the kernel takes (sun_path is 108 bytes with its final NUL).
@@ -115,6 +121,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     "metrics_port": int,
     "metrics_address": str,
     "max_clients": int,
+    "max_channels": int,
     "client_idle_timeout": (int, float),
 }
 
@@ -164,6 +171,8 @@ def check_value(key: str, value: Any) -> Any:
             f"max_clients: must be from 1 to {FD_SETSIZE - BROKER_FD_HEADROOM} "
             f"(CA circuits live below FD_SETSIZE, {FD_SETSIZE}), got {value}"
         )
+    elif key == "max_channels" and not 1 <= value <= MAX_CHANNELS:
+        raise ConfigError(f"max_channels: must be from 1 to {MAX_CHANNELS}, got {value}")
     elif key == "client_idle_timeout":
         if isinstance(value, bool) or math.isnan(value) or not 1 <= value <= 86400:
             raise ConfigError(

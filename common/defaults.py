@@ -168,6 +168,13 @@ CLIENT_STALL_TIMEOUT = 60.0
 #: A circuit that has sent no byte this long (seconds) after connecting is no CA client
 #: yet: when circuits are over max_clients, such circuits go first.
 CLIENT_SILENT_GRACE = 1.0
+#: Default of max_channels, the most channels one CA circuit may hold: this many per PV
+#: the relay may hold (max_pvs), for a client that opens fields beside values ...
+CHANNELS_PER_PV = 4
+#: ... but never fewer than this.
+MIN_DEFAULT_CHANNELS = 1000
+#: Largest max_channels.
+MAX_CHANNELS = 10_000_000
 #: Seconds between two log lines about circuits refused or closed (counted meanwhile).
 CIRCUIT_LOG_INTERVAL = 10.0
 #: Seconds between two full scans of the broker's circuits while nothing changes.

@@ -45,6 +45,11 @@ _CONFIG_FLAGS: dict[str, dict] = {
         "help": "seconds between value flushes (1.0)",
     },
     "max_clients": {"type": int, "metavar": "N", "help": "most CA circuits the broker holds"},
+    "max_channels": {
+        "type": int,
+        "metavar": "N",
+        "help": "most channels one CA circuit holds (4 per PV of max_pvs)",
+    },
     "client_idle_timeout": {
         "type": float,
         "metavar": "S",

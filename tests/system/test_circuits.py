@@ -10,11 +10,14 @@ against the real relay:
 - a circuit that sends and acknowledges nothing for client_idle_timeout is closed,
   while clients that keep their circuits alive (sending, or receiving monitors) stay;
 - 90 circuits that stall in the middle of a large message cannot grow the broker
-  by more than max_clients large buffers, and are closed.
+  by more than max_clients large buffers, and are closed;
+- a circuit that asks for more than max_channels channels is closed, while one that
+  clears what it opens is served for ever.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import resource
@@ -25,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import caproto as ca
 import pytest
 
 from tests.system.clients import Context, close, connect, get, put
@@ -299,3 +303,82 @@ def test_stalled_large_messages_pin_bounded_memory_and_are_closed(make_relay):
     finally:
         for s in socks:
             s.close()
+
+
+class _RawCircuit:
+    """A CA circuit spoken by hand: requests as caproto writes them, the server's replies
+    counted by command (and the server id of each channel it makes kept)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", CA_PORT), timeout=5)
+        self.buf = bytearray()
+        self.seen: collections.Counter = collections.Counter()
+        self.sids: dict[int, int] = {}  # cid -> sid
+        self.send(
+            ca.VersionRequest(priority=0, version=13),
+            ca.HostNameRequest("raw"),
+            ca.ClientNameRequest("raw"),
+        )
+
+    def send(self, *commands) -> None:
+        self.sock.sendall(b"".join(bytes(c) for c in commands))
+
+    def create(self, name: str, cids) -> None:
+        self.send(*(ca.CreateChanRequest(name=name, cid=cid, version=13) for cid in cids))
+
+    def clear(self, cids) -> None:
+        self.send(*(ca.ClearChannelRequest(sid=self.sids[cid], cid=cid) for cid in cids))
+
+    def _take(self) -> None:
+        while len(self.buf) >= 16:
+            command, size, _t, _c, p1, p2 = struct.unpack_from("!HHHHII", self.buf)
+            if len(self.buf) < 16 + size:
+                return
+            if command == CA_PROTO_CREATE_CHAN:
+                self.sids[p1] = p2
+            self.seen[command] += 1
+            del self.buf[: 16 + size]
+
+    def wait(self, command: int, count: int, timeout: float = 10) -> None:
+        """Read until the server has sent ``count`` replies ``command`` in all."""
+        self.sock.settimeout(timeout)
+        while self.seen[command] < count:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("the relay closed the circuit")
+            self.buf += data
+            self._take()
+
+
+CA_PROTO_CLEAR_CHANNEL = 12
+CA_PROTO_CREATE_CHAN = 18
+
+
+def test_a_circuit_asking_for_more_than_max_channels_is_closed(make_relay):
+    """Opened and cleared by the hundred, a circuit's channels stay within max_channels and
+    it is served; the one channel past it closes the circuit, logged once, and nobody else
+    notices."""
+    relay = make_relay(shards=1, extra=["--max-channels", "40"])
+    name = relay.name("chan", "f1")
+    put(name, 2.5)
+    raw = _RawCircuit()
+    try:
+        for k in range(3):
+            cids = range(40 * k, 40 * (k + 1))
+            raw.create(name, cids)
+            raw.wait(CA_PROTO_CREATE_CHAN, 40 * (k + 1))
+            raw.clear(cids)
+            raw.wait(CA_PROTO_CLEAR_CHANNEL, 40 * (k + 1))
+        # A clearing of an id the server does not hold is confirmed too: no room made.
+        raw.create(name, range(200, 240))
+        raw.wait(CA_PROTO_CREATE_CHAN, 160)
+        raw.send(*(ca.ClearChannelRequest(sid=9_000_000 + k, cid=200) for k in range(5)))
+        raw.wait(CA_PROTO_CLEAR_CHANNEL, 125)
+        start = len(relay.log())
+        raw.create(name, [240])
+        assert _ends_within(raw.sock, 5), "a circuit past max_channels stayed open"
+    finally:
+        raw.sock.close()
+    wait_for(lambda: "asked for more than 40 channels" in relay.log()[start:], what="the log")
+    assert "(max_channels)" in relay.log()[start:]
+    assert get(name) == 2.5

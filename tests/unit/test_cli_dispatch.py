@@ -110,6 +110,7 @@ CHILD_FLAG_VALUES = {
     "max_bytes": "1000000",
     "autosave_period": "0.5",
     "max_clients": "16",
+    "max_channels": "5000",
     "client_idle_timeout": "60.0",
     "access_security": "-relay.acf",
     "access_by_ip": "false",

@@ -95,6 +95,7 @@ def test_a_channel_gone_is_forgotten():
     c.open("R:a_f1", cid=1, sid=11, rights=1)
     c.open("R:b_f1", cid=2, sid=12, rights=1)
     c.client(ca.ClearChannelRequest(sid=11, cid=1))
+    c.server(ca.ClearChannelResponse(sid=11, cid=1))
     c.server(ca.ServerDisconnResponse(cid=2))
     c.client(ca.CreateChanRequest(name="R:c_f1", cid=3, version=13))
     c.server(ca.AccessRightsResponse(cid=3, access_rights=1), ca.CreateChFailResponse(cid=3))

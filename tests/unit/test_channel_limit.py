@@ -1,0 +1,140 @@
+"""Each CA circuit's channels, counted from both of its streams (broker/castream.py): a
+CREATE_CHAN past ``max_channels`` is never read, and only what PCAS confirms frees room."""
+
+from __future__ import annotations
+
+import caproto as ca
+import pytest
+
+from carelay.broker.castream import Channels, ClientStream, ServerStream, TooManyChannels
+from carelay.common.config import load_config
+
+DOUBLE = ca.ChannelType.DOUBLE
+
+
+class Circuit:
+    def __init__(self, limit: int, denied: bool = False, cut: int = 0) -> None:
+        self.channels = Channels("10.0.0.7", (lambda *a: None) if denied else None, limit)
+        self.reads = ClientStream(self.channels)
+        self.writes = ServerStream(self.channels)
+        self.cut = cut
+
+    def _feed(self, stream, *commands) -> None:
+        data = b"".join(bytes(c) for c in commands)
+        cuts = [self.cut] if 0 < self.cut < len(data) else []
+        start = 0
+        for end in [*cuts, len(data)]:
+            stream.feed(bytearray(data[start:end]))
+            start = end
+
+    def ask(self, cid: int, name: str = "R:x_f1") -> None:
+        self._feed(self.reads, ca.CreateChanRequest(name=name, cid=cid, version=13))
+
+    def made(self, cid: int, sid: int) -> None:
+        self._feed(
+            self.writes,
+            ca.AccessRightsResponse(cid=cid, access_rights=3),
+            ca.CreateChanResponse(data_type=DOUBLE, data_count=1, cid=cid, sid=sid),
+        )
+
+    def open(self, cid: int, sid: int) -> None:
+        self.ask(cid)
+        self.made(cid, sid)
+
+    def clear(self, cid: int, sid: int, confirmed: bool = True) -> None:
+        self._feed(self.reads, ca.ClearChannelRequest(sid=sid, cid=cid))
+        if confirmed:
+            self._feed(self.writes, ca.ClearChannelResponse(sid=sid, cid=cid))
+
+
+@pytest.mark.parametrize("cut", [0, 1, 15, 16, 17, 30])
+@pytest.mark.parametrize("denied", [False, True])
+def test_the_channel_past_the_limit_is_refused_however_the_stream_is_cut(cut, denied):
+    c = Circuit(3, denied, cut)
+    for k in range(3):
+        c.open(cid=k, sid=100 + k)
+    with pytest.raises(TooManyChannels, match=r"more than 3 channels .*max_channels"):
+        c.ask(cid=3)
+
+
+def test_requests_not_yet_answered_count():
+    """A client that sends its CREATE_CHANs in one burst is stopped within the burst."""
+    c = Circuit(2)
+    c.ask(1)
+    c.ask(2)
+    with pytest.raises(TooManyChannels):
+        c.ask(3)
+
+
+def test_cleared_channels_make_room_for_ever():
+    c = Circuit(2)
+    for k in range(50):
+        c.open(cid=k, sid=1000 + k)
+        c.clear(cid=k, sid=1000 + k)
+    c.open(cid=98, sid=2098)
+    c.open(cid=99, sid=2099)
+    assert c.channels.open == 2
+
+
+def test_a_clearing_pcas_has_not_confirmed_makes_no_room():
+    c = Circuit(2)
+    c.open(1, 11)
+    c.open(2, 12)
+    c.clear(1, 11, confirmed=False)
+    with pytest.raises(TooManyChannels):
+        c.ask(3)
+
+
+def test_clearing_ids_that_pcas_does_not_hold_makes_no_room():
+    """PCAS confirms the clearing of an unknown id too: that is no channel gone."""
+    c = Circuit(2)
+    c.open(1, 11)
+    c.open(2, 12)
+    for sid in (13, 14, 99):
+        c.clear(1, sid)  # a real cid, a made-up sid
+    with pytest.raises(TooManyChannels):
+        c.ask(3)
+
+
+def test_refused_and_dropped_channels_make_room():
+    c = Circuit(2)
+    c.open(1, 11)
+    c.ask(2)
+    c._feed(c.writes, ca.CreateChFailResponse(cid=2))
+    c.ask(3)
+    c.made(3, 13)
+    c._feed(c.writes, ca.ServerDisconnResponse(cid=1))  # its PV deleted
+    assert c.channels.open == 1
+    c.open(4, 14)
+    with pytest.raises(TooManyChannels):
+        c.ask(5)
+
+
+def test_a_client_id_used_twice_counts_twice():
+    """PCAS makes a channel for each CREATE_CHAN, whatever its client id."""
+    c = Circuit(2)
+    c.open(1, 11)
+    c.open(1, 12)
+    with pytest.raises(TooManyChannels):
+        c.ask(1)
+
+
+def test_without_access_security_no_name_is_kept():
+    c = Circuit(10)
+    c.open(1, 11)
+    assert c.channels.names == {}
+    assert c.channels.open == 1
+
+
+def test_no_limit_counts_without_refusing():
+    c = Circuit(0)
+    c.channels.limit = None
+    for k in range(100):
+        c.ask(k)
+    assert c.channels.open == 100
+
+
+def test_the_default_is_four_channels_per_pv_at_least_a_thousand():
+    assert load_config(max_pvs=10_000).channel_limit == 40_000
+    assert load_config(max_pvs=10).channel_limit == 1000
+    assert load_config(max_pvs=10, max_channels=5).channel_limit == 5
