@@ -186,10 +186,11 @@ class Broker:
 
     def error(
         self, kind: str, reason: str, pv: str | None = None, shard: int | None = None, client=None
-    ) -> None:
+    ) -> bool:
         """A refusal or failure, for ``relay:LAST_ERROR``/``ERRORS`` and /metrics: it names
-        the client of the put being handled unless ``client`` is given."""
-        self.health.refused(kind, reason, pv, shard, client or self.client())
+        the client of the put being handled unless ``client`` is given.  Whether it may be
+        logged too: refused and failed puts are kept and logged within a budget."""
+        return self.health.refused(kind, reason, pv, shard, client or self.client())
 
     def access_denied(self, name: str, user: str, address: str, notify: bool) -> None:
         """A put that PCAS refused for want of write access: one log line and one entry."""

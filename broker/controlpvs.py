@@ -91,8 +91,8 @@ class FieldPV(BasePV):
         try:
             return self._raw(value), cas.S_casApp_success
         except ConversionError as e:
-            log.warning("refused put to %s: %s", self.name, e)
-            self.broker.error("convert", f"refused put: {e}", self.name)
+            if self.broker.error("convert", f"refused put: {e}", self.name):
+                log.warning("refused put to %s: %s", self.name, e)
             return None, PUT_FAILED
 
     def _forward(self, raw, notify) -> bool:

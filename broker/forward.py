@@ -34,8 +34,8 @@ class Forwarder:
         """Send a put of ``data`` to ``pv``'s shard; False if it cannot go now."""
         link = self.links[pv.shard]
         if not link.usable:
-            log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
-            self.broker.error("shard_down", "put failed: shard unreachable", pv.name, pv.shard)
+            if self.broker.error("shard_down", "put failed: shard unreachable", pv.name, pv.shard):
+                log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
             return False
         stamp = time.time()
         # While the shard's store cannot be written, a put with callback takes the round
@@ -54,8 +54,9 @@ class Forwarder:
         # ``callback``: refused by a shard whose store cannot be written.
         put = dict(stamp=stamp, data=data, callback=notify is not None)
         if not self._request(pv.shard, pv, notify, Put, pv.name, put):
-            log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
-            self.broker.error("shard_down", "put failed: shard not accepting", pv.name, pv.shard)
+            why = "put failed: shard not accepting"
+            if self.broker.error("shard_down", why, pv.name, pv.shard):
+                log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
             return False
         self.health.puts += 1
         if not pv.real:
@@ -81,10 +82,9 @@ class Forwarder:
         """Send a field change of PV ``name`` to its shard; False if it cannot be made."""
         pv = self.table.pvs.get(name)
         if pv is None or not pv.real:
-            log.warning("put to %s.%s failed: %s does not exist yet", name, field, name)
-            self.broker.error(
-                "provisional", f"field put to .{field}: the PV has had no put yet", name
-            )
+            why = f"field put to .{field}: the PV has had no put yet"
+            if self.broker.error("provisional", why, name):
+                log.warning("put to %s.%s failed: %s does not exist yet", name, field, name)
             return False
         if field == "RES":
             if not raw:
@@ -96,31 +96,30 @@ class Forwarder:
             try:
                 value = fields.validate(field, raw)
             except fields.FieldError as e:
-                log.warning("refused put to %s.%s: %s", name, field, e)
-                self.broker.error("field", f"refused put to .{field}: {e}", name, pv.shard)
+                if self.broker.error("field", f"refused put to .{field}: {e}", name, pv.shard):
+                    log.warning("refused put to %s.%s: %s", name, field, e)
                 return False
         # In flight on the PV until answered: value puts meanwhile take the round trip, so
         # that the shard, not the mirror, applies the new field (DRVH, DRVL) to them.
         change = dict(field=field, value=value)
         if not self._request(pv.shard, pv, notify, SetField, name, change):
-            log.warning("put to %s.%s failed: shard %d unreachable", name, field, pv.shard)
-            self.broker.error(
-                "shard_down", f"put to .{field} failed: shard unreachable", name, pv.shard
-            )
+            why = f"put to .{field} failed: shard unreachable"
+            if self.broker.error("shard_down", why, name, pv.shard):
+                log.warning("put to %s.%s failed: shard %d unreachable", name, field, pv.shard)
             return False
         return True
 
     def delete(self, name: str, notify) -> bool:
         pv = self.table.pvs.get(name)
         if pv is None or not pv.real:
-            log.warning("delpv %s failed: no such PV", name)
-            self.broker.error("no_such_pv", "delpv failed: no such PV", name)
+            if self.broker.error("no_such_pv", "delpv failed: no such PV", name):
+                log.warning("delpv %s failed: no such PV", name)
             return False
         # In flight on the PV: puts wait for the answer (round trip), not the mirror,
         # until the deletion is settled.
         if not self._request(pv.shard, pv, notify, Delete, name, {}):
-            log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
-            self.broker.error("shard_down", "delpv failed: shard unreachable", name, pv.shard)
+            if self.broker.error("shard_down", "delpv failed: shard unreachable", name, pv.shard):
+                log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
             return False
         pv.deleting = True
         return True

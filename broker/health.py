@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from carelay.broker.circuits import is_ca_circuit
+from carelay.broker.logbudget import RefusedPuts
 from carelay.common import fields
 from carelay.common.config import (
     ERROR_LINE_MAX,
@@ -26,6 +28,8 @@ from carelay.common.config import (
 )
 from carelay.common.histogram import FLUSH_BUCKETS, PUT_BUCKETS, Histogram
 from carelay.common.keys import is_loopback_endpoint
+
+log = logging.getLogger(__name__)
 
 #: EPICS alarm status STATE_ALARM (alarm.h), raised by a shard's STATE.
 STATE_ALARM = 7
@@ -302,6 +306,8 @@ class Health:
         #: Monitor events merged into a later one of their PV (see TurnPosts).
         self.events_merged = 0
         self.refusals = dict.fromkeys(REFUSAL_KINDS, 0)
+        #: What of them is logged and kept (refused names and access denials aside).
+        self.put_refusals = RefusedPuts(log)
         self.put_callback = Histogram(PUT_BUCKETS)
         self.errors = ErrorLog()
         self.shards = [ShardFigures() for _ in range(shards)]
@@ -320,11 +326,16 @@ class Health:
         pv: str | None = None,
         shard: int | None = None,
         client: tuple[str, str] | None = None,
-    ) -> None:
-        """A refusal or failure: counted by ``kind`` and kept for LAST_ERROR/ERRORS."""
+    ) -> bool:
+        """A refusal or failure: counted by ``kind`` and kept for LAST_ERROR/ERRORS;
+        whether it may be logged too (False: over the budget of refused puts, and so
+        counted only)."""
         self.count_refusal(kind)
+        if not self.put_refusals.allow(kind, reason, pv):
+            return False
         host, user = client if client else (None, None)
         self.errors.add(error_line(reason, pv, shard, host, user))
+        return True
 
     def count_refusal(self, kind: str) -> None:
         """A refusal counted only: one over its log budget."""

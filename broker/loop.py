@@ -163,6 +163,7 @@ class Loop:
         self.send_queued()
         self._timers(now)
         b.table.refusals.tick()
+        b.health.put_refusals.tick()
         self._front_tick()
         if self.due_posts:
             self._post_due(now)

@@ -225,8 +225,8 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         try:
             return gdd_to_array(self.spec, value), cas.S_casApp_success
         except ConversionError as e:
-            log.warning("refused put to %s: %s", self.name, e)
-            self.broker.error("convert", f"refused put: {e}", self.name, self.shard)
+            if self.broker.error("convert", f"refused put: {e}", self.name, self.shard):
+                log.warning("refused put to %s: %s", self.name, e)
             return None, cas.S_cas_noConvert
 
     def _forward(self, data, notify) -> bool:

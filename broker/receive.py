@@ -92,7 +92,6 @@ class ShardReceiver:
                 if req in orphans:
                     ok = type(msg) in APPLIED
                     if not ok:
-                        log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
                         self._shard_refused(link, msg)
                     self.requests.finish(link.index, req, ok)
         return n

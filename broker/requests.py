@@ -145,8 +145,9 @@ class Requests:
                 break
             p = waiting[first]
             if not p.quiet:
-                log.warning("shard %d lost the request for %s; failing it", shard, p.name)
-                self._error("shard_down", "the shard lost the request", p.name, shard, p.client)
+                why = "the shard lost the request"
+                if self._error("shard_down", why, p.name, shard, p.client):
+                    log.warning("shard %d lost the request for %s; failing it", shard, p.name)
             self.finish(shard, first, False)
 
     def expire(self, shard: int, now: float) -> None:
@@ -159,11 +160,11 @@ class Requests:
                 if p.deadline >= now:
                     break
                 if not p.quiet:
-                    log.warning(
-                        "no answer from shard %d for %s; failing the request", shard, p.name
-                    )
                     why = "no answer from the shard in time"
-                    self._error("shard_down", why, p.name, shard, p.client)
+                    if self._error("shard_down", why, p.name, shard, p.client):
+                        log.warning(
+                            "no answer from shard %d for %s; failing the request", shard, p.name
+                        )
                 self.finish(shard, req, False)
 
     def link_down(self, shard: int, gone: bool) -> None:

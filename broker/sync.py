@@ -158,7 +158,6 @@ class ShardSync(ShardReceiver):
         self.requests.finish(link.index, msg.req, True)
 
     def _reject(self, link: ShardLink, msg: Reject) -> None:
-        log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
         # A refused WRITE is followed by the PV as the shard holds it then; a later WRITE
         # of ours to it, which the mirror shows, comes after that at the shard.
         place = link.write_places.pop(msg.req, 0) if msg.req else 0
@@ -189,12 +188,13 @@ class ShardSync(ShardReceiver):
             snap[msg.name] = (msg.data.copy(), msg.stamp, msg.fields)
 
     def _shard_refused(self, link: ShardLink, msg: Reject) -> None:
-        """A REJECT: for ``relay:ERRORS``, with the client that waited for it if one did."""
+        """A REJECT: logged and for ``relay:ERRORS`` (within the budget of refused puts),
+        with the client that waited for it if one did."""
         waiting = self.requests.waiter(link.index, msg.req)
         client = waiting.client if waiting is not None else None
-        self.broker.error(
-            "shard_refused", f"shard refused: {msg.reason}", msg.name, link.index, client
-        )
+        why = f"shard refused: {msg.reason}"
+        if self.broker.error("shard_refused", why, msg.name, link.index, client):
+            log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
 
     # -- resync ------------------------------------------------------------------------
 

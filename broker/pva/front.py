@@ -27,6 +27,7 @@ import zmq
 
 from carelay.broker.forward import Forwarder
 from carelay.broker.link import link_for, shard_links
+from carelay.broker.logbudget import RefusedPuts
 from carelay.broker.pva import convert
 from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
@@ -77,14 +78,17 @@ class Figures:
 
     def __init__(self, shards: int) -> None:
         self.puts = self.creations = self.deletions = self.refusals = 0
+        self.put_refusals = RefusedPuts(log)
         self.put_callback = Histogram(PUT_BUCKETS)
         self.shards = [_ShardFigures() for _ in range(shards)]
         self.restarts: list[collections.deque] = [
             collections.deque(maxlen=16) for _ in range(shards)
         ]
 
-    def refused(self, kind, reason, pv=None, shard=None, client=None) -> None:
+    def refused(self, kind, reason, pv=None, shard=None, client=None) -> bool:
+        """Counted; whether it may be logged (see RefusedPuts)."""
         self.refusals += 1
+        return self.put_refusals.allow(kind, reason, pv)
 
 
 class PeerClient(tuple):
@@ -192,13 +196,14 @@ class PvaFrontEnd:
         put = self.put_context
         return put.client if put is not None else None
 
-    def error(self, kind, reason, pv=None, shard=None, client=None) -> None:
-        """A refusal or failure: counted, and the reason the PVA put it ends is told."""
+    def error(self, kind, reason, pv=None, shard=None, client=None) -> bool:
+        """A refusal or failure: counted, and the reason the PVA put it ends is told;
+        whether it may be logged (see RefusedPuts)."""
         who = client if client is not None else self.client()
-        self.health.refused(kind, reason, pv, shard, who)
         put = getattr(who, "put", None)
         if put is not None and not put.reason:
             put.reason = reason
+        return self.health.refused(kind, reason, pv, shard, who)
 
     def post_later(self, pv) -> None:
         """``pv`` has a coalesced event waiting (see PvaPV.post)."""
@@ -385,9 +390,9 @@ class PvaFrontEnd:
                 except fields.FieldError as e:
                     raise convert.PutRefused(f"refused put to .{field}: {e}") from None
         except convert.PutRefused as e:
-            log.warning("refused PVA put to %s (shard %d): %s", pv.name, pv.shard, e)
             why = str(e) if str(e).startswith("refused") else f"refused put: {e}"
-            self.error("convert", why, pv.name, pv.shard)
+            if self.error("convert", why, pv.name, pv.shard):
+                log.warning("refused PVA put to %s (shard %d): %s", pv.name, pv.shard, e)
             put.failed = True
             return
         for field, raw in changes:

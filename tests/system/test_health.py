@@ -203,3 +203,27 @@ def test_a_shard_that_keeps_dying_is_failing(make_relay, ca):
         wait_for(lambda: seen[-1] == (0, 0), what="shard1:STATE OK again")
     finally:
         sub.clear()
+
+
+def test_a_put_refused_again_and_again_leaves_the_log_and_errors_to_others(relay, ca):
+    """A client that repeats a refused put fast (a delpv of no such PV, 200 times) is
+    logged and entered in ERRORS once: another client's refusal stays in ERRORS, and every
+    one of them is counted."""
+    other = relay.name("keep", "f1")
+    (pv,) = ca.get_pvs(f"{other}.DESC", timeout=5)
+    pv.wait_for_connection(timeout=10)
+    assert not _put_ok(pv, "no put yet")
+    wait_for(lambda: other in _text(ca, relay, "ERRORS"), what="the first refusal in ERRORS")
+    gone = relay.name("gone", "f1")
+    (delpv,) = ca.get_pvs(f"{relay.prefix}delpv", timeout=5)
+    delpv.wait_for_connection(timeout=10)
+    start = len(relay.log())
+    before = _value(ca, relay, "REFUSE_RATE")
+    for _ in range(200):
+        assert not delpv.write(gone.encode(), wait=True, timeout=10).status.success
+    wait_for(lambda: gone in _text(ca, relay, "ERRORS"), what="the delpv refusal in ERRORS")
+    errors = _text(ca, relay, "ERRORS").splitlines()
+    assert any(other in line for line in errors), errors
+    assert sum(gone in line for line in errors) == 1, errors
+    assert relay.log()[start:].count(f"delpv {gone} failed") == 1
+    wait_for(lambda: _value(ca, relay, "REFUSE_RATE") > before, what="the refusals counted")
