@@ -251,6 +251,7 @@ class PvTable:
             self.n_real += 1 if real else -1
             self.n_bytes += charge(pv.spec) if real else -charge(pv.spec)
             self.broker.pvlist.dirty = True
+            self._fields_follow(pv.name, not (real or pv.creating))
 
     def reserve(self, pv, creating: bool) -> None:
         """Count (or stop counting) ``pv`` as a creation in flight."""
@@ -258,6 +259,21 @@ class PvTable:
             pv.creating = creating
             self.n_creating += 1 if creating else -1
             self.bytes_creating += charge(pv.spec) if creating else -charge(pv.spec)
+            self._fields_follow(pv.name, not (pv.real or creating))
+
+    def _fields_follow(self, base: str, loose: bool) -> None:
+        """The field PVs clients hold of PV ``base`` are provisional PVs (``loose``)
+        exactly while it does not count itself: a field held of a PV that is then deleted
+        is one again."""
+        if not self.field_pvs:
+            return
+        for field in fields.FIELDS:
+            name = f"{base}.{field}"
+            if name in self.field_pvs:
+                if loose:
+                    self.loose_fields.add(name)
+                else:
+                    self.loose_fields.discard(name)
 
     def over_limits(self, spec) -> str | None:
         """Why a new PV of ``spec`` may not be created, or None."""
@@ -273,7 +289,7 @@ class PvTable:
     @property
     def n_provisional(self) -> int:
         """Provisional PVs held: the PVs neither real nor being created, and the field
-        PVs of names that existed in no shard when they were attached."""
+        PVs of names that neither exist in a shard nor are being created."""
         held = len(self.pvs) - self.n_real - self.n_creating
         return max(0, held) + len(self.loose_fields)
 

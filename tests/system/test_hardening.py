@@ -356,6 +356,27 @@ def test_provisional_pvs_are_bounded_by_max_pvs(make_relay, ca):
     assert len(refusals(relay, refused[1])) == 1
 
 
+def test_fields_held_of_a_deleted_pv_count_as_provisional_pvs(make_relay, ca):
+    """A client that holds field channels of a PV that is then deleted holds provisional
+    PVs: with max_pvs of them held, a new name is not served until the PV is created
+    again."""
+    relay = make_relay(extra=["--max-pvs", "3"])
+    base = relay.name("gone", "f1")
+    put(base, 1.0)
+    holder = Context()
+    try:
+        fields = connect(holder, *(f"{base}.{f}" for f in ("EGU", "DESC", "HOPR")))
+        assert all(pv.connected for pv in fields)
+        assert epics.caput(relay.prefix + "delpv", base, wait=True, timeout=5) == 1
+        late = relay.name("late", "f1")
+        assert served([late]) == {late: False}
+        assert "max_pvs (3) provisional PVs held" in refusals(relay, late)[0]
+        put(base, 2.0)  # created again: its fields are no provisional PVs
+        assert wait_for(lambda: served([late]) == {late: True}, what="the new name served")
+    finally:
+        close(holder)
+
+
 def test_max_bytes_refuses_what_does_not_fit(make_relay, ca):
     # Each PV is charged its values in every copy the relay holds (VALUE_COPIES).
     limit = 1000 * VALUE_COPIES

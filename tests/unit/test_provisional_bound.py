@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from carelay.broker.app import Broker
+from carelay.broker.table import counted as counts
 from carelay.common.config import load_config
 from tests.unit.test_attached_count import PREFIX, made_real, serving
 
@@ -55,6 +56,21 @@ def test_a_pv_that_exists_counts_against_max_pvs_not_as_provisional(config):
     assert broker.attach(name(7) + ".EGU") is None
 
 
+def test_the_fields_held_of_a_deleted_pv_are_provisional_again(config):
+    """A client that holds fields of a PV that is then deleted holds provisional PVs: they
+    count against max_pvs until the PV is created again or the client lets go."""
+    broker = serving(config)
+    made_real(broker, name(0))
+    held = [broker.attach(name(0) + f) for f in (".EGU", ".DESC", ".HOPR")]
+    assert all(held) and broker.table.n_provisional == 0
+    broker.table.forget(name(0))  # deleted in its shard
+    assert broker.table.n_provisional == MAX
+    assert not broker.claims(name(9)) and broker.attach(name(9)) is None
+    made_real(broker, name(0))  # created again
+    assert broker.table.n_provisional == 0
+    assert broker.claims(name(9))
+
+
 def test_letting_go_makes_room(config):
     broker = serving(config)
     pvs = [broker.attach(name(k)) for k in range(MAX - 1)]
@@ -99,7 +115,9 @@ def test_never_more_than_max_pvs_provisional_pvs(config, steps):
             table.forget(name(k))
         table.graveyard.clear()
         walked = sum(1 for pv in table.pvs.values() if not (pv.real or pv.creating))
-        assert table.n_provisional == walked + len(table.loose_fields)
+        loose = {n for n in table.field_pvs if not counts(table.pvs.get(n.split(".")[0]))}
+        assert table.loose_fields == loose
+        assert table.n_provisional == walked + len(loose)
 
 
 @pytest.fixture
