@@ -156,6 +156,10 @@ def _recv(fd, buf, size, flags):
             _circuits.pop(fd, None)
             _set_errno(104)  # ECONNRESET
             return -1
+    elif n == 0 and size > 0:
+        # The client closed the circuit, and PCAS closes it now: what was kept of it goes
+        # (a new circuit on the same descriptor starts afresh in any case).
+        _circuits.pop(fd, None)
     _set_errno(err)
     return n
 

@@ -3,6 +3,10 @@ CREATE_CHAN past ``max_channels`` is never read, and only what PCAS confirms fre
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import socket
+
 import caproto as ca
 import pytest
 
@@ -138,3 +142,41 @@ def test_the_default_is_four_channels_per_pv_at_least_a_thousand():
     assert load_config(max_pvs=10_000).channel_limit == 40_000
     assert load_config(max_pvs=10).channel_limit == 1000
     assert load_config(max_pvs=10, max_channels=5).channel_limit == 5
+
+
+def _recv_through_hook(fd: int, size: int = 4096) -> tuple[int, int]:
+    """``sockethooks._recv`` as PCAS calls it: (what it returns, errno)."""
+    from carelay.broker import sockethooks
+
+    buf = ctypes.create_string_buffer(size)
+    n = sockethooks._recv(fd, ctypes.addressof(buf), size, 0)
+    return n, sockethooks._libc.__errno_location().contents.value  # as the C caller sees it
+
+
+def test_the_hook_closes_a_circuit_past_the_limit_and_says_so(monkeypatch):
+    from carelay.broker import sockethooks
+
+    closed = []
+    monkeypatch.setattr(sockethooks, "_max_channels", 2)
+    monkeypatch.setattr(sockethooks, "_on_denied", None)
+    monkeypatch.setattr(sockethooks, "_on_channel_limit", lambda *a: closed.append(a))
+    server, client = socket.socketpair()
+    with server, client:
+        sockethooks._follow(server.fileno())
+        client.sendall(b"".join(bytes(ca.CreateChanRequest("R:x_f1", k, 13)) for k in (1, 2)))
+        assert _recv_through_hook(server.fileno())[0] > 0
+        client.sendall(bytes(ca.CreateChanRequest("R:x_f1", 3, 13)))
+        assert _recv_through_hook(server.fileno()) == (-1, errno.ECONNRESET)
+        assert closed == [("", 2)]  # a socket pair has no IPv4 peer address
+        assert server.fileno() not in sockethooks._circuits
+
+
+def test_what_is_kept_of_a_circuit_goes_when_its_client_closes_it():
+    from carelay.broker import sockethooks
+
+    server, client = socket.socketpair()
+    with server:
+        sockethooks._follow(server.fileno())
+        client.close()
+        assert _recv_through_hook(server.fileno())[0] == 0
+        assert server.fileno() not in sockethooks._circuits
