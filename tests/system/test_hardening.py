@@ -581,12 +581,12 @@ def test_string_of_40_characters_or_more_is_refused_and_39_go_in(relay, ca):
     assert write_status(pv, ["w" * 39]).success
     assert get(name) == "w" * 39
     # caproto-put sends the first 40 characters, without a terminator: refused too
-    # (it reports the value it reads back afterwards, and exits 0).
-    mark = len(relay.log())
+    # (it reports the value it reads back afterwards, and exits 0).  The same refusal
+    # of the same PV within a minute is logged once: the four are one line.
     caproto_cli("put", "-c", name, "q" * 50)
     assert get(name) == "w" * 39
     assert pv.read().data == [b"w" * 39]
-    assert "refused put to " + name in relay.log()[mark:]
+    assert relay.log()[mark:].count("refused put to " + name) == 1
 
 
 def test_more_elements_than_the_count_are_cut_or_refused(relay, ca):
