@@ -209,6 +209,22 @@ class Broker:
         )
         self.error("access", ACCESS_DENIED, shorten(name), shard, (address, user or "?"))
 
+    def refused_write(self, name: str, user: str, address: str, notify: bool, reason: str):
+        """A put refused on its way into PCAS, for what PCAS would have made of it (see
+        broker/writecheck.py): one log line and one entry, within the budget."""
+        pv = self.pvs.get(split_field(name)[0])
+        shard = None if pv is None else pv.shard
+        client = (address or "?", user or "?")
+        if self.error("convert", f"refused put: {reason}", shorten(name), shard, client):
+            log.warning(
+                "refused %s to %s from %s@%s: %s",
+                "put with callback" if notify else "put",
+                shorten(name),
+                user or "?",
+                address or "?",
+                reason,
+            )
+
     # -- reads that wait for the changes in flight -------------------------------------------
 
     def wait_for_answers(self, pv) -> None:

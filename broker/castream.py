@@ -19,6 +19,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
+from carelay.broker import writecheck
+
 #: CA commands (caproto's _headers.py and the CA protocol specification).
 CA_PROTO_WRITE = 4
 CA_PROTO_CLEAR_CHANNEL = 12
@@ -44,6 +46,9 @@ _SMALL, _LARGE = 16, 24
 
 #: Called with (PV name, user, peer address, put with callback?) for each refused put.
 DeniedPut = Callable[[str, str, str, bool], None]
+#: Called with (PV name, user, peer address, put with callback?, reason) for each put
+#: refused for what PCAS would make of it (broker/writecheck.py).
+RefusedWrite = Callable[[str, str, str, bool, str], None]
 
 
 def _extended(header) -> bool:
@@ -71,9 +76,11 @@ class StreamWalker:
         self._cut = bytearray()  # the start of a header that the end of a read cut
         self._left = 0  # payload bytes of the current message still to come
         self._watching = False  # whether _payload sees them
+        self.reads = 0  # reads fed so far
 
     def feed(self, buf) -> None:
         """Take the next ``buf`` (a writable buffer for a stream that may be rewritten)."""
+        self.reads += 1
         n = len(buf)
         pos = 0
         while pos < n:
@@ -86,16 +93,16 @@ class StreamWalker:
             elif self._cut:
                 pos = self._resume(buf, pos, n)
             elif n - pos >= _SMALL:
-                command, size, _type, count, p1, p2 = _HEADER.unpack_from(buf, pos)
+                command, size, dtype, count, p1, p2 = _HEADER.unpack_from(buf, pos)
                 if size == 0xFFFF or count == 0xFFFF:
                     if n - pos < _LARGE:
                         self._cut += buf[pos:n]
                         return
-                    size = _EXTENDED.unpack_from(buf, pos + _SMALL)[0]
-                    self._start(command, size, p1, p2, buf, pos + 1)
+                    size, count = _EXTENDED.unpack_from(buf, pos + _SMALL)
+                    self._start(command, size, dtype, count, p1, p2, buf, pos + 1)
                     pos += _LARGE
                 else:
-                    self._start(command, size, p1, p2, buf, pos + 1)
+                    self._start(command, size, dtype, count, p1, p2, buf, pos + 1)
                     pos += _SMALL
             else:
                 self._cut += buf[pos:n]
@@ -114,22 +121,24 @@ class StreamWalker:
                 return pos
             cut += buf[pos : pos + k]
             pos += k
-        command, size, _type, _count, p1, p2 = _HEADER.unpack_from(cut)
+        command, size, dtype, count, p1, p2 = _HEADER.unpack_from(cut)
         if need == _LARGE:
-            size = _EXTENDED.unpack_from(cut, _SMALL)[0]
-        # The command's low byte is in this read only if the cut came before it.
+            size, count = _EXTENDED.unpack_from(cut, _SMALL)
+        # The header from its command's low byte on is in this read only if the cut came
+        # before that byte.
         at = pos - need + 1 if before <= 1 else None
         cut.clear()
-        self._start(command, size, p1, p2, buf, at)
+        self._start(command, size, dtype, count, p1, p2, buf, at)
         return pos
 
-    def _start(self, command: int, size: int, p1: int, p2: int, buf, at) -> None:
+    def _start(self, command, size, dtype, count, p1, p2, buf, at) -> None:
         self._left = size
-        self._watching = self._message(command, size, p1, p2, buf, at)
+        self._watching = self._message(command, size, dtype, count, p1, p2, buf, at)
 
-    def _message(self, command: int, size: int, p1: int, p2: int, buf, at) -> bool:
+    def _message(self, command, size, dtype, count, p1, p2, buf, at) -> bool:
         """A header: whether to see its payload.  ``at``: where the command's low byte
-        is in ``buf``, None if it came in an earlier read."""
+        is in ``buf`` (the rest of the header follows it there), None if it came in an
+        earlier read."""
         return False
 
     def _payload(self, buf, pos: int, k: int, last: bool) -> None:
@@ -138,18 +147,26 @@ class StreamWalker:
 
 class Channels:
     """What both streams of one circuit learn of its channels and its client.  Without
-    ``denied`` only the channels are counted: nothing else needs their names and rights.
-    ``limit``: most channels the circuit may hold; None: not bounded."""
+    ``denied`` no rights are followed: nothing else needs them.  ``limit``: most channels
+    the circuit may hold; None: not bounded.  ``refused``: told of each put refused for
+    what PCAS would make of it."""
 
     def __init__(
-        self, address: str, denied: DeniedPut | None = None, limit: int | None = None
+        self,
+        address: str,
+        denied: DeniedPut | None = None,
+        limit: int | None = None,
+        refused: RefusedWrite | None = None,
     ) -> None:
         #: The circuit's peer address; the user its client claims.
         self.address = address
         self.user = ""
         self.on_denied = denied
+        self.on_refused = refused
         self.tracked = denied is not None
         self.limit = limit
+        #: sid -> native DBR type of the channels whose puts are judged (writecheck).
+        self.natives: dict[int, int] = {}
         #: CREATE_CHANs read that PCAS has not answered yet.
         self.pending = 0
         self.names: dict[int, str] = {}  # cid -> channel name, while the channel lasts
@@ -183,11 +200,13 @@ class Channels:
             if sid is not None:
                 self.denied[sid] = cid
 
-    def created(self, cid: int, sid: int) -> None:
-        """PCAS made channel ``sid`` for the client's ``cid``."""
+    def created(self, cid: int, sid: int, native: int = -1) -> None:
+        """PCAS made channel ``sid`` of DBR type ``native`` for the client's ``cid``."""
         self.pending = max(0, self.pending - 1)
         self.cids[sid] = cid
         self.sids[cid] = sid
+        if native in writecheck.CHECKED:
+            self.natives[sid] = native
         if cid in self.read_only:
             self.denied[sid] = cid
 
@@ -201,11 +220,13 @@ class Channels:
         sid = self.sids.get(cid)
         if sid is not None:
             self.cids.pop(sid, None)
+            self.natives.pop(sid, None)
         self._forget(cid)
 
     def cleared(self, sid: int) -> None:
         """PCAS confirms the clearing of channel ``sid``."""
         cid = self.cids.pop(sid, None)
+        self.natives.pop(sid, None)
         if cid is not None and self.sids.get(cid) == sid:
             self._forget(cid)
 
@@ -223,6 +244,11 @@ class Channels:
         if cid is not None and self.on_denied is not None:
             self.on_denied(self.names.get(cid, ""), self.user, self.address, notify)
 
+    def write_refused(self, sid: int, notify: bool, reason: str) -> None:
+        if self.on_refused is not None:
+            name = self.names.get(self.cids.get(sid, -1), "")
+            self.on_refused(name, self.user, self.address, notify, reason)
+
 
 class ClientStream(StreamWalker):
     """What PCAS reads from one circuit.  ``host``: what each HOST_NAME payload becomes
@@ -233,19 +259,32 @@ class ClientStream(StreamWalker):
         self.channels = channels
         self.host = host
         self._rewrite = b""  # what the next payload bytes become
-        self._kept = bytearray()  # the payload of a CREATE_CHAN or CLIENT_NAME
+        self._kept = bytearray()  # the payload of a CREATE_CHAN, CLIENT_NAME or judged put
         self._kind = 0
         self._cid = 0
+        #: A judged put: (native type, put type, count, sid, with callback?), where its
+        #: header is in the read it came in (None: cut) and which read that was.
+        self._put: tuple[int, int, int, int, bool] | None = None
+        self._put_at: int | None = None
+        self._put_read = 0
 
-    def _message(self, command, size, p1, p2, buf, at) -> bool:
+    def _message(self, command, size, dtype, count, p1, p2, buf, at) -> bool:
         if command in (CA_PROTO_WRITE, CA_PROTO_WRITE_NOTIFY):
-            if self.channels.denied:
-                self.channels.put_seen(p1, command == CA_PROTO_WRITE_NOTIFY)
-            return False
+            channels = self.channels
+            notify = command == CA_PROTO_WRITE_NOTIFY
+            if channels.denied:
+                channels.put_seen(p1, notify)
+            native = channels.natives.get(p1)
+            if native is None or not writecheck.judged(native, dtype, count) or size == 0:
+                return False
+            self._kind = command
+            self._kept.clear()
+            self._put = (native, dtype, count, p1, notify)
+            self._put_at = None if at is None else at - 1
+            self._put_read = self.reads
+            return True
         if command == CA_PROTO_CREATE_CHAN:
             self.channels.asked()
-            if not self.channels.tracked:
-                return False
         if command in (CA_PROTO_CREATE_CHAN, CA_PROTO_CLIENT_NAME):
             self._kind, self._cid = command, p1
             self._kept.clear()
@@ -272,11 +311,31 @@ class ClientStream(StreamWalker):
                 buf[pos : pos + w] = self._rewrite[:w]
                 self._rewrite = self._rewrite[w:]
             return
+        if self._kind in (CA_PROTO_WRITE, CA_PROTO_WRITE_NOTIFY):
+            self._kept += buf[pos : pos + k]  # at most writecheck.MAX_CHECKED_BYTES
+            if last:
+                self._judge(buf)
+            return
         room = NAME_BYTES_MAX - len(self._kept)
         if room > 0:
             self._kept += buf[pos : pos + min(k, room)]
         if last:
             self._kept_whole()
+
+    def _judge(self, buf) -> None:
+        """A judged put is read whole: one PCAS would convert to something else than it
+        says is made one that PCAS refuses (a compound type, S_cas_badType), or, if its
+        header went to PCAS in an earlier read, its circuit is closed."""
+        native, dtype, count, sid, notify = self._put
+        reason = writecheck.refusal(native, dtype, count, bytes(self._kept))
+        self._kept.clear()
+        if reason is None:
+            return
+        self.channels.write_refused(sid, notify, reason)
+        if self._put_at is None or self._put_read != self.reads:
+            raise UnfollowableStream(f"a refused put ({reason}) whose header went before")
+        at = self._put_at + 4  # the header's data type
+        buf[at : at + 2] = writecheck.DBR_STS_STRING.to_bytes(2, "big")
 
     def _kept_whole(self) -> None:
         text = bytes(self._kept).split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -294,13 +353,13 @@ class ServerStream(StreamWalker):
         super().__init__()
         self.channels = channels
 
-    def _message(self, command, size, p1, p2, buf, at) -> bool:
+    def _message(self, command, size, dtype, count, p1, p2, buf, at) -> bool:
         channels = self.channels
         if command == CA_PROTO_ACCESS_RIGHTS:
             if channels.tracked:
                 channels.rights(p1, p2)
         elif command == CA_PROTO_CREATE_CHAN:
-            channels.created(p1, p2)
+            channels.created(p1, p2, dtype)
         elif command == CA_PROTO_CLEAR_CHANNEL:
             channels.cleared(p1)
         elif command == CA_PROTO_CREATE_CH_FAIL:

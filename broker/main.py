@@ -147,6 +147,7 @@ def run_broker(config: Config, index: int = 0) -> int:
     broker.loop.wait = _select_hook()
     broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit)
     sockethooks.watch_channel_limit(broker.circuits.too_many_channels)
+    sockethooks.watch_refused(broker.refused_write)
     broker.circuits.buffers.watch(free_list)
     log.debug("started (pid %d)", os.getpid())
     settle_gc()

@@ -15,7 +15,10 @@ followed (broker/castream.py) on their way into and out of PCAS:
 - with or without access security, each circuit's channels are counted, and a circuit
   that asks for one past ``max_channels`` is closed before PCAS reads the request: each
   channel holds memory in PCAS until it is cleared.  ``watch_channel_limit``'s callback
-  hears of each such closure.
+  hears of each such closure;
+- a put that PCAS would convert into another value than it says (text that is no
+  number, a double that no 32-bit integer holds: broker/writecheck.py) is made into one
+  that PCAS refuses, and handed to the callback of ``watch_refused``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from carelay.broker.castream import (
     Channels,
     ClientStream,
     DeniedPut,
+    RefusedWrite,
     ServerStream,
     TooManyChannels,
     UnfollowableStream,
@@ -49,6 +53,7 @@ __all__ = [
     "peer_token",
     "watch_channel_limit",
     "watch_denied",
+    "watch_refused",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,6 +76,8 @@ _hooks: list = []  # the installed callbacks, kept alive
 _rewrite_hosts = True
 #: Called for each refused put (see watch_denied).
 _on_denied: DeniedPut | None = None
+#: Called for each put refused for what PCAS would make of it (see watch_refused).
+_on_refused: RefusedWrite | None = None
 #: Most channels one circuit may hold; None: not bounded.
 _max_channels: int | None = None
 #: Called with the peer address of each circuit closed for too many channels.
@@ -119,6 +126,24 @@ def watch_channel_limit(callback: Callable[[str, int], None] | None) -> None:
     _on_channel_limit = callback
 
 
+def watch_refused(callback: RefusedWrite | None) -> None:
+    """Hand each put refused for what PCAS would make of it to ``callback``, with the PV
+    name, the user, the peer address, whether it was a put with callback and why (called
+    from inside ``cas.process``)."""
+    global _on_refused
+    _on_refused = callback
+
+
+def _refused(name: str, user: str, address: str, notify: bool, reason: str) -> None:
+    callback = _on_refused
+    if callback is None:
+        return
+    try:
+        callback(name, user, address, notify, reason)
+    except Exception:
+        log.exception("cannot record the refused put to %s", shorten(name))
+
+
 def _denied(name: str, user: str, address: str, notify: bool) -> None:
     callback = _on_denied
     if callback is None:
@@ -132,7 +157,8 @@ def _denied(name: str, user: str, address: str, notify: bool) -> None:
 
 def _follow(fd: int) -> tuple[ClientStream, ServerStream | None]:
     address = peer_address(fd)
-    channels = Channels(address, _denied if _on_denied is not None else None, _max_channels)
+    denied = _denied if _on_denied is not None else None
+    channels = Channels(address, denied, _max_channels, _refused)
     host = _token(address) if _rewrite_hosts else None
     circuit = _circuits[fd] = (ClientStream(channels, host), ServerStream(channels))
     return circuit

@@ -615,7 +615,7 @@ def test_nelm_nord_are_read_only(relay, ca):
 @pytest.mark.parametrize(
     "field, good, bad, data_type",
     [
-        ("PREC", 2, "abc", ChannelType.STRING),  # PCAS makes it 0xabc = 2748
+        ("PREC", 2, "abc", ChannelType.STRING),  # PCAS would make it 0xabc = 2748
         ("PREC", 2, "xyz", ChannelType.STRING),
         ("PREC", 2, -1, ChannelType.LONG),
         ("PREC", 2, 18, ChannelType.LONG),
@@ -661,8 +661,9 @@ def test_bad_field_value_fails_and_changes_nothing(relay, ca, field, good, bad, 
     assert not status.success, status
     assert current() == before
     if bad == "abc":
-        # Refused by the relay itself: PCAS handed it 2748.
-        relay.wait_log(f"refused put to {name}.PREC: PREC takes a whole number from 0 to 17")
+        # Refused before PCAS converts it (to 2748), and said why.
+        relay.wait_log(f"to {name}.PREC from ")
+        assert "cannot convert text 'abc' to a number" in relay.log()
 
 
 def test_desc_longer_than_ca_carries_fails_and_changes_nothing(relay, ca):

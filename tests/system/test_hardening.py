@@ -538,11 +538,6 @@ def test_nan_as_text_to_an_int_fails_and_keeps_the_value(relay, ca):
     assert get(name) == 12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PCAS converts a DBR_DOUBLE put to the PV's native DBR_LONG before casPV.write "
-    "sees it: NaN arrives as INT_MIN (see test_semantics: test_put_pcas_converts_is_refused)",
-)
 def test_nan_as_a_double_to_an_int_fails(relay, ca):
     name = relay.name("count", "i1")
     put(name, 12)

@@ -337,12 +337,6 @@ def test_caproto_put_of_text_to_a_float_keeps_the_value(relay):
     assert get(name) == 1.25
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PCAS converts a put to the PV's native type (aitConvert) before casPV.write "
-    "sees it: text 'abc' parses as hex 0xabc, a double out of int32 range is cast to "
-    "INT_MIN, '1.5 volts' parses as 1.5; the relay only ever gets the converted value",
-)
 @pytest.mark.parametrize(
     "type_count, data, data_type",
     [
@@ -359,6 +353,27 @@ def test_put_pcas_converts_is_refused(relay, ca, type_count, data, data_type):
     status = write_status(connect(ca, name), data, data_type=data_type)
     assert get(name) == 5
     assert not status.success
+
+
+def test_a_put_pcas_would_convert_is_refused_with_its_reason_and_the_circuit_serves_on(relay, ca):
+    """Refused on its way into PCAS: a put with callback fails, a plain put is not
+    applied, the log and LAST_ERROR say why, and the client's circuit serves on."""
+    name = relay.name("conv", "i1")
+    put(name, 5)
+    pv = connect(ca, name)
+    start = len(relay.log())
+    assert not write_status(pv, [2.0**31], data_type=ChannelType.DOUBLE).success
+    pv.write([b"12 apples"], data_type=ChannelType.STRING, wait=False)
+    assert list(pv.read(timeout=5).data) == [5]
+    assert write_status(pv, [7], data_type=ChannelType.LONG).success
+    assert get(name) == 7
+    wait_for(
+        lambda: "cannot convert text '12 apples' to a number" in relay.log()[start:],
+        what="the plain put's refusal logged",
+    )
+    log = relay.log()[start:]
+    assert f"refused put with callback to {name} from " in log
+    assert "2147483648.0 does not fit a 32-bit integer" in log
 
 
 @pytest.mark.parametrize("text", ["2147483648", "-2147483649", "1e12"])

@@ -123,11 +123,11 @@ def test_a_client_id_used_twice_counts_twice():
         c.ask(1)
 
 
-def test_without_access_security_no_name_is_kept():
+def test_without_access_security_names_are_kept_but_no_rights():
     c = Circuit(10)
     c.open(1, 11)
-    assert c.channels.names == {}
-    assert c.channels.open == 1
+    assert c.channels.names == {1: "R:x_f1"}
+    assert c.channels.read_only == set() and c.channels.open == 1
 
 
 def test_no_limit_counts_without_refusing():

@@ -1,0 +1,128 @@
+"""Puts that PCAS would convert into something else than they say (broker/writecheck.py),
+judged on the circuit's stream before PCAS reads them (broker/castream.py): made into a
+put PCAS refuses, or the circuit closed when the put's header has already gone to PCAS."""
+
+from __future__ import annotations
+
+import struct
+
+import caproto as ca
+import pytest
+
+from carelay.broker import writecheck
+from carelay.broker.castream import Channels, ClientStream, ServerStream, UnfollowableStream
+
+T = ca.ChannelType
+
+
+def _text(t: str) -> bytes:
+    return t.encode().ljust(40, b"\0")
+
+
+@pytest.mark.parametrize(
+    "native, dtype, payload, why",
+    [
+        (6, 0, _text("abc"), "cannot convert text 'abc' to a number"),
+        (6, 0, _text("1.5 volts"), "cannot convert text '1.5 volts' to a number"),
+        (6, 0, _text(""), "cannot convert text '' to a number"),
+        (5, 6, struct.pack(">d", 2.0**31), "2147483648.0 does not fit a 32-bit integer"),
+        (5, 6, struct.pack(">d", -(2.0**31) - 1), "does not fit a 32-bit integer"),
+        (5, 6, struct.pack(">d", float("nan")), "nan does not fit a 32-bit integer"),
+        (5, 0, _text("3e9"), "3000000000.0 does not fit a 32-bit integer"),
+        (1, 5, struct.pack(">i", 40000), "40000 does not fit a 16-bit integer"),
+    ],
+)
+def test_what_pcas_would_turn_into_another_value_is_refused(native, dtype, payload, why):
+    assert why in writecheck.refusal(native, dtype, 1, payload)
+
+
+@pytest.mark.parametrize(
+    "native, dtype, payload",
+    [
+        (6, 0, _text(" 2.5 ")),
+        (6, 0, _text("-1e3")),
+        (6, 0, _text("0x10")),  # PCAS reads hex after 0x, as an IOC does
+        (6, 0, _text("nan")),
+        (5, 6, struct.pack(">d", 2.0**31 - 1)),
+        (5, 6, struct.pack(">d", 1.5)),  # a fraction goes in cut, as PCAS and an IOC do
+        (5, 0, _text("-2147483648")),
+    ],
+)
+def test_what_pcas_converts_faithfully_goes(native, dtype, payload):
+    assert writecheck.refusal(native, dtype, 1, payload) is None
+
+
+def test_only_number_channels_and_small_puts_are_judged():
+    assert writecheck.judged(6, 0, 1) and writecheck.judged(5, 6, 100)
+    assert not writecheck.judged(6, 6, 1)  # a double to a double: nothing to lose
+    assert not writecheck.judged(0, 0, 1)  # text to text
+    assert not writecheck.judged(4, 0, 1)  # text to a char array is the relay's own
+    assert not writecheck.judged(6, 0, 1000)  # 40 kB of text: left to PCAS
+
+
+class Circuit:
+    def __init__(self) -> None:
+        self.refused: list[tuple] = []
+        self.channels = Channels("10.0.0.7", refused=lambda *a: self.refused.append(a))
+        self.reads = ClientStream(self.channels)
+        self.writes = ServerStream(self.channels)
+        self.reads.feed(bytearray(bytes(ca.ClientNameRequest("alice"))))
+
+    def open(self, name: str, cid: int, sid: int, native: T) -> None:
+        self.reads.feed(bytearray(bytes(ca.CreateChanRequest(name=name, cid=cid, version=13))))
+        reply = ca.CreateChanResponse(data_type=native, data_count=1, cid=cid, sid=sid)
+        self.writes.feed(bytearray(bytes(reply)))
+
+    def put(self, sid: int, data, dtype: T, cuts=(), notify: bool = True) -> bytes:
+        """A put as PCAS reads it, in reads cut at ``cuts``."""
+        kind = ca.WriteNotifyRequest if notify else ca.WriteRequest
+        raw = bytes(kind(data=data, data_type=dtype, data_count=len(data), sid=sid, ioid=1))
+        out = bytearray()
+        start = 0
+        for end in [*cuts, len(raw)]:
+            chunk = bytearray(raw[start:end])
+            self.reads.feed(chunk)
+            out += chunk
+            start = end
+        return bytes(out)
+
+
+def _type(raw: bytes) -> int:
+    return struct.unpack_from(">H", raw, 4)[0]
+
+
+@pytest.mark.parametrize("cuts", [(), (1,)])
+def test_a_refused_put_becomes_one_pcas_refuses_and_is_told(cuts):
+    c = Circuit()
+    c.open("R:t_f1", 1, 11, T.DOUBLE)
+    raw = c.put(11, [b"abc"], T.STRING, cuts)
+    assert _type(raw) == writecheck.DBR_STS_STRING
+    assert c.refused == [
+        ("R:t_f1", "alice", "10.0.0.7", True, "cannot convert text 'abc' to a number")
+    ]
+
+
+def test_a_put_that_goes_is_left_as_it_is():
+    c = Circuit()
+    c.open("R:t_i1", 1, 11, T.LONG)
+    c.open("R:t_f1", 2, 12, T.DOUBLE)
+    assert _type(c.put(11, [7.0], T.DOUBLE)) == 6
+    assert _type(c.put(12, [1e300], T.DOUBLE)) == 6  # not judged
+    assert _type(c.put(11, [3e9], T.DOUBLE, notify=False)) == writecheck.DBR_STS_STRING
+    assert c.refused[0][3:] == (False, "3000000000.0 does not fit a 32-bit integer")
+    assert len(c.refused) == 1
+
+
+def test_a_refused_put_whose_header_went_before_closes_the_circuit():
+    c = Circuit()
+    c.open("R:t_f1", 1, 11, T.DOUBLE)
+    with pytest.raises(UnfollowableStream, match="refused put"):
+        c.put(11, [b"abc"], T.STRING, cuts=(20,))
+    assert len(c.refused) == 1
+
+
+def test_a_cleared_channel_is_no_longer_judged():
+    c = Circuit()
+    c.open("R:t_f1", 1, 11, T.DOUBLE)
+    c.writes.feed(bytearray(bytes(ca.ClearChannelResponse(sid=11, cid=1))))
+    assert c.channels.natives == {}
