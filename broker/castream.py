@@ -34,6 +34,8 @@ CA_PROTO_HOST_NAME = 21
 CA_PROTO_ACCESS_RIGHTS = 22
 CA_PROTO_CREATE_CH_FAIL = 26
 CA_PROTO_SERVER_DISCONN = 27
+#: The puts.
+_WRITES = frozenset({CA_PROTO_WRITE, CA_PROTO_WRITE_NOTIFY})
 #: ACCESS_RIGHTS bit of write access.
 WRITE_RIGHT = 2
 #: Bytes of a name (channel or user) kept at most; a channel name this long is never
@@ -165,8 +167,9 @@ class Channels:
         self.on_refused = refused
         self.tracked = denied is not None
         self.limit = limit
-        #: sid -> native DBR type of the channels whose puts are judged (writecheck).
-        self.natives: dict[int, int] = {}
+        #: sid -> (native DBR type, the put types judged) of the channels whose puts are
+        #: judged (writecheck).
+        self.natives: dict[int, tuple[int, frozenset[int]]] = {}
         #: CREATE_CHANs read that PCAS has not answered yet.
         self.pending = 0
         self.names: dict[int, str] = {}  # cid -> channel name, while the channel lasts
@@ -205,8 +208,9 @@ class Channels:
         self.pending = max(0, self.pending - 1)
         self.cids[sid] = cid
         self.sids[cid] = sid
-        if native in writecheck.CHECKED:
-            self.natives[sid] = native
+        judged = writecheck.CHECKED.get(native)
+        if judged is not None:
+            self.natives[sid] = (native, judged)
         if cid in self.read_only:
             self.denied[sid] = cid
 
@@ -269,17 +273,20 @@ class ClientStream(StreamWalker):
         self._put_read = 0
 
     def _message(self, command, size, dtype, count, p1, p2, buf, at) -> bool:
-        if command in (CA_PROTO_WRITE, CA_PROTO_WRITE_NOTIFY):
+        if command in _WRITES:
             channels = self.channels
             notify = command == CA_PROTO_WRITE_NOTIFY
             if channels.denied:
                 channels.put_seen(p1, notify)
+            # On every put: one look-up where nothing is judged.
             native = channels.natives.get(p1)
-            if native is None or not writecheck.judged(native, dtype, count) or size == 0:
+            if native is None or dtype not in native[1]:
+                return False
+            if size == 0 or not writecheck.judged(native[0], dtype, count):
                 return False
             self._kind = command
             self._kept.clear()
-            self._put = (native, dtype, count, p1, notify)
+            self._put = (native[0], dtype, count, p1, notify)
             self._put_at = None if at is None else at - 1
             self._put_read = self.reads
             return True
@@ -311,7 +318,7 @@ class ClientStream(StreamWalker):
                 buf[pos : pos + w] = self._rewrite[:w]
                 self._rewrite = self._rewrite[w:]
             return
-        if self._kind in (CA_PROTO_WRITE, CA_PROTO_WRITE_NOTIFY):
+        if self._kind in _WRITES:
             self._kept += buf[pos : pos + k]  # at most writecheck.MAX_CHECKED_BYTES
             if last:
                 self._judge(buf)
