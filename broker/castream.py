@@ -228,7 +228,8 @@ class Channels:
         self._forget(cid)
 
     def cleared(self, sid: int) -> None:
-        """PCAS confirms the clearing of channel ``sid``."""
+        """The client clears channel ``sid`` (or PCAS confirms it): gone if PCAS holds it
+        for this circuit; PCAS confirms the clearing of an id it does not hold too."""
         cid = self.cids.pop(sid, None)
         self.natives.pop(sid, None)
         if cid is not None and self.sids.get(cid) == sid:
@@ -292,6 +293,11 @@ class ClientStream(StreamWalker):
             return True
         if command == CA_PROTO_CREATE_CHAN:
             self.channels.asked()
+        elif command == CA_PROTO_CLEAR_CHANNEL:
+            # PCAS handles the circuit's messages in order: a channel it holds is gone
+            # before it reads a CREATE_CHAN that follows (its echo then finds nothing).
+            self.channels.cleared(p1)
+            return False
         if command in (CA_PROTO_CREATE_CHAN, CA_PROTO_CLIENT_NAME):
             self._kind, self._cid = command, p1
             self._kept.clear()

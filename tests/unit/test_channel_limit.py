@@ -80,13 +80,22 @@ def test_cleared_channels_make_room_for_ever():
     assert c.channels.open == 2
 
 
-def test_a_clearing_pcas_has_not_confirmed_makes_no_room():
+def test_a_clearing_makes_room_for_the_channel_asked_for_after_it():
+    """PCAS handles a circuit's messages in order: a CREATE_CHAN read with the clearing
+    before it, before PCAS has confirmed the clearing, fits."""
     c = Circuit(2)
     c.open(1, 11)
     c.open(2, 12)
-    c.clear(1, 11, confirmed=False)
+    c._feed(
+        c.reads,
+        ca.ClearChannelRequest(sid=11, cid=1),
+        ca.CreateChanRequest(name="R:x_f1", cid=3, version=13),
+    )
+    assert c.channels.open == 2
+    c._feed(c.writes, ca.ClearChannelResponse(sid=11, cid=1))  # the echo, later
+    assert c.channels.open == 2
     with pytest.raises(TooManyChannels):
-        c.ask(3)
+        c.ask(4)
 
 
 def test_clearing_ids_that_pcas_does_not_hold_makes_no_room():
