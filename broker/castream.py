@@ -283,7 +283,9 @@ class ClientStream(StreamWalker):
             native = channels.natives.get(p1)
             if native is None or dtype not in native[1]:
                 return False
-            if size == 0 or not writecheck.judged(native[0], dtype, count):
+            if not 0 < size <= writecheck.MAX_CHECKED_BYTES + 8:
+                return False  # PCAS refuses a payload larger than a small put needs
+            if not writecheck.judged(native[0], dtype, count):
                 return False
             self._kind = command
             self._kept.clear()
@@ -325,7 +327,7 @@ class ClientStream(StreamWalker):
                 self._rewrite = self._rewrite[w:]
             return
         if self._kind in _WRITES:
-            self._kept += buf[pos : pos + k]  # at most writecheck.MAX_CHECKED_BYTES
+            self._kept += buf[pos : pos + k]  # at most MAX_CHECKED_BYTES + 8 (above)
             if last:
                 self._judge(buf)
             return

@@ -12,6 +12,7 @@ too), and an integer PV takes only numbers that fit.  No pcaspy.
 from __future__ import annotations
 
 import math
+import re
 import struct
 
 #: DBR types (db_access.h) of CA puts and of native channel types.
@@ -57,6 +58,8 @@ def refusal(native: int, dtype: int, count: int, payload: bytes) -> str | None:
     """Why a put of ``count`` elements of ``dtype`` to a channel of type ``native``,
     with ``payload`` (at least the elements), must be refused; None if it may go."""
     size = element_size(dtype)
+    if len(payload) < count * size:
+        return f"{count} elements in {len(payload)} bytes"
     for k in range(count):
         raw = payload[k * size : (k + 1) * size]
         if dtype == DBR_STRING:
@@ -72,14 +75,26 @@ def refusal(native: int, dtype: int, count: int, payload: bytes) -> str | None:
     return None
 
 
+#: A number as C's strtod reads it whole (PCAS reads text with it): decimal, ``inf``,
+#: ``nan`` or ``0x`` hex.  Not Python's float(), which takes ``1_5`` (strtod: 1).
+_DECIMAL = re.compile(
+    r"[+-]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)", re.IGNORECASE
+)
+_HEX = re.compile(r"[+-]?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)(?:[pP][+-]?\d+)?")
+#: What C's isspace() skips around a number.
+_SPACE = " \t\n\v\f\r"
+
+
 def _text_number(text: str) -> float | None:
-    t = text.strip()
+    t = text.strip(_SPACE)
     try:
-        if t.lower().lstrip("+-").startswith("0x"):
+        if _HEX.fullmatch(t):
             return float.fromhex(t)
-        return float(t)
-    except ValueError:
-        return None
+        if _DECIMAL.fullmatch(t):
+            return float(t)
+    except (ValueError, OverflowError):
+        pass
+    return None
 
 
 def _range_refusal(native: int, x: float) -> str | None:

@@ -126,3 +126,27 @@ def test_a_cleared_channel_is_no_longer_judged():
     c.open("R:t_f1", 1, 11, T.DOUBLE)
     c.writes.feed(bytearray(bytes(ca.ClearChannelResponse(sid=11, cid=1))))
     assert c.channels.natives == {}
+
+
+@pytest.mark.parametrize("text", ["1_5", "0x1p99999", "1e", "\xa01"])
+def test_text_strtod_would_not_read_whole_is_refused_without_raising(text):
+    """Python's float() takes "1_5" (strtod reads 1); a hex too large for a double must
+    be refused, not raise."""
+    payload = text.encode("latin-1").ljust(40, b"\0")
+    assert "cannot convert text" in writecheck.refusal(6, 0, 1, payload)
+
+
+def test_a_payload_shorter_than_its_count_is_refused():
+    assert "2 elements in 8 bytes" in writecheck.refusal(5, 6, 2, struct.pack(">d", 1.0))
+
+
+def test_a_judged_put_declaring_a_huge_payload_is_not_held():
+    """A put to a number channel declaring 8 MiB: left to PCAS (which refuses it), and
+    not one byte of it kept here."""
+    c = Circuit()
+    c.open("R:t_f1", 1, 11, T.DOUBLE)
+    header = struct.pack(">HHHHIIII", 19, 0xFFFF, 0, 0xFFFF, 11, 1, 8 << 20, 1)
+    c.reads.feed(bytearray(header))
+    for _ in range(8):
+        c.reads.feed(bytearray(1 << 20))
+    assert len(c.reads._kept) == 0 and c.refused == []
