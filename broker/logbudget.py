@@ -19,6 +19,9 @@ __all__ = ["LogBudget", "RefusedPuts"]
 #: Kinds of refusal bounded elsewhere: a refused name or a limit is logged once per name
 #: (broker/refusals.py), an access denial through a budget of its own.
 OWN_BUDGET = frozenset({"name", "limit", "access"})
+#: Failures of the relay rather than of a client's put: a budget apart, so that a client's
+#: bad puts never hide a shard that is down.
+FAILURES = frozenset({"shard_down", "shard_refused"})
 
 
 class LogBudget:
@@ -90,7 +93,8 @@ class RefusedPuts:
     for LAST_ERROR/ERRORS up to ``lines`` per ``window`` seconds, and one of a PV and a
     reason per window; the rest counted and summed up in one line at the end of the
     window.  A client that repeats one fast cannot fill the log, nor push everyone
-    else's entries out of ERRORS."""
+    else's entries out of ERRORS.  The relay's own failures (a shard down or refusing)
+    have a budget of their own, which clients' bad puts cannot spend."""
 
     def __init__(
         self,
@@ -99,13 +103,16 @@ class RefusedPuts:
         window: float = REFUSAL_LOG_WINDOW,
         clock=time.monotonic,
     ) -> None:
-        self.budget = LogBudget(
-            lines,
-            window,
-            "{count} more refused or failed puts in the last {window:.0f} s, not logged "
-            "one by one, e.g. {example}",
-            log,
-            clock,
+        self.budget, self.failures = (
+            LogBudget(
+                lines,
+                window,
+                f"{{count}} more {what} in the last {{window:.0f}} s, not logged one by "
+                "one, e.g. {example}",
+                log,
+                clock,
+            )
+            for what in ("refused puts", "failed puts (shard down or refusing)")
         )
 
     def allow(self, kind: str, reason: str, pv: str | None = None) -> bool:
@@ -113,7 +120,9 @@ class RefusedPuts:
         if kind in OWN_BUDGET:
             return True
         example = f"{pv[:LOGGED_NAME_CHARS]}: {reason}" if pv else reason
-        return self.budget.allow(example, key=(pv, reason))
+        budget = self.failures if kind in FAILURES else self.budget
+        return budget.allow(example, key=(pv, reason))
 
     def tick(self) -> None:
         self.budget.tick()
+        self.failures.tick()

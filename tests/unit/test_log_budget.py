@@ -79,7 +79,7 @@ def test_a_put_refused_again_and_again_is_kept_once_a_window_and_counted_each_ti
     clock.now = 60.0
     h.put_refusals.tick()
     assert caplog.messages == [
-        "499 more refused or failed puts in the last 60 s, not logged one by one, "
+        "499 more refused puts in the last 60 s, not logged one by one, "
         "e.g. P:gone_f1: delpv failed: no such PV"
     ]
     assert h.refused("no_such_pv", "delpv failed: no such PV", "P:gone_f1")
@@ -95,3 +95,16 @@ def test_refused_puts_share_a_budget_of_lines_but_names_and_denials_keep_their_o
     for kind in ("name", "limit", "access"):
         assert all(h.refused(kind, "why", "P:a_f1") for _ in range(5))
     assert h.refusals["convert"] == 5 and h.refusals["access"] == 5
+
+
+def test_clients_bad_puts_never_hide_a_shard_that_is_down():
+    clock = Clock()
+    h = _health(clock, lines=3)
+    assert [h.refused("convert", f"refused put: value {k}", "P:a_f1") for k in range(4)] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+    assert h.refused("shard_down", "put failed: shard unreachable", "P:b_f1", 1)
+    assert "shard unreachable" in list(h.errors.lines)[-1]
