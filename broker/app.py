@@ -209,6 +209,12 @@ class Broker:
         )
         self.error("access", ACCESS_DENIED, shorten(name), shard, (address, user or "?"))
 
+    def tick_hooks(self) -> None:
+        """The summaries of what the CA stream hooks logged within a budget."""
+        from carelay.broker import sockethooks
+
+        sockethooks.tick()
+
     def refused_write(self, name: str, user: str, address: str, notify: bool, reason: str):
         """A put refused on its way into PCAS, for what PCAS would have made of it (see
         broker/writecheck.py): one log line and one entry, within the budget."""

@@ -177,6 +177,7 @@ class Loop:
         b = self.broker
         if b.denied_puts is not None:
             b.denied_puts.tick()
+        b.tick_hooks()
         if b.reload_due:
             b.reload_access()
         b.pvlist.post_if_changed()

@@ -44,7 +44,7 @@ from carelay.broker.castream import (
 from carelay.broker.got import find_slots, point_slots
 from carelay.broker.logbudget import LogBudget
 from carelay.broker.refusals import shorten
-from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
+from carelay.common.config import C_LOG_LINES, C_LOG_WINDOW, REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 
 __all__ = [
     "DeniedPuts",
@@ -80,6 +80,14 @@ _on_denied: DeniedPut | None = None
 _on_refused: RefusedWrite | None = None
 #: Most channels one circuit may hold; None: not bounded.
 _max_channels: int | None = None
+#: Circuits closed for what they sent: logged within a budget (C_LOG_LINES a window).
+_closures = LogBudget(
+    C_LOG_LINES,
+    C_LOG_WINDOW,
+    "closed {count} more CA circuits in the last {window:.0f} s for what they sent, not "
+    "logged one by one, e.g. {example}",
+    log,
+)
 #: Called with the peer address of each circuit closed for too many channels.
 _on_channel_limit: Callable[[str, int], None] | None = None
 
@@ -175,10 +183,12 @@ def _recv(fd, buf, size, flags):
             # Never pass on what was not followed: the circuit is closed instead.
             if isinstance(e, TooManyChannels):
                 _channel_limit(circuit[0].channels.address, e.limit)
-            elif isinstance(e, UnfollowableStream):
-                log.warning("closing a CA circuit (fd %d): %s", fd, e)
-            else:
-                log.exception("cannot follow a CA circuit (fd %d); closing it", fd)
+            elif _closures.allow(str(e)):
+                # A client can cause these as often as it reconnects: within a budget.
+                if isinstance(e, UnfollowableStream):
+                    log.warning("closing a CA circuit (fd %d): %s", fd, e)
+                else:
+                    log.exception("cannot follow a CA circuit (fd %d); closing it", fd)
             _circuits.pop(fd, None)
             _set_errno(104)  # ECONNRESET
             return -1
@@ -225,6 +235,11 @@ def _channel_limit(address: str, limit: int) -> None:
         callback(address, limit)
     except Exception:
         log.exception("cannot record the closure of a circuit from %s", address)
+
+
+def tick() -> None:
+    """At the end of a window, the summary of the circuit closures not logged one by one."""
+    _closures.tick()
 
 
 def install(module_path: str, rewrite_hosts: bool = True, max_channels: int | None = None) -> None:

@@ -189,3 +189,26 @@ def test_what_is_kept_of_a_circuit_goes_when_its_client_closes_it():
         client.close()
         assert _recv_through_hook(server.fileno())[0] == 0
         assert server.fileno() not in sockethooks._circuits
+
+
+def test_circuits_closed_for_what_they_sent_are_logged_within_a_budget(monkeypatch, caplog):
+    """A client that reconnects and sends the same bad stream again and again cannot fill
+    the log: C_LOG_LINES lines a window, the rest counted."""
+    from carelay.broker import sockethooks
+    from carelay.broker.logbudget import LogBudget
+
+    monkeypatch.setattr(sockethooks, "_rewrite_hosts", True)
+    monkeypatch.setattr(sockethooks, "_max_channels", None)
+    budget = LogBudget(2, 60.0, "{count} more", sockethooks.log)
+    monkeypatch.setattr(sockethooks, "_closures", budget)
+    host_name_without_payload = bytes(16)[:0] + b"\x00\x15" + bytes(14)
+    for _ in range(5):
+        server, client = socket.socketpair()
+        with server, client:
+            sockethooks._follow(server.fileno())
+            client.sendall(host_name_without_payload[:4])
+            assert _recv_through_hook(server.fileno())[0] == 4
+            client.sendall(host_name_without_payload[4:])
+            assert _recv_through_hook(server.fileno()) == (-1, errno.ECONNRESET)
+    closing = [r for r in caplog.records if "closing a CA circuit" in r.getMessage()]
+    assert len(closing) == 2 and budget.unlogged == 3
