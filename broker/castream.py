@@ -277,8 +277,9 @@ class ClientStream(StreamWalker):
         if command in _WRITES:
             channels = self.channels
             notify = command == CA_PROTO_WRITE_NOTIFY
-            if channels.denied:
+            if channels.denied and p1 in channels.denied:
                 channels.put_seen(p1, notify)
+                return False  # PCAS refuses it for want of write access, whatever it holds
             # On every put: one look-up where nothing is judged.
             native = channels.natives.get(p1)
             if native is None or dtype not in native[1]:

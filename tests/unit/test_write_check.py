@@ -150,3 +150,22 @@ def test_a_judged_put_declaring_a_huge_payload_is_not_held():
     for _ in range(8):
         c.reads.feed(bytearray(1 << 20))
     assert len(c.reads._kept) == 0 and c.refused == []
+
+
+def test_a_put_without_write_access_is_told_once_as_a_denial():
+    """PCAS refuses it for want of write access before it converts anything: judging it
+    too would enter it twice."""
+    denied: list[tuple] = []
+    c = Circuit()
+    c.channels.on_denied = lambda *a: denied.append(a)
+    c.channels.tracked = True
+    c.reads.feed(bytearray(bytes(ca.CreateChanRequest(name="R:ro_f1", cid=1, version=13))))
+    c.writes.feed(
+        bytearray(
+            bytes(ca.AccessRightsResponse(cid=1, access_rights=1))
+            + bytes(ca.CreateChanResponse(data_type=T.DOUBLE, data_count=1, cid=1, sid=11))
+        )
+    )
+    raw = c.put(11, [b"abc"], T.STRING)
+    assert [d[0] for d in denied] == ["R:ro_f1"] and c.refused == []
+    assert _type(raw) == 0  # left as it was: PCAS refuses it anyway
