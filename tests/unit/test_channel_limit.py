@@ -10,45 +10,42 @@ import socket
 import caproto as ca
 import pytest
 
-from carelay.broker.castream import Channels, ClientStream, ServerStream, TooManyChannels
+from carelay.broker.castream import TooManyChannels
 from carelay.common.config import load_config
+from tests.unit.test_denied_streams import Circuit as Streams
 
 DOUBLE = ca.ChannelType.DOUBLE
 
 
-class Circuit:
+class Circuit(Streams):
+    """A circuit of at most ``limit`` channels, each to R:x_f1."""
+
     def __init__(self, limit: int, denied: bool = False, cut: int = 0) -> None:
-        self.channels = Channels("10.0.0.7", (lambda *a: None) if denied else None, limit)
-        self.reads = ClientStream(self.channels)
-        self.writes = ServerStream(self.channels)
-        self.cut = cut
+        super().__init__(cut, denied=denied, limit=limit)
 
-    def _feed(self, stream, *commands) -> None:
-        data = b"".join(bytes(c) for c in commands)
-        cuts = [self.cut] if 0 < self.cut < len(data) else []
-        start = 0
-        for end in [*cuts, len(data)]:
-            stream.feed(bytearray(data[start:end]))
-            start = end
-
-    def ask(self, cid: int, name: str = "R:x_f1") -> None:
-        self._feed(self.reads, ca.CreateChanRequest(name=name, cid=cid, version=13))
+    def ask(self, cid: int) -> None:
+        self.client(ca.CreateChanRequest(name="R:x_f1", cid=cid, version=13))
 
     def made(self, cid: int, sid: int) -> None:
-        self._feed(
-            self.writes,
+        self.server(
             ca.AccessRightsResponse(cid=cid, access_rights=3),
             ca.CreateChanResponse(data_type=DOUBLE, data_count=1, cid=cid, sid=sid),
         )
 
-    def open(self, cid: int, sid: int) -> None:
-        self.ask(cid)
-        self.made(cid, sid)
+    def channel(self, cid: int, sid: int) -> None:
+        self.open("R:x_f1", cid, sid)
 
-    def clear(self, cid: int, sid: int, confirmed: bool = True) -> None:
-        self._feed(self.reads, ca.ClearChannelRequest(sid=sid, cid=cid))
-        if confirmed:
-            self._feed(self.writes, ca.ClearChannelResponse(sid=sid, cid=cid))
+    def clear(self, cid: int, sid: int) -> None:
+        self.client(ca.ClearChannelRequest(sid=sid, cid=cid))
+        self.server(ca.ClearChannelResponse(sid=sid, cid=cid))
+
+
+def _full() -> Circuit:
+    """A circuit at its limit of 2 channels (server ids 11 and 12)."""
+    c = Circuit(2)
+    c.channel(1, 11)
+    c.channel(2, 12)
+    return c
 
 
 @pytest.mark.parametrize("cut", [0, 1, 15, 16, 17, 30])
@@ -56,7 +53,7 @@ class Circuit:
 def test_the_channel_past_the_limit_is_refused_however_the_stream_is_cut(cut, denied):
     c = Circuit(3, denied, cut)
     for k in range(3):
-        c.open(cid=k, sid=100 + k)
+        c.channel(cid=k, sid=100 + k)
     with pytest.raises(TooManyChannels, match=r"more than 3 channels .*max_channels"):
         c.ask(cid=3)
 
@@ -73,26 +70,23 @@ def test_requests_not_yet_answered_count():
 def test_cleared_channels_make_room_for_ever():
     c = Circuit(2)
     for k in range(50):
-        c.open(cid=k, sid=1000 + k)
+        c.channel(cid=k, sid=1000 + k)
         c.clear(cid=k, sid=1000 + k)
-    c.open(cid=98, sid=2098)
-    c.open(cid=99, sid=2099)
+    c.channel(cid=98, sid=2098)
+    c.channel(cid=99, sid=2099)
     assert c.channels.open == 2
 
 
 def test_a_clearing_makes_room_for_the_channel_asked_for_after_it():
     """PCAS handles a circuit's messages in order: a CREATE_CHAN read with the clearing
     before it, before PCAS has confirmed the clearing, fits."""
-    c = Circuit(2)
-    c.open(1, 11)
-    c.open(2, 12)
-    c._feed(
-        c.reads,
+    c = _full()
+    c.client(
         ca.ClearChannelRequest(sid=11, cid=1),
         ca.CreateChanRequest(name="R:x_f1", cid=3, version=13),
     )
     assert c.channels.open == 2
-    c._feed(c.writes, ca.ClearChannelResponse(sid=11, cid=1))  # the echo, later
+    c.server(ca.ClearChannelResponse(sid=11, cid=1))  # the echo, later
     assert c.channels.open == 2
     with pytest.raises(TooManyChannels):
         c.ask(4)
@@ -100,9 +94,7 @@ def test_a_clearing_makes_room_for_the_channel_asked_for_after_it():
 
 def test_clearing_ids_that_pcas_does_not_hold_makes_no_room():
     """PCAS confirms the clearing of an unknown id too: that is no channel gone."""
-    c = Circuit(2)
-    c.open(1, 11)
-    c.open(2, 12)
+    c = _full()
     for sid in (13, 14, 99):
         c.clear(1, sid)  # a real cid, a made-up sid
     with pytest.raises(TooManyChannels):
@@ -111,14 +103,14 @@ def test_clearing_ids_that_pcas_does_not_hold_makes_no_room():
 
 def test_refused_and_dropped_channels_make_room():
     c = Circuit(2)
-    c.open(1, 11)
+    c.channel(1, 11)
     c.ask(2)
-    c._feed(c.writes, ca.CreateChFailResponse(cid=2))
+    c.server(ca.CreateChFailResponse(cid=2))
     c.ask(3)
     c.made(3, 13)
-    c._feed(c.writes, ca.ServerDisconnResponse(cid=1))  # its PV deleted
+    c.server(ca.ServerDisconnResponse(cid=1))  # its PV deleted
     assert c.channels.open == 1
-    c.open(4, 14)
+    c.channel(4, 14)
     with pytest.raises(TooManyChannels):
         c.ask(5)
 
@@ -126,15 +118,15 @@ def test_refused_and_dropped_channels_make_room():
 def test_a_client_id_used_twice_counts_twice():
     """PCAS makes a channel for each CREATE_CHAN, whatever its client id."""
     c = Circuit(2)
-    c.open(1, 11)
-    c.open(1, 12)
+    c.channel(1, 11)
+    c.channel(1, 12)
     with pytest.raises(TooManyChannels):
         c.ask(1)
 
 
 def test_without_access_security_names_are_kept_but_no_rights():
     c = Circuit(10)
-    c.open(1, 11)
+    c.channel(1, 11)
     assert c.channels.names == {1: "R:x_f1"}
     assert c.channels.read_only == set() and c.channels.open == 1
 

@@ -25,33 +25,45 @@ def wire(*commands) -> bytes:
 
 
 class Circuit:
-    """Both streams of one circuit, fed in reads cut at ``cut``."""
+    """Both streams of one circuit, fed in reads cut at ``cut``.  ``denied``: the puts
+    refused for want of write access are recorded in ``self.denied`` (rights followed);
+    ``limit`` and ``refused`` as Channels takes them."""
 
-    def __init__(self, cut: int = 0) -> None:
+    def __init__(
+        self, cut: int = 0, *, denied: bool = True, limit: int | None = None, refused=None
+    ) -> None:
         self.denied: list[tuple] = []
-        self.channels = Channels("10.0.0.7", lambda *a: self.denied.append(a))
+        on_denied = (lambda *a: self.denied.append(a)) if denied else None
+        self.channels = Channels("10.0.0.7", on_denied, limit, refused)
         self.reads = ClientStream(self.channels)
         self.writes = ServerStream(self.channels)
         self.cut = cut
 
-    def _feed(self, stream, data: bytes) -> None:
+    def _feed(self, stream, data: bytes) -> bytes:
+        """``data`` fed to ``stream``; what it became there (a rewrite is in place)."""
         cuts = [self.cut] if 0 < self.cut < len(data) else []
+        out = bytearray()
         start = 0
         for end in [*cuts, len(data)]:
-            stream.feed(bytearray(data[start:end]))
+            chunk = bytearray(data[start:end])
+            stream.feed(chunk)
+            out += chunk
             start = end
+        return bytes(out)
 
-    def client(self, *commands) -> None:
-        self._feed(self.reads, wire(*commands))
+    def client(self, *commands) -> bytes:
+        return self._feed(self.reads, wire(*commands))
 
     def server(self, *commands) -> None:
         self._feed(self.writes, wire(*commands))
 
-    def open(self, name: str, cid: int, sid: int, rights: int) -> None:
+    def open(
+        self, name: str, cid: int, sid: int, rights: int = 3, native: ca.ChannelType = DOUBLE
+    ) -> None:
         self.client(ca.CreateChanRequest(name=name, cid=cid, version=13))
         self.server(
             ca.AccessRightsResponse(cid=cid, access_rights=rights),
-            ca.CreateChanResponse(data_type=DOUBLE, data_count=1, cid=cid, sid=sid),
+            ca.CreateChanResponse(data_type=native, data_count=1, cid=cid, sid=sid),
         )
 
     def put(self, sid: int, notify: bool = False) -> None:

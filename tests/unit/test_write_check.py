@@ -10,7 +10,8 @@ import caproto as ca
 import pytest
 
 from carelay.broker import writecheck
-from carelay.broker.castream import Channels, ClientStream, ServerStream, UnfollowableStream
+from carelay.broker.castream import UnfollowableStream
+from tests.unit.test_denied_streams import Circuit as Streams
 
 T = ca.ChannelType
 
@@ -60,42 +61,30 @@ def test_only_number_channels_and_small_puts_are_judged():
     assert not writecheck.judged(6, 0, 1000)  # 40 kB of text: left to PCAS
 
 
-class Circuit:
-    def __init__(self) -> None:
+class Circuit(Streams):
+    """A circuit of user alice whose judged puts refused are in ``self.refused``."""
+
+    def __init__(self, denied: bool = False) -> None:
         self.refused: list[tuple] = []
-        self.channels = Channels("10.0.0.7", refused=lambda *a: self.refused.append(a))
-        self.reads = ClientStream(self.channels)
-        self.writes = ServerStream(self.channels)
-        self.reads.feed(bytearray(bytes(ca.ClientNameRequest("alice"))))
+        super().__init__(denied=denied, refused=lambda *a: self.refused.append(a))
+        self.client(ca.ClientNameRequest("alice"))
 
-    def open(self, name: str, cid: int, sid: int, native: T) -> None:
-        self.reads.feed(bytearray(bytes(ca.CreateChanRequest(name=name, cid=cid, version=13))))
-        reply = ca.CreateChanResponse(data_type=native, data_count=1, cid=cid, sid=sid)
-        self.writes.feed(bytearray(bytes(reply)))
-
-    def put(self, sid: int, data, dtype: T, cuts=(), notify: bool = True) -> bytes:
-        """A put as PCAS reads it, in reads cut at ``cuts``."""
+    def write(self, sid: int, data, dtype: T, cut: int = 0, notify: bool = True) -> bytes:
+        """A put as PCAS reads it, in reads cut at ``cut``."""
         kind = ca.WriteNotifyRequest if notify else ca.WriteRequest
-        raw = bytes(kind(data=data, data_type=dtype, data_count=len(data), sid=sid, ioid=1))
-        out = bytearray()
-        start = 0
-        for end in [*cuts, len(raw)]:
-            chunk = bytearray(raw[start:end])
-            self.reads.feed(chunk)
-            out += chunk
-            start = end
-        return bytes(out)
+        self.cut = cut
+        return self.client(kind(data=data, data_type=dtype, data_count=len(data), sid=sid, ioid=1))
 
 
 def _type(raw: bytes) -> int:
     return struct.unpack_from(">H", raw, 4)[0]
 
 
-@pytest.mark.parametrize("cuts", [(), (1,)])
-def test_a_refused_put_becomes_one_pcas_refuses_and_is_told(cuts):
+@pytest.mark.parametrize("cut", [0, 1])
+def test_a_refused_put_becomes_one_pcas_refuses_and_is_told(cut):
     c = Circuit()
-    c.open("R:t_f1", 1, 11, T.DOUBLE)
-    raw = c.put(11, [b"abc"], T.STRING, cuts)
+    c.open("R:t_f1", 1, 11, native=T.DOUBLE)
+    raw = c.write(11, [b"abc"], T.STRING, cut)
     assert _type(raw) == writecheck.DBR_STS_STRING
     assert c.refused == [
         ("R:t_f1", "alice", "10.0.0.7", True, "cannot convert text 'abc' to a number")
@@ -104,27 +93,27 @@ def test_a_refused_put_becomes_one_pcas_refuses_and_is_told(cuts):
 
 def test_a_put_that_goes_is_left_as_it_is():
     c = Circuit()
-    c.open("R:t_i1", 1, 11, T.LONG)
-    c.open("R:t_f1", 2, 12, T.DOUBLE)
-    assert _type(c.put(11, [7.0], T.DOUBLE)) == 6
-    assert _type(c.put(12, [1e300], T.DOUBLE)) == 6  # not judged
-    assert _type(c.put(11, [3e9], T.DOUBLE, notify=False)) == writecheck.DBR_STS_STRING
+    c.open("R:t_i1", 1, 11, native=T.LONG)
+    c.open("R:t_f1", 2, 12, native=T.DOUBLE)
+    assert _type(c.write(11, [7.0], T.DOUBLE)) == 6
+    assert _type(c.write(12, [1e300], T.DOUBLE)) == 6  # not judged
+    assert _type(c.write(11, [3e9], T.DOUBLE, notify=False)) == writecheck.DBR_STS_STRING
     assert c.refused[0][3:] == (False, "3000000000.0 does not fit a 32-bit integer")
     assert len(c.refused) == 1
 
 
 def test_a_refused_put_whose_header_went_before_closes_the_circuit():
     c = Circuit()
-    c.open("R:t_f1", 1, 11, T.DOUBLE)
+    c.open("R:t_f1", 1, 11, native=T.DOUBLE)
     with pytest.raises(UnfollowableStream, match="refused put"):
-        c.put(11, [b"abc"], T.STRING, cuts=(20,))
+        c.write(11, [b"abc"], T.STRING, cut=20)
     assert len(c.refused) == 1
 
 
 def test_a_cleared_channel_is_no_longer_judged():
     c = Circuit()
-    c.open("R:t_f1", 1, 11, T.DOUBLE)
-    c.writes.feed(bytearray(bytes(ca.ClearChannelResponse(sid=11, cid=1))))
+    c.open("R:t_f1", 1, 11, native=T.DOUBLE)
+    c.server(ca.ClearChannelResponse(sid=11, cid=1))
     assert c.channels.natives == {}
 
 
@@ -144,7 +133,7 @@ def test_a_judged_put_declaring_a_huge_payload_is_not_held():
     """A put to a number channel declaring 8 MiB: left to PCAS (which refuses it), and
     not one byte of it kept here."""
     c = Circuit()
-    c.open("R:t_f1", 1, 11, T.DOUBLE)
+    c.open("R:t_f1", 1, 11, native=T.DOUBLE)
     header = struct.pack(">HHHHIIII", 19, 0xFFFF, 0, 0xFFFF, 11, 1, 8 << 20, 1)
     c.reads.feed(bytearray(header))
     for _ in range(8):
@@ -155,17 +144,8 @@ def test_a_judged_put_declaring_a_huge_payload_is_not_held():
 def test_a_put_without_write_access_is_told_once_as_a_denial():
     """PCAS refuses it for want of write access before it converts anything: judging it
     too would enter it twice."""
-    denied: list[tuple] = []
-    c = Circuit()
-    c.channels.on_denied = lambda *a: denied.append(a)
-    c.channels.tracked = True
-    c.reads.feed(bytearray(bytes(ca.CreateChanRequest(name="R:ro_f1", cid=1, version=13))))
-    c.writes.feed(
-        bytearray(
-            bytes(ca.AccessRightsResponse(cid=1, access_rights=1))
-            + bytes(ca.CreateChanResponse(data_type=T.DOUBLE, data_count=1, cid=1, sid=11))
-        )
-    )
-    raw = c.put(11, [b"abc"], T.STRING)
-    assert [d[0] for d in denied] == ["R:ro_f1"] and c.refused == []
+    c = Circuit(denied=True)
+    c.open("R:ro_f1", 1, 11, rights=1, native=T.DOUBLE)
+    raw = c.write(11, [b"abc"], T.STRING)
+    assert [d[0] for d in c.denied] == ["R:ro_f1"] and c.refused == []
     assert _type(raw) == 0  # left as it was: PCAS refuses it anyway
