@@ -52,6 +52,14 @@ def _created(broker, box: dict, name: str = NAME) -> list:
     return [create, created]
 
 
+def _until_applied(shard, name: str, held: list) -> None:
+    """Wait (at most 5 s) until the shard holds ``held`` for ``name``: the other
+    front-end's change is applied there before this broker's next WRITE."""
+    wait = time.monotonic() + 5
+    while shard.store.get(name).tolist() != held and time.monotonic() < wait:
+        time.sleep(0.005)
+
+
 def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undone(pair):
     broker, script, shard, other = pair
     box = {}
@@ -67,9 +75,7 @@ def test_the_other_front_ends_put_is_mirrored_and_a_later_own_write_is_not_undon
         # The other's WRITE is applied first and its change sent to this broker; this
         # broker's own WRITE follows it at the shard, before the broker reads the change.
         other.send_multipart(encode_batch([Write(NAME, 0, 0.0, np.array([3.0]))]))
-        wait = time.monotonic() + 5
-        while shard.store.get(NAME).tolist() != [3.0] and time.monotonic() < wait:
-            time.sleep(0.005)
+        _until_applied(shard, NAME, [3.0])
         assert broker.forward_put(box["pv"], np.array([4.0]), None)
         return True
 
@@ -131,9 +137,7 @@ def test_appends_of_two_front_ends_to_one_buffer_keep_the_shards_order(pair):
 
     def both_append() -> bool:
         other.send_multipart(encode_batch([Write(buf, 0, 0.0, np.array([10.0]))]))
-        wait = time.monotonic() + 5
-        while shard.store.get(buf).tolist() != [1.0, 10.0] and time.monotonic() < wait:
-            time.sleep(0.005)
+        _until_applied(shard, buf, [1.0, 10.0])
         assert broker.forward_put(box["pv"], np.array([20.0]), None)
         return True
 
@@ -220,9 +224,7 @@ def test_the_other_front_ends_run_of_puts_is_mirrored_put_by_put(pair):
         for k, name in enumerate([*names, names[0], NAME]):
             run.add(name, 0, 100.0 + k, np.array([10.0 + k]))
         other.send_multipart(encode_batch([run]))
-        wait = time.monotonic() + 5
-        while shard.store.get(NAME).tolist() != [14.0] and time.monotonic() < wait:
-            time.sleep(0.005)
+        _until_applied(shard, NAME, [14.0])
         # Applied at the shard before this WRITE, which the mirror shows already.
         assert broker.forward_put(box["pv"], np.array([5.0]), None)
         return True
