@@ -142,25 +142,23 @@ def watch_refused(callback: RefusedWrite | None) -> None:
     _on_refused = callback
 
 
-def _refused(name: str, user: str, address: str, notify: bool, reason: str) -> None:
-    callback = _on_refused
+def _record(callback, name: str, *rest) -> None:
+    """Hand a refused put of PV ``name`` to ``callback``, if one is set."""
     if callback is None:
         return
     try:
-        callback(name, user, address, notify, reason)
-    except Exception:
-        log.exception("cannot record the refused put to %s", shorten(name))
-
-
-def _denied(name: str, user: str, address: str, notify: bool) -> None:
-    callback = _on_denied
-    if callback is None:
-        return
-    try:
-        callback(name, user, address, notify)
+        callback(name, *rest)
     except Exception:
         # A refusal not recorded is no reason to close the circuit.
         log.exception("cannot record the refused put to %s", shorten(name))
+
+
+def _refused(name: str, user: str, address: str, notify: bool, reason: str) -> None:
+    _record(_on_refused, name, user, address, notify, reason)
+
+
+def _denied(name: str, user: str, address: str, notify: bool) -> None:
+    _record(_on_denied, name, user, address, notify)
 
 
 def _follow(fd: int) -> tuple[ClientStream, ServerStream | None]:
