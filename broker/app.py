@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import zmq
 
+from carelay.broker import sockethooks
 from carelay.broker.forward import Forwarder
 from carelay.broker.health import Health
 from carelay.broker.link import shard_links
@@ -211,8 +212,6 @@ class Broker:
 
     def tick_hooks(self) -> None:
         """The summaries of what the CA stream hooks logged within a budget."""
-        from carelay.broker import sockethooks
-
         sockethooks.tick()
 
     def refused_write(self, name: str, user: str, address: str, notify: bool, reason: str):
