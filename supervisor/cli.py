@@ -260,11 +260,13 @@ def run_keys(args: argparse.Namespace) -> int:
     return exits.OK
 
 
-def _check_access_security(config: Config) -> None:
+def _check_access_security(config: Config) -> list[str]:
     """_Refused when the access security file or group is unusable: the broker would only
-    find out after the relay started, and fail at every restart."""
+    find out after the relay started, and fail at every restart.  Returns what to warn
+    of: rules of the relay's group that grant its clients nothing."""
     if config.access_security is None:
-        return
+        return []
+    from carelay.broker import acf
     from carelay.broker.access import check_access_security, undefined_access_group
 
     problem = check_access_security(config.access_security)
@@ -276,13 +278,31 @@ def _check_access_security(config: Config) -> None:
     problem = undefined_access_group(config.access_security, config.access_group)
     if problem is not None:
         raise _Refused(f"invalid configuration: access_group: {problem}")
+    try:
+        rules = acf.parse(config.access_security.read_text(errors="replace"))
+    except (OSError, acf.AcfError) as e:
+        # EPICS loads it: the PVA front-end's reading of it must too.
+        raise _Refused(
+            f"invalid configuration: access_security: {config.access_security} "
+            f"cannot be read as EPICS reads it: {e}"
+        ) from None
+    low = [r for r in rules.rules_of(config.access_group) if r.level < acf.CLIENT_LEVEL]
+    if not any(r.access for r in low):
+        return []
+    return [
+        f"access security: a RULE(0, ...) of {config.access_security} grants the relay's "
+        "clients nothing: pcaspy adds every CA client at level 1, and the PVA front-end "
+        "does the same; write RULE(1, ...)"
+    ]
 
 
 def run_up(args: argparse.Namespace) -> int:
     """``carelay up``: the supervisor, which starts and watches the shards and the broker."""
     config = _config(args)
-    _check_access_security(config)
+    warnings = _check_access_security(config)
     setup_logging(config.log_level, "supervisor")
+    for line in warnings:
+        log.warning("%s", line)
     from carelay.supervisor.supervisor import Supervisor
 
     return Supervisor(config, child_args(args)).run()

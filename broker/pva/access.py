@@ -1,10 +1,13 @@
 """Access security over PV Access: the relay's ACF applied to each PVA put.
 
 The CA brokers hand the access security file to PCAS (broker/access.py).  The PVA
-front-end has no PCAS: it reads the same file with p4p's ACF parser
-(``p4p.asLib.yacc``, the EPICS syntax) and evaluates the rules of the relay's group
-(``access_group``; ``DEFAULT`` if the file lacks it, as EPICS does) itself, for the
-client of each operation:
+front-end has no PCAS: it reads the same file as EPICS's access security library does
+(broker/acf.py: asLib's scanner, grammar and rule evaluation, the client at the level
+pcaspy gives every CA client), once asLib itself accepted it (``check_access_security``,
+in a child process: pcaspy and p4p never share one), so that the two sides load the same
+files and grant the same.  It evaluates the rules of the relay's group
+(``access_group``; ``DEFAULT`` if the file lacks it, as EPICS does) for the client of
+each operation:
 
 - a HAG holds addresses: each of its host names becomes the IPv4 addresses it resolves
   to (at load and at each reload), and the operation's peer address (``op.peer()``) is
@@ -12,9 +15,9 @@ client of each operation:
   name);
 - a UAG holds accounts (``op.account()``), and roles as ``role/NAME``
   (``op.roles()``), as p4p's gateway names them;
-- ``RULE(n, READ)`` grants reads, ``RULE(n, WRITE)`` reads and writes; a rule with
-  several conditions needs all of them; a CALC condition is never met (the relay
-  reads no INP PVs).
+- ``RULE(1, READ)`` grants reads, ``RULE(1, WRITE)`` reads and writes, a ``RULE(0,
+  ...)`` nothing (as on CA); a rule with several conditions needs all of them; a CALC
+  condition is never met (the relay reads no INP PVs).
 
 ``PvaAccess.check_put`` answers with the reason a put is refused (None: allowed) and
 logs each refusal in one line, rate-limited as the CA broker's are.  Reads are
@@ -30,7 +33,8 @@ import logging
 import time
 from pathlib import Path
 
-from carelay.broker.access import ACCESS_DENIED, resolve
+from carelay.broker import acf
+from carelay.broker.access import ACCESS_DENIED, check_access_security, resolve
 from carelay.broker.logbudget import LogBudget
 from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 
@@ -41,8 +45,8 @@ log = logging.getLogger(__name__)
 READ, WRITE = 1, 2
 #: What a client without read access is told (it gets a channel that never connects).
 NO_READ = "access denied (no read access)"
-#: What each RULE's access level grants.
-_GRANTS = {"READ": READ, "WRITE": READ | WRITE}
+#: What each access right of asLib grants here.
+_GRANTS = {acf.NONE: 0, acf.READ: READ, acf.WRITE: READ | WRITE}
 
 
 def peer_address(peer: str) -> str:
@@ -61,47 +65,27 @@ def peer_address(peer: str) -> str:
     return str(mapped or address)
 
 
-def _parse(text: str) -> list:
-    """The nodes of an ACF, as p4p's parser gives them; ValueError if it is invalid."""
-    from p4p.asLib.yacc import parse  # the PVA front-end has p4p
-
-    try:
-        return parse(text) or []
-    except AttributeError:
-        # p4p's parser fails so on an error at the end of the input.
-        raise ValueError("syntax error at the end of the file") from None
-
-
 class Rules:
     """The rules of one ASG of an ACF, ready to answer what a client may do."""
 
     def __init__(self, text: str, group: str) -> None:
-        uags: dict[str, set[str]] = {}
-        hags: dict[str, set[str]] = {}
-        asgs: dict[str, list] = {}
-        for node in _parse(text):
-            if node[0] == "UAG":
-                uags[node[1]] = set(node[2])
-            elif node[0] == "HAG":
-                hags[node[1]] = set(node[2])
-            elif node[0] == "ASG":
-                asgs[node[1]] = [n for n in node[2] if n[0] == "RULE"]
+        self.acf = acf.parse(text)
+        self.group = group
         #: Which UAGs each member (an account, ``role/NAME``) is in.
         self.uag_of: dict[str, set[str]] = {}
-        for name, members in uags.items():
+        for name, members in self.acf.uags.items():
             for member in members:
                 self.uag_of.setdefault(member, set()).add(name)
         #: Which HAGs each address is in; host names that resolved to none.
         self.hag_of: dict[str, set[str]] = {}
         self.unresolved: list[str] = []
-        for name, hosts in hags.items():
+        for name, hosts in self.acf.hags.items():
             for host in hosts:
                 addresses = resolve(host)
                 if not addresses:
                     self.unresolved.append(host)
                 for address in addresses:
                     self.hag_of.setdefault(address, set()).add(name)
-        self.rules = asgs.get(group, asgs.get("DEFAULT", []))
 
     def allows(self, address: str, account: str, roles=()) -> int:
         """What a client at ``address`` with ``account`` and ``roles`` may do: READ,
@@ -110,19 +94,7 @@ class Rules:
         for role in roles:
             uags |= self.uag_of.get(f"role/{role}", set())
         hags = self.hag_of.get(address, set())
-        granted = 0
-        for _, _level, what, _trap, conditions in self.rules:
-            if all(self._met(c, uags, hags) for c in conditions or ()):
-                granted |= _GRANTS.get(what, 0)
-        return granted
-
-    @staticmethod
-    def _met(condition, uags: set[str], hags: set[str]) -> bool:
-        if condition[0] == "UAG":
-            return bool(uags.intersection(condition[1]))
-        if condition[0] == "HAG":
-            return bool(hags.intersection(condition[1]))
-        return False  # CALC: no INP PVs here
+        return _GRANTS[self.acf.access(self.group, uags, hags)]
 
 
 class PvaAccess:
@@ -157,6 +129,9 @@ class PvaAccess:
         if path is None:
             return True
         try:
+            problem = check_access_security(path)
+            if problem is not None:
+                raise acf.AcfError(f"EPICS does not load it: {problem}")
             rules = Rules(Path(path).read_text(errors="replace"), self.config.access_group)
         except Exception as e:
             stays = "PVA clients get no access" if self.closed else "the rules in force stay"

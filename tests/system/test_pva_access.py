@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from tests.system.clients import get
+from tests.system.clients import Context, close, connect, get, write_status
 from tests.system.conftest import wait_for
 from tests.system.pva import PvaRelay, pva_context, with_context
 from tests.system.test_access_ip import acf as ca_acf
@@ -103,6 +103,43 @@ def test_a_reload_takes_read_access_from_channels_already_open(tmp_path):
         relay.wait_log(f"refused PVA channel {name} to 127.0.0.1", start=start, timeout=10)
         assert not _reads(ctx, name)
     finally:
+        ctx.close()
+        relay.stop()
+
+
+def test_the_pva_side_reads_the_file_as_epics_does(tmp_path):
+    """A file EPICS loads (a HAG of a bare address, a last comment with no newline) is
+    the PVA side's too, and its rules grant there what they grant on CA: a RULE(0, ...)
+    nothing, since pcaspy adds every CA client at level 1.  Before, p4p's parser refused
+    this file, so PVA clients got no access at all, and a parsable file's RULE(0, WRITE)
+    let PVA clients write where CA clients could not."""
+    path = tmp_path / "r.acf"
+    accounts = ", ".join(f'"{u}"' for u in me())
+    path.write_text(
+        f"UAG(me) {{{accounts}}}\n"
+        "HAG(local) {127.0.0.1}\n"
+        "ASG(DEFAULT) {\n"
+        "    RULE(1, READ) { HAG(local) }\n"
+        "    RULE(0, WRITE) { UAG(me) }\n"
+        "}\n"
+        "# level 0: the relay's clients are at level 1"
+    )
+    PvaRelay.give_way()
+    relay = PvaRelay(tmp_path, shards=1, extra=["--access-security", str(path)]).start()
+    ctx = pva_context()
+    ca = Context()
+    try:
+        name = relay.name("levelled", "f1")
+        assert ctx.get(relay.prefix + "pvlist", timeout=5) == ""  # read access
+        with pytest.raises(p4p.client.thread.RemoteError, match="access denied"):
+            ctx.put(name, 1.5, timeout=5)
+        status = write_status(connect(ca, name), [1.5])
+        assert not status.success and status.name == "ECA_NOWTACCESS", status
+        assert ctx.get(relay.prefix + "pvlist", timeout=5) == ""  # nothing created
+        assert "not loaded" not in relay.log()
+        assert "RULE(0, ...) of " in relay.log()  # said at the start
+    finally:
+        close(ca)
         ctx.close()
         relay.stop()
 

@@ -121,12 +121,25 @@ def test_a_bad_file_on_reload_leaves_the_rules_in_force(tmp_path, caplog):
     cfg.access_security.write_text("ASG(DEFAULT) { RULE(1, WRITE\n")
     caplog.set_level(logging.INFO)
     access.reload()
-    assert "not loaded, the rules in force stay: syntax error at the end" in caplog.text
+    stays = "not loaded, the rules in force stay: EPICS does not load it: syntax error"
+    assert stays in caplog.text
     assert access.check_put("P:x_f1", 0, Op()) is None
     cfg.access_security.write_text("ASG(DEFAULT) { RULE(1, READ) }\n")
     access.reload()
     assert "access security reloaded" in caplog.text
     assert access.check_put("P:x_f1", 0, Op()) is not None
+
+
+def test_a_file_epics_does_not_load_is_not_loaded_here(tmp_path, caplog):
+    """A CALC that asLib cannot compile: the grammar here takes it, EPICS does not, and
+    neither side loads the file (on CA the rules in force stay too)."""
+    cfg = config(tmp_path, ACF)
+    access = PvaAccess(cfg)
+    assert access.load()
+    cfg.access_security.write_text('ASG(DEFAULT) { RULE(1, READ) RULE(1, WRITE) { CALC("A1") } }')
+    assert not access.reload()
+    assert "the rules in force stay: EPICS does not load it" in caplog.text
+    assert access.check_put("P:x_f1", 0, Op()) is None  # the old rules
 
 
 def test_refusals_are_logged_up_to_the_budget(tmp_path, caplog):
