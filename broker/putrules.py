@@ -23,20 +23,28 @@ class ConversionError(ValueError):
 
 
 def string_elements(spec: PvSpec, raw: bytes) -> np.ndarray:
-    """A string PV's one element, from the put's text as bytes."""
-    if len(raw) > MAX_STRING_CHARS:
-        raise ConversionError(f"a string PV holds at most {MAX_STRING_CHARS} characters")
+    """A string PV's one element, from the put's text as bytes: at most what CA carries
+    (a DBF_STRING's 40 bytes, its terminator included), so that every protocol reads what
+    was put."""
+    if len(raw) >= MAX_STRING_CHARS:
+        raise ConversionError(
+            f"a string PV holds at most {MAX_STRING_CHARS - 1} bytes: CA carries no more"
+        )
     return np.array([raw], dtype=spec.dtype)
 
 
 def char_elements(spec: PvSpec, raw: bytes) -> np.ndarray:
     """A char PV's elements: text appended to a C buffer goes in without its terminator;
-    text longer than a char array is cut to its length."""
+    text longer than a char array is refused, as CA refuses more elements than a PV has
+    (its terminators alone are cut to the length)."""
     if spec.is_buffer:
         raw = raw.rstrip(b"\0")
         if not raw:
             raise ConversionError("nothing to append")
     elif len(raw) > spec.count:
+        text = raw.rstrip(b"\0")
+        if len(text) > spec.count:
+            raise ConversionError(f"{len(text)} characters for a PV of {spec.count}")
         raw = raw[: spec.count]
     return np.frombuffer(raw, dtype=np.uint8).copy()
 

@@ -229,9 +229,14 @@ def test_bad_puts_refused_with_reason_value_kept(relay, pva):
     assert list(pva.get(arr, timeout=5)) == [1.0, 2.0]
     s1 = relay.name("text", "s1")
     pva.put(s1, "short", timeout=5)
-    with pytest.raises(p4p.client.thread.RemoteError, match="at most 40 characters"):
-        pva.put(s1, "x" * 50, timeout=5)
+    with pytest.raises(p4p.client.thread.RemoteError, match="at most 39 bytes"):
+        pva.put(s1, "x" * 40, timeout=5)  # CA could not read it whole
     assert pva.get(s1, timeout=5) == "short"
+    c10 = relay.name("note", "c10")
+    pva.put(c10, "short", timeout=5)
+    with pytest.raises(p4p.client.thread.RemoteError, match="20 characters for a PV of 10"):
+        pva.put(c10, "x" * 20, timeout=5)  # refused, as on CA, not cut to 10
+    assert pva.get(c10, timeout=5) == "short"
     with pytest.raises(p4p.client.thread.RemoteError, match="PREC takes a whole number"):
         pva.put(f1, {"display.precision": 99}, timeout=5)
     assert get(f1 + ".PREC") == 0

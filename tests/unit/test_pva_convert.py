@@ -74,14 +74,20 @@ def test_puts_checked_as_on_ca():
         convert.put_array(spec("f"), "abc")
     with pytest.raises(convert.PutRefused, match="does not fit a 32-bit integer"):
         convert.put_array(spec("i"), 3e10)
-    with pytest.raises(convert.PutRefused, match="at most 40 characters"):
-        convert.put_array(spec("s"), "x" * 41)
+    # What CA carries of a string, and no more: every protocol reads what was put.
+    assert convert.put_array(spec("s"), "x" * 39).tolist() == [b"x" * 39]
+    with pytest.raises(convert.PutRefused, match="at most 39 bytes"):
+        convert.put_array(spec("s"), "x" * 40)
     with pytest.raises(convert.PutRefused, match="4 elements for a PV of 3"):
         convert.put_array(spec("f", 3), [1.0, 2.0, 3.0, 4.0])
     assert len(convert.put_array(spec("F", 3), [1.0, 2.0, 3.0, 4.0])) == 4  # appended
     with pytest.raises(convert.PutRefused, match="at least one element"):
         convert.put_array(spec("f", 3), np.array([]))
-    assert convert.put_array(spec("c", 4), "abcdef").tobytes() == b"abcd"
+    # Text longer than a char array is refused, as CA refuses it, not cut.
+    with pytest.raises(convert.PutRefused, match="6 characters for a PV of 4"):
+        convert.put_array(spec("c", 4), "abcdef")
+    assert convert.put_array(spec("c", 4), "abcd").tobytes() == b"abcd"
+    assert convert.put_array(spec("c", 4), b"abcd\0\0").tobytes() == b"abcd"
     with pytest.raises(convert.PutRefused, match="nothing to append"):
         convert.put_array(spec("C", 4), "")
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from pcaspy import cas
 
+from carelay.broker.putrules import ConversionError
 from carelay.broker.values import fill_gdd, gdd_to_array, value_gdd
 from carelay.common.naming import PvSpec
 
@@ -54,7 +55,12 @@ def test_a_string_put_keeps_the_bytes_sent(raw):
 
 @pytest.mark.parametrize("raw", TEXTS)
 def test_text_put_to_a_char_pv_keeps_the_bytes_sent(raw):
-    assert bytes(gdd_to_array(C10, string_put(raw))) == raw[:10]
+    if len(raw) <= 10:
+        assert bytes(gdd_to_array(C10, string_put(raw))) == raw
+        return
+    # Longer than the array: refused, as CA refuses more elements than a PV has.
+    with pytest.raises(ConversionError, match=f"{len(raw)} characters for a PV of 10"):
+        gdd_to_array(C10, string_put(raw))
 
 
 @pytest.mark.parametrize("raw", TEXTS)
