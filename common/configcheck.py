@@ -6,9 +6,12 @@ holds, or raises ConfigError with a message naming the key and the problem.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import math
 import re
+import socket
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -28,6 +31,8 @@ _HOSTNAME = re.compile(
     r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?"
 )
+#: The interface that stands for every interface of the host.
+_EVERY_INTERFACE = "0.0.0.0"
 
 
 class ConfigError(ValueError):
@@ -51,6 +56,57 @@ def _numeric_host_ok(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _host_ok(host: str) -> bool:
+    """A host name, an IPv4 address or an IPv6 address (without brackets)."""
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return bool(_HOSTNAME.fullmatch(host)) and _numeric_host_ok(host)
+    return True
+
+
+def interface_problem(address: Any) -> str | None:
+    """Why a CA broker cannot listen on ``address``, or None if it can.
+
+    PCAS listens on the IPv4 addresses of EPICS_CAS_INTF_ADDR_LIST, each on the port
+    of the door (a multicast address there is a group it joins, not an interface),
+    and aborts on one it cannot attach; 0.0.0.0 is every interface.
+    """
+    if not isinstance(address, str):
+        return "must be an IPv4 address in quotes"
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        return "is not an IPv4 address (CA listens on IPv4 only; the port goes in port)"
+    if ip.is_multicast or ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "is a multicast or broadcast address, not an interface of this host"
+    return None
+
+
+def check_doors_here(doors: Sequence[CaDoor], indices: Iterable[int]) -> None:
+    """ConfigError when a door that this host serves (``doors[k]`` for each k of
+    ``indices``) names an address this host does not have: PCAS aborts on it.
+
+    Only the doors this host starts: ``carelay up`` starts them all, ``carelay broker
+    --index K`` door K alone, and the other doors may be other hosts' addresses.
+    Binding a UDP socket to the address (port 0: no port is taken) says it at once.
+    """
+    for k in indices:
+        for address in doors[k].interfaces:
+            if address == _EVERY_INTERFACE:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                try:
+                    probe.bind((address, 0))
+                except OSError as e:
+                    if e.errno != errno.EADDRNOTAVAIL:
+                        continue
+                    raise ConfigError(
+                        f"ca: entry {k}: interface {address!r} is not an address of this "
+                        "host, so its broker cannot listen there"
+                    ) from None
 
 
 def endpoint_problem(endpoint: str) -> str | None:
@@ -193,8 +249,11 @@ def check_value(key: str, value: Any) -> Any:
             raise ConfigError(f"access_security: {value} is not a readable file")
     elif key == "metrics_port" and not 1 <= value <= 65535:
         raise ConfigError(f"metrics_port: must be from 1 to 65535, got {value}")
-    elif key == "metrics_address" and not (value and value.isascii() and value.isprintable()):
-        raise ConfigError(f"metrics_address: must be a host name or address, got {value!r}")
+    elif key == "metrics_address" and not _host_ok(value):
+        raise ConfigError(
+            f"metrics_address: must be a host name or address (the port is metrics_port), "
+            f"got {value!r}"
+        )
     elif key == "access_group" and not (value and value.isascii() and value.isprintable()):
         raise ConfigError(f"access_group: must be a group name, got {value!r}")
     elif key == "endpoints":
@@ -212,11 +271,30 @@ def check_value(key: str, value: Any) -> Any:
         value = tuple(value)
     elif key == "ca":
         value = tuple(_ca_door(k, door) for k, door in enumerate(value))
-        ports = [(d.port, i) for d in value for i in d.interfaces or ("",)]
-        for k, used in enumerate(ports):
-            if used in ports[:k]:
-                raise ConfigError(f"ca: port {used[0]} is given twice on the same interface")
+        _check_door_overlap(value)
     return value
+
+
+def _check_door_overlap(doors: tuple[CaDoor, ...]) -> None:
+    """ConfigError when two doors would listen on one port of one interface: the
+    second broker's PCAS would move to another port without a word.  A door without
+    interfaces, or with 0.0.0.0, listens on every interface, so on each of the others."""
+    for k, door in enumerate(doors):
+        every = not door.interfaces or _EVERY_INTERFACE in door.interfaces
+        for j, other in enumerate(doors[:k]):
+            if other.port != door.port:
+                continue
+            shared = sorted(set(door.interfaces) & set(other.interfaces))
+            if shared:
+                where = shared[0]
+            elif every or not other.interfaces or _EVERY_INTERFACE in other.interfaces:
+                where = f"entry {k if every else j} listens on every interface"
+            else:
+                continue
+            raise ConfigError(
+                f"ca: entries {j} and {k}: port {door.port} is given twice on the same "
+                f"interface ({where})"
+            )
 
 
 def _ca_door(k: int, door: Any) -> CaDoor:
@@ -230,9 +308,17 @@ def _ca_door(k: int, door: Any) -> CaDoor:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ConfigError(f"ca: entry {k}: port must be from 1 to 65535, got {port!r}")
     interfaces = door.get("interfaces", [])
-    if not isinstance(interfaces, list) or not all(
-        isinstance(a, str) and a and a.isascii() and a.isprintable() and " " not in a
-        for a in interfaces
-    ):
+    if not isinstance(interfaces, list):
         raise ConfigError(f"ca: entry {k}: interfaces must be a list of addresses")
+    for n, address in enumerate(interfaces):
+        problem = interface_problem(address)
+        if problem is not None:
+            raise ConfigError(f"ca: entry {k}: interface {address!r} {problem}")
+        if address in interfaces[:n]:
+            raise ConfigError(f"ca: entry {k}: interface {address!r} is given twice")
+    if _EVERY_INTERFACE in interfaces and len(interfaces) > 1:
+        raise ConfigError(
+            f"ca: entry {k}: interface {_EVERY_INTERFACE!r} is every interface already; "
+            "give it alone"
+        )
     return CaDoor(tuple(interfaces), port)

@@ -192,6 +192,17 @@ def _config(args: argparse.Namespace) -> Config:
         raise _Refused(f"invalid configuration: {message}") from None
 
 
+def _check_doors_here(config: Config, indices) -> None:
+    """_Refused when a CA door this host starts names an address it does not have: its
+    broker's PCAS would abort at every restart, saying why only on its stderr."""
+    from carelay.common.configcheck import check_doors_here
+
+    try:
+        check_doors_here(config.ca, indices)
+    except ConfigError as e:
+        raise _Refused(f"invalid configuration: {e}") from None
+
+
 def child_args(args: argparse.Namespace) -> list[str]:
     """The configuration flags of ``args``, to pass on to a child process: each as one
     ``--flag=value`` argument, so that a value beginning with "-" (``--prefix=-X:``) is
@@ -300,6 +311,7 @@ def run_up(args: argparse.Namespace) -> int:
     """``carelay up``: the supervisor, which starts and watches the shards and the broker."""
     config = _config(args)
     warnings = _check_access_security(config)
+    _check_doors_here(config, range(len(config.ca)))
     setup_logging(config.log_level, "supervisor")
     for line in warnings:
         log.warning("%s", line)
@@ -358,6 +370,8 @@ def run_broker_role(args: argparse.Namespace) -> int:
     index = args.index
     if not 0 <= index < config.brokers:
         raise _Refused(f"error: broker index {index} not in 0..{config.brokers - 1}")
+    if config.ca:
+        _check_doors_here(config, [index])
     role = broker_role(index)
     _standalone_locks(config, BROKER_LOCK_FILE if index == 0 else f"broker-{index}.lock")
     if config.ca:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from carelay.common.config import CaDoor, load_config
+import pytest
+
+from carelay.common.config import CaDoor, ConfigError, load_config
+from carelay.common.configcheck import check_doors_here
 from carelay.supervisor.cli import main
 
 TWO_DOORS = """
@@ -37,3 +40,33 @@ def test_a_broker_index_beyond_the_tables_is_refused(tmp_path: Path, capsys):
     data = str(tmp_path / "data")
     assert main(["broker", "--config", str(path), "--data-dir", data, "--index", "2"]) == 2
     assert "broker index 2 not in 0..1" in capsys.readouterr().err
+
+
+#: An address of no host (TEST-NET-1, RFC 5737): never one of this host's.
+ELSEWHERE = "192.0.2.1"
+
+
+def test_a_door_on_an_address_of_another_host_is_refused_here():
+    doors = (CaDoor((ELSEWHERE,), 5064), CaDoor(("127.0.0.1",), 5064))
+    with pytest.raises(ConfigError) as info:
+        check_doors_here(doors, range(len(doors)))
+    assert str(info.value).startswith(f"ca: entry 0: interface {ELSEWHERE!r}"), info.value
+    assert "not an address of this host" in str(info.value)
+
+
+def test_only_the_doors_this_host_serves_are_checked():
+    # `carelay broker --index 1` on this host: door 0 is another host's.
+    doors = (CaDoor((ELSEWHERE,), 5064), CaDoor(("127.0.0.1",), 5064), CaDoor((), 5065))
+    check_doors_here(doors, [1, 2])
+    check_doors_here(doors, [])
+
+
+@pytest.mark.parametrize("command", [["up"], ["broker", "--index", "0"]])
+def test_up_and_a_broker_refuse_a_door_on_another_hosts_address(tmp_path: Path, capsys, command):
+    path = tmp_path / "carelay.toml"
+    path.write_text(f'[[ca]]\ninterfaces = ["{ELSEWHERE}"]\nport = 5064\n')
+    data = str(tmp_path / "data")
+    assert main([*command, "--config", str(path), "--data-dir", data]) == 2
+    err = capsys.readouterr().err
+    assert f"interface {ELSEWHERE!r} is not an address of this host" in err, err
+    assert not (tmp_path / "data" / "run").exists()  # nothing started

@@ -51,6 +51,25 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("ca", "ca = [{port = 0}]"),
     ("ca", 'ca = [{port = 5064, interfaces = "10.0.1.5"}]'),
     ("ca", "ca = [{port = 5064, intf = []}]"),
+    ("ca", 'ca = [{port = 5064, interfaces = ["foo"]}]'),
+    ("ca", 'ca = [{port = 5064, interfaces = ["10.0.1.5:5064"]}]'),
+    ("ca", 'ca = [{port = 5064, interfaces = ["::1"]}]'),
+    ("ca", 'ca = [{port = 5064, interfaces = ["10.0.1"]}]'),
+    ("ca", 'ca = [{port = 5064, interfaces = ["224.0.2.1"]}]'),
+    ("ca", 'ca = [{port = 5064, interfaces = ["255.255.255.255"]}]'),
+    ("ca", "ca = [{port = 5064, interfaces = [5064]}]"),
+    ("ca", 'ca = [{port = 5064, interfaces = ["10.0.1.5", "10.0.1.5"]}]'),
+    ("ca", 'ca = [{port = 5064, interfaces = ["0.0.0.0", "10.0.1.5"]}]'),
+    ("ca", 'ca = [{port = 5064}, {port = 5064, interfaces = ["10.0.1.5"]}]'),
+    (
+        "ca",
+        'ca = [{port = 5064, interfaces = ["10.0.1.5"]}, {port = 5064, interfaces = ["0.0.0.0"]}]',
+    ),
+    (
+        "ca",
+        'ca = [{port = 5064, interfaces = ["10.0.1.5", "10.0.2.5"]}, '
+        '{port = 5064, interfaces = ["10.0.2.5"]}]',
+    ),
     ("ca", "ca = [{port = 5064}, {port = 5064}]"),
     ("endpoints", 'endpoints = "tcp://127.0.0.1:5701"'),
     ("endpoints", "endpoints = [1]"),
@@ -90,6 +109,11 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("pva", 'pva = "yes"'),
     ("metrics_port", "metrics_port = 0"),
     ("metrics_port", 'metrics_port = "9100"'),
+    ("metrics_address", 'metrics_address = "not an address"'),
+    ("metrics_address", 'metrics_address = "127.0.0.1:9100"'),
+    ("metrics_address", 'metrics_address = "[::1]"'),
+    ("metrics_address", 'metrics_address = "http://127.0.0.1"'),
+    ("metrics_address", 'metrics_address = "127.0.0"'),
     ("metrics_address", 'metrics_address = ""'),
     ("max_clients", "max_clients = 0"),
     ("max_clients", "max_clients = 1024"),
@@ -145,3 +169,24 @@ def test_good_endpoints_are_accepted(endpoint: str, tmp_path: Path):
         (keys / name).write_text("")
     config = load_config(shards=1, endpoints=[endpoint], keys_dir=str(keys))
     assert config.endpoints == (endpoint,)
+
+
+@pytest.mark.parametrize(
+    "doors",
+    [
+        [{"port": 5064, "interfaces": ["10.0.1.5"]}, {"port": 5064, "interfaces": ["10.0.2.5"]}],
+        [{"port": 5064}, {"port": 5065, "interfaces": ["10.0.1.5"]}],
+        [{"port": 5064, "interfaces": ["0.0.0.0"]}, {"port": 5065}],
+        [{"port": 5064, "interfaces": ["127.0.0.1", "10.0.1.5"]}],
+    ],
+)
+def test_good_ca_doors_are_accepted(doors: list[dict]):
+    config = load_config(ca=doors)
+    assert [door.port for door in config.ca] == [door["port"] for door in doors]
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "0.0.0.0", "::1", "::", "localhost", "metrics.example.org"]
+)
+def test_good_metrics_addresses_are_accepted(address: str):
+    assert load_config(metrics_address=address).metrics_address == address
