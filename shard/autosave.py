@@ -10,8 +10,12 @@ A store that cannot be written (a full disk, a file size limit) is a fault of it
 the values stay held in memory and the write is tried again every ``autosave_period``.
 Once it has failed for longer than that, the shard refuses puts with callback (it could
 not keep the promise of their acknowledgement) and tells the broker, in every PONG, so
-that its PVs carry an alarm; it all clears with the first write that succeeds.
-Creations, deletions and field changes are refused while they cannot be made durable.
+that its PVs carry an alarm.  Creations, deletions and field changes are refused while
+they cannot be made durable, and all of them once it has failed that long, even where their
+small commit would get through (a file size limit lets it in, never the large value held).
+It all clears once the store is written again: a write succeeds and no value whose write
+failed is left unsaved.  A small write alone does not clear it: the values it held would
+still be lost, while the clients were told their puts are safe.
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ class Autosave:
         #: Names changed in the period whose values are being written, part by part
         #: (AUTOSAVE_PART_BYTES), and are not yet taken.
         self._to_save: list[str] = []
+        #: Names whose value write failed and that no write has saved since: while any is
+        #: left, the store is not written again, whatever smaller write got through.
+        self._held: set[str] = set()
         #: Values written by the clean stop (changed since the last flush).
         self.saved_on_stop = 0
         #: For the broker's health figures: how long value flushes took, and since when
@@ -90,22 +97,41 @@ class Autosave:
         # A value write in flight holds older rows: it lands first, so that it can
         # never bring back a PV deleted here.
         self.collect(wait=True)
+        if self.health.refusing:
+            # Past the autosave period they are refused with the error, as puts with
+            # callback are, though a commit this small might fit: it would not end the
+            # fault, and what it made durable would be all that is.
+            return self._refuse(self.health.store_error)
         upserts, deletes = self.store.unsaved_changes()
         try:
             self.db.save(upserts, deletes)
         except (sqlite3.Error, OSError) as e:
-            self.health.failed(e, quiet=True)  # the line below says it
-            rollback = self.store.rollback_unsaved()
-            log.error(
-                "cannot save %d creations/deletions/field changes to %s (%s); refusing them",
-                len(rollback.undone),
-                self.db.path,
-                e,
-            )
-            return Unsaved(rollback.undone, e, tuple(rollback.restate))
-        self.health.written()
+            self.health.failed(e, quiet=True)  # the line of _refuse says it
+            return self._refuse(e)
+        # Their rows hold their values: a value held for them is saved now.
+        self._held.difference_update(row[0] for row in upserts)
+        self._held.difference_update(deletes)
+        self._written()
         self.store.committed()
         return None
+
+    def _refuse(self, error: Exception) -> Unsaved:
+        """Undo the creations, deletions and field changes not made durable (``error``)."""
+        rollback = self.store.rollback_unsaved()
+        log.error(
+            "cannot save %d creations/deletions/field changes to %s (%s); refusing them",
+            len(rollback.undone),
+            self.db.path,
+            error,
+        )
+        return Unsaved(rollback.undone, error, tuple(rollback.restate))
+
+    def _written(self) -> None:
+        """A write succeeded: the store is written again only when no value whose write
+        failed is left unsaved (a file size limit lets small writes in, never the large
+        value held); until then the fault stays, and so do its refusals."""
+        if not self._held:
+            self.health.written()
 
     # -- values: in the autosave thread ---------------------------------------------------
 
@@ -124,11 +150,13 @@ class Autosave:
         try:
             self.db.save(rows)
         except (sqlite3.Error, OSError) as e:
+            self._held.update(row[0] for row in rows)
             self.health.failed(e, f"autosave of {len(rows)} values failed", len(self.store.dirty))
             return 0
         self.flush_times.observe(time.monotonic() - t0)
         self.saved_at = started
-        self.health.written()
+        self._held.clear()
+        self._written()
         self.store.dirty.clear()
         self._to_save.clear()
         return len(rows)
@@ -190,15 +218,17 @@ class Autosave:
             took = future.result()
         except (sqlite3.Error, OSError) as e:
             self.store.dirty.update(self._saving_names)
+            self._held.update(self._saving_names)
             n = len(self._saving_names)
             what = f"autosave of {n} values failed" if n else "write check failed"
             self.health.failed(e, what, len(self.store.dirty))
         else:
+            self._held.difference_update(self._saving_names)
             if self._saving_names:
                 self.flush_times.observe(took)
-                if not self._to_save:
+                if not self._to_save and not self._held:
                     self.saved_at = self._saving_since
-            self.health.written()
+            self._written()
         self._saving_names = []
         return True
 
@@ -303,7 +333,8 @@ class StoreHealth:
         return f"the store of shard {self.index} cannot be written: {self.store_error}"
 
     def written(self) -> None:
-        """A write to the store succeeded: a fault it was in is over."""
+        """The store is written again (a write succeeded, and no value whose write failed
+        is left: see Autosave._written): a fault it was in is over."""
         if self.store_error is None:
             return
         log.warning(

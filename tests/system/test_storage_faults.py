@@ -296,3 +296,45 @@ def test_a_full_disk_is_reported_by_carelay_status_and_heals_when_space_comes_ba
     finally:
         relay.stop()
         subprocess.run(["umount", "-l", str(relay.data_dir)], check=False)
+
+
+def test_a_small_commit_that_fits_under_the_limit_does_not_end_the_fault(make_relay, ca):
+    """A file size limit that a large value cannot fit under, but a creation's small commit
+    can: the fault stays on until the held value is written (no flapping to a healed store
+    that acknowledges puts it cannot keep), and past the period creations are refused."""
+    relay = make_relay(shards=1, extra=FAST)
+    small, big = name_on_shard(relay, 0, "small"), name_on_shard(relay, 0, "big", "f60000")
+    pv_small, pv_big = connect(ca, small, big)
+    assert put_ok(pv_small, [1.0]) and put_ok(pv_big, [1.0])  # the big one's row: 1 element
+    wait_stored(relay, big, 1.0)
+    wal = Path(f"{store(relay)}-wal")
+    # Room for some small commits, none for the 480 kB value.
+    size = max(store(relay).stat().st_size, wal.stat().st_size) + 160_000
+    assert len(relay.log()) < size // 4, "the relay log would reach the limit too"
+    pid = shard_status(relay)["pid"]
+    mark = len(relay.log())
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
+    pv_big.write(np.full(60000, 2.0), wait=False)  # a plain put: held, it cannot be written
+    wait_for(lambda: relay.status().returncode == 3, what="carelay status to exit 3")
+
+    for k in range(3):
+        (new,) = connect(ca, name_on_shard(relay, 0, f"new{k}"))
+        new.write([1.0], wait=False)  # a plain put: only the shard's commit can refuse it
+        (line,) = wait_for(
+            lambda name=new.name: (
+                log_lines(relay, "shard 0", name, "refused")
+                or log_lines(relay, "shard 0", "created PV", name)
+            ),
+            what=f"{new.name} refused or created",
+        )
+        assert "autosave failed" in line and "[Errno 27]" in line, line
+        assert not put_ok(pv_small, [2.0]), "a put with callback was acknowledged"
+        r = relay.status()
+        assert r.returncode == 3 and "File too large" in r.stdout, r.stdout
+        assert read_time(pv_small) == (1.0, AlarmSeverity.MAJOR_ALARM, AlarmStatus.WRITE)
+    assert "can be written again" not in relay.log()[mark:]
+
+    unlimit(pid)
+    wait_for(lambda: relay.status().returncode == 0, what="carelay status to exit 0")
+    wait_for(lambda: stored(relay, big) == 2.0, what="the held value in the store")
+    assert put_ok(new, [3.0]) and put_ok(pv_small, [4.0])

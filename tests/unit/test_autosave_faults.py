@@ -16,7 +16,7 @@ import pytest
 
 from carelay.common.config import load_config
 from carelay.common.lifecycle import write_status
-from carelay.common.messages import Ack, Message, Ping, Put, Reject, Update, Write
+from carelay.common.messages import Ack, Delete, Message, Ping, Put, Reject, SetField, Update, Write
 from carelay.common.protocol import WriteRun, encode_batch
 from carelay.shard.persist import ShardDatabase, StoreWriteError
 from carelay.shard.server import ShardServer
@@ -291,6 +291,96 @@ def test_with_nothing_held_a_small_write_tells_when_the_store_heals(server, monk
     server.autosave.flush_soon()
     server.autosave.collect(wait=True)
     assert server.health.store_error is None
+
+
+def _too_large(server, monkeypatch, limit: int) -> None:
+    """Make a write whose values pass ``limit`` bytes fail as a file size limit does, where
+    a smaller one (a creation's commit, the write check) still gets in."""
+    error = StoreWriteError(errno.EFBIG, Path(f"{server.db.path}-wal"), "disk I/O error")
+    save = server.db.save
+
+    def save_small(upserts, deletes=()):
+        upserts = list(upserts)
+        if sum(row[2].nbytes for row in upserts) > limit:
+            raise error
+        return save(upserts, deletes)
+
+    monkeypatch.setattr(server.db, "save", save_small)
+
+
+def test_a_small_write_that_gets_in_does_not_end_the_fault_while_values_are_held(
+    server, monkeypatch
+):
+    """Under a file size limit a creation's small commit fits while the large value held
+    cannot: the fault stays on (no flapping to "written again"), and past the period the
+    creation is refused, as are deletions and field changes, until the held value is saved."""
+    big, small = f"{PREFIX}big_f1000", f"{PREFIX}a_f1"
+    _handle(server, Put(big, 1, 0.0, np.zeros(1000)), Put(small, 2, 0.0, np.array([1.0])))
+    server.autosave.flush()
+    _too_large(server, monkeypatch, 1000)
+    _handle(server, Put(big, 3, 0.0, np.full(1000, 2.0)))
+    server.autosave.flush_soon()
+    server.autosave.collect(wait=True)
+    assert server.health.store_error is not None and big in server.store.dirty
+
+    # Within the period a creation's commit gets in, but the fault goes on.
+    assert type(_handle(server, Put(f"{PREFIX}early_f1", 4, 0.0, np.array([1.0])))[0]) is Update
+    assert server.health.store_error is not None
+    _handle(server, _write(small, 3.0))
+    server.autosave.flush_soon()
+    server.autosave.collect(wait=True)
+    assert server.health.store_error is not None
+
+    _past_the_period(server)
+    assert "[Errno 27]" in server.health.refusing
+    new = f"{PREFIX}new_f1"
+    out = _handle(
+        server,
+        _write(small, 4.0, req=5),
+        Put(new, 6, 0.0, np.array([1.0])),
+        SetField(small, 7, "EGU", "V"),
+        Delete(small, 8),
+    )
+    assert [type(m) for m in out] == [Reject, Update, Reject, Reject, Reject]
+    assert all("[Errno 27]" in m.reason for m in out if type(m) is Reject)
+    assert new not in server.store and small in server.store
+    assert server.store.fields(small) == {}
+    assert server.health.refusing and server.health.store_error is not None
+    (pong,) = _handle(server, Ping(9))
+    assert pong.store_error == server.health.refusing
+
+    # Room again: the held values are written and only then does it all clear.
+    monkeypatch.undo()
+    server.autosave.flush_soon()
+    server.autosave.collect(wait=True)
+    assert server.health.store_error is None and server.health.refusing == ""
+    saved = _saved(server.db.path)
+    assert saved[big] == [2.0] * 1000 and saved[small] == [3.0]
+    assert type(_handle(server, Put(new, 10, 0.0, np.array([1.0])))[0]) is Update
+
+
+def test_a_part_of_the_flush_that_gets_in_does_not_end_the_fault(server, monkeypatch):
+    """A flush in parts: the small value's part is written, the large one's is not; the
+    fault stays on, and FLUSH_AGE does not say that every value is saved."""
+    monkeypatch.setattr("carelay.shard.autosave.AUTOSAVE_PART_BYTES", 1)  # a row a part
+    big, small = f"{PREFIX}big_f1000", f"{PREFIX}a_f1"
+    _handle(server, Put(big, 1, 0.0, np.zeros(1000)), Put(small, 2, 0.0, np.array([1.0])))
+    server.autosave.flush()
+    saved_at = server.autosave.saved_at
+    _too_large(server, monkeypatch, 1000)
+    failed = False
+    for k in (3.0, 4.0):  # two periods: the large part fails before the small one, or after
+        _handle(server, Put(big, 3, 0.0, np.full(1000, k)), _write(small, k))
+        for _ in range(2):
+            assert server.autosave.flush_soon() == 1
+            server.autosave.collect(wait=True)
+            # Once failed, it stays failed, whichever part comes first.
+            failed = failed or server.health.store_error is not None
+            assert failed == (server.health.store_error is not None)
+        assert failed and not server.autosave.saving_parts
+        assert _saved(server.db.path)[small] == [k]
+    assert server.autosave.saved_at == saved_at
+    assert big in server.store.dirty
 
 
 def test_a_stop_during_the_fault_names_the_values_it_could_not_save(server, monkeypatch, caplog):
