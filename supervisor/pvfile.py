@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from carelay.common.fields import FIELDS, STORED, FieldError, validate
-from carelay.common.naming import DTYPES, MAX_STRING_CHARS, split_type
+from carelay.common.fields import FIELDS, STORED, FieldError, applies, validate
+from carelay.common.naming import DTYPES, MAX_STRING_CHARS, PvSpec, split_type
 
 _CANONICAL_NAN = 0x7FF8000000000000
 _INT32 = np.iinfo(np.int32)
@@ -62,6 +62,25 @@ class PvRecord:
         return self.name[: -len(f"_{self.type_code}{self.count}")]
 
 
+class _Beyond:
+    """A JSON number literal beyond a double (``1e400``), which ``float()`` would read as
+    an infinity: kept as its text, so that each place that takes a number refuses it as
+    it refuses a whole number beyond a double.  Export writes real infinities as text."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _parse_float(text: str) -> float | _Beyond:
+    x = float(text)
+    return x if math.isfinite(x) else _Beyond(text)
+
+
 def _float_out(x: float) -> float | str:
     if math.isfinite(x):
         return x
@@ -80,6 +99,8 @@ def _shown(v: Any) -> str:
 def _float_in(v: Any) -> float:
     if isinstance(v, bool):
         raise RecordError(f"{v!r} is not a number")
+    if isinstance(v, _Beyond):
+        raise RecordError(f"{_shown(v)} is beyond a double")
     if isinstance(v, int | float):
         try:
             return float(v)
@@ -101,7 +122,9 @@ def _float_in(v: Any) -> float:
 
 def _stamp_in(v: Any) -> float:
     """A stamp the relay can serve as EPICS time (see EPICS_EPOCH), or 0."""
-    huge = isinstance(v, int) and not isinstance(v, bool) and abs(v) >= EPICS_TIME_END
+    huge = isinstance(v, _Beyond) or (
+        isinstance(v, int) and not isinstance(v, bool) and abs(v) >= EPICS_TIME_END
+    )
     x = math.inf if huge else _float_in(v)
     if x == 0 or EPICS_EPOCH <= x < EPICS_TIME_END:  # False for NaN
         return x
@@ -150,7 +173,7 @@ def encode(name: str, stamp: float, value: np.ndarray, fields: dict[str, Any]) -
 def decode(line: str) -> PvRecord:
     """The PV of one export line, checked; RecordError says what does not fit."""
     try:
-        raw = json.loads(line)
+        raw = json.loads(line, parse_float=_parse_float)
     except ValueError as e:
         raise RecordError(f"not JSON: {e}") from None
     if not isinstance(raw, dict):
@@ -171,20 +194,28 @@ def decode(line: str) -> PvRecord:
         stamp = _stamp_in(raw.get("stamp", 0.0))
     except RecordError as e:
         raise RecordError(f"{name}: stamp: {e}") from None
-    fields = _fields_in(name, raw.get("fields", {}))
+    fields = _fields_in(PvSpec(name, type_code, count), raw.get("fields", {}))
     value = _value_in(name, type_code, count, raw)
     return PvRecord(name, type_code, count, stamp, fields, value)
 
 
-def _fields_in(name: str, raw: Any) -> dict[str, Any]:
+def _fields_in(spec: PvSpec, raw: Any) -> dict[str, Any]:
+    """The fields of a line, as the relay would store them.  A field the PV's type does
+    not have (EGU of a ``c`` PV) is refused here, as the relay refuses a put to it: a
+    running relay would refuse it only after the value had made the PV, and a stopped
+    store would keep a field no client can read."""
+    name = spec.name
     if not isinstance(raw, dict):
         raise RecordError(f"{name}: fields are not a map")
     out = {}
     for field, v in raw.items():
         if field not in STORED:
             raise RecordError(f"{name}: {field} is not a stored field")
+        if not applies(field, spec):
+            article = "an" if spec.type_code in "fFiIsS" else "a"
+            raise RecordError(f"{name}.{field}: {article} {spec.type_code} PV has no {field} field")
         try:
-            if FIELDS[field].kind == "double" and isinstance(v, str):
+            if isinstance(v, _Beyond) or (FIELDS[field].kind == "double" and isinstance(v, str)):
                 v = _float_in(v)
             out[field] = validate(field, v)
         except (FieldError, RecordError) as e:

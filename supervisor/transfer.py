@@ -406,7 +406,7 @@ def _import_running(
     try:
         for record in records:
             try:
-                _put_record(ctx, record, record.name in existing)
+                _put_record(ctx, record, record.name in existing, source.config.delpv_name)
                 done += 1
             except _PutFailed as e:
                 log.warning("refused %s: %s", record.name, e)
@@ -421,45 +421,101 @@ class _PutFailed(Exception):
     pass
 
 
-def _write(ctx, name: str, data) -> None:
-    (pv,) = ctx.get_pvs(name, timeout=IMPORT_CA_TIMEOUT)
+def _connect(ctx, names: list[str]) -> list:
+    """A connected channel with write access to each of ``names``; _PutFailed, and
+    nothing put, when one does not connect (a field the relay does not serve, a shard not
+    in sync, a limit) or may not be written (access security)."""
+    from caproto import AccessRights
+
+    pvs = ctx.get_pvs(*names, timeout=IMPORT_CA_TIMEOUT)
     try:
-        pv.wait_for_connection(timeout=IMPORT_CA_TIMEOUT)
-        response = pv.write(data, wait=True, timeout=IMPORT_CA_TIMEOUT)
-    except Exception as e:  # caproto raises its own kinds for timeouts and refusals
-        raise _PutFailed(f"put to {name} failed: {type(e).__name__}: {e}") from None
-    finally:
+        for pv in pvs:
+            try:
+                pv.wait_for_connection(timeout=IMPORT_CA_TIMEOUT)
+            except Exception as e:  # caproto raises its own kinds
+                raise _PutFailed(f"{pv.name} does not connect: {type(e).__name__}: {e}") from None
+            rights = pv.access_rights
+            if rights is not None and not rights & AccessRights.WRITE:
+                raise _PutFailed(f"no write access to {pv.name}")
+    except _PutFailed:
+        _disconnect(pvs)
+        raise
+    return pvs
+
+
+def _disconnect(pvs) -> None:
+    for pv in pvs:
         with contextlib.suppress(Exception):
             pv.disconnect()
+
+
+def _write_to(pv, data) -> None:
+    try:
+        response = pv.write(data, wait=True, timeout=IMPORT_CA_TIMEOUT)
+    except Exception as e:  # caproto raises its own kinds for timeouts and refusals
+        raise _PutFailed(f"put to {pv.name} failed: {type(e).__name__}: {e}") from None
     status = getattr(response, "status", None)
     if status is not None and not getattr(status, "success", 1):
-        raise _PutFailed(f"put to {name} failed: {getattr(status, 'name', status)}")
+        raise _PutFailed(f"put to {pv.name} failed: {getattr(status, 'name', status)}")
 
 
 def _field_data(value) -> list:
     return [value.encode("utf-8")] if isinstance(value, str) else [value]
 
 
-def _put_record(ctx, record: pvfile.PvRecord, exists: bool) -> None:
-    """The value and fields of ``record``.  A new PV is made by its value, then gets its
-    fields (a field of a PV that does not exist yet is refused); an existing one gets its
-    fields first, so that the value meets the drive limits it was stored under."""
-    buffer = record.type_code.isupper()
-    if exists:
-        for field, value in record.fields.items():
-            _write(ctx, f"{record.name}.{field}", _field_data(value))
+def _puts(record: pvfile.PvRecord, exists: bool) -> list[tuple[str, object]]:
+    """The puts that import ``record``, in order.  A new PV is made by its value, then
+    gets its fields (a field of a PV that does not exist yet is refused); an existing one
+    gets its fields first, so that the value meets the drive limits it was stored under."""
+    fields = [(f"{record.name}.{f}", _field_data(v)) for f, v in record.fields.items()]
     data = [bytes(record.value[0])] if record.type_code.lower() == "s" else record.value
-    if buffer:
-        if exists:
-            _write(ctx, f"{record.name}.RES", [1])
+    value: list[tuple[str, object]]
+    if not record.type_code.isupper():
+        value = [(record.name, data)]
+    elif exists:
+        value = [(f"{record.name}.RES", [1])]
         if record.value.size:
-            _write(ctx, record.name, data)
-        elif not exists:
-            # An empty buffer is made by a put, then emptied.
-            _write(ctx, record.name, np.zeros(1, record.value.dtype))
-            _write(ctx, f"{record.name}.RES", [1])
+            value.append((record.name, data))
+    elif record.value.size:
+        value = [(record.name, data)]
     else:
-        _write(ctx, record.name, data)
-    if not exists:
-        for field, value in record.fields.items():
-            _write(ctx, f"{record.name}.{field}", _field_data(value))
+        # An empty buffer is made by a put, then emptied.
+        value = [(record.name, np.zeros(1, record.value.dtype)), (f"{record.name}.RES", [1])]
+    return fields + value if exists else value + fields
+
+
+def _put_record(ctx, record: pvfile.PvRecord, exists: bool, delpv: str) -> None:
+    """Import ``record`` (see _puts).  Every channel of the line is connected, with write
+    access, before the first put, so that what the relay would refuse for want of a
+    channel or of access is refused with nothing changed.  A put that still fails midway
+    (a timeout, a shard gone) leaves the puts before it: a PV this line made is deleted
+    again; the fields and buffer reset of one that existed stay, and the message names
+    them."""
+    puts = _puts(record, exists)
+    pvs = _connect(ctx, [name for name, _ in puts])
+    made: list[str] = []
+    try:
+        for pv, (name, data) in zip(pvs, puts, strict=True):
+            _write_to(pv, data)
+            made.append(name)
+    except _PutFailed as e:
+        if not made:
+            raise
+        if not exists:
+            raise _PutFailed(f"{e}; {_undo_creation(ctx, record.name, delpv)}") from None
+        raise _PutFailed(f"{e}; already put, and kept: {', '.join(made)}") from None
+    finally:
+        _disconnect(pvs)
+
+
+def _undo_creation(ctx, name: str, delpv: str) -> str:
+    """Delete the PV a failed line made, through the relay's delete PV; what came of it."""
+    try:
+        (pv,) = _connect(ctx, [delpv])
+        try:
+            _write_to(pv, np.frombuffer(name.encode() + b"\0", dtype=np.uint8))
+        finally:
+            _disconnect([pv])
+    except _PutFailed as e:
+        return f"the PV it made stays: {e}"
+    return "the PV it made is deleted again"

@@ -143,3 +143,33 @@ def test_import_into_a_stopped_relay_keeps_everything(make_relay, ca, tmp_path):
         assert ctrl.metadata.units == b"degC"
     finally:
         close(fresh)
+
+
+def test_import_refuses_a_line_before_any_put(make_relay, ca, tmp_path):
+    """A line whose fields its PV's type lacks, or with a float beyond a double, is refused
+    before anything is put: the PV it names is not made, nor an existing one changed."""
+    relay = make_relay()
+    p = relay.prefix
+    assert write_status(connect(ca, f"{p}old_c8"), np.frombuffer(b"was", np.uint8)).success
+    lines = [
+        {"name": f"{p}egu_c8", "type": "c", "count": 8, "stamp": 0, "fields": {"EGU": "V"}},
+        {"name": f"{p}old_c8", "type": "c", "count": 8, "stamp": 0, "fields": {"PREC": 2}},
+        {"name": f"{p}ok_c8", "type": "c", "count": 8, "stamp": 0, "fields": {"DESC": "d"}},
+    ]
+    text = "".join(json.dumps({**line, "text": "hi"}) + "\n" for line in lines)
+    text += f'{{"name": "{p}huge_f1", "type": "f", "count": 1, "value": [1e400]}}\n'
+    path = tmp_path / "in.jsonl"
+    path.write_text(text)
+
+    r = carelay("import", "--data-dir", str(relay.data_dir), str(path))
+    assert r.returncode == 1, r.stderr
+    refusals = [line for line in r.stderr.splitlines() if " WARNING " in line]
+    assert len(refusals) == 3, r.stderr
+    assert refusals[0].endswith(f"refused line 1: {p}egu_c8.EGU: a c PV has no EGU field")
+    assert refusals[1].endswith(f"refused line 2: {p}old_c8.PREC: a c PV has no PREC field")
+    assert refusals[2].endswith(f"refused line 4: {p}huge_f1: 1e400 is beyond a double")
+    assert "imported 1 PVs into the running relay; 3 refused" in r.stderr
+    names = {e["name"]: e for e in export(relay)}
+    assert set(names) == {f"{p}old_c8", f"{p}ok_c8"}
+    assert bytes(connect(ca, f"{p}old_c8").read().data) == b"was"
+    assert bytes(connect(ca, f"{p}ok_c8").read().data) == b"hi"

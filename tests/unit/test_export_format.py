@@ -157,11 +157,55 @@ def test_no_stamp_is_never():
         (_line(value="[" + "1" * 400 + "]"), "^P:x_f1: 1111111111.* is beyond a double$"),
         (_line(value="[2.5, -" + "9" * 400 + "]"), "is beyond a double"),
         (_line(fields='{"HIHI": ' + "1" * 400 + "}"), "^P:x_f1.HIHI: .*a double holds"),
+        # A float literal beyond a double reads as inf in Python's json: refused as the
+        # whole number is (export writes a real infinity as "inf").
+        (_line(value="[1e400]"), "^P:x_f1: 1e400 is beyond a double$"),
+        (_line(value="[2.5, -1.5e400]"), "^P:x_f1: -1.5e400 is beyond a double$"),
+        (_line(fields='{"HIHI": 1e400}'), "^P:x_f1.HIHI: 1e400 is beyond a double$"),
+        (_line(fields='{"EGU": 1e400}'), "^P:x_f1.EGU: 1e400 is beyond a double$"),
+        (_line(stamp="1e400"), "^P:x_f1: stamp: 1e400 is not a time"),
     ],
 )
 def test_a_number_beyond_a_double_is_refused(line, why):
     with pytest.raises(RecordError, match=why):
         decode(line)
+
+
+def test_infinities_written_as_text_and_large_literals_are_taken():
+    line = '{"name": "P:x_f3", "type": "f", "count": 3, "value": ["inf", "-inf", 1e308]}'
+    assert decode(line).value.tolist() == [math.inf, -math.inf, 1e308]
+    assert decode(_line(fields='{"HIHI": "inf"}')).fields == {"HIHI": math.inf}
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "why"),
+    [
+        ("x_c8", '{"EGU": "V"}', "^P:x_c8.EGU: a c PV has no EGU field$"),
+        ("x_C8", '{"HIHI": 3}', "^P:x_C8.HIHI: a C PV has no HIHI field$"),
+        ("x_s1", '{"DESC": "ok", "PREC": 2}', "^P:x_s1.PREC: an s PV has no PREC field$"),
+    ],
+)
+def test_a_field_its_type_does_not_have_is_refused(name, fields, why):
+    # The relay serves no such field: a running one refuses the put, a stopped store
+    # must not get it either.
+    text = '"text": "hi"' if name[2] in "cCs" else '"value": [1]'
+    line = (
+        f'{{"name": "P:{name}", "type": "{name[2]}", "count": {name[3:]}, '
+        f'"fields": {fields}, {text}}}'
+    )
+    with pytest.raises(RecordError, match=why):
+        decode(line)
+
+
+def test_the_fields_of_each_type_are_taken():
+    fields = '{"DESC": "d", "EGU": "V", "PREC": 2, "HIHI": 3, "HHSV": "MAJOR"}'
+    for name in ("x_f1", "x_i1", "x_F4", "x_I4"):
+        text = f'{{"name": "P:{name}", "type": "{name[2]}", "count": {name[3:]}, '
+        record = decode(text + f'"fields": {fields}, "value": [1]}}')
+        assert record.fields == {"DESC": "d", "EGU": "V", "PREC": 2, "HIHI": 3.0, "HHSV": 2}
+    for name in ("x_c4", "x_C4", "x_s1"):
+        text = f'{{"name": "P:{name}", "type": "{name[2]}", "count": {name[3:]}, '
+        assert decode(text + '"fields": {"DESC": "d"}, "text": "hi"}').fields == {"DESC": "d"}
 
 
 def test_large_whole_numbers_a_double_holds_are_taken():

@@ -91,3 +91,26 @@ def test_list_shows_a_stored_stamp_it_cannot_show(config):
     entries = json.loads(out.getvalue(), parse_constant=strict)
     updated = {e["name"]: e["updated"] for e in entries}
     assert updated == {"P:inf_f1": None, "P:big_f1": 1e300, "P:neg_f1": -1e300, "P:ok_f1": 0.0}
+
+
+def test_a_field_its_type_lacks_or_a_float_beyond_a_double_touches_no_store(
+    config, tmp_path, caplog
+):
+    lines = [
+        # A c PV has no EGU: the relay serves no P:egu_c8.EGU, so no store may hold it.
+        '{"name":"P:egu_c8","type":"c","count":8,"stamp":0,"fields":{"EGU":"V"},"text":"hi"}',
+        # Python's json reads 1e400 as inf; export writes a real infinity as "inf".
+        line("huge", value="[1e400]").strip(),
+        line("good").strip(),
+    ]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(text + "\n" for text in lines))
+
+    with caplog.at_level(logging.INFO, logger="carelay"):
+        assert import_pvs(config, path) == exits.IMPORT_REFUSED
+    refusals = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert refusals == [
+        "refused line 1: P:egu_c8.EGU: a c PV has no EGU field",
+        "refused line 2: P:huge_f1: 1e400 is beyond a double",
+    ]
+    assert [row.name for _, row in read_pvs(config)] == ["P:good_f1"]
