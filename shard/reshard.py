@@ -29,7 +29,7 @@ from carelay.shard.persist import (
 
 log = logging.getLogger(__name__)
 
-_STORE_RE = re.compile(r"shard-(\d+)\.sqlite")
+_STORE_RE = re.compile(r"shard-(\d+)\.sqlite(?:\.good)?")
 
 
 class ReshardError(Exception):
@@ -44,12 +44,13 @@ class ReshardReport:
 
 
 def store_indices(data_dir: Path) -> list[int]:
-    """Indices of the shard stores present in ``data_dir``."""
-    out = []
-    for p in data_dir.glob("shard-*.sqlite"):
+    """Indices of the shard stores present in ``data_dir``: a store, or its good copy
+    alone (a store gone missing, which opening it restores from the copy)."""
+    out = set()
+    for p in data_dir.glob("shard-*.sqlite*"):
         m = _STORE_RE.fullmatch(p.name)
         if m:
-            out.append(int(m[1]))
+            out.add(int(m[1]))
     return sorted(out)
 
 

@@ -80,6 +80,22 @@ def test_three_to_two_drains_and_removes_the_third_store(tmp_path, names):
     check_placed(tmp_path, names, 2)
 
 
+def test_a_store_left_only_as_its_good_copy_is_restored_and_moved(tmp_path, names):
+    """A store gone missing, its good copy kept: its shard would restore the copy at its
+    next open, but a shard beyond the new count never opens again, so resharding
+    restores it and moves its PVs (before, they were left behind, and lost)."""
+    fill(tmp_path, names, 3)
+    db = ShardDatabase(store_path(tmp_path)(2))
+    db.open()  # takes a good copy of what it holds now
+    db.close()
+    assert (tmp_path / "shard-2.sqlite.good").exists()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"shard-2.sqlite{suffix}").unlink(missing_ok=True)
+    assert store_indices(tmp_path) == [0, 1, 2]
+    reshard(tmp_path, 2, store_path(tmp_path))
+    check_placed(tmp_path, names, 2)
+    assert not (tmp_path / "shard-2.sqlite.good").exists()
+
 def test_nothing_to_do_when_the_count_is_unchanged(tmp_path, names):
     fill(tmp_path, names[:100], 2)
     assert reshard(tmp_path, 2, store_path(tmp_path)).moved == 0
