@@ -147,7 +147,9 @@ def collect(config: Config) -> dict | None:
         young = p["uptime"] < STARTUP_GRACE
         if not fresh:
             age = now - own["seen"] if own and own.get("pid") == p.get("pid") else None
-            p["state"] = "starting" if young else "not answering"
+            # One that has written its status and then went silent is not starting, however
+            # young: it was stopped or hung after it answered.
+            p["state"] = "starting" if young and age is None else "not answering"
             p["detail"] = f"pid {p['pid']} is alive but has not written its status " + (
                 "yet" if age is None else f"for {_duration(age)}"
             )
