@@ -36,6 +36,7 @@ from pathlib import Path
 from carelay.broker import acf
 from carelay.broker.access import ACCESS_DENIED, check_access_security, resolve
 from carelay.broker.logbudget import LogBudget
+from carelay.broker.refusals import shorten
 from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 
 __all__ = ["PvaAccess", "Rules", "peer_address"]
@@ -168,6 +169,8 @@ class PvaAccess:
         if self.allows(address, account, roles) & WRITE:
             return None
         where = f"shard {shard}" if shard is not None else "no shard"
+        # A log line carries the start of a long name or account, as on CA.
+        name, account = shorten(name), shorten(account)
         if self.budget.allow(f"{name} from {account}@{address}"):
             log.warning(
                 "refused PVA put to %s (%s) from %s@%s: %s",
@@ -189,7 +192,7 @@ class PvaAccess:
 
     def refused_read(self, name: str, peer: str) -> None:
         """Log a channel refused by ``may_read`` (on the loop thread)."""
-        address = peer_address(peer)
+        address, name = peer_address(peer), shorten(name)
         if self.read_budget.allow(f"{name} from {address}"):
             log.warning("refused PVA channel %s to %s: %s", name, address, NO_READ)
 

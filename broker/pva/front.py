@@ -33,6 +33,7 @@ from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
 from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
 from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
+from carelay.broker.refusals import shorten
 from carelay.broker.requests import Requests
 from carelay.broker.table import PvTable, counted
 from carelay.common import fields
@@ -252,7 +253,7 @@ class PvaFrontEnd:
         if self._opens(channel):
             return channel
         if not channel.decided:  # else the loop closed it, and logged a refusal if one
-            log.warning("PVA channel %s not opened: refused for now", name)
+            log.warning("PVA channel %s not opened: refused for now", shorten(name))
         self.inbox.push(self.drop_channel, channel)
         return None
 
@@ -392,7 +393,7 @@ class PvaFrontEnd:
         except convert.PutRefused as e:
             why = str(e) if str(e).startswith("refused") else f"refused put: {e}"
             if self.error("convert", why, pv.name, pv.shard):
-                log.warning("refused PVA put to %s (shard %d): %s", pv.name, pv.shard, e)
+                log.warning("refused PVA put to %s (shard %d): %s", shorten(pv.name), pv.shard, e)
             put.failed = True
             return
         for field, raw in changes:

@@ -218,3 +218,18 @@ def test_reads_need_no_account_unless_a_uag_asks(tmp_path):
     assert not access.may_read("127.0.0.1:1")
     assert access.check_put("P:x_f1", 0, Op()) is None  # alice writes, over a channel she has
     assert PvaAccess(config(tmp_path, None)).may_read("")
+
+
+def test_a_refusal_line_carries_the_start_of_a_long_name_and_account(tmp_path, caplog):
+    from carelay.common.config import LOGGED_NAME_CHARS
+
+    access = PvaAccess(config(tmp_path, ACF))
+    access.load()
+    name, account = "P:" + "n" * 1000 + "_f1", "a" * 5000
+    with caplog.at_level(logging.WARNING):
+        assert access.check_put(name, 0, Op(account=account)) is not None
+        access.refused_read(name, "10.0.0.9:5075")
+    assert len(caplog.messages) == 2
+    for line in caplog.messages:
+        assert name[:LOGGED_NAME_CHARS] in line and f"({len(name)} characters)" in line
+        assert len(line) < 3 * LOGGED_NAME_CHARS + 200, len(line)
