@@ -135,6 +135,12 @@ class Broker:
     def ca_buffer_bytes(self) -> int:
         return self.table.ca_buffer_bytes()
 
+    @property
+    def other_ca_buffer_bytes(self) -> int:
+        """The large CA buffers the relay's other CA brokers hold (their status files)."""
+        peers = self.health.peers
+        return peers.others_buffer_bytes if peers is not None else 0
+
     def attach(self, name: str):
         return self.table.attach(name)
 

@@ -389,8 +389,11 @@ class Health:
                 }
             )
         limit = broker.byte_limit
-        # max_bytes counts the large CA buffers PCAS holds too (see broker/cabuffers.py).
-        used = broker.n_bytes + (watched.buffers.pinned_bytes if watched is not None else 0)
+        brokers = self.peers.sample(broker.ready, circuits, put_rate[0]) if self.peers else []
+        # max_bytes counts the large CA buffers PCAS holds too (see broker/cabuffers.py), in
+        # every CA broker of the relay.
+        pinned = watched.buffers.pinned_bytes if watched is not None else 0
+        used = broker.n_bytes + pinned + (self.peers.others_buffer_bytes if self.peers else 0)
         self.snapshot = snap = {
             "heartbeat": self.heartbeat,
             # On the monotonic clock: a step of the wall clock moves no uptime.
@@ -416,7 +419,8 @@ class Health:
             "refusals": dict(self.refusals),
             "put_callback": self.put_callback,
             "shards": shards,
-            "brokers": self.peers.sample(broker.ready, circuits, put_rate[0]) if self.peers else [],
+            "ca_buffer_bytes": pinned,
+            "brokers": brokers,
             "pva": self.peers.pva() if self.peers else None,
         }
         # The histograms are copied: the loop goes on moving its own.

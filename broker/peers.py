@@ -1,11 +1,13 @@
 """The CA brokers of this relay (``[[ca]]``), as their status files say.
 
-Each broker writes its door (index, interfaces, CA circuits, put rate) into its own
-status file; once every HEALTH_INTERVAL a broker reads the others' files in the same
-data directory to say how many brokers serve (``relay:BROKER_UP_CNT``) and, on broker
-0, to carry their figures in /metrics.  A broker serves while its status file is fresh
-(written or touched within STATUS_STALE_AFTER), its pid is alive and it has said
-ready: one that is alive but silent does not count.  No pcaspy.
+Each broker writes its door (index, interfaces, CA circuits, put rate, the large CA
+buffers its PCAS holds) into its own status file; once every HEALTH_INTERVAL a broker
+reads the others' files in the same data directory to say how many brokers serve
+(``relay:BROKER_UP_CNT``), to count their CA buffers against ``max_bytes`` with its own,
+and, on broker 0, to carry their figures in /metrics.  The PVA front-end, which holds no
+CA buffers, counts every broker's (``ca_buffer_bytes``).  A broker serves while its
+status file is fresh (written or touched within STATUS_STALE_AFTER), its pid is alive
+and it has said ready: one that is alive but silent does not count.  No pcaspy.
 """
 
 from __future__ import annotations
@@ -21,6 +23,26 @@ from carelay.common.lifecycle import broker_role, pid_alive, read_status, status
 def interfaces() -> list[str]:
     """The addresses this broker's CA server listens on (empty: all of them)."""
     return os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
+
+
+def _buffer_bytes(own: dict) -> int:
+    """The CA buffers a broker's status ``own`` says its PCAS holds (0 if it says none)."""
+    door = own.get("door") or {}
+    held = door.get("ca_buffer_bytes") if isinstance(door, dict) else None
+    return held if type(held) is int and held > 0 else 0
+
+
+def ca_buffer_bytes(run_dir: Path, count: int, now: float | None = None) -> int:
+    """The large CA buffers that the relay's serving CA brokers (``count`` of them) say
+    their PCAS holds, for ``max_bytes``: at most HEALTH_INTERVAL old."""
+    now = time.time() if now is None else now
+    held = 0
+    for k in range(count):
+        path = status_path(run_dir, broker_role(k))
+        own = read_status(path)
+        if _serving(path, own, now):
+            held += _buffer_bytes(own)
+    return held
 
 
 def _serving(path: Path, own: dict | None, now: float) -> bool:
@@ -54,6 +76,9 @@ class PeerBrokers:
         #: The pids of the other brokers found serving at the last sample (for CPU_LOAD
         #: and MEM_USED, which cover every relay process of this host).
         self.pids: list[int] = []
+        #: The large CA buffers the other brokers serving at the last sample hold: they
+        #: count against max_bytes here too.
+        self.others_buffer_bytes = 0
 
     def door(self, snapshot: dict) -> dict:
         """This broker's part of its own status file, from its last health ``snapshot``."""
@@ -63,6 +88,7 @@ class PeerBrokers:
             "interfaces": interfaces(),
             "clients": snapshot.get("circuits"),
             "put_rate": round(rate, 1),
+            "ca_buffer_bytes": snapshot.get("ca_buffer_bytes", 0),
         }
 
     def sample(self, ready: bool, circuits: int, put_rate: float) -> list[dict]:
@@ -71,6 +97,7 @@ class PeerBrokers:
         from its own figures."""
         now = time.time()
         out, pids = [], []
+        buffers = 0
         for k in range(self.count):
             if k == self.index:
                 known, up, calls, rate = True, ready, circuits, put_rate
@@ -78,6 +105,7 @@ class PeerBrokers:
                 own, known, up = self._look(broker_role(k), now, pids)
                 door = own.get("door") or {}
                 calls, rate = (door.get("clients"), door.get("put_rate")) if up else (None, None)
+                buffers += _buffer_bytes(own) if up else 0
             out.append(
                 {
                     "index": k,
@@ -89,6 +117,7 @@ class PeerBrokers:
                 }  # fmt: skip
             )
         self.pids = pids
+        self.others_buffer_bytes = buffers
         return out
 
     def failing_shards(self) -> set[int]:

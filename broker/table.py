@@ -311,9 +311,11 @@ class PvTable:
         return self.byte_limit - self.n_bytes - self.ca_buffer_bytes() - self.bytes_creating
 
     def ca_buffer_bytes(self) -> int:
-        """The large CA buffers PCAS holds for the circuits (see broker/cabuffers.py)."""
+        """The large CA buffers PCAS holds for the circuits (see broker/cabuffers.py): this
+        front-end's, and those the relay's other CA brokers said they hold."""
         circuits = self.broker.circuits
-        return circuits.buffers.pinned_bytes if circuits is not None else 0
+        own = circuits.buffers.pinned_bytes if circuits is not None else 0
+        return own + self.broker.other_ca_buffer_bytes
 
 
 def counted(pv) -> bool:

@@ -161,6 +161,9 @@ class PvaFrontEnd:
         self.health = Figures(config.shards)
         self.health_pvs = _NoHealthPVs()
         self.circuits = None
+        #: The large CA buffers the relay's CA brokers hold, as their status files say: this
+        #: front-end holds none, but they count against max_bytes (PvaLoop refreshes it).
+        self.other_ca_buffer_bytes = 0
         self.pvlist = PvListPVA(self, config.pvlist_name)
         self.delpv = DelPvPVA(self, config.delpv_name)
         self.controls = {self.pvlist.name: self.pvlist, self.delpv.name: self.delpv}

@@ -14,6 +14,7 @@ import time
 
 from carelay.broker.link import LinkState, link_for
 from carelay.broker.loop import Loop
+from carelay.broker.peers import ca_buffer_bytes
 from carelay.broker.sync import ShardSync
 from carelay.common.config import PVA_SEARCH_FOLLOW, STATUS_INTERVAL
 from carelay.common.lifecycle import StopFlag
@@ -191,6 +192,7 @@ class PvaLoop(Loop):
             if now >= next_status or f.status_due:
                 self.write_status()
                 next_status = now + STATUS_INTERVAL
+                f.other_ca_buffer_bytes = ca_buffer_bytes(f.config.run_dir, f.config.brokers)
         self.send_queued()
         requests.fail_parked()
 

@@ -306,3 +306,34 @@ def test_a_shard_the_supervisor_says_is_failing_is_failing(tmp_path):
     dead = {"pid": 2**22 + 1, "processes": processes}  # no such process: no word
     (tmp_path / "supervisor.json").write_text(json.dumps(dead))
     assert PeerBrokers(tmp_path, 1, 0).failing_shards() == set()
+
+
+def test_every_ca_brokers_buffers_count_against_max_bytes(tmp_path):
+    """Each CA broker says in its status file what CA buffers its PCAS holds; the others
+    (and the PVA front-end, which holds none) count them against max_bytes too."""
+    import json
+
+    from carelay.broker.peers import PeerBrokers, ca_buffer_bytes
+    from carelay.common.lifecycle import broker_role, status_path
+
+    def status(k: int, held, ready=True, pid=None):
+        pid = os.getpid() if pid is None else pid
+        door = {"index": k, "ca_buffer_bytes": held}
+        own = {"pid": pid, "ready": ready, "door": door}
+        status_path(tmp_path, broker_role(k)).write_text(json.dumps(own))
+
+    status(0, 100)
+    status(1, 250)
+    status(2, 400, ready=False)  # not serving: not counted
+    status(3, "many")  # not a count: none
+    assert ca_buffer_bytes(tmp_path, 4) == 350
+    peers = PeerBrokers(tmp_path, 4, 0)
+    h, broker = Health(2, "9.9"), _Broker()
+    h.peers = peers
+    h.sample(broker, 100.0)
+    assert peers.others_buffer_bytes == 250  # broker 1's: not its own status file
+    assert h.snapshot["bytes_used"] == broker.n_bytes + 250
+    assert h.snapshot["ca_buffer_bytes"] == 0  # its own, which its door says
+    assert peers.door(h.snapshot)["ca_buffer_bytes"] == 0
+    status(1, 0, pid=2**22 + 1)  # gone
+    assert ca_buffer_bytes(tmp_path, 4) == 100
