@@ -96,6 +96,7 @@ def test_a_store_left_only_as_its_good_copy_is_restored_and_moved(tmp_path, name
     check_placed(tmp_path, names, 2)
     assert not (tmp_path / "shard-2.sqlite.good").exists()
 
+
 def test_nothing_to_do_when_the_count_is_unchanged(tmp_path, names):
     fill(tmp_path, names[:100], 2)
     assert reshard(tmp_path, 2, store_path(tmp_path)).moved == 0

@@ -128,7 +128,6 @@ def test_a_stale_status_file_is_not_answering(config, pids):
     assert "shard 0: not answering: pid" in text, text
 
 
-
 def test_a_young_process_silent_after_it_answered_is_not_answering(config, pids):
     """Stopped (SIGSTOP) a few seconds after its start: it wrote its status, then nothing
     for longer than STALE_AFTER, so it is not answering, not starting."""
@@ -137,6 +136,7 @@ def test_a_young_process_silent_after_it_answered_is_not_answering(config, pids)
     assert states(config)["shard 0"] == "not answering"
     code, text = shown(config)
     assert code == EXIT_PROBLEM and "has not written its status for" in text, text
+
 
 @pytest.mark.parametrize("link", ["down", "connecting"])
 def test_a_shard_the_broker_cannot_reach_is_not_answering(config, pids, link):
