@@ -18,11 +18,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from carelay.broker.circuits import is_ca_circuit
-from carelay.broker.logbudget import RefusedPuts
+from carelay.broker.errorlog import ErrorLog, error_line, fit_line
+from carelay.broker.logbudget import FAILURES, RefusedPuts
 from carelay.common import fields
 from carelay.common.config import (
-    ERROR_LINE_MAX,
-    ERRORS_KEPT,
     SHARD_FAILING_RESTARTS,
     SHARD_FAILING_WINDOW,
 )
@@ -47,51 +46,6 @@ REFUSAL_KINDS = (
     "shard_refused",  # the owning shard refused it (its store cannot be written, ...)
     "access",  # a put without write access (access security), refused by PCAS itself
 )
-
-
-def error_line(
-    reason: str,
-    pv: str | None = None,
-    shard: int | None = None,
-    host: str | None = None,
-    user: str | None = None,
-    when: float | None = None,
-) -> str:
-    """One line of ``relay:ERRORS``: UTC time, client host and user, PV, shard, reason."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() if when is None else when))
-    parts = [stamp + "Z"]
-    if user:
-        parts.append(f"client {user}@{host or '?'}")
-    elif host:
-        parts.append(f"client {host}")  # a search: an address, no user
-    if pv:
-        parts.append(f"pv {pv}")
-    if shard is not None:
-        parts.append(f"shard {shard}")
-    line = " ".join(parts) + ": " + " ".join(str(reason).split())
-    # At most ERROR_LINE_MAX bytes as the CA char PVs carry it (LAST_ERROR, ERRORS), cut on
-    # a character: a line of names that are not ASCII must fit whole, or ERRORS would
-    # lose its newest lines and LAST_ERROR its reason.
-    return line.encode("utf-8", "replace")[:ERROR_LINE_MAX].decode("utf-8", "ignore")
-
-
-class ErrorLog:
-    """The last refusals and failures, newest last; ``changes`` moves with each."""
-
-    def __init__(self, keep: int = ERRORS_KEPT) -> None:
-        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
-        self.changes = 0
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-        self.changes += 1
-
-    @property
-    def last(self) -> str:
-        return self.lines[-1] if self.lines else ""
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
 
 
 class RateMeter:
@@ -317,6 +271,11 @@ class Health:
         #: The supervisor (``carelay up``) if this broker has one.
         self._parent = [os.getppid()] if _is_carelay(os.getppid()) else []
         self.peers = None  # the relay's CA brokers (PeerBrokers), set by ``carelay broker``
+        #: The PVA front-end process whose refusals were taken (``_pva``), the newest of
+        #: its ERRORS lines taken, and its counts then.
+        self._pva_pid: int | None = None
+        self._pva_seen = 0
+        self._pva_counts: dict[str, int] = {}
         self.snapshot: dict = {}
 
     def refused(
@@ -334,12 +293,36 @@ class Health:
         if not self.put_refusals.allow(kind, reason, pv):
             return False
         host, user = client if client else (None, None)
-        self.errors.add(error_line(reason, pv, shard, host, user))
+        self.errors.add(error_line(reason, pv, shard, host, user), own=kind in FAILURES)
         return True
 
-    def count_refusal(self, kind: str) -> None:
+    def count_refusal(self, kind: str, n: int = 1) -> None:
         """A refusal counted only: one over its log budget."""
-        self.refusals[kind if kind in self.refusals else "shard_refused"] += 1
+        self.refusals[kind if kind in self.refusals else "shard_refused"] += n
+
+    def _pva(self, pva: dict | None) -> dict | None:
+        """The PVA front-end's state for the snapshot; its refusals and failures since the
+        last sample (its status file) join this broker's: ERRORS and the counts show
+        every front door's (a new PVA process starts its counts again)."""
+        if pva is None:
+            return None
+        pid = pva.get("pid")
+        if pva.get("up") and pid is not None:
+            if pid != self._pva_pid:
+                self._pva_pid, self._pva_seen, self._pva_counts = pid, 0, {}
+            for entry in pva.get("errors") or ():
+                if not (isinstance(entry, list) and len(entry) == 3):
+                    continue
+                seq, line, own = entry
+                if type(seq) is int and seq > self._pva_seen and isinstance(line, str):
+                    self.errors.add(fit_line(line), own=own is True)
+                    self._pva_seen = seq
+            counts = pva.get("refusals")
+            for kind, n in counts.items() if isinstance(counts, dict) else ():
+                if type(n) is int and n > self._pva_counts.get(kind, 0):
+                    self.count_refusal(kind, n - self._pva_counts.get(kind, 0))
+                    self._pva_counts[kind] = n
+        return {"known": pva.get("known"), "up": pva.get("up")}
 
     def sample(self, broker, now: float) -> dict:
         """Take every figure from ``broker`` (its PV table, links, processes)."""
@@ -421,7 +404,7 @@ class Health:
             "shards": shards,
             "ca_buffer_bytes": pinned,
             "brokers": brokers,
-            "pva": self.peers.pva() if self.peers else None,
+            "pva": self._pva(self.peers.pva() if self.peers else None),
         }
         # The histograms are copied: the loop goes on moving its own.
         snap["put_callback"] = Histogram.from_dict(self.put_callback.as_dict())

@@ -5,7 +5,8 @@ buffers its PCAS holds) into its own status file; once every HEALTH_INTERVAL a b
 reads the others' files in the same data directory to say how many brokers serve
 (``relay:BROKER_UP_CNT``), to count their CA buffers against ``max_bytes`` with its own,
 and, on broker 0, to carry their figures in /metrics.  The PVA front-end, which holds no
-CA buffers, counts every broker's (``ca_buffer_bytes``).  A broker serves while its
+CA buffers, counts every broker's (``ca_buffer_bytes``); its own status file carries its
+refusals and failures, which every broker shows with its own (``pva``).  A broker serves while its
 status file is fresh (written or touched within STATUS_STALE_AFTER), its pid is alive
 and it has said ready: one that is alive but silent does not count.  No pcaspy.
 """
@@ -144,8 +145,12 @@ class PeerBrokers:
         one.  After ``sample``: a PVA front-end serving adds its pid to ``pids``."""
         if not self.pva_configured:
             return None
-        _, known, up = self._look("pva", time.time(), self.pids)
-        return {"known": known, "up": up}
+        own, known, up = self._look("pva", time.time(), self.pids)
+        out = {"known": known, "up": up}
+        if up:
+            # Its refusals and failures, for this broker's ERRORS and refusal counts.
+            out.update(pid=own.get("pid"), errors=own.get("errors"), refusals=own.get("refusals"))
+        return out
 
     def _look(self, role: str, now: float, pids: list[int]) -> tuple[dict, bool, bool]:
         """What the status file of ``role`` says ({} without one), whether its state can

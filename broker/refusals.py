@@ -96,12 +96,13 @@ class RefusalLog:
     def __contains__(self, name: str) -> bool:
         return _key(name) in self._seen
 
-    def refuse(self, name: str, why: str, client: str | None = None) -> bool:
-        """Note that ``name`` was refused for ``why`` (a search from ``client``, if known);
-        False if it was known already."""
+    def refuse(self, name: str, why: str, client: str | None = None) -> bool | None:
+        """Note that ``name`` was refused for ``why`` (a search from ``client``, if known):
+        None if it was known already; otherwise whether its line was logged (False: over
+        the budget, counted for the summary)."""
         key = _key(name)
         if key in self._seen:
-            return False
+            return None
         cost = sys.getsizeof(key) + _ENTRY_OVERHEAD
         self._seen[key] = cost
         self.bytes += cost
@@ -112,7 +113,8 @@ class RefusalLog:
             line += f" (client {client})"
         if self.budget.allow(line):
             log.warning("refused PV name %s", line)
-        return True
+            return True
+        return False
 
     def tick(self) -> None:
         """At the end of a window, the summary of what was not logged one by one."""

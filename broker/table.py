@@ -79,13 +79,19 @@ class PvTable:
         return (name for name, pv in self.pvs.items() if pv.real)
 
     def refuse(self, name: str, why: str, kind: str = "name", addr=None) -> None:
-        """``addr``: the caNetAddr of the search, read only for a name not refused yet."""
+        """A name refused: counted each time (REFUSE_RATE shows a client that keeps
+        searching for it), logged and entered in ERRORS once while remembered, and only
+        within the log's budget, so that a client's bad names never push everyone else's
+        entries out of ERRORS.  ``addr``: the caNetAddr of the search, read only for a
+        name not refused yet."""
         address = None if addr is None or name in self.refusals else client_address(addr)
         if self.refusals.refuse(name, why, address):
             client = (address, None) if address else None
             self.broker.error(
                 kind, f"refused PV name: {shorten(why)}", shorten(name), client=client
             )
+        else:
+            self.broker.health.count_refusal(kind)
 
     def refuse_undecodable(self, raw: bytes) -> None:
         """A client sent a name that is not UTF-8: pcaspy's SWIG layer could not decode

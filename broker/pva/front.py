@@ -25,9 +25,10 @@ import time
 
 import zmq
 
+from carelay.broker.errorlog import ErrorLog, error_line
 from carelay.broker.forward import Forwarder
 from carelay.broker.link import link_for, shard_links
-from carelay.broker.logbudget import RefusedPuts
+from carelay.broker.logbudget import FAILURES, RefusedPuts
 from carelay.broker.pva import convert
 from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
@@ -79,6 +80,10 @@ class Figures:
 
     def __init__(self, shards: int) -> None:
         self.puts = self.creations = self.deletions = self.refusals = 0
+        #: Refusals by kind, and the lines for ERRORS: the status file carries both to
+        #: the CA brokers, whose health PVs and /metrics show them (broker/health.py).
+        self.refused_by_kind: collections.Counter[str] = collections.Counter()
+        self.errors = ErrorLog()
         self.put_refusals = RefusedPuts(log)
         self.put_callback = Histogram(PUT_BUCKETS)
         self.shards = [_ShardFigures() for _ in range(shards)]
@@ -87,9 +92,23 @@ class Figures:
         ]
 
     def refused(self, kind, reason, pv=None, shard=None, client=None) -> bool:
-        """Counted; whether it may be logged (see RefusedPuts)."""
+        """Counted, and kept for ERRORS; whether it may be logged (see RefusedPuts)."""
+        self.count_refusal(kind)
+        if not self.put_refusals.allow(kind, reason, pv):
+            return False
+        host, user = client if client else (None, None)
+        self.errors.add(error_line(reason, pv, shard, host, user), own=kind in FAILURES)
+        return True
+
+    def count_refusal(self, kind: str) -> None:
+        """A refusal counted only."""
         self.refusals += 1
-        return self.put_refusals.allow(kind, reason, pv)
+        self.refused_by_kind[kind] += 1
+
+    def status(self) -> dict:
+        """What the status file says of them: each ERRORS line with its number (the CA
+        brokers take those they have not), and the counts by kind."""
+        return {"errors": self.errors.entries(), "refusals": dict(self.refused_by_kind)}
 
 
 class PeerClient(tuple):

@@ -208,7 +208,12 @@ class PvaLoop(Loop):
 
     def _status(self) -> dict:
         f = self.broker
-        return {"role": "pva", "pva_port": f.pva_port, "channels": len(f.channels)}
+        return {
+            "role": "pva",
+            "pva_port": f.pva_port,
+            "channels": len(f.channels),
+            **f.health.status(),
+        }
 
     def _became_ready(self) -> None:
         f = self.broker

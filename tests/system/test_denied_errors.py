@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -101,6 +102,34 @@ def test_a_refused_search_names_the_address_that_searched(relay, ca):
     assert "client 127.0.0.1:" in last, last
     logged = [line for line in relay.log().splitlines() if f"refused PV name {bad}" in line]
     assert logged and all("127.0.0.1:" in line for line in logged), logged
+
+
+def test_names_searched_by_the_hundred_are_counted_each_time_and_entered_within_budget(
+    relay, ca, writer
+):
+    """A client that keeps searching for a name the relay refuses is counted at every
+    search (REFUSE_RATE and /metrics show it), logged and entered once; one that searches
+    for more names than the log's budget gets no more of them into ERRORS than into the
+    log.  Before, a name was counted once however often it was searched, and every new
+    name went into ERRORS (150 of them pushed all else out)."""
+    from carelay.common.config import REFUSAL_LOG_LINES
+    from tests.system.test_refusals import search_all
+
+    good = relay.name("barrier", "f1")
+    assert write_status(connect(writer, good), [1.0]).success
+    tag = f"{relay.prefix}unsuffixed{os.getpid()}x"
+    names = lambda: value(scrape(METRICS_PORT), "carelay_refusals_total", reason="name") or 0.0  # noqa: E731
+    before = names()
+    search_all([f"{tag}again".encode()] * 40, good)
+    wait_for(lambda: names() >= before + 40, what="every search of one name counted")
+    assert relay.log().count(f"refused PV name {tag}again") == 1
+
+    many = REFUSAL_LOG_LINES + 20
+    search_all([f"{tag}{k}".encode() for k in range(many)], good)
+    wait_for(lambda: names() >= before + 40 + many, what="every new name counted")
+    logged = set(re.findall(rf"refused PV name {re.escape(tag)}(\d+)", relay.log()))
+    entered = set(re.findall(rf"pv {re.escape(tag)}(\d+)", _text(ca, relay, "ERRORS")))
+    assert entered and entered <= logged, sorted(entered - logged, key=int)
 
 
 def test_a_put_to_a_channel_that_a_reload_made_read_only_is_recorded(make_relay, tmp_path, ca):

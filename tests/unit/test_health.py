@@ -308,6 +308,32 @@ def test_a_shard_the_supervisor_says_is_failing_is_failing(tmp_path):
     assert PeerBrokers(tmp_path, 1, 0).failing_shards() == set()
 
 
+def test_clients_refusals_never_push_the_relays_own_failures_out_of_errors():
+    log = ErrorLog(keep=6)
+    log.add("shard 1 unreachable", own=True)
+    for k in range(20):
+        log.add(f"refused name {k}")
+    assert log.lines == ["shard 1 unreachable", *(f"refused name {k}" for k in range(15, 20))]
+    assert log.last == "refused name 19"
+    # The newest lines are the newest lines, whoever they are.
+    for k in range(5):
+        log.add(f"shard 0 down {k}", own=True)
+    assert log.lines == ["refused name 19", *(f"shard 0 down {k}" for k in range(5))]
+    # Refusals after them push out the older failures, never the newest half of the lines.
+    for k in range(20, 25):
+        log.add(f"refused name {k}")
+    assert log.lines == [
+        "shard 0 down 2",
+        "shard 0 down 3",
+        "shard 0 down 4",
+        "refused name 22",
+        "refused name 23",
+        "refused name 24",
+    ]
+    assert log.last == "refused name 24"
+    assert log.text() == "\n".join(log.lines)
+
+
 def test_every_ca_brokers_buffers_count_against_max_bytes(tmp_path):
     """Each CA broker says in its status file what CA buffers its PCAS holds; the others
     (and the PVA front-end, which holds none) count them against max_bytes too."""
@@ -337,3 +363,43 @@ def test_every_ca_brokers_buffers_count_against_max_bytes(tmp_path):
     assert peers.door(h.snapshot)["ca_buffer_bytes"] == 0
     status(1, 0, pid=2**22 + 1)  # gone
     assert ca_buffer_bytes(tmp_path, 4) == 100
+
+
+def test_the_pva_front_ends_refusals_join_each_brokers_errors_and_counts():
+    class Peers:
+        pids: list = []
+        others_buffer_bytes = 0
+        status: dict = {}
+
+        def sample(self, *args):
+            return []
+
+        def failing_shards(self):
+            return set()
+
+        def pva(self):
+            return {"known": True, "up": True, **self.status}
+
+    h, broker, peers = Health(2, "9.9"), _Broker(), Peers()
+    h.peers = peers
+    h.refused("name", "refused PV name: bad", "P:x")
+    peers.status = {
+        "pid": 11,
+        "errors": [[1, "t pv P:a_f3: 4 elements for a PV of 3", False], [2, "t: down", True]],
+        "refusals": {"convert": 3, "shard_down": 1},
+    }
+    h.sample(broker, 100.0)
+    h.sample(broker, 101.0)  # the same status again: nothing taken twice
+    assert h.errors.lines[-2:] == ["t pv P:a_f3: 4 elements for a PV of 3", "t: down"]
+    assert len(h.errors.lines) == 3
+    assert h.refusals["convert"] == 3 and h.refusals["shard_down"] == 1
+    assert h.snapshot["pva"] == {"known": True, "up": True}
+    peers.status = {"pid": 11, "errors": [[2, "t: down", True], [3, "x\nfake", False]]}
+    peers.status["refusals"] = {"convert": 5, "shard_down": 1}
+    h.sample(broker, 102.0)
+    assert h.errors.last == "x fake"  # one line, as every ERRORS line
+    assert h.refusals["convert"] == 5
+    # A new PVA process counts from 0 again.
+    peers.status = {"pid": 12, "errors": [[1, "new", False]], "refusals": {"convert": 1}}
+    h.sample(broker, 103.0)
+    assert h.errors.last == "new" and h.refusals["convert"] == 6

@@ -23,8 +23,8 @@ def lines(caplog) -> list[str]:
 def test_each_name_is_logged_once(caplog):
     caplog.set_level(logging.WARNING)
     refusals = RefusalLog()
-    assert refusals.refuse("R:bad", "why")
-    assert not refusals.refuse("R:bad", "why")
+    assert refusals.refuse("R:bad", "why") is True  # new, logged
+    assert refusals.refuse("R:bad", "why") is None  # known: no line
     assert lines(caplog) == ["refused PV name R:bad: why"]
 
 
@@ -53,8 +53,8 @@ def test_above_the_rate_refusals_are_summarised(caplog):
     caplog.set_level(logging.WARNING)
     clock = Clock()
     refusals = RefusalLog(lines=3, window=60.0, clock=clock)
-    for k in range(10):
-        refusals.refuse(f"R:n{k}", "bad")
+    logged = [refusals.refuse(f"R:n{k}", "bad") for k in range(10)]
+    assert logged == [True] * 3 + [False] * 7  # new, but over the budget: not logged
     assert len(lines(caplog)) == 3
     refusals.tick()
     assert len(lines(caplog)) == 3  # the window is not over
