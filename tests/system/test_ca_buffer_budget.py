@@ -49,8 +49,13 @@ def _stuck_in_large_write(fraction: float = 0.9) -> socket.socket:
 
 
 def test_pinned_ca_buffers_take_their_share_of_max_bytes(make_relay):
-    relay = make_relay(extra=LIMITS)
-    ctx = Context()
+    """On the CA broker, and on the PVA front-end, which holds no CA buffers but counts
+    the brokers' (before, it counted none and created PVs up to MAX_BYTES_USED 160 %)."""
+    p4p = pytest.importorskip("p4p")
+    from tests.system.pva import PvaRelay, pva_context
+
+    relay = make_relay(extra=LIMITS, kind=PvaRelay)
+    ctx, pva = Context(), pva_context()
     socks: list[socket.socket] = []
     try:
         early = relay.name("early", "f1")
@@ -75,10 +80,28 @@ def test_pinned_ca_buffers_take_their_share_of_max_bytes(make_relay):
         assert get(early) == 2.5
         put(early, 3.5)  # puts to a PV that exists are untouched
         assert get(early) == 3.5
+
+        # Over PVA: the name is refused (no channel) once the PVA front-end has read the
+        # broker's status file (once a second), with the same reason.
+        pva_name = relay.name("latepva", "F50000")
+
+        def refused() -> bool:
+            try:
+                pva.put(pva_name, [1.0], timeout=2)
+            except (TimeoutError, p4p.client.thread.RemoteError):
+                return True
+            pva.put(relay.prefix + "delpv", pva_name, timeout=5)
+            return False
+
+        wait_for(refused, timeout=20, what="the PVA creation refused for the CA buffers")
+        why = f"{pva_name}: max_bytes ({MAX_BYTES}) would be exceeded; CA buffers hold"
+        assert why in relay.log(), relay.log()[-3000:]
+        assert pva_name not in get(relay.prefix + "pvlist", as_string=True)
     finally:
         for s in socks:
             s.close()
         close(ctx)
+        pva.close()
 
 
 def test_a_header_alone_and_a_large_read_pin_buffers_too(make_relay):
@@ -106,47 +129,3 @@ def test_a_header_alone_and_a_large_read_pin_buffers_too(make_relay):
         for s in socks:
             s.close()
         close(ctx)
-
-
-def test_the_pva_front_end_counts_the_ca_brokers_buffers(make_relay):
-    """The PVA front-end holds no CA buffers, but those the CA broker's PCAS holds take
-    their share of max_bytes there too: a PVA creation that would pass max_bytes with
-    them is refused, with the reason.  Before, the PVA front-end counted none, and
-    created PVs past max_bytes (MAX_BYTES_USED 160 %)."""
-    p4p = pytest.importorskip("p4p")
-    from tests.system.pva import PvaRelay, pva_context
-
-    relay = make_relay(extra=LIMITS, kind=PvaRelay)
-    ctx, pva = Context(), pva_context()
-    socks: list[socket.socket] = []
-    try:
-        used = connect(ctx, relay.prefix + "relay:MAX_BYTES_USED")
-        before = used.read(timeout=5).data[0]
-        late_name = relay.name("late", "F50000")  # 800 kB charged: it fits without them
-        socks = [_stuck_in_large_write() for _ in range(STUCK)]
-        pinned = 100.0 * STUCK * LARGE_BUFFER / MAX_BYTES
-        wait_for(
-            lambda: used.read(timeout=5).data[0] >= before + pinned,
-            timeout=15,
-            what=f"MAX_BYTES_USED up by the {STUCK} pinned buffers",
-        )
-
-        def refused() -> bool:
-            # The PVA front-end reads the broker's status file once a second; the name
-            # it refuses gets no channel.
-            try:
-                pva.put(late_name, [1.0], timeout=2)
-            except (TimeoutError, p4p.client.thread.RemoteError):
-                return True
-            pva.put(relay.prefix + "delpv", late_name, timeout=5)
-            return False
-
-        wait_for(refused, timeout=20, what="the PVA creation refused for the CA buffers")
-        assert late_name not in get(relay.prefix + "pvlist", as_string=True)
-        why = f"{late_name}: max_bytes ({MAX_BYTES}) would be exceeded; CA buffers hold"
-        assert " pva: " in relay.log() and why in relay.log(), relay.log()[-3000:]
-    finally:
-        for s in socks:
-            s.close()
-        close(ctx)
-        pva.close()
