@@ -28,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from carelay.broker import acf
+
 __all__ = [
     "ACCESS_DENIED",
     "NO_ADDRESS",
@@ -71,14 +73,6 @@ def token_address(token: str) -> str | None:
     return str(ipaddress.IPv4Address(packed))
 
 
-#: ``HAG(name) { host, "host" }`` in an access security file (comments removed).
-_HAG = re.compile(r'(\bHAG\s*\(\s*"?[^")\s]*"?\s*\)\s*\{)([^}]*)(\})')
-
-
-def _strip_comments(text: str) -> str:
-    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
-
-
 def resolve(host: str) -> set[str]:
     """The IPv4 addresses of ``host`` (an address stays itself); empty if it has none."""
     try:
@@ -94,23 +88,24 @@ def resolve(host: str) -> set[str]:
 
 def rules_by_address(text: str) -> tuple[str, list[str]]:
     """``text`` with each HAG's host names replaced by the tokens of their addresses, and
-    the host names that resolved to none (which then match no client)."""
+    the host names that resolved to none (which then match no client).  The file is read
+    as asLib reads it (broker/acf.py), so that no comment, quoted name or rule condition
+    is taken for a HAG; AcfError if it cannot be read so."""
     unresolved: list[str] = []
 
-    def hag(m: re.Match) -> str:
+    def hosts_of(hosts: list[str]) -> list[str]:
         tokens: set[str] = set()
-        for raw in m[2].split(","):
-            host = raw.strip().strip('"').strip()
+        for raw in hosts:
+            host = raw.strip()
             if not host:
                 continue
             addresses = resolve(host)
             if not addresses:
                 unresolved.append(host)
             tokens.update(address_token(a) for a in addresses)
-        body = ", ".join(f'"{t}"' for t in sorted(tokens)) or f'"{NO_ADDRESS}"'
-        return f"{m[1]} {body} {m[3]}"
+        return sorted(tokens) or [NO_ADDRESS]
 
-    return _HAG.sub(hag, _strip_comments(text)), unresolved
+    return acf.rewrite_hags(text, hosts_of), unresolved
 
 
 def load_rules(cas, path: Path, by_address: bool, run_dir: Path) -> bool:
@@ -119,16 +114,20 @@ def load_rules(cas, path: Path, by_address: bool, run_dir: Path) -> bool:
     if not by_address:
         return cas.asInitFile(str(path), "") == 0
     try:
-        text = Path(path).read_text(errors="replace")
+        text = acf.read_acf(path)
     except OSError as e:
         log.error("cannot read access security file %s: %s", path, e.strerror or e)
         return False
-    rewritten, unresolved = rules_by_address(text)
+    try:
+        rewritten, unresolved = rules_by_address(text)
+    except acf.AcfError as e:
+        log.error("access security file %s cannot be read as EPICS reads it: %s", path, e)
+        return False
     for host in unresolved:
         log.warning("access security: host %s of %s has no IPv4 address", host, path)
     loaded = run_dir / "access-by-address.acf"
     try:
-        loaded.write_text(rewritten)
+        loaded.write_bytes(rewritten.encode("utf-8", "surrogateescape"))
     except OSError as e:
         log.error("cannot write %s: %s", loaded, e.strerror or e)
         return False
@@ -161,9 +160,13 @@ _ASG = re.compile(r'\bASG\s*\(\s*(?:"([^"]*)"|([^\s")]+))\s*\)')
 
 
 def access_groups(text: str) -> set[str]:
-    """The groups (ASG) that the access security file ``text`` defines; comments, from
-    ``#`` to the end of a line, do not count."""
-    return {quoted or bare for quoted, bare in _ASG.findall(_strip_comments(text))}
+    """The groups (ASG) that the access security file ``text`` defines, read as asLib reads
+    it (no group in a comment, whatever ends its line; none in a quoted name)."""
+    try:
+        return set(acf.parse(text).asgs)
+    except acf.AcfError:
+        # Not a file EPICS loads either: the groups that look defined, for the message.
+        return {q or b for q, b in _ASG.findall(acf.strip_comments(text))}
 
 
 def undefined_access_group(path, group: str) -> str | None:
@@ -173,7 +176,7 @@ def undefined_access_group(path, group: str) -> str | None:
     EPICS puts a member of an undefined group into DEFAULT, and an undefined DEFAULT
     allows nothing: a relay would quietly run on other rules than the site wrote."""
     try:
-        text = Path(path).read_text(errors="replace")
+        text = acf.read_acf(path)
     except OSError as e:
         return f"cannot read {path}: {e.strerror or e}"
     if group in access_groups(text):

@@ -10,7 +10,8 @@ never share a process), so it reads the file here, by asLib's own grammar:
   ``RULEr`` are names, ``12`` is a number; a name holds letters, digits and
   ``_-+:.[]<>;``, anything else goes in double quotes (``"role/ops"``), where a
   backslash keeps the next character; ``#`` starts a comment to the end of the line;
-  blanks are spaces, tabs and carriage returns; a NUL ends its line (``_as_read``);
+  blanks are spaces, tabs and carriage returns; a NUL ends its piece of a line
+  (``_as_read``); the file is read as bytes, no newline translated (``read_acf``);
 - the grammar is asLib's: a file of at least one ``UAG``, ``HAG`` or ``ASG``, each with
   its body or none; an ``ASG`` body of ``INPx(...)`` and ``RULE(level, NONE|READ|WRITE
   [, TRAPWRITE|NOTRAPWRITE])`` with a body of ``UAG(...)``, ``HAG(...)`` and
@@ -30,8 +31,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["CLIENT_LEVEL", "NONE", "READ", "WRITE", "Acf", "AcfError", "Rule", "parse"]
+__all__ = [
+    "CLIENT_LEVEL",
+    "NONE",
+    "READ",
+    "WRITE",
+    "Acf",
+    "AcfError",
+    "Rule",
+    "parse",
+    "read_acf",
+    "strip_comments",
+]
 
 #: Access rights, as asLib orders them (WRITE includes READ).
 NONE, READ, WRITE = 0, 1, 2
@@ -93,6 +106,8 @@ _TOKENS = [
     ("QUOTED", re.compile(r'"(?:[^"\n\\]|\\[^\n])*"')),
 ]
 _BLANK = " \t\r"
+#: What one ``fgets`` of asLib's reader takes at most (its buffer, the terminator aside).
+_LINE_PIECE = 199
 _PUNCTUATION = "(){},"
 
 
@@ -101,18 +116,24 @@ class _Token:
     kind: str  # KEYWORD, INP, INTEGER, STRING, or the punctuation itself; END at the end
     text: str
     line: int
+    #: Where it starts in the text read (``_as_read``).
+    at: int = 0
 
 
 def _as_read(text: str) -> str:
-    """What asLib reads of ``text``: a line at a time, each as a C string, so a NUL ends
-    its line there (that line's newline too), and the file where it starts a line."""
+    """What asLib reads of ``text``: ``fgets`` pieces of at most _LINE_PIECE bytes, each
+    up to and with a newline, each taken as a C string, so that a NUL ends its piece
+    there (the piece's newline too), and the file where it starts a piece."""
+    raw = text.encode("utf-8", "surrogateescape")
     out = []
-    for line in text.splitlines(keepends=True):
-        line = line.split("\0", 1)[0]
-        if not line:
-            break
-        out.append(line)
-    return "".join(out)
+    for line in raw.split(b"\n"):
+        line += b"\n"
+        for at in range(0, len(line), _LINE_PIECE):
+            piece = line[at : at + _LINE_PIECE].split(b"\0", 1)[0]
+            if not piece:
+                return b"".join(out).decode("utf-8", "surrogateescape")
+            out.append(piece)
+    return b"".join(out)[:-1].decode("utf-8", "surrogateescape")  # the newline added last
 
 
 def _scan(text: str) -> list[_Token]:
@@ -140,21 +161,21 @@ def _scan(text: str) -> list[_Token]:
                 best_kind, best = kind, m[0]
         if best:
             if best_kind == "NAME":
-                tokens.append(_Token("STRING", best, line))
+                tokens.append(_Token("STRING", best, line, i))
             elif best_kind == "QUOTED":
-                tokens.append(_Token("STRING", best[1:-1], line))  # asLib keeps escapes
+                tokens.append(_Token("STRING", best[1:-1], line, i))  # escapes kept
             elif best_kind == "KEYWORD":
-                tokens.append(_Token(best, best, line))
+                tokens.append(_Token(best, best, line, i))
             else:
-                tokens.append(_Token(best_kind, best, line))
+                tokens.append(_Token(best_kind, best, line, i))
             i += len(best)
             continue
         if c in _PUNCTUATION:
-            tokens.append(_Token(c, c, line))
+            tokens.append(_Token(c, c, line, i))
             i += 1
             continue
         raise AcfError(f"line {line}: invalid character {c!r}")
-    tokens.append(_Token("END", "", line))
+    tokens.append(_Token("END", "", line, n))
     return tokens
 
 
@@ -241,7 +262,7 @@ class _Parser:
 
     def rule(self, token: _Token) -> Rule:
         self.take("(")
-        level = int(self.take("INTEGER").text)
+        level = _c_int(self.take("INTEGER").text)
         self.take(",")
         right = self.take("STRING")
         if right.text not in _RIGHTS:
@@ -276,6 +297,79 @@ class _Parser:
                 if self.taking("}"):
                     break
         return Rule(level, _RIGHTS[right.text], frozenset(uags), frozenset(hags), calc)
+
+
+def _c_int(digits: str) -> int:
+    """The level asLib makes of ``digits``: a C long, saturated as strtol does, cut to a C
+    int (a level beyond 2**31 - 1 is no high level: 4294967296 is 0, as in EPICS)."""
+    value = min(int(digits), 2**63 - 1)
+    return (value + 2**31) % 2**32 - 2**31
+
+
+def read_acf(path) -> str:
+    """The text of the file at ``path`` as asLib reads its bytes: no newline translated
+    (a lone carriage return is a blank, not the end of a comment), bytes that are not
+    UTF-8 kept as they are (surrogate escapes)."""
+    return Path(path).read_bytes().decode("utf-8", "surrogateescape")
+
+
+def strip_comments(text: str) -> str:
+    """``text`` with its comments blanked out, as asLib's scanner skips them: from a ``#``
+    outside double quotes to the end of its line (a newline; a carriage return does not
+    end it)."""
+    out = []
+    quoted = escaped = False
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if quoted:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"' or c == "\n":
+                quoted = False
+        elif c == '"':
+            quoted = True
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def rewrite_hags(text: str, hosts_of) -> str:
+    """``text`` as asLib reads it, each HAG's list of hosts replaced by what
+    ``hosts_of(hosts)`` returns (quoted names): the rest stays byte for byte.  Only the
+    HAG definitions (at the top, with a body) are rewritten, never a quoted name that
+    looks like one nor a rule's ``HAG(...)`` condition."""
+    if "\0" in text:
+        text = _as_read(text)
+    tokens = _scan(text)
+    out, done, depth = [], 0, 0
+    for k, token in enumerate(tokens):
+        if token.kind == "{":
+            depth += 1
+        elif token.kind == "}":
+            depth -= 1
+        if token.kind != "HAG" or depth != 0:
+            continue
+        head = [t.kind for t in tokens[k + 1 : k + 5]]
+        if head != ["(", "STRING", ")", "{"]:
+            continue
+        opening = tokens[k + 4]
+        end = next(j for j in range(k + 5, len(tokens)) if tokens[j].kind in ("}", "END"))
+        if tokens[end].kind == "END":
+            break
+        hosts = [t.text for t in tokens[k + 5 : end] if t.kind == "STRING"]
+        body = ", ".join(f'"{h}"' for h in hosts_of(hosts))
+        out.append(text[done : opening.at + 1])
+        out.append(f" {body} ")
+        done = tokens[end].at
+    out.append(text[done:])
+    return "".join(out)
 
 
 def _said(kind: str) -> str:

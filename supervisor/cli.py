@@ -290,8 +290,10 @@ def _check_access_security(config: Config) -> list[str]:
     if problem is not None:
         raise _Refused(f"invalid configuration: access_group: {problem}")
     try:
-        rules = acf.parse(config.access_security.read_text(errors="replace"))
+        rules = acf.parse(acf.read_acf(config.access_security))
     except (OSError, acf.AcfError) as e:
+        if not config.pva:
+            return []  # only the PVA front-end reads it so; EPICS loads it
         # EPICS loads it: the PVA front-end's reading of it must too.
         raise _Refused(
             f"invalid configuration: access_security: {config.access_security} "

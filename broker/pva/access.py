@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -130,10 +131,7 @@ class PvaAccess:
         if path is None:
             return True
         try:
-            problem = check_access_security(path)
-            if problem is not None:
-                raise acf.AcfError(f"EPICS does not load it: {problem}")
-            rules = Rules(Path(path).read_text(errors="replace"), self.config.access_group)
+            rules = Rules(_checked_text(Path(path), self.config.run_dir), self.config.access_group)
         except Exception as e:
             stays = "PVA clients get no access" if self.closed else "the rules in force stay"
             log.error("access security file %s not loaded, %s: %s", path, stays, e)
@@ -199,6 +197,21 @@ class PvaAccess:
     def tick(self) -> None:
         self.budget.tick()
         self.read_budget.tick()
+
+
+def _checked_text(path: Path, run_dir: Path) -> str:
+    """The text of the ACF at ``path`` once EPICS's own library has loaded it: the very
+    bytes read here, from a copy, so that a file edited meanwhile is not read unchecked.
+    AcfError if EPICS does not load it."""
+    raw = path.read_bytes()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=run_dir, prefix="pva-", suffix=".acf") as copy:
+        copy.write(raw)
+        copy.flush()
+        problem = check_access_security(copy.name)
+    if problem is not None:
+        raise acf.AcfError(f"EPICS does not load it: {problem}")
+    return raw.decode("utf-8", "surrogateescape")
 
 
 def _client_of(op) -> tuple[str, str, list[str]]:

@@ -98,4 +98,23 @@ def test_hag_host_names_become_address_tokens():
     t1, t2 = address_token("127.0.0.1"), address_token("127.0.0.2")
     assert f'HAG(opis) {{ "{t1}", "{t2}" }}' in rewritten
     assert 'HAG(none) { "none" }' in rewritten
-    assert "commented" not in rewritten and "ASG(DEFAULT) { RULE(1, READ) }" in rewritten
+    # Comments stay comments, as they were; the rest stays byte for byte.
+    assert rewritten.startswith("# HAG(commented) {nothing}\n")
+    assert "ASG(DEFAULT) { RULE(1, READ) }" in rewritten
+
+
+def test_only_hag_definitions_are_rewritten_as_asLib_reads_the_file():  # noqa: N802
+    """A comment that a lone carriage return does not end, a quoted name that looks like a
+    HAG and a rule's HAG condition are left as they are; a HAG after them is rewritten."""
+    text = (
+        'UAG(u) {"HAG(fake) {localhost}", x} # HAG(c) {localhost}\n'  # quoted; a comment
+        "ASG(DEFAULT) { RULE(1, READ) }\r# later\rHAG(hidden) {localhost}\r\n"
+        "HAG(opis) {localhost}\n"
+        "ASG(relay) { RULE(1, WRITE) { HAG(opis) } }\n"
+    )
+    rewritten, _ = rules_by_address(text)
+    token = address_token("127.0.0.1")
+    assert '"HAG(fake) {localhost}"' in rewritten
+    assert "\r# later\rHAG(hidden) {localhost}\r\n" in rewritten  # still a comment
+    assert f'HAG(opis) {{ "{token}" }}' in rewritten
+    assert "RULE(1, WRITE) { HAG(opis) }" in rewritten

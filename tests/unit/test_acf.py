@@ -77,6 +77,14 @@ FILES = {
     "a NUL that cuts a line": "UAG(a) {x}\nUAG(b) {y}\x00 broken(\nASG(DEFAULT)\n",
     "a NUL that starts a line": "ASG(DEFAULT)\n\x00 broken(\n",
     "a NUL first": "\x00ASG(DEFAULT)\n",
+    "a NUL after a carriage return": RULES + "\r\x00\nASG(relay) { RULE(1, WRITE) }\n",
+    "a NUL in a long line": "UAG(a) {x\x00" + " " * 250 + "}\n" + RULES,
+    "a NUL at the end of a piece": "UAG(a) {" + "x" * 190 + "\x00" + "y" * 20 + "}\n" + RULES,
+    "a NUL at the start of a piece": "UAG(a) {" + "x" * 191 + "\x00" + "y" * 20 + "}\n" + RULES,
+    "carriage returns alone": "ASG(DEFAULT) { RULE(1, READ) }\r# later\rASG(relay) {}\r",
+    "a carriage return in quotes": 'UAG(a) {"x\ry"}\n' + RULES,
+    "a level beyond a C int": "ASG(DEFAULT) { RULE(4294967296, WRITE) RULE(2147483648, READ) }\n",
+    "a level beyond a C long": "ASG(DEFAULT) { RULE(99999999999999999999, WRITE) }\n",
 }
 
 _ORACLE = """
@@ -91,7 +99,7 @@ def epics_loads(tmp_path, texts: list[str]) -> list[bool]:
     paths = []
     for i, text in enumerate(texts):
         path = tmp_path / f"{i}.acf"
-        path.write_bytes(text.encode())
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
         paths.append(str(path))
     r = subprocess.run(
         [sys.executable, "-c", _ORACLE, *paths], capture_output=True, text=True, timeout=60
@@ -107,6 +115,99 @@ def loads(text: str) -> bool:
     except AcfError:
         return False
     return True
+
+
+#: What asLib grants a client: the file loaded, a member of GROUP and a client of LEVEL,
+#: USER and HOST added (asAddMember, asAddClient through ctypes, from pcaspy's own
+#: library), its access read from the client (ASGCLIENT; where, found by calibration:
+#: the offset at which files granting NONE, READ and WRITE read 0, 1 and 2).
+_GRANTS = """
+import ctypes, json, sys
+from pcaspy import cas
+import pcaspy._cas as m
+lib = ctypes.CDLL(m.__file__)
+P = ctypes.POINTER(ctypes.c_void_p)
+lib.asAddMember.argtypes = [P, ctypes.c_char_p]
+lib.asAddClient.argtypes = [P, ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p]
+keep = []
+def client(path, group, level, user, host):
+    assert cas.asInitFile(path, "") == 0, path
+    mem, cli = ctypes.c_void_p(), ctypes.c_void_p()
+    g, u, h = (ctypes.create_string_buffer(x.encode()) for x in (group, user, host))
+    keep.extend((g, u, h, mem, cli))
+    assert lib.asAddMember(ctypes.byref(mem), g) == 0
+    assert lib.asAddClient(ctypes.byref(cli), mem, level, u, h) == 0
+    return cli.value
+calibration, cases = json.loads(sys.stdin.read())
+offsets = [o for o in range(0, 128, 4) if all(
+    ctypes.c_int.from_address(client(p, "DEFAULT", 1, "u", "h") + o).value == want
+    for p, want in calibration)]
+out = []
+for path, group, level, user, host in cases:
+    at = client(path, group, level, user, host)
+    out.append(ctypes.c_int.from_address(at + offsets[0]).value if offsets else None)
+print("GRANTS" + json.dumps(out))
+"""
+
+
+def epics_grants(tmp_path, cases: list[tuple[str, str, int, str, str]]) -> list[int] | None:
+    """What EPICS grants each (text, group, level, user, host); None if the client's
+    access could not be found in the library's structure (then nothing is compared)."""
+    calibration = []
+    for want, right in enumerate(("NONE", "READ", "WRITE")):
+        path = tmp_path / f"calibrate-{right}.acf"
+        path.write_text(f"ASG(DEFAULT) {{ RULE(1, {right}) }}\n")
+        calibration.append((str(path), want))
+    runs = []
+    for i, (text, *rest) in enumerate(cases):
+        path = tmp_path / f"grant-{i}.acf"
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))
+        runs.append((str(path), *rest))
+    r = subprocess.run(
+        [sys.executable, "-c", _GRANTS],
+        input=json.dumps([calibration, runs]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    line = next((x for x in r.stdout.splitlines() if x.startswith("GRANTS")), None)
+    assert line is not None, r.stdout + r.stderr
+    grants = json.loads(line[6:])
+    return None if None in grants else grants
+
+
+def granted_here(text: str, group: str, level: int, user: str, host: str) -> int:
+    acf_ = parse(text)
+    uags = {name for name, members in acf_.uags.items() if user in members}
+    hags = {name for name, hosts in acf_.hags.items() if host in hosts}
+    return acf_.access(group, uags, hags, level)
+
+
+GRANT_FILES = [
+    FILES["carriage returns alone"].replace("{}", "{ RULE(1, WRITE) }"),
+    FILES["a level beyond a C int"],
+    FILES["a level beyond a C long"],
+    FILES["a NUL after a carriage return"],
+    "UAG(ops) {alice}\nHAG(cr) {opi1, 10.0.0.1}\nASG(DEFAULT) {\n RULE(1, READ)\n"
+    " RULE(1, WRITE) { UAG(ops) HAG(cr) }\n RULE(0, WRITE) { UAG(ops) }\n}\n"
+    "ASG(relay) { RULE(2, WRITE) { HAG(cr) } RULE(1, NONE) }\n",
+]
+
+
+def test_what_a_file_grants_here_is_what_epics_grants(tmp_path):
+    cases = [
+        (text, group, level, user, host)
+        for text in GRANT_FILES
+        for group in ("DEFAULT", "relay", "other")
+        for level in (0, 1)
+        for user, host in (("alice", "opi1"), ("alice", "10.0.0.1"), ("bob", "opi1"))
+    ]
+    grants = epics_grants(tmp_path, cases)
+    if grants is None:
+        pytest.skip("the client's access is not where calibration looks in this EPICS")
+    differ = [(c[1:], g) for c, g in zip(cases, grants, strict=True) if granted_here(*c) != g]
+    assert not differ, differ
+    assert {0, 1, 2} <= set(grants)  # the cases ask all three
 
 
 def test_a_file_loads_here_exactly_when_it_loads_in_epics(tmp_path):

@@ -233,3 +233,17 @@ def test_a_refusal_line_carries_the_start_of_a_long_name_and_account(tmp_path, c
     for line in caplog.messages:
         assert name[:LOGGED_NAME_CHARS] in line and f"({len(name)} characters)" in line
         assert len(line) < 3 * LOGGED_NAME_CHARS + 200, len(line)
+
+
+def test_the_file_is_read_as_epics_reads_its_bytes(tmp_path):
+    """Lines ended by carriage returns alone: asLib ends a comment at a newline only, so
+    ASG(relay) below is in the comment, and its clients get DEFAULT's rules (READ), as on
+    CA.  Read with newlines translated, the PVA side granted WRITE."""
+    path = tmp_path / "r.acf"
+    path.write_bytes(b"ASG(DEFAULT) { RULE(1, READ) }\r# later\rASG(relay) { RULE(1, WRITE) }\r")
+    cfg = load_config(
+        None, prefix="P:", data_dir=str(tmp_path), access_security=str(path), access_group="relay"
+    )
+    access = PvaAccess(cfg)
+    assert access.load()
+    assert access.allows("127.0.0.1", "alice") == READ
