@@ -271,9 +271,9 @@ class Health:
         #: The supervisor (``carelay up``) if this broker has one.
         self._parent = [os.getppid()] if _is_carelay(os.getppid()) else []
         self.peers = None  # the relay's CA brokers (PeerBrokers), set by ``carelay broker``
-        #: The PVA front-end process whose refusals were taken (``_pva``), the newest of
-        #: its ERRORS lines taken, and its counts then.
-        self._pva_pid: int | None = None
+        #: The PVA front-end process whose refusals were taken (``_pva``: its pid and
+        #: start), the newest of its ERRORS lines taken, and its counts then.
+        self._pva_process: tuple | None = None
         self._pva_seen = 0
         self._pva_counts: dict[str, int] = {}
         self.snapshot: dict = {}
@@ -306,10 +306,17 @@ class Health:
         every front door's (a new PVA process starts its counts again)."""
         if pva is None:
             return None
-        pid = pva.get("pid")
-        if pva.get("up") and pid is not None:
-            if pid != self._pva_pid:
-                self._pva_pid, self._pva_seen, self._pva_counts = pid, 0, {}
+        process = (pva.get("pid"), pva.get("started"))
+        counts = pva.get("refusals")
+        counts = counts if isinstance(counts, dict) else {}
+        if pva.get("up") and process[0] is not None:
+            if process != self._pva_process:
+                first = self._pva_process is None
+                self._pva_process, self._pva_seen, self._pva_counts = process, 0, {}
+                if first:
+                    # What it counted before this broker looked (a broker restarted, say)
+                    # is no refusal of the last second: its counts are where this starts.
+                    self._pva_counts = {k: n for k, n in counts.items() if type(n) is int}
             for entry in pva.get("errors") or ():
                 if not (isinstance(entry, list) and len(entry) == 3):
                     continue
@@ -317,8 +324,7 @@ class Health:
                 if type(seq) is int and seq > self._pva_seen and isinstance(line, str):
                     self.errors.add(fit_line(line), own=own is True)
                     self._pva_seen = seq
-            counts = pva.get("refusals")
-            for kind, n in counts.items() if isinstance(counts, dict) else ():
+            for kind, n in counts.items():
                 if type(n) is int and n > self._pva_counts.get(kind, 0):
                     self.count_refusal(kind, n - self._pva_counts.get(kind, 0))
                     self._pva_counts[kind] = n

@@ -149,7 +149,8 @@ class PeerBrokers:
         out = {"known": known, "up": up}
         if up:
             # Its refusals and failures, for this broker's ERRORS and refusal counts.
-            out.update(pid=own.get("pid"), errors=own.get("errors"), refusals=own.get("refusals"))
+            for key in ("pid", "started", "errors", "refusals"):
+                out[key] = own.get(key)
         return out
 
     def _look(self, role: str, now: float, pids: list[int]) -> tuple[dict, bool, bool]:

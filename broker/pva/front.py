@@ -84,6 +84,7 @@ class Figures:
         #: the CA brokers, whose health PVs and /metrics show them (broker/health.py).
         self.refused_by_kind: collections.Counter[str] = collections.Counter()
         self.errors = ErrorLog()
+        self.started = time.time()
         self.put_refusals = RefusedPuts(log)
         self.put_callback = Histogram(PUT_BUCKETS)
         self.shards = [_ShardFigures() for _ in range(shards)]

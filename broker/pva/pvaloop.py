@@ -212,6 +212,9 @@ class PvaLoop(Loop):
             "role": "pva",
             "pva_port": f.pva_port,
             "channels": len(f.channels),
+            # Which process this is, though a new one had the same pid (its refusals are
+            # counted anew by the CA brokers).
+            "started": f.health.started,
             **f.health.status(),
         }
 

@@ -385,6 +385,7 @@ def test_the_pva_front_ends_refusals_join_each_brokers_errors_and_counts():
     h.refused("name", "refused PV name: bad", "P:x")
     peers.status = {
         "pid": 11,
+        "started": 1.0,
         "errors": [[1, "t pv P:a_f3: 4 elements for a PV of 3", False], [2, "t: down", True]],
         "refusals": {"convert": 3, "shard_down": 1},
     }
@@ -392,14 +393,39 @@ def test_the_pva_front_ends_refusals_join_each_brokers_errors_and_counts():
     h.sample(broker, 101.0)  # the same status again: nothing taken twice
     assert h.errors.lines[-2:] == ["t pv P:a_f3: 4 elements for a PV of 3", "t: down"]
     assert len(h.errors.lines) == 3
-    assert h.refusals["convert"] == 3 and h.refusals["shard_down"] == 1
+    # What it counted before this broker first looked is not counted: no false rate.
+    assert h.refusals["convert"] == 0 and h.refusals["shard_down"] == 0
     assert h.snapshot["pva"] == {"known": True, "up": True}
-    peers.status = {"pid": 11, "errors": [[2, "t: down", True], [3, "x\nfake", False]]}
+    errors = [[2, "t: down", True], [3, "x\nfake", False]]
+    peers.status = {"pid": 11, "started": 1.0, "errors": errors}
     peers.status["refusals"] = {"convert": 5, "shard_down": 1}
     h.sample(broker, 102.0)
     assert h.errors.last == "x fake"  # one line, as every ERRORS line
-    assert h.refusals["convert"] == 5
-    # A new PVA process counts from 0 again.
-    peers.status = {"pid": 12, "errors": [[1, "new", False]], "refusals": {"convert": 1}}
+    assert h.refusals["convert"] == 2
+    # A new PVA process (the same pid again, started anew) counts from 0: all its own.
+    peers.status = {"pid": 11, "started": 2.0, "errors": [[1, "new", False]]}
+    peers.status["refusals"] = {"convert": 1}
     h.sample(broker, 103.0)
-    assert h.errors.last == "new" and h.refusals["convert"] == 6
+    assert h.errors.last == "new" and h.refusals["convert"] == 3
+
+
+def test_a_broker_that_starts_beside_a_busy_pva_front_end_shows_no_false_rate():
+    class Peers:
+        pids: list = []
+        others_buffer_bytes = 0
+
+        def sample(self, *args):
+            return []
+
+        def failing_shards(self):
+            return set()
+
+        def pva(self):
+            return {"known": True, "up": True, "pid": 7, "started": 1.0, "errors": [],
+                    "refusals": {"convert": 50_000}}  # fmt: skip
+
+    h, broker = Health(2, "9.9"), _Broker()
+    h.peers = Peers()
+    for t in range(4):
+        h.sample(broker, 100.0 + t)
+    assert h.snapshot["refuse_rate"] == (0.0, 0.0)
