@@ -119,6 +119,8 @@ def _misplaced(path: Path, index: int, n_shards: int) -> bool:
     read-only look; a store that cannot be read is left to its shard to report)."""
     if index >= n_shards:
         return True
+    if not path.exists() and good_copy_path(path).exists():
+        return True  # left as its good copy: opening it restores it, then it is looked at
     names = stored_names(path)
     if names is None:
         return False

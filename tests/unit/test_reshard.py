@@ -136,3 +136,29 @@ def test_a_store_in_use_is_not_touched(tmp_path, names):
 
 def test_empty_data_dir(tmp_path):
     assert reshard(tmp_path, 3, store_path(tmp_path)).total == 0
+
+
+def test_a_store_left_only_as_its_good_copy_moves_when_shards_are_added(tmp_path, names):
+    """Only shard 1 holds PVs, and only as its good copy: no other store says a move is
+    due, yet some of its PVs belong to the new shard 2."""
+    names = [n for n in names if shard_for(n, 2) == 1]
+    fill(tmp_path, names, 2)
+    db = ShardDatabase(store_path(tmp_path)(1))
+    db.open()  # takes a good copy of what it holds now
+    db.close()
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"shard-1.sqlite{suffix}").unlink(missing_ok=True)
+    report = reshard(tmp_path, 3, store_path(tmp_path))
+    assert report.moved > 0
+    check_placed_subset(tmp_path, names, 3)
+
+
+def check_placed_subset(tmp, names, n_shards):
+    """Every one of ``names`` once, in its owner's store."""
+    seen = {}
+    for k, rows in contents(tmp).items():
+        for name in rows:
+            assert shard_for(name, n_shards) == k, name
+            assert name not in seen
+            seen[name] = k
+    assert sorted(seen) == sorted(names)
