@@ -302,6 +302,15 @@ class Loop:
             os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").strip() or "all",
             ", ".join(map(str, ports)) or "unknown",
         )
+        if b.table.n_real > b.config.max_pvs:
+            # Stored before the bound was lowered, or written into stopped stores: all
+            # served, and no new one until they are fewer than max_pvs.
+            log.warning(
+                "%d PVs stored, more than max_pvs (%d): every one is served, and no new PV "
+                "is created until fewer are",
+                b.table.n_real,
+                b.config.max_pvs,
+            )
 
 
 def _update_health(b, now: float) -> None:

@@ -275,13 +275,15 @@ def _admissible(
     records: Iterable[pvfile.PvRecord], config: Config, existing: Iterable[str]
 ) -> tuple[list[pvfile.PvRecord], int]:
     """The records this relay can take; each refused one gets its log line.  A record is
-    refused when its name is not one of this relay's, or when the relay (or an earlier
-    line) holds its name with another type or count: two PVs for one quantity."""
+    refused when its name is not one of this relay's, when the relay (or an earlier
+    line) holds its name with another type or count (two PVs for one quantity), or when
+    it would be a PV past ``max_pvs``."""
     held = {}
     for name in existing:
         parsed = split_type(name)
         if parsed is not None:
             held.setdefault(parsed[0], name)
+    pvs = set(existing)
     ok, refused = [], 0
     for record in records:
         try:
@@ -292,7 +294,7 @@ def _admissible(
             )
             refused += 1
             continue
-        other = held.setdefault(record.base, record.name)
+        other = held.get(record.base, record.name)
         if other != record.name:
             log.warning(
                 "refused %s: conflicting type: the relay holds %s",
@@ -301,6 +303,12 @@ def _admissible(
             )
             refused += 1
             continue
+        if record.name not in pvs and len(pvs) >= config.max_pvs:
+            log.warning("refused %s: max_pvs (%d) reached", record.name, config.max_pvs)
+            refused += 1
+            continue
+        held.setdefault(record.base, record.name)
+        pvs.add(record.name)
         ok.append(record)
     return ok, refused
 

@@ -128,13 +128,15 @@ def test_import_into_a_stopped_relay_keeps_everything(make_relay, ca, tmp_path):
     before = export(source, path)
     assert len(before) == 6
 
-    target = make_relay(start=False)
+    # Started with a max_pvs below what the import brings: all are served, and it says so.
+    target = make_relay(start=False, extra=["--max-pvs", "4"])
     target.prefix = source.prefix
     r = carelay("import", "--data-dir", str(target.data_dir), "--prefix", target.prefix, str(path))
     assert r.returncode == 0, r.stderr
     # Exact: stamps included, as the stores hold them.
     assert export(target) == before
     target.start()
+    assert "6 PVs stored, more than max_pvs (4): every one is served" in target.log()
     # A new client: the module's one still searches the names the source relay served.
     fresh = Context()
     try:

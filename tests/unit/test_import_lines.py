@@ -114,3 +114,20 @@ def test_a_field_its_type_lacks_or_a_float_beyond_a_double_touches_no_store(
         "refused line 2: P:huge_f1: 1e400 is beyond a double",
     ]
     assert [row.name for _, row in read_pvs(config)] == ["P:good_f1"]
+
+
+def test_lines_past_max_pvs_are_refused_and_the_pvs_held_imported_again(tmp_path, caplog):
+    config = load_config(data_dir=str(tmp_path / "data"), prefix="P:", shards=2, max_pvs=5)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(line(f"pv{k}") for k in range(8)))
+    with caplog.at_level(logging.INFO, logger="carelay"):
+        assert import_pvs(config, path) == exits.IMPORT_REFUSED
+    refusals = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert refusals == [f"refused P:pv{k}_f1: max_pvs (5) reached" for k in range(5, 8)]
+    assert sorted(row.name for _, row in read_pvs(config)) == [f"P:pv{k}_f1" for k in range(5)]
+    # Again: the five it holds are taken (their values written again), no sixth.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="carelay"):
+        assert import_pvs(config, path) == exits.IMPORT_REFUSED
+    assert "imported 5 PVs into the stores; 3 refused" in caplog.text
+    assert len(read_pvs(config)) == 5
