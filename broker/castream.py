@@ -338,6 +338,22 @@ class ClientStream(StreamWalker):
         if last:
             self._kept_whole()
 
+    def pending_put(self) -> int:
+        """Payload bytes still to come of a judged put whose header is in the read just
+        fed (0: none): looked at ahead of PCAS (``judge_ahead``), they decide the put while
+        its header can still be made one PCAS refuses."""
+        judged = self._watching and self._kind in _WRITES and self._put is not None
+        here = self._put_at is not None and self._put_read == self.reads
+        return self._left if judged and here else 0
+
+    def judge_ahead(self, rest: bytes, buf) -> None:
+        """The rest of that put's payload, read ahead of PCAS (a peek: PCAS reads it next):
+        the put is judged now, its header in ``buf`` (the read just fed) rewritten if it
+        is refused; the bytes pass unjudged when they come."""
+        self._kept += rest
+        self._judge(buf)
+        self._watching = False
+
     def _judge(self, buf) -> None:
         """A judged put is read whole: one PCAS would convert to something else than it
         says is made one that PCAS refuses (a compound type, S_cas_badType), or, if its

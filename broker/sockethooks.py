@@ -176,7 +176,16 @@ def _recv(fd, buf, size, flags):
     if n > 0:
         try:
             circuit = _circuits.get(fd) or _follow(fd)
-            circuit[0].feed(_view(buf, n))
+            stream, view = circuit[0], _view(buf, n)
+            stream.feed(view)
+            need = stream.pending_put()
+            if need:
+                # A judged put whose payload goes on past this read (PCAS's buffer is full,
+                # or the client's bytes came apart): what the socket already holds of the
+                # rest decides it now, while its header is still in this read.
+                ahead = _peek(fd, need)
+                if len(ahead) == need:
+                    stream.judge_ahead(ahead, view)
         except Exception as e:
             # Never pass on what was not followed: the circuit is closed instead.
             if isinstance(e, TooManyChannels):
@@ -196,6 +205,17 @@ def _recv(fd, buf, size, flags):
         _circuits.pop(fd, None)
     _set_errno(err)
     return n
+
+
+#: recv flags: look without taking, never wait.
+_MSG_PEEK, _MSG_DONTWAIT = 0x2, 0x40
+
+
+def _peek(fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes that the socket ``fd`` holds, left there for PCAS to read."""
+    ahead = ctypes.create_string_buffer(size)
+    got = _real_recv(fd, ahead, size, _MSG_PEEK | _MSG_DONTWAIT)
+    return ahead.raw[:got] if got > 0 else b""
 
 
 def _send(fd, buf, size, flags):

@@ -376,6 +376,24 @@ def test_a_put_pcas_would_convert_is_refused_with_its_reason_and_the_circuit_ser
     assert "2147483648.0 does not fit a 32-bit integer" in log
 
 
+def test_a_refused_put_larger_than_one_read_fails_and_the_circuit_serves_on(relay, ca):
+    """2,048 doubles (16 KiB) to an i PV, one of them NaN: the put never fits one read of
+    PCAS's, so its header goes before the end of its payload.  What the socket already
+    holds of the rest decides it in time: it fails, and the circuit serves on.  Before,
+    the circuit was closed (caproto's write raised)."""
+    name = relay.name("wide", "i2048")
+    pv = connect(ca, name)
+    assert write_status(pv, list(range(2048)), data_type=ChannelType.LONG).success
+    bad = [1.0] * 2047 + [float("nan")]
+    assert not write_status(pv, bad, data_type=ChannelType.DOUBLE).success
+    assert list(pv.read(timeout=5).data[:3]) == [0, 1, 2]
+    good = [2.0] * 2048
+    assert write_status(pv, good, data_type=ChannelType.DOUBLE).success
+    assert list(pv.read(timeout=5).data[-2:]) == [2, 2]
+    assert "nan does not fit a 32-bit integer" in relay.log()
+    assert "whose header went before" not in relay.log()
+
+
 @pytest.mark.parametrize("text", ["2147483648", "-2147483649", "1e12"])
 def test_int_out_of_range_fails_and_keeps_the_value(relay, ca, text):
     name = relay.name("wide", "i1")

@@ -12,6 +12,7 @@ import pytest
 from carelay.broker import writecheck
 from carelay.broker.castream import UnfollowableStream
 from tests.unit.test_denied_streams import Circuit as Streams
+from tests.unit.test_denied_streams import wire
 
 T = ca.ChannelType
 
@@ -108,6 +109,41 @@ def test_a_refused_put_whose_header_went_before_closes_the_circuit():
     with pytest.raises(UnfollowableStream, match="refused put"):
         c.write(11, [b"abc"], T.STRING, cut=20)
     assert len(c.refused) == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), 7.0])
+def test_a_put_whose_payload_goes_on_past_the_read_is_judged_ahead(value):
+    """The header of a put and part of its payload in one read, the rest still in the
+    socket (PCAS's buffer full: a put of 2,048 doubles always comes so): the rest, looked
+    at ahead, decides the put while its header is in this read.  A refused put becomes
+    one PCAS refuses, instead of closing the circuit; one that goes is left as it is."""
+    c = Circuit()
+    c.open("R:t_i2048", 1, 11, native=T.LONG)
+    data = [1.0] * 2047 + [value]
+    raw = wire(
+        ca.WriteNotifyRequest(data=data, data_type=T.DOUBLE, data_count=2048, sid=11, ioid=1)
+    )
+    first, rest = bytearray(raw[:16384]), bytes(raw[16384:])
+    c.reads.feed(first)
+    assert c.reads.pending_put() == len(rest)
+    c.reads.judge_ahead(rest, first)
+    assert c.reads.pending_put() == 0
+    c.reads.feed(bytearray(rest))  # PCAS reads the rest: nothing judged again
+    refused = value != value
+    assert _type(bytes(first)) == (writecheck.DBR_STS_STRING if refused else T.DOUBLE)
+    assert len(c.refused) == (1 if refused else 0)
+
+
+def test_a_put_whose_rest_is_not_there_yet_is_judged_when_it_comes():
+    c = Circuit()
+    c.open("R:t_f1", 1, 11, native=T.DOUBLE)
+    raw = wire(
+        ca.WriteNotifyRequest(data=[b"abc"], data_type=T.STRING, data_count=1, sid=11, ioid=1)
+    )
+    c.reads.feed(bytearray(raw[:20]))
+    assert c.reads.pending_put() == len(raw) - 20  # no peek brought it: as before
+    with pytest.raises(UnfollowableStream, match="refused put"):
+        c.reads.feed(bytearray(raw[20:]))
 
 
 def test_a_cleared_channel_is_no_longer_judged():
