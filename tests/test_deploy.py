@@ -434,3 +434,30 @@ def test_containerfile_offers_pv_access():
     assert 'pip install ".[$EXTRAS]"' in runs
     (expose,) = [ln for ln in lines if ln.startswith("EXPOSE ")]
     assert {"5075/tcp", "5076/udp"} <= set(expose.split()[1:])
+
+
+@pytest.mark.parametrize(("kind", "status"), [("StatefulSet", "shard-0"), ("Deployment", "broker")])
+def test_the_liveness_probe_tells_an_idle_process_from_a_hung_one(tmp_path, kind, status):
+    """A process touches its status file every second and rewrites it only when what it
+    says changed: an idle one's ``written`` grows old while the file stays fresh.  The
+    probe must pass for it (before, it read ``written``, and restarted idle pods), and
+    fail for a file untouched for more than 30 s."""
+    import json
+    import sys
+    import time
+
+    command = _container(_one(kind))["livenessProbe"]["exec"]["command"]
+    assert command[:2] == ["python3", "-c"]
+    code = command[2].replace("/var/lib/carelay/run", str(tmp_path))
+    path = tmp_path / f"{status}.json"
+    path.write_text(json.dumps({"pid": 1, "written": time.time() - 3600}))
+
+    def probe() -> int:
+        # The shard's pod is named carelay-shard-K: its hostname says its index.
+        fake_host = "import socket; socket.gethostname = lambda: 'carelay-shard-0'\n"
+        return subprocess.run([sys.executable, "-c", fake_host + code]).returncode
+
+    assert probe() == 0  # idle: touched just now, its "written" an hour old
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    assert probe() == 1  # hung: untouched for a minute
