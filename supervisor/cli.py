@@ -8,6 +8,7 @@ _Refused: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -312,6 +313,11 @@ def _check_access_security(config: Config) -> list[str]:
 def run_up(args: argparse.Namespace) -> int:
     """``carelay up``: the supervisor, which starts and watches the shards and the broker."""
     config = _config(args)
+    if config.pva and importlib.util.find_spec("p4p") is None:
+        # Else the PVA front-end would fail at every restart, for want of a package.
+        raise _Refused(
+            "invalid configuration: pva: PV Access needs p4p: pip install 'carelay[pva]'"
+        )
     warnings = _check_access_security(config)
     _check_doors_here(config, range(len(config.ca)))
     setup_logging(config.log_level, "supervisor")

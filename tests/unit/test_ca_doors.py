@@ -70,3 +70,19 @@ def test_up_and_a_broker_refuse_a_door_on_another_hosts_address(tmp_path: Path, 
     err = capsys.readouterr().err
     assert f"interface {ELSEWHERE!r} is not an address of this host" in err, err
     assert not (tmp_path / "data" / "run").exists()  # nothing started
+
+
+def test_up_with_pva_and_no_p4p_is_refused_before_anything_starts(
+    tmp_path: Path, capsys, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "p4p" else real(name, *a)
+    )
+    data = str(tmp_path / "data")
+    assert main(["up", "--pva", "true", "--data-dir", data]) == 2
+    err = capsys.readouterr().err
+    assert "PV Access needs p4p: pip install 'carelay[pva]'" in err, err
+    assert not (tmp_path / "data" / "run").exists()  # nothing started
