@@ -7,9 +7,10 @@ from __future__ import annotations
 import collections
 import time
 
+from carelay.broker.logbudget import FAILURES, RefusedPuts
 from carelay.common.config import ERROR_LINE_MAX, ERRORS_KEPT
 
-__all__ = ["ErrorLog", "error_line", "fit_line"]
+__all__ = ["ErrorLog", "KeepsRefusals", "error_line", "fit_line"]
 
 
 def error_line(
@@ -31,7 +32,7 @@ def error_line(
         parts.append(f"pv {pv}")
     if shard is not None:
         parts.append(f"shard {shard}")
-    return fit_line(" ".join(parts) + ": " + " ".join(str(reason).split()))
+    return fit_line(" ".join(parts) + ": " + str(reason))
 
 
 def fit_line(line: str) -> str:
@@ -79,8 +80,38 @@ class ErrorLog:
         """The lines kept, oldest first, each with its number and whether it is the
         relay's own failure."""
         own = {seq for seq, _ in self._own}
-        kept = set(self.lines_with_numbers())
-        return [(seq, line, seq in own) for seq, line in sorted(kept)]
+        return [(seq, line, seq in own) for seq, line in self.lines_with_numbers()]
 
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+class KeepsRefusals:
+    """How a front-end takes a refusal or failure, the CA broker's Health as the PVA
+    front-end's Figures: counted by ``kind`` (``count_refusal``, each its own way), and,
+    if the budget of refused puts (``put_refusals``, a RefusedPuts) lets it be logged,
+    kept as a line of ``errors`` (an ErrorLog), the relay's own failures marked so."""
+
+    errors: ErrorLog
+    put_refusals: RefusedPuts
+
+    def count_refusal(self, kind: str) -> None:
+        raise NotImplementedError
+
+    def refused(
+        self,
+        kind: str,
+        reason: str,
+        pv: str | None = None,
+        shard: int | None = None,
+        client: tuple[str, str] | None = None,
+    ) -> bool:
+        """A refusal or failure: counted by ``kind`` and kept for LAST_ERROR/ERRORS;
+        whether it may be logged too (False: over the budget of refused puts, and so
+        counted only)."""
+        self.count_refusal(kind)
+        if not self.put_refusals.allow(kind, reason, pv):
+            return False
+        host, user = client if client else (None, None)
+        self.errors.add(error_line(reason, pv, shard, host, user), own=kind in FAILURES)
+        return True

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from carelay.broker.circuits import is_ca_circuit
-from carelay.broker.errorlog import ErrorLog, error_line, fit_line
-from carelay.broker.logbudget import FAILURES, RefusedPuts
+from carelay.broker.errorlog import ErrorLog, KeepsRefusals, fit_line
+from carelay.broker.logbudget import RefusedPuts
 from carelay.common import fields
 from carelay.common.config import (
     SHARD_FAILING_RESTARTS,
@@ -245,7 +245,7 @@ class ShardFigures:
             self.flush = hist
 
 
-class Health:
+class Health(KeepsRefusals):
     """Counters the broker moves as things happen, and the figures ``sample`` takes from
     it once every HEALTH_INTERVAL into ``snapshot`` (a new dict each time)."""
 
@@ -277,24 +277,6 @@ class Health:
         self._pva_seen = 0
         self._pva_counts: dict[str, int] = {}
         self.snapshot: dict = {}
-
-    def refused(
-        self,
-        kind: str,
-        reason: str,
-        pv: str | None = None,
-        shard: int | None = None,
-        client: tuple[str, str] | None = None,
-    ) -> bool:
-        """A refusal or failure: counted by ``kind`` and kept for LAST_ERROR/ERRORS;
-        whether it may be logged too (False: over the budget of refused puts, and so
-        counted only)."""
-        self.count_refusal(kind)
-        if not self.put_refusals.allow(kind, reason, pv):
-            return False
-        host, user = client if client else (None, None)
-        self.errors.add(error_line(reason, pv, shard, host, user), own=kind in FAILURES)
-        return True
 
     def count_refusal(self, kind: str, n: int = 1) -> None:
         """A refusal counted only: one over its log budget."""

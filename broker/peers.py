@@ -6,9 +6,10 @@ reads the others' files in the same data directory to say how many brokers serve
 (``relay:BROKER_UP_CNT``), to count their CA buffers against ``max_bytes`` with its own,
 and, on broker 0, to carry their figures in /metrics.  The PVA front-end, which holds no
 CA buffers, counts every broker's (``ca_buffer_bytes``); its own status file carries its
-refusals and failures, which every broker shows with its own (``pva``).  A broker serves while its
-status file is fresh (written or touched within STATUS_STALE_AFTER), its pid is alive
-and it has said ready: one that is alive but silent does not count.  No pcaspy.
+refusals and failures, which every broker shows with its own (``pva``).  A broker
+serves while its status file is fresh (written or touched within STATUS_STALE_AFTER),
+its pid is alive and it has said ready: one that is alive but silent does not count.
+No pcaspy.
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ import time
 
 import zmq
 
-from carelay.broker.errorlog import ErrorLog, error_line
+from carelay.broker.errorlog import ErrorLog, KeepsRefusals
 from carelay.broker.forward import Forwarder
 from carelay.broker.link import link_for, shard_links
-from carelay.broker.logbudget import FAILURES, RefusedPuts
+from carelay.broker.logbudget import RefusedPuts
 from carelay.broker.pva import convert
 from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
@@ -74,12 +74,12 @@ class _ShardFigures:
         pass
 
 
-class Figures:
+class Figures(KeepsRefusals):
     """The counts the shared front-end modules keep (see broker/health.py for the CA
     broker's, which also serve its health PVs and /metrics)."""
 
     def __init__(self, shards: int) -> None:
-        self.puts = self.creations = self.deletions = self.refusals = 0
+        self.puts = self.creations = self.deletions = 0
         #: Refusals by kind, and the lines for ERRORS: the status file carries both to
         #: the CA brokers, whose health PVs and /metrics show them (broker/health.py).
         self.refused_by_kind: collections.Counter[str] = collections.Counter()
@@ -92,19 +92,13 @@ class Figures:
             collections.deque(maxlen=16) for _ in range(shards)
         ]
 
-    def refused(self, kind, reason, pv=None, shard=None, client=None) -> bool:
-        """Counted, and kept for ERRORS; whether it may be logged (see RefusedPuts)."""
-        self.count_refusal(kind)
-        if not self.put_refusals.allow(kind, reason, pv):
-            return False
-        host, user = client if client else (None, None)
-        self.errors.add(error_line(reason, pv, shard, host, user), own=kind in FAILURES)
-        return True
-
     def count_refusal(self, kind: str) -> None:
         """A refusal counted only."""
-        self.refusals += 1
         self.refused_by_kind[kind] += 1
+
+    @property
+    def refusals(self) -> int:
+        return sum(self.refused_by_kind.values())
 
     def status(self) -> dict:
         """What the status file says of them: each ERRORS line with its number (the CA

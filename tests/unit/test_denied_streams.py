@@ -13,7 +13,7 @@ import pytest
 
 from carelay.broker.access import ACCESS_DENIED, address_token, token_address
 from carelay.broker.castream import Channels, ClientStream, ServerStream
-from carelay.broker.health import error_line
+from carelay.broker.errorlog import error_line
 from carelay.broker.refusals import client_address
 from carelay.broker.sockethooks import DeniedPuts
 

@@ -15,12 +15,11 @@ from prometheus_client.registry import CollectorRegistry
 
 from carelay.broker import health
 from carelay.broker.clock import ShardClock
+from carelay.broker.errorlog import ErrorLog, error_line
 from carelay.broker.health import (
-    ErrorLog,
     Health,
     RateMeter,
     ShardView,
-    error_line,
     shard_state,
     uptime_text,
 )
