@@ -315,9 +315,9 @@ def run_up(args: argparse.Namespace) -> int:
     config = _config(args)
     if config.pva and importlib.util.find_spec("p4p") is None:
         # Else the PVA front-end would fail at every restart, for want of a package.
-        raise _Refused(
-            "invalid configuration: pva: PV Access needs p4p: pip install 'carelay[pva]'"
-        )
+        from carelay.broker.pva.run import NEEDS_P4P
+
+        raise _Refused(f"invalid configuration: pva: {NEEDS_P4P}")
     warnings = _check_access_security(config)
     _check_doors_here(config, range(len(config.ca)))
     setup_logging(config.log_level, "supervisor")
