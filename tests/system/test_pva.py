@@ -240,13 +240,17 @@ def test_bad_puts_refused_with_reason_value_kept(relay, pva):
     with pytest.raises(p4p.client.thread.RemoteError, match="PREC takes a whole number"):
         pva.put(f1, {"display.precision": 99}, timeout=5)
     assert get(f1 + ".PREC") == 0
-    # Each refusal is in the relay's own PVs too, which the CA brokers serve.
-    wait_for(
-        lambda: f"pv {arr}" in get(relay.prefix + "relay:ERRORS", as_string=True),
-        what="the PVA refusal in relay:ERRORS",
-    )
-    errors = get(relay.prefix + "relay:ERRORS", as_string=True)
-    assert "4 elements for a PV of 3" in errors and "PREC takes a whole number" in errors
+
+    # Each refusal is in the relay's own PVs too, which the CA brokers serve: they take
+    # the PVA front-end's lines from its status file, once a second, so the wait is for
+    # the last of them.
+    def entered() -> str:
+        return get(relay.prefix + "relay:ERRORS", as_string=True)
+
+    wait_for(lambda: "PREC takes a whole number" in entered(), what="the last PVA refusal")
+    errors = entered()
+    assert f"pv {arr}" in errors and "4 elements for a PV of 3" in errors
+    assert "PREC takes a whole number" in errors
 
 
 def test_names_that_break_the_rule_do_not_exist(relay, pva):
