@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
+#: Names ``own_writes`` holds before an APPLIED walks it for those applied.
+OWN_WRITES_MIN = 4096
 
 
 class ShardLink:
@@ -75,6 +77,8 @@ class ShardLink:
         self.writes = 0
         self.writes_applied = 0
         self.own_writes: dict[str, int] = {}
+        #: Past this many names, an APPLIED drops those whose WRITEs are all applied.
+        self.own_writes_bound = OWN_WRITES_MIN
         #: PVs whose coming restatement (after a refused WRITE) predates a later WRITE of
         #: this connection's own, which the mirror shows already (see ShardSync._reject).
         self.stale_restate: set[str] = set()
@@ -109,6 +113,7 @@ class ShardLink:
         self.sock = sock
         self.writes = self.writes_applied = 0  # the shard counts per connection
         self.own_writes.clear()
+        self.own_writes_bound = OWN_WRITES_MIN
         self.stale_restate.clear()
         self.write_places.clear()
         self.state = LinkState.CONNECTING
@@ -165,6 +170,14 @@ class ShardLink:
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 broke = True
         return broke
+
+    def forget_applied_writes(self) -> None:
+        """Drop from ``own_writes`` the PVs whose last WRITE the shard has applied: only a
+        later one matters (see ShardSync._change).  Done when the record has doubled since
+        the last time, so each name costs a constant share of the walks."""
+        applied = self.writes_applied
+        self.own_writes = {n: w for n, w in self.own_writes.items() if w > applied}
+        self.own_writes_bound = max(OWN_WRITES_MIN, 2 * len(self.own_writes))
 
     def queue(self, msg: Message) -> None:
         """Queue ``msg`` for the next ``send_queued``, which sends the queue as batches.  A message

@@ -146,6 +146,8 @@ class ShardSync(ShardReceiver):
         link.writes_applied = msg.writes
         if msg.writes >= link.writes:
             link.own_writes.clear()
+        elif len(link.own_writes) > link.own_writes_bound:
+            link.forget_applied_writes()
 
     def _ack(self, link: ShardLink, msg: Ack) -> None:
         link.write_places.pop(msg.req, None)
@@ -168,6 +170,7 @@ class ShardSync(ShardReceiver):
 
     def _deleted(self, link: ShardLink, msg: Deleted) -> None:
         self.table.forget(msg.name)
+        link.stale_restate.discard(msg.name)  # the restatement, if one was awaited
         if not msg.restate:
             self.broker.health.deletions += 1
         log.debug("deleted PV %s (shard %d)", msg.name, link.index)

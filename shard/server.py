@@ -196,19 +196,29 @@ class ShardServer:
         if len(msgs) > 1 or type(msgs[0]) is not Ping:
             self.work += 1
         n = writes = 0
+        pinged = False
         for msg in msgs:
-            if type(msg) is protocol.WriteRun:
+            kind = type(msg)
+            if kind is protocol.WriteRun:
                 requests.write_run(peer, msg)
                 n += len(msg)
                 writes += len(msg)
             else:
                 requests.dispatch(peer, msg)
                 n += 1
-                writes += type(msg) is Write
+                writes += kind is Write
+                pinged = pinged or kind is Ping
         if writes:
             total = admission.wrote(peer, writes)
             if requests.fanout:
                 self.outbox.applied(peer, Applied(total, self.store.seq, self.epoch))
+        if pinged and not requests.fanout:
+            # Alone, a front-end hears with its PONGs which of its WRITEs are applied, so
+            # that it can forget them (ShardSync._applied); else its record of them kept
+            # every name it ever wrote.
+            written = admission.written(peer)
+            if written:
+                self.outbox.applied(peer, Applied(written, self.store.seq, self.epoch))
         return n
 
     def _tell_writes_applied(self) -> None:

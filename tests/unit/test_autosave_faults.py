@@ -16,7 +16,19 @@ import pytest
 
 from carelay.common.config import load_config
 from carelay.common.lifecycle import write_status
-from carelay.common.messages import Ack, Delete, Message, Ping, Put, Reject, SetField, Update, Write
+from carelay.common.messages import (
+    Ack,
+    Applied,
+    Delete,
+    Message,
+    Ping,
+    Pong,
+    Put,
+    Reject,
+    SetField,
+    Update,
+    Write,
+)
 from carelay.common.protocol import WriteRun, encode_batch
 from carelay.shard.persist import ShardDatabase, StoreWriteError
 from carelay.shard.server import ShardServer
@@ -178,6 +190,14 @@ def _handle(server: ShardServer, *msgs) -> list[Message]:
     return out
 
 
+def _pong(server: ShardServer, ping: Ping) -> Pong:
+    """The PONG to ``ping``, and only that (a broker alone is told with it, by an APPLIED,
+    which of its WRITEs are applied)."""
+    out = _handle(server, ping)
+    assert [type(m) for m in out if type(m) is not Applied] == [Pong]
+    return next(m for m in out if type(m) is Pong)
+
+
 def _write(name: str, value: float, req: int = 0) -> Write:
     return Write(name, req, 1.0, np.array([value]))
 
@@ -248,7 +268,7 @@ def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server,
     out = _handle(server, Put(f"{PREFIX}new_f1", 10, 0.0, np.array([1.0])))
     assert type(out[0]) is Reject and "[Errno 27]" in out[0].reason
     # The broker hears it in every PONG, and carelay status in the status file.
-    (pong,) = _handle(server, Ping(11))
+    pong = _pong(server, Ping(11))
     assert pong.store_error == server.health.refusing
     server._write_status()
     status = json.loads(server.status_path.read_text())
@@ -271,7 +291,7 @@ def test_when_the_store_heals_everything_clears_and_the_held_values_are_saved(se
     server.autosave.collect(wait=True)
     assert server.health.store_error is None and server.health.refusing == ""
     assert _saved(server.db.path) == {name: [2.0]}
-    (pong,) = _handle(server, Ping(2))
+    pong = _pong(server, Ping(2))
     assert pong.store_error == ""
     server._write_status()
     status = json.loads(server.status_path.read_text())
@@ -346,7 +366,7 @@ def test_a_small_write_that_gets_in_does_not_end_the_fault_while_values_are_held
     assert new not in server.store and small in server.store
     assert server.store.fields(small) == {}
     assert server.health.refusing and server.health.store_error is not None
-    (pong,) = _handle(server, Ping(9))
+    pong = _pong(server, Ping(9))
     assert pong.store_error == server.health.refusing
 
     # Room again: the held values are written and only then does it all clear.

@@ -16,11 +16,15 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 from pcaspy import cas
 
 from carelay.broker.app import Broker
+from carelay.broker.link import OWN_WRITES_MIN, ShardLink
 from carelay.broker.pvs import BasePV
+from carelay.broker.sync import ShardSync
 from carelay.common.config import load_config
+from carelay.common.messages import Applied
 from carelay.shard.server import ShardServer
 from tests.unit.scripted_cas import Script, serve_in_thread
 
@@ -308,3 +312,50 @@ def test_a_large_buffer_posts_at_its_event_rate_and_ends_on_its_last_state(hop):
     assert all(b - a >= 0.2 for a, b in zip(times, times[1:], strict=False)), times
     assert 3 <= len(posts) < len(appended) / 10
     assert all(n == 1_000_000 for _, n, _ in posts)
+
+
+def test_a_broker_alone_forgets_its_writes_to_pvs_it_deleted(hop):
+    """The record of this broker's own WRITEs per PV (which a change of another front-end
+    is judged against) must not keep every name ever written: a script that writes and
+    deletes PVs of new names for months grew it, and the broker, by a name each, while
+    no other front-end was served and the shard never said which WRITEs it had applied."""
+    broker, shard, script = hop
+    names = [f"{PREFIX}gone{k}_f1" for k in range(20)]
+    pvs = {}
+    link = broker.links[0]
+
+    def create_write_delete() -> bool:
+        for name in names:
+            if name not in pvs:
+                pv = pvs[name] = broker.attach(name)
+                assert broker.forward_put(pv, np.array([1.0]), None)  # creates it
+                return False
+        for pv in pvs.values():
+            if not pv.real or broker.requests.in_flight(pv):
+                return False
+        for name, pv in pvs.items():
+            assert broker.forward_put(pv, np.array([2.0]), None)  # written through
+            assert broker.forward_delete(name, None)
+        return True
+
+    def deleted() -> bool:  # provisional again, while the test holds them
+        return not any(pv.real for pv in pvs.values())
+
+    run(broker, script, create_write_delete, deleted, lambda: not link.own_writes)
+    assert not any(name in shard.store for name in names)
+
+
+def test_an_applied_past_the_bound_keeps_only_the_writes_not_yet_applied():
+    """Under a steady load some WRITE is always in flight when an APPLIED comes, so the
+    record is never cleared whole: once it has grown past its bound, an APPLIED drops
+    the names whose last WRITE is applied, and keeps the later ones."""
+    link = ShardLink(zmq.Context.instance(), 0, "inproc://none")
+    link.own_writes_bound = 4
+    for k in range(10):
+        link.queue_write(f"{PREFIX}w{k}_f1", 0, 0.0, np.array([1.0]))
+    link.queue_write(f"{PREFIX}w0_f1", 0, 0.0, np.array([2.0]))  # its 11th WRITE
+    ShardSync._applied(None, link, Applied(8, 0))
+    assert link.own_writes == {f"{PREFIX}w8_f1": 9, f"{PREFIX}w9_f1": 10, f"{PREFIX}w0_f1": 11}
+    assert link.own_writes_bound == OWN_WRITES_MIN
+    ShardSync._applied(None, link, Applied(11, 0))
+    assert link.own_writes == {}
