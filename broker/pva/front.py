@@ -331,6 +331,12 @@ class PvaFrontEnd:
                 del self.channels[channel.name]
         if dropped and channel.name not in self.controls:
             self.sync.let_go(channel.name)
+            # A provisional PV made for this channel, which no client holds (its opening
+            # was given up): it goes too, or it keeps a place of max_pvs for good.
+            pv = self.table.pvs.get(channel.name)
+            if pv is not None and not pv.real and not pv.attached:
+                pv.channel = None
+                self.table.detached(pv)
         channel.shut()
 
     def _target(self, channel):

@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("p4p")
 
+from carelay.broker.linkstate import LinkState  # noqa: E402
 from carelay.broker.pva import front as front_module  # noqa: E402
 from carelay.broker.pva.channels import Channel  # noqa: E402
 from carelay.broker.pva.front import PvaFrontEnd  # noqa: E402
@@ -80,3 +81,27 @@ def test_a_channel_closed_before_its_opening_is_not_handed_out(front):
     front.drop_channel(front.channels[name])  # e.g. new access rules, before the loop's turn
     thread.join(5)
     assert out["channel"] is None
+
+
+def test_a_new_name_whose_channel_was_refused_for_now_holds_no_place(tmp_path, monkeypatch):
+    """A client's first channel to a name no PV has yet, given up (its shard hung past
+    PVA_OPEN_WAIT): the provisional PV made for it goes with the channel.  Kept, each
+    such name took one of ``max_pvs`` provisional places until the PVA front-end
+    restarted, and once they were all taken every new name was refused."""
+    monkeypatch.setattr(front_module, "PVA_OPEN_WAIT", 0.05)
+    f = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path), max_pvs=3))
+    f.make_channel_object = Channel
+    f.ready = True
+    for link in f.links:  # in sync, as far as the front-end knows, and then silent
+        link.state = LinkState.LIVE
+    try:
+        for k in range(5):
+            name = f"P:new{k}_f1"
+            assert f.make_channel(name) is None  # no shard answers: refused for now
+            f.inbox.run()  # the loop: the channel's PV made, then dropped with it
+            assert name not in f.channels
+            assert name not in f.table.pvs
+        assert f.table.n_provisional == 0
+        assert f.table.provisional_full() is None
+    finally:
+        f.inbox.close()
