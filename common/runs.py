@@ -29,6 +29,12 @@ from carelay.common.messages import Update, Write
 WRITE_RUN = 7
 UPDATE_RUN = 8
 
+#: The most messages in one run: protocol.BATCH_MAX, the most a batch holds (a run
+#: counts its messages there), well within the names a decoder takes in one list
+#: (BATCH_MAX * 2).  A longer stretch, such as the answers and updates a shard's read
+#: gate held back from several batches, goes as several runs.
+RUN_MAX = 1000
+
 #: The dtypes a data frame or a run may carry.
 ALLOWED_DTYPES = frozenset({"<f8", "<i4", "|u1", "|S40"})
 DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
@@ -163,14 +169,19 @@ def _one(msg) -> bool:
 
 def update_runs(msgs: list) -> list:
     """``msgs`` with each stretch of two or more published one-element Updates of one
-    dtype and epoch as one UpdateRun; the order stays."""
+    dtype and epoch as UpdateRuns of at most RUN_MAX each; the order stays."""
     out: list = []
     run = None
     for k, msg in enumerate(msgs):
         if not _one(msg):
             out.append(msg)
             run = None
-        elif run is not None and msg.data.dtype == run.dtype and msg.epoch == run.epoch:
+        elif (
+            run is not None
+            and len(run.names) < RUN_MAX
+            and msg.data.dtype == run.dtype
+            and msg.epoch == run.epoch
+        ):
             run.add(msg)
         elif k + 1 < len(msgs) and _one(nxt := msgs[k + 1]) and nxt.data.dtype == msg.data.dtype:
             run = UpdateRun(msg.data.dtype, msg.epoch)
