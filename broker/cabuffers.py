@@ -4,22 +4,28 @@ PCAS (EPICS 3.14, under pcaspy) gives each circuit a small receive and send buff
 CA_SMALL_BUFFER bytes.  The header of a message over it makes PCAS take a large buffer
 (EPICS_CA_MAX_ARRAY_BYTES plus CA_LARGE_BUFFER_EXTRA) from a free list, and zero it,
 for the receiving side; a reply over it (a read or event of a large value) does the same
-for the sending side.  A circuit keeps its large buffers until it closes; they then go
-back to the free list, which reuses them for later circuits and never gives them back.
-So the memory they pin is the most large buffers that circuits held at once, times
-their size: a high-water mark that never falls while the broker runs.
+for the sending side.  Many small messages, however fast, take none: PCAS moves what is
+left of a read to the start of the small buffer and reads on (inBuf::fill), and flushes
+a full send buffer (outBuf::allocRawMsg).  A circuit keeps its large buffers until it
+closes; they then go back to the free list, which reuses them for later circuits and
+never gives them back.  So the memory they pin is the most large buffers that circuits
+held at once, times their size: a high-water mark that never falls while the broker runs.
 
 The broker counts them two ways:
 
 - ``FreeList`` reads PCAS's free list of large buffers itself.  It learns where the list
   lives when PCAS makes it (a hook on ``freeListInitPvt`` in the extension's global
   offset table, broker/got.py, as broker/sockethooks.py hooks ``recv``), and counts the
-  buffers the list took from malloc: in use or free, receiving or sending, exactly what PCAS holds.
-- ``PinnedBuffers`` also counts from the kernel's figure of the bytes each circuit sent
-  (TCP_INFO): a circuit that sent more than CA_SMALL_BUFFER bytes within one window
-  (about a second) is taken to hold a large receive buffer until it closes, and the
-  most such circuits at once are a floor.  Alone (where the list cannot be found) it
-  misses the send buffers, a header sent alone and a message sent a little at a time.
+  buffers the list took from malloc: in use or free, receiving or sending, exactly what
+  PCAS holds.  Where the list is found, it alone is counted.
+- ``PinnedBuffers`` otherwise counts from the kernel's figure of the bytes each circuit
+  sent (TCP_INFO): a circuit that sent more than CA_SMALL_BUFFER bytes within one window
+  (about a second) is taken to hold a large receive buffer until it closes, and the most
+  such circuits at once count.  That is a guess: it takes a client of many small
+  messages (fast puts, hundreds of channels made at once) for one, and misses the send
+  buffers, a header sent alone and a message sent a little at a time.  As a floor beside
+  the list it made every busy circuit pin a large buffer for good: ten clients putting
+  a thousand scalars a second took 80 MB of ``max_bytes`` until the broker restarted.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ log = logging.getLogger(__name__)
 
 class PinnedBuffers:
     """The large CA buffers PCAS holds for circuits: what its free list took, where it was
-    found, and at least the most circuits seen at once to hold a receive buffer.
+    found, else the most circuits seen at once to hold a receive buffer.
 
     ``observe`` takes each look at the open circuits (by inode: the bytes each sent so
     far) and reads the free list; ``pinned_bytes`` is what ``max_bytes`` counts."""
@@ -68,6 +74,8 @@ class PinnedBuffers:
         #: Large buffers the list held before any circuit (PCAS's UDP search buffer), and
         #: at the last look.
         self._base = self._held = 0
+        #: Whether the list was read at the last look (then it alone is counted).
+        self._listed = False
         self._reported = 0
 
     def watch(self, free_list: FreeList | None) -> None:
@@ -81,6 +89,7 @@ class PinnedBuffers:
                 "circuits' bytes only"
             )
         self._base = self._held = held or 0
+        self._listed = held is not None
 
     @property
     def holding(self) -> int:
@@ -90,8 +99,11 @@ class PinnedBuffers:
     @property
     def pinned_bytes(self) -> int:
         """Bytes of large buffers PCAS holds for circuits, in use or kept for later ones,
-        as of the last look."""
-        return max(self.peak, self._held - self._base) * self.buffer_size
+        as of the last look: what its list holds, where found; else the most circuits
+        held at once, as guessed from their bytes."""
+        if self._listed:
+            return max(0, self._held - self._base) * self.buffer_size
+        return self.peak * self.buffer_size
 
     def observe(self, now: float, received: Mapping[int, int | None]) -> bool:
         """Take one look at the open circuits: ``received`` maps each circuit's inode to
@@ -109,7 +121,9 @@ class PinnedBuffers:
         self._holding &= marks.keys()
         self.peak = max(self.peak, len(self._holding))
         if self.free_list is not None:
-            self._held = self.free_list.buffers() or self._base
+            held = self.free_list.buffers()
+            self._listed = held is not None
+            self._held = held or self._base
         pinned = self.pinned_bytes
         grew, self._reported = pinned > self._reported, max(pinned, self._reported)
         return grew
