@@ -18,9 +18,9 @@ import sys
 import threading
 import time
 
-from carelay.broker.logbudget import LogBudget
 from carelay.broker.refusals import shorten
 from carelay.common.config import C_LINE_CHARS, C_LOG_LINES, C_LOG_WINDOW
+from carelay.common.logbudget import LogBudget
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,8 @@
-"""A bound on the log lines that a client's traffic can drive, and one line for the rest.
+"""The refused and failed puts of a front-end, logged within budgets (``RefusedPuts``).
 
 Refused names (broker/refusals.py), puts refused by access security
-(broker/sockethooks.py), other refused and failed puts (``RefusedPuts``) and what PCAS
-writes on stderr (broker/cstreams.py) each log one line per event, as often as a client
-cares to cause one.  Each goes through its own ``LogBudget``: so many lines per window,
-then the rest counted and summed up in one line when the window is over.
+(broker/sockethooks.py) and what PCAS writes on stderr (broker/cstreams.py) have
+budgets of their own: each a ``LogBudget`` (common/logbudget.py).
 """
 
 from __future__ import annotations
@@ -13,8 +11,9 @@ import logging
 import time
 
 from carelay.common.config import LOGGED_NAME_CHARS, REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
+from carelay.common.logbudget import LogBudget
 
-__all__ = ["LogBudget", "RefusedPuts"]
+__all__ = ["RefusedPuts"]
 
 #: Kinds of refusal bounded elsewhere: a refused name or a limit is logged once per name
 #: (broker/refusals.py), an access denial through a budget of its own.
@@ -22,69 +21,6 @@ OWN_BUDGET = frozenset({"name", "limit", "access"})
 #: Failures of the relay rather than of a client's put: a budget apart, so that a client's
 #: bad puts never hide a shard that is down.
 FAILURES = frozenset({"shard_down", "shard_refused"})
-
-
-class LogBudget:
-    """At most ``lines`` log lines per ``window`` seconds.
-
-    ``allow`` says whether one may go.  The lines that may not are counted, the first of
-    them kept as an example, and once the window is over ``tick`` logs ``summary`` to
-    ``log``, formatted with ``count`` (the lines not logged), ``window`` (its seconds)
-    and ``example``; a window without such lines says nothing.  A line given a ``key``
-    goes once per window for that key: a repeat is counted, as over the budget."""
-
-    def __init__(
-        self,
-        lines: int,
-        window: float,
-        summary: str,
-        log: logging.Logger,
-        clock=time.monotonic,
-    ) -> None:
-        self.clock = clock
-        self.window = window
-        self._window_end = clock() + window
-        self.lines = lines
-        self._logged = 0
-        self.summary = summary
-        self.log = log
-        #: Lines not logged one by one in this window, and the first of them.
-        self.unlogged = 0
-        self._example: str | None = None
-        #: Keys of the lines that went in this window (at most ``lines``).
-        self._keys: set = set()
-
-    def allow(self, example: str | None = None, key=None) -> bool:
-        """Whether one more line may go now (a window that is over is summed up first);
-        if not, it is counted, and ``example`` kept if it is the window's first.  With a
-        ``key``: not if a line of that key went in this window."""
-        self.tick()
-        if self._logged < self.lines and (key is None or key not in self._keys):
-            self._logged += 1
-            if key is not None:
-                self._keys.add(key)
-            return True
-        self.unlogged += 1
-        if self._example is None:
-            self._example = example
-        return False
-
-    def tick(self) -> None:
-        """At the end of a window, the summary of what was not logged one by one; a new
-        window starts."""
-        now = self.clock()
-        if now < self._window_end:
-            return
-        if self.unlogged:
-            text = self.summary.format(
-                count=f"{self.unlogged:,}", window=self.window, example=self._example
-            )
-            self.log.warning("%s", text)
-        self._window_end = now + self.window
-        self._logged = 0
-        self.unlogged = 0
-        self._example = None
-        self._keys.clear()
 
 
 class RefusedPuts:

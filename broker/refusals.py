@@ -17,13 +17,13 @@ import struct
 import sys
 import time
 
-from carelay.broker.logbudget import LogBudget
 from carelay.common.config import (
     LOGGED_NAME_CHARS,
     REFUSAL_LOG_LINES,
     REFUSAL_LOG_WINDOW,
     REFUSED_MEMORY_BYTES,
 )
+from carelay.common.logbudget import LogBudget
 
 log = logging.getLogger(__name__)
 

@@ -187,7 +187,7 @@ def test_circuits_closed_for_what_they_sent_are_logged_within_a_budget(monkeypat
     """A client that reconnects and sends the same bad stream again and again cannot fill
     the log: C_LOG_LINES lines a window, the rest counted."""
     from carelay.broker import sockethooks
-    from carelay.broker.logbudget import LogBudget
+    from carelay.common.logbudget import LogBudget
 
     monkeypatch.setattr(sockethooks, "_rewrite_hosts", True)
     monkeypatch.setattr(sockethooks, "_max_channels", None)

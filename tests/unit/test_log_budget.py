@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from carelay.broker.health import Health
-from carelay.broker.logbudget import LogBudget, RefusedPuts
+from carelay.broker.logbudget import RefusedPuts
+from carelay.common.logbudget import LogBudget
 
 log = logging.getLogger("carelay.test.logbudget")
 SUMMARY = "{count} more in {window:.0f} s, e.g. {example}"
