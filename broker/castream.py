@@ -80,6 +80,11 @@ class StreamWalker:
         self._watching = False  # whether _payload sees them
         self.reads = 0  # reads fed so far
 
+    @property
+    def mid_message(self) -> bool:
+        """Whether the stream stopped inside a message: a header cut, or payload to come."""
+        return bool(self._left or self._cut)
+
     def feed(self, buf) -> None:
         """Take the next ``buf`` (a writable buffer for a stream that may be rewritten)."""
         self.reads += 1

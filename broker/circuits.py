@@ -12,9 +12,12 @@ Which circuits go (``choose_closures``, a pure function):
 - idle: the client neither sent nor acknowledged anything for ``client_idle_timeout``.
   Acknowledgements count: a libca client that receives monitors sends no echo, its
   kernel acknowledges every event.
-- stalled: it sent more than a small CA message and then fell silent for
-  CLIENT_STALL_TIMEOUT: it may hold a large receive buffer for a message it never
-  finishes.
+- stalled: it stopped in the middle of a message and fell silent for
+  CLIENT_STALL_TIMEOUT: PCAS holds its buffer, perhaps a large one, for a message it
+  never finishes.  Where its stream is not followed (broker/sockethooks.py), a circuit
+  that sent more than a small CA message in all is taken to be in one.  Not every
+  circuit that sent much: a caproto client, which sends nothing while it has nothing
+  to do, made hundreds of channels and then waited for their changes.
 - over ``max_clients``: first circuits that sent not one byte CLIENT_SILENT_GRACE
   after connecting (a CA client speaks at once: they are no clients yet), then the
   newest (refused).
@@ -79,6 +82,8 @@ class Circuit:
     silent_for: float
     #: Seconds since the broker first saw the circuit.
     age: float
+    #: Whether the client stopped in the middle of a message (None: not followed).
+    mid_message: bool | None = None
 
     @property
     def spoke(self) -> bool:
@@ -101,7 +106,10 @@ def choose_closures(circuits: Iterable[Circuit], limits: Limits) -> list[tuple[C
     keep: list[Circuit] = []
     stall = min(limits.stall_timeout, limits.idle_timeout)
     for c in circuits:
-        if (c.bytes_received or 0) > CA_SMALL_BUFFER and c.silent_for >= stall:
+        stuck = c.mid_message
+        if stuck is None:
+            stuck = (c.bytes_received or 0) > CA_SMALL_BUFFER
+        if stuck and c.silent_for >= stall:
             out.append((c, "stalled"))
         elif c.silent_for >= limits.idle_timeout:
             out.append((c, "idle"))
@@ -209,8 +217,11 @@ class CircuitMonitor:
         fd_limit: int,
         clock: Callable[[], float] = time.monotonic,
         array_bytes: int = 0,
+        mid_message: Callable[[int], bool | None] = lambda fd: None,
     ) -> None:
         self.ports = frozenset(ports)
+        #: Whether a circuit's client stopped inside a message (sockethooks.mid_message).
+        self.mid_message = mid_message
         self.limits = limits
         self.fd_limit = fd_limit
         self.clock = clock
@@ -373,7 +384,8 @@ class CircuitMonitor:
         received = None
         if len(info) >= _BYTES_RECEIVED + 8:
             (received,) = struct.unpack_from("=Q", info, _BYTES_RECEIVED)
-        return Circuit(fd, inode, peer, received, min(data_ms, ack_ms) / 1000.0, age)
+        silent = min(data_ms, ack_ms) / 1000.0
+        return Circuit(fd, inode, peer, received, silent, age, self.mid_message(fd))
 
     def _shut(self, c: Circuit) -> bool:
         """End circuit ``c``: PCAS sees the end on its next select() and closes it."""

@@ -145,7 +145,8 @@ def run_broker(config: Config, index: int = 0) -> int:
                 e.strerror or e,
             )
     broker.loop.wait = _select_hook()
-    broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit)
+    # Where the streams are not followed, mid_message says None for every circuit.
+    broker.circuits = _circuit_monitor(config, broker.ca_ports, fd_limit, sockethooks.mid_message)
     sockethooks.watch_channel_limit(broker.circuits.too_many_channels)
     sockethooks.watch_refused(broker.refused_write)
     broker.circuits.buffers.watch(free_list)
@@ -195,7 +196,9 @@ def _undecodable_names(broker: Broker, previous):
     return hook
 
 
-def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> CircuitMonitor:
+def _circuit_monitor(
+    config: Config, ports: list[int], fd_limit: int, mid_message
+) -> CircuitMonitor:
     max_clients = client_limit(config.max_clients, fd_limit, open_fds(), config.memory_client_limit)
     if config.max_clients is not None and max_clients < config.max_clients:
         log.warning(
@@ -215,4 +218,10 @@ def _circuit_monitor(config: Config, ports: list[int], fd_limit: int) -> Circuit
         config.client_idle_timeout,
     )
     limits = Limits(max_clients, config.client_idle_timeout)
-    return CircuitMonitor(ports, limits, fd_limit, array_bytes=config.ca_max_array_bytes)
+    return CircuitMonitor(
+        ports,
+        limits,
+        fd_limit,
+        array_bytes=config.ca_max_array_bytes,
+        mid_message=mid_message,
+    )

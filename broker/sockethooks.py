@@ -42,9 +42,9 @@ from carelay.broker.castream import (
     UnfollowableStream,
 )
 from carelay.broker.got import find_slots, point_slots
-from carelay.broker.logbudget import LogBudget
 from carelay.broker.refusals import shorten
 from carelay.common.config import C_LOG_LINES, C_LOG_WINDOW, REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
+from carelay.common.logbudget import LogBudget
 
 __all__ = [
     "DeniedPuts",
@@ -168,6 +168,13 @@ def _follow(fd: int) -> tuple[ClientStream, ServerStream | None]:
     host = _token(address) if _rewrite_hosts else None
     circuit = _circuits[fd] = (ClientStream(channels, host), ServerStream(channels))
     return circuit
+
+
+def mid_message(fd: int) -> bool | None:
+    """Whether the client of circuit ``fd`` stopped in the middle of a message (PCAS
+    holds its buffer for the rest); None where its stream is not followed."""
+    circuit = _circuits.get(fd)
+    return None if circuit is None else circuit[0].mid_message
 
 
 def _recv(fd, buf, size, flags):

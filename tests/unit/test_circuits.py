@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import socket
+import struct
 import time
 
 import pytest
@@ -256,3 +257,57 @@ def test_monitor_ignores_sockets_that_are_no_circuits(server):
     finally:
         mon.close()
         other.close()
+
+
+def test_a_client_that_sent_much_and_waits_between_messages_is_no_stall():
+    """A caproto client that made hundreds of channels (more than 16 KiB of requests) and
+    then waits for their changes sends nothing: it is not in a message, so only the idle
+    rule applies to it, not the stall rule's 60 s."""
+    big = 20 * CA_SMALL_BUFFER
+    between = Circuit(1, 1, "10.0.0.1:1", big, silent_for=61, age=100, mid_message=False)
+    inside = Circuit(2, 2, "10.0.0.1:2", 40, silent_for=61, age=100, mid_message=True)
+    unknown = Circuit(3, 3, "10.0.0.1:3", big, silent_for=61, age=100)  # not followed
+    assert reasons([between, inside, unknown], LIMITS) == {2: "stalled", 3: "stalled"}
+    idle = Circuit(1, 1, "10.0.0.1:1", big, silent_for=600, age=700, mid_message=False)
+    assert reasons([idle], LIMITS) == {1: "idle"}
+
+
+def test_a_stream_knows_when_it_stopped_inside_a_message():
+    from carelay.broker.castream import StreamWalker
+
+    header = struct.pack(">HHHHII", 4, 16, 6, 2, 1, 2)  # a WRITE of 16 payload bytes
+    walker = StreamWalker()
+    assert not walker.mid_message
+    walker.feed(bytearray(header[:10]))  # a header cut
+    assert walker.mid_message
+    walker.feed(bytearray(header[10:] + bytes(8)))  # half its payload
+    assert walker.mid_message
+    walker.feed(bytearray(8))
+    assert not walker.mid_message
+
+
+def test_monitor_closes_a_circuit_stopped_inside_a_message_not_one_between(server):
+    port, connect = server
+    stuck_at: list = []
+
+    def mid_message(fd: int) -> bool:
+        s = socket.socket(fileno=fd)
+        try:
+            return s.getpeername() in stuck_at
+        finally:
+            s.detach()
+
+    limits = Limits(10, idle_timeout=600, stall_timeout=1)
+    mon = CircuitMonitor([port], limits, FD_SETSIZE, mid_message=mid_message)
+    try:
+        much = b"." * (2 * CA_SMALL_BUFFER)
+        between, stuck = connect(much), connect(much)
+        stuck_at.append(stuck.getsockname())
+        time.sleep(1.2)  # the silence the rule waits for: the kernel's own clock
+        mon.scan(time.monotonic())
+        assert ended(stuck)
+        between.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            between.recv(100)  # not closed
+    finally:
+        mon.close()
