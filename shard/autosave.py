@@ -3,8 +3,10 @@
 Creations and deletions are committed by the loop, a batch at a time, before they are
 acknowledged (``commit``).  Changed values are flushed every ``autosave_period`` by a
 thread of its own (``flush_soon``), so that the loop goes on serving during the write and
-its fsync; ``flush`` writes them all at once (the clean stop).  The same thread refreshes
-the database's good copy.
+its fsync; ``flush`` writes them all at once (the clean stop).  Another thread refreshes
+the database's good copy (seconds for a large store): a commit waits for the value write
+in flight, which must not queue behind the copy, and the copy reads a snapshot of its own
+(ShardDatabase.refresh_good_copy), so that neither a commit nor a value write waits for it.
 
 A store that cannot be written (a full disk, a file size limit) is a fault of its own:
 the values stay held in memory and the write is tried again every ``autosave_period``.
@@ -71,6 +73,9 @@ class Autosave:
         self.index = index
         self._thread: ThreadPoolExecutor | None = None
         self._saving: Future | None = None
+        #: The thread that refreshes the good copy, and the refresh in flight.
+        self._copy_thread: ThreadPoolExecutor | None = None
+        self._copying: Future | None = None
         self._saving_names: list[str] = []
         #: Names changed in the period whose values are being written, part by part
         #: (AUTOSAVE_PART_BYTES), and are not yet taken.
@@ -233,12 +238,20 @@ class Autosave:
         return True
 
     def refresh_good_copy_soon(self) -> None:
-        """Refresh the database's good copy in the autosave thread."""
-        if self.db is not None:
-            self._autosave_thread().submit(self._refresh_good_copy)
+        """Refresh the database's good copy in a thread of its own (not the one of the
+        value writes: they would queue behind it), unless the last refresh still runs."""
+        if self.db is None:
+            return
+        if self._copying is not None and not self._copying.done():
+            return  # the next is due a GOOD_COPY_INTERVAL later
+        if self._copy_thread is None:
+            self._copy_thread = ThreadPoolExecutor(
+                1, thread_name_prefix=f"shard{self.index}-goodcopy"
+            )
+        self._copying = self._copy_thread.submit(self._refresh_good_copy)
 
     def _refresh_good_copy(self) -> None:
-        """In the autosave thread: a new good copy, after the integrity check."""
+        """In the good copy's thread: a new good copy, after the integrity check."""
         try:
             self.db.refresh_good_copy()
         except (sqlite3.Error, OSError) as e:
@@ -250,11 +263,16 @@ class Autosave:
         return self._thread
 
     def close(self) -> None:
-        """Wait for a value write in flight and stop the autosave thread."""
+        """Wait for a value write and a refresh of the good copy in flight, and stop their
+        threads."""
         self.collect(wait=True)
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
+        if self._copy_thread is not None:
+            self._copy_thread.shutdown(wait=True)
+            self._copy_thread = None
+            self._copying = None
 
     def stop(self) -> bool:
         """The clean stop: write every changed value and stop the thread; False, after a

@@ -11,8 +11,9 @@ empty one.
 Layout: ``pvs(name, stamp, dtype, length, value, fields)`` with the value as
 the raw little-endian array (a buffer oldest first), and ``meta(key, value)``.
 After each successful open, a copy of the database is kept beside it
-(``<name>.good``): when the database itself is damaged, the shard restores
-that copy and says so.
+(``<name>.good``), refreshed every GOOD_COPY_INTERVAL while the store changes, from a
+snapshot that passed the integrity check: when the database itself is damaged, the
+shard restores that copy and says so.
 
 Every SQL statement of the relay is in this package: ``schema`` opens, checks and
 creates the tables, ``queries`` reads and writes the rows, ``database`` is the file

@@ -56,6 +56,15 @@ def lock_store(path: Path) -> int | None:
     return fd
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory: the names in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _remove_database(path: Path) -> None:
     """Remove a scratch database and its WAL and shared-memory files."""
     for suffix in ("", "-wal", "-shm"):
@@ -71,6 +80,16 @@ class ShardDatabase:
         # The shard's loop commits creations while its autosave thread flushes values:
         # one connection, used by one of them at a time.
         self._lock = threading.Lock()
+        # One refresh of the good copy at a time, and none while the store closes.  A
+        # refresh holds this lock, never the one above, through its long steps (the check,
+        # the copy, its fsync): it reads a snapshot on a connection of its own, so that
+        # commits go on meanwhile.
+        self._copy_lock = threading.Lock()
+        #: Commits tried on the connection (failed ones too: a copy too many costs less
+        #: than one missed), and how many of them the good copy holds (None: no copy
+        #: written since the open), so that a store left unchanged is not copied again.
+        self._commits = 0
+        self._copied: int | None = None
         self.last_flush = 0.0
         self.restored_from_copy = False
 
@@ -90,7 +109,8 @@ class ShardDatabase:
         except StoreDamaged as damage:
             rows = self._restore(damage)
         try:
-            self._keep_good_copy()
+            self._keep_good_copy(self._conn)
+            self._copied = self._commits
         except (sqlite3.Error, OSError) as e:
             log.error(
                 "%s: cannot write its good copy (%s); serving the store, and trying again at "
@@ -184,40 +204,66 @@ class ShardDatabase:
 
     def refresh_good_copy(self) -> bool:
         """Replace the good copy with the store as it is now, if the store passes its
-        integrity check; returns whether it did.  Bounds what a restore can lose."""
-        with self._lock:
-            return self._refresh_good_copy()
+        integrity check; returns whether it did (False too when nothing was committed
+        since the last copy, which is then the store already: it is not written again).
+        Bounds what a restore can lose.
+
+        Commits are not held up meanwhile: the check and the copy read one snapshot of the
+        store, on a read-only connection of their own (in WAL mode a reader blocks no
+        writer), so the copy is exactly what passed the check; what is committed after
+        the snapshot began goes into the next copy."""
+        with self._copy_lock:
+            if self._conn is None:
+                return False  # closed
+            # Read before the snapshot begins: a commit that lands after this is counted
+            # after it too, and makes the next refresh due.
+            commits = self._commits
+            if commits == self._copied:
+                return False
+            if not self._refresh_good_copy():
+                return False
+            self._copied = commits
+            return True
 
     def _refresh_good_copy(self) -> bool:
+        src = connect_read_only(self.path)
         try:
-            check = quick_check(self._conn)
-        except sqlite3.DatabaseError as e:
-            check = str(e)
-        if check != "ok":
-            log.error("%s failed its integrity check (%s); the good copy is kept", self.path, check)
-            return False
-        self._keep_good_copy()
-        return True
+            src.isolation_level = None
+            try:
+                # One read transaction, one snapshot, through the check and the copy.
+                src.execute("BEGIN")
+                src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                check = quick_check(src)
+            except sqlite3.DatabaseError as e:
+                check = str(e)
+            if check != "ok":
+                log.error(
+                    "%s failed its integrity check (%s); the good copy is kept", self.path, check
+                )
+                return False
+            self._keep_good_copy(src)
+            return True
+        finally:
+            src.close()
 
-    def _keep_good_copy(self) -> None:
+    def _keep_good_copy(self, src: sqlite3.Connection) -> None:
+        """Write the store as ``src`` reads it (in one step: one snapshot) to the good copy:
+        a scratch file, on disk before it takes the copy's name."""
         good = good_copy_path(self.path)
         scratch = good.with_name(good.name + ".tmp")
         scratch.unlink(missing_ok=True)
         try:
             dst = sqlite3.connect(scratch)
             try:
-                self._conn.backup(dst)
+                src.backup(dst, pages=-1)
             finally:
                 dst.close()
-            fd = os.open(scratch, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(scratch)
         except BaseException:
             scratch.unlink(missing_ok=True)  # half a copy is no copy: the good one stays
             raise
         os.replace(scratch, good)
+        _fsync(good.parent)  # the new name on disk too
 
     # -- writing ----------------------------------------------------------------
 
@@ -228,7 +274,10 @@ class ShardDatabase:
     ) -> int:
         """Write PVs and delete others in one transaction, durable on return."""
         with self._lock:
-            return self._save(upserts, deletes)
+            try:
+                return self._save(upserts, deletes)
+            finally:
+                self._commits += 1
 
     def _save(self, upserts, deletes) -> int:
         try:
@@ -246,6 +295,8 @@ class ShardDatabase:
                 mark_checked(self._conn)
             except sqlite3.DatabaseError as e:
                 raise write_error(self.path, e) from e
+            finally:
+                self._commits += 1
 
     def count(self) -> int:
         """PVs in the store."""
@@ -260,7 +311,8 @@ class ShardDatabase:
         return total
 
     def close(self) -> None:
-        with self._lock:
+        """Close the store, after a refresh of its good copy in flight."""
+        with self._copy_lock, self._lock:
             self._close()
 
     def _close(self) -> None:

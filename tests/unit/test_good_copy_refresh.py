@@ -1,0 +1,195 @@
+"""The refresh of a store's good copy, every GOOD_COPY_INTERVAL: it checks and copies a
+large store for seconds, and the loop's commits (creations, deletions, a front-end's
+HELLO) must not wait for it meanwhile, or the shard answers nothing and the front-ends
+take it for gone.  A refresh with nothing committed since the last copy writes nothing."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+
+import numpy as np
+import pytest
+
+from carelay.shard.autosave import Autosave, StoreHealth
+from carelay.shard.persist import ShardDatabase, good_copy_path, read_store
+from carelay.shard.persist import database as database_module
+from carelay.shard.persist.schema import quick_check
+from carelay.shard.store import ShardStore
+
+PREFIX = "U:"
+#: How long the slow check waits for the write under test before it gives up: a write
+#: that waits for the refresh never comes, so the test fails after this (s); a write that
+#: does not wait is done in milliseconds.
+_PATIENCE = 3.0
+
+
+@pytest.fixture
+def db(tmp_path):
+    db = ShardDatabase(tmp_path / "shard-0.sqlite")
+    db.open()
+    yield db
+    db.close()
+
+
+def _row(name: str, value: float = 1.0) -> tuple:
+    return (f"{PREFIX}{name}_f1", value, np.array([value]), {})
+
+
+def _names(path) -> set[str]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        return {r[0] for r in conn.execute("SELECT name FROM pvs")}
+    finally:
+        conn.close()
+
+
+class _SlowCheck:
+    """Stands in for the integrity check of a large store: it stays inside the check until
+    ``done`` is set (or _PATIENCE passed), and says whether ``done`` came while it was in."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.inside = threading.Event()
+        self.done = threading.Event()
+        #: Set once the check has said (done_while_inside) whether ``done`` let it go.
+        self.left = threading.Event()
+        self.done_while_inside: bool | None = None
+        real = database_module.quick_check
+
+        def slow(conn):
+            self.inside.set()
+            self.done_while_inside = self.done.wait(_PATIENCE)
+            self.left.set()
+            return real(conn)
+
+        monkeypatch.setattr(database_module, "quick_check", slow)
+
+
+def _in_thread(target) -> tuple[threading.Thread, list]:
+    """Run ``target`` in a thread; the list receives its result or its exception."""
+    out: list = []
+
+    def run():
+        try:
+            out.append(target())
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_commit_completes_while_the_good_copy_is_refreshed(db, monkeypatch):
+    db.save([_row("a")])
+    slow = _SlowCheck(monkeypatch)
+    refresh, refreshed = _in_thread(db.refresh_good_copy)
+    assert slow.inside.wait(_PATIENCE)
+
+    def commit():
+        db.save([_row("b")], deletes=[f"{PREFIX}a_f1"])  # a creation and a deletion
+        slow.done.set()
+
+    saver, saved = _in_thread(commit)
+    saver.join(_PATIENCE + 5)
+    refresh.join(_PATIENCE + 5)
+    assert saved == [None] and refreshed == [True]
+    assert slow.done_while_inside, "the commit waited for the refresh of the good copy"
+    # The copy is the snapshot that was checked: the store before the commit made during
+    # the check, and sound.
+    good = good_copy_path(db.path)
+    assert _names(good) == {f"{PREFIX}a_f1"}
+    assert _names(db.path) == {f"{PREFIX}b_f1"}
+    # What was committed after the snapshot began goes into the next copy.
+    monkeypatch.setattr(database_module, "quick_check", quick_check)
+    assert db.refresh_good_copy()
+    assert _names(good) == {f"{PREFIX}b_f1"}
+
+
+def test_a_value_flush_and_a_commit_complete_while_the_good_copy_is_refreshed(db, monkeypatch):
+    """The loop refreshes the copy and flushes values on threads; a commit waits for the
+    value write in flight, which must not wait behind the copy."""
+    store = ShardStore(PREFIX, 1000, 60)
+    autosave = Autosave(store, db, StoreHealth(0, 0.5, db.path), 0)
+    try:
+        a, b = f"{PREFIX}a_f1", f"{PREFIX}b_f1"
+        store.put(a, np.array([1.0]))
+        assert autosave.commit() is None
+        slow = _SlowCheck(monkeypatch)
+        autosave.refresh_good_copy_soon()
+        assert slow.inside.wait(_PATIENCE)
+        store.write_one(a, np.array([2.0]), 5.0)
+        assert autosave.flush_soon() == 1  # the value write, in flight
+
+        def commit():
+            store.put(b, np.array([3.0]))
+            unsaved = autosave.commit()  # waits for the value write, then commits
+            slow.done.set()
+            return unsaved
+
+        loop, committed = _in_thread(commit)
+        loop.join(_PATIENCE + 5)
+        assert slow.left.wait(_PATIENCE + 5)
+        assert committed == [None]
+        assert slow.done_while_inside, "the commit waited for the refresh of the good copy"
+    finally:
+        slow.done.set()
+        autosave.close()
+    rows = {r.name: r.value.tolist() for r in read_store(db.path)}
+    assert rows == {a: [2.0], b: [3.0]}
+
+
+def _identity(path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_a_refresh_with_nothing_committed_since_the_last_copy_writes_nothing(db):
+    good = good_copy_path(db.path)
+    db.save([_row("a")])
+    assert db.refresh_good_copy()
+    before = _identity(good)
+    assert not db.refresh_good_copy()
+    assert not db.refresh_good_copy()
+    assert _identity(good) == before
+    db.save([_row("a", 2.0)])  # a value flush, as a creation, makes the next one due
+    assert db.refresh_good_copy()
+    assert _identity(good) != before
+
+
+def test_a_refresh_right_after_the_open_writes_nothing(db):
+    good = good_copy_path(db.path)
+    before = _identity(good)  # the open wrote it
+    assert not db.refresh_good_copy()
+    assert _identity(good) == before
+
+
+def test_a_failed_check_leaves_the_copy_and_the_next_refresh_checks_again(db, monkeypatch):
+    good = good_copy_path(db.path)
+    db.save([_row("a")])
+    before = good.read_bytes()
+    monkeypatch.setattr(database_module, "quick_check", lambda conn: "*** in database main ***")
+    assert not db.refresh_good_copy()
+    assert good.read_bytes() == before
+    monkeypatch.setattr(database_module, "quick_check", quick_check)
+    # Nothing committed since, but the last refresh wrote no copy: this one does.
+    assert db.refresh_good_copy()
+    assert _names(good) == {f"{PREFIX}a_f1"}
+
+
+def test_a_close_waits_for_a_refresh_in_flight(db, monkeypatch):
+    db.save([_row("a")])
+    slow = _SlowCheck(monkeypatch)
+    refresh, refreshed = _in_thread(db.refresh_good_copy)
+    assert slow.inside.wait(_PATIENCE)
+    closer, closed = _in_thread(db.close)
+    closer.join(0.2)
+    assert closer.is_alive()  # it waits for the copy, which reads the store
+    slow.done.set()
+    closer.join(_PATIENCE + 5)
+    refresh.join(_PATIENCE + 5)
+    assert refreshed == [True] and closed == [None]
+    assert _names(good_copy_path(db.path)) == {f"{PREFIX}a_f1"}
+    assert not db.refresh_good_copy()  # closed: nothing to copy
