@@ -21,7 +21,6 @@ from carelay.broker.forward import Forwarder
 from carelay.broker.health import Health
 from carelay.broker.link import shard_links
 from carelay.broker.loop import Loop
-from carelay.broker.refusals import shorten
 from carelay.broker.requests import Requests
 from carelay.broker.sync import ShardSync
 from carelay.broker.table import PvTable
@@ -29,6 +28,7 @@ from carelay.broker.turnposts import TurnPosts
 from carelay.common.config import STARTUP_GRACE, STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver, split_field
 from carelay.common.lifecycle import StopFlag
+from carelay.common.logbudget import shorten
 
 log = logging.getLogger(__name__)
 

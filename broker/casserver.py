@@ -6,7 +6,7 @@ import logging
 
 from pcaspy import cas
 
-from carelay.broker.refusals import shorten
+from carelay.common.logbudget import shorten
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,8 @@ import sys
 import threading
 import time
 
-from carelay.broker.refusals import shorten
 from carelay.common.config import C_LINE_CHARS, C_LOG_LINES, C_LOG_WINDOW
-from carelay.common.logbudget import LogBudget
+from carelay.common.logbudget import LogBudget, shorten
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from carelay.common.config import (
     REFUSAL_LOG_WINDOW,
     REFUSED_MEMORY_BYTES,
 )
-from carelay.common.logbudget import LogBudget
+from carelay.common.logbudget import LogBudget, shorten
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,6 @@ _NET_ADDR = struct.Struct("=iHH4s")  # native int and family; port, address in n
 _CASNA_INET = 1
 #: Names longer than this are remembered as a digest of DIGEST_SIZE bytes.
 _DIGEST_SIZE = 16
-
-
-def shorten(text: str, limit: int = LOGGED_NAME_CHARS) -> str:
-    """``text`` as a log line may carry it: its first ``limit`` characters, and how long
-    it was when it is longer."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def client_address(addr) -> str | None:

@@ -42,9 +42,8 @@ from carelay.broker.castream import (
     UnfollowableStream,
 )
 from carelay.broker.got import find_slots, point_slots
-from carelay.broker.refusals import shorten
 from carelay.common.config import C_LOG_LINES, C_LOG_WINDOW, REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
-from carelay.common.logbudget import LogBudget
+from carelay.common.logbudget import LogBudget, shorten
 
 __all__ = [
     "DeniedPuts",

@@ -15,10 +15,11 @@ import functools
 import logging
 from collections.abc import Iterable
 
-from carelay.broker.refusals import RefusalLog, client_address, shorten
+from carelay.broker.refusals import RefusalLog, client_address
 from carelay.common import fields
 from carelay.common.config import VALUE_COPIES
 from carelay.common.fields import split_field
+from carelay.common.logbudget import shorten
 from carelay.common.naming import InvalidPvName
 from carelay.common.sharding import shard_for
 

@@ -12,7 +12,17 @@ from __future__ import annotations
 import logging
 import time
 
-__all__ = ["LogBudget"]
+from carelay.common.config import LOGGED_NAME_CHARS
+
+__all__ = ["LogBudget", "shorten"]
+
+
+def shorten(text: str, limit: int = LOGGED_NAME_CHARS) -> str:
+    """``text`` as a log line may carry it: its first ``limit`` characters, and how long
+    it was when it is longer."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 class LogBudget:

@@ -36,9 +36,8 @@ from pathlib import Path
 
 from carelay.broker import acf
 from carelay.broker.access import ACCESS_DENIED, check_access_security, resolve
-from carelay.broker.refusals import shorten
 from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
-from carelay.common.logbudget import LogBudget
+from carelay.common.logbudget import LogBudget, shorten
 
 __all__ = ["PvaAccess", "Rules", "peer_address"]
 

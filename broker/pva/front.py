@@ -34,13 +34,13 @@ from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
 from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
 from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
-from carelay.broker.refusals import shorten
 from carelay.broker.requests import Requests
 from carelay.broker.table import PvTable, counted
 from carelay.common import fields
 from carelay.common.config import PVA_OPEN_WAIT, PVA_SHARD_QUIET, STARTUP_QUIET, Config
 from carelay.common.fields import FieldResolver
 from carelay.common.histogram import PUT_BUCKETS, Histogram
+from carelay.common.logbudget import shorten
 from carelay.common.naming import InvalidPvName
 
 log = logging.getLogger(__name__)

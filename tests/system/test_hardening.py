@@ -43,8 +43,8 @@ import pytest
 import zmq
 from caproto import ChannelType
 
-from carelay.broker.refusals import shorten
 from carelay.common.config import VALUE_COPIES, load_config
+from carelay.common.logbudget import shorten
 from carelay.common.messages import Put
 from carelay.common.protocol import BATCH_TAG, encode_batch
 from carelay.common.sharding import shard_for

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from carelay.broker.refusals import RefusalLog, shorten
+from carelay.broker.refusals import RefusalLog
 from carelay.common.config import LOGGED_NAME_CHARS
+from carelay.common.logbudget import shorten
 
 
 class Clock:
