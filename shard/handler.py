@@ -8,6 +8,11 @@ no request number, for the other front-ends the shard serves (``fanout``: set by
 while there are others).  No sockets here, and no SQL: the loop sends the
 replies after it has committed the batch (``commit``), and the autosave tells whether
 the store can be written.
+
+The lines a client's traffic drives (a refused, expired or dropped request, a field put)
+each go through a ``LogBudget``: so many per window, then the rest counted and summed up
+in one line once the window is over (common/logbudget.py).  Creations
+and deletions, the audit trail of the store, are each logged.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 from carelay.common import messages as wire
+from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 from carelay.common.lifecycle import log_each
+from carelay.common.logbudget import LogBudget, shorten
 from carelay.common.protocol import WriteRun
 from carelay.shard.autosave import Autosave, StoreHealth
 from carelay.shard.store import Change, Rejected, ShardStore
@@ -38,6 +45,8 @@ _HANDLERS = {
     wire.SetField: "_set_field",
     wire.Hello: "_snapshot",
 }
+#: The summary of each budget's lines not logged one by one (see ``LogBudget``).
+_NOT_LOGGED = "in the last {window:.0f} s, not logged one by one, e.g. {example}"
 
 
 class RequestHandler:
@@ -53,6 +62,7 @@ class RequestHandler:
         epoch: int = 0,
         publish: Callable[[bytes, wire.Message], None] | None = None,
         others: dict[type, Callable[[bytes, Any], None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.autosave = autosave
@@ -79,6 +89,37 @@ class RequestHandler:
         }
         # Messages that change no PV (the read gate's), handled by whom the loop says.
         self._by_kind.update(others or {})
+        #: The log budgets' clock (monotonic seconds; a test may set it).
+        self.clock = clock
+
+        def now() -> float:
+            return self.clock()
+
+        window = REFUSAL_LOG_WINDOW
+        #: Requests refused for what they ask (no such PV, a wrong type, a bad field value).
+        self.refused_log = LogBudget(
+            REFUSAL_LOG_LINES, window, "refused {count} more requests " + _NOT_LOGGED, log, now
+        )
+        #: Requests refused or dropped for the shard's state (its store cannot be written,
+        #: they expired in a stall): a budget apart, which a client's bad puts cannot spend.
+        self.failed_log = LogBudget(
+            REFUSAL_LOG_LINES,
+            window,
+            "refused or dropped {count} more requests (store not writable, or expired) "
+            + _NOT_LOGGED,
+            log,
+            now,
+        )
+        #: Field puts applied (INFO).
+        self.fields_log = LogBudget(
+            REFUSAL_LOG_LINES,
+            window,
+            "{count} more field puts " + _NOT_LOGGED,
+            log,
+            now,
+            logging.INFO,
+        )
+        self.log_budgets = (self.refused_log, self.failed_log, self.fields_log)
 
     def dispatch(self, peer: bytes, msg: wire.Message) -> None:
         """Handle one request (a WriteRun goes to ``write_run``)."""
@@ -94,11 +135,26 @@ class RequestHandler:
 
     def log_created(self, undone: frozenset[str] = frozenset()) -> None:
         """One line for each PV created since the last commit, now durable; ``undone``:
-        those the commit could not keep (its error says so)."""
+        those the commit could not keep (its error says so).  The loop calls it after
+        every batch: the log budgets' windows that are over are summed up (``tick``)."""
         names, self.created = self.created, []
         if undone:
             names = [name for name in names if name not in undone]
         log_each(log, logging.INFO, "created PV %s", names)
+        self.tick()
+
+    def tick(self) -> None:
+        """The summary of each log budget whose window is over."""
+        for budget in self.log_budgets:
+            budget.tick()
+
+    def _refused_put(self, name: str, reason: str) -> None:
+        """Log a put refused for ``reason``, within its budget."""
+        example = f"{shorten(name)}: {reason}"
+        failed = reason == self.health.refusing or reason == _EXPIRED
+        budget = self.failed_log if failed else self.refused_log
+        if budget.allow("put to " + example, key=(name, reason)):
+            log.warning("refused put to %s", example)
 
     def _ping(self, peer: bytes, msg: wire.Ping) -> None:
         self.pong(peer, msg.req)
@@ -115,13 +171,13 @@ class RequestHandler:
     def _put(self, peer: bytes, msg: wire.Put) -> None:
         refusing = self.health.refusing
         if refusing and msg.callback:
-            log.warning("refused put to %s: %s", msg.name, refusing)
+            self._refused_put(msg.name, refusing)
             self._reject(peer, msg, refusing)
             return
         try:
             change = self.store.put(msg.name, msg.data, msg.stamp)
         except Rejected as e:
-            log.warning("refused put to %s: %s", msg.name, e)
+            self._refused_put(msg.name, str(e))
             self._reject(peer, msg, str(e))
             return
         self.puts_applied += 1
@@ -152,7 +208,9 @@ class RequestHandler:
         if type(msg) is wire.Write:
             self._written(peer, msg.name, msg.req, Rejected(_EXPIRED))
             return
-        log.warning("dropped %s of %s: %s", type(msg).__name__, msg.name, _EXPIRED)
+        example = f"{type(msg).__name__} of {shorten(msg.name)}: {_EXPIRED}"
+        if self.failed_log.allow("dropped " + example, key=(msg.name, _EXPIRED)):
+            log.warning("dropped %s", example)
         self._reject(peer, msg, _EXPIRED)
 
     def write_run(self, peer: bytes, run: WriteRun) -> None:
@@ -197,7 +255,7 @@ class RequestHandler:
         WRITE is silent unless it asked for an answer (``req``, a put with callback: an ACK)
         or was refused: a REJECT, then the PV as it stands here for the broker's mirror."""
         if isinstance(outcome, Rejected):
-            log.warning("refused put to %s: %s", name, outcome)
+            self._refused_put(name, str(outcome))
             self._reply(peer, wire.Reject(req, name, str(outcome), self.epoch))
             self.restate(peer, name)
         elif req:
@@ -251,16 +309,23 @@ class RequestHandler:
             else:
                 seq, value = self.store.set_field(msg.name, field, value)
         except Rejected as e:
-            log.warning("refused %s.%s: %s", msg.name, field, e)
+            reason = str(e)
+            example = f"{shorten(msg.name)}.{field}: {reason}"
+            budget = self.failed_log if reason == self.health.refusing else self.refused_log
+            if budget.allow(example, key=(msg.name, field, reason)):
+                log.warning("refused %s", example)
             self._reject(peer, msg, str(e))
             return
         if field == "RES":
-            log.info("emptied buffer %s", msg.name)
+            if self.fields_log.allow(f"{shorten(msg.name)}.RES", key=(msg.name, field)):
+                log.info("emptied buffer %s", msg.name)
             self._reply_change(peer, msg.req, change, reset=True)
             if self.fanout:
                 self._publish_change(peer, change, reset=True)
             return
-        log.info("set %s.%s = %r", msg.name, field, value)
+        example = f"{shorten(msg.name)}.{field} = {value!r}"
+        if self.fields_log.allow(example, key=(msg.name, field)):
+            log.info("set %s", example)
         self._reply(peer, wire.FieldChanged(msg.name, msg.req, seq, field, value, self.epoch))
         if self.fanout:
             self._publish(peer, wire.FieldChanged(msg.name, 0, seq, field, value, self.epoch))

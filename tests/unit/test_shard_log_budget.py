@@ -1,0 +1,252 @@
+"""The shard's lines that a client's traffic drives (refused, dropped and field puts) are
+bounded per window; the rest are counted and summed up in one line when it is over."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW, load_config
+from carelay.common.messages import (
+    Delete,
+    Message,
+    Ping,
+    Put,
+    Reject,
+    SetField,
+    Update,
+    Write,
+)
+from carelay.common.protocol import WriteRun, encode_batch
+from carelay.shard.persist import ShardDatabase, StoreWriteError
+from carelay.shard.server import ShardServer
+
+PREFIX = "U:"
+PERIOD = 0.5
+#: How many events a client drives in the tests: far more than a window's lines.
+FLOOD = 10_000
+#: Events per batch, as a broker sends them.
+BATCH = 500
+
+
+@pytest.fixture
+def server(tmp_path):
+    config = load_config(
+        prefix=PREFIX, shards=1, data_dir=str(tmp_path / "data"), autosave_period=PERIOD
+    )
+    config.run_dir.mkdir(parents=True)
+    s = ShardServer(config, 0, db=ShardDatabase(config.store_path(0)))
+    s.load()
+    yield s
+    s.autosave.close()
+    s.db.close()
+
+
+def _handle(server: ShardServer, *msgs) -> list[Message]:
+    server.handle(b"b", encode_batch(list(msgs)))
+    server._commit()
+    out = [msg for _, msg in server._out]
+    server._out.clear()
+    return out
+
+
+def _flood(server: ShardServer, msgs: list) -> list[Message]:
+    out: list[Message] = []
+    for k in range(0, len(msgs), BATCH):
+        out += _handle(server, *msgs[k : k + BATCH])
+    return out
+
+
+def _refusing(server: ShardServer, monkeypatch, name: str) -> None:
+    """The store cannot be written (a full disk) and the autosave period has passed: puts
+    with callback are refused (a value of ``name`` is held)."""
+    error = StoreWriteError(errno.ENOSPC, Path(f"{server.db.path}-wal"), "disk full")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(server.db, "save", fail)
+    monkeypatch.setattr(server.db, "check_writable", fail)
+    _handle(server, Write(name, 0, 1.0, np.array([9.0])))
+    server.autosave.flush()
+    server.health.check(time.monotonic() + PERIOD + 0.1)
+    assert server.health.refusing
+
+
+def _window_over(server: ShardServer) -> None:
+    """The budget's window is over: its clock is a window and a bit later."""
+    later = time.monotonic() + REFUSAL_LOG_WINDOW + 1
+    server.requests.clock = lambda: later
+
+
+def _lines(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def _summaries(caplog) -> list[str]:
+    return _lines(caplog, "not logged one by one")
+
+
+def _created(server: ShardServer, names: list[str]) -> None:
+    _flood(server, [Put(n, 0, 0.0, np.array([1.0])) for n in names])
+
+
+# -- refused puts -----------------------------------------------------------------------
+
+
+def test_puts_with_callback_refused_by_a_full_disk_are_bounded_and_summed_up(
+    server, monkeypatch, caplog
+):
+    names = [f"{PREFIX}p{k}_f1" for k in range(300)]
+    _created(server, names)
+    _refusing(server, monkeypatch, names[0])
+    puts = [
+        Put(names[k % len(names)], k + 1, 0.0, np.array([2.0]), callback=True) for k in range(FLOOD)
+    ]
+    with caplog.at_level(logging.INFO, logger="carelay.shard"):
+        out = _flood(server, puts)
+        # Every put is refused, as before: only the log is bounded.
+        assert len(out) == FLOOD and all(type(m) is Reject for m in out)
+        logged = _lines(caplog, "refused put to")
+        assert 0 < len(logged) <= REFUSAL_LOG_LINES
+        # The first lines in full: the reason and the PV.
+        assert names[0] in logged[0] and "cannot be written" in logged[0]
+        assert not _summaries(caplog)
+
+        # The window ends: one line for the rest, though no put comes any more.
+        _window_over(server)
+        _handle(server, Ping(FLOOD + 1))
+    (summary,) = _summaries(caplog)
+    assert f"{FLOOD - len(logged):,} more" in summary
+    assert f"in the last {REFUSAL_LOG_WINDOW:.0f} s" in summary
+    assert PREFIX in summary and "cannot be written" in summary
+
+
+def test_writes_with_callback_refused_by_a_full_disk_are_bounded(server, monkeypatch, caplog):
+    names = [f"{PREFIX}w{k}_f1" for k in range(300)]
+    _created(server, names)
+    _refusing(server, monkeypatch, names[0])
+    runs = [WriteRun(np.dtype("<f8")) for _ in range(FLOOD // 2 // BATCH)]
+    for k in range(FLOOD // 2):
+        runs[k // BATCH].add(names[k % len(names)], k + 1, 1.0, np.array([3.0]))
+    writes = [Write(names[k % len(names)], k + 1, 1.0, np.array([3.0])) for k in range(FLOOD // 2)]
+    with caplog.at_level(logging.INFO, logger="carelay.shard"):
+        out = [m for run in runs for m in _handle(server, run)] + _flood(server, writes)
+        # Each refused, then restated to the broker's mirror, as before.
+        assert [type(m) for m in out] == [Reject, Update] * FLOOD
+        logged = _lines(caplog, "refused put to")
+        assert 0 < len(logged) <= REFUSAL_LOG_LINES
+        _window_over(server)
+        _handle(server, Ping(1))
+    (summary,) = _summaries(caplog)
+    assert f"{FLOOD - len(logged):,} more" in summary
+
+
+def test_puts_the_store_refuses_are_bounded(server, caplog):
+    """A value of the wrong type, to PVs of a client's choosing: line 124's refusal."""
+    names = [f"{PREFIX}r{k}_f1" for k in range(300)]
+    _created(server, names)
+    puts = [
+        Put(names[k % len(names)], k + 1, 0.0, np.array([1], dtype="<i4")) for k in range(FLOOD)
+    ]
+    with caplog.at_level(logging.INFO, logger="carelay.shard"):
+        out = _flood(server, puts)
+        assert all(type(m) is Reject for m in out)
+        logged = _lines(caplog, "refused put to")
+        assert 0 < len(logged) <= REFUSAL_LOG_LINES
+        _window_over(server)
+        _handle(server, Ping(1))
+    (summary,) = _summaries(caplog)
+    assert f"{FLOOD - len(logged):,} more" in summary and "dtype" in summary
+
+
+def test_expired_requests_dropped_after_a_stall_are_bounded(server, caplog):
+    names = [f"{PREFIX}e{k}_f1" for k in range(300)]
+    _created(server, names)
+    past = time.time() - 1
+    backlog = [
+        Delete(names[k % len(names)], k + 1, expires=past)
+        if k % 2
+        else Put(names[k % len(names)], k + 1, 0.0, np.array([1.0]), expires=past)
+        for k in range(FLOOD)
+    ]
+    with caplog.at_level(logging.INFO, logger="carelay.shard"):
+        out = _flood(server, backlog)
+        assert len(out) == FLOOD and all(type(m) is Reject for m in out)
+        logged = _lines(caplog, "dropped")
+        assert 0 < len(logged) <= REFUSAL_LOG_LINES
+        _window_over(server)
+        _handle(server, Ping(1))
+    (summary,) = _summaries(caplog)
+    assert f"{FLOOD - len(logged):,} more" in summary and "expired" in summary
+
+
+# -- field puts -------------------------------------------------------------------------
+
+
+def test_field_puts_in_a_loop_are_bounded_and_summed_up(server, caplog):
+    names = [f"{PREFIX}f{k}_f1" for k in range(300)]
+    buffers = [f"{PREFIX}b{k}_F3" for k in range(300)]
+    _created(server, names + buffers)
+    puts = [
+        SetField(buffers[k % len(buffers)], k + 1, "RES", 0)
+        if k % 2
+        else SetField(names[k % len(names)], k + 1, "EGU", f"V{k}")
+        for k in range(FLOOD)
+    ]
+    with caplog.at_level(logging.INFO, logger="carelay.shard"):
+        out = _flood(server, puts)
+        assert not [m for m in out if type(m) is Reject]
+        logged = _lines(caplog, "set ") + _lines(caplog, "emptied buffer")
+        assert 0 < len(logged) <= REFUSAL_LOG_LINES
+        assert f"set {names[0]}.EGU = 'V0'" in logged
+        _window_over(server)
+        _handle(server, Ping(1))
+    (summary,) = _summaries(caplog)
+    assert f"{FLOOD - len(logged):,} more field puts" in summary
+
+
+def test_refused_field_puts_are_bounded(server, caplog):
+    puts = [SetField(f"{PREFIX}none{k}_f1", k + 1, "EGU", "V") for k in range(FLOOD)]
+    with caplog.at_level(logging.INFO, logger="carelay.shard"):
+        out = _flood(server, puts)
+        assert all(type(m) is Reject for m in out)
+        logged = _lines(caplog, "refused U:")
+        assert 0 < len(logged) <= REFUSAL_LOG_LINES
+        _window_over(server)
+        _handle(server, Ping(1))
+    (summary,) = _summaries(caplog)
+    assert f"{FLOOD - len(logged):,} more" in summary and "no PV named" in summary
+
+
+# -- what stays one line per event ------------------------------------------------------
+
+
+def test_creations_and_deletions_are_each_logged_still(server, caplog):
+    names = [f"{PREFIX}c{k}_f1" for k in range(2 * REFUSAL_LOG_LINES)]
+    with caplog.at_level(logging.INFO, logger="carelay.shard"):
+        _created(server, names)
+        _flood(server, [Delete(n, k + 1) for k, n in enumerate(names)])
+    assert len(_lines(caplog, "created PV")) == len(names)
+    assert len(_lines(caplog, "deleted PV")) == len(names)
+    assert not _summaries(caplog)
+
+
+def test_a_window_within_the_budget_logs_each_line_and_no_summary(server, caplog):
+    name = f"{PREFIX}q_f1"
+    _created(server, [name])
+    with caplog.at_level(logging.INFO, logger="carelay.shard"):
+        _handle(server, SetField(name, 1, "EGU", "A"), SetField(name, 2, "HOPR", 5.0))
+        _window_over(server)
+        _handle(server, Ping(3), SetField(name, 4, "EGU", "B"))
+    assert _lines(caplog, f"set {name}.") == [
+        f"set {name}.EGU = 'A'",
+        f"set {name}.HOPR = 5.0",
+        f"set {name}.EGU = 'B'",
+    ]
+    assert not _summaries(caplog)
