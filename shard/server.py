@@ -23,7 +23,7 @@ from pathlib import Path
 import zmq
 
 from carelay.common import exits, protocol
-from carelay.common.config import SHOWN_WAIT, Config
+from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW, SHOWN_WAIT, Config
 from carelay.common.keys import SHARD_CERT, KeysError, load_keys
 from carelay.common.lifecycle import (
     FreedMemory,
@@ -36,6 +36,7 @@ from carelay.common.lifecycle import (
     signal_wakeup_fd,
     write_status,
 )
+from carelay.common.logbudget import LogBudget, shorten
 from carelay.common.messages import Applied, Message, Ping, Write
 from carelay.common.runlock import holders, run_token
 from carelay.shard.admission import Admission
@@ -94,6 +95,14 @@ class ShardServer:
         # change knows this shard restarted and resyncs.
         self.epoch = random.getrandbits(62) | 1
         self.health = StoreHealth(index, config.autosave_period, db.path if db else None)
+        #: Malformed messages, which any peer that reaches the socket can send.
+        self.malformed_log = LogBudget(
+            REFUSAL_LOG_LINES,
+            REFUSAL_LOG_WINDOW,
+            "dropped {count} more malformed messages in the last {window:.0f} s, not logged "
+            "one by one, e.g. {example}",
+            log,
+        )
         self.autosave = Autosave(self.store, db, self.health, index)
         self.gate = gate = ReadGate(self.epoch, SHOWN_WAIT)
         follows = Follows(self.epoch)
@@ -179,7 +188,8 @@ class ShardServer:
         try:
             msgs = protocol.decode_batch(frames, to_shard=True)
         except protocol.ProtocolError as e:
-            log.warning("dropped a malformed message: %s", e)
+            if self.malformed_log.allow(shorten(str(e))):
+                log.warning("dropped a malformed message: %s", e)
             return 0
         admission = self.admission
         if peer not in admission:
@@ -306,6 +316,9 @@ class ShardServer:
         while not stop.stopping:
             self.serve_once(timeout_ms)
             now = time.monotonic()
+            # The summaries of log budgets whose window is over, with no message to wait for.
+            self.malformed_log.tick()
+            self.requests.tick()
             if timers.flush_due(now) or autosave.saving_parts:
                 autosave.flush_soon()
             if timers.copy_due(now):

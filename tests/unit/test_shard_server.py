@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 
-from carelay.common.config import load_config
+from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW, load_config
 from carelay.common.messages import (
     Ack,
     Delete,
@@ -252,3 +253,18 @@ def test_a_put_keeps_the_stamp_the_broker_gave_it(server):
     # A stamp of 0 (or one that is not a time) leaves it to the shard's clock.
     out = _handle(server, Put(name, 2, float("inf"), np.array([2.0])))
     assert 0 < out[0].stamp < float("inf") and out[0].stamp != 4321.0
+
+
+def test_malformed_messages_are_logged_within_a_budget(tmp_path, caplog):
+    """Any peer that reaches the socket can send garbage as fast as it likes: the first
+    lines of a window say what it was, one line counts the rest when the window is over."""
+    server = _server(tmp_path, with_db=False)
+    now = [time.monotonic()]
+    server.malformed_log.clock = lambda: now[0]
+    for _ in range(500):
+        assert server.handle(b"b", [b"\x00\x01garbage"]) == 0
+    lines = caplog.text.count("dropped a malformed message")
+    assert lines == REFUSAL_LOG_LINES
+    now[0] += REFUSAL_LOG_WINDOW + 1
+    server.malformed_log.tick()
+    assert f"dropped {500 - lines} more malformed messages" in caplog.text
