@@ -84,6 +84,8 @@ STATUS_STALE_AFTER = STATUS_INTERVAL * STATUS_STALE_INTERVALS
 #: A process that rewrites its status file only when what it says changes (the supervisor)
 #: touches it this often (seconds), so that it stays fresh while nothing changes.
 STATUS_TOUCH_INTERVAL = STATUS_STALE_AFTER / 2
+#: A status file that cannot be written is said once per this many seconds, with a count.
+STATUS_FAULT_LOG_WINDOW = 60.0
 #: Seconds a (re)started process may take before ``carelay status`` expects it to answer:
 #: its first status file, and the broker's link, which retries after up to RECONNECT_MAX.
 STARTUP_GRACE = RECONNECT_MAX + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS + STATUS_STALE_AFTER

@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from carelay.common.config import GC_YOUNG_THRESHOLD, MALLOC_ARENAS, MALLOC_TRIM_MIN
+from carelay.common.config import (
+    GC_YOUNG_THRESHOLD,
+    MALLOC_ARENAS,
+    MALLOC_TRIM_MIN,
+    STATUS_FAULT_LOG_WINDOW,
+)
+from carelay.common.logbudget import LogBudget
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +333,8 @@ def read_status(path: Path) -> dict | None:
 #: status that says the same again only touches the file (``carelay status`` takes its
 #: mtime as its age, and works the uptimes out from ``written``).
 _said: dict[Path, str] = {}
+#: Per status file, the lines that say it cannot be written: one a minute, and a count.
+_unwritable: dict[Path, LogBudget] = {}
 
 
 def _timeless(value: Any) -> Any:
@@ -364,7 +372,17 @@ def write_status(path: Path, status: dict[str, Any]) -> None:
         if e.errno in (errno.ENOSPC, errno.EDQUOT) and _rewrite_in_place(path, text):
             _said[path] = said
             return
-        log.warning("cannot write status file %s: %s", path, e)
+        budget = _unwritable.get(path)
+        if budget is None:
+            budget = _unwritable[path] = LogBudget(
+                1,
+                STATUS_FAULT_LOG_WINDOW,
+                f"status file {path} could not be written {{count}} more times in the last "
+                "{window:.0f} s, e.g. {example}",
+                log,
+            )
+        if budget.allow(str(e)):
+            log.warning("cannot write status file %s: %s", path, e)
         return
     _said[path] = said
 

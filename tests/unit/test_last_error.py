@@ -60,3 +60,17 @@ def test_an_uncaught_exception_is_logged_as_the_last_error(logged):
         sys.excepthook(*sys.exc_info())
     assert lifecycle.last_error.last["message"] == "shard 3 crashed: RuntimeError: boom"
     assert lifecycle.last_error.last["level"] == "CRITICAL"
+
+
+def test_a_status_file_that_cannot_be_written_is_said_once_a_window(tmp_path, caplog):
+    """Each process writes its status file every second: a directory that cannot take it
+    (read-only, gone) must not make it log a line every second for as long as it lasts."""
+    path = tmp_path / "gone" / "shard-0.json"  # its directory does not exist
+    for k in range(30):
+        lifecycle.write_status(path, {"role": "shard 0", "k": k})
+    assert caplog.text.count("cannot write status file") == 1
+    budget = lifecycle._unwritable[path]
+    budget.clock = lambda: float("inf")  # the window is over
+    lifecycle.write_status(path, {"role": "shard 0", "k": 30})
+    assert "could not be written 29 more times" in caplog.text
+    assert caplog.text.count("cannot write status file") == 2
