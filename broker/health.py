@@ -219,6 +219,10 @@ def uptime_text(seconds: float) -> str:
     return f"{days} day{'s' if days != 1 else ''}, {text}" if days else text
 
 
+#: Seconds after the last PONG that a shard's put rate is still taken from its counts.
+_COUNTS_FRESH = 2.0
+
+
 class ShardFigures:
     """What one shard says of itself in its Pongs (see RequestHandler.pong)."""
 
@@ -228,13 +232,16 @@ class ShardFigures:
         self.store_bytes: float | None = None
         self.saved_at: float | None = None
         self.flush = Histogram(FLUSH_BUCKETS)
-        self.rate = RateMeter()
+        #: (monotonic time it came, puts) of the recent PONGs.
+        self._counts: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)
 
-    def update(self, pong) -> None:
-        """Take a Pong's figures; a flush histogram that does not fit is left as it was.  A
-        new process of the shard counts its puts from 0: its rate starts afresh."""
-        if pong.pid != self.pid:
-            self.rate = RateMeter()
+    def update(self, pong, now: float | None = None) -> None:
+        """Take a Pong's figures (``now``: when it came); a flush histogram that does not
+        fit is left as it was.  A new process of the shard counts its puts from 0: its
+        rate starts afresh."""
+        if pong.pid != self.pid or (self._counts and pong.puts < self._counts[-1][1]):
+            self._counts.clear()
+        self._counts.append((time.monotonic() if now is None else now, pong.puts))
         self.pid = pong.pid
         self.puts = pong.puts
         if pong.store_bytes is not None:
@@ -243,6 +250,22 @@ class ShardFigures:
         hist = Histogram.from_dict(pong.flush) if pong.flush else None
         if hist is not None:
             self.flush = hist
+
+    def put_rate(self, now: float) -> float:
+        """Puts a second over about the last second, from the counts the PONGs brought at
+        the times they came.  Not from the count at each sample's time: PONGs come every
+        0.4-0.5 s, so a second's samples spanned two or three of them, and the rate read
+        0.76x or 1.14x what it was.  0 once the PONGs have stopped."""
+        counts = self._counts
+        if len(counts) < 2 or now - counts[-1][0] > _COUNTS_FRESH:
+            return 0.0
+        t1, c1 = counts[-1]
+        t0, c0 = counts[0]
+        for t, c in reversed(counts):
+            if t1 - t >= 1.0:
+                t0, c0 = t, c
+                break
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
 
 
 class Health(KeepsRefusals):
@@ -353,7 +376,7 @@ class Health(KeepsRefusals):
                     "flush_age": max(0.0, wall - clocks[k].from_shard(saved)) if saved else 0.0,
                     # Known once the shard has said its count (its first PONG): before, a
                     # restarted broker's 0 would make its lifetime's puts a rate.
-                    "put_rate": figs.rate.sample(now, figs.puts)[0] if figs.pid else 0.0,
+                    "put_rate": figs.put_rate(now),
                     "puts": figs.puts,
                     "flush": figs.flush,
                     "clock_offset": clocks[k].offset,

@@ -83,7 +83,7 @@ def _put_rates(h: Health, broker, pongs, start: int = 0) -> list[float]:
     rates = []
     for t, pong in enumerate(pongs, start):
         if pong is not None:
-            h.shards[0].update(pong)
+            h.shards[0].update(pong, now=100.0 + t)
         h.sample(broker, 100.0 + t)
         rates.append(h.snapshot["shards"][0]["put_rate"])
     return rates
@@ -95,6 +95,24 @@ def test_a_restarted_shard_counting_from_zero_makes_no_negative_rate():
     assert rates[1] == 100.0
     assert rates[2] == 0.0  # a new process: its rate starts afresh
     assert _put_rates(h, broker, [_pong(8, 60)], start=3) == [50.0]
+
+
+def test_a_shards_put_rate_is_steady_between_pongs_and_samples():
+    """PONGs come every 0.45 s and the figures are taken every second: a steady 1,000
+    puts a second reads 1,000 each second, not 900 or 1,350 as a count taken at the
+    sample's time made it (two or three PONGs a second), and 0 once they stop."""
+    h, broker = Health(2, "9.9"), _Broker()
+    rates, pong_at = [], 100.0
+    for second in range(1, 13):
+        now = 100.0 + second
+        while pong_at <= now:
+            h.shards[0].update(_pong(7, round(1000 * (pong_at - 100.0))), now=pong_at)
+            pong_at += 0.45
+        h.sample(broker, now)
+        rates.append(h.snapshot["shards"][0]["put_rate"])
+    assert all(r == pytest.approx(1000.0) for r in rates[1:])
+    h.sample(broker, 100.0 + 16)  # no PONG for 3.5 s
+    assert h.snapshot["shards"][0]["put_rate"] == 0.0
 
 
 def test_a_restarted_broker_makes_no_rate_of_a_shards_lifetime_puts():
