@@ -95,3 +95,20 @@ def test_callback_cost_runs_and_reports_every_thread_kind():
     for server, kinds in rows.items():
         for kind, (cpu, switches) in kinds.items():
             assert math.isfinite(cpu) and cpu >= 0 and switches >= 0, (server, kind)
+
+
+def test_the_soak_runs_its_cycles_and_reports_each_process():
+    """``python -m bench.soak`` (on demand, for minutes): three cycles here, each one's
+    PVs made and deleted, and the growth of every process of the relay reported."""
+    out = run_bench("bench.soak", "--cycles", "3", "--every", "1", timeout=120)
+    assert "3 cycles, 0 failed" in out, out
+    for role in ("broker", "shard0", "shard1", "supervisor"):
+        assert f"  {role} " in out, out
+    assert out.count("per 1,000 cycles") == 4, out
+
+
+def test_a_slope_is_the_least_squares_one():
+    from bench.soak import slope
+
+    assert slope([(0, 10), (1, 12), (2, 14)]) == 2.0
+    assert slope([(0, 5)]) == 0.0 and slope([(1, 5), (1, 7)]) == 0.0
