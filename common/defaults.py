@@ -43,6 +43,10 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 HEARTBEAT_INTERVAL = 0.5
 #: Missed heartbeats after which a peer counts as gone.
 HEARTBEAT_LIVENESS = 4
+#: Seconds a shard waits for any message of a front-end it serves (which PINGs twice a
+#: second) before it takes it for hung and stops serving it: what it publishes to a hung
+#: one waits in the shard's memory until the front-end reads it.
+PEER_SILENCE = 10 * HEARTBEAT_INTERVAL
 #: Reconnect back-off of the broker's shard links (seconds).
 RECONNECT_INITIAL = 0.1
 RECONNECT_MAX = 5.0

@@ -33,6 +33,7 @@ _FENCED_MAX = 64
 _NOT_OURS = "not a broker of this relay: no token, or the wrong one"
 _FENCED = "sent before the broker reconnected"
 _DROPPED = "the shard missed sending this broker a change; it resyncs on reconnecting"
+_SILENT = "the broker was silent too long; it resyncs on reconnecting"
 
 
 class Admission:
@@ -58,6 +59,8 @@ class Admission:
         self._fenced: collections.OrderedDict[bytes, str] = collections.OrderedDict()
         #: Per peer served, the WRITEs it has sent (what an APPLIED counts).
         self._writes: dict[bytes, int] = {}
+        #: Per peer served, when its last message came (monotonic s; see ``silent``).
+        self._heard: dict[bytes, float] = {}
         self._refused = 0
         self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
         #: Told of each peer no longer served (ReadGate.forget).
@@ -77,12 +80,27 @@ class Admission:
     def __len__(self) -> int:
         return len(self._admitted)
 
-    def drop(self, peer: bytes) -> None:
+    def drop(self, peer: bytes, reason: str = _DROPPED) -> None:
         """Stop serving ``peer`` (gone, or missed a change): what it still sends is refused
         (its PINGs go unanswered, so its broker reconnects), and a new connection of its
         broker says HELLO and takes a fresh snapshot."""
         if self._admitted.pop(peer, None) is not None:
-            self._fence(peer, _DROPPED)
+            self._fence(peer, reason)
+
+    def heard(self, peer: bytes, now: float) -> None:
+        """A message of ``peer`` came at ``now``."""
+        self._heard[peer] = now
+
+    def silent(self, before: float) -> list[bytes]:
+        """The peers served whose last message came before ``before``."""
+        heard = self._heard
+        return [p for p in self._admitted if heard.get(p, before) < before]
+
+    def drop_silent(self, peer: bytes) -> None:
+        """Stop serving ``peer``, which sent nothing, not even a PING, for so long that it
+        is hung (stopped, its host gone): everything published to it would wait in its
+        queue, in this process's memory, for as long as it hangs."""
+        self.drop(peer, _SILENT)
 
     def wrote(self, peer: bytes, n: int) -> int:
         """Count ``n`` more WRITEs from ``peer``; returns how many it has sent in all."""
@@ -124,12 +142,14 @@ class Admission:
         if len(self._admitted) > _ADMITTED_MAX:
             oldest = self._admitted.popitem(last=False)[0]
             self._writes.pop(oldest, None)
+            self._heard.pop(oldest, None)
             self.follows.forget(oldest)
             self.on_drop(oldest)
         return True
 
     def _fence(self, peer: bytes, reason: str) -> None:
         self._writes.pop(peer, None)
+        self._heard.pop(peer, None)
         self.follows.forget(peer)
         self.on_drop(peer)
         self._fenced[peer] = reason
@@ -151,6 +171,8 @@ class Admission:
         who = "an earlier connection of a broker that reconnected"
         if reason is _DROPPED:
             who = "a broker connection that missed a change"
+        elif reason is _SILENT:
+            who = "a broker connection that was silent too long"
         self._refused_peer(len(msgs), who)
 
     def _refused_peer(self, n: int, who: str) -> None:

@@ -71,3 +71,79 @@ def test_a_front_end_that_reads_nothing_is_dropped_and_the_others_are_served(tmp
         shard.close()
         ctx.term()
     assert not served.is_alive(), "the shard's loop is stuck in a send"
+
+
+def _served_pair(tmp_path, monkeypatch, silence: float):
+    """A shard (not yet serving) with PEER_SILENCE ``silence``, and two DEALERs that said
+    HELLO to it."""
+    monkeypatch.setattr(shard_server, "PEER_SILENCE", silence)
+    config = load_config(prefix=PREFIX, shards=1, data_dir=str(tmp_path), max_elements=100_000)
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    shard = ShardServer(config, 0, db=None)
+    shard.bind()
+    ctx = zmq.Context()
+    socks = []
+    for who in ("quiet", "alive"):
+        d = ctx.socket(zmq.DEALER)
+        d.setsockopt(zmq.LINGER, 0)
+        d.connect(shard.endpoint)
+        d.send_multipart(encode_batch([Hello(1, "", who)]))
+        socks.append(d)
+    return shard, ctx, socks
+
+
+def _serve_for(shard, seconds: float, each=lambda: None) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        each()
+        shard.serve_once(10)
+        shard.drop_silent_peers()
+
+
+def test_a_front_end_that_sends_nothing_is_dropped_before_its_queue_fills(tmp_path, monkeypatch):
+    """A stopped front-end reads nothing and sends nothing: everything published to it
+    waited in the shard's memory until its queue of 100,000 messages was full (a stopped
+    PVA front-end following an 800 kB array grew its shard by 1 GB in 20 s).  One that
+    sent not even a PING for PEER_SILENCE is no longer served; the others are."""
+    shard, ctx, (quiet, alive) = _served_pair(tmp_path, monkeypatch, 0.3)
+    try:
+        ping = iter(range(1000, 10**6))
+        _serve_for(shard, 0.2)
+        assert len(shard.admission) == 2
+        _serve_for(shard, 1.0, lambda: alive.send_multipart(encode_batch([Ping(next(ping))])))
+        assert len(shard.admission) == 1  # the quiet one was dropped
+        assert not shard.requests.fanout
+        alive.send_multipart(encode_batch([Ping(1)]))
+        _serve_for(shard, 0.1)
+        got = []
+        while alive.poll(0):
+            got += decode_batch(alive.recv_multipart())
+        assert any(type(m) is Pong and m.req == 1 for m in got)
+    finally:
+        quiet.close()
+        alive.close()
+        shard.close()
+        ctx.term()
+
+
+def test_a_stall_of_the_shards_own_drops_no_front_end(tmp_path, monkeypatch):
+    """The shard itself stopped (a slow disk, SIGSTOP) longer than PEER_SILENCE: the
+    front-ends' PINGs wait on its socket, and say they are alive."""
+    shard, ctx, socks = _served_pair(tmp_path, monkeypatch, 0.3)
+    try:
+        _serve_for(shard, 0.1)
+        for k in range(6):  # the front-ends ping on while the shard does not read
+            for s in socks:
+                s.send_multipart(encode_batch([Ping(100 + k)]))
+            time.sleep(0.1)
+        # A look before the backlog is read: measured to the last read that emptied the
+        # socket, nobody is silent (measured to now, both would be).
+        shard.drop_silent_peers()
+        assert len(shard.admission) == 2
+        _serve_for(shard, 0.05)
+        assert len(shard.admission) == 2
+    finally:
+        for s in socks:
+            s.close()
+        shard.close()
+        ctx.term()
