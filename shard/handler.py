@@ -62,7 +62,6 @@ class RequestHandler:
         epoch: int = 0,
         publish: Callable[[bytes, wire.Message], None] | None = None,
         others: dict[type, Callable[[bytes, Any], None]] | None = None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.autosave = autosave
@@ -89,16 +88,10 @@ class RequestHandler:
         }
         # Messages that change no PV (the read gate's), handled by whom the loop says.
         self._by_kind.update(others or {})
-        #: The log budgets' clock (monotonic seconds; a test may set it).
-        self.clock = clock
-
-        def now() -> float:
-            return self.clock()
-
         window = REFUSAL_LOG_WINDOW
         #: Requests refused for what they ask (no such PV, a wrong type, a bad field value).
         self.refused_log = LogBudget(
-            REFUSAL_LOG_LINES, window, "refused {count} more requests " + _NOT_LOGGED, log, now
+            REFUSAL_LOG_LINES, window, "refused {count} more requests " + _NOT_LOGGED, log
         )
         #: Requests refused or dropped for the shard's state (its store cannot be written,
         #: they expired in a stall): a budget apart, which a client's bad puts cannot spend.
@@ -108,7 +101,6 @@ class RequestHandler:
             "refused or dropped {count} more requests (store not writable, or expired) "
             + _NOT_LOGGED,
             log,
-            now,
         )
         #: Field puts applied (INFO).
         self.fields_log = LogBudget(
@@ -116,8 +108,7 @@ class RequestHandler:
             window,
             "{count} more field puts " + _NOT_LOGGED,
             log,
-            now,
-            logging.INFO,
+            level=logging.INFO,
         )
         self.log_budgets = (self.refused_log, self.failed_log, self.fields_log)
 
@@ -148,12 +139,16 @@ class RequestHandler:
         for budget in self.log_budgets:
             budget.tick()
 
+    def _refusal_log(self, reason: str) -> LogBudget:
+        """The budget of a refusal for ``reason``: the shard's state (its store, a stall)
+        or what the request asks."""
+        failed = reason == self.health.refusing or reason == _EXPIRED
+        return self.failed_log if failed else self.refused_log
+
     def _refused_put(self, name: str, reason: str) -> None:
         """Log a put refused for ``reason``, within its budget."""
         example = f"{shorten(name)}: {reason}"
-        failed = reason == self.health.refusing or reason == _EXPIRED
-        budget = self.failed_log if failed else self.refused_log
-        if budget.allow("put to " + example, key=(name, reason)):
+        if self._refusal_log(reason).allow("put to " + example, key=(name, reason)):
             log.warning("refused put to %s", example)
 
     def _ping(self, peer: bytes, msg: wire.Ping) -> None:
@@ -311,10 +306,9 @@ class RequestHandler:
         except Rejected as e:
             reason = str(e)
             example = f"{shorten(msg.name)}.{field}: {reason}"
-            budget = self.failed_log if reason == self.health.refusing else self.refused_log
-            if budget.allow(example, key=(msg.name, field, reason)):
+            if self._refusal_log(reason).allow(example, key=(msg.name, field, reason)):
                 log.warning("refused %s", example)
-            self._reject(peer, msg, str(e))
+            self._reject(peer, msg, reason)
             return
         if field == "RES":
             if self.fields_log.allow(f"{shorten(msg.name)}.RES", key=(msg.name, field)):

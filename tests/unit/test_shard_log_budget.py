@@ -79,9 +79,10 @@ def _refusing(server: ShardServer, monkeypatch, name: str) -> None:
 
 
 def _window_over(server: ShardServer) -> None:
-    """The budget's window is over: its clock is a window and a bit later."""
+    """The budgets' window is over: their clock is a window and a bit later."""
     later = time.monotonic() + REFUSAL_LOG_WINDOW + 1
-    server.requests.clock = lambda: later
+    for budget in server.requests.log_budgets:
+        budget.clock = lambda: later
 
 
 def _lines(caplog, text: str) -> list[str]:
