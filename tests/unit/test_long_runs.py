@@ -11,7 +11,6 @@ from __future__ import annotations
 import msgpack
 import numpy as np
 import pytest
-import zmq
 
 from carelay.common import runs as runs_module
 from carelay.common.messages import Ack, Confirm, Update
@@ -27,6 +26,7 @@ from carelay.common.runs import update_runs
 from carelay.shard.follow import Follows
 from carelay.shard.gate import ReadGate
 from carelay.shard.outbox import Outbox
+from tests.unit.recording_router import RecordingRouter
 
 _DTYPES = ("<f8", "<i4", "|u1", "|S40")
 
@@ -115,24 +115,6 @@ def test_a_full_run_then_one_more_leaves_that_one_alone():
 A, B, W = b"\0front-a", b"\0front-b", b"\0front-w"
 
 
-class _Router:
-    """A ROUTER that records each multipart it is given, decoded as a front-end does."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[bytes, list]] = []
-        self._frames: list = []
-
-    def send(self, frame, flags=0, copy=True) -> None:
-        self._frames.append(bytes(frame))
-        if not flags & zmq.SNDMORE:
-            peer, *frames = self._frames
-            self._frames = []
-            self.sent.append((peer, _expanded(decode_batch(frames))))
-
-    def to(self, peer: bytes) -> list:
-        return [m for p, msgs in self.sent if p == peer for m in msgs]
-
-
 def test_published_updates_held_behind_an_answer_reach_their_front_end_whole():
     """A's put to a PV that W watches is answered only once W has shown it; B's puts
     published to A in the meantime wait behind that answer, over several batches, and
@@ -140,7 +122,7 @@ def test_published_updates_held_behind_an_answer_reach_their_front_end_whole():
     lost = []
     gate = ReadGate(epoch=3, wait=60.0)
     outbox = Outbox(lambda: [A, B, W], lambda *a: lost.append(a), 3, gate, Follows(3))
-    sock = _Router()
+    sock = RecordingRouter()
     gate.watch(W, "R:w", True)
 
     answer = Update("R:w", 41, 9, 5.0, np.array([1.0]), epoch=3)
@@ -158,12 +140,12 @@ def test_published_updates_held_behind_an_answer_reach_their_front_end_whole():
             outbox.publish(B, msg)
         outbox.send(sock)
     assert not sock.to(A)  # all of it behind the held answer
-    assert len(sock.to(W)) == 2 + 2_400
+    assert len(_expanded(sock.to(W))) == 2 + 2_400
 
     gate.shown(W, confirm.token)
     outbox.send(sock)
     assert not lost and not gate.held
-    got = sock.to(A)
+    got = _expanded(sock.to(A))
     assert got[0] == answer
     _assert_same(got[1:], published)
-    assert all(len(msgs) <= BATCH_MAX for peer, msgs in sock.sent if peer == A)
+    assert all(len(_expanded(msgs)) <= BATCH_MAX for peer, msgs in sock.sent if peer == A)
