@@ -14,13 +14,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from carelay.common.config import load_config
 from carelay.common.lifecycle import write_status
 from carelay.common.messages import (
     Ack,
     Applied,
     Delete,
-    Message,
     Ping,
     Pong,
     Put,
@@ -29,12 +27,16 @@ from carelay.common.messages import (
     Update,
     Write,
 )
-from carelay.common.protocol import WriteRun, encode_batch
+from carelay.common.protocol import WriteRun
 from carelay.shard.persist import ShardDatabase, StoreWriteError
 from carelay.shard.server import ShardServer
-
-PREFIX = "U:"
-PERIOD = 0.5
+from tests.unit.driven_shard import (
+    PREFIX,
+    break_store,
+    handle,
+    past_the_period,
+    shard_with_store,
+)
 
 
 def _rows(*pairs) -> list:
@@ -164,36 +166,18 @@ def test_a_sound_store_opens_where_no_good_copy_can_be_written(tmp_path, caplog)
 # -- the shard: held values, refusals, and the state it tells ---------------------------------
 
 
-def _server(tmp_path) -> ShardServer:
-    config = load_config(
-        prefix=PREFIX, shards=1, data_dir=str(tmp_path / "data"), autosave_period=PERIOD
-    )
-    config.run_dir.mkdir(parents=True)
-    server = ShardServer(config, 0, db=ShardDatabase(config.store_path(0)))
-    server.load()
-    return server
-
-
 @pytest.fixture
 def server(tmp_path):
-    s = _server(tmp_path)
+    s = shard_with_store(tmp_path)
     yield s
     s.autosave.close()
     s.db.close()
 
 
-def _handle(server: ShardServer, *msgs) -> list[Message]:
-    server.handle(b"b", encode_batch(list(msgs)))
-    server._commit()
-    out = [msg for _, msg in server._out]
-    server._out.clear()
-    return out
-
-
 def _pong(server: ShardServer, ping: Ping) -> Pong:
     """The PONG to ``ping``, and only that (a broker alone is told with it, by an APPLIED,
     which of its WRITEs are applied)."""
-    out = _handle(server, ping)
+    out = handle(server, ping)
     assert [type(m) for m in out if type(m) is not Applied] == [Pong]
     return next(m for m in out if type(m) is Pong)
 
@@ -204,26 +188,14 @@ def _write(name: str, value: float, req: int = 0) -> Write:
 
 def _broken(server, monkeypatch) -> StoreWriteError:
     """Make every write to the store fail as a file size limit does."""
-    error = StoreWriteError(errno.EFBIG, Path(f"{server.db.path}-wal"), "disk I/O error")
-
-    def fail(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(server.db, "save", fail)
-    monkeypatch.setattr(server.db, "check_writable", fail)
-    return error
-
-
-def _past_the_period(server) -> None:
-    """What the loop does at its next turn, once the autosave period has passed."""
-    server.health.check(time.monotonic() + PERIOD + 0.1)
+    return break_store(server, monkeypatch, errno.EFBIG, "disk I/O error")
 
 
 def test_a_failed_flush_holds_the_values_and_says_why_once(server, monkeypatch, caplog):
     name = f"{PREFIX}a_f1"
-    assert type(_handle(server, Put(name, 1, 0.0, np.array([1.0])))[0]) is Update
+    assert type(handle(server, Put(name, 1, 0.0, np.array([1.0])))[0]) is Update
     _broken(server, monkeypatch)
-    _handle(server, _write(name, 2.0))
+    handle(server, _write(name, 2.0))
     with caplog.at_level(logging.ERROR):
         for _ in range(3):
             server.autosave.flush_soon()
@@ -234,20 +206,20 @@ def test_a_failed_flush_holds_the_values_and_says_why_once(server, monkeypatch, 
     assert name in server.store.dirty
     # Within the autosave period nothing is refused yet.
     assert server.health.refusing == ""
-    assert type(_handle(server, _write(name, 3.0, req=5))[0]) is Ack
+    assert type(handle(server, _write(name, 3.0, req=5))[0]) is Ack
 
 
 def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server, monkeypatch):
     name, buffer = f"{PREFIX}a_f1", f"{PREFIX}b_F3"
-    _handle(
+    handle(
         server,
         Put(name, 1, 0.0, np.array([1.0])),
         Put(buffer, 2, 0.0, np.array([1.0])),
     )
     _broken(server, monkeypatch)
-    _handle(server, _write(name, 2.0))
+    handle(server, _write(name, 2.0))
     server.autosave.flush()
-    _past_the_period(server)
+    past_the_period(server)
     assert "cannot write" in server.health.refusing and "[Errno 27]" in server.health.refusing
 
     # A WRITE with callback, alone or in a run, is refused and not applied: the broker
@@ -255,17 +227,17 @@ def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server,
     run = WriteRun(np.dtype("<f8"))
     run.add(name, 7, 1.0, np.array([5.0]))
     run.add(name, 0, 1.0, np.array([6.0]))
-    out = _handle(server, _write(name, 4.0, req=6), run)
+    out = handle(server, _write(name, 4.0, req=6), run)
     assert [type(m) for m in out] == [Reject, Update, Reject, Update]
     assert out[0].reason == server.health.refusing and out[1].req == 0 and out[1].reset
     assert server.store.get(name).tolist() == [6.0]
     # A PUT with callback is refused; a plain one (the broker's long way) is applied.
     callback = Put(buffer, 8, 0.0, np.array([2.0]), callback=True)
     plain = Put(buffer, 9, 0.0, np.array([3.0]))
-    assert [type(m) for m in _handle(server, callback, plain)] == [Reject, Update]
+    assert [type(m) for m in handle(server, callback, plain)] == [Reject, Update]
     assert server.store.get(buffer).tolist() == [1.0, 3.0]
     # A creation is refused with the real reason.
-    out = _handle(server, Put(f"{PREFIX}new_f1", 10, 0.0, np.array([1.0])))
+    out = handle(server, Put(f"{PREFIX}new_f1", 10, 0.0, np.array([1.0])))
     assert type(out[0]) is Reject and "[Errno 27]" in out[0].reason
     # The broker hears it in every PONG, and carelay status in the status file.
     pong = _pong(server, Ping(11))
@@ -279,12 +251,12 @@ def test_past_the_period_puts_with_callback_fail_and_plain_puts_are_held(server,
 
 def test_when_the_store_heals_everything_clears_and_the_held_values_are_saved(server, monkeypatch):
     name = f"{PREFIX}a_f1"
-    _handle(server, Put(name, 1, 0.0, np.array([1.0])))
+    handle(server, Put(name, 1, 0.0, np.array([1.0])))
     server.autosave.flush()
     _broken(server, monkeypatch)
-    _handle(server, _write(name, 2.0))
+    handle(server, _write(name, 2.0))
     server.autosave.flush()
-    _past_the_period(server)
+    past_the_period(server)
     assert server.health.refusing
     monkeypatch.undo()
     assert server.autosave.flush_soon() == 1
@@ -296,12 +268,12 @@ def test_when_the_store_heals_everything_clears_and_the_held_values_are_saved(se
     server._write_status()
     status = json.loads(server.status_path.read_text())
     assert status["store_error"] is None and status["store_failed_since"] is None
-    assert type(_handle(server, _write(name, 3.0, req=3))[0]) is Ack
+    assert type(handle(server, _write(name, 3.0, req=3))[0]) is Ack
 
 
 def test_with_nothing_held_a_small_write_tells_when_the_store_heals(server, monkeypatch):
     _broken(server, monkeypatch)
-    out = _handle(server, Put(f"{PREFIX}new_f1", 1, 0.0, np.array([1.0])))
+    out = handle(server, Put(f"{PREFIX}new_f1", 1, 0.0, np.array([1.0])))
     assert type(out[0]) is Reject
     assert server.health.store_error is not None and not server.store.dirty
     server.autosave.flush_soon()  # tries the small write: it fails too
@@ -335,26 +307,26 @@ def test_a_small_write_that_gets_in_does_not_end_the_fault_while_values_are_held
     cannot: the fault stays on (no flapping to "written again"), and past the period the
     creation is refused, as are deletions and field changes, until the held value is saved."""
     big, small = f"{PREFIX}big_f1000", f"{PREFIX}a_f1"
-    _handle(server, Put(big, 1, 0.0, np.zeros(1000)), Put(small, 2, 0.0, np.array([1.0])))
+    handle(server, Put(big, 1, 0.0, np.zeros(1000)), Put(small, 2, 0.0, np.array([1.0])))
     server.autosave.flush()
     _too_large(server, monkeypatch, 1000)
-    _handle(server, Put(big, 3, 0.0, np.full(1000, 2.0)))
+    handle(server, Put(big, 3, 0.0, np.full(1000, 2.0)))
     server.autosave.flush_soon()
     server.autosave.collect(wait=True)
     assert server.health.store_error is not None and big in server.store.dirty
 
     # Within the period a creation's commit gets in, but the fault goes on.
-    assert type(_handle(server, Put(f"{PREFIX}early_f1", 4, 0.0, np.array([1.0])))[0]) is Update
+    assert type(handle(server, Put(f"{PREFIX}early_f1", 4, 0.0, np.array([1.0])))[0]) is Update
     assert server.health.store_error is not None
-    _handle(server, _write(small, 3.0))
+    handle(server, _write(small, 3.0))
     server.autosave.flush_soon()
     server.autosave.collect(wait=True)
     assert server.health.store_error is not None
 
-    _past_the_period(server)
+    past_the_period(server)
     assert "[Errno 27]" in server.health.refusing
     new = f"{PREFIX}new_f1"
-    out = _handle(
+    out = handle(
         server,
         _write(small, 4.0, req=5),
         Put(new, 6, 0.0, np.array([1.0])),
@@ -376,7 +348,7 @@ def test_a_small_write_that_gets_in_does_not_end_the_fault_while_values_are_held
     assert server.health.store_error is None and server.health.refusing == ""
     saved = _saved(server.db.path)
     assert saved[big] == [2.0] * 1000 and saved[small] == [3.0]
-    assert type(_handle(server, Put(new, 10, 0.0, np.array([1.0])))[0]) is Update
+    assert type(handle(server, Put(new, 10, 0.0, np.array([1.0])))[0]) is Update
 
 
 def test_a_part_of_the_flush_that_gets_in_does_not_end_the_fault(server, monkeypatch):
@@ -384,13 +356,13 @@ def test_a_part_of_the_flush_that_gets_in_does_not_end_the_fault(server, monkeyp
     fault stays on, and FLUSH_AGE does not say that every value is saved."""
     monkeypatch.setattr("carelay.shard.autosave.AUTOSAVE_PART_BYTES", 1)  # a row a part
     big, small = f"{PREFIX}big_f1000", f"{PREFIX}a_f1"
-    _handle(server, Put(big, 1, 0.0, np.zeros(1000)), Put(small, 2, 0.0, np.array([1.0])))
+    handle(server, Put(big, 1, 0.0, np.zeros(1000)), Put(small, 2, 0.0, np.array([1.0])))
     server.autosave.flush()
     saved_at = server.autosave.saved_at
     _too_large(server, monkeypatch, 1000)
     failed = False
     for k in (3.0, 4.0):  # two periods: the large part fails before the small one, or after
-        _handle(server, Put(big, 3, 0.0, np.full(1000, k)), _write(small, k))
+        handle(server, Put(big, 3, 0.0, np.full(1000, k)), _write(small, k))
         for _ in range(2):
             assert server.autosave.flush_soon() == 1
             server.autosave.collect(wait=True)
@@ -405,10 +377,10 @@ def test_a_part_of_the_flush_that_gets_in_does_not_end_the_fault(server, monkeyp
 
 def test_a_stop_during_the_fault_names_the_values_it_could_not_save(server, monkeypatch, caplog):
     names = [f"{PREFIX}v{k}_f1" for k in range(3)]
-    _handle(server, *(Put(n, 1, 0.0, np.array([1.0])) for n in names))
+    handle(server, *(Put(n, 1, 0.0, np.array([1.0])) for n in names))
     server.autosave.flush()
     _broken(server, monkeypatch)
-    _handle(server, *(_write(n, 2.0) for n in names))
+    handle(server, *(_write(n, 2.0) for n in names))
     server.bind()
     try:
         with caplog.at_level(logging.INFO):

@@ -23,11 +23,12 @@ from carelay.common.messages import (
     Update,
 )
 from carelay.common.protocol import encode_batch
+from tests.unit.driven_shard import PREFIX, handle, shard_with_store
 from tests.unit.shard_peers import handed
-from tests.unit.test_autosave_faults import PREFIX, _broken, _handle, _saved, _server, _write
+from tests.unit.test_autosave_faults import _broken, _saved, _write
 
 A, B = b"front-end A", b"front-end B"
-#: The peer ``_handle`` speaks as (it made the fixture's PVs), served too.
+#: The peer ``handle`` speaks as (it made the fixture's PVs), served too.
 FIRST = b"b"
 PEERS = (A, B, FIRST)
 SCALAR = f"{PREFIX}a_f1"
@@ -36,8 +37,8 @@ BUFFER = f"{PREFIX}b_F4"
 
 @pytest.fixture
 def server(tmp_path):
-    s = _server(tmp_path)
-    _handle(s, Put(SCALAR, 1, 0.0, np.array([1.0])), Put(BUFFER, 2, 0.0, np.array([1.0])))
+    s = shard_with_store(tmp_path)
+    handle(s, Put(SCALAR, 1, 0.0, np.array([1.0])), Put(BUFFER, 2, 0.0, np.array([1.0])))
     yield s
     s.autosave.close()
     s.db.close()
@@ -58,8 +59,8 @@ def test_a_refused_deletion_keeps_the_held_value_to_be_saved(server, monkeypatch
     """A value put while the disk is full is held; a deletion refused then must not drop
     it from what the autosave writes once the disk has room again."""
     _broken(server, monkeypatch)
-    _handle(server, _write(SCALAR, 2.0))
-    assert _kinds(_handle(server, Delete(SCALAR, 3))) == [("Reject", 3)]
+    handle(server, _write(SCALAR, 2.0))
+    assert _kinds(handle(server, Delete(SCALAR, 3))) == [("Reject", 3)]
     assert server.store.get(SCALAR).tolist() == [2.0]
     assert SCALAR in server.store.dirty
     assert _healed_and_stopped(server, monkeypatch)[SCALAR] == [2.0]
@@ -67,7 +68,7 @@ def test_a_refused_deletion_keeps_the_held_value_to_be_saved(server, monkeypatch
 
 def test_a_put_answered_before_a_refused_field_change_stays_applied(server, monkeypatch):
     _broken(server, monkeypatch)
-    out = _handle(server, _write(SCALAR, 5.0, req=10), SetField(SCALAR, 11, "EGU", "mm"))
+    out = handle(server, _write(SCALAR, 5.0, req=10), SetField(SCALAR, 11, "EGU", "mm"))
     assert _kinds(out) == [("Ack", 10), ("Reject", 11)]
     assert "autosave failed" in out[1].reason
     assert server.store.get(SCALAR).tolist() == [5.0]
@@ -79,7 +80,7 @@ def test_puts_after_a_refused_field_change_stay_applied_and_answered(server, mon
     """The buffer's appended element and the scalar's plain put (which the broker's mirror
     shows already) are kept; only the field change is undone."""
     _broken(server, monkeypatch)
-    out = _handle(
+    out = handle(
         server,
         SetField(BUFFER, 12, "DESC", "x"),
         Put(BUFFER, 13, 0.0, np.array([9.0])),
@@ -95,9 +96,9 @@ def test_puts_after_a_refused_field_change_stay_applied_and_answered(server, mon
 
 
 def test_a_refused_field_change_brings_back_the_fields_it_replaced(server, monkeypatch):
-    _handle(server, SetField(SCALAR, 3, "EGU", "V"))
+    handle(server, SetField(SCALAR, 3, "EGU", "V"))
     _broken(server, monkeypatch)
-    out = _handle(server, SetField(SCALAR, 4, "EGU", "mm"), SetField(SCALAR, 5, "PREC", 3))
+    out = handle(server, SetField(SCALAR, 4, "EGU", "mm"), SetField(SCALAR, 5, "PREC", 3))
     assert _kinds(out) == [("Reject", 4), ("Reject", 5)]
     assert server.store.fields(SCALAR) == {"EGU": "V"}
 
@@ -106,7 +107,7 @@ def test_a_field_change_then_a_deletion_refused_undo_both_and_keep_the_puts_betw
     server, monkeypatch
 ):
     _broken(server, monkeypatch)
-    out = _handle(
+    out = handle(
         server,
         SetField(SCALAR, 3, "EGU", "mm"),
         _write(SCALAR, 4.0, req=4),
@@ -121,7 +122,7 @@ def test_a_field_change_then_a_deletion_refused_undo_both_and_keep_the_puts_betw
 def test_a_refused_creation_refuses_the_puts_that_followed_it(server, monkeypatch):
     new = f"{PREFIX}new_F4"
     _broken(server, monkeypatch)
-    out = _handle(server, Put(new, 3, 0.0, np.array([1.0])), Put(new, 4, 0.0, np.array([2.0])))
+    out = handle(server, Put(new, 3, 0.0, np.array([1.0])), Put(new, 4, 0.0, np.array([2.0])))
     assert _kinds(out) == [("Reject", 3), ("Reject", 4)]
     assert new not in server.store and new not in server.store.dirty
 
@@ -149,7 +150,7 @@ def test_every_request_is_answered_when_a_follower_hears_none_of_it(tmp_path, mo
     """A's only fellow front-end, B, follows PVs (a PVA front-end), not this one: the puts
     published to nobody must not lend their identity to the answers a failed commit looks
     at (each request gets its answer, not silence until A's deadline)."""
-    server = _server(tmp_path)
+    server = shard_with_store(tmp_path)
     try:
         server.handle(A, encode_batch([Hello(1, "", "a")]))
         server.handle(B, encode_batch([Hello(1, "", "b", follow=True)]))

@@ -6,12 +6,11 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW, load_config
+from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 from carelay.common.messages import (
     Delete,
     Message,
@@ -22,12 +21,16 @@ from carelay.common.messages import (
     Update,
     Write,
 )
-from carelay.common.protocol import WriteRun, encode_batch
-from carelay.shard.persist import ShardDatabase, StoreWriteError
+from carelay.common.protocol import WriteRun
 from carelay.shard.server import ShardServer
+from tests.unit.driven_shard import (
+    PREFIX,
+    break_store,
+    handle,
+    past_the_period,
+    shard_with_store,
+)
 
-PREFIX = "U:"
-PERIOD = 0.5
 #: How many events a client drives in the tests: far more than a window's lines.
 FLOOD = 10_000
 #: Events per batch, as a broker sends them.
@@ -36,45 +39,26 @@ BATCH = 500
 
 @pytest.fixture
 def server(tmp_path):
-    config = load_config(
-        prefix=PREFIX, shards=1, data_dir=str(tmp_path / "data"), autosave_period=PERIOD
-    )
-    config.run_dir.mkdir(parents=True)
-    s = ShardServer(config, 0, db=ShardDatabase(config.store_path(0)))
-    s.load()
+    s = shard_with_store(tmp_path)
     yield s
     s.autosave.close()
     s.db.close()
 
 
-def _handle(server: ShardServer, *msgs) -> list[Message]:
-    server.handle(b"b", encode_batch(list(msgs)))
-    server._commit()
-    out = [msg for _, msg in server._out]
-    server._out.clear()
-    return out
-
-
 def _flood(server: ShardServer, msgs: list) -> list[Message]:
     out: list[Message] = []
     for k in range(0, len(msgs), BATCH):
-        out += _handle(server, *msgs[k : k + BATCH])
+        out += handle(server, *msgs[k : k + BATCH])
     return out
 
 
 def _refusing(server: ShardServer, monkeypatch, name: str) -> None:
     """The store cannot be written (a full disk) and the autosave period has passed: puts
     with callback are refused (a value of ``name`` is held)."""
-    error = StoreWriteError(errno.ENOSPC, Path(f"{server.db.path}-wal"), "disk full")
-
-    def fail(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(server.db, "save", fail)
-    monkeypatch.setattr(server.db, "check_writable", fail)
-    _handle(server, Write(name, 0, 1.0, np.array([9.0])))
+    break_store(server, monkeypatch, errno.ENOSPC, "disk full")
+    handle(server, Write(name, 0, 1.0, np.array([9.0])))
     server.autosave.flush()
-    server.health.check(time.monotonic() + PERIOD + 0.1)
+    past_the_period(server)
     assert server.health.refusing
 
 
@@ -121,7 +105,7 @@ def test_puts_with_callback_refused_by_a_full_disk_are_bounded_and_summed_up(
 
         # The window ends: one line for the rest, though no put comes any more.
         _window_over(server)
-        _handle(server, Ping(FLOOD + 1))
+        handle(server, Ping(FLOOD + 1))
     (summary,) = _summaries(caplog)
     assert f"{FLOOD - len(logged):,} more" in summary
     assert f"in the last {REFUSAL_LOG_WINDOW:.0f} s" in summary
@@ -137,13 +121,13 @@ def test_writes_with_callback_refused_by_a_full_disk_are_bounded(server, monkeyp
         runs[k // BATCH].add(names[k % len(names)], k + 1, 1.0, np.array([3.0]))
     writes = [Write(names[k % len(names)], k + 1, 1.0, np.array([3.0])) for k in range(FLOOD // 2)]
     with caplog.at_level(logging.INFO, logger="carelay.shard"):
-        out = [m for run in runs for m in _handle(server, run)] + _flood(server, writes)
+        out = [m for run in runs for m in handle(server, run)] + _flood(server, writes)
         # Each refused, then restated to the broker's mirror, as before.
         assert [type(m) for m in out] == [Reject, Update] * FLOOD
         logged = _lines(caplog, "refused put to")
         assert 0 < len(logged) <= REFUSAL_LOG_LINES
         _window_over(server)
-        _handle(server, Ping(1))
+        handle(server, Ping(1))
     (summary,) = _summaries(caplog)
     assert f"{FLOOD - len(logged):,} more" in summary
 
@@ -161,7 +145,7 @@ def test_puts_the_store_refuses_are_bounded(server, caplog):
         logged = _lines(caplog, "refused put to")
         assert 0 < len(logged) <= REFUSAL_LOG_LINES
         _window_over(server)
-        _handle(server, Ping(1))
+        handle(server, Ping(1))
     (summary,) = _summaries(caplog)
     assert f"{FLOOD - len(logged):,} more" in summary and "dtype" in summary
 
@@ -182,7 +166,7 @@ def test_expired_requests_dropped_after_a_stall_are_bounded(server, caplog):
         logged = _lines(caplog, "dropped")
         assert 0 < len(logged) <= REFUSAL_LOG_LINES
         _window_over(server)
-        _handle(server, Ping(1))
+        handle(server, Ping(1))
     (summary,) = _summaries(caplog)
     assert f"{FLOOD - len(logged):,} more" in summary and "expired" in summary
 
@@ -207,7 +191,7 @@ def test_field_puts_in_a_loop_are_bounded_and_summed_up(server, caplog):
         assert 0 < len(logged) <= REFUSAL_LOG_LINES
         assert f"set {names[0]}.EGU = 'V0'" in logged
         _window_over(server)
-        _handle(server, Ping(1))
+        handle(server, Ping(1))
     (summary,) = _summaries(caplog)
     assert f"{FLOOD - len(logged):,} more field puts" in summary
 
@@ -220,7 +204,7 @@ def test_refused_field_puts_are_bounded(server, caplog):
         logged = _lines(caplog, "refused U:")
         assert 0 < len(logged) <= REFUSAL_LOG_LINES
         _window_over(server)
-        _handle(server, Ping(1))
+        handle(server, Ping(1))
     (summary,) = _summaries(caplog)
     assert f"{FLOOD - len(logged):,} more" in summary and "no PV named" in summary
 
@@ -242,9 +226,9 @@ def test_a_window_within_the_budget_logs_each_line_and_no_summary(server, caplog
     name = f"{PREFIX}q_f1"
     _created(server, [name])
     with caplog.at_level(logging.INFO, logger="carelay.shard"):
-        _handle(server, SetField(name, 1, "EGU", "A"), SetField(name, 2, "HOPR", 5.0))
+        handle(server, SetField(name, 1, "EGU", "A"), SetField(name, 2, "HOPR", 5.0))
         _window_over(server)
-        _handle(server, Ping(3), SetField(name, 4, "EGU", "B"))
+        handle(server, Ping(3), SetField(name, 4, "EGU", "B"))
     assert _lines(caplog, f"set {name}.") == [
         f"set {name}.EGU = 'A'",
         f"set {name}.HOPR = 5.0",
