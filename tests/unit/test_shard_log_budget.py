@@ -77,6 +77,22 @@ def _summaries(caplog) -> list[str]:
     return _lines(caplog, "not logged one by one")
 
 
+def _bounded(server: ShardServer, caplog, msgs: list, *texts: str) -> tuple[list, list, str]:
+    """``msgs`` flooded in: what they were answered, the lines logged one by one (those
+    with any of ``texts``), within the budget and with no summary yet, and the one line
+    that sums up the rest once the window is over, though nothing more comes."""
+    with caplog.at_level(logging.INFO, logger="carelay.shard"):
+        out = _flood(server, msgs)
+        logged = [line for text in texts for line in _lines(caplog, text)]
+        assert 0 < len(logged) <= REFUSAL_LOG_LINES
+        assert not _summaries(caplog)
+        _window_over(server)
+        handle(server, Ping(len(msgs) + 1))
+    (summary,) = _summaries(caplog)
+    assert f"{len(msgs) - len(logged):,} more" in summary
+    return out, logged, summary
+
+
 def _created(server: ShardServer, names: list[str]) -> None:
     _flood(server, [Put(n, 0, 0.0, np.array([1.0])) for n in names])
 
@@ -93,21 +109,11 @@ def test_puts_with_callback_refused_by_a_full_disk_are_bounded_and_summed_up(
     puts = [
         Put(names[k % len(names)], k + 1, 0.0, np.array([2.0]), callback=True) for k in range(FLOOD)
     ]
-    with caplog.at_level(logging.INFO, logger="carelay.shard"):
-        out = _flood(server, puts)
-        # Every put is refused, as before: only the log is bounded.
-        assert len(out) == FLOOD and all(type(m) is Reject for m in out)
-        logged = _lines(caplog, "refused put to")
-        assert 0 < len(logged) <= REFUSAL_LOG_LINES
-        # The first lines in full: the reason and the PV.
-        assert names[0] in logged[0] and "cannot be written" in logged[0]
-        assert not _summaries(caplog)
-
-        # The window ends: one line for the rest, though no put comes any more.
-        _window_over(server)
-        handle(server, Ping(FLOOD + 1))
-    (summary,) = _summaries(caplog)
-    assert f"{FLOOD - len(logged):,} more" in summary
+    out, logged, summary = _bounded(server, caplog, puts, "refused put to")
+    # Every put is refused, as before: only the log is bounded.
+    assert len(out) == FLOOD and all(type(m) is Reject for m in out)
+    # The first lines in full: the reason and the PV.
+    assert names[0] in logged[0] and "cannot be written" in logged[0]
     assert f"in the last {REFUSAL_LOG_WINDOW:.0f} s" in summary
     assert PREFIX in summary and "cannot be written" in summary
 
@@ -139,15 +145,9 @@ def test_puts_the_store_refuses_are_bounded(server, caplog):
     puts = [
         Put(names[k % len(names)], k + 1, 0.0, np.array([1], dtype="<i4")) for k in range(FLOOD)
     ]
-    with caplog.at_level(logging.INFO, logger="carelay.shard"):
-        out = _flood(server, puts)
-        assert all(type(m) is Reject for m in out)
-        logged = _lines(caplog, "refused put to")
-        assert 0 < len(logged) <= REFUSAL_LOG_LINES
-        _window_over(server)
-        handle(server, Ping(1))
-    (summary,) = _summaries(caplog)
-    assert f"{FLOOD - len(logged):,} more" in summary and "dtype" in summary
+    out, _, summary = _bounded(server, caplog, puts, "refused put to")
+    assert all(type(m) is Reject for m in out)
+    assert "dtype" in summary
 
 
 def test_expired_requests_dropped_after_a_stall_are_bounded(server, caplog):
@@ -160,15 +160,9 @@ def test_expired_requests_dropped_after_a_stall_are_bounded(server, caplog):
         else Put(names[k % len(names)], k + 1, 0.0, np.array([1.0]), expires=past)
         for k in range(FLOOD)
     ]
-    with caplog.at_level(logging.INFO, logger="carelay.shard"):
-        out = _flood(server, backlog)
-        assert len(out) == FLOOD and all(type(m) is Reject for m in out)
-        logged = _lines(caplog, "dropped")
-        assert 0 < len(logged) <= REFUSAL_LOG_LINES
-        _window_over(server)
-        handle(server, Ping(1))
-    (summary,) = _summaries(caplog)
-    assert f"{FLOOD - len(logged):,} more" in summary and "expired" in summary
+    out, _, summary = _bounded(server, caplog, backlog, "dropped")
+    assert len(out) == FLOOD and all(type(m) is Reject for m in out)
+    assert "expired" in summary
 
 
 # -- field puts -------------------------------------------------------------------------
@@ -184,29 +178,17 @@ def test_field_puts_in_a_loop_are_bounded_and_summed_up(server, caplog):
         else SetField(names[k % len(names)], k + 1, "EGU", f"V{k}")
         for k in range(FLOOD)
     ]
-    with caplog.at_level(logging.INFO, logger="carelay.shard"):
-        out = _flood(server, puts)
-        assert not [m for m in out if type(m) is Reject]
-        logged = _lines(caplog, "set ") + _lines(caplog, "emptied buffer")
-        assert 0 < len(logged) <= REFUSAL_LOG_LINES
-        assert f"set {names[0]}.EGU = 'V0'" in logged
-        _window_over(server)
-        handle(server, Ping(1))
-    (summary,) = _summaries(caplog)
+    out, logged, summary = _bounded(server, caplog, puts, "set ", "emptied buffer")
+    assert not [m for m in out if type(m) is Reject]
+    assert f"set {names[0]}.EGU = 'V0'" in logged
     assert f"{FLOOD - len(logged):,} more field puts" in summary
 
 
 def test_refused_field_puts_are_bounded(server, caplog):
     puts = [SetField(f"{PREFIX}none{k}_f1", k + 1, "EGU", "V") for k in range(FLOOD)]
-    with caplog.at_level(logging.INFO, logger="carelay.shard"):
-        out = _flood(server, puts)
-        assert all(type(m) is Reject for m in out)
-        logged = _lines(caplog, "refused U:")
-        assert 0 < len(logged) <= REFUSAL_LOG_LINES
-        _window_over(server)
-        handle(server, Ping(1))
-    (summary,) = _summaries(caplog)
-    assert f"{FLOOD - len(logged):,} more" in summary and "no PV named" in summary
+    out, _, summary = _bounded(server, caplog, puts, "refused U:")
+    assert all(type(m) is Reject for m in out)
+    assert "no PV named" in summary
 
 
 # -- what stays one line per event ------------------------------------------------------
