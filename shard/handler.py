@@ -126,16 +126,15 @@ class RequestHandler:
 
     def log_created(self, undone: frozenset[str] = frozenset()) -> None:
         """One line for each PV created since the last commit, now durable; ``undone``:
-        those the commit could not keep (its error says so).  The loop calls it after
-        every batch: the log budgets' windows that are over are summed up (``tick``)."""
+        those the commit could not keep (its error says so)."""
         names, self.created = self.created, []
         if undone:
             names = [name for name in names if name not in undone]
         log_each(log, logging.INFO, "created PV %s", names)
-        self.tick()
 
     def tick(self) -> None:
-        """The summary of each log budget whose window is over."""
+        """The summary of each log budget whose window is over (the loop's every turn,
+        whether or not a message came)."""
         for budget in self.log_budgets:
             budget.tick()
 

@@ -87,7 +87,7 @@ def _bounded(server: ShardServer, caplog, msgs: list, *texts: str) -> tuple[list
         assert 0 < len(logged) <= REFUSAL_LOG_LINES
         assert not _summaries(caplog)
         _window_over(server)
-        handle(server, Ping(len(msgs) + 1))
+        server.requests.tick()  # the loop's next turn, with no message
     (summary,) = _summaries(caplog)
     assert f"{len(msgs) - len(logged):,} more" in summary
     return out, logged, summary
@@ -133,7 +133,7 @@ def test_writes_with_callback_refused_by_a_full_disk_are_bounded(server, monkeyp
         logged = _lines(caplog, "refused put to")
         assert 0 < len(logged) <= REFUSAL_LOG_LINES
         _window_over(server)
-        handle(server, Ping(1))
+        server.requests.tick()
     (summary,) = _summaries(caplog)
     assert f"{FLOOD - len(logged):,} more" in summary
 
