@@ -15,12 +15,20 @@ server's thread, in ``makeChannel``, before any client is attached to it: the lo
 prepares what it opens with (``prepare``) while ``makeChannel`` waits (``opening``), and
 changes shown before the opening go into it.  ``close`` waits for the server's thread
 too, which may be waiting in ``makeChannel`` for the loop: channels are closed on a
-thread of their own (``_Closer``).  A client that attaches to a channel after it was
+thread of their own (``_Aside``).  A client that attaches to a channel after it was
 closed waits for good too: closing it again sends the client back to its search.
+
+So does freeing an operation (a put): p4p's ``ServerOperation`` cancels through the
+server's thread when it is freed.  Freed on the loop while ``makeChannel`` waited, the
+two threads waited for each other until the channel was refused, every put standing
+meanwhile.  The loop holds each operation through an ``_Op``, which hands it on when
+the loop lets it go (``_freed``), and the server's thread frees them, inline, each time
+it calls in; left there a while, the aside thread frees them.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import logging
@@ -30,7 +38,7 @@ import threading
 from p4p import Value
 from p4p.nt import NTScalar
 from p4p.server import DynamicProvider
-from p4p.server.raw import SharedPV
+from p4p.server.raw import ServOpWrap, SharedPV
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +69,38 @@ class _ThreadStates(threading.local):
 
 
 _states = _ThreadStates()
+
+
+#: Operations the loop let go, to be freed off the loop (see the module).
+_freed: collections.deque = collections.deque()
+
+
+def free_operations() -> None:
+    """Free the operations the loop let go: on the server's thread, or one that no thread
+    waits for."""
+    freed = _freed
+    while freed:
+        try:
+            freed.popleft()
+        except IndexError:  # taken by another thread meanwhile
+            return
+
+
+class _Op:
+    """A p4p server operation as the loop holds it: once the loop lets it go, the
+    operation goes to ``_freed`` rather than being freed there (see the module).  It
+    answers what the operation does (``value``, ``done``, ``peer``, ``account``, ...)."""
+
+    __slots__ = ("_op",)
+
+    def __init__(self, op) -> None:
+        self._op = op
+
+    def __getattr__(self, key: str):
+        return getattr(self._op, key)
+
+    def __del__(self) -> None:
+        _freed.append(self._op)
 
 
 def _run(op, method, args) -> None:
@@ -106,6 +146,13 @@ class Channel(SharedPV):
 
     def _exec(self, op, method, *args) -> None:
         _states.keep()
+        if op is not None:
+            # A put, from the server's thread: the operations let go since the last call
+            # are freed here, where that waits for nobody.  p4p's own wrapper of the
+            # operation stays here: the loop gets the operation through an ``_Op``.
+            free_operations()
+            op = _Op(op)
+            args = tuple(op if isinstance(a, ServOpWrap) else a for a in args)
         self._front.inbox.push(_run, op, method, args)
 
     def prepare(self, code: str, fields: dict) -> None:
@@ -144,11 +191,12 @@ class Channel(SharedPV):
         with self._lock:
             self.opened, self._fields = False, None
         self._prepared.set()  # a makeChannel waiting for it hands it out no more
-        _closer.close(self)
+        _aside.close(self)
 
 
-class _Closer:
-    """Closes channels on a thread of its own (see the module), in the order given."""
+class _Aside:
+    """The p4p calls that wait for the server's thread, made on a thread of their own
+    (see the module), in the order given: channels closed, operations freed."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -156,23 +204,38 @@ class _Closer:
         self._start = threading.Lock()
 
     def close(self, channel: SharedPV) -> None:
-        self._queue.put(channel)
+        self._put(channel)
+
+    def sweep(self) -> None:
+        """The loop, once a second: operations it let go that wait still (no put came
+        since to free them) are freed here."""
+        if _freed:
+            self._put(None)
+
+    def _put(self, item) -> None:
+        self._queue.put(item)
         if self._thread is None:
             with self._start:
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="pva-close", daemon=True)
+                    self._thread = threading.Thread(target=self._run, name="pva-aside", daemon=True)
                     self._thread.start()
 
     def _run(self) -> None:
         while True:
             channel = self._queue.get()
+            if channel is None:
+                free_operations()
+                continue
             try:
                 SharedPV.close(channel)
             except Exception:
                 log.exception("closing the PVA channel of %s failed", channel.name)
+            del channel  # freed here, not at the next call's turn
 
 
-_closer = _Closer()
+_aside = _Aside()
+#: For the loop (front.py needs no p4p): see ``_Aside.sweep``.
+sweep = _aside.sweep
 
 
 class Names:

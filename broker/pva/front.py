@@ -51,6 +51,10 @@ _VALUE_ONLY = frozenset({"value"})
 _OPEN_SLICE = 0.1
 
 
+def _nothing() -> None:
+    pass
+
+
 def _silent(link) -> bool:
     """Whether ``link``'s shard has said nothing for PVA_SHARD_QUIET (read from a p4p
     thread: one attribute)."""
@@ -204,6 +208,8 @@ class PvaFrontEnd:
         self.make_channel_object = None
         #: Makes the channel a client without read access gets (channels.denied).
         self.make_denied_object = None
+        #: Frees, off the loop, the p4p operations it let go (channels.sweep).
+        self.sweep_operations = _nothing
         #: The access security rules (an ACF configured); SIGHUP sets ``reload_due``.
         self.access = PvaAccess(config)
         self.reload_due = False

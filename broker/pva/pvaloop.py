@@ -193,6 +193,7 @@ class PvaLoop(Loop):
                 self.write_status()
                 next_status = now + STATUS_INTERVAL
                 f.other_ca_buffer_bytes = ca_buffer_bytes(f.config.run_dir, f.config.brokers)
+                f.sweep_operations()
                 # After work, as the CA broker does: what the heap holds free goes back.
                 h = f.health
                 self.freed.after((h.puts, h.creations, h.deletions))

@@ -52,7 +52,13 @@ def run_pva(config: Config) -> int:
     try:
         from p4p.server import Server
 
-        from carelay.broker.pva.channels import Channel, denied, provider
+        from carelay.broker.pva.channels import (
+            Channel,
+            denied,
+            free_operations,
+            provider,
+            sweep,
+        )
     except ImportError as e:
         log.error("pva cannot start: %s (%s)", NEEDS_P4P, e)
         return exits.CANNOT_START
@@ -66,6 +72,7 @@ def run_pva(config: Config) -> int:
         return exits.CANNOT_START
     front.make_channel_object = Channel
     front.make_denied_object = denied
+    front.sweep_operations = sweep
     front.access.load()
     signal.signal(signal.SIGHUP, lambda *_: setattr(front, "reload_due", True))
     names = provider(front)
@@ -83,6 +90,7 @@ def run_pva(config: Config) -> int:
     try:
         front.loop.run(stop)
     finally:
+        free_operations()  # while the server's thread runs, which freeing them waits for
         server.stop()
         for link in front.links:
             link.close(linger=_STOP_LINGER)

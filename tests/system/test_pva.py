@@ -9,6 +9,7 @@ refused with the reason, and change nothing.
 from __future__ import annotations
 
 import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -309,6 +310,45 @@ def test_clients_that_connect_together_to_a_new_pv_are_all_served(relay, pva):
     finally:
         for ctx in crowd:
             ctx.close()
+
+
+def test_new_clients_are_served_at_once_while_another_writes(relay, pva):
+    """A client that connects while another one puts is served at once.  pvxs's thread
+    waits in ``makeChannel`` for the loop to prepare the new channel; freeing a
+    completed put's operation waits for that same thread: freed on the loop, the two
+    waited for each other until the channel was refused (after a second), and the
+    client, sent back to its search, was served 6-17 s later, while every put stood."""
+    busy = relay.name("busy", "f1")
+    pva.put(busy, 0.0, timeout=5)
+    stop = threading.Event()
+    errors: list = []
+
+    def write() -> None:
+        ctx, k = pva_context(), 0
+        try:
+            while not stop.is_set():
+                k += 1
+                ctx.put(busy, float(k), timeout=5)
+        except Exception as e:
+            errors.append(e)
+        finally:
+            ctx.close()
+
+    start = len(relay.log())
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        for k in range(6):
+            name = relay.name(f"joins{k}", "f1")
+            # pvxs searches again after a refusal only seconds later: this put would fail.
+            with_context(lambda ctx, n=name, v=float(k): ctx.put(n, v, timeout=4))
+            assert pva.get(name, timeout=5) == float(k)
+    finally:
+        stop.set()
+        writer.join()
+    assert not errors
+    assert "not opened" not in relay.log()[start:]
+    assert "crashed" not in relay.log()[start:]
 
 
 def test_a_put_refused_in_part_changes_nothing(relay, pva):
