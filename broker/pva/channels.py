@@ -33,6 +33,7 @@ import ctypes
 import functools
 import logging
 import queue
+import sys
 import threading
 
 from p4p import Value
@@ -61,6 +62,8 @@ class _ThreadStates(threading.local):
     thread state, so ``kept`` is False again exactly when a new one was made."""
 
     kept = False
+    #: The name this thread's ``makeChannel`` just refused for now (see Names).
+    refusing: str | None = None
 
     def keep(self) -> None:
         if not self.kept:
@@ -250,7 +253,27 @@ class Names:
         return DynamicProvider.NotYet if answer is None else answer
 
     def makeChannel(self, name: str, peer: str):  # noqa: N802 - p4p's name
-        return self.front.make_channel(name, peer)
+        channel = self.front.make_channel(name, peer)
+        if channel is None:
+            # Not now: p4p refuses the channel for anything but a SharedPV (the client
+            # searches again), and reports the TypeError it raises for it through
+            # sys.excepthook, as it would a fault (see ``quiet_refusals``).
+            _states.refusing = name
+        return channel
+
+
+def quiet_refusals() -> None:
+    """The process's excepthook (a crash, in the log and in ERRORS) no longer hears of a
+    channel refused for now (see Names.makeChannel): the front-end logged it already."""
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb) -> None:
+        name, _states.refusing = _states.refusing, None
+        if name is not None and issubclass(kind, TypeError) and name in str(exc):
+            return
+        previous(kind, exc, tb)
+
+    sys.excepthook = hook
 
 
 def denied() -> SharedPV:

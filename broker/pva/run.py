@@ -57,6 +57,7 @@ def run_pva(config: Config) -> int:
             denied,
             free_operations,
             provider,
+            quiet_refusals,
             sweep,
         )
     except ImportError as e:
@@ -76,6 +77,7 @@ def run_pva(config: Config) -> int:
     front.access.load()
     signal.signal(signal.SIGHUP, lambda *_: setattr(front, "reload_due", True))
     names = provider(front)
+    quiet_refusals()
     try:
         server = Server(providers=[names], useenv=True)
     except Exception as e:
