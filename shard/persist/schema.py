@@ -8,6 +8,10 @@ from pathlib import Path
 from carelay.shard.persist.errors import StoreDamaged
 
 SCHEMA_VERSION = 1
+#: The write-ahead log is cut back to this size (bytes) by the checkpoint that empties
+#: it.  Without it the log keeps the size of the largest transaction it ever held (a
+#: flush of many large arrays) until the store is closed: on disk, and in STORE_BYTES.
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,6 +31,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     return conn
 
 

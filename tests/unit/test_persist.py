@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from carelay.shard.persist import ShardDatabase, StoreDamaged, good_copy_path
+from carelay.shard.persist.schema import WAL_SIZE_LIMIT
 
 
 def _rows(db: ShardDatabase) -> dict:
@@ -212,3 +213,24 @@ def test_refreshed_good_copy_holds_later_changes(path):
     with open(path, "r+b") as f:
         f.write(b"\xff" * 100)
     assert {r.name for r in ShardDatabase(path).open()} == {"P:a_f1"}
+
+
+def test_the_log_of_a_large_flush_does_not_stay_on_disk(path):
+    """A flush of many large arrays writes its whole transaction to the store's
+    write-ahead log; once checkpointed, the log goes back to its bound rather than
+    keeping that size (STORE_BYTES twice the data) until the shard is restarted."""
+    db = ShardDatabase(path)
+    db.open()
+    big = [(f"P:w{k}_F250000", 1.0, np.full(250_000, float(k)), {}) for k in range(24)]
+    db.save(big)  # 48 MB in one transaction
+    wal = Path(str(path) + "-wal")
+    assert wal.stat().st_size > 40_000_000
+    for k in range(1100):  # past SQLite's automatic checkpoint (1,000 pages)
+        db.save([("P:small_f1", float(k), np.array([float(k)]), {})])
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    assert db.size() < 60_000_000
+    db.close()
+    again = ShardDatabase(path)
+    rows = {r.name: r for r in again.open()}
+    assert rows["P:w23_F250000"].value[-1] == 23.0 and rows["P:small_f1"].value[0] == 1099.0
+    again.close()
