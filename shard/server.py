@@ -67,6 +67,10 @@ SEND_HWM = 100_000
 _BATCH = 1000
 #: On a clean stop, how long the shard waits for more messages before its last flush (ms).
 _STOP_DRAIN_MS = 50
+#: ... and how long it reads them in all (s): a front-end that goes on sending (a broker
+#: on another host, which the supervisor does not stop first) must not keep the shard
+#: from its last flush past STOP_GRACE, when it is killed with what it has not saved.
+_STOP_DRAIN_LIMIT = 0.5
 #: zmq.POLLIN as a plain int: ``events & zmq.POLLIN`` would build a flag object each time.
 _POLLIN = int(zmq.POLLIN)
 #: Exit status of a shard that cannot open its store (the supervisor shows it failing).
@@ -384,8 +388,10 @@ class ShardServer:
             # without the signal pipe a stop is seen only after the wait.
             busy = bool(self._wake_fd is None or self.health.store_error or autosave.saving_parts)
             timeout_ms = wait_ms(now, min(timers.due(autosave.unsaved), self.gate.due()), busy)
-        # What the broker sent before it stopped (it stops first) is applied and saved.
-        while self.serve_once(timeout_ms=_STOP_DRAIN_MS):
+        # What the broker sent before it stopped (it stops first) is applied and saved;
+        # what a front-end still sends after the limit is not read (its puts fail).
+        end = time.monotonic() + _STOP_DRAIN_LIMIT
+        while self.serve_once(timeout_ms=_STOP_DRAIN_MS) and time.monotonic() < end:
             pass
         return autosave.stop()
 
