@@ -263,13 +263,14 @@ class Autosave:
         return self._thread
 
     def close(self) -> None:
-        """Wait for a value write and a refresh of the good copy in flight, and stop their
-        threads."""
+        """Wait for a value write in flight, abandon a refresh of the good copy in flight
+        (see ShardDatabase.abandon_copy), and stop their threads."""
         self.collect(wait=True)
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
         if self._copy_thread is not None:
+            self.db.abandon_copy()
             self._copy_thread.shutdown(wait=True)
             self._copy_thread = None
             self._copying = None

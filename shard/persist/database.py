@@ -71,6 +71,15 @@ def _remove_database(path: Path) -> None:
         Path(str(path) + suffix).unlink(missing_ok=True)
 
 
+#: Pages a refresh of the good copy copies at a time: between two steps, a close that
+#: abandons the refresh is heard (4 MiB at SQLite's usual page size).
+COPY_STEP_PAGES = 1024
+
+
+class _Abandoned(Exception):
+    """The store closes: the refresh of its good copy in flight stops."""
+
+
 class ShardDatabase:
     """The autosave file of one shard."""
 
@@ -90,6 +99,10 @@ class ShardDatabase:
         #: written since the open), so that a store left unchanged is not copied again.
         self._commits = 0
         self._copied: int | None = None
+        #: Set when the store closes: a refresh in flight stops, and none starts.
+        self._closing = threading.Event()
+        #: The read-only connection of the refresh in flight, which a close interrupts.
+        self._reading: sqlite3.Connection | None = None
         self.last_flush = 0.0
         self.restored_from_copy = False
 
@@ -213,8 +226,8 @@ class ShardDatabase:
         writer), so the copy is exactly what passed the check; what is committed after
         the snapshot began goes into the next copy."""
         with self._copy_lock:
-            if self._conn is None:
-                return False  # closed
+            if self._conn is None or self._closing.is_set():
+                return False  # closed, or closing
             # Read before the snapshot begins: a commit that lands after this is counted
             # after it too, and makes the next refresh due.
             commits = self._commits
@@ -227,6 +240,7 @@ class ShardDatabase:
 
     def _refresh_good_copy(self) -> bool:
         src = connect_read_only(self.path)
+        self._reading = src
         try:
             src.isolation_level = None
             try:
@@ -236,26 +250,55 @@ class ShardDatabase:
                 check = quick_check(src)
             except sqlite3.DatabaseError as e:
                 check = str(e)
+            if self._closing.is_set():
+                return self._abandoned()
             if check != "ok":
                 log.error(
                     "%s failed its integrity check (%s); the good copy is kept", self.path, check
                 )
                 return False
-            self._keep_good_copy(src)
+            try:
+                self._keep_good_copy(src)
+            except (_Abandoned, sqlite3.Error):
+                if not self._closing.is_set():
+                    raise
+                return self._abandoned()
             return True
         finally:
+            self._reading = None
             src.close()
 
+    def _abandoned(self) -> bool:
+        log.info("%s closes: the refresh of its good copy is left, the copy kept", self.path)
+        return False
+
+    def _copy_step(self, status: int, remaining: int, total: int) -> None:
+        """Between two steps of the copy: stop if the store closes."""
+        if self._closing.is_set():
+            raise _Abandoned
+
+    def abandon_copy(self) -> None:
+        """Stop a refresh of the good copy in flight at its next step (its check is
+        interrupted), and start none after: the store closes.  A stop needs no new copy
+        (the last flush is in the store itself), and a large store's takes seconds,
+        past the time a stopping shard is given."""
+        self._closing.set()
+        reading = self._reading
+        if reading is not None:
+            with contextlib.suppress(sqlite3.Error):
+                reading.interrupt()
+
     def _keep_good_copy(self, src: sqlite3.Connection) -> None:
-        """Write the store as ``src`` reads it (in one step: one snapshot) to the good copy:
-        a scratch file, on disk before it takes the copy's name."""
+        """Write the store as ``src`` reads it (the one snapshot of its read transaction)
+        to the good copy: a scratch file, on disk before it takes the copy's name."""
         good = good_copy_path(self.path)
         scratch = good.with_name(good.name + ".tmp")
         scratch.unlink(missing_ok=True)
         try:
             dst = sqlite3.connect(scratch)
             try:
-                src.backup(dst, pages=-1)
+                # In steps, in the one read transaction: still one snapshot.
+                src.backup(dst, pages=COPY_STEP_PAGES, progress=self._copy_step)
             finally:
                 dst.close()
             _fsync(scratch)
@@ -311,7 +354,8 @@ class ShardDatabase:
         return total
 
     def close(self) -> None:
-        """Close the store, after a refresh of its good copy in flight."""
+        """Close the store; a refresh of its good copy in flight is abandoned first."""
+        self.abandon_copy()
         with self._copy_lock, self._lock:
             self._close()
 

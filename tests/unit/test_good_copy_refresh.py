@@ -5,6 +5,7 @@ take it for gone.  A refresh with nothing committed since the last copy writes n
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -179,17 +180,91 @@ def test_a_failed_check_leaves_the_copy_and_the_next_refresh_checks_again(db, mo
     assert _names(good) == {f"{PREFIX}a_f1"}
 
 
-def test_a_close_waits_for_a_refresh_in_flight(db, monkeypatch):
+def test_a_close_abandons_a_refresh_in_its_check(db, monkeypatch, caplog):
+    """A stopping shard closes its store; a refresh in flight (seconds for a large store,
+    past the time a stopping shard is given) is not waited for: it stops, and the good
+    copy stays as it was."""
+    good = good_copy_path(db.path)
     db.save([_row("a")])
+    before = good.read_bytes()
     slow = _SlowCheck(monkeypatch)
     refresh, refreshed = _in_thread(db.refresh_good_copy)
     assert slow.inside.wait(_PATIENCE)
     closer, closed = _in_thread(db.close)
-    closer.join(0.2)
-    assert closer.is_alive()  # it waits for the copy, which reads the store
+    # The close has said so before it waits for the refresh to let go of the store.
+    assert db._closing.wait(_PATIENCE)
     slow.done.set()
     closer.join(_PATIENCE + 5)
     refresh.join(_PATIENCE + 5)
-    assert refreshed == [True] and closed == [None]
-    assert _names(good_copy_path(db.path)) == {f"{PREFIX}a_f1"}
+    assert refreshed == [False] and closed == [None]
+    assert good.read_bytes() == before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not db.refresh_good_copy()  # closed: nothing to copy
+
+
+def test_a_close_abandons_a_refresh_between_two_steps_of_its_copy(db, monkeypatch, caplog):
+    good = good_copy_path(db.path)
+    db.save([_row(f"w{k}", float(k)) for k in range(400)])
+    db.save([(f"{PREFIX}big_F100000", 1.0, np.arange(100_000.0), {})])  # about 200 pages
+    before = good.read_bytes()
+    monkeypatch.setattr(database_module, "COPY_STEP_PAGES", 8)
+    copying = threading.Event()
+    real_step = db._copy_step
+
+    def step(*args) -> None:
+        copying.set()
+        db._closing.wait(_PATIENCE)  # the close comes during the copy
+        real_step(*args)
+
+    monkeypatch.setattr(db, "_copy_step", step)
+    refresh, refreshed = _in_thread(db.refresh_good_copy)
+    assert copying.wait(_PATIENCE)
+    db.close()
+    refresh.join(_PATIENCE + 5)
+    assert refreshed == [False]
+    assert good.read_bytes() == before
+    assert not good.with_name(good.name + ".tmp").exists()  # no half copy left
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_copy_in_steps_is_the_snapshot_it_began_with(db, monkeypatch):
+    """Commits land between the steps of a copy: the copy is the store as the refresh's
+    read transaction saw it, the commits go into the next one."""
+    db.save([_row(f"w{k}", float(k)) for k in range(300)])
+    monkeypatch.setattr(database_module, "COPY_STEP_PAGES", 2)
+    real_step = db._copy_step
+    landed: list = []
+
+    def step(*args) -> None:
+        if len(landed) < 3:
+            landed.append(f"late{len(landed)}")
+            db.save([_row(landed[-1])])
+        real_step(*args)
+
+    monkeypatch.setattr(db, "_copy_step", step)
+    assert db.refresh_good_copy()
+    assert len(landed) == 3
+    copied = _names(good_copy_path(db.path))
+    assert copied == {f"{PREFIX}w{k}_f1" for k in range(300)}
+    assert {f"{PREFIX}{n}_f1" for n in landed} <= _names(db.path)
+
+
+def test_a_stop_does_not_wait_for_a_refresh_in_flight(db, monkeypatch):
+    """Autosave.stop: the values are written, and the refresh is abandoned."""
+    store = ShardStore(PREFIX, 1000, 60)
+    autosave = Autosave(store, db, StoreHealth(0, 0.5, db.path), 0)
+    a = f"{PREFIX}a_f1"
+    store.put(a, np.array([1.0]))
+    assert autosave.commit() is None
+    slow = _SlowCheck(monkeypatch)
+    autosave.refresh_good_copy_soon()
+    assert slow.inside.wait(_PATIENCE)
+    store.write_one(a, np.array([2.0]), 5.0)
+    stopper, stopped = _in_thread(autosave.stop)
+    assert db._closing.wait(_PATIENCE)
+    slow.done.set()
+    stopper.join(_PATIENCE + 5)
+    assert stopped == [True]
+    assert slow.done_while_inside  # the stop did not wait for the check to time out
+    rows = {r.name: r.value.tolist() for r in read_store(db.path)}
+    assert rows == {a: [2.0]}
