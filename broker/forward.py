@@ -13,6 +13,7 @@ import time
 
 from carelay.broker.link import ShardLink
 from carelay.common import fields
+from carelay.common.logbudget import shorten
 from carelay.common.messages import Delete, Put, SetField
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class Forwarder:
         link = self.links[pv.shard]
         if not link.usable:
             if self.broker.error("shard_down", "put failed: shard unreachable", pv.name, pv.shard):
-                log.warning("put to %s failed: shard %d unreachable", pv.name, pv.shard)
+                log.warning("put to %s failed: shard %d unreachable", shorten(pv.name), pv.shard)
             return False
         stamp = time.time()
         # While the shard's store cannot be written, a put with callback takes the round
@@ -56,7 +57,7 @@ class Forwarder:
         if not self._request(pv.shard, pv, notify, Put, pv.name, put):
             why = "put failed: shard not accepting"
             if self.broker.error("shard_down", why, pv.name, pv.shard):
-                log.warning("put to %s failed: shard %d not accepting", pv.name, pv.shard)
+                log.warning("put to %s failed: shard %d not accepting", shorten(pv.name), pv.shard)
             return False
         self.health.puts += 1
         if not pv.real:
@@ -84,7 +85,8 @@ class Forwarder:
         if pv is None or not pv.real:
             why = f"field put to .{field}: the PV has had no put yet"
             if self.broker.error("provisional", why, name):
-                log.warning("put to %s.%s failed: %s does not exist yet", name, field, name)
+                logged = shorten(name)
+                log.warning("put to %s.%s failed: %s does not exist yet", logged, field, logged)
             return False
         if field == "RES":
             if not raw:
@@ -97,7 +99,7 @@ class Forwarder:
                 value = fields.validate(field, raw)
             except fields.FieldError as e:
                 if self.broker.error("field", f"refused put to .{field}: {e}", name, pv.shard):
-                    log.warning("refused put to %s.%s: %s", name, field, e)
+                    log.warning("refused put to %s.%s: %s", shorten(name), field, e)
                 return False
         # In flight on the PV until answered: value puts meanwhile take the round trip, so
         # that the shard, not the mirror, applies the new field (DRVH, DRVL) to them.
@@ -105,7 +107,9 @@ class Forwarder:
         if not self._request(pv.shard, pv, notify, SetField, name, change):
             why = f"put to .{field} failed: shard unreachable"
             if self.broker.error("shard_down", why, name, pv.shard):
-                log.warning("put to %s.%s failed: shard %d unreachable", name, field, pv.shard)
+                log.warning(
+                    "put to %s.%s failed: shard %d unreachable", shorten(name), field, pv.shard
+                )
             return False
         return True
 
@@ -113,13 +117,13 @@ class Forwarder:
         pv = self.table.pvs.get(name)
         if pv is None or not pv.real:
             if self.broker.error("no_such_pv", "delpv failed: no such PV", name):
-                log.warning("delpv %s failed: no such PV", name)
+                log.warning("delpv %s failed: no such PV", shorten(name))
             return False
         # In flight on the PV: puts wait for the answer (round trip), not the mirror,
         # until the deletion is settled.
         if not self._request(pv.shard, pv, notify, Delete, name, {}):
             if self.broker.error("shard_down", "delpv failed: shard unreachable", name, pv.shard):
-                log.warning("delpv %s failed: shard %d unreachable", name, pv.shard)
+                log.warning("delpv %s failed: shard %d unreachable", shorten(name), pv.shard)
             return False
         pv.deleting = True
         return True

@@ -17,12 +17,21 @@ from carelay.common.config import LOGGED_NAME_CHARS
 __all__ = ["LogBudget", "shorten"]
 
 
+#: Control characters as a log line shows them: a client's text with a line break would
+#: otherwise forge a log line of its own, and an escape sequence would reach a terminal.
+_ESCAPED = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
 def shorten(text: str, limit: int = LOGGED_NAME_CHARS) -> str:
-    """``text`` as a log line may carry it: its first ``limit`` characters, and how long
-    it was when it is longer."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text)} characters)"
+    """``text`` as a log line may carry it: its first ``limit`` characters, with control
+    characters escaped, and how long it was when it is longer."""
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters)"
+    return text.translate(_ESCAPED)
 
 
 class LogBudget:
