@@ -77,8 +77,12 @@ RESTART_BACKOFF_INITIAL = 0.25
 RESTART_BACKOFF_MAX = 10.0
 #: A child that ran this long is healthy again: its back-off resets.
 RESTART_RESET_AFTER = 30.0
-#: Grace period for children on shutdown before SIGKILL.
+#: Grace period for children on shutdown before SIGKILL: from the child's SIGTERM, and
+#: for a shard as long again each time it is seen still at work (writing, computing, or
+#: waiting on its disk), so that a large last flush is not killed half way.
 STOP_GRACE = 3.0
+#: ... but no stop of one child lasts longer than this (s).
+STOP_LIMIT = 60.0
 #: How often processes write their status file.
 STATUS_INTERVAL = 1.0
 #: A process whose status file is this many intervals old does not answer.

@@ -22,7 +22,13 @@ import socket
 import time
 
 from carelay.common import exits
-from carelay.common.config import STATUS_TOUCH_INTERVAL, STOP_GRACE, Config, config_to_dict
+from carelay.common.config import (
+    STATUS_TOUCH_INTERVAL,
+    STOP_GRACE,
+    STOP_LIMIT,
+    Config,
+    config_to_dict,
+)
 from carelay.common.lifecycle import (
     StopFlag,
     read_status,
@@ -217,15 +223,22 @@ class Supervisor:
             sd_notify(self.notify_socket, "STOPPING=1")
         # The broker first, and the shards once it is gone: clients see the relay go away
         # before the data does, and the broker's last puts reach shards still serving.
-        # A broker that hangs gets half the grace period, so the shards keep time to save.
+        # A broker that hangs gets half the grace period; a shard gets the whole from its
+        # own SIGTERM, and more while it is still saving (Watcher.wait_while_working): a
+        # large last flush killed half way would lose values its clients were told of.
         brokers, shards = self.brokers, self.watchers[: -len(self.brokers)]
-        start = time.monotonic()
-        for group, grace in ((brokers, STOP_GRACE / 2), (shards, STOP_GRACE)):
+        for group, grace, limit in (
+            (brokers, STOP_GRACE / 2, STOP_GRACE / 2),
+            (shards, STOP_GRACE, STOP_LIMIT),
+        ):
+            start = time.monotonic()
             for w in group:
                 w.signal(signal.SIGTERM)
-            for w in group:
-                if not w.wait(start + grace):
-                    log.warning("%s did not stop in %.1f s; killing it", w.name, grace)
+            seen = [w.progress() for w in group]
+            for w, since in zip(group, seen, strict=True):
+                if not w.wait_while_working(since, start, grace, limit):
+                    took = time.monotonic() - start
+                    log.warning("%s did not stop in %.1f s; killing it", w.name, took)
                     w.kill()
         failed = [w for w in shards if w.proc is not None and w.proc.returncode]
         for w in failed:

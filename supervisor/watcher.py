@@ -20,6 +20,28 @@ from carelay.common.lifecycle import CHILD_HELD_SIGNALS, PARENT_PID_ENV, RESTART
 
 log = logging.getLogger(__name__)
 
+
+def _progress(pid: int) -> tuple[int, int, str] | None:
+    """What /proc says process ``pid`` has done so far: the bytes it wrote (wchar) and its
+    CPU ticks; and its state ("D": waiting on its disk).  None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            wrote = next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        after = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
+        return wrote, int(after[11]) + int(after[12]), after[0]
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def _working(before: tuple | None, now: tuple | None) -> bool:
+    """Whether a process did something between two looks at its progress."""
+    if before is None or now is None:
+        return False
+    return now[0] > before[0] or now[1] > before[1] or now[2] == "D"
+
+
 #: A child that died this often within FLAPPING_WINDOW seconds is failing.
 FLAPPING_DEATHS = 3
 FLAPPING_WINDOW = 60.0
@@ -134,6 +156,25 @@ class Watcher:
             self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             return False
+        return True
+
+    def progress(self) -> tuple[int, int, str] | None:
+        """What the child has done so far (see ``wait_while_working``); None if none runs."""
+        return None if self.proc is None else _progress(self.proc.pid)
+
+    def wait_while_working(self, since, start: float, grace: float, limit: float) -> bool:
+        """Wait for the child to exit, ``grace`` from ``start``, and ``grace`` more each time
+        it is seen at work since the last look (``since``: its progress at ``start``):
+        writing, computing, or waiting on its disk; up to ``limit`` from ``start`` in all.
+        True if it exited.  A child that is hung (stopped, or waiting on nothing it does)
+        is given ``grace`` alone."""
+        deadline, end = start + grace, start + limit
+        while not self.wait(min(deadline, end)):
+            now = time.monotonic()
+            current = self.progress()
+            if now >= end or not _working(since, current):
+                return False
+            since, deadline = current, now + grace
         return True
 
     def kill(self) -> None:

@@ -25,7 +25,7 @@ from kubernetes_validate.utils import latest_version
 from yamllint import linter
 from yamllint.config import YamlLintConfig
 
-from carelay.common.config import Config, load_config
+from carelay.common.config import STOP_GRACE, STOP_LIMIT, Config, load_config
 from carelay.common.keys import make_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -264,7 +264,10 @@ def test_unit_settings(name, command):
     service = _unit(name)["Service"]
     assert service["ExecStart"] == command
     assert service["KillSignal"] == "SIGTERM"
-    assert service["TimeoutStopSec"] == "10"
+    # A shard is given time while it still writes its last flush (up to STOP_LIMIT):
+    # systemd's SIGKILL must not come before.
+    least = 10 if "broker" in name else STOP_LIMIT + STOP_GRACE
+    assert int(service["TimeoutStopSec"]) >= least
     assert service["Restart"] == "on-failure"
     assert service["User"] == "carelay" and service["StateDirectory"] == "carelay"
     # Hardening must leave Channel Access its network.
