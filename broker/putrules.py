@@ -66,9 +66,12 @@ def check_int32(x: float) -> None:
 
 
 def number_elements(spec: PvSpec, numbers) -> np.ndarray:
-    """A number PV's elements, of its dtype: an int PV takes only numbers that fit."""
+    """A number PV's elements, of its dtype: an int PV takes only numbers that fit (the
+    first that does not is named)."""
+    values = np.asarray(numbers, dtype=np.float64)
     if spec.kind == "i":
-        for x in numbers:
-            check_int32(x)
-        return np.asarray(numbers, dtype=np.float64).astype(np.int32)
-    return np.asarray(numbers, dtype=np.float64)
+        bad = np.isnan(values) | (values < _INT32.min) | (values > _INT32.max)
+        if bad.any():
+            check_int32(float(values[bad.argmax()]))
+        return values.astype(np.int32)
+    return values

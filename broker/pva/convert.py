@@ -205,12 +205,16 @@ def put_array(spec: PvSpec, value) -> np.ndarray:
         if not raw and not spec.is_buffer:
             raw = b"\0"  # empty text, as CA sends it: a char array cleared
         return char_elements(spec, raw)
-    numbers = np.atleast_1d(np.asarray(value))
+    numbers = np.atleast_1d(np.asarray(value)).ravel()
+    if spec.is_buffer and len(numbers) > spec.count:
+        # Of a buffer's put, its last count elements stay: those before are not looked at
+        # (ten million of them took the loop seconds, every other PVA client waiting).
+        numbers = numbers[-spec.count :]
     if numbers.dtype.kind in "USO":
-        numbers = np.array(text_numbers(str(t) for t in numbers.ravel()), dtype=np.float64)
+        numbers = np.array(text_numbers(str(t) for t in numbers), dtype=np.float64)
     if numbers.dtype.kind not in "biuf":
         raise PutRefused(f"cannot convert {numbers.dtype} to a number")
-    numbers = numbers.astype(np.float64).ravel()
+    numbers = numbers.astype(np.float64)
     # What the shard would refuse, refused before any part of the put goes (front.py).
     if not len(numbers):
         raise PutRefused("a put needs at least one element")

@@ -80,7 +80,8 @@ def test_puts_checked_as_on_ca():
         convert.put_array(spec("s"), "x" * 40)
     with pytest.raises(convert.PutRefused, match="4 elements for a PV of 3"):
         convert.put_array(spec("f", 3), [1.0, 2.0, 3.0, 4.0])
-    assert len(convert.put_array(spec("F", 3), [1.0, 2.0, 3.0, 4.0])) == 4  # appended
+    # Appended: the last three stay, and only they are converted.
+    assert convert.put_array(spec("F", 3), [1.0, 2.0, 3.0, 4.0]).tolist() == [2.0, 3.0, 4.0]
     with pytest.raises(convert.PutRefused, match="at least one element"):
         convert.put_array(spec("f", 3), np.array([]))
     # Text longer than a char array is refused, as CA refuses it, not cut.
@@ -102,3 +103,29 @@ def test_inbox_runs_calls_in_order_and_survives_errors():
     assert got == [1, 2]
     assert inbox.run() == 0
     inbox.close()
+
+
+def test_a_buffer_put_longer_than_the_buffer_looks_at_its_last_elements_alone():
+    """Ten million elements to an int buffer of 100 took the PVA loop seconds, one number
+    at a time, while every other PVA client waited (and the shards, not hearing the front-end,
+    dropped it): of a buffer's put, only the last ``count`` elements stay anyway."""
+    big = np.arange(2_000_000, dtype=np.float64)
+    big[:10] = np.nan  # not among the last 100: not looked at
+    got = convert.put_array(spec("I", 100), big)
+    assert got.dtype == np.int32 and got.tolist() == list(range(1_999_900, 2_000_000))
+    big[-1] = 3e9  # among them: the put is refused, named by that element
+    with pytest.raises(convert.PutRefused, match="3000000000.0 does not fit"):
+        convert.put_array(spec("I", 100), big)
+    texts = np.array(["x"] * 1000 + ["1", "2"])
+    assert convert.put_array(spec("F", 2), texts).tolist() == [1.0, 2.0]
+
+
+def test_the_first_number_that_does_not_fit_an_int_is_named():
+    with pytest.raises(convert.PutRefused, match=r"^nan does not fit"):
+        convert.put_array(spec("i", 4), np.array([1.0, np.nan, 3e10, 2.0]))
+    with pytest.raises(convert.PutRefused, match=r"^-3000000000.0 does not fit"):
+        convert.put_array(spec("i", 3), np.array([1.0, -3e9, 3e10]))
+    assert convert.put_array(spec("i", 2), np.array([-(2.0**31), 2.0**31 - 1])).tolist() == [
+        -(2**31),
+        2**31 - 1,
+    ]
