@@ -149,6 +149,10 @@ class Supervisor:
 
     def run(self) -> int:
         stop = StopFlag()
+        # A reload (SIGHUP) asked before the brokers run reaches them once they do: it must
+        # not end the supervisor (its default action), in the middle of a reshard too.
+        reload_asked: list = []
+        signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(True))
         # The run lock comes first: a second relay on this data directory leaves before it
         # touches anything (stores, sockets, status files) of the one that runs.
         try:
@@ -164,11 +168,11 @@ class Supervisor:
             if self.config.pva and not pva_installed():
                 log.error("cannot start: pva = true needs p4p: pip install 'carelay[pva]'")
                 return exits.CANNOT_START
-            return self._run(stop)
+            return self._run(stop, reload_asked)
         finally:
             os.close(lock)
 
-    def _run(self, stop: StopFlag) -> int:
+    def _run(self, stop: StopFlag, reload_asked: list) -> int:
         try:
             self.config.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -187,8 +191,6 @@ class Supervisor:
         except ReshardError as e:
             log.error("cannot start: %s", e)
             return exits.FAILED
-        reload_asked = []
-        signal.signal(signal.SIGHUP, lambda *_: reload_asked.append(True))
         wakeup = SignalWakeup()
         for w in self.watchers:
             w.start()
