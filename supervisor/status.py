@@ -138,11 +138,15 @@ def collect(config: Config) -> dict | None:
                 p["detail"] = f"last exit: {describe_exit(p['last_exit'])}"
             continue
         if not _alive(p.get("pid")) or (own and own.get("pid") == p.get("pid") and "exit" in own):
-            # Gone since the supervisor last looked: it restarts it.
-            p["state"] = "restarting"
+            # Gone since the supervisor last looked: it restarts it, unless it stops them all.
+            p["state"] = "stopped" if sup.get("stopping") else "restarting"
             p["pid"] = p["pvs"] = None
             if own and "exit" in own:
                 p["detail"] = f"last exit: {describe_exit(own['exit'])}"
+            continue
+        if sup.get("stopping"):
+            p["state"] = "stopping"
+            p["detail"] = "the relay is stopping"
             continue
         young = p["uptime"] < STARTUP_GRACE
         if not fresh:
@@ -223,6 +227,12 @@ def _door(p: dict) -> str:
     return ",".join(f"{a}:{p['ca_port']}" for a in p.get("interfaces") or ["*"])
 
 
+def _relay_state(status: dict, ok: bool) -> str:
+    if status.get("stopping"):
+        return "stopping"
+    return "running" if ok else "degraded"
+
+
 def print_status(config: Config, out=sys.stdout) -> int:
     """Print the process table; EXIT_RUNNING while all answer, EXIT_NOT_RUNNING when no
     relay runs, EXIT_PROBLEM when a process is down, failing or not answering."""
@@ -243,7 +253,7 @@ def print_status(config: Config, out=sys.stdout) -> int:
         ", ".join(
             part
             for part in (
-                f"carelay {'running' if ok else 'degraded'}: supervisor pid {status['pid']}",
+                f"carelay {_relay_state(status, ok)}: supervisor pid {status['pid']}",
                 f"up {_duration(status['uptime'])}",
                 f"prefix {status['config']['prefix']}",
                 ports,

@@ -88,11 +88,13 @@ class Supervisor:
         # one broker without systemd says it itself.
         self._told_ready = not (self.notify_socket or len(self.brokers) > 1)
 
-    def _write_status(self, now: float) -> None:
+    def _write_status(self, now: float, stopping: bool = False) -> None:
         write_status(
             self.status_path,
             {
                 "role": "supervisor",
+                # Its children go now, and none is restarted: `carelay status` says so.
+                **({"stopping": True} if stopping else {}),
                 "config": config_to_dict(self.config),
                 "data_dir": str(self.config.data_dir.resolve()),
                 # As the broker reads it; the broker's own status has the port it got.
@@ -221,6 +223,7 @@ class Supervisor:
         """Stop every child; False when a shard's stop failed (it could not save values)."""
         name = signal.Signals(signum).name if signum else "exit"
         log.info("stopping on %s", name)
+        self._write_status(time.monotonic(), stopping=True)
         if self.notify_socket:
             sd_notify(self.notify_socket, "STOPPING=1")
         # The broker first, and the shards once it is gone: clients see the relay go away

@@ -212,3 +212,17 @@ def test_no_supervisor_is_not_running(config, pids):
 )
 def test_uptime_reads_as_people_write_it(seconds, text):
     assert _duration(seconds) == text
+
+
+def test_a_stopping_relay_says_so_and_restarts_nothing(config, pids):
+    """The supervisor has begun to stop its children: one gone already is stopped, not
+    'restarting' (nothing will restart it), and one still there is stopping."""
+    relay_files(config.run_dir, pids, stopping=True)
+    sup = json.loads((config.run_dir / "supervisor.json").read_text())
+    sup["processes"][1]["pid"] = 2**22 + 1  # the broker: gone
+    (config.run_dir / "supervisor.json").write_text(json.dumps(sup))
+    assert states(config) == {"shard 0": "stopping", "broker": "stopped"}
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM
+    assert text.startswith("carelay stopping:"), text
+    assert "shard 0: stopping: the relay is stopping" in text
