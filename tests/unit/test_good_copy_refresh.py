@@ -109,19 +109,27 @@ def test_a_commit_completes_while_the_good_copy_is_refreshed(db, monkeypatch):
     assert _names(good) == {f"{PREFIX}b_f1"}
 
 
+def _refreshing(db, monkeypatch) -> tuple[ShardStore, Autosave, _SlowCheck]:
+    """A store and its autosave, PV a committed at 1.0 and then written 2.0 while a refresh
+    of the good copy is inside its (slow) check."""
+    store = ShardStore(PREFIX, 1000, 60)
+    autosave = Autosave(store, db, StoreHealth(0, 0.5, db.path), 0)
+    a = f"{PREFIX}a_f1"
+    store.put(a, np.array([1.0]))
+    assert autosave.commit() is None
+    slow = _SlowCheck(monkeypatch)
+    autosave.refresh_good_copy_soon()
+    assert slow.inside.wait(_PATIENCE)
+    store.write_one(a, np.array([2.0]), 5.0)
+    return store, autosave, slow
+
+
 def test_a_value_flush_and_a_commit_complete_while_the_good_copy_is_refreshed(db, monkeypatch):
     """The loop refreshes the copy and flushes values on threads; a commit waits for the
     value write in flight, which must not wait behind the copy."""
-    store = ShardStore(PREFIX, 1000, 60)
-    autosave = Autosave(store, db, StoreHealth(0, 0.5, db.path), 0)
+    store, autosave, slow = _refreshing(db, monkeypatch)
     try:
         a, b = f"{PREFIX}a_f1", f"{PREFIX}b_f1"
-        store.put(a, np.array([1.0]))
-        assert autosave.commit() is None
-        slow = _SlowCheck(monkeypatch)
-        autosave.refresh_good_copy_soon()
-        assert slow.inside.wait(_PATIENCE)
-        store.write_one(a, np.array([2.0]), 5.0)
         assert autosave.flush_soon() == 1  # the value write, in flight
 
         def commit():
@@ -251,15 +259,8 @@ def test_a_copy_in_steps_is_the_snapshot_it_began_with(db, monkeypatch):
 
 def test_a_stop_does_not_wait_for_a_refresh_in_flight(db, monkeypatch):
     """Autosave.stop: the values are written, and the refresh is abandoned."""
-    store = ShardStore(PREFIX, 1000, 60)
-    autosave = Autosave(store, db, StoreHealth(0, 0.5, db.path), 0)
+    _, autosave, slow = _refreshing(db, monkeypatch)
     a = f"{PREFIX}a_f1"
-    store.put(a, np.array([1.0]))
-    assert autosave.commit() is None
-    slow = _SlowCheck(monkeypatch)
-    autosave.refresh_good_copy_soon()
-    assert slow.inside.wait(_PATIENCE)
-    store.write_one(a, np.array([2.0]), 5.0)
     stopper, stopped = _in_thread(autosave.stop)
     assert db._closing.wait(_PATIENCE)
     slow.done.set()

@@ -8,23 +8,14 @@ real p4p server and client: the client's first channel is refused, its next serv
 
 from __future__ import annotations
 
-import socket
 import sys
 
 import pytest
 
 pytest.importorskip("p4p")
 
-from p4p.client.thread import Context  # noqa: E402
-from p4p.server import Server  # noqa: E402
-
 from carelay.broker.pva.channels import Channel, provider, quiet_refusals  # noqa: E402
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.unit.p4p_loopback import served  # noqa: E402
 
 
 class _Front:
@@ -72,28 +63,9 @@ def hooked(monkeypatch):
 def test_a_channel_refused_for_now_is_no_crash(hooked):
     front = _Front()
     names = provider(front)
-    udp = str(_free_udp_port())
-    server_conf = {
-        "EPICS_PVAS_SERVER_PORT": "0",
-        "EPICS_PVAS_BROADCAST_PORT": udp,
-        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
-    }
-    with Server(providers=[names], conf=server_conf, useenv=False) as server:
-        port = server.conf()["EPICS_PVAS_SERVER_PORT"]
-        client_conf = {
-            "EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{port}",
-            "EPICS_PVA_ADDR_LIST": "127.0.0.1",
-            "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-            "EPICS_PVA_BROADCAST_PORT": udp,
-        }
-        ctx = Context("pva", conf=client_conf, useenv=False)
-        try:
-            ctx.put("RN:a", 2.5, timeout=10.0)
-            assert ctx.get("RN:a", timeout=5.0) == 2.5
-        finally:
-            ctx.close()
+    with served([names]) as ctx:
+        ctx.put("RN:a", 2.5, timeout=10.0)
+        assert ctx.get("RN:a", timeout=5.0) == 2.5
     assert front.made["RN:a"] == 2  # refused once, then served
     assert hooked == []
 

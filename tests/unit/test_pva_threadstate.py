@@ -7,25 +7,16 @@ from Python: a ``threading.local`` set during one call is still there at the nex
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
 
 pytest.importorskip("p4p")
 
-from p4p.client.thread import Context  # noqa: E402
-from p4p.server import Server  # noqa: E402
-
 from carelay.broker.pva.channels import Channel, _run  # noqa: E402
+from tests.unit.p4p_loopback import served  # noqa: E402
 
 _PUTS = 5
-
-
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Front:
@@ -59,28 +50,9 @@ def test_a_p4p_thread_keeps_its_state_between_puts():
     channel = Channel(front, "TS:x")
     channel.prepare("d", {"value": 0.0})
     assert channel.opening(timeout=1.0)
-    udp = str(_free_udp_port())
-    server_conf = {
-        "EPICS_PVAS_SERVER_PORT": "0",
-        "EPICS_PVAS_BROADCAST_PORT": udp,
-        "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1",
-        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
-    }
-    with Server(providers=[{"TS:x": channel}], conf=server_conf, useenv=False) as server:
-        port = server.conf()["EPICS_PVAS_SERVER_PORT"]
-        client_conf = {
-            "EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{port}",
-            "EPICS_PVA_ADDR_LIST": "127.0.0.1",
-            "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-            "EPICS_PVA_BROADCAST_PORT": udp,
-        }
-        ctx = Context("pva", conf=client_conf, useenv=False)
-        try:
-            for i in range(_PUTS):
-                ctx.put("TS:x", float(i), timeout=5.0)
-        finally:
-            ctx.close()
+    with served([{"TS:x": channel}]) as ctx:
+        for i in range(_PUTS):
+            ctx.put("TS:x", float(i), timeout=5.0)
     assert front.calls == _PUTS
     # The first call makes the thread's state; every later one finds it.
     assert front.seen_before == _PUTS - 1
