@@ -263,8 +263,9 @@ class Names:
 
 
 def quiet_refusals() -> None:
-    """The process's excepthook (a crash, in the log and in ERRORS) no longer hears of a
-    channel refused for now (see Names.makeChannel): the front-end logged it already."""
+    """The process's excepthook (a crash: CRITICAL in the log, and the last error that
+    ``carelay status`` shows) no longer hears of a channel refused for now (see
+    Names.makeChannel): the front-end logged it already."""
     previous = sys.excepthook
 
     def hook(kind, exc, tb) -> None:
