@@ -148,6 +148,8 @@ class ShardServer:
         self._broker_peer: bytes | None = None
         #: The pipe signals write to (``wake_on_signals``): a stop ends a wait at once.
         self._wake_fd: int | None = None
+        #: Told to stop: its front-ends stop first, and a broker gone is no surprise.
+        self.stopping = False
         self.status_path = config.run_dir / f"shard-{index}.json"
 
     def load(self) -> None:
@@ -310,7 +312,12 @@ class ShardServer:
         if peer in self.admission:
             self.admission.drop(peer)
             self.requests.fanout = len(self.admission) > 1
-            log.warning("cannot send %d messages to a broker (%s); it must resync", n, error)
+            if self.stopping or getattr(error, "errno", None) == zmq.EHOSTUNREACH:
+                # Its connection closed: a broker that stopped (on a clean stop the brokers
+                # go first) or died, which the supervisor tells of.  Said, not warned of.
+                log.info("a broker is gone (%s): no longer served until it connects again", error)
+            else:
+                log.warning("cannot send %d messages to a broker (%s); it must resync", n, error)
 
     # -- the loop -----------------------------------------------------------------
 
@@ -388,6 +395,7 @@ class ShardServer:
             # without the signal pipe a stop is seen only after the wait.
             busy = bool(self._wake_fd is None or self.health.store_error or autosave.saving_parts)
             timeout_ms = wait_ms(now, min(timers.due(autosave.unsaved), self.gate.due()), busy)
+        self.stopping = True
         # What the broker sent before it stopped (it stops first) is applied and saved;
         # what a front-end still sends after the limit is not read (its puts fail).
         end = time.monotonic() + _STOP_DRAIN_LIMIT

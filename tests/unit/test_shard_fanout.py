@@ -6,8 +6,11 @@ send collects in ``server._out``.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
+import zmq
 
 from carelay.common.config import load_config
 from carelay.common.messages import (
@@ -161,3 +164,30 @@ def test_a_run_of_writes_reaches_the_other_front_end_as_one_run_in_order(server)
     assert published.values.tolist() == values and published.stamps == [1.0, 2.0, 3.0, 4.0]
     assert published.seqs == sorted(published.seqs) and published.seqs[-1] == server.store.seq
     assert server.store.get(names[0]).tolist() == [4.5]
+
+
+def test_a_broker_gone_is_said_and_one_that_reads_nothing_warned_of(server, caplog):
+    """A clean stop ended with a warning per shard: the brokers stop first, and the
+    shard's last replies find their connections closed.  A broker whose queue is full
+    (it reads nothing) is still warned of."""
+
+    def said(peer, error) -> logging.LogRecord:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="carelay.shard.server"):
+            server._lost(peer, 1, error)
+        (record,) = caplog.records
+        return record
+
+    gone = said(A, zmq.ZMQError(zmq.EHOSTUNREACH))
+    assert gone.levelno == logging.INFO and "gone" in gone.getMessage()
+    assert server.admission.peers() == [B]
+    full = said(B, zmq.ZMQError(zmq.EAGAIN))
+    assert full.levelno == logging.WARNING and "must resync" in full.getMessage()
+    assert server.admission.peers() == []
+
+
+def test_on_a_stop_any_broker_lost_is_said(server, caplog):
+    server.stopping = True
+    with caplog.at_level(logging.INFO, logger="carelay.shard.server"):
+        server._lost(A, 1, zmq.ZMQError(zmq.EAGAIN))
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
