@@ -8,6 +8,8 @@ HEALTH_INTERVAL, and never touches pcaspy or the broker's tables.
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -153,12 +155,68 @@ class HealthCollector(Collector):
         yield from (up, circuits, rate)
 
 
+#: Connections served at once; one past them is closed as soon as it is accepted.  A
+#: scraper takes one at a time: a client that holds sockets open (each a thread and a
+#: descriptor of the broker) must not take the descriptors CA needs, nor stall the loop.
+METRICS_CONNECTIONS = 8
+#: A connection that sends nothing for this long is closed (s).
+METRICS_TIMEOUT = 5.0
+
+
+def _bounded_server(address: str, port: int, app):
+    """A WSGI server of ``app`` (thread per connection, as prometheus_client's) that
+    serves METRICS_CONNECTIONS at once, each with METRICS_TIMEOUT."""
+    import socket
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class Handler(WSGIRequestHandler):
+        timeout = METRICS_TIMEOUT  # StreamRequestHandler.setup: the socket's timeout
+
+        def log_message(self, format, *args) -> None:  # noqa: A002 - the base's name
+            pass  # a line per scrape is not the broker's log
+
+    class Server(ThreadingWSGIServer):
+        slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        # Connections past the bound are closed as fast as they come: a longer queue
+        # than socketserver's 5 keeps a burst of them from holding up a scrape.
+        request_queue_size = 64
+
+        def process_request(self, request, client_address) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.shutdown_request(request)  # closed: it takes nothing
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self.slots.release()
+                raise
+
+        def process_request_thread(self, request, client_address) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request, client_address) -> None:
+            if not isinstance(sys.exc_info()[1], OSError):
+                super().handle_error(request, client_address)
+            # else a client that stalled past the timeout, or went: not the broker's news
+
+    infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    Server.address_family = family
+    return make_server(sockaddr[0], port, app, Server, handler_class=Handler)
+
+
 def serve_metrics(health: Health, address: str, port: int):
     """Serve ``/metrics`` on ``address:port`` from a thread; returns the server."""
-    from prometheus_client import start_http_server
+    from prometheus_client import make_wsgi_app
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HealthCollector(health))
-    server, _thread = start_http_server(port, addr=address, registry=registry)
+    server = _bounded_server(address, port, make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     log.info("serving Prometheus metrics on http://%s:%d/metrics", address, port)
     return server
