@@ -32,6 +32,7 @@ import numpy as np
 
 from carelay.common import exits
 from carelay.common.config import IMPORT_CA_TIMEOUT, TRANSFER_CHUNK, Config
+from carelay.common.logbudget import shorten
 from carelay.common.naming import InvalidPvName, split_type
 from carelay.common.progress import Progress
 from carelay.common.runlock import DataDirInUse, lock_run
@@ -48,6 +49,8 @@ from carelay.supervisor import pvfile
 from carelay.supervisor.status import collect, running_config
 
 log = logging.getLogger(__name__)
+#: At most this much of a file's text (a name, the reason given for it) in a log line.
+_SAID_CHARS = 300
 
 #: ``carelay list`` and ``export`` whose reader closed the pipe: 128 + SIGPIPE, the
 #: status a shell reports for a writer that signal ends.
@@ -243,6 +246,10 @@ def export_pvs(
         print(f"exported {len(rows)} PVs", file=out_err)
     except BrokenPipeError:
         return _reader_gone(out, out_err)
+    except OSError as e:  # a full disk, a file size limit: one line, not a traceback
+        print(f"carelay: cannot write the export: {e.strerror or e}", file=out_err)
+        _reader_gone(out)  # what is still buffered would fail again at exit
+        return exits.TRANSFER_FAILED
     return exits.OK
 
 
@@ -253,22 +260,37 @@ def read_records(path: Path) -> tuple[list[pvfile.PvRecord], int]:
     """The PVs of an export file and how many of its lines were refused (each logged)."""
     records: dict[str, pvfile.PvRecord] = {}
     refused = 0
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    # Line by line as bytes: a line that is not UTF-8 is refused alone, not the file.
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                log.warning("refused line %d: not UTF-8 (%s)", number, e.reason)
+                refused += 1
+                continue
             if not line.strip():
                 continue
             try:
                 record = pvfile.decode(line)
             except pvfile.RecordError as e:
-                log.warning("refused line %d: %s", number, e)
+                log.warning("refused line %d: %s", number, _said(str(e)))
                 refused += 1
                 continue
             if record.name in records:
-                log.warning("refused line %d: %s: a second time in the file", number, record.name)
+                log.warning(
+                    "refused line %d: %s: a second time in the file", number, _said(record.name)
+                )
                 refused += 1
                 continue
             records[record.name] = record
     return list(records.values()), refused
+
+
+def _said(text: str) -> str:
+    """A file's text as a log line carries it: cut, its control characters escaped (a name
+    with a line break would forge a line of the import's own)."""
+    return shorten(text, _SAID_CHARS)
 
 
 def _admissible(
@@ -290,21 +312,22 @@ def _admissible(
             config.pv_spec(record.name)
         except InvalidPvName as e:
             log.warning(
-                "refused %s: not a PV of this relay (prefix %s): %s", record.name, config.prefix, e
+                "refused %s: not a PV of this relay (prefix %s): %s",
+                _said(record.name),
+                config.prefix,
+                _said(str(e)),
             )
             refused += 1
             continue
         other = held.get(record.base, record.name)
         if other != record.name:
             log.warning(
-                "refused %s: conflicting type: the relay holds %s",
-                record.name,
-                other,
+                "refused %s: conflicting type: the relay holds %s", _said(record.name), other
             )
             refused += 1
             continue
         if record.name not in pvs and len(pvs) >= config.max_pvs:
-            log.warning("refused %s: max_pvs (%d) reached", record.name, config.max_pvs)
+            log.warning("refused %s: max_pvs (%d) reached", _said(record.name), config.max_pvs)
             refused += 1
             continue
         held.setdefault(record.base, record.name)
@@ -417,7 +440,7 @@ def _import_running(
                 _put_record(ctx, record, record.name in existing, source.config.delpv_name)
                 done += 1
             except _PutFailed as e:
-                log.warning("refused %s: %s", record.name, e)
+                log.warning("refused %s: %s", _said(record.name), e)
                 failed += 1
             progress.step()
     finally:

@@ -131,3 +131,25 @@ def test_lines_past_max_pvs_are_refused_and_the_pvs_held_imported_again(tmp_path
         assert import_pvs(config, path) == exits.IMPORT_REFUSED
     assert "imported 5 PVs into the stores; 3 refused" in caplog.text
     assert len(read_pvs(config)) == 5
+
+
+def test_a_line_that_is_not_utf8_is_refused_alone(config, tmp_path, caplog):
+    """One byte that is not UTF-8 refused the whole file (exit 2), the good lines with it."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(
+        line("first").encode() + line("bad\xff").encode("latin-1") + line("last").encode()
+    )
+    with caplog.at_level(logging.INFO, logger="carelay"):
+        assert import_pvs(config, path) == exits.IMPORT_REFUSED
+    assert "refused line 2: not UTF-8" in caplog.text
+    assert {row.name for _, row in read_pvs(config)} == {"P:first_f1", "P:last_f1"}
+
+
+def test_a_name_with_a_line_break_logs_one_line(config, tmp_path, caplog):
+    forged = "x\\n2026-11-30T15:00:00.000 INFO import: imported 99 PVs; 0 refused\\ny"
+    path = tmp_path / "in.jsonl"
+    path.write_text(line("good") + line(forged))
+    with caplog.at_level(logging.INFO, logger="carelay"):
+        assert import_pvs(config, path) == exits.IMPORT_REFUSED
+    (refusal,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "\n" not in refusal and "\\n2026-11-30" in refusal

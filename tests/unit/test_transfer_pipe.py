@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from carelay.common.config import load_config
+from carelay.common.exits import TRANSFER_FAILED
 from carelay.shard.persist import ShardDatabase
 
 #: 128 + SIGPIPE: what a shell reports for a writer its closed pipe ended.
@@ -68,3 +69,12 @@ def test_head_takes_one_line(data_dir, command):
     assert first.count(b"\n") == 1, first
     assert r.returncode == CLOSED_PIPE, r.stderr
     assert "Error" not in r.stderr and "Exception" not in r.stderr, r.stderr
+
+
+def test_an_export_to_a_full_disk_says_so_in_one_line(data_dir):
+    """``carelay export > /dev/full``: a traceback before; one line and a failure now."""
+    with open("/dev/full", "w") as full:
+        done = carelay("export", "--data-dir", str(data_dir), stdout=full)
+    assert done.returncode == TRANSFER_FAILED
+    assert "Traceback" not in done.stderr
+    assert "cannot write the export: No space left on device" in done.stderr
