@@ -388,10 +388,23 @@ def _import_stopped(
             db.open()
             dbs[k] = db
         progress = Progress(log, "import", len(records))
+        saved = 0
         for k, group in by_store.items():
             for i in range(0, len(group), TRANSFER_CHUNK):
                 chunk = group[i : i + TRANSFER_CHUNK]
-                dbs[k].save((r.name, r.stamp, r.value, r.fields) for r in chunk)
+                try:
+                    dbs[k].save((r.name, r.stamp, r.value, r.fields) for r in chunk)
+                except OSError as e:
+                    if not saved:
+                        raise  # nothing imported: the import failed
+                    # Each chunk is a transaction: those saved stay, and the import says
+                    # so rather than that nothing could be imported.
+                    left = len(records) - saved
+                    log.error(
+                        "cannot write %s: %s; the other %d PVs not imported", dbs[k].path, e, left
+                    )
+                    return saved, left
+                saved += len(chunk)
                 progress.step(len(chunk))
     finally:
         for db in dbs.values():

@@ -153,3 +153,31 @@ def test_a_name_with_a_line_break_logs_one_line(config, tmp_path, caplog):
         assert import_pvs(config, path) == exits.IMPORT_REFUSED
     (refusal,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "\n" not in refusal and "\\n2026-11-30" in refusal
+
+
+def test_a_store_failing_midway_keeps_and_counts_what_was_imported(tmp_path, caplog, monkeypatch):
+    """Each chunk of an import into stopped stores is a transaction: a store that fails
+    after some were saved keeps them, and the import says so (exit 1, the rest refused),
+    not that nothing could be imported (exit 2)."""
+    from carelay.shard.persist import StoreWriteError
+    from carelay.supervisor import transfer
+
+    config = load_config(data_dir=str(tmp_path / "data"), prefix="P:", shards=1)
+    monkeypatch.setattr(transfer, "TRANSFER_CHUNK", 2)
+    real_save, calls = ShardDatabase.save, []
+
+    def save(self, upserts, deletes=()):
+        calls.append(1)
+        if len(calls) == 3:  # the third chunk: a full disk
+            raise StoreWriteError(28, self.path, "database or disk is full")
+        return real_save(self, upserts, deletes)
+
+    monkeypatch.setattr(ShardDatabase, "save", save)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(line(f"pv{k}") for k in range(6)))
+    with caplog.at_level(logging.INFO, logger="carelay"):
+        assert import_pvs(config, path) == exits.IMPORT_REFUSED
+    assert "the other 2 PVs not imported" in caplog.text
+    assert "imported 4 PVs into the stores; 2 refused" in caplog.text
+    monkeypatch.setattr(ShardDatabase, "save", real_save)
+    assert len(read_pvs(config)) == 4
