@@ -16,8 +16,10 @@ QUIET = 3.0
 #: a second, their pongs), the status file and the health PVs going with them; a shard
 #: (seen: 2.3 on a quiet machine) for the pings, its status file going with them.  Polling
 #: on a 0.1 s clock, as both did, takes more than ten.  The bounds leave room for a loaded
-#: machine; which clocks may wake a shard is tests/unit/test_shard_timers.py's.
-BROKER_MAX = 7.0
+#: machine, and the broker's for the searches of clients earlier tests left behind (seen
+#: at the end of a full run: 8.0 in three windows running); which clocks may wake a
+#: shard is tests/unit/test_shard_timers.py's.
+BROKER_MAX = 9.0
 SHARD_MAX = 7.0
 
 
