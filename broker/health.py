@@ -27,6 +27,7 @@ from carelay.common.config import (
 )
 from carelay.common.histogram import FLUSH_BUCKETS, PUT_BUCKETS, Histogram
 from carelay.common.keys import is_loopback_endpoint
+from carelay.common.procstat import parse_stat
 
 log = logging.getLogger(__name__)
 
@@ -110,27 +111,6 @@ def shard_state(view: ShardView, now: float, young: bool) -> str:
 
 # -- processes --------------------------------------------------------------------------
 
-_TICKS = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def process_usage(pid: int) -> tuple[float, int] | None:
-    """(CPU seconds used, resident bytes) of process ``pid``; None if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return _parse_stat(f.read())
-    except OSError:
-        return None
-
-
-def _parse_stat(stat: bytes) -> tuple[float, int] | None:
-    """(CPU seconds, resident bytes) from the text of /proc/PID/stat (utime, stime, rss)."""
-    cols = stat.rsplit(b")", 1)[-1].split()
-    try:
-        return (int(cols[11]) + int(cols[12])) / _TICKS, int(cols[21]) * _PAGE
-    except (IndexError, ValueError):
-        return None
-
 
 def _is_carelay(pid: int) -> bool:
     try:
@@ -156,7 +136,8 @@ class CpuMeter:
         try:
             if fd is None:
                 fd = self._files[pid] = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-            return _parse_stat(os.pread(fd, 1024, 0))
+            stat = parse_stat(os.pread(fd, 1024, 0))
+            return None if stat is None else (stat.cpu_seconds, stat.rss)
         except OSError:  # gone (a file of a process that ended reads ESRCH)
             self._close(pid)
             return None

@@ -17,6 +17,7 @@ from carelay.common.config import (
     RESTART_RESET_AFTER,
 )
 from carelay.common.lifecycle import CHILD_HELD_SIGNALS, PARENT_PID_ENV, RESTARTS_ENV
+from carelay.common.procstat import read_stat
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,10 @@ def _progress(pid: int) -> tuple[int, int, str] | None:
     try:
         with open(f"/proc/{pid}/io") as f:
             wrote = next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-        after = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
-        return wrote, int(after[11]) + int(after[12]), after[0]
     except (OSError, StopIteration, ValueError, IndexError):
         return None
+    stat = read_stat(pid)
+    return None if stat is None else (wrote, stat.cpu_ticks, stat.state)
 
 
 def _working(before: tuple | None, now: tuple | None) -> bool:

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from carelay.broker.health import CpuMeter, process_usage
+from carelay.broker.health import CpuMeter
+from carelay.common.procstat import read_stat
 
 
 def test_a_kept_stat_file_shows_cpu_time_move_and_a_gone_process_is_let_go():
@@ -23,7 +24,7 @@ def test_a_kept_stat_file_shows_cpu_time_move_and_a_gone_process_is_let_go():
             pass  # burn CPU time in this process
         load, rss = meter.sample(pids, time.monotonic())
         assert meter._last[os.getpid()] > before and load > 0
-        assert rss >= process_usage(os.getpid())[1]
+        assert rss >= read_stat(os.getpid()).rss
         assert set(meter._files) == set(pids)
         child.kill()
         child.wait()

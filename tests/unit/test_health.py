@@ -173,9 +173,6 @@ def test_uptime_as_iocstats_writes_it():
 
 
 def test_process_figures_of_this_process():
-    cpu, rss = health.process_usage(os.getpid())
-    assert cpu >= 0 and rss > 0
-    assert health.process_usage(2**22 + 12345) is None
     nfds, circuits = health.descriptors([])
     assert nfds > 0 and circuits == 0
     assert 0 < health.fd_limit() <= health.FD_SETSIZE
