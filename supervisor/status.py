@@ -24,9 +24,10 @@ from carelay.common.config import STARTUP_GRACE, STATUS_STALE_AFTER, Config
 from carelay.common.fields import split_field
 from carelay.common.lifecycle import broker_role, pid_alive, read_status, status_path
 from carelay.common.naming import InvalidPvName
+from carelay.common.procstat import read_stat
 from carelay.common.sharding import shard_for
 from carelay.shard.persist import store_holds
-from carelay.supervisor.watcher import describe_exit
+from carelay.supervisor.watcher import FLAPPING_DEATHS, FLAPPING_WINDOW, describe_exit
 
 #: Exit statuses of ``carelay status``.
 EXIT_RUNNING = exits.STATUS_RUNNING
@@ -61,6 +62,16 @@ def _last_sign_of_life(path: Path, own: dict) -> float:
         touched = 0.0
     written = own.get("written", 0.0)
     return max(touched, written if isinstance(written, (int, float)) else 0.0)
+
+
+def _held(pid: Any) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, a debugger): alive, doing nothing."""
+    stat = read_stat(pid) if isinstance(pid, int) else None
+    return stat is not None and stat.state in ("T", "t")
+
+
+#: What a stopped process is said to be (see _held).
+HELD = "stopped (SIGSTOP, or a debugger holds it): SIGCONT resumes it"
 
 
 def _read_own(path: Path) -> dict | None:
@@ -136,13 +147,20 @@ def collect(config: Config) -> dict | None:
         if not running:
             if p.get("last_exit") is not None:
                 p["detail"] = f"last exit: {describe_exit(p['last_exit'])}"
+            if not sup["answering"] and p.get("state") in ("restarting", "failing"):
+                p["state"] = "down"
+                p["detail"] = _unattended(p["detail"])
             continue
         if not _alive(p.get("pid")) or (own and own.get("pid") == p.get("pid") and "exit" in own):
-            # Gone since the supervisor last looked: it restarts it, unless it stops them all.
+            # Gone since the supervisor last looked: it restarts it, unless it stops them all
+            # or does not answer itself.
             p["state"] = "stopped" if sup.get("stopping") else "restarting"
             p["pid"] = p["pvs"] = None
             if own and "exit" in own:
                 p["detail"] = f"last exit: {describe_exit(own['exit'])}"
+            if not sup["answering"] and not sup.get("stopping"):
+                p["state"] = "down"
+                p["detail"] = _unattended(p["detail"])
             continue
         if sup.get("stopping"):
             p["state"] = "stopping"
@@ -152,11 +170,25 @@ def collect(config: Config) -> dict | None:
         if not fresh:
             age = now - own["seen"] if own and own.get("pid") == p.get("pid") else None
             # One that has written its status and then went silent is not starting, however
-            # young: it was stopped or hung after it answered.
+            # young: it was stopped or hung after it answered.  Nor is one that is stopped,
+            # nor one started again after it kept dying.
             p["state"] = "starting" if young and age is None else "not answering"
             p["detail"] = f"pid {p['pid']} is alive but has not written its status " + (
                 "yet" if age is None else f"for {_duration(age)}"
             )
+            if _held(p["pid"]):
+                p["state"], p["detail"] = "not answering", f"pid {p['pid']} is {HELD}"
+            elif p["state"] == "starting" and p.get("failing"):
+                p["state"] = "failing"
+                p["detail"] = (
+                    f"it died {FLAPPING_DEATHS} times within {FLAPPING_WINDOW:.0f} s"
+                    + (
+                        f" (last exit: {describe_exit(p['last_exit'])})"
+                        if p.get("last_exit") is not None
+                        else ""
+                    )
+                    + f"; started again, pid {p['pid']} has not written its status yet"
+                )
             continue
         if own.get("store_error"):
             p["state"] = "store failing"
@@ -185,6 +217,12 @@ def collect(config: Config) -> dict | None:
             p["state"] = "starting" if young else "not answering"
             p["detail"] = f"the broker's link to it is {link or 'missing'}"
     return sup
+
+
+def _unattended(detail: str | None) -> str:
+    """Why a process that is down stays down: its supervisor does not answer."""
+    why = "the supervisor, which restarts it, does not answer"
+    return f"{detail}; {why}" if detail else why
 
 
 def _clock_offsets(procs: list[dict], owns: dict, now: float) -> dict[int, int]:
@@ -287,7 +325,9 @@ def print_status(config: Config, out=sys.stdout) -> int:
         print(f"{p['name']:<10} {pid:>8} {p['state']:<13} {up:>12} {line}", file=out)
     notes = []
     if not status["answering"]:
-        notes.append("supervisor: not answering: its status file is stale")
+        held = _held(status["pid"])
+        why = f"pid {status['pid']} is {HELD}" if held else "its status file is stale"
+        notes.append(f"supervisor: not answering: {why}; nothing is restarted meanwhile")
     for p in procs:
         offset = p.get("clock_offset")
         if offset:

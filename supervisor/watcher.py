@@ -191,6 +191,9 @@ class Watcher:
             "uptime": round(max(0.0, now - self.started_at), 1) if running else 0.0,
             "restarts": self.restarts,
             "last_exit": self.last_exit,
+            # Started again after dying FLAPPING_DEATHS times within FLAPPING_WINDOW:
+            # while it has not answered yet, it is failing, not starting.
+            "failing": self.failing,
         }
 
 

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from carelay.supervisor.status import (
     collect,
     print_status,
 )
+from carelay.supervisor.watcher import FLAPPING_DEATHS, Watcher
 
 OLD = STARTUP_GRACE + 60.0
 
@@ -226,3 +228,74 @@ def test_a_stopping_relay_says_so_and_restarts_nothing(config, pids):
     assert code == EXIT_PROBLEM
     assert text.startswith("carelay stopping:"), text
     assert "shard 0: stopping: the relay is stopping" in text
+
+
+def _held(pid: int) -> None:
+    """SIGSTOP process ``pid`` and wait until /proc says it is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "T":
+        assert time.monotonic() < deadline, "the stand-in did not stop"
+        time.sleep(0.01)
+
+
+def test_a_young_process_that_is_stopped_is_not_starting(config, pids):
+    """Stopped before it wrote its status: /proc says so, and status does not wait for it."""
+    relay_files(config.run_dir, pids, link="connecting", uptime=1.0)
+    (config.run_dir / "shard-0.json").unlink()
+    _held(pids[1])
+    assert states(config)["shard 0"] == "not answering"
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM
+    assert f"shard 0: not answering: pid {pids[1]} is stopped (SIGSTOP" in text, text
+
+
+def test_a_process_started_again_after_dying_again_and_again_is_failing(config, pids):
+    relay_files(config.run_dir, pids, link="connecting", uptime=1.0)
+    (config.run_dir / "shard-0.json").unlink()
+    sup = json.loads((config.run_dir / "supervisor.json").read_text())
+    sup["processes"][0].update(restarts=5, last_exit=3, failing=True)
+    (config.run_dir / "supervisor.json").write_text(json.dumps(sup))
+    assert states(config)["shard 0"] == "failing"
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM
+    assert f"shard 0: failing: it died {FLAPPING_DEATHS} times within" in text, text
+    assert "(last exit: exit status 3); started again" in text, text
+
+
+def test_a_watcher_says_it_is_failing_once_it_died_again_and_again(tmp_path):
+    watcher = Watcher("shard 0", [sys.executable, "-c", "raise SystemExit(3)"])
+    watcher.start()
+    for _ in range(FLAPPING_DEATHS):
+        assert not watcher.info(time.monotonic())["failing"]
+        watcher.proc.wait()
+        watcher.check(time.monotonic())
+        watcher.check(watcher.restart_at)  # started again
+    info = watcher.info(time.monotonic())
+    assert info["failing"] and info["last_exit"] == 3
+    watcher.kill()
+
+
+def test_a_process_gone_while_the_supervisor_is_stopped_is_down(config, pids):
+    """Nothing restarts it: not 'restarting', and the supervisor is said to be stopped."""
+    relay_files(config.run_dir, pids)
+    sup = json.loads((config.run_dir / "supervisor.json").read_text())
+    sup["processes"][1]["pid"] = 2**22 + 1  # the broker: gone
+    sup["processes"].append(
+        {
+            "name": "shard 1",
+            "pid": None,
+            "state": "restarting",
+            "uptime": 0.0,
+            "restarts": 1,
+            "last_exit": -9,
+        }
+    )
+    write(config.run_dir / "supervisor.json", **{**sup, "written": time.time() - STALE_AFTER - 5})
+    _held(pids[0])
+    assert states(config) == {"shard 0": "running", "broker": "down", "shard 1": "down"}
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM
+    assert f"supervisor: not answering: pid {pids[0]} is stopped (SIGSTOP" in text, text
+    assert "broker: down: the supervisor, which restarts it, does not answer" in text, text
+    assert "shard 1: down: last exit: killed by SIGKILL; the supervisor" in text, text
