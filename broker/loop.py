@@ -12,7 +12,6 @@ file and samples health; while nothing happens, only when one of those is due.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -24,6 +23,8 @@ from carelay.common.config import (
     READ_SYNC_TIMEOUT,
     STARTUP_QUIET,
     STATUS_INTERVAL,
+    ca_interfaces,
+    configured_ca_port,
 )
 from carelay.common.lifecycle import FreedMemory, StopFlag, write_status
 from carelay.common.protocol import BATCH_MAX
@@ -299,7 +300,7 @@ class Loop:
             b.config.pvlist_name,
             b.config.delpv_name,
             b.config.data_dir.resolve(),
-            os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").strip() or "all",
+            " ".join(ca_interfaces()) or "all",
             ", ".join(map(str, ports)) or "unknown",
         )
         if b.table.n_real > b.config.max_pvs:
@@ -336,9 +337,7 @@ def _served_ports(b) -> list[int]:
     """The CA ports the broker's server listens on; a warning when the configured one
     was taken."""
     ports = b.ca_ports
-    configured = os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get(
-        "EPICS_CA_SERVER_PORT", "5064"
-    )
+    configured = configured_ca_port()
     if not ports:
         ports = [int(configured)] if configured.isdigit() else []
     if ports and str(ports[0]) != configured:

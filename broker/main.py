@@ -17,10 +17,10 @@ from carelay.broker.app import Broker
 from carelay.broker.cabuffers import watch_free_list
 from carelay.broker.circuits import CircuitMonitor, Limits, client_limit, open_fds
 from carelay.broker.cstreams import own_stderr
-from carelay.broker.listening import listening_tcp_ports
+from carelay.broker.listening import listening_tcp_ports, udp_port_held
 from carelay.broker.peers import PeerBrokers
 from carelay.common import exits
-from carelay.common.config import FD_SETSIZE, Config
+from carelay.common.config import FD_SETSIZE, Config, ca_interfaces, configured_ca_port
 from carelay.common.keys import KeysError
 from carelay.common.lifecycle import (
     StopFlag,
@@ -59,6 +59,12 @@ def run_broker(config: Config, index: int = 0) -> int:
     from carelay.broker.casserver import RelayServer
 
     config.run_dir.mkdir(parents=True, exist_ok=True)
+    # PCAS aborts the process when it cannot bind its UDP port: say why, before anything.
+    port = configured_ca_port()
+    held = udp_port_held(ca_interfaces(), int(port)) if port.isdigit() else None
+    if held is not None:
+        log.error("broker cannot serve CA: %s", held)
+        return exits.CANNOT_START
     acf = config.access_security is not None
     # The CA streams are followed to bound each circuit's channels, and with access
     # security for the rewrite of access by address and to see the puts that PCAS

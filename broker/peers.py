@@ -14,17 +14,12 @@ No pcaspy.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from carelay.common.config import STATUS_STALE_AFTER as STALE_AFTER
+from carelay.common.config import ca_interfaces
 from carelay.common.lifecycle import broker_role, pid_alive, read_status, status_path
-
-
-def interfaces() -> list[str]:
-    """The addresses this broker's CA server listens on (empty: all of them)."""
-    return os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
 
 
 def _buffer_bytes(own: dict) -> int:
@@ -87,7 +82,7 @@ class PeerBrokers:
         rate = snapshot.get("put_rate", (0.0, 0.0))[0]
         return {
             "index": self.index,
-            "interfaces": interfaces(),
+            "interfaces": ca_interfaces(),
             "clients": snapshot.get("circuits"),
             "put_rate": round(rate, 1),
             "ca_buffer_bytes": snapshot.get("ca_buffer_bytes", 0),

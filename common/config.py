@@ -52,6 +52,20 @@ from carelay.common.keys import is_loopback_endpoint
 from carelay.common.naming import PvSpec, parse_pv_name
 
 
+def configured_ca_port() -> str:
+    """The CA server port a broker is given: EPICS_CAS_SERVER_PORT, then the client's
+    EPICS_CA_SERVER_PORT, then CA's 5064 (PCAS serves TCP and UDP on it)."""
+    return (
+        os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get("EPICS_CA_SERVER_PORT") or "5064"
+    )
+
+
+def ca_interfaces() -> list[str]:
+    """The addresses a broker's CA server listens on, EPICS_CAS_INTF_ADDR_LIST (empty:
+    all of them)."""
+    return os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
+
+
 def available_memory() -> int:
     """The machine's memory, or the container's limit (cgroup v2 or v1) if smaller."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

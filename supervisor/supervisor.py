@@ -28,6 +28,7 @@ from carelay.common.config import (
     STOP_LIMIT,
     Config,
     config_to_dict,
+    configured_ca_port,
 )
 from carelay.common.lifecycle import (
     StopFlag,
@@ -45,13 +46,6 @@ log = logging.getLogger(__name__)
 _READY_POLL = 0.1
 #: Exit status of ``carelay up`` when a shard did not stop cleanly (values not saved).
 EXIT_UNCLEAN_STOP = exits.FAILED
-
-
-def configured_ca_port() -> str:
-    """The CA server port the broker is given (EPICS_CAS_SERVER_PORT, then the client's)."""
-    return (
-        os.environ.get("EPICS_CAS_SERVER_PORT") or os.environ.get("EPICS_CA_SERVER_PORT") or "5064"
-    )
 
 
 class Supervisor:

@@ -193,6 +193,32 @@ def test_the_ready_line_names_the_real_tcp_port(make_relay, monkeypatch):
     assert status["ready"] is True and status["ca_port"] == real, status
 
 
+def test_a_udp_port_held_by_another_program_is_said_and_served_once_free(make_relay, monkeypatch):
+    """CA servers share their UDP port; one held by a program that does not share it
+    made PCAS abort the broker (SIGABRT) again and again.  The broker now says why and
+    exits; the supervisor retries, and serves once the port is free."""
+    port = free_port({CA_PORT})
+    monkeypatch.setenv("EPICS_CAS_SERVER_PORT", str(port))
+    monkeypatch.setenv("EPICS_CA_SERVER_PORT", str(port))
+    relay = make_relay(shards=1, start=False)
+    relay.wait_ready = lambda start=0: relay.wait_log("broker died (exit status 3)", start=start)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", port))
+        relay.start()
+        said = f"broker cannot serve CA: UDP port {port} on 127.0.0.1 is held by a program"
+        assert said in relay.log(), relay.log()
+
+        def shown():
+            r = relay.status()
+            return r if "broker: last error" in r.stdout else None
+
+        r = wait_for(shown, what="the broker's last error in carelay status")
+        assert r.returncode == 3 and said in r.stdout, r.stdout
+    mark = len(relay.log())
+    relay.wait_log(" broker: ready:", start=mark)
+    assert "SIGABRT" not in relay.log()
+
+
 def test_systemd_is_told_ready_after_the_ready_line(make_relay, monkeypatch):
     address = f"@carelay-test-{uuid.uuid4().hex}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
