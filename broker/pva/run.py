@@ -33,6 +33,25 @@ _STOP_LINGER = 1000
 NEEDS_P4P = "PV Access needs p4p: pip install 'carelay[pva]'"
 
 
+def server_failed(e: Exception) -> str:
+    """Why pvxs could not start its server, and which port it means: a taken TCP port
+    it replaces by another, so an address in use is its UDP port (searches), which PVA
+    servers share and some other program holds alone."""
+    why = str(e) or type(e).__name__
+    if "Address already in use" in why:
+        port = (
+            os.environ.get("EPICS_PVAS_BROADCAST_PORT")
+            or os.environ.get("EPICS_PVA_BROADCAST_PORT")
+            or "5076"
+        )
+        where = os.environ.get("EPICS_PVAS_INTF_ADDR_LIST", "").strip() or "every interface"
+        why += (
+            f" (UDP port {port} on {where}, EPICS_PVAS_BROADCAST_PORT: held by a program "
+            "that does not share it)"
+        )
+    return why
+
+
 def run_pva(config: Config) -> int:
     """Entry point of ``carelay pva``."""
     die_with_parent()
@@ -81,7 +100,7 @@ def run_pva(config: Config) -> int:
     try:
         server = Server(providers=[names], useenv=True)
     except Exception as e:
-        log.error("pva cannot start: the PVA server failed: %s", e)
+        log.error("pva cannot start: the PVA server failed: %s", server_failed(e))
         return exits.CANNOT_START
     conf = server.conf()
     port = conf.get("EPICS_PVAS_SERVER_PORT", "")
