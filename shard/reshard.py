@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +34,18 @@ _STORE_RE = re.compile(r"shard-(\d+)\.sqlite(?:\.good)?")
 
 
 class ReshardError(Exception):
-    """A store could not be opened or is in use; the message names it."""
+    """A store could not be opened or written, or is in use; the message names it."""
 
 
 @dataclass
 class ReshardReport:
     moved: int = 0
+    #: PVs in all the stores, each counted once.
     total: int = 0
     removed_stores: int = 0
+    #: PVs found in two stores, and the copies of them dropped as the older.
+    doubled: int = 0
+    older: int = 0
 
 
 def store_indices(data_dir: Path) -> list[int]:
@@ -57,7 +62,10 @@ def store_indices(data_dir: Path) -> list[int]:
 def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
     """Move every PV in ``data_dir`` to its owner among ``n_shards``.
 
-    ``store_path(k)`` is where shard k keeps its store (Config.store_path).
+    ``store_path(k)`` is where shard k keeps its store (Config.store_path).  A PV found
+    in two stores (a move cut short, or a store restored from its good copy) keeps the
+    row of the newer stamp.  ReshardError when a store cannot be opened or written: what
+    was moved stays moved, and the next start goes on with the rest.
     """
     report = ReshardReport()
     present = store_indices(data_dir)
@@ -80,50 +88,106 @@ def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
             except Exception as e:
                 raise ReshardError(f"cannot open {db.path} to reshard: {e}") from None
             dbs[k] = db
-        moves: list[tuple[int, int, list]] = []
-        for k, saved in rows.items():
-            report.total += len(saved)
-            by_target: dict[int, list] = {}
-            for row in saved:
-                owner = shard_for(row.name, n_shards)
-                if owner != k:
-                    by_target.setdefault(owner, []).append(row)
-            moves += [(k, owner, moving) for owner, moving in by_target.items()]
-        progress = Progress(log, "resharding", sum(len(m) for _, _, m in moves), "PVs moved")
-        for k, owner, moving in moves:
-            for i in range(0, len(moving), TRANSFER_CHUNK):
-                chunk = moving[i : i + TRANSFER_CHUNK]
-                dbs[owner].save((r.name, r.stamp, r.value, r.fields) for r in chunk)
-                dbs[k].save((), deletes=[r.name for r in chunk])
-                report.moved += len(chunk)
-                progress.step(len(chunk))
-            log.debug("moved %d PVs from shard %d to shard %d", len(moving), k, owner)
-        for k in indices:
-            if k >= n_shards and not dbs[k].count():
-                dbs[k].close()
-                del dbs[k]
-                _remove_store(store_path(k))
-                report.removed_stores += 1
+        try:
+            _move(rows, dbs, n_shards, report)
+            for k in indices:
+                if k >= n_shards and not dbs[k].count():
+                    dbs[k].close()
+                    del dbs[k]
+                    _remove_store(store_path(k))
+                    report.removed_stores += 1
+        except (OSError, sqlite3.Error) as e:
+            raise ReshardError(
+                f"resharding stopped after moving {report.moved} of {report.total} PVs: {e}; "
+                "nothing is lost: the next start goes on with the move"
+            ) from None
+        # Each good copy as its store is now: taken at the open, it still holds the PVs
+        # that moved (a restore of it would bring them back where they were).
+        for db in dbs.values():
+            _refresh_good_copy(db)
     finally:
         for db in dbs.values():
             db.close()
         for fd in locks:
             os.close(fd)
-    if report.moved:
-        log.info("resharding to %d shards moved %d of %d PVs", n_shards, report.moved, report.total)
+    if report.moved or report.doubled:
+        log.info(
+            "resharding to %d shards moved %d of %d PVs%s",
+            n_shards,
+            report.moved,
+            report.total,
+            f"; {report.doubled} were in two stores (a move cut short, or a store restored): "
+            f"each keeps its newer value, {report.older} older copies dropped"
+            if report.doubled
+            else "",
+        )
     return report
+
+
+def _move(rows: dict[int, list], dbs: dict, n_shards: int, report: ReshardReport) -> None:
+    """Move the PVs of ``rows`` (by store index) that their store does not own."""
+    held = {k: {row.name: row for row in saved} for k, saved in rows.items()}
+    seen: dict[str, int] = {}
+    for saved in rows.values():
+        for row in saved:
+            seen[row.name] = seen.get(row.name, 0) + 1
+    report.total = len(seen)
+    report.doubled = sum(1 for n in seen.values() if n > 1)
+    moves: list[tuple[int, int, list]] = []
+    for k, saved in rows.items():
+        by_target: dict[int, list] = {}
+        for row in saved:
+            owner = shard_for(row.name, n_shards)
+            if owner != k:
+                by_target.setdefault(owner, []).append(row)
+        moves += [(k, owner, moving) for owner, moving in by_target.items()]
+    progress = Progress(log, "resharding", sum(len(m) for _, _, m in moves), "PVs moved")
+    for k, owner, moving in moves:
+        target = held.setdefault(owner, {})
+        for i in range(0, len(moving), TRANSFER_CHUNK):
+            chunk = moving[i : i + TRANSFER_CHUNK]
+            newer = []
+            for row in chunk:
+                there = target.get(row.name)
+                if there is not None and there.stamp > row.stamp:
+                    report.older += 1  # the owner's own row is newer: this copy goes
+                    continue
+                if there is not None:
+                    report.older += 1
+                newer.append(row)
+                target[row.name] = row
+            dbs[owner].save((r.name, r.stamp, r.value, r.fields) for r in newer)
+            dbs[k].save((), deletes=[r.name for r in chunk])
+            report.moved += len(chunk)
+            progress.step(len(chunk))
+        log.debug("moved %d PVs from shard %d to shard %d", len(moving), k, owner)
+
+
+def _refresh_good_copy(db: ShardDatabase) -> None:
+    try:
+        db.refresh_good_copy()
+    except (OSError, sqlite3.Error) as e:
+        log.error(
+            "%s: cannot refresh its good copy after the move (%s); its shard takes one when "
+            "it opens the store",
+            db.path,
+            e,
+        )
 
 
 def _misplaced(path: Path, index: int, n_shards: int) -> bool:
     """Whether the store at ``path`` holds a PV that shard ``index`` does not own (a cheap,
-    read-only look; a store that cannot be read is left to its shard to report)."""
+    read-only look).  A store that cannot be read is judged by its good copy, which
+    opening it restores; without one, it is left to its shard to report."""
     if index >= n_shards:
         return True
     if not path.exists() and good_copy_path(path).exists():
         return True  # left as its good copy: opening it restores it, then it is looked at
     names = stored_names(path)
     if names is None:
-        return False
+        names = stored_names(good_copy_path(path))
+        if names is None:
+            return False
     return any(shard_for(name, n_shards) != index for name in names)
 
 

@@ -162,3 +162,93 @@ def check_placed_subset(tmp, names, n_shards):
             assert name not in seen
             seen[name] = k
     assert sorted(seen) == sorted(names)
+
+
+def _damage(path, at=0):
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 100)
+
+
+def test_a_damaged_store_is_judged_by_its_good_copy_and_moved(tmp_path, names, caplog):
+    """One shard's store, damaged, and a second shard added: its good copy holds PVs of the
+    new shard.  Before, the store that could not be read was left to its shard, which
+    restored it and served PVs it does not own, whose puts then went to the other."""
+    names = names[:2000]
+    fill(tmp_path, names, 1)
+    db = ShardDatabase(store_path(tmp_path)(0))
+    db.open()  # takes a good copy of what it holds
+    db.close()
+    _damage(tmp_path / "shard-0.sqlite")
+    with caplog.at_level(logging.INFO):
+        report = reshard(tmp_path, 2, store_path(tmp_path))
+    assert report.moved == sum(1 for n in names if shard_for(n, 2) == 1) > 0
+    check_placed(tmp_path, names, 2)
+    assert "restored the last good copy" in caplog.text
+
+
+def test_a_damaged_store_whose_copy_needs_no_move_is_left_to_its_shard(tmp_path, names):
+    fill(tmp_path, names[:200], 2)
+    for k in (0, 1):
+        db = ShardDatabase(store_path(tmp_path)(k))
+        db.open()
+        db.close()
+    _damage(tmp_path / "shard-0.sqlite")
+    assert reshard(tmp_path, 2, store_path(tmp_path)).total == 0  # not even opened
+    assert (tmp_path / "shard-0.sqlite").read_bytes()[:100] == b"\xff" * 100
+
+
+def test_a_pv_in_two_stores_keeps_its_newer_row(tmp_path, names, caplog):
+    """The owner's store holds a newer row than the one moving in (a store restored
+    from its copy, served meanwhile): the newer one stays, and the log says so."""
+    names = names[:600]
+    fill(tmp_path, names, 2)
+    movers = [n for n in names if shard_for(n, 3) == 2][:40]
+    new = ShardDatabase(store_path(tmp_path)(2))
+    new.open()
+    new.save((n, 2e9, np.array([-1.0]), {"EGU": "newer"}) for n in movers[:30])
+    new.save((n, -1.0, np.array([-2.0]), {"EGU": "older"}) for n in movers[30:])
+    new.close()
+    with caplog.at_level(logging.INFO):
+        report = reshard(tmp_path, 3, store_path(tmp_path))
+    assert (report.total, report.doubled, report.older) == (600, 40, 40)
+    stores = contents(tmp_path)
+    assert all(stores[2][n] == ([-1.0], {"EGU": "newer"}) for n in movers[:30])
+    i_of = {n: i for i, n in enumerate(names)}
+    assert all(stores[2][n] == ([float(i_of[n])], {"EGU": f"u{i_of[n]}"}) for n in movers[30:])
+    assert sum(len(rows) for rows in stores.values()) == 600
+    assert "40 were in two stores" in caplog.text
+
+
+def test_a_store_that_cannot_be_written_stops_the_move_and_loses_nothing(
+    tmp_path, names, monkeypatch
+):
+    from carelay.shard.persist import StoreWriteError
+
+    names = names[:3000]
+    fill(tmp_path, names, 2)
+    save, calls = ShardDatabase.save, []
+
+    def full_disk(self, upserts, deletes=()):
+        calls.append(1)
+        if len(calls) > 3:
+            raise StoreWriteError(27, self.path, "disk I/O error")
+        return save(self, upserts, deletes)
+
+    monkeypatch.setattr(ShardDatabase, "save", full_disk)
+    with pytest.raises(ReshardError, match=r"stopped after moving \d+ of 3000 PVs: cannot write"):
+        reshard(tmp_path, 3, store_path(tmp_path))
+    monkeypatch.setattr(ShardDatabase, "save", save)
+    report = reshard(tmp_path, 3, store_path(tmp_path))
+    assert report.moved > 0
+    check_placed(tmp_path, names, 3)
+
+
+def test_the_good_copies_are_of_the_stores_after_the_move(tmp_path, names):
+    """A store damaged after the move is restored with the PVs moved into it, not as it
+    was when the move opened it (empty, for a new shard)."""
+    names = names[:1000]
+    fill(tmp_path, names, 2)
+    reshard(tmp_path, 3, store_path(tmp_path))
+    _damage(tmp_path / "shard-2.sqlite")
+    check_placed(tmp_path, names, 3)  # opens each: shard 2 from its good copy
