@@ -104,7 +104,7 @@ def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
         # Each good copy as its store is now: taken at the open, it still holds the PVs
         # that moved (a restore of it would bring them back where they were).
         for db in dbs.values():
-            _refresh_good_copy(db)
+            db.settle_good_copy()
     finally:
         for db in dbs.values():
             db.close()
@@ -161,18 +161,6 @@ def _move(rows: dict[int, list], dbs: dict, n_shards: int, report: ReshardReport
             report.moved += len(chunk)
             progress.step(len(chunk))
         log.debug("moved %d PVs from shard %d to shard %d", len(moving), k, owner)
-
-
-def _refresh_good_copy(db: ShardDatabase) -> None:
-    try:
-        db.refresh_good_copy()
-    except (OSError, sqlite3.Error) as e:
-        log.error(
-            "%s: cannot refresh its good copy after the move (%s); its shard takes one when "
-            "it opens the store",
-            db.path,
-            e,
-        )
 
 
 def _misplaced(path: Path, index: int, n_shards: int) -> bool:

@@ -407,7 +407,9 @@ def _import_stopped(
                 saved += len(chunk)
                 progress.step(len(chunk))
     finally:
+        # Taken when the import opened them, the good copies hold the stores without it.
         for db in dbs.values():
+            db.settle_good_copy()
             db.close()
         for fd in (*locks, run_lock):
             os.close(fd)

@@ -238,6 +238,21 @@ class ShardDatabase:
             self._copied = commits
             return True
 
+    def settle_good_copy(self) -> None:
+        """For a writer of a stopped shard's store (a reshard, an import): the good copy,
+        taken when it opened the store, made again of what the store holds now, so that
+        a restore brings back what it wrote.  One that cannot be written is logged: the
+        shard takes a copy when it opens the store."""
+        try:
+            self.refresh_good_copy()
+        except (OSError, sqlite3.Error) as e:
+            log.error(
+                "%s: cannot refresh its good copy (%s); its shard takes one when it opens "
+                "the store",
+                self.path,
+                e,
+            )
+
     def _refresh_good_copy(self) -> bool:
         src = connect_read_only(self.path)
         self._reading = src

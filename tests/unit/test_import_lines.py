@@ -181,3 +181,20 @@ def test_a_store_failing_midway_keeps_and_counts_what_was_imported(tmp_path, cap
     assert "imported 4 PVs into the stores; 2 refused" in caplog.text
     monkeypatch.setattr(ShardDatabase, "save", real_save)
     assert len(read_pvs(config)) == 4
+
+
+def test_a_store_damaged_after_an_import_is_restored_with_what_was_imported(tmp_path, caplog):
+    """The good copy, taken when the import opened the store, held it without the
+    import: a store damaged before its shard first opened it came back empty."""
+    config = load_config(data_dir=str(tmp_path / "data"), prefix="P:", shards=1)
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(line(f"pv{k}") for k in range(6)))
+    assert import_pvs(config, path) == exits.OK
+    with open(config.store_path(0), "r+b") as f:
+        f.write(b"\xff" * 100)  # over the header
+    db = ShardDatabase(config.store_path(0))
+    with caplog.at_level(logging.INFO, logger="carelay"):
+        rows = db.open()
+    db.close()
+    assert "restored the last good copy" in caplog.text
+    assert sorted(r.name for r in rows) == sorted(f"P:pv{k}_f1" for k in range(6))
