@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from carelay.shard.persist.errors import StoreDamaged, write_error
+from carelay.shard.persist.errors import StoreDamaged, StoreTooNew, write_error
 from carelay.shard.persist.queries import (
     SavedPv,
     count_rows,
@@ -119,6 +119,8 @@ class ShardDatabase:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             rows = self._open_checked(self.path)
+        except StoreTooNew:
+            raise  # not damaged: its good copy is older, and would lose what it holds
         except StoreDamaged as damage:
             rows = self._restore(damage)
         try:

@@ -15,6 +15,11 @@ class StoreDamaged(Exception):
     """The database file cannot be trusted; the message names the file and the problem."""
 
 
+class StoreTooNew(StoreDamaged):
+    """The store is of a newer schema than this carelay reads: sound, as far as anyone
+    can tell here, and not to be replaced by its good copy.  It cannot be served."""
+
+
 class StoreWriteError(OSError):
     """A write to the store failed: ``errno`` (None when the system gave none that could
     be found), ``filename`` the file written, ``detail`` what SQLite said."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from carelay.shard.persist.errors import StoreDamaged
+from carelay.shard.persist.errors import StoreDamaged, StoreTooNew
 
 SCHEMA_VERSION = 1
 #: The write-ahead log is cut back to this size (bytes) by the checkpoint that empties
@@ -64,6 +64,11 @@ def prepare(conn: sqlite3.Connection, path: Path, existed: bool) -> None:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         checkpoint(conn)
     elif version[0] != str(SCHEMA_VERSION):
+        if version[0].isdigit() and int(version[0]) > SCHEMA_VERSION:
+            raise StoreTooNew(
+                f"{path}: schema version {version[0]}, written by a newer carelay (this one "
+                f"reads version {SCHEMA_VERSION}); left as it is: run the carelay that wrote it"
+            )
         raise StoreDamaged(f"{path}: schema version {version[0]}, expected {SCHEMA_VERSION}")
 
 

@@ -234,3 +234,36 @@ def test_the_log_of_a_large_flush_does_not_stay_on_disk(path):
     rows = {r.name: r for r in again.open()}
     assert rows["P:w23_F250000"].value[-1] == 23.0 and rows["P:small_f1"].value[0] == 1099.0
     again.close()
+
+
+def _schema(path: Path, version: str) -> None:
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (version,))
+    conn.close()
+
+
+def test_a_store_of_a_newer_schema_is_refused_and_left_as_it_is(tmp_path):
+    """Not damaged: restoring its (older) good copy would lose what it holds."""
+    path = tmp_path / "shard-0.sqlite"
+    db = ShardDatabase(path)
+    db.open()
+    db.save([("P:a_f1", 1.0, np.array([1.0]), {})])
+    db.close()
+    _schema(path, "2")
+    before = path.read_bytes()
+    with pytest.raises(StoreDamaged, match="schema version 2, written by a newer carelay"):
+        ShardDatabase(path).open()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-0.sqlite", "shard-0.sqlite.good"]
+
+
+def test_a_store_of_an_unknown_schema_is_damaged_and_restored(tmp_path):
+    path = tmp_path / "shard-0.sqlite"
+    db = ShardDatabase(path)
+    db.open()
+    db.close()
+    _schema(path, "x")
+    db = ShardDatabase(path)
+    assert db.open() == [] and db.restored_from_copy
+    db.close()
