@@ -59,10 +59,11 @@ def store_indices(data_dir: Path) -> list[int]:
     return sorted(out)
 
 
-def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
+def reshard(data_dir: Path, n_shards: int, store_path, moving=None) -> ReshardReport:
     """Move every PV in ``data_dir`` to its owner among ``n_shards``.
 
-    ``store_path(k)`` is where shard k keeps its store (Config.store_path).  A PV found
+    ``store_path(k)`` is where shard k keeps its store (Config.store_path); ``moving()``,
+    if given, is called once a move is found due, before any store is opened.  A PV found
     in two stores (a move cut short, or a store restored from its good copy) keeps the
     row of the newer stamp.  ReshardError when a store cannot be opened or written: what
     was moved stays moved, and the next start goes on with the rest.
@@ -71,6 +72,8 @@ def reshard(data_dir: Path, n_shards: int, store_path) -> ReshardReport:
     present = store_indices(data_dir)
     if not any(_misplaced(store_path(k), k, n_shards) for k in present):
         return report
+    if moving is not None:
+        moving()
     indices = sorted(set(present) | set(range(n_shards)))
     locks, dbs = [], {}
     try:

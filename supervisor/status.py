@@ -144,6 +144,9 @@ def collect(config: Config) -> dict | None:
         p["last_error"] = own.get("last_error") if own else None
         p["detail"] = None
         p["clock_offset"] = clocks.get(_shard_index(p["name"]))
+        if sup.get("resharding"):
+            p["state"], p["detail"] = "waiting", "it starts once the stores are resharded"
+            continue
         if not running:
             if p.get("last_exit") is not None:
                 p["detail"] = f"last exit: {describe_exit(p['last_exit'])}"
@@ -268,6 +271,9 @@ def _door(p: dict) -> str:
 def _relay_state(status: dict, ok: bool) -> str:
     if status.get("stopping"):
         return "stopping"
+    if status.get("resharding"):
+        shards = (status.get("config") or {}).get("shards", "?")
+        return f"starting, moving PVs between the stores for {shards} shards (see its log)"
     return "running" if ok else "degraded"
 
 

@@ -19,6 +19,7 @@ import secrets
 import select
 import signal
 import socket
+import threading
 import time
 
 from carelay.common import exits
@@ -82,13 +83,40 @@ class Supervisor:
         # one broker without systemd says it itself.
         self._told_ready = not (self.notify_socket or len(self.brokers) > 1)
 
-    def _write_status(self, now: float, stopping: bool = False) -> None:
+    @contextlib.contextmanager
+    def _resharding(self):
+        """For the move of PVs between stores before the children start: a callable that
+        says it in the status file, which a thread of its own then touches until the move
+        ends (the supervisor's loop, which touches it otherwise, waits for the move)."""
+        done = threading.Event()
+        toucher: list[threading.Thread] = []
+
+        def touch() -> None:
+            while not done.wait(STATUS_TOUCH_INTERVAL):
+                with contextlib.suppress(OSError):
+                    os.utime(self.status_path)
+
+        def moving() -> None:
+            self._write_status(time.monotonic(), resharding=True)
+            toucher.append(threading.Thread(target=touch, name="resharding", daemon=True))
+            toucher[0].start()
+
+        try:
+            yield moving
+        finally:
+            done.set()
+            for thread in toucher:
+                thread.join()
+
+    def _write_status(self, now: float, stopping: bool = False, resharding: bool = False) -> None:
         write_status(
             self.status_path,
             {
                 "role": "supervisor",
                 # Its children go now, and none is restarted: `carelay status` says so.
                 **({"stopping": True} if stopping else {}),
+                # Its children start once the stores' PVs are where the shard count says.
+                **({"resharding": True} if resharding else {}),
                 "config": config_to_dict(self.config),
                 "data_dir": str(self.config.data_dir.resolve()),
                 # As the broker reads it; the broker's own status has the port it got.
@@ -182,8 +210,9 @@ class Supervisor:
             self.config.data_dir.resolve(),
         )
         try:
-            # It logs what it moved, once.
-            reshard(self.config.data_dir, self.config.shards, self.config.store_path)
+            # It logs what it moved, once.  Meanwhile `carelay status` says so.
+            with self._resharding() as moving:
+                reshard(self.config.data_dir, self.config.shards, self.config.store_path, moving)
         except ReshardError as e:
             log.error("cannot start: %s", e)
             return exits.FAILED

@@ -252,3 +252,12 @@ def test_the_good_copies_are_of_the_stores_after_the_move(tmp_path, names):
     reshard(tmp_path, 3, store_path(tmp_path))
     _damage(tmp_path / "shard-2.sqlite")
     check_placed(tmp_path, names, 3)  # opens each: shard 2 from its good copy
+
+
+def test_the_move_is_announced_once_and_only_when_due(tmp_path, names):
+    fill(tmp_path, names[:300], 2)
+    said = []
+    reshard(tmp_path, 2, store_path(tmp_path), lambda: said.append(1))
+    assert said == []
+    reshard(tmp_path, 3, store_path(tmp_path), lambda: said.append(1))
+    assert said == [1]

@@ -299,3 +299,18 @@ def test_a_process_gone_while_the_supervisor_is_stopped_is_down(config, pids):
     assert f"supervisor: not answering: pid {pids[0]} is stopped (SIGSTOP" in text, text
     assert "broker: down: the supervisor, which restarts it, does not answer" in text, text
     assert "shard 1: down: last exit: killed by SIGKILL; the supervisor" in text, text
+
+
+def test_a_relay_moving_pvs_between_stores_is_starting(config, pids):
+    """The supervisor reshards before it starts its children: not 'not running', nor
+    'stopped' processes."""
+    relay_files(config.run_dir, pids, resharding=True)
+    sup = json.loads((config.run_dir / "supervisor.json").read_text())
+    for p in sup["processes"]:
+        p.update(state="stopped", pid=None, uptime=0.0)
+    (config.run_dir / "supervisor.json").write_text(json.dumps(sup))
+    assert states(config) == {"shard 0": "waiting", "broker": "waiting"}
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM
+    assert text.startswith("carelay starting, moving PVs between the stores for 1 shards"), text
+    assert "shard 0: waiting: it starts once the stores are resharded" in text, text
