@@ -137,6 +137,14 @@ PVA_SHARD_QUIET = 2 * HEARTBEAT_INTERVAL
 #: in epoll, a descriptor per PVA client connection, which costs it about 1.7 kB while
 #: idle (65,536 of them about 110 MB); pvxs closes one that sends nothing for 40 s.
 PVA_FD_LIMIT = 65_536
+#: The soft RLIMIT_NOFILE a shard sets (or the hard limit, if lower): on a tcp endpoint
+#: every connection to its port holds a descriptor until its handshake is done or given
+#: up (SHARD_HANDSHAKE_MS), and with systemd's usual 1,024 a flood of idle connections,
+#: keys or none, left it without descriptors: no broker could connect again.
+SHARD_FD_LIMIT = 65_536
+#: Milliseconds a connection to a shard's port has to complete its ZeroMQ handshake
+#: (CurveZMQ's, with keys) before the shard closes it (libzmq's default: 30 s).
+SHARD_HANDSHAKE_MS = 5_000
 #: Seconds a PV that a PVA client searched for stays followed before a channel of it
 #: is made (see PvaSync.searched); a client makes its channels right after its search.
 PVA_SEARCH_FOLLOW = 5.0

@@ -28,6 +28,8 @@ from carelay.common.config import (
     PEER_SILENCE,
     REFUSAL_LOG_LINES,
     REFUSAL_LOG_WINDOW,
+    SHARD_FD_LIMIT,
+    SHARD_HANDSHAKE_MS,
     SHOWN_WAIT,
     Config,
 )
@@ -39,6 +41,7 @@ from carelay.common.lifecycle import (
     die_with_parent,
     drain_wakeup_fd,
     first_start_under_supervisor,
+    fit_fd_limit,
     settle_gc,
     signal_wakeup_fd,
     write_status,
@@ -182,6 +185,7 @@ class ShardServer:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, SHARD_HANDSHAKE_MS)
         sock.bind(self.endpoint)
         self._sock = sock
         self._poller = zmq.Poller()
@@ -450,6 +454,7 @@ def run_shard(config: Config, index: int) -> int:
     """Entry point of ``carelay shard K``."""
     die_with_parent()
     bound_malloc()
+    fit_fd_limit(SHARD_FD_LIMIT)  # see SHARD_HANDSHAKE_MS
     stop = StopFlag()
     config.run_dir.mkdir(parents=True, exist_ok=True)
     store_path = config.store_path(index)
