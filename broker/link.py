@@ -16,7 +16,15 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from carelay.broker.linkstate import LinkState, LinkTimers, WantedPvs
-from carelay.common.keys import BROKER_CERT, SHARD_CERT, KeysError, load_keys
+from carelay.common.keys import (
+    BROKER_CERT,
+    HANDSHAKE_FAILED,
+    SHARD_CERT,
+    KeysError,
+    handshake_failure,
+    load_keys,
+)
+from carelay.common.logbudget import LogBudget
 from carelay.common.messages import Message, Write
 from carelay.common.protocol import (
     BATCH_MAX,
@@ -35,6 +43,9 @@ log = logging.getLogger(__name__)
 _POLLIN = int(zmq.POLLIN)
 #: Names ``own_writes`` holds before an APPLIED walks it for those applied.
 OWN_WRITES_MIN = 4096
+#: Seconds between two lines about a link's failed handshakes (ZeroMQ tries again and
+#: again): the first is said at once, the others counted in the next.
+HANDSHAKE_LOG_WINDOW = 60.0
 
 
 class ShardLink:
@@ -50,6 +61,12 @@ class ShardLink:
         self.endpoint = endpoint
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        self.handshake_log = LogBudget(
+            1,
+            HANDSHAKE_LOG_WINDOW,
+            f"shard {index}: {{count}} more failed handshakes in the last {{window:.0f}} s",
+            log,
+        )
         #: Sockets of earlier connections whose requests were in flight when the link went
         #: down: kept open so that the shard's answers to them still come (see
         #: Requests.orphans).
@@ -107,8 +124,9 @@ class ShardLink:
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
-        # Told at once when the shard goes away, instead of at the heartbeat timeout.
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        # Told at once when the shard goes away, instead of at the heartbeat timeout; and
+        # of a handshake that fails, which would otherwise look like a shard not there.
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         sock.connect(self.endpoint)
         self.sock = sock
         self.writes = self.writes_applied = 0  # the shard counts per connection
@@ -169,6 +187,14 @@ class ShardLink:
                 return broke
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 broke = True
+            elif event["event"] & HANDSHAKE_FAILED and self.handshake_log.allow():
+                log.warning(
+                    "shard %d at %s: the CurveZMQ handshake failed (%s): do this host's "
+                    "keys_dir and the shard's hold the same keys, made by one `carelay keys`?",
+                    self.index,
+                    self.endpoint,
+                    handshake_failure(event),
+                )
         return broke
 
     def forget_applied_writes(self) -> None:

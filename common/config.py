@@ -232,7 +232,12 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Conf
         )
     if config.keys_dir is not None:
         for cert in ("shard.key", "broker.key"):
-            if not (config.keys_dir / cert).exists():
+            try:
+                there = (config.keys_dir / cert).is_file()
+            except OSError as e:  # a directory this user may not read
+                why = e.strerror or e
+                raise ConfigError(f"keys_dir: cannot read {config.keys_dir}: {why}") from None
+            if not there:
                 raise ConfigError(f"keys_dir: {config.keys_dir / cert} is missing")
     if len(config.pvlist_name) > config.max_name_length:
         raise ConfigError("prefix: too long for max_name_length")

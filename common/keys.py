@@ -13,8 +13,29 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import zmq
+
 SHARD_CERT = "shard"
 BROKER_CERT = "broker"
+
+
+#: ZeroMQ monitor events of a connection whose handshake failed: a CurveZMQ key refused,
+#: or two sides that do not hold the same keys (or a peer that is no front-end).
+HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+def handshake_failure(event: dict) -> str:
+    """What a failed handshake's monitor event says: a key refused (ZAP's status code),
+    a ZMTP error, or the connection's errno."""
+    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return f"the key was refused, status {event['value']}"
+    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return f"protocol error {event['value']:#x}"
+    return os.strerror(event["value"]) if event["value"] else "no detail"
 
 
 class KeysError(ValueError):
@@ -61,12 +82,28 @@ def load_keys(directory: Path, name: str) -> tuple[bytes, bytes | None]:
 
     secret_path = directory / f"{name}.key_secret"
     public_path = directory / f"{name}.key"
-    path = secret_path if secret_path.exists() else public_path
     try:
+        path = secret_path if secret_path.exists() else public_path
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as e:
         raise KeysError(f"cannot read CurveZMQ key {path}: {e}") from None
+    for what, key in (("public", public), ("secret", secret)):
+        if key is not None and not _is_curve_key(key):
+            raise KeysError(
+                f"{path}: its {what} key is not a CurveZMQ key (40 Z85 characters); "
+                "make the keys again with `carelay keys DIR`"
+            )
     return public, secret
+
+
+def _is_curve_key(key: bytes) -> bool:
+    """``key`` is a CurveZMQ key as certificates hold it: 32 bytes in Z85."""
+    from zmq.utils import z85
+
+    try:
+        return len(key) == 40 and len(z85.decode(key)) == 32
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from carelay.common import exits, protocol
 from carelay.common.config import (
@@ -33,7 +34,14 @@ from carelay.common.config import (
     SHOWN_WAIT,
     Config,
 )
-from carelay.common.keys import SHARD_CERT, KeysError, load_keys
+from carelay.common.keys import (
+    BROKER_CERT,
+    HANDSHAKE_FAILED,
+    SHARD_CERT,
+    KeysError,
+    handshake_failure,
+    load_keys,
+)
 from carelay.common.lifecycle import (
     FreedMemory,
     StopFlag,
@@ -113,6 +121,14 @@ class ShardServer:
         #: (monotonic s; see ``drop_silent_peers``).
         self.drained_at = time.monotonic()
         self._next_peer_check = 0.0
+        #: Connections that failed their CurveZMQ handshake (see bind).
+        self._handshakes: zmq.Socket | None = None
+        self.handshake_log = LogBudget(
+            1,
+            REFUSAL_LOG_WINDOW,
+            "{count} more connections failed their handshake in the last {window:.0f} s",
+            log,
+        )
         #: Malformed messages, which any peer that reaches the socket can send.
         self.malformed_log = LogBudget(
             REFUSAL_LOG_LINES,
@@ -190,9 +206,18 @@ class ShardServer:
         self._sock = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
+        if self.config.keys_dir is not None:
+            # A front-end with other keys fails its handshake before any message: only
+            # the socket's monitor tells.
+            self._handshakes = sock.get_monitor_socket(HANDSHAKE_FAILED)
+            self._poller.register(self._handshakes, zmq.POLLIN)
         log.debug("listening on %s (epoch %x)", self.endpoint, self.epoch)
 
     def close(self) -> None:
+        if self._handshakes is not None:
+            self._sock.disable_monitor()
+            self._handshakes.close(linger=0)
+            self._handshakes = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -342,6 +367,8 @@ class ShardServer:
         # Only when a signal wrote: a look at an empty pipe costs a system call per batch.
         if self._wake_fd is not None and any(s == self._wake_fd for s, _ in ready):
             drain_wakeup_fd(self._wake_fd)
+        if self._handshakes is not None and any(s is self._handshakes for s, _ in ready):
+            self._failed_handshakes()
         n = 0
         while n < _BATCH:
             if not self._sock.get(zmq.EVENTS) & _POLLIN:
@@ -358,6 +385,20 @@ class ShardServer:
         self._commit()
         self._send_replies()
         return n
+
+    def _failed_handshakes(self) -> None:
+        """Say, within a log budget, that connections failed their CurveZMQ handshake."""
+        while True:
+            try:
+                event = recv_monitor_message(self._handshakes, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self.handshake_log.allow():
+                log.warning(
+                    "a connection failed its CurveZMQ handshake (%s): a front-end whose "
+                    "keys_dir holds keys of another `carelay keys`, or no front-end",
+                    handshake_failure(event),
+                )
 
     def serve(self, stop: StopFlag) -> bool:
         """Serve until ``stop``; False when the last flush left values unsaved."""
@@ -408,18 +449,31 @@ class ShardServer:
         return autosave.stop()
 
 
+class _FrontEndKey:
+    """Admits a CurveZMQ peer holding the front-ends' key (``broker.key``) alone (a peer
+    refused is said by the socket's monitor: see ShardServer.bind).  Called on the
+    authenticator's thread."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key == self.key
+
+
 def _curve_server(ctx: zmq.Context, sock: zmq.Socket, keys_dir: Path):
-    """Make ``sock`` a CurveZMQ server: encrypted, and only peers holding a key from
-    ``keys_dir`` get in.  Returns the authenticator, which runs until stopped."""
+    """Make ``sock`` a CurveZMQ server: encrypted, and only peers holding the front-ends'
+    key from ``keys_dir`` get in.  Returns the authenticator, which runs until stopped."""
     from zmq.auth.thread import ThreadAuthenticator
 
     public, secret = load_keys(keys_dir, SHARD_CERT)
     if secret is None:
         raise KeysError(f"{keys_dir / (SHARD_CERT + '.key_secret')} is missing")
+    front_end_key = load_keys(keys_dir, BROKER_CERT)[0]
     auth = ThreadAuthenticator(ctx)
     auth.start()
     try:
-        auth.configure_curve(domain="*", location=str(keys_dir))
+        auth.configure_curve_callback(domain="*", credentials_provider=_FrontEndKey(front_end_key))
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
@@ -474,7 +528,7 @@ def run_shard(config: Config, index: int) -> int:
         server.bind()
     except KeysError as e:
         log.error("cannot start: %s", e)
-        return EXIT_STORE_FAILED
+        return exits.CANNOT_START
     except zmq.ZMQError as e:
         log.error("cannot listen on %s: %s", server.endpoint, e)
         return exits.FAILED
