@@ -197,7 +197,8 @@ class ShardSync(ShardReceiver):
         client = waiting.client if waiting is not None else None
         why = f"shard refused: {msg.reason}"
         if self.broker.error("shard_refused", why, msg.name, link.index, client):
-            log.warning("shard %d refused %s: %s", link.index, msg.name, msg.reason)
+            what = msg.name or "this front-end"  # no name: its HELLO
+            log.warning("shard %d refused %s: %s", link.index, what, msg.reason)
 
     # -- resync ------------------------------------------------------------------------
 

@@ -128,15 +128,18 @@ def join_run(data_dir: Path, role_lock: str | None = None) -> list[int]:
 
 
 def run_token(config: Config) -> str | None:
-    """The token this process presents (broker) or asks for (shard); None: no token,
-    the CurveZMQ keys admit peers."""
-    # With keys the CurveZMQ handshake admits peers, under ``carelay up`` too: a broker
-    # started alone on another host (``[[ca]]``) holds the keys, never this run's token.
-    if config.keys_dir is not None:
-        return None
+    """The token this process presents (front-end) or asks for (shard); None: none.
+
+    With keys the CurveZMQ handshake admits peers, under ``carelay up`` too: a broker
+    started alone on another host (``[[ca]]``) holds the keys, never this run's token.
+    Under ``carelay up`` the run's token is still presented, and a shard refuses one it
+    is not of its run (see Admission): another relay on the same endpoints and keys (one
+    started with another data directory, say) does not write into this one's stores."""
     token = os.environ.get(RUN_TOKEN_ENV)
     if token and supervised(config.data_dir):
         return token
+    if config.keys_dir is not None:
+        return None
     return _token_file(config.data_dir / TOKEN_FILE)
 
 

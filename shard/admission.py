@@ -4,10 +4,13 @@ Several brokers (front-ends) are served at once, each on its newest connection; 
 change the shard applies goes to all of them (see ShardServer).
 
 A peer (a ROUTER identity) is served once it has opened with a HELLO that presents the
-relay's run token (any peer, where the shard asks for none).  A HELLO with a broker's
-id fences that broker's earlier connections: what still comes through them is refused,
-so that a request the broker sent before it reconnected either came before the snapshot
-it asks for now, or is never applied.
+relay's run token (any peer, where the shard asks for none).  With CurveZMQ keys, which
+admit peers, a HELLO may come without a token (a front-end started alone, on another
+host); one that presents a token not the shard's own is of another run, and refused.
+
+A HELLO with a broker's id fences that broker's earlier connections: what still comes
+through them is refused, so that a request the broker sent before it reconnected either
+came before the snapshot it asks for now, or is never applied.
 """
 
 from __future__ import annotations
@@ -30,7 +33,10 @@ log = logging.getLogger(__name__)
 _ADMITTED_MAX = 16
 #: Fenced connections remembered.
 _FENCED_MAX = 64
-_NOT_OURS = "not a broker of this relay: no token, or the wrong one"
+_NOT_OURS = (
+    "not a front-end of this relay: no token, or another run's (another relay on the same "
+    "endpoints and keys?)"
+)
 _FENCED = "sent before the broker reconnected"
 _DROPPED = "the shard missed sending this broker a change; it resyncs on reconnecting"
 _SILENT = "the broker was silent too long; it resyncs on reconnecting"
@@ -45,9 +51,13 @@ class Admission:
         reply: Callable[[bytes, Message], None],
         epoch: int = 0,
         follows: Follows | None = None,
+        required: bool = True,
     ) -> None:
         #: What a peer presents in its HELLO before it is served (None: every peer is).
         self.token = token
+        #: False where CurveZMQ keys admit peers: a HELLO without a token is served, one
+        #: with a token not this shard's (a front-end of another run) is not.
+        self.required = required
         self._reply = reply
         #: The shard's start id, which every reply carries.
         self.epoch = epoch
@@ -122,12 +132,10 @@ class Admission:
             return False
         first = msgs[0]
         hello = type(first) is Hello
-        if self.token is not None and not (
-            hello and hmac.compare_digest(first.token.encode(), self.token.encode())
-        ):
+        if self._not_ours(first, hello):
             if hello:
                 self._reply(peer, Reject(first.req, "", _NOT_OURS, self.epoch))
-            self._refused_peer(len(msgs), "a peer without this relay's token")
+            self._refused_peer(len(msgs), "a peer without this relay's token, or of another run")
             return False
         broker = first.broker if hello else ""
         if broker:
@@ -146,6 +154,17 @@ class Admission:
             self.follows.forget(oldest)
             self.on_drop(oldest)
         return True
+
+    def _not_ours(self, first, hello: bool) -> bool:
+        """Whether a peer whose first message is ``first`` is refused for its token."""
+        if not self.required:
+            said = first.token if hello else ""
+            if not said:
+                return False  # the keys admitted it
+            return self.token is None or not hmac.compare_digest(said.encode(), self.token.encode())
+        return self.token is not None and not (
+            hello and hmac.compare_digest(first.token.encode(), self.token.encode())
+        )
 
     def _fence(self, peer: bytes, reason: str) -> None:
         self._writes.pop(peer, None)

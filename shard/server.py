@@ -141,7 +141,9 @@ class ShardServer:
         self.gate = gate = ReadGate(self.epoch, SHOWN_WAIT)
         follows = Follows(self.epoch)
         self.outbox = Outbox(lambda: self.admission.peers(), self._lost, self.epoch, gate, follows)
-        self.admission = Admission(token, self.outbox.reply, self.epoch, follows)
+        self.admission = Admission(
+            token, self.outbox.reply, self.epoch, follows, required=config.keys_dir is None
+        )
         self.admission.on_drop = gate.forget
         self.requests = RequestHandler(
             self.store,

@@ -223,3 +223,18 @@ def test_a_broker_that_says_hello_again_fences_its_earlier_connection(tmp_path):
     assert [type(m) for m in out] == [Update, Ack, Applied]
     assert [m.req for m in out[:2]] == [0, 7]
     assert [type(m) for m in _send(server, [Ping(8)], peer=b"other")] == [Pong]
+
+
+def test_with_keys_a_front_end_under_carelay_up_presents_its_run_token(tmp_path, monkeypatch):
+    """So that a shard of another run (same endpoints and keys) refuses it; started
+    alone, with keys, it presents none (the keys admit it)."""
+    from carelay.common import runlock
+
+    (tmp_path / "keys").mkdir()
+    for name in ("shard.key", "broker.key"):
+        (tmp_path / "keys" / name).write_text("")
+    config = load_config(data_dir=str(tmp_path / "data"), keys_dir=str(tmp_path / "keys"))
+    monkeypatch.setenv(runlock.RUN_TOKEN_ENV, "this run")
+    assert run_token(config) is None  # not a child of the relay's `carelay up`
+    monkeypatch.setattr(runlock, "supervised", lambda data_dir: True)
+    assert run_token(config) == "this run"

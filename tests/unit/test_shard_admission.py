@@ -12,9 +12,10 @@ from carelay.shard.admission import Admission
 NAME = "U:a_f1"
 
 
-def _admission(token: str | None = "s3cret") -> tuple[Admission, list]:
+def _admission(token: str | None = "s3cret", required: bool = True) -> tuple[Admission, list]:
     replies: list[tuple[bytes, Message]] = []
-    return Admission(token, lambda peer, msg: replies.append((peer, msg))), replies
+    admission = Admission(token, lambda peer, msg: replies.append((peer, msg)), required=required)
+    return admission, replies
 
 
 def _hello(req: int, token: str = "s3cret", broker: str = "b1") -> Hello:
@@ -28,7 +29,7 @@ def test_a_peer_is_served_once_its_hello_presents_the_token():
     assert not admission.admit(b"p", [_hello(2, token="wrong")])
     ((peer, reject),) = replies
     assert peer == b"p" and type(reject) is Reject and reject.req == 2
-    assert "not a broker of this relay" in reject.reason
+    assert "not a front-end of this relay" in reject.reason
     assert b"p" not in admission
     assert admission.admit(b"p", [_hello(3)])
     assert b"p" in admission
@@ -38,6 +39,22 @@ def test_without_a_token_every_peer_is_served():
     admission, replies = _admission(token=None)
     assert admission.admit(b"p", [Ping(1)])
     assert b"p" in admission and replies == []
+
+
+def test_with_keys_a_front_end_of_another_run_is_refused_and_one_alone_served():
+    """Keys admit peers (a broker started alone on another host presents no token); a
+    front-end that presents a token is of a run, and served by a shard of that run only:
+    a second relay on the same endpoints and keys wrote into this one's stores."""
+    for shard_token in ("s3cret", None):  # a shard under `carelay up`, or started alone
+        admission, replies = _admission(shard_token, required=False)
+        assert admission.admit(b"alone", [_hello(1, token="")])
+        assert not admission.admit(b"other", [_hello(2, token="another run")])
+        ((peer, reject),) = replies
+        assert peer == b"other" and reject.req == 2
+        assert "another run's (another relay on the same endpoints and keys?)" in reject.reason
+        assert b"other" not in admission
+    admission, replies = _admission("s3cret", required=False)
+    assert admission.admit(b"ours", [_hello(3)]) and replies == []
 
 
 def test_a_second_hello_of_a_broker_fences_its_earlier_connection():
