@@ -183,6 +183,8 @@ def _misplaced(path: Path, index: int, n_shards: int) -> bool:
 
 
 def _remove_store(path: Path) -> None:
-    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), good_copy_path(path)):
+    # The good copy first: left alone by a crash, it is a store "gone missing", which the
+    # next start restores from it, with the PVs it held before they moved.
+    for p in (good_copy_path(path), path, Path(f"{path}-wal"), Path(f"{path}-shm")):
         p.unlink(missing_ok=True)
     log.info("removed the emptied store %s", path)
