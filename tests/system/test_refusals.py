@@ -131,7 +131,9 @@ def test_what_pcas_writes_on_bad_searches_is_bounded_relay_log(make_relay):
         # Answered: the relay has read the datagrams before.
         s.settimeout(1.0)
         wait_for(lambda: answered(s, good, 7), timeout=30, what="an answer after bad searches")
-    relay.wait_log("CAS: zero length PV name", timeout=10)
+    # PCAS writes it with or without its "CAS: " (two threads write its lines: which
+    # comes first, and how, varies from run to run).
+    relay.wait_log("zero length PV name", timeout=10)
     new = relay.log_path.read_bytes()[start:].decode(errors="replace").splitlines()
     assert len(new) < 100, len(new)
     assert all(RELAY_LINE.match(line) for line in new), new[:10]
