@@ -135,7 +135,7 @@ def _writer(args):
 def test_concurrent_writers_to_one_pv(relay):
     buffer = relay.name("shared", "F2000")
     scalar = relay.name("shared", "f1")
-    writers, puts = 4, 250
+    writers, puts = 4, 150
     values = [[w * 10_000.0 + i for i in range(puts)] for w in range(writers)]
     env = {k: os.environ[k] for k in CA_ENV}
     with multiprocessing.get_context("spawn").Pool(writers) as pool:
