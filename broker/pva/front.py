@@ -445,4 +445,6 @@ class PvaFrontEnd:
         sent = self.forwarder.delete(name, put)
         if sent:
             self.delpv.last = name
+            if self.delpv.channel is not None:  # its gets read the name, as CA's do
+                self.delpv.channel.show(self.delpv.fields())
         _part(put, sent)

@@ -213,6 +213,8 @@ def test_pvlist_and_delpv(relay, pva):
     assert name in _pvlist(relay, pva)
     pva.put(relay.prefix + "delpv", name, timeout=5)
     assert name not in _pvlist(relay, pva)
+    # As over CA: delpv reads the name it deleted last.
+    assert pva.get(relay.prefix + "delpv", timeout=5).raw["value"] == name
     with pytest.raises(p4p.client.thread.RemoteError, match="no such PV"):
         pva.put(relay.prefix + "delpv", relay.name("never", "f1"), timeout=5)
 
