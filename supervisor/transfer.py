@@ -297,14 +297,10 @@ def _admissible(
     records: Iterable[pvfile.PvRecord], config: Config, existing: Iterable[str]
 ) -> tuple[list[pvfile.PvRecord], int]:
     """The records this relay can take; each refused one gets its log line.  A record is
-    refused when its name is not one of this relay's, when the relay (or an earlier
-    line) holds its name with another type or count (two PVs for one quantity), or when
-    it would be a PV past ``max_pvs``."""
-    held = {}
-    for name in existing:
-        parsed = split_type(name)
-        if parsed is not None:
-            held.setdefault(parsed[0], name)
+    refused when its name is not one of this relay's, or when it would be a PV past
+    ``max_pvs``.  Names that differ in their type or count alone (``x_f1`` beside
+    ``x_i1``) are two PVs, as the relay holds them: its export has both, and its import
+    takes both."""
     pvs = set(existing)
     ok, refused = [], 0
     for record in records:
@@ -319,18 +315,10 @@ def _admissible(
             )
             refused += 1
             continue
-        other = held.get(record.base, record.name)
-        if other != record.name:
-            log.warning(
-                "refused %s: conflicting type: the relay holds %s", _said(record.name), other
-            )
-            refused += 1
-            continue
         if record.name not in pvs and len(pvs) >= config.max_pvs:
             log.warning("refused %s: max_pvs (%d) reached", _said(record.name), config.max_pvs)
             refused += 1
             continue
-        held.setdefault(record.base, record.name)
         pvs.add(record.name)
         ok.append(record)
     return ok, refused

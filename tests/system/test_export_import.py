@@ -95,14 +95,18 @@ def test_export_delete_import_running(make_relay, ca, tmp_path):
     )
 
 
-def test_import_refuses_a_conflicting_type_and_imports_the_others(make_relay, ca, tmp_path):
+def test_import_takes_pvs_that_share_a_base_name_and_refuses_a_bad_line(make_relay, ca, tmp_path):
+    """The relay holds ``x_f1`` and ``x_i1`` side by side when clients put to both; its
+    export has both, so its import takes both (it refused the second one: a backup and
+    restore lost it).  A line whose type disagrees with its name is refused alone."""
     relay = make_relay()
     p = relay.prefix
     assert write_status(connect(ca, f"{p}x_f1"), [1.5]).success
     t = 1795904681.0  # a stamp EPICS time carries; a running relay stamps puts itself
     lines = [
         {"name": f"{p}x_i1", "type": "i", "count": 1, "stamp": t, "fields": {}, "value": [7]},
-        {"name": f"{p}y_f2", "type": "f", "count": 2, "stamp": t, "fields": {}, "value": [2.5]},
+        {"name": f"{p}x_F3", "type": "F", "count": 3, "stamp": t, "fields": {}, "value": [1]},
+        {"name": f"{p}y_f2", "type": "i", "count": 2, "stamp": t, "fields": {}, "value": [2]},
         {"name": f"{p}z_i2", "type": "i", "count": 2, "stamp": t, "fields": {}, "value": [3, 4]},
     ]
     path = tmp_path / "in.jsonl"
@@ -112,11 +116,12 @@ def test_import_refuses_a_conflicting_type_and_imports_the_others(make_relay, ca
     assert r.returncode == 1, r.stderr
     refusals = [line for line in r.stderr.splitlines() if " WARNING " in line]
     assert len(refusals) == 1, r.stderr
-    assert f"{p}x_i1: conflicting type: the relay holds {p}x_f1" in refusals[0]
+    assert f"{p}y_f2: conflicting type: the line says i2" in refusals[0], refusals
     names = {e["name"]: e for e in export(relay)}
-    assert set(names) == {f"{p}x_f1", f"{p}y_f2", f"{p}z_i2"}
+    assert set(names) == {f"{p}x_f1", f"{p}x_i1", f"{p}x_F3", f"{p}z_i2"}
     assert names[f"{p}x_f1"]["value"] == [1.5]
-    assert list(connect(ca, f"{p}y_f2").read().data) == [2.5]
+    assert list(connect(ca, f"{p}x_i1").read().data) == [7]
+    assert list(connect(ca, f"{p}x_F3").read().data) == [1.0]
     assert list(connect(ca, f"{p}z_i2").read().data) == [3, 4]
 
 
