@@ -50,8 +50,10 @@ log = logging.getLogger(__name__)
 
 #: gddAppType_dbr_ctrl_* for each numeric type letter.
 _CTRL_APP = {"f": 34, "i": 33}
-#: The DBR_CTRL limits in the order of the gdd's elements 2..9.
-_CTRL_LIMITS = ("LOW", "HIGH", "LOLO", "HIHI", "LOPR", "HOPR", "DRVL", "DRVH")
+#: The DBR_CTRL limits in the order of the gdd's elements 2..9: warning, alarm, control
+#: and display limits, lower first.  A read's control limits are HOPR/LOPR (PCAS asks the
+#: PV for its display limits alone), and an event must say what a read says.
+_CTRL_LIMITS = ("LOW", "HIGH", "LOLO", "HIHI", "LOPR", "HOPR", "LOPR", "HOPR")
 
 
 class RelayPV(MirrorView, DisplayFields, BasePV):

@@ -267,6 +267,21 @@ def test_ctrl_and_graphic_reads_give_units_precision_and_limits(relay, ca, type_
     # PCAS answers control limits from the display limits' getters: HOPR/LOPR.
     md = read(ca, name, data_type="control").metadata
     assert (md.upper_ctrl_limit, md.lower_ctrl_limit) == (100.0, -100.0)
+    # An event says what a read says, drive limits set or not (events swapped them: a
+    # Phoebus widget's range fell to DRVL..DRVH, 0..0, after a put).
+    set_field(ca, name, "DRVH", 50.0)
+    set_field(ca, name, "DRVL", -5.0)
+    events = Events(connect(ca, name), data_type="control")
+    events.wait(1, "the first DBR_CTRL event")
+    put(name, 8)
+    events.wait(2, "a DBR_CTRL event of a put")
+    events.clear()
+    read_md = read(ca, name, data_type="control").metadata
+    for _, event in events.seen:
+        for limit in ("disp_limit", "ctrl_limit", "alarm_limit", "warning_limit"):
+            for side in ("upper", "lower"):
+                key = f"{side}_{limit}"
+                assert getattr(event, key) == getattr(read_md, key), (key, events.seen)
 
     pv = epics.PV(name, form="ctrl", auto_monitor=False)
     assert pv.wait_for_connection(timeout=5)
