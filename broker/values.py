@@ -152,6 +152,11 @@ def fill_gdd(spec: PvSpec, gdd: cas.gdd, contents: np.ndarray) -> None:
     if spec.count == 1 and spec.kind != "c":
         put_number(gdd, contents[0].item())
         return
+    if contents.dtype == np.uint8 and contents.max() >= 0x80:
+        # pcaspy puts bytes as signed chars: read as numbers, 195 would go out as -61
+        # (DBR_CHAR is epicsUInt8).  As int16 every byte keeps its value, whatever type
+        # a client reads; text in ASCII alone (most) goes as it is.
+        contents = contents.astype(np.int16)
     contents = np.ascontiguousarray(contents)
     gdd.setDimension(1)
     gdd.setBound(0, 0, len(contents))

@@ -115,6 +115,27 @@ def test_char_array_holds_text(relay):
     assert get_array(name, as_string=True) == "from caproto"
 
 
+def test_char_bytes_read_as_numbers_keep_their_value(relay, ca):
+    """DBR_CHAR is epicsUInt8: a byte of 195 reads 195 as DBR_LONG and DBR_DOUBLE too,
+    in a read and in a monitor event (it read -61: pcaspy put bytes as signed chars)."""
+    name = relay.name("bytes", "c4")
+    pv = connect(ca, name)
+    raw = [195, 255, 128, 1]
+    assert write_status(pv, raw, data_type=ChannelType.CHAR).success
+    events = []
+
+    def on_event(sub, response):  # caproto holds callbacks weakly: not a lambda
+        events.append(response.data.tolist())
+
+    sub = pv.subscribe(data_type=ChannelType.LONG, data_count=0)
+    sub.add_callback(on_event)
+    assert pv.read(data_type=ChannelType.CHAR, data_count=0).data.tolist() == raw
+    for data_type in (ChannelType.LONG, ChannelType.DOUBLE, ChannelType.INT):
+        assert pv.read(data_type=data_type, data_count=0).data.tolist() == raw, data_type
+    wait_for(lambda: raw in events, what=f"a DBR_LONG event of {raw}")
+    sub.clear()
+
+
 def test_char_one_element(relay, ca):
     # pyepics drops the text of a string put to a count-1 char PV on its
     # client side; caproto sends it.
