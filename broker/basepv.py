@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from pcaspy import cas
 
 from carelay.broker.mirror import VALUE_MASK
-from carelay.broker.values import AIT_TYPES
+from carelay.broker.values import AIT_TYPES, ca_units
 
 if TYPE_CHECKING:
     from carelay.broker.app import Broker
@@ -74,7 +74,7 @@ class DisplayFields:
         """The value of field ``name`` (EGU, PREC, HOPR, LOPR, HIHI, HIGH, LOW, LOLO)."""
         raise NotImplementedError
 
-    getUnits = _display_getter("getUnits", "EGU", str)
+    getUnits = _display_getter("getUnits", "EGU", ca_units)
     getPrecision = _display_getter("getPrecision", "PREC", int)
     getHighLimit = _display_getter("getHighLimit", "HOPR", float)
     getLowLimit = _display_getter("getLowLimit", "LOPR", float)

@@ -21,6 +21,7 @@ from carelay.broker.mirror import MirrorView, PvMirror
 from carelay.broker.sync import catch_up
 from carelay.broker.values import (
     ConversionError,
+    ca_units,
     fill_gdd,
     gdd_to_array,
     number_array,
@@ -154,7 +155,7 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
     def _ctrl_gdd(self, value: cas.gdd) -> cas.gdd:
         f = self.mirror.eff
         ctrl = cas.gdd.createDD(_CTRL_APP[self.spec.kind])
-        ctrl[1].put(str(f.get("EGU", "")))
+        ctrl[1].put(ca_units(f.get("EGU", "")))
         for i, key in enumerate(_CTRL_LIMITS):
             ctrl[2 + i].put(float(f.get(key, 0.0)))
         if self.spec.kind == "f":

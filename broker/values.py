@@ -136,6 +136,20 @@ def gdd_to_array(spec: PvSpec, value: cas.gdd) -> np.ndarray:
     return number_elements(spec, _numbers(value, n))
 
 
+#: Bytes of units a DBR_GR/DBR_CTRL value carries, its NUL aside (MAX_UNITS_SIZE 8).
+UNITS_BYTES = 7
+
+
+def ca_units(egu: object) -> str:
+    """EGU as DBR_GR/DBR_CTRL carry it: PCAS cuts it to UNITS_BYTES bytes, in the middle
+    of a character of UTF-8 if one is there (``°C`` after six bytes read as invalid
+    UTF-8); here it is cut before that character."""
+    raw = str(egu).encode("utf-8")
+    if len(raw) <= UNITS_BYTES:
+        return str(egu)
+    return raw[:UNITS_BYTES].decode("utf-8", "ignore")
+
+
 def fill_gdd(spec: PvSpec, gdd: cas.gdd, contents: np.ndarray) -> None:
     """Put ``contents`` into ``gdd`` as the value (never zero elements: CA cannot send them)."""
     if gdd.primitiveType() == cas.aitEnumInvalid:

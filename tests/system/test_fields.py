@@ -283,6 +283,13 @@ def test_ctrl_and_graphic_reads_give_units_precision_and_limits(relay, ca, type_
                 key = f"{side}_{limit}"
                 assert getattr(event, key) == getattr(read_md, key), (key, events.seen)
 
+    # DBR_CTRL carries 7 bytes of units: cut before a character, not in the middle of one
+    # (the ninth byte of "温度°C" is in its "°": what a client got was not UTF-8).
+    set_field(ca, name, "EGU", "温度°C".encode())  # as its UTF-8 bytes: caproto sends them
+    assert read(ca, name, data_type="control").metadata.units == "温度".encode()
+    assert read(ca, f"{name}.EGU").data[0] == "温度°C".encode()
+    set_field(ca, name, "EGU", "V")
+
     pv = epics.PV(name, form="ctrl", auto_monitor=False)
     assert pv.wait_for_connection(timeout=5)
     cv = pv.get_ctrlvars(timeout=5)
