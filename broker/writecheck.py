@@ -23,18 +23,26 @@ DBR_STS_STRING = 7
 #: Bytes of each element on the wire.
 _STRING_SIZE = 40
 _NUMBERS = {
+    DBR_SHORT: struct.Struct(">h"),
     DBR_FLOAT: struct.Struct(">f"),
     DBR_LONG: struct.Struct(">i"),
     DBR_DOUBLE: struct.Struct(">d"),
 }
-#: The numbers an integer native type holds.
-_INT_RANGE = {DBR_SHORT: (-(2**15), 2**15 - 1, 16), DBR_LONG: (-(2**31), 2**31 - 1, 32)}
+#: The numbers an integer native type holds, and what it is called.
+_INT_RANGE = {
+    DBR_SHORT: (-(2**15), 2**15 - 1, "a 16-bit integer"),
+    DBR_LONG: (-(2**31), 2**31 - 1, "a 32-bit integer"),
+    DBR_CHAR: (0, 255, "a char (0 to 255)"),
+}
 #: Native types whose puts are judged, and the put types judged for each.
 CHECKED = {
     DBR_DOUBLE: frozenset({DBR_STRING}),
     DBR_FLOAT: frozenset({DBR_STRING}),
     DBR_LONG: frozenset({DBR_STRING, DBR_FLOAT, DBR_DOUBLE}),
     DBR_SHORT: frozenset({DBR_STRING, DBR_FLOAT, DBR_DOUBLE, DBR_LONG}),
+    # A number put to a char (c, C) PV: PCAS wrapped 300 to 44 and -1 to 255.  Text is
+    # left to PCAS: a name put to delpv as DBR_STRING is no number.
+    DBR_CHAR: frozenset({DBR_SHORT, DBR_FLOAT, DBR_DOUBLE, DBR_LONG}),
 }
 #: Puts with more payload than this are left to PCAS (a large array of text or doubles
 #: to a number PV): judging them would hold the payload.
@@ -101,7 +109,8 @@ def _range_refusal(native: int, x: float) -> str | None:
     bounds = _INT_RANGE.get(native)
     if bounds is None:
         return None
-    low, high, bits = bounds
-    if math.isnan(x) or not low <= x <= high:
-        return f"{x} does not fit a {bits}-bit integer"
+    low, high, what = bounds
+    # A fraction is cut toward zero, as PCAS and an IOC cut it: 255.9 is a char's 255.
+    if not math.isfinite(x) or not low <= math.trunc(x) <= high:
+        return f"{x} does not fit {what}"
     return None

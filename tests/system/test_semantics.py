@@ -423,6 +423,20 @@ def test_int_out_of_range_fails_and_keeps_the_value(relay, ca, text):
     assert get(name) == 12
 
 
+def test_a_number_a_char_cannot_hold_fails_and_keeps_the_bytes(relay, ca):
+    """PCAS cast a number put to a c or C PV to a byte: 300 went in as 44, -1 as 255,
+    silently (an i PV refuses what it cannot hold)."""
+    name = relay.name("flags", "c4")
+    pv = connect(ca, name)
+    assert write_status(pv, [65, 66], data_type=ChannelType.CHAR).success
+    for bad, data_type in (([300, 1], ChannelType.LONG), ([-1.5], ChannelType.DOUBLE)):
+        assert not write_status(pv, bad, data_type=data_type).success, bad
+        assert pv.read(data_type=ChannelType.CHAR, data_count=0).data.tolist() == [65, 66]
+    assert write_status(pv, [255, 0.9], data_type=ChannelType.DOUBLE).success  # 255, 0
+    assert pv.read(data_type=ChannelType.LONG, data_count=0).data.tolist() == [255, 0]
+    assert "300 does not fit a char (0 to 255)" in relay.log()
+
+
 @pytest.mark.parametrize("type_count, text, kept", [("f1", "xyz", 1.25), ("i1", "1e12", 12)])
 def test_a_refused_put_without_callback_keeps_the_value(relay, ca, type_count, text, kept):
     # The refusals above, for puts that wait for no answer (a number to a scalar takes a

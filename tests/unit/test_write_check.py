@@ -32,6 +32,12 @@ def _text(t: str) -> bytes:
         (5, 6, struct.pack(">d", float("nan")), "nan does not fit a 32-bit integer"),
         (5, 0, _text("3e9"), "3000000000.0 does not fit a 32-bit integer"),
         (1, 5, struct.pack(">i", 40000), "40000 does not fit a 16-bit integer"),
+        # A char PV: PCAS wrapped 300 to 44, -1 to 255, 70000 to 112.
+        (4, 5, struct.pack(">i", 300), "300 does not fit a char (0 to 255)"),
+        (4, 5, struct.pack(">i", -1), "-1 does not fit a char (0 to 255)"),
+        (4, 1, struct.pack(">h", 256), "256 does not fit a char (0 to 255)"),
+        (4, 6, struct.pack(">d", -1.5), "-1.5 does not fit a char (0 to 255)"),
+        (4, 6, struct.pack(">d", float("inf")), "inf does not fit a char (0 to 255)"),
     ],
 )
 def test_what_pcas_would_turn_into_another_value_is_refused(native, dtype, payload, why):
@@ -48,6 +54,10 @@ def test_what_pcas_would_turn_into_another_value_is_refused(native, dtype, paylo
         (5, 6, struct.pack(">d", 2.0**31 - 1)),
         (5, 6, struct.pack(">d", 1.5)),  # a fraction goes in cut, as PCAS and an IOC do
         (5, 0, _text("-2147483648")),
+        (4, 5, struct.pack(">i", 255)),
+        (4, 6, struct.pack(">d", 255.9)),  # cut to 255, as PCAS and an IOC do
+        (4, 6, struct.pack(">d", -0.5)),  # cut to 0
+        (5, 6, struct.pack(">d", 2.0**31 - 0.5)),  # cut to 2**31 - 1
     ],
 )
 def test_what_pcas_converts_faithfully_goes(native, dtype, payload):
@@ -58,6 +68,8 @@ def test_only_number_channels_and_small_puts_are_judged():
     assert writecheck.judged(6, 0, 1) and writecheck.judged(5, 6, 100)
     assert not writecheck.judged(6, 6, 1)  # a double to a double: nothing to lose
     assert not writecheck.judged(0, 0, 1)  # text to text
+    assert writecheck.judged(4, 5, 1) and not writecheck.judged(4, 4, 1)  # char to char
+    assert not writecheck.judged(4, 0, 1)  # text to a char PV (a name to delpv)
     assert not writecheck.judged(4, 0, 1)  # text to a char array is the relay's own
     assert not writecheck.judged(6, 0, 1000)  # 40 kB of text: left to PCAS
 
