@@ -43,6 +43,8 @@ WRITE_RIGHT = 2
 NAME_BYTES_MAX = 1024
 
 _HEADER = struct.Struct(">HHHHII")  # command, payload size, type, count, p1, p2
+#: Bytes of one DBR_STRING element (MAX_STRING_SIZE).
+_STRING_BYTES = 40
 _EXTENDED = struct.Struct(">II")  # payload size, count
 _SMALL, _LARGE = 16, 24
 
@@ -172,9 +174,9 @@ class Channels:
         self.on_refused = refused
         self.tracked = denied is not None
         self.limit = limit
-        #: sid -> (native DBR type, the put types judged) of the channels whose puts are
-        #: judged (writecheck).
-        self.natives: dict[int, tuple[int, frozenset[int]]] = {}
+        #: sid -> (native DBR type, the put types judged, its count) of the channels whose
+        #: puts are judged (writecheck).
+        self.natives: dict[int, tuple[int, frozenset[int], int]] = {}
         #: CREATE_CHANs read that PCAS has not answered yet.
         self.pending = 0
         self.names: dict[int, str] = {}  # cid -> channel name, while the channel lasts
@@ -208,14 +210,15 @@ class Channels:
             if sid is not None:
                 self.denied[sid] = cid
 
-    def created(self, cid: int, sid: int, native: int = -1) -> None:
-        """PCAS made channel ``sid`` of DBR type ``native`` for the client's ``cid``."""
+    def created(self, cid: int, sid: int, native: int = -1, count: int = 0) -> None:
+        """PCAS made channel ``sid`` of DBR type ``native`` and ``count`` elements for the
+        client's ``cid``."""
         self.pending = max(0, self.pending - 1)
         self.cids[sid] = cid
         self.sids[cid] = sid
         judged = writecheck.CHECKED.get(native)
         if judged is not None:
-            self.natives[sid] = (native, judged)
+            self.natives[sid] = (native, judged, count)
         if cid in self.read_only:
             self.denied[sid] = cid
 
@@ -277,6 +280,8 @@ class ClientStream(StreamWalker):
         self._put: tuple[int, int, int, int, bool] | None = None
         self._put_at: int | None = None
         self._put_read = 0
+        #: For text put to a char channel (see _text_to_chars): the channel's count.
+        self._chars: int | None = None
 
     def _message(self, command, size, dtype, count, p1, p2, buf, at) -> bool:
         if command in _WRITES:
@@ -287,7 +292,11 @@ class ClientStream(StreamWalker):
                 return False  # PCAS refuses it for want of write access, whatever it holds
             # On every put: one look-up where nothing is judged.
             native = channels.natives.get(p1)
-            if native is None or dtype not in native[1]:
+            if native is None:
+                return False
+            if dtype == writecheck.DBR_STRING and native[0] == writecheck.DBR_CHAR:
+                return self._text_to_chars(command, size, count, p1, notify, at, native[2])
+            if dtype not in native[1]:
                 return False
             if not 0 < size <= writecheck.MAX_CHECKED_BYTES + 8:
                 return False  # PCAS refuses a payload larger than a small put needs
@@ -335,7 +344,7 @@ class ClientStream(StreamWalker):
         if self._kind in _WRITES:
             self._kept += buf[pos : pos + k]  # at most MAX_CHECKED_BYTES + 8 (above)
             if last:
-                self._judge(buf)
+                self._decide(buf)
             return
         room = NAME_BYTES_MAX - len(self._kept)
         if room > 0:
@@ -356,8 +365,44 @@ class ClientStream(StreamWalker):
         the put is judged now, its header in ``buf`` (the read just fed) rewritten if it
         is refused; the bytes pass unjudged when they come."""
         self._kept += rest
-        self._judge(buf)
+        self._decide(buf)
         self._watching = False
+
+    def _text_to_chars(self, command, size, count, sid, notify, at, chars) -> bool:
+        """A DBR_STRING put to a char channel (a ``c`` or ``C`` PV, ``delpv``): what EPICS
+        ``caput`` sends without ``-S``.  PCAS would read the text as one number; it goes
+        as the char put of its bytes it is meant as (``_retype``), where its header is in
+        this read (else it is left to PCAS, as before)."""
+        if count != 1 or at is None or not _STRING_BYTES <= size <= _STRING_BYTES + 8:
+            return False
+        self._kind = command
+        self._kept.clear()
+        self._put = (writecheck.DBR_CHAR, writecheck.DBR_STRING, count, sid, notify)
+        self._put_at = at - 1
+        self._put_read = self.reads
+        self._chars = chars
+        return True
+
+    def _decide(self, buf) -> None:
+        if self._chars is not None:
+            self._retype(buf)
+        else:
+            self._judge(buf)
+
+    def _retype(self, buf) -> None:
+        """The header of a text put to a char channel, rewritten in place: DBR_CHAR, as
+        many elements as the text has bytes, and its terminator where the channel has
+        room for it (more than the channel holds: ECA_BADCOUNT, as for a char put).  The
+        payload stays as it is: the text's bytes, and padding past the count."""
+        chars, self._chars = self._chars, None
+        text = bytes(self._kept[:_STRING_BYTES]).split(b"\0", 1)[0]
+        self._kept.clear()
+        if self._put_read != self.reads:
+            return  # its header went to PCAS in an earlier read: PCAS converts it
+        n = len(text)
+        count = n + 1 if n < chars or n == 0 else n
+        at = self._put_at
+        buf[at + 4 : at + 8] = struct.pack(">HH", writecheck.DBR_CHAR, count)
 
     def _judge(self, buf) -> None:
         """A judged put is read whole: one PCAS would convert to something else than it
@@ -396,7 +441,7 @@ class ServerStream(StreamWalker):
             if channels.tracked:
                 channels.rights(p1, p2)
         elif command == CA_PROTO_CREATE_CHAN:
-            channels.created(p1, p2, dtype)
+            channels.created(p1, p2, dtype, count)
         elif command == CA_PROTO_CLEAR_CHANNEL:
             channels.cleared(p1)
         elif command == CA_PROTO_CREATE_CH_FAIL:

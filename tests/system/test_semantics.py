@@ -136,6 +136,21 @@ def test_char_bytes_read_as_numbers_keep_their_value(relay, ca):
     sub.clear()
 
 
+def test_text_put_as_a_string_to_a_char_pv_is_its_text(relay, ca):
+    """What EPICS caput sends without -S (DBR_STRING): PCAS read it as one number, so
+    'hello' failed and a name put to delpv reached the relay as an empty one."""
+    name = relay.name("said", "c40")
+    pv = connect(ca, name)
+    assert write_status(pv, [b"hello"], data_type=ChannelType.STRING).success
+    # As a char put of the text with its terminator (caput -S) stores it.
+    assert bytes(pv.read(data_count=0).data) == b"hello\0"
+    gone = relay.name("gone", "f1")
+    put(gone, 1.0)
+    delpv = connect(ca, relay.prefix + "delpv")
+    assert write_status(delpv, [gone.encode()], data_type=ChannelType.STRING).success
+    assert gone not in pvlist(relay)
+
+
 def test_char_one_element(relay, ca):
     # pyepics drops the text of a string put to a count-1 char PV on its
     # client side; caproto sends it.

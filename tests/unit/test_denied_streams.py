@@ -58,12 +58,18 @@ class Circuit:
         self._feed(self.writes, wire(*commands))
 
     def open(
-        self, name: str, cid: int, sid: int, rights: int = 3, native: ca.ChannelType = DOUBLE
+        self,
+        name: str,
+        cid: int,
+        sid: int,
+        rights: int = 3,
+        native: ca.ChannelType = DOUBLE,
+        count: int = 1,
     ) -> None:
         self.client(ca.CreateChanRequest(name=name, cid=cid, version=13))
         self.server(
             ca.AccessRightsResponse(cid=cid, access_rights=rights),
-            ca.CreateChanResponse(data_type=native, data_count=1, cid=cid, sid=sid),
+            ca.CreateChanResponse(data_type=native, data_count=count, cid=cid, sid=sid),
         )
 
     def put(self, sid: int, notify: bool = False) -> None:

@@ -69,8 +69,7 @@ def test_only_number_channels_and_small_puts_are_judged():
     assert not writecheck.judged(6, 6, 1)  # a double to a double: nothing to lose
     assert not writecheck.judged(0, 0, 1)  # text to text
     assert writecheck.judged(4, 5, 1) and not writecheck.judged(4, 4, 1)  # char to char
-    assert not writecheck.judged(4, 0, 1)  # text to a char PV (a name to delpv)
-    assert not writecheck.judged(4, 0, 1)  # text to a char array is the relay's own
+    assert not writecheck.judged(4, 0, 1)  # text to a char PV: goes as chars (below)
     assert not writecheck.judged(6, 0, 1000)  # 40 kB of text: left to PCAS
 
 
@@ -197,3 +196,49 @@ def test_a_put_without_write_access_is_told_once_as_a_denial():
     raw = c.write(11, [b"abc"], T.STRING)
     assert [d[0] for d in c.denied] == ["R:ro_f1"] and c.refused == []
     assert _type(raw) == 0  # left as it was: PCAS refuses it anyway
+
+
+def _retyped(raw: bytes) -> tuple[int, int, bytes]:
+    """(type, count, payload) of a put as PCAS reads it."""
+    dtype, count = struct.unpack_from(">HH", raw, 4)
+    return dtype, count, raw[16:]
+
+
+@pytest.mark.parametrize(
+    ("text", "chars", "count"),
+    [
+        (b"R:old_f1", 64, 9),  # a name to delpv: its bytes and the terminator
+        (b"0123456789", 10, 10),  # fills the channel: no room for the terminator
+        (b"0123456789a", 10, 11),  # more than it holds: PCAS says ECA_BADCOUNT
+        (b"", 10, 1),
+        (b"x" * 39, 40, 40),
+    ],
+)
+def test_text_put_to_a_char_channel_goes_as_its_bytes(text, chars, count):
+    """What EPICS caput sends without -S: PCAS read the text as one number (a name put
+    to delpv reached the relay as an empty one)."""
+    c = Circuit()
+    c.open("R:t_c", 1, 11, native=T.CHAR, count=chars)
+    dtype, n, payload = _retyped(c.write(11, [text], T.STRING))
+    assert (dtype, n) == (T.CHAR, count)
+    assert payload[: len(text)] == text and len(payload) >= count
+    assert c.refused == []
+
+
+def test_text_to_a_char_channel_whose_header_went_before_is_left_to_pcas():
+    c = Circuit()
+    c.open("R:t_c40", 1, 11, native=T.CHAR, count=40)
+    assert _retyped(c.write(11, [b"hello"], T.STRING, cut=20))[:2] == (T.STRING, 1)
+
+
+def test_text_to_a_char_channel_is_retyped_when_its_rest_is_looked_at_ahead():
+    c = Circuit()
+    c.open("R:t_c40", 1, 11, native=T.CHAR, count=40)
+    raw = wire(
+        ca.WriteNotifyRequest(data=[b"hello"], data_type=T.STRING, data_count=1, sid=11, ioid=1)
+    )
+    first, rest = bytearray(raw[:30]), bytes(raw[30:])
+    c.reads.feed(first)
+    assert c.reads.pending_put() == len(rest)
+    c.reads.judge_ahead(rest, first)
+    assert _retyped(bytes(first))[:2] == (T.CHAR, 6)
