@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from carelay.common import exits
-from carelay.common.config import IMPORT_CA_TIMEOUT, TRANSFER_CHUNK, Config
+from carelay.common.config import IMPORT_CA_TIMEOUT, TRANSFER_CHUNK, Config, ca_interfaces
 from carelay.common.logbudget import shorten
 from carelay.common.naming import InvalidPvName, split_type
 from carelay.common.progress import Progress
@@ -411,7 +411,7 @@ def _ca_environment(source: Source) -> None:
     EPICS_CAS_INTF_ADDR_LIST says."""
     interfaces = source.ca_interfaces
     if interfaces is None:
-        interfaces = os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "").split()
+        interfaces = ca_interfaces()
         addresses = [a for a in interfaces if a != "0.0.0.0"]
     elif not interfaces or "0.0.0.0" in interfaces:
         addresses = []

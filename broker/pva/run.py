@@ -33,10 +33,11 @@ _STOP_LINGER = 1000
 NEEDS_P4P = "PV Access needs p4p: pip install 'carelay[pva]'"
 
 
-def server_failed(e: Exception) -> str:
-    """Why pvxs could not start its server, and which port it means: a taken TCP port
-    it replaces by another, so an address in use is its UDP port (searches), which PVA
-    servers share and some other program holds alone."""
+def server_failed(e: Exception, interfaces: str) -> str:
+    """Why pvxs could not start its server on ``interfaces`` (EPICS_PVAS_INTF_ADDR_LIST),
+    and which port it means: a taken TCP port it replaces by another, so an address in
+    use is its UDP port (searches), which PVA servers share and some other program holds
+    alone."""
     why = str(e) or type(e).__name__
     if "Address already in use" in why:
         port = (
@@ -44,7 +45,7 @@ def server_failed(e: Exception) -> str:
             or os.environ.get("EPICS_PVA_BROADCAST_PORT")
             or "5076"
         )
-        where = os.environ.get("EPICS_PVAS_INTF_ADDR_LIST", "").strip() or "every interface"
+        where = interfaces or "every interface"
         why += (
             f" (UDP port {port} on {where}, EPICS_PVAS_BROADCAST_PORT: held by a program "
             "that does not share it)"
@@ -97,15 +98,16 @@ def run_pva(config: Config) -> int:
     signal.signal(signal.SIGHUP, lambda *_: setattr(front, "reload_due", True))
     names = provider(front)
     quiet_refusals()
+    interfaces = os.environ.get("EPICS_PVAS_INTF_ADDR_LIST", "").strip()  # pvxs reads it too
     try:
         server = Server(providers=[names], useenv=True)
     except Exception as e:
-        log.error("pva cannot start: the PVA server failed: %s", server_failed(e))
+        log.error("pva cannot start: the PVA server failed: %s", server_failed(e, interfaces))
         return exits.CANNOT_START
     conf = server.conf()
     port = conf.get("EPICS_PVAS_SERVER_PORT", "")
     front.pva_port = int(port) if str(port).isdigit() else None
-    front.interfaces = os.environ.get("EPICS_PVAS_INTF_ADDR_LIST", "").strip()
+    front.interfaces = interfaces
     log.debug("started (pid %d), PVA server %s", os.getpid(), conf)
     settle_gc()  # as the CA broker: fewer and shorter collections while puts flow
     try:

@@ -23,11 +23,11 @@ def test_a_udp_port_held_alone_is_named(monkeypatch):
         monkeypatch.setenv("EPICS_PVAS_INTF_ADDR_LIST", "127.0.0.1")
         with pytest.raises(Exception) as failed:  # noqa: B017 - whatever p4p raises
             Server(providers=[StaticProvider("x")], useenv=True)
-    why = server_failed(failed.value)
+    why = server_failed(failed.value, "127.0.0.1")
     assert "Address already in use" in why, why
     assert f"(UDP port {port} on 127.0.0.1, EPICS_PVAS_BROADCAST_PORT: held by" in why, why
 
 
 def test_another_failure_is_said_as_it_is():
-    assert server_failed(RuntimeError("no interface")) == "no interface"
-    assert server_failed(RuntimeError()) == "RuntimeError"
+    assert server_failed(RuntimeError("no interface"), "") == "no interface"
+    assert server_failed(RuntimeError(), "") == "RuntimeError"
