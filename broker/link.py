@@ -20,11 +20,10 @@ from carelay.common.keys import (
     BROKER_CERT,
     HANDSHAKE_FAILED,
     SHARD_CERT,
+    FailedHandshakes,
     KeysError,
-    handshake_failure,
     load_keys,
 )
-from carelay.common.logbudget import LogBudget
 from carelay.common.messages import Message, Write
 from carelay.common.protocol import (
     BATCH_MAX,
@@ -43,9 +42,6 @@ log = logging.getLogger(__name__)
 _POLLIN = int(zmq.POLLIN)
 #: Names ``own_writes`` holds before an APPLIED walks it for those applied.
 OWN_WRITES_MIN = 4096
-#: Seconds between two lines about a link's failed handshakes (ZeroMQ tries again and
-#: again): the first is said at once, the others counted in the next.
-HANDSHAKE_LOG_WINDOW = 60.0
 
 
 class ShardLink:
@@ -61,11 +57,13 @@ class ShardLink:
         self.endpoint = endpoint
         self.sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
-        self.handshake_log = LogBudget(
-            1,
-            HANDSHAKE_LOG_WINDOW,
-            f"shard {index}: {{count}} more failed handshakes in the last {{window:.0f}} s",
+        self.handshakes = FailedHandshakes(
             log,
+            "shard %d at %s: the CurveZMQ handshake failed (%s): do this host's keys_dir "
+            "and the shard's hold the same keys, made by one `carelay keys`?",
+            f"shard {index}: {{count}} more failed handshakes in the last {{window:.0f}} s",
+            index,
+            endpoint,
         )
         #: Sockets of earlier connections whose requests were in flight when the link went
         #: down: kept open so that the shard's answers to them still come (see
@@ -187,14 +185,8 @@ class ShardLink:
                 return broke
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 broke = True
-            elif event["event"] & HANDSHAKE_FAILED and self.handshake_log.allow():
-                log.warning(
-                    "shard %d at %s: the CurveZMQ handshake failed (%s): do this host's "
-                    "keys_dir and the shard's hold the same keys, made by one `carelay keys`?",
-                    self.index,
-                    self.endpoint,
-                    handshake_failure(event),
-                )
+            elif event["event"] & HANDSHAKE_FAILED:
+                self.handshakes.heard(event)
         return broke
 
     def forget_applied_writes(self) -> None:

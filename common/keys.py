@@ -9,11 +9,14 @@ broker checks the shards' public key, so a peer without the keys is refused.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import zmq
+
+from carelay.common.logbudget import LogBudget
 
 SHARD_CERT = "shard"
 BROKER_CERT = "broker"
@@ -26,6 +29,27 @@ HANDSHAKE_FAILED = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+
+
+#: Seconds between two lines about one socket's failed handshakes (ZeroMQ tries again and
+#: again): the first is said at once, the others counted in the next.
+HANDSHAKE_LOG_WINDOW = 60.0
+
+
+class FailedHandshakes:
+    """A socket's failed CurveZMQ handshakes, as its monitor tells them (front-end and
+    shard alike): ``said % (*args, what failed)`` at most once a window, the others
+    counted in ``summary`` (LogBudget's)."""
+
+    def __init__(self, log: logging.Logger, said: str, summary: str, *args) -> None:
+        self.log = log
+        self.said = said
+        self.args = args
+        self.budget = LogBudget(1, HANDSHAKE_LOG_WINDOW, summary, log)
+
+    def heard(self, event: dict) -> None:
+        if self.budget.allow():
+            self.log.warning(self.said, *self.args, handshake_failure(event))
 
 
 def handshake_failure(event: dict) -> str:

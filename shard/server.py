@@ -38,8 +38,8 @@ from carelay.common.keys import (
     BROKER_CERT,
     HANDSHAKE_FAILED,
     SHARD_CERT,
+    FailedHandshakes,
     KeysError,
-    handshake_failure,
     load_keys,
 )
 from carelay.common.lifecycle import (
@@ -121,13 +121,13 @@ class ShardServer:
         #: (monotonic s; see ``drop_silent_peers``).
         self.drained_at = time.monotonic()
         self._next_peer_check = 0.0
-        #: Connections that failed their CurveZMQ handshake (see bind).
-        self._handshakes: zmq.Socket | None = None
-        self.handshake_log = LogBudget(
-            1,
-            REFUSAL_LOG_WINDOW,
-            "{count} more connections failed their handshake in the last {window:.0f} s",
+        #: The socket's monitor, which tells of a failed CurveZMQ handshake (see bind).
+        self._handshake_monitor: zmq.Socket | None = None
+        self.handshakes = FailedHandshakes(
             log,
+            "a connection failed its CurveZMQ handshake (%s): a front-end whose keys_dir "
+            "holds keys of another `carelay keys`, or no front-end",
+            "{count} more connections failed their handshake in the last {window:.0f} s",
         )
         #: Malformed messages, which any peer that reaches the socket can send.
         self.malformed_log = LogBudget(
@@ -211,15 +211,15 @@ class ShardServer:
         if self.config.keys_dir is not None:
             # A front-end with other keys fails its handshake before any message: only
             # the socket's monitor tells.
-            self._handshakes = sock.get_monitor_socket(HANDSHAKE_FAILED)
-            self._poller.register(self._handshakes, zmq.POLLIN)
+            self._handshake_monitor = sock.get_monitor_socket(HANDSHAKE_FAILED)
+            self._poller.register(self._handshake_monitor, zmq.POLLIN)
         log.debug("listening on %s (epoch %x)", self.endpoint, self.epoch)
 
     def close(self) -> None:
-        if self._handshakes is not None:
+        if self._handshake_monitor is not None:
             self._sock.disable_monitor()
-            self._handshakes.close(linger=0)
-            self._handshakes = None
+            self._handshake_monitor.close(linger=0)
+            self._handshake_monitor = None
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -369,7 +369,8 @@ class ShardServer:
         # Only when a signal wrote: a look at an empty pipe costs a system call per batch.
         if self._wake_fd is not None and any(s == self._wake_fd for s, _ in ready):
             drain_wakeup_fd(self._wake_fd)
-        if self._handshakes is not None and any(s is self._handshakes for s, _ in ready):
+        monitor = self._handshake_monitor
+        if monitor is not None and any(s is monitor for s, _ in ready):
             self._failed_handshakes()
         n = 0
         while n < _BATCH:
@@ -392,15 +393,10 @@ class ShardServer:
         """Say, within a log budget, that connections failed their CurveZMQ handshake."""
         while True:
             try:
-                event = recv_monitor_message(self._handshakes, zmq.NOBLOCK)
+                event = recv_monitor_message(self._handshake_monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if self.handshake_log.allow():
-                log.warning(
-                    "a connection failed its CurveZMQ handshake (%s): a front-end whose "
-                    "keys_dir holds keys of another `carelay keys`, or no front-end",
-                    handshake_failure(event),
-                )
+            self.handshakes.heard(event)
 
     def serve(self, stop: StopFlag) -> bool:
         """Serve until ``stop``; False when the last flush left values unsaved."""
