@@ -89,23 +89,24 @@ class Supervisor:
         says it in the status file, which a thread of its own then touches until the move
         ends (the supervisor's loop, which touches it otherwise, waits for the move)."""
         done = threading.Event()
-        toucher: list[threading.Thread] = []
+        thread: threading.Thread | None = None
 
-        def touch() -> None:
+        def keep_fresh() -> None:
             while not done.wait(STATUS_TOUCH_INTERVAL):
-                with contextlib.suppress(OSError):
-                    os.utime(self.status_path)
+                # Unchanged but for its uptime: touched, as the loop touches it.
+                self._write_status(time.monotonic(), resharding=True)
 
         def moving() -> None:
+            nonlocal thread
             self._write_status(time.monotonic(), resharding=True)
-            toucher.append(threading.Thread(target=touch, name="resharding", daemon=True))
-            toucher[0].start()
+            thread = threading.Thread(target=keep_fresh, name="resharding", daemon=True)
+            thread.start()
 
         try:
             yield moving
         finally:
             done.set()
-            for thread in toucher:
+            if thread is not None:
                 thread.join()
 
     def _write_status(self, now: float, stopping: bool = False, resharding: bool = False) -> None:
