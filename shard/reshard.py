@@ -152,11 +152,10 @@ def _move(rows: dict[int, list], dbs: dict, n_shards: int, report: ReshardReport
             newer = []
             for row in chunk:
                 there = target.get(row.name)
-                if there is not None and there.stamp > row.stamp:
-                    report.older += 1  # the owner's own row is newer: this copy goes
-                    continue
                 if there is not None:
-                    report.older += 1
+                    report.older += 1  # one of the two copies goes
+                    if there.stamp > row.stamp:
+                        continue  # the owner's own row is newer: this one
                 newer.append(row)
                 target[row.name] = row
             dbs[owner].save((r.name, r.stamp, r.value, r.fields) for r in newer)
