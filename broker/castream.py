@@ -43,8 +43,6 @@ WRITE_RIGHT = 2
 NAME_BYTES_MAX = 1024
 
 _HEADER = struct.Struct(">HHHHII")  # command, payload size, type, count, p1, p2
-#: Bytes of one DBR_STRING element (MAX_STRING_SIZE).
-_STRING_BYTES = 40
 _EXTENDED = struct.Struct(">II")  # payload size, count
 _SMALL, _LARGE = 16, 24
 
@@ -373,7 +371,11 @@ class ClientStream(StreamWalker):
         ``caput`` sends without ``-S``.  PCAS would read the text as one number; it goes
         as the char put of its bytes it is meant as (``_retype``), where its header is in
         this read (else it is left to PCAS, as before)."""
-        if count != 1 or at is None or not _STRING_BYTES <= size <= _STRING_BYTES + 8:
+        if (
+            count != 1
+            or at is None
+            or not writecheck.STRING_SIZE <= size <= writecheck.STRING_SIZE + 8
+        ):
             return False
         self._kind = command
         self._kept.clear()
@@ -395,7 +397,7 @@ class ClientStream(StreamWalker):
         room for it (more than the channel holds: ECA_BADCOUNT, as for a char put).  The
         payload stays as it is: the text's bytes, and padding past the count."""
         chars, self._chars = self._chars, None
-        text = bytes(self._kept[:_STRING_BYTES]).split(b"\0", 1)[0]
+        text = bytes(self._kept[: writecheck.STRING_SIZE]).split(b"\0", 1)[0]
         self._kept.clear()
         if self._put_read != self.reads:
             return  # its header went to PCAS in an earlier read: PCAS converts it

@@ -20,8 +20,8 @@ DBR_STRING, DBR_SHORT, DBR_FLOAT, DBR_ENUM, DBR_CHAR, DBR_LONG, DBR_DOUBLE = ran
 #: A compound type, which PCAS refuses in a put before it reads a byte of the payload
 #: (S_cas_badType): what a refused put's type becomes.
 DBR_STS_STRING = 7
-#: Bytes of each element on the wire.
-_STRING_SIZE = 40
+#: Bytes of a DBR_STRING element on the wire (MAX_STRING_SIZE), and of the others.
+STRING_SIZE = 40
 _NUMBERS = {
     DBR_SHORT: struct.Struct(">h"),
     DBR_FLOAT: struct.Struct(">f"),
@@ -50,7 +50,7 @@ MAX_CHECKED_BYTES = 16384
 
 
 def element_size(dtype: int) -> int:
-    return _STRING_SIZE if dtype == DBR_STRING else _NUMBERS[dtype].size
+    return STRING_SIZE if dtype == DBR_STRING else _NUMBERS[dtype].size
 
 
 def judged(native: int, dtype: int, count: int) -> bool:
