@@ -182,15 +182,12 @@ def collect(config: Config) -> dict | None:
             if _held(p["pid"]):
                 p["state"], p["detail"] = "not answering", f"pid {p['pid']} is {HELD}"
             elif p["state"] == "starting" and p.get("failing"):
+                last = p.get("last_exit")
+                exited = f" (last exit: {describe_exit(last)})" if last is not None else ""
                 p["state"] = "failing"
                 p["detail"] = (
-                    f"it died {FLAPPING_DEATHS} times within {FLAPPING_WINDOW:.0f} s"
-                    + (
-                        f" (last exit: {describe_exit(p['last_exit'])})"
-                        if p.get("last_exit") is not None
-                        else ""
-                    )
-                    + f"; started again, pid {p['pid']} has not written its status yet"
+                    f"it died {FLAPPING_DEATHS} times within {FLAPPING_WINDOW:.0f} s{exited}; "
+                    f"started again, pid {p['pid']} has not written its status yet"
                 )
             continue
         if own.get("store_error"):
