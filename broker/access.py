@@ -15,6 +15,14 @@ does with it, in two halves:
 
 The file is checked before it governs the relay (``check_access_security``,
 ``undefined_access_group``), and read again on SIGHUP (``reload_rules``).
+
+CA tells each client, channel by channel, whether it may write, and display tools draw
+a widget by it; PCAS grants every channel that joins no group both.  So the broker
+always loads a file, its own (``RELAY_ONLY``) where the site configures none, and two
+groups of its own after the site's (``with_relay_groups``): the relay's read-only PVs
+(``pvlist``, ``NAME.NELM``, ``NAME.NORD``) join READ_ONLY_GROUP, which the site's
+group's readers read, and the health PVs PUBLIC_GROUP, which every client reads, as
+before.  No client may write either.
 """
 
 from __future__ import annotations
@@ -22,10 +30,12 @@ from __future__ import annotations
 import base64
 import ipaddress
 import logging
+import os
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from carelay.broker import acf
@@ -33,6 +43,9 @@ from carelay.broker import acf
 __all__ = [
     "ACCESS_DENIED",
     "NO_ADDRESS",
+    "PUBLIC_GROUP",
+    "READ_ONLY_GROUP",
+    "RELAY_ONLY",
     "access_groups",
     "address_token",
     "check_access_security",
@@ -42,6 +55,7 @@ __all__ = [
     "rules_by_address",
     "token_address",
     "undefined_access_group",
+    "with_relay_groups",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,6 +65,14 @@ ACCESS_DENIED = "access denied (no write access)"
 
 #: The token of a HAG whose host names resolve to nothing: no circuit has it.
 NO_ADDRESS = "none"
+
+#: The group of the relay's read-only PVs: the readers of ``access_group`` read them.
+READ_ONLY_GROUP = "carelay:read-only"
+#: The group of the health PVs: every client reads them.
+PUBLIC_GROUP = "carelay:public"
+#: The rules where the site configures no file: every client writes the relay's PVs
+#: (they join no group), as PCAS grants.
+RELAY_ONLY = "ASG(DEFAULT) {\n    RULE(1, WRITE)\n}\n"
 
 
 def address_token(address: str) -> str:
@@ -108,30 +130,52 @@ def rules_by_address(text: str) -> tuple[str, list[str]]:
     return acf.rewrite_hags(text, hosts_of), unresolved
 
 
-def load_rules(cas, path: Path, by_address: bool, run_dir: Path) -> bool:
-    """Load (or load again) the access security file at ``path``; False if it is invalid,
-    and then the rules in force stay.  ``by_address``: HAGs hold peer addresses."""
-    if not by_address:
-        return cas.asInitFile(str(path), "") == 0
+def with_relay_groups(text: str, group: str) -> str:
+    """``text``, an access security file that asLib loads, with the relay's two groups
+    after it: READ_ONLY_GROUP, the rules of ``group`` with WRITE read as READ, and
+    PUBLIC_GROUP, READ for every client.  AcfError if it cannot be read as asLib reads
+    it."""
+    text = acf.as_read(text)  # a NUL would end the file before the groups
+    read_only = acf.read_only_copy(acf.parse(text), group, READ_ONLY_GROUP)
+    public = f'ASG("{PUBLIC_GROUP}") {{\n    RULE({acf.CLIENT_LEVEL}, READ)\n}}\n'
+    return f"{text}\n\n# carelay's own groups: no client writes their PVs\n{read_only}{public}"
+
+
+def load_rules(cas, path: Path | None, by_address: bool, group: str, run_dir: Path) -> bool:
+    """Load (or load again) the access security file at ``path`` (None: RELAY_ONLY), with
+    the relay's groups (``with_relay_groups``); False if it is invalid, and then the
+    rules in force stay.  ``by_address``: HAGs hold peer addresses."""
+    if path is None:
+        text, group = RELAY_ONLY, "DEFAULT"
+    else:
+        try:
+            text = acf.read_acf(path)
+        except OSError as e:
+            log.error("cannot read access security file %s: %s", path, e.strerror or e)
+            return False
     try:
-        text = acf.read_acf(path)
-    except OSError as e:
-        log.error("cannot read access security file %s: %s", path, e.strerror or e)
-        return False
-    try:
-        rewritten, unresolved = rules_by_address(text)
+        if by_address:
+            text, unresolved = rules_by_address(text)
+            for host in unresolved:
+                log.warning("access security: host %s of %s has no IPv4 address", host, path)
+        text = with_relay_groups(text, group)
     except acf.AcfError as e:
         log.error("access security file %s cannot be read as EPICS reads it: %s", path, e)
         return False
-    for host in unresolved:
-        log.warning("access security: host %s of %s has no IPv4 address", host, path)
-    loaded = run_dir / "access-by-address.acf"
+    # asLib reads the file at once, and each broker of a relay writes its own (they share
+    # the run directory).
     try:
-        loaded.write_bytes(rewritten.encode("utf-8", "surrogateescape"))
+        with tempfile.NamedTemporaryFile(
+            "wb", dir=run_dir, prefix="access-", suffix=".acf", delete=False
+        ) as f:
+            f.write(text.encode("utf-8", "surrogateescape"))
     except OSError as e:
-        log.error("cannot write %s: %s", loaded, e.strerror or e)
+        log.error("cannot write the access rules in %s: %s", run_dir, e.strerror or e)
         return False
-    return cas.asInitFile(str(loaded), "") == 0
+    try:
+        return cas.asInitFile(f.name, "") == 0
+    finally:
+        os.unlink(f.name)
 
 
 def check_access_security(path) -> str | None:
@@ -179,7 +223,11 @@ def undefined_access_group(path, group: str) -> str | None:
         text = acf.read_acf(path)
     except OSError as e:
         return f"cannot read {path}: {e.strerror or e}"
-    if group in access_groups(text):
+    groups = access_groups(text)
+    for ours in (READ_ONLY_GROUP, PUBLIC_GROUP):
+        if ours in groups:
+            return f"{path} defines ASG({ours}), a group the relay keeps for its own PVs"
+    if group in groups:
         return None
     if group == "DEFAULT":
         return f"{path} defines no ASG(DEFAULT): every client would be denied everything"
@@ -195,7 +243,7 @@ def reload_rules(cas, config) -> None:
         return
     problem = undefined_access_group(config.access_security, config.access_group)
     if problem is None and not load_rules(
-        cas, config.access_security, config.access_by_ip, config.run_dir
+        cas, config.access_security, config.access_by_ip, config.access_group, config.run_dir
     ):
         problem = f"access security file {config.access_security} is invalid"
     if problem is not None:

@@ -41,8 +41,10 @@ __all__ = [
     "Acf",
     "AcfError",
     "Rule",
+    "as_read",
     "parse",
     "read_acf",
+    "read_only_copy",
     "strip_comments",
 ]
 
@@ -118,6 +120,11 @@ class _Token:
     line: int
     #: Where it starts in the text read (``_as_read``).
     at: int = 0
+
+
+def as_read(text: str) -> str:
+    """``text`` as asLib reads it: the same, unless it holds a NUL (``_as_read``)."""
+    return _as_read(text) if "\0" in text else text
 
 
 def _as_read(text: str) -> str:
@@ -370,6 +377,31 @@ def rewrite_hags(text: str, hosts_of) -> str:
         done = tokens[end].at
     out.append(text[done:])
     return "".join(out)
+
+
+def read_only_copy(acf: Acf, group: str, name: str) -> str:
+    """``ASG(name)``, which grants READ to the relay's clients that ``group`` grants READ
+    or WRITE, and nothing to the others: its rules with WRITE read as READ.  A rule that
+    grants no relay client anything is left out (NONE, a level below CLIENT_LEVEL, a
+    CALC: see ``Acf.access``), so the copy needs no INP and no level but 1."""
+    rules = []
+    for rule in acf.rules_of(group):
+        if rule.access == NONE or rule.level < CLIENT_LEVEL or rule.calc:
+            continue
+        conditions = [
+            f"{kind}({', '.join(map(_quoted, sorted(names)))})"
+            for kind, names in (("UAG", rule.uags), ("HAG", rule.hags))
+            if names
+        ]
+        body = f" {{ {' '.join(conditions)} }}" if conditions else ""
+        rules.append(f"    RULE({CLIENT_LEVEL}, READ){body}\n")
+    return f"ASG({_quoted(name)})" + (f" {{\n{''.join(rules)}}}\n" if rules else "\n")
+
+
+def _quoted(name: str) -> str:
+    """A name as the file wrote it, in double quotes: a name read from a file keeps the
+    escapes it had in quotes (``_scan``), and one read bare has nothing to escape."""
+    return f'"{name}"'
 
 
 def _said(kind: str) -> str:

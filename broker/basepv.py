@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pcaspy import cas
 
+from carelay.broker.access import READ_ONLY_GROUP
 from carelay.broker.mirror import VALUE_MASK
 from carelay.broker.values import AIT_TYPES, ca_units
 
@@ -129,7 +130,11 @@ class ReadOnly:
 class BasePV(Attached, MonitorInterest, cas.casPV):
     """What relay and control PVs share: name, type and interest bookkeeping."""
 
-    def __init__(self, broker: Broker, name: str, kind: str, count: int, array: bool) -> None:
+    def __init__(
+        self, broker: Broker, name: str, kind: str, count: int, array: bool, read_only=False
+    ) -> None:
+        """``read_only``: no client may write it (the readers of ``access_group`` read it):
+        CA tells them so, channel by channel (see broker/access.py)."""
         super().__init__()
         self.broker = broker
         self._channels = broker.table.channels
@@ -141,8 +146,9 @@ class BasePV(Attached, MonitorInterest, cas.casPV):
         self.attached = False
         #: A put of this PV waits for its shard (Broker.park): later puts go after it.
         self.waiting_put = False
-        if broker.access_group:
-            self.setAccessSecurityGroup(broker.access_group)
+        group = READ_ONLY_GROUP if read_only else broker.access_group
+        if group:
+            self.setAccessSecurityGroup(group)
 
     def getName(self):
         return self.name

@@ -34,10 +34,11 @@ class FieldPV(BasePV):
     """``NAME.FIELD``: one field of a relay PV, read and written through CA."""
 
     def __init__(self, broker: Broker, spec: PvSpec, field: str) -> None:
-        super().__init__(broker, f"{spec.name}.{field}", "f", 1, False)
+        fdef = fields.FIELDS[field]
+        super().__init__(broker, f"{spec.name}.{field}", "f", 1, False, not fdef.writable)
         self.base = spec
         self.field = field
-        self.fdef = fields.FIELDS[field]
+        self.fdef = fdef
         self._ait = _FIELD_AIT[self.fdef.kind]
 
     def current(self):
@@ -107,7 +108,7 @@ class PvListPV(ReadOnly, BasePV):
     """``<prefix>pvlist``: every PV name, comma-separated, as a char array."""
 
     def __init__(self, broker: Broker, name: str, count: int) -> None:
-        super().__init__(broker, name, "c", count, True)
+        super().__init__(broker, name, "c", count, True, read_only=True)
         self.spec = PvSpec(name, "c", count)
         self._text = b""
         self.dirty = True

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pcaspy import cas
 
+from carelay.broker.access import PUBLIC_GROUP
 from carelay.broker.basepv import (
     VALUE_MASK,
     Attached,
@@ -96,6 +97,8 @@ class _ReadOnlyPV(Attached, ReadOnly, cas.casPV):
 
     def __init__(self, name: str, channels: Channels) -> None:
         super().__init__()
+        # Every client reads it, none writes, and CA tells them so (broker/access.py).
+        self.setAccessSecurityGroup(PUBLIC_GROUP)
         self.name = name
         self._channels = channels
         self.attached = False

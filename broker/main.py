@@ -13,6 +13,7 @@ import signal
 import struct
 import sys
 
+from carelay.broker import access
 from carelay.broker.app import Broker
 from carelay.broker.cabuffers import watch_free_list
 from carelay.broker.circuits import CircuitMonitor, Limits, client_limit, open_fds
@@ -86,19 +87,22 @@ def run_broker(config: Config, index: int = 0) -> int:
             e,
         )
         followed = False
+    # The file is loaded before any PV is made (PCAS adds a PV to its group only while
+    # rules are in force): the relay's read-only PVs and the health PVs join groups that
+    # tell CA clients they may not write them (broker/access.py).
     if acf:
         # Every relay PV joins access_group; pcaspy's channels then check each
         # read and write (and so each creation, which is a write) against the file.
-        from carelay.broker import access
-
-        if not access.load_rules(cas, config.access_security, config.access_by_ip, config.run_dir):
-            log.error(
-                "broker cannot start: access security file %s is invalid", config.access_security
-            )
-            return exits.REFUSED
         problem = access.undefined_access_group(config.access_security, config.access_group)
         if problem is not None:
             log.error("broker cannot start: access_group: %s", problem)
+            return exits.REFUSED
+        if not access.load_rules(
+            cas, config.access_security, config.access_by_ip, config.access_group, config.run_dir
+        ):
+            log.error(
+                "broker cannot start: access security file %s is invalid", config.access_security
+            )
             return exits.REFUSED
         cas.asCaStart()
         log.info(
@@ -107,6 +111,8 @@ def run_broker(config: Config, index: int = 0) -> int:
             config.access_group,
             "peer address" if config.access_by_ip else "claimed host name",
         )
+    elif not access.load_rules(cas, None, False, "DEFAULT", config.run_dir):
+        log.warning("the read-only PVs tell clients they may be written")
     try:
         broker = Broker(config, cas, token=run_token(config))
     except KeysError as e:
@@ -120,7 +126,7 @@ def run_broker(config: Config, index: int = 0) -> int:
         config.run_dir, config.brokers, index, all_here=here, pva=config.pva
     )
     sys.excepthook = _undecodable_names(broker, sys.excepthook)
-    if followed and acf:
+    if followed:
         broker.denied_puts = sockethooks.DeniedPuts(
             broker.access_denied, lambda: broker.health.count_refusal("access")
         )

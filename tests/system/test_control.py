@@ -9,7 +9,7 @@ import time
 import epics
 import numpy as np
 import pytest
-from caproto import AlarmSeverity, AlarmStatus, ChannelType
+from caproto import AccessRights, AlarmSeverity, AlarmStatus, ChannelType
 
 from tests.system.clients import Context, connect, get, get_array, put, pvlist, write_status
 from tests.system.conftest import caproto_cli, wait_for
@@ -49,6 +49,35 @@ def test_pvlist_lists_every_pv_and_nothing_else(make_relay, ca):
     assert pl.channel.native_data_type == ChannelType.CHAR
     assert not write_status(pl, b"x").success
     assert pvlist(relay) == sorted(names)
+
+
+def test_read_only_pvs_tell_clients_they_may_not_write(relay, ca):
+    """CA tells each client, channel by channel, whether it may write: a display tool
+    draws its widget by it, and libca refuses a put it may not make.  ``pvlist``,
+    ``NAME.NELM``, ``NAME.NORD`` and the health PVs are read, never written."""
+    name = relay.name("rights", "F4")
+    put(name, [1.5])
+    writable = [name, f"{name}.EGU", relay.prefix + "delpv"]
+    for pv in ca.get_pvs(*writable, timeout=5):
+        pv.wait_for_connection(timeout=5)
+        assert pv.access_rights == AccessRights.READ | AccessRights.WRITE, pv.name
+    read_only = {
+        relay.prefix + "pvlist": b"x",
+        f"{name}.NELM": [9],
+        f"{name}.NORD": [3],
+        relay.prefix + "relay:HEARTBEAT": [7],
+    }
+    for pv_name, data in read_only.items():
+        pv = connect(ca, pv_name)
+        assert pv.access_rights == AccessRights.READ, pv_name
+        assert pv.read(timeout=5).status.success, pv_name
+        assert write_status(pv, data).name == "ECA_NOWTACCESS", pv_name
+    # libca says the same.
+    pvlist_pv = epics.PV(relay.prefix + "pvlist")
+    assert pvlist_pv.wait_for_connection(timeout=5)
+    assert (pvlist_pv.read_access, pvlist_pv.write_access) == (True, False)
+    assert list(get_array(name)) == [1.5]
+    assert f"{name}.NELM" not in pvlist(relay) and name in pvlist(relay)
 
 
 def test_pvlist_monitor_sees_a_new_pv(relay, ca):

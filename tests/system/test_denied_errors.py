@@ -188,3 +188,19 @@ def test_other_refused_puts_name_the_address_not_its_token(make_relay, tmp_path,
 
     last = wait_for(shown, what="the refused field put in LAST_ERROR")
     assert f"client {ca.client_name}@127.0.0.1 " in last, last
+
+
+def test_the_read_only_pvs_are_read_by_the_sites_readers_and_written_by_none(relay, ca, writer):
+    """With the site's file, too: the writer writes the relay's PVs but not pvlist,
+    NAME.NORD or the health PVs, and a reader reads them all."""
+    name = relay.name("rights", "f3")
+    assert write_status(connect(writer, name), [1.0, 2.0]).success
+    both = AccessRights.READ | AccessRights.WRITE
+    assert connect(writer, name).access_rights == both
+    assert connect(ca, name).access_rights == AccessRights.READ
+    for pv_name in (relay.prefix + "pvlist", f"{name}.NORD", relay.prefix + "relay:HEARTBEAT"):
+        for ctx in (writer, ca):
+            assert connect(ctx, pv_name).access_rights == AccessRights.READ, pv_name
+    status = write_status(connect(writer, f"{name}.NORD"), [1])
+    assert status.name == "ECA_NOWTACCESS"
+    assert list(connect(ca, name).read(timeout=5).data) == [1.0, 2.0]
