@@ -68,7 +68,7 @@ class FieldPV(BasePV):
     @guarded(cas.S_casApp_undefined)
     def getEnums(self, enums):
         if self.fdef.kind == "enum":
-            enums.put(list(fields.SEVERITIES))
+            enums.put(list(fields.ALARM_STATUSES if self.field == "STAT" else fields.SEVERITIES))
         return cas.S_casApp_success
 
     def post(self) -> None:

@@ -111,7 +111,11 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         turn for ``post_held``."""
         mirror = self.mirror
         alarm, severity = self._status()
-        mask |= mirror.alarm_event(alarm, severity)
+        changed = mirror.alarm_event(alarm, severity)
+        if changed and self.broker.field_pvs:  # NAME.SEVR and NAME.STAT monitors may wait
+            self.broker.post_field(self.name, "SEVR")
+            self.broker.post_field(self.name, "STAT")
+        mask |= changed
         if not self.interest or not mask:
             return
         mask = mirror.coalesce(mask)

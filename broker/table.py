@@ -15,6 +15,7 @@ import functools
 import logging
 from collections.abc import Iterable
 
+from carelay.broker.mirror import UDF_ALARM
 from carelay.broker.refusals import RefusalLog, client_address
 from carelay.common import fields
 from carelay.common.config import VALUE_COPIES
@@ -240,6 +241,15 @@ class PvTable:
             return pv.length() if pv is not None else 0
         if field == "RES":
             return 0
+        if field in ("SEVR", "STAT"):
+            if pv is None:
+                status, severity = UDF_ALARM, fields.INVALID
+            else:
+                b = self.broker
+                status, severity = pv.mirror.status(
+                    b.shard_live(pv.shard), b.store_errors[pv.shard]
+                )
+            return severity if field == "SEVR" else status
         eff = pv.eff if pv is not None else self.broker.resolver.effective(spec, {})
         return fields.get(eff, field)
 

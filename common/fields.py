@@ -24,6 +24,28 @@ LOLO_ALARM = 5
 LOW_ALARM = 6
 #: Severities (menuAlarmSevr).
 SEVERITIES = ("NO_ALARM", "MINOR", "MAJOR", "INVALID")
+#: Alarm statuses (alarm.h) by number, as CA clients see them named, up to the last the
+#: relay gives (UDF).
+ALARM_STATUSES = (
+    "NO_ALARM",
+    "READ",
+    "WRITE",
+    "HIHI",
+    "HIGH",
+    "LOLO",
+    "LOW",
+    "STATE",
+    "COS",
+    "COMM",
+    "TIMEOUT",
+    "HWLIMIT",
+    "CALC",
+    "SCAN",
+    "LINK",
+    "SOFT",
+    "BAD_SUB",
+    "UDF",
+)
 NO_SEVERITY, MINOR, MAJOR, INVALID = range(4)
 
 MAX_DESC = 40
@@ -69,11 +91,15 @@ FIELDS: dict[str, FieldDef] = {
         FieldDef("ADEL", "double", "numeric"),
         FieldDef("NELM", "long", "any", writable=False),
         FieldDef("NORD", "long", "any", writable=False),
+        # The alarm the value is in, as an IOC's records show it.
+        FieldDef("SEVR", "enum", "any", writable=False),
+        FieldDef("STAT", "enum", "any", writable=False),
         FieldDef("RES", "short", "buffer"),
     )
 }
 
-#: Fields held as state (RES is an action, NELM/NORD are derived, VAL is the value).
+#: Fields held as state (RES is an action, NELM/NORD/SEVR/STAT are derived, VAL is the
+#: value).
 STORED = frozenset(n for n, f in FIELDS.items() if f.writable and n != "RES")
 
 #: Each alarm limit, its severity field, the severity once the limit is set, and its status.

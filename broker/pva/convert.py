@@ -25,27 +25,8 @@ from carelay.broker.putrules import (
 from carelay.common import fields
 from carelay.common.naming import PvSpec
 
-#: Alarm statuses (alarm.h) by number, as CA clients see them named.
-CA_ALARM_NAMES = (
-    "NO_ALARM",
-    "READ",
-    "WRITE",
-    "HIHI",
-    "HIGH",
-    "LOLO",
-    "LOW",
-    "STATE",
-    "COS",
-    "COMM",
-    "TIMEOUT",
-    "HWLIMIT",
-    "CALC",
-    "SCAN",
-    "LINK",
-    "SOFT",
-    "BAD_SUB",
-    "UDF",
-)
+#: Alarm statuses by number, as CA clients see them named.
+CA_ALARM_NAMES = fields.ALARM_STATUSES
 #: alarm.status of normative types: NO_STATUS, DEVICE, DRIVER, RECORD, ..., UNDEFINED.
 _PVA_STATUS = {0: 0, 2: 1, 9: 2, 17: 6}
 _RECORD_STATUS = 3

@@ -347,6 +347,41 @@ def test_alarm_severity_after_crossing_each_limit_and_coming_back(relay, ca):
         assert alarm(ca, name) == expected, value
 
 
+def test_sevr_and_stat_read_and_monitor_the_alarm(relay, ca):
+    """``NAME.SEVR`` and ``NAME.STAT``, as an IOC's records have them: the alarm the
+    value is in, as an enum (its name as a string), read-only, a monitor posted on each
+    change of it."""
+    name = relay.name("sevr", "f1")
+
+    def as_text(field):
+        return read(ca, f"{name}.{field}", data_type=ChannelType.STRING).data[0].decode()
+
+    # Never put: undefined.
+    assert (as_text("SEVR"), as_text("STAT")) == ("INVALID", "UDF")
+    put(name, 0.0)
+    set_limits(ca, name, HIHI=10.0, HIGH=5.0)
+    assert (as_text("SEVR"), as_text("STAT")) == ("NO_ALARM", "NO_ALARM")
+    events = []
+
+    def on_sevr(sub, response):
+        events.append(int(response.data[0]))
+
+    sub = connect(ca, f"{name}.SEVR").subscribe(data_type=ChannelType.ENUM)
+    sub.add_callback(on_sevr)
+    wait_for(lambda: events == [0], what="the first SEVR event")
+    put(name, 11.0)
+    assert (field_number(ca, name, "SEVR"), field_number(ca, name, "STAT")) == (2, 3)
+    assert (as_text("SEVR"), as_text("STAT")) == ("MAJOR", "HIHI")
+    put(name, 6.0)
+    assert (as_text("SEVR"), as_text("STAT")) == ("MINOR", "HIGH")
+    put(name, 6.5)  # the same alarm: no event
+    put(name, 0.0)
+    wait_for(lambda: events[-1:] == [0], what="SEVR back to NO_ALARM")
+    assert events == [0, 2, 1, 0]
+    sub.clear()
+    assert write_status(connect(ca, f"{name}.SEVR"), [0]).name == "ECA_NOWTACCESS"
+
+
 def test_alarm_hysteresis_holds_an_alarm_until_hyst_past_its_limit(relay, ca):
     name = relay.name("hyst", "f1")
     put(name, 0.0)
@@ -809,9 +844,20 @@ def test_fields_survive_a_killed_shard(relay, ca):
     set_limits(ca, name, EGU="K", PREC=3, HIHI=10.0, DESC="survives")
     k = shard_for(name, relay.shards)
     pid = _shard_pid(relay, k)
+    severities = []
+
+    def on_sevr(sub, response):
+        severities.append(int(response.data[0]))
+
+    sub = connect(ca, f"{name}.SEVR").subscribe(data_type=ChannelType.ENUM)
+    sub.add_callback(on_sevr)
+    wait_for(lambda: severities == [2], what="the first SEVR event")
     mark = len(relay.log())
     os.kill(pid, signal.SIGKILL)
     relay.wait_log(f"shard {k} in sync", start=mark)
+    # While its shard was gone the PV was INVALID (COMM), then HIHI/MAJOR again.
+    wait_for(lambda: severities == [2, 3, 2], what="SEVR through the restart")
+    sub.clear()
     # The broker took these from the restarted shard's snapshot.
     assert field_text(ca, name, "EGU") == "K"
     assert field_text(ca, name, "DESC") == "survives"
