@@ -167,7 +167,8 @@ class Broker:
         self.loop.due_posts.add(pv)
 
     def shard_live(self, index: int) -> bool:
-        return self.links[index].usable
+        """Shard ``index`` is in sync: what the mirror shows of it is what it holds."""
+        return self.links[index].live
 
     def put_waits(self, shard: int) -> bool:
         return self.requests.put_waits(shard)

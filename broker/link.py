@@ -85,6 +85,9 @@ class ShardLink:
         self.down_since = 0.0
         #: WRITEs the mirror shows could not be sent: the link must resync.
         self.lost_writes = False
+        #: Why the shard no longer serves this connection (a REJECT said so; see
+        #: common.messages.NOT_SERVED): the link must reconnect and resync.  "" if it does.
+        self.not_served = ""
         #: WRITEs queued on this connection, and how many of them the shard has applied
         #: (its APPLIED); per PV, the count at its last WRITE.  A change another broker
         #: caused that comes while this broker's own later WRITE is not applied must not
@@ -262,7 +265,7 @@ class ShardLink:
             return None
         msgs = self.recv_from(self.sock)
         if msgs is not None:
-            self.timers.last_heard = time.monotonic()
+            self.timers.heard(time.monotonic())
         return msgs
 
     def recv_from(self, sock: zmq.Socket) -> list[Message] | None:
@@ -287,6 +290,8 @@ class ShardLink:
         and schedule a reconnect with back-off."""
         was = self.state
         self.lost_writes = False
+        self.not_served = ""
+        self.timers.asked_at = None
         self.close(park=park)
         self.state = LinkState.DOWN
         backoff = self.timers.retry_later(time.monotonic())
@@ -313,10 +318,19 @@ class ShardLink:
             self.open()
             self.timers.last_heard = now
             return "hello"
+        if action == "no heartbeat" and self.waiting():
+            # It spoke, and this process has not read it yet: the loop was held up (a
+            # large snapshot of another shard), not the shard.  Read at the next poll.
+            return None
         if action == "no connection" or action == "no heartbeat":
             self.went_down(action, park=in_flight)
             return "down"
         return action
+
+    def waiting(self) -> bool:
+        """Messages from the shard wait on the socket, unread."""
+        sock = self.sock
+        return sock is not None and bool(sock.get(zmq.EVENTS) & _POLLIN)
 
     def due(self) -> float:
         """When ``tick`` next has something to do (monotonic); 0.0: at every tick."""
@@ -325,7 +339,9 @@ class ShardLink:
     def hello_sent(self) -> None:
         self.state = LinkState.SYNCING
         self.wanted.clear()
-        self.timers.last_heard = time.monotonic()
+        now = time.monotonic()
+        self.timers.last_heard = now
+        self.timers.asked_at = now  # the snapshot answers it
 
 
 def shard_links(ctx: zmq.Context, config) -> list[ShardLink]:

@@ -4,6 +4,7 @@ move it between them (reconnect back-off, connection deadline, heartbeat); no so
 from __future__ import annotations
 
 import enum
+import math
 
 from carelay.common.config import (
     HEARTBEAT_INTERVAL,
@@ -28,7 +29,8 @@ class LinkState(enum.Enum):
 
 class LinkTimers:
     """One link's clock: when it reconnects, gives up connecting, pings its shard, and
-    takes the shard for gone.  Times are monotonic seconds."""
+    takes the shard for gone (asked, and silent for _SILENCE).  Times are monotonic
+    seconds."""
 
     def __init__(self) -> None:
         self.backoff = RECONNECT_INITIAL
@@ -36,6 +38,21 @@ class LinkTimers:
         self.last_heard = 0.0
         self.last_ping = 0.0
         self.connect_deadline = 0.0
+        #: When this front-end asked the shard something (a HELLO, a PING) that nothing it
+        #: heard since answers; None: it heard from the shard since it last asked.  The
+        #: shard's silence counts from there: a shard is silent only when asked (a loop
+        #: held up for seconds asks nothing, and the shard rightly says nothing).
+        self.asked_at: float | None = None
+
+    def heard(self, now: float) -> None:
+        """The shard said something at ``now``."""
+        self.last_heard = now
+        self.asked_at = None
+
+    def asked(self, now: float) -> None:
+        """A request went to the shard at ``now`` (a HELLO, a PING)."""
+        if self.asked_at is None:
+            self.asked_at = now
 
     def connecting(self, now: float) -> None:
         """A connection was made at ``now``: it has until the deadline to carry a HELLO."""
@@ -61,10 +78,11 @@ class LinkTimers:
             return "open" if now >= self.retry_at else None
         if state is LinkState.CONNECTING:
             return "no connection" if now >= self.connect_deadline else "hello"
-        if now - self.last_heard > _SILENCE:
+        if self.asked_at is not None and now - self.asked_at > _SILENCE:
             return "no heartbeat"
         if now - self.last_ping >= HEARTBEAT_INTERVAL - _PING_EARLY:
             self.last_ping = now
+            self.asked(now)
             return "ping"
         return None
 
@@ -74,7 +92,8 @@ class LinkTimers:
             return self.retry_at
         if state is LinkState.CONNECTING:
             return 0.0
-        return min(self.last_ping + HEARTBEAT_INTERVAL, self.last_heard + _SILENCE)
+        silent = math.inf if self.asked_at is None else self.asked_at + _SILENCE
+        return min(self.last_ping + HEARTBEAT_INTERVAL, silent)
 
 
 class WantedPvs:

@@ -221,6 +221,11 @@ class Loop:
             if link.lost_writes:
                 link.went_down("puts could not be sent", park=in_flight)
                 action = "down"
+            elif link.not_served:
+                link.went_down(
+                    f"it no longer serves this connection: {link.not_served}", park=in_flight
+                )
+                action = "down"
             elif link.disconnected():
                 if link.local:
                     sync.drain(link)  # what the shard answered before it closed
@@ -366,7 +371,9 @@ def _busy(b, due_posts) -> bool:
         or b.status_due
         or b.reload_due
         or not b.ready
-        or any(link.outbox or link.lost_writes or not link.due() for link in b.links)
+        or any(
+            link.outbox or link.lost_writes or link.not_served or not link.due() for link in b.links
+        )
     )
 
 

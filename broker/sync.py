@@ -18,6 +18,7 @@ from carelay.broker.linkstate import LinkState
 from carelay.broker.receive import ShardReceiver
 from carelay.common import fields
 from carelay.common.messages import (
+    NOT_SERVED,
     Ack,
     Applied,
     Deleted,
@@ -167,6 +168,10 @@ class ShardSync(ShardReceiver):
             link.stale_restate.add(msg.name)
         self._shard_refused(link, msg)
         self.requests.finish(link.index, msg.req, False)
+        if msg.reason in NOT_SERVED and link.usable:
+            # What else goes through this connection is refused too (its plain WRITEs
+            # dropped), while the REJECTs keep it from looking silent: the loop reconnects.
+            link.not_served = msg.reason
 
     def _deleted(self, link: ShardLink, msg: Deleted) -> None:
         self.table.forget(msg.name)
@@ -206,6 +211,11 @@ class ShardSync(ShardReceiver):
         snap = self._snapshots.pop(link.index, None)
         if snap is None:
             return
+        restarted = link.ever_synced and end.epoch != link.epoch  # a new process
+        # In sync from here on, its store as it says: the PVs posted below carry the
+        # alarm of a shard in sync (till now, of one away).
+        link.synced(end.epoch, len(snap))
+        self.store_state(link, end.store_error)
         table = self.table
         for name, pv in list(table.pvs.items()):
             if pv.shard == link.index and pv.real and name not in snap:
@@ -231,12 +241,10 @@ class ShardSync(ShardReceiver):
             table.set_real(pv, True)
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
             pv.apply(data, stamp, append=False, owned=True)  # the snapshot's own copy
-        if link.ever_synced and end.epoch != link.epoch:
-            self.broker.health.restarts[link.index].append(time.monotonic())  # a new process
+        if restarted:
+            self.broker.health.restarts[link.index].append(time.monotonic())
             self.requests.fail_orphans(link.index)
-        link.synced(end.epoch, len(snap))
         self.broker.status_due = True  # `carelay status` learns of the link at once, not in 1 s
-        self.store_state(link, end.store_error)
         table.unserved.discard(link.index)
         log.debug("shard %d in sync at seq %d", link.index, end.seq)
         level = logging.DEBUG if self.broker.quiet_until is not None else logging.INFO
@@ -251,7 +259,10 @@ class ShardSync(ShardReceiver):
         hello = Hello(number, self.broker.token or "", self.broker.instance, self.follows)
         if not link.send(hello):
             return
+        was_live = link.live
         link.hello_sent()
+        if was_live:  # a shard that restarted under a live link: away till its snapshot
+            self._post_alarms(link)
         for name in self.followed:
             if link_for(self.links, name) is link:
                 self._follow(link, name)
@@ -307,9 +318,7 @@ class ShardSync(ShardReceiver):
             log.warning("shard %d: %s; puts with callback to its PVs fail", link.index, error)
         else:
             log.warning("shard %d can write its store again", link.index)
-        for pv in self.table.pvs.values():
-            if pv.shard == link.index and pv.real:
-                pv.post(0)  # alarm change only: WRITE/MAJOR, or back
+        self._post_alarms(link)
 
     def link_down(self, link: ShardLink, gone: bool = False) -> None:
         """``gone``: the shard process closed the connection (see ShardLink.local), so
@@ -319,9 +328,14 @@ class ShardSync(ShardReceiver):
         link.down_since = time.monotonic()
         self.requests.link_down(link.index, gone)
         self._snapshots.pop(link.index, None)
+        self._post_alarms(link)
+
+    def _post_alarms(self, link: ShardLink) -> None:
+        """The alarm of each PV of shard ``link`` changed (it is away: COMM/INVALID; its
+        store cannot be written: WRITE/MAJOR; or back): posted to the monitors."""
         for pv in self.table.pvs.values():
             if pv.shard == link.index and pv.real:
-                pv.post(0)  # alarm change only: COMM/INVALID
+                pv.post(0)  # alarm change only
 
 
 def catch_up(sync: ShardSync, link: ShardLink) -> None:

@@ -229,6 +229,16 @@ class Reject(Message):
     epoch: int = 0
 
 
+#: Why a shard refuses what comes through a connection it no longer serves (see
+#: shard/admission.py): an earlier connection of a front-end that said HELLO again, one
+#: that missed a change, one silent too long.  A front-end refused so on its live
+#: connection reconnects and resyncs at once.
+FENCED = "sent before the broker reconnected"
+DROPPED = "the shard missed sending this broker a change; it resyncs on reconnecting"
+SILENT = "the broker was silent too long; it resyncs on reconnecting"
+NOT_SERVED = frozenset({FENCED, DROPPED, SILENT})
+
+
 @_kind(13)
 class SnapshotBegin(Message):
     """``[13, req, seq, epoch]``: the answer to a Hello; Snapshots follow."""

@@ -22,7 +22,10 @@ import time
 from collections.abc import Callable
 
 from carelay.common.config import REFUSED_PEER_LOG_INTERVAL
-from carelay.common.messages import Hello, Message, Reject
+from carelay.common.messages import DROPPED as _DROPPED
+from carelay.common.messages import FENCED as _FENCED
+from carelay.common.messages import SILENT as _SILENT
+from carelay.common.messages import Hello, Message, Ping, Reject
 from carelay.common.protocol import WriteRun
 from carelay.shard.follow import Follows
 from carelay.shard.handler import EXPIRING
@@ -37,9 +40,6 @@ _NOT_OURS = (
     "not a front-end of this relay: no token, or another run's (another relay on the same "
     "endpoints and keys?)"
 )
-_FENCED = "sent before the broker reconnected"
-_DROPPED = "the shard missed sending this broker a change; it resyncs on reconnecting"
-_SILENT = "the broker was silent too long; it resyncs on reconnecting"
 
 
 class Admission:
@@ -177,7 +177,8 @@ class Admission:
 
     def _refuse_fenced(self, peer: bytes, msgs: list) -> None:
         """Refuse what an earlier connection of a broker still brings: a REJECT for each
-        request that waits for an answer; plain WRITEs are dropped (the broker has asked
+        request that waits for an answer and each heartbeat (the front-end reconnects on
+        the first: see common.messages.NOT_SERVED); plain WRITEs are dropped (the broker has asked
         for the snapshot that shows they did not happen, or will on reconnecting)."""
         reason = self._fenced[peer]
         for msg in msgs:
@@ -187,6 +188,9 @@ class Admission:
                         self._reply(peer, Reject(req, name, reason, self.epoch))
             elif type(msg) in EXPIRING and msg.req:
                 self._reply(peer, Reject(msg.req, msg.name, reason, self.epoch))
+            elif type(msg) is Ping and msg.req:
+                # A front-end that puts nothing learns so from its heartbeat, at once.
+                self._reply(peer, Reject(msg.req, "", reason, self.epoch))
         who = "an earlier connection of a broker that reconnected"
         if reason is _DROPPED:
             who = "a broker connection that missed a change"

@@ -67,8 +67,13 @@ def test_a_second_hello_of_a_broker_fences_its_earlier_connection():
     run.add(NAME, 4, 1.0, np.array([2.0]))
     late = [run, Delete(NAME, 5), Ping(6)]
     assert not admission.admit(b"old", late)
-    # Requests that wait for an answer are refused; a plain WRITE and a PING are not answered.
-    assert [(p, type(m), m.req) for p, m in replies] == [(b"old", Reject, 4), (b"old", Reject, 5)]
+    # Requests that wait for an answer are refused, and a PING, which tells a front-end
+    # that puts nothing that it is no longer served; a plain WRITE is not answered.
+    assert [(p, type(m), m.req) for p, m in replies] == [
+        (b"old", Reject, 4),
+        (b"old", Reject, 5),
+        (b"old", Reject, 6),
+    ]
     assert all(m.reason == "sent before the broker reconnected" for _, m in replies)
     # Another broker's connection is not fenced by it.
     assert admission.admit(b"other", [_hello(7, broker="b2")])

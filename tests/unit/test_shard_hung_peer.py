@@ -16,7 +16,7 @@ import numpy as np
 import zmq
 
 from carelay.common.config import load_config
-from carelay.common.messages import Hello, Ping, Pong, Put, Write
+from carelay.common.messages import NOT_SERVED, SILENT, Hello, Ping, Pong, Put, Reject, Write
 from carelay.common.protocol import decode_batch, encode_batch
 from carelay.shard import server as shard_server
 from carelay.shard.server import ShardServer
@@ -145,5 +145,30 @@ def test_a_stall_of_the_shards_own_drops_no_front_end(tmp_path, monkeypatch):
     finally:
         for s in socks:
             s.close()
+        shard.close()
+        ctx.term()
+
+
+def test_a_dropped_front_end_hears_so_from_its_heartbeat(tmp_path, monkeypatch):
+    """A front-end dropped for its silence (SIGSTOPped for longer than PEER_SILENCE) that
+    comes back is told at its next PING that it is no longer served, and reconnects
+    (see tests/unit/test_link_silence.py); else only its puts' REJECTs told it, and they
+    kept its link looking alive while every put through it failed."""
+    shard, ctx, (quiet, alive) = _served_pair(tmp_path, monkeypatch, 0.3)
+    try:
+        ping = iter(range(1000, 10**6))
+        _serve_for(shard, 1.0, lambda: alive.send_multipart(encode_batch([Ping(next(ping))])))
+        assert len(shard.admission) == 1
+        quiet.send_multipart(encode_batch([Ping(7)]))
+        _serve_for(shard, 0.1)
+        got = []
+        while quiet.poll(0):
+            got += decode_batch(quiet.recv_multipart())
+        refusals = [m for m in got if type(m) is Reject and m.req == 7]
+        assert [m.reason for m in refusals] == [SILENT]
+        assert SILENT in NOT_SERVED
+    finally:
+        quiet.close()
+        alive.close()
         shard.close()
         ctx.term()

@@ -180,8 +180,10 @@ def test_link_due_times():
     assert link.due() == 0.0  # every tick
     link.state = LinkState.LIVE
     link.timers.last_ping, link.timers.last_heard = 100.0, 99.0
+    assert link.due() == 100.0 + HEARTBEAT_INTERVAL  # heard since it asked: the next ping
+    link.timers.asked_at = 99.5  # asked, no answer yet: when it is taken for silent, if sooner
     assert link.due() == min(
-        100.0 + HEARTBEAT_INTERVAL, 99.0 + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
+        100.0 + HEARTBEAT_INTERVAL, 99.5 + HEARTBEAT_INTERVAL * HEARTBEAT_LIVENESS
     )
 
 

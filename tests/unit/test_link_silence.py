@@ -1,0 +1,111 @@
+"""When a front-end takes its link to a shard down: after HEARTBEAT_INTERVAL x
+HEARTBEAT_LIVENESS of silence, but not while what the shard said waits unread (a loop
+held up by a large snapshot of another shard read nothing for seconds, and then dropped
+the shards it had just synced, their PONGs waiting on their sockets, and took their
+snapshots again); and at once when the shard says it no longer serves the connection."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import zmq
+
+from carelay.broker.link import ShardLink
+from carelay.broker.linkstate import _SILENCE, LinkState
+from carelay.broker.sync import ShardSync
+from carelay.common.messages import SILENT, Ping, Reject
+from carelay.common.protocol import encode_batch, send_frames
+
+
+def _linked(tmp_path):
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/shard.sock"
+    shard = ctx.socket(zmq.ROUTER)
+    shard.setsockopt(zmq.LINGER, 0)
+    shard.bind(endpoint)
+    link = ShardLink(ctx, 0, endpoint)
+    link.open()
+    link.hello_sent()
+    link.synced(1, 0)
+    # The shard learns the link's identity from a message, and answers on it; the link
+    # sends only once it is connected (IMMEDIATE).
+    link.queue(Ping(1))
+    deadline = time.monotonic() + 10
+    while not shard.poll(10):
+        assert time.monotonic() < deadline, "the link never connected"
+        link.send_queued()
+    peer, *_ = shard.recv_multipart()
+    return ctx, shard, link, peer
+
+
+def test_a_shard_asked_nothing_is_not_silent(tmp_path):
+    """The loop asked nothing for seconds (a large snapshot of another shard held it up):
+    the shard, which answers PINGs, rightly said nothing meanwhile."""
+    ctx, shard, link, peer = _linked(tmp_path)
+    try:
+        now = time.monotonic()
+        link.timers.heard(now - 4 * _SILENCE)  # its last PING answered long ago
+        link.timers.last_ping = now - 4 * _SILENCE
+        assert link.tick(now, in_flight=False) == "ping"  # asked now
+        assert link.state is LinkState.LIVE
+        # Asked, and silent for _SILENCE: gone.
+        assert link.tick(now + _SILENCE + 0.1, in_flight=False) == "down"
+        assert link.state is LinkState.DOWN
+    finally:
+        link.close(park=False)
+        shard.close(linger=0)
+        ctx.destroy(linger=0)
+
+
+def test_a_shard_whose_answer_waits_unread_is_not_taken_for_gone(tmp_path):
+    ctx, shard, link, peer = _linked(tmp_path)
+    try:
+        now = time.monotonic()
+        link.timers.asked_at = now - 2 * _SILENCE  # asked; the loop read nothing since
+        send_frames(shard, [peer, *encode_batch([Ping(2)])])
+        deadline = time.monotonic() + 5
+        while not link.sock.get(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert link.tick(now, in_flight=False) is None
+        assert link.state is LinkState.LIVE
+        # Read, it counts as heard; asked again and silent for good, the shard is gone.
+        assert link.recv() is not None and link.recv() is None
+        assert link.timers.asked_at is None
+        link.timers.asked(now)
+        assert link.tick(now + 2 * _SILENCE, in_flight=False) == "down"
+        assert link.state is LinkState.DOWN
+    finally:
+        link.close(park=False)
+        shard.close(linger=0)
+        ctx.destroy(linger=0)
+
+
+def test_a_link_the_shard_no_longer_serves_goes_down(tmp_path):
+    """A REJECT that says the shard no longer serves this connection (it was silent too
+    long, or missed a change) marks the link for the loop to take down and reconnect;
+    another refusal does not."""
+    ctx, shard, link, peer = _linked(tmp_path)
+    try:
+        errors = []
+        broker = SimpleNamespace(
+            links=[link],
+            table=SimpleNamespace(),
+            config=SimpleNamespace(brokers=2, pva=False),
+            error=lambda *args: errors.append(args) and False,
+        )
+        broker.requests = SimpleNamespace(
+            waiter=lambda k, req: None, finish=lambda k, req, ok: None
+        )
+        sync = ShardSync(broker)
+        sync._reject(link, Reject(5, "a_f1", "a_f1 holds 1 element", 1))
+        assert link.not_served == ""
+        sync._reject(link, Reject(6, "", SILENT, 1))
+        assert link.not_served == SILENT
+        assert len(errors) == 2
+        link.went_down(f"it no longer serves this connection: {link.not_served}", park=False)
+        assert link.not_served == "" and link.state is LinkState.DOWN
+    finally:
+        link.close(park=False)
+        shard.close(linger=0)
+        ctx.destroy(linger=0)
