@@ -8,11 +8,13 @@ _Refused: one line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from carelay.common import exits
 from carelay.common.config import LOG_LEVELS, Config, ConfigError, load_config
@@ -370,7 +372,7 @@ def run_reload_acf(args: argparse.Namespace) -> int:
     return reload_access(_config(args))
 
 
-def run_broker_role(args: argparse.Namespace) -> int:
+def run_broker_role(args: argparse.Namespace) -> NoReturn:
     """``carelay broker``: the CA broker, as a child of ``carelay up`` or alone."""
     from carelay.common.config import BROKER_LOCK_FILE
 
@@ -393,17 +395,30 @@ def run_broker_role(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, role)
     from carelay.broker.main import run_broker
 
-    return _run_role(config, role, lambda: run_broker(config, index))
+    _exit_now(_run_role(config, role, lambda: run_broker(config, index)))
 
 
-def run_pva_role(args: argparse.Namespace) -> int:
+def run_pva_role(args: argparse.Namespace) -> NoReturn:
     """``carelay pva``: the PV Access front-end, as a child of ``carelay up`` or alone."""
     config = _config(args)
     _standalone_locks(config, "pva.lock")
     setup_logging(config.log_level, "pva")
     from carelay.broker.pva.run import run_pva
 
-    return _run_role(config, "pva", lambda: run_pva(config))
+    _exit_now(_run_role(config, "pva", lambda: run_pva(config)))
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End a front-end once it has stopped, without the interpreter's teardown.
+
+    Its PVs are done with (their changes sent, its sockets closed), but freeing them one
+    by one, a C++ object each, took longer than the supervisor's grace: with 300,000 PVs
+    every clean stop of the CA broker ended in a SIGKILL.  The log is flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
 
 
 def run_shard_role(args: argparse.Namespace) -> int:
