@@ -128,8 +128,8 @@ class ShardDatabase:
             self._copied = self._commits
         except (sqlite3.Error, OSError) as e:
             log.error(
-                "%s: cannot write its good copy (%s); serving the store, and trying again at "
-                "the next refresh",
+                "%s: cannot write its good copy (%s); the store itself is sound and stays in "
+                "use, and the next refresh of the copy tries again",
                 self.path,
                 e,
             )
@@ -320,7 +320,10 @@ class ShardDatabase:
                 dst.close()
             _fsync(scratch)
         except BaseException:
-            scratch.unlink(missing_ok=True)  # half a copy is no copy: the good one stays
+            # Half a copy is no copy: the good one stays.  Its journal too, which a write
+            # that failed (a full disk) leaves behind.
+            for suffix in ("", "-journal"):
+                Path(f"{scratch}{suffix}").unlink(missing_ok=True)
             raise
         os.replace(scratch, good)
         _fsync(good.parent)  # the new name on disk too

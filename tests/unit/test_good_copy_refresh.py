@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -269,3 +271,43 @@ def test_a_stop_does_not_wait_for_a_refresh_in_flight(db, monkeypatch):
     assert slow.done_while_inside  # the stop did not wait for the check to time out
     rows = {r.name: r.value.tolist() for r in read_store(db.path)}
     assert rows == {a: [2.0]}
+
+
+_FULL_DISK = """
+import os, resource, signal, sys
+from pathlib import Path
+import numpy as np
+from carelay.shard.persist import ShardDatabase
+d = Path(sys.argv[1])
+db = ShardDatabase(d / "shard-0.sqlite")
+db.open()
+db.save([(f"U:x{i}_f1000", 1.0, np.arange(1000.0), {}) for i in range(400)])
+# The file size limit as a full disk gives it: writes past it fail (EFBIG).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+try:
+    db.refresh_good_copy()
+except Exception as e:
+    print("refused:", e)
+"""
+
+
+def test_a_copy_that_fails_on_a_full_disk_leaves_no_scratch_behind(tmp_path):
+    """A copy cut short by a full disk left its scratch file's journal in the data
+    directory, at every refresh that failed."""
+    r = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0 and "refused:" in r.stdout, r.stdout + r.stderr
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [
+        "shard-0.sqlite",
+        "shard-0.sqlite-shm",
+        "shard-0.sqlite-wal",
+        "shard-0.sqlite.good",
+    ]
+    assert quick_check(sqlite3.connect(good_copy_path(tmp_path / "shard-0.sqlite"))) == "ok"
