@@ -81,6 +81,23 @@ def field_number(ca, name, field):
     return via_caproto
 
 
+class _Severities(list):
+    """The severities a ``NAME.SEVR`` monitor posted, as numbers (held by the list: caproto
+    keeps its callbacks weakly)."""
+
+    def event(self, sub, response):
+        self.append(int(response.data[0]))
+
+
+def severity_events(ca, name):
+    """A monitor of ``name.SEVR`` as DBR_ENUM, and the severities it posts."""
+    severities = _Severities()
+    sub = connect(ca, f"{name}.SEVR").subscribe(data_type=ChannelType.ENUM)
+    sub.add_callback(severities.event)
+    sub.severities = severities  # keeps the bound method's owner alive with the sub
+    return sub, severities
+
+
 def set_field(ca, name, field, value, **kw):
     """Put one field through caproto with callback; it must succeed."""
     data = value if isinstance(value, list) else [value]
@@ -361,13 +378,7 @@ def test_sevr_and_stat_read_and_monitor_the_alarm(relay, ca):
     put(name, 0.0)
     set_limits(ca, name, HIHI=10.0, HIGH=5.0)
     assert (as_text("SEVR"), as_text("STAT")) == ("NO_ALARM", "NO_ALARM")
-    events = []
-
-    def on_sevr(sub, response):
-        events.append(int(response.data[0]))
-
-    sub = connect(ca, f"{name}.SEVR").subscribe(data_type=ChannelType.ENUM)
-    sub.add_callback(on_sevr)
+    sub, events = severity_events(ca, name)
     wait_for(lambda: events == [0], what="the first SEVR event")
     put(name, 11.0)
     assert (field_number(ca, name, "SEVR"), field_number(ca, name, "STAT")) == (2, 3)
@@ -844,13 +855,7 @@ def test_fields_survive_a_killed_shard(relay, ca):
     set_limits(ca, name, EGU="K", PREC=3, HIHI=10.0, DESC="survives")
     k = shard_for(name, relay.shards)
     pid = _shard_pid(relay, k)
-    severities = []
-
-    def on_sevr(sub, response):
-        severities.append(int(response.data[0]))
-
-    sub = connect(ca, f"{name}.SEVR").subscribe(data_type=ChannelType.ENUM)
-    sub.add_callback(on_sevr)
+    sub, severities = severity_events(ca, name)
     wait_for(lambda: severities == [2], what="the first SEVR event")
     mark = len(relay.log())
     os.kill(pid, signal.SIGKILL)

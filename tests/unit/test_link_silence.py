@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+import pytest
 import zmq
 
 from carelay.broker.link import ShardLink
@@ -18,7 +19,9 @@ from carelay.common.messages import SILENT, Ping, Reject
 from carelay.common.protocol import encode_batch, send_frames
 
 
-def _linked(tmp_path):
+@pytest.fixture
+def linked(tmp_path):
+    """A link in sync with a shard's socket: (shard socket, link, the link's identity)."""
     ctx = zmq.Context()
     endpoint = f"ipc://{tmp_path}/shard.sock"
     shard = ctx.socket(zmq.ROUTER)
@@ -36,76 +39,62 @@ def _linked(tmp_path):
         assert time.monotonic() < deadline, "the link never connected"
         link.send_queued()
     peer, *_ = shard.recv_multipart()
-    return ctx, shard, link, peer
+    yield shard, link, peer
+    link.close(park=False)
+    shard.close(linger=0)
+    ctx.destroy(linger=0)
 
 
-def test_a_shard_asked_nothing_is_not_silent(tmp_path):
+def test_a_shard_asked_nothing_is_not_silent(linked):
     """The loop asked nothing for seconds (a large snapshot of another shard held it up):
     the shard, which answers PINGs, rightly said nothing meanwhile."""
-    ctx, shard, link, peer = _linked(tmp_path)
-    try:
-        now = time.monotonic()
-        link.timers.heard(now - 4 * _SILENCE)  # its last PING answered long ago
-        link.timers.last_ping = now - 4 * _SILENCE
-        assert link.tick(now, in_flight=False) == "ping"  # asked now
-        assert link.state is LinkState.LIVE
-        # Asked, and silent for _SILENCE: gone.
-        assert link.tick(now + _SILENCE + 0.1, in_flight=False) == "down"
-        assert link.state is LinkState.DOWN
-    finally:
-        link.close(park=False)
-        shard.close(linger=0)
-        ctx.destroy(linger=0)
+    shard, link, peer = linked
+    now = time.monotonic()
+    link.timers.heard(now - 4 * _SILENCE)  # its last PING answered long ago
+    link.timers.last_ping = now - 4 * _SILENCE
+    assert link.tick(now, in_flight=False) == "ping"  # asked now
+    assert link.state is LinkState.LIVE
+    # Asked, and silent for _SILENCE: gone.
+    assert link.tick(now + _SILENCE + 0.1, in_flight=False) == "down"
+    assert link.state is LinkState.DOWN
 
 
-def test_a_shard_whose_answer_waits_unread_is_not_taken_for_gone(tmp_path):
-    ctx, shard, link, peer = _linked(tmp_path)
-    try:
-        now = time.monotonic()
-        link.timers.asked_at = now - 2 * _SILENCE  # asked; the loop read nothing since
-        send_frames(shard, [peer, *encode_batch([Ping(2)])])
-        deadline = time.monotonic() + 5
-        while not link.sock.get(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert link.tick(now, in_flight=False) is None
-        assert link.state is LinkState.LIVE
-        # Read, it counts as heard; asked again and silent for good, the shard is gone.
-        assert link.recv() is not None and link.recv() is None
-        assert link.timers.asked_at is None
-        link.timers.asked(now)
-        assert link.tick(now + 2 * _SILENCE, in_flight=False) == "down"
-        assert link.state is LinkState.DOWN
-    finally:
-        link.close(park=False)
-        shard.close(linger=0)
-        ctx.destroy(linger=0)
+def test_a_shard_whose_answer_waits_unread_is_not_taken_for_gone(linked):
+    shard, link, peer = linked
+    now = time.monotonic()
+    link.timers.asked_at = now - 2 * _SILENCE  # asked; the loop read nothing since
+    send_frames(shard, [peer, *encode_batch([Ping(2)])])
+    deadline = time.monotonic() + 5
+    while not link.sock.get(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert link.tick(now, in_flight=False) is None
+    assert link.state is LinkState.LIVE
+    # Read, it counts as heard; asked again and silent for good, the shard is gone.
+    assert link.recv() is not None and link.recv() is None
+    assert link.timers.asked_at is None
+    link.timers.asked(now)
+    assert link.tick(now + 2 * _SILENCE, in_flight=False) == "down"
+    assert link.state is LinkState.DOWN
 
 
-def test_a_link_the_shard_no_longer_serves_goes_down(tmp_path):
+def test_a_link_the_shard_no_longer_serves_goes_down(linked):
     """A REJECT that says the shard no longer serves this connection (it was silent too
     long, or missed a change) marks the link for the loop to take down and reconnect;
     another refusal does not."""
-    ctx, shard, link, peer = _linked(tmp_path)
-    try:
-        errors = []
-        broker = SimpleNamespace(
-            links=[link],
-            table=SimpleNamespace(),
-            config=SimpleNamespace(brokers=2, pva=False),
-            error=lambda *args: errors.append(args) and False,
-        )
-        broker.requests = SimpleNamespace(
-            waiter=lambda k, req: None, finish=lambda k, req, ok: None
-        )
-        sync = ShardSync(broker)
-        sync._reject(link, Reject(5, "a_f1", "a_f1 holds 1 element", 1))
-        assert link.not_served == ""
-        sync._reject(link, Reject(6, "", SILENT, 1))
-        assert link.not_served == SILENT
-        assert len(errors) == 2
-        link.went_down(f"it no longer serves this connection: {link.not_served}", park=False)
-        assert link.not_served == "" and link.state is LinkState.DOWN
-    finally:
-        link.close(park=False)
-        shard.close(linger=0)
-        ctx.destroy(linger=0)
+    shard, link, peer = linked
+    errors = []
+    broker = SimpleNamespace(
+        links=[link],
+        table=SimpleNamespace(),
+        config=SimpleNamespace(brokers=2, pva=False),
+        error=lambda *args: errors.append(args) and False,
+    )
+    broker.requests = SimpleNamespace(waiter=lambda k, req: None, finish=lambda k, req, ok: None)
+    sync = ShardSync(broker)
+    sync._reject(link, Reject(5, "a_f1", "a_f1 holds 1 element", 1))
+    assert link.not_served == ""
+    sync._reject(link, Reject(6, "", SILENT, 1))
+    assert link.not_served == SILENT
+    assert len(errors) == 2
+    link.went_down(f"it no longer serves this connection: {link.not_served}", park=False)
+    assert link.not_served == "" and link.state is LinkState.DOWN
