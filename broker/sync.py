@@ -21,6 +21,7 @@ from carelay.common.messages import (
     NOT_SERVED,
     Ack,
     Applied,
+    Confirm,
     Deleted,
     FieldChanged,
     Follow,
@@ -29,11 +30,13 @@ from carelay.common.messages import (
     Ping,
     Pong,
     Reject,
+    Shown,
     Snapshot,
     SnapshotBegin,
     SnapshotEnd,
     Update,
     Wanted,
+    Watch,
 )
 from carelay.common.naming import InvalidPvName
 from carelay.common.runs import UpdateRun
@@ -43,6 +46,10 @@ log = logging.getLogger(__name__)
 
 class ShardSync(ShardReceiver):
     """Receives from the shard links and keeps the PV table in line with the shards."""
+
+    #: The PVs followed are watched too (``watches``); the PVA front-end watches those its
+    #: channels serve instead (PvaSync).
+    watch_follows = True
 
     def __init__(self, broker) -> None:
         super().__init__(broker.links, broker.requests)
@@ -56,6 +63,11 @@ class ShardSync(ShardReceiver):
         #: follows (``followed``: those its CA clients hold; see shard/follow.py).
         self.follows = self.others
         self.followed: set[str] = set()
+        #: The shards also hold the answer to another front-end's put to a PV followed
+        #: here until this broker has the change (WATCH; see shard/gate.py): a read here
+        #: right after that put completed gives the new value, though the change is still
+        #: on its way between the processes (``catch_up`` takes only what has come).
+        self.watches = self.follows and self.watch_follows
         #: What each kind of message a shard sends is handled by.
         self._by_kind = {
             Update: self._update,
@@ -65,6 +77,7 @@ class ShardSync(ShardReceiver):
             Reject: self._reject,
             Deleted: self._deleted,
             Pong: self._pong,
+            Confirm: self._confirm,
             SnapshotBegin: self._snapshot_begin,
             Snapshot: self._snapshot,
             SnapshotEnd: self._resync,
@@ -266,6 +279,8 @@ class ShardSync(ShardReceiver):
         for name in self.followed:
             if link_for(self.links, name) is link:
                 self._follow(link, name)
+                if self.watches:
+                    link.queue(Watch(0, name, True))
         link.send_queued()
         self.ping(link)
 
@@ -282,6 +297,8 @@ class ShardSync(ShardReceiver):
         if link.state not in (LinkState.SYNCING, LinkState.LIVE):
             return False
         req = self._follow(link, name)  # after the queued WRITEs: the answer shows them
+        if self.watches:
+            link.queue(Watch(0, name, True))
         self.requests.send(link)  # a FOLLOW that cannot go fails now
         return self.requests.waiter(link.index, req) is not None
 
@@ -292,7 +309,13 @@ class ShardSync(ShardReceiver):
         self.followed.discard(name)
         link = link_for(self.links, name)
         if link.state in (LinkState.SYNCING, LinkState.LIVE):
+            if self.watches:
+                link.queue(Watch(0, name, False))
             link.send(Follow(0, name, False))
+
+    def _confirm(self, link: ShardLink, msg: Confirm) -> None:
+        # Every change before it is applied and posted: shown (see shard/gate.py).
+        link.send(Shown(0, msg.token))
 
     def _follow(self, link: ShardLink, name: str, notify=None) -> int:
         """Queue a FOLLOW of ``name``; its request number."""

@@ -1,13 +1,13 @@
 """ReadGate: a put with callback completes when every front-end that serves the PV has it.
 
-A CA broker takes what its shard sent before it answers a read, so a change on its way
-to it is read at once.  A PVA server answers a get from the value last posted, with no
-hook for the front-end to catch up first.  Such a front-end tells the shard which PVs it
-serves that way (WATCH).  An answer that completes another front-end's put to one of
-them, and everything after it to that front-end, then waits: the watching front-end
-gets a CONFIRM after the change, and answers it (SHOWN) once it has shown everything
-before it.  Each answered front-end's stream stays in order; the others' streams never
-wait.
+A PVA server answers a get from the value last posted, with no hook for the front-end to
+catch up first; a CA broker takes what its shard sent before it answers a read, but a
+change still on its way between the processes when the put completed is not there yet.
+So each front-end tells the shard which PVs it serves reads of (WATCH).  An answer that
+completes another front-end's put to one of them, and everything after it to that
+front-end, then waits: the watching front-end gets a CONFIRM after the change, and
+answers it (SHOWN) once it has shown everything before it.  Each answered front-end's
+stream stays in order; the others' streams never wait.
 
 A watching front-end that does not answer within ``wait`` seconds (hung, or far behind)
 is lagging: the answers go, and later ones no longer wait for it until it has caught up

@@ -18,7 +18,7 @@ from carelay.broker.peers import ca_buffer_bytes
 from carelay.broker.sync import ShardSync
 from carelay.common.config import PVA_SEARCH_FOLLOW, STATUS_INTERVAL
 from carelay.common.lifecycle import StopFlag
-from carelay.common.messages import Confirm, Shown, Watch
+from carelay.common.messages import Watch
 from carelay.common.protocol import BATCH_MAX
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,10 @@ class PvaSync(ShardSync):
     answered by a SHOWN: see shard/gate.py), and a get right after that put completed
     reads the new value."""
 
+    watch_follows = False
+
     def __init__(self, broker) -> None:
         super().__init__(broker)
-        self._by_kind[Confirm] = self._confirm
         #: Channels that open once their shard has answered their FOLLOW, by name.
         self._opening: dict = {}
         #: How many FOLLOWs of each name wait for their answer (names with none absent).
@@ -128,10 +129,6 @@ class PvaSync(ShardSync):
         link = link_for(self.links, name)
         if link.live:
             link.send(Watch(0, name, on))
-
-    def _confirm(self, link, msg: Confirm) -> None:
-        # Every change before it is applied and posted: the channels show them.
-        link.send(Shown(0, msg.token))
 
     def _resync(self, link, end) -> None:
         """In sync again: the shard (maybe a new process) learns the PVs watched here."""

@@ -284,3 +284,40 @@ def test_a_monitor_on_the_other_broker_sees_puts_after_its_shard_restarts(relay,
     finally:
         monitor.kill()
         monitor.wait(timeout=10)
+
+
+def test_a_put_completes_once_the_broker_whose_client_holds_the_pv_has_it(relay, ca):
+    """A put with callback through broker 0 to a PV a client of broker 1 holds completes
+    once broker 1 has the change (the shard's read gate), so a read there right after
+    it gives the new value, whatever the change's way between the processes.  A broker
+    that hangs delays such puts once, by SHOWN_WAIT, and is waited for again once it
+    has caught up."""
+    name = relay.name("gated", "f1")
+    (pv,) = ca.get_pvs(name, timeout=5)
+    pv.write([1.5], wait=True, timeout=5)
+    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B)}
+    monitor = subprocess.Popen(
+        [sys.executable, "-m", "caproto.commandline.monitor", "--no-repeater", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    pid = _broker_pid(relay, 1)
+    try:
+        assert "1.5" in monitor.stdout.readline()
+        _followed(relay, 1)  # broker 1 follows it, and watches it
+        offset = len(relay.log())
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for v in (2.0, 3.0):  # each completes: the first after SHOWN_WAIT
+                assert pv.write([v], wait=True, timeout=5).status.success
+            relay.wait_log("did not show a change within", start=offset)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: _get_b(name) == "3", what="broker 1 to catch up")
+        pv.write([4.0], wait=True, timeout=5)
+        relay.wait_log("a front-end caught up", start=offset)
+    finally:
+        monitor.kill()
+        monitor.wait(timeout=10)
