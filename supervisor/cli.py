@@ -411,9 +411,14 @@ def run_pva_role(args: argparse.Namespace) -> NoReturn:
 def _exit_now(code: int) -> NoReturn:
     """End a front-end once it has stopped, without the interpreter's teardown.
 
-    Its PVs are done with (their changes sent, its sockets closed), but freeing them one
-    by one, a C++ object each, took longer than the supervisor's grace: with 300,000 PVs
-    every clean stop of the CA broker ended in a SIGKILL.  The log is flushed first."""
+    Its PVs are done with (its sockets closed), but freeing them one by one, a C++ object
+    each, took longer than the supervisor's grace: with 300,000 PVs every clean stop of
+    the CA broker ended in a SIGKILL.  What it sent last may still be in ZeroMQ's I/O
+    thread: ending the context waits for that to go, up to the linger its sockets were
+    closed with (a socket left open goes at once).  The log is flushed last."""
+    import zmq
+
+    zmq.Context.instance().destroy(linger=0)
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
