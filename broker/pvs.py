@@ -111,10 +111,14 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         turn for ``post_held``."""
         mirror = self.mirror
         alarm, severity = self._status()
+        was = mirror.alarm, mirror.severity
         changed = mirror.alarm_event(alarm, severity)
-        if changed and self.broker.field_pvs:  # NAME.SEVR and NAME.STAT monitors may wait
-            self.broker.post_field(self.name, "SEVR")
-            self.broker.post_field(self.name, "STAT")
+        if changed and self.broker.field_pvs:  # NAME.SEVR or NAME.STAT monitors may wait
+            # Each when it changed, as an IOC's record posts them.
+            if severity != was[1]:
+                self.broker.post_field(self.name, "SEVR")
+            if alarm != was[0]:
+                self.broker.post_field(self.name, "STAT")
         mask |= changed
         if not self.interest or not mask:
             return

@@ -386,6 +386,9 @@ def test_sevr_and_stat_read_and_monitor_the_alarm(relay, ca):
     put(name, 6.0)
     assert (as_text("SEVR"), as_text("STAT")) == ("MINOR", "HIGH")
     put(name, 6.5)  # the same alarm: no event
+    set_field(ca, name, "HHSV", "MINOR", data_type=ChannelType.STRING)
+    put(name, 11.0)  # HIHI, MINOR: the status changed, the severity did not: no event
+    assert (as_text("SEVR"), as_text("STAT")) == ("MINOR", "HIHI")
     put(name, 0.0)
     wait_for(lambda: events[-1:] == [0], what="SEVR back to NO_ALARM")
     assert events == [0, 2, 1, 0]
