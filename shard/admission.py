@@ -21,11 +21,13 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 from carelay.common.config import REFUSED_PEER_LOG_INTERVAL
 from carelay.common.messages import DROPPED as _DROPPED
 from carelay.common.messages import FENCED as _FENCED
 from carelay.common.messages import SILENT as _SILENT
-from carelay.common.messages import Hello, Message, Ping, Reject
+from carelay.common.messages import Hello, Message, Ping, Reject, Write
 from carelay.common.protocol import WriteRun
 from carelay.shard.follow import Follows
 from carelay.shard.handler import EXPIRING
@@ -73,6 +75,8 @@ class Admission:
         self._heard: dict[bytes, float] = {}
         self._refused = 0
         self._refused_logged = -REFUSED_PEER_LOG_INTERVAL
+        #: Plain WRITEs of a connection no longer served, to apply (``take_late``).
+        self._late: list = []
         #: Told of each peer no longer served (ReadGate.forget).
         self.on_drop: Callable[[bytes], None] = lambda peer: None
         #: The PVs each peer that said HELLO with ``follow`` follows (started and forgotten
@@ -175,17 +179,33 @@ class Admission:
         if len(self._fenced) > _FENCED_MAX:
             self._fenced.popitem(last=False)
 
+    def take_late(self) -> list:
+        """The plain WRITEs that the last refused messages brought and that are to be
+        applied all the same (see ``_refuse_fenced``); taken."""
+        late, self._late = self._late, []
+        return late
+
     def _refuse_fenced(self, peer: bytes, msgs: list) -> None:
-        """Refuse what an earlier connection of a broker still brings: a REJECT for each
+        """Refuse what a connection no longer served still brings: a REJECT for each
         request that waits for an answer and each heartbeat (the front-end reconnects on
-        the first: see common.messages.NOT_SERVED); plain WRITEs are dropped (the broker has asked
-        for the snapshot that shows they did not happen, or will on reconnecting)."""
+        the first: see common.messages.NOT_SERVED).  Its plain WRITEs, which no client
+        waits for, are its clients' latest puts where it was dropped (silent too long, a
+        change it missed): it sent them before the PING whose refusal tells it, so before
+        anything of its next connection; they are kept for the server to apply
+        (``take_late``), as puts that came late.  An earlier connection of a broker that
+        said HELLO again may bring them after its new connection's: dropped."""
         reason = self._fenced[peer]
+        late = reason is not _FENCED
         for msg in msgs:
             if type(msg) is WriteRun:
                 for name, req in zip(msg.names, msg.reqs, strict=True):
                     if req:
                         self._reply(peer, Reject(req, name, reason, self.epoch))
+                if late and not all(msg.reqs):
+                    self._late.append(_plain(msg))
+            elif type(msg) is Write and not msg.req:
+                if late:
+                    self._late.append(msg)
             elif type(msg) in EXPIRING and msg.req:
                 self._reply(peer, Reject(msg.req, msg.name, reason, self.epoch))
             elif type(msg) is Ping and msg.req:
@@ -206,3 +226,15 @@ class Admission:
             log.warning("refused %d messages from %s", self._refused, who)
             self._refused = 0
             self._refused_logged = now
+
+
+def _plain(run: WriteRun) -> WriteRun:
+    """The WRITEs of ``run`` that no client waits for."""
+    keep = [k for k, req in enumerate(run.reqs) if not req]
+    return WriteRun(
+        run.dtype,
+        [run.names[k] for k in keep],
+        [0] * len(keep),
+        [run.stamps[k] for k in keep],
+        np.asarray(run.values, dtype=run.dtype)[keep],
+    )

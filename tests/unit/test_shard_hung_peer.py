@@ -16,8 +16,20 @@ import numpy as np
 import zmq
 
 from carelay.common.config import load_config
-from carelay.common.messages import NOT_SERVED, SILENT, Hello, Ping, Pong, Put, Reject, Write
+from carelay.common.messages import (
+    NOT_SERVED,
+    SILENT,
+    Follow,
+    Hello,
+    Ping,
+    Pong,
+    Put,
+    Reject,
+    Update,
+    Write,
+)
 from carelay.common.protocol import decode_batch, encode_batch
+from carelay.common.runs import UpdateRun, WriteRun
 from carelay.shard import server as shard_server
 from carelay.shard.server import ShardServer
 
@@ -167,6 +179,43 @@ def test_a_dropped_front_end_hears_so_from_its_heartbeat(tmp_path, monkeypatch):
         refusals = [m for m in got if type(m) is Reject and m.req == 7]
         assert [m.reason for m in refusals] == [SILENT]
         assert SILENT in NOT_SERVED
+    finally:
+        quiet.close()
+        alive.close()
+        shard.close()
+        ctx.term()
+
+
+def test_a_dropped_front_ends_last_plain_puts_are_applied(tmp_path, monkeypatch):
+    """A broker hung for longer than PEER_SILENCE (SIGSTOP) takes, once it goes on, the CA
+    puts that waited for it and sends them before it learns it was dropped: its clients'
+    latest puts.  The plain ones (no client waits for them) are applied and published
+    to the other front-ends; those that wait are refused, so their clients know.  Before,
+    the plain ones were dropped, and the broker's resync then showed the older value."""
+    shard, ctx, (quiet, alive) = _served_pair(tmp_path, monkeypatch, 0.3)
+    name = f"{PREFIX}late_f1"
+    try:
+        alive.send_multipart(encode_batch([Put(name, 1, 0.0, np.array([1.0]))]))
+        alive.send_multipart(encode_batch([Follow(2, name, True)]))
+        ping = iter(range(1000, 10**6))
+        _serve_for(shard, 1.0, lambda: alive.send_multipart(encode_batch([Ping(next(ping))])))
+        assert len(shard.admission) == 1  # the quiet one was dropped
+        run = WriteRun(np.dtype("<f8"))
+        run.add(name, 0, 5.0, np.array([2.0]))  # plain
+        run.add(name, 7, 6.0, np.array([3.0]))  # with callback
+        quiet.send_multipart(encode_batch([run]))
+        _serve_for(shard, 0.2)
+        assert shard.store.get(name)[0] == 2.0
+        got = []
+        while quiet.poll(0):
+            got += decode_batch(quiet.recv_multipart())
+        assert [(m.req, m.reason) for m in got if type(m) is Reject] == [(7, SILENT)]
+        seen = []
+        while alive.poll(0):
+            seen += decode_batch(alive.recv_multipart())
+        values = [float(m.value(k)[0]) for m in seen if type(m) is UpdateRun for k in range(len(m))]
+        values += [float(m.data[0]) for m in seen if type(m) is Update and m.name == name]
+        assert 2.0 in values, seen
     finally:
         quiet.close()
         alive.close()
