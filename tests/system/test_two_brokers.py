@@ -73,6 +73,19 @@ def _on_b(tool: str, *args: str, timeout: float = 20) -> subprocess.CompletedPro
     return caproto_cli(tool, *args, timeout=timeout, env=env)
 
 
+def _monitor_on_b(*args: str) -> subprocess.Popen:
+    """caproto's monitor against broker 1, its lines on ``stdout``: a client of broker 1
+    that holds a channel until it is killed."""
+    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "caproto.commandline.monitor", "--no-repeater", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+
+
 def _get_b(name: str) -> str | None:
     out = _on_b("get", "--terse", name)
     return out.stdout.strip() if out.returncode == 0 else None
@@ -228,14 +241,7 @@ def test_a_broker_follows_a_pv_while_a_client_of_it_holds_a_channel(relay):
     done = _on_b("put", name, "1.5")  # made through broker 1, whose channel then goes
     assert done.returncode == 0, done.stderr
     shards = _followed(relay, 0)
-    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B)}
-    monitor = subprocess.Popen(
-        [sys.executable, "-m", "caproto.commandline.monitor", "--no-repeater", name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    monitor = _monitor_on_b(name)
     try:
         assert "1.5" in monitor.stdout.readline()
         assert _followed(relay, 1) == shards + 1
@@ -251,15 +257,7 @@ def test_a_monitor_on_the_other_broker_sees_puts_after_its_shard_restarts(relay,
     name = name_on_shard(relay, 1, "restart")
     (pv,) = ca.get_pvs(name, timeout=5)
     pv.write([1.0], wait=True, timeout=5)
-    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B)}
-    monitor = subprocess.Popen(
-        [sys.executable, "-m", "caproto.commandline.monitor", "--no-repeater"]
-        + ["--format", "{response.data[0]}", name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    monitor = _monitor_on_b("--format", "{response.data[0]}", name)
     try:
         assert monitor.stdout.readline().strip() == "1.0"
         old = role_pid(relay, "shard 1")
@@ -295,14 +293,7 @@ def test_a_put_completes_once_the_broker_whose_client_holds_the_pv_has_it(relay,
     name = relay.name("gated", "f1")
     (pv,) = ca.get_pvs(name, timeout=5)
     pv.write([1.5], wait=True, timeout=5)
-    env = {**os.environ, "EPICS_CA_SERVER_PORT": str(PORT_B)}
-    monitor = subprocess.Popen(
-        [sys.executable, "-m", "caproto.commandline.monitor", "--no-repeater", name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    monitor = _monitor_on_b(name)
     pid = _broker_pid(relay, 1)
     try:
         assert "1.5" in monitor.stdout.readline()
