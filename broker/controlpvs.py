@@ -49,7 +49,8 @@ class FieldPV(BasePV):
             gdd.setPrimType(self._ait)
         v = self.current()
         gdd.put(str(v) if self.fdef.kind == "string" else v)
-        gdd.setStatSevr(Alarm.NO_ALARM, Severity.NO_ALARM)
+        # The PV's alarm, as each field of an IOC record carries the record's.
+        gdd.setStatSevr(*self.broker.table.alarm(self.base))
         gdd.setTimeStamp(cas.epicsTimeStamp())
 
     @guarded(cas.S_casApp_undefined)

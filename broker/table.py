@@ -242,16 +242,19 @@ class PvTable:
         if field == "RES":
             return 0
         if field in ("SEVR", "STAT"):
-            if pv is None:
-                status, severity = UDF_ALARM, fields.INVALID
-            else:
-                b = self.broker
-                status, severity = pv.mirror.status(
-                    b.shard_live(pv.shard), b.store_errors[pv.shard]
-                )
+            status, severity = self.alarm(spec)
             return severity if field == "SEVR" else status
         eff = pv.eff if pv is not None else self.broker.resolver.effective(spec, {})
         return fields.get(eff, field)
+
+    def alarm(self, spec) -> tuple[int, int]:
+        """(status, severity) of ``spec.name`` as CA shows it: the alarm that every field
+        of it carries too, as an IOC record's fields carry the record's."""
+        pv = self.pvs.get(spec.name)
+        if pv is None:
+            return UDF_ALARM, fields.INVALID
+        b = self.broker
+        return pv.mirror.status(b.shard_live(pv.shard), b.store_errors[pv.shard])
 
     def post_field(self, name: str, field: str) -> None:
         if self.field_pvs:

@@ -383,6 +383,8 @@ def test_sevr_and_stat_read_and_monitor_the_alarm(relay, ca):
     put(name, 11.0)
     assert (field_number(ca, name, "SEVR"), field_number(ca, name, "STAT")) == (2, 3)
     assert (as_text("SEVR"), as_text("STAT")) == ("MAJOR", "HIHI")
+    # Every field carries the PV's alarm, as an IOC record's fields carry the record's.
+    assert alarm(ca, f"{name}.HIHI") == HIHI
     put(name, 6.0)
     assert (as_text("SEVR"), as_text("STAT")) == ("MINOR", "HIGH")
     put(name, 6.5)  # the same alarm: no event
