@@ -5,7 +5,7 @@ answered once they are held, and the attach refuses what a burst of searches let
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from carelay.broker.app import Broker
@@ -85,21 +85,27 @@ def test_letting_go_makes_room(config):
     assert broker.claims(name(8) + ".DESC") and broker.attach(name(8) + ".DESC") is not None
 
 
+#: max_pvs PVs made and created, then a new name: refused, though no provisional PV is
+#: held (none may be created).
+_MAX_EXIST = [*(("attach", k) for k in range(MAX)), *(("real", k) for k in range(MAX))]
+_MAX_EXIST.append(("attach", MAX))
 _OPS = st.sampled_from(["attach", "field", "destroy", "real", "forget"])
 
 
 @given(st.lists(st.tuples(_OPS, st.integers(0, 6)), max_size=50))
+@example(steps=_MAX_EXIST)
 def test_never_more_than_max_pvs_provisional_pvs(config, steps):
     """After any sequence, the count is what a walk finds, and an attach of a new name
-    is refused exactly when max_pvs are held (a deleted PV a client holds is provisional
-    again, so the count itself may pass max_pvs)."""
+    is refused exactly when max_pvs are held, provisional or real (a deleted PV a client
+    holds is provisional again, so the count itself may pass max_pvs)."""
     broker = serving(config)
     table = broker.table
     held: dict[str, object] = {}
     for op, k in steps:
         target = name(k) + (".EGU" if op == "field" else "")
         if op in ("attach", "field"):
-            full = table.n_provisional >= MAX
+            # No room for another provisional PV, or max_pvs exist: none may be created.
+            full = table.n_provisional >= MAX or table.n_real + table.n_creating >= MAX
             new = target not in table.pvs and target not in table.field_pvs
             base = table.pvs.get(name(k))
             counted = op == "attach" or base is None or not base.real
