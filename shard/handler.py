@@ -181,8 +181,9 @@ class RequestHandler:
         if self.fanout:
             self._publish_change(peer, change, created=change.created)
 
-    def _write(self, peer: bytes, msg: wire.Write) -> None:
-        """A put the broker has already applied to its mirror (see ``_written``)."""
+    def _write(self, peer: bytes, msg: wire.Write, publish: bool = False) -> None:
+        """A put the broker has already applied to its mirror (see ``_written``); published
+        while there are other front-ends, or whatever their number with ``publish``."""
         try:
             refusing = self.health.refusing
             if refusing and msg.req:
@@ -193,7 +194,7 @@ class RequestHandler:
         except Rejected as e:
             outcome = e
         else:
-            if self.fanout:
+            if self.fanout or publish:
                 self._publish_change(peer, change)
         self._written(peer, msg.name, msg.req, outcome)
 
@@ -207,14 +208,14 @@ class RequestHandler:
             log.warning("dropped %s", example)
         self._reject(peer, msg, _EXPIRED)
 
-    def write_run(self, peer: bytes, run: WriteRun) -> None:
+    def write_run(self, peer: bytes, run: WriteRun, publish: bool = False) -> None:
         """A run of one-element WRITEs: each as ``_write`` takes it, column by column.  Past
         the run's expiry, the WRITEs that wait for an answer are dropped, the others (which
         no client waits for) applied."""
         write = self.store.write_one
         values, stamps, reqs = run.values, run.stamps, run.reqs
         refusing = self.health.refusing
-        fanout = self.fanout
+        fanout = self.fanout or publish
         if run.expires and time.time() > run.expires:
             for k, name in enumerate(run.names):
                 if reqs[k]:
@@ -243,6 +244,16 @@ class RequestHandler:
                 if not reqs[k]:
                     continue  # the commonest WRITE of all: applied, and nothing to say
             self._written(peer, name, reqs[k], outcome)
+
+    def write_late(self, peer: bytes, writes: list) -> None:
+        """Apply the plain WRITEs of a connection no longer served (see
+        Admission.take_late): its clients' puts, published to every front-end served,
+        whatever their number."""
+        for msg in writes:
+            if type(msg) is WriteRun:
+                self.write_run(peer, msg, publish=True)
+            else:
+                self._write(peer, msg, publish=True)
 
     def _written(self, peer: bytes, name: str, req: int, outcome: int | Rejected) -> None:
         """Answer a WRITE that came to ``outcome`` (its seq, or why it was refused).  A

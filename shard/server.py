@@ -244,7 +244,8 @@ class ShardServer:
             if not admission.admit(peer, msgs):
                 late = admission.take_late()
                 if late:
-                    self._apply_late(peer, late)
+                    self.requests.write_late(peer, late)
+                    self.work += 1
                 return 0
             fanout = len(admission) > 1
             if fanout and not self.requests.fanout:
@@ -283,21 +284,6 @@ class ShardServer:
             if written:
                 self.outbox.applied(peer, Applied(written, self.store.seq, self.epoch))
         return n
-
-    def _apply_late(self, peer: bytes, writes: list) -> None:
-        """Apply plain WRITEs of a connection no longer served (see Admission.take_late):
-        its clients' puts, published to every front-end served, whatever their number."""
-        requests = self.requests
-        fanout, requests.fanout = requests.fanout, True
-        try:
-            for msg in writes:
-                if type(msg) is protocol.WriteRun:
-                    requests.write_run(peer, msg)
-                else:
-                    requests.dispatch(peer, msg)
-        finally:
-            requests.fanout = fanout
-        self.work += 1
 
     def drop_silent_peers(self) -> None:
         """Stop serving the front-ends that sent nothing for PEER_SILENCE before the socket
