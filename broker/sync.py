@@ -182,8 +182,9 @@ class ShardSync(ShardReceiver):
         self._shard_refused(link, msg)
         self.requests.finish(link.index, msg.req, False)
         if msg.reason in NOT_SERVED and link.usable:
-            # What else goes through this connection is refused too (its plain WRITEs
-            # dropped), while the REJECTs keep it from looking silent: the loop reconnects.
+            # What else waits for an answer through this connection is refused too, while
+            # the REJECTs keep it from looking silent: the loop reconnects.  (Its plain
+            # WRITEs are applied late, unless it was fenced for a newer connection.)
             link.not_served = msg.reason
 
     def _deleted(self, link: ShardLink, msg: Deleted) -> None:
