@@ -101,7 +101,8 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         for field in fields.FIELDS:
             self.broker.post_field(self.name, field)
 
-    def _status(self) -> tuple[int, int]:
+    def alarm(self) -> tuple[int, int]:
+        """(status, severity) as CA shows them now (see ``Mirror.status``)."""
         broker = self.broker
         return self.mirror.status(broker.shard_live(self.shard), broker.store_errors[self.shard])
 
@@ -110,7 +111,7 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         large buffer's may wait for ``post_due``, and those past TURN_POST_CAP in one loop
         turn for ``post_held``."""
         mirror = self.mirror
-        alarm, severity = self._status()
+        alarm, severity = self.alarm()
         was = mirror.alarm, mirror.severity
         changed = mirror.alarm_event(alarm, severity)
         if changed and self.broker.field_pvs:  # NAME.SEVR or NAME.STAT monitors may wait
@@ -147,7 +148,7 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         if mask is None:
             return False
         if mask and self.interest:
-            self._post_now(mask, *self._status())
+            self._post_now(mask, *self.alarm())
         return True
 
     def _post_now(self, mask: int, alarm: int, severity: int) -> None:
@@ -198,10 +199,10 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
         mirror = self.mirror
         if mirror.plain and mirror.real:
             # The commonest read: one number.
-            read_number(value, self._ait, mirror.value.item(), self._status(), self._timestamp())
+            read_number(value, self._ait, mirror.value.item(), self.alarm(), self._timestamp())
             return cas.S_casApp_success
         fill_gdd(self.spec, value, mirror.contents())
-        value.setStatSevr(*self._status())
+        value.setStatSevr(*self.alarm())
         value.setTimeStamp(self._timestamp())
         return cas.S_casApp_success
 

@@ -253,8 +253,7 @@ class PvTable:
         pv = self.pvs.get(spec.name)
         if pv is None:
             return UDF_ALARM, fields.INVALID
-        b = self.broker
-        return pv.mirror.status(b.shard_live(pv.shard), b.store_errors[pv.shard])
+        return pv.alarm()
 
     def post_field(self, name: str, field: str) -> None:
         if self.field_pvs:
