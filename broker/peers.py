@@ -119,8 +119,10 @@ class PeerBrokers:
 
     def failing_shards(self) -> set[int]:
         """The shards that the supervisor of ``carelay up`` says are failing (dying again
-        and again): one that dies before it ever answers a broker shows nowhere else.
-        Empty for a broker started alone, which has no supervisor here."""
+        and again), waiting to be started again or started again since: one that dies
+        before it ever answers a broker shows nowhere else, and the broker sees a restart
+        only once the new process is in sync.  Empty for a broker started alone, which
+        has no supervisor here."""
         if not self.all_here:
             return set()
         sup = read_status(self.run_dir / "supervisor.json")
@@ -128,7 +130,7 @@ class PeerBrokers:
             return set()
         out = set()
         for p in sup.get("processes") or ():
-            if not isinstance(p, dict) or p.get("state") != "failing":
+            if not isinstance(p, dict) or not (p.get("state") == "failing" or p.get("failing")):
                 continue
             role, _, k = str(p.get("name", "")).partition(" ")
             if role == "shard" and k.isdigit():

@@ -304,14 +304,16 @@ def test_a_shard_the_supervisor_says_is_failing_is_failing(tmp_path):
     from carelay.broker.peers import PeerBrokers
 
     processes = [
-        {"name": "shard 0", "state": "running"},
+        {"name": "shard 0", "state": "running", "failing": False},
         {"name": "shard 1", "state": "failing"},
+        # Started again after it kept dying: failing until in sync (shard_state).
+        {"name": "shard 2", "state": "running", "failing": True},
         {"name": "broker", "state": "failing"},
     ]
     (tmp_path / "supervisor.json").write_text(
         json.dumps({"pid": os.getpid(), "processes": processes})
     )
-    assert PeerBrokers(tmp_path, 1, 0).failing_shards() == {1}
+    assert PeerBrokers(tmp_path, 1, 0).failing_shards() == {1, 2}
     assert PeerBrokers(tmp_path, 1, 0, all_here=False).failing_shards() == set()
     h, broker = Health(2, "9.9"), _Broker()
     h.peers = PeerBrokers(tmp_path, 1, 0)
