@@ -54,12 +54,11 @@ class Forwarder:
                 return False
         # ``callback``: refused by a shard whose store cannot be written.
         put = dict(stamp=stamp, data=data, callback=notify is not None)
-        if not self._request(pv.shard, pv, notify, Put, pv.name, put):
+        if not self._request(pv.shard, pv, notify, Put, pv.name, put, counted=True):
             why = "put failed: shard not accepting"
             if self.broker.error("shard_down", why, pv.name, pv.shard):
                 log.warning("put to %s failed: shard %d not accepting", shorten(pv.name), pv.shard)
             return False
-        self.health.puts += 1
         if not pv.real:
             self.table.reserve(pv, True)
         return True
@@ -67,13 +66,14 @@ class Forwarder:
     def write_through(self, link: ShardLink, pv, data, stamp: float, notify) -> bool:
         """A put to a PV in sync with its live shard: applied to the mirror and posted now,
         and sent on as a WRITE that the shard answers only for a put with callback (or to
-        refuse it, with the PV as it holds it).  No round trip before the monitors."""
-        self.health.puts += 1
+        refuse it, with the PV as it holds it).  No round trip before the monitors.
+        Counted in the puts now, or, with a callback, once the shard has applied it."""
         if notify is None:
+            self.health.puts += 1
             link.queue_write(pv.name, 0, stamp, data)
         else:
             req, expires = self.requests.expect(
-                link.index, None, pv.name, notify, self.broker.client()
+                link.index, None, pv.name, notify, self.broker.client(), put=True
             )
             link.queue_write(pv.name, req, stamp, data, expires)
         pv.apply(data, stamp, append=pv.ring is not None, owned=True)
@@ -128,15 +128,17 @@ class Forwarder:
         pv.deleting = True
         return True
 
-    def _request(self, shard: int, pv, notify, kind: type, name: str, fields: dict) -> bool:
+    def _request(
+        self, shard: int, pv, notify, kind: type, name: str, fields: dict, counted: bool = False
+    ) -> bool:
         """Number a request of ``kind`` (Put, Delete or SetField) to PV ``name`` with
         ``fields``, queue it for ``shard`` and wait for its answer; False when the shard
-        cannot take it now."""
+        cannot take it now.  ``counted``: a put, counted in the puts once applied."""
         link = self.links[shard]
         if not link.usable or link.sock is None:
             return False
         client = self.broker.client() if notify is not None else None
-        req, expires = self.requests.expect(shard, pv, name, notify, client)
+        req, expires = self.requests.expect(shard, pv, name, notify, client, put=counted)
         msg = kind(name=name, req=req, expires=expires, **fields)
         # Queued, and sent with the others of this process() slice in batches (the loop).
         # Never sent here: a failure must not complete a put inside its own write().

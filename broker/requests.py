@@ -40,6 +40,8 @@ class Request:
     client: tuple[str, str] | None = None
     #: Its failure is nobody's error (a FOLLOW: a read that waited for it goes on).
     quiet: bool = False
+    #: A client's put: counted in the broker's puts (Health.puts) once it is applied.
+    put: bool = False
 
 
 @dataclass(slots=True)
@@ -82,7 +84,7 @@ class Requests:
         return next(self._numbers)
 
     def expect(
-        self, shard: int, pv, name: str, notify, client, quiet: bool = False
+        self, shard: int, pv, name: str, notify, client, quiet: bool = False, put: bool = False
     ) -> tuple[int, float]:
         """A new request number, whose answer ``shard`` now owes, and the request's
         expiry.  The broker fails the request at its deadline (PUT_TIMEOUT); the expiry, in
@@ -95,7 +97,7 @@ class Requests:
         commit slower than the margin) has it reported failed though applied."""
         req = next(self._numbers)
         deadline = time.monotonic() + PUT_TIMEOUT
-        self.unanswered[shard][req] = Request(pv, name, shard, deadline, notify, client, quiet)
+        self.unanswered[shard][req] = Request(pv, name, shard, deadline, notify, client, quiet, put)
         if pv is not None:
             self._in_flight[pv] = self._in_flight.get(pv, 0) + 1
         return req, self.clocks[shard].to_shard(time.time() + (PUT_TIMEOUT - EXPIRY_MARGIN))
@@ -128,6 +130,8 @@ class Requests:
                 self._in_flight[p.pv] = n
             else:
                 self._table.reserve(p.pv, False)
+        if ok and p.put:
+            self._health.puts += 1
         if p.notify is not None:
             self._health.put_callback.observe(time.monotonic() - (p.deadline - PUT_TIMEOUT))
             p.notify.complete(ok)

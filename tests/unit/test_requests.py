@@ -50,6 +50,7 @@ class Histogram:
 
 class Health:
     put_callback = Histogram()
+    puts = 0
 
 
 class Notify:
@@ -86,6 +87,22 @@ def test_an_answer_fails_the_earlier_requests_its_shard_lost(setup):
     requests.finish(0, kept, True)
     assert second.results == [True] and requests.in_flight(pv) == 0
     assert list(requests.unanswered[1]) == [other]  # answered() leaves ``req`` itself
+
+
+def test_a_put_counts_once_its_shard_applied_it(setup):
+    requests, _, _ = setup
+    health = requests._health
+    refused, _ = requests.expect(0, PV("a"), "a", Notify(), None, put=True)
+    applied, _ = requests.expect(0, None, "a", Notify(), None, put=True)
+    field, _ = requests.expect(0, PV("a"), "a", Notify(), None)  # a field put, say
+    requests.finish(0, refused, False)  # a put the shard refused: no put of the relay's
+    assert health.puts == 0
+    requests.finish(0, applied, True)
+    requests.finish(0, field, True)
+    assert health.puts == 1
+    expired, _ = requests.expect(1, None, "b", Notify(), None, put=True)
+    requests.expire(1, time.monotonic() + PUT_TIMEOUT + 1)
+    assert health.puts == 1
 
 
 def test_a_creation_stays_reserved_until_its_last_request_ends(setup):
