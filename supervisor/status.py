@@ -216,6 +216,8 @@ def collect(config: Config) -> dict | None:
             young = young or broker["uptime"] < STARTUP_GRACE
             p["state"] = "starting" if young else "not answering"
             p["detail"] = f"the broker's link to it is {link or 'missing'}"
+            if _held(p["pid"]):  # stopped after it wrote its status: however young
+                p["state"], p["detail"] = "not answering", f"pid {p['pid']} is {HELD}"
     return sup
 
 

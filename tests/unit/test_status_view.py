@@ -250,6 +250,18 @@ def test_a_young_process_that_is_stopped_is_not_starting(config, pids):
     assert f"shard 0: not answering: pid {pids[1]} is stopped (SIGSTOP" in text, text
 
 
+def test_a_young_shard_stopped_after_it_answered_is_not_starting(config, pids):
+    """Its own status is still fresh and the broker's link to it is down: in a young
+    relay that reads as a shard not yet found, unless /proc says it is stopped."""
+    relay_files(config.run_dir, pids, link="down", uptime=4.0)
+    assert states(config)["shard 0"] == "starting"
+    _held(pids[1])
+    assert states(config)["shard 0"] == "not answering"
+    code, text = shown(config)
+    assert code == EXIT_PROBLEM
+    assert f"shard 0: not answering: pid {pids[1]} is stopped (SIGSTOP" in text, text
+
+
 def test_a_process_started_again_after_dying_again_and_again_is_failing(config, pids):
     relay_files(config.run_dir, pids, link="connecting", uptime=1.0)
     (config.run_dir / "shard-0.json").unlink()
