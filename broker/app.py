@@ -174,7 +174,7 @@ class Broker:
         return self.requests.put_waits(shard)
 
     def park(self, pv, payload, notify, shard: int) -> None:
-        self.requests.park(pv, payload, notify, shard)
+        self.requests.park(pv, payload, notify, shard, self.client())
 
     def client(self) -> tuple[str, str] | None:
         """(host, user) of the CA client whose put is being handled, if one is."""

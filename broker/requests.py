@@ -53,6 +53,8 @@ class ParkedPut:
     notify: Any
     shard: int
     deadline: float
+    #: Who put it (as ``Requests.expect`` takes it), for ``relay:ERRORS`` if it fails.
+    client: Any = None
 
 
 class Requests:
@@ -235,11 +237,11 @@ class Requests:
             and time.monotonic() < link.down_since + PUT_RECONNECT_GRACE
         )
 
-    def park(self, pv, payload, notify, shard: int) -> None:
+    def park(self, pv, payload, notify, shard: int, client=None) -> None:
         """Keep a put for ``shard`` until the shard is back or the grace is over; the PV
         has started an asynchronous write, which ``pv.resume`` ends."""
         deadline = self._links[shard].down_since + PUT_RECONNECT_GRACE
-        self.parked.append(ParkedPut(pv, payload, notify, shard, deadline))
+        self.parked.append(ParkedPut(pv, payload, notify, shard, deadline, client))
 
     def unpark(self, now: float) -> None:
         """Send on the parked puts whose shard is back; fail those whose grace is over."""
@@ -255,7 +257,7 @@ class Requests:
                     PUT_RECONNECT_GRACE,
                 )
                 why = f"put failed: shard unreachable for {PUT_RECONNECT_GRACE:.1f} s"
-                self._error("shard_down", why, p.pv.name, p.shard)
+                self._error("shard_down", why, p.pv.name, p.shard, p.client)
                 p.pv.resume(p.payload, p.notify, False)
             else:
                 waiting.append(p)

@@ -435,7 +435,7 @@ class PvaFrontEnd:
             # Its shard is being restarted: the put waits for it, and later ones after it,
             # as on CA (PvaPV.resume).
             pv.waiting_put = True
-            self.requests.park(pv, data, put, pv.shard)
+            self.requests.park(pv, data, put, pv.shard, put.client)
             put.parts += 1
             return
         _part(put, self.forwarder.put(pv, data, put))

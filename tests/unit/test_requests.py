@@ -163,13 +163,13 @@ def test_parked_puts_go_when_their_shard_is_back_and_fail_after_the_grace(setup)
     assert requests.put_waits(0)
     back, late = PV("a"), PV("b")
     requests.park(back, "x", None, 0)
-    requests.park(late, "y", None, 1)
+    requests.park(late, "y", None, 1, ("host", "user"))
     requests.unpark(now)
     assert back.resumed == [] and late.resumed == [] and len(requests.parked) == 2
     links[0].usable = True
     requests.unpark(now + PUT_RECONNECT_GRACE)
     assert back.resumed == [("x", True)] and late.resumed == [("y", False)]
-    assert not requests.parked and errors[-1][:3] == ("shard_down", "b", 1)
+    assert not requests.parked and errors[-1] == ("shard_down", "b", 1, ("host", "user"))
 
 
 def test_a_quiet_request_fails_as_nobodys_error(setup):
