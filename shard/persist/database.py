@@ -103,6 +103,8 @@ class ShardDatabase:
         self._closing = threading.Event()
         #: The read-only connection of the refresh in flight, which a close interrupts.
         self._reading: sqlite3.Connection | None = None
+        #: When the store was last written (time.time; 0.0: never): by this process's
+        #: last commit, or at the open, by the last one before it.
         self.last_flush = 0.0
         self.restored_from_copy = False
 
@@ -117,6 +119,8 @@ class ShardDatabase:
         it, and the next refresh of the copy tries again.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Before the open, which may write: when the last process last wrote it.
+        self.last_flush = _last_written(self.path)
         try:
             rows = self._open_checked(self.path)
         except StoreTooNew:
@@ -387,3 +391,13 @@ class ShardDatabase:
                 log.warning("%s: checkpoint on close failed: %s", self.path, e)
             self._conn.close()
             self._conn = None
+
+
+def _last_written(path: Path) -> float:
+    """When the store at ``path`` was last written, as its files say (its log, where one
+    is left, holds the last commits); 0.0 for none."""
+    times = []
+    for p in (path, Path(f"{path}-wal")):
+        with contextlib.suppress(OSError):
+            times.append(p.stat().st_mtime)
+    return max(times, default=0.0)

@@ -46,6 +46,22 @@ def test_new_store_is_empty_and_round_trips(path):
     again.close()
 
 
+def test_a_store_opened_again_says_when_it_was_last_written(path):
+    db = ShardDatabase(path)
+    db.open()
+    assert db.last_flush == 0.0  # a new store: never
+    db.save([("P:a_f1", 1.0, np.array([1.0]), {})])
+    db.close()
+    written = max(os.stat(p).st_mtime for p in path.parent.glob(path.name + "*"))
+    old = written - 3600
+    for p in path.parent.glob(path.name + "*"):
+        os.utime(p, (old, old))
+    again = ShardDatabase(path)
+    again.open()
+    assert again.last_flush == old  # `carelay status` says when, not "never"
+    again.close()
+
+
 def test_delete_and_replace(path):
     db = ShardDatabase(path)
     db.open()
