@@ -93,7 +93,8 @@ class FieldPV(BasePV):
         try:
             return self._raw(value), cas.S_casApp_success
         except ConversionError as e:
-            if self.broker.error("convert", f"refused put: {e}", self.name):
+            # Like every refusal of a field put: a field value not accepted.
+            if self.broker.error("field", f"refused put: {e}", self.name):
                 log.warning("refused put to %s: %s", self.name, e)
             return None, PUT_FAILED
 

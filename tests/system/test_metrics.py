@@ -105,6 +105,10 @@ def test_counters_move_with_real_puts(relay, ca):
     (bad,) = ca.get_pvs(f"{relay.prefix}bad{os.getpid()}_q1", timeout=2)
     with pytest.raises(TimeoutError):
         bad.wait_for_connection(timeout=1)
+    # A DESC of 45 characters as DBR_STRING, which the client cuts to 40 bytes: a field
+    # value refused, as one sent as a char array is.
+    (desc,) = ca.get_pvs(names[0] + ".DESC", timeout=5)
+    assert not _put_ok(desc, "x" * 45)
 
     def moved():
         now = scrape()
@@ -117,6 +121,8 @@ def test_counters_move_with_real_puts(relay, ca):
             and grew("carelay_creations_total", 4)
             and grew("carelay_put_callback_seconds_count", 8)
             and grew("carelay_refusals_total", 1, reason="name")
+            and grew("carelay_refusals_total", 1, reason="field")
+            and not grew("carelay_refusals_total", 1, reason="convert")
             and grew("carelay_pvs", 4)
             and sum(value(now, "carelay_shard_puts_total", shard=k) for k in ("0", "1"))
             >= sum(value(before, "carelay_shard_puts_total", shard=k) for k in ("0", "1")) + 8
