@@ -18,6 +18,7 @@ from carelay.broker.linkstate import LinkState
 from carelay.broker.receive import ShardReceiver
 from carelay.common import fields
 from carelay.common.messages import (
+    EXPIRED,
     NOT_SERVED,
     Ack,
     Applied,
@@ -241,6 +242,15 @@ class ShardSync(ShardReceiver):
         with the client that waited for it if one did."""
         waiting = self.requests.waiter(link.index, msg.req)
         client = waiting.client if waiting is not None else None
+        if msg.reason == EXPIRED:
+            # Not applied in time (the shard was stopped, say): the timeout it is, said
+            # once, here or at the deadline (Requests.expire) if that came first.
+            why = "no answer from the shard in time"
+            if waiting is not None and self.broker.error(
+                "shard_down", why, msg.name, link.index, client
+            ):
+                log.warning("shard %d dropped %s: %s", link.index, msg.name, msg.reason)
+            return
         why = f"shard refused: {msg.reason}"
         if self.broker.error("shard_refused", why, msg.name, link.index, client):
             what = msg.name or "this front-end"  # no name: its HELLO

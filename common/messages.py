@@ -354,3 +354,8 @@ KINDS: dict[int, type[Message]] = {
         Wanted,
     )
 }
+
+#: Why a shard drops a request that reached it past its expiry: the broker fails it at
+#: its deadline, EXPIRY_MARGIN later, if the REJECT does not come first (a shard that
+#: was stopped).  A front-end files it as the timeout it is.
+EXPIRED = "expired: it came after its deadline, and the broker fails it"

@@ -27,6 +27,7 @@ from carelay.common import messages as wire
 from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
 from carelay.common.lifecycle import log_each
 from carelay.common.logbudget import LogBudget, shorten
+from carelay.common.messages import EXPIRED
 from carelay.common.protocol import WriteRun
 from carelay.shard.autosave import Autosave, StoreHealth
 from carelay.shard.store import Change, Rejected, ShardStore
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Requests that a shard drops once they expired (HELLO and PING never expire).
 EXPIRING = frozenset({wire.Put, wire.Write, wire.SetField, wire.Delete})
-_EXPIRED = "expired: the broker has failed it already"
 #: The RequestHandler method that handles each kind of request a broker may send.
 _HANDLERS = {
     wire.Write: "_write",
@@ -141,7 +141,7 @@ class RequestHandler:
     def _refusal_log(self, reason: str) -> LogBudget:
         """The budget of a refusal for ``reason``: the shard's state (its store, a stall)
         or what the request asks."""
-        failed = reason == self.health.refusing or reason == _EXPIRED
+        failed = reason == self.health.refusing or reason == EXPIRED
         return self.failed_log if failed else self.refused_log
 
     def _refused_put(self, name: str, reason: str) -> None:
@@ -199,14 +199,14 @@ class RequestHandler:
         self._written(peer, msg.name, msg.req, outcome)
 
     def _expired(self, peer: bytes, msg: Any) -> None:
-        """Drop a request that the broker has failed already (see ``_EXPIRED``)."""
+        """Drop a request that came past its expiry (see ``common.messages.EXPIRED``)."""
         if type(msg) is wire.Write:
-            self._written(peer, msg.name, msg.req, Rejected(_EXPIRED))
+            self._written(peer, msg.name, msg.req, Rejected(EXPIRED))
             return
-        example = f"{type(msg).__name__} of {shorten(msg.name)}: {_EXPIRED}"
-        if self.failed_log.allow("dropped " + example, key=(msg.name, _EXPIRED)):
+        example = f"{type(msg).__name__} of {shorten(msg.name)}: {EXPIRED}"
+        if self.failed_log.allow("dropped " + example, key=(msg.name, EXPIRED)):
             log.warning("dropped %s", example)
-        self._reject(peer, msg, _EXPIRED)
+        self._reject(peer, msg, EXPIRED)
 
     def write_run(self, peer: bytes, run: WriteRun, publish: bool = False) -> None:
         """A run of one-element WRITEs: each as ``_write`` takes it, column by column.  Past
@@ -219,7 +219,7 @@ class RequestHandler:
         if run.expires and time.time() > run.expires:
             for k, name in enumerate(run.names):
                 if reqs[k]:
-                    self._written(peer, name, reqs[k], Rejected(_EXPIRED))
+                    self._written(peer, name, reqs[k], Rejected(EXPIRED))
                     continue
                 try:
                     seq = write(name, values[k : k + 1], stamps[k])

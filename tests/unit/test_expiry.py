@@ -6,12 +6,15 @@ import os
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from carelay.broker.sync import ShardSync
 from carelay.common.config import RUN_LOCK_FILE, load_config
 from carelay.common.messages import (
+    EXPIRED,
     Ack,
     Applied,
     Delete,
@@ -238,3 +241,31 @@ def test_with_keys_a_front_end_under_carelay_up_presents_its_run_token(tmp_path,
     assert run_token(config) is None  # not a child of the relay's `carelay up`
     monkeypatch.setattr(runlock, "supervised", lambda data_dir: True)
     assert run_token(config) == "this run"
+
+
+def test_a_put_the_shard_dropped_as_expired_fails_once_as_a_timeout():
+    """A stopped shard, resumed just before the deadline, drops a put that came past its
+    expiry: the broker files it as the timeout it is, once (here, or at the deadline if
+    that came first), not as a refusal of the shard's."""
+    errors: list = []
+    waiting = {7: SimpleNamespace(client=("host", "user"))}
+    link = SimpleNamespace(
+        index=0, write_places={}, own_writes={}, stale_restate=set(), usable=True
+    )
+    broker = SimpleNamespace(
+        links=[link],
+        table=SimpleNamespace(),
+        config=SimpleNamespace(brokers=1, pva=False),
+        error=lambda *args: errors.append(args) or True,
+        requests=SimpleNamespace(
+            waiter=lambda k, req: waiting.get(req),
+            finish=lambda k, req, ok: waiting.pop(req, None),
+        ),
+    )
+    sync = ShardSync(broker)
+    sync._reject(link, Reject(7, "a_f1", EXPIRED, 1))
+    assert errors == [
+        ("shard_down", "no answer from the shard in time", "a_f1", 0, ("host", "user"))
+    ]
+    sync._reject(link, Reject(8, "a_f1", EXPIRED, 1))  # failed at its deadline already
+    assert len(errors) == 1
