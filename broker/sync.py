@@ -57,7 +57,7 @@ class ShardSync(ShardReceiver):
         self.broker = broker
         self.table = broker.table
         #: Per shard, the names of the snapshot being received (mirrored as they come).
-        self._snapshots: dict[int, set[str]] = {}
+        self._snapshots: dict[int, dict] = {}
         #: Other front-ends change PVs too (configured, or a change of theirs seen).
         self.others = broker.config.brokers > 1 or broker.config.pva
         #: Of other front-ends' puts, the shards send only those to the PVs this broker
