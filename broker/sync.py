@@ -56,7 +56,7 @@ class ShardSync(ShardReceiver):
         super().__init__(broker.links, broker.requests)
         self.broker = broker
         self.table = broker.table
-        #: Per shard, the names of the snapshot being received (mirrored as they come).
+        #: Per shard, the snapshot being received: name -> (data, stamp, stored fields).
         self._snapshots: dict[int, dict] = {}
         #: Other front-ends change PVs too (configured, or a change of theirs seen).
         self.others = broker.config.brokers > 1 or broker.config.pva
@@ -203,39 +203,12 @@ class ShardSync(ShardReceiver):
         self.store_state(link, msg.store_error)
 
     def _snapshot_begin(self, link: ShardLink, msg: SnapshotBegin) -> None:
-        self._snapshots[link.index] = set()
+        self._snapshots[link.index] = {}
 
     def _snapshot(self, link: ShardLink, msg: Snapshot) -> None:
-        """One PV of the snapshot, mirrored as it comes: a large snapshot's work is spread
-        over the loop's turns (the drain's limit), and the other shards' puts, reads and
-        events go on between them.  Its events carry the alarm of a shard away until
-        the snapshot is whole (``_resync``)."""
-        seen = self._snapshots.get(link.index)
-        if seen is None:
-            return
-        name = msg.name
-        seen.add(name)
-        table = self.table
-        pv = table.pvs.get(name)
-        if pv is None:
-            try:
-                pv = table.new_pv(name)
-            except InvalidPvName as e:
-                log.warning(
-                    "shard %d holds %s, which this relay cannot serve: %s", link.index, name, e
-                )
-                return
-        if pv.shard != link.index:
-            log.warning(
-                "shard %d holds %s, which belongs to shard %d under %d shards",
-                link.index,
-                name,
-                pv.shard,
-                len(self.links),
-            )
-        table.set_real(pv, True)
-        pv.set_fields({k: v for k, v in msg.fields.items() if k in fields.STORED})
-        pv.apply(msg.data, msg.stamp, append=False)
+        snap = self._snapshots.get(link.index)
+        if snap is not None:
+            snap[msg.name] = (msg.data.copy(), msg.stamp, msg.fields)
 
     def _shard_refused(self, link: ShardLink, msg: Reject) -> None:
         """A REJECT: logged and for ``relay:ERRORS`` (within the budget of refused puts),
@@ -259,28 +232,47 @@ class ShardSync(ShardReceiver):
     # -- resync ------------------------------------------------------------------------
 
     def _resync(self, link: ShardLink, end: SnapshotEnd) -> None:
-        """The snapshot is whole: the PVs the shard no longer holds are forgotten, and the
-        link is live, each of its PVs posted with the alarm it has now."""
-        seen = self._snapshots.pop(link.index, None)
-        if seen is None:
+        snap = self._snapshots.pop(link.index, None)
+        if snap is None:
             return
         restarted = link.ever_synced and end.epoch != link.epoch  # a new process
-        k = link.index
+        # In sync from here on, its store as it says: the PVs posted below carry the
+        # alarm of a shard in sync (till now, of one away).
+        link.synced(end.epoch, len(snap))
+        self.store_state(link, end.store_error)
         table = self.table
-        for name in [n for n, pv in table.pvs.items() if pv.shard == k and pv.real]:
-            if name not in seen:
+        for name, pv in list(table.pvs.items()):
+            if pv.shard == link.index and pv.real and name not in snap:
                 table.forget(name)
-        link.synced(end.epoch, len(seen))
-        if not self.store_state(link, end.store_error):
-            self._post_alarms(link)  # till now, each showed the alarm of a shard away
+        for name, (data, stamp, stored) in snap.items():
+            pv = table.pvs.get(name)
+            if pv is None:
+                try:
+                    pv = table.new_pv(name)
+                except InvalidPvName as e:
+                    log.warning(
+                        "shard %d holds %s, which this relay cannot serve: %s", link.index, name, e
+                    )
+                    continue
+            if pv.shard != link.index:
+                log.warning(
+                    "shard %d holds %s, which belongs to shard %d under %d shards",
+                    link.index,
+                    name,
+                    pv.shard,
+                    len(self.links),
+                )
+            table.set_real(pv, True)
+            pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
+            pv.apply(data, stamp, append=False, owned=True)  # the snapshot's own copy
         if restarted:
-            self.broker.health.restarts[k].append(time.monotonic())
-            self.requests.fail_orphans(k)
+            self.broker.health.restarts[link.index].append(time.monotonic())
+            self.requests.fail_orphans(link.index)
         self.broker.status_due = True  # `carelay status` learns of the link at once, not in 1 s
-        table.unserved.discard(k)
-        log.debug("shard %d in sync at seq %d", k, end.seq)
+        table.unserved.discard(link.index)
+        log.debug("shard %d in sync at seq %d", link.index, end.seq)
         level = logging.DEBUG if self.broker.quiet_until is not None else logging.INFO
-        log.log(level, "shard %d in sync: %d PVs", k, len(seen))
+        log.log(level, "shard %d in sync: %d PVs", link.index, len(snap))
 
     def hello(self, link: ShardLink) -> None:
         """Ask shard ``link`` for a snapshot, with this broker's id and the relay's token;
@@ -350,19 +342,17 @@ class ShardSync(ShardReceiver):
         self.requests.clocks[link.index].pinged(req, time.time())
         link.send(Ping(req))
 
-    def store_state(self, link: ShardLink, error: str) -> bool:
-        """Take what shard ``link`` says of its store; its PVs' alarms follow a change.
-        Whether it changed (and the alarms were posted)."""
+    def store_state(self, link: ShardLink, error: str) -> None:
+        """Take what shard ``link`` says of its store; its PVs' alarms follow a change."""
         store_errors = self.broker.store_errors
         if error == store_errors[link.index]:
-            return False
+            return
         store_errors[link.index] = error
         if error:
             log.warning("shard %d: %s; puts with callback to its PVs fail", link.index, error)
         else:
             log.warning("shard %d can write its store again", link.index)
         self._post_alarms(link)
-        return True
 
     def link_down(self, link: ShardLink, gone: bool = False) -> None:
         """``gone``: the shard process closed the connection (see ShardLink.local), so

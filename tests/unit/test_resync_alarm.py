@@ -1,9 +1,8 @@
 """The alarm a shard's PVs show while their shard resyncs: COMM/INVALID from when it is
-away until its snapshot is whole, then the alarm of a shard in sync.  A restarted shard
-may hold older values than the mirror (those put after its last flush are lost): a read
-must not show them as good meanwhile.  The snapshot's values are mirrored as they come
-(a large one's work spread over the loop's turns), shown as away; once it is whole, each
-PV's monitors hear that it is good again."""
+away until its snapshot is in, then the alarm of a shard in sync on the snapshot's own
+events.  A restarted shard may hold older values than the mirror (those put after its
+last flush are lost): a read must not show them as good meanwhile, and the event that
+brings the shard's value must say it is good again."""
 
 from __future__ import annotations
 
@@ -104,20 +103,20 @@ def test_a_restarted_shard_shows_away_until_its_snapshot_then_in_sync():
     assert pv.posts == [(2.0, False)]  # the monitors hear it is away (COMM/INVALID)
     sync.handle(link, SnapshotBegin(1, 10, 2))
     sync.handle(link, Snapshot("a_f1", 5.0, np.array([1.0]), {}, 2))
-    # The shard's (older) value, shown as away until the snapshot is whole.
-    assert pv.posts == [(2.0, False), (1.0, False)]
+    assert pv.posts == [(2.0, False)]  # nothing shown before the snapshot is whole
     sync.handle(link, SnapshotEnd(1, 10, "", 2))
-    assert pv.posts == [(2.0, False), (1.0, False), (1.0, True)]
+    # The shard's (older) value, posted as in sync: one event, with the alarm it has.
+    assert pv.posts == [(2.0, False), (1.0, True)]
     assert link.live and link.epoch == 2
 
 
-def test_a_first_sync_ends_with_its_values_in_sync():
+def test_a_first_sync_posts_its_values_as_in_sync():
     sync, link, pv = _sync()
     link.state, link.ever_synced = LinkState.SYNCING, False
     sync.handle(link, SnapshotBegin(1, 10, 2))
     sync.handle(link, Snapshot("a_f1", 5.0, np.array([3.0]), {}, 2))
     sync.handle(link, SnapshotEnd(1, 10, "", 2))
-    assert pv.posts == [(3.0, False), (3.0, True)]
+    assert pv.posts == [(3.0, True)]
 
 
 def test_the_ca_pvs_take_a_syncing_shard_for_away():
@@ -128,16 +127,3 @@ def test_the_ca_pvs_take_a_syncing_shard_for_away():
     assert Broker.shard_live(broker, 0)
     link.hello_sent()
     assert not Broker.shard_live(broker, 0)
-
-
-def test_the_pvs_a_shard_no_longer_holds_go_once_its_snapshot_is_whole():
-    sync, link, pv = _sync()
-    table = sync.table
-    table.forget = table.pvs.pop
-    table.pvs["b_f1"] = FakePV(sync.broker, "b_f1")  # deleted while the shard was away
-    sync.hello(link)
-    sync.handle(link, SnapshotBegin(1, 10, 2))
-    sync.handle(link, Snapshot("a_f1", 5.0, np.array([1.0]), {}, 2))
-    assert set(table.pvs) == {"a_f1", "b_f1"}  # a snapshot cut short forgets nothing
-    sync.handle(link, SnapshotEnd(1, 10, "", 2))
-    assert set(table.pvs) == {"a_f1"}
