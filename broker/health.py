@@ -270,6 +270,8 @@ class Health(KeepsRefusals):
         self.errors = ErrorLog()
         self.shards = [ShardFigures() for _ in range(shards)]
         self.restarts = [collections.deque(maxlen=SHARD_FAILING_RESTARTS) for _ in range(shards)]
+        #: New processes of each shard seen since this broker started.
+        self.restart_counts = [0] * shards
         self._put_rate, self._create_rate, self._refuse_rate = RateMeter(), RateMeter(), RateMeter()
         self._cpu = CpuMeter()
         #: The supervisor (``carelay up``) if this broker has one.
@@ -281,6 +283,11 @@ class Health(KeepsRefusals):
         self._pva_seen = 0
         self._pva_counts: dict[str, int] = {}
         self.snapshot: dict = {}
+
+    def shard_restarted(self, k: int) -> None:
+        """A new process of shard ``k`` is in sync."""
+        self.restarts[k].append(time.monotonic())
+        self.restart_counts[k] += 1
 
     def count_refusal(self, kind: str, n: int = 1) -> None:
         """A refusal counted only: one over its log budget."""
@@ -361,6 +368,7 @@ class Health(KeepsRefusals):
                     "puts": figs.puts,
                     "flush": figs.flush,
                     "clock_offset": clocks[k].offset,
+                    "restarts": self.restart_counts[k],
                 }
             )
         limit = broker.byte_limit

@@ -284,6 +284,7 @@ def relay_metas(shards: int, autosave_period: float) -> dict[str, Meta]:
             ),
         )
         metas[f"shard{k}:PUT_RATE"] = Meta("f", f"Puts applied by shard {k}", "Hz", prec=1)
+        metas[f"shard{k}:RESTART_CNT"] = Meta("i", f"New processes of shard {k} seen")
         metas[f"shard{k}:CLOCK_OFFSET"] = Meta(
             "f",
             f"Shard {k}'s clock ahead of this one",
@@ -362,6 +363,7 @@ class HealthPVs:
             pvs[f"{b}shard{k}:STORE_BYTES"].set(s["store_bytes"])
             pvs[f"{b}shard{k}:FLUSH_AGE"].set(round(s["flush_age"], 1))
             pvs[f"{b}shard{k}:PUT_RATE"].set(round(s["put_rate"], 3))
+            pvs[f"{b}shard{k}:RESTART_CNT"].set(s["restarts"])
             pvs[f"{b}shard{k}:CLOCK_OFFSET"].set(round(s["clock_offset"], 3))
 
     def _brokers(self, brokers: list[dict]) -> None:

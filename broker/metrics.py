@@ -110,6 +110,11 @@ class HealthCollector(Collector):
             "carelay_shard_put_rate_hertz", "Puts applied by each shard per second", labels=shard
         )
         puts = CounterMetricFamily("carelay_shard_puts", "Puts applied by each shard", labels=shard)
+        restarts = CounterMetricFamily(
+            "carelay_shard_restarts",
+            "New processes of each shard in sync since this broker started",
+            labels=shard,
+        )
         flush = HistogramMetricFamily(
             "carelay_shard_flush_seconds", "Duration of each shard's value flushes", labels=shard
         )
@@ -126,9 +131,10 @@ class HealthCollector(Collector):
             age.add_metric(k, s["flush_age"])
             rate.add_metric(k, s["put_rate"])
             puts.add_metric(k, s["puts"])
+            restarts.add_metric(k, s["restarts"])
             flush.add_metric(k, s["flush"].cumulative(), s["flush"].total)
             clock.add_metric(k, s["clock_offset"])
-        yield from (state, pvs, size, age, rate, puts, flush, clock)
+        yield from (state, pvs, size, age, rate, puts, restarts, flush, clock)
 
     def _brokers(self, brokers: list[dict]):
         """The relay's CA brokers, each as its status file says (broker 0 serves /metrics)."""

@@ -266,7 +266,7 @@ class ShardSync(ShardReceiver):
             pv.set_fields({k: v for k, v in stored.items() if k in fields.STORED})
             pv.apply(data, stamp, append=False, owned=True)  # the snapshot's own copy
         if restarted:
-            self.broker.health.restarts[link.index].append(time.monotonic())
+            self.broker.health.shard_restarted(link.index)
             self.requests.fail_orphans(link.index)
         self.broker.status_due = True  # `carelay status` learns of the link at once, not in 1 s
         table.unserved.discard(link.index)

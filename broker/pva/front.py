@@ -96,6 +96,10 @@ class Figures(KeepsRefusals):
             collections.deque(maxlen=16) for _ in range(shards)
         ]
 
+    def shard_restarted(self, k: int) -> None:
+        """A new process of shard ``k`` is in sync."""
+        self.restarts[k].append(time.monotonic())
+
     def count_refusal(self, kind: str) -> None:
         """A refusal counted only."""
         self.refused_by_kind[kind] += 1

@@ -201,6 +201,10 @@ def test_a_shard_that_keeps_dying_is_failing(make_relay, ca):
             relay.wait_log("shard 1 in sync", start=mark)
         wait_for(lambda: (4, 3) in seen, what="shard1:STATE FAILING with INVALID severity")
         wait_for(lambda: seen[-1] == (0, 0), what="shard1:STATE OK again")
+        wait_for(
+            lambda: _value(ca, relay, "shard1:RESTART_CNT") == 4, what="shard1's 4 restarts counted"
+        )
+        assert _value(ca, relay, "shard0:RESTART_CNT") == 0
     finally:
         sub.clear()
 

@@ -245,6 +245,7 @@ def test_the_collector_says_what_the_snapshot_holds():
     h.refused("limit", "max_pvs reached", "P:x_f1")
     h.put_callback.observe(0.002)
     h.shards[0].update(Pong(1, 2, 3, "", os.getpid(), 5, 1.0, {"bad": 1}, 4096))
+    h.shard_restarted(1)
     broker = _Broker()
     broker.requests.clocks[1].sample(1000.0, 997.5, 1000.0)  # shard 1 runs 2.5 s behind
     h.sample(broker, 100.0)
@@ -262,6 +263,8 @@ def test_the_collector_says_what_the_snapshot_holds():
     assert samples[("carelay_put_callback_seconds_count", ())] == 1
     assert samples[("carelay_shard_store_bytes", (("shard", "0"),))] == 4096
     assert samples[("carelay_shard_puts_total", (("shard", "0"),))] == 5
+    assert samples[("carelay_shard_restarts_total", (("shard", "0"),))] == 0
+    assert samples[("carelay_shard_restarts_total", (("shard", "1"),))] == 1
     assert samples[("carelay_shard_clock_offset_seconds", (("shard", "0"),))] == 0.0
     assert samples[("carelay_shard_clock_offset_seconds", (("shard", "1"),))] == -2.5
     ok = (("carelay_shard_state", "OK"), ("shard", "0"))

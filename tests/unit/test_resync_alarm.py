@@ -76,7 +76,7 @@ def _sync():
         token="",
         instance=1,
         config=SimpleNamespace(brokers=1, pva=False),
-        health=SimpleNamespace(restarts=[[]]),
+        health=SimpleNamespace(restarts=[[]], shard_restarted=lambda k: None),
     )
     table = SimpleNamespace(pvs={}, unserved=set(), set_real=lambda pv, real: None)
     broker.table = table
