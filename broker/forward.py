@@ -54,7 +54,8 @@ class Forwarder:
                 return False
         # ``callback``: refused by a shard whose store cannot be written.
         put = dict(stamp=stamp, data=data, callback=notify is not None)
-        if not self._request(pv.shard, pv, notify, Put, pv.name, put, counted=True):
+        retry = (pv, data)
+        if not self._request(pv.shard, pv, notify, Put, pv.name, put, counted=True, retry=retry):
             why = "put failed: shard not accepting"
             if self.broker.error("shard_down", why, pv.name, pv.shard):
                 log.warning("put to %s failed: shard %d not accepting", shorten(pv.name), pv.shard)
@@ -72,8 +73,9 @@ class Forwarder:
             self.health.puts += 1
             link.queue_write(pv.name, 0, stamp, data)
         else:
+            client = self.broker.client()
             req, expires = self.requests.expect(
-                link.index, None, pv.name, notify, self.broker.client(), put=True
+                link.index, None, pv.name, notify, client, put=True, retry=(pv, data)
             )
             link.queue_write(pv.name, req, stamp, data, expires)
         pv.apply(data, stamp, append=pv.ring is not None, owned=True)
@@ -129,16 +131,27 @@ class Forwarder:
         return True
 
     def _request(
-        self, shard: int, pv, notify, kind: type, name: str, fields: dict, counted: bool = False
+        self,
+        shard: int,
+        pv,
+        notify,
+        kind: type,
+        name: str,
+        fields: dict,
+        counted: bool = False,
+        retry=None,
     ) -> bool:
         """Number a request of ``kind`` (Put, Delete or SetField) to PV ``name`` with
         ``fields``, queue it for ``shard`` and wait for its answer; False when the shard
-        cannot take it now.  ``counted``: a put, counted in the puts once applied."""
+        cannot take it now.  ``counted``: a put, counted in the puts once applied;
+        ``retry``: what it sends again if refused unapplied (Requests.repark)."""
         link = self.links[shard]
         if not link.usable or link.sock is None:
             return False
         client = self.broker.client() if notify is not None else None
-        req, expires = self.requests.expect(shard, pv, name, notify, client, put=counted)
+        req, expires = self.requests.expect(
+            shard, pv, name, notify, client, put=counted, retry=retry
+        )
         msg = kind(name=name, req=req, expires=expires, **fields)
         # Queued, and sent with the others of this process() slice in batches (the loop).
         # Never sent here: a failure must not complete a put inside its own write().

@@ -42,6 +42,9 @@ class Request:
     quiet: bool = False
     #: A client's put: counted in the broker's puts (Health.puts) once it is applied.
     put: bool = False
+    #: (PV, payload) of a put with callback, to go again if the shard refuses it unapplied
+    #: because it no longer serves this connection (see ``repark``).
+    retry: Any = None
 
 
 @dataclass(slots=True)
@@ -86,7 +89,15 @@ class Requests:
         return next(self._numbers)
 
     def expect(
-        self, shard: int, pv, name: str, notify, client, quiet: bool = False, put: bool = False
+        self,
+        shard: int,
+        pv,
+        name: str,
+        notify,
+        client,
+        quiet: bool = False,
+        put: bool = False,
+        retry=None,
     ) -> tuple[int, float]:
         """A new request number, whose answer ``shard`` now owes, and the request's
         expiry.  The broker fails the request at its deadline (PUT_TIMEOUT); the expiry, in
@@ -99,7 +110,9 @@ class Requests:
         commit slower than the margin) has it reported failed though applied."""
         req = next(self._numbers)
         deadline = time.monotonic() + PUT_TIMEOUT
-        self.unanswered[shard][req] = Request(pv, name, shard, deadline, notify, client, quiet, put)
+        self.unanswered[shard][req] = Request(
+            pv, name, shard, deadline, notify, client, quiet, put, retry
+        )
         if pv is not None:
             self._in_flight[pv] = self._in_flight.get(pv, 0) + 1
         return req, self.clocks[shard].to_shard(time.time() + (PUT_TIMEOUT - EXPIRY_MARGIN))
@@ -126,17 +139,38 @@ class Requests:
             p = self.orphans[shard].pop(req, None)
             if p is None:
                 return
+        self._let_go(p)
+        if ok and p.put:
+            self._health.puts += 1
+        if p.notify is not None:
+            self._health.put_callback.observe(time.monotonic() - (p.deadline - PUT_TIMEOUT))
+            p.notify.complete(ok)
+
+    def _let_go(self, p: Request) -> None:
+        """``p`` no longer holds its PV in flight."""
         if p.pv is not None:
             n = self._in_flight.pop(p.pv, 1) - 1
             if n:
                 self._in_flight[p.pv] = n
             else:
                 self._table.reserve(p.pv, False)
-        if ok and p.put:
-            self._health.puts += 1
-        if p.notify is not None:
-            self._health.put_callback.observe(time.monotonic() - (p.deadline - PUT_TIMEOUT))
-            p.notify.complete(ok)
+
+    def repark(self, shard: int, req: int) -> bool:
+        """Request ``req``, sent through the current connection to ``shard``, was refused
+        unapplied: the shard no longer serves that connection (it took this process for
+        hung after a stall: common.messages.NOT_SERVED), and the loop reconnects.  A put
+        with callback then waits for the new connection, as a put waits for a restarting
+        shard (``park``), rather than failing a client that did nothing wrong.  False if
+        ``req`` is no such put: it ends as refused."""
+        p = self.unanswered[shard].get(req)
+        if p is None or p.retry is None or p.notify is None:
+            return False
+        del self.unanswered[shard][req]
+        self._let_go(p)
+        pv, payload = p.retry
+        pv.waiting_put = True  # the PV's later puts wait behind it
+        self.park(pv, payload, p.notify, shard, p.client)
+        return True
 
     def answered(self, shard: int, req: int) -> None:
         """``shard`` answered request ``req``.  It answers in order, so every request to it
@@ -231,6 +265,8 @@ class Requests:
         """Whether a put for ``shard`` is to wait for it: its link is down, and went down
         less than PUT_RECONNECT_GRACE ago (a shard being restarted)."""
         link = self._links[shard]
+        if link.not_served:
+            return True  # its connection is taken down at the loop's next turn
         return (
             not link.usable
             and link.ever_synced
@@ -240,14 +276,18 @@ class Requests:
     def park(self, pv, payload, notify, shard: int, client=None) -> None:
         """Keep a put for ``shard`` until the shard is back or the grace is over; the PV
         has started an asynchronous write, which ``pv.resume`` ends."""
-        deadline = self._links[shard].down_since + PUT_RECONNECT_GRACE
+        link = self._links[shard]
+        # A link not down yet (``repark``) goes down now: the grace counts from now.
+        since = link.down_since if not link.usable else time.monotonic()
+        deadline = since + PUT_RECONNECT_GRACE
         self.parked.append(ParkedPut(pv, payload, notify, shard, deadline, client))
 
     def unpark(self, now: float) -> None:
         """Send on the parked puts whose shard is back; fail those whose grace is over."""
         waiting = []
         for p in self.parked:
-            if self._links[p.shard].usable:
+            link = self._links[p.shard]
+            if link.usable and not link.not_served:
                 p.pv.resume(p.payload, p.notify, True)
             elif now >= p.deadline:
                 log.warning(

@@ -18,8 +18,10 @@ from carelay.broker.linkstate import LinkState
 from carelay.broker.receive import ShardReceiver
 from carelay.common import fields
 from carelay.common.messages import (
+    DROPPED,
     EXPIRED,
     NOT_SERVED,
+    SILENT,
     Ack,
     Applied,
     Confirm,
@@ -43,6 +45,9 @@ from carelay.common.naming import InvalidPvName
 from carelay.common.runs import UpdateRun
 
 log = logging.getLogger(__name__)
+
+#: Why a shard refuses, unapplied, what the current connection brings, and it reconnects.
+_RETRIED = frozenset({DROPPED, SILENT})
 
 
 class ShardSync(ShardReceiver):
@@ -178,10 +183,24 @@ class ShardSync(ShardReceiver):
         # A refused WRITE is followed by the PV as the shard holds it then; a later WRITE
         # of ours to it, which the mirror shows, comes after that at the shard.
         place = link.write_places.pop(msg.req, 0) if msg.req else 0
-        if 0 < place < link.own_writes.get(msg.name, 0):
+        later = 0 < place < link.own_writes.get(msg.name, 0)
+        if later:
             link.stale_restate.add(msg.name)
-        self._shard_refused(link, msg)
-        self.requests.finish(link.index, msg.req, False)
+        # Refused unapplied through the current connection by a shard that took this
+        # process for hung (a stall longer than PEER_SILENCE), or that it missed a change:
+        # a put with callback goes again through the new connection, unless a later WRITE
+        # of ours to the PV, which the shard applies late, would then come before it.  Not
+        # one refused through an earlier connection (FENCED): the new one may have carried
+        # later puts already.
+        retried = (
+            msg.reason in _RETRIED
+            and link.usable
+            and not later
+            and self.requests.repark(link.index, msg.req)
+        )
+        if not retried:
+            self._shard_refused(link, msg)
+            self.requests.finish(link.index, msg.req, False)
         if msg.reason in NOT_SERVED and link.usable:
             # What else waits for an answer through this connection is refused too, while
             # the REJECTs keep it from looking silent: the loop reconnects.  (Its plain

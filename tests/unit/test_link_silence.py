@@ -89,7 +89,9 @@ def test_a_link_the_shard_no_longer_serves_goes_down(linked):
         config=SimpleNamespace(brokers=2, pva=False),
         error=lambda *args: errors.append(args) and False,
     )
-    broker.requests = SimpleNamespace(waiter=lambda k, req: None, finish=lambda k, req, ok: None)
+    broker.requests = SimpleNamespace(
+        waiter=lambda k, req: None, finish=lambda k, req, ok: None, repark=lambda k, req: False
+    )
     sync = ShardSync(broker)
     sync._reject(link, Reject(5, "a_f1", "a_f1 holds 1 element", 1))
     assert link.not_served == ""

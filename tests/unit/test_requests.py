@@ -21,6 +21,7 @@ class Link:
         self.ever_synced = True
         self.down_since = 0.0
         self.lost_writes = False
+        self.not_served = ""
         self.unsent: list = []
 
     def send_queued(self) -> list:
@@ -32,6 +33,7 @@ class PV:
     def __init__(self, name: str) -> None:
         self.name = name
         self.creating = False
+        self.waiting_put = False
         self.resumed: list = []
 
     def resume(self, payload, notify, go: bool) -> None:
@@ -170,6 +172,42 @@ def test_parked_puts_go_when_their_shard_is_back_and_fail_after_the_grace(setup)
     requests.unpark(now + PUT_RECONNECT_GRACE)
     assert back.resumed == [("x", True)] and late.resumed == [("y", False)]
     assert not requests.parked and errors[-1] == ("shard_down", "b", 1, ("host", "user"))
+
+
+def test_a_put_refused_by_a_shard_that_no_longer_serves_the_connection_waits_for_the_next(
+    setup,
+):
+    """A shard that took the broker for hung refuses what its old connection brings: a put
+    with callback waits for the new connection, uncompleted and uncounted, and so do the
+    puts that come meanwhile; one that is no put with callback ends as refused."""
+    requests, links, errors = setup
+    pv, notify = PV("a"), Notify()
+    put, _ = requests.expect(0, pv, "a", notify, ("host", "user"), put=True, retry=(pv, "x"))
+    plain, _ = requests.expect(0, None, "b", None, None, put=True, retry=(PV("b"), "y"))
+    assert requests.repark(0, put) and not requests.repark(0, plain)
+    assert notify.results == [] and requests._health.puts == 0 and requests.in_flight(pv) == 0
+    assert pv.waiting_put and errors == []
+    links[0].not_served = "silent"
+    assert requests.put_waits(0)  # new puts wait too, not sent through that connection
+    requests.unpark(time.monotonic())
+    assert pv.resumed == []  # not through the old connection
+    links[0].not_served, links[0].usable = "", False  # the loop took it down
+    requests.unpark(time.monotonic())
+    assert pv.resumed == []
+    links[0].usable = True  # reconnected
+    requests.unpark(time.monotonic())
+    assert pv.resumed == [("x", True)] and not requests.parked
+
+
+def test_a_reparked_put_fails_when_no_new_connection_comes_in_time(setup):
+    requests, links, errors = setup
+    pv = PV("a")
+    put, _ = requests.expect(0, pv, "a", Notify(), ("h", "u"), put=True, retry=(pv, "x"))
+    assert requests.repark(0, put)
+    links[0].usable = False
+    links[0].down_since = time.monotonic()
+    requests.unpark(time.monotonic() + PUT_RECONNECT_GRACE + 0.1)
+    assert pv.resumed == [("x", False)] and errors == [("shard_down", "a", 0, ("h", "u"))]
 
 
 def test_a_quiet_request_fails_as_nobodys_error(setup):

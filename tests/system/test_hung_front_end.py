@@ -1,0 +1,72 @@
+"""A front-end that was hung (kill -STOP, a paused VM) longer than its shards wait for it.
+
+The shards stop serving a front-end that sends nothing for PEER_SILENCE while another
+keeps talking to them (the PVA front-end here): what they would publish to it waits in
+their memory.  When it runs again, the first thing it sends
+through its old connection is refused, and it reconnects and resyncs.  A client's put
+that came in meanwhile is no fault of the client's: it waits for the new connection and
+is applied, as a put waits for a restarting shard, and its client is told it succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.system.clients import connect, get, role_pid, write_status
+from tests.system.conftest import wait_for
+from tests.system.pva import PvaRelay, pva_context
+from tests.system.test_pva_faults import _role_pid
+
+#: What a shard logs when it stops serving a silent front-end (shard/server.py).
+_DROPPED = "not even a PING"
+
+
+def _hang(relay, pid: int) -> None:
+    """Stop ``pid`` until the relay's one shard has stopped serving it."""
+    mark = len(relay.log())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        relay.wait_log(_DROPPED, timeout=30, start=mark)
+    except BaseException:
+        os.kill(pid, signal.SIGCONT)
+        raise
+
+
+@pytest.mark.slow
+def test_a_ca_put_right_after_the_broker_hung_is_applied(make_relay, ca):
+    relay = make_relay(shards=1, kind=PvaRelay)
+    name = relay.name("hung", "f1")
+    pv = connect(ca, name)
+    assert write_status(pv, [1.5]).success
+    pid = role_pid(relay, "broker")
+    _hang(relay, pid)
+    mark = len(relay.log())
+    os.kill(pid, signal.SIGCONT)
+    status = write_status(pv, [2.5])
+    assert status.success, status
+    assert pv.read(timeout=5).data[0] == 2.5
+    relay.wait_log("shard 0 in sync", start=mark)
+    assert get(name) == 2.5
+    assert f"refused {name}" not in relay.log()[mark:], relay.log()[mark:]
+
+
+@pytest.mark.slow
+def test_a_pva_put_right_after_the_pva_front_end_hung_is_applied(make_relay):
+    relay = make_relay(shards=1, kind=PvaRelay)
+    name = relay.name("hung", "f1")
+    ctx = pva_context()
+    try:
+        ctx.put(name, 1.5, timeout=5)
+        pid = _role_pid(relay, "pva")
+        _hang(relay, pid)
+        mark = len(relay.log())
+        os.kill(pid, signal.SIGCONT)
+        ctx.put(name, 2.5, timeout=10)  # raises if the put fails
+        assert ctx.get(name, timeout=5) == 2.5
+    finally:
+        ctx.close()
+    wait_for(lambda: get(name) == 2.5, what="CA to read the put")
+    assert f"refused {name}" not in relay.log()[mark:], relay.log()[mark:]
