@@ -14,7 +14,8 @@ does with it, in two halves:
   rules see where it connects from.
 
 The file is checked before it governs the relay (``check_access_security``,
-``undefined_access_group``), and read again on SIGHUP (``reload_rules``).
+``undefined_access_group``), and read again on SIGHUP (``reread_rules``, off the loop:
+its host names may take seconds to look up; then ``reinstall_rules``).
 
 CA tells each client, channel by channel, whether it may write, and display tools draw
 a widget by it; PCAS grants every channel that joins no group both.  So the broker
@@ -49,8 +50,11 @@ __all__ = [
     "access_groups",
     "address_token",
     "check_access_security",
+    "install_rules",
     "load_rules",
-    "reload_rules",
+    "prepare_rules",
+    "reinstall_rules",
+    "reread_rules",
     "resolve",
     "rules_by_address",
     "token_address",
@@ -145,6 +149,14 @@ def load_rules(cas, path: Path | None, by_address: bool, group: str, run_dir: Pa
     """Load (or load again) the access security file at ``path`` (None: RELAY_ONLY), with
     the relay's groups (``with_relay_groups``); False if it is invalid, and then the
     rules in force stay.  ``by_address``: HAGs hold peer addresses."""
+    text = prepare_rules(path, by_address, group)
+    return text is not None and install_rules(cas, text, run_dir)
+
+
+def prepare_rules(path: Path | None, by_address: bool, group: str) -> str | None:
+    """The text asLib is to load for the access security file at ``path`` (None:
+    RELAY_ONLY), or None if it is invalid (logged).  With ``by_address`` it looks up the
+    HAGs' host names, which may take seconds: a reload runs it off the loop (OffLoop)."""
     if path is None:
         text, group = RELAY_ONLY, "DEFAULT"
     else:
@@ -152,16 +164,21 @@ def load_rules(cas, path: Path | None, by_address: bool, group: str, run_dir: Pa
             text = acf.read_acf(path)
         except OSError as e:
             log.error("cannot read access security file %s: %s", path, e.strerror or e)
-            return False
+            return None
     try:
         if by_address:
             text, unresolved = rules_by_address(text)
             for host in unresolved:
                 log.warning("access security: host %s of %s has no IPv4 address", host, path)
-        text = with_relay_groups(text, group)
+        return with_relay_groups(text, group)
     except acf.AcfError as e:
         log.error("access security file %s cannot be read as EPICS reads it: %s", path, e)
-        return False
+        return None
+
+
+def install_rules(cas, text: str, run_dir: Path) -> bool:
+    """Have asLib load ``text`` (``prepare_rules``); False if it refuses it, and then the
+    rules in force stay.  On the thread that runs PCAS."""
     # asLib reads the file at once, and each broker of a relay writes its own (they share
     # the run directory).
     try:
@@ -234,19 +251,31 @@ def undefined_access_group(path, group: str) -> str | None:
     return f"{path} defines no ASG({group}): the relay's PVs would get the rules of ASG(DEFAULT)"
 
 
-def reload_rules(cas, config) -> None:
-    """Read the access security file again (SIGHUP, ``carelay reload-acf``): its rules,
-    and the addresses of its HAGs' host names.  An invalid file leaves the rules in
-    force."""
+def reread_rules(config) -> str | None:
+    """The access security file read again (SIGHUP, ``carelay reload-acf``), its HAGs'
+    host names looked up again, as text for ``reinstall_rules``; None if it is not to be
+    loaded (logged), and the rules in force stay.  Off the loop (OffLoop): the look-ups
+    may take seconds."""
     if config.access_security is None:
         log.warning("access security not reloaded: none is configured")
-        return
+        return None
     problem = undefined_access_group(config.access_security, config.access_group)
-    if problem is None and not load_rules(
-        cas, config.access_security, config.access_by_ip, config.access_group, config.run_dir
-    ):
-        problem = f"access security file {config.access_security} is invalid"
+    text = None
+    if problem is None:
+        text = prepare_rules(config.access_security, config.access_by_ip, config.access_group)
+        if text is None:
+            problem = f"access security file {config.access_security} is invalid"
     if problem is not None:
+        log.error("access security not reloaded, the rules in force stay: %s", problem)
+    return text
+
+
+def reinstall_rules(cas, config, text: str | None) -> None:
+    """On the loop thread: the rules ``reread_rules`` gave are in force from now."""
+    if text is None:
+        return
+    if not install_rules(cas, text, config.run_dir):
+        problem = f"access security file {config.access_security} is invalid"
         log.error("access security not reloaded, the rules in force stay: %s", problem)
         return
     log.info("access security reloaded from %s", config.access_security)

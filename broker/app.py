@@ -21,6 +21,7 @@ from carelay.broker.forward import Forwarder
 from carelay.broker.health import Health
 from carelay.broker.link import shard_links
 from carelay.broker.loop import Loop
+from carelay.broker.offloop import OffLoop
 from carelay.broker.requests import Requests
 from carelay.broker.sync import ShardSync
 from carelay.broker.table import PvTable
@@ -93,6 +94,8 @@ class Broker:
         self.status_due = False
         #: SIGHUP asked for the access security file to be read again.
         self.reload_due = False
+        #: Where it is read again (see offloop.py).
+        self.acf_reload = OffLoop("acf-reload")
         self.startup_grace = STARTUP_GRACE
         #: The CA context of the put being handled (BasePV.write), for whom an error names.
         self.put_context = None
@@ -106,11 +109,15 @@ class Broker:
         self.loop.run(stop)
 
     def reload_access(self) -> None:
-        """Read the access security file again (SIGHUP, ``carelay reload-acf``)."""
-        from carelay.broker.access import reload_rules
+        """Read the access security file again (SIGHUP, ``carelay reload-acf``): off the
+        loop, and in force once the loop takes it (``acf_reload.poll``)."""
+        from carelay.broker.access import reinstall_rules, reread_rules
 
         self.reload_due = False
-        reload_rules(self.cas, self.config)
+        config = self.config
+        self.acf_reload.submit(
+            lambda: reread_rules(config), lambda text: reinstall_rules(self.cas, config, text)
+        )
 
     # -- what the CA adapter classes and the health figures read ---------------------------
 

@@ -181,6 +181,7 @@ class Loop:
         b.tick_hooks()
         if b.reload_due:
             b.reload_access()
+        b.acf_reload.poll()
         b.pvlist.post_if_changed()
 
     def send_queued(self) -> None:
@@ -370,6 +371,7 @@ def _busy(b, due_posts) -> bool:
         or b.requests.parked
         or b.status_due
         or b.reload_due
+        or b.acf_reload.busy
         or not b.ready
         or any(
             link.outbox or link.lost_writes or link.not_served or not link.due() for link in b.links

@@ -126,29 +126,47 @@ class PvaAccess:
     def load(self) -> bool:
         """Read the access security file (again); False if it cannot be read or parsed,
         and then the rules in force stay."""
-        path = self.config.access_security
-        if path is None:
+        if self.config.access_security is None:
             return True
+        rules = self._read()
+        if rules is None:
+            return False
+        self.rules, self.closed = rules, False
+        return True
+
+    def _read(self) -> Rules | None:
+        """The rules of the file, its HAGs' host names looked up (which may take
+        seconds); None if it cannot be read or parsed (logged)."""
+        path = self.config.access_security
         try:
             rules = Rules(_checked_text(Path(path), self.config.run_dir), self.config.access_group)
         except Exception as e:
             stays = "PVA clients get no access" if self.closed else "the rules in force stay"
             log.error("access security file %s not loaded, %s: %s", path, stays, e)
-            return False
+            return None
         for host in rules.unresolved:
             log.warning("access security: host %s of %s has no IPv4 address", host, path)
+        return rules
+
+    def reread(self) -> Rules | None:
+        """SIGHUP, ``carelay reload-acf``: the file's rules read again, for ``install``;
+        None if there are none to put in force (logged).  Off the loop (OffLoop)."""
+        if self.config.access_security is None:
+            log.warning("access security not reloaded: none is configured")
+            return None
+        return self._read()
+
+    def install(self, rules: Rules | None) -> bool:
+        """On the loop thread: ``rules`` (``reread``) in force from now; whether they are."""
+        if rules is None:
+            return False
         self.rules, self.closed = rules, False
+        log.info("access security reloaded from %s", self.config.access_security)
         return True
 
     def reload(self) -> bool:
-        """SIGHUP, ``carelay reload-acf``; whether new rules are in force."""
-        if self.config.access_security is None:
-            log.warning("access security not reloaded: none is configured")
-            return False
-        if not self.load():
-            return False
-        log.info("access security reloaded from %s", self.config.access_security)
-        return True
+        """``reread`` and ``install`` at once; whether new rules are in force."""
+        return self.install(self.reread())
 
     def allows(self, address: str, account: str, roles=()) -> int:
         if self.config.access_security is None:

@@ -29,6 +29,7 @@ from carelay.broker.errorlog import ErrorLog, KeepsRefusals
 from carelay.broker.forward import Forwarder
 from carelay.broker.link import link_for, shard_links
 from carelay.broker.logbudget import RefusedPuts
+from carelay.broker.offloop import OffLoop
 from carelay.broker.pva import convert
 from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
@@ -217,6 +218,8 @@ class PvaFrontEnd:
         #: The access security rules (an ACF configured); SIGHUP sets ``reload_due``.
         self.access = PvaAccess(config)
         self.reload_due = False
+        #: Where it is read again (see broker/offloop.py).
+        self.acf_reload = OffLoop("acf-reload")
 
     # -- what the shared modules ask --------------------------------------------------
 
@@ -320,6 +323,12 @@ class PvaFrontEnd:
             self.sync.hold(target, channel)
             return
         target.bind(channel)
+
+    def reinstall_rules(self, rules) -> None:
+        """The rules ``PvaAccess.reread`` gave are in force from now (None: not reloaded),
+        and each open channel is checked under them."""
+        if self.access.install(rules):
+            self.recheck_channels()
 
     def recheck_channels(self) -> None:
         """New access rules: every open channel is closed.  Its clients reconnect, and

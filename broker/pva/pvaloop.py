@@ -204,8 +204,9 @@ class PvaLoop(Loop):
         f.sync.expire_searched(time.monotonic())
         if f.reload_due:
             f.reload_due = False
-            if f.access.reload():
-                f.recheck_channels()
+            # Read (and its host names looked up) off the loop: see broker/offloop.py.
+            f.acf_reload.submit(f.access.reread, f.reinstall_rules)
+        f.acf_reload.poll()
 
     def _status(self) -> dict:
         f = self.broker
