@@ -260,9 +260,8 @@ class ShardSync(ShardReceiver):
         link.synced(end.epoch, len(snap))
         self.store_state(link, end.store_error)
         table = self.table
-        for name, pv in list(table.pvs.items()):
-            if pv.shard == link.index and pv.real and name not in snap:
-                table.forget(name)
+        for name in table.real_by_shard[link.index].keys() - snap.keys():
+            table.forget(name)
         for name, (data, stamp, stored) in snap.items():
             pv = table.pvs.get(name)
             if pv is None:
@@ -386,9 +385,8 @@ class ShardSync(ShardReceiver):
     def _post_alarms(self, link: ShardLink) -> None:
         """The alarm of each PV of shard ``link`` changed (it is away: COMM/INVALID; its
         store cannot be written: WRITE/MAJOR; or back): posted to the monitors."""
-        for pv in self.table.pvs.values():
-            if pv.shard == link.index and pv.real:
-                pv.post(0)  # alarm change only
+        for pv in list(self.table.real_by_shard[link.index].values()):
+            pv.post(0)  # alarm change only
 
 
 def catch_up(sync: ShardSync, link: ShardLink) -> None:

@@ -56,6 +56,9 @@ class PvTable:
         #: The field PVs of names that existed in no shard when they were attached.
         self.loose_fields: set[str] = set()
         self.n_real = 0
+        #: Each shard's real PVs by name, in the order they became real: what a resync or
+        #: an alarm change of one shard walks, not every PV of the relay.
+        self.real_by_shard: list[dict] = [{} for _ in range(config.shards)]
         self.n_bytes = 0  # what the real PVs' values may take, at full capacity (charge)
         # Creations sent to a shard and not yet answered count against the limits
         # too: a burst of first puts must not take the relay past them.
@@ -268,6 +271,10 @@ class PvTable:
             self.reserve(pv, False)
         if pv.real != real:
             self.n_real += 1 if real else -1
+            if real:
+                self.real_by_shard[pv.shard][pv.name] = pv
+            else:
+                self.real_by_shard[pv.shard].pop(pv.name, None)
             self.n_bytes += charge(pv.spec) if real else -charge(pv.spec)
             self.broker.pvlist.dirty = True
             self._fields_follow(pv.name, not (real or pv.creating))

@@ -52,3 +52,35 @@ def test_updates_deletions_and_pongs_reach_the_mirror_and_the_figures(broker):
     assert (link.pvs, figures.pid, figures.puts, figures.store_bytes) == (7, 1234, 9, 4096.0)
     assert figures.saved_at == 5.0 and figures.flush.count == 1
     assert broker.store_errors[0] == "disk full"
+
+
+def test_a_resync_forgets_only_what_its_shard_no_longer_holds(tmp_path):
+    """The snapshot of one shard is compared with that shard's real PVs alone (kept per
+    shard: a relay of 300,000 PVs was walked whole for each resync)."""
+    from carelay.common.messages import Snapshot, SnapshotBegin, SnapshotEnd
+    from carelay.common.sharding import shard_for
+
+    broker = Broker(load_config(prefix=PREFIX, shards=2, data_dir=str(tmp_path)), None)
+    try:
+        names = ([], [])
+        for k in range(40):
+            name = f"{PREFIX}r{k}_f1"
+            names[shard_for(name, 2)].append(name)
+        table = broker.table
+        for shard, link in enumerate(broker.links):
+            for name in names[shard]:
+                broker.sync.handle(link, Update(name, 0, 1, 1.0, np.array([1.0]), created=True))
+        assert [set(d) for d in table.real_by_shard] == [set(names[0]), set(names[1])]
+        kept, gone = names[0][:3], names[0][3:]
+        link = broker.links[0]
+        broker.sync.handle(link, SnapshotBegin(1, 10, 0))
+        for name in kept:
+            broker.sync.handle(link, Snapshot(name, 2.0, np.array([2.0]), {}, 0))
+        broker.sync.handle(link, SnapshotEnd(1, 10, "", 0))
+        assert [set(d) for d in table.real_by_shard] == [set(kept), set(names[1])]
+        assert all(name not in table.pvs for name in gone)
+        assert {n for n, pv in table.pvs.items() if pv.real} == set(kept) | set(names[1])
+        assert table.n_real == len(kept) + len(names[1])
+    finally:
+        for link in broker.links:
+            link.close(linger=0)

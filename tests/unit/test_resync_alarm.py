@@ -78,7 +78,9 @@ def _sync():
         config=SimpleNamespace(brokers=1, pva=False),
         health=SimpleNamespace(restarts=[[]], shard_restarted=lambda k: None),
     )
-    table = SimpleNamespace(pvs={}, unserved=set(), set_real=lambda pv, real: None)
+    table = SimpleNamespace(
+        pvs={}, unserved=set(), set_real=lambda pv, real: None, real_by_shard=[{}]
+    )
     broker.table = table
     requests = SimpleNamespace(
         answered=lambda k, req: None,
@@ -92,6 +94,7 @@ def _sync():
     pv = FakePV(broker, "a_f1")
     pv.value = 2.0
     table.pvs["a_f1"] = pv
+    table.real_by_shard[0]["a_f1"] = pv
     return sync, link, pv
 
 
