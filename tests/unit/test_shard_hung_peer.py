@@ -104,6 +104,19 @@ def _served_pair(tmp_path, monkeypatch, silence: float):
     return shard, ctx, socks
 
 
+def _received(sock, found, timeout: float = 5.0) -> list:
+    """What ``sock`` receives up to a message that is ``found`` (or ``timeout``): a
+    message the shard sent may still be on its way through ZeroMQ's threads."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0 and sock.poll(int(left * 1000)):
+        batch = decode_batch(sock.recv_multipart())
+        got += batch
+        if any(found(m) for m in batch):
+            break
+    return got
+
+
 def _serve_for(shard, seconds: float, each=lambda: None) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -127,9 +140,7 @@ def test_a_front_end_that_sends_nothing_is_dropped_before_its_queue_fills(tmp_pa
         assert not shard.requests.fanout
         alive.send_multipart(encode_batch([Ping(1)]))
         _serve_for(shard, 0.1)
-        got = []
-        while alive.poll(0):
-            got += decode_batch(alive.recv_multipart())
+        got = _received(alive, lambda m: type(m) is Pong and m.req == 1)
         assert any(type(m) is Pong and m.req == 1 for m in got)
     finally:
         quiet.close()
@@ -173,9 +184,7 @@ def test_a_dropped_front_end_hears_so_from_its_heartbeat(tmp_path, monkeypatch):
         assert len(shard.admission) == 1
         quiet.send_multipart(encode_batch([Ping(7)]))
         _serve_for(shard, 0.1)
-        got = []
-        while quiet.poll(0):
-            got += decode_batch(quiet.recv_multipart())
+        got = _received(quiet, lambda m: type(m) is Reject)
         refusals = [m for m in got if type(m) is Reject and m.req == 7]
         assert [m.reason for m in refusals] == [SILENT]
         assert SILENT in NOT_SERVED
@@ -206,16 +215,16 @@ def test_a_dropped_front_ends_last_plain_puts_are_applied(tmp_path, monkeypatch)
         quiet.send_multipart(encode_batch([run]))
         _serve_for(shard, 0.2)
         assert shard.store.get(name)[0] == 2.0
-        got = []
-        while quiet.poll(0):
-            got += decode_batch(quiet.recv_multipart())
+        got = _received(quiet, lambda m: type(m) is Reject)
         assert [(m.req, m.reason) for m in got if type(m) is Reject] == [(7, SILENT)]
-        seen = []
-        while alive.poll(0):
-            seen += decode_batch(alive.recv_multipart())
-        values = [float(m.value(k)[0]) for m in seen if type(m) is UpdateRun for k in range(len(m))]
-        values += [float(m.data[0]) for m in seen if type(m) is Update and m.name == name]
-        assert 2.0 in values, seen
+
+        def values(msgs) -> list[float]:
+            runs = [m for m in msgs if type(m) is UpdateRun]
+            out = [float(m.value(k)[0]) for m in runs for k in range(len(m))]
+            return out + [float(m.data[0]) for m in msgs if type(m) is Update and m.name == name]
+
+        seen = _received(alive, lambda m: 2.0 in values([m]))
+        assert 2.0 in values(seen), seen
     finally:
         quiet.close()
         alive.close()
