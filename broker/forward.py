@@ -19,6 +19,23 @@ from carelay.common.messages import Delete, Put, SetField
 log = logging.getLogger(__name__)
 
 
+class _Again:
+    """A field change or deletion with callback that a shard refused unapplied
+    (Requests.repark), in the place of a parked put's PV: sent again when its shard is
+    back (``resume``), or failed."""
+
+    __slots__ = ("name", "send", "waiting_put")
+
+    def __init__(self, name: str, send) -> None:
+        self.name = name
+        self.send = send
+        self.waiting_put = False
+
+    def resume(self, payload, notify, go: bool) -> None:
+        if not (go and self.send()):
+            notify.complete(False)
+
+
 class Forwarder:
     """Sends puts, field changes and deletions to the shards."""
 
@@ -106,7 +123,10 @@ class Forwarder:
         # In flight on the PV until answered: value puts meanwhile take the round trip, so
         # that the shard, not the mirror, applies the new field (DRVH, DRVL) to them.
         change = dict(field=field, value=value)
-        if not self._request(pv.shard, pv, notify, SetField, name, change):
+        again = None
+        if notify is not None:
+            again = (_Again(name, lambda: self.field(name, field, raw, notify)), None)
+        if not self._request(pv.shard, pv, notify, SetField, name, change, retry=again):
             why = f"put to .{field} failed: shard unreachable"
             if self.broker.error("shard_down", why, name, pv.shard):
                 log.warning(
@@ -123,7 +143,10 @@ class Forwarder:
             return False
         # In flight on the PV: puts wait for the answer (round trip), not the mirror,
         # until the deletion is settled.
-        if not self._request(pv.shard, pv, notify, Delete, name, {}):
+        again = None
+        if notify is not None:
+            again = (_Again(name, lambda: self.delete(name, notify)), None)
+        if not self._request(pv.shard, pv, notify, Delete, name, {}, retry=again):
             if self.broker.error("shard_down", "delpv failed: shard unreachable", name, pv.shard):
                 log.warning("delpv %s failed: shard %d unreachable", shorten(name), pv.shard)
             return False

@@ -43,7 +43,8 @@ class Request:
     #: A client's put: counted in the broker's puts (Health.puts) once it is applied.
     put: bool = False
     #: (PV, payload) of a put with callback, to go again if the shard refuses it unapplied
-    #: because it no longer serves this connection (see ``repark``).
+    #: because it no longer serves this connection (see ``repark``); for a field change or
+    #: a deletion, an object in the PV's place that sends it again (forward._Again).
     retry: Any = None
 
 
@@ -158,10 +159,10 @@ class Requests:
     def repark(self, shard: int, req: int) -> bool:
         """Request ``req``, sent through the current connection to ``shard``, was refused
         unapplied: the shard no longer serves that connection (it took this process for
-        hung after a stall: common.messages.NOT_SERVED), and the loop reconnects.  A put
-        with callback then waits for the new connection, as a put waits for a restarting
-        shard (``park``), rather than failing a client that did nothing wrong.  False if
-        ``req`` is no such put: it ends as refused."""
+        hung after a stall: common.messages.NOT_SERVED), and the loop reconnects.  A put,
+        field change or deletion with callback then waits for the new connection, as a
+        put waits for a restarting shard (``park``), rather than failing a client that
+        did nothing wrong.  False if ``req`` is none of those: it ends as refused."""
         p = self.unanswered[shard].get(req)
         if p is None or p.retry is None or p.notify is None:
             return False

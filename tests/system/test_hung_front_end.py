@@ -41,13 +41,18 @@ def test_a_ca_put_right_after_the_broker_hung_is_applied(make_relay, ca):
     name = relay.name("hung", "f1")
     pv = connect(ca, name)
     assert write_status(pv, [1.5]).success
+    egu = connect(ca, f"{name}.EGU")
     pid = role_pid(relay, "broker")
     _hang(relay, pid)
     mark = len(relay.log())
     os.kill(pid, signal.SIGCONT)
+    # A field change first (the first request through the old connection), then a put.
+    status = write_status(egu, "V")
+    assert status.success, status
     status = write_status(pv, [2.5])
     assert status.success, status
     assert pv.read(timeout=5).data[0] == 2.5
+    assert egu.read(timeout=5).data[0] == b"V"
     relay.wait_log("shard 0 in sync", start=mark)
     assert get(name) == 2.5
     assert f"refused {name}" not in relay.log()[mark:], relay.log()[mark:]
@@ -64,8 +69,10 @@ def test_a_pva_put_right_after_the_pva_front_end_hung_is_applied(make_relay):
         _hang(relay, pid)
         mark = len(relay.log())
         os.kill(pid, signal.SIGCONT)
-        ctx.put(name, 2.5, timeout=10)  # raises if the put fails
-        assert ctx.get(name, timeout=5) == 2.5
+        # A value and a field change in one put: each part goes again.
+        ctx.put(name, {"value": 2.5, "display.units": "V"}, timeout=10)  # raises if it fails
+        got = ctx.get(name, timeout=5)
+        assert got == 2.5 and got.raw["display.units"] == "V"
     finally:
         ctx.close()
     wait_for(lambda: get(name) == 2.5, what="CA to read the put")

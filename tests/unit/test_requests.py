@@ -222,3 +222,22 @@ def test_a_quiet_request_fails_as_nobodys_error(setup):
     requests.expire(0, time.monotonic() + PUT_TIMEOUT + 1)  # ``late`` and ``answered``
     assert errors == [("shard_down", "c", 0, None)]
     assert requests.in_flight(pv) == 0 and not requests.any_unanswered()
+
+
+def test_a_field_change_or_deletion_goes_again_in_a_parked_puts_place(setup):
+    """forward._Again stands for the PV of a field change or deletion that a shard refused
+    unapplied: sent again when its shard is back, failed when it cannot go."""
+    from carelay.broker.forward import _Again
+
+    requests, links, _ = setup
+    sent = []
+    again = _Again("a", lambda: sent.append("a") or True)
+    notify = Notify()
+    req, _ = requests.expect(0, PV("a"), "a", notify, None, retry=(again, None))
+    assert requests.repark(0, req)
+    requests.unpark(time.monotonic())
+    assert sent == ["a"] and notify.results == []  # it completes with its new request
+    failing = Notify()
+    _Again("b", lambda: False).resume(None, failing, True)
+    _Again("c", lambda: True).resume(None, failing, False)
+    assert failing.results == [False, False]
