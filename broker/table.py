@@ -12,6 +12,7 @@ once, checked at the search and again at the attach, which a burst of searches p
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from collections.abc import Iterable
 
@@ -55,7 +56,6 @@ class PvTable:
         self.field_pvs: dict = {}
         #: The field PVs of names that existed in no shard when they were attached.
         self.loose_fields: set[str] = set()
-        self.n_real = 0
         #: Each shard's real PVs by name, in the order they became real: what a resync or
         #: an alarm change of one shard walks, not every PV of the relay.
         self.real_by_shard: list[dict] = [{} for _ in range(config.shards)]
@@ -80,8 +80,12 @@ class PvTable:
         (not remembered: a refused name is parsed again)."""
         return self.config.pv_spec(base), shard_for(base, self.config.shards)
 
+    @property
+    def n_real(self) -> int:
+        return sum(map(len, self.real_by_shard))
+
     def real_names(self) -> Iterable[str]:
-        return (name for name, pv in self.pvs.items() if pv.real)
+        return itertools.chain.from_iterable(self.real_by_shard)
 
     def refuse(self, name: str, why: str, kind: str = "name", addr=None) -> None:
         """A name refused: counted each time (REFUSE_RATE shows a client that keeps
@@ -270,7 +274,6 @@ class PvTable:
         if real:
             self.reserve(pv, False)
         if pv.real != real:
-            self.n_real += 1 if real else -1
             if real:
                 self.real_by_shard[pv.shard][pv.name] = pv
             else:
