@@ -93,13 +93,9 @@ class Figures(KeepsRefusals):
         self.put_refusals = RefusedPuts(log)
         self.put_callback = Histogram(PUT_BUCKETS)
         self.shards = [_ShardFigures() for _ in range(shards)]
-        self.restarts: list[collections.deque] = [
-            collections.deque(maxlen=16) for _ in range(shards)
-        ]
 
     def shard_restarted(self, k: int) -> None:
-        """A new process of shard ``k`` is in sync."""
-        self.restarts[k].append(time.monotonic())
+        """A new process of shard ``k`` is in sync: the CA brokers count restarts."""
 
     def count_refusal(self, kind: str) -> None:
         """A refusal counted only."""
