@@ -260,13 +260,12 @@ def reread_rules(config) -> str | None:
         log.warning("access security not reloaded: none is configured")
         return None
     problem = undefined_access_group(config.access_security, config.access_group)
-    text = None
-    if problem is None:
-        text = prepare_rules(config.access_security, config.access_by_ip, config.access_group)
-        if text is None:
-            problem = f"access security file {config.access_security} is invalid"
     if problem is not None:
-        log.error("access security not reloaded, the rules in force stay: %s", problem)
+        _not_reloaded(problem)
+        return None
+    text = prepare_rules(config.access_security, config.access_by_ip, config.access_group)
+    if text is None:
+        _not_reloaded(f"access security file {config.access_security} is invalid")
     return text
 
 
@@ -275,7 +274,10 @@ def reinstall_rules(cas, config, text: str | None) -> None:
     if text is None:
         return
     if not install_rules(cas, text, config.run_dir):
-        problem = f"access security file {config.access_security} is invalid"
-        log.error("access security not reloaded, the rules in force stay: %s", problem)
+        _not_reloaded(f"access security file {config.access_security} is invalid")
         return
     log.info("access security reloaded from %s", config.access_security)
+
+
+def _not_reloaded(problem: str) -> None:
+    log.error("access security not reloaded, the rules in force stay: %s", problem)
