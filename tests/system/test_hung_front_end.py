@@ -15,7 +15,7 @@ import signal
 
 import pytest
 
-from tests.system.clients import connect, get, role_pid, write_status
+from tests.system.clients import connect, get, write_status
 from tests.system.conftest import wait_for
 from tests.system.pva import PvaRelay, pva_context
 from tests.system.test_pva_faults import _role_pid
@@ -42,7 +42,7 @@ def test_a_ca_put_right_after_the_broker_hung_is_applied(make_relay, ca):
     pv = connect(ca, name)
     assert write_status(pv, [1.5]).success
     egu = connect(ca, f"{name}.EGU")
-    pid = role_pid(relay, "broker")
+    pid = _role_pid(relay, "broker")
     _hang(relay, pid)
     mark = len(relay.log())
     os.kill(pid, signal.SIGCONT)
