@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class _Again:
-    """A field change or deletion with callback that a shard refused unapplied
-    (Requests.repark), in the place of a parked put's PV: sent again when its shard is
-    back (``resume``), or failed."""
+    """A request that a shard refused unapplied (Requests.repark) and that holds no
+    asynchronous write of its PV: a field change or deletion, or a put without callback
+    (its client, told nothing by CA, counts on it).  In the place of a parked put's PV:
+    sent again when its shard is back (``resume``), or failed."""
 
     __slots__ = ("name", "send", "waiting_put")
 
@@ -32,7 +33,7 @@ class _Again:
         self.waiting_put = False
 
     def resume(self, payload, notify, go: bool) -> None:
-        if not (go and self.send()):
+        if not (go and self.send()) and notify is not None:
             notify.complete(False)
 
 
@@ -71,7 +72,9 @@ class Forwarder:
                 return False
         # ``callback``: refused by a shard whose store cannot be written.
         put = dict(stamp=stamp, data=data, callback=notify is not None)
-        retry = (pv, data)
+        # A put with callback goes again as the PV's own parked put, which completes its
+        # asynchronous write; one without, in the PV's place (it holds none).
+        retry = (pv, data) if notify is not None else (_Again(pv.name, self._again(pv, data)), None)
         if not self._request(pv.shard, pv, notify, Put, pv.name, put, counted=True, retry=retry):
             why = "put failed: shard not accepting"
             if self.broker.error("shard_down", why, pv.name, pv.shard):
@@ -123,9 +126,7 @@ class Forwarder:
         # In flight on the PV until answered: value puts meanwhile take the round trip, so
         # that the shard, not the mirror, applies the new field (DRVH, DRVL) to them.
         change = dict(field=field, value=value)
-        again = None
-        if notify is not None:
-            again = (_Again(name, lambda: self.field(name, field, raw, notify)), None)
+        again = (_Again(name, lambda: self.field(name, field, raw, notify)), None)
         if not self._request(pv.shard, pv, notify, SetField, name, change, retry=again):
             why = f"put to .{field} failed: shard unreachable"
             if self.broker.error("shard_down", why, name, pv.shard):
@@ -143,15 +144,18 @@ class Forwarder:
             return False
         # In flight on the PV: puts wait for the answer (round trip), not the mirror,
         # until the deletion is settled.
-        again = None
-        if notify is not None:
-            again = (_Again(name, lambda: self.delete(name, notify)), None)
+        again = (_Again(name, lambda: self.delete(name, notify)), None)
         if not self._request(pv.shard, pv, notify, Delete, name, {}, retry=again):
             if self.broker.error("shard_down", "delpv failed: shard unreachable", name, pv.shard):
                 log.warning("delpv %s failed: shard %d unreachable", shorten(name), pv.shard)
             return False
         pv.deleting = True
         return True
+
+    def _again(self, pv, data):
+        """How a put without callback of ``data`` to ``pv`` is sent again: to the PV that
+        the table holds by that name then (a provisional one may have been made anew)."""
+        return lambda: self.put(self.table.pvs.get(pv.name, pv), data, None)
 
     def _request(
         self,

@@ -43,8 +43,9 @@ class Request:
     #: A client's put: counted in the broker's puts (Health.puts) once it is applied.
     put: bool = False
     #: (PV, payload) of a put with callback, to go again if the shard refuses it unapplied
-    #: because it no longer serves this connection (see ``repark``); for a field change or
-    #: a deletion, an object in the PV's place that sends it again (forward._Again).
+    #: because it no longer serves this connection (see ``repark``); for a field change, a
+    #: deletion or a put without callback, an object in the PV's place that sends it
+    #: again (forward._Again).
     retry: Any = None
 
 
@@ -160,11 +161,12 @@ class Requests:
         """Request ``req``, sent through the current connection to ``shard``, was refused
         unapplied: the shard no longer serves that connection (it took this process for
         hung after a stall: common.messages.NOT_SERVED), and the loop reconnects.  A put,
-        field change or deletion with callback then waits for the new connection, as a
-        put waits for a restarting shard (``park``), rather than failing a client that
-        did nothing wrong.  False if ``req`` is none of those: it ends as refused."""
+        field change or deletion then waits for the new connection, as a put waits for a
+        restarting shard (``park``), rather than failing a client that did nothing wrong
+        (or, without callback, being lost unknown to it).  False if ``req`` is none of
+        those: it ends as refused."""
         p = self.unanswered[shard].get(req)
-        if p is None or p.retry is None or p.notify is None:
+        if p is None or p.retry is None:
             return False
         del self.unanswered[shard][req]
         self._let_go(p)

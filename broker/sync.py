@@ -191,10 +191,10 @@ class ShardSync(ShardReceiver):
             link.stale_restate.add(msg.name)
         # Refused unapplied through the current connection by a shard that took this
         # process for hung (a stall longer than PEER_SILENCE), or that it missed a change:
-        # a put (a field change, a deletion) with callback goes again through the new
-        # connection, unless a later WRITE of ours to the PV, which the shard applies
-        # late, would then come before it.  Not one refused through an earlier connection
-        # (FENCED): the new one may have carried later puts already.
+        # a put (a field change, a deletion) goes again through the new connection,
+        # unless a later WRITE of ours to the PV, which the shard applies late, would
+        # then come before it.  Not one refused through an earlier connection (FENCED):
+        # the new one may have carried later puts already.
         retried = (
             msg.reason in _RETRIED
             and link.usable

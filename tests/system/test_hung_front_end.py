@@ -77,3 +77,27 @@ def test_a_pva_put_right_after_the_pva_front_end_hung_is_applied(make_relay):
         ctx.close()
     wait_for(lambda: get(name) == 2.5, what="CA to read the put")
     assert f"refused {name}" not in relay.log()[mark:], relay.log()[mark:]
+
+
+@pytest.mark.slow
+def test_plain_ca_puts_made_while_the_broker_hung_are_applied(make_relay, ca):
+    """Puts without callback that go as requests (a creation, a field change) through the
+    old connection: refused there, they go again through the new one, as their clients,
+    told nothing by CA, expect."""
+    relay = make_relay(shards=1, kind=PvaRelay)
+    old = relay.name("hungold", "f1")
+    new = relay.name("hungnew", "f1")
+    assert write_status(connect(ca, old), [1.5]).success
+    egu = connect(ca, f"{old}.EGU")
+    made = connect(ca, new)  # provisional: its first put creates it
+    pid = _role_pid(relay, "broker")
+    _hang(relay, pid)
+    mark = len(relay.log())
+    # Sent while the broker is stopped: it reads them first when it runs again.
+    made.write([3.5], wait=False)
+    egu.write("A", wait=False)
+    os.kill(pid, signal.SIGCONT)
+    relay.wait_log("shard 0 in sync", start=mark)
+    wait_for(lambda: get(new) == 3.5, what=f"{new} to be created by its put")
+    wait_for(lambda: egu.read(timeout=5).data[0] == b"A", what="the EGU put")
+    assert f"refused {new}" not in relay.log()[mark:], relay.log()[mark:]

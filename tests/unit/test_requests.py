@@ -178,13 +178,13 @@ def test_a_put_refused_by_a_shard_that_no_longer_serves_the_connection_waits_for
     setup,
 ):
     """A shard that took the broker for hung refuses what its old connection brings: a put
-    with callback waits for the new connection, uncompleted and uncounted, and so do the
-    puts that come meanwhile; one that is no put with callback ends as refused."""
+    waits for the new connection, uncompleted and uncounted, and so do the puts that come
+    meanwhile; a request that is no put (a FOLLOW) ends as refused."""
     requests, links, errors = setup
     pv, notify = PV("a"), Notify()
     put, _ = requests.expect(0, pv, "a", notify, ("host", "user"), put=True, retry=(pv, "x"))
-    plain, _ = requests.expect(0, None, "b", None, None, put=True, retry=(PV("b"), "y"))
-    assert requests.repark(0, put) and not requests.repark(0, plain)
+    follow, _ = requests.expect(0, PV("b"), "b", None, None, quiet=True)
+    assert requests.repark(0, put) and not requests.repark(0, follow)
     assert notify.results == [] and requests._health.puts == 0 and requests.in_flight(pv) == 0
     assert pv.waiting_put and errors == []
     links[0].not_served = "silent"
@@ -225,8 +225,9 @@ def test_a_quiet_request_fails_as_nobodys_error(setup):
 
 
 def test_a_field_change_or_deletion_goes_again_in_a_parked_puts_place(setup):
-    """forward._Again stands for the PV of a field change or deletion that a shard refused
-    unapplied: sent again when its shard is back, failed when it cannot go."""
+    """forward._Again stands for the PV of a field change, a deletion or a put without
+    callback that a shard refused unapplied: sent again when its shard is back, failed
+    when it cannot go."""
     from carelay.broker.forward import _Again
 
     requests, links, _ = setup
@@ -241,3 +242,9 @@ def test_a_field_change_or_deletion_goes_again_in_a_parked_puts_place(setup):
     _Again("b", lambda: False).resume(None, failing, True)
     _Again("c", lambda: True).resume(None, failing, False)
     assert failing.results == [False, False]
+    # Without callback: nobody to tell.
+    plain, _ = requests.expect(0, PV("d"), "d", None, None, put=True, retry=(again, None))
+    assert requests.repark(0, plain)
+    requests.unpark(time.monotonic())
+    assert sent == ["a", "a"]
+    _Again("e", lambda: False).resume(None, None, True)
