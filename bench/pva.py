@@ -100,8 +100,11 @@ class _PvaPorts:
 class CarelayPvaServer(_PvaPorts, CarelayServer):
     """``carelay up --pva true``: ready once the CA broker and the PVA front-end are."""
 
-    def __init__(self, ports: set[int], shards: int = 2) -> None:
-        super().__init__(ports, shards, label=f"carelay ({shards} shards, PVA)")
+    def __init__(self, ports: set[int], shards: int = 2, brokers: int = 1) -> None:
+        extra = f", {brokers} brokers" if brokers > 1 else ""
+        super().__init__(
+            ports, shards, label=f"carelay ({shards} shards{extra}, PVA)", brokers=brokers
+        )
         self._pva_ports(ports)
         self.ready_text = " pva: ready:"
 

@@ -112,3 +112,28 @@ def test_a_slope_is_the_least_squares_one():
 
     assert slope([(0, 10), (1, 12), (2, 14)]) == 2.0
     assert slope([(0, 5)]) == 0.0 and slope([(1, 5), (1, 7)]) == 0.0
+
+
+@pytest.mark.slow
+def test_chaos_finds_every_promise_kept_under_faults():
+    """``python -m bench.chaos`` (on demand, for minutes): three faults here, front-ends
+    killed or hung and shards hung while three writers put, and every PV then read the
+    same through every door and within what its writer was told."""
+    pytest.importorskip("p4p")
+    out = run_bench("bench.chaos", "--faults", "3", "--seed", "7", timeout=240)
+    assert "3 faults, 9 PVs, 0 broken promises" in out, out
+    assert out.count("fault ") == 3 and out.count("  chaos") == 9, out
+
+
+def test_the_chaos_verdict_names_each_broken_promise():
+    from bench.chaos import Tally, verdict
+
+    tally = Tally(ok=10, tried=12, refused={11})
+    assert verdict("a", tally, [10.0, 10.0, 10.0]) is None
+    assert verdict("a", tally, [12.0, 12.0, 12.0]) is None  # timed out, yet applied
+    assert "succeeded" in verdict("a", tally, [9.0, 9.0, 9.0])
+    assert "said failed" in verdict("a", tally, [11.0, 11.0, 11.0])
+    assert "above the last put" in verdict("a", tally, [13.0, 13.0, 13.0])
+    assert "different values" in verdict("a", tally, [10.0, 12.0, 10.0])
+    assert "serves no value" in verdict("a", tally, [10.0, None, 10.0])
+    assert "never put" in verdict("a", tally, [10.5, 10.5, 10.5])

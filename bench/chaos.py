@@ -1,0 +1,252 @@
+"""``python -m bench.chaos``: the failure model checked end to end, under faults at random.
+
+``carelay up`` with two shards, two CA brokers (``[[ca]]``) and the PVA front-end.  Three
+writers put with completion, one after the other, counting up on PVs of their own: one
+CA client through each broker (caproto) and one PVA client (p4p), each noting per PV the
+last value whose put succeeded, the last one it tried, and the values the relay said
+failed.  Meanwhile, every few seconds, one process of the relay is killed (kill -9 of a
+front-end, which the supervisor restarts) or hung (SIGSTOP of a front-end or a shard for
+1 to 8 s, then SIGCONT), chosen at random from ``--seed``.
+
+Shards are hung, never killed: values applied since a shard's last flush are lost when
+it dies (see README, "Known limits"), so a killed shard may rightly hold less than its
+clients were told.  Puts meanwhile fail or time out; that is allowed.  What is checked at
+the end, once every process serves again (the failure model of docs/architecture.md):
+
+- every door (each CA broker, PVA) reads the same value of every PV;
+- that value is at least the last one whose put succeeded (an acknowledged put is kept)
+  and at most the last one tried (nothing is made up);
+- it is none that the relay said failed (a put the client was told failed is never
+  applied later);
+- the relay's log holds no crash (CRITICAL, a traceback).
+
+Exits 1 when any of these fails, naming the PV; 0 when all hold.  Run it for minutes:
+``python -m bench.chaos --minutes 10``.  ``--seed`` repeats a run's choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from bench.pva import CarelayPvaServer, pva_available
+from bench.servers import client_env
+
+#: PVs per writer.
+PER_WRITER = 3
+#: Seconds a put may take before the writer counts it failed (the relay's own put
+#: timeout is shorter, so a hung shard's puts are refused before this).
+PUT_TIMEOUT = 8.0
+#: Seconds to wait, at the end, for every door to serve every PV with the same value.
+SETTLE = 60.0
+#: What each fault may hit: a front-end is killed or hung, a shard only hung.
+FRONT_ENDS = ("broker", "broker1", "pva")  # broker 0, broker 1, PVA
+SHARDS = ("shard0", "shard1")
+#: Log words that say a process crashed.
+CRASH_WORDS = ("CRITICAL", "Traceback")
+
+
+@dataclass
+class Tally:
+    """What one writer knows of one PV's puts."""
+
+    ok: int = 0  #: the last value whose put succeeded
+    tried: int = 0  #: the last value put
+    refused: set[int] = field(default_factory=set)  #: values the relay said failed
+    timeouts: int = 0
+
+
+def verdict(name: str, tally: Tally, reads: list[float | None]) -> str | None:
+    """Why the PV ``name`` breaks the failure model, given what each door reads of it
+    (None: it read nothing); None if it does not."""
+    if any(r is None for r in reads):
+        return f"{name}: a door serves no value ({reads})"
+    if len(set(reads)) != 1:
+        return f"{name}: the doors read different values ({reads})"
+    value = reads[0]
+    if value != int(value):
+        return f"{name}: {value} was never put"
+    if value < tally.ok:
+        return f"{name}: reads {value:.0f}, but the put of {tally.ok} succeeded"
+    if value > tally.tried:
+        return f"{name}: reads {value:.0f}, above the last put ({tally.tried})"
+    if int(value) in tally.refused:
+        return f"{name}: reads {value:.0f}, a put the relay said failed"
+    return None
+
+
+def ca_writer(port: int, names: list[str], stop, results) -> None:
+    os.environ.update(client_env(port))
+    from caproto.threading.client import Context
+
+    ctx = Context(timeout=2.0)
+    pvs = ctx.get_pvs(*names, timeout=PUT_TIMEOUT)
+    tallies = {name: Tally() for name in names}
+    i = 0
+    while not stop.is_set():
+        i += 1
+        for pv in pvs:
+            t = tallies[pv.name]
+            t.tried = i
+            try:
+                if pv.write([float(i)], wait=True, timeout=PUT_TIMEOUT).status.success:
+                    t.ok = i
+                else:
+                    t.refused.add(i)
+            except Exception:  # no answer in time: neither told failed nor succeeded
+                t.timeouts += 1
+    results.put(tallies)
+    ctx.disconnect(wait=False)
+
+
+def pva_writer(conf: dict, names: list[str], stop, results) -> None:
+    from p4p.client.thread import Context
+
+    ctx = Context("pva", conf=conf, useenv=False)
+    tallies = {name: Tally() for name in names}
+    i = 0
+    while not stop.is_set():
+        i += 1
+        for name in names:
+            t = tallies[name]
+            t.tried = i
+            try:
+                ctx.put(name, float(i), timeout=PUT_TIMEOUT)
+                t.ok = i
+            except TimeoutError:
+                t.timeouts += 1
+            except Exception:  # the relay's refusal (RemoteError)
+                t.refused.add(i)
+    results.put(tallies)
+    ctx.close()
+
+
+class ChaosServer(CarelayPvaServer):
+    """Two shards, two CA brokers, PVA."""
+
+    def __init__(self) -> None:
+        super().__init__(set(), shards=2, brokers=2)
+        self.ready_text = "all front-ends ready"
+
+
+def fault(server, rnd: random.Random) -> str:
+    """Kill or hang one process of ``server``; what was done."""
+    role = rnd.choice(FRONT_ENDS + SHARDS)
+    pid = server.pids().get(role)
+    if pid is None:
+        return f"{role}: not running (being restarted)"
+    if role in FRONT_ENDS and rnd.random() < 0.5:
+        os.kill(pid, signal.SIGKILL)
+        return f"{role}: kill -9"
+    secs = rnd.uniform(1, 8)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(secs)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    return f"{role}: hung {secs:.1f} s"
+
+
+def read_all(server, names: list[str]) -> dict[str, list[float | None]]:
+    """What each door reads of each PV, once all serve it the same (or SETTLE passed)."""
+    import caproto.threading.client
+    from p4p.client.thread import Context
+
+    contexts = []
+    for port in server.ports:
+        os.environ.update(client_env(port))
+        contexts.append(caproto.threading.client.Context(timeout=2.0))
+    pva = Context("pva", conf=server.conf, useenv=False)
+    reads: dict[str, list[float | None]] = {}
+    try:
+        deadline = time.monotonic() + SETTLE
+        for name in names:
+            while True:
+                row: list[float | None] = []
+                for ctx in contexts:
+                    try:
+                        (pv,) = ctx.get_pvs(name, timeout=2)
+                        row.append(float(pv.read(timeout=2).data[0]))
+                    except Exception:
+                        row.append(None)
+                try:
+                    row.append(float(pva.get(name, timeout=2)))
+                except Exception:
+                    row.append(None)
+                reads[name] = row
+                if (None not in row and len(set(row)) == 1) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+    finally:
+        pva.close()
+        for ctx in contexts:
+            ctx.disconnect(wait=False)
+    return reads
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
+    ap.add_argument("--minutes", type=float, default=5.0, help="how long (default 5)")
+    ap.add_argument("--faults", type=int, default=0, help="stop after this many faults")
+    ap.add_argument("--seed", type=int, default=None, help="the faults' random seed")
+    args = ap.parse_args(argv)
+    if (why := pva_available()) is not None:
+        print(why, file=sys.stderr)
+        return 2
+    import multiprocessing
+
+    seed = args.seed if args.seed is not None else int(time.time())
+    rnd = random.Random(seed)
+    mp = multiprocessing.get_context("spawn")
+    with ChaosServer() as server:
+        p = server.prefix
+        groups = [[f"{p}chaos{w}x{k}_f1" for k in range(PER_WRITER)] for w in range(3)]
+        stop, results = mp.Event(), mp.Queue()
+        writers = [
+            mp.Process(target=ca_writer, args=(server.ports[0], groups[0], stop, results)),
+            mp.Process(target=ca_writer, args=(server.ports[1], groups[1], stop, results)),
+            mp.Process(target=pva_writer, args=(server.conf, groups[2], stop, results)),
+        ]
+        for w in writers:
+            w.start()
+        end = time.monotonic() + args.minutes * 60
+        n = 0
+        while time.monotonic() < end and not (args.faults and n >= args.faults):
+            time.sleep(rnd.uniform(2, 6))
+            n += 1
+            print(f"fault {n}: {fault(server, rnd)}", flush=True)
+        time.sleep(2)  # the last put of each writer, made after the last fault
+        stop.set()
+        tallies: dict[str, Tally] = {}
+        for _ in writers:
+            tallies.update(results.get(timeout=PUT_TIMEOUT * 4))
+        for w in writers:
+            w.join(10)
+        reads = read_all(server, [name for group in groups for name in group])
+        log = server.log()
+    bad = []
+    for name, tally in tallies.items():
+        why = verdict(name, tally, reads[name])
+        short = name[len(p) :]
+        print(
+            f"  {short:12s} ok {tally.ok:6d}  tried {tally.tried:6d}  refused "
+            f"{len(tally.refused):5d}  timed out {tally.timeouts:4d}  read {reads[name]}"
+            + ("" if why is None else "  BAD")
+        )
+        if why is not None:
+            bad.append(why)
+    crashes = [line for line in log.splitlines() if any(w in line for w in CRASH_WORDS)]
+    bad += [f"crash in the log: {line}" for line in crashes[:10]]
+    print(f"seed {seed}: {n} faults, {len(tallies)} PVs, {len(bad)} broken promises")
+    for why in bad:
+        print(f"  {why}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
