@@ -121,19 +121,32 @@ def test_chaos_finds_every_promise_kept_under_faults():
     same through every door and within what its writer was told."""
     pytest.importorskip("p4p")
     out = run_bench("bench.chaos", "--faults", "3", "--seed", "7", timeout=240)
-    assert "3 faults, 9 PVs, 0 broken promises" in out, out
-    assert out.count("fault ") == 3 and out.count("  chaos") == 9, out
+    assert "3 faults, 12 PVs, 0 broken promises" in out, out
+    assert out.count("fault ") == 3 and out.count("  chaos") == 12, out
 
 
 def test_the_chaos_verdict_names_each_broken_promise():
-    from bench.chaos import Tally, verdict
+    from bench.chaos import BUFFER, Tally, verdict
 
     tally = Tally(ok=10, tried=12, refused={11})
-    assert verdict("a", tally, [10.0, 10.0, 10.0]) is None
-    assert verdict("a", tally, [12.0, 12.0, 12.0]) is None  # timed out, yet applied
-    assert "succeeded" in verdict("a", tally, [9.0, 9.0, 9.0])
-    assert "said failed" in verdict("a", tally, [11.0, 11.0, 11.0])
-    assert "above the last put" in verdict("a", tally, [13.0, 13.0, 13.0])
-    assert "different values" in verdict("a", tally, [10.0, 12.0, 10.0])
-    assert "serves no value" in verdict("a", tally, [10.0, None, 10.0])
-    assert "never put" in verdict("a", tally, [10.5, 10.5, 10.5])
+    assert verdict("a", tally, [(10.0,)] * 3) is None
+    assert verdict("a", tally, [(12.0,)] * 3) is None  # timed out, yet applied
+    assert "succeeded" in verdict("a", tally, [(9.0,)] * 3)
+    assert "said failed" in verdict("a", tally, [(11.0,)] * 3)
+    assert "above the last put" in verdict("a", tally, [(13.0,)] * 3)
+    assert "different values" in verdict("a", tally, [(10.0,), (12.0,), (10.0,)])
+    assert "serves no value" in verdict("a", tally, [(10.0,), None, (10.0,)])
+    assert "never put" in verdict("a", tally, [(10.5,)] * 3)
+    # A shard killed: what it applied since its last flush may be gone.
+    assert verdict("a", tally, [(9.0,)] * 3, kept=False) is None
+    assert "said failed" in verdict("a", tally, [(11.0,)] * 3, kept=False)
+    # A buffer keeps every acknowledged append, once, in order.
+    appended = Tally(ok=20, tried=25, refused={15}, acked=[5, 10, 20])
+    assert verdict("b", appended, [(5.0, 10.0, 20.0, 25.0)] * 3, buffer=True) is None
+    assert "lost 1" in verdict("b", appended, [(5.0, 20.0)] * 3, buffer=True)
+    assert verdict("b", appended, [(5.0, 20.0)] * 3, kept=False, buffer=True) is None
+    assert "twice" in verdict("b", appended, [(5.0, 10.0, 10.0, 20.0)] * 3, buffer=True)
+    assert "said failed" in verdict("b", appended, [(5.0, 10.0, 15.0, 20.0)] * 3, buffer=True)
+    full = Tally(ok=BUFFER + 1, tried=BUFFER + 1, acked=list(range(1, BUFFER + 2)))
+    kept = tuple(float(v) for v in range(2, BUFFER + 2))  # the first one let go
+    assert verdict("c", full, [kept] * 3, buffer=True) is None
