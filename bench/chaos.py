@@ -89,7 +89,8 @@ def verdict(
             return f"{name}: holds values out of order or twice"
         # A full buffer has let its oldest go.
         first = got[0] if len(got) == BUFFER else 0
-        lost = [v for v in tally.acked if v >= first and v not in set(got)]
+        held = set(got)
+        lost = [v for v in tally.acked if v >= first and v not in held]
         if kept and lost:
             return f"{name}: lost {len(lost)} acknowledged appends ({lost[:5]}, ...)"
     elif kept and got[0] < tally.ok:
