@@ -34,21 +34,33 @@ class FieldPV(BasePV):
     """``NAME.FIELD``: one field of a relay PV, read and written through CA."""
 
     def __init__(self, broker: Broker, spec: PvSpec, field: str) -> None:
-        fdef = fields.FIELDS[field]
-        super().__init__(broker, f"{spec.name}.{field}", "f", 1, False, not fdef.writable)
+        fdef = fields.field_def(field)
+        #: ``DESC$`` and the like: the text as a char array (see fields.LONG_SUFFIX).
+        self.chars = None
+        if field.endswith(fields.LONG_SUFFIX):
+            field = fdef.name
+            self.chars = PvSpec(f"{spec.name}.{field}$", "c", fields.long_size(field, spec))
+        kind, count = ("c", self.chars.count) if self.chars else ("f", 1)
+        name = f"{spec.name}.{field}{fields.LONG_SUFFIX if self.chars else ''}"
+        super().__init__(broker, name, kind, count, bool(self.chars), not fdef.writable)
         self.base = spec
         self.field = field
         self.fdef = fdef
-        self._ait = _FIELD_AIT[self.fdef.kind]
+        if not self.chars:
+            self._ait = _FIELD_AIT[self.fdef.kind]
 
     def current(self):
         return self.broker.field_value(self.base, self.field)
 
     def _fill(self, gdd) -> None:
-        if gdd.primitiveType() == cas.aitEnumInvalid:
-            gdd.setPrimType(self._ait)
         v = self.current()
-        gdd.put(str(v) if self.fdef.kind == "string" else v)
+        if self.chars:
+            text = str(v).encode()[: self.chars.count - 1] + b"\0"
+            fill_gdd(self.chars, gdd, np.frombuffer(text, dtype=np.uint8))
+        else:
+            if gdd.primitiveType() == cas.aitEnumInvalid:
+                gdd.setPrimType(self._ait)
+            gdd.put(str(v) if self.fdef.kind == "string" else v)
         # The PV's alarm, as each field of an IOC record carries the record's.
         gdd.setStatSevr(*self.broker.table.alarm(self.base))
         gdd.setTimeStamp(cas.epicsTimeStamp())
@@ -79,6 +91,9 @@ class FieldPV(BasePV):
             self.postEvent(VALUE_MASK, gdd)
 
     def _raw(self, value):
+        if self.chars:
+            # The text up to its terminator; fields.validate checks it.
+            return gdd_to_array(self.chars, value).tobytes().split(b"\0", 1)[0]
         if value.primitiveType() in (cas.aitEnumString, cas.aitEnumFixedString):
             return dbr_string(value)
         if not value.isScalar():

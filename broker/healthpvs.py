@@ -49,8 +49,14 @@ _AIT = {
     "e": cas.aitEnumEnum16,
     "c": cas.aitEnumUint8,
 }
-#: Fields a health PV serves as ``NAME.FIELD`` (from its Meta), and their CA type.
+#: The record type each kind of health PV reads as (its RTYP): it takes no puts.
+_RTYP = {"i": "longin", "f": "ai", "s": "stringin", "e": "mbbi", "c": "waveform"}
+#: Fields a health PV serves as ``NAME.FIELD`` (from its Meta, NAME and RTYP from what it
+#: is), and their CA type; and ``NAME$``, its name as a char array (see fields.py).
 _FIELDS = {
+    "NAME": cas.aitEnumString,
+    "NAME" + fields.LONG_SUFFIX: cas.aitEnumUint8,
+    "RTYP": cas.aitEnumString,
     "DESC": cas.aitEnumString,
     "EGU": cas.aitEnumString,
     "PREC": cas.aitEnumInt16,
@@ -201,16 +207,37 @@ class HealthFieldPV(_ReadOnlyPV):
     def __init__(self, name: str, meta: Meta, field_name: str, channels: Channels) -> None:
         super().__init__(name, channels)
         self._ait = _FIELDS[field_name]
-        self._value = meta.field_value(field_name)
+        base = name.partition(".")[0]
+        #: NAME$: the name as a char array, terminator included.
+        self._chars = None
+        if field_name == "NAME" + fields.LONG_SUFFIX:
+            text = base.encode() + b"\0"
+            self._chars = PvSpec(name, "c", len(text))
+            self._value = np.frombuffer(text, dtype=np.uint8)
+        elif field_name == "NAME":
+            self._value = base
+        elif field_name == "RTYP":
+            self._value = _RTYP[meta.kind]
+        else:
+            self._value = meta.field_value(field_name)
 
     def bestExternalType(self):
         return self._ait
 
+    def maxDimension(self):
+        return 1 if self._chars else 0
+
+    def maxBound(self, dim):
+        return self._chars.count if self._chars and dim == 0 else 0
+
     @guarded(cas.S_casApp_undefined)
     def getValue(self, value):
-        if value.primitiveType() == cas.aitEnumInvalid:
-            value.setPrimType(self._ait)
-        value.put(self._value)
+        if self._chars:
+            fill_gdd(self._chars, value, self._value)
+        else:
+            if value.primitiveType() == cas.aitEnumInvalid:
+                value.setPrimType(self._ait)
+            value.put(self._value)
         value.setStatSevr(fields.NO_ALARM, fields.NO_SEVERITY)
         value.setTimeStamp(cas.epicsTimeStamp())
         return cas.S_casApp_success

@@ -140,7 +140,8 @@ class PvTable:
             self.refuse(name, str(e), addr=addr)
             return False
         if field is not None and not fields.applies(field, spec):
-            why = "unknown field" if field not in fields.FIELDS else "no such field for its type"
+            known = fields.field_def(field) is not None
+            why = "no such field for its type" if known else "unknown field"
             self.refuse(name, f"{why} {field}", addr=addr)
             return False
         base_pv = self.pvs.get(base)
@@ -251,6 +252,10 @@ class PvTable:
         if field in ("SEVR", "STAT"):
             status, severity = self.alarm(spec)
             return severity if field == "SEVR" else status
+        if field == "NAME":
+            return spec.name
+        if field == "RTYP":
+            return fields.record_type(spec)
         eff = pv.eff if pv is not None else self.broker.resolver.effective(spec, {})
         return fields.get(eff, field)
 
@@ -263,10 +268,12 @@ class PvTable:
         return pv.alarm()
 
     def post_field(self, name: str, field: str) -> None:
+        """Post ``name.field`` (and ``name.field$``) to its monitors."""
         if self.field_pvs:
-            fpv = self.field_pvs.get(f"{name}.{field}")
-            if fpv is not None:
-                fpv.post()
+            for channel in (f"{name}.{field}", f"{name}.{field}{fields.LONG_SUFFIX}"):
+                fpv = self.field_pvs.get(channel)
+                if fpv is not None:
+                    fpv.post()
 
     # -- the limits -----------------------------------------------------------------
 
@@ -296,7 +303,7 @@ class PvTable:
         is one again."""
         if not self.field_pvs:
             return
-        for field in fields.FIELDS:
+        for field in fields.FIELD_NAMES:
             name = f"{base}.{field}"
             if name in self.field_pvs:
                 if loose:

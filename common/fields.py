@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from carelay.common.naming import PvSpec
+from carelay.common.naming import MAX_STRING_CHARS, PvSpec
 
 #: EPICS alarm status codes (alarm.h) that the relay raises.
 NO_ALARM = 0
@@ -95,8 +95,20 @@ FIELDS: dict[str, FieldDef] = {
         FieldDef("SEVR", "enum", "any", writable=False),
         FieldDef("STAT", "enum", "any", writable=False),
         FieldDef("RES", "short", "buffer"),
+        # What the record is, as an IOC serves them: tools read them (an archiver takes
+        # NAME for an alias when it differs, RTYP for its metadata; alarm and display
+        # tools show RTYP).
+        FieldDef("NAME", "string", "any", writable=False),
+        FieldDef("RTYP", "string", "any", writable=False),
     )
 }
+
+#: ``FIELD$``: a string field read (and written) as a char array, as an IOC serves it,
+#: with the whole text: a DBR_STRING carries 39 characters, a name has up to
+#: max_name_length, a DESC 40.
+LONG_SUFFIX = "$"
+#: Every field channel a PV may have: each field, and each string field with ``$``.
+FIELD_NAMES = (*FIELDS, *(n + LONG_SUFFIX for n, f in FIELDS.items() if f.kind == "string"))
 
 #: Fields held as state (RES is an action, NELM/NORD/SEVR/STAT are derived, VAL is the
 #: value).
@@ -111,11 +123,20 @@ _LIMITS = (
 )
 
 
+def field_def(field: str) -> FieldDef | None:
+    """The field that channel ``NAME.field`` serves (``DESC`` for ``DESC$``); None for
+    no field."""
+    if field.endswith(LONG_SUFFIX):
+        f = FIELDS.get(field[: -len(LONG_SUFFIX)])
+        return f if f is not None and f.kind == "string" else None
+    return FIELDS.get(field)
+
+
 def applies(field: str, spec: PvSpec) -> bool:
     """Whether ``NAME.field`` exists for a PV of ``spec`` (VAL always does)."""
     if field == "VAL":
         return True
-    f = FIELDS.get(field)
+    f = field_def(field)
     if f is None:
         return False
     if f.applies == "numeric":
@@ -123,6 +144,31 @@ def applies(field: str, spec: PvSpec) -> bool:
     if f.applies == "buffer":
         return spec.is_buffer
     return True
+
+
+def record_type(spec: PvSpec) -> str:
+    """RTYP: the EPICS record type a PV of ``spec`` behaves as.  A scalar takes puts and
+    clips them to DRVL..DRVH (ao, longout), a string is a stringout, an array or char
+    text a waveform (NELM, NORD), a buffer a compress record in circular mode (RES)."""
+    if spec.is_buffer:
+        return "compress"
+    if spec.kind == "s":
+        return "stringout"
+    if spec.count > 1 or spec.kind == "c":
+        return "waveform"
+    return "ao" if spec.kind == "f" else "longout"
+
+
+def long_size(field: str, spec: PvSpec) -> int:
+    """Elements of the char array ``NAME.field$`` (``field`` a string field): its
+    longest text and a terminator, as an IOC sizes it."""
+    if field == "NAME":
+        return len(spec.name.encode()) + 1
+    if field == "DESC":
+        return MAX_DESC + 1
+    if field == "EGU":
+        return MAX_EGU + 1
+    return MAX_STRING_CHARS
 
 
 def split_field(fullname: str) -> tuple[str, str | None]:

@@ -682,6 +682,84 @@ def test_nelm_nord_are_read_only(relay, ca):
     assert (field_number(ca, name, "NELM"), field_number(ca, name, "NORD")) == (4, 1)
 
 
+# -- NAME, RTYP and FIELD$ ----------------------------------------------------------------
+
+
+def chars_text(ca, channel):
+    """A char array field (``NAME$``) read through caproto at its current length and
+    through pyepics as a string (which must agree), up to its terminator."""
+    data = read(ca, channel, data_count=0).data
+    text = bytes(data.astype(np.uint8)).split(b"\0", 1)[0].decode()
+    assert get(channel, as_string=True) == text
+    return text
+
+
+@pytest.mark.parametrize(
+    "type_count, rtyp",
+    [
+        ("f1", "ao"),
+        ("i1", "longout"),
+        ("s1", "stringout"),
+        ("c12", "waveform"),
+        ("f3", "waveform"),
+        ("I4", "compress"),
+        ("C8", "compress"),
+    ],
+)
+def test_name_and_rtyp_say_what_the_record_is(relay, ca, type_count, rtyp):
+    """Tools read a record's NAME and RTYP (an archiver's metadata, alarm and display
+    tools): served for every PV, read-only, as an IOC serves them."""
+    name = relay.name("what", type_count)
+    put(name, "7" if type_count[0] in "sScC" else 7 if type_count[1:] == "1" else [7])
+    assert field_text(ca, name, "RTYP") == rtyp
+    assert field_text(ca, name, "NAME") == name
+    assert chars_text(ca, f"{name}.NAME$") == name
+    for field, data in (("RTYP", ["ai"]), ("NAME", ["other"]), ("NAME$", [ord("x"), 0])):
+        assert not write_status(connect(ca, f"{name}.{field}"), data).success, field
+    assert field_text(ca, name, "RTYP") == rtyp
+    assert field_text(ca, name, "NAME") == name
+
+
+def test_a_name_longer_than_a_dbr_string_reads_whole_as_name_dollar(relay, ca):
+    """A DBR_STRING carries 39 characters: NAME of a longer name is cut there, as an
+    IOC's is, and NAME$ (a char array) holds it whole, which is what an archiver reads
+    first (it would take a cut NAME for the name of another record)."""
+    name = relay.name("a_long_name_of_the_pv", "f1")
+    assert len(name) > 40
+    put(name, 1.0)
+    assert field_text(ca, name, "NAME") == name[:39]
+    assert chars_text(ca, f"{name}.NAME$") == name
+    assert read(ca, f"{name}.NAME$").data.shape == (len(name) + 1,)
+
+
+def test_desc_dollar_reads_and_writes_the_whole_desc(relay, ca):
+    """DESC$ is DESC as a char array: 40 characters, one more than a DBR_STRING carries;
+    a DESC$ monitor sees a put to DESC, and bad text fails and changes nothing."""
+    name = relay.name("descd", "f1")
+    put(name, 1.0)
+    desc = connect(ca, f"{name}.DESC$")
+    texts = []
+
+    def on_event(sub, response):
+        texts.append(bytes(response.data.astype(np.uint8)).split(b"\0", 1)[0].decode())
+
+    sub = desc.subscribe(data_type=ChannelType.CHAR, data_count=0)
+    sub.add_callback(on_event)
+    wait_for(lambda: texts == [""], what="the first DESC$ event")
+    forty = "0123456789" * 4
+    assert write_status(desc, list(forty.encode() + b"\0"), data_type=ChannelType.CHAR).success
+    assert chars_text(ca, f"{name}.DESC$") == forty
+    set_field(ca, name, "DESC", "short")
+    assert chars_text(ca, f"{name}.DESC$") == "short"
+    for bad in (b"y" * 41, b"\xb0C"):
+        assert not write_status(desc, list(bad + b"\0"), data_type=ChannelType.CHAR).success
+        assert field_text(ca, name, "DESC") == "short"
+    relay.wait_log(f"refused put to {name}.DESC: DESC takes UTF-8 text")
+    wait_for(lambda: texts[-1:] == ["short"], what="the DESC$ monitor sees the DESC put")
+    assert forty in texts
+    sub.clear()
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 
@@ -819,6 +897,9 @@ def test_unknown_fields_and_fields_of_text_pvs_are_not_served(relay, ca):
         f"{chars}.EGU",
         f"{chars}.PREC",
         f"{chars}.RES",
+        f"{num}.PREC$",  # $ is for string fields
+        f"{num}.NAME$$",
+        f"{text}.EGU$",
     )
     # DESC, NELM and NORD are served for every PV.
     for name in (text, chars):

@@ -54,6 +54,20 @@ def test_every_health_pv_reads_with_its_desc(relay, ca):
     assert _get(ca, relay, "VERSION").data[0].decode()
 
 
+def test_health_pvs_say_their_name_and_record_type(relay, ca):
+    """NAME, NAME$ and RTYP of a health PV, as of an IOC's record: it takes no puts, so
+    it reads as an input record."""
+    for part, rtyp in (("HEARTBEAT", "longin"), ("PUT_RATE", "ai"), ("VERSION", "stringin")):
+        name = f"{relay.prefix}relay:{part}"
+        assert _get(ca, relay, f"{part}.RTYP").data[0].decode() == rtyp
+        assert _get(ca, relay, f"{part}.NAME").data[0].decode() == name
+        assert _text(ca, relay, f"{part}.NAME$") == name
+        assert _get(ca, relay, f"{part}.NAME$", data_count=0).data.shape == (len(name) + 1,)
+        (pv,) = ca.get_pvs(f"{name}.RTYP", timeout=5)
+        pv.wait_for_connection(timeout=10)
+        assert not _put_ok(pv, "ao")
+
+
 def test_heartbeat_moves(relay, ca):
     first = _value(ca, relay, "HEARTBEAT")
     wait_for(lambda: _value(ca, relay, "HEARTBEAT") >= first + 2, what="HEARTBEAT +2")

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from carelay.common.fields import (
+    FIELD_NAMES,
     HIGH_ALARM,
     HIHI_ALARM,
     LOLO_ALARM,
@@ -17,11 +18,56 @@ from carelay.common.fields import (
     NO_ALARM,
     NO_SEVERITY,
     FieldError,
+    applies,
     check_alarm,
+    long_size,
+    record_type,
     validate,
 )
+from carelay.common.naming import PvSpec
 
 OK = (NO_ALARM, NO_SEVERITY)
+
+
+# -- what a PV serves ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "code, count, rtyp",
+    [
+        ("f", 1, "ao"),
+        ("i", 1, "longout"),
+        ("s", 1, "stringout"),
+        ("c", 1, "waveform"),
+        ("c", 40, "waveform"),
+        ("f", 2, "waveform"),
+        ("i", 9, "waveform"),
+        ("F", 1, "compress"),
+        ("I", 5, "compress"),
+        ("C", 8, "compress"),
+    ],
+)
+def test_record_type_is_the_record_a_pv_behaves_as(code, count, rtyp):
+    assert record_type(PvSpec(f"P:x_{code}{count}", code, count)) == rtyp
+
+
+def test_a_string_field_is_served_as_chars_with_a_dollar_and_no_other_field_is():
+    num, text = PvSpec("P:a_f1", "f", 1), PvSpec("P:t_s1", "s", 1)
+    for field in ("NAME$", "RTYP$", "DESC$", "EGU$"):
+        assert applies(field, num), field
+        assert field in FIELD_NAMES
+    for field in ("PREC$", "HIHI$", "NELM$", "NAME$$", "$", "VAL$"):
+        assert not applies(field, num), field
+        assert field not in FIELD_NAMES
+    assert applies("NAME$", text) and applies("DESC$", text) and not applies("EGU$", text)
+
+
+def test_a_char_field_holds_the_longest_text_and_its_terminator():
+    spec = PvSpec("P:a_long_name_f1", "f", 1)
+    assert long_size("NAME", spec) == len("P:a_long_name_f1") + 1
+    assert long_size("DESC", spec) == 41
+    assert long_size("EGU", spec) == 17
+    assert long_size("RTYP", spec) == 40
 
 
 # -- text fields ---------------------------------------------------------------------------
