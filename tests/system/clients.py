@@ -102,14 +102,16 @@ def close(ctx) -> None:
 
 
 def role_pid(relay, role: str) -> int | None:
-    """PID of the relay's running ``broker`` or ``shard K`` process, if any."""
+    """PID of the relay's running ``carelay <role>`` process (``broker``, ``shard K``,
+    ``pva``, ...), if any."""
     want = role.split()
     for pid in relay.children():
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
         except OSError:
             continue
-        i = next((i for i, a in enumerate(argv) if a in ("broker", "shard", "up")), None)
+        # python -m carelay.supervisor.cli ROLE ...
+        i = next((i + 1 for i, a in enumerate(argv) if a == "carelay.supervisor.cli"), None)
         if i is not None and argv[i : i + len(want)] == want:
             return pid
     return None

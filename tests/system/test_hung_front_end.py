@@ -15,10 +15,9 @@ import signal
 
 import pytest
 
-from tests.system.clients import connect, get, write_status
+from tests.system.clients import connect, get, role_pid, write_status
 from tests.system.conftest import wait_for
 from tests.system.pva import PvaRelay, pva_context
-from tests.system.test_pva_faults import _role_pid
 
 #: What a shard logs when it stops serving a silent front-end (shard/server.py).
 _DROPPED = "not even a PING"
@@ -42,7 +41,7 @@ def test_a_ca_put_right_after_the_broker_hung_is_applied(make_relay, ca):
     pv = connect(ca, name)
     assert write_status(pv, [1.5]).success
     egu = connect(ca, f"{name}.EGU")
-    pid = _role_pid(relay, "broker")
+    pid = role_pid(relay, "broker")
     _hang(relay, pid)
     mark = len(relay.log())
     os.kill(pid, signal.SIGCONT)
@@ -65,7 +64,7 @@ def test_a_pva_put_right_after_the_pva_front_end_hung_is_applied(make_relay):
     ctx = pva_context()
     try:
         ctx.put(name, 1.5, timeout=5)
-        pid = _role_pid(relay, "pva")
+        pid = role_pid(relay, "pva")
         _hang(relay, pid)
         mark = len(relay.log())
         os.kill(pid, signal.SIGCONT)
@@ -90,7 +89,7 @@ def test_plain_ca_puts_made_while_the_broker_hung_are_applied(make_relay, ca):
     assert write_status(connect(ca, old), [1.5]).success
     egu = connect(ca, f"{old}.EGU")
     made = connect(ca, new)  # provisional: its first put creates it
-    pid = _role_pid(relay, "broker")
+    pid = role_pid(relay, "broker")
     _hang(relay, pid)
     mark = len(relay.log())
     # Sent while the broker is stopped: it reads them first when it runs again.

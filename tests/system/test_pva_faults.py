@@ -6,28 +6,14 @@ from __future__ import annotations
 import os
 import queue
 import signal
-from pathlib import Path
 
 import pytest
 
-from tests.system.clients import connect, get, put
+from tests.system.clients import connect, get, put, role_pid
 from tests.system.conftest import wait_for
 from tests.system.pva import PvaRelay, pva_context, read_then_write
 
 pytest.importorskip("p4p")
-
-
-def _role_pid(relay, role: str) -> int | None:
-    """The pid of the relay's ``carelay <role>`` process, if one runs."""
-    for pid in relay.children():
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        words = role.encode().split()
-        if argv[3 : 3 + len(words)] == words:  # python -m carelay.supervisor.cli ROLE ...
-            return pid
-    return None
 
 
 @pytest.fixture
@@ -52,7 +38,7 @@ def test_pva_killed_is_restarted_and_ca_goes_on(pva_relay, ca):
     seen: queue.Queue = queue.Queue()
     monitor = held.monitor(name, seen.put, notify_disconnect=True)
     wait_for(lambda: 1.0 in list(seen.queue), what="the PVA monitor to see the CA put")
-    old = _role_pid(relay, "pva")
+    old = role_pid(relay, "pva")
     assert old is not None
     offset = len(relay.log())
     os.kill(old, signal.SIGKILL)
@@ -60,7 +46,7 @@ def test_pva_killed_is_restarted_and_ca_goes_on(pva_relay, ca):
     put(name, 2.0)
     wait_for(lambda: 2.0 in list(events.queue), what="the CA monitor to go on")
     relay.wait_log(" pva: ready:", start=offset)
-    assert _role_pid(relay, "pva") not in (None, old)
+    assert role_pid(relay, "pva") not in (None, old)
     assert read_then_write(name, 3.0) == 2.0
     wait_for(lambda: 3.0 in list(events.queue), what="the CA monitor to see the PVA put")
     sub.clear()
@@ -76,7 +62,7 @@ def test_broker_killed_leaves_pva_serving(pva_relay):
     ctx = pva_context()
     try:
         ctx.put(name, 1.0, timeout=5)
-        broker = _role_pid(relay, "broker")
+        broker = role_pid(relay, "broker")
         offset = len(relay.log())
         os.kill(broker, signal.SIGKILL)
         ctx.put(name, 2.0, timeout=5)
@@ -98,7 +84,7 @@ def test_a_pva_put_during_a_short_shard_restart_waits_for_it(pva_relay):
     try:
         ctx.put(name, 1.5, timeout=5)
         mark = len(relay.log())
-        os.kill(_role_pid(relay, "shard 0"), signal.SIGKILL)
+        os.kill(role_pid(relay, "shard 0"), signal.SIGKILL)
         # The front-end saw the shard go (COMM alarm): the put below comes during the restart.
         wait_for(
             lambda: ctx.get(name, timeout=5).raw["alarm.message"] == "COMM",

@@ -12,11 +12,10 @@ import signal
 import pytest
 
 from bench.servers import free_port
-from tests.system.clients import read_sevr
+from tests.system.clients import read_sevr, role_pid
 from tests.system.conftest import CA_PORT, REPEATER_PORT, wait_for
 from tests.system.pva import PVA_PORT, PVA_UDP_PORT, PvaRelay
 from tests.system.test_metrics import scrape, value
-from tests.system.test_pva_faults import _role_pid
 
 pytest.importorskip("p4p")
 
@@ -35,7 +34,7 @@ def test_pva_up_follows_the_pva_front_end(pva_relay, ca):
     up = relay.prefix + "relay:PVA_UP"
     wait_for(lambda: read_sevr(ca, up) == (1.0, 0), what="PVA_UP 1")
     wait_for(lambda: value(scrape(METRICS_PORT), "carelay_pva_up") == 1.0, what="pva_up 1")
-    pid = _role_pid(relay, "pva")
+    pid = role_pid(relay, "pva")
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_for(lambda: read_sevr(ca, up) == (0.0, _MAJOR), timeout=20, what="PVA_UP 0, MAJOR")

@@ -14,10 +14,10 @@ import struct
 
 import pytest
 
+from tests.system.clients import role_pid as relay_pid
 from tests.system.conftest import wait_for
 from tests.system.pva import PVA_PORT, PvaRelay, pva_context, read_then_write
 from tests.system.test_hardening import refusals
-from tests.system.test_pva_faults import _role_pid as relay_pid
 
 pytest.importorskip("p4p")
 

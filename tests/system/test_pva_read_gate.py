@@ -15,10 +15,9 @@ import signal
 import pytest
 
 from carelay.common.lifecycle import read_status, status_path
-from tests.system.clients import put
+from tests.system.clients import put, role_pid
 from tests.system.conftest import wait_for
 from tests.system.pva import PvaRelay, pva_context
-from tests.system.test_pva_faults import _role_pid
 
 pytest.importorskip("p4p")
 
@@ -55,7 +54,7 @@ def _stale_reads(pv, ctx, name: str, values) -> list:
 
 def test_a_hung_pva_front_end_delays_ca_puts_once_and_is_waited_for_again_after(pva_relay, ca):
     relay = pva_relay
-    pid = _role_pid(relay, "pva")
+    pid = role_pid(relay, "pva")
     with _held_over_pva(relay, "hang") as (name, ctx):
         (pv,) = ca.get_pvs(name)
         pv.wait_for_connection(timeout=5)
@@ -80,7 +79,7 @@ def test_a_hung_pva_front_end_delays_ca_puts_once_and_is_waited_for_again_after(
 def test_a_restarted_shard_learns_again_what_the_pva_front_end_watches(pva_relay, ca):
     relay = pva_relay
     with _held_over_pva(relay, "again") as (name, ctx):
-        shard = _role_pid(relay, "shard 0")
+        shard = role_pid(relay, "shard 0")
         offset = len(relay.log())
         os.kill(shard, signal.SIGKILL)
         relay.wait_log(" pva: shard 0 in sync", start=offset)

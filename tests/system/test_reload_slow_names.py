@@ -14,9 +14,8 @@ import time
 
 import pytest
 
-from tests.system.clients import connect, put
+from tests.system.clients import connect, put, role_pid
 from tests.system.pva import PvaRelay, pva_context
-from tests.system.test_pva_faults import _role_pid
 
 pytest.importorskip("p4p")
 
@@ -76,7 +75,7 @@ def test_a_reload_whose_host_names_take_long_holds_up_no_client(
         path.write_text(WITH_SLOW)
         start = len(relay.log())
         for role in ("broker", "pva"):
-            os.kill(_role_pid(relay, role), signal.SIGHUP)
+            os.kill(role_pid(relay, role), signal.SIGHUP)
         _wait_marks(marks, 2)  # both front-ends are looking the name up now
         # Served while the look-ups wait, each put well within them.
         assert pv.write([3.0], wait=True, timeout=SLOW_SECONDS / 4).status.success

@@ -22,9 +22,8 @@ import pytest
 from caproto import AlarmSeverity, AlarmStatus
 
 from bench.servers import free_port
-from tests.system.clients import Context, close, name_on_shard
+from tests.system.clients import Context, close, name_on_shard, role_pid
 from tests.system.conftest import CA_PORT, wait_for
-from tests.system.test_durability import role_pid
 
 
 @pytest.fixture
