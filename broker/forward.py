@@ -66,7 +66,7 @@ class Forwarder:
             if settled is not None:
                 return self.write_through(link, pv, settled, stamp, notify)
         if not (pv.real or pv.creating):
-            why = self.table.over_limits(pv.spec)
+            why = self.table.over_limits(pv.spec, creation=True)
             if why is not None:
                 self.table.refuse(pv.name, why, "limit")
                 return False

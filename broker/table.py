@@ -65,6 +65,8 @@ class PvTable:
         self.n_creating = 0
         self.bytes_creating = 0
         self.byte_limit = config.byte_limit
+        #: The front-ends that create PVs: the CA brokers and the PVA front-end.
+        self.doors = config.brokers + (1 if config.pva else 0)
         self.refusals = RefusalLog()
         #: How many of the relay, field and control PVs have CA channels.
         self.channels = Channels()
@@ -311,8 +313,10 @@ class PvTable:
                 else:
                     self.loose_fields.discard(name)
 
-    def over_limits(self, spec) -> str | None:
-        """Why a new PV of ``spec`` may not be created, or None."""
+    def over_limits(self, spec, creation: bool = False) -> str | None:
+        """Why a new PV of ``spec`` may not be created, or None.  ``creation``: it is
+        about to be; then the creations this front-end has in flight also keep to its
+        share of what is left (``over_share``)."""
         c = self.config
         if self.n_real + self.n_creating >= c.max_pvs:
             return f"max_pvs ({c.max_pvs}) reached"
@@ -320,6 +324,35 @@ class PvTable:
             held = self.ca_buffer_bytes()
             why = f"; CA buffers hold {held} bytes of it" if held else ""
             return f"max_bytes ({self.byte_limit}) would be exceeded{why}"
+        return self.over_share(spec) if creation else None
+
+    def over_share(self, spec) -> str | None:
+        """Why this front-end may not send one more creation now, or None.
+
+        Each front-end checks the limits against the PVs it has seen, and another's
+        creations on their way to a shard are not among them: two brokers creating at
+        once each took all that was left (74 PVs were made with max_pvs 40).  So with
+        several front-ends, each keeps its creations in flight to its share of what is
+        left, 1/``doors`` of it; one creation may always go when it has none in flight
+        (a client that creates one PV at a time is never refused short of the limits).
+        Together they pass a limit by at most that one creation each, the others'."""
+        doors = self.doors
+        if doors == 1 or not self.n_creating:
+            return None
+        c = self.config
+        pvs_left = c.max_pvs - self.n_real
+        if (self.n_creating + 1) * doors > pvs_left:
+            return (
+                f"max_pvs ({c.max_pvs}) nearly reached: {doors} front-ends share the "
+                f"{pvs_left} PVs left, and this one is creating {self.n_creating}"
+            )
+        bytes_left = self.bytes_left() + self.bytes_creating  # but for this one's creations
+        if (self.bytes_creating + charge(spec)) * doors > bytes_left:
+            return (
+                f"max_bytes ({self.byte_limit}) nearly reached: {doors} front-ends share "
+                f"the {bytes_left} bytes left, and this one is creating PVs of "
+                f"{self.bytes_creating} bytes"
+            )
         return None
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,17 @@ def test_a_slope_is_the_least_squares_one():
 
     assert slope([(0, 10), (1, 12), (2, 14)]) == 2.0
     assert slope([(0, 5)]) == 0.0 and slope([(1, 5), (1, 7)]) == 0.0
+
+
+def test_the_creation_race_reports_what_two_brokers_made():
+    """``python -m bench.creation_race``: one run, small, and the PVs stored printed
+    against max_pvs (tests/system/test_two_brokers.py holds the relay to its bound)."""
+    out = run_bench(
+        "bench.creation_race", "--max-pvs", "20", "--each", "30", "--runs", "1", timeout=120
+    )
+    m = re.search(r"run 1: (\d+) PVs stored, max_pvs 20 \(([+-]\d+)\)", out)
+    assert m is not None, out
+    assert int(m[1]) - 20 == int(m[2]) and 0 < int(m[1]) <= 60, out
 
 
 @pytest.mark.slow

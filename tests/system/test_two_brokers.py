@@ -21,7 +21,7 @@ import pytest
 
 from bench.servers import free_port
 from carelay.common.lifecycle import read_status, status_path
-from tests.system.clients import name_on_shard, role_pid
+from tests.system.clients import get, name_on_shard, role_pid
 from tests.system.conftest import (
     CA_PORT,
     CARELAY,
@@ -312,3 +312,54 @@ def test_a_put_completes_once_the_broker_whose_client_holds_the_pv_has_it(relay,
     finally:
         monitor.kill()
         monitor.wait(timeout=10)
+
+
+#: A client that creates PVs in a burst through the CA port of its environment: it makes
+#: a channel to each name, then puts 1.0 to every one that connected, without waiting.
+_CREATE_BURST = r"""
+import sys, time, epics
+prefix, tag, n = sys.argv[1:4]
+pvs = [epics.PV(f"{prefix}{tag}{k}_f1", auto_monitor=False) for k in range(int(n))]
+end = time.monotonic() + 10
+while time.monotonic() < end and not all(pv.connected for pv in pvs):
+    time.sleep(0.02)
+sys.stdin.readline()  # both clients put at once
+for pv in pvs:
+    if pv.connected:
+        pv.put(1.0, wait=False)
+epics.ca.flush_io()
+time.sleep(1)
+"""
+
+
+def test_two_brokers_creating_at_once_keep_to_max_pvs(make_relay, tmp_path):
+    """Each front-end checks max_pvs against the PVs it has seen; creations another one
+    has on their way are not among them.  Two clients creating 60 PVs each through the
+    two brokers at once, with max_pvs 40, made 74 PVs.  Now each front-end keeps its
+    creations in flight to its share of what is left: together they pass max_pvs by a
+    few at most (one creation each with none in flight, and what another front-end
+    made that it has not seen yet), and each stored PV holds the value put."""
+    relay = make_relay(
+        kind=_TwoBrokers, extra=["--config", str(_config(tmp_path / "c.toml", "max_pvs = 40\n"))]
+    )
+    clients = []
+    for port in (CA_PORT, PORT_B):
+        env = {
+            **os.environ,
+            "EPICS_CA_SERVER_PORT": str(port),
+            "EPICS_CA_ADDR_LIST": "127.0.0.1",
+            "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        }
+        argv = [sys.executable, "-c", _CREATE_BURST, relay.prefix, f"b{port}_", "60"]
+        clients.append(subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, text=True))
+    for client in clients:
+        client.stdin.write("go\n")
+        client.stdin.flush()
+    for client in clients:
+        assert client.wait(timeout=60) == 0
+    relay.wait_log("max_pvs (40)")
+
+    names = get(relay.prefix + "pvlist", as_string=True).split(",")
+    assert 20 <= len(names) <= 44, f"{len(names)} PVs stored, max_pvs 40"
+    for name in names:
+        assert get(name) == 1.0, name
