@@ -19,8 +19,10 @@ import time
 from bench.servers import CarelayServer, server_env
 from carelay.common.lifecycle import read_status, status_path
 
-#: One client: a channel to each of its names, then (at a line on stdin) a put to all.
-_CLIENT = r"""
+#: One client (``python -c CLIENT PREFIX TAG N``, CA port from its environment): a
+#: channel to each of its N names, then, at a line on stdin, a put of 1.0 to each one
+#: that connected, without waiting (tests/system/test_two_brokers.py runs it too).
+CLIENT = r"""
 import sys, time, epics
 prefix, tag, n = sys.argv[1:4]
 pvs = [epics.PV(f"{prefix}{tag}{k}_f1", auto_monitor=False) for k in range(int(n))]
@@ -68,7 +70,7 @@ def race(max_pvs: int, each: int) -> int:
     with server:
         clients = [
             subprocess.Popen(
-                [sys.executable, "-c", _CLIENT, server.prefix, f"d{k}_", str(each)],
+                [sys.executable, "-c", CLIENT, server.prefix, f"d{k}_", str(each)],
                 env=server_env(server.client_port(k)),
                 stdin=subprocess.PIPE,
                 text=True,

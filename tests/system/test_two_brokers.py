@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.creation_race import CLIENT as CREATE_BURST
 from bench.servers import free_port
 from carelay.common.lifecycle import read_status, status_path
 from tests.system.clients import get, name_on_shard, role_pid
@@ -314,24 +315,6 @@ def test_a_put_completes_once_the_broker_whose_client_holds_the_pv_has_it(relay,
         monitor.wait(timeout=10)
 
 
-#: A client that creates PVs in a burst through the CA port of its environment: it makes
-#: a channel to each name, then puts 1.0 to every one that connected, without waiting.
-_CREATE_BURST = r"""
-import sys, time, epics
-prefix, tag, n = sys.argv[1:4]
-pvs = [epics.PV(f"{prefix}{tag}{k}_f1", auto_monitor=False) for k in range(int(n))]
-end = time.monotonic() + 10
-while time.monotonic() < end and not all(pv.connected for pv in pvs):
-    time.sleep(0.02)
-sys.stdin.readline()  # both clients put at once
-for pv in pvs:
-    if pv.connected:
-        pv.put(1.0, wait=False)
-epics.ca.flush_io()
-time.sleep(1)
-"""
-
-
 def test_two_brokers_creating_at_once_keep_to_max_pvs(make_relay, tmp_path):
     """Each front-end checks max_pvs against the PVs it has seen; creations another one
     has on their way are not among them.  Two clients creating 60 PVs each through the
@@ -350,7 +333,7 @@ def test_two_brokers_creating_at_once_keep_to_max_pvs(make_relay, tmp_path):
             "EPICS_CA_ADDR_LIST": "127.0.0.1",
             "EPICS_CA_AUTO_ADDR_LIST": "NO",
         }
-        argv = [sys.executable, "-c", _CREATE_BURST, relay.prefix, f"b{port}_", "60"]
+        argv = [sys.executable, "-c", CREATE_BURST, relay.prefix, f"b{port}_", "60"]
         clients.append(subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, text=True))
     for client in clients:
         client.stdin.write("go\n")
