@@ -21,9 +21,9 @@ CA tells each client, channel by channel, whether it may write, and display tool
 a widget by it; PCAS grants every channel that joins no group both.  So the broker
 always loads a file, its own (``RELAY_ONLY``) where the site configures none, and two
 groups of its own after the site's (``with_relay_groups``): the relay's read-only PVs
-(``pvlist``, the fields NELM, NORD, SEVR, STAT, NAME, RTYP) join READ_ONLY_GROUP, which the site's
-group's readers read, and the health PVs PUBLIC_GROUP, which every client reads, as
-before.  No client may write either.
+(``pvlist``, the fields NELM, NORD, SEVR, STAT, NAME, RTYP) join READ_ONLY_GROUP, which
+the site's group's readers read, and the health PVs PUBLIC_GROUP, which every client
+reads, as before.  No client may write either.
 """
 
 from __future__ import annotations

@@ -335,7 +335,8 @@ class PvTable:
         several front-ends, each keeps its creations in flight to its share of what is
         left, 1/``doors`` of it; one creation may always go when it has none in flight
         (a client that creates one PV at a time is never refused short of the limits).
-        Together they pass a limit by at most that one creation each, the others'."""
+        Together they can still pass a limit by a few: one creation each, and what
+        another made that this one has not taken from its shard yet."""
         doors = self.doors
         if doors == 1 or not self.n_creating:
             return None

@@ -110,8 +110,8 @@ LONG_SUFFIX = "$"
 #: Every field channel a PV may have: each field, and each string field with ``$``.
 FIELD_NAMES = (*FIELDS, *(n + LONG_SUFFIX for n, f in FIELDS.items() if f.kind == "string"))
 
-#: Fields held as state (RES is an action, NELM/NORD/SEVR/STAT are derived, VAL is the
-#: value).
+#: Fields held as state (RES is an action, NELM/NORD/SEVR/STAT/NAME/RTYP are derived,
+#: VAL is the value).
 STORED = frozenset(n for n, f in FIELDS.items() if f.writable and n != "RES")
 
 #: Each alarm limit, its severity field, the severity once the limit is set, and its status.
