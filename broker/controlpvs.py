@@ -35,13 +35,13 @@ class FieldPV(BasePV):
 
     def __init__(self, broker: Broker, spec: PvSpec, field: str) -> None:
         fdef = fields.field_def(field)
+        name = f"{spec.name}.{field}"
         #: ``DESC$`` and the like: the text as a char array (see fields.LONG_SUFFIX).
         self.chars = None
         if field.endswith(fields.LONG_SUFFIX):
             field = fdef.name
-            self.chars = PvSpec(f"{spec.name}.{field}$", "c", fields.long_size(field, spec))
+            self.chars = PvSpec(name, "c", fields.long_size(field, spec))
         kind, count = ("c", self.chars.count) if self.chars else ("f", 1)
-        name = f"{spec.name}.{field}{fields.LONG_SUFFIX if self.chars else ''}"
         super().__init__(broker, name, kind, count, bool(self.chars), not fdef.writable)
         self.base = spec
         self.field = field

@@ -270,10 +270,14 @@ class PvTable:
         return pv.alarm()
 
     def post_field(self, name: str, field: str) -> None:
-        """Post ``name.field`` (and ``name.field$``) to its monitors."""
+        """Post ``name.field`` (and ``name.field$`` of a string field) to its monitors."""
         if self.field_pvs:
-            for channel in (f"{name}.{field}", f"{name}.{field}{fields.LONG_SUFFIX}"):
-                fpv = self.field_pvs.get(channel)
+            channel = f"{name}.{field}"
+            fpv = self.field_pvs.get(channel)
+            if fpv is not None:
+                fpv.post()
+            if field in fields.LONG_FIELDS:
+                fpv = self.field_pvs.get(channel + fields.LONG_SUFFIX)
                 if fpv is not None:
                     fpv.post()
 

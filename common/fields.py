@@ -107,8 +107,10 @@ FIELDS: dict[str, FieldDef] = {
 #: with the whole text: a DBR_STRING carries 39 characters, a name has up to
 #: max_name_length, a DESC 40.
 LONG_SUFFIX = "$"
+#: The fields served with ``$`` too: the string ones.
+LONG_FIELDS = frozenset(n for n, f in FIELDS.items() if f.kind == "string")
 #: Every field channel a PV may have: each field, and each string field with ``$``.
-FIELD_NAMES = (*FIELDS, *(n + LONG_SUFFIX for n, f in FIELDS.items() if f.kind == "string"))
+FIELD_NAMES = (*FIELDS, *(n + LONG_SUFFIX for n in LONG_FIELDS))
 
 #: Fields held as state (RES is an action, NELM/NORD/SEVR/STAT/NAME/RTYP are derived,
 #: VAL is the value).
@@ -127,8 +129,8 @@ def field_def(field: str) -> FieldDef | None:
     """The field that channel ``NAME.field`` serves (``DESC`` for ``DESC$``); None for
     no field."""
     if field.endswith(LONG_SUFFIX):
-        f = FIELDS.get(field[: -len(LONG_SUFFIX)])
-        return f if f is not None and f.kind == "string" else None
+        field = field[: -len(LONG_SUFFIX)]
+        return FIELDS[field] if field in LONG_FIELDS else None
     return FIELDS.get(field)
 
 
