@@ -19,10 +19,10 @@ import time
 from bench.servers import CarelayServer, server_env
 from carelay.common.lifecycle import read_status, status_path
 
-#: One client (``python -c CLIENT PREFIX TAG N``, CA port from its environment): a
+#: One client (``python -c _CLIENT PREFIX TAG N``, CA port from its environment): a
 #: channel to each of its N names, then, at a line on stdin, a put of 1.0 to each one
-#: that connected, without waiting (tests/system/test_two_brokers.py runs it too).
-CLIENT = r"""
+#: that connected, without waiting.
+_CLIENT = r"""
 import sys, time, epics
 prefix, tag, n = sys.argv[1:4]
 pvs = [epics.PV(f"{prefix}{tag}{k}_f1", auto_monitor=False) for k in range(int(n))]
@@ -65,23 +65,31 @@ def stored(server: CarelayServer) -> int:
     return last
 
 
+def create_at_once(prefix: str, ports: list[int], each: int) -> None:
+    """One client per CA port, each with ``each`` new names under ``prefix``; once all
+    are connected they put to every name at once.  Returns when they are done
+    (tests/system/test_two_brokers.py runs it too)."""
+    clients = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLIENT, prefix, f"d{k}_", str(each)],
+            env=server_env(port),
+            stdin=subprocess.PIPE,
+            text=True,
+        )
+        for k, port in enumerate(ports)
+    ]
+    for client in clients:
+        client.stdin.write("go\n")
+        client.stdin.flush()
+    for client in clients:
+        if client.wait(timeout=60) != 0:
+            raise RuntimeError(f"a creating client exited with status {client.returncode}")
+
+
 def race(max_pvs: int, each: int) -> int:
     server = _Limited(set(), max_pvs)
     with server:
-        clients = [
-            subprocess.Popen(
-                [sys.executable, "-c", CLIENT, server.prefix, f"d{k}_", str(each)],
-                env=server_env(server.client_port(k)),
-                stdin=subprocess.PIPE,
-                text=True,
-            )
-            for k in range(2)
-        ]
-        for client in clients:
-            client.stdin.write("go\n")
-            client.stdin.flush()
-        for client in clients:
-            client.wait(timeout=60)
+        create_at_once(server.prefix, [server.client_port(k) for k in range(2)], each)
         return stored(server)
 
 

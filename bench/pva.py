@@ -100,11 +100,10 @@ class _PvaPorts:
 class CarelayPvaServer(_PvaPorts, CarelayServer):
     """``carelay up --pva true``: ready once the CA broker and the PVA front-end are."""
 
+    doors = ", PVA"
+
     def __init__(self, ports: set[int], shards: int = 2, brokers: int = 1) -> None:
-        extra = f", {brokers} brokers" if brokers > 1 else ""
-        super().__init__(
-            ports, shards, label=f"carelay ({shards} shards{extra}, PVA)", brokers=brokers
-        )
+        super().__init__(ports, shards, brokers=brokers)
         self._pva_ports(ports)
         self.ready_text = " pva: ready:"
 

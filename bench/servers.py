@@ -296,12 +296,14 @@ class CarelayServer(Server):
     the phase's clients dealt out over them in turn."""
 
     kind = "carelay"
+    #: What its label says after the shards and brokers (", PVA" for CarelayPvaServer).
+    doors = ""
 
     def __init__(
         self, ports: set[int], shards: int = 2, label: str | None = None, brokers: int = 1
     ) -> None:
         extra = f", {brokers} brokers" if brokers > 1 else ""
-        super().__init__(ports, label or f"carelay ({shards} shards{extra})")
+        super().__init__(ports, label or f"carelay ({shards} shards{extra}{self.doors})")
         self.shards = shards
         self.ports = [self.port, *(free_port(ports) for _ in range(brokers - 1))]
         # Several brokers: the supervisor's line once every one serves.

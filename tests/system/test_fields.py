@@ -685,11 +685,15 @@ def test_nelm_nord_are_read_only(relay, ca):
 # -- NAME, RTYP and FIELD$ ----------------------------------------------------------------
 
 
+def text_of(chars) -> str:
+    """The text of a char array as caproto gives it, up to its terminator."""
+    return bytes(chars.astype(np.uint8)).split(b"\0", 1)[0].decode()
+
+
 def chars_text(ca, channel):
     """A char array field (``NAME$``) read through caproto at its current length and
     through pyepics as a string (which must agree), up to its terminator."""
-    data = read(ca, channel, data_count=0).data
-    text = bytes(data.astype(np.uint8)).split(b"\0", 1)[0].decode()
+    text = text_of(read(ca, channel, data_count=0).data)
     assert get(channel, as_string=True) == text
     return text
 
@@ -741,7 +745,7 @@ def test_desc_dollar_reads_and_writes_the_whole_desc(relay, ca):
     texts = []
 
     def on_event(sub, response):
-        texts.append(bytes(response.data.astype(np.uint8)).split(b"\0", 1)[0].decode())
+        texts.append(text_of(response.data))
 
     sub = desc.subscribe(data_type=ChannelType.CHAR, data_count=0)
     sub.add_callback(on_event)

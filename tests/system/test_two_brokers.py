@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.creation_race import CLIENT as CREATE_BURST
+from bench.creation_race import create_at_once
 from bench.servers import free_port
 from carelay.common.lifecycle import read_status, status_path
 from tests.system.clients import get, name_on_shard, role_pid
@@ -325,21 +325,7 @@ def test_two_brokers_creating_at_once_keep_to_max_pvs(make_relay, tmp_path):
     relay = make_relay(
         kind=_TwoBrokers, extra=["--config", str(_config(tmp_path / "c.toml", "max_pvs = 40\n"))]
     )
-    clients = []
-    for port in (CA_PORT, PORT_B):
-        env = {
-            **os.environ,
-            "EPICS_CA_SERVER_PORT": str(port),
-            "EPICS_CA_ADDR_LIST": "127.0.0.1",
-            "EPICS_CA_AUTO_ADDR_LIST": "NO",
-        }
-        argv = [sys.executable, "-c", CREATE_BURST, relay.prefix, f"b{port}_", "60"]
-        clients.append(subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, text=True))
-    for client in clients:
-        client.stdin.write("go\n")
-        client.stdin.flush()
-    for client in clients:
-        assert client.wait(timeout=60) == 0
+    create_at_once(relay.prefix, [CA_PORT, PORT_B], 60)
     relay.wait_log("max_pvs (40)")
 
     names = get(relay.prefix + "pvlist", as_string=True).split(",")
