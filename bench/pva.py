@@ -148,6 +148,23 @@ class PvaControlServer(_PvaPorts, Server):
         return "control"
 
 
+class PvaFloorServer(PvaControlServer):
+    """bench/pva_floor.py: the control's PVs, each put kept by a second process over
+    ZeroMQ before it completes.  Its processes are ``floor`` and ``truth``."""
+
+    kind = "floor"
+
+    def __init__(self, ports: set[int]) -> None:
+        super().__init__(ports)
+        self.label = "floor (p4p over ZeroMQ)"
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "bench.pva_floor", *super().argv()[3:]]
+
+    def _role(self, pid: int, cmd: list[str]) -> str:
+        return "truth" if "--truth" in cmd else "floor"
+
+
 # -- the workloads ---------------------------------------------------------------------
 
 

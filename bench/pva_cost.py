@@ -9,6 +9,12 @@ done (see bench/callback_cost.py): CPU time and context switches per put, by pro
 network thread is ``PVXTCP``, ZeroMQ's I/O threads ``ZMQbg/IO/0``), the main thread
 ``main``.  ``--clients 1`` shows the round trip of one put at a time; W8's four show
 its CPU per put under load.
+
+Beside them, the floor (bench/pva_floor.py): the control's PVs, each put sent over
+ZeroMQ to a second process that keeps it, and completed on its answer, as carelay's
+shape asks and with nothing more.  Each server's puts/s against the control's, in one
+run: the floor's is what the shape costs, carelay's against the floor what the relay's
+own work does (its processes ``floor`` and ``truth``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import sys
 
 from bench import callback_cost
 from bench.phase import run_phase
-from bench.pva import CarelayPvaServer, PvaControlServer, pva_available
+from bench.pva import CarelayPvaServer, PvaControlServer, PvaFloorServer, pva_available
 from carelay.common.sharding import shard_for
 
 #: carelay's shards here, as in W8.
@@ -29,6 +35,7 @@ CARELAY_SHARDS = 2
 
 SERVERS = {
     "carelay": lambda ports: CarelayPvaServer(ports, shards=CARELAY_SHARDS),
+    "floor": lambda ports: PvaFloorServer(ports),
     "control": lambda ports: PvaControlServer(ports),
 }
 
@@ -69,7 +76,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.pva_cost", description=__doc__)
     ap.add_argument("--n", type=int, default=5000, help="puts per client (default 5000)")
     ap.add_argument("--clients", type=int, default=4, help="p4p clients (default 4, as W8)")
-    ap.add_argument("--servers", default="carelay,control")
+    ap.add_argument("--servers", default="carelay,floor,control")
     args = ap.parse_args(argv)
     why = pva_available()
     if why is not None:

@@ -1,5 +1,5 @@
 """Smoke test of ``python -m bench.pva_cost`` at a tiny size: it runs against carelay
-with PVA and the PVA control and names the threads a PVA put crosses.  No timed
+with PVA, the PVA floor and the PVA control and names the threads a PVA put crosses.  No timed
 assertions: the figures depend on the machine."""
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ pytest.importorskip("p4p")
 def test_pva_cost_names_the_threads_a_pva_put_crosses():
     stdout = run_bench("bench.pva_cost", "--n", "30", "--clients", "1", timeout=240)
     rows = thread_rows(stdout)
-    assert set(rows) == {"carelay", "control"}, stdout
+    assert set(rows) == {"carelay", "floor", "control"}, stdout
     # p4p's network thread, the front-end's loop, a shard and the CA broker that mirrors.
     for thread in ("pva PVXTCP", "pva main", "broker main", "all"):
         assert thread in rows["carelay"], stdout
     assert any(t.startswith("shard") for t in rows["carelay"]), stdout
     assert "control PVXTCP" in rows["control"], stdout
+    # The floor's front and the process that keeps its values.
+    for thread in ("floor PVXTCP", "truth main", "all"):
+        assert thread in rows["floor"], stdout
     for server, threads in rows.items():
         for thread, (cpu, switches) in threads.items():
             assert math.isfinite(cpu) and cpu >= 0 and switches >= 0, (server, thread)
