@@ -116,6 +116,32 @@ FIELD_NAMES = (*FIELDS, *(n + LONG_SUFFIX for n in LONG_FIELDS))
 #: VAL is the value).
 STORED = frozenset(n for n, f in FIELDS.items() if f.writable and n != "RES")
 
+#: The double fields (limits, hysteresis, deadbands) that a longout record holds as whole
+#: numbers (DBF_LONG): an ``i`` scalar's, which behaves as one (see ``record_type``).
+WHOLE_FIELDS = frozenset(n for n, f in FIELDS.items() if f.kind == "double")
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _longout(spec: PvSpec) -> bool:
+    return record_type(spec) == "longout"
+
+
+def whole(field: str, spec: PvSpec) -> bool:
+    """Whether ``spec``'s ``field`` holds a whole number: a double field of an ``i``
+    scalar, as a longout's."""
+    return field in WHOLE_FIELDS and _longout(spec)
+
+
+def to_whole(value: float) -> int:
+    """A double field's value as a longout holds it: cut toward zero, as EPICS converts
+    a double put to a DBF_LONG field (3.5 and 3.9 to 3, -3.5 to -3), within 32 bits."""
+    if value >= _INT32_MAX:
+        return _INT32_MAX
+    if value <= _INT32_MIN:
+        return _INT32_MIN
+    return int(value)
+
+
 #: Each alarm limit, its severity field, the severity once the limit is set, and its status.
 _LIMITS = (
     ("HIHI", "HHSV", MAJOR, HIHI_ALARM),
@@ -287,6 +313,10 @@ class FieldResolver:
             return NO_FIELDS
         fields = {k: v for k, v in configured.items() if applies(k, spec)}
         fields.update(stored)
+        if _longout(spec):
+            # A longout's limits are whole numbers: a put or a default of 3.5 acts as 3.
+            for k in WHOLE_FIELDS & fields.keys():
+                fields[k] = to_whole(fields[k])
         return fields
 
 

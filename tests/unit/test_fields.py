@@ -18,6 +18,7 @@ from carelay.common.fields import (
     NO_ALARM,
     NO_SEVERITY,
     FieldError,
+    FieldResolver,
     applies,
     check_alarm,
     long_size,
@@ -49,6 +50,26 @@ OK = (NO_ALARM, NO_SEVERITY)
 )
 def test_record_type_is_the_record_a_pv_behaves_as(code, count, rtyp):
     assert record_type(PvSpec(f"P:x_{code}{count}", code, count)) == rtyp
+
+
+@pytest.mark.parametrize(
+    "put, held",
+    [(3.5, 3), (3.9, 3), (-3.5, -3), (-0.5, 0), (7.0, 7), (1e20, 2**31 - 1), (-math.inf, -(2**31))],
+)
+def test_a_longout_holds_its_limits_deadbands_and_hysteresis_as_whole_numbers(put, held):
+    resolver = FieldResolver("P:", {"*": {"HIHI": put}})
+    stored = {"HOPR": put, "DRVH": put, "HYST": put, "MDEL": put, "PREC": 2, "EGU": "V"}
+    eff = resolver.effective(PvSpec("P:x_i1", "i", 1), stored)
+    for field in ("HIHI", "HOPR", "DRVH", "HYST", "MDEL"):
+        assert eff[field] == held and type(eff[field]) is int, field
+    assert (eff["PREC"], eff["EGU"]) == (2, "V")
+
+
+@pytest.mark.parametrize("code, count", [("f", 1), ("i", 4), ("I", 4), ("F", 1)])
+def test_other_pvs_keep_their_double_fields_as_put(code, count):
+    resolver = FieldResolver("P:", {"*": {"HIHI": 3.5}})
+    eff = resolver.effective(PvSpec(f"P:x_{code}{count}", code, count), {"HOPR": 3.9})
+    assert (eff["HIHI"], eff["HOPR"]) == (3.5, 3.9)
 
 
 def test_a_string_field_is_served_as_chars_with_a_dollar_and_no_other_field_is():
