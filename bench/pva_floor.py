@@ -32,6 +32,8 @@ import threading
 import msgpack
 import zmq
 
+#: The PVs served: p4p's type code and first value of each type letter.
+_CODES = {"f": ("d", 0.0), "i": ("i", 0)}
 #: How often the truth process looks whether its parent is gone (ms).
 _ORPHAN_CHECK_MS = 500
 
@@ -88,6 +90,30 @@ class _Front:
             del pv, op, value
 
 
+def serve(records: list, front: _Front) -> None:
+    """Serve ``records`` through ``front`` until SIGTERM or SIGINT."""
+    from p4p.nt import NTScalar
+    from p4p.server import Server
+    from p4p.server.raw import SharedPV
+
+    pvs = {}
+    for name, type_code, _ in records:
+        code, initial = _CODES[type_code]
+        nt = NTScalar(code, display=True, control=True, valueAlarm=True, form=True)
+        pv = SharedPV(initial=nt.wrap(initial), handler=front)
+        pv.name = name
+        pvs[name] = pv
+    threading.Thread(target=front.answers, name="answers", daemon=True).start()
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    with Server(providers=[pvs]) as server:
+        port = server.conf().get("EPICS_PVAS_SERVER_PORT")
+        print(f"ready: p4p floor, {len(pvs)} PVs, port {port}", flush=True)
+        while not done.wait(0.5):
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--truth"]:
@@ -95,41 +121,19 @@ def main(argv: list[str] | None = None) -> int:
     with open(argv[0]) as f:
         spec = json.load(f)
 
-    from p4p.nt import NTScalar
-    from p4p.server import Server
-    from p4p.server.raw import SharedPV
-
-    run = tempfile.mkdtemp(prefix="pva-floor-")
-    inbound, outbound = f"ipc://{run}/in", f"ipc://{run}/out"
-    argv = [sys.executable, "-m", "bench.pva_floor", "--truth", inbound, outbound]
-    keeper = subprocess.Popen(argv)
-    front = _Front(zmq.Context.instance(), inbound, outbound)
-    codes = {"f": ("d", 0.0), "i": ("i", 0)}
-    pvs = {}
     for name, type_code, count in spec["records"]:
-        if type_code not in codes or count != 1:
+        if type_code not in _CODES or count != 1:
             print(f"the floor serves f and i scalars only, not {name}", file=sys.stderr)
-            keeper.kill()
             return 2
-        code, initial = codes[type_code]
-        nt = NTScalar(code, display=True, control=True, valueAlarm=True, form=True)
-        pv = SharedPV(initial=nt.wrap(initial), handler=front)
-        pv.name = name
-        pvs[name] = pv
-    threading.Thread(target=front.answers, name="answers", daemon=True).start()
-
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    try:
-        with Server(providers=[pvs]) as server:
-            port = server.conf().get("EPICS_PVAS_SERVER_PORT")
-            print(f"ready: p4p floor, {len(pvs)} PVs, port {port}", flush=True)
-            while not done.wait(0.5):
-                pass
-    finally:
-        keeper.kill()
-        keeper.wait()
+    with tempfile.TemporaryDirectory(prefix="pva-floor-") as run:
+        inbound, outbound = f"ipc://{run}/in", f"ipc://{run}/out"
+        argv = [sys.executable, "-m", "bench.pva_floor", "--truth", inbound, outbound]
+        keeper = subprocess.Popen(argv)
+        try:
+            serve(spec["records"], _Front(zmq.Context.instance(), inbound, outbound))
+        finally:
+            keeper.kill()
+            keeper.wait()
     return 0
 
 
