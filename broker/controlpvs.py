@@ -27,6 +27,7 @@ _FIELD_AIT = {
     "short": cas.aitEnumInt16,
     "long": cas.aitEnumInt32,
     "enum": cas.aitEnumEnum16,
+    "char": cas.aitEnumUint8,
 }
 
 
@@ -83,7 +84,7 @@ class FieldPV(BasePV):
     @guarded(cas.S_casApp_undefined)
     def getEnums(self, enums):
         if self.fdef.kind == "enum":
-            enums.put(list(fields.ALARM_STATUSES if self.field == "STAT" else fields.SEVERITIES))
+            enums.put(list(fields.choices(self.field)))
         return cas.S_casApp_success
 
     def post(self) -> None:

@@ -17,7 +17,7 @@ from pcaspy import cas
 
 from carelay.broker.basepv import PUT_FAILED, VALUE_MASK, BasePV, DisplayFields, guarded
 from carelay.broker.controlpvs import DelPvPV, FieldPV, PvListPV
-from carelay.broker.mirror import MirrorView, PvMirror
+from carelay.broker.mirror import UDF_ALARM, MirrorView, PvMirror
 from carelay.broker.sync import catch_up
 from carelay.broker.values import (
     ConversionError,
@@ -120,6 +120,8 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
                 self.broker.post_field(self.name, "SEVR")
             if alarm != was[0]:
                 self.broker.post_field(self.name, "STAT")
+                if UDF_ALARM in (alarm, was[0]):  # its first value, or none again
+                    self.broker.post_field(self.name, "UDF")
         mask |= changed
         if not self.interest or not mask:
             return

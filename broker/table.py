@@ -258,6 +258,10 @@ class PvTable:
             return spec.name
         if field == "RTYP":
             return fields.record_type(spec)
+        if field == "SCAN":
+            return 0  # Passive
+        if field == "UDF":
+            return 0 if pv is not None and pv.real else 1
         eff = pv.eff if pv is not None else self.broker.resolver.effective(spec, {})
         return fields.get(eff, field)
 

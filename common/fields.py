@@ -47,6 +47,20 @@ ALARM_STATUSES = (
     "UDF",
 )
 NO_SEVERITY, MINOR, MAJOR, INVALID = range(4)
+#: How a record is processed (menuScan), by number; a relay PV is Passive: each put
+#: processes it.
+SCAN_CHOICES = (
+    "Passive",
+    "Event",
+    "I/O Intr",
+    "10 second",
+    "5 second",
+    "2 second",
+    "1 second",
+    ".5 second",
+    ".2 second",
+    ".1 second",
+)
 
 MAX_DESC = 40
 MAX_EGU = 16
@@ -59,8 +73,8 @@ class FieldError(ValueError):
 
 @dataclass(frozen=True)
 class FieldDef:
-    """One field: its CA type ('string', 'double', 'short', 'enum', 'long'), where it applies
-    ('numeric', 'any', 'buffer') and whether clients may write it."""
+    """One field: its CA type ('string', 'double', 'short', 'enum', 'long', 'char'), where it
+    applies ('numeric', 'any', 'buffer') and whether clients may write it."""
 
     name: str
     kind: str
@@ -100,6 +114,10 @@ FIELDS: dict[str, FieldDef] = {
         # tools show RTYP).
         FieldDef("NAME", "string", "any", writable=False),
         FieldDef("RTYP", "string", "any", writable=False),
+        # How it is processed (Passive: by each put), and whether it has had a value yet
+        # (1 while provisional), as a record's SCAN and UDF say.
+        FieldDef("SCAN", "enum", "any", writable=False),
+        FieldDef("UDF", "char", "any", writable=False),
     )
 }
 
@@ -112,8 +130,8 @@ LONG_FIELDS = frozenset(n for n, f in FIELDS.items() if f.kind == "string")
 #: Every field channel a PV may have: each field, and each string field with ``$``.
 FIELD_NAMES = (*FIELDS, *(n + LONG_SUFFIX for n in LONG_FIELDS))
 
-#: Fields held as state (RES is an action, NELM/NORD/SEVR/STAT/NAME/RTYP are derived,
-#: VAL is the value).
+#: Fields held as state (RES is an action, the read-only ones are derived, VAL is the
+#: value).
 STORED = frozenset(n for n, f in FIELDS.items() if f.writable and n != "RES")
 
 #: The double fields (limits, hysteresis, deadbands) that a longout record holds as whole
@@ -149,6 +167,13 @@ _LIMITS = (
     ("HIGH", "HSV", MINOR, HIGH_ALARM),
     ("LOW", "LSV", MINOR, LOW_ALARM),
 )
+
+
+def choices(field: str) -> tuple[str, ...]:
+    """The labels of an enum field's values, by number."""
+    if field == "STAT":
+        return ALARM_STATUSES
+    return SCAN_CHOICES if field == "SCAN" else SEVERITIES
 
 
 def field_def(field: str) -> FieldDef | None:

@@ -542,6 +542,33 @@ def test_property_monitor_sees_a_unit_change_and_no_value_put(relay, ca):
 # -- drive limits, deadbands -------------------------------------------------------------------
 
 
+def test_scan_is_passive_and_udf_says_whether_the_pv_has_had_a_value(relay, ca):
+    """``NAME.SCAN`` and ``NAME.UDF``, read-only, as a record's: a relay PV is processed
+    by each put (Passive), and is undefined until its first put (UDF 1, then 0, with a
+    monitor event)."""
+    name = relay.name("udf", "f1")
+    assert field_number(ca, name, "UDF") == 1  # provisional: never put
+    assert read(ca, f"{name}.UDF").data_type == ChannelType.CHAR
+    udf = Events(connect(ca, f"{name}.UDF"))
+    assert udf.wait(1, "the first UDF event") and udf.values() == [1]
+    put(name, 1.5)
+    udf.wait(2, "UDF after the first put")
+    assert udf.values() == [1, 0]
+    assert field_number(ca, name, "UDF") == 0
+    udf.clear()
+    assert field_number(ca, name, "SCAN") == 0
+    assert get(f"{name}.SCAN", as_string=True) == "Passive"
+    r = read(ca, f"{name}.SCAN", data_type="control")
+    assert [t.decode() for t in r.metadata.enum_strings][:3] == ["Passive", "Event", "I/O Intr"]
+    for field, value in (("SCAN", 6), ("UDF", 1)):
+        assert not write_status(connect(ca, f"{name}.{field}"), [value]).success, field
+    assert (field_number(ca, name, "SCAN"), field_number(ca, name, "UDF")) == (0, 0)
+    assert get(name) == 1.5
+    # Deleted: undefined again, as a PV never put.
+    delete(ca, relay, name)
+    assert field_number(ca, name, "UDF") == 1
+
+
 def test_drive_limits_clip_scalar_array_and_buffer_puts(relay, ca):
     scalar, array, buf, integer = (
         relay.name("drv", "f1"),

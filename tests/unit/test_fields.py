@@ -21,6 +21,7 @@ from carelay.common.fields import (
     FieldResolver,
     applies,
     check_alarm,
+    choices,
     long_size,
     record_type,
     validate,
@@ -70,6 +71,12 @@ def test_other_pvs_keep_their_double_fields_as_put(code, count):
     resolver = FieldResolver("P:", {"*": {"HIHI": 3.5}})
     eff = resolver.effective(PvSpec(f"P:x_{code}{count}", code, count), {"HOPR": 3.9})
     assert (eff["HIHI"], eff["HOPR"]) == (3.5, 3.9)
+
+
+def test_each_enum_field_has_its_labels():
+    assert choices("SCAN")[:3] == ("Passive", "Event", "I/O Intr") and len(choices("SCAN")) == 10
+    assert choices("STAT")[17] == "UDF"
+    assert choices("HHSV") == choices("SEVR") == ("NO_ALARM", "MINOR", "MAJOR", "INVALID")
 
 
 def test_a_string_field_is_served_as_chars_with_a_dollar_and_no_other_field_is():
