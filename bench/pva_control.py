@@ -38,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
         spec = json.load(f)
 
     from p4p.nt import NTScalar
-    from p4p.server import Server
     from p4p.server.thread import SharedPV
 
     codes = {"f": ("d", 0.0), "i": ("i", 0)}
@@ -50,15 +49,23 @@ def main(argv: list[str] | None = None) -> int:
         nt = NTScalar(code, display=True, control=True, valueAlarm=True, form=True)
         pvs[name] = SharedPV(nt=nt, initial=initial, handler=_Mailbox())
 
+    serve(pvs, "p4p control")
+    return 0
+
+
+def serve(pvs: dict, label: str) -> None:
+    """Serve ``pvs`` (name: SharedPV) until SIGTERM or SIGINT; ``ready: LABEL, ...`` once
+    it does."""
+    from p4p.server import Server
+
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     with Server(providers=[pvs]) as server:
         port = server.conf().get("EPICS_PVAS_SERVER_PORT")
-        print(f"ready: p4p control, {len(pvs)} PVs, port {port}", flush=True)
+        print(f"ready: {label}, {len(pvs)} PVs, port {port}", flush=True)
         while not done.wait(0.5):
             pass
-    return 0
 
 
 if __name__ == "__main__":

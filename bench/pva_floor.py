@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ import threading
 
 import msgpack
 import zmq
+
+from bench import pva_control
 
 #: The PVs served: p4p's type code and first value of each type letter.
 _CODES = {"f": ("d", 0.0), "i": ("i", 0)}
@@ -93,7 +94,6 @@ class _Front:
 def serve(records: list, front: _Front) -> None:
     """Serve ``records`` through ``front`` until SIGTERM or SIGINT."""
     from p4p.nt import NTScalar
-    from p4p.server import Server
     from p4p.server.raw import SharedPV
 
     pvs = {}
@@ -104,14 +104,7 @@ def serve(records: list, front: _Front) -> None:
         pv.name = name
         pvs[name] = pv
     threading.Thread(target=front.answers, name="answers", daemon=True).start()
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, lambda *_: done.set())
-    with Server(providers=[pvs]) as server:
-        port = server.conf().get("EPICS_PVAS_SERVER_PORT")
-        print(f"ready: p4p floor, {len(pvs)} PVs, port {port}", flush=True)
-        while not done.wait(0.5):
-            pass
+    pva_control.serve(pvs, "p4p floor")
 
 
 def main(argv: list[str] | None = None) -> int:
