@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -33,11 +34,19 @@ class Context(caproto.threading.client.Context):
                 return super().get_circuit_manager(address, priority)
             except (OSError, CaprotoTimeoutError):
                 if self._close_event.is_set():
-                    # Closed meanwhile: its thread ends, quietly (threading ignores this).
-                    raise SystemExit from None
+                    raise _Closed from None
                 if time.monotonic() >= deadline:
                     raise
                 self._close_event.wait(0.1)
+
+    def _process_search_results_loop(self):
+        # Closed while a circuit was tried again: the search thread ends, quietly.
+        with contextlib.suppress(_Closed):
+            super()._process_search_results_loop()
+
+
+class _Closed(Exception):
+    """The context was closed while its search thread tried a circuit again."""
 
 
 def get(name, timeout: float = 5, **kw):
