@@ -67,7 +67,7 @@ class ShardSync(ShardReceiver):
         #: Per shard, the snapshot being received: name -> (data, stamp, stored fields).
         self._snapshots: dict[int, dict] = {}
         #: Other front-ends change PVs too (configured, or a change of theirs seen).
-        self.others = broker.config.brokers > 1 or broker.config.pva
+        self.others = broker.config.front_ends > 1
         #: Of other front-ends' puts, the shards send only those to the PVs this broker
         #: follows (``followed``: those its CA clients hold; see shard/follow.py).
         self.follows = self.others

@@ -66,7 +66,7 @@ class PvTable:
         self.bytes_creating = 0
         self.byte_limit = config.byte_limit
         #: The front-ends that create PVs: the CA brokers and the PVA front-end.
-        self.doors = config.brokers + (1 if config.pva else 0)
+        self.doors = config.front_ends
         self.refusals = RefusalLog()
         #: How many of the relay, field and control PVs have CA channels.
         self.channels = Channels()

@@ -186,6 +186,11 @@ class Config:
         """How many CA brokers the relay runs."""
         return max(1, len(self.ca))
 
+    @property
+    def front_ends(self) -> int:
+        """How many front-ends change PVs through the shards: the CA brokers and PVA."""
+        return self.brokers + (1 if self.pva else 0)
+
     def shard_endpoint(self, index: int) -> str:
         if self.endpoints:
             return self.endpoints[index]

@@ -255,7 +255,7 @@ def test_a_put_the_shard_dropped_as_expired_fails_once_as_a_timeout():
     broker = SimpleNamespace(
         links=[link],
         table=SimpleNamespace(),
-        config=SimpleNamespace(brokers=1, pva=False),
+        config=SimpleNamespace(front_ends=1),
         error=lambda *args: errors.append(args) or True,
         requests=SimpleNamespace(
             waiter=lambda k, req: waiting.get(req),

@@ -86,7 +86,7 @@ def test_a_link_the_shard_no_longer_serves_goes_down(linked):
     broker = SimpleNamespace(
         links=[link],
         table=SimpleNamespace(),
-        config=SimpleNamespace(brokers=2, pva=False),
+        config=SimpleNamespace(front_ends=2),
         error=lambda *args: errors.append(args) and False,
     )
     broker.requests = SimpleNamespace(

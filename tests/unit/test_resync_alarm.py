@@ -75,7 +75,7 @@ def _sync():
         quiet_until=None,
         token="",
         instance=1,
-        config=SimpleNamespace(brokers=1, pva=False),
+        config=SimpleNamespace(front_ends=1),
         health=SimpleNamespace(restarts=[[]], shard_restarted=lambda k: None),
     )
     table = SimpleNamespace(
