@@ -42,15 +42,14 @@ class FieldPV(BasePV):
         if field.endswith(fields.LONG_SUFFIX):
             field = fdef.name
             self.chars = PvSpec(name, "c", fields.long_size(field, spec))
-        #: A longout's limits are whole numbers, and CA serves them as DBR_LONG.
-        integer = fields.whole(field, spec)
-        kind, count = ("c", self.chars.count) if self.chars else ("i" if integer else "f", 1)
+        kind, count = ("c", self.chars.count) if self.chars else ("f", 1)
         super().__init__(broker, name, kind, count, bool(self.chars), not fdef.writable)
         self.base = spec
         self.field = field
         self.fdef = fdef
         if not self.chars:
-            self._ait = _FIELD_AIT["long" if integer else self.fdef.kind]
+            # A longout's limits are whole numbers, and CA serves them as DBR_LONG.
+            self._ait = _FIELD_AIT["long" if fields.whole(field, spec) else fdef.kind]
 
     def current(self):
         return self.broker.field_value(self.base, self.field)
