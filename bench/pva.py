@@ -131,15 +131,18 @@ class PvaControlServer(_PvaPorts, Server):
     """bench/pva_control.py, with the workload's records created up front."""
 
     kind = "control"
+    #: The server's module (``python -m MODULE SPEC.json``), and its label.
+    module = "bench.pva_control"
+    title = "control (p4p SharedPV)"
 
     def __init__(self, ports: set[int]) -> None:
-        super().__init__(ports, "control (p4p SharedPV)")
+        super().__init__(ports, self.title)
         self._pva_ports(ports)
 
     def argv(self) -> list[str]:
         spec = self.tmp / "records.json"
         spec.write_text(json.dumps({"prefix": self.prefix, "records": self.records}))
-        return [sys.executable, "-m", "bench.pva_control", str(spec)]
+        return [sys.executable, "-m", self.module, str(spec)]
 
     def env(self) -> dict[str, str]:
         return {**server_env(self.port), **pvas_env(self.pva_port, self.pva_udp_port)}
@@ -153,13 +156,8 @@ class PvaFloorServer(PvaControlServer):
     ZeroMQ before it completes.  Its processes are ``floor`` and ``truth``."""
 
     kind = "floor"
-
-    def __init__(self, ports: set[int]) -> None:
-        super().__init__(ports)
-        self.label = "floor (p4p over ZeroMQ)"
-
-    def argv(self) -> list[str]:
-        return [sys.executable, "-m", "bench.pva_floor", *super().argv()[3:]]
+    module = "bench.pva_floor"
+    title = "floor (p4p over ZeroMQ)"
 
     def _role(self, pid: int, cmd: list[str]) -> str:
         return "truth" if "--truth" in cmd else "floor"
