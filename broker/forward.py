@@ -116,6 +116,8 @@ class Forwarder:
                     notify.complete(True)
                 return True
             value = 1
+        elif field == "PROC":
+            value = 1  # any value processes, as on a record
         else:
             try:
                 value = fields.validate(field, raw)

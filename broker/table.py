@@ -249,7 +249,7 @@ class PvTable:
             return spec.count
         if field == "NORD":
             return pv.length() if pv is not None else 0
-        if field == "RES":
+        if field in fields.ACTIONS:
             return 0
         if field in ("SEVR", "STAT"):
             status, severity = self.alarm(spec)

@@ -74,7 +74,8 @@ class FieldError(ValueError):
 @dataclass(frozen=True)
 class FieldDef:
     """One field: its CA type ('string', 'double', 'short', 'enum', 'long', 'char'), where it
-    applies ('numeric', 'any', 'buffer') and whether clients may write it."""
+    applies ('numeric', 'any', 'buffer', 'plain': all but buffers) and whether clients may
+    write it."""
 
     name: str
     kind: str
@@ -118,6 +119,11 @@ FIELDS: dict[str, FieldDef] = {
         # (1 while provisional), as a record's SCAN and UDF say.
         FieldDef("SCAN", "enum", "any", writable=False),
         FieldDef("UDF", "char", "any", writable=False),
+        # A put of any value processes the PV, as a record's PROC does: its value put again
+        # (through the drive limits, as an ao record's processing converts it) and stamped
+        # now.  A buffer takes its values only from puts, as a compress record from its
+        # input: it has none.
+        FieldDef("PROC", "char", "plain"),
     )
 }
 
@@ -130,9 +136,12 @@ LONG_FIELDS = frozenset(n for n, f in FIELDS.items() if f.kind == "string")
 #: Every field channel a PV may have: each field, and each string field with ``$``.
 FIELD_NAMES = (*FIELDS, *(n + LONG_SUFFIX for n in LONG_FIELDS))
 
-#: Fields held as state (RES is an action, the read-only ones are derived, VAL is the
+#: The fields a put acts through rather than sets: RES empties a buffer, PROC processes
+#: a PV; both read 0.
+ACTIONS = frozenset({"RES", "PROC"})
+#: Fields held as state (the actions aside, the read-only ones are derived, VAL is the
 #: value).
-STORED = frozenset(n for n, f in FIELDS.items() if f.writable and n != "RES")
+STORED = frozenset(n for n, f in FIELDS.items() if f.writable and n not in ACTIONS)
 
 #: The double fields (limits, hysteresis, deadbands) that a longout record holds as whole
 #: numbers (DBF_LONG): an ``i`` scalar's, which behaves as one (see ``record_type``).
@@ -196,6 +205,8 @@ def applies(field: str, spec: PvSpec) -> bool:
         return spec.kind in "fi"
     if f.applies == "buffer":
         return spec.is_buffer
+    if f.applies == "plain":
+        return not spec.is_buffer
     return True
 
 

@@ -311,6 +311,8 @@ class RequestHandler:
         try:
             if field == "RES":
                 change = self.store.reset(msg.name)
+            elif field == "PROC":
+                change = self.store.process(msg.name)
             else:
                 seq, value = self.store.set_field(msg.name, field, value)
         except Rejected as e:
@@ -326,6 +328,12 @@ class RequestHandler:
             self._reply_change(peer, msg.req, change, reset=True)
             if self.fanout:
                 self._publish_change(peer, change, reset=True)
+            return
+        if field == "PROC":
+            # As a put: the value (and its new stamp) to every front-end, no log line.
+            self._reply_change(peer, msg.req, change)
+            if self.fanout:
+                self._publish_change(peer, change)
             return
         example = f"{shorten(msg.name)}.{field} = {value!r}"
         if self.fields_log.allow(example, key=(msg.name, field)):

@@ -230,6 +230,19 @@ class ShardStore:
         self.seq += 1
         return Change(name, self.seq, pv.stamp, pv.ring.view().copy(), 0, False)
 
+    def process(self, name: str) -> Change:
+        """Process a PV (``NAME.PROC``), as an IOC processes a passive output record: its
+        value put again, through the drive limits as they stand now, and stamped now."""
+        pv = self._pvs.get(name)
+        if pv is None:
+            raise Rejected(f"no PV named {name}")
+        if pv.ring is not None:
+            raise Rejected(f"{name} has no field PROC")
+        applied, length = self._apply(pv, pv.value, 0.0)
+        self.dirty.add(name)
+        self.seq += 1
+        return Change(name, self.seq, pv.stamp, applied, length, False)
+
     def delete(self, name: str) -> int:
         """Delete a PV; returns the sequence number of the change."""
         pv = self._pvs.pop(name, None)

@@ -569,6 +569,57 @@ def test_scan_is_passive_and_udf_says_whether_the_pv_has_had_a_value(relay, ca):
     assert field_number(ca, name, "UDF") == 1
 
 
+def test_proc_processes_the_pv_as_a_passive_record(relay, ca):
+    """``NAME.PROC``: a put of any value processes the PV, as it does a passive record: its
+    value put again, through the drive limits as they stand, and stamped now, with the
+    monitor events a put of that value makes (none for an unchanged number with MDEL 0,
+    one with MDEL < 0, one each time for an array).  It reads 0, a DBR_CHAR; a buffer has
+    none; a PV never put is not processed."""
+    name, array = relay.name("proc", "f1"), relay.name("proc", "f3")
+    buf, never = relay.name("proc", "F4"), relay.name("proc_never", "f1")
+    put(name, 5.0)
+    put(array, [1.0, 2.0])
+    put(buf, [1.0])
+    before = read(ca, name, data_type="time").metadata.timestamp
+    set_field(ca, name, "PROC", 1)  # with callback: complete once processed
+    assert read(ca, name, data_type="time").metadata.timestamp > before
+    assert get(name) == 5.0
+    assert field_number(ca, name, "PROC") == 0
+    assert read(ca, f"{name}.PROC").data_type == ChannelType.CHAR
+
+    events = Events(connect(ca, name), data_type="time", mask=SubscriptionType.DBE_VALUE)
+    events.wait(1, "the initial event")
+    set_field(ca, name, "PROC", 0)  # any value processes
+    put(name, 6.0)  # events come in the order posted: none came for the PROC
+    events.wait(2, "the put after PROC")
+    assert events.values() == [5.0, 6.0]
+    set_field(ca, name, "MDEL", -1.0)
+    set_field(ca, name, "PROC", 1)
+    events.wait(3, "PROC with MDEL < 0")
+    assert events.values() == [5.0, 6.0, 6.0]
+    assert events.seen[2][1].timestamp > events.seen[1][1].timestamp
+    events.clear()
+
+    # The value goes through the drive limits as they stand, as an ao record converts it.
+    set_field(ca, name, "DRVH", 3.0)
+    assert get(name) == 6.0
+    put(f"{name}.PROC", 1)  # through pyepics
+    assert get(name) == 3.0
+
+    arr = Events(connect(ca, array), data_count=0)
+    arr.wait(1, "the array's initial event")
+    set_field(ca, array, "PROC", 1)
+    arr.wait(2, "the array's event on PROC")
+    assert value_of(ca, array) == [1.0, 2.0]
+    arr.clear()
+
+    assert not write_status(connect(ca, f"{never}.PROC"), [1]).success
+    relay.wait_log(f"put to {never}.PROC failed: {never} does not exist yet")
+    assert field_number(ca, never, "UDF") == 1
+    not_served(relay, ca, f"{buf}.PROC")
+    assert value_of(ca, buf) == [1.0]
+
+
 def test_drive_limits_clip_scalar_array_and_buffer_puts(relay, ca):
     scalar, array, buf, integer = (
         relay.name("drv", "f1"),

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from carelay.common.fields import (
+    ACTIONS,
     FIELD_NAMES,
     HIGH_ALARM,
     HIHI_ALARM,
@@ -17,6 +18,7 @@ from carelay.common.fields import (
     MINOR,
     NO_ALARM,
     NO_SEVERITY,
+    STORED,
     FieldError,
     FieldResolver,
     applies,
@@ -77,6 +79,15 @@ def test_each_enum_field_has_its_labels():
     assert choices("SCAN")[:3] == ("Passive", "Event", "I/O Intr") and len(choices("SCAN")) == 10
     assert choices("STAT")[17] == "UDF"
     assert choices("HHSV") == choices("SEVR") == ("NO_ALARM", "MINOR", "MAJOR", "INVALID")
+
+
+def test_proc_is_an_action_of_every_pv_but_a_buffer():
+    for spec in (PvSpec("P:a_f1", "f", 1), PvSpec("P:w_i4", "i", 4), PvSpec("P:t_c9", "c", 9)):
+        assert applies("PROC", spec), spec.name
+    assert not applies("PROC", PvSpec("P:b_F4", "F", 4))
+    assert "PROC" not in STORED and "PROC" in ACTIONS
+    with pytest.raises(FieldError):
+        validate("PROC", 1)  # not held: it acts
 
 
 def test_a_string_field_is_served_as_chars_with_a_dollar_and_no_other_field_is():

@@ -374,3 +374,35 @@ def test_snapshot_contents_not_changed_by_later_puts(store):
     ((_, _, contents, _),) = store.snapshot()
     store.put(P + "log_F4", f8(3, 4, 5))
     assert contents.tolist() == [1.0, 2.0]
+
+
+# -- PROC ----------------------------------------------------------------------------
+
+
+def test_process_puts_the_value_again_stamped_now(store, clock):
+    store.put(f"{P}a_f3", f8(1.0, 2.0), stamp=5.0)
+    store.dirty.clear()
+    seq = store.seq
+    change = store.process(f"{P}a_f3")
+    assert change.data.tolist() == [1.0, 2.0] and change.length == 2
+    assert change.stamp == store.stamp(f"{P}a_f3") == clock.start  # now, not 5.0
+    assert change.seq == store.seq == seq + 1 and not change.created
+    assert f"{P}a_f3" in store.dirty  # flushed as a put is
+
+
+def test_process_goes_through_the_drive_limits_as_they_stand(store):
+    store.put(f"{P}d_f1", f8(6.0))
+    store.set_field(f"{P}d_f1", "DRVH", 3.0)
+    assert store.get(f"{P}d_f1").tolist() == [6.0]  # a field change processes nothing
+    assert store.process(f"{P}d_f1").data.tolist() == [3.0]
+    assert store.get(f"{P}d_f1").tolist() == [3.0]
+
+
+def test_process_of_a_buffer_or_an_unknown_pv_is_refused_and_changes_nothing(store):
+    store.put(f"{P}b_F4", f8(1.0))
+    before = state(store)
+    with pytest.raises(Rejected, match="has no field PROC"):
+        store.process(f"{P}b_F4")
+    with pytest.raises(Rejected, match="no PV named"):
+        store.process(f"{P}none_f1")
+    assert state(store) == before
