@@ -127,6 +127,22 @@ def test_pva_put_to_ca_monitor(relay, pva, ca):
         sub.clear()
 
 
+def test_a_proc_through_ca_reaches_pva_with_its_new_stamp(relay, pva):
+    """``NAME.PROC`` through CA processes the PV for every front-end: the PVA monitor gets
+    the event, with the new stamp, and a PVA get right after the put reads it."""
+    name = relay.name("proc2pva", "f1")
+    put(name, 4.0)
+    sub, got = _events(pva, name)
+    try:
+        first = _next_value(got, 4.0)
+        put(f"{name}.PROC", 1)
+        processed = _next_value(got, 4.0)
+        assert processed.timestamp > first.timestamp
+        assert pva.get(name, timeout=5).timestamp == processed.timestamp
+    finally:
+        sub.close()
+
+
 def test_put_with_callback_then_read_on_the_other(relay, pva):
     """Once a put with callback is done on one protocol, a read at once on the other
     gives the new value.  A PVA put completes once the shard applied it, which sends the
