@@ -87,9 +87,10 @@ class RelayPV(MirrorView, DisplayFields, BasePV):
             self.broker.post_field(self.name, "NORD")
 
     def field_changed(self, name: str, value) -> None:
-        """Mirror a field change the shard applied: property event, alarms re-checked."""
+        """Mirror a field change the shard applied: a property event if the field is one
+        (fields.PROPERTY_FIELDS), and the alarm checked again."""
         self.mirror.field_changed(name, value)
-        self.post(cas.DBE_PROPERTY)
+        self.post(cas.DBE_PROPERTY if name in fields.PROPERTY_FIELDS else 0)
         self.broker.post_field(self.name, name)
 
     def forget(self) -> None:

@@ -143,6 +143,13 @@ ACTIONS = frozenset({"RES", "PROC"})
 #: value).
 STORED = frozenset(n for n, f in FIELDS.items() if f.writable and n not in ACTIONS)
 
+#: The fields whose change posts a DBE_PROPERTY event, as an IOC's ao record marks them
+#: (prop(YES)): what DBR_CTRL carries, and the alarm severities; not DESC, HYST, MDEL, ADEL.
+PROPERTY_FIELDS = frozenset(
+    {"EGU", "PREC", "HOPR", "LOPR", "DRVH", "DRVL", "HIHI", "HIGH", "LOW", "LOLO"}
+    | {"HHSV", "HSV", "LSV", "LLSV"}
+)
+
 #: The double fields (limits, hysteresis, deadbands) that a longout record holds as whole
 #: numbers (DBF_LONG): an ``i`` scalar's, which behaves as one (see ``record_type``).
 WHOLE_FIELDS = frozenset(n for n, f in FIELDS.items() if f.kind == "double")

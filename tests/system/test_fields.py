@@ -512,6 +512,8 @@ def test_time_monitor_carries_alarm_and_time_stamp_of_each_put(relay, ca):
 
 
 def test_property_monitor_sees_a_unit_change_and_no_value_put(relay, ca):
+    """DBE_PROPERTY events come for the fields an IOC marks prop(YES): those DBR_CTRL
+    carries, and the alarm severities."""
     name = relay.name("prop", "f1")
     put(name, 1.0)
     events = Events(connect(ca, name), data_type="control", mask=SubscriptionType.DBE_PROPERTY)
@@ -527,6 +529,9 @@ def test_property_monitor_sees_a_unit_change_and_no_value_put(relay, ca):
     wait_for(lambda: egu_seen, what="the initial NAME.EGU event")
 
     put(name, 2.0)  # a value put: no property event
+    # Nor a change of a field that DBR_CTRL does not carry, as on an IOC (no prop(YES)).
+    for field, value in (("DESC", "about"), ("HYST", 0.5), ("MDEL", 0.1), ("ADEL", 0.1)):
+        set_field(ca, name, field, value)
     set_field(ca, name, "EGU", "mm")
     set_field(ca, name, "PREC", 3)
     seen = events.wait(3, "two field changes")
