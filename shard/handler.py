@@ -25,6 +25,7 @@ from typing import Any
 
 from carelay.common import messages as wire
 from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
+from carelay.common.fields import ACTIONS
 from carelay.common.lifecycle import log_each
 from carelay.common.logbudget import LogBudget, shorten
 from carelay.common.messages import EXPIRED
@@ -322,18 +323,15 @@ class RequestHandler:
                 log.warning("refused %s", example)
             self._reject(peer, msg, reason)
             return
-        if field == "RES":
-            if self.fields_log.allow(f"{shorten(msg.name)}.RES", key=(msg.name, field)):
+        if field in ACTIONS:
+            # The PV as the action left it, to every front-end: emptied (RES, said in the
+            # log), or processed (PROC, as a put is, without a log line).
+            reset = field == "RES"
+            if reset and self.fields_log.allow(f"{shorten(msg.name)}.RES", key=(msg.name, field)):
                 log.info("emptied buffer %s", msg.name)
-            self._reply_change(peer, msg.req, change, reset=True)
+            self._reply_change(peer, msg.req, change, reset=reset)
             if self.fanout:
-                self._publish_change(peer, change, reset=True)
-            return
-        if field == "PROC":
-            # As a put: the value (and its new stamp) to every front-end, no log line.
-            self._reply_change(peer, msg.req, change)
-            if self.fanout:
-                self._publish_change(peer, change)
+                self._publish_change(peer, change, reset=reset)
             return
         example = f"{shorten(msg.name)}.{field} = {value!r}"
         if self.fields_log.allow(example, key=(msg.name, field)):
