@@ -122,10 +122,13 @@ class PvaPut:
     """One PVA put in progress: done when each of its parts (a value, field changes) is
     applied by the shard, failed with the first reason one of them was refused for."""
 
-    def __init__(self, op, client: PeerClient, before_done=None) -> None:
+    def __init__(self, op, client: PeerClient, before_done=None, defer=None) -> None:
         self.op = op
         #: Called before the client is told: what the put changed is shown first.
         self.before_done = before_done
+        #: Takes the put once its last part was answered, to finish it after the rest of
+        #: what came with that answer is shown (PvaFrontEnd.finish_answered); None: at once.
+        self.defer = defer
         self.client = client
         client.put = self
         self.parts = 0
@@ -137,7 +140,10 @@ class PvaPut:
         """A part ended (Requests.finish calls this)."""
         self.parts -= 1
         self.failed = self.failed or not ok
-        self.finish_if_done()
+        if self.parts <= 0 and self.defer is not None:
+            self.defer(self)
+        else:
+            self.finish_if_done()
 
     def finish_if_done(self) -> None:
         if self.parts > 0 or self.done:
@@ -202,6 +208,9 @@ class PvaFrontEnd:
         self.interfaces = ""
         #: The put being handled, whose client a refusal names.
         self.put_context: PvaPut | None = None
+        #: Puts whose shards answered them, finished once the loop has handled all that
+        #: came with the answers (``finish_answered``).
+        self.answered: list[PvaPut] = []
         #: The channels handed out, by name (see the module docstring).
         self.channels: dict = {}
         self.channel_lock = threading.Lock()
@@ -231,6 +240,15 @@ class PvaFrontEnd:
         if put is not None and not put.reason:
             put.reason = reason
         return self.health.refused(kind, reason, pv, shard, who)
+
+    def finish_answered(self) -> None:
+        """Tell the clients of the puts their shards answered: after every message that
+        came with the answers was handled, so that what a put brought about (a value
+        clipped to a drive limit it moved, which its shard sends after the answer) is shown
+        before its client can read."""
+        answered = self.answered
+        while answered:
+            answered.pop(0).finish_if_done()
 
     def post_later(self, pv) -> None:
         """``pv`` has a coalesced event waiting (see PvaPV.post)."""
@@ -396,7 +414,8 @@ class PvaFrontEnd:
             host, user = str(op.peer()), str(op.account())
         except Exception:
             host, user = "?", "?"
-        put = PvaPut(op, PeerClient((host, user)), self.pvlist.post_if_changed)
+        client = PeerClient((host, user))
+        put = PvaPut(op, client, self.pvlist.post_if_changed, self.answered.append)
         self.put_context = put
         try:
             if target is self.pvlist:

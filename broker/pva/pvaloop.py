@@ -182,10 +182,12 @@ class PvaLoop(Loop):
             now = time.monotonic()
             if requests.parked:
                 requests.unpark(now)
+            f.finish_answered()
             if now < next_tick:
                 continue
             next_tick = now + _TICK
             self._tick(now)
+            f.finish_answered()  # the requests the tick failed (deadlines, links down)
             if now >= next_status or f.status_due:
                 self.write_status()
                 next_status = now + STATUS_INTERVAL
@@ -196,6 +198,7 @@ class PvaLoop(Loop):
                 self.freed.after((h.puts, h.creations, h.deletions))
         self.send_queued()
         requests.fail_parked()
+        f.finish_answered()
 
     def _front_tick(self) -> None:
         """The PVA front-end's part of a tick: refused channels' log, an ACF reload."""

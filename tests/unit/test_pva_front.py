@@ -11,6 +11,7 @@ import pytest
 from carelay.broker.link import LinkState
 from carelay.broker.pva.front import PeerClient, PvaFrontEnd, PvaPut
 from carelay.common.config import PVA_OPEN_WAIT, PVA_SHARD_QUIET, load_config
+from carelay.common.messages import FieldChanged, Update
 from carelay.common.sharding import shard_for
 
 
@@ -268,3 +269,31 @@ def test_a_put_only_the_shard_can_judge_goes_with_its_data(front):
     (msg,) = link.outbox
     assert msg.data is data
     link.sock = None
+
+
+def test_a_put_is_told_done_after_what_came_with_its_answer_is_shown(front):
+    """A put of control.limitHigh (DRVH) is answered by a FIELD_CHANGED, and its shard
+    sends the value it clipped right after, in the same batch: the client is told only
+    once the loop has handled that too, so a get right after reads the clipped value."""
+    name = "P:drv_f1"
+    live(front, name)
+    channel = front.make_channel(name)
+    front.inbox.run()
+    pv = front.table.pvs[name]
+    front.table.set_real(pv, True)
+    pv.apply(np.array([6.0]), 1.0, append=False)
+    link = front.links[pv.shard]
+    link.sock = object()  # queued here, never sent
+    link.epoch = 7
+    try:
+        op = FakeOp(FakeValue({"control.limitHigh": 3.0}))
+        front.on_put(channel, op)
+        ((req, _),) = front.requests.unanswered[pv.shard].items()
+        front.sync.handle(link, FieldChanged(name, req, 2, "DRVH", 3.0, 7))
+        assert op.result is None
+        front.sync.handle(link, Update(name, 0, 3, 2.0, np.array([3.0]), True, False, 7))
+        front.finish_answered()
+        assert op.result == ("ok", None)
+        assert channel.shown[-1]["value"] == 3.0
+    finally:
+        link.sock = None
