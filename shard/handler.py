@@ -83,6 +83,9 @@ class RequestHandler:
         #: The PVs created since the last commit, in order: logged once it made them
         #: durable (``log_created``).
         self.created: list[str] = []
+        #: (sender, PV) of each put to DRVH or DRVL since the last commit: the value goes
+        #: within them once the change is durable (``clip_to_new_drive_limits``).
+        self._limits_moved: list[tuple[bytes, str]] = []
         #: What each kind of request a broker may send is handled by.
         self._by_kind: dict[type, Callable[[bytes, Any], None]] = {
             kind: getattr(self, method) for kind, method in _HANDLERS.items()
@@ -132,6 +135,27 @@ class RequestHandler:
         if undone:
             names = [name for name in names if name not in undone]
         log_each(log, logging.INFO, "created PV %s", names)
+
+    def clip_to_new_drive_limits(self, undone: frozenset[str] = frozenset()) -> None:
+        """After a commit: each PV whose DRVH or DRVL a put changed (and the commit made
+        durable: not in ``undone``) has a value past them brought within, stamped now, and
+        sent to its sender and the other front-ends as a put is, as an ao record processes
+        when they are put.  A put to them that failed changes no value."""
+        moved, self._limits_moved = self._limits_moved, []
+        for peer, name in moved:
+            if name in undone:
+                continue
+            c = self.store.clip_to_new_drive_limits(name)
+            if c is None:
+                continue
+            # To its sender as the PV stands here (reset): not a change of another
+            # front-end's, which its mirror leaves to a WRITE of its own still on its way
+            # (ShardSync._change); that WRITE came before and is within this.  It follows
+            # the answer, in sequence order, in the same batch: a front-end tells its
+            # client once it has handled all that came with an answer.
+            self._reply_change(peer, 0, c, reset=True)
+            if self.fanout:
+                self._publish_change(peer, c)
 
     def tick(self) -> None:
         """The summary of each log budget whose window is over (the loop's every turn,
@@ -337,6 +361,8 @@ class RequestHandler:
         if self.fields_log.allow(example, key=(msg.name, field)):
             log.info("set %s", example)
         self._reply(peer, wire.FieldChanged(msg.name, msg.req, seq, field, value, self.epoch))
+        if field in ("DRVH", "DRVL"):
+            self._limits_moved.append((peer, msg.name))
         if self.fanout:
             self._publish(peer, wire.FieldChanged(msg.name, 0, seq, field, value, self.epoch))
 

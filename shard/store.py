@@ -243,6 +243,18 @@ class ShardStore:
         self.seq += 1
         return Change(name, self.seq, pv.stamp, applied, length, False)
 
+    def clip_to_new_drive_limits(self, name: str) -> Change | None:
+        """Bring a value past its drive limits as they stand within them, as an ao record
+        does when DRVH or DRVL is put (it processes): its Change, or None when it is within
+        them (or the PV is gone, a buffer, whose elements are history, or text)."""
+        pv = self._pvs.get(name)
+        if pv is None or pv.ring is not None or pv.spec.kind not in "fi":
+            return None
+        clipped = clip_to_drive_limits(self._effective(pv), pv.value)
+        if clipped is pv.value or np.array_equal(clipped, pv.value, equal_nan=True):
+            return None
+        return self.process(name)
+
     def delete(self, name: str) -> int:
         """Delete a PV; returns the sequence number of the change."""
         pv = self._pvs.pop(name, None)

@@ -200,6 +200,16 @@ def test_metadata_both_ways(relay, pva):
     assert raw["alarm.severity"] == 2 and raw["alarm.message"] == "HIHI"  # as CA shows it
 
 
+def test_a_pva_put_of_a_drive_limit_brings_the_value_within_it(relay, pva):
+    """control.limitHigh is DRVH: a PVA put of it clips a value past it at once, on both
+    protocols, as a CA put of NAME.DRVH does."""
+    name = relay.name("pvadrv", "f1")
+    pva.put(name, 6.0, timeout=5)
+    pva.put(name, {"control.limitHigh": 3.0, "control.limitLow": -3.0}, timeout=5)
+    assert pva.get(name, timeout=5) == 3.0  # as soon as the put completed
+    assert get(name) == 3.0
+
+
 def test_buffer_appends_and_array_takes_the_length(relay, pva):
     buf = relay.name("buf", "F4")
     pva.put(buf, [1.0, 2.0], timeout=5)

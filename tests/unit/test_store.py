@@ -406,3 +406,33 @@ def test_process_of_a_buffer_or_an_unknown_pv_is_refused_and_changes_nothing(sto
     with pytest.raises(Rejected, match="no PV named"):
         store.process(f"{P}none_f1")
     assert state(store) == before
+
+
+def test_a_value_past_new_drive_limits_is_brought_within_them(store, clock):
+    store.put(f"{P}s_f1", f8(6.0), stamp=5.0)
+    store.put(f"{P}w_i3", i4(1, 5, 9), stamp=5.0)
+    store.set_field(f"{P}s_f1", "DRVH", 3.0)
+    store.set_field(f"{P}w_i3", "DRVH", 4.0)
+    store.set_field(f"{P}w_i3", "DRVL", 2.0)
+    change = store.clip_to_new_drive_limits(f"{P}s_f1")
+    assert change.data.tolist() == [3.0] and store.get(f"{P}s_f1").tolist() == [3.0]
+    assert change.stamp != 5.0  # stamped now, as a processing
+    assert store.clip_to_new_drive_limits(f"{P}w_i3").data.tolist() == [2, 4, 4]
+    seq = store.seq
+    assert store.clip_to_new_drive_limits(f"{P}s_f1") is None  # within them now
+    assert store.seq == seq
+
+
+def test_what_new_drive_limits_leave_alone(store):
+    store.put(f"{P}b_F3", f8(1.0, 9.0))
+    store.put(f"{P}n_f1", f8(float("nan")))
+    store.put(f"{P}x_f1", f8(6.0))
+    for name in (f"{P}b_F3", f"{P}n_f1", f"{P}x_f1"):
+        store.set_field(name, "DRVH", 3.0)
+    store.set_field(f"{P}x_f1", "DRVL", 5.0)  # DRVH <= DRVL: no clipping
+    names = (f"{P}b_F3", f"{P}n_f1", f"{P}x_f1")
+    seq, before = store.seq, [(store.get(n).tobytes(), store.stamp(n)) for n in names]
+    for name in (*names, f"{P}gone_f1"):
+        assert store.clip_to_new_drive_limits(name) is None, name
+    assert store.seq == seq  # nothing changed (NaN compared as the bytes it is)
+    assert [(store.get(n).tobytes(), store.stamp(n)) for n in names] == before
