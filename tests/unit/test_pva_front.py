@@ -81,6 +81,17 @@ def live(front, name: str) -> None:
     link.timers.last_heard = time.monotonic()
 
 
+def real_pv(front, name: str, value: float = 1.0):
+    """``name``'s PV, put once (``value``), and the channel a client holds of it."""
+    live(front, name)
+    channel = front.make_channel(name)
+    front.inbox.run()
+    pv = front.table.pvs[name]
+    front.table.set_real(pv, True)
+    pv.apply(np.array([value]), 1.0, append=False)
+    return pv, channel
+
+
 def test_names_served(front):
     assert front.test_channel("OTHER:x_f1") is False
     assert front.test_channel("P:x_f1.EGU") is False  # no field channels over PVA
@@ -235,13 +246,7 @@ def test_a_large_buffer_posts_as_on_ca(front):
 
 
 def test_a_put_refused_in_part_sends_no_part(front):
-    name = "P:x_f1"
-    live(front, name)
-    channel = front.make_channel(name)
-    front.inbox.run()
-    pv = front.table.pvs[name]
-    front.table.set_real(pv, True)
-    pv.apply(np.array([1.0]), 1.0, append=False)
+    pv, channel = real_pv(front, "P:x_f1")
     link = front.links[pv.shard]
     link.sock = object()  # requests are only queued here, never sent
     op = FakeOp(FakeValue({"display.units": "mm", "value": "abc"}))
@@ -276,12 +281,7 @@ def test_a_put_is_told_done_after_what_came_with_its_answer_is_shown(front):
     sends the value it clipped right after, in the same batch: the client is told only
     once the loop has handled that too, so a get right after reads the clipped value."""
     name = "P:drv_f1"
-    live(front, name)
-    channel = front.make_channel(name)
-    front.inbox.run()
-    pv = front.table.pvs[name]
-    front.table.set_real(pv, True)
-    pv.apply(np.array([6.0]), 1.0, append=False)
+    pv, channel = real_pv(front, name, 6.0)
     link = front.links[pv.shard]
     link.sock = object()  # queued here, never sent
     link.epoch = 7

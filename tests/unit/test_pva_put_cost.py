@@ -17,7 +17,7 @@ from carelay.broker.pva.front import PeerClient, PvaFrontEnd, PvaPut
 from carelay.broker.pva.inbox import Inbox
 from carelay.common.config import load_config
 from carelay.common.naming import parse_pv_name
-from tests.unit.test_pva_front import FakeChannel, FakeOp, FakeValue, live
+from tests.unit.test_pva_front import FakeChannel, FakeOp, FakeValue, real_pv
 
 
 @pytest.fixture
@@ -28,18 +28,8 @@ def front(tmp_path):
     f.inbox.close()
 
 
-def _real_pv(front, name: str):
-    live(front, name)
-    channel = front.make_channel(name)
-    front.inbox.run()
-    pv = front.table.pvs[name]
-    front.table.set_real(pv, True)
-    pv.apply(np.array([1.0]), 1.0, append=False)
-    return pv, channel
-
-
 def test_a_put_posts_value_and_stamp_and_metadata_only_when_it_changed(front):
-    pv, channel = _real_pv(front, "P:x_f1")
+    pv, channel = real_pv(front, "P:x_f1")
     pv.apply(np.array([2.0]), 2.0, append=False)
     assert set(channel.shown[-1]) == {"value", "timeStamp"}
     assert channel.shown[-1]["value"] == 2.0
@@ -96,7 +86,7 @@ def test_a_finished_put_is_freed_without_the_garbage_collector():
 
 
 def test_a_put_through_the_front_end_is_freed_once_its_shard_answered(front):
-    pv, channel = _real_pv(front, "P:x_f1")
+    pv, channel = real_pv(front, "P:x_f1")
     link = front.links[pv.shard]
     link.sock = object()  # queued here, never sent
     gc.disable()
