@@ -210,7 +210,7 @@ class PvaFrontEnd:
         self.put_context: PvaPut | None = None
         #: Puts whose shards answered them, finished once the loop has handled all that
         #: came with the answers (``finish_answered``).
-        self.answered: list[PvaPut] = []
+        self.answered: collections.deque[PvaPut] = collections.deque()
         #: The channels handed out, by name (see the module docstring).
         self.channels: dict = {}
         self.channel_lock = threading.Lock()
@@ -248,7 +248,7 @@ class PvaFrontEnd:
         before its client can read."""
         answered = self.answered
         while answered:
-            answered.pop(0).finish_if_done()
+            answered.popleft().finish_if_done()
 
     def post_later(self, pv) -> None:
         """``pv`` has a coalesced event waiting (see PvaPV.post)."""
