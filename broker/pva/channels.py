@@ -37,16 +37,24 @@ import sys
 import threading
 
 from p4p import Value
-from p4p.nt import NTScalar
+from p4p.nt import NTEnum, NTScalar
 from p4p.server import DynamicProvider
 from p4p.server.raw import ServOpWrap, SharedPV
+
+from carelay.broker.pva.convert import ENUM
 
 log = logging.getLogger(__name__)
 
 
 @functools.cache
 def nt_type(code: str):
-    """The NTScalar (or NTScalarArray) type with every metadata field the relay fills."""
+    """The type of a channel: a PV's NTScalar (or NTScalarArray) with every metadata
+    field the relay fills; a field's NTScalar (``field:`` and its code) or NTEnum (see
+    convert.field_code)."""
+    if code == ENUM:
+        return NTEnum.buildType()
+    if code.startswith("field:"):
+        return NTScalar.buildType(code.removeprefix("field:"))
     return NTScalar.buildType(code, display=True, control=True, valueAlarm=True, form=True)
 
 

@@ -66,6 +66,37 @@ def nt_code(spec: PvSpec) -> str:
     return f"a{code}" if spec.count > 1 or spec.is_buffer else code
 
 
+#: The type of a field channel's value by the field's kind, as an IOC's PVA server gives
+#: a record's field of that DBF type (DBF_SHORT a short, DBF_UCHAR an unsigned byte); a
+#: menu field is an NTEnum.
+_FIELD_CODES = {"string": "s", "double": "d", "short": "h", "long": "i", "char": "B"}
+#: The code of a menu field's channel.
+ENUM = "enum"
+
+
+def field_code(field: str) -> str:
+    """The type code of ``NAME.field``'s channel: ``field:`` and the p4p code of its
+    NTScalar, or ENUM."""
+    kind = fields.FIELDS[field].kind
+    return ENUM if kind == "enum" else f"field:{_FIELD_CODES[kind]}"
+
+
+def field_value(field: str, value):
+    """The ``value`` of ``NAME.field``'s channel for the field's ``value``."""
+    kind = fields.FIELDS[field].kind
+    if kind == "enum":
+        return {"index": int(value), "choices": list(fields.choices(field))}
+    if kind == "string":
+        return str(value)
+    return float(value) if kind == "double" else int(value)
+
+
+def field_put(field: str, value):
+    """What a put to ``NAME.field``'s channel gives the field: its ``value`` (``read``
+    from the put), an enum's index."""
+    return value["value.index"] if fields.FIELDS[field].kind == "enum" else value["value"]
+
+
 def numeric(spec: PvSpec) -> bool:
     return not spec.is_text
 

@@ -34,7 +34,7 @@ from carelay.broker.pva import convert
 from carelay.broker.pva.access import NO_READ, PvaAccess
 from carelay.broker.pva.inbox import Inbox
 from carelay.broker.pva.pvaloop import PvaLoop, PvaSync
-from carelay.broker.pva.pvapv import DelPvPVA, PvaPV, PvListPVA
+from carelay.broker.pva.pvapv import DelPvPVA, PvaField, PvaPV, PvListPVA
 from carelay.broker.requests import Requests
 from carelay.broker.table import PvTable, counted
 from carelay.common import fields
@@ -213,6 +213,8 @@ class PvaFrontEnd:
         self.answered: collections.deque[PvaPut] = collections.deque()
         #: The channels handed out, by name (see the module docstring).
         self.channels: dict = {}
+        #: The field channels (``NAME.FIELD``) by name: each is its PV's too.
+        self.field_pvs: dict[str, PvaField] = {}
         self.channel_lock = threading.Lock()
         #: Makes a Channel (channels.Channel, given by main: this module needs no p4p).
         self.make_channel_object = None
@@ -261,8 +263,10 @@ class PvaFrontEnd:
         reads only, and queues a refusal for the loop to log."""
         if name in self.controls:
             return True if self.ready else None
-        if not name.startswith(self.config.prefix) or "." in name:
+        if not name.startswith(self.config.prefix):
             return False
+        if "." in name:
+            return self._test_field(name)
         try:
             spec = self.config.pv_spec(name)
         except InvalidPvName as e:
@@ -273,7 +277,7 @@ class PvaFrontEnd:
             return None
         pv = self.table.pvs.get(name)
         if not counted(pv):
-            # No field channels over PVA: a provisional PV held already makes no new one.
+            # A provisional PV held already makes no new one.
             why = self.table.refusal(spec, provisional=pv is None)
             if why is not None:
                 self.inbox.push(self.table.refuse, name, why, "limit")
@@ -281,6 +285,26 @@ class PvaFrontEnd:
         elif pv.real and name not in self.sync.followed:
             self.inbox.push(self.sync.searched, name)  # its channel is likely to follow
         return True
+
+    def _test_field(self, name: str) -> bool | None:
+        """Whether ``NAME.FIELD`` is served: a field of a PV that exists (a field of one
+        not made yet is not: a put to it could not be made either), which a PV of its type
+        has.  Runs on a p4p thread, as ``test_channel``."""
+        base, _, field = name.rpartition(".")
+        try:
+            spec = self.config.pv_spec(base)
+        except InvalidPvName:
+            return False  # no PV: nothing to log but a search for a name no one serves
+        if not PvaField.served(spec, field):
+            known = fields.field_def(field) is not None
+            why = "no such field over PVA for its type" if known else "unknown field"
+            self.inbox.push(self.table.refuse, name, f"{why} {field}")
+            return False
+        link = link_for(self.links, base)
+        if not link.live or _silent(link):
+            return None
+        pv = self.table.pvs.get(base)
+        return pv is not None and pv.real
 
     def make_channel(self, name: str, peer: str = ""):
         """The channel of ``name``, open (see channels.py), or None: not now, and the
@@ -325,6 +349,9 @@ class PvaFrontEnd:
         name = channel.name
         if self.channels.get(name) is not channel:
             return
+        if "." in name:
+            self._bind_field(channel)
+            return
         target = self.controls.get(name) or self.table.pvs.get(name)
         if target is None:
             if not self.table.claims(name):
@@ -337,6 +364,21 @@ class PvaFrontEnd:
             self.sync.hold(target, channel)
             return
         target.bind(channel)
+
+    def _bind_field(self, channel) -> None:
+        """A field channel opens with the field as it stands; its PV is followed from now
+        on, so that what other front-ends' puts change of it (NORD, SEVR) is shown."""
+        base, _, field = channel.name.rpartition(".")
+        pv = self.table.pvs.get(base)
+        if pv is None or not pv.real:  # deleted since the search
+            self.drop_channel(channel)
+            return
+        if not pv.field_channels:
+            pv.field_channels = {}
+        fpv = pv.field_channels[field] = PvaField(pv, field)
+        self.field_pvs[channel.name] = fpv
+        self.sync.follow(base)
+        fpv.bind(channel)
 
     def reinstall_rules(self, rules) -> None:
         """The rules ``PvaAccess.reread`` gave are in force from now (None: not reloaded),
@@ -362,7 +404,10 @@ class PvaFrontEnd:
         with self.channel_lock:
             if dropped := self.channels.get(channel.name) is channel:
                 del self.channels[channel.name]
-        if dropped and channel.name not in self.controls:
+        fpv = self.field_pvs.get(channel.name)
+        if fpv is not None and fpv.channel is channel:
+            self._drop_field(fpv)
+        elif dropped and channel.name not in self.controls and "." not in channel.name:
             self.sync.let_go(channel.name)
             # A provisional PV made for this channel, which no client holds (its opening
             # was given up): it goes too, or it keeps a place of max_pvs for good.
@@ -372,8 +417,19 @@ class PvaFrontEnd:
                 self.table.detached(pv)
         channel.shut()
 
+    def _drop_field(self, fpv: PvaField) -> None:
+        """A field channel is gone: its PV is followed no longer if nothing else holds it."""
+        del self.field_pvs[fpv.name]
+        fpv.channel = None
+        pv = fpv.pv
+        if pv.field_channels.get(fpv.field) is fpv:
+            del pv.field_channels[fpv.field]
+        if pv.name not in self.channels and not pv.field_channels:
+            self.sync.unfollow(pv.name)
+
     def _target(self, channel):
-        return self.controls.get(channel.name) or self.table.pvs.get(channel.name)
+        name = channel.name
+        return self.controls.get(name) or self.table.pvs.get(name) or self.field_pvs.get(name)
 
     def on_first_connect(self, channel) -> None:
         if self.channels.get(channel.name) is not channel:
@@ -388,7 +444,9 @@ class PvaFrontEnd:
         if target is None or target.channel is not channel:
             return
         target.attached = False
-        if isinstance(target, PvaPV):
+        if isinstance(target, PvaField):
+            self.drop_channel(channel)
+        elif isinstance(target, PvaPV):
             # Nobody holds it: its channel goes, and the shard's wait on its puts for this
             # front-end (PvaSync); a provisional PV goes too, as on CA.
             if not target.real:
@@ -422,6 +480,8 @@ class PvaFrontEnd:
                 put.failed, put.reason = True, "pvlist is read-only"
             elif target is self.delpv:
                 self._delete(put, op.value())
+            elif isinstance(target, PvaField):
+                self._put_field(put, target, op.value())
             else:
                 self._put(put, target, op.value())
         finally:
@@ -467,6 +527,15 @@ class PvaFrontEnd:
             put.parts += 1
             return
         _part(put, self.forwarder.put(pv, data, put))
+
+    def _put_field(self, put: PvaPut, fpv: PvaField, value) -> None:
+        """A put to ``NAME.FIELD``: the field put a CA client makes, checked and refused
+        with the same reasons (a read-only field, a value out of range)."""
+        if not value.changedSet() & {"value", "value.index"}:
+            put.failed, put.reason = True, "refused put: the put changes no value"
+            return
+        raw = convert.field_put(fpv.field, value)
+        _part(put, self.forwarder.field(fpv.pv.name, fpv.field, raw, put))
 
     def _delete(self, put: PvaPut, value) -> None:
         name = str(value["value"]).strip()

@@ -96,13 +96,19 @@ class PvaSync(ShardSync):
                 return
             del searched[name]
             if name not in self._opening and name not in self.broker.channels:
-                self.unfollow(name)
+                self._unfollow_unless_fields(name)
 
     def let_go(self, name: str) -> None:
-        """No channel serves ``name`` any longer."""
+        """No channel serves ``name`` any longer (its fields' channels keep it followed)."""
         self._opening.pop(name, None)
         self.watch(name, False)
-        self.unfollow(name)
+        self._unfollow_unless_fields(name)
+
+    def _unfollow_unless_fields(self, name: str) -> None:
+        """``name`` is followed no longer, unless a channel of a field of it is held."""
+        pv = self.table.pvs.get(name)
+        if pv is None or not pv.field_channels:
+            self.unfollow(name)
 
     def _follow(self, link, name: str, notify=None) -> int:
         """A FOLLOW whose answer opens the channel waiting for it."""

@@ -9,11 +9,14 @@ if a PVA client holds one.  Everything here runs on the front-end's loop thread.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 
 from carelay.broker.mirror import VALUE_MASK, MirrorView, PvMirror
 from carelay.broker.pva import convert
+from carelay.common import fields as record_fields
 from carelay.common.naming import PvSpec
 
 log = logging.getLogger(__name__)
@@ -21,6 +24,10 @@ log = logging.getLogger(__name__)
 
 class PvaPV(MirrorView):
     """A relay PV as the PVA front-end mirrors and serves it."""
+
+    #: Its fields' channels (``NAME.FIELD``) that clients hold, by field: a dict of its
+    #: own once one is (PvaFrontEnd._bind_field); the PVs without any share this one.
+    field_channels: Mapping[str, PvaField] = MappingProxyType({})
 
     def __init__(self, front, spec: PvSpec, shard: int) -> None:
         self.front = front
@@ -54,6 +61,8 @@ class PvaPV(MirrorView):
         self.mirror.field_changed(name, value)
         status = self.status()
         self.mirror.alarm_event(*status)
+        if self.field_channels:
+            self.show_fields(status)
         if self.channel is not None:
             out = convert.metadata(self.spec, self.mirror.eff)
             out["alarm"] = convert.alarm_of(*status)
@@ -64,6 +73,10 @@ class PvaPV(MirrorView):
         self.mirror.forget()
         self.deleting = False
         self.post(-1)
+        # A field is a field of a PV: its channels close, and a client that searches again
+        # finds none until the PV is made again.
+        for fpv in list(self.field_channels.values()):
+            self.front.drop_channel(fpv.channel)
         if not self.attached and self.channel is not None:
             # No client holds it: the table forgets this PV, so its channel goes too.
             self.front.drop_channel(self.channel)
@@ -74,6 +87,8 @@ class PvaPV(MirrorView):
         the alarm did (a mask of 0 is an alarm check only)."""
         status = self.status()
         mask |= self.mirror.alarm_event(*status)
+        if self.field_channels:
+            self.show_fields(status)
         if not mask or self.channel is None:
             return
         # A large buffer's events are spaced as on CA (PvMirror.coalesce): each one
@@ -82,6 +97,11 @@ class PvaPV(MirrorView):
             self.front.post_later(self)
             return
         self.channel.show(self.fields(status) if mask == -1 else self.changes(status))
+
+    def show_fields(self, status: tuple[int, int]) -> None:
+        """Show its fields' channels what changed of them (NORD, SEVR, a field put)."""
+        for fpv in self.field_channels.values():
+            fpv.show(status)
 
     def post_due(self, now: float) -> bool:
         """Show a held-back buffer event once its interval passed; True when done."""
@@ -143,6 +163,54 @@ class PvaPV(MirrorView):
         """``channel`` now serves this PV: it opens with its state as it stands."""
         self.channel = channel
         channel.prepare(convert.nt_code(self.spec), self.fields())
+
+
+class PvaField:
+    """``NAME.FIELD`` over PVA, as an IOC's PVA server serves a record's field: the field's
+    value (an NTEnum for a menu field), with the PV's alarm and time stamp, shown to
+    monitors when the value or the alarm changes.  A put to it is a field put (see
+    PvaFrontEnd.on_put).  It lives while a client holds it and its PV exists."""
+
+    def __init__(self, pv: PvaPV, field: str) -> None:
+        self.pv = pv
+        self.field = field
+        self.name = f"{pv.name}.{field}"
+        self.code = convert.field_code(field)
+        self.attached = False
+        self.channel = None
+        #: What its monitors were last shown: (the field's value, the alarm).
+        self._shown: tuple | None = None
+
+    def value(self, status: tuple[int, int]):
+        """The field's value now (SEVR and STAT: the alarm PVA clients are shown)."""
+        pv, field = self.pv, self.field
+        if field in ("SEVR", "STAT"):
+            return status[1] if field == "SEVR" else status[0]
+        return pv.front.table.field_value(pv.spec, field)
+
+    def fields(self, status: tuple[int, int]) -> dict:
+        value = self.value(status)
+        self._shown = (value, status)
+        return {
+            "value": convert.field_value(self.field, value),
+            "alarm": convert.alarm_of(*status),
+            "timeStamp": convert.stamp_of(self.pv.mirror.stamp),
+        }
+
+    def show(self, status: tuple[int, int]) -> None:
+        if self.channel is not None and (self.value(status), status) != self._shown:
+            self.channel.show(self.fields(status))
+
+    def bind(self, channel) -> None:
+        self.channel = channel
+        channel.prepare(self.code, self.fields(self.pv.status()))
+
+    @staticmethod
+    def served(spec: PvSpec, field: str) -> bool:
+        """Whether a PV of ``spec`` has the field channel ``NAME.field`` over PVA: each field
+        it has on CA but VAL (the PV's own channel) and the ``$`` forms (a PVA string is
+        whole)."""
+        return field in record_fields.FIELDS and record_fields.applies(field, spec)
 
 
 class PvListPVA:

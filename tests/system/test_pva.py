@@ -55,7 +55,10 @@ def _next_value(got: queue.Queue, want, timeout: float = 10.0):
         v = got.get(timeout=timeout)
         if isinstance(v, Exception):
             continue
-        if np.array_equal(np.atleast_1d(v), np.atleast_1d(want)):
+        if isinstance(want, str):  # numpy takes a p4p string (ntstr) for some other thing
+            if v == want:
+                return v
+        elif np.array_equal(np.atleast_1d(v), np.atleast_1d(want)):
             return v
 
 
@@ -442,3 +445,102 @@ def test_a_field_change_shows_no_buffer_value_again(relay, pva):
         assert "value" not in units_event().raw.changedSet()
     finally:
         sub.close()
+
+
+def test_a_pvs_fields_are_channels_of_their_own(relay, pva):
+    """``NAME.FIELD`` over PVA, as an IOC's PVA server serves a record's field: the field's
+    value (an NTEnum for a menu field), with the PV's alarm and time stamp; read,
+    monitored and put, each protocol seeing the other's change."""
+    name = relay.name("fld", "f1")
+    pva.put(name, 1.0, timeout=5)
+    assert pva.get(name + ".RTYP", timeout=5) == "ao"
+    assert pva.get(name + ".NAME", timeout=5) == name
+    assert pva.get(name + ".EGU", timeout=5).raw.type()["value"] == "s"
+    assert pva.get(name + ".PREC", timeout=5).raw.type()["value"] == "h"
+    assert pva.get(name + ".UDF", timeout=5).raw.type()["value"] == "B"
+    egu, egu_got = _events(pva, name + ".EGU")
+    sevr, sevr_got = _events(pva, name + ".SEVR")
+    try:
+        _next_value(egu_got, "")
+        put(name + ".EGU", "degC")  # through CA
+        _next_value(egu_got, "degC")
+        first = _next_value(sevr_got, 0)
+        assert first.raw.getID().startswith("epics:nt/NTEnum:")
+        assert list(first.raw["value.choices"]) == ["NO_ALARM", "MINOR", "MAJOR", "INVALID"]
+        pva.put(name + ".HIHI", 5.0, timeout=5)
+        pva.put(name + ".HHSV", "MINOR", timeout=5)  # by its choice
+        assert get(name + ".HHSV") == 1
+        pva.put(name + ".HHSV", 2, timeout=5)  # by its index: MAJOR
+        # A PVA put of a field completes once its shard applied it: CA reads it at once,
+        # and so does the PV's own channel (valueAlarm).
+        assert get(name + ".HIHI") == 5.0
+        assert pva.get(name, timeout=5).raw["valueAlarm.highAlarmLimit"] == 5.0
+        put(name, 6.0)  # past HIHI: the field's monitor sees the alarm
+        raised = _next_value(sevr_got, 2)
+        assert raised.raw["alarm.severity"] == 2  # the PV's alarm, as the field carries it
+    finally:
+        egu.close()
+        sevr.close()
+    arr = relay.name("fldarr", "i8")
+    pva.put(arr, [1, 2, 3], timeout=5)
+    assert pva.get(arr + ".NELM", timeout=5) == 8
+    nord, nord_got = _events(pva, arr + ".NORD")
+    try:
+        _next_value(nord_got, 3)
+        put(arr, np.array([1, 2, 3, 4, 5]))
+        _next_value(nord_got, 5)
+    finally:
+        nord.close()
+
+
+def test_puts_to_a_pvs_fields_over_pva_act_as_on_ca(relay, pva):
+    """PROC processes the PV, RES empties a buffer, a read-only field or a bad value is
+    refused with the reason and changes nothing."""
+    name = relay.name("fldput", "f1")
+    pva.put(name, 4.0, timeout=5)
+    before = pva.get(name, timeout=5).timestamp
+    pva.put(name + ".PROC", 1, timeout=5)
+    assert pva.get(name, timeout=5).timestamp > before
+    assert pva.get(name + ".PROC", timeout=5) == 0
+    buf = relay.name("fldres", "F4")
+    pva.put(buf, [1.0, 2.0], timeout=5)
+    pva.put(buf + ".RES", 1, timeout=5)
+    assert len(pva.get(buf, timeout=5)) == 0
+    assert get(buf + ".NORD") == 0  # CA reads it emptied
+    with pytest.raises(p4p.client.thread.RemoteError, match="NORD is not a writable field"):
+        pva.put(name + ".NORD", 3, timeout=5)
+    with pytest.raises(p4p.client.thread.RemoteError, match="PREC takes a whole number"):
+        pva.put(name + ".PREC", 99, timeout=5)
+    assert pva.get(name + ".PREC", timeout=5) == 0 and get(name + ".PREC") == 0
+    with pytest.raises(p4p.client.thread.RemoteError, match="EGU holds at most 16"):
+        pva.put(name + ".EGU", "x" * 17, timeout=5)
+    pva.put(name + ".EGU", "mm", timeout=5)
+    assert pva.get(name, timeout=5).raw["display.units"] == "mm"
+    assert pva.get(name, timeout=5) == 4.0
+
+
+def test_field_channels_of_what_does_not_exist_are_not_served(relay, pva):
+    """No field of a PV that has had no put, no field a PV of its type has, no unknown
+    field; a deleted PV's field channels close."""
+    f1 = relay.name("nofld", "f1")
+    s1 = relay.name("nofldtxt", "s1")
+    pva.put(f1, 1.0, timeout=5)
+    pva.put(s1, "x", timeout=5)
+    for missing in (relay.name("never", "f1") + ".EGU", f1 + ".XYZ", f1 + ".RES", s1 + ".EGU"):
+        with pytest.raises(TimeoutError):
+            pva.get(missing, timeout=1)
+    sub, got = _events(pva, f1 + ".DESC")
+    try:
+        _next_value(got, "")
+        put(relay.prefix + "delpv", f1)
+
+        def disconnected():
+            while True:
+                if isinstance(got.get(timeout=10), p4p.client.thread.Disconnected):
+                    return True
+
+        assert disconnected()
+    finally:
+        sub.close()
+    with pytest.raises(TimeoutError):
+        pva.get(f1 + ".DESC", timeout=1)

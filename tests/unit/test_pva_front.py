@@ -94,7 +94,6 @@ def real_pv(front, name: str, value: float = 1.0):
 
 def test_names_served(front):
     assert front.test_channel("OTHER:x_f1") is False
-    assert front.test_channel("P:x_f1.EGU") is False  # no field channels over PVA
     assert front.test_channel("P:no_type") is False
     front.inbox.run()  # the refusal is logged on the loop thread
     assert "P:no_type" in front.table.refusals
@@ -297,3 +296,99 @@ def test_a_put_is_told_done_after_what_came_with_its_answer_is_shown(front):
         assert channel.shown[-1]["value"] == 3.0
     finally:
         link.sock = None
+
+
+def field_channel(front, name: str):
+    """The channel a client holds of field channel ``name``, opened by the loop."""
+    assert front.test_channel(name) is True
+    channel = front.make_channel(name)
+    front.inbox.run()
+    front.on_first_connect(channel)
+    return channel
+
+
+def test_field_names_served(front):
+    """A field of a PV that exists and has it; not a field of a PV with no put yet (it
+    could take no put), VAL (the PV's own channel), the ``$`` forms or an unknown one."""
+    assert front.test_channel("P:x_f1.EGU") is None  # its shard is not in sync: ask again
+    live(front, "P:x_f1")
+    assert front.test_channel("P:x_f1.EGU") is False  # no PV yet
+    real_pv(front, "P:x_f1")
+    real_pv(front, "P:t_s1")
+    for name in ("P:x_f1.EGU", "P:x_f1.SEVR", "P:x_f1.PROC", "P:t_s1.DESC", "P:t_s1.RTYP"):
+        live(front, name.partition(".")[0])
+        assert front.test_channel(name) is True, name
+    for name in ("P:x_f1.VAL", "P:x_f1.DESC$", "P:x_f1.XYZ", "P:x_f1.RES", "P:t_s1.EGU"):
+        assert front.test_channel(name) is False, name
+    assert front.test_channel("P:no_type.EGU") is False
+    front.inbox.run()
+    assert "P:x_f1.XYZ" in front.table.refusals and "P:t_s1.EGU" in front.table.refusals
+
+
+def test_a_field_channel_shows_its_field_as_it_changes(front):
+    front.sync.follows = True  # other front-ends put too: PVs held are followed
+    pv, _ = real_pv(front, "P:x_f1", 1.0)
+    sevr = field_channel(front, "P:x_f1.SEVR")
+    hihi = field_channel(front, "P:x_f1.HIHI")
+    assert sevr.code == "enum" and hihi.code == "field:d"
+    assert sevr.shown[-1]["value"] == {
+        "index": 0,
+        "choices": ["NO_ALARM", "MINOR", "MAJOR", "INVALID"],
+    }
+    assert hihi.shown[-1]["value"] == 0.0
+    assert "P:x_f1" in front.sync.followed  # another front-end's puts move SEVR
+    pv.field_changed("HIHI", 5.0)
+    assert hihi.shown[-1]["value"] == 5.0
+    shown = len(sevr.shown)
+    pv.apply(np.array([2.0]), 2.0, append=False)  # no alarm: nothing new for SEVR
+    assert len(sevr.shown) == shown and len(hihi.shown) == 2
+    pv.apply(np.array([6.0]), 3.0, append=False)
+    assert sevr.shown[-1]["value"]["index"] == 2  # MAJOR, HHSV's default once HIHI is set
+    assert sevr.shown[-1]["alarm"]["severity"] == 2
+    assert sevr.shown[-1]["timeStamp"]["secondsPastEpoch"] == 3
+    # The alarm every field carries changed too: a get of HIHI gives it (pvxs answers a
+    # get from the last post).
+    assert hihi.shown[-1]["value"] == 5.0 and hihi.shown[-1]["alarm"]["severity"] == 2
+
+
+def test_a_put_to_a_field_channel_is_a_field_put(front):
+    pv, _ = real_pv(front, "P:x_f1", 1.0)
+    link = front.links[pv.shard]
+    link.sock = object()  # requests are only queued here, never sent
+    try:
+        nord = field_channel(front, "P:x_f1.NORD")
+        op = FakeOp(FakeValue({"value": 3}))
+        front.on_put(nord, op)
+        assert op.result == ("error", "refused put to .NORD: NORD is not a writable field")
+        sevr = field_channel(front, "P:x_f1.HHSV")
+        op = FakeOp(FakeValue({"value.index": 9}))
+        front.on_put(sevr, op)
+        assert op.result == ("error", "refused put to .HHSV: HHSV takes a severity from 0 to 3")
+        op = FakeOp(FakeValue({"alarm.severity": 1}))
+        front.on_put(sevr, op)
+        assert op.result == ("error", "refused put: the put changes no value")
+        assert link.outbox == []
+        op = FakeOp(FakeValue({"value.index": 1}))
+        front.on_put(sevr, op)
+        (msg,) = link.outbox
+        assert (msg.name, msg.field, msg.value) == ("P:x_f1", "HHSV", 1)
+        assert op.result is None  # done once the shard applied it
+    finally:
+        link.sock = None
+
+
+def test_a_field_channel_goes_with_its_client_or_its_pv(front):
+    front.sync.follows = True  # other front-ends put too: PVs held are followed
+    name = "P:x_f1"
+    pv, channel = real_pv(front, name)
+    egu = field_channel(front, name + ".EGU")
+    assert pv.channel is channel
+    front.on_last_disconnect(channel)  # the PV's own channel goes: its field holds it
+    assert name in front.sync.followed
+    front.on_last_disconnect(egu)
+    assert egu.shut_count == 1 and not pv.field_channels and name + ".EGU" not in front.channels
+    assert name not in front.sync.followed
+    egu = field_channel(front, name + ".EGU")
+    front.table.forget(name)  # deleted
+    assert egu.shut_count == 1 and not pv.field_channels
+    assert front.test_channel(name + ".EGU") is False
