@@ -290,15 +290,14 @@ class PvaFrontEnd:
         """Whether ``NAME.FIELD`` is served: a field of a PV that exists (a field of one
         not made yet is not: a put to it could not be made either), which a PV of its type
         has.  Runs on a p4p thread, as ``test_channel``."""
-        base, _, field = name.rpartition(".")
+        base, field = fields.split_field(name)
         try:
             spec = self.config.pv_spec(base)
         except InvalidPvName:
             return False  # no PV: nothing to log but a search for a name no one serves
-        if not PvaField.served(spec, field):
-            known = fields.field_def(field) is not None
-            why = "no such field over PVA for its type" if known else "unknown field"
-            self.inbox.push(self.table.refuse, name, f"{why} {field}")
+        why = PvaField.refusal(spec, field)
+        if why is not None:
+            self.inbox.push(self.table.refuse, name, why)
             return False
         link = link_for(self.links, base)
         if not link.live or _silent(link):
@@ -366,19 +365,19 @@ class PvaFrontEnd:
         target.bind(channel)
 
     def _bind_field(self, channel) -> None:
-        """A field channel opens with the field as it stands; its PV is followed from now
-        on, so that what other front-ends' puts change of it (NORD, SEVR) is shown."""
-        base, _, field = channel.name.rpartition(".")
+        """A field channel opens as its PV's own does (PvaSync.hold): with the field as
+        the shard holds it, and what other front-ends change of it (NORD, SEVR, the field)
+        shown before their puts with callback complete."""
+        base, field = fields.split_field(channel.name)
         pv = self.table.pvs.get(base)
         if pv is None or not pv.real:  # deleted since the search
             self.drop_channel(channel)
             return
         if not pv.field_channels:
             pv.field_channels = {}
-        fpv = pv.field_channels[field] = PvaField(pv, field)
+        fpv = pv.field_channels[field] = PvaField(pv, field, channel)
         self.field_pvs[channel.name] = fpv
-        self.sync.follow(base)
-        fpv.bind(channel)
+        self.sync.hold(pv, channel, fpv)
 
     def reinstall_rules(self, rules) -> None:
         """The rules ``PvaAccess.reread`` gave are in force from now (None: not reloaded),
@@ -406,9 +405,9 @@ class PvaFrontEnd:
                 del self.channels[channel.name]
         fpv = self.field_pvs.get(channel.name)
         if fpv is not None and fpv.channel is channel:
-            self._drop_field(fpv)
+            self._drop_field(fpv, channel)
         elif dropped and channel.name not in self.controls and "." not in channel.name:
-            self.sync.let_go(channel.name)
+            self.sync.let_go(channel.name, channel)
             # A provisional PV made for this channel, which no client holds (its opening
             # was given up): it goes too, or it keeps a place of max_pvs for good.
             pv = self.table.pvs.get(channel.name)
@@ -417,15 +416,14 @@ class PvaFrontEnd:
                 self.table.detached(pv)
         channel.shut()
 
-    def _drop_field(self, fpv: PvaField) -> None:
-        """A field channel is gone: its PV is followed no longer if nothing else holds it."""
+    def _drop_field(self, fpv: PvaField, channel) -> None:
+        """A field channel is gone (PvaSync.let_go: its PV too, if nothing else holds it)."""
         del self.field_pvs[fpv.name]
-        fpv.channel = None
+        fpv.opened = False
         pv = fpv.pv
         if pv.field_channels.get(fpv.field) is fpv:
             del pv.field_channels[fpv.field]
-        if pv.name not in self.channels and not pv.field_channels:
-            self.sync.unfollow(pv.name)
+        self.sync.let_go(pv.name, channel)
 
     def _target(self, channel):
         name = channel.name

@@ -17,6 +17,7 @@ from carelay.broker.loop import Loop
 from carelay.broker.peers import ca_buffer_bytes
 from carelay.broker.sync import ShardSync
 from carelay.common.config import PVA_SEARCH_FOLLOW, STATUS_INTERVAL
+from carelay.common.fields import split_field
 from carelay.common.lifecycle import StopFlag
 from carelay.common.messages import Watch
 from carelay.common.protocol import BATCH_MAX
@@ -47,8 +48,9 @@ class PvaSync(ShardSync):
 
     def __init__(self, broker) -> None:
         super().__init__(broker)
-        #: Channels that open once their shard has answered their FOLLOW, by name.
-        self._opening: dict = {}
+        #: Channels that open once their shard has answered their FOLLOW, by the name of
+        #: their PV: (what the channel serves, the channel), the PV's own or a field's.
+        self._opening: dict[str, list] = {}
         #: How many FOLLOWs of each name wait for their answer (names with none absent).
         self._answering: dict[str, int] = {}
         #: PVs followed since a client searched for them, no channel made yet: when each
@@ -60,16 +62,17 @@ class PvaSync(ShardSync):
         #: turn, and a put takes several.
         self.wake_fd = broker.inbox.fd
 
-    def hold(self, pv, channel) -> None:
-        """``channel`` serves ``pv`` from now on: its shard sends this front-end the
-        other front-ends' puts to it (FOLLOW: not those to PVs no channel holds), and
-        holds the answer to such a put until this front-end has shown it (WATCH).  The
-        channel opens once the shard answered every FOLLOW of it sent so far with the PV
-        as it stands: a client reads no older value than the shard's."""
+    def hold(self, pv, channel, target=None) -> None:
+        """``channel`` serves ``pv`` (or ``target``, a field of it) from now on: its shard
+        sends this front-end the other front-ends' puts to it (FOLLOW: not those to PVs
+        no channel holds), and holds the answer to such a put until this front-end has
+        shown it (WATCH).  The channel opens once the shard answered every FOLLOW of it
+        sent so far with the PV as it stands: a client reads no older value than the
+        shard's."""
         name = pv.name
         self._searched.pop(name, None)  # the channel keeps it followed now
         self.watch(name, True)
-        self._opening[name] = (pv, channel)
+        self._opening.setdefault(name, []).append((target or pv, channel))
         if not self.follow(name) and not self._answering.get(name):
             self._open(name)  # followed and answered already, or its shard is not in sync
 
@@ -95,19 +98,22 @@ class PvaSync(ShardSync):
             if due > now:
                 return
             del searched[name]
-            if name not in self._opening and name not in self.broker.channels:
-                self._unfollow_unless_fields(name)
+            pv = self.table.pvs.get(name)
+            held = name in self.broker.channels or (pv is not None and pv.field_channels)
+            if name not in self._opening and not held:
+                self.unfollow(name)
 
-    def let_go(self, name: str) -> None:
-        """No channel serves ``name`` any longer (its fields' channels keep it followed)."""
-        self._opening.pop(name, None)
-        self.watch(name, False)
-        self._unfollow_unless_fields(name)
-
-    def _unfollow_unless_fields(self, name: str) -> None:
-        """``name`` is followed no longer, unless a channel of a field of it is held."""
+    def let_go(self, name: str, channel) -> None:
+        """``channel``, which served PV ``name`` or a field of it, is gone: the PV is
+        watched and followed no longer if no other channel serves it or a field of it."""
+        opening = self._opening.get(name)
+        if opening:
+            opening[:] = [(t, c) for t, c in opening if c is not channel]
+            if not opening:
+                del self._opening[name]
         pv = self.table.pvs.get(name)
-        if pv is None or not pv.field_channels:
+        if name not in self.broker.channels and (pv is None or not pv.field_channels):
+            self.watch(name, False)
             self.unfollow(name)
 
     def _follow(self, link, name: str, notify=None) -> int:
@@ -125,9 +131,9 @@ class PvaSync(ShardSync):
             self._open(name)
 
     def _open(self, name: str) -> None:
-        pv, channel = self._opening.pop(name, (None, None))
-        if channel is not None and self.broker.channels.get(name) is channel:
-            pv.bind(channel)
+        for target, channel in self._opening.pop(name, ()):
+            if self.broker.channels.get(channel.name) is channel:
+                target.bind(channel)
 
     def watch(self, name: str, on: bool) -> None:
         """A channel of ``name`` now serves it (``on``), or no longer.  A shard not in
@@ -140,8 +146,8 @@ class PvaSync(ShardSync):
         """In sync again: the shard (maybe a new process) learns the PVs watched here."""
         super()._resync(link, end)
         with self.broker.channel_lock:
-            names = [n for n in self.broker.channels if n not in self.broker.controls]
-        for name in names:
+            held = [n for n in self.broker.channels if n not in self.broker.controls]
+        for name in {split_field(n)[0] for n in held}:  # a field's channel: its PV
             if link_for(self.links, name) is link:
                 link.queue(Watch(0, name, True))
         link.send_queued()

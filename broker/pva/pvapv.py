@@ -171,13 +171,15 @@ class PvaField:
     monitors when the value or the alarm changes.  A put to it is a field put (see
     PvaFrontEnd.on_put).  It lives while a client holds it and its PV exists."""
 
-    def __init__(self, pv: PvaPV, field: str) -> None:
+    def __init__(self, pv: PvaPV, field: str, channel) -> None:
         self.pv = pv
         self.field = field
         self.name = f"{pv.name}.{field}"
         self.code = convert.field_code(field)
         self.attached = False
-        self.channel = None
+        #: The channel that serves it, shown changes once it opened (``bind``).
+        self.channel = channel
+        self.opened = False
         #: What its monitors were last shown: (the field's value, the alarm).
         self._shown: tuple | None = None
 
@@ -198,19 +200,27 @@ class PvaField:
         }
 
     def show(self, status: tuple[int, int]) -> None:
-        if self.channel is not None and (self.value(status), status) != self._shown:
+        if self.opened and (self.value(status), status) != self._shown:
             self.channel.show(self.fields(status))
 
     def bind(self, channel) -> None:
-        self.channel = channel
+        """Its channel opens with the field as it stands (PvaSync.hold)."""
+        self.opened = True
         channel.prepare(self.code, self.fields(self.pv.status()))
 
     @staticmethod
-    def served(spec: PvSpec, field: str) -> bool:
-        """Whether a PV of ``spec`` has the field channel ``NAME.field`` over PVA: each field
-        it has on CA but VAL (the PV's own channel) and the ``$`` forms (a PVA string is
-        whole)."""
-        return field in record_fields.FIELDS and record_fields.applies(field, spec)
+    def refusal(spec: PvSpec, field: str) -> str | None:
+        """Why a PV of ``spec`` has no field channel ``NAME.field`` over PVA (None: it has):
+        it has each field it has on CA but VAL and the ``$`` forms."""
+        if field == "VAL":
+            return "no NAME.VAL over PVA: NAME is the PV's value"
+        if field.endswith(record_fields.LONG_SUFFIX):
+            return f"no {field} over PVA: a PVA string carries the whole text"
+        if field not in record_fields.FIELDS:
+            return f"unknown field {field}"
+        if not record_fields.applies(field, spec):
+            return f"no such field for its type {field}"
+        return None
 
 
 class PvListPVA:

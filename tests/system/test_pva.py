@@ -493,6 +493,38 @@ def test_a_pvs_fields_are_channels_of_their_own(relay, pva):
         nord.close()
 
 
+def test_a_field_put_with_callback_is_read_at_once_through_the_other(relay, pva):
+    """As for a value: once a CA put with callback to ``NAME.HIHI`` is done, a PVA get of
+    ``NAME.HIHI`` (a channel a monitor holds) gives it, and the reverse; and a field
+    channel held alone keeps its PV followed (NORD moves with CA's puts)."""
+    name = relay.name("fldcb", "f1")
+    put(name, 1.0)
+    sub, got = _events(pva, name + ".HIHI")
+    try:
+        _next_value(got, 0.0)
+        stale = []
+        for k in range(1, 51):
+            put(name + ".HIHI", float(k))
+            if (v := pva.get(name + ".HIHI", timeout=5)) != k:
+                stale.append((float(k), float(v)))
+            pva.put(name + ".HIHI", k + 0.5, timeout=5)
+            if (v := get(name + ".HIHI")) != k + 0.5:
+                stale.append((k + 0.5, v))
+        assert stale == []
+    finally:
+        sub.close()
+    arr = relay.name("fldnord", "f6")
+    put(arr, np.array([1.0, 2.0]))
+    sub, got = _events(pva, arr + ".NORD")
+    try:
+        _next_value(got, 2)
+        for n in range(3, 7):
+            put(arr, np.arange(float(n)))
+            assert pva.get(arr + ".NORD", timeout=5) == n
+    finally:
+        sub.close()
+
+
 def test_puts_to_a_pvs_fields_over_pva_act_as_on_ca(relay, pva):
     """PROC processes the PV, RES empties a buffer, a read-only field or a bad value is
     refused with the reason and changes nothing."""

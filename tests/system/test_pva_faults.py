@@ -81,8 +81,12 @@ def test_a_pva_put_during_a_short_shard_restart_waits_for_it(pva_relay):
     relay = pva_relay
     name = name_on_shard(relay, 0, "grace")
     ctx = pva_context()
+    severities: queue.Queue = queue.Queue()
     try:
         ctx.put(name, 1.5, timeout=5)
+        # A field channel held through the restart: it shows the alarm the PV is in.
+        sevr = ctx.monitor(name + ".SEVR", severities.put, notify_disconnect=True)
+        _wait_severity(severities, 0)
         mark = len(relay.log())
         os.kill(role_pid(relay, "shard 0"), signal.SIGKILL)
         # The front-end saw the shard go (COMM alarm): the put below comes during the restart.
@@ -91,9 +95,22 @@ def test_a_pva_put_during_a_short_shard_restart_waits_for_it(pva_relay):
             interval=0.01,
             what="the COMM alarm over PVA",
         )
+        _wait_severity(severities, 3)  # INVALID while its shard is gone
         ctx.put(name, 2.5, timeout=10)
         assert ctx.get(name, timeout=5) == 2.5
+        _wait_severity(severities, 0)  # and none once it is back
+        put(name + ".EGU", "V")  # through CA, to the new shard process
+        assert ctx.get(name + ".EGU", timeout=5) == "V"
+        sevr.close()
     finally:
         ctx.close()
     assert "put to " not in relay.log()[mark:], "a put failed"
     wait_for(lambda: get(name) == 2.5, what="CA to read the put made during the restart")
+
+
+def _wait_severity(events: queue.Queue, severity: int) -> None:
+    """Take the events of a ``NAME.SEVR`` monitor until one shows ``severity``."""
+    while True:
+        v = events.get(timeout=20)
+        if not isinstance(v, Exception) and int(v) == severity:
+            return

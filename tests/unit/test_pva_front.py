@@ -307,7 +307,7 @@ def field_channel(front, name: str):
     return channel
 
 
-def test_field_names_served(front):
+def test_field_names_served(front, caplog):
     """A field of a PV that exists and has it; not a field of a PV with no put yet (it
     could take no put), VAL (the PV's own channel), the ``$`` forms or an unknown one."""
     assert front.test_channel("P:x_f1.EGU") is None  # its shard is not in sync: ask again
@@ -322,7 +322,15 @@ def test_field_names_served(front):
         assert front.test_channel(name) is False, name
     assert front.test_channel("P:no_type.EGU") is False
     front.inbox.run()
-    assert "P:x_f1.XYZ" in front.table.refusals and "P:t_s1.EGU" in front.table.refusals
+    # Why, in the log and ERRORS as other refused names.
+    for name, why in (
+        ("P:x_f1.VAL", "no NAME.VAL over PVA: NAME is the PV's value"),
+        ("P:x_f1.DESC$", "no DESC$ over PVA: a PVA string carries the whole text"),
+        ("P:x_f1.XYZ", "unknown field XYZ"),
+        ("P:x_f1.RES", "no such field for its type RES"),
+        ("P:t_s1.EGU", "no such field for its type EGU"),
+    ):
+        assert f"refused PV name {name}: {why}" in caplog.text
 
 
 def test_a_field_channel_shows_its_field_as_it_changes(front):

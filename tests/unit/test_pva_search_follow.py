@@ -13,7 +13,7 @@ import pytest
 from carelay.broker.link import LinkState
 from carelay.broker.pva.front import PvaFrontEnd
 from carelay.common.config import PVA_SEARCH_FOLLOW, load_config
-from carelay.common.messages import Follow
+from carelay.common.messages import Follow, Watch
 from tests.unit.test_pva_front import FakeChannel
 
 NAME = "P:searched_f1"
@@ -147,3 +147,51 @@ def test_a_follow_that_cannot_go_ends_at_once_and_the_channel_opens(front):
     front.inbox.run()
     assert len(channel.shown) == 1
     assert not front.requests.unanswered[shard.link.index]
+
+
+def _watches(shard) -> list[tuple[str, bool]]:
+    return [(m.name, m.on) for m in shard.sent if type(m) is Watch]
+
+
+def test_a_field_channel_opens_as_its_pvs_own_does(front):
+    """``NAME.FIELD`` opens once its PV's FOLLOW is answered, and keeps the PV followed
+    and watched (a put with callback through another front-end then completes only once
+    the field shows it) until neither the PV's own channel nor a field's is held."""
+    shard = Shard(front, NAME)
+    egu = front.make_channel(NAME + ".EGU")
+    front.inbox.run()
+    (req,) = shard.follows()
+    assert _watches(shard) == [(NAME, True)]  # the PV, not the field's name
+    assert egu.shown == []  # the answer is not in: the field may be older
+    own = front.make_channel(NAME)
+    front.inbox.run()
+    shard.answer(req)
+    assert len(egu.shown) == 1 and len(own.shown) == 1  # both open with the answer
+    front.on_first_connect(egu)
+    front.on_first_connect(own)
+    front.on_last_disconnect(own)
+    assert shard.follows(False) == [] and (NAME, False) not in _watches(shard)
+    front.on_last_disconnect(egu)
+    assert shard.follows(False) and _watches(shard)[-1] == (NAME, False)
+
+
+def test_a_field_channel_dropped_before_it_opened_is_forgotten(front):
+    shard = Shard(front, NAME)
+    egu = front.make_channel(NAME + ".EGU")
+    front.inbox.run()
+    front.drop_channel(egu)  # e.g. its opening was given up
+    pv = front.table.pvs[NAME]
+    assert not pv.field_channels and not front.field_pvs
+    assert shard.follows(False)
+    (req,) = shard.follows()
+    shard.answer(req)
+    assert egu.shown == []
+
+
+def test_a_resync_watches_the_pv_of_a_field_channel(front):
+    shard = Shard(front, NAME)
+    front.make_channel(NAME + ".EGU")
+    front.inbox.run()
+    shard.sent.clear()
+    front.sync._resync(shard.link, None)
+    assert (NAME, True) in _watches(shard) and (NAME + ".EGU", True) not in _watches(shard)
