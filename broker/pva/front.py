@@ -303,7 +303,16 @@ class PvaFrontEnd:
         if not link.live or _silent(link):
             return None
         pv = self.table.pvs.get(base)
-        return pv is not None and pv.real
+        if pv is None or not pv.real:
+            return False
+        limit = self.config.max_pvs
+        if len(self.field_pvs) >= limit and name not in self.field_pvs:
+            # Each costs memory while held: a client that opens every field of every PV
+            # must not take the front-end's. As many as the PVs may be, at most.
+            why = f"max_pvs ({limit}) field channels held"
+            self.inbox.push(self.table.refuse, name, why, "limit")
+            return None
+        return True
 
     def make_channel(self, name: str, peer: str = ""):
         """The channel of ``name``, open (see channels.py), or None: not now, and the

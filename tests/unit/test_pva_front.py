@@ -400,3 +400,21 @@ def test_a_field_channel_goes_with_its_client_or_its_pv(front):
     front.table.forget(name)  # deleted
     assert egu.shut_count == 1 and not pv.field_channels
     assert front.test_channel(name + ".EGU") is False
+
+
+def test_field_channels_are_bounded(tmp_path, caplog):
+    """At most max_pvs field channels at once: a client that opens every field of every
+    PV does not take the front-end's memory; once one goes, another is served."""
+    front = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path), max_pvs=3))
+    front.make_channel_object = lambda _front, name: FakeChannel(name)
+    try:
+        real_pv(front, "P:x_f1")
+        held = [field_channel(front, f"P:x_f1.{f}") for f in ("EGU", "DESC", "PREC")]
+        assert front.test_channel("P:x_f1.HOPR") is None  # not now: the client asks again
+        assert front.test_channel("P:x_f1.EGU") is True  # held already: served
+        front.inbox.run()
+        assert "P:x_f1.HOPR: max_pvs (3) field channels held" in caplog.text
+        front.on_last_disconnect(held[0])
+        assert front.test_channel("P:x_f1.HOPR") is True
+    finally:
+        front.inbox.close()
