@@ -266,6 +266,9 @@ class PvaFrontEnd:
         if not name.startswith(self.config.prefix):
             return False
         if "." in name:
+            base, field = fields.split_field(name)
+            if field == "VAL":
+                return self.test_channel(base)  # the PV's own channel (make_channel)
             return self._test_field(name)
         try:
             spec = self.config.pv_spec(name)
@@ -321,6 +324,11 @@ class PvaFrontEnd:
         if not self.access.may_read(peer):
             self.inbox.push(self._refused_read, name, peer)
             return self.make_denied_object()
+        base, field = fields.split_field(name)
+        if field == "VAL":
+            # NAME.VAL is NAME, as an IOC serves a record's value: the same channel, one
+            # SharedPV under both names.
+            name = base
         with self.channel_lock:
             channel = self.channels.get(name)
             if channel is None:

@@ -211,9 +211,7 @@ class PvaField:
     @staticmethod
     def refusal(spec: PvSpec, field: str) -> str | None:
         """Why a PV of ``spec`` has no field channel ``NAME.field`` over PVA (None: it has):
-        it has each field it has on CA but VAL and the ``$`` forms."""
-        if field == "VAL":
-            return "no NAME.VAL over PVA: NAME is the PV's value"
+        it has each field it has on CA but the ``$`` forms (and VAL: the PV's own)."""
         if field.endswith(record_fields.LONG_SUFFIX):
             return f"no {field} over PVA: a PVA string carries the whole text"
         if field not in record_fields.FIELDS:

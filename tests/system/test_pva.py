@@ -525,6 +525,24 @@ def test_a_field_put_with_callback_is_read_at_once_through_the_other(relay, pva)
         sub.close()
 
 
+def test_name_val_is_the_pv_itself(relay, pva):
+    """``NAME.VAL`` over PVA is ``NAME``, as an IOC's PVA server serves a record's VAL:
+    a put to it creates the PV, a monitor of it sees CA's puts, a get reads them."""
+    name = relay.name("val", "f1")
+    sub, got = _events(pva, name + ".VAL")  # provisional: no put yet
+    try:
+        pva.put(name + ".VAL", 1.5, timeout=5)
+        _next_value(got, 1.5)
+        assert get(name) == 1.5
+        put(name, 2.5)
+        _next_value(got, 2.5)
+        assert pva.get(name + ".VAL", timeout=5) == 2.5
+        raw = pva.get(name + ".VAL", timeout=5).raw
+        assert raw.getID() == "epics:nt/NTScalar:1.0" and raw.type()["value"] == "d"
+    finally:
+        sub.close()
+
+
 def test_puts_to_a_pvs_fields_over_pva_act_as_on_ca(relay, pva):
     """PROC processes the PV, RES empties a buffer, a read-only field or a bad value is
     refused with the reason and changes nothing."""

@@ -105,6 +105,17 @@ def test_names_served(front):
     assert front.test_channel(front.config.pvlist_name) is True
 
 
+def test_name_val_is_the_pvs_own_channel(front):
+    """``NAME.VAL`` is served as ``NAME`` is (a provisional PV too), by the same channel."""
+    assert front.test_channel("P:x_f1.VAL") is None  # its shard is not in sync: ask again
+    live(front, "P:x_f1")
+    assert front.test_channel("P:x_f1.VAL") is True
+    channel = front.make_channel("P:x_f1.VAL")
+    front.inbox.run()
+    assert channel.name == "P:x_f1" and front.make_channel("P:x_f1") is channel
+    assert front.test_channel("P:x_f1.VAL$") is False and front.test_channel("P:x.VAL") is False
+
+
 def test_the_names_of_a_silent_shard_are_not_served_for_now(front):
     live(front, "P:x_f1")
     assert front.test_channel("P:x_f1") is True
@@ -318,13 +329,12 @@ def test_field_names_served(front, caplog):
     for name in ("P:x_f1.EGU", "P:x_f1.SEVR", "P:x_f1.PROC", "P:t_s1.DESC", "P:t_s1.RTYP"):
         live(front, name.partition(".")[0])
         assert front.test_channel(name) is True, name
-    for name in ("P:x_f1.VAL", "P:x_f1.DESC$", "P:x_f1.XYZ", "P:x_f1.RES", "P:t_s1.EGU"):
+    for name in ("P:x_f1.DESC$", "P:x_f1.XYZ", "P:x_f1.RES", "P:t_s1.EGU"):
         assert front.test_channel(name) is False, name
     assert front.test_channel("P:no_type.EGU") is False
     front.inbox.run()
     # Why, in the log and ERRORS as other refused names.
     for name, why in (
-        ("P:x_f1.VAL", "no NAME.VAL over PVA: NAME is the PV's value"),
         ("P:x_f1.DESC$", "no DESC$ over PVA: a PVA string carries the whole text"),
         ("P:x_f1.XYZ", "unknown field XYZ"),
         ("P:x_f1.RES", "no such field for its type RES"),
