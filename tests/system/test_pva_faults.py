@@ -37,7 +37,10 @@ def test_pva_killed_is_restarted_and_ca_goes_on(pva_relay, ca):
     held = pva_context()  # a client that stays through the kill
     seen: queue.Queue = queue.Queue()
     monitor = held.monitor(name, seen.put, notify_disconnect=True)
+    units: queue.Queue = queue.Queue()
+    field = held.monitor(name + ".EGU", units.put, notify_disconnect=True)  # a field's too
     wait_for(lambda: 1.0 in list(seen.queue), what="the PVA monitor to see the CA put")
+    wait_for(lambda: "" in list(units.queue), what="the PVA field monitor's first event")
     old = role_pid(relay, "pva")
     assert old is not None
     offset = len(relay.log())
@@ -50,8 +53,11 @@ def test_pva_killed_is_restarted_and_ca_goes_on(pva_relay, ca):
     assert read_then_write(name, 3.0) == 2.0
     wait_for(lambda: 3.0 in list(events.queue), what="the CA monitor to see the PVA put")
     sub.clear()
-    # The client that stayed has reconnected by itself.
+    # The client that stayed has reconnected by itself, its field channel too.
     wait_for(lambda: 3.0 in list(seen.queue), what="the held PVA monitor to reconnect")
+    put(name + ".EGU", "V")
+    wait_for(lambda: "V" in list(units.queue), what="the held field monitor to reconnect")
+    field.close()
     monitor.close()
     held.close()
 
