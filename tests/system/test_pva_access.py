@@ -54,9 +54,15 @@ def test_pva_puts_follow_the_access_security_file(tmp_path):
             ctx.put(fresh, 1.0, timeout=5)
         with pytest.raises(p4p.client.thread.RemoteError, match="access denied"):
             ctx.put(relay.prefix + "delpv", name, timeout=5)
+        stamp = ctx.get(name, timeout=5).timestamp
+        for field, value in (("EGU", "mm"), ("PROC", 1), ("VAL", 2.5)):  # field channels
+            with pytest.raises(p4p.client.thread.RemoteError, match="access denied"):
+                ctx.put(f"{name}.{field}", value, timeout=5)
         # Nothing changed, over either protocol; nothing was created or deleted.
         assert ctx.get(name, timeout=5) == 1.5
         assert ctx.get(name, timeout=5).raw["display.units"] == ""
+        assert ctx.get(name + ".EGU", timeout=5) == ""
+        assert ctx.get(name, timeout=5).timestamp == stamp  # not processed
         assert get(name) == 1.5
         assert ctx.get(relay.prefix + "pvlist", timeout=5) == name
         logged = f"refused PVA put to {name} (shard 0) from "
