@@ -92,8 +92,8 @@ def field_value(field: str, value):
 
 
 def field_put(field: str, value):
-    """What a put to ``NAME.field``'s channel gives the field: its ``value`` (``read``
-    from the put), an enum's index."""
+    """What a put to ``NAME.field``'s channel gives the field: the put's ``value``, an
+    enum's index."""
     return value["value.index"] if fields.FIELDS[field].kind == "enum" else value["value"]
 
 

@@ -98,9 +98,7 @@ class PvaSync(ShardSync):
             if due > now:
                 return
             del searched[name]
-            pv = self.table.pvs.get(name)
-            held = name in self.broker.channels or (pv is not None and pv.field_channels)
-            if name not in self._opening and not held:
+            if name not in self._opening and not self._held(name):
                 self.unfollow(name)
 
     def let_go(self, name: str, channel) -> None:
@@ -111,10 +109,14 @@ class PvaSync(ShardSync):
             opening[:] = [(t, c) for t, c in opening if c is not channel]
             if not opening:
                 del self._opening[name]
-        pv = self.table.pvs.get(name)
-        if name not in self.broker.channels and (pv is None or not pv.field_channels):
+        if not self._held(name):
             self.watch(name, False)
             self.unfollow(name)
+
+    def _held(self, name: str) -> bool:
+        """Whether a channel serves PV ``name`` or a field of it."""
+        pv = self.table.pvs.get(name)
+        return name in self.broker.channels or bool(pv is not None and pv.field_channels)
 
     def _follow(self, link, name: str, notify=None) -> int:
         """A FOLLOW whose answer opens the channel waiting for it."""
