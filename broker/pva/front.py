@@ -215,6 +215,8 @@ class PvaFrontEnd:
         self.channels: dict = {}
         #: The field channels (``NAME.FIELD``) by name: each is its PV's too.
         self.field_pvs: dict[str, PvaField] = {}
+        #: How many of ``channels`` are field channels (at most max_pvs).
+        self.field_channels = 0
         self.channel_lock = threading.Lock()
         #: Makes a Channel (channels.Channel, given by main: this module needs no p4p).
         self.make_channel_object = None
@@ -308,13 +310,19 @@ class PvaFrontEnd:
         pv = self.table.pvs.get(base)
         if pv is None or not pv.real:
             return False
-        limit = self.config.max_pvs
-        if len(self.field_pvs) >= limit and name not in self.field_pvs:
-            # Each costs memory while held: a client that opens every field of every PV
-            # must not take the front-end's. As many as the PVs may be, at most.
-            why = f"max_pvs ({limit}) field channels held"
-            self.inbox.push(self.table.refuse, name, why, "limit")
+        if self._fields_full(name):
             return None
+        return True
+
+    def _fields_full(self, name: str) -> bool:
+        """Whether field channel ``name`` is refused for now (and the refusal queued):
+        each costs memory while held, so a client that opens every field of every PV must
+        not take the front-end's; as many as the PVs may be, at most.  A p4p thread:
+        exact under ``channel_lock`` (``make_channel``), a first look without it."""
+        limit = self.config.max_pvs
+        if self.field_channels < limit or name in self.channels:
+            return False
+        self.inbox.push(self.table.refuse, name, f"max_pvs ({limit}) field channels held", "limit")
         return True
 
     def make_channel(self, name: str, peer: str = ""):
@@ -328,11 +336,16 @@ class PvaFrontEnd:
         if field == "VAL":
             # NAME.VAL is NAME, as an IOC serves a record's value: the same channel, one
             # SharedPV under both names.
-            name = base
+            name, field = base, None
         with self.channel_lock:
             channel = self.channels.get(name)
             if channel is None:
+                # The searches of many fields at once all found room: the count is exact here.
+                if field is not None and self._fields_full(name):
+                    return None
                 channel = self.channels[name] = self.make_channel_object(self, name)
+                if field is not None:
+                    self.field_channels += 1
                 self.inbox.push(self._bind, channel)
         if self._opens(channel):
             return channel
@@ -420,6 +433,8 @@ class PvaFrontEnd:
         with self.channel_lock:
             if dropped := self.channels.get(channel.name) is channel:
                 del self.channels[channel.name]
+                if "." in channel.name:
+                    self.field_channels -= 1
         fpv = self.field_pvs.get(channel.name)
         if fpv is not None and fpv.channel is channel:
             self._drop_field(fpv, channel)

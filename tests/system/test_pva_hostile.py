@@ -70,6 +70,48 @@ def test_provisional_pvs_over_pva_are_bounded_by_max_pvs(pva_relay, pva):
     assert pva.get(refused[0], timeout=5) == 1.0
 
 
+def test_field_channels_over_pva_are_bounded_by_max_pvs(pva_relay, pva):
+    """Each field channel held costs the PVA front-end memory: at most max_pvs at once,
+    the others refused for now and served once some are let go."""
+    relay = pva_relay
+    a, b = relay.name("fa", "f1"), relay.name("fb", "f1")
+    pva.put(a, 1.0, timeout=5)
+    pva.put(b, 2.0, timeout=5)
+    names = [f"{pv}.{f}" for pv in (a, b) for f in ("EGU", "DESC", "HIHI", "LOLO")]
+    careless = pva_context()
+    try:
+        seen: set[str] = set()
+        subs = [careless.monitor(n, lambda _v, n=n: seen.add(n)) for n in names]
+
+        def settled():
+            refused = [n for n in names if refusals(relay, n)]
+            return (set(seen), refused) if len(seen) + len(refused) == len(names) else None
+
+        served, refused = wait_for(settled, what="each field channel served or refused")
+        assert len(served) == 5, served
+        for name in refused:
+            assert "max_pvs (5) field channels held" in refusals(relay, name)[0]
+        pva.put(a, 3.0, timeout=5)  # what exists is served as before
+        assert pva.get(a, timeout=5) == 3.0
+        for sub in subs:
+            sub.close()
+    finally:
+        careless.close()
+    wait_for(
+        lambda: _reads(pva, refused[0]),
+        timeout=20,
+        what="a refused field channel served once the careless client went",
+    )
+
+
+def _reads(ctx, name: str) -> bool:
+    try:
+        ctx.get(name, timeout=1)
+    except TimeoutError:
+        return False
+    return True
+
+
 def _creates(ctx, name: str) -> bool:
     try:
         ctx.put(name, 1.0, timeout=1)

@@ -428,3 +428,22 @@ def test_field_channels_are_bounded(tmp_path, caplog):
         assert front.test_channel("P:x_f1.HOPR") is True
     finally:
         front.inbox.close()
+
+
+def test_field_channels_searched_for_at_once_are_bounded_too(tmp_path):
+    """A client searches for many fields at once: each search finds room, and the bound
+    holds when their channels are made (one at a time, under the channel lock)."""
+    front = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path), max_pvs=3))
+    front.make_channel_object = lambda _front, name: FakeChannel(name)
+    try:
+        real_pv(front, "P:x_f1")
+        names = [f"P:x_f1.{f}" for f in ("EGU", "DESC", "PREC", "HOPR")]
+        assert all(front.test_channel(n) is True for n in names)
+        made = [front.make_channel(n) for n in names]
+        front.inbox.run()
+        assert [c is not None for c in made] == [True, True, True, False]
+        assert front.field_channels == 3
+        front.drop_channel(made[0])
+        assert front.field_channels == 2 and front.make_channel(names[3]) is not None
+    finally:
+        front.inbox.close()
