@@ -41,15 +41,7 @@ def test_provisional_pvs_over_pva_are_bounded_by_max_pvs(pva_relay, pva):
     names = [relay.name(f"held{k}", "f1") for k in range(8)]
     careless = pva_context()
     try:
-        # A monitor holds each name's channel; a served one gets a first event.
-        seen: set[str] = set()
-        subs = [careless.monitor(n, lambda _v, n=n: seen.add(n)) for n in names]
-
-        def settled():
-            refused = [n for n in names if refusals(relay, n)]
-            return (set(seen), refused) if len(seen) + len(refused) == len(names) else None
-
-        served, refused = wait_for(settled, what="each held name served or refused")
+        served, refused, subs = _hold_each(relay, careless, names)
         assert len(served) == 5, served
         assert not served & set(refused)
         for name in refused:
@@ -80,14 +72,7 @@ def test_field_channels_over_pva_are_bounded_by_max_pvs(pva_relay, pva):
     names = [f"{pv}.{f}" for pv in (a, b) for f in ("EGU", "DESC", "HIHI", "LOLO")]
     careless = pva_context()
     try:
-        seen: set[str] = set()
-        subs = [careless.monitor(n, lambda _v, n=n: seen.add(n)) for n in names]
-
-        def settled():
-            refused = [n for n in names if refusals(relay, n)]
-            return (set(seen), refused) if len(seen) + len(refused) == len(names) else None
-
-        served, refused = wait_for(settled, what="each field channel served or refused")
+        served, refused, subs = _hold_each(relay, careless, names)
         assert len(served) == 5, served
         for name in refused:
             assert "max_pvs (5) field channels held" in refusals(relay, name)[0]
@@ -102,6 +87,21 @@ def test_field_channels_over_pva_are_bounded_by_max_pvs(pva_relay, pva):
         timeout=20,
         what="a refused field channel served once the careless client went",
     )
+
+
+def _hold_each(relay, ctx, names: list[str]):
+    """A monitor of each name through ``ctx``, held: (the names served, which got a first
+    event; those refused, in the relay's log; the subscriptions), once each is one or the
+    other."""
+    seen: set[str] = set()
+    subs = [ctx.monitor(n, lambda _v, n=n: seen.add(n)) for n in names]
+
+    def settled():
+        refused = [n for n in names if refusals(relay, n)]
+        return (set(seen), refused) if len(seen) + len(refused) == len(names) else None
+
+    served, refused = wait_for(settled, what="each held name served or refused")
+    return served, refused, subs
 
 
 def _reads(ctx, name: str) -> bool:
