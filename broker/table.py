@@ -141,10 +141,9 @@ class PvTable:
         except InvalidPvName as e:
             self.refuse(name, str(e), addr=addr)
             return False
-        if field is not None and not fields.applies(field, spec):
-            known = fields.field_def(field) is not None
-            why = "no such field for its type" if known else "unknown field"
-            self.refuse(name, f"{why} {field}", addr=addr)
+        why = None if field is None else fields.missing(field, spec)
+        if why is not None:
+            self.refuse(name, why, addr=addr)
             return False
         base_pv = self.pvs.get(base)
         if base_pv is None and not b.links[shard].live:

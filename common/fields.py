@@ -217,6 +217,15 @@ def applies(field: str, spec: PvSpec) -> bool:
     return True
 
 
+def missing(field: str, spec: PvSpec) -> str | None:
+    """Why a PV of ``spec`` has no ``NAME.field`` (None: it has), as a refusal says it."""
+    if applies(field, spec):
+        return None
+    if field_def(field) is None:
+        return f"unknown field {field}"
+    return f"no such field for its type {field}"
+
+
 def record_type(spec: PvSpec) -> str:
     """RTYP: the EPICS record type a PV of ``spec`` behaves as.  A scalar takes puts and
     clips them to DRVL..DRVH (ao, longout), a string is a stringout, an array or char

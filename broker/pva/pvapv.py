@@ -214,11 +214,7 @@ class PvaField:
         it has each field it has on CA but the ``$`` forms (and VAL: the PV's own)."""
         if field.endswith(record_fields.LONG_SUFFIX):
             return f"no {field} over PVA: a PVA string carries the whole text"
-        if field not in record_fields.FIELDS:
-            return f"unknown field {field}"
-        if not record_fields.applies(field, spec):
-            return f"no such field for its type {field}"
-        return None
+        return record_fields.missing(field, spec)
 
 
 class PvListPVA:
