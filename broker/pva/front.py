@@ -271,7 +271,7 @@ class PvaFrontEnd:
             base, field = fields.split_field(name)
             if field == "VAL":
                 return self.test_channel(base)  # the PV's own channel (make_channel)
-            return self._test_field(name)
+            return self._test_field(name, base, field)
         try:
             spec = self.config.pv_spec(name)
         except InvalidPvName as e:
@@ -291,11 +291,10 @@ class PvaFrontEnd:
             self.inbox.push(self.sync.searched, name)  # its channel is likely to follow
         return True
 
-    def _test_field(self, name: str) -> bool | None:
-        """Whether ``NAME.FIELD`` is served: a field of a PV that exists (a field of one
-        not made yet is not: a put to it could not be made either), which a PV of its type
-        has.  Runs on a p4p thread, as ``test_channel``."""
-        base, field = fields.split_field(name)
+    def _test_field(self, name: str, base: str, field: str) -> bool | None:
+        """Whether ``name``, field ``field`` of ``base``, is served: a field of a PV that
+        exists (a field of one not made yet is not: a put to it could not be made either),
+        which a PV of its type has.  Runs on a p4p thread, as ``test_channel``."""
         try:
             spec = self.config.pv_spec(base)
         except InvalidPvName:
