@@ -66,10 +66,23 @@ class FakeChannel:
         self.shut_count += 1
 
 
+def _front_end(tmp_path, **config):
+    f = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path), **config))
+    f.make_channel_object = lambda _front, name: FakeChannel(name)
+    return f
+
+
 @pytest.fixture
 def front(tmp_path):
-    f = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path)))
-    f.make_channel_object = lambda _front, name: FakeChannel(name)
+    f = _front_end(tmp_path)
+    yield f
+    f.inbox.close()
+
+
+@pytest.fixture
+def small_front(tmp_path):
+    """A front-end whose max_pvs is 3."""
+    f = _front_end(tmp_path, max_pvs=3)
     yield f
     f.inbox.close()
 
@@ -412,38 +425,30 @@ def test_a_field_channel_goes_with_its_client_or_its_pv(front):
     assert front.test_channel(name + ".EGU") is False
 
 
-def test_field_channels_are_bounded(tmp_path, caplog):
+def test_field_channels_are_bounded(small_front, caplog):
     """At most max_pvs field channels at once: a client that opens every field of every
     PV does not take the front-end's memory; once one goes, another is served."""
-    front = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path), max_pvs=3))
-    front.make_channel_object = lambda _front, name: FakeChannel(name)
-    try:
-        real_pv(front, "P:x_f1")
-        held = [field_channel(front, f"P:x_f1.{f}") for f in ("EGU", "DESC", "PREC")]
-        assert front.test_channel("P:x_f1.HOPR") is None  # not now: the client asks again
-        assert front.test_channel("P:x_f1.EGU") is True  # held already: served
-        front.inbox.run()
-        assert "P:x_f1.HOPR: max_pvs (3) field channels held" in caplog.text
-        front.on_last_disconnect(held[0])
-        assert front.test_channel("P:x_f1.HOPR") is True
-    finally:
-        front.inbox.close()
+    front = small_front
+    real_pv(front, "P:x_f1")
+    held = [field_channel(front, f"P:x_f1.{f}") for f in ("EGU", "DESC", "PREC")]
+    assert front.test_channel("P:x_f1.HOPR") is None  # not now: the client asks again
+    assert front.test_channel("P:x_f1.EGU") is True  # held already: served
+    front.inbox.run()
+    assert "P:x_f1.HOPR: max_pvs (3) field channels held" in caplog.text
+    front.on_last_disconnect(held[0])
+    assert front.test_channel("P:x_f1.HOPR") is True
 
 
-def test_field_channels_searched_for_at_once_are_bounded_too(tmp_path):
+def test_field_channels_searched_for_at_once_are_bounded_too(small_front):
     """A client searches for many fields at once: each search finds room, and the bound
     holds when their channels are made (one at a time, under the channel lock)."""
-    front = PvaFrontEnd(load_config(None, prefix="P:", data_dir=str(tmp_path), max_pvs=3))
-    front.make_channel_object = lambda _front, name: FakeChannel(name)
-    try:
-        real_pv(front, "P:x_f1")
-        names = [f"P:x_f1.{f}" for f in ("EGU", "DESC", "PREC", "HOPR")]
-        assert all(front.test_channel(n) is True for n in names)
-        made = [front.make_channel(n) for n in names]
-        front.inbox.run()
-        assert [c is not None for c in made] == [True, True, True, False]
-        assert front.field_channels == 3
-        front.drop_channel(made[0])
-        assert front.field_channels == 2 and front.make_channel(names[3]) is not None
-    finally:
-        front.inbox.close()
+    front = small_front
+    real_pv(front, "P:x_f1")
+    names = [f"P:x_f1.{f}" for f in ("EGU", "DESC", "PREC", "HOPR")]
+    assert all(front.test_channel(n) is True for n in names)
+    made = [front.make_channel(n) for n in names]
+    front.inbox.run()
+    assert [c is not None for c in made] == [True, True, True, False]
+    assert front.field_channels == 3
+    front.drop_channel(made[0])
+    assert front.field_channels == 2 and front.make_channel(names[3]) is not None
