@@ -110,6 +110,7 @@ class PvMirror:
         "_appended",
         "_mlst",
         "_alst",
+        "_limit_moved",
     )
 
     def __init__(self, spec: PvSpec, resolver: FieldResolver) -> None:
@@ -141,6 +142,8 @@ class PvMirror:
         #: Value last posted with DBE_VALUE, with DBE_LOG (a string's bytes; None: none).
         self._mlst: float | bytes | None = None
         self._alst: float | bytes | None = None
+        #: An alarm limit moved since the value was last judged: no hold by HYST then.
+        self._limit_moved = False
         #: A numeric scalar with no fields in effect: no clipping or alarm limits, deadbands
         #: of 0; a put of a number takes the short way (RelayPV.write), one compare to post.
         self.plain = False
@@ -246,14 +249,19 @@ class PvMirror:
         return self._value_mask()
 
     def field_changed(self, name: str, value) -> None:
-        """Mirror a field change the shard applied, and judge the last put again."""
+        """Mirror a field change the shard applied, and judge the last put again (not a
+        whole buffer).  A field whose put processes the PV (fields.processes) leaves the
+        judging to the put the shard sends right after it, in the same batch
+        (RequestHandler.process_after_fields): the alarm it brings is shown at the time of
+        that processing, as an IOC's record posts it, not at the last put's."""
         self.set_fields({**self.fields, name: value})
-        last = self._last_put() if self.real else None
+        if name in ALARM_LIMITS:
+            self._limit_moved = True
+        if not self.real or fields.processes(name, self.spec):
+            return
+        last = self._last_put()
         if last is not None:
-            # The last put again (not a whole buffer); an alarm held by HYST stays held
-            # unless a limit moved.
-            held = fields.NO_ALARM if name in ALARM_LIMITS else self.limit_alarm[0]
-            self._judge(last, held)
+            self._judge(last)
 
     def forget(self) -> None:
         """The PV was deleted: back to provisional with no fields."""
@@ -264,19 +272,20 @@ class PvMirror:
         self.stamp = 0.0
         self.set_fields(fields.NO_FIELDS)
         self.limit_alarm = _NO_LIMIT_ALARM
+        self._limit_moved = False
         self._appended = None
         self._mlst = self._alst = None
 
     # -- alarms and deadbands -----------------------------------------------------
 
-    def _check_limits(self, data: np.ndarray, held: int | None = None) -> None:
+    def _check_limits(self, data: np.ndarray) -> None:
         if not (self.numeric and len(data)):
             if self.ring is not None:
                 self._appended = None
             return
         if self.ring is not None:
             data = self._appended = extremes(data)
-        self._judge(data, held)
+        self._judge(data)
 
     def _last_put(self) -> np.ndarray | tuple | None:
         """What the alarm limits judge: the last put's elements, or their extremes."""
@@ -284,15 +293,16 @@ class PvMirror:
             return self._appended
         return self.value if self.numeric and self.real else None
 
-    def _judge(self, data: np.ndarray | tuple, held: int | None = None) -> None:
-        """Alarm status from the alarm limits, for elements or their (largest, smallest)."""
+    def _judge(self, data: np.ndarray | tuple) -> None:
+        """Alarm status from the alarm limits, for elements or their (largest, smallest).
+        An alarm held by HYST stays held unless a limit moved since the last judging."""
         if self.eff and self.eff.keys() & ALARM_LIMITS:
             ends = extremes(data) if isinstance(data, np.ndarray) else data
-            if held is None:
-                held = self.limit_alarm[0]
+            held = fields.NO_ALARM if self._limit_moved else self.limit_alarm[0]
             self.limit_alarm = fields.check_alarm(self.eff, ends, held)
         else:
             self.limit_alarm = _NO_LIMIT_ALARM
+        self._limit_moved = False
 
     def _value_mask(self) -> int:
         """The value events of the put just mirrored, by the EPICS record rules: arrays and

@@ -150,6 +150,12 @@ PROPERTY_FIELDS = frozenset(
     | {"HHSV", "HSV", "LSV", "LLSV"}
 )
 
+#: The fields whose put processes an ao or longout record (pp(TRUE)): the drive limits,
+#: the alarm limits and their severities; not the display fields, HYST, MDEL, ADEL.
+PROCESSING = frozenset(
+    {"DRVH", "DRVL", "HIHI", "HIGH", "LOW", "LOLO", "HHSV", "HSV", "LSV", "LLSV"}
+)
+
 #: The double fields (limits, hysteresis, deadbands) that a longout record holds as whole
 #: numbers (DBF_LONG): an ``i`` scalar's, which behaves as one (see ``record_type``).
 WHOLE_FIELDS = frozenset(n for n, f in FIELDS.items() if f.kind == "double")
@@ -237,6 +243,14 @@ def record_type(spec: PvSpec) -> str:
     if spec.count > 1 or spec.kind == "c":
         return "waveform"
     return "ao" if spec.kind == "f" else "longout"
+
+
+def processes(field: str, spec: PvSpec) -> bool:
+    """Whether a put to ``field`` processes a PV of ``spec``, as it does an ao or longout
+    record (a scalar): its value is put again, through the drive limits, and stamped then
+    (see ShardStore.process).  A waveform or compress record has no such fields; the
+    relay's arrays and buffers that hold them are not processed by them."""
+    return field in PROCESSING and record_type(spec) in ("ao", "longout")
 
 
 def long_size(field: str, spec: PvSpec) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 from carelay.common import messages as wire
 from carelay.common.config import REFUSAL_LOG_LINES, REFUSAL_LOG_WINDOW
-from carelay.common.fields import ACTIONS
+from carelay.common.fields import ACTIONS, PROCESSING
 from carelay.common.lifecycle import log_each
 from carelay.common.logbudget import LogBudget, shorten
 from carelay.common.messages import EXPIRED
@@ -83,9 +83,10 @@ class RequestHandler:
         #: The PVs created since the last commit, in order: logged once it made them
         #: durable (``log_created``).
         self.created: list[str] = []
-        #: (sender, PV) of each put to DRVH or DRVL since the last commit: the value goes
-        #: within them once the change is durable (``clip_to_new_drive_limits``).
-        self._limits_moved: list[tuple[bytes, str]] = []
+        #: (sender, PV, field) of each put since the last commit to a field whose put
+        #: processes the PV (fields.PROCESSING): done once the change is durable
+        #: (``process_after_fields``).
+        self._processing: list[tuple[bytes, str, str]] = []
         #: What each kind of request a broker may send is handled by.
         self._by_kind: dict[type, Callable[[bytes, Any], None]] = {
             kind: getattr(self, method) for kind, method in _HANDLERS.items()
@@ -136,23 +137,25 @@ class RequestHandler:
             names = [name for name in names if name not in undone]
         log_each(log, logging.INFO, "created PV %s", names)
 
-    def clip_to_new_drive_limits(self, undone: frozenset[str] = frozenset()) -> None:
-        """After a commit: each PV whose DRVH or DRVL a put changed (and the commit made
-        durable: not in ``undone``) has a value past them brought within, stamped now, and
-        sent to its sender and the other front-ends as a put is, as an ao record processes
-        when they are put.  A put to them that failed changes no value."""
-        moved, self._limits_moved = self._limits_moved, []
-        for peer, name in moved:
+    def process_after_fields(self, undone: frozenset[str] = frozenset()) -> None:
+        """After a commit: each PV a put to a drive limit, an alarm limit or a severity
+        changed (and the commit made durable: not in ``undone``) is processed, as an ao or
+        longout record is when they are put: its value put again, through the drive limits,
+        stamped now (an array's only when past new drive limits), and sent to its sender and
+        the other front-ends as a put is.  A put to them that failed changes no value."""
+        processing, self._processing = self._processing, []
+        for peer, name, field in processing:
             if name in undone:
                 continue
-            c = self.store.clip_to_new_drive_limits(name)
+            c = self.store.process_after_field(name, field)
             if c is None:
                 continue
             # To its sender as the PV stands here (reset): not a change of another
             # front-end's, which its mirror leaves to a WRITE of its own still on its way
             # (ShardSync._change); that WRITE came before and is within this.  It follows
             # the answer, in sequence order, in the same batch: a front-end tells its
-            # client once it has handled all that came with an answer.
+            # client once it has handled all that came with an answer, and judges the
+            # alarm the new field brings on it, at its stamp (PvMirror.field_changed).
             self._reply_change(peer, 0, c, reset=True)
             if self.fanout:
                 self._publish_change(peer, c)
@@ -361,8 +364,8 @@ class RequestHandler:
         if self.fields_log.allow(example, key=(msg.name, field)):
             log.info("set %s", example)
         self._reply(peer, wire.FieldChanged(msg.name, msg.req, seq, field, value, self.epoch))
-        if field in ("DRVH", "DRVL"):
-            self._limits_moved.append((peer, msg.name))
+        if field in PROCESSING:
+            self._processing.append((peer, msg.name, field))
         if self.fanout:
             self._publish(peer, wire.FieldChanged(msg.name, 0, seq, field, value, self.epoch))
 

@@ -331,11 +331,11 @@ class ShardServer:
         unsaved = self.autosave.commit()
         if unsaved is None:
             self.requests.log_created()
-            self.requests.clip_to_new_drive_limits()
+            self.requests.process_after_fields()
             return
         self.outbox.refuse(unsaved.undone, unsaved.error)
         self.requests.log_created(unsaved.names)
-        self.requests.clip_to_new_drive_limits(unsaved.names)
+        self.requests.process_after_fields(unsaved.names)
         for name in unsaved.restate:
             for peer in self.admission.peers():
                 self.requests.restate(peer, name)

@@ -16,6 +16,7 @@ from carelay.common.fields import (
     FieldResolver,
     applies,
     clip_to_drive_limits,
+    processes,
     validate,
 )
 from carelay.common.naming import InvalidPvName, PvSpec, parse_pv_name
@@ -243,12 +244,19 @@ class ShardStore:
         self.seq += 1
         return Change(name, self.seq, pv.stamp, applied, length, False)
 
-    def clip_to_new_drive_limits(self, name: str) -> Change | None:
-        """Bring a value past its drive limits as they stand within them, as an ao record
-        does when DRVH or DRVL is put (it processes): its Change, or None when it is within
-        them (or the PV is gone, a buffer, whose elements are history, or text)."""
+    def process_after_field(self, name: str, field: str) -> Change | None:
+        """What a put to ``field`` (a drive limit, an alarm limit or severity) does to the
+        value once it is durable: an ao or longout record processes (``process``: its value
+        put again, through the drive limits as they stand, stamped now); an array's value
+        past new drive limits is brought within them, stamped now.  Its Change, or None
+        when the value stays as it is (the PV is gone, a buffer, whose elements are
+        history, text, or an array within them)."""
         pv = self._pvs.get(name)
-        if pv is None or pv.ring is not None or pv.spec.kind not in "fi":
+        if pv is None:
+            return None
+        if processes(field, pv.spec):
+            return self.process(name)
+        if field not in ("DRVH", "DRVL") or pv.ring is not None or pv.spec.kind not in "fi":
             return None
         clipped = clip_to_drive_limits(self._effective(pv), pv.value)
         if clipped is pv.value or np.array_equal(clipped, pv.value, equal_nan=True):

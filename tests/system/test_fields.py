@@ -685,6 +685,58 @@ def test_a_new_drive_limit_brings_the_value_within_it_at_once(relay, ca):
         assert get(name) == 3.0, name
 
 
+def test_a_put_to_an_alarm_limit_or_severity_processes_an_output_record(relay, ca):
+    """The alarm limits and their severities, like DRVH and DRVL, process an ao or
+    longout record when put (pp(TRUE)): the scalar is stamped anew, and the alarm event
+    the new limit brings carries that stamp, the time the PV went into alarm, not the
+    time of the last value put (alarm handlers show it as the alarm's time).  An
+    unchanged value makes no value event (MDEL 0); an array (a waveform, which has no
+    such fields on an IOC) is not processed."""
+    scalar, integer, array = (
+        relay.name("ppalarm", "f1"),
+        relay.name("ppalarm", "i1"),
+        relay.name("ppalarm", "f3"),
+    )
+    for name in (scalar, integer, array):
+        put(name, 5 if name != array else [5.0, 1.0])
+    stamps = {name: read(ca, name, data_type="time").metadata.timestamp for name in (scalar, array)}
+    alarms = Events(connect(ca, scalar), data_type="time", mask=SubscriptionType.DBE_ALARM)
+    values = Events(connect(ca, scalar), data_type="time", mask=SubscriptionType.DBE_VALUE)
+    alarms.wait(1, "the initial alarm event")
+    values.wait(1, "the initial value event")
+
+    set_field(ca, scalar, "HIHI", 4.0)  # with callback: complete once processed
+    now = read(ca, scalar, data_type="time").metadata
+    assert now.timestamp > stamps[scalar]
+    assert (now.status, now.severity) == HIHI
+    value, md = alarms.wait(2, "the alarm the new HIHI brings")[1]
+    assert (value, md.status, md.severity) == (5.0, *HIHI)
+    assert md.timestamp == now.timestamp
+
+    set_field(ca, scalar, "HHSV", 1)  # MINOR: a severity processes the record too
+    then = read(ca, scalar, data_type="time").metadata
+    assert then.timestamp > now.timestamp
+    value, md = alarms.wait(3, "the severity HHSV gives")[2]
+    assert (md.status, md.severity) == (AlarmStatus.HIHI, AlarmSeverity.MINOR_ALARM)
+    assert md.timestamp == then.timestamp
+    put(scalar, 6.0)  # events come in the order posted: no value event for either field
+    values.wait(2, "the put after the field puts")
+    assert values.values() == [5.0, 6.0]
+    alarms.clear()
+    values.clear()
+
+    before = read(ca, integer, data_type="time").metadata.timestamp
+    set_field(ca, integer, "LOW", 7)
+    md = read(ca, integer, data_type="time").metadata
+    assert md.timestamp > before
+    assert (md.status, md.severity) == (AlarmStatus.LOW, AlarmSeverity.MINOR_ALARM)
+
+    set_field(ca, array, "HIHI", 4.0)
+    md = read(ca, array, data_type="time").metadata
+    assert md.timestamp == stamps[array]
+    assert (md.status, md.severity) == HIHI
+
+
 def test_a_longout_holds_its_limits_as_whole_numbers(relay, ca):
     """An ``i`` scalar behaves as a longout, whose limits are DBF_LONG: a put of 3.5 holds
     3, read as DBR_LONG, and the alarm and the drive limits act on 3 (an ``f`` PV's hold

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from caproto import SubscriptionType
 
 from tests.system.clients import connect, get, get_array, put
 from tests.system.conftest import CA_PORT, using_shared, wait_for
@@ -211,6 +212,43 @@ def test_a_pva_put_of_a_drive_limit_brings_the_value_within_it(relay, pva):
     pva.put(name, {"control.limitHigh": 3.0, "control.limitLow": -3.0}, timeout=5)
     assert pva.get(name, timeout=5) == 3.0  # as soon as the put completed
     assert get(name) == 3.0
+
+
+def test_an_alarm_limit_put_over_pva_stamps_the_alarm_it_brings_everywhere(relay, pva, ca):
+    """valueAlarm.highAlarmLimit is HIHI, whose put processes an ao record (see
+    tests/system/test_fields.py): the PVA monitor and a CA monitor, through the other
+    front-end, get the alarm it brings with the stamp of that processing, which a get
+    right after the put reads."""
+    name = relay.name("pvapp", "f1")
+    pva.put(name, 5.0, timeout=5)
+    sub, got = _events(pva, name)
+    alarms: queue.Queue = queue.Queue()
+
+    def on_alarm(_sub, response):  # caproto holds it weakly: kept here
+        alarms.put(response.metadata)
+
+    ca_sub = connect(ca, name).subscribe(data_type="time", mask=SubscriptionType.DBE_ALARM)
+    ca_sub.add_callback(on_alarm)
+    try:
+        first = _next_value(got, 5.0)
+        alarms.get(timeout=10)  # the initial event
+        pva.put(name, {"valueAlarm.highAlarmLimit": 4.0}, timeout=5)
+        now = pva.get(name, timeout=5)
+        assert now.raw["alarm.severity"] == 2 and now.timestamp > first.timestamp
+
+        def alarmed():
+            while True:
+                v = got.get(timeout=10)
+                if not isinstance(v, Exception) and v.raw["alarm.severity"] == 2:
+                    return v
+
+        assert alarmed().timestamp == now.timestamp
+        md = alarms.get(timeout=10)
+        assert md.severity == 2
+        assert md.timestamp == pytest.approx(now.timestamp, abs=1e-6)  # CA's, in ns
+    finally:
+        sub.close()
+        ca_sub.clear()
 
 
 def test_buffer_appends_and_array_takes_the_length(relay, pva):

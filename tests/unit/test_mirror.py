@@ -140,8 +140,8 @@ def test_status_provisional_then_link_then_store_then_limits(real, live, store_f
 
 
 def test_a_field_change_judges_the_last_put_again():
-    m = mirror()
-    put(m, 7.0)
+    m = mirror("f", 3)  # a waveform: no field processes it
+    put(m, 7.0, 1.0)
     assert limit_status(m) == OK
     m.field_changed("HIGH", 5.0)
     assert limit_status(m) == (HIGH_ALARM, MINOR)
@@ -149,14 +149,41 @@ def test_a_field_change_judges_the_last_put_again():
     assert limit_status(m) == OK
 
 
+@pytest.mark.parametrize("type_code", ["f", "i"])
+def test_a_field_that_processes_a_scalar_is_judged_by_the_processing(type_code):
+    """An ao or longout record processes when an alarm limit or severity is put: the
+    alarm that brings is judged by the put the shard sends after it, at its stamp."""
+    m = mirror(type_code)
+    put(m, 7)
+    m.field_changed("HIGH", 5)
+    assert limit_status(m) == OK  # not until the shard processed the PV
+    m.apply(np.array([7], dtype=m.spec.dtype), 2000.0, append=False, reset=True)
+    assert limit_status(m) == (HIGH_ALARM, MINOR)
+    assert m.stamp == 2000.0
+    m.field_changed("HSV", fields.MAJOR)
+    assert limit_status(m) == (HIGH_ALARM, MINOR)
+    m.apply(np.array([7], dtype=m.spec.dtype), 2001.0, append=False, reset=True)
+    assert limit_status(m) == (HIGH_ALARM, MAJOR)
+
+
 def test_an_alarm_held_by_hyst_stays_held_unless_a_limit_moves():
     m = mirror(stored={"HIGH": 5.0, "HYST": 2.0})
     put(m, 6.0)
     put(m, 4.0)  # within HYST of the limit: held
     assert limit_status(m) == (HIGH_ALARM, MINOR)
-    m.field_changed("EGU", "mm")
+    m.field_changed("EGU", "mm")  # processes nothing: judged at once, still held
     assert limit_status(m) == (HIGH_ALARM, MINOR)
-    m.field_changed("HIGH", 4.5)  # judged afresh: 4 is below the new limit
+    m.field_changed("HIGH", 4.5)
+    put(m, 4.0, reset=True)  # the processing: judged afresh, 4 is below the new limit
+    assert limit_status(m) == OK
+
+
+def test_a_moved_limit_ends_the_hold_of_an_array_at_once():
+    m = mirror("f", 2, stored={"HIGH": 5.0, "HYST": 2.0})
+    put(m, 6.0, 0.0)
+    put(m, 4.0, 0.0)
+    assert limit_status(m) == (HIGH_ALARM, MINOR)
+    m.field_changed("HIGH", 4.5)
     assert limit_status(m) == OK
 
 

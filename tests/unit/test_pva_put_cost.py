@@ -38,8 +38,11 @@ def test_a_put_posts_value_and_stamp_and_metadata_only_when_it_changed(front):
     assert "alarm" in channel.shown[-1]
     pv.apply(np.array([3.0]), 3.0, append=False)
     assert set(channel.shown[-1]) == {"value", "timeStamp"}
-    pv.field_changed("HIGH", 2.5)  # 3.0 is past it: in alarm
+    pv.field_changed("HIGH", 2.5)  # 3.0 is past it: in alarm once the shard processed it
+    assert channel.shown[-1]["alarm"]["message"] == ""
+    pv.apply(np.array([3.0]), 3.5, append=False, reset=True)  # the processing
     assert channel.shown[-1]["alarm"]["message"] == "HIGH"
+    assert set(channel.shown[-1]) == {"value", "timeStamp", "alarm"}
     pv.apply(np.array([4.0]), 4.0, append=False)  # still in alarm: no alarm sent
     assert "alarm" not in channel.shown[-1]
     pv.apply(np.array([1.0]), 5.0, append=False)  # out of alarm: the alarm goes along

@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 
+from carelay.common.fields import PROCESSING
 from carelay.shard.store import Change, Rejected, ShardStore
 
 P = "T:"
@@ -414,25 +415,46 @@ def test_a_value_past_new_drive_limits_is_brought_within_them(store, clock):
     store.set_field(f"{P}s_f1", "DRVH", 3.0)
     store.set_field(f"{P}w_i3", "DRVH", 4.0)
     store.set_field(f"{P}w_i3", "DRVL", 2.0)
-    change = store.clip_to_new_drive_limits(f"{P}s_f1")
+    change = store.process_after_field(f"{P}s_f1", "DRVH")
     assert change.data.tolist() == [3.0] and store.get(f"{P}s_f1").tolist() == [3.0]
     assert change.stamp != 5.0  # stamped now, as a processing
-    assert store.clip_to_new_drive_limits(f"{P}w_i3").data.tolist() == [2, 4, 4]
+    assert store.process_after_field(f"{P}w_i3", "DRVL").data.tolist() == [2, 4, 4]
     seq = store.seq
-    assert store.clip_to_new_drive_limits(f"{P}s_f1") is None  # within them now
+    assert store.process_after_field(f"{P}w_i3", "DRVH") is None  # within them now
     assert store.seq == seq
 
 
-def test_what_new_drive_limits_leave_alone(store):
+def test_a_put_to_a_drive_or_alarm_field_processes_a_scalar_each_time(store, clock):
+    """An ao or longout record processes at each put to a pp(TRUE) field, its value within
+    the limits or not: put again as it is, stamped now."""
+    for name in (f"{P}l_i1", f"{P}n_f1"):
+        store.put(name, i4(2) if name.endswith("_i1") else f8(float("nan")), stamp=5.0)
+        for field in sorted(PROCESSING):
+            stamp, seq = store.stamp(name), store.seq
+            change = store.process_after_field(name, field)
+            assert change is not None and change.seq == seq + 1, (name, field)
+            assert change.stamp > stamp and store.stamp(name) == change.stamp
+            assert change.data.tobytes() == store.get(name).tobytes()
+    assert store.get(f"{P}l_i1").tolist() == [2]
+
+
+def test_what_a_put_to_a_drive_or_alarm_field_leaves_alone(store):
+    """A buffer (its elements are history), an array within the drive limits or given an
+    alarm limit (a waveform has none on an IOC), text, a PV gone, and the fields that do
+    not process a record (EGU, HYST, MDEL, ...)."""
     store.put(f"{P}b_F3", f8(1.0, 9.0))
-    store.put(f"{P}n_f1", f8(float("nan")))
+    store.put(f"{P}a_f3", f8(1.0, 9.0))
     store.put(f"{P}x_f1", f8(6.0))
-    for name in (f"{P}b_F3", f"{P}n_f1", f"{P}x_f1"):
-        store.set_field(name, "DRVH", 3.0)
-    store.set_field(f"{P}x_f1", "DRVL", 5.0)  # DRVH <= DRVL: no clipping
-    names = (f"{P}b_F3", f"{P}n_f1", f"{P}x_f1")
+    store.put(f"{P}t_c8", np.frombuffer(b"text", dtype=np.uint8))
+    for name in (f"{P}b_F3", f"{P}a_f3"):
+        store.set_field(name, "DRVH", 30.0)
+    names = (f"{P}b_F3", f"{P}a_f3", f"{P}x_f1", f"{P}t_c8")
     seq, before = store.seq, [(store.get(n).tobytes(), store.stamp(n)) for n in names]
-    for name in (*names, f"{P}gone_f1"):
-        assert store.clip_to_new_drive_limits(name) is None, name
-    assert store.seq == seq  # nothing changed (NaN compared as the bytes it is)
+    left = [(f"{P}b_F3", "DRVH"), (f"{P}b_F3", "HIHI"), (f"{P}a_f3", "DRVH")]
+    left += [(f"{P}a_f3", "HIHI"), (f"{P}a_f3", "HHSV"), (f"{P}t_c8", "DESC")]
+    left += [(f"{P}x_f1", f) for f in ("EGU", "HYST", "MDEL", "ADEL", "PREC", "HOPR", "DESC")]
+    left += [(f"{P}gone_f1", "HIHI")]
+    for name, field in left:
+        assert store.process_after_field(name, field) is None, (name, field)
+    assert store.seq == seq
     assert [(store.get(n).tobytes(), store.stamp(n)) for n in names] == before
