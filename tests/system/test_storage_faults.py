@@ -173,9 +173,15 @@ def test_an_unwritable_store_fails_puts_with_callback_and_raises_an_alarm_until_
     wait_for(lambda: monitor.saw(AlarmSeverity.MAJOR_ALARM), what="the alarm on the monitor")
     # A creation and a field change are refused, with the real reason; the other shard
     # goes on as before.
-    (new, egu) = connect(ca, name_on_shard(relay, 0, "new"), f"{before}.EGU")
+    (new, egu, hihi) = connect(
+        ca, name_on_shard(relay, 0, "new"), f"{before}.EGU", f"{before}.HIHI"
+    )
+    stamp = pv_before.read(data_type="time").metadata.timestamp
     assert not put_ok(new, [1.0])
     assert not put_ok(egu, ["V"])
+    # A put to HIHI would process the PV (stamp it anew): refused, it processes nothing.
+    assert not put_ok(hihi, [1.0])
+    assert pv_before.read(data_type="time").metadata.timestamp == stamp
     assert log_lines(relay, "refused", f"{before}:", "autosave failed", "[Errno 27]")
     assert put_ok(pv_other, [2.0])
     assert read_time(pv_other) == (2.0, AlarmSeverity.NO_ALARM, AlarmStatus.NO_ALARM)
