@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="carelay", description="EPICS Channel Access relay")
     parser.add_argument("--version", action="version", version=f"carelay {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _command(sub, "up", run_up, "start the relay: one broker and N shards, watched")
+    _command(sub, "up", run_up, "start the relay: its CA brokers, PVA and shards, watched")
     st = _command(sub, "status", run_status, "show the processes of a running relay")
     st.add_argument("--pv", metavar="NAME", help="show which shard owns the PV NAME")
     ls = _command(sub, "list", run_list, "list the PVs: type, count, NORD, shard, update, bytes")
