@@ -14,7 +14,8 @@ rightly hold less than its clients were told, and that one check is then left ou
 Puts meanwhile fail or time out; that is allowed.  What is checked at the end, once every
 process serves again (the failure model of docs/architecture.md):
 
-- every door (each CA broker, PVA) reads the same value of every PV;
+- every door (each CA broker, PVA) reads the same value of every PV, with the same time
+  stamp (the shard's);
 - that value is at least the last one whose put succeeded (an acknowledged put is kept)
   and at most the last one tried (nothing is made up);
 - it is none that the relay said failed (a put the client was told failed is never
@@ -54,6 +55,9 @@ BUF_EVERY = 5
 PUT_TIMEOUT = 8.0
 #: Seconds to wait, at the end, for every door to serve every PV with the same value.
 SETTLE = 60.0
+#: Seconds two doors' time stamps of one value may differ by: both carry the shard's
+#: stamp, which each client library turns into a float its own way (0.4 us apart seen).
+STAMP_SLACK = 2e-6
 #: What each fault may hit: a front-end is killed or hung, a shard hung (killed too with
 #: ``--kill-shards``).
 FRONT_ENDS = ("broker", "broker1", "pva")  # broker 0, broker 1, PVA
@@ -74,16 +78,29 @@ class Tally:
     acked: list[int] = field(default_factory=list)
 
 
+def stamps_agree(stamps: list[float | None]) -> bool:
+    """Whether every door read a time stamp, the same one (within STAMP_SLACK)."""
+    return None not in stamps and max(stamps) - min(stamps) <= STAMP_SLACK
+
+
 def verdict(
-    name: str, tally: Tally, reads: list[tuple | None], kept=True, buffer=False
+    name: str,
+    tally: Tally,
+    reads: list[tuple | None],
+    kept=True,
+    buffer=False,
+    stamps: list[float | None] | None = None,
 ) -> str | None:
     """Why the PV ``name`` breaks the failure model, given what each door reads of it
-    (its elements; None: it read nothing); None if it does not.  ``kept``: what was
-    acknowledged must be there (no shard was killed); ``buffer``: it appends."""
+    (its elements; None: it read nothing) and, in ``stamps``, its time stamp there; None
+    if it does not.  ``kept``: what was acknowledged must be there (no shard was
+    killed); ``buffer``: it appends."""
     if any(r is None for r in reads):
         return f"{name}: a door serves no value ({reads})"
     if len(set(reads)) != 1:
         return f"{name}: the doors read different values"
+    if stamps is not None and not stamps_agree(stamps):
+        return f"{name}: the doors read different time stamps ({stamps})"
     values = reads[0]
     if any(v != int(v) for v in values) or not (buffer or len(values) == 1):
         return f"{name}: reads {values}, never put"
@@ -218,8 +235,9 @@ def fault(server, rnd: random.Random, kill_shards: bool = False) -> str:
     return f"{role}: hung {secs:.1f} s"
 
 
-def read_all(server, names: list[str]) -> dict[str, list[tuple | None]]:
-    """What each door reads of each PV, once all serve it the same (or SETTLE passed)."""
+def read_all(server, names: list[str]) -> dict[str, tuple[list, list]]:
+    """What each door reads of each PV (its elements and its time stamp; None where it
+    read nothing), once all serve it the same (or SETTLE passed)."""
     import caproto.threading.client
     from p4p.client.thread import Context
 
@@ -228,25 +246,33 @@ def read_all(server, names: list[str]) -> dict[str, list[tuple | None]]:
         os.environ.update(client_env(port))
         contexts.append(caproto.threading.client.Context(timeout=2.0))
     pva = Context("pva", conf=server.conf, useenv=False)
-    reads: dict[str, list[tuple | None]] = {}
+    reads: dict[str, tuple[list, list]] = {}
     try:
         deadline = time.monotonic() + SETTLE
         for name in names:
             while True:
                 row: list[tuple | None] = []
+                stamps: list[float | None] = []
                 for ctx in contexts:
                     try:
                         (pv,) = ctx.get_pvs(name, timeout=2)
-                        row.append(tuple(float(x) for x in pv.read(timeout=2).data))
+                        r = pv.read(data_type="time", timeout=2)
+                        row.append(tuple(float(x) for x in r.data))
+                        stamps.append(float(r.metadata.timestamp))
                     except Exception:
                         row.append(None)
+                        stamps.append(None)
                 try:
-                    got = np.atleast_1d(np.asarray(pva.get(name, timeout=2), dtype=float))
+                    v = pva.get(name, timeout=2)
+                    got = np.atleast_1d(np.asarray(v, dtype=float))
                     row.append(tuple(float(x) for x in got))
+                    stamps.append(float(v.timestamp))
                 except Exception:
                     row.append(None)
-                reads[name] = row
-                if (None not in row and len(set(row)) == 1) or time.monotonic() > deadline:
+                    stamps.append(None)
+                reads[name] = (row, stamps)
+                same = None not in row and len(set(row)) == 1 and stamps_agree(stamps)
+                if same or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
     finally:
@@ -323,8 +349,9 @@ def main(argv=None) -> int:
         log = server.log()
     for name, tally in tallies.items():
         buffer = name.endswith(f"_F{BUFFER}")
-        why = verdict(name, tally, reads[name], kept=not args.kill_shards, buffer=buffer)
-        row = reads[name][0] or ()
+        values, stamps = reads[name]
+        why = verdict(name, tally, values, kept=not args.kill_shards, buffer=buffer, stamps=stamps)
+        row = values[0] or ()
         read = f"{len(row)} values, the last {row[-1]:.0f}" if buffer and row else row
         print(
             f"  {name[len(p) :]:18s} ok {tally.ok:6d}  tried {tally.tried:6d}  refused "

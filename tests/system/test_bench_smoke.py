@@ -149,6 +149,11 @@ def test_the_chaos_verdict_names_each_broken_promise():
     assert "different values" in verdict("a", tally, [(10.0,), (12.0,), (10.0,)])
     assert "serves no value" in verdict("a", tally, [(10.0,), None, (10.0,)])
     assert "never put" in verdict("a", tally, [(10.5,)] * 3)
+    # Every door shows the shard's stamp of the value (each client's float of it).
+    same = [1000.0000001, 1000.0000004, 1000.0]
+    assert verdict("a", tally, [(10.0,)] * 3, stamps=same) is None
+    assert "time stamps" in verdict("a", tally, [(10.0,)] * 3, stamps=[1000.0, 1000.001, 1000.0])
+    assert "time stamps" in verdict("a", tally, [(10.0,)] * 3, stamps=[1000.0, None, 1000.0])
     # A shard killed: what it applied since its last flush may be gone.
     assert verdict("a", tally, [(9.0,)] * 3, kept=False) is None
     assert "said failed" in verdict("a", tally, [(11.0,)] * 3, kept=False)
