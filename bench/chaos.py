@@ -15,7 +15,7 @@ Puts meanwhile fail or time out; that is allowed.  What is checked at the end, o
 process serves again (the failure model of docs/architecture.md):
 
 - every door (each CA broker, PVA) reads the same value of every PV, with the same time
-  stamp (the shard's);
+  stamp (the shard's) and alarm severity (none stays INVALID once its shard is back);
 - that value is at least the last one whose put succeeded (an acknowledged put is kept)
   and at most the last one tried (nothing is made up);
 - it is none that the relay said failed (a put the client was told failed is never
@@ -90,17 +90,20 @@ def verdict(
     kept=True,
     buffer=False,
     stamps: list[float | None] | None = None,
+    severities: list[int | None] | None = None,
 ) -> str | None:
     """Why the PV ``name`` breaks the failure model, given what each door reads of it
-    (its elements; None: it read nothing) and, in ``stamps``, its time stamp there; None
-    if it does not.  ``kept``: what was acknowledged must be there (no shard was
-    killed); ``buffer``: it appends."""
+    (its elements; None: it read nothing) and, in ``stamps`` and ``severities``, its
+    time stamp and alarm severity there; None if it does not.  ``kept``: what was
+    acknowledged must be there (no shard was killed); ``buffer``: it appends."""
     if any(r is None for r in reads):
         return f"{name}: a door serves no value ({reads})"
     if len(set(reads)) != 1:
         return f"{name}: the doors read different values"
     if stamps is not None and not stamps_agree(stamps):
         return f"{name}: the doors read different time stamps ({stamps})"
+    if severities is not None and len(set(severities)) != 1:
+        return f"{name}: the doors read different alarm severities ({severities})"
     values = reads[0]
     if any(v != int(v) for v in values) or not (buffer or len(values) == 1):
         return f"{name}: reads {values}, never put"
@@ -235,9 +238,10 @@ def fault(server, rnd: random.Random, kill_shards: bool = False) -> str:
     return f"{role}: hung {secs:.1f} s"
 
 
-def read_all(server, names: list[str]) -> dict[str, tuple[list, list]]:
-    """What each door reads of each PV (its elements and its time stamp; None where it
-    read nothing), once all serve it the same (or SETTLE passed)."""
+def read_all(server, names: list[str]) -> dict[str, tuple[list, list, list]]:
+    """What each door reads of each PV (its elements, its time stamp and its alarm
+    severity; None where it read nothing), once all serve it the same (or SETTLE
+    passed)."""
     import caproto.threading.client
     from p4p.client.thread import Context
 
@@ -246,32 +250,42 @@ def read_all(server, names: list[str]) -> dict[str, tuple[list, list]]:
         os.environ.update(client_env(port))
         contexts.append(caproto.threading.client.Context(timeout=2.0))
     pva = Context("pva", conf=server.conf, useenv=False)
-    reads: dict[str, tuple[list, list]] = {}
+    reads: dict[str, tuple[list, list, list]] = {}
     try:
         deadline = time.monotonic() + SETTLE
         for name in names:
             while True:
                 row: list[tuple | None] = []
                 stamps: list[float | None] = []
+                severities: list[int | None] = []
                 for ctx in contexts:
                     try:
                         (pv,) = ctx.get_pvs(name, timeout=2)
                         r = pv.read(data_type="time", timeout=2)
                         row.append(tuple(float(x) for x in r.data))
                         stamps.append(float(r.metadata.timestamp))
+                        severities.append(int(r.metadata.severity))
                     except Exception:
                         row.append(None)
                         stamps.append(None)
+                        severities.append(None)
                 try:
                     v = pva.get(name, timeout=2)
                     got = np.atleast_1d(np.asarray(v, dtype=float))
                     row.append(tuple(float(x) for x in got))
                     stamps.append(float(v.timestamp))
+                    severities.append(int(v.severity))
                 except Exception:
                     row.append(None)
                     stamps.append(None)
-                reads[name] = (row, stamps)
-                same = None not in row and len(set(row)) == 1 and stamps_agree(stamps)
+                    severities.append(None)
+                reads[name] = (row, stamps, severities)
+                same = (
+                    None not in row
+                    and len(set(row)) == 1
+                    and stamps_agree(stamps)
+                    and len(set(severities)) == 1
+                )
                 if same or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
@@ -349,8 +363,16 @@ def main(argv=None) -> int:
         log = server.log()
     for name, tally in tallies.items():
         buffer = name.endswith(f"_F{BUFFER}")
-        values, stamps = reads[name]
-        why = verdict(name, tally, values, kept=not args.kill_shards, buffer=buffer, stamps=stamps)
+        values, stamps, severities = reads[name]
+        why = verdict(
+            name,
+            tally,
+            values,
+            kept=not args.kill_shards,
+            buffer=buffer,
+            stamps=stamps,
+            severities=severities,
+        )
         row = values[0] or ()
         read = f"{len(row)} values, the last {row[-1]:.0f}" if buffer and row else row
         print(

@@ -154,6 +154,8 @@ def test_the_chaos_verdict_names_each_broken_promise():
     assert verdict("a", tally, [(10.0,)] * 3, stamps=same) is None
     assert "time stamps" in verdict("a", tally, [(10.0,)] * 3, stamps=[1000.0, 1000.001, 1000.0])
     assert "time stamps" in verdict("a", tally, [(10.0,)] * 3, stamps=[1000.0, None, 1000.0])
+    assert verdict("a", tally, [(10.0,)] * 3, severities=[0, 0, 0]) is None
+    assert "severities" in verdict("a", tally, [(10.0,)] * 3, severities=[0, 3, 0])
     # A shard killed: what it applied since its last flush may be gone.
     assert verdict("a", tally, [(9.0,)] * 3, kept=False) is None
     assert "said failed" in verdict("a", tally, [(11.0,)] * 3, kept=False)
