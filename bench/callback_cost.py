@@ -106,6 +106,16 @@ class ThreadSampler:
         )
 
 
+def print_threads(cpu_us: dict[str, float], switches: dict[str, float]) -> None:
+    """A per-thread table of CPU and context switches per op, busiest first (threads
+    with neither left out), and the total (bench.pva_cost, bench.shard_cost)."""
+    print(f"  {'thread':28s} {'CPU us/put':>10s} {'switches/put':>13s}")
+    for k in sorted(cpu_us, key=lambda k: -cpu_us[k]):
+        if cpu_us[k] or switches[k]:
+            print(f"  {k:28s} {cpu_us[k]:10.1f} {switches[k]:13.2f}")
+    print(f"  {'all':28s} {sum(cpu_us.values()):10.1f} {sum(switches.values()):13.2f}")
+
+
 def measure(kind: str, n: int, mp) -> dict:
     server = SERVERS[kind](set())
     sampler = ThreadSampler()

@@ -89,12 +89,7 @@ def main(argv=None) -> int:
             f"{kind}: {r['puts_per_s']:.0f} PVA puts/s, {r['round_trip_us']:.0f} us per put "
             f"and client, {args.clients} client(s); load {os.getloadavg()[0]:.2f}"
         )
-        print(f"  {'thread':28s} {'CPU us/put':>10s} {'switches/put':>13s}")
-        for k in sorted(r["cpu_us"], key=lambda k: -r["cpu_us"][k]):
-            if r["cpu_us"][k] or r["switches"][k]:
-                print(f"  {k:28s} {r['cpu_us'][k]:10.1f} {r['switches'][k]:13.2f}")
-        cpu, switches = sum(r["cpu_us"].values()), sum(r["switches"].values())
-        print(f"  {'all':28s} {cpu:10.1f} {switches:13.2f}")
+        callback_cost.print_threads(r["cpu_us"], r["switches"])
     return 0
 
 

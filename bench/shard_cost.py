@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import zmq
@@ -123,9 +124,9 @@ class _Client:
 
         send_frames(self.sock, encode_batch(msgs))
 
-    def ask(self, msgs: list, answered=None) -> None:
-        """Send ``msgs`` and wait for a message with a request number (``answered``:
-        whether the frames that came are the answer; else any reply is)."""
+    def ask(self, msgs: list, answered: bool = False) -> None:
+        """Send ``msgs`` and wait for a reply: with ``answered``, for one that holds a
+        message with a request number (the shard's answer); else any (the echo's)."""
         from carelay.common.protocol import decode_batch
 
         self.send(msgs)
@@ -133,7 +134,7 @@ class _Client:
             if not self.sock.poll(10_000):
                 raise RuntimeError("no answer within 10 s")
             frames = self.sock.recv_multipart(copy=False)
-            if answered is None:
+            if not answered:
                 return
             if any(getattr(m, "req", 0) for m in decode_batch(frames)):
                 return
@@ -165,28 +166,24 @@ def measure(kind: str, n: int, profile: bool = False) -> dict:
             other = None
             proc, endpoint = _start(_echo, (f"ipc://{run}/echo",))
             client = _Client(endpoint, "cost")
-            answered = None
+            answered = False
         try:
             for k in range(min(200, n)):  # warm up
                 client.ask([_write(k)], answered)
-            before = callback_cost.sample({kind: proc.pid}, callback_cost.thread_name)
+            sampler = callback_cost.ThreadSampler(kind=callback_cost.thread_name)
+            sampler.start(SimpleNamespace(pids=lambda: {kind: proc.pid}), kind)
             t0 = time.perf_counter()
             for k in range(n):
                 client.ask([_write(k)], answered)
             wall = time.perf_counter() - t0
-            after = callback_cost.sample({kind: proc.pid}, callback_cost.thread_name)
+            sampler.stop()
         finally:
             proc.terminate()
             proc.join(10)
             for c in (client, other):
                 if c is not None:
                     c.sock.close()
-    cpu: dict[str, float] = {}
-    switches: dict[str, float] = {}
-    for key, (name, seconds, count) in after.items():
-        _, s0, c0 = before.get(key, (name, 0.0, 0))
-        cpu[name] = cpu.get(name, 0.0) + (seconds - s0) / n * 1e6
-        switches[name] = switches.get(name, 0.0) + (count - c0) / n
+    cpu, switches = sampler.per_op(n)
     return {"cpu_us": cpu, "switches": switches, "round_trip_us": wall / n * 1e6}
 
 
@@ -199,12 +196,7 @@ def main(argv=None) -> int:
     for kind in ("shard", "echo"):
         r = results[kind] = measure(kind, args.n, args.profile and kind == "shard")
         print(f"{kind}: {r['round_trip_us']:.0f} us per round trip, {args.n} puts")
-        print(f"  {'thread':28s} {'CPU us/put':>10s} {'switches/put':>13s}")
-        for k in sorted(r["cpu_us"], key=lambda k: -r["cpu_us"][k]):
-            if r["cpu_us"][k] or r["switches"][k]:
-                print(f"  {k:28s} {r['cpu_us'][k]:10.1f} {r['switches'][k]:13.2f}")
-        cpu, switches = sum(r["cpu_us"].values()), sum(r["switches"].values())
-        print(f"  {'all':28s} {cpu:10.1f} {switches:13.2f}")
+        callback_cost.print_threads(r["cpu_us"], r["switches"])
     shard, echo = (sum(results[k]["cpu_us"].values()) for k in ("shard", "echo"))
     # /proc counts CPU in ticks (10 ms): a short run may read none.
     ratio = f"{shard / echo:.2f}x" if echo else "n/a (no CPU tick read: more puts)"
