@@ -83,6 +83,23 @@ def stamps_agree(stamps: list[float | None]) -> bool:
     return None not in stamps and max(stamps) - min(stamps) <= STAMP_SLACK
 
 
+def disagreement(
+    reads: list[tuple | None],
+    stamps: list[float | None] | None = None,
+    severities: list[int | None] | None = None,
+) -> str | None:
+    """How the doors' reads of one PV differ (see ``verdict``); None if they agree."""
+    if any(r is None for r in reads):
+        return f"a door serves no value ({reads})"
+    if len(set(reads)) != 1:
+        return "the doors read different values"
+    if stamps is not None and not stamps_agree(stamps):
+        return f"the doors read different time stamps ({stamps})"
+    if severities is not None and len(set(severities)) != 1:
+        return f"the doors read different alarm severities ({severities})"
+    return None
+
+
 def verdict(
     name: str,
     tally: Tally,
@@ -96,14 +113,9 @@ def verdict(
     (its elements; None: it read nothing) and, in ``stamps`` and ``severities``, its
     time stamp and alarm severity there; None if it does not.  ``kept``: what was
     acknowledged must be there (no shard was killed); ``buffer``: it appends."""
-    if any(r is None for r in reads):
-        return f"{name}: a door serves no value ({reads})"
-    if len(set(reads)) != 1:
-        return f"{name}: the doors read different values"
-    if stamps is not None and not stamps_agree(stamps):
-        return f"{name}: the doors read different time stamps ({stamps})"
-    if severities is not None and len(set(severities)) != 1:
-        return f"{name}: the doors read different alarm severities ({severities})"
+    differ = disagreement(reads, stamps, severities)
+    if differ is not None:
+        return f"{name}: {differ}"
     values = reads[0]
     if any(v != int(v) for v in values) or not (buffer or len(values) == 1):
         return f"{name}: reads {values}, never put"
@@ -238,6 +250,16 @@ def fault(server, rnd: random.Random, kill_shards: bool = False) -> str:
     return f"{role}: hung {secs:.1f} s"
 
 
+#: A door's read that brought nothing: (elements, stamp, severity).
+_NOTHING = (None, None, None)
+
+
+def _door(data, stamp, severity) -> tuple:
+    """One door's read of a PV: (its elements, its time stamp, its alarm severity)."""
+    elements = tuple(float(x) for x in np.atleast_1d(np.asarray(data, dtype=float)))
+    return elements, float(stamp), int(severity)
+
+
 def read_all(server, names: list[str]) -> dict[str, tuple[list, list, list]]:
     """What each door reads of each PV (its elements, its time stamp and its alarm
     severity; None where it read nothing), once all serve it the same (or SETTLE
@@ -255,38 +277,22 @@ def read_all(server, names: list[str]) -> dict[str, tuple[list, list, list]]:
         deadline = time.monotonic() + SETTLE
         for name in names:
             while True:
-                row: list[tuple | None] = []
-                stamps: list[float | None] = []
-                severities: list[int | None] = []
+                doors = []
                 for ctx in contexts:
                     try:
                         (pv,) = ctx.get_pvs(name, timeout=2)
                         r = pv.read(data_type="time", timeout=2)
-                        row.append(tuple(float(x) for x in r.data))
-                        stamps.append(float(r.metadata.timestamp))
-                        severities.append(int(r.metadata.severity))
+                        doors.append(_door(r.data, r.metadata.timestamp, r.metadata.severity))
                     except Exception:
-                        row.append(None)
-                        stamps.append(None)
-                        severities.append(None)
+                        doors.append(_NOTHING)
                 try:
                     v = pva.get(name, timeout=2)
-                    got = np.atleast_1d(np.asarray(v, dtype=float))
-                    row.append(tuple(float(x) for x in got))
-                    stamps.append(float(v.timestamp))
-                    severities.append(int(v.severity))
+                    doors.append(_door(v, v.timestamp, v.severity))
                 except Exception:
-                    row.append(None)
-                    stamps.append(None)
-                    severities.append(None)
-                reads[name] = (row, stamps, severities)
-                same = (
-                    None not in row
-                    and len(set(row)) == 1
-                    and stamps_agree(stamps)
-                    and len(set(severities)) == 1
-                )
-                if same or time.monotonic() > deadline:
+                    doors.append(_NOTHING)
+                # By door, each column: elements, stamps, severities.
+                reads[name] = read = tuple(list(c) for c in zip(*doors, strict=True))
+                if disagreement(*read) is None or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
     finally:
