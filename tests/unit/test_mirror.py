@@ -54,11 +54,13 @@ def mirror(type_code: str = "f", count: int = 1, stored=None, defaults=None) -> 
     return m
 
 
-def put(m: PvMirror, *values, append: bool | None = None, reset: bool = False) -> int:
+def put(
+    m: PvMirror, *values, append: bool | None = None, reset: bool = False, stamp: float = 1000.0
+) -> int:
     """A put of ``values`` mirrored (appended to a buffer unless ``append`` says); its mask."""
     if append is None:
         append = m.ring is not None
-    return m.apply(np.array(values, dtype=m.spec.dtype), 1000.0, append=append, reset=reset)
+    return m.apply(np.array(values, dtype=m.spec.dtype), stamp, append=append, reset=reset)
 
 
 def fill(m: PvMirror, n: int) -> None:
@@ -157,12 +159,12 @@ def test_a_field_that_processes_a_scalar_is_judged_by_the_processing(type_code):
     put(m, 7)
     m.field_changed("HIGH", 5)
     assert limit_status(m) == OK  # not until the shard processed the PV
-    m.apply(np.array([7], dtype=m.spec.dtype), 2000.0, append=False, reset=True)
+    put(m, 7, reset=True, stamp=2000.0)  # the processing
     assert limit_status(m) == (HIGH_ALARM, MINOR)
     assert m.stamp == 2000.0
     m.field_changed("HSV", fields.MAJOR)
     assert limit_status(m) == (HIGH_ALARM, MINOR)
-    m.apply(np.array([7], dtype=m.spec.dtype), 2001.0, append=False, reset=True)
+    put(m, 7, reset=True, stamp=2001.0)
     assert limit_status(m) == (HIGH_ALARM, MAJOR)
 
 
