@@ -4,7 +4,8 @@ W8's clients (``--clients`` p4p clients, ``--n`` puts each to its own ``f1`` PV,
 put waiting for its completion) against carelay with ``pva = true`` (2 shards, the
 clients' PVs spread evenly over them in every run) and against the PVA control.  Every
 thread of the server is read from /proc when the puts start and when the clients are
-done (see bench/callback_cost.py): CPU time and context switches per put, by process
+done (see bench/callback_cost.py): CPU time, its part in the kernel and context switches
+per put, by process
 (pva, shard0, broker, control, ...) and thread, named as the kernel names it (p4p's
 network thread is ``PVXTCP``, ZeroMQ's I/O threads ``ZMQbg/IO/0``), the main thread
 ``main``.  ``--clients 1`` shows the round trip of one put at a time; W8's four show
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import multiprocessing
-import os
 import sys
 
 from bench import callback_cost
@@ -63,12 +63,11 @@ def measure(kind: str, clients: int, n: int, mp) -> dict:
     with server:
         r = run_phase(mp, server, writers, list(range(clients)), profiler=sampler)
     total = clients * n
-    cpu_us, switches = sampler.per_op(total)
     return {
         "puts_per_s": total / r.driver_span(range(clients)),
         "round_trip_us": r.driver_span(range(clients)) / n * 1e6,
-        "cpu_us": cpu_us,
-        "switches": switches,
+        "per_op": sampler.per_op(total),
+        "busy": callback_cost.busy_line(sampler),
     }
 
 
@@ -87,9 +86,9 @@ def main(argv=None) -> int:
         r = measure(kind, args.clients, args.n, mp)
         print(
             f"{kind}: {r['puts_per_s']:.0f} PVA puts/s, {r['round_trip_us']:.0f} us per put "
-            f"and client, {args.clients} client(s); load {os.getloadavg()[0]:.2f}"
+            f"and client, {args.clients} client(s); {r['busy']}"
         )
-        callback_cost.print_threads(r["cpu_us"], r["switches"])
+        callback_cost.print_threads(r["per_op"])
     return 0
 
 

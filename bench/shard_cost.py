@@ -12,7 +12,8 @@ once the last was answered.  Against:
   does nothing else.
 
 Each server's threads are read from /proc before and after the puts (see
-bench/callback_cost.py): CPU time and context switches per put, by thread (``main``,
+bench/callback_cost.py): CPU time, its part in the kernel and context switches per put,
+by thread (``main``,
 ZeroMQ's ``ZMQbg/IO/0``), and the time of one round trip.  Under W8 a shard shares two
 cores with the PVA front-end, the CA broker and the clients, and its figures there
 swell with that; here each figure is the code's own, and shard against echo, in one
@@ -183,8 +184,7 @@ def measure(kind: str, n: int, profile: bool = False) -> dict:
             for c in (client, other):
                 if c is not None:
                     c.sock.close()
-    cpu, switches = sampler.per_op(n)
-    return {"cpu_us": cpu, "switches": switches, "round_trip_us": wall / n * 1e6}
+    return {"per_op": sampler.per_op(n), "round_trip_us": wall / n * 1e6}
 
 
 def main(argv=None) -> int:
@@ -196,8 +196,8 @@ def main(argv=None) -> int:
     for kind in ("shard", "echo"):
         r = results[kind] = measure(kind, args.n, args.profile and kind == "shard")
         print(f"{kind}: {r['round_trip_us']:.0f} us per round trip, {args.n} puts")
-        callback_cost.print_threads(r["cpu_us"], r["switches"])
-    shard, echo = (sum(results[k]["cpu_us"].values()) for k in ("shard", "echo"))
+        callback_cost.print_threads(r["per_op"])
+    shard, echo = (sum(results[k]["per_op"].cpu_us.values()) for k in ("shard", "echo"))
     # /proc counts CPU in ticks (10 ms): a short run may read none.
     ratio = f"{shard / echo:.2f}x" if echo else "n/a (no CPU tick read: more puts)"
     print(f"shard / echo CPU per put: {ratio}")

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.system.test_bench_smoke import run_bench, thread_rows
+from tests.system.test_bench_smoke import busy_shares, run_bench, thread_rows
 
 pytestmark = pytest.mark.system
 pytest.importorskip("p4p")
@@ -29,3 +29,6 @@ def test_pva_cost_names_the_threads_a_pva_put_crosses():
     for server, threads in rows.items():
         for thread, (cpu, switches) in threads.items():
             assert math.isfinite(cpu) and cpu >= 0 and switches >= 0, (server, thread)
+    # How busy the cores were, for each of the three.
+    shares = busy_shares(stdout)
+    assert len(shares) == 3 and all(0 <= b <= 100 for b in shares), stdout

@@ -71,7 +71,8 @@ def test_quick_bench_runs_and_reports_every_figure(tmp_path):
 
 def thread_rows(stdout: str) -> dict:
     """{server: {thread: (CPU us per op, switches per op)}} of a per-thread cost tool's
-    output (bench.callback_cost, bench.pva_cost): a line per server, then its rows."""
+    output (bench.callback_cost, bench.pva_cost, bench.shard_cost): a line per server,
+    then its rows.  Each row's CPU in the kernel is part of its CPU (asserted here)."""
     rows: dict = {}
     server = None
     for line in stdout.splitlines():
@@ -79,9 +80,16 @@ def thread_rows(stdout: str) -> dict:
             server = line.split(":")[0]
             rows[server] = {}
         elif server is not None and line.split()[0] != "thread":
-            thread, cpu, switches = line.rsplit(maxsplit=2)
+            thread, cpu, kernel, switches = line.rsplit(maxsplit=3)
+            assert 0 <= float(kernel) <= float(cpu), line
             rows[server][thread.strip()] = (float(cpu), float(switches))
     return rows
+
+
+def busy_shares(stdout: str) -> list[float]:
+    """The share of the machine's cores busy during each server's puts, as a per-thread
+    cost tool's line for that server says it."""
+    return [float(m) for m in re.findall(r"cores (\d+) % busy", stdout)]
 
 
 def test_callback_cost_runs_and_reports_every_thread_kind():
@@ -93,6 +101,7 @@ def test_callback_cost_runs_and_reports_every_thread_kind():
     for kind in ("broker main", "broker ZeroMQ I/O", "shard0 main", "shard0 ZeroMQ I/O"):
         assert kind in rows["carelay"], stdout
     assert "control main" in rows["control"], stdout
+    assert len(busy_shares(stdout)) == 2 and all(0 <= b <= 100 for b in busy_shares(stdout)), stdout
     for server, kinds in rows.items():
         for kind, (cpu, switches) in kinds.items():
             assert math.isfinite(cpu) and cpu >= 0 and switches >= 0, (server, kind)
