@@ -47,6 +47,19 @@ _READ_POLL_MS = 50
 _LONGEST_WAIT = 1.0
 #: A deadline is past only once the clock is beyond it: timers are looked at this late.
 _LATE = 0.001
+#: A loop turn this much longer than the sleep it asked for (s): the process did not run
+#: (stopped, a paused VM) or its loop was held up, and what it waits for waits as long more.
+HELD_UP = 0.5
+
+
+def took_longer(requests, started: float, slept: float, now: float) -> None:
+    """A loop turn began at ``started`` and meant to sleep ``slept`` seconds at most; if it
+    ended at ``now`` more than HELD_UP later than that, the requests in flight are given
+    the time back (Requests.held_up): the answers a shard sent meanwhile are read before
+    any of them is failed for want of one."""
+    over = now - started - slept
+    if over > HELD_UP:
+        requests.held_up(over)
 
 
 def sends_now(link) -> bool:
@@ -109,6 +122,7 @@ class Loop:
             b.turn_posts.flush()
             if watching:
                 hook.arm(armed)
+            started = time.monotonic()
             b.cas.process(delay)
             woken = False
             if armed:
@@ -131,6 +145,7 @@ class Loop:
             elif armed and lazy:
                 streaming = False  # a tick with no change: the next one wakes the loop
             now = time.monotonic()
+            took_longer(requests, started, delay, now)
             if requests.parked:
                 requests.unpark(now)
             table.graveyard.clear()

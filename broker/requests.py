@@ -47,6 +47,8 @@ class Request:
     #: deletion or a put without callback, an object in the PV's place that sends it
     #: again (forward._Again).
     retry: Any = None
+    #: Seconds its deadline was put off while this process was held up (``held_up``).
+    held: float = 0.0
 
 
 @dataclass(slots=True)
@@ -145,7 +147,8 @@ class Requests:
         if ok and p.put:
             self._health.puts += 1
         if p.notify is not None:
-            self._health.put_callback.observe(time.monotonic() - (p.deadline - PUT_TIMEOUT))
+            sent = p.deadline - p.held - PUT_TIMEOUT
+            self._health.put_callback.observe(time.monotonic() - sent)
             p.notify.complete(ok)
 
     def _let_go(self, p: Request) -> None:
@@ -192,6 +195,19 @@ class Requests:
                 if self._error("shard_down", why, p.name, shard, p.client):
                     log.warning("shard %d lost the request for %s; failing it", shard, p.name)
             self.finish(shard, first, False)
+
+    def held_up(self, seconds: float) -> None:
+        """This process did not run for ``seconds`` (it was stopped, or its loop was held
+        up): every request in flight waits that much longer for its answer.  A shard that
+        answered meanwhile was not late: its answer waits, unread, in this process (the
+        loop and ZeroMQ's I/O thread run again together, and the loop may look before the
+        answer is in), and the request's expiry at the shard (``expect``) still drops it
+        if it reached the shard too late.  So waiting longer never has a put reported
+        failed that was applied, and never lets one be applied after it was."""
+        for waiting in (*self.unanswered, *self.orphans):
+            for p in waiting.values():
+                p.deadline += seconds
+                p.held += seconds
 
     def expire(self, shard: int, now: float) -> None:
         """Fail the requests to ``shard`` whose deadline has passed."""

@@ -13,7 +13,7 @@ import math
 import time
 
 from carelay.broker.link import LinkState, link_for
-from carelay.broker.loop import Loop
+from carelay.broker.loop import Loop, took_longer
 from carelay.broker.peers import ca_buffer_bytes
 from carelay.broker.sync import ShardSync
 from carelay.common.config import PVA_SEARCH_FOLLOW, STATUS_INTERVAL
@@ -184,6 +184,7 @@ class PvaLoop(Loop):
                 timeout = max(0, math.ceil((next_tick - time.monotonic()) * 1000))
             else:
                 timeout = _QUIET_POLL_MS
+            started = time.monotonic()
             sync.poll(timeout)
             if sync.woken:
                 sync.woken = False
@@ -194,6 +195,7 @@ class PvaLoop(Loop):
             f.pvlist.post_if_changed()
             table.graveyard.clear()
             now = time.monotonic()
+            took_longer(requests, started, timeout / 1000, now)
             if requests.parked:
                 requests.unpark(now)
             f.finish_answered()

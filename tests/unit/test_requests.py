@@ -248,3 +248,53 @@ def test_a_field_change_or_deletion_goes_again_in_a_parked_puts_place(setup):
     requests.unpark(time.monotonic())
     assert sent == ["a", "a"]
     _Again("e", lambda: False).resume(None, None, True)
+
+
+class Clock:
+    """Histogram that keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    def observe(self, seconds: float) -> None:
+        self.seen.append(seconds)
+
+
+def test_a_process_held_up_gives_its_requests_the_time_back(setup):
+    # The broker stopped (SIGSTOP, a paused VM) past a put's deadline while its shard
+    # applied and answered it: the answer waits, unread.  The loop that runs again must
+    # not fail the put before it has read the answer.
+    requests, _, errors = setup
+    requests._health.put_callback = clock = Clock()
+    live, orphan = Notify(), Notify()
+    put, _ = requests.expect(0, PV("a"), "a", live, None, put=True)
+    lost, _ = requests.expect(1, PV("b"), "b", orphan, None)
+    requests.link_down(1, gone=False)  # its link went down meanwhile: an orphan
+    held = PUT_TIMEOUT + 3
+    resumed = time.monotonic() + held
+    requests.held_up(held)
+    for shard in (0, 1):
+        requests.expire(shard, resumed)
+    assert live.results == [] and orphan.results == [] and not errors
+    requests.answered(0, put)
+    requests.finish(0, put, True)
+    assert live.results == [True] and requests._health.puts == 1
+    # The time it was held up is not the shard's: the put's answer took no longer.
+    assert clock.seen and clock.seen[0] < held
+    # Unanswered still when the time given back is up: it fails as before.
+    requests.expire(1, resumed + PUT_TIMEOUT + 1)
+    assert orphan.results == [False] and errors[-1][:3] == ("shard_down", "b", 1)
+
+
+def test_a_loop_turn_that_took_longer_than_its_sleep_gives_the_time_back(setup):
+    from carelay.broker.loop import HELD_UP, took_longer
+
+    requests, _, _ = setup
+    notify = Notify()
+    requests.expect(0, PV("a"), "a", notify, None)
+    (request,) = requests.unanswered[0].values()
+    deadline = request.deadline
+    took_longer(requests, started=100.0, slept=1.0, now=101.0 + HELD_UP / 2)  # busy, not held
+    assert request.deadline == deadline
+    took_longer(requests, started=100.0, slept=1.0, now=108.0)  # 7 s over what it slept
+    assert request.deadline == pytest.approx(deadline + 7.0)
