@@ -111,11 +111,37 @@ class Figures(KeepsRefusals):
         return {"errors": self.errors.entries(), "refusals": dict(self.refused_by_kind)}
 
 
-class PeerClient(tuple):
+class PeerClient:
     """(host, user) of a PVA client, with the put it made: a refusal names the client
-    and gives the put its reason."""
+    and gives the put its reason.
 
-    put = None
+    Unpacked as the CA brokers' (host, user) tuples are.  The two are read from the put's
+    operation only when a refusal names them: each is a call into p4p, and most puts are
+    never refused."""
+
+    __slots__ = ("_op", "_who", "put")
+
+    def __init__(self, op) -> None:
+        self._op = op
+        self._who: tuple[str, str] | None = None
+        self.put: PvaPut | None = None
+
+    def _read(self) -> tuple[str, str]:
+        if self._who is None:
+            try:
+                self._who = (str(self._op.peer()), str(self._op.account()))
+            except Exception:
+                self._who = ("?", "?")
+        return self._who
+
+    def __iter__(self):
+        return iter(self._read())
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> str:
+        return self._read()[i]
 
 
 class PvaPut:
@@ -497,12 +523,7 @@ class PvaFrontEnd:
             self.health.refused("access", denied, channel.name, shard)
             op.done(error=denied)
             return
-        try:
-            host, user = str(op.peer()), str(op.account())
-        except Exception:
-            host, user = "?", "?"
-        client = PeerClient((host, user))
-        put = PvaPut(op, client, self.pvlist.post_if_changed, self.answered.append)
+        put = PvaPut(op, PeerClient(op), self.pvlist.post_if_changed, self.answered.append)
         self.put_context = put
         try:
             if target is self.pvlist:

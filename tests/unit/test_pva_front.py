@@ -227,6 +227,35 @@ def test_a_refused_put_fails_with_its_reason_and_nothing_goes(front):
     assert not any(link.outbox for link in front.links)
 
 
+class CountingOp(FakeOp):
+    """A FakeOp that counts the reads of its client's address and account."""
+
+    reads = 0
+
+    def peer(self):
+        self.reads += 1
+        return super().peer()
+
+    def account(self):
+        self.reads += 1
+        return super().account()
+
+
+def test_a_refused_put_names_its_client_and_an_accepted_one_never_reads_it(front):
+    pv, channel = real_pv(front, "P:x_f1")
+    front.links[pv.shard].sock = object()  # queued here, never sent
+    op = CountingOp(FakeValue({"value": 2.0}))
+    front.on_put(channel, op)
+    # Its address and account are two calls into p4p: a put that goes on makes neither.
+    assert op.reads == 0 and any(link.outbox for link in front.links)
+    op = CountingOp(FakeValue({"value": "abc"}))
+    front.on_put(channel, op)
+    assert op.result[0] == "error"
+    lines = [line for _, line, _ in front.health.errors.entries()]
+    assert any("client tester@127.0.0.1:5" in line and "P:x_f1" in line for line in lines), lines
+    assert op.reads == 2
+
+
 def test_a_put_to_an_unreachable_shard_says_so(front):
     name = "P:x_f1"
     channel = front.make_channel(name)
@@ -243,7 +272,7 @@ def test_a_put_to_an_unreachable_shard_says_so(front):
 
 def test_a_put_of_several_parts_ends_once_all_have():
     op = FakeOp()
-    put = PvaPut(op, PeerClient(("h", "u")))
+    put = PvaPut(op, PeerClient(op))
     put.parts = 2
     put.complete(True)
     assert op.result is None

@@ -77,7 +77,7 @@ def test_a_finished_put_is_freed_without_the_garbage_collector():
     gc.disable()
     try:
         op = FakeOp()
-        put = PvaPut(op, PeerClient(("h", "u")))
+        put = PvaPut(op, PeerClient(op))
         ref = weakref.ref(put)
         put.parts = 1
         put.complete(True)
