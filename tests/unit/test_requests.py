@@ -279,8 +279,9 @@ def test_a_process_held_up_gives_its_requests_the_time_back(setup):
     requests.answered(0, put)
     requests.finish(0, put, True)
     assert live.results == [True] and requests._health.puts == 1
-    # The time it was held up is not the shard's: the put's answer took no longer.
-    assert clock.seen and clock.seen[0] < held
+    # Its time to answer is measured from its send, not from a deadline that moved (no
+    # time passed here: the process was held up only as far as Requests was told).
+    assert len(clock.seen) == 1 and 0 <= clock.seen[0] < 1.0
     # Unanswered still when the time given back is up: it fails as before.
     requests.expire(1, resumed + PUT_TIMEOUT + 1)
     assert orphan.results == [False] and errors[-1][:3] == ("shard_down", "b", 1)
