@@ -139,3 +139,34 @@ def test_a_put_its_shard_answered_while_the_broker_was_stopped_succeeds(make_rel
     assert answer.success, (answer, relay.log()[mark:])
     assert get(name) == 2.0
     assert "no answer from shard 0" not in relay.log()[mark:], relay.log()[mark:]
+
+
+@pytest.mark.slow
+def test_a_pva_put_its_shard_answered_while_the_pva_front_end_was_stopped_succeeds(make_relay):
+    """The same through the PVA front-end, whose loop is its own: the answer that came
+    while it was stopped past the put's deadline completes the put."""
+    relay = make_relay(shards=1, kind=PvaRelay)
+    name = relay.name("answered", "f1")
+    ctx = pva_context()
+    try:
+        ctx.put(name, 1.0, timeout=5)
+        shard, pva = role_pid(relay, "shard 0"), role_pid(relay, "pva")
+        mark = len(relay.log())
+        os.kill(shard, signal.SIGSTOP)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            try:
+                done = pool.submit(ctx.put, name, 2.0, timeout=PUT_TIMEOUT + 20)
+                sent = time.monotonic()
+                time.sleep(1.0)  # as above: it goes at once, unseen from outside
+                os.kill(pva, signal.SIGSTOP)
+            finally:
+                os.kill(shard, signal.SIGCONT)
+            try:
+                time.sleep(max(0.0, sent + PUT_TIMEOUT + 1.5 - time.monotonic()))
+            finally:
+                os.kill(pva, signal.SIGCONT)
+            done.result(timeout=30)  # raises the relay's refusal if it failed the put
+    finally:
+        ctx.close()
+    assert get(name) == 2.0
+    assert "no answer from shard 0" not in relay.log()[mark:], relay.log()[mark:]
