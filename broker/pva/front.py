@@ -140,9 +140,6 @@ class PeerClient:
     def __len__(self) -> int:
         return 2
 
-    def __getitem__(self, i: int) -> str:
-        return self._read()[i]
-
 
 class PvaPut:
     """One PVA put in progress: done when each of its parts (a value, field changes) is
