@@ -14,6 +14,7 @@ import concurrent.futures
 import os
 import signal
 import time
+from functools import partial
 
 import pytest
 
@@ -105,6 +106,30 @@ def test_plain_ca_puts_made_while_the_broker_hung_are_applied(make_relay, ca):
     assert f"refused {new}" not in relay.log()[mark:], relay.log()[mark:]
 
 
+def _answered_while_stopped(relay, role: str, put):
+    """``put`` (a put with callback, run on a thread of its own) reaches the relay's one
+    shard, which is stopped; front-end ``role`` is stopped once the put has gone, the
+    shard is let go to apply and answer it, in time, and ``role`` stays stopped past the
+    put's deadline (the fault itself) before it is let go too.  What ``put`` returns."""
+    shard, front = role_pid(relay, "shard 0"), role_pid(relay, role)
+    os.kill(shard, signal.SIGSTOP)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            done = pool.submit(put)
+            sent = time.monotonic()
+            # A put with callback goes to its shard at once; nothing outside the
+            # front-end shows that it went.
+            time.sleep(1.0)
+            os.kill(front, signal.SIGSTOP)
+        finally:
+            os.kill(shard, signal.SIGCONT)
+        try:
+            time.sleep(max(0.0, sent + PUT_TIMEOUT + 1.5 - time.monotonic()))
+        finally:
+            os.kill(front, signal.SIGCONT)
+        return done.result(timeout=30)
+
+
 @pytest.mark.slow
 def test_a_put_its_shard_answered_while_the_broker_was_stopped_succeeds(make_relay, ca):
     """A put with callback reached its shard, which applied and answered it in time while
@@ -117,25 +142,9 @@ def test_a_put_its_shard_answered_while_the_broker_was_stopped_succeeds(make_rel
     name = relay.name("answered", "f1")
     pv = connect(ca, name)
     assert write_status(pv, [1.0]).success
-    shard, broker = role_pid(relay, "shard 0"), role_pid(relay, "broker")
     mark = len(relay.log())
-    os.kill(shard, signal.SIGSTOP)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        try:
-            status = pool.submit(pv.write, [2.0], wait=True, timeout=PUT_TIMEOUT + 20)
-            sent = time.monotonic()
-            # A put with callback goes to its shard at once; nothing outside the broker
-            # shows that it went.
-            time.sleep(1.0)
-            os.kill(broker, signal.SIGSTOP)
-        finally:
-            os.kill(shard, signal.SIGCONT)  # it applies the put and answers, in time
-        try:
-            # The broker stays stopped past the put's deadline: the fault itself.
-            time.sleep(max(0.0, sent + PUT_TIMEOUT + 1.5 - time.monotonic()))
-        finally:
-            os.kill(broker, signal.SIGCONT)
-        answer = status.result(timeout=30).status
+    put = partial(pv.write, [2.0], wait=True, timeout=PUT_TIMEOUT + 20)
+    answer = _answered_while_stopped(relay, "broker", put).status
     assert answer.success, (answer, relay.log()[mark:])
     assert get(name) == 2.0
     assert "no answer from shard 0" not in relay.log()[mark:], relay.log()[mark:]
@@ -150,22 +159,9 @@ def test_a_pva_put_its_shard_answered_while_the_pva_front_end_was_stopped_succee
     ctx = pva_context()
     try:
         ctx.put(name, 1.0, timeout=5)
-        shard, pva = role_pid(relay, "shard 0"), role_pid(relay, "pva")
         mark = len(relay.log())
-        os.kill(shard, signal.SIGSTOP)
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            try:
-                done = pool.submit(ctx.put, name, 2.0, timeout=PUT_TIMEOUT + 20)
-                sent = time.monotonic()
-                time.sleep(1.0)  # as above: it goes at once, unseen from outside
-                os.kill(pva, signal.SIGSTOP)
-            finally:
-                os.kill(shard, signal.SIGCONT)
-            try:
-                time.sleep(max(0.0, sent + PUT_TIMEOUT + 1.5 - time.monotonic()))
-            finally:
-                os.kill(pva, signal.SIGCONT)
-            done.result(timeout=30)  # raises the relay's refusal if it failed the put
+        # ctx.put raises the relay's refusal if it failed the put.
+        _answered_while_stopped(relay, "pva", partial(ctx.put, name, 2.0, timeout=PUT_TIMEOUT + 20))
     finally:
         ctx.close()
     assert get(name) == 2.0
