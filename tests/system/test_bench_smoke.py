@@ -101,7 +101,8 @@ def test_callback_cost_runs_and_reports_every_thread_kind():
     for kind in ("broker main", "broker ZeroMQ I/O", "shard0 main", "shard0 ZeroMQ I/O"):
         assert kind in rows["carelay"], stdout
     assert "control main" in rows["control"], stdout
-    assert len(busy_shares(stdout)) == 2 and all(0 <= b <= 100 for b in busy_shares(stdout)), stdout
+    shares = busy_shares(stdout)
+    assert len(shares) == 2 and all(0 <= b <= 100 for b in shares), stdout
     for server, kinds in rows.items():
         for kind, (cpu, switches) in kinds.items():
             assert math.isfinite(cpu) and cpu >= 0 and switches >= 0, (server, kind)

@@ -46,8 +46,14 @@ class Table:
 
 
 class Histogram:
+    """Keeps what it was told."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
     def observe(self, seconds: float) -> None:
         assert seconds >= 0
+        self.seen.append(seconds)
 
 
 class Health:
@@ -250,22 +256,12 @@ def test_a_field_change_or_deletion_goes_again_in_a_parked_puts_place(setup):
     _Again("e", lambda: False).resume(None, None, True)
 
 
-class Clock:
-    """Histogram that keeps what it was told."""
-
-    def __init__(self) -> None:
-        self.seen: list[float] = []
-
-    def observe(self, seconds: float) -> None:
-        self.seen.append(seconds)
-
-
 def test_a_process_held_up_gives_its_requests_the_time_back(setup):
     # The broker stopped (SIGSTOP, a paused VM) past a put's deadline while its shard
     # applied and answered it: the answer waits, unread.  The loop that runs again must
     # not fail the put before it has read the answer.
     requests, _, errors = setup
-    requests._health.put_callback = clock = Clock()
+    requests._health.put_callback = clock = Histogram()
     live, orphan = Notify(), Notify()
     put, _ = requests.expect(0, PV("a"), "a", live, None, put=True)
     lost, _ = requests.expect(1, PV("b"), "b", orphan, None)
