@@ -69,6 +69,10 @@ class ShardLink:
         #: down: kept open so that the shard's answers to them still come (see
         #: Requests.orphans).
         self.parked: list[zmq.Socket] = []
+        #: The parked socket of the connection last taken down, until a new one is opened:
+        #: what it carried was the link's latest, so a request refused on it unapplied can
+        #: still go again in its place (see ShardSync._orphan_refused).
+        self.last_parked: zmq.Socket | None = None
         #: Messages (and WriteRuns) waiting for the next ``send_queued``; how many puts they
         #: hold; whether one waits for an answer or puts to a ``wanted`` PV (go at once).
         self.outbox: list = []
@@ -130,6 +134,7 @@ class ShardLink:
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED)
         sock.connect(self.endpoint)
         self.sock = sock
+        self.last_parked = None
         self.writes = self.writes_applied = 0  # the shard counts per connection
         self.own_writes.clear()
         self.own_writes_bound = OWN_WRITES_MIN
@@ -148,6 +153,7 @@ class ShardLink:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
+            self.last_parked = self.sock if park else None
             if park:
                 self.parked.append(self.sock)
             else:
@@ -168,6 +174,7 @@ class ShardLink:
         for sock in self.parked:
             sock.close(linger=0)
         self.parked.clear()
+        self.last_parked = None
 
     @property
     def local(self) -> bool:

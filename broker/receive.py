@@ -90,8 +90,13 @@ class ShardReceiver:
             for msg in msgs:
                 req = getattr(msg, "req", 0)
                 if req in orphans:
-                    ok = type(msg) in APPLIED
-                    if not ok:
-                        self._shard_refused(link, msg)
-                    self.requests.finish(link.index, req, ok)
+                    if type(msg) in APPLIED:
+                        self.requests.finish(link.index, req, True)
+                    else:
+                        self._orphan_refused(link, sock, msg)
         return n
+
+    def _orphan_refused(self, link: ShardLink, sock, msg) -> None:
+        """The shard refused orphan ``msg.req`` on ``sock``: it fails."""
+        self._shard_refused(link, msg)
+        self.requests.finish(link.index, msg.req, False)

@@ -11,8 +11,10 @@ wait here too.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +64,12 @@ class ParkedPut:
     deadline: float
     #: Who put it (as ``Requests.expect`` takes it), for ``relay:ERRORS`` if it fails.
     client: Any = None
+    #: Its place among the puts: a number from the sequence that numbers the requests.
+    order: int = 0
+
+
+#: Where a parked put goes among the others.
+_ORDER = operator.attrgetter("order")
 
 
 class Requests:
@@ -81,7 +89,7 @@ class Requests:
         self.orphans: list[dict[int, Request]] = [{} for _ in links]
         #: How many requests each PV has in flight (PVs with none are absent).
         self._in_flight: dict = {}
-        #: Puts waiting for their shard to be back, in arrival order.
+        #: Puts waiting for their shard to be back, in the order they were made.
         self.parked: list[ParkedPut] = []
         #: Per shard: how far its wall clock is from ours, which expiries are said in.
         self.clocks = [ShardClock() for _ in links]
@@ -167,15 +175,19 @@ class Requests:
         field change or deletion then waits for the new connection, as a put waits for a
         restarting shard (``park``), rather than failing a client that did nothing wrong
         (or, without callback, being lost unknown to it).  False if ``req`` is none of
-        those: it ends as refused."""
-        p = self.unanswered[shard].get(req)
+        those: it ends as refused.  An orphan goes again too: the link went down at an
+        earlier refusal of the same connection (ShardSync._orphan_refused)."""
+        waiting = self.unanswered[shard]
+        if req not in waiting:
+            waiting = self.orphans[shard]
+        p = waiting.get(req)
         if p is None or p.retry is None:
             return False
-        del self.unanswered[shard][req]
+        del waiting[req]
         self._let_go(p)
         pv, payload = p.retry
         pv.waiting_put = True  # the PV's later puts wait behind it
-        self.park(pv, payload, p.notify, shard, p.client)
+        self.park(pv, payload, p.notify, shard, p.client, order=req)
         return True
 
     def answered(self, shard: int, req: int) -> None:
@@ -292,14 +304,17 @@ class Requests:
             and time.monotonic() < link.down_since + PUT_RECONNECT_GRACE
         )
 
-    def park(self, pv, payload, notify, shard: int, client=None) -> None:
+    def park(self, pv, payload, notify, shard: int, client=None, order: int = 0) -> None:
         """Keep a put for ``shard`` until the shard is back or the grace is over; the PV
-        has started an asynchronous write, which ``pv.resume`` ends."""
+        has started an asynchronous write, which ``pv.resume`` ends.  ``order``: the
+        number of the request it was sent as (``repark``); it goes back among the parked
+        puts in that place, before those made after it.  0: a put made now."""
         link = self._links[shard]
         # A link not down yet (``repark``) goes down now: the grace counts from now.
         since = link.down_since if not link.usable else time.monotonic()
         deadline = since + PUT_RECONNECT_GRACE
-        self.parked.append(ParkedPut(pv, payload, notify, shard, deadline, client))
+        put = ParkedPut(pv, payload, notify, shard, deadline, client, order or self.number())
+        bisect.insort(self.parked, put, key=_ORDER)
 
     def unpark(self, now: float) -> None:
         """Send on the parked puts whose shard is back; fail those whose grace is over."""

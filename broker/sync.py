@@ -183,25 +183,7 @@ class ShardSync(ShardReceiver):
         self.requests.finish(link.index, msg.req, True)
 
     def _reject(self, link: ShardLink, msg: Reject) -> None:
-        # A refused WRITE is followed by the PV as the shard holds it then; a later WRITE
-        # of ours to it, which the mirror shows, comes after that at the shard.
-        place = link.write_places.pop(msg.req, 0) if msg.req else 0
-        later = 0 < place < link.own_writes.get(msg.name, 0)
-        if later:
-            link.stale_restate.add(msg.name)
-        # Refused unapplied through the current connection by a shard that took this
-        # process for hung (a stall longer than PEER_SILENCE), or that it missed a change:
-        # a put (a field change, a deletion) goes again through the new connection,
-        # unless a later WRITE of ours to the PV, which the shard applies late, would
-        # then come before it.  Not one refused through an earlier connection (FENCED):
-        # the new one may have carried later puts already.
-        retried = (
-            msg.reason in _RETRIED
-            and link.usable
-            and not later
-            and self.requests.repark(link.index, msg.req)
-        )
-        if not retried:
+        if not self._retried(link, msg, link.usable):
             self._shard_refused(link, msg)
             self.requests.finish(link.index, msg.req, False)
         if msg.reason in NOT_SERVED and link.usable:
@@ -209,6 +191,35 @@ class ShardSync(ShardReceiver):
             # the REJECTs keep it from looking silent: the loop reconnects.  (Its plain
             # WRITEs are applied late, unless it was fenced for a newer connection.)
             link.not_served = msg.reason
+
+    def _orphan_refused(self, link: ShardLink, sock, msg: Reject) -> None:
+        # The loop took the connection down at the first REJECT that said it is no longer
+        # served (a heartbeat's, say), and the others come on its parked socket: each goes
+        # again as if it had come first, while no new connection has been opened (one may
+        # carry later puts: then it fails, as one refused through an earlier connection).
+        if not self._retried(link, msg, sock is link.last_parked):
+            super()._orphan_refused(link, sock, msg)
+
+    def _retried(self, link: ShardLink, msg: Reject, latest: bool) -> bool:
+        """Whether refused request ``msg.req`` goes again, through the link's next
+        connection: refused unapplied through its ``latest`` connection by a shard that
+        took this process for hung (a stall longer than PEER_SILENCE), or that it missed a
+        change, a put (a field change, a deletion) goes again, unless a later WRITE of ours
+        to the PV, which the shard applies late, would then come before it.  Not one
+        refused through an earlier connection (FENCED): the new one may have carried later
+        puts already."""
+        # A refused WRITE is followed by the PV as the shard holds it then; a later WRITE
+        # of ours to it, which the mirror shows, comes after that at the shard.
+        place = link.write_places.pop(msg.req, 0) if msg.req else 0
+        later = 0 < place < link.own_writes.get(msg.name, 0)
+        if later:
+            link.stale_restate.add(msg.name)
+        return (
+            msg.reason in _RETRIED
+            and latest
+            and not later
+            and self.requests.repark(link.index, msg.req)
+        )
 
     def _deleted(self, link: ShardLink, msg: Deleted) -> None:
         self.table.forget(msg.name)

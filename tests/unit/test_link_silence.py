@@ -14,6 +14,7 @@ import zmq
 
 from carelay.broker.link import ShardLink
 from carelay.broker.linkstate import _SILENCE, LinkState
+from carelay.broker.requests import Requests
 from carelay.broker.sync import ShardSync
 from carelay.common.messages import SILENT, Ping, Reject
 from carelay.common.protocol import encode_batch, send_frames
@@ -100,3 +101,63 @@ def test_a_link_the_shard_no_longer_serves_goes_down(linked):
     assert len(errors) == 2
     link.went_down(f"it no longer serves this connection: {link.not_served}", park=False)
     assert link.not_served == "" and link.state is LinkState.DOWN
+
+
+class _PV:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.waiting_put = False
+
+
+class _Notify:
+    def __init__(self) -> None:
+        self.results: list[bool] = []
+
+    def complete(self, ok: bool) -> None:
+        self.results.append(ok)
+
+
+def _refused_on_the_old_socket(linked, reopen: bool):
+    """A put with callback in flight when the heartbeat's REJECT (SILENT) made the loop take
+    the connection down, parked; the put's own REJECT comes after, on that socket (``reopen``:
+    once a new connection was opened).  (notify, the parked puts, the errors)."""
+    shard, link, peer = linked
+    errors = []
+    broker = SimpleNamespace(
+        links=[link],
+        table=SimpleNamespace(reserve=lambda pv, creating: None),
+        config=SimpleNamespace(front_ends=1),
+        error=lambda *args: errors.append(args) or True,
+    )
+    health = SimpleNamespace(puts=0, put_callback=SimpleNamespace(observe=lambda s: None))
+    broker.requests = requests = Requests([link], broker.table, health, broker.error)
+    sync = ShardSync(broker)
+    pv, notify = _PV("a_f1"), _Notify()
+    req, _ = requests.expect(0, pv, pv.name, notify, None, put=True, retry=(pv, [2.5]))
+    sync._reject(link, Reject(requests.number(), "", SILENT, 1))
+    link.went_down(f"it no longer serves this connection: {link.not_served}", park=True)
+    requests.link_down(0, gone=False)
+    if reopen:
+        link.open()
+    send_frames(shard, [peer, *encode_batch([Reject(req, pv.name, SILENT, 1)])])
+    deadline = time.monotonic() + 10
+    while requests.orphans[0]:
+        assert time.monotonic() < deadline, "the REJECT never came"
+        sync.poll(10)
+    return notify, requests.parked, errors
+
+
+def test_a_put_refused_on_the_connection_just_taken_down_goes_again(linked):
+    """Its refusal says no more than the heartbeat's did: it waits for the new connection,
+    as it would have had both come in one read (seen: a PVA put right after the front-end
+    hung was failed, its REJECT read 3 ms after the heartbeat's)."""
+    notify, parked, errors = _refused_on_the_old_socket(linked, reopen=False)
+    assert notify.results == [] and [p.payload for p in parked] == [[2.5]]
+    assert len(errors) == 1  # the heartbeat's refusal, said once
+
+
+def test_a_put_refused_on_a_connection_older_than_the_newest_fails(linked):
+    """A new connection may have carried later puts: going again, it would undo them."""
+    notify, parked, errors = _refused_on_the_old_socket(linked, reopen=True)
+    assert notify.results == [False] and parked == []
+    assert [e[2] for e in errors] == ["", "a_f1"]

@@ -216,6 +216,22 @@ def test_a_reparked_put_fails_when_no_new_connection_comes_in_time(setup):
     assert pv.resumed == [("x", False)] and errors == [("shard_down", "a", 0, ("h", "u"))]
 
 
+def test_an_orphan_refused_unapplied_goes_back_before_the_puts_made_after_it(setup):
+    """The link went down at the first refusal of its connection (a heartbeat's), and a put
+    made since waits for the next one; the refusal of an earlier put, an orphan by then,
+    puts it back before that one: the later put's value is the one that stays."""
+    requests, links, _ = setup
+    pv, notify = PV("a"), Notify()
+    first, _ = requests.expect(0, pv, "a", notify, None, put=True, retry=(pv, "x"))
+    links[0].usable, links[0].down_since = False, time.monotonic()
+    requests.link_down(0, gone=False)
+    requests.park(pv, "y", None, 0)  # made while the link is down
+    assert requests.repark(0, first) and not requests.orphans[0]
+    links[0].usable = True
+    requests.unpark(time.monotonic())
+    assert pv.resumed == [("x", True), ("y", True)] and notify.results == []
+
+
 def test_a_quiet_request_fails_as_nobodys_error(setup):
     # A FOLLOW: a read that waited for its answer goes on; a hung shard during a resync
     # must not log (or count) one error per PV a broker follows.
