@@ -26,8 +26,16 @@ _CLIENT = r"""
 import sys, time, epics
 prefix, tag, n = sys.argv[1:4]
 pvs = [epics.PV(f"{prefix}{tag}{k}_f1", auto_monitor=False) for k in range(int(n))]
+# Past max_pvs a name gets no provisional PV and never connects: the wait ends once
+# every name has, or none more has for a second.
 end = time.monotonic() + 10
-while time.monotonic() < end and not all(pv.connected for pv in pvs):
+seen, since = 0, time.monotonic()
+while time.monotonic() < end:
+    n = sum(pv.connected for pv in pvs)
+    if n == len(pvs) or (n and n == seen and time.monotonic() - since > 1):
+        break
+    if n != seen:
+        seen, since = n, time.monotonic()
     time.sleep(0.02)
 sys.stdin.readline()
 for pv in pvs:
