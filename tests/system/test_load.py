@@ -41,7 +41,7 @@ RSS_GROWTH_LIMIT = 50 * 1024 * 1024
 
 def _client(index: int, names: list[str], deadline: float, puts, rounds, out: dict) -> None:
     """One CA client: rounds of connect, PUTS_PER_ROUND puts with callback, disconnect."""
-    from tests.system.clients import Context
+    from tests.system.clients import Context, close
 
     acked: dict[str, object] = {}
     unsure: dict[str, list] = {name: [] for name in names}
@@ -91,18 +91,6 @@ def _client(index: int, names: list[str], deadline: float, puts, rounds, out: di
                 rounds.value += 1
     finally:
         out[index] = {"acked": acked, "unsure": unsure, "counts": counts, "problems": problems}
-
-
-def close(ctx) -> None:
-    """Disconnect a caproto context and its broadcaster, waking its search thread first
-    (it sleeps seconds between retries), so that a round ends promptly."""
-    broadcaster = ctx.broadcaster
-    broadcaster._close_event.set()
-    broadcaster._search_now.set()
-    if broadcaster._retry_unanswered_searches_thread is not None:
-        broadcaster._retry_unanswered_searches_thread.join(timeout=5)
-    ctx.disconnect(wait=True)
-    broadcaster.disconnect(wait=True)
 
 
 def _worker(env: dict, first: int, names: list, deadline: float, puts, rounds, results):
@@ -227,7 +215,7 @@ def test_50_clients_for_twenty_seconds(make_relay):
 
     # Every PV holds the value of its last acknowledged put (or of a later put whose
     # acknowledgement timed out: it may have been applied after all).
-    from tests.system.clients import Context
+    from tests.system.clients import Context, close
 
     ctx = Context()
     try:
