@@ -5,11 +5,10 @@ put waiting for its completion) against carelay with ``pva = true`` (2 shards, t
 clients' PVs spread evenly over them in every run) and against the PVA control.  Every
 thread of the server is read from /proc when the puts start and when the clients are
 done (see bench/callback_cost.py): CPU time, its part in the kernel and context switches
-per put, by process
-(pva, shard0, broker, control, ...) and thread, named as the kernel names it (p4p's
-network thread is ``PVXTCP``, ZeroMQ's I/O threads ``ZMQbg/IO/0``), the main thread
-``main``.  ``--clients 1`` shows the round trip of one put at a time; W8's four show
-its CPU per put under load.
+per put, by process (pva, shard0, broker, control, ...) and thread, named as the kernel
+names it (p4p's network thread is ``PVXTCP``, ZeroMQ's I/O threads ``ZMQbg/IO/0``), the
+main thread ``main``.  ``--clients 1`` shows the round trip of one put at a time; W8's
+four show its CPU per put under load.
 
 Beside them, the floor (bench/pva_floor.py): the control's PVs, each put sent over
 ZeroMQ to a second process that keeps it, and completed on its answer, as carelay's

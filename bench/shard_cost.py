@@ -13,11 +13,11 @@ once the last was answered.  Against:
 
 Each server's threads are read from /proc before and after the puts (see
 bench/callback_cost.py): CPU time, its part in the kernel and context switches per put,
-by thread (``main``,
-ZeroMQ's ``ZMQbg/IO/0``), and the time of one round trip.  Under W8 a shard shares two
-cores with the PVA front-end, the CA broker and the clients, and its figures there
-swell with that; here each figure is the code's own, and shard against echo, in one
-run, is what the shard's work per put adds to the wake it cannot avoid.
+by thread (``main``, ZeroMQ's ``ZMQbg/IO/0``), and the time of one round trip.  Under
+W8 a shard shares two cores with the PVA front-end, the CA broker and the clients, and
+its figures there swell with that; here each figure is the code's own, and shard
+against echo, in one run, is what the shard's work per put adds to the wake it cannot
+avoid.
 
 ``--profile``: the shard's serve loop runs under cProfile, whose top functions it
 prints at the end (its CPU figures are then the profiler's, not the shard's).
