@@ -137,9 +137,6 @@ class PeerClient:
     def __iter__(self):
         return iter(self._read())
 
-    def __len__(self) -> int:
-        return 2
-
 
 class PvaPut:
     """One PVA put in progress: done when each of its parts (a value, field changes) is
