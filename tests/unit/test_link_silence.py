@@ -18,6 +18,7 @@ from carelay.broker.requests import Requests
 from carelay.broker.sync import ShardSync
 from carelay.common.messages import SILENT, Ping, Reject
 from carelay.common.protocol import encode_batch, send_frames
+from tests.unit.test_requests import PV, Health, Notify, Table
 
 
 @pytest.fixture
@@ -103,20 +104,6 @@ def test_a_link_the_shard_no_longer_serves_goes_down(linked):
     assert link.not_served == "" and link.state is LinkState.DOWN
 
 
-class _PV:
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.waiting_put = False
-
-
-class _Notify:
-    def __init__(self) -> None:
-        self.results: list[bool] = []
-
-    def complete(self, ok: bool) -> None:
-        self.results.append(ok)
-
-
 def _refused_on_the_old_socket(linked, reopen: bool):
     """A put with callback in flight when the heartbeat's REJECT (SILENT) made the loop take
     the connection down, parked; the put's own REJECT comes after, on that socket (``reopen``:
@@ -125,14 +112,13 @@ def _refused_on_the_old_socket(linked, reopen: bool):
     errors = []
     broker = SimpleNamespace(
         links=[link],
-        table=SimpleNamespace(reserve=lambda pv, creating: None),
+        table=Table(),
         config=SimpleNamespace(front_ends=1),
         error=lambda *args: errors.append(args) or True,
     )
-    health = SimpleNamespace(puts=0, put_callback=SimpleNamespace(observe=lambda s: None))
-    broker.requests = requests = Requests([link], broker.table, health, broker.error)
+    broker.requests = requests = Requests([link], broker.table, Health(), broker.error)
     sync = ShardSync(broker)
-    pv, notify = _PV("a_f1"), _Notify()
+    pv, notify = PV("a_f1"), Notify()
     req, _ = requests.expect(0, pv, pv.name, notify, None, put=True, retry=(pv, [2.5]))
     sync._reject(link, Reject(requests.number(), "", SILENT, 1))
     link.went_down(f"it no longer serves this connection: {link.not_served}", park=True)
