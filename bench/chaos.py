@@ -21,7 +21,10 @@ process serves again (the failure model of docs/architecture.md):
 - it is none that the relay said failed (a put the client was told failed is never
   applied later);
 - a buffer holds every append that succeeded (not checked with ``--kill-shards``), each
-  once and in order, and none the relay said failed;
+  once and in order, and none the relay said failed.  The PVA writer's once only where
+  its client did not send it again: a pvxs client sends a put in flight when its
+  connection dropped again to the new PVA front-end, so an append that the one killed
+  had passed on lands twice, next to itself (see README, "Known limits");
 - the relay's log holds no crash (CRITICAL, a traceback);
 - every writer's puts succeed again after the last fault (every door serves again).
 
@@ -48,6 +51,8 @@ from bench.servers import client_env
 #: acknowledged and then lost, or applied twice, shows however many came after it).
 PER_WRITER = 3
 BUFFER = 100_000
+#: The writer that puts over PVA (the others: CA, through each broker).
+PVA_WRITER = 2
 #: Every how many values of the scalars one goes to the buffer too.
 BUF_EVERY = 5
 #: Seconds a put may take before the writer counts it failed (the relay's own put
@@ -107,12 +112,14 @@ def verdict(
     kept=True,
     buffer=False,
     stamps: list[float | None] | None = None,
+    resent=False,
     severities: list[int | None] | None = None,
 ) -> str | None:
     """Why the PV ``name`` breaks the failure model, given what each door reads of it
     (its elements; None: it read nothing) and, in ``stamps`` and ``severities``, its
     time stamp and alarm severity there; None if it does not.  ``kept``: what was
-    acknowledged must be there (no shard was killed); ``buffer``: it appends."""
+    acknowledged must be there (no shard was killed); ``buffer``: it appends;
+    ``resent``: its writer's client sends a put in flight again after a reconnect."""
     differ = disagreement(reads, stamps, severities)
     if differ is not None:
         return f"{name}: {differ}"
@@ -121,8 +128,13 @@ def verdict(
         return f"{name}: reads {values}, never put"
     got = [int(v) for v in values]
     if buffer:
-        if any(b <= a for a, b in zip(got, got[1:], strict=False)):
-            return f"{name}: holds values out of order or twice"
+        # Twice in a row: one put applied twice, allowed where the client sent it again
+        # (``resent``), which then ends acknowledged.
+        twice = set(tally.acked) if resent else set()
+        for k in range(1, len(got)):
+            if got[k] < got[k - 1] or (got[k] == got[k - 1] and got[k] not in twice):
+                around = got[max(0, k - 3) : k + 3]
+                return f"{name}: holds values out of order or twice ({around}, at {k})"
         # A full buffer has let its oldest go.
         first = got[0] if len(got) == BUFFER else 0
         held = set(got)
@@ -336,7 +348,8 @@ def main(argv=None) -> int:
                 target=ca_writer, args=(server.ports[1], groups[1], (stop, results, progress, 1))
             ),
             mp.Process(
-                target=pva_writer, args=(server.conf, groups[2], (stop, results, progress, 2))
+                target=pva_writer,
+                args=(server.conf, groups[PVA_WRITER], (stop, results, progress, PVA_WRITER)),
             ),
         ]
         for w in writers:
@@ -376,6 +389,7 @@ def main(argv=None) -> int:
             values,
             kept=not args.kill_shards,
             buffer=buffer,
+            resent=name.startswith(f"{p}chaos{PVA_WRITER}"),
             stamps=stamps,
             severities=severities,
         )

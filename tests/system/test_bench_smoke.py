@@ -175,6 +175,12 @@ def test_the_chaos_verdict_names_each_broken_promise():
     assert "lost 1" in verdict("b", appended, [(5.0, 20.0)] * 3, buffer=True)
     assert verdict("b", appended, [(5.0, 20.0)] * 3, kept=False, buffer=True) is None
     assert "twice" in verdict("b", appended, [(5.0, 10.0, 10.0, 20.0)] * 3, buffer=True)
+    # A client that sends a put again after a reconnect (pvxs): an acknowledged append
+    # may be there twice, next to itself; never out of order, nor one not acknowledged.
+    twice = [(5.0, 10.0, 10.0, 20.0)] * 3
+    assert verdict("b", appended, twice, buffer=True, resent=True) is None
+    assert "twice" in verdict("b", appended, [(5.0, 25.0, 25.0)] * 3, buffer=True, resent=True)
+    assert "order" in verdict("b", appended, [(10.0, 5.0, 20.0)] * 3, buffer=True, resent=True)
     assert "said failed" in verdict("b", appended, [(5.0, 10.0, 15.0, 20.0)] * 3, buffer=True)
     full = Tally(ok=BUFFER + 1, tried=BUFFER + 1, acked=list(range(1, BUFFER + 2)))
     kept = tuple(float(v) for v in range(2, BUFFER + 2))  # the first one let go
