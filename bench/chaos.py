@@ -22,9 +22,9 @@ process serves again (the failure model of docs/architecture.md):
   applied later);
 - a buffer holds every append that succeeded (not checked with ``--kill-shards``), each
   once and in order, and none the relay said failed.  The PVA writer's once only where
-  its client did not send it again: a pvxs client sends a put in flight when its
-  connection dropped again to the new PVA front-end, so an append that the one killed
-  had passed on lands twice, next to itself (see README, "Known limits");
+  its client did not send it again: a pvxs client whose connection drops while a put is
+  in flight sends the put again through the restarted PVA front-end, so an append that
+  the killed one had passed on lands twice, next to itself (see README, "Known limits");
 - the relay's log holds no crash (CRITICAL, a traceback);
 - every writer's puts succeed again after the last fault (every door serves again).
 
