@@ -9,7 +9,7 @@ from pathlib import Path
 import caproto.threading.client
 import epics
 import numpy as np
-from caproto import CaprotoTimeoutError
+from caproto import CaprotoNetworkError, CaprotoTimeoutError
 
 from carelay.common.sharding import shard_for
 
@@ -25,6 +25,16 @@ class _Broadcaster(caproto.threading.client.SharedBroadcaster):
         self._close_event.set()
         self._search_now.set()  # what the thread sleeps on
         super().disconnect(wait=wait)
+
+    def send(self, *commands):
+        """Woken by the close, the thread may send its searches once more as the socket
+        closes (caproto looks at the socket, then sends on it): the error is the close's,
+        and the thread, which then ends, would report it as a fault of its own."""
+        try:
+            super().send(*commands)
+        except CaprotoNetworkError:
+            if not self._close_event.is_set():
+                raise
 
 
 class Context(caproto.threading.client.Context):
