@@ -395,7 +395,7 @@ def main(argv=None) -> int:
             values,
             kept=not args.kill_shards,
             buffer=buffer,
-            resent=pva_hit and name.startswith(f"{p}chaos{PVA_WRITER}"),
+            resent=pva_hit and name in groups[PVA_WRITER],
             stamps=stamps,
             severities=severities,
         )
