@@ -26,7 +26,13 @@ import sys
 
 from bench import callback_cost
 from bench.phase import run_phase
-from bench.pva import CarelayPvaServer, PvaControlServer, PvaFloorServer, pva_available
+from bench.pva import (
+    CarelayPvaServer,
+    PvaControlServer,
+    PvaFloorServer,
+    client_cpu_s,
+    pva_available,
+)
 from carelay.common.sharding import shard_for
 
 #: carelay's shards here, as in W8.
@@ -65,6 +71,7 @@ def measure(kind: str, clients: int, n: int, mp) -> dict:
     return {
         "puts_per_s": total / r.driver_span(range(clients)),
         "round_trip_us": r.driver_span(range(clients)) / n * 1e6,
+        "client_us": client_cpu_s(r, clients) / total * 1e6,
         "per_op": sampler.per_op(total),
         "busy": callback_cost.busy_line(sampler),
     }
@@ -85,7 +92,8 @@ def main(argv=None) -> int:
         r = measure(kind, args.clients, args.n, mp)
         print(
             f"{kind}: {r['puts_per_s']:.0f} PVA puts/s, {r['round_trip_us']:.0f} us per put "
-            f"and client, {args.clients} client(s); {r['busy']}"
+            f"and client, {args.clients} client(s); {r['busy']}; the clients "
+            f"{r['client_us']:.1f} us of CPU per put"
         )
         callback_cost.print_threads(r["per_op"])
     return 0

@@ -42,6 +42,9 @@ def test_w7_w8_quick_report_both_directions_and_the_pva_control(tmp_path):
         figures = doc["results"]["W8"][server]
         assert figures["puts_per_s"] > 0, server
         assert math.isfinite(figures["cpu_us_per_put"]) and figures["cpu_us_per_put"] >= 0
+        # The p4p clients' own CPU, which shares the cores with the server: a put costs
+        # them something.
+        assert 0 < figures["client_cpu_us_per_put"] < 1e6, server
     roles = doc["extra"]["cpu_seconds_by_process"]
     assert "pva" in roles["carelay"]["W8"], roles["carelay"]["W8"]
     assert set(roles["control"]["W8"]) == {"control"}

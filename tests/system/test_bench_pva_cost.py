@@ -5,6 +5,7 @@ assertions: the figures depend on the machine."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -32,3 +33,6 @@ def test_pva_cost_names_the_threads_a_pva_put_crosses():
     # How busy the cores were, for each of the three.
     shares = busy_shares(stdout)
     assert len(shares) == 3 and all(0 <= b <= 100 for b in shares), stdout
+    # And what the p4p client spent on each put, beside each server.
+    clients = [float(x) for x in re.findall(r"the clients ([0-9.]+) us of CPU per put", stdout)]
+    assert len(clients) == 3 and all(0 < c < 1e6 for c in clients), stdout
