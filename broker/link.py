@@ -265,24 +265,28 @@ class ShardLink:
         self.queue(msg)
         return not self.send_queued()
 
-    def recv(self) -> list[Message] | None:
+    def recv(self, ready: bool = False) -> list[Message] | None:
         """The messages of one batch, or None when nothing is waiting.  Malformed batches
-        are dropped whole."""
+        are dropped whole.  ``ready``: a poll just found the socket readable."""
         if self.sock is None:
             return None
-        msgs = self.recv_from(self.sock)
+        msgs = self.recv_from(self.sock, ready)
         if msgs is not None:
             self.timers.heard(time.monotonic())
         return msgs
 
-    def recv_from(self, sock: zmq.Socket) -> list[Message] | None:
+    def recv_from(self, sock: zmq.Socket, ready: bool = False) -> list[Message] | None:
         """The messages of one batch waiting on ``sock`` (the link's socket, or one it keeps
         from an earlier connection), or None when nothing is waiting; a malformed batch is
-        dropped whole, with a log line."""
+        dropped whole, with a log line.  ``ready``: a poll just found ``sock`` readable, so
+        the first receive need not ask first."""
         while True:
-            # Cheaper than the zmq.Again that a receive on an empty socket raises.
-            if not sock.get(zmq.EVENTS) & _POLLIN:
+            # Cheaper than the zmq.Again that a receive on an empty socket raises; after
+            # a poll that found the socket readable, a question answered already (each
+            # costs system calls: libzmq looks at the socket's commands first).
+            if not ready and not sock.get(zmq.EVENTS) & _POLLIN:
                 return None
+            ready = False
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

@@ -64,15 +64,20 @@ class ShardReceiver:
             if link is None:
                 self.woken = True  # wake_fd
                 continue
-            n += self.drain(link) if sock is link.sock else self._drain_parked(link, sock)
+            if sock is link.sock:
+                n += self.drain(link, ready=True)
+            else:
+                n += self._drain_parked(link, sock)
         return n
 
-    def drain(self, link: ShardLink, limit: int = 2000) -> int:
+    def drain(self, link: ShardLink, limit: int = 2000, ready: bool = False) -> int:
         """Handle what ``link`` has received, up to about ``limit`` messages; returns how
-        many, a lone heartbeat answer not counted: it leaves CA nothing to send."""
+        many, a lone heartbeat answer not counted: it leaves CA nothing to send.
+        ``ready``: a poll just found the link's socket readable."""
         n = 0
         while n < limit:
-            msgs = link.recv()
+            msgs = link.recv(ready)
+            ready = False
             if msgs is None:
                 break
             n += len(msgs) if len(msgs) > 1 or type(msgs[0]) is not Pong else 0
@@ -85,7 +90,9 @@ class ShardReceiver:
         request.  Nothing else there counts: the reconnect's snapshot shows the shard."""
         n = 0
         orphans = self.requests.orphans[link.index]
-        while (msgs := link.recv_from(sock)) is not None:
+        ready = True  # the poll found it readable
+        while (msgs := link.recv_from(sock, ready)) is not None:
+            ready = False
             n += len(msgs)
             for msg in msgs:
                 req = getattr(msg, "req", 0)

@@ -369,22 +369,27 @@ class ShardServer:
     def serve_once(self, timeout_ms: int = BUSY_WAIT_MS) -> int:
         """Handle one batch of messages: apply, commit, reply.  Returns how many."""
         self.health.check(time.monotonic())
-        ready = self._poller.poll(timeout_ms)
-        if not ready:
+        events = self._poller.poll(timeout_ms)
+        if not events:
             return 0
         # Only when a signal wrote: a look at an empty pipe costs a system call per batch.
-        if self._wake_fd is not None and any(s == self._wake_fd for s, _ in ready):
+        if self._wake_fd is not None and any(s == self._wake_fd for s, _ in events):
             drain_wakeup_fd(self._wake_fd)
         monitor = self._handshake_monitor
-        if monitor is not None and any(s is monitor for s, _ in ready):
+        if monitor is not None and any(s is monitor for s, _ in events):
             self._failed_handshakes()
         n = 0
+        # The poll found the socket readable: its first receive need not ask (each
+        # question costs system calls: libzmq looks at the socket's commands first).
+        sock = self._sock
+        ready = any(s is sock for s, _ in events)
         while n < _BATCH:
-            if not self._sock.get(zmq.EVENTS) & _POLLIN:
+            if not ready and not sock.get(zmq.EVENTS) & _POLLIN:
                 self.drained_at = time.monotonic()
                 break
+            ready = False
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self.drained_at = time.monotonic()
                 break

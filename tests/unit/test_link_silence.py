@@ -147,3 +147,17 @@ def test_a_put_refused_on_a_connection_older_than_the_newest_fails(linked):
     notify, parked, errors = _refused_on_the_old_socket(linked, reopen=True)
     assert notify.results == [False] and parked == []
     assert [e[2] for e in errors] == ["", "a_f1"]
+
+
+def test_a_receive_told_the_socket_is_readable_reads_without_asking_and_finds_nothing_too(linked):
+    """``ready`` (a poll found the socket readable) spares the first receive the question;
+    should nothing be there after all, it says so, as an asked one does."""
+    shard, link, peer = linked
+    assert link.recv(ready=True) is None
+    send_frames(shard, [peer, *encode_batch([Reject(7, "x_f1", "no")])])
+    deadline = time.monotonic() + 10
+    while not link.sock.poll(10):
+        assert time.monotonic() < deadline, "the batch never came"
+    msgs = link.recv(ready=True)
+    assert msgs is not None and [type(m) for m in msgs] == [Reject] and msgs[0].req == 7
+    assert link.recv() is None and link.recv(ready=True) is None

@@ -12,12 +12,18 @@ def _pong() -> Pong:
     return Pong(1, 5, pvs=0, store_error="", pid=1, puts=0, saved_at=0.0, flush={})
 
 
-def _drained(batches: list) -> tuple[int, list]:
+def _drained(batches: list, ready: bool = False, asked: list | None = None) -> tuple[int, list]:
     sync = ShardSync.__new__(ShardSync)  # drain uses nothing but ``handle``
     handled: list = []
     sync.handle = lambda link, msg: handled.append(msg)
-    link = SimpleNamespace(recv=iter([*batches, None]).__next__)
-    return sync.drain(link), handled
+    left = iter([*batches, None])
+    asked = [] if asked is None else asked
+
+    def recv(ready: bool = False):
+        asked.append(ready)
+        return next(left)
+
+    return sync.drain(SimpleNamespace(recv=recv), ready=ready), handled
 
 
 def test_a_lone_heartbeat_answer_is_handled_but_not_counted_as_work():
@@ -30,3 +36,13 @@ def test_answers_count_and_a_pong_among_them_too():
     n, handled = _drained([[_pong()], [ack], [_pong(), ack]])
     assert n == 3
     assert [type(m) for m in handled] == [Pong, Ack, Pong, Ack]
+
+
+def test_a_poll_that_found_the_socket_readable_spares_the_first_receive_its_question():
+    """``ready`` goes to the first receive alone: after it, the socket is asked again."""
+    asked: list = []
+    n, _ = _drained([[Ack("a_f1", 7, 6)], [Ack("a_f1", 8, 7)]], ready=True, asked=asked)
+    assert n == 2 and asked == [True, False, False]
+    asked.clear()
+    _drained([[Ack("a_f1", 7, 6)]], asked=asked)
+    assert asked == [False, False]
